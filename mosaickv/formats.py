@@ -1,0 +1,223 @@
+"""Segment formats: how one block (one layer, one KV head, one segment) is stored.
+
+A block keeps ``tokens`` of its ``n`` tokens; the kept keys and values are each stored
+in one *side format*. Every format stores exactly the bytes :meth:`BlockFormat.nbytes`
+accounts for, so the byte budget the strategies spend is the memory the pool allocates.
+
+Side formats, for ``m`` kept vectors of head dim ``d`` and width ``r``:
+
+========  ================================================  =====================
+kind      tensors                                           bytes
+========  ================================================  =====================
+dense     values bf16 [m, d]                                2·m·d
+sparse    values bf16 [m, r], index uint8 [m, r] (per row)  3·m·r
+mask      values bf16 [m, r], index uint8 [r] (per block)   2·m·r + r
+lowrank   coef bf16 [m, r], basis bf16 [r, d]               2·(m·r + r·d)
+========  ================================================  =====================
+
+``sparse`` is MosaicKV's per-vector channel selection; ``mask`` is a ThinK-style channel
+mask shared by every vector of the block; ``lowrank`` is a per-segment basis. A header
+of four int32 (kept tokens, key code, value code, reserved) rides with every block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+SIDE_KINDS = ("dense", "sparse", "mask", "lowrank")
+HEADER_BYTES = 16
+VALUE_DTYPE = torch.bfloat16
+INDEX_DTYPE = torch.uint8
+MAX_HEAD_DIM = 256  # channel indices are uint8
+
+
+@dataclass(frozen=True)
+class SideFormat:
+    """How the kept keys (or values) of one block are stored."""
+
+    kind: str = "dense"
+    width: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in SIDE_KINDS:
+            raise ValueError(f"side format kind {self.kind!r} is not one of {SIDE_KINDS}")
+        if self.kind != "dense" and self.width < 1:
+            raise ValueError(f"side format {self.kind!r} needs width >= 1, got {self.width}")
+
+    def check(self, head_dim: int) -> None:
+        if self.kind != "dense" and self.width > head_dim:
+            raise ValueError(f"{self.kind} width {self.width} exceeds head dim {head_dim}")
+
+    def nbytes(self, m: int, d: int) -> int:
+        if m == 0:
+            return 0
+        r = self.width
+        if self.kind == "dense":
+            return 2 * m * d
+        if self.kind == "sparse":
+            return 3 * m * r
+        if self.kind == "mask":
+            return 2 * m * r + r
+        return 2 * (m * r + r * d)
+
+    @property
+    def code(self) -> int:
+        return (SIDE_KINDS.index(self.kind) << 16) | self.width
+
+    @staticmethod
+    def from_code(code: int) -> "SideFormat":
+        return SideFormat(SIDE_KINDS[code >> 16], code & 0xFFFF)
+
+    def __str__(self) -> str:
+        return self.kind if self.kind == "dense" else f"{self.kind}:{self.width}"
+
+
+DENSE = SideFormat("dense")
+
+
+@dataclass(frozen=True)
+class BlockFormat:
+    """Kept tokens plus the side formats of their keys and values."""
+
+    tokens: int
+    k: SideFormat = DENSE
+    v: SideFormat = DENSE
+
+    def nbytes(self, d: int) -> int:
+        return HEADER_BYTES + self.k.nbytes(self.tokens, d) + self.v.nbytes(self.tokens, d)
+
+    def header(self) -> torch.Tensor:
+        return torch.tensor([self.tokens, self.k.code, self.v.code, 0], dtype=torch.int32)
+
+    @staticmethod
+    def from_header(header: torch.Tensor) -> "BlockFormat":
+        tokens, kc, vc, _ = (int(x) for x in header.tolist())
+        return BlockFormat(tokens, SideFormat.from_code(kc), SideFormat.from_code(vc))
+
+    def __str__(self) -> str:
+        return f"t{self.tokens}/k={self.k}/v={self.v}"
+
+
+def dense_block_bytes(n: int, d: int) -> int:
+    """Bytes of ``n`` tokens of one head stored dense in bf16 (keys and values), no header."""
+    return 4 * n * d
+
+
+@dataclass
+class PackedSide:
+    """The tensors of one side; which ones are set depends on the kind."""
+
+    fmt: SideFormat
+    values: torch.Tensor | None = None  # dense/sparse/mask values, lowrank coefficients
+    index: torch.Tensor | None = None  # sparse [m, r] or mask [r] uint8 channel indices
+    basis: torch.Tensor | None = None  # lowrank [r, d]
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.values, self.index, self.basis) if t is not None]
+
+
+@dataclass
+class PackedBlock:
+    """One stored block. ``n`` is how many tokens the segment had before dropping."""
+
+    fmt: BlockFormat
+    n: int
+    d: int
+    header: torch.Tensor
+    k: PackedSide
+    v: PackedSide
+    kept: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
+
+    def nbytes(self) -> int:
+        """Bytes of the tensors actually held (``kept`` is bookkeeping, not stored)."""
+        return sum(t.numel() * t.element_size() for t in [self.header, *self.k.tensors(), *self.v.tensors()])
+
+
+def _pack_side(x: torch.Tensor, fmt: SideFormat, score: torch.Tensor | None) -> PackedSide:
+    """Store ``x`` [m, d]; ``score`` [m, d] ranks channels (default: magnitude)."""
+    m, d = x.shape
+    if m == 0:
+        return PackedSide(fmt)
+    if fmt.kind == "dense":
+        return PackedSide(fmt, values=x.to(VALUE_DTYPE).contiguous())
+    r = fmt.width
+    s = x.abs().float() if score is None else score.float()
+    if fmt.kind == "sparse":
+        idx = s.topk(r, dim=-1).indices.sort(dim=-1).values
+        return PackedSide(fmt, values=x.gather(1, idx).to(VALUE_DTYPE), index=idx.to(INDEX_DTYPE))
+    if fmt.kind == "mask":
+        idx = s.pow(2).sum(0).topk(r).indices.sort().values
+        return PackedSide(fmt, values=x[:, idx].to(VALUE_DTYPE).contiguous(), index=idx.to(INDEX_DTYPE))
+    # lowrank: truncated SVD is the best rank-r fit in Frobenius norm (Eckart-Young).
+    u, sv, vh = torch.linalg.svd(x.float(), full_matrices=False)
+    r_eff = min(r, sv.numel())
+    coef = torch.zeros(m, r, dtype=torch.float32)
+    basis = torch.zeros(r, d, dtype=torch.float32)
+    coef[:, :r_eff] = u[:, :r_eff] * sv[:r_eff]
+    basis[:r_eff] = vh[:r_eff]
+    return PackedSide(fmt, values=coef.to(VALUE_DTYPE), basis=basis.to(VALUE_DTYPE))
+
+
+def _unpack_side(side: PackedSide, m: int, d: int) -> torch.Tensor:
+    """Reconstruct [m, d] float32; dropped channels read as zero."""
+    if m == 0:
+        return torch.zeros(0, d)
+    kind = side.fmt.kind
+    vals = side.values.float()
+    if kind == "dense":
+        return vals
+    if kind == "lowrank":
+        return vals @ side.basis.float()
+    out = torch.zeros(m, d)
+    idx = side.index.long()
+    if kind == "sparse":
+        return out.scatter_(1, idx, vals)
+    out[:, idx] = vals
+    return out
+
+
+def pack_block(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    fmt: BlockFormat,
+    token_score: torch.Tensor | None = None,
+    k_score: torch.Tensor | None = None,
+    v_score: torch.Tensor | None = None,
+) -> PackedBlock:
+    """Store keys and values ``[n, d]`` of one block in ``fmt``.
+
+    ``token_score`` [n] picks the kept tokens (highest first; ties and ``None`` keep the
+    earliest); ``k_score``/``v_score`` [n, d] rank channels for the sparse and mask kinds.
+    """
+    n, d = k.shape
+    if not 0 <= fmt.tokens <= n:
+        raise ValueError(f"block format keeps {fmt.tokens} tokens but the block has {n}")
+    if d > MAX_HEAD_DIM:
+        raise ValueError(f"head dim {d} exceeds {MAX_HEAD_DIM} (channel indices are uint8)")
+    fmt.k.check(d)
+    fmt.v.check(d)
+    if fmt.tokens == n or token_score is None:
+        kept = torch.arange(fmt.tokens)
+    else:
+        kept = token_score.float().topk(fmt.tokens, sorted=False).indices.sort().values
+
+    def pick(score: torch.Tensor | None) -> torch.Tensor | None:
+        return None if score is None else score[kept]
+
+    return PackedBlock(
+        fmt=fmt,
+        n=n,
+        d=d,
+        header=fmt.header(),
+        k=_pack_side(k[kept], fmt.k, pick(k_score)),
+        v=_pack_side(v[kept], fmt.v, pick(v_score)),
+        kept=kept,
+    )
+
+
+def unpack_block(block: PackedBlock) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kept keys and values as float32 ``[tokens, d]`` each."""
+    m, d = block.fmt.tokens, block.d
+    return _unpack_side(block.k, m, d), _unpack_side(block.v, m, d)

@@ -1,0 +1,1 @@
+"""Triton kernels for mixed-format segments (FlashInfer-style plan/run)."""

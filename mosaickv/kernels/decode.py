@@ -1,0 +1,354 @@
+"""Triton attention over mixed-format segments plus a dense tail, and the decode wrapper.
+
+One kernel serves decode and extend. A program takes *items* (see :mod:`.layout`): one
+``(request, kv_head, block of query rows)`` and a run of whole blocks or of tail tokens.
+Rows are ``(query token, query head of the GQA group)`` pairs, so one pass over a KV
+head's bytes serves every query head that reads it. Per block the loop specialises on
+the stored format, always reducing to the same tile product:
+
+* dense: keys/values ``[m, d]`` are the tiles;
+* sparse: the ``[m, r]`` values are scattered by their per-row uint8 channel indices
+  into a zeroed per-program scratch tile ``[block_n, d]`` and read back dense (the
+  scratch is cleaned after each use so it stays zero between runs);
+* mask and lowrank: both are ``coef [m, r] @ basis [r, d]`` (a mask's basis is the
+  one-hot rows of its channels), so keys use ``q @ basisᵀ`` once per block and tile
+  ``coef``; values accumulate ``p @ coef`` in ``r``-space and fold ``@ basis`` into the
+  output once at the block's end (rescaled with the online softmax like the output).
+
+Each item writes its normalised partial output and log2-sum-exp; :func:`_merge_kernel`
+combines the items of a group. The kernel is persistent (``num_programs`` from the plan)
+so the scatter scratch is per program, not per item.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+from mosaickv.kernels._interpret import patch_interpreter
+from mosaickv.kernels.layout import Arena, AttentionPlan, build_plan, pack_requests, ragged_tails
+from mosaickv.reference import CompressedLayer
+
+patch_interpreter()
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _basis(values_ptr, index_ptr, kind, width, aux, cols, HEAD_DIM: tl.constexpr, ALIGNED: tl.constexpr):
+    """Rows ``j < width`` of a block side's basis, bf16 ``[HEAD_DIM, HEAD_DIM]`` (rest zero)."""
+    row_ok = cols < width
+    if ALIGNED:
+        aux = tl.multiple_of(aux, 8)
+    if kind == 3:
+        basis = tl.load(values_ptr + aux + cols[:, None] * HEAD_DIM + cols[None, :], mask=row_ok[:, None], other=0.0)
+    else:
+        ch = tl.load(index_ptr + aux + cols, mask=row_ok, other=0).to(tl.int32)
+        basis = tl.where((ch[:, None] == cols[None, :]) & row_ok[:, None], 1.0, 0.0).to(tl.bfloat16)
+    return basis
+
+
+@triton.jit
+def _densify(tile, index_ptr, aux, width, tok, toks, cols, tile_mask, scr, HEAD_DIM: tl.constexpr, ALIGNED: tl.constexpr):
+    """Scatter sparse ``tile`` (values at per-row channel indices) into a dense tile."""
+    if ALIGNED:
+        aux = tl.multiple_of(aux, 16)
+    ix = tl.load(index_ptr + aux + tok[:, None] * width + cols[None, :], mask=tile_mask, other=0).to(tl.int32)
+    tl.store(scr + toks[:, None] * HEAD_DIM + ix, tile, mask=tile_mask)
+    tl.debug_barrier()
+    dense = tl.load(scr + toks[:, None] * HEAD_DIM + cols[None, :])
+    tl.debug_barrier()
+    tl.store(scr + toks[:, None] * HEAD_DIM + ix, tl.zeros_like(tile), mask=tile_mask)
+    tl.debug_barrier()
+    return dense
+
+
+@triton.jit
+def _mixed_attn_kernel(
+    q_ptr, stride_qt, stride_qh,
+    values_ptr, index_ptr, table_ptr, block_idx_ptr,
+    tail_k_ptr, tail_v_ptr, stride_kt, stride_kh, stride_vt, stride_vh,
+    req_ptr, items_ptr, o_part_ptr, lse_part_ptr, scratch_ptr,
+    num_items, qk_scale,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ALIGNED: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    rows = tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, HEAD_DIM)
+    toks = tl.arange(0, BLOCK_N)
+    scr_k = scratch_ptr + pid.to(tl.int64) * (2 * BLOCK_N * HEAD_DIM)
+    scr_v = scr_k + BLOCK_N * HEAD_DIM
+    for it in range(pid, num_items, nprog):
+        item = items_ptr + it * 7
+        b = tl.load(item)
+        h = tl.load(item + 1)
+        row0 = tl.load(item + 2)
+        blk_lo = tl.load(item + 3)
+        blk_hi = tl.load(item + 4)
+        tail_lo = tl.load(item + 5)
+        tail_hi = tl.load(item + 6)
+        qo_start = tl.load(req_ptr + b * 4)
+        nq = tl.load(req_ptr + b * 4 + 1)
+        tail_start = tl.load(req_ptr + b * 4 + 2).to(tl.int64)
+        tail_len = tl.load(req_ptr + b * 4 + 3)
+
+        r = row0 + rows
+        qi = r // GROUP
+        row_ok = qi < nq
+        q_rows = (qo_start + qi).to(tl.int64) * stride_qt + (h * GROUP + r % GROUP) * stride_qh
+        q = tl.load(q_ptr + q_rows[:, None] + cols[None, :], mask=row_ok[:, None], other=0.0).to(tl.bfloat16)
+
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+
+        for j in range(blk_lo, blk_hi):
+            ent = table_ptr + tl.load(block_idx_ptr + j).to(tl.int64) * 9
+            m = tl.load(ent)
+            k_kind = tl.load(ent + 1)
+            k_w = tl.load(ent + 2)
+            k_off = tl.load(ent + 3)
+            k_aux = tl.load(ent + 4)
+            v_kind = tl.load(ent + 5)
+            v_w = tl.load(ent + 6)
+            v_off = tl.load(ent + 7)
+            v_aux = tl.load(ent + 8)
+            if m > 0:  # a block that keeps nothing stores nothing: touch none of it
+                if ALIGNED:
+                    k_off = tl.multiple_of(k_off, 8)
+                    v_off = tl.multiple_of(v_off, 8)
+                    k_w = tl.multiple_of(k_w, 8)
+                    v_w = tl.multiple_of(v_w, 8)
+                qk = q
+                if k_kind >= 2:
+                    kb = _basis(values_ptr, index_ptr, k_kind, k_w, k_aux, cols, HEAD_DIM, ALIGNED)
+                    qk = tl.dot(q, tl.trans(kb)).to(tl.bfloat16)
+                blk_acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+                k_cols = cols[None, :] < k_w
+                v_cols = cols[None, :] < v_w
+                for t0 in range(0, m, BLOCK_N):
+                    tok = t0 + toks
+                    tok_ok = tok < m
+                    k_mask = tok_ok[:, None] & k_cols
+                    v_mask = tok_ok[:, None] & v_cols
+                    kt = tl.load(values_ptr + k_off + tok[:, None] * k_w + cols[None, :], mask=k_mask, other=0.0)
+                    vt = tl.load(values_ptr + v_off + tok[:, None] * v_w + cols[None, :], mask=v_mask, other=0.0)
+                    if k_kind == 1:
+                        kt = _densify(kt, index_ptr, k_aux, k_w, tok, toks, cols, k_mask, scr_k, HEAD_DIM, ALIGNED)
+                    if v_kind == 1:
+                        vt = _densify(vt, index_ptr, v_aux, v_w, tok, toks, cols, v_mask, scr_v, HEAD_DIM, ALIGNED)
+                    s = tl.dot(qk, tl.trans(kt)) * qk_scale
+                    s = tl.where(tok_ok[None, :], s, float("-inf"))
+                    m_new = tl.maximum(m_i, tl.max(s, 1))
+                    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+                    alpha = tl.exp2(m_i - m_ref)
+                    p = tl.exp2(s - m_ref[:, None])
+                    l_i = l_i * alpha + tl.sum(p, 1)
+                    acc = acc * alpha[:, None]
+                    pv = tl.dot(p.to(tl.bfloat16), vt)
+                    if v_kind >= 2:
+                        blk_acc = blk_acc * alpha[:, None] + pv
+                    else:
+                        acc += pv
+                    m_i = m_new
+                if v_kind >= 2:
+                    vb = _basis(values_ptr, index_ptr, v_kind, v_w, v_aux, cols, HEAD_DIM, ALIGNED)
+                    acc += tl.dot(blk_acc, vb.to(tl.float32))
+
+        # Dense tail, causal: query qi sees tail positions <= tail_len - nq + qi.
+        vis = tail_len - nq + qi
+        for t0 in range(tail_lo, tail_hi, BLOCK_N):
+            pos = t0 + toks
+            pos_ok = pos < tail_hi
+            tk = tail_start + pos
+            kt = tl.load(tail_k_ptr + tk[:, None] * stride_kt + h * stride_kh + cols[None, :], mask=pos_ok[:, None], other=0.0)
+            vt = tl.load(tail_v_ptr + tk[:, None] * stride_vt + h * stride_vh + cols[None, :], mask=pos_ok[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(kt.to(tl.bfloat16))) * qk_scale
+            s = tl.where(pos_ok[None, :] & (pos[None, :] <= vis[:, None]), s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_ref)
+            p = tl.exp2(s - m_ref[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(tl.bfloat16), vt.to(tl.bfloat16))
+            m_i = m_new
+
+        has = l_i > 0
+        o = acc / tl.where(has, l_i, 1.0)[:, None]
+        lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+        out_rows = (it * BLOCK_M + rows).to(tl.int64)
+        tl.store(o_part_ptr + out_rows[:, None] * HEAD_DIM + cols[None, :], o)
+        tl.store(lse_part_ptr + out_rows, lse)
+
+
+@triton.jit
+def _merge_kernel(
+    o_part_ptr, lse_part_ptr, groups_ptr, merge_indptr_ptr, req_ptr, out_ptr, stride_ot, stride_oh,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """Log-sum-exp merge of a group's items; a row with no visible key gets zeros."""
+    gid = tl.program_id(0)
+    b = tl.load(groups_ptr + gid * 3)
+    h = tl.load(groups_ptr + gid * 3 + 1)
+    row0 = tl.load(groups_ptr + gid * 3 + 2)
+    lo = tl.load(merge_indptr_ptr + gid)
+    hi = tl.load(merge_indptr_ptr + gid + 1)
+    rows = tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, HEAD_DIM)
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    for it in range(lo, hi):
+        part = (it * BLOCK_M + rows).to(tl.int64)
+        lse = tl.load(lse_part_ptr + part)
+        o = tl.load(o_part_ptr + part[:, None] * HEAD_DIM + cols[None, :])
+        m_new = tl.maximum(m, lse)
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        a = tl.exp2(m - m_ref)
+        w = tl.exp2(lse - m_ref)
+        acc = acc * a[:, None] + o * w[:, None]
+        l = l * a + w
+        m = m_new
+    out = acc / tl.where(l > 0, l, 1.0)[:, None]
+    qo_start = tl.load(req_ptr + b * 4)
+    nq = tl.load(req_ptr + b * 4 + 1)
+    r = row0 + rows
+    qi = r // GROUP
+    dst = (qo_start + qi).to(tl.int64) * stride_ot + (h * GROUP + r % GROUP) * stride_oh
+    tl.store(out_ptr + dst[:, None] + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=(qi < nq)[:, None])
+
+
+class MixedAttention:
+    """Plan/run engine shared by the decode and extend wrappers (FlashInfer calling style).
+
+    ``plan`` takes host-side metadata and uploads it once per batch; ``run`` takes only
+    tensors and launches two fixed grids, so it can be captured in a CUDA graph (replay
+    reads whatever ``q``, the arena and the tail buffers hold at replay time).
+    """
+
+    def __init__(self, block_m: int = 16, block_n: int = 32, num_warps: int = 4, num_stages: int = 1) -> None:
+        self.block_m, self.block_n = block_m, block_n
+        self.num_warps, self.num_stages = num_warps, num_stages
+        self._plan: AttentionPlan | None = None
+
+    def plan_arena(
+        self,
+        arena: Arena,
+        block_indptr: np.ndarray,
+        block_indices: np.ndarray,
+        tail_k: torch.Tensor,
+        tail_v: torch.Tensor,
+        tail_indptr: np.ndarray,
+        qo_lens: np.ndarray,
+        num_qo_heads: int,
+        num_kv_heads: int,
+        scale: float | None = None,
+        chunk_tokens: int | None = None,
+        max_programs: int | None = None,
+    ) -> None:
+        """Plan over blocks already in ``arena``; tails are ragged ``[sum t, Hkv, d]``."""
+        if num_qo_heads % num_kv_heads:
+            raise ValueError(f"{num_qo_heads} query heads are not a multiple of {num_kv_heads} KV heads")
+        d = arena.head_dim
+        if tail_k.shape[1:] != (num_kv_heads, d) or tail_v.shape != tail_k.shape:
+            raise ValueError(f"tails must be [tokens, {num_kv_heads}, {d}], got {tuple(tail_k.shape)}")
+        group = num_qo_heads // num_kv_heads
+        block_m = max(self.block_m, triton.next_power_of_2(group))
+        tail_lens = np.diff(np.asarray(tail_indptr, dtype=np.int64))
+        self._plan = build_plan(
+            arena, block_indptr, block_indices, qo_lens, tail_lens, num_kv_heads, group, block_m, self.block_n,
+            chunk_tokens, max_programs,
+        )
+        self._arena, self._tail_k, self._tail_v = arena, tail_k, tail_v
+        self._group, self._hq = group, num_qo_heads
+        self._scale = 1.0 / math.sqrt(d) if scale is None else scale
+
+    def plan_layers(
+        self,
+        layers: Sequence[CompressedLayer],
+        tails_k: Sequence[torch.Tensor],
+        tails_v: Sequence[torch.Tensor],
+        qo_lens: Sequence[int],
+        num_qo_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        device: torch.device | str = "cpu",
+        scale: float | None = None,
+        chunk_tokens: int | None = None,
+        max_programs: int | None = None,
+    ) -> None:
+        """Pack ``layers`` (one layer per request) into an arena on ``device`` and plan."""
+        arena, indptr, indices = pack_requests(layers, num_kv_heads, head_dim)
+        tail_k, tail_indptr = ragged_tails(tails_k)
+        tail_v, _ = ragged_tails(tails_v)
+        dev = torch.device(device)
+        self.plan_arena(
+            arena.to(dev), indptr, indices, tail_k.to(dev, torch.bfloat16), tail_v.to(dev, torch.bfloat16), tail_indptr,
+            np.asarray(qo_lens), num_qo_heads, num_kv_heads, scale, chunk_tokens, max_programs,
+        )
+
+    @property
+    def plan_info(self) -> AttentionPlan:
+        if self._plan is None:
+            raise RuntimeError("call plan before run")
+        return self._plan
+
+    def run(self, q: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention of ``q`` ``[total_q, Hq, d]`` (ragged over requests) -> ``out`` like ``q``."""
+        p = self.plan_info
+        a = self._arena
+        d = a.head_dim
+        if q.shape != (p.total_q, self._hq, d) or q.stride(-1) != 1:
+            raise ValueError(f"q must be [{p.total_q}, {self._hq}, {d}] with unit last stride, got {tuple(q.shape)}")
+        if out is None:
+            out = torch.empty_like(q)
+        tk, tv = self._tail_k, self._tail_v
+        if p.num_items:
+            _mixed_attn_kernel[(p.num_programs,)](
+                q, q.stride(0), q.stride(1),
+                a.values, a.index, a.table, p.block_indices,
+                tk, tv, tk.stride(0), tk.stride(1), tv.stride(0), tv.stride(1),
+                p.requests, p.items, p.o_part, p.lse_part, p.scratch,
+                p.num_items, self._scale * LOG2E,
+                GROUP=self._group, HEAD_DIM=d, BLOCK_M=p.block_m, BLOCK_N=p.block_n, ALIGNED=a.widths_aligned,
+                num_warps=self.num_warps, num_stages=self.num_stages,
+            )
+        if p.groups.shape[0]:
+            _merge_kernel[(p.groups.shape[0],)](
+                p.o_part, p.lse_part, p.groups, p.merge_indptr, p.requests, out, out.stride(0), out.stride(1),
+                GROUP=self._group, HEAD_DIM=d, BLOCK_M=p.block_m, num_warps=4,
+            )
+        return out
+
+
+class MixedDecodeWrapper(MixedAttention):
+    """Batch decode (one query token per request) over mixed-format segments + dense tail.
+
+    ``plan(layers, tails_k, tails_v, ...)`` then ``run(q [B, Hq, d]) -> [B, Hq, d]``; the
+    query is the last token of its tail (if the tail is empty it sees only the segments).
+    """
+
+    def plan(
+        self,
+        layers: Sequence[CompressedLayer],
+        tails_k: Sequence[torch.Tensor],
+        tails_v: Sequence[torch.Tensor],
+        num_qo_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        device: torch.device | str = "cpu",
+        scale: float | None = None,
+        chunk_tokens: int | None = None,
+        max_programs: int | None = None,
+    ) -> None:
+        self.plan_layers(
+            layers, tails_k, tails_v, [1] * len(layers), num_qo_heads, num_kv_heads, head_dim, device, scale,
+            chunk_tokens, max_programs,
+        )

@@ -1,0 +1,366 @@
+"""Host-side layout and plan for mixed-format attention (FlashInfer ``indptr``/``indices`` style).
+
+Storage (:class:`Arena`) — every stored block of every request lives in three flat buffers:
+
+* ``values``: bf16. Per block, in this order: key values (dense ``[m, d]``, sparse/mask
+  ``[m, r]``, lowrank coefficients ``[m, r]``), the key lowrank basis ``[r, d]``, then the
+  same for the values side.
+* ``index``: uint8. Per block: key channel indices (sparse ``[m, r]``, mask ``[r]``), then
+  the value side's.
+* ``table``: int64 ``[num_blocks, 9]``, one row per block; columns are :data:`TABLE_FIELDS`.
+  ``*_width`` is the row stride in ``values`` (``d`` for dense, ``r`` otherwise),
+  ``*_values`` the element offset of the side's values in ``values``, ``*_aux`` the
+  offset of its basis in ``values`` (lowrank) or of its indices in ``index`` (sparse and
+  mask), ``0`` for dense. A block that keeps no tokens stores nothing (offsets ``0``).
+
+Exact byte accounting. Each tensor of a side starts at a multiple of ``align`` bytes
+(``align=1`` packs them back to back); the gap before it is padding. Then::
+
+    values.numel() * 2 + index.numel()
+        == sum(block.nbytes() for block in blocks) - HEADER_BYTES * num_blocks + pad_bytes
+
+i.e. the arenas hold exactly the tensors :class:`PackedBlock` holds, minus its 16-byte
+int32 header, plus ``pad_bytes`` (0 when ``align == 1``; under ``16 * tensors`` with the
+default 16). The header's information (kept tokens, key and value codes) is instead
+carried by the block's ``table`` row, 72 bytes, which also holds the offsets.
+
+Plan (:class:`AttentionPlan`) — for a batch of requests that each have ``Hkv`` block
+lists (one per KV head, segment order) and a dense tail, ``block_indptr``/``block_indices``
+name the blocks of ``(request, kv_head)`` (``block_indptr[b * Hkv + h]`` onwards). The
+work is cut into *items*, each one ``(request, kv_head, block of query rows)`` and either
+a run of whole blocks or a run of tail tokens; a kernel program computes one item's
+partial softmax (output and log-sum-exp) and a merge kernel combines the items of each
+``(request, kv_head, row block)`` *group*. Everything data-dependent is decided here, on
+the host, so the run step only launches fixed grids over preallocated tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from mosaickv.formats import HEADER_BYTES, SIDE_KINDS, PackedBlock, PackedSide, SideFormat, BlockFormat
+from mosaickv.reference import CompressedLayer
+
+TABLE_FIELDS = ("tokens", "k_kind", "k_width", "k_values", "k_aux", "v_kind", "v_width", "v_values", "v_aux")
+DENSE, SPARSE, MASK, LOWRANK = (SIDE_KINDS.index(k) for k in ("dense", "sparse", "mask", "lowrank"))
+ITEM_FIELDS = ("request", "kv_head", "row0", "block_lo", "block_hi", "tail_lo", "tail_hi")
+REQUEST_FIELDS = ("qo_start", "qo_len", "tail_start", "tail_len")
+GROUP_FIELDS = ("request", "kv_head", "row0")
+
+
+def _side_sizes(kind: int, m: int, r: int, d: int) -> tuple[int, int, int]:
+    """Elements in ``values`` for (values, basis) and bytes in ``index`` of one side."""
+    if m == 0:
+        return 0, 0, 0
+    if kind == DENSE:
+        return m * d, 0, 0
+    if kind == SPARSE:
+        return m * r, 0, m * r
+    if kind == MASK:
+        return m * r, 0, r
+    return m * r, r * d, 0
+
+
+@dataclass
+class Arena:
+    """Flat storage of many blocks; see the module docstring for the exact layout."""
+
+    values: torch.Tensor  # bf16 [V]
+    index: torch.Tensor  # uint8 [I]
+    table: torch.Tensor  # int64 [num_blocks, 9]
+    head_dim: int
+    tokens: np.ndarray  # host copy of table[:, 0], used by the planner
+    has_sparse: bool  # some side is sparse: the kernel needs its scatter scratch
+    widths_aligned: bool  # every non-dense width is a multiple of 8 (vectorised loads)
+    align: int  # bytes every tensor start is a multiple of
+    pad_bytes: int
+
+    @property
+    def num_blocks(self) -> int:
+        return int(self.table.shape[0])
+
+    def nbytes(self) -> int:
+        """Bytes of the value and index arenas (what attention reads, besides the table)."""
+        return self.values.numel() * self.values.element_size() + self.index.numel()
+
+    def to(self, device: torch.device | str) -> "Arena":
+        return Arena(
+            self.values.to(device), self.index.to(device), self.table.to(device), self.head_dim,
+            self.tokens, self.has_sparse, self.widths_aligned, self.align, self.pad_bytes,
+        )
+
+    @staticmethod
+    def from_table(values: torch.Tensor, index: torch.Tensor, table: np.ndarray, head_dim: int, align: int, pad_bytes: int) -> "Arena":
+        """Wrap buffers already laid out per ``table`` (host int64 ``[num_blocks, 9]``)."""
+        kinds = np.concatenate([table[:, 1], table[:, 5]])
+        widths = np.concatenate([table[:, 2], table[:, 6]])
+        used = table[:, 0].repeat(2) > 0
+        return Arena(
+            values=values,
+            index=index,
+            table=torch.from_numpy(np.ascontiguousarray(table, dtype=np.int64)).to(values.device),
+            head_dim=head_dim,
+            tokens=table[:, 0].astype(np.int64),
+            has_sparse=bool(((kinds == SPARSE) & used).any()),
+            widths_aligned=bool(align % 16 == 0 and np.all(widths[(kinds != DENSE) & used] % 8 == 0)),
+            align=align,
+            pad_bytes=pad_bytes,
+        )
+
+    @staticmethod
+    def from_blocks(blocks: Sequence[PackedBlock], head_dim: int, align: int = 16) -> "Arena":
+        """Copy packed blocks into one arena, in order (block ``i`` is table row ``i``)."""
+        if align < 1 or (align > 1 and align % 2):
+            raise ValueError(f"align must be 1 or even (bf16 elements), got {align}")
+        d = head_dim
+        table = np.zeros((len(blocks), len(TABLE_FIELDS)), dtype=np.int64)
+        vparts: list[torch.Tensor] = []
+        iparts: list[torch.Tensor] = []
+        vpos = ipos = pad = 0
+
+        def put_values(t: torch.Tensor) -> int:
+            nonlocal vpos, pad
+            gap = (-vpos * 2) % align // 2
+            if gap:
+                vparts.append(torch.zeros(gap, dtype=torch.bfloat16))
+                vpos += gap
+                pad += 2 * gap
+            start = vpos
+            vparts.append(t.reshape(-1).to(torch.bfloat16))
+            vpos += t.numel()
+            return start
+
+        def put_index(t: torch.Tensor) -> int:
+            nonlocal ipos, pad
+            gap = (-ipos) % align
+            if gap:
+                iparts.append(torch.zeros(gap, dtype=torch.uint8))
+                ipos += gap
+                pad += gap
+            start = ipos
+            iparts.append(t.reshape(-1).to(torch.uint8))
+            ipos += t.numel()
+            return start
+
+        for i, blk in enumerate(blocks):
+            if blk.d != d:
+                raise ValueError(f"block {i} has head dim {blk.d}, arena has {d}")
+            m = blk.fmt.tokens
+            table[i, 0] = m
+            for col, side in ((1, blk.k), (5, blk.v)):
+                kind = SIDE_KINDS.index(side.fmt.kind)
+                table[i, col] = kind
+                table[i, col + 1] = d if kind == DENSE else side.fmt.width
+                if m == 0:
+                    continue
+                table[i, col + 2] = put_values(side.values)
+                if kind == LOWRANK:
+                    table[i, col + 3] = put_values(side.basis)
+                elif kind in (SPARSE, MASK):
+                    table[i, col + 3] = put_index(side.index)
+        values = torch.cat(vparts) if vparts else torch.zeros(0, dtype=torch.bfloat16)
+        index = torch.cat(iparts) if iparts else torch.zeros(0, dtype=torch.uint8)
+        return Arena.from_table(values, index, table, d, align, pad)
+
+    def block(self, i: int, n: int | None = None) -> PackedBlock:
+        """Read block ``i`` back as a :class:`PackedBlock` (``n`` defaults to its kept tokens)."""
+        row = [int(x) for x in self.table[i].tolist()]
+        m, d = row[0], self.head_dim
+        sides = []
+        for col in (1, 5):
+            kind, width, voff, aux = row[col : col + 4]
+            fmt = SideFormat(SIDE_KINDS[kind], 0 if kind == DENSE else width)
+            nv, nb, ni = _side_sizes(kind, m, width, d)
+            side = PackedSide(fmt)
+            if m:
+                side.values = self.values[voff : voff + nv].reshape(m, -1).cpu()
+                if kind == LOWRANK:
+                    side.basis = self.values[aux : aux + nb].reshape(width, d).cpu()
+                elif kind == SPARSE:
+                    side.index = self.index[aux : aux + ni].reshape(m, width).cpu()
+                elif kind == MASK:
+                    side.index = self.index[aux : aux + ni].cpu()
+            sides.append(side)
+        fmt = BlockFormat(m, sides[0].fmt, sides[1].fmt)
+        return PackedBlock(fmt=fmt, n=m if n is None else n, d=d, header=fmt.header(), k=sides[0], v=sides[1])
+
+
+def pack_requests(layers: Sequence[CompressedLayer], num_kv_heads: int, head_dim: int, align: int = 16) -> tuple[Arena, np.ndarray, np.ndarray]:
+    """Arena of every block of every request, plus ``block_indptr``/``block_indices``.
+
+    Blocks are stored request-major, then KV head, then segment, so ``block_indices`` is
+    the identity; a pool that stores blocks elsewhere just passes its own indices.
+    """
+    blocks: list[PackedBlock] = []
+    indptr = [0]
+    for layer in layers:
+        for h in range(num_kv_heads):
+            blocks.extend(seg[h] for seg in layer.blocks)
+            indptr.append(len(blocks))
+    arena = Arena.from_blocks(blocks, head_dim, align)
+    return arena, np.asarray(indptr, dtype=np.int64), np.arange(len(blocks), dtype=np.int64)
+
+
+def ragged_tails(tails: Sequence[torch.Tensor]) -> tuple[torch.Tensor, np.ndarray]:
+    """Stack per-request tails ``[Hkv, t, d]`` token-major into ``[sum t, Hkv, d]`` + indptr."""
+    indptr = np.zeros(len(tails) + 1, dtype=np.int64)
+    indptr[1:] = np.cumsum([t.shape[1] for t in tails])
+    return torch.cat([t.transpose(0, 1) for t in tails]).contiguous(), indptr
+
+
+@dataclass
+class AttentionPlan:
+    """Device tensors one run step reads; all shapes fixed at plan time."""
+
+    requests: torch.Tensor  # int32 [B, 4] REQUEST_FIELDS
+    items: torch.Tensor  # int32 [num_items, 7] ITEM_FIELDS
+    groups: torch.Tensor  # int32 [num_groups, 3] GROUP_FIELDS
+    merge_indptr: torch.Tensor  # int32 [num_groups + 1] items of each group
+    block_indices: torch.Tensor  # int32 [nnz] table rows, per (request, kv_head) in order
+    o_part: torch.Tensor  # fp32 [num_items, block_m, d] partial outputs
+    lse_part: torch.Tensor  # fp32 [num_items, block_m] partial log2-sum-exp
+    scratch: torch.Tensor  # bf16 [num_programs, 2, block_n, d] zeroed, sparse scatter space
+    num_programs: int
+    block_m: int
+    block_n: int
+    total_q: int
+
+    @property
+    def num_items(self) -> int:
+        return int(self.items.shape[0])
+
+
+def plan_work(
+    tokens: np.ndarray,
+    block_indptr: np.ndarray,
+    block_indices: np.ndarray,
+    qo_lens: np.ndarray,
+    tail_lens: np.ndarray,
+    num_kv_heads: int,
+    group: int,
+    block_m: int,
+    block_n: int,
+    chunk_tokens: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Cut the batch into items; returns ``items``, ``groups``, ``merge_indptr`` (host).
+
+    Blocks of one ``(request, kv_head)`` go into runs of about ``chunk_tokens`` kept tokens
+    (whole blocks: a block's basis is folded in once, at its end); the tail goes into runs
+    of ``chunk_tokens`` rounded up to ``block_n``. Runs with no kept token are dropped, as
+    are tail runs no query row of the row block can see: query ``i`` of ``nq`` sits at
+    tail position ``t - nq + i`` and sees the tail up to there (none if that is negative,
+    e.g. a decode query whose tail is empty sees only the compressed segments).
+    """
+    bsz = len(qo_lens)
+    hkv = num_kv_heads
+    if len(block_indptr) != bsz * hkv + 1:
+        raise ValueError(f"block_indptr has {len(block_indptr)} entries, expected {bsz * hkv + 1}")
+    # Runs of whole blocks, vectorised over every block of the batch.
+    tok = tokens[block_indices].astype(np.int64)
+    nnz = len(tok)
+    pair = np.repeat(np.arange(bsz * hkv), np.diff(block_indptr))
+    starts = np.concatenate([[0], np.cumsum(tok)])
+    chunk = (starts[:-1] - starts[block_indptr[:-1]][pair]) // max(chunk_tokens, 1)
+    if nnz:
+        new = np.ones(nnz, dtype=bool)
+        new[1:] = (pair[1:] != pair[:-1]) | (chunk[1:] != chunk[:-1])
+        lo = np.flatnonzero(new)
+        hi = np.append(lo[1:], nnz)
+        run_tok = np.add.reduceat(tok, lo)
+        keep = run_tok > 0
+        run_pair, run_lo, run_hi = pair[lo][keep], lo[keep], hi[keep]
+    else:
+        run_pair = run_lo = run_hi = np.zeros(0, dtype=np.int64)
+    run_ptr = np.searchsorted(run_pair, np.arange(bsz * hkv + 1))
+    tail_chunk = max(block_n, -(-chunk_tokens // block_n) * block_n)
+
+    items: list[np.ndarray] = []
+    groups: list[tuple[int, int, int]] = []
+    merge_indptr = [0]
+    for b in range(bsz):
+        nq, t = int(qo_lens[b]), int(tail_lens[b])
+        for h in range(hkv):
+            p = b * hkv + h
+            r0, r1 = run_ptr[p], run_ptr[p + 1]
+            for row0 in range(0, nq * group, block_m):
+                last_q = min(nq - 1, (row0 + block_m - 1) // group)
+                visible = max(0, t - nq + last_q + 1)
+                n_tail = -(-visible // tail_chunk)
+                part = np.zeros((r1 - r0 + n_tail, len(ITEM_FIELDS)), dtype=np.int64)
+                part[:, 0], part[:, 1], part[:, 2] = b, h, row0
+                part[: r1 - r0, 3] = run_lo[r0:r1]
+                part[: r1 - r0, 4] = run_hi[r0:r1]
+                starts = np.arange(n_tail) * tail_chunk
+                part[r1 - r0 :, 5] = starts
+                part[r1 - r0 :, 6] = np.minimum(starts + tail_chunk, visible)
+                items.append(part)
+                groups.append((b, h, row0))
+                merge_indptr.append(merge_indptr[-1] + len(part))
+    all_items = np.concatenate(items) if items else np.zeros((0, len(ITEM_FIELDS)), dtype=np.int64)
+    return all_items, np.asarray(groups, dtype=np.int64).reshape(-1, 3), np.asarray(merge_indptr, dtype=np.int64)
+
+
+def build_plan(
+    arena: Arena,
+    block_indptr: np.ndarray,
+    block_indices: np.ndarray,
+    qo_lens: np.ndarray,
+    tail_lens: np.ndarray,
+    num_kv_heads: int,
+    group: int,
+    block_m: int,
+    block_n: int,
+    chunk_tokens: int | None = None,
+    max_programs: int | None = None,
+) -> AttentionPlan:
+    """Plan one batch on the host and upload it (the only host-to-device step).
+
+    ``chunk_tokens`` defaults to splitting the work into about four items per program
+    slot; ``max_programs`` to eight programs per SM on a GPU (persistent kernel: each
+    program loops over items and owns one slice of the sparse scatter scratch).
+    """
+    device = arena.values.device
+    qo_lens = np.asarray(qo_lens, dtype=np.int64)
+    tail_lens = np.asarray(tail_lens, dtype=np.int64)
+    block_indptr = np.asarray(block_indptr, dtype=np.int64)
+    block_indices = np.asarray(block_indices, dtype=np.int64)
+    if max_programs is None:
+        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+        max_programs = 8 * sms
+    if chunk_tokens is None:
+        work = int(arena.tokens[block_indices].sum()) + int(tail_lens.sum()) * num_kv_heads
+        chunk_tokens = max(4 * block_n, -(-work // (4 * max_programs)))
+    items, groups, merge_indptr = plan_work(
+        arena.tokens, block_indptr, block_indices, qo_lens, tail_lens, num_kv_heads, group, block_m, block_n, chunk_tokens
+    )
+    requests = np.zeros((len(qo_lens), len(REQUEST_FIELDS)), dtype=np.int64)
+    requests[:, 0] = np.concatenate([[0], np.cumsum(qo_lens)])[:-1]
+    requests[:, 1] = qo_lens
+    requests[:, 2] = np.concatenate([[0], np.cumsum(tail_lens)])[:-1]
+    requests[:, 3] = tail_lens
+    num_items = len(items)
+    num_programs = max(1, min(num_items, max_programs))
+    d = arena.head_dim
+    scratch_rows = num_programs if arena.has_sparse else 0
+
+    def i32(x: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(x, dtype=np.int32)).to(device)
+
+    return AttentionPlan(
+        requests=i32(requests),
+        items=i32(items),
+        groups=i32(groups),
+        merge_indptr=i32(merge_indptr),
+        block_indices=i32(block_indices) if len(block_indices) else torch.zeros(1, dtype=torch.int32, device=device),
+        o_part=torch.empty(num_items, block_m, d, dtype=torch.float32, device=device),
+        lse_part=torch.empty(num_items, block_m, dtype=torch.float32, device=device),
+        scratch=torch.zeros(max(scratch_rows, 1), 2, block_n, d, dtype=torch.bfloat16, device=device),
+        num_programs=num_programs,
+        block_m=block_m,
+        block_n=block_n,
+        total_q=int(qo_lens.sum()),
+    )

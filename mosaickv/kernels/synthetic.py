@@ -1,0 +1,155 @@
+"""Random mixed-format inputs for kernel tests and benchmarks.
+
+:func:`random_layer` goes through :func:`mosaickv.formats.pack_block` (exact, slow: one
+Python call per block), for correctness checks. :func:`synthetic_arena` writes an arena
+directly on the device in the layout of :mod:`.layout` from a repeating pattern of block
+formats (vectorised; for 128k-token benchmarks), with valid contents: sorted distinct
+channel indices per sparse row and per mask block, random bf16 values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from mosaickv.formats import SIDE_KINDS, BlockFormat, SideFormat, pack_block
+from mosaickv.kernels.layout import DENSE, LOWRANK, MASK, SPARSE, Arena
+from mosaickv.reference import CompressedLayer
+
+
+def random_format(gen: torch.Generator, n: int, d: int, kinds: Sequence[str] = SIDE_KINDS, drop: bool = True) -> BlockFormat:
+    """A block format with random kinds from ``kinds``, widths in ``[1, d]`` and kept tokens."""
+
+    def side() -> SideFormat:
+        kind = kinds[int(torch.randint(len(kinds), (1,), generator=gen))]
+        return SideFormat(kind, 0 if kind == "dense" else int(torch.randint(1, d + 1, (1,), generator=gen)))
+
+    tokens = int(torch.randint(0, n + 1, (1,), generator=gen)) if drop else n
+    return BlockFormat(tokens, side(), side())
+
+
+def random_layer(
+    gen: torch.Generator,
+    num_segments: int,
+    n: int,
+    num_kv_heads: int,
+    d: int,
+    kinds: Sequence[str] = SIDE_KINDS,
+    drop: bool = True,
+    fmt: BlockFormat | None = None,
+) -> CompressedLayer:
+    """Segments of ``n`` random tokens per KV head, packed in ``fmt`` or random formats."""
+    layer = CompressedLayer()
+    for _ in range(num_segments):
+        seg = []
+        for _ in range(num_kv_heads):
+            k = torch.randn(n, d, generator=gen)
+            v = torch.randn(n, d, generator=gen)
+            f = fmt if fmt is not None else random_format(gen, n, d, kinds, drop)
+            seg.append(pack_block(k, v, f, token_score=torch.rand(n, generator=gen)))
+        layer.append(seg)
+    return layer
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A block format for ``synthetic_arena``: kept tokens and per-side (kind, width)."""
+
+    tokens: int
+    k: tuple[str, int]
+    v: tuple[str, int]
+
+    def side_bytes(self, kind: str, r: int, d: int) -> int:
+        m = self.tokens
+        if m == 0:
+            return 0
+        return {"dense": 2 * m * d, "sparse": 3 * m * r, "mask": 2 * m * r + r, "lowrank": 2 * (m * r + r * d)}[kind]
+
+    def nbytes(self, d: int) -> int:
+        """Payload bytes (what formats.py counts, without the 16-byte header)."""
+        return self.side_bytes(*self.k, d) + self.side_bytes(*self.v, d)
+
+
+def _align(x: np.ndarray, a: int) -> np.ndarray:
+    return (x + a - 1) // a * a
+
+
+def synthetic_arena(
+    num_pairs: int,
+    blocks_per_pair: int,
+    pattern: Sequence[Recipe],
+    d: int,
+    device: torch.device | str,
+    seed: int = 0,
+) -> tuple[Arena, np.ndarray, np.ndarray]:
+    """Arena of ``num_pairs`` (request, kv_head) pairs of ``blocks_per_pair`` blocks each.
+
+    Block ``i`` of a pair uses ``pattern[(pair + i) % len(pattern)]``. All tensors start
+    at 16-byte boundaries (``align=16``); ``pad_bytes`` counts the gaps exactly.
+    Returns the arena, ``block_indptr`` and ``block_indices`` (identity).
+    """
+    nb = num_pairs * blocks_per_pair
+    pid = np.arange(nb) // blocks_per_pair + np.arange(nb) % blocks_per_pair
+    rec = pid % len(pattern)
+    kind_of = {k: i for i, k in enumerate(SIDE_KINDS)}
+    cols = np.zeros((len(pattern), 9), dtype=np.int64)  # per recipe: sizes
+    sizes = []  # per recipe: (kv, kb, ki, vv, vb, vi) elements/bytes
+    for j, r in enumerate(pattern):
+        m = r.tokens
+        row = []
+        for kind, w in (r.k, r.v):
+            width = d if kind == "dense" else w
+            nv = m * width if m else 0
+            nbas = w * d if (kind == "lowrank" and m) else 0
+            nidx = (m * w if kind == "sparse" else w if kind == "mask" else 0) if m else 0
+            row += [nv, nbas, nidx]
+        sizes.append(row)
+        cols[j, 0] = m
+        cols[j, 1], cols[j, 2] = kind_of[r.k[0]], d if r.k[0] == "dense" else r.k[1]
+        cols[j, 5], cols[j, 6] = kind_of[r.v[0]], d if r.v[0] == "dense" else r.v[1]
+    sz = np.asarray(sizes, dtype=np.int64)[rec]  # [nb, 6]
+    # Each value tensor rounded up to 8 elements, each index tensor to 16 bytes.
+    vsz = _align(sz[:, [0, 1, 3, 4]], 8)
+    isz = _align(sz[:, [2, 5]], 16)
+    vstart = np.concatenate([[0], np.cumsum(vsz.sum(1))])
+    istart = np.concatenate([[0], np.cumsum(isz.sum(1))])
+    table = cols[rec].copy()
+    voffs = vstart[:-1, None] + np.concatenate([np.zeros((nb, 1), np.int64), np.cumsum(vsz, 1)[:, :-1]], 1)
+    ioffs = istart[:-1, None] + np.concatenate([np.zeros((nb, 1), np.int64), isz[:, :1]], 1)
+    table[:, 3] = voffs[:, 0]
+    table[:, 7] = voffs[:, 2]
+    table[:, 4] = np.where(table[:, 1] == LOWRANK, voffs[:, 1], np.where(np.isin(table[:, 1], [SPARSE, MASK]), ioffs[:, 0], 0))
+    table[:, 8] = np.where(table[:, 5] == LOWRANK, voffs[:, 3], np.where(np.isin(table[:, 5], [SPARSE, MASK]), ioffs[:, 1], 0))
+    empty = table[:, 0] == 0
+    table[empty, 3:5] = 0
+    table[empty, 7:9] = 0
+    pad = int((vsz - sz[:, [0, 1, 3, 4]]).sum() * 2 + (isz - sz[:, [2, 5]]).sum())
+    gen = torch.Generator(device=device).manual_seed(seed)
+    values = torch.empty(int(vstart[-1]), dtype=torch.bfloat16, device=device)
+    values.normal_(generator=gen)
+    index = torch.empty(int(istart[-1]), dtype=torch.uint8, device=device)
+    # Valid indices: within each index tensor, entry e of a row of width w is channel
+    # e * (d // w) + (row % (d // w)), sorted and distinct; fill per recipe slot.
+    index.zero_()
+    dev_table = torch.from_numpy(table).to(device)
+    for j, r in enumerate(pattern):
+        sel = torch.from_numpy(np.flatnonzero(rec == j)).to(device)
+        if r.tokens == 0 or sel.numel() == 0:
+            continue
+        for col, (kind, w) in ((4, r.k), (8, r.v)):
+            if kind not in ("sparse", "mask"):
+                continue
+            rows = r.tokens if kind == "sparse" else 1
+            stride = d // w
+            e = torch.arange(rows * w, device=device)
+            ch = (e % w) * stride + (e // w) % stride
+            step = max(1, (1 << 24) // e.numel())  # bound the temporary index tensor
+            for c0 in range(0, sel.numel(), step):
+                starts = dev_table[sel[c0 : c0 + step], col]
+                index[(starts[:, None] + e[None, :]).reshape(-1)] = ch.to(torch.uint8).repeat(starts.numel())
+    arena = Arena.from_table(values, index, table, d, align=16, pad_bytes=pad)
+    indptr = np.arange(num_pairs + 1, dtype=np.int64) * blocks_per_pair
+    return arena, indptr, np.arange(nb, dtype=np.int64)

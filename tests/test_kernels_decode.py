@@ -1,0 +1,206 @@
+"""Mixed-format decode kernel against the PyTorch reference (Triton interpreter on the CPU)."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+if not torch.cuda.is_available():  # must precede the first import of the kernels
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import numpy as np
+import pytest
+
+from mosaickv.formats import HEADER_BYTES, BlockFormat, SideFormat, pack_block
+from mosaickv.kernels.decode import MixedDecodeWrapper
+from mosaickv.kernels.layout import Arena, pack_requests
+from mosaickv.kernels.synthetic import Recipe, random_layer, synthetic_arena
+from mosaickv.reference import CompressedLayer, attention
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+KINDS = ("dense", "sparse", "mask", "lowrank")
+
+
+def oracle(q: torch.Tensor, layer: CompressedLayer, tk: torch.Tensor, tv: torch.Tensor) -> torch.Tensor:
+    """``reference.attention`` for ``q`` [Hq, nq, d]; where the tail is shorter than ``nq``
+    (a decode query with an empty tail) the same softmax over what each query sees."""
+    hq, nq, d = q.shape
+    hkv, t, _ = tk.shape
+    if t >= nq:
+        return attention(q, layer, tk, tv)
+    out = torch.zeros(hq, nq, d)
+    group = hq // hkv
+    for h, (ck, cv) in enumerate(layer.decompressed(hkv, d)):
+        for i in range(nq):
+            vis = t - nq + i + 1
+            keys = torch.cat([ck, tk[h, : max(vis, 0)].float()])
+            vals = torch.cat([cv, tv[h, : max(vis, 0)].float()])
+            if keys.shape[0]:
+                w = torch.softmax(q[h * group : (h + 1) * group, i].float() @ keys.T / math.sqrt(d), -1)
+                out[h * group : (h + 1) * group, i] = w @ vals
+    return out
+
+
+def check_close(out: torch.Tensor, ref: torch.Tensor, tol: float = 1e-2) -> None:
+    """Every element written and finite; relative error within ``tol`` (bf16 kernels)."""
+    out = out.float().cpu()
+    assert torch.isfinite(out).all(), "output has NaN/inf (unwritten or bad merge)"
+    scale = ref.abs().max().clamp_min(1e-3)
+    assert (out - ref).norm() <= tol * ref.norm().clamp_min(1e-3), f"rel err {(out - ref).norm() / ref.norm():.3e}"
+    assert (out - ref).abs().max() <= 3 * tol * scale, f"max abs err {(out - ref).abs().max():.3e}"
+
+
+def run_decode(
+    gen: torch.Generator,
+    layers: list[CompressedLayer],
+    tail_lens: list[int],
+    hkv: int,
+    group: int,
+    d: int,
+    **plan_kw: int,
+) -> None:
+    hq = hkv * group
+    tk = [torch.randn(hkv, t, d, generator=gen).bfloat16() for t in tail_lens]
+    tv = [torch.randn(hkv, t, d, generator=gen).bfloat16() for t in tail_lens]
+    q = torch.randn(len(layers), hq, d, generator=gen).bfloat16()
+    w = MixedDecodeWrapper(block_n=16)
+    w.plan(layers, tk, tv, hq, hkv, d, device=DEVICE, **plan_kw)
+    out = torch.full((len(layers), hq, d), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+    w.run(q.to(DEVICE), out=out)
+    ref = torch.stack([oracle(q[b][:, None], layers[b], tk[b], tv[b])[:, 0] for b in range(len(layers))])
+    check_close(out, ref)
+
+
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("k_kind", KINDS)
+@pytest.mark.parametrize("v_kind", KINDS)
+def test_each_format_alone(k_kind: str, v_kind: str, d: int) -> None:
+    gen = torch.Generator().manual_seed(hash((k_kind, v_kind, d)) % 2**31)
+    w = {"dense": 0, "sparse": 13, "mask": 24, "lowrank": 7}
+    fmt = BlockFormat(21, SideFormat(k_kind, w[k_kind]), SideFormat(v_kind, w[v_kind]))
+    layers = [random_layer(gen, 2, 24, 1, d, fmt=fmt), random_layer(gen, 1, 24, 1, d, fmt=fmt)]
+    run_decode(gen, layers, [3, 1], hkv=1, group=2, d=d)
+
+
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("group", [1, 3, 4, 8])
+def test_mixed_gqa_ragged(group: int, d: int) -> None:
+    """Random formats per block; ragged segments and tails; a request with no segments,
+    one with an empty tail; small chunks and few programs so split-K, the merge and the
+    persistent loop all run."""
+    gen = torch.Generator().manual_seed(17 * group + d)
+    hkv = 2
+    layers = [random_layer(gen, s, 16, hkv, d) for s in (3, 0, 2, 1)]
+    run_decode(gen, layers, [5, 9, 0, 40], hkv=hkv, group=group, d=d, chunk_tokens=20, max_programs=3)
+
+
+def test_every_token_dropped() -> None:
+    gen = torch.Generator().manual_seed(3)
+    fmts = [BlockFormat(0, SideFormat("sparse", 4), SideFormat("lowrank", 3)), BlockFormat(0)]
+    layers = [random_layer(gen, 2, 16, 2, 64, fmt=f) for f in fmts]
+    run_decode(gen, layers, [4, 1], hkv=2, group=4, d=64, chunk_tokens=8)
+    # dropped segments and an empty tail: nothing to attend to, the output is zero
+    layers.append(random_layer(gen, 1, 16, 2, 64, fmt=fmts[0]))
+    run_decode(gen, layers, [4, 1, 0], hkv=2, group=4, d=64)
+
+
+def test_no_keys_at_all_gives_zeros() -> None:
+    gen = torch.Generator().manual_seed(4)
+    run_decode(gen, [CompressedLayer(), random_layer(gen, 1, 16, 1, 64)], [0, 2], hkv=1, group=3, d=64)
+
+
+def test_aligned_widths_path() -> None:
+    """Widths that are multiples of 8 take the vectorised-load specialisation."""
+    gen = torch.Generator().manual_seed(5)
+    fmts = [BlockFormat(16, SideFormat("sparse", 16), SideFormat("mask", 24)), BlockFormat(9, SideFormat("lowrank", 8))]
+    layers = [random_layer(gen, 2, 16, 1, 64, fmt=f) for f in fmts]
+    arena, _, _ = pack_requests(layers, 1, 64)
+    assert arena.widths_aligned
+    run_decode(gen, layers, [2, 3], hkv=1, group=4, d=64)
+
+
+@pytest.mark.parametrize("align", [1, 16])
+def test_arena_bytes_and_round_trip(align: int) -> None:
+    gen = torch.Generator().manual_seed(6)
+    layers = [random_layer(gen, 3, 16, 2, 64) for _ in range(2)]
+    blocks = [seg[h] for layer in layers for h in range(2) for seg in layer.blocks]
+    arena, indptr, indices = pack_requests(layers, 2, 64, align=align)
+    assert arena.nbytes() == sum(b.nbytes() for b in blocks) - HEADER_BYTES * len(blocks) + arena.pad_bytes
+    assert align > 1 or arena.pad_bytes == 0
+    assert list(indptr) == [0, 3, 6, 9, 12] and list(indices) == list(range(12))
+    for i, blk in enumerate(blocks):
+        back = arena.block(i, blk.n)
+        assert back.fmt == blk.fmt and back.nbytes() == blk.nbytes()
+        for a, b in zip(back.k.tensors() + back.v.tensors(), blk.k.tensors() + blk.v.tensors()):
+            assert torch.equal(a, b)
+
+
+def test_synthetic_arena_is_valid() -> None:
+    """The vectorised benchmark generator writes blocks ``formats.py`` would accept."""
+    d = 64
+    pattern = [
+        Recipe(16, ("sparse", 16), ("mask", 32)),
+        Recipe(8, ("lowrank", 8), ("dense", 0)),
+        Recipe(0, ("sparse", 8), ("dense", 0)),
+        Recipe(16, ("mask", 24), ("sparse", 8)),
+    ]
+    arena, indptr, _ = synthetic_arena(3, 5, pattern, d, "cpu")
+    payload = 0
+    for i in range(arena.num_blocks):
+        blk = arena.block(i)
+        payload += blk.nbytes() - HEADER_BYTES
+        for side in (blk.k, blk.v) if blk.fmt.tokens else ():
+            if side.fmt.kind == "sparse":
+                idx = side.index.long()
+                assert (idx.diff(dim=1) > 0).all() and idx.max() < d
+            if side.fmt.kind == "mask":
+                assert (side.index.long().diff() > 0).all()
+    assert arena.nbytes() == payload + arena.pad_bytes
+    assert arena.widths_aligned and list(indptr) == [0, 5, 10, 15]
+
+
+def test_plan_rejects_bad_shapes() -> None:
+    gen = torch.Generator().manual_seed(7)
+    layer = random_layer(gen, 1, 16, 2, 64)
+    w = MixedDecodeWrapper()
+    with pytest.raises(ValueError):
+        w.plan([layer], [torch.zeros(2, 1, 64)], [torch.zeros(2, 1, 64)], 3, 2, 64)
+    w.plan([layer], [torch.zeros(2, 1, 64)], [torch.zeros(2, 1, 64)], 4, 2, 64, device=DEVICE)
+    with pytest.raises(ValueError):
+        w.run(torch.zeros(2, 4, 64, device=DEVICE))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_replay_matches_eager() -> None:
+    """``run`` launches fixed grids over planned buffers: capture once, replay on new q."""
+    gen = torch.Generator().manual_seed(8)
+    hkv, group, d = 4, 4, 128
+    layers = [random_layer(gen, s, 64, hkv, d) for s in (4, 1, 0, 6)]
+    tk = [torch.randn(hkv, t, d, generator=gen).bfloat16() for t in (33, 1, 70, 5)]
+    tv = [torch.randn(hkv, t, d, generator=gen).bfloat16() for t in (33, 1, 70, 5)]
+    w = MixedDecodeWrapper()
+    w.plan(layers, tk, tv, hkv * group, hkv, d, device="cuda", chunk_tokens=64)
+    q = torch.randn(4, hkv * group, d, device="cuda").bfloat16()
+    out = torch.empty_like(q)
+    w.run(q, out=out)  # compile outside capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        w.run(q, out=out)
+    for _ in range(2):
+        q.copy_(torch.randn_like(q))
+        out.fill_(float("nan"))
+        graph.replay()
+        ref = torch.stack([oracle(q[b][:, None].cpu(), layers[b], tk[b], tv[b])[:, 0] for b in range(4)])
+        check_close(out, ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("hq,hkv,d", [(32, 8, 128), (9, 3, 64)])
+def test_gpu_sized_against_reference(hq: int, hkv: int, d: int) -> None:
+    gen = torch.Generator().manual_seed(hq)
+    layers = [random_layer(gen, s, 64, hkv, d) for s in (40, 7, 0, 23)]
+    run_decode(gen, layers, [100, 1, 64, 0], hkv=hkv, group=hq // hkv, d=d)

@@ -129,6 +129,8 @@ def test_arena_bytes_and_round_trip(align: int) -> None:
     arena, indptr, indices = pack_requests(layers, 2, 64, align=align)
     assert arena.nbytes() == sum(b.nbytes() for b in blocks) - HEADER_BYTES * len(blocks) + arena.pad_bytes
     assert align > 1 or arena.pad_bytes == 0
+    used = [s for b in blocks for s in (b.k, b.v) if b.fmt.tokens]
+    assert arena.has_sparse == any(s.fmt.kind == "sparse" for s in used)
     assert list(indptr) == [0, 3, 6, 9, 12] and list(indices) == list(range(12))
     for i, blk in enumerate(blocks):
         back = arena.block(i, blk.n)

@@ -98,7 +98,7 @@ class Arena:
         """Wrap buffers already laid out per ``table`` (host int64 ``[num_blocks, 9]``)."""
         kinds = np.concatenate([table[:, 1], table[:, 5]])
         widths = np.concatenate([table[:, 2], table[:, 6]])
-        used = table[:, 0].repeat(2) > 0
+        used = np.tile(table[:, 0], 2) > 0
         return Arena(
             values=values,
             index=index,

@@ -3,21 +3,25 @@
 One kernel serves decode and extend. A program takes *items* (see :mod:`.layout`): one
 ``(request, kv_head, block of query rows)`` and a run of whole blocks or of tail tokens.
 Rows are ``(query token, query head of the GQA group)`` pairs, so one pass over a KV
-head's bytes serves every query head that reads it. Per block the loop specialises on
-the stored format, always reducing to the same tile product:
+head's bytes serves every query head that reads it. The plan gives every item blocks of
+one (key format, value format) pair and launches the kernel once per pair present,
+compiled for that pair (runtime format branches doubled the register count). Each
+format reduces to the same tile product:
 
 * dense: keys/values ``[m, d]`` are the tiles;
 * sparse: the ``[m, r]`` values are scattered by their per-row uint8 channel indices
   into a zeroed per-program scratch tile ``[block_n, d]`` and read back dense (the
   scratch is cleaned after each use so it stays zero between runs);
 * mask and lowrank: both are ``coef [m, r] @ basis [r, d]`` (a mask's basis is the
-  one-hot rows of its channels), so keys use ``q @ basisᵀ`` once per block and tile
-  ``coef``; values accumulate ``p @ coef`` in ``r``-space and fold ``@ basis`` into the
-  output once at the block's end (rescaled with the online softmax like the output).
+  one-hot rows of its channels), so keys use ``q @ basisᵀ`` once per block (for a mask:
+  q's kept channels, gathered) and tile ``coef``; values accumulate ``p @ coef`` in
+  ``r``-space and fold ``@ basis`` into the output once at the block's end (rescaled with
+  the online softmax like the output). ``r``-space tiles (and sparse rows) are ``R_MAX``
+  wide, the launch's largest such width rounded up to a power of two: fewer registers.
 
 Each item writes its normalised partial output and log2-sum-exp; :func:`_merge_kernel`
-combines the items of a group. The kernel is persistent (``num_programs`` from the plan)
-so the scatter scratch is per program, not per item.
+combines the items of a group, whichever launch computed them. Launches are persistent
+(program counts from the plan) so the scatter scratch is per program, not per item.
 """
 
 from __future__ import annotations
@@ -40,32 +44,43 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _basis(values_ptr, index_ptr, kind, width, aux, cols, HEAD_DIM: tl.constexpr, ALIGNED: tl.constexpr):
-    """Rows ``j < width`` of a block side's basis, bf16 ``[HEAD_DIM, HEAD_DIM]`` (rest zero)."""
-    row_ok = cols < width
+def _basis(values_ptr, index_ptr, width, aux, jr, cols, KIND: tl.constexpr, HEAD_DIM: tl.constexpr, ALIGNED: tl.constexpr):
+    """Rows ``j < width`` of a side's basis, bf16 ``[R_MAX, HEAD_DIM]`` (rest zero): the
+    lowrank basis, or for a channel mask the one-hot rows of its channels."""
+    row_ok = jr < width
     if ALIGNED:
         aux = tl.multiple_of(aux, 8)
-    if kind == 3:
-        basis = tl.load(values_ptr + aux + cols[:, None] * HEAD_DIM + cols[None, :], mask=row_ok[:, None], other=0.0)
+    if KIND == 3:
+        basis = tl.load(values_ptr + aux + jr[:, None] * HEAD_DIM + cols[None, :], mask=row_ok[:, None], other=0.0)
     else:
-        ch = tl.load(index_ptr + aux + cols, mask=row_ok, other=0).to(tl.int32)
+        ch = tl.load(index_ptr + aux + jr, mask=row_ok, other=0).to(tl.int32)
         basis = tl.where((ch[:, None] == cols[None, :]) & row_ok[:, None], 1.0, 0.0).to(tl.bfloat16)
     return basis
 
 
 @triton.jit
-def _densify(tile, index_ptr, aux, width, tok, toks, cols, tile_mask, scr, HEAD_DIM: tl.constexpr, ALIGNED: tl.constexpr):
-    """Scatter sparse ``tile`` (values at per-row channel indices) into a dense tile."""
-    if ALIGNED:
-        aux = tl.multiple_of(aux, 16)
-    ix = tl.load(index_ptr + aux + tok[:, None] * width + cols[None, :], mask=tile_mask, other=0).to(tl.int32)
-    tl.store(scr + toks[:, None] * HEAD_DIM + ix, tile, mask=tile_mask)
-    tl.debug_barrier()
-    dense = tl.load(scr + toks[:, None] * HEAD_DIM + cols[None, :])
-    tl.debug_barrier()
-    tl.store(scr + toks[:, None] * HEAD_DIM + ix, tl.zeros_like(tile), mask=tile_mask)
-    tl.debug_barrier()
-    return dense
+def _tile(values_ptr, index_ptr, off, width, aux, tok, tok_ok, toks, cols, jr, scr,
+          KIND: tl.constexpr, HEAD_DIM: tl.constexpr, ALIGNED: tl.constexpr):
+    """One side's tile of ``BLOCK_N`` tokens: ``[BLOCK_N, HEAD_DIM]`` for dense and sparse
+    (its ``[BLOCK_N, R_MAX]`` values scattered through the zeroed scratch), ``[BLOCK_N,
+    R_MAX]`` r-space coefficients for mask and lowrank."""
+    if KIND == 0:
+        tile = tl.load(values_ptr + off + tok[:, None] * HEAD_DIM + cols[None, :], mask=tok_ok[:, None], other=0.0)
+    elif KIND == 1:
+        mask = tok_ok[:, None] & (jr[None, :] < width)
+        raw = tl.load(values_ptr + off + tok[:, None] * width + jr[None, :], mask=mask, other=0.0)
+        if ALIGNED:
+            aux = tl.multiple_of(aux, 16)
+        ix = tl.load(index_ptr + aux + tok[:, None] * width + jr[None, :], mask=mask, other=0).to(tl.int32)
+        tl.store(scr + toks[:, None] * HEAD_DIM + ix, raw, mask=mask)
+        tl.debug_barrier()
+        tile = tl.load(scr + toks[:, None] * HEAD_DIM + cols[None, :])
+        tl.debug_barrier()
+        tl.store(scr + toks[:, None] * HEAD_DIM + ix, tl.zeros_like(raw), mask=mask)
+        tl.debug_barrier()
+    else:
+        tile = tl.load(values_ptr + off + tok[:, None] * width + jr[None, :], mask=tok_ok[:, None] & (jr[None, :] < width), other=0.0)
+    return tile
 
 
 @triton.jit
@@ -73,31 +88,29 @@ def _mixed_attn_kernel(
     q_ptr, stride_qt, stride_qh,
     values_ptr, index_ptr, table_ptr, block_idx_ptr,
     tail_k_ptr, tail_v_ptr, stride_kt, stride_kh, stride_vt, stride_vh,
-    req_ptr, items_ptr, o_part_ptr, lse_part_ptr, scratch_ptr,
-    num_items, qk_scale,
+    req_ptr, items_ptr, item_list_ptr, o_part_ptr, lse_part_ptr, scratch_ptr,
+    num_list, qk_scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    ALIGNED: tl.constexpr,
+    K_KIND: tl.constexpr, V_KIND: tl.constexpr, R_MAX: tl.constexpr, ALIGNED: tl.constexpr,
 ):
+    """Partial attention of the items in ``item_list``; ``K_KIND``/``V_KIND`` are the
+    formats of all their blocks (0 dense, 1 sparse, 2 mask, 3 lowrank), -1 for tail items."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     rows = tl.arange(0, BLOCK_M)
     cols = tl.arange(0, HEAD_DIM)
     toks = tl.arange(0, BLOCK_N)
+    jr = tl.arange(0, R_MAX)
     scr_k = scratch_ptr + pid.to(tl.int64) * (2 * BLOCK_N * HEAD_DIM)
     scr_v = scr_k + BLOCK_N * HEAD_DIM
-    for it in range(pid, num_items, nprog):
+    for li in range(pid, num_list, nprog):
+        it = tl.load(item_list_ptr + li)
         item = items_ptr + it * 7
         b = tl.load(item)
         h = tl.load(item + 1)
         row0 = tl.load(item + 2)
-        blk_lo = tl.load(item + 3)
-        blk_hi = tl.load(item + 4)
-        tail_lo = tl.load(item + 5)
-        tail_hi = tl.load(item + 6)
         qo_start = tl.load(req_ptr + b * 4)
         nq = tl.load(req_ptr + b * 4 + 1)
-        tail_start = tl.load(req_ptr + b * 4 + 2).to(tl.int64)
-        tail_len = tl.load(req_ptr + b * 4 + 3)
 
         r = row0 + rows
         qi = r // GROUP
@@ -109,43 +122,63 @@ def _mixed_attn_kernel(
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
 
-        for j in range(blk_lo, blk_hi):
-            ent = table_ptr + tl.load(block_idx_ptr + j).to(tl.int64) * 9
-            m = tl.load(ent)
-            k_kind = tl.load(ent + 1)
-            k_w = tl.load(ent + 2)
-            k_off = tl.load(ent + 3)
-            k_aux = tl.load(ent + 4)
-            v_kind = tl.load(ent + 5)
-            v_w = tl.load(ent + 6)
-            v_off = tl.load(ent + 7)
-            v_aux = tl.load(ent + 8)
-            if m > 0:  # a block that keeps nothing stores nothing: touch none of it
+        if K_KIND < 0:
+            # Dense tail, causal: query qi sees tail positions <= tail_len - nq + qi.
+            tail_lo = tl.load(item + 5)
+            tail_hi = tl.load(item + 6)
+            tail_start = tl.load(req_ptr + b * 4 + 2).to(tl.int64)
+            vis = tl.load(req_ptr + b * 4 + 3) - nq + qi
+            for t0 in range(tail_lo, tail_hi, BLOCK_N):
+                pos = t0 + toks
+                pos_ok = pos < tail_hi
+                tk = tail_start + pos
+                kt = tl.load(tail_k_ptr + tk[:, None] * stride_kt + h * stride_kh + cols[None, :], mask=pos_ok[:, None], other=0.0)
+                vt = tl.load(tail_v_ptr + tk[:, None] * stride_vt + h * stride_vh + cols[None, :], mask=pos_ok[:, None], other=0.0)
+                s = tl.dot(q, tl.trans(kt.to(tl.bfloat16))) * qk_scale
+                s = tl.where(pos_ok[None, :] & (pos[None, :] <= vis[:, None]), s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = tl.exp2(m_i - m_ref)
+                p = tl.exp2(s - m_ref[:, None])
+                l_i = l_i * alpha + tl.sum(p, 1)
+                acc = acc * alpha[:, None] + tl.dot(p.to(tl.bfloat16), vt.to(tl.bfloat16))
+                m_i = m_new
+        else:
+            blk_lo = tl.load(item + 3)
+            blk_hi = tl.load(item + 4)
+            for j in range(blk_lo, blk_hi):
+                ent = table_ptr + tl.load(block_idx_ptr + j).to(tl.int64) * 9
+                m = tl.load(ent).to(tl.int32)
+                k_w = tl.load(ent + 2).to(tl.int32)
+                k_off = tl.load(ent + 3)
+                k_aux = tl.load(ent + 4)
+                v_w = tl.load(ent + 6).to(tl.int32)
+                v_off = tl.load(ent + 7)
+                v_aux = tl.load(ent + 8)
                 if ALIGNED:
                     k_off = tl.multiple_of(k_off, 8)
                     v_off = tl.multiple_of(v_off, 8)
                     k_w = tl.multiple_of(k_w, 8)
                     v_w = tl.multiple_of(v_w, 8)
+                # Projected keys: logits = (q @ basisᵀ) @ coefᵀ; a mask's basis is one-hot,
+                # so q @ basisᵀ is q's kept channels, gathered.
                 qk = q
-                if k_kind >= 2:
-                    kb = _basis(values_ptr, index_ptr, k_kind, k_w, k_aux, cols, HEAD_DIM, ALIGNED)
+                if K_KIND == 2:
+                    ch = tl.load(index_ptr + k_aux + jr, mask=jr < k_w, other=0).to(tl.int32)
+                    qk = tl.load(q_ptr + q_rows[:, None] + ch[None, :], mask=row_ok[:, None] & (jr < k_w)[None, :], other=0.0)
+                    qk = qk.to(tl.bfloat16)
+                elif K_KIND == 3:
+                    kb = _basis(values_ptr, index_ptr, k_w, k_aux, jr, cols, K_KIND, HEAD_DIM, ALIGNED)
                     qk = tl.dot(q, tl.trans(kb)).to(tl.bfloat16)
-                blk_acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-                k_cols = cols[None, :] < k_w
-                v_cols = cols[None, :] < v_w
+                if V_KIND >= 2:
+                    blk_acc = tl.zeros([BLOCK_M, R_MAX], tl.float32)
                 for t0 in range(0, m, BLOCK_N):
                     tok = t0 + toks
                     tok_ok = tok < m
-                    k_mask = tok_ok[:, None] & k_cols
-                    v_mask = tok_ok[:, None] & v_cols
-                    kt = tl.load(values_ptr + k_off + tok[:, None] * k_w + cols[None, :], mask=k_mask, other=0.0)
-                    vt = tl.load(values_ptr + v_off + tok[:, None] * v_w + cols[None, :], mask=v_mask, other=0.0)
-                    if k_kind == 1:
-                        kt = _densify(kt, index_ptr, k_aux, k_w, tok, toks, cols, k_mask, scr_k, HEAD_DIM, ALIGNED)
-                    if v_kind == 1:
-                        vt = _densify(vt, index_ptr, v_aux, v_w, tok, toks, cols, v_mask, scr_v, HEAD_DIM, ALIGNED)
-                    s = tl.dot(qk, tl.trans(kt)) * qk_scale
-                    s = tl.where(tok_ok[None, :], s, float("-inf"))
+                    kt = _tile(values_ptr, index_ptr, k_off, k_w, k_aux, tok, tok_ok, toks, cols, jr, scr_k, K_KIND, HEAD_DIM, ALIGNED)
+                    vt = _tile(values_ptr, index_ptr, v_off, v_w, v_aux, tok, tok_ok, toks, cols, jr, scr_v, V_KIND, HEAD_DIM, ALIGNED)
+                    s = tl.dot(qk, tl.trans(kt))
+                    s = tl.where(tok_ok[None, :], s * qk_scale, float("-inf"))
                     m_new = tl.maximum(m_i, tl.max(s, 1))
                     m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
                     alpha = tl.exp2(m_i - m_ref)
@@ -153,32 +186,14 @@ def _mixed_attn_kernel(
                     l_i = l_i * alpha + tl.sum(p, 1)
                     acc = acc * alpha[:, None]
                     pv = tl.dot(p.to(tl.bfloat16), vt)
-                    if v_kind >= 2:
+                    if V_KIND >= 2:
                         blk_acc = blk_acc * alpha[:, None] + pv
                     else:
                         acc += pv
                     m_i = m_new
-                if v_kind >= 2:
-                    vb = _basis(values_ptr, index_ptr, v_kind, v_w, v_aux, cols, HEAD_DIM, ALIGNED)
-                    acc += tl.dot(blk_acc, vb.to(tl.float32))
-
-        # Dense tail, causal: query qi sees tail positions <= tail_len - nq + qi.
-        vis = tail_len - nq + qi
-        for t0 in range(tail_lo, tail_hi, BLOCK_N):
-            pos = t0 + toks
-            pos_ok = pos < tail_hi
-            tk = tail_start + pos
-            kt = tl.load(tail_k_ptr + tk[:, None] * stride_kt + h * stride_kh + cols[None, :], mask=pos_ok[:, None], other=0.0)
-            vt = tl.load(tail_v_ptr + tk[:, None] * stride_vt + h * stride_vh + cols[None, :], mask=pos_ok[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(kt.to(tl.bfloat16))) * qk_scale
-            s = tl.where(pos_ok[None, :] & (pos[None, :] <= vis[:, None]), s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_ref)
-            p = tl.exp2(s - m_ref[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(tl.bfloat16), vt.to(tl.bfloat16))
-            m_i = m_new
+                if V_KIND >= 2:  # fold the block's r-space values back: acc += blk_acc @ basis
+                    vb = _basis(values_ptr, index_ptr, v_w, v_aux, jr, cols, V_KIND, HEAD_DIM, ALIGNED)
+                    acc += tl.dot(blk_acc.to(tl.bfloat16), vb)
 
         has = l_i > 0
         o = acc / tl.where(has, l_i, 1.0)[:, None]
@@ -310,14 +325,15 @@ class MixedAttention:
         if out is None:
             out = torch.empty_like(q)
         tk, tv = self._tail_k, self._tail_v
-        if p.num_items:
-            _mixed_attn_kernel[(p.num_programs,)](
+        for ln in p.launches:
+            _mixed_attn_kernel[(ln.num_programs,)](
                 q, q.stride(0), q.stride(1),
                 a.values, a.index, a.table, p.block_indices,
                 tk, tv, tk.stride(0), tk.stride(1), tv.stride(0), tv.stride(1),
-                p.requests, p.items, p.o_part, p.lse_part, p.scratch,
-                p.num_items, self._scale * LOG2E,
-                GROUP=self._group, HEAD_DIM=d, BLOCK_M=p.block_m, BLOCK_N=p.block_n, ALIGNED=a.widths_aligned,
+                p.requests, p.items, ln.items, p.o_part, p.lse_part, p.scratch,
+                ln.items.numel(), self._scale * LOG2E,
+                GROUP=self._group, HEAD_DIM=d, BLOCK_M=p.block_m, BLOCK_N=p.block_n,
+                K_KIND=ln.k_kind, V_KIND=ln.v_kind, R_MAX=ln.r_max, ALIGNED=a.widths_aligned,
                 num_warps=self.num_warps, num_stages=self.num_stages,
             )
         if p.groups.shape[0]:

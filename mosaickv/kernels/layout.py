@@ -73,7 +73,7 @@ class Arena:
     index: torch.Tensor  # uint8 [I]
     table: torch.Tensor  # int64 [num_blocks, 9]
     head_dim: int
-    tokens: np.ndarray  # host copy of table[:, 0], used by the planner
+    table_host: np.ndarray  # host copy of ``table``, used by the planner
     has_sparse: bool  # some side is sparse: the kernel needs its scatter scratch
     widths_aligned: bool  # every non-dense width is a multiple of 8 (vectorised loads)
     align: int  # bytes every tensor start is a multiple of
@@ -90,7 +90,7 @@ class Arena:
     def to(self, device: torch.device | str) -> "Arena":
         return Arena(
             self.values.to(device), self.index.to(device), self.table.to(device), self.head_dim,
-            self.tokens, self.has_sparse, self.widths_aligned, self.align, self.pad_bytes,
+            self.table_host, self.has_sparse, self.widths_aligned, self.align, self.pad_bytes,
         )
 
     @staticmethod
@@ -104,7 +104,7 @@ class Arena:
             index=index,
             table=torch.from_numpy(np.ascontiguousarray(table, dtype=np.int64)).to(values.device),
             head_dim=head_dim,
-            tokens=table[:, 0].astype(np.int64),
+            table_host=np.ascontiguousarray(table, dtype=np.int64),
             has_sparse=bool(((kinds == SPARSE) & used).any()),
             widths_aligned=bool(align % 16 == 0 and np.all(widths[(kinds != DENSE) & used] % 8 == 0)),
             align=align,
@@ -212,6 +212,20 @@ def ragged_tails(tails: Sequence[torch.Tensor]) -> tuple[torch.Tensor, np.ndarra
     return torch.cat([t.transpose(0, 1) for t in tails]).contiguous(), indptr
 
 
+TAIL = -1  # launch kind of the dense-tail items
+
+
+@dataclass
+class Launch:
+    """One specialisation of the attention kernel and the items it computes."""
+
+    k_kind: int  # DENSE..LOWRANK, or TAIL for the dense tail
+    v_kind: int
+    r_max: int  # widest non-dense width of its blocks, as a power of two >= 16
+    items: torch.Tensor  # int32 [n] rows of ``AttentionPlan.items``
+    num_programs: int
+
+
 @dataclass
 class AttentionPlan:
     """Device tensors one run step reads; all shapes fixed at plan time."""
@@ -220,11 +234,11 @@ class AttentionPlan:
     items: torch.Tensor  # int32 [num_items, 7] ITEM_FIELDS
     groups: torch.Tensor  # int32 [num_groups, 3] GROUP_FIELDS
     merge_indptr: torch.Tensor  # int32 [num_groups + 1] items of each group
-    block_indices: torch.Tensor  # int32 [nnz] table rows, per (request, kv_head) in order
+    block_indices: torch.Tensor  # int32 [nnz] table rows, per (request, kv_head), by kind pair
+    launches: list[Launch]
     o_part: torch.Tensor  # fp32 [num_items, block_m, d] partial outputs
     lse_part: torch.Tensor  # fp32 [num_items, block_m] partial log2-sum-exp
-    scratch: torch.Tensor  # bf16 [num_programs, 2, block_n, d] zeroed, sparse scatter space
-    num_programs: int
+    scratch: torch.Tensor  # bf16 [max programs, 2, block_n, d] zeroed, sparse scatter space
     block_m: int
     block_n: int
     total_q: int
@@ -235,7 +249,7 @@ class AttentionPlan:
 
 
 def plan_work(
-    tokens: np.ndarray,
+    table: np.ndarray,
     block_indptr: np.ndarray,
     block_indices: np.ndarray,
     qo_lens: np.ndarray,
@@ -245,40 +259,49 @@ def plan_work(
     block_m: int,
     block_n: int,
     chunk_tokens: int,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Cut the batch into items; returns ``items``, ``groups``, ``merge_indptr`` (host).
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Cut the batch into items (host); returns ``items``, ``item_kind``, ``groups``,
+    ``merge_indptr`` and the reordered ``block_indices``.
 
-    Blocks of one ``(request, kv_head)`` go into runs of about ``chunk_tokens`` kept tokens
-    (whole blocks: a block's basis is folded in once, at its end); the tail goes into runs
-    of ``chunk_tokens`` rounded up to ``block_n``. Runs with no kept token are dropped, as
-    are tail runs no query row of the row block can see: query ``i`` of ``nq`` sits at
-    tail position ``t - nq + i`` and sees the tail up to there (none if that is negative,
-    e.g. a decode query whose tail is empty sees only the compressed segments).
+    Softmax does not care about key order, so the blocks of each ``(request, kv_head)``
+    are regrouped by (key kind, value kind) and every item's blocks share one pair: the
+    kernel is then specialised per pair at compile time (no format branches, half the
+    registers). ``item_kind`` is ``4 * k_kind + v_kind``, or ``TAIL``. Blocks go into
+    runs of about ``chunk_tokens`` kept tokens (whole blocks: a block's basis is folded in
+    once, at its end); the tail into runs of ``chunk_tokens`` rounded up to ``block_n``.
+    Runs with no kept token are dropped, as are tail runs no query row of the row block
+    can see: query ``i`` of ``nq`` sits at tail position ``t - nq + i`` and sees the tail
+    up to there (none if that is negative, e.g. a decode query with an empty tail).
     """
     bsz = len(qo_lens)
     hkv = num_kv_heads
     if len(block_indptr) != bsz * hkv + 1:
         raise ValueError(f"block_indptr has {len(block_indptr)} entries, expected {bsz * hkv + 1}")
-    # Runs of whole blocks, vectorised over every block of the batch.
-    tok = tokens[block_indices].astype(np.int64)
-    nnz = len(tok)
+    nnz = len(block_indices)
     pair = np.repeat(np.arange(bsz * hkv), np.diff(block_indptr))
-    starts = np.concatenate([[0], np.cumsum(tok)])
-    chunk = (starts[:-1] - starts[block_indptr[:-1]][pair]) // max(chunk_tokens, 1)
+    kp = table[block_indices, 1] * 4 + table[block_indices, 5]
+    order = np.lexsort((kp, pair))  # stable: segment order kept within a kind pair
+    block_indices, kp = block_indices[order], kp[order]
+    tok = table[block_indices, 0].astype(np.int64)
     if nnz:
-        new = np.ones(nnz, dtype=bool)
-        new[1:] = (pair[1:] != pair[:-1]) | (chunk[1:] != chunk[:-1])
+        key_new = np.ones(nnz, dtype=bool)
+        key_new[1:] = (pair[1:] != pair[:-1]) | (kp[1:] != kp[:-1])
+        key_start = np.maximum.accumulate(np.where(key_new, np.arange(nnz), 0))
+        starts = np.concatenate([[0], np.cumsum(tok)])
+        chunk = (starts[:-1] - starts[key_start]) // max(chunk_tokens, 1)
+        new = key_new.copy()
+        new[1:] |= chunk[1:] != chunk[:-1]
         lo = np.flatnonzero(new)
         hi = np.append(lo[1:], nnz)
-        run_tok = np.add.reduceat(tok, lo)
-        keep = run_tok > 0
-        run_pair, run_lo, run_hi = pair[lo][keep], lo[keep], hi[keep]
+        keep = np.add.reduceat(tok, lo) > 0
+        run_pair, run_lo, run_hi, run_kp = pair[lo][keep], lo[keep], hi[keep], kp[lo][keep]
     else:
-        run_pair = run_lo = run_hi = np.zeros(0, dtype=np.int64)
+        run_pair = run_lo = run_hi = run_kp = np.zeros(0, dtype=np.int64)
     run_ptr = np.searchsorted(run_pair, np.arange(bsz * hkv + 1))
     tail_chunk = max(block_n, -(-chunk_tokens // block_n) * block_n)
 
     items: list[np.ndarray] = []
+    kinds: list[np.ndarray] = []
     groups: list[tuple[int, int, int]] = []
     merge_indptr = [0]
     for b in range(bsz):
@@ -286,22 +309,31 @@ def plan_work(
         for h in range(hkv):
             p = b * hkv + h
             r0, r1 = run_ptr[p], run_ptr[p + 1]
+            nr = r1 - r0
             for row0 in range(0, nq * group, block_m):
                 last_q = min(nq - 1, (row0 + block_m - 1) // group)
                 visible = max(0, t - nq + last_q + 1)
                 n_tail = -(-visible // tail_chunk)
-                part = np.zeros((r1 - r0 + n_tail, len(ITEM_FIELDS)), dtype=np.int64)
+                part = np.zeros((nr + n_tail, len(ITEM_FIELDS)), dtype=np.int64)
                 part[:, 0], part[:, 1], part[:, 2] = b, h, row0
-                part[: r1 - r0, 3] = run_lo[r0:r1]
-                part[: r1 - r0, 4] = run_hi[r0:r1]
-                starts = np.arange(n_tail) * tail_chunk
-                part[r1 - r0 :, 5] = starts
-                part[r1 - r0 :, 6] = np.minimum(starts + tail_chunk, visible)
+                part[:nr, 3] = run_lo[r0:r1]
+                part[:nr, 4] = run_hi[r0:r1]
+                tstart = np.arange(n_tail) * tail_chunk
+                part[nr:, 5] = tstart
+                part[nr:, 6] = np.minimum(tstart + tail_chunk, visible)
                 items.append(part)
+                kinds.append(np.concatenate([run_kp[r0:r1], np.full(n_tail, TAIL)]))
                 groups.append((b, h, row0))
                 merge_indptr.append(merge_indptr[-1] + len(part))
     all_items = np.concatenate(items) if items else np.zeros((0, len(ITEM_FIELDS)), dtype=np.int64)
-    return all_items, np.asarray(groups, dtype=np.int64).reshape(-1, 3), np.asarray(merge_indptr, dtype=np.int64)
+    all_kinds = np.concatenate(kinds) if kinds else np.zeros(0, dtype=np.int64)
+    return (
+        all_items,
+        all_kinds,
+        np.asarray(groups, dtype=np.int64).reshape(-1, 3),
+        np.asarray(merge_indptr, dtype=np.int64),
+        block_indices,
+    )
 
 
 def build_plan(
@@ -320,46 +352,57 @@ def build_plan(
     """Plan one batch on the host and upload it (the only host-to-device step).
 
     ``chunk_tokens`` defaults to splitting the work into about four items per program
-    slot; ``max_programs`` to eight programs per SM on a GPU (persistent kernel: each
-    program loops over items and owns one slice of the sparse scatter scratch).
+    slot; ``max_programs`` (per launch) to eight programs per SM on a GPU. Launches are
+    persistent: each program loops over items and owns one slice of the scatter scratch.
     """
     device = arena.values.device
     qo_lens = np.asarray(qo_lens, dtype=np.int64)
     tail_lens = np.asarray(tail_lens, dtype=np.int64)
     block_indptr = np.asarray(block_indptr, dtype=np.int64)
     block_indices = np.asarray(block_indices, dtype=np.int64)
+    table = arena.table_host
     if max_programs is None:
         sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
         max_programs = 8 * sms
     if chunk_tokens is None:
-        work = int(arena.tokens[block_indices].sum()) + int(tail_lens.sum()) * num_kv_heads
+        work = int(table[block_indices, 0].sum()) + int(tail_lens.sum()) * num_kv_heads
         chunk_tokens = max(4 * block_n, -(-work // (4 * max_programs)))
-    items, groups, merge_indptr = plan_work(
-        arena.tokens, block_indptr, block_indices, qo_lens, tail_lens, num_kv_heads, group, block_m, block_n, chunk_tokens
+    items, kinds, groups, merge_indptr, block_indices = plan_work(
+        table, block_indptr, block_indices, qo_lens, tail_lens, num_kv_heads, group, block_m, block_n, chunk_tokens
     )
+
+    def i32(x: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(x, dtype=np.int32)).to(device)
+
+    launches = []
+    for kind in np.unique(kinds):
+        ids = np.flatnonzero(kinds == kind)
+        k_kind, v_kind = (TAIL, TAIL) if kind == TAIL else divmod(int(kind), 4)
+        r_max = 16
+        for col, side_kind in ((2, k_kind), (6, v_kind)):
+            if side_kind in (SPARSE, MASK, LOWRANK):
+                rows = np.concatenate([block_indices[lo:hi] for lo, hi in items[ids, 3:5]])
+                width = int(table[rows, col].max())
+                r_max = max(r_max, 1 << (width - 1).bit_length())
+        launches.append(Launch(k_kind, v_kind, r_max, i32(ids), max(1, min(len(ids), max_programs))))
     requests = np.zeros((len(qo_lens), len(REQUEST_FIELDS)), dtype=np.int64)
     requests[:, 0] = np.concatenate([[0], np.cumsum(qo_lens)])[:-1]
     requests[:, 1] = qo_lens
     requests[:, 2] = np.concatenate([[0], np.cumsum(tail_lens)])[:-1]
     requests[:, 3] = tail_lens
     num_items = len(items)
-    num_programs = max(1, min(num_items, max_programs))
     d = arena.head_dim
-    scratch_rows = num_programs if arena.has_sparse else 0
-
-    def i32(x: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(x, dtype=np.int32)).to(device)
-
+    scratch_rows = max((ln.num_programs for ln in launches if SPARSE in (ln.k_kind, ln.v_kind)), default=1)
     return AttentionPlan(
         requests=i32(requests),
         items=i32(items),
         groups=i32(groups),
         merge_indptr=i32(merge_indptr),
         block_indices=i32(block_indices) if len(block_indices) else torch.zeros(1, dtype=torch.int32, device=device),
+        launches=launches,
         o_part=torch.empty(num_items, block_m, d, dtype=torch.float32, device=device),
         lse_part=torch.empty(num_items, block_m, dtype=torch.float32, device=device),
-        scratch=torch.zeros(max(scratch_rows, 1), 2, block_n, d, dtype=torch.bfloat16, device=device),
-        num_programs=num_programs,
+        scratch=torch.zeros(scratch_rows, 2, block_n, d, dtype=torch.bfloat16, device=device),
         block_m=block_m,
         block_n=block_n,
         total_q=int(qo_lens.sum()),

@@ -135,28 +135,40 @@ class PackedBlock:
         return sum(t.numel() * t.element_size() for t in [self.header, *self.k.tensors(), *self.v.tensors()])
 
 
+def channel_weights(x: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+    """Per-channel weight ``sqrt(sum score / sum x^2)`` over a block's vectors ([..., d]).
+
+    Ones for energy scores; for query-weighted key scores, the query magnitude. Clamped
+    so that the basis, divided by it, stays finite.
+    """
+    w = (score.sum(-2) / x.pow(2).sum(-2).clamp_min(1e-12)).sqrt()
+    return w.clamp_min(w.amax(-1, keepdim=True).clamp_min(1e-12) * 1e-3)
+
+
 def _pack_side(x: torch.Tensor, fmt: SideFormat, score: torch.Tensor | None) -> PackedSide:
-    """Store ``x`` [m, d]; ``score`` [m, d] ranks channels (default: magnitude)."""
+    """Store ``x`` [m, d]; ``score`` [m, d] ranks channels (default: energy ``x**2``)."""
     m, d = x.shape
     if m == 0:
         return PackedSide(fmt)
     if fmt.kind == "dense":
         return PackedSide(fmt, values=x.to(VALUE_DTYPE).contiguous())
     r = fmt.width
-    s = x.abs().float() if score is None else score.float()
+    s = x.float().pow(2) if score is None else score.float()
     if fmt.kind == "sparse":
         idx = s.topk(r, dim=-1).indices.sort(dim=-1).values
         return PackedSide(fmt, values=x.gather(1, idx).to(VALUE_DTYPE), index=idx.to(INDEX_DTYPE))
     if fmt.kind == "mask":
-        idx = s.pow(2).sum(0).topk(r).indices.sort().values
+        idx = s.sum(0).topk(r).indices.sort().values
         return PackedSide(fmt, values=x[:, idx].to(VALUE_DTYPE).contiguous(), index=idx.to(INDEX_DTYPE))
-    # lowrank: truncated SVD is the best rank-r fit in Frobenius norm (Eckart-Young).
-    u, sv, vh = torch.linalg.svd(x.float(), full_matrices=False)
+    # lowrank: truncated SVD in the score's channel metric is the best rank-r fit there
+    # (Eckart-Young); the basis maps back to plain channels.
+    w = channel_weights(x.float(), s)
+    u, sv, vh = torch.linalg.svd(x.float() * w, full_matrices=False)
     r_eff = min(r, sv.numel())
     coef = torch.zeros(m, r, dtype=torch.float32)
     basis = torch.zeros(r, d, dtype=torch.float32)
     coef[:, :r_eff] = u[:, :r_eff] * sv[:r_eff]
-    basis[:r_eff] = vh[:r_eff]
+    basis[:r_eff] = vh[:r_eff] / w
     return PackedSide(fmt, values=coef.to(VALUE_DTYPE), basis=basis.to(VALUE_DTYPE))
 
 
@@ -185,11 +197,13 @@ def pack_block(
     token_score: torch.Tensor | None = None,
     k_score: torch.Tensor | None = None,
     v_score: torch.Tensor | None = None,
+    kept: torch.Tensor | None = None,
 ) -> PackedBlock:
     """Store keys and values ``[n, d]`` of one block in ``fmt``.
 
-    ``token_score`` [n] picks the kept tokens (highest first; ties and ``None`` keep the
-    earliest); ``k_score``/``v_score`` [n, d] rank channels for the sparse and mask kinds.
+    The kept tokens are ``kept`` if given, else the ``fmt.tokens`` highest of
+    ``token_score`` [n], else the first ones. ``k_score``/``v_score`` [n, d] rank channels
+    (higher is kept) for the sparse and mask kinds.
     """
     n, d = k.shape
     if not 0 <= fmt.tokens <= n:
@@ -198,7 +212,11 @@ def pack_block(
         raise ValueError(f"head dim {d} exceeds {MAX_HEAD_DIM} (channel indices are uint8)")
     fmt.k.check(d)
     fmt.v.check(d)
-    if fmt.tokens == n or token_score is None:
+    if kept is not None:
+        if kept.numel() != fmt.tokens:
+            raise ValueError(f"{kept.numel()} kept token indices for a format that keeps {fmt.tokens}")
+        kept = kept.long().sort().values
+    elif fmt.tokens == n or token_score is None:
         kept = torch.arange(fmt.tokens)
     else:
         kept = token_score.float().topk(fmt.tokens, sorted=False).indices.sort().values

@@ -1,0 +1,227 @@
+"""Turn the dense KV of a span into sealed mixed-format segments, as a policy says.
+
+The unit of decision is a block (layer, KV head, segment). A *group* of segments sealed
+together shares one byte budget: the strategy moves bytes between layers, heads and
+segments of the group. Serving seals one segment at a time (scope ``segment``), so what
+a shared prefix keeps never depends on what follows it; an offline run may plan a whole
+prompt at once (scope ``group``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mosaickv.config import Policy
+from mosaickv.errors import PolicyError
+from mosaickv.formats import BlockFormat, PackedBlock, SideFormat, channel_weights, dense_block_bytes, pack_block
+from mosaickv.parts import BlockStats, Observation
+from mosaickv.reference import CompressedLayer
+
+
+class PartFailure(RuntimeError):
+    """A policy part raised or returned something unusable; names the part."""
+
+    def __init__(self, role: str, part: object, reason: str) -> None:
+        self.role, self.part_name = role, getattr(part, "registered_name", type(part).__name__)
+        super().__init__(f"policy part {role}={self.part_name!r} failed: {reason}")
+
+
+@dataclass
+class CompressedCache:
+    """A compressed prompt: per layer, sealed segments plus the dense tail."""
+
+    layers: list[CompressedLayer]
+    tail_k: list[torch.Tensor]
+    tail_v: list[torch.Tensor]
+    num_tokens: int
+    head_dim: int
+
+    def nbytes(self) -> int:
+        tail = sum(t.numel() * 2 for t in (*self.tail_k, *self.tail_v))
+        return sum(layer.nbytes() for layer in self.layers) + tail
+
+    def dense_nbytes(self) -> int:
+        heads = self.tail_k[0].shape[0]
+        return len(self.layers) * heads * dense_block_bytes(self.num_tokens, self.head_dim)
+
+    def formats(self) -> dict[str, int]:
+        """How many blocks use each format (for reports)."""
+        counts: dict[str, int] = {}
+        for layer in self.layers:
+            for seg in layer.blocks:
+                for block in seg:
+                    counts[str(block.fmt)] = counts.get(str(block.fmt), 0) + 1
+        return counts
+
+
+def _checked(role: str, part: object, out: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != shape:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise PartFailure(role, part, f"returned {got}, expected a tensor of shape {shape}")
+    if not torch.isfinite(out).all():
+        raise PartFailure(role, part, "returned NaN or infinite scores")
+    if (out < 0).any():
+        raise PartFailure(role, part, "returned negative scores (importance must be >= 0)")
+    return out.float()
+
+
+class Compressor:
+    """Applies one policy to spans of a model with ``head_dim``-wide heads."""
+
+    def __init__(self, policy: Policy, head_dim: int) -> None:
+        self.policy = policy.bind(head_dim)
+        self.d = head_dim
+
+    def _score(self, role: str, obs: Observation, shape: tuple[int, ...], *args: str) -> torch.Tensor:
+        part = getattr(self.policy, role)
+        try:
+            out = part.score(obs, *args)
+        except PartFailure:
+            raise
+        except Exception as exc:  # any bug in a part is that part's failure, by name
+            raise PartFailure(role, part, f"{type(exc).__name__}: {exc}") from exc
+        return _checked(role, part, out, shape)
+
+    def layout(self, num_tokens: int) -> tuple[int, int, int]:
+        """(sink segments, first tail token, compressible segments) for a span."""
+        s = self.policy.segment_size
+        sinks = min(self.policy.sink_segments, num_tokens // s)
+        tail_start = max(sinks * s, (max(num_tokens - self.policy.window, 0) // s) * s)
+        return sinks, tail_start, tail_start // s - sinks
+
+    def compress(self, observations: list[Observation], scope: str = "group") -> CompressedCache:
+        """Compress a whole span (one Observation per layer) under the policy's ratio.
+
+        Spans shorter than the policy's ``min_context`` stay dense. The ratio is met over
+        the whole span: protected sinks and tail are paid for first, the rest goes to the
+        compressible segments (one plan for all, or an equal share each for ``segment``).
+        """
+        if scope not in ("group", "segment"):
+            raise ValueError(f"scope {scope!r} is not one of ('group', 'segment')")
+        t = observations[0].keys.shape[1]
+        s, hkv = self.policy.segment_size, observations[0].num_kv_heads
+        sinks, tail_start, count = self.layout(t) if t >= self.policy.min_context else (0, 0, 0)
+        layers = [CompressedLayer() for _ in observations]
+        for layer, obs in zip(layers, observations):
+            for seg in range(sinks):
+                rows = slice(seg * s, (seg + 1) * s)
+                layer.append([pack_block(obs.keys[h, rows], obs.values[h, rows], BlockFormat(s)) for h in range(hkv)])
+        if count:
+            total = len(observations) * hkv * dense_block_bytes(t, self.d) / self.policy.ratio
+            protected = sum(layer.nbytes() for layer in layers) + len(observations) * hkv * dense_block_bytes(t - tail_start, self.d)
+            budget = int(total - protected)
+            groups = [(sinks, sinks + count)] if scope == "group" else [(g, g + 1) for g in range(sinks, sinks + count)]
+            share = budget // len(groups)
+            for lo, hi in groups:
+                for layer, segs in zip(layers, self.compress_segments(observations, lo, hi, share)):
+                    for seg in segs:
+                        layer.append(seg)
+        return CompressedCache(
+            layers=layers,
+            tail_k=[obs.keys[:, tail_start:].to(torch.bfloat16) for obs in observations],
+            tail_v=[obs.values[:, tail_start:].to(torch.bfloat16) for obs in observations],
+            num_tokens=t,
+            head_dim=self.d,
+        )
+
+    def compress_segments(self, observations: list[Observation], lo: int, hi: int, budget: int) -> list[list[list[PackedBlock]]]:
+        """Segments ``[lo, hi)`` of every layer under one budget: ``[layer][segment][kv head]``."""
+        s, d = self.policy.segment_size, self.d
+        rows = slice(lo * s, hi * s)
+        nseg = hi - lo
+        per_layer = []
+        for obs in observations:
+            hkv, t, _ = obs.keys.shape
+            tok = self._score("token_scorer", obs, (hkv, t))[:, rows]
+            ks = self._score("key_scorer", obs, (hkv, t, d), "k")[:, rows]
+            vs = self._score("value_scorer", obs, (hkv, t, d), "v")[:, rows]
+            per_layer.append((obs.keys[:, rows], obs.values[:, rows], tok, ks, vs))
+
+        def blocks(i: int) -> torch.Tensor:  # [L, Hkv, T', ...] -> [B, s, ...] with B = L*Hkv*nseg
+            x = torch.stack([p[i] for p in per_layer])
+            return x.reshape(x.shape[0] * x.shape[1] * nseg, s, *x.shape[3:])
+
+        keys, values, tok, k_score, v_score = (blocks(i) for i in range(5))
+        stats, keep = self._stats(keys.float(), values.float(), tok, k_score, v_score, nseg)
+        strategy = self.policy.strategy
+        try:
+            formats = strategy.plan(stats, budget, self.policy.channel_selector)
+        except PolicyError as err:
+            if err.field != "budget":
+                raise
+            raise PolicyError("ratio", self.policy.ratio, f"a ratio this policy reaches on this span ({err.allowed})") from None
+        if len(formats) != keys.shape[0]:
+            raise PartFailure("strategy", self.policy.strategy, f"planned {len(formats)} blocks, expected {keys.shape[0]}")
+        used = sum(f.nbytes(d) for f in formats)
+        if strategy.follows_budget and used > budget:
+            raise PolicyError("ratio", self.policy.ratio, f"a ratio these segments can reach: the plan needs {used} bytes, the budget is {budget}")
+        packed = [self._pack(keys[b], values[b], fmt, keep[b], k_score[b], v_score[b]) for b, fmt in enumerate(formats)]
+        hkv = observations[0].num_kv_heads
+        # packed is ordered (layer, head, segment); regroup as [layer][segment][head].
+        return [
+            [[packed[(layer * hkv + h) * nseg + g] for h in range(hkv)] for g in range(nseg)]
+            for layer in range(len(observations))
+        ]
+
+    def _pack(self, k: torch.Tensor, v: torch.Tensor, fmt: BlockFormat, keep: torch.Tensor, ks: torch.Tensor, vs: torch.Tensor) -> PackedBlock:
+        kept = None if fmt.tokens == k.shape[0] else self.policy.token_selector.select(keep, fmt.tokens)
+        return pack_block(k, v, fmt, kept=kept, k_score=ks, v_score=vs)
+
+    def _stats(self, keys: torch.Tensor, values: torch.Tensor, tok: torch.Tensor, k_score: torch.Tensor, v_score: torch.Tensor, nseg: int) -> tuple[BlockStats, torch.Tensor]:
+        """Block statistics for the strategy, and each token's attention share (the keep order)."""
+        b, s, d = keys.shape
+        # Attention share p of each token within its (layer, head) across the group.
+        per_head = tok.view(-1, nseg * s)
+        p = (per_head / per_head.sum(1, keepdim=True).clamp_min(1e-30)).view(b, s)
+        heads = values.view(-1, nseg * s, d)
+        mean_out = (p.view(-1, nseg * s, 1) * heads).sum(1, keepdim=True)
+        scale = heads.pow(2).sum(-1).mean(1, keepdim=True).clamp_min(1e-12)  # |v|^2 of the head: errors are relative
+        spread = ((heads - mean_out).pow(2).sum(-1) / scale).view(b, s)
+        weight = p.pow(2)
+        drop_cost = weight * spread
+        order = p.argsort(dim=1, descending=True)
+        sides = self.policy.strategy.candidates(d, self.policy.channel_selector)
+        v_scale = scale.expand(-1, nseg).reshape(b, 1)
+
+        ranks = [side.width for side in sides if side.kind == "lowrank"]
+
+        def lost(x: torch.Tensor, score: torch.Tensor, norm: torch.Tensor | float) -> dict[SideFormat, torch.Tensor]:
+            out = {}
+            lowrank = _lowrank_lost(x, score, ranks) if ranks else {}
+            for side in sides:
+                if side.kind == "dense":
+                    r = torch.zeros(b, s)
+                elif side.kind == "lowrank":
+                    r = lowrank[side.width]
+                else:
+                    r = self.policy.channel_selector.lost(score, side.width)
+                out[side] = (r / norm).gather(1, order)
+            return out
+
+        stats = BlockStats(
+            n=s,
+            d=d,
+            weight=weight.gather(1, order),
+            spread=spread.gather(1, order),
+            k_lost=lost(keys, k_score, 1.0),
+            v_lost=lost(values, v_score, v_scale),
+        )
+        return stats, p
+
+
+def _lowrank_lost(x: torch.Tensor, score: torch.Tensor, ranks: list[int]) -> dict[int, torch.Tensor]:
+    """Importance a rank-r block basis loses, per vector, for each r in ``ranks``.
+
+    The packer fits the basis in the score's metric (channel c weighted by
+    ``sqrt(sum score_c / sum x_c^2)``), so the total loss is the tail of the weighted
+    singular values; it is shared among vectors by their weighted energy. Singular values
+    alone are far cheaper than a batched SVD with vectors on the CPU.
+    """
+    weighted = x * channel_weights(x, score)[..., None, :]
+    sv2 = torch.linalg.svdvals(weighted).pow(2)  # [B, min(n, d)]
+    energy = weighted.pow(2).sum(-1)  # [B, n]
+    share = energy / energy.sum(-1, keepdim=True).clamp_min(1e-30)
+    tail = sv2.flip(-1).cumsum(-1).flip(-1)  # tail[j] = sum of sv2[j:]
+    return {r: share * (tail[..., r] if r < tail.shape[-1] else torch.zeros_like(tail[..., 0]))[..., None] for r in ranks}

@@ -1,0 +1,159 @@
+"""Offline fidelity: next-token KL and top-1 agreement of a compressed cache against dense.
+
+A long text is split into a context, which is prefilled once and compressed by every
+policy at every ratio, and a continuation, which is teacher-forced over each compressed
+cache and over the dense (bf16) cache; the continuation's next-token distributions are
+compared. The text is built from the docstrings of Python's standard library, so it is
+natural prose and code, identical on every machine with the same Python, and needs no
+download.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm import tqdm
+
+from mosaickv.compressor import CompressedCache, Compressor
+from mosaickv.config import load_policy
+from mosaickv.errors import PolicyError
+from mosaickv.reference import CompressedLayer
+
+CORPUS_MODULES = (
+    "argparse", "asyncio", "collections", "contextlib", "csv", "dataclasses", "datetime", "decimal", "email",
+    "functools", "heapq", "http.client", "inspect", "itertools", "json", "logging", "pathlib", "pickle", "re",
+    "shutil", "socket", "subprocess", "tarfile", "threading", "typing", "unittest", "urllib.parse", "zipfile",
+)  # fmt: skip
+
+
+def corpus_text(min_chars: int) -> str:
+    """Docstrings of standard-library modules and their public members, in a fixed order."""
+    parts: list[str] = []
+    size = 0
+    for name in CORPUS_MODULES:
+        module = importlib.import_module(name)
+        members = [module] + [getattr(module, m) for m in sorted(dir(module)) if not m.startswith("_")]
+        for obj in members:
+            doc = inspect.getdoc(obj) if inspect.ismodule(obj) or inspect.isclass(obj) or inspect.isroutine(obj) else None
+            if doc and len(doc) >= 200 and doc not in parts:
+                parts.append(doc)
+                size += len(doc)
+                if size >= min_chars:
+                    return "\n\n".join(parts)
+    return "\n\n".join(parts)
+
+
+def corpus_ids(tokenizer, tokens: int) -> torch.Tensor:
+    text = corpus_text(tokens * 6)
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+    if ids.numel() < tokens:
+        raise ValueError(f"the built-in corpus has {ids.numel()} tokens, fewer than the {tokens} asked for")
+    return ids[:tokens]
+
+
+def dense_cache(observations) -> CompressedCache:
+    """The uncompressed (bf16) cache of a span, in the same shape the compressed ones have."""
+    return CompressedCache(
+        layers=[CompressedLayer() for _ in observations],
+        tail_k=[o.keys.to(torch.bfloat16) for o in observations],
+        tail_v=[o.values.to(torch.bfloat16) for o in observations],
+        num_tokens=observations[0].keys.shape[1],
+        head_dim=observations[0].keys.shape[2],
+    )
+
+
+@dataclass
+class FidelityRow:
+    policy: str
+    target_ratio: float
+    ratio: float | None = None
+    bytes_per_token: float | None = None
+    kl: float | None = None
+    top1: float | None = None
+    seconds: float | None = None
+    formats: dict | None = None
+    error: str | None = None
+
+
+def compare(dense_logits: torch.Tensor, logits: torch.Tensor) -> tuple[float, float]:
+    """Mean KL(dense || compressed) in nats and top-1 agreement over positions."""
+    p = torch.log_softmax(dense_logits.double(), dim=-1)
+    q = torch.log_softmax(logits.double(), dim=-1)
+    kl = (p.exp() * (p - q)).sum(-1).mean().item()
+    top1 = (dense_logits.argmax(-1) == logits.argmax(-1)).double().mean().item()
+    return kl, top1
+
+
+def evaluate_fidelity(
+    runner,
+    ids: torch.Tensor,
+    policies: list[str],
+    ratios: list[float],
+    continuation: int = 64,
+    scope: str = "group",
+    progress: bool = True,
+) -> dict:
+    """Every policy at every ratio over one prefill of ``ids[:-continuation]``."""
+    context, future = ids[:-continuation], ids[-continuation:]
+    observations, _ = runner.observe(context)
+    dense = dense_cache(observations)
+    dense_logits, _ = runner.feed(dense, future)
+    rows: list[FidelityRow] = []
+    jobs = [(p, r) for p in policies for r in ratios]
+    for name, ratio in tqdm(jobs, desc="mosaickv eval", disable=not progress):
+        row = FidelityRow(policy=name, target_ratio=ratio)
+        start = time.perf_counter()
+        try:
+            policy = load_policy(name, ratio=ratio)
+            cache = Compressor(policy, runner.head_dim).compress(observations, scope=scope)
+            logits, _ = runner.feed(cache, future)
+            row.kl, row.top1 = compare(dense_logits, logits)
+            row.ratio = dense.dense_nbytes() / cache.nbytes()
+            row.bytes_per_token = cache.nbytes() / cache.num_tokens
+            row.formats = dict(sorted(cache.formats().items(), key=lambda kv: -kv[1])[:8])
+        except PolicyError as err:
+            row.error = str(err)
+        row.seconds = round(time.perf_counter() - start, 2)
+        rows.append(row)
+    return {
+        "context_tokens": int(context.numel()),
+        "continuation_tokens": int(future.numel()),
+        "scope": scope,
+        "dense_bytes_per_token": dense.nbytes() / dense.num_tokens,
+        "rows": [asdict(r) for r in rows],
+    }
+
+
+def plot_fidelity(result: dict, path: str) -> None:
+    """KL and top-1 agreement against bytes per token, one line per policy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_kl, ax_top) = plt.subplots(1, 2, figsize=(11, 4.2))
+    dense = result["dense_bytes_per_token"]
+    policies = sorted({r["policy"] for r in result["rows"]})
+    for name in policies:
+        rows = sorted((r for r in result["rows"] if r["policy"] == name and r["error"] is None), key=lambda r: r["bytes_per_token"])
+        if not rows:
+            continue
+        x = [r["bytes_per_token"] for r in rows]
+        ax_kl.plot(x, [max(r["kl"], 1e-6) for r in rows], marker="o", label=name)
+        ax_top.plot(x, [r["top1"] for r in rows], marker="o", label=name)
+    for ax in (ax_kl, ax_top):
+        ax.axvline(dense, color="grey", linestyle=":", label="dense bf16")
+        ax.set_xlabel("KV bytes per token (all layers)")
+        ax.grid(alpha=0.3)
+    ax_kl.set_yscale("log")
+    ax_kl.set_ylabel("next-token KL vs dense (nats)")
+    ax_top.set_ylabel("top-1 agreement with dense")
+    ax_top.legend(fontsize=8)
+    fig.suptitle(f"Fidelity at {result['context_tokens']} context tokens ({result['scope']} scope)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

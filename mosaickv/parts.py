@@ -1,0 +1,142 @@
+"""The interfaces a policy part implements, and what every part gets to look at.
+
+Parts are small dataclasses with one method (as kvpress presses are); a policy composes
+them rather than inheriting from them. Every part sees only an :class:`Observation` of the
+tokens being compressed and of queries the model already computed for those tokens, never
+a later request's: that is what makes a compressed prefix safe to share.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+
+from mosaickv.formats import BlockFormat, SideFormat
+
+
+@dataclass
+class Observation:
+    """One layer of the span being compressed.
+
+    keys, values: [Hkv, T, d] (post-RoPE, as cached). queries: [Hq, Tq, d], the queries of
+    the last ``Tq`` tokens of the span (Tq may equal T), also post-RoPE.
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    queries: torch.Tensor
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.keys.shape[0]
+
+    @property
+    def group(self) -> int:
+        return self.queries.shape[0] // self.keys.shape[0]
+
+    @cached_property
+    def query_rms(self) -> torch.Tensor:
+        """[Hkv, d] typical query magnitude per channel, invariant to the rotary angle.
+
+        RoPE (rotate-half layout) turns channel c with its partner c +- d/2, so a future
+        query's channel c has the energy of the pair, not of c alone, on average.
+        """
+        q = self.queries.float()
+        hq, _, d = q.shape
+        energy = q.pow(2).mean(dim=1)
+        pair = 0.5 * (energy + energy.roll(d // 2, dims=-1))
+        return pair.view(self.num_kv_heads, self.group, d).mean(dim=1).sqrt()
+
+
+class TokenScorer:
+    """Importance of each token: ``score(obs) -> [Hkv, T]``, non-negative."""
+
+    kind = "token"
+
+    def score(self, obs: Observation) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class ElementScorer:
+    """Importance of each element of each vector: ``score(obs, side) -> [Hkv, T, d]``.
+
+    ``side`` is "k" or "v"; a scorer may serve one side or both.
+    """
+
+    kind = "element"
+    sides: tuple[str, ...] = ("k", "v")
+
+    def score(self, obs: Observation, side: str) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class TokenSelector:
+    """Which ``m`` of a block's tokens to keep: ``select(scores [n], m) -> indices``."""
+
+    kind = "token"
+
+    def select(self, scores: torch.Tensor, m: int) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class ChannelSelector:
+    """How reduced-width vectors choose their channels, and what that loses.
+
+    ``side_format(width)`` names the stored layout; ``lost(scores [..., m, d], width)``
+    sums, per vector, the element scores of the channels that layout drops, so a strategy
+    can price a width before anything is packed.
+    """
+
+    kind = "channel"
+
+    def side_format(self, width: int) -> SideFormat:
+        raise NotImplementedError
+
+    def lost(self, scores: torch.Tensor, width: int) -> torch.Tensor:
+        raise NotImplementedError
+
+
+@dataclass
+class BlockStats:
+    """What a strategy needs to price formats for ``B`` blocks of ``n`` tokens, head dim ``d``.
+
+    Costs estimate the squared error a block adds to its head's attention output, with
+    every token in decreasing order of its attention share (the order it is kept in):
+
+    - ``weight`` [B, n]: the token's squared attention share ``p^2``;
+    - ``spread`` [B, n]: ``|v - o|^2``, how far its value sits from the head's mean output,
+      so that dropping it costs ``weight * spread`` (= ``drop_cost``);
+    - ``k_lost`` {side format: [B, n]}: expected squared logit error of the stored key;
+    - ``v_lost`` {side format: [B, n]}: squared error of the stored value.
+    """
+
+    n: int
+    d: int
+    weight: torch.Tensor
+    spread: torch.Tensor
+    k_lost: dict[SideFormat, torch.Tensor]
+    v_lost: dict[SideFormat, torch.Tensor]
+
+    @property
+    def drop_cost(self) -> torch.Tensor:
+        return self.weight * self.spread
+
+
+class SegmentStrategy:
+    """Chooses each block's format so that the group fits ``budget`` bytes.
+
+    ``candidates(d, channels)`` lists the side formats it may use, so that their retained
+    importance is measured before ``plan(stats, budget, channels)`` returns one
+    :class:`BlockFormat` per block. ``bind(head_dim)`` (optional) checks widths. A
+    strategy whose formats are fixed whatever the budget sets ``follows_budget`` False.
+    """
+
+    follows_budget = True
+
+    def candidates(self, d: int, channels: ChannelSelector) -> list[SideFormat]:
+        raise NotImplementedError
+
+    def plan(self, stats: BlockStats, budget: int, channels: ChannelSelector) -> list[BlockFormat]:
+        raise NotImplementedError

@@ -1,0 +1,46 @@
+"""Built-in selectors: which tokens to keep, and how reduced-width vectors pick channels."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mosaickv.formats import SideFormat
+from mosaickv.parts import ChannelSelector, TokenSelector
+from mosaickv.registry import register_selector
+
+
+@register_selector("topk")
+@dataclass
+class TopK(TokenSelector):
+    """Keep the ``m`` highest-scoring tokens, in their original order."""
+
+    def select(self, scores: torch.Tensor, m: int) -> torch.Tensor:
+        return scores.float().topk(m, sorted=False).indices.sort().values
+
+
+@register_selector("per_vector")
+@dataclass
+class PerVector(ChannelSelector):
+    """MosaicKV: every vector keeps its own top-r channels (uint8 index per element)."""
+
+    def side_format(self, width: int) -> SideFormat:
+        return SideFormat("sparse", width)
+
+    def lost(self, scores: torch.Tensor, width: int) -> torch.Tensor:
+        return scores.sum(-1) - scores.topk(width, dim=-1).values.sum(-1)
+
+
+@register_selector("global_mask")
+@dataclass
+class GlobalMask(ChannelSelector):
+    """ThinK: one set of channels for every vector of a block (one index per channel)."""
+
+    def side_format(self, width: int) -> SideFormat:
+        return SideFormat("mask", width)
+
+    def lost(self, scores: torch.Tensor, width: int) -> torch.Tensor:
+        idx = scores.sum(-2).topk(width, dim=-1).indices
+        kept = scores.gather(-1, idx[..., None, :].expand(*scores.shape[:-1], width)).sum(-1)
+        return scores.sum(-1) - kept

@@ -1,0 +1,216 @@
+"""Built-in segment strategies: a fixed format, and MosaicKV's dynamic byte allocation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from mosaickv.errors import PolicyError, check
+from mosaickv.formats import DENSE, BlockFormat, SideFormat
+from mosaickv.parts import BlockStats, ChannelSelector, SegmentStrategy
+from mosaickv.registry import register_strategy
+
+SIDE_SPEC_HELP = "'dense', 'channels:W' or 'lowrank:W' with W a channel count, a fraction of the head dim, or 'auto'"
+
+
+def resolve_width(field_name: str, width: float, head_dim: int) -> int:
+    """A width given as a channel count (int) or a fraction of the head dim (float < 1)."""
+    channels = width * head_dim if isinstance(width, float) and 0 < width < 1 else width
+    ok = float(channels).is_integer() and 0 < channels <= head_dim and head_dim % int(channels) == 0
+    check(ok, field_name, width, f"a channel count that divides head dim {head_dim}, or a fraction giving one")
+    return int(channels)
+
+
+def _side_value(value: float | str, field_name: str) -> float | str:
+    if value == "auto":
+        return value
+    try:
+        number = float(value)
+    except ValueError:
+        raise PolicyError(field_name, value, SIDE_SPEC_HELP) from None
+    check(number > 0, field_name, value, SIDE_SPEC_HELP)
+    return int(number) if number >= 1 else number
+
+
+def _parse_side(spec: str, field_name: str) -> tuple[str, float | str]:
+    kind, _, width = str(spec).partition(":")
+    check(kind in ("dense", "channels", "lowrank") and (kind == "dense") == (width == ""), field_name, spec, SIDE_SPEC_HELP)
+    return kind, (_side_value(width, field_name) if width else 0)
+
+
+@register_strategy("fixed")
+@dataclass
+class Fixed(SegmentStrategy):
+    """The same format for every block; fields set to 'auto' share one level solved from the budget.
+
+    ``tokens``: fraction of each segment's tokens kept (or 'auto'); ``k``/``v``: side specs.
+    snapkv is ``tokens: auto``; think is ``k: channels:auto``; uniform2d sets all three to
+    'auto', keeping the same fraction of tokens and of channels everywhere.
+    """
+
+    tokens: float | str = 1.0
+    k: str = "dense"
+    v: str = "dense"
+    head_dim: int = field(default=0, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        check(self.tokens == "auto" or (isinstance(self.tokens, (int, float)) and 0 <= self.tokens <= 1), "tokens", self.tokens, "a fraction in [0, 1] or 'auto'")
+        self._sides = {s: _parse_side(getattr(self, s), s) for s in ("k", "v")}
+
+    @property
+    def follows_budget(self) -> bool:
+        return self.has_auto
+
+    @property
+    def has_auto(self) -> bool:
+        return self.tokens == "auto" or any(w == "auto" for _, w in self._sides.values())
+
+    def check_ratio(self, ratio: float) -> None:
+        if not self.has_auto and ratio != 1.0:
+            dense = self.tokens == 1 and all(kind == "dense" for kind, _ in self._sides.values())
+            check(not dense, "ratio", ratio, "1 for a fixed dense format (set a field to 'auto' to follow a ratio)")
+
+    def bind(self, head_dim: int) -> None:
+        self.head_dim = head_dim
+        for side, (kind, width) in self._sides.items():
+            if kind != "dense" and width != "auto":
+                resolve_width(side, width, head_dim)
+
+    def _format(self, x: float, n: int, channels: ChannelSelector) -> BlockFormat:
+        d = self.head_dim
+
+        def side(name: str) -> SideFormat:
+            kind, width = self._sides[name]
+            if kind == "dense":
+                return DENSE
+            r = max(1, round(x * d)) if width == "auto" else resolve_width(name, width, d)
+            return channels.side_format(r) if kind == "channels" else SideFormat("lowrank", r)
+
+        m = round(x * n) if self.tokens == "auto" else round(float(self.tokens) * n)
+        return BlockFormat(m, side("k"), side("v"))
+
+    def candidates(self, d: int, channels: ChannelSelector) -> list[SideFormat]:
+        return []
+
+    def plan(self, stats: BlockStats, budget: int, channels: ChannelSelector) -> list[BlockFormat]:
+        blocks, n, d = stats.weight.shape[0], stats.n, stats.d
+        if not self.has_auto:
+            return [self._format(1.0, n, channels)] * blocks
+        levels = sorted({m / n for m in range(n + 1)} | {r / d for r in range(1, d + 1)}, reverse=True)
+        for x in levels:
+            fmt = self._format(x, n, channels)
+            if fmt.nbytes(d) * blocks <= budget:
+                return [fmt] * blocks
+        raise PolicyError("budget", budget, f"a budget of at least {self._format(0.0, n, channels).nbytes(d) * blocks} bytes for these {blocks} blocks: this fixed format cannot shrink further")
+
+
+@register_strategy("dynamic")
+@dataclass
+class Dynamic(SegmentStrategy):
+    """MosaicKV: per block, the format that removes the most attention error per byte.
+
+    Options per block: keep a fraction of its tokens (or none); store each side dense,
+    reduced to a channel width, or low rank. The cost of an option estimates the squared
+    error it adds to the head's output (see :class:`BlockStats`): a kept token pays
+    ``p^2 (min(key logit error, logit_cap) |v - o|^2 + value error)``, a dropped one
+    ``p^2 |v - o|^2``. A multiple-choice knapsack, solved by Lagrangian relaxation
+    (bisection on the price of a byte) and then filled greedily with the best remaining
+    upgrades, keeps total cost lowest within the budget.
+    """
+
+    token_fractions: list[float] = field(default_factory=lambda: [1.0, 0.75, 0.5, 0.25])
+    widths: list[float] = field(default_factory=lambda: [0.125, 0.25, 0.5])
+    ranks: list[float] = field(default_factory=lambda: [0.125, 0.25])
+    logit_cap: float = 1.0
+    drop: bool = True
+    head_dim: int = field(default=0, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        check(len(self.token_fractions) > 0 and all(0 < f <= 1 for f in self.token_fractions), "token_fractions", self.token_fractions, "a non-empty list of fractions in (0, 1]")
+        check(self.logit_cap > 0, "logit_cap", self.logit_cap, "a positive number")
+        for name in ("widths", "ranks"):
+            check(all(w > 0 for w in getattr(self, name)), name, getattr(self, name), "positive channel counts or fractions of the head dim")
+
+    def bind(self, head_dim: int) -> None:
+        self.head_dim = head_dim
+        self._widths = sorted({resolve_width("widths", w, head_dim) for w in self.widths} - {head_dim})
+        self._ranks = sorted({resolve_width("ranks", r, head_dim) for r in self.ranks} - {head_dim})
+
+    def candidates(self, d: int, channels: ChannelSelector) -> list[SideFormat]:
+        return [DENSE, *(channels.side_format(w) for w in self._widths), *(SideFormat("lowrank", r) for r in self._ranks)]
+
+    def plan(self, stats: BlockStats, budget: int, channels: ChannelSelector) -> list[BlockFormat]:
+        n, d = stats.n, stats.d
+        sides = self.candidates(d, channels)
+        counts = sorted({max(1, round(f * n)) for f in self.token_fractions})
+        first = [m - 1 for m in counts]
+
+        def kept_cost(per_token: dict[SideFormat, torch.Tensor], scale: torch.Tensor) -> torch.Tensor:
+            cost = torch.stack([scale * per_token[s] for s in sides], dim=-1)  # [B, n, S]
+            return cost.cumsum(dim=1)[:, first]  # [B, M, S]: cost of the top-m tokens
+
+        k_cost = kept_cost({s: x.clamp(max=self.logit_cap) for s, x in stats.k_lost.items()}, stats.drop_cost)
+        v_cost = kept_cost(stats.v_lost, stats.weight)
+        dropped = stats.drop_cost.sum(1, keepdim=True) - stats.drop_cost.cumsum(1)[:, first]  # [B, M]
+        cost = k_cost[:, :, :, None] + v_cost[:, :, None, :] + dropped[:, :, None, None]
+        formats = [BlockFormat(m, k, v) for m in counts for k in sides for v in sides]
+        cost = cost.reshape(cost.shape[0], -1)
+        if self.drop:
+            formats.append(BlockFormat(0))
+            cost = torch.cat([cost, stats.drop_cost.sum(1, keepdim=True)], dim=1)
+        nbytes = torch.tensor([f.nbytes(d) for f in formats], dtype=torch.float64)
+        choice = _knapsack(-cost.double(), nbytes, float(budget))
+        return [formats[i] for i in choice.tolist()]
+
+
+def _knapsack(value: torch.Tensor, cost: torch.Tensor, budget: float, fill_passes: int = 4) -> torch.Tensor:
+    """Pick one option per row maximizing total value with total cost <= budget.
+
+    Every row's cheapest option is the fallback; raises if even those exceed the budget.
+    """
+    rows = value.shape[0]
+    cheapest = cost.argmin().expand(rows)
+    check(cost.min().item() * rows <= budget, "budget", budget, f"a budget of at least {cost.min().item() * rows:.0f} bytes for {rows} blocks")
+
+    def pick(price: float) -> torch.Tensor:
+        return (value - price * cost).argmax(dim=1)
+
+    def spent(choice: torch.Tensor) -> float:
+        return cost[choice].sum().item()
+
+    best = pick(0.0)
+    if spent(best) <= budget:
+        return best
+    span = (value.max() - value.min()).item() + 1.0
+    lo, hi = 0.0, span / max(cost[cost > cost.min()].min().item() - cost.min().item(), 1.0)
+    choice = cheapest if spent(pick(hi)) > budget else pick(hi)
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        trial = pick(mid)
+        if spent(trial) <= budget:
+            hi, choice = mid, trial
+        else:
+            lo = mid
+    left = budget - spent(choice)
+    for _ in range(fill_passes):
+        # Each row's most efficient affordable upgrade, taken best-first while bytes remain.
+        gain = value - value.gather(1, choice[:, None])
+        extra = cost[None, :] - cost[choice][:, None]
+        ok = (extra > 0) & (extra <= left) & (gain > 0)
+        if not ok.any():
+            break
+        eff = torch.where(ok, gain / extra.clamp_min(1e-9), torch.full_like(gain, -1.0))
+        best_eff, best_col = eff.max(dim=1)
+        changed = False
+        for row in best_eff.argsort(descending=True).tolist():
+            if best_eff[row] < 0:
+                break
+            step = extra[row, best_col[row]].item()
+            if step <= left:
+                left -= step
+                choice[row] = best_col[row]
+                changed = True
+        if not changed:
+            break
+    return choice

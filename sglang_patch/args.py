@@ -1,0 +1,148 @@
+"""The ``--kv-compress`` flags and the startup refusals.
+
+SGLang builds its CLI from the ``ServerArgs`` dataclass fields, and ``sgl.Engine(**kw)``
+passes keyword arguments straight to it, so the flags are two annotated fields on a
+dataclass subclass that the plugin puts in place of ``ServerArgs``. Every check runs
+in ``__post_init__``, which runs in the launcher process (CLI and ``Engine`` alike),
+so an unsupported combination fails before any worker starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+from sglang.srt.arg_groups.arg_utils import NS, A, Arg
+from sglang.srt.server_args import ServerArgs
+
+KV_COMPRESS_CHOICES = ["none", "mosaickv"]
+BACKEND_NAME = "mosaickv"
+DEFAULT_POLICY = "mosaic"
+# KV cache dtypes the segment formats store without a second rounding (values are bf16).
+BF16_KV_DTYPES = ("auto", "bf16", "bfloat16")
+
+
+class KVCompressError(ValueError):
+    """A flag or model that ``--kv-compress mosaickv`` cannot serve; one sentence."""
+
+
+@dataclasses.dataclass
+class MosaicServerArgs(ServerArgs):
+    """``ServerArgs`` plus the two MosaicKV fields; with ``kv_compress="none"`` it is inert."""
+
+    kv_compress: A[
+        str,
+        Arg(help="KV-cache compression: 'none' (default) or 'mosaickv' (2-D token and channel compression).",
+            choices=KV_COMPRESS_CHOICES),
+        NS("memory"),
+    ] = "none"
+    kv_compress_config: A[
+        Optional[str],
+        "MosaicKV policy: a preset name (mosaic, snapkv, think, streaming, uniform2d, lossless) or a .yaml/.json path.",
+        NS("memory"),
+    ] = None
+
+    def __post_init__(self) -> None:
+        if self.kv_compress not in KV_COMPRESS_CHOICES:
+            raise KVCompressError(f"--kv-compress {self.kv_compress!r} is not one of {KV_COMPRESS_CHOICES}.")
+        if self.kv_compress == "none":
+            if self.kv_compress_config is not None:
+                raise KVCompressError("--kv-compress-config needs --kv-compress mosaickv.")
+            super().__post_init__()
+            return
+        check_user_flags(self)
+        self._mosaic_policy = load_checked_policy(self.kv_compress_config)
+        # Our pool and tree cache own the KV layout, so our backends must read it.
+        self.attention_backend = self.attention_backend or BACKEND_NAME
+        self.radix_cache_backend = self.radix_cache_backend or BACKEND_NAME
+        super().__post_init__()
+        if self.model_path.lower() not in ("none", "dummy"):
+            check_model(self, self.get_model_config())
+
+    @property
+    def mosaic_policy(self):
+        """The validated policy (``None`` with ``--kv-compress none``)."""
+        return getattr(self, "_mosaic_policy", None)
+
+
+def load_checked_policy(source: Optional[str]):
+    """Load the policy through the lead's loader; its one-sentence error is re-raised."""
+    from mosaickv.config import PolicyError, load_policy
+
+    try:
+        return load_policy(source or DEFAULT_POLICY)
+    except PolicyError as err:
+        raise KVCompressError(f"--kv-compress-config: {err}") from None
+
+
+def check_user_flags(args: ServerArgs) -> None:
+    """Refuse flags that cannot work with compressed KV, before SGLang resolves defaults."""
+    refusals = [
+        (args.speculative_algorithm is not None,
+         f"--speculative-algorithm {args.speculative_algorithm} is not supported with --kv-compress mosaickv "
+         "(draft tokens would be verified against a compressed cache); drop one of the two flags."),
+        (args.attention_backend not in (None, BACKEND_NAME)
+         or args.prefill_attention_backend not in (None, BACKEND_NAME)
+         or args.decode_attention_backend not in (None, BACKEND_NAME),
+         f"--attention-backend/--prefill-attention-backend/--decode-attention-backend must be unset or "
+         f"'{BACKEND_NAME}' with --kv-compress mosaickv (other backends read only the dense pool), got "
+         f"{args.attention_backend}/{args.prefill_attention_backend}/{args.decode_attention_backend}."),
+        (args.radix_cache_backend not in (None, BACKEND_NAME),
+         f"--radix-cache-backend {args.radix_cache_backend} cannot be combined with --kv-compress mosaickv, "
+         f"which installs its own '{BACKEND_NAME}' tree cache; leave --radix-cache-backend unset."),
+        (args.kv_cache_dtype not in BF16_KV_DTYPES,
+         f"--kv-cache-dtype {args.kv_cache_dtype} is not supported with --kv-compress mosaickv "
+         f"(segments store bf16 values; allowed: {', '.join(BF16_KV_DTYPES)})."),
+        (args.pp_size > 1,
+         f"--pp-size {args.pp_size} (pipeline parallelism) is not supported with --kv-compress mosaickv yet; use 1."),
+        (args.enable_hierarchical_cache,
+         "--enable-hierarchical-cache is not supported with --kv-compress mosaickv (HiCache copies the dense pool only)."),
+        (args.disaggregation_mode != "null",
+         f"--disaggregation-mode {args.disaggregation_mode} is not supported with --kv-compress mosaickv "
+         "(PD transfer moves dense KV only)."),
+        (args.enable_lmcache or args.enable_flexkv,
+         "--enable-lmcache/--enable-flexkv are not supported with --kv-compress mosaickv (they store dense KV)."),
+    ]
+    for refused, sentence in refusals:
+        if refused:
+            raise KVCompressError(sentence)
+
+
+def check_model(args: MosaicServerArgs, model_config) -> None:
+    """Refuse architectures whose KV is not plain per-head MHA/GQA with full attention."""
+    from sglang.srt.configs.hybrid_arch import mambaish_config
+    from sglang.srt.configs.model_config import AttentionArch
+
+    arch = model_config.hf_config.architectures[0]
+    policy = args.mosaic_policy
+    refusals = [
+        (model_config.attention_arch == AttentionArch.MLA,
+         f"{arch} uses multi-head latent attention (MLA, DeepSeek-style), which --kv-compress mosaickv does not support."),
+        (mambaish_config(model_config) is not None,
+         f"{arch} is a hybrid linear-attention model, which --kv-compress mosaickv does not support."),
+        (model_config.is_hybrid_swa or model_config.sliding_window_size is not None,
+         f"{arch} uses sliding-window attention, which --kv-compress mosaickv does not support."),
+        (model_config.is_encoder_decoder,
+         f"{arch} is an encoder-decoder model, which --kv-compress mosaickv does not support."),
+        (args.kv_cache_dtype == "auto" and model_config.dtype != _bf16(),
+         f"--kv-cache-dtype auto resolves to {model_config.dtype} for {arch}, but --kv-compress mosaickv stores "
+         "bf16; pass --dtype bfloat16 or --kv-cache-dtype bf16."),
+        (policy.segment_size % args.page_size != 0,
+         f"--page-size {args.page_size} does not divide the policy's segment_size {policy.segment_size}; "
+         "use a page size that divides it."),
+    ]
+    for refused, sentence in refusals:
+        if refused:
+            raise KVCompressError(sentence)
+    from mosaickv.config import PolicyError
+
+    try:
+        policy.bind(model_config.head_dim)
+    except PolicyError as err:
+        raise KVCompressError(f"--kv-compress-config does not fit {arch} (head_dim {model_config.head_dim}): {err}") from None
+
+
+def _bf16():
+    import torch
+
+    return torch.bfloat16

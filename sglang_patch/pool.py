@@ -1,0 +1,348 @@
+"""The MosaicKV token-to-KV pool: a small dense tail pool beside a compressed segment arena.
+
+It follows SGLang's MHATokenToKVPool subclass pattern (as MHATokenToKVPoolFP4/MXFP8 do):
+the base class keeps its constructor, allocator contract and per-layer write path, and
+the subclass changes what the buffers are. Here ``size`` is the *logical* capacity the
+scheduler admits; only ``plan.dense_tail_tokens`` rows are dense. A page table maps each
+logical page to a dense page (tail) or to an arena slab (sealed segment).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
+from sglang.srt.model_executor.pool_configurator import DefaultPoolConfigurator, MemoryPoolConfig
+
+from mosaickv.formats import HEADER_BYTES, VALUE_DTYPE, BlockFormat, PackedBlock, PackedSide
+from mosaickv.sglang_patch.sizing import CapacityPlan, KVShape, plan_capacity
+
+UNMAPPED = -1
+
+
+def serialize_block(block: PackedBlock) -> torch.Tensor:
+    """The bytes of one block as stored: header, then key tensors, then value tensors."""
+    parts = [block.header, *block.k.tensors(), *block.v.tensors()]
+    return torch.cat([t.contiguous().view(torch.uint8).reshape(-1) for t in parts])
+
+
+def deserialize_block(raw: torch.Tensor, n: int, d: int) -> tuple[PackedBlock, int]:
+    """Rebuild a block from arena bytes; returns it and the bytes it used."""
+    header = raw[:HEADER_BYTES].clone().view(torch.int32)
+    fmt = BlockFormat.from_header(header)
+    pos = HEADER_BYTES
+    sides = []
+    for side_fmt in (fmt.k, fmt.v):
+        m, r = fmt.tokens, side_fmt.width
+        shapes: list[tuple[str, tuple[int, ...], torch.dtype]] = []
+        if m and side_fmt.kind == "dense":
+            shapes = [("values", (m, d), VALUE_DTYPE)]
+        elif m and side_fmt.kind == "sparse":
+            shapes = [("values", (m, r), VALUE_DTYPE), ("index", (m, r), torch.uint8)]
+        elif m and side_fmt.kind == "mask":
+            shapes = [("values", (m, r), VALUE_DTYPE), ("index", (r,), torch.uint8)]
+        elif m:
+            shapes = [("values", (m, r), VALUE_DTYPE), ("basis", (r, d), VALUE_DTYPE)]
+        tensors = {}
+        for name, shape, dtype in shapes:
+            nbytes = dtype.itemsize * int(torch.Size(shape).numel())
+            tensors[name] = raw[pos : pos + nbytes].clone().view(dtype).reshape(shape)
+            pos += nbytes
+        sides.append(PackedSide(side_fmt, **tensors))
+    return PackedBlock(fmt=fmt, n=n, d=d, header=header, k=sides[0], v=sides[1]), pos
+
+
+@dataclass
+class SegmentArena:
+    """Fixed-size slabs in one byte tensor; a slab holds one sealed segment (all layers, heads)."""
+
+    num_slabs: int
+    slab_bytes: int
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        self.data = torch.zeros(max(self.num_slabs, 1) * self.slab_bytes, dtype=torch.uint8, device=self.device)
+        self._free = list(range(self.num_slabs - 1, -1, -1))
+        self.used_bytes = 0  # bytes actually written into live slabs (<= slabs x slab_bytes)
+        self._written: dict[int, int] = {}
+
+    @property
+    def free_slabs(self) -> int:
+        return len(self._free)
+
+    @property
+    def live_slabs(self) -> int:
+        return self.num_slabs - len(self._free)
+
+    def store(self, payload: torch.Tensor) -> int:
+        """Copy ``payload`` (uint8) into a free slab; returns the slab id."""
+        if payload.numel() > self.slab_bytes:
+            raise ValueError(
+                f"sealed segment of {payload.numel()} bytes exceeds the slab size {self.slab_bytes} "
+                "(the compressor must keep each segment within the policy's byte budget)"
+            )
+        if not self._free:
+            raise MemoryError(f"segment arena is full ({self.num_slabs} slabs); evict before sealing")
+        slab = self._free.pop()
+        start = slab * self.slab_bytes
+        self.data[start : start + payload.numel()] = payload.to(self.device)
+        self._written[slab] = payload.numel()
+        self.used_bytes += payload.numel()
+        return slab
+
+    def view(self, slab: int) -> torch.Tensor:
+        return self.data[slab * self.slab_bytes : slab * self.slab_bytes + self._written[slab]]
+
+    def free(self, slab: int) -> None:
+        self.used_bytes -= self._written.pop(slab)
+        self._free.append(slab)
+
+
+class MosaicKVPool(MHATokenToKVPool):
+    """Dense tail pool (``plan.dense_tail_tokens`` rows) plus a :class:`SegmentArena`."""
+
+    def __init__(self, size: int, page_size: int, dtype: torch.dtype, head_num: int, head_dim: int,
+                 layer_num: int, device: str, enable_memory_saver: bool, *, plan: CapacityPlan, **kwargs) -> None:
+        if size != plan.max_total_num_tokens:
+            raise ValueError(f"pool size {size} differs from the plan's {plan.max_total_num_tokens} tokens")
+        self.plan = plan  # read by _kv_buffer_shapes during the base constructor
+        super().__init__(size, page_size, dtype, head_num, head_dim, layer_num, device, enable_memory_saver,
+                         **kwargs)
+        if self.head_dim != self.v_head_dim:
+            raise ValueError(f"MosaicKV needs head_dim == v_head_dim, got {self.head_dim} and {self.v_head_dim}")
+        num_pages = (size + page_size) // page_size
+        self.page_to_dense = torch.full((num_pages,), UNMAPPED, dtype=torch.int64)
+        self.page_to_slab = torch.full((num_pages,), UNMAPPED, dtype=torch.int64)
+        self.page_to_dense[0] = 0  # the padding page absorbs dummy writes, as in the base pool
+        dense_pages = plan.dense_tail_tokens // page_size + 1
+        self._free_dense = list(range(dense_pages - 1, 0, -1))
+        self.arena = SegmentArena(plan.num_slabs, plan.slab_bytes, device)
+        self._slab_pages: dict[int, list[int]] = {}
+        self._segments: dict[int, list[list[PackedBlock]]] = {}  # decoded slabs, dropped on free
+
+    def _kv_buffer_shapes(self):
+        rows = self.plan.dense_tail_tokens + self.page_size
+        return (rows, self.head_num, self.head_dim), (rows, self.head_num, self.v_head_dim)
+
+    # -- logical -> dense translation --------------------------------------------------
+    def map_pages(self, pages: torch.Tensor) -> None:
+        """Give dense pages to logical pages that have none (host side)."""
+        pages = torch.unique(pages.cpu())
+        missing = pages[self.page_to_dense[pages] == UNMAPPED]
+        if len(missing) > len(self._free_dense):
+            raise MemoryError(
+                f"dense tail pool is full: {len(missing)} pages needed, {len(self._free_dense)} free "
+                f"(it holds {self.plan.max_running_requests} requests' tails)"
+            )
+        for page in missing.tolist():
+            if self.page_to_slab[page] != UNMAPPED:
+                raise ValueError(f"logical page {page} is sealed; sealed segments are immutable")
+            self.page_to_dense[page] = self._free_dense.pop()
+
+    def dense_rows(self, loc: torch.Tensor) -> torch.Tensor:
+        """Dense row of each logical slot in ``loc`` (mapping its page if needed)."""
+        pages = loc.cpu().long() // self.page_size
+        self.map_pages(pages)
+        rows = self.page_to_dense[pages] * self.page_size + loc.cpu().long() % self.page_size
+        return rows.to(loc.device)
+
+    def _store_kv_layer(self, layer_idx: int, loc: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor):
+        super()._store_kv_layer(layer_idx, self.dense_rows(loc), cache_k, cache_v)
+
+    # -- sealing and freeing -------------------------------------------------------------
+    def seal(self, pages: list[int], blocks: list[list[PackedBlock]]) -> int:
+        """Store one segment (``blocks[layer][kv_head]``) in the arena; its dense pages return.
+
+        ``pages`` are the logical pages the segment covers; they stay allocated to the
+        scheduler (the tokens still exist) but now read from the slab.
+        """
+        if len(pages) * self.page_size != self.plan.segment_size:
+            raise ValueError(f"{len(pages)} pages of {self.page_size} tokens are not one segment of "
+                             f"{self.plan.segment_size}")
+        if len(blocks) != self.layer_num or any(len(layer) != self.head_num for layer in blocks):
+            raise ValueError(f"a segment needs blocks[{self.layer_num} layers][{self.head_num} kv heads]")
+        payload = torch.cat([serialize_block(b) for layer in blocks for b in layer])
+        slab = self.arena.store(payload)
+        for page in pages:
+            dense = int(self.page_to_dense[page])
+            if dense > 0:
+                self._free_dense.append(dense)
+            self.page_to_dense[page] = UNMAPPED
+            self.page_to_slab[page] = slab
+        self._slab_pages[slab] = list(pages)
+        return slab
+
+    def read_segment(self, slab: int) -> list[list[PackedBlock]]:
+        """``blocks[layer][kv_head]`` of a sealed segment, rebuilt from the arena bytes."""
+        if slab in self._segments:
+            return self._segments[slab]
+        raw = self.arena.view(slab)
+        pos, out = 0, []
+        for _ in range(self.layer_num):
+            layer = []
+            for _ in range(self.head_num):
+                block, used = deserialize_block(raw[pos:], self.plan.segment_size, self.head_dim)
+                layer.append(block)
+                pos += used
+            out.append(layer)
+        self._segments[slab] = out
+        return out
+
+    def free_slab(self, slab: int) -> None:
+        """Release a sealed segment's bytes (its logical pages are freed by the allocator)."""
+        for page in self._slab_pages.pop(slab):
+            self.page_to_slab[page] = UNMAPPED
+        self._segments.pop(slab, None)
+        self.arena.free(slab)
+
+    def release_pages(self, loc: torch.Tensor) -> None:
+        """Called when the allocator frees logical slots: their dense pages return."""
+        pages = torch.unique(loc.cpu().long() // self.page_size)
+        pages = pages[pages > 0]
+        for page in pages[self.page_to_dense[pages] != UNMAPPED].tolist():
+            self._free_dense.append(int(self.page_to_dense[page]))
+            self.page_to_dense[page] = UNMAPPED
+
+    def get_kv_size_bytes(self):
+        k, v = super().get_kv_size_bytes()
+        half = self.arena.data.numel() // 2
+        return k + half + self.page_to_dense.numel() * 8, v + (self.arena.data.numel() - half) \
+            + self.page_to_slab.numel() * 8
+
+    def stats(self) -> dict:
+        """What the server-info hook reports: capacity, bytes per token, achieved ratio."""
+        dense_used_pages = self.plan.dense_tail_tokens // self.page_size - len(self._free_dense)
+        sealed_tokens = self.arena.live_slabs * self.plan.segment_size
+        dense_equiv = sealed_tokens * self.plan.dense_bytes_per_token
+        return {
+            "kv_compress": "mosaickv",
+            "max_total_num_tokens": self.size,
+            "dense_tail_tokens": self.plan.dense_tail_tokens,
+            "dense_tail_tokens_in_use": dense_used_pages * self.page_size,
+            "sealed_segments": self.arena.live_slabs,
+            "sealed_tokens": sealed_tokens,
+            "arena_bytes": self.arena.data.numel(),
+            "arena_bytes_written": self.arena.used_bytes,
+            "planned_bytes_per_token": self.plan.bytes_per_token,
+            "dense_bytes_per_token": self.plan.dense_bytes_per_token,
+            "capacity_gain": self.plan.capacity_gain,
+            "achieved_ratio": dense_equiv / self.arena.used_bytes if self.arena.used_bytes else None,
+        }
+
+
+# -- SGLang sizing hooks -------------------------------------------------------------------
+def kv_shape_of(kvc) -> KVShape:
+    """KV geometry of this rank from SGLang's KVCacheConfigurator."""
+    from sglang.srt.runtime_context import get_parallel
+
+    return KVShape(
+        num_layers=kvc.layer_info.num_effective_layers,
+        num_kv_heads=kvc.model_config.get_num_kv_heads(get_parallel().attn_tp_size),
+        head_dim=kvc.model_config.head_dim,
+        v_head_dim=kvc.model_config.v_head_dim,
+        dtype_bytes=torch._utils._element_size(kvc.kv_cache_dtype),
+    )
+
+
+_PLANS: dict[int, CapacityPlan] = {}  # id(KVCacheConfigurator) -> plan, from sizing to pool building
+_POOLS: list["MosaicKVPool"] = []
+
+
+class MosaicPoolConfigurator(DefaultPoolConfigurator):
+    """Turns the KV budget into logical capacity with :func:`plan_capacity`.
+
+    SGLang builds a fresh configurator for sizing and another for finalizing, so the
+    plan is kept per KVCacheConfigurator for the second one and for the pool builder.
+    """
+
+    def __init__(self, kvc) -> None:
+        super().__init__(kvc)
+        self.shape = kv_shape_of(kvc)
+        self.policy = kvc.server_args.mosaic_policy
+        self.max_running_requests = kvc.server_args.max_running_requests
+        self._key = id(kvc)
+
+    @property
+    def plan(self) -> Optional[CapacityPlan]:
+        return _PLANS.get(self._key)
+
+    def calculate_pool_sizes(self, available_bytes: int, page_size: int) -> MemoryPoolConfig:
+        p = self.policy
+        plan = plan_capacity(self.shape, available_bytes, segment_size=p.segment_size, ratio=float(p.ratio),
+                             sinks=p.sinks, window=p.window, page_size=page_size,
+                             max_running_requests=self.max_running_requests)
+        _PLANS[self._key] = plan
+        return MemoryPoolConfig(max_total_num_tokens=plan.max_total_num_tokens)
+
+    def calculate_pool_sizes_from_max_tokens(self, max_total_num_tokens: int, page_size: int) -> MemoryPoolConfig:
+        # A user cap (--max-total-tokens) only lowers the logical capacity; see _capped.
+        return MemoryPoolConfig(max_total_num_tokens=max_total_num_tokens // page_size * page_size)
+
+    def finalize_with_max_running_requests(self, config: MemoryPoolConfig) -> MemoryPoolConfig:
+        if self.plan is not None and config.max_running_requests is not None:
+            config.max_running_requests = min(config.max_running_requests, self.plan.max_running_requests)
+        return config
+
+
+def _enabled(server_args) -> bool:
+    return getattr(server_args, "kv_compress", "none") == "mosaickv"
+
+
+def create_configurator_hook(original, kvc):
+    """AROUND hook on create_memory_pool_configurator: our configurator when enabled."""
+    return MosaicPoolConfigurator(kvc) if _enabled(kvc.server_args) else original(kvc)
+
+
+def build_mha_kv_pool_hook(original, kvc, *, max_total_num_tokens: int, mha_pool_class: type, quant_method=None):
+    """AROUND hook on KVCacheConfigurator._build_mha_kv_pool: build a MosaicKVPool."""
+    if not _enabled(kvc.server_args):
+        return original(kvc, max_total_num_tokens=max_total_num_tokens, mha_pool_class=mha_pool_class,
+                        quant_method=quant_method)
+    if kvc.post_capture_kv_active:
+        raise RuntimeError("post-capture KV backing cannot back the MosaicKV arena; turn it off")
+    from sglang.srt.runtime_context import get_exec
+
+    plan = _PLANS[id(kvc)]
+    if max_total_num_tokens < plan.max_total_num_tokens:  # user cap: keep the split, admit fewer
+        plan = _capped(plan, max_total_num_tokens)
+    pool = MosaicKVPool(
+        max_total_num_tokens,
+        page_size=kvc.pool_page_size,
+        dtype=kvc.kv_cache_dtype,
+        head_num=kv_shape_of(kvc).num_kv_heads,
+        head_dim=kvc.model_config.head_dim,
+        v_head_dim=kvc.model_config.v_head_dim,
+        layer_num=kvc.layer_info.num_effective_layers,
+        device=kvc.device,
+        enable_memory_saver=get_exec().features.enable_memory_saver,
+        start_layer=kvc.layer_info.start_layer,
+        end_layer=kvc.layer_info.end_layer,
+        enable_alt_stream=False,
+        plan=plan,
+    )
+    _POOLS.append(pool)
+    return pool
+
+
+def _capped(plan: CapacityPlan, tokens: int) -> CapacityPlan:
+    from dataclasses import replace
+
+    slabs = max(0, (tokens - plan.dense_tail_tokens) // plan.segment_size)
+    return replace(plan, max_total_num_tokens=tokens, num_slabs=min(plan.num_slabs, slabs))
+
+
+def allocator_free_hook(original, allocator, free_index: torch.Tensor, *args, **kwargs):
+    """AROUND hook on the token allocators' ``free``: freed slots give back dense pages."""
+    pool = allocator.get_kvcache()
+    if isinstance(pool, MosaicKVPool) and free_index.numel():
+        pool.release_pages(free_index)
+    return original(allocator, free_index, *args, **kwargs)
+
+
+def kv_compress_info() -> dict:
+    """Server-info payload: the stats of every MosaicKV pool in this process."""
+    if not _POOLS:
+        return {"kv_compress": "none"}
+    return {"kv_compress": "mosaickv", "pools": [pool.stats() for pool in _POOLS]}

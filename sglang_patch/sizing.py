@@ -1,0 +1,156 @@
+"""How many tokens the scheduler may admit when sealed segments are compressed.
+
+Pure arithmetic, no SGLang import, so the sizing can be checked anywhere. The KV budget
+splits into two parts:
+
+* a **dense tail pool**: every running request keeps its sink segments, its recent
+  window and two segments being filled / sealed (double buffering) dense;
+* a **segment arena** of fixed-size slabs, one slab per sealed segment (all layers and
+  KV heads), each ``1/ratio`` of the dense bytes plus the per-block headers.
+
+Logical capacity = dense tail tokens + slabs x segment size. Slabs are fixed-size so the
+arena never fragments; a segment packed under its budget leaves the rest of its slab
+unused, which :class:`CapacityPlan` reports rather than hides.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from mosaickv.formats import HEADER_BYTES
+
+# Default share of the KV budget reserved for dense tails when the user sets no
+# --max-running-requests: large enough for a busy batch, small enough to keep the gain.
+DEFAULT_TAIL_FRACTION = 0.1
+PAGE_TABLE_ENTRY_BYTES = 8  # int64 per logical page: where its tokens live
+
+
+@dataclass(frozen=True)
+class KVShape:
+    """KV geometry of the layers this rank stores."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    v_head_dim: int
+    dtype_bytes: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "num_kv_heads", "head_dim", "v_head_dim", "dtype_bytes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"KVShape.{name} = {value!r} is not allowed: a positive integer")
+
+    @property
+    def dense_bytes_per_token(self) -> int:
+        """What SGLang's MHATokenToKVPool spends per token (its ``cell_size``)."""
+        return self.num_layers * self.num_kv_heads * (self.head_dim + self.v_head_dim) * self.dtype_bytes
+
+
+@dataclass(frozen=True)
+class CapacityPlan:
+    """The split of one KV budget; every field in tokens or bytes."""
+
+    max_total_num_tokens: int  # logical tokens the scheduler may admit
+    dense_tail_tokens: int  # rows of the dense pool
+    tail_tokens_per_request: int
+    max_running_requests: int  # requests whose tails fit the dense pool
+    num_slabs: int  # sealed segments the arena holds
+    slab_bytes: int  # bytes of one sealed segment (all layers, KV heads)
+    segment_size: int
+    page_size: int
+    dense_bytes_per_token: int
+    budget_bytes: int
+    used_bytes: int
+
+    @property
+    def bytes_per_token(self) -> float:
+        """Budget bytes per admitted token, tails, headers and page table included."""
+        return self.used_bytes / max(self.max_total_num_tokens, 1)
+
+    @property
+    def sealed_bytes_per_token(self) -> float:
+        return self.slab_bytes / self.segment_size
+
+    @property
+    def capacity_gain(self) -> float:
+        """Admitted tokens over what the dense pool would admit from the same budget."""
+        dense_tokens = self.budget_bytes // self.dense_bytes_per_token // self.page_size * self.page_size
+        return self.max_total_num_tokens / max(dense_tokens, 1)
+
+    def as_dict(self) -> dict:
+        out = asdict(self)
+        out.update(bytes_per_token=self.bytes_per_token, sealed_bytes_per_token=self.sealed_bytes_per_token,
+                   capacity_gain=self.capacity_gain)
+        return out
+
+
+def slab_bytes(shape: KVShape, segment_size: int, ratio: float) -> int:
+    """Bytes of one sealed segment's slab: each block's share of the budget plus its header."""
+    block_dense = segment_size * (shape.head_dim + shape.v_head_dim) * shape.dtype_bytes
+    per_block = HEADER_BYTES + math.ceil(block_dense / ratio)
+    return shape.num_layers * shape.num_kv_heads * per_block
+
+
+def tail_tokens_per_request(segment_size: int, sinks: int, window: int, page_size: int) -> int:
+    """Dense tokens one request may hold: sink segments, window, two filling segments."""
+    sink_tokens = math.ceil(sinks / segment_size) * segment_size
+    tokens = sink_tokens + window + 2 * segment_size
+    return math.ceil(tokens / page_size) * page_size
+
+
+def plan_capacity(
+    shape: KVShape,
+    budget_bytes: int,
+    *,
+    segment_size: int,
+    ratio: float,
+    sinks: int,
+    window: int,
+    page_size: int = 1,
+    max_running_requests: int | None = None,
+    tail_fraction: float = DEFAULT_TAIL_FRACTION,
+) -> CapacityPlan:
+    """Split ``budget_bytes`` into dense tails and arena slabs; see the module docstring.
+
+    Tails are reserved for ``max_running_requests`` if given, else for as many requests
+    as ``tail_fraction`` of the budget holds (at least one).
+    """
+    if segment_size < 1 or page_size < 1 or segment_size % page_size:
+        raise ValueError(f"page_size {page_size} must divide segment_size {segment_size}")
+    if not ratio >= 1.0:
+        raise ValueError(f"ratio = {ratio!r} is not allowed: a number >= 1")
+    if not 0.0 < tail_fraction < 1.0:
+        raise ValueError(f"tail_fraction = {tail_fraction!r} is not allowed: a number in (0, 1)")
+    cell = shape.dense_bytes_per_token
+    per_req = tail_tokens_per_request(segment_size, sinks, window, page_size)
+    if max_running_requests is None:
+        max_running_requests = max(1, int(budget_bytes * tail_fraction) // (per_req * cell))
+    if max_running_requests < 1:
+        raise ValueError(f"max_running_requests = {max_running_requests!r} is not allowed: at least 1")
+    dense_tail = per_req * max_running_requests
+    tail_bytes = dense_tail * cell + (dense_tail // page_size) * PAGE_TABLE_ENTRY_BYTES
+    if tail_bytes > budget_bytes:
+        raise ValueError(
+            f"a KV budget of {budget_bytes} bytes cannot hold the dense tails of {max_running_requests} requests "
+            f"({per_req} tokens each, {tail_bytes} bytes); lower --max-running-requests or raise --mem-fraction-static"
+        )
+    slab = slab_bytes(shape, segment_size, ratio)
+    pages_per_segment = segment_size // page_size
+    num_slabs = (budget_bytes - tail_bytes) // (slab + pages_per_segment * PAGE_TABLE_ENTRY_BYTES)
+    total = dense_tail + num_slabs * segment_size
+    used = tail_bytes + num_slabs * (slab + pages_per_segment * PAGE_TABLE_ENTRY_BYTES)
+    return CapacityPlan(
+        max_total_num_tokens=total,
+        dense_tail_tokens=dense_tail,
+        tail_tokens_per_request=per_req,
+        max_running_requests=max_running_requests,
+        num_slabs=num_slabs,
+        slab_bytes=slab,
+        segment_size=segment_size,
+        page_size=page_size,
+        dense_bytes_per_token=cell,
+        budget_bytes=budget_bytes,
+        used_bytes=used,
+    )

@@ -112,13 +112,17 @@ class MosaicKVPool(MHATokenToKVPool):
                          **kwargs)
         if self.head_dim != self.v_head_dim:
             raise ValueError(f"MosaicKV needs head_dim == v_head_dim, got {self.head_dim} and {self.v_head_dim}")
-        num_pages = (size + page_size) // page_size
+
+    def _create_buffers(self) -> None:
+        """The base dense buffers (tail rows only, see _kv_buffer_shapes), page tables, arena."""
+        super()._create_buffers()
+        num_pages = (self.size + self.page_size) // self.page_size
         self.page_to_dense = torch.full((num_pages,), UNMAPPED, dtype=torch.int64)
         self.page_to_slab = torch.full((num_pages,), UNMAPPED, dtype=torch.int64)
         self.page_to_dense[0] = 0  # the padding page absorbs dummy writes, as in the base pool
-        dense_pages = plan.dense_tail_tokens // page_size + 1
+        dense_pages = self.plan.dense_tail_tokens // self.page_size + 1
         self._free_dense = list(range(dense_pages - 1, 0, -1))
-        self.arena = SegmentArena(plan.num_slabs, plan.slab_bytes, device)
+        self.arena = SegmentArena(self.plan.num_slabs, self.plan.slab_bytes, self.device)
         self._slab_pages: dict[int, list[int]] = {}
         self._segments: dict[int, list[list[PackedBlock]]] = {}  # decoded slabs, dropped on free
 

@@ -23,7 +23,7 @@ from mosaickv.formats import HEADER_BYTES
 # Default share of the KV budget reserved for dense tails when the user sets no
 # --max-running-requests: large enough for a busy batch, small enough to keep the gain.
 DEFAULT_TAIL_FRACTION = 0.1
-PAGE_TABLE_ENTRY_BYTES = 8  # int64 per logical page: where its tokens live
+PAGE_TABLE_ENTRY_BYTES = 16  # two int64 per logical page: its dense page and its slab
 
 
 @dataclass(frozen=True)
@@ -130,7 +130,8 @@ def plan_capacity(
     if max_running_requests < 1:
         raise ValueError(f"max_running_requests = {max_running_requests!r} is not allowed: at least 1")
     dense_tail = per_req * max_running_requests
-    tail_bytes = dense_tail * cell + (dense_tail // page_size) * PAGE_TABLE_ENTRY_BYTES
+    # As MHATokenToKVPool does, one extra page (slot 0's) absorbs padded writes.
+    tail_bytes = (dense_tail + page_size) * cell + (dense_tail // page_size + 1) * PAGE_TABLE_ENTRY_BYTES
     if tail_bytes > budget_bytes:
         raise ValueError(
             f"a KV budget of {budget_bytes} bytes cannot hold the dense tails of {max_running_requests} requests "

@@ -1,0 +1,137 @@
+"""Capacity planning and the MosaicKV pool, on SGLang's real pool and allocator classes (CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("sglang")
+
+from sglang.srt.plugins import load_plugins  # noqa: E402
+
+load_plugins()
+
+from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator  # noqa: E402
+from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool  # noqa: E402
+
+from mosaickv.config import load_policy  # noqa: E402
+from mosaickv.formats import BlockFormat, SideFormat, pack_block, unpack_block  # noqa: E402
+from mosaickv.sglang_patch.pool import MosaicKVPool, deserialize_block, serialize_block  # noqa: E402
+from mosaickv.sglang_patch.sizing import KVShape, plan_capacity  # noqa: E402
+
+LLAMA8B = KVShape(num_layers=32, num_kv_heads=8, head_dim=128, v_head_dim=128)
+TINY = KVShape(num_layers=2, num_kv_heads=2, head_dim=32, v_head_dim=32)
+
+
+def plan_for(shape, budget, policy="mosaic", **kw):
+    p = load_policy(policy)
+    return plan_capacity(shape, budget, segment_size=p.segment_size, ratio=float(p.ratio), sinks=p.sinks,
+                         window=p.window, **kw)
+
+
+def test_dense_cell_matches_sglang_cell_size():
+    # DefaultPoolConfigurator: kv_heads * (head_dim + v_head_dim) * layers * element size
+    assert LLAMA8B.dense_bytes_per_token == 8 * 256 * 32 * 2
+
+
+@pytest.mark.parametrize("budget_gib", [4, 20, 60])
+def test_capacity_at_3x_budget_is_at_least_2_5x_dense(budget_gib):
+    plan = plan_for(LLAMA8B, budget_gib << 30)
+    dense_tokens = (budget_gib << 30) // LLAMA8B.dense_bytes_per_token
+    assert plan.max_total_num_tokens >= 2.5 * dense_tokens
+    assert plan.used_bytes <= plan.budget_bytes
+    assert plan.bytes_per_token < LLAMA8B.dense_bytes_per_token / 2.5
+
+
+def test_capacity_grows_with_budget_and_ratio():
+    small, big = plan_for(LLAMA8B, 8 << 30), plan_for(LLAMA8B, 16 << 30)
+    assert big.max_total_num_tokens > 1.9 * small.max_total_num_tokens
+    lossless = plan_capacity(LLAMA8B, 8 << 30, segment_size=32, ratio=1.0, sinks=0, window=32)
+    assert lossless.max_total_num_tokens <= (8 << 30) // LLAMA8B.dense_bytes_per_token
+
+
+def test_user_running_request_cap_sizes_the_tails():
+    plan = plan_for(LLAMA8B, 8 << 30, max_running_requests=16)
+    assert plan.max_running_requests == 16
+    assert plan.dense_tail_tokens == 16 * plan.tail_tokens_per_request
+    with pytest.raises(ValueError, match="max-running-requests"):
+        plan_for(LLAMA8B, 1 << 20, max_running_requests=64)
+
+
+def test_page_size_must_divide_segment():
+    with pytest.raises(ValueError, match="page_size 3 must divide segment_size 32"):
+        plan_for(LLAMA8B, 1 << 30, page_size=3)
+
+
+def random_blocks(shape, seg, fmt, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [[pack_block(torch.randn(seg, shape.head_dim, generator=g), torch.randn(seg, shape.head_dim, generator=g),
+                        fmt) for _ in range(shape.num_kv_heads)] for _ in range(shape.num_layers)]
+
+
+FMT = BlockFormat(32, SideFormat("sparse", 8), SideFormat("sparse", 4))
+
+
+def test_block_bytes_round_trip():
+    block = random_blocks(TINY, 32, FMT)[0][0]
+    raw = serialize_block(block)
+    assert raw.numel() == FMT.nbytes(32) == block.nbytes()
+    back, used = deserialize_block(raw, 32, 32)
+    assert used == raw.numel() and back.fmt == FMT
+    for a, b in zip(unpack_block(block), unpack_block(back)):
+        assert torch.equal(a, b)
+
+
+def make_pool(budget=1 << 20, policy="mosaic", page_size=1):
+    plan = plan_for(TINY, budget, policy, page_size=page_size, max_running_requests=2)
+    pool = MosaicKVPool(plan.max_total_num_tokens, page_size=page_size, dtype=torch.bfloat16, head_num=2, head_dim=32,
+                        layer_num=2, device="cpu", enable_memory_saver=False, plan=plan, enable_alt_stream=False)
+    return pool, plan
+
+
+def test_pool_is_a_real_mha_pool_with_small_dense_part():
+    pool, plan = make_pool()
+    assert isinstance(pool, MHATokenToKVPool)
+    assert pool.k_buffer[0].shape == (plan.dense_tail_tokens + 1, 2, 32)
+    dense = MHATokenToKVPool(plan.max_total_num_tokens, page_size=1, dtype=torch.bfloat16, head_num=2, head_dim=32,
+                             layer_num=2, device="cpu", enable_memory_saver=False, enable_alt_stream=False)
+    ours = sum(pool.get_kv_size_bytes())
+    assert ours <= plan.budget_bytes
+    # Same admitted tokens; at this toy head size headers and page tables cost a few percent.
+    assert sum(dense.get_kv_size_bytes()) > 2.4 * ours
+
+
+def test_writes_seal_and_free_through_the_real_allocator():
+    pool, plan = make_pool()
+    alloc = TokenToKVPoolAllocator(plan.max_total_num_tokens, torch.bfloat16, "cpu", pool, need_sort=False)
+    slots = alloc.alloc(40)
+    k = torch.randn(40, 2, 32, dtype=torch.bfloat16)
+    for layer in range(2):
+        pool._store_kv_layer(layer, slots, k, -k)
+    rows = pool.dense_rows(slots)
+    assert torch.equal(pool.k_buffer[1][rows], k)
+    free_before = len(pool._free_dense)
+    slab = pool.seal(slots[:32].tolist(), random_blocks(TINY, 32, FMT))
+    assert len(pool._free_dense) == free_before + 32
+    assert pool.stats()["sealed_segments"] == 1
+    assert pool.arena.used_bytes == 2 * 2 * FMT.nbytes(32) <= plan.slab_bytes
+    assert pool.read_segment(slab)[1][0].fmt == FMT
+    pool.free_slab(slab)
+    alloc.free(slots)  # the plugin's allocator hook returns the dense pages
+    assert len(pool._free_dense) == plan.dense_tail_tokens
+    assert pool.stats()["arena_bytes_written"] == 0
+
+
+def test_oversized_segment_is_refused():
+    pool, _ = make_pool()
+    dense = random_blocks(TINY, 32, BlockFormat(32))
+    with pytest.raises(ValueError, match="exceeds the slab size"):
+        pool.seal(list(range(1, 33)), dense)
+
+
+def test_stats_report_bytes_per_token_and_ratio():
+    pool, plan = make_pool()
+    pool.seal(list(range(1, 33)), random_blocks(TINY, 32, FMT))
+    stats = pool.stats()
+    assert stats["planned_bytes_per_token"] == pytest.approx(plan.bytes_per_token)
+    assert stats["achieved_ratio"] == pytest.approx(4 * 32 * 128 / (4 * FMT.nbytes(32)))

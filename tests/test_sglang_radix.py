@@ -1,0 +1,120 @@
+"""MosaicRadixCache on SGLang's real RadixCache, pools and allocator (CPU)."""
+
+from __future__ import annotations
+
+from array import array
+
+import pytest
+import torch
+
+pytest.importorskip("sglang")
+
+from sglang.srt.plugins import load_plugins  # noqa: E402
+
+load_plugins()
+
+from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator  # noqa: E402
+from sglang.srt.mem_cache.base_prefix_cache import EvictParams, InsertParams, MatchPrefixParams  # noqa: E402
+from sglang.srt.mem_cache.cache_init_params import CacheInitParams  # noqa: E402
+from sglang.srt.mem_cache.memory_pool import ReqToTokenPool  # noqa: E402
+from sglang.srt.mem_cache.radix_cache import RadixKey  # noqa: E402
+from sglang.srt.mem_cache.registry import get_radix_cache_factory  # noqa: E402
+
+from mosaickv.formats import BlockFormat, SideFormat, pack_block  # noqa: E402
+from mosaickv.sglang_patch.pool import MosaicKVPool  # noqa: E402
+from mosaickv.sglang_patch.radix import MosaicRadixCache, mosaic_radix_factory  # noqa: E402
+from mosaickv.sglang_patch.sizing import KVShape, plan_capacity  # noqa: E402
+
+SEG, WINDOW = 16, 16
+FMT = BlockFormat(SEG, SideFormat("sparse", 8), SideFormat("sparse", 4))
+SHAPE = KVShape(num_layers=2, num_kv_heads=2, head_dim=32, v_head_dim=32)
+
+
+class CountingCompressor:
+    """pack_block with a fixed format on every block; counts the calls."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, k: torch.Tensor, v: torch.Tensor, budget_bytes: int):
+        self.calls += 1
+        return [[pack_block(k[layer, h].float(), v[layer, h].float(), FMT) for h in range(k.shape[1])]
+                for layer in range(k.shape[0])]
+
+
+@pytest.fixture
+def cache():
+    plan = plan_capacity(SHAPE, 1 << 20, segment_size=SEG, ratio=2.0, sinks=0, window=WINDOW,
+                         max_running_requests=4)
+    pool = MosaicKVPool(plan.max_total_num_tokens, page_size=1, dtype=torch.bfloat16, head_num=2, head_dim=32,
+                        layer_num=2, device="cpu", enable_memory_saver=False, plan=plan, enable_alt_stream=False)
+    alloc = TokenToKVPoolAllocator(plan.max_total_num_tokens, torch.bfloat16, "cpu", pool, need_sort=False)
+    params = CacheInitParams(disable=False, req_to_token_pool=ReqToTokenPool(4, 512, "cpu", False),
+                             token_to_kv_pool_allocator=alloc, page_size=1)
+    compressor = CountingCompressor()
+    tree = MosaicRadixCache(params, compress=compressor, segment_size=SEG, sink_segments=0, window=WINDOW)
+    return tree, pool, alloc, compressor
+
+
+def prefill(pool, alloc, n: int) -> torch.Tensor:
+    slots = alloc.alloc(n)
+    kv = torch.randn(n, 2, 32, dtype=torch.bfloat16)
+    for layer in range(2):
+        pool._store_kv_layer(layer, slots, kv, kv * 2)
+    return slots
+
+
+def test_factory_is_registered_with_sglang():
+    assert get_radix_cache_factory("mosaickv") is mosaic_radix_factory
+
+
+def test_insert_seals_outside_window_and_match_returns_slots(cache):
+    tree, pool, alloc, comp = cache
+    tokens = list(range(64))
+    slots = prefill(pool, alloc, 64)
+    tree.insert(InsertParams(key=RadixKey(array("l", tokens)), value=slots))
+    assert comp.calls == 3  # 4 segments, the last inside the 16-token window
+    assert pool.arena.live_slabs == 3 and tree.sealed_bytes() == 3 * 2 * 2 * FMT.nbytes(32)
+    match = tree.match_prefix(MatchPrefixParams(key=RadixKey(array("l", tokens))))
+    assert torch.equal(match.device_indices, slots)
+
+
+def test_shared_prefix_is_compressed_once(cache):
+    tree, pool, alloc, comp = cache
+    prefix = list(range(48))
+    a_slots = prefill(pool, alloc, 64)
+    tree.insert(InsertParams(key=RadixKey(array("l", prefix + [1000 + i for i in range(16)])), value=a_slots))
+    calls_after_a = comp.calls
+    # Request B reuses A's prefix slots (as the scheduler does after match_prefix) plus its own suffix.
+    b_slots = torch.cat([a_slots[:48], prefill(pool, alloc, 32)])
+    tree.insert(InsertParams(key=RadixKey(array("l", prefix + [2000 + i for i in range(32)])), value=b_slots))
+    assert calls_after_a == 3
+    assert comp.calls == calls_after_a + 1  # only B's own first suffix segment is new
+    node_slabs = [s for n in tree.root_node.children.values() for s in n.mosaic_slabs]
+    assert len(node_slabs) == 3  # the shared node holds the three prefix segments
+
+
+def test_evict_frees_compressed_bytes_and_tokens(cache):
+    tree, pool, alloc, comp = cache
+    before_tokens = alloc.available_size()
+    slots = prefill(pool, alloc, 64)
+    tree.insert(InsertParams(key=RadixKey(array("l", list(range(64)))), value=slots))
+    assert pool.arena.used_bytes > 0
+    result = tree.evict(EvictParams(num_tokens=64))
+    assert result.num_tokens_evicted == 64
+    assert pool.arena.used_bytes == 0 and pool.arena.live_slabs == 0
+    assert alloc.available_size() == before_tokens
+    assert len(pool._free_dense) == pool.plan.dense_tail_tokens
+
+
+def test_split_keeps_segments_with_their_tokens(cache):
+    tree, pool, alloc, comp = cache
+    a = prefill(pool, alloc, 64)
+    tree.insert(InsertParams(key=RadixKey(array("l", list(range(64)))), value=a))
+    b = torch.cat([a[:32], prefill(pool, alloc, 32)])
+    tree.insert(InsertParams(key=RadixKey(array("l", list(range(32)) + [900 + i for i in range(32)])), value=b))
+    shared = tree.root_node.children[next(iter(tree.root_node.children))]
+    assert len(shared.value) == 32 and len(shared.mosaic_slabs) == 2
+    assert all(len(c.mosaic_slabs) == len(c.value) // SEG for c in shared.children.values())
+    tree.reset()
+    assert pool.arena.live_slabs == 0

@@ -94,9 +94,11 @@ class Compressor:
     def compress(self, observations: list[Observation], scope: str = "group") -> CompressedCache:
         """Compress a whole span (one Observation per layer) under the policy's ratio.
 
-        Spans shorter than the policy's ``min_context`` stay dense. The ratio is met over
-        the whole span: protected sinks and tail are paid for first, the rest goes to the
-        compressible segments (one plan for all, or an equal share each for ``segment``).
+        Spans shorter than the policy's ``min_context`` stay dense. With scope ``group``
+        the ratio is met over the whole span: protected sinks and tail are paid for first
+        and one plan spends the rest. With scope ``segment`` each segment is planned alone
+        at the ratio, seeing only the tokens up to its own end (as serving seals it), so
+        the protected sinks and tail come on top.
         """
         if scope not in ("group", "segment"):
             raise ValueError(f"scope {scope!r} is not one of ('group', 'segment')")
@@ -108,16 +110,15 @@ class Compressor:
             for seg in range(sinks):
                 rows = slice(seg * s, (seg + 1) * s)
                 layer.append([pack_block(obs.keys[h, rows], obs.values[h, rows], BlockFormat(s)) for h in range(hkv)])
-        if count:
+        if count and scope == "group":
             total = len(observations) * hkv * dense_block_bytes(t, self.d) / self.policy.ratio
             protected = sum(layer.nbytes() for layer in layers) + len(observations) * hkv * dense_block_bytes(t - tail_start, self.d)
-            budget = int(total - protected)
-            groups = [(sinks, sinks + count)] if scope == "group" else [(g, g + 1) for g in range(sinks, sinks + count)]
-            share = budget // len(groups)
-            for lo, hi in groups:
-                for layer, segs in zip(layers, self.compress_segments(observations, lo, hi, share)):
-                    for seg in segs:
-                        layer.append(seg)
+            self._extend(layers, self.compress_segments(observations, sinks, sinks + count, int(total - protected)))
+        for seg in range(sinks, sinks + count if scope == "segment" else 0):
+            # Sealed alone, from the tokens up to its end only, as serving seals it.
+            seen = [obs.upto((seg + 1) * s) for obs in observations]
+            budget = int(len(observations) * hkv * dense_block_bytes(s, self.d) / self.policy.ratio)
+            self._extend(layers, self.compress_segments(seen, seg, seg + 1, budget))
         return CompressedCache(
             layers=layers,
             tail_k=[obs.keys[:, tail_start:].to(torch.bfloat16) for obs in observations],
@@ -125,6 +126,12 @@ class Compressor:
             num_tokens=t,
             head_dim=self.d,
         )
+
+    @staticmethod
+    def _extend(layers: list[CompressedLayer], planned: list[list[list[PackedBlock]]]) -> None:
+        for layer, segs in zip(layers, planned):
+            for seg in segs:
+                layer.append(seg)
 
     def compress_segments(self, observations: list[Observation], lo: int, hi: int, budget: int) -> list[list[list[PackedBlock]]]:
         """Segments ``[lo, hi)`` of every layer under one budget: ``[layer][segment][kv head]``."""

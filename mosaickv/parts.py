@@ -36,6 +36,12 @@ class Observation:
     def group(self) -> int:
         return self.queries.shape[0] // self.keys.shape[0]
 
+    def upto(self, end: int) -> "Observation":
+        """The span cut at token ``end``: what was known when that token was sealed."""
+        t = self.keys.shape[1]
+        tq = self.queries.shape[1]
+        return Observation(self.keys[:, :end], self.values[:, :end], self.queries[:, : max(0, tq - (t - end))])
+
     @cached_property
     def query_rms(self) -> torch.Tensor:
         """[Hkv, d] typical query magnitude per channel, invariant to the rotary angle.

@@ -70,6 +70,10 @@ class Fixed(SegmentStrategy):
         if not self.has_auto and ratio != 1.0:
             dense = self.tokens == 1 and all(kind == "dense" for kind, _ in self._sides.values())
             check(not dense, "ratio", ratio, "1 for a fixed dense format (set a field to 'auto' to follow a ratio)")
+        if self.tokens != "auto" and "dense" in (kind for kind, _ in self._sides.values()):
+            # A dense side alone holds tokens x half the dense bytes.
+            bound = 2.0 / float(self.tokens) if self.tokens else float("inf")
+            check(ratio < bound, "ratio", ratio, f"below {bound:g}: this fixed format keeps {self.tokens:g} of the tokens with one side dense")
 
     def bind(self, head_dim: int) -> None:
         self.head_dim = head_dim
@@ -98,11 +102,23 @@ class Fixed(SegmentStrategy):
         if not self.has_auto:
             return [self._format(1.0, n, channels)] * blocks
         levels = sorted({m / n for m in range(n + 1)} | {r / d for r in range(1, d + 1)}, reverse=True)
-        for x in levels:
-            fmt = self._format(x, n, channels)
-            if fmt.nbytes(d) * blocks <= budget:
-                return [fmt] * blocks
-        raise PolicyError("budget", budget, f"a budget of at least {self._format(0.0, n, channels).nbytes(d) * blocks} bytes for these {blocks} blocks: this fixed format cannot shrink further")
+        fits = [x for x in levels if self._format(x, n, channels).nbytes(d) * blocks <= budget]
+        if not fits:
+            floor = self._format(0.0, n, channels).nbytes(d) * blocks
+            raise PolicyError("budget", budget, f"a budget of at least {floor} bytes for these {blocks} blocks: this fixed format cannot shrink further")
+        low = self._format(fits[0], n, channels)
+        higher = [self._format(x, n, channels) for x in levels if x > fits[0]]
+        if not higher:
+            return [low] * blocks
+        # Spend what the level grid leaves over: the blocks that matter most go one level up.
+        high = higher[-1]
+        step = high.nbytes(d) - low.nbytes(d)
+        ups = min(blocks, int((budget - low.nbytes(d) * blocks) // step)) if step > 0 else 0
+        ranked = stats.drop_cost.sum(1).argsort(descending=True)[:ups].tolist()
+        plan = [low] * blocks
+        for b in ranked:
+            plan[b] = high
+        return plan
 
 
 @register_strategy("dynamic")

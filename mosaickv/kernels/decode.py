@@ -60,7 +60,8 @@ def _basis(values_ptr, index_ptr, width, aux, jr, cols, KIND: tl.constexpr, HEAD
 
 @triton.jit
 def _tile(values_ptr, index_ptr, off, width, aux, tok, tok_ok, toks, cols, jr, scr,
-          KIND: tl.constexpr, HEAD_DIM: tl.constexpr, ALIGNED: tl.constexpr):
+          KIND: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, R_MAX: tl.constexpr,
+          R_LOG2: tl.constexpr, ALIGNED: tl.constexpr, SPARSE_GATHER: tl.constexpr):
     """One side's tile of ``BLOCK_N`` tokens: ``[BLOCK_N, HEAD_DIM]`` for dense and sparse
     (its ``[BLOCK_N, R_MAX]`` values scattered through the zeroed scratch), ``[BLOCK_N,
     R_MAX]`` r-space coefficients for mask and lowrank."""
@@ -71,13 +72,24 @@ def _tile(values_ptr, index_ptr, off, width, aux, tok, tok_ok, toks, cols, jr, s
         raw = tl.load(values_ptr + off + tok[:, None] * width + jr[None, :], mask=mask, other=0.0)
         if ALIGNED:
             aux = tl.multiple_of(aux, 16)
-        ix = tl.load(index_ptr + aux + tok[:, None] * width + jr[None, :], mask=mask, other=0).to(tl.int32)
-        tl.store(scr + toks[:, None] * HEAD_DIM + ix, raw, mask=mask)
-        tl.debug_barrier()
-        tile = tl.load(scr + toks[:, None] * HEAD_DIM + cols[None, :])
-        tl.debug_barrier()
-        tl.store(scr + toks[:, None] * HEAD_DIM + ix, tl.zeros_like(raw), mask=mask)
-        tl.debug_barrier()
+        if SPARSE_GATHER:
+            # Rows hold sorted channels (padded past ``width`` with HEAD_DIM): a branchless
+            # binary search finds, for every channel c, the slot that would hold it.
+            ix = tl.load(index_ptr + aux + tok[:, None] * width + jr[None, :], mask=mask, other=HEAD_DIM).to(tl.int32)
+            pos = tl.zeros([BLOCK_N, HEAD_DIM], tl.int32)
+            for lvl in tl.static_range(R_LOG2):
+                probe = tl.gather(ix, pos + ((R_MAX >> (lvl + 1)) - 1), axis=1)
+                pos = tl.where(probe < cols[None, :], pos + (R_MAX >> (lvl + 1)), pos)
+            hit = tl.gather(ix, pos, axis=1) == cols[None, :]
+            tile = tl.where(hit, tl.gather(raw, pos, axis=1), 0.0).to(tl.bfloat16)
+        else:
+            ix = tl.load(index_ptr + aux + tok[:, None] * width + jr[None, :], mask=mask, other=0).to(tl.int32)
+            tl.store(scr + toks[:, None] * HEAD_DIM + ix, raw, mask=mask)
+            tl.debug_barrier()
+            tile = tl.load(scr + toks[:, None] * HEAD_DIM + cols[None, :])
+            tl.debug_barrier()
+            tl.store(scr + toks[:, None] * HEAD_DIM + ix, tl.zeros_like(raw), mask=mask)
+            tl.debug_barrier()
     else:
         tile = tl.load(values_ptr + off + tok[:, None] * width + jr[None, :], mask=tok_ok[:, None] & (jr[None, :] < width), other=0.0)
     return tile
@@ -91,7 +103,8 @@ def _mixed_attn_kernel(
     req_ptr, items_ptr, item_list_ptr, o_part_ptr, lse_part_ptr, scratch_ptr,
     num_list, qk_scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    K_KIND: tl.constexpr, V_KIND: tl.constexpr, R_MAX: tl.constexpr, ALIGNED: tl.constexpr,
+    K_KIND: tl.constexpr, V_KIND: tl.constexpr, R_MAX: tl.constexpr, R_LOG2: tl.constexpr,
+    ALIGNED: tl.constexpr, SPARSE_GATHER: tl.constexpr,
 ):
     """Partial attention of the items in ``item_list``; ``K_KIND``/``V_KIND`` are the
     formats of all their blocks (0 dense, 1 sparse, 2 mask, 3 lowrank), -1 for tail items."""
@@ -175,8 +188,10 @@ def _mixed_attn_kernel(
                 for t0 in range(0, m, BLOCK_N):
                     tok = t0 + toks
                     tok_ok = tok < m
-                    kt = _tile(values_ptr, index_ptr, k_off, k_w, k_aux, tok, tok_ok, toks, cols, jr, scr_k, K_KIND, HEAD_DIM, ALIGNED)
-                    vt = _tile(values_ptr, index_ptr, v_off, v_w, v_aux, tok, tok_ok, toks, cols, jr, scr_v, V_KIND, HEAD_DIM, ALIGNED)
+                    kt = _tile(values_ptr, index_ptr, k_off, k_w, k_aux, tok, tok_ok, toks, cols, jr, scr_k, K_KIND, HEAD_DIM,
+                               BLOCK_N, R_MAX, R_LOG2, ALIGNED, SPARSE_GATHER)
+                    vt = _tile(values_ptr, index_ptr, v_off, v_w, v_aux, tok, tok_ok, toks, cols, jr, scr_v, V_KIND, HEAD_DIM,
+                               BLOCK_N, R_MAX, R_LOG2, ALIGNED, SPARSE_GATHER)
                     s = tl.dot(qk, tl.trans(kt))
                     s = tl.where(tok_ok[None, :], s * qk_scale, float("-inf"))
                     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -248,8 +263,11 @@ class MixedAttention:
     reads whatever ``q``, the arena and the tail buffers hold at replay time).
     """
 
-    def __init__(self, block_m: int = 16, block_n: int = 32, num_warps: int = 4, num_stages: int = 1) -> None:
+    def __init__(
+        self, block_m: int = 16, block_n: int = 32, num_warps: int = 4, num_stages: int = 1, sparse_gather: bool = False
+    ) -> None:
         self.block_m, self.block_n = block_m, block_n
+        self.sparse_gather = sparse_gather
         self.num_warps, self.num_stages = num_warps, num_stages
         self._plan: AttentionPlan | None = None
 
@@ -333,7 +351,8 @@ class MixedAttention:
                 p.requests, p.items, ln.items, p.o_part, p.lse_part, p.scratch,
                 ln.items.numel(), self._scale * LOG2E,
                 GROUP=self._group, HEAD_DIM=d, BLOCK_M=p.block_m, BLOCK_N=p.block_n,
-                K_KIND=ln.k_kind, V_KIND=ln.v_kind, R_MAX=ln.r_max, ALIGNED=a.widths_aligned,
+                K_KIND=ln.k_kind, V_KIND=ln.v_kind, R_MAX=ln.r_max, R_LOG2=ln.r_max.bit_length() - 1,
+                ALIGNED=a.widths_aligned, SPARSE_GATHER=self.sparse_gather,
                 num_warps=self.num_warps, num_stages=self.num_stages,
             )
         if p.groups.shape[0]:

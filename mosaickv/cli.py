@@ -1,0 +1,119 @@
+"""The ``mosaickv`` command: offline evaluation, policy checks and listings."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from mosaickv.config import load_policy, preset_names
+from mosaickv.errors import PolicyError
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from mosaickv import model as models
+    from mosaickv.evaluate import corpus_ids, evaluate_fidelity, plot_fidelity
+    from mosaickv.hf import Runner
+
+    for name in args.policy:  # refuse a bad policy before the minutes of model work
+        for ratio in args.ratio:
+            load_policy(name, ratio=ratio)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    net, tokenizer = models.load(args.model)
+    runner = Runner(net)
+    ids = corpus_ids(tokenizer, args.tokens + args.continuation)
+    result = evaluate_fidelity(runner, ids, args.policy, args.ratio, continuation=args.continuation, scope=args.scope, progress=not args.quiet)
+    result["model"] = args.model or models.DEFAULT_MODEL
+    result["command"] = "mosaickv " + " ".join(sys.argv[1:])
+    if args.plot:
+        plot_fidelity(result, args.plot)
+        result["plot"] = args.plot
+    if args.output:
+        Path(args.output).write_text(json.dumps(result, indent=2))
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(format_table(result))
+    return 0
+
+
+def format_table(result: dict) -> str:
+    """A Markdown table of the fidelity rows."""
+    lines = [
+        f"context {result['context_tokens']} tokens, continuation {result['continuation_tokens']}, scope {result['scope']}, "
+        f"dense {result['dense_bytes_per_token']:.0f} B/token",
+        "",
+        "| policy | target | ratio | bytes/token | KL (nats) | top-1 |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["rows"]:
+        if r["error"]:
+            lines.append(f"| {r['policy']} | {r['target_ratio']:g}x | - | - | - | refused: {r['error']} |")
+        else:
+            lines.append(
+                f"| {r['policy']} | {r['target_ratio']:g}x | {r['ratio']:.2f}x | {r['bytes_per_token']:.0f} | {r['kl']:.4f} | {r['top1']:.3f} |"
+            )
+    return "\n".join(lines)
+
+
+def _check(args: argparse.Namespace) -> int:
+    policy = load_policy(args.policy, ratio=args.ratio)
+    if args.head_dim:
+        policy.bind(args.head_dim)
+    print(json.dumps({"name": policy.name, "ratio": policy.ratio, "segment_size": policy.segment_size, "ok": True}))
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    from mosaickv.registry import SCORERS, SELECTORS, STRATEGIES
+
+    print("presets:    " + ", ".join(preset_names()))
+    for label, reg in (("scorers", SCORERS), ("selectors", SELECTORS), ("strategies", STRATEGIES)):
+        print(f"{label + ':':<12}" + ", ".join(reg.names()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mosaickv", description="Dynamic two-dimensional KV-cache compression.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    ev = sub.add_parser("eval", help="fidelity of policies against the dense cache on a real model")
+    ev.add_argument("--policy", nargs="+", default=["mosaic"], help="preset names or policy files")
+    ev.add_argument("--ratio", nargs="+", type=float, default=[3.0], help="how many times fewer bytes than dense")
+    ev.add_argument("--tokens", type=int, default=2048, help="context length that is compressed")
+    ev.add_argument("--continuation", type=int, default=64, help="tokens teacher-forced after the context")
+    ev.add_argument("--scope", choices=["group", "segment"], default="group", help="plan the whole prompt at once, or each segment alone as serving does")
+    ev.add_argument("--model", default=None, help="a local transformers model folder (default: the shipped SmolLM2-135M-Instruct)")
+    ev.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ev.add_argument("--output", default=None, help="also write the JSON to this file")
+    ev.add_argument("--plot", default=None, help="write a PNG of fidelity against bytes per token")
+    ev.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ev.add_argument("--quiet", action="store_true", help="no progress bar")
+    ev.set_defaults(func=_eval)
+
+    ck = sub.add_parser("check", help="validate a policy (preset name or file)")
+    ck.add_argument("policy")
+    ck.add_argument("--ratio", type=float, default=None)
+    ck.add_argument("--head-dim", type=int, default=None)
+    ck.set_defaults(func=_check)
+
+    ls = sub.add_parser("list", help="list presets and registered parts")
+    ls.set_defaults(func=_list)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (PolicyError, FileNotFoundError) as err:
+        print(f"mosaickv: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""Segment formats: exact byte accounting and the reconstruction error each design implies."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mosaickv.formats import DENSE, HEADER_BYTES, BlockFormat, SideFormat, pack_block, unpack_block
+
+KINDS = ["dense", "sparse", "mask", "lowrank"]
+
+
+def bf16(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.bfloat16).float()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(1, 48),
+    d=st.sampled_from([16, 64, 128]),
+    kind_k=st.sampled_from(KINDS),
+    kind_v=st.sampled_from(KINDS),
+    keep=st.floats(0, 1),
+    width=st.floats(0.01, 1),
+    seed=st.integers(0, 2**16),
+)
+def test_bytes_accounted_equal_bytes_allocated(n, d, kind_k, kind_v, keep, width, seed):
+    torch.manual_seed(seed)
+    r = max(1, int(width * d))
+    fmt = BlockFormat(int(keep * n), SideFormat(kind_k, r if kind_k != "dense" else 0), SideFormat(kind_v, r if kind_v != "dense" else 0))
+    block = pack_block(torch.randn(n, d), torch.randn(n, d), fmt, token_score=torch.rand(n))
+    assert block.nbytes() == fmt.nbytes(d)
+    k, v = unpack_block(block)
+    assert k.shape == v.shape == (fmt.tokens, d)
+    assert BlockFormat.from_header(block.header) == fmt
+
+
+def test_all_dropped_block_holds_only_its_header():
+    block = pack_block(torch.randn(32, 64), torch.randn(32, 64), BlockFormat(0, SideFormat("lowrank", 8)))
+    assert block.nbytes() == HEADER_BYTES
+    assert unpack_block(block)[0].shape == (0, 64)
+
+
+@pytest.mark.parametrize("d", [64, 128])
+def test_dense_is_exact_to_bf16(d):
+    k, v = torch.randn(32, d), torch.randn(32, d)
+    rk, rv = unpack_block(pack_block(k, v, BlockFormat(32)))
+    assert torch.equal(rk, bf16(k)) and torch.equal(rv, bf16(v))
+
+
+@pytest.mark.parametrize("d,r", [(64, 8), (64, 32), (128, 16)])
+def test_sparse_keeps_each_vectors_largest_channels(d, r):
+    k = torch.randn(40, d)
+    rk, _ = unpack_block(pack_block(k, k, BlockFormat(40, SideFormat("sparse", r), DENSE)))
+    err = (rk - k).pow(2).sum(-1)
+    # Error = energy of the d - r smallest channels (to bf16 rounding of the kept ones), and
+    # so at most (d - r)/d of the vector's energy.
+    smallest = k.pow(2).sort(dim=-1).values[:, : d - r].sum(-1)
+    torch.testing.assert_close(err, smallest, rtol=2e-2, atol=1e-2)
+    assert (err <= (d - r) / d * k.pow(2).sum(-1) * 1.01 + 1e-3).all()
+
+
+@pytest.mark.parametrize("d,r", [(64, 16), (128, 64)])
+def test_mask_error_bounded_by_dropped_share_of_block_energy(d, r):
+    k = torch.randn(32, d) * torch.rand(d) * 3
+    rk, _ = unpack_block(pack_block(k, k, BlockFormat(32, SideFormat("mask", r), DENSE)))
+    err = (rk - k).pow(2).sum()
+    col = k.pow(2).sum(0).sort().values
+    torch.testing.assert_close(err, col[: d - r].sum(), rtol=2e-2, atol=1e-2)
+    assert err <= (d - r) / d * k.pow(2).sum() * 1.01
+
+
+@pytest.mark.parametrize("n,d,r", [(32, 64, 8), (32, 128, 16), (16, 64, 16)])
+def test_lowrank_error_is_the_tail_of_the_spectrum(n, d, r):
+    # Eckart-Young: the best rank-r error is the energy of the singular values past r.
+    k = torch.randn(n, 4) @ torch.randn(4, d) * 2 + 0.1 * torch.randn(n, d)
+    rk, _ = unpack_block(pack_block(k, k, BlockFormat(n, SideFormat("lowrank", r), DENSE)))
+    tail = torch.linalg.svdvals(k)[r:].pow(2).sum()
+    err = (rk - k).pow(2).sum()
+    assert err <= tail + 2e-3 * k.pow(2).sum()  # plus bf16 rounding of coefficients and basis
+
+
+def test_rank_above_the_segment_length_is_exact():
+    k = torch.randn(8, 64)
+    rk, _ = unpack_block(pack_block(k, k, BlockFormat(8, SideFormat("lowrank", 16), DENSE)))
+    torch.testing.assert_close(rk, k, rtol=2e-2, atol=3e-2)
+
+
+def test_token_drop_keeps_the_highest_scores_in_order():
+    k = torch.arange(10.0)[:, None].expand(10, 16).contiguous()
+    block = pack_block(k, k, BlockFormat(3), token_score=torch.tensor([0, 9, 1, 8, 2, 7, 3, 3, 3, 3.0]))
+    assert block.kept.tolist() == [1, 3, 5]
+    assert unpack_block(block)[0][:, 0].tolist() == [1.0, 3.0, 5.0]
+
+
+@pytest.mark.parametrize("bad", [BlockFormat(40), BlockFormat(8, SideFormat("sparse", 80))])
+def test_impossible_formats_are_refused(bad):
+    with pytest.raises(ValueError):
+        pack_block(torch.randn(32, 64), torch.randn(32, 64), bad)
+
+
+def test_side_format_kinds_are_checked():
+    with pytest.raises(ValueError, match="not one of"):
+        SideFormat("zigzag", 4)
+    with pytest.raises(ValueError, match="width"):
+        SideFormat("sparse", 0)

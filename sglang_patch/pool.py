@@ -69,10 +69,6 @@ class SegmentArena:
         self._written: dict[int, int] = {}
 
     @property
-    def free_slabs(self) -> int:
-        return len(self._free)
-
-    @property
     def live_slabs(self) -> int:
         return self.num_slabs - len(self._free)
 

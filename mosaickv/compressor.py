@@ -218,6 +218,37 @@ class Compressor:
         return stats, p
 
 
+def compress_segment(
+    policy: Policy,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    budget_bytes: int,
+    query_stats: torch.Tensor | None = None,
+    queries: list[torch.Tensor] | None = None,
+) -> list[list[PackedBlock]]:
+    """Seal one segment of every layer, as a server does: ``[layer][kv head]`` blocks.
+
+    keys, values: [L, Hkv, S, d]. The scorers see this segment only, plus what the server
+    observed of the queries that produced it: per-layer ``queries`` [Hq, n, d], or
+    ``query_stats`` [L, Hkv, d] (see :attr:`Observation.query_rms`). A part that needs
+    queries fails by name when neither is given.
+    """
+    layers, hkv, s, d = keys.shape
+    if s != policy.segment_size:
+        raise ValueError(f"a segment of {s} tokens was given, the policy's segment_size is {policy.segment_size}")
+    obs = [
+        Observation(
+            keys[i],
+            values[i],
+            queries[i] if queries is not None else keys.new_zeros(hkv, 0, d),
+            None if query_stats is None else query_stats[i],
+        )
+        for i in range(layers)
+    ]
+    planned = Compressor(policy, d).compress_segments(obs, 0, 1, budget_bytes)
+    return [segs[0] for segs in planned]
+
+
 def _lowrank_lost(x: torch.Tensor, score: torch.Tensor, ranks: list[int]) -> dict[int, torch.Tensor]:
     """Importance a rank-r block basis loses, per vector, for each r in ``ranks``.
 

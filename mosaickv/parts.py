@@ -21,12 +21,15 @@ class Observation:
     """One layer of the span being compressed.
 
     keys, values: [Hkv, T, d] (post-RoPE, as cached). queries: [Hq, Tq, d], the queries of
-    the last ``Tq`` tokens of the span (Tq may equal T), also post-RoPE.
+    the last ``Tq`` tokens of the span (Tq may equal T, or 0 where a server kept only
+    statistics), also post-RoPE. query_stats: [Hkv, d], a precomputed ``query_rms`` (a
+    server accumulates it during the forward pass instead of keeping every query).
     """
 
     keys: torch.Tensor
     values: torch.Tensor
     queries: torch.Tensor
+    query_stats: torch.Tensor | None = None
 
     @property
     def num_kv_heads(self) -> int:
@@ -40,7 +43,7 @@ class Observation:
         """The span cut at token ``end``: what was known when that token was sealed."""
         t = self.keys.shape[1]
         tq = self.queries.shape[1]
-        return Observation(self.keys[:, :end], self.values[:, :end], self.queries[:, : max(0, tq - (t - end))])
+        return Observation(self.keys[:, :end], self.values[:, :end], self.queries[:, : max(0, tq - (t - end))], self.query_stats)
 
     @cached_property
     def query_rms(self) -> torch.Tensor:
@@ -49,6 +52,10 @@ class Observation:
         RoPE (rotate-half layout) turns channel c with its partner c +- d/2, so a future
         query's channel c has the energy of the pair, not of c alone, on average.
         """
+        if self.query_stats is not None:
+            return self.query_stats.float()
+        if self.queries.shape[1] == 0:
+            raise ValueError("no queries were observed for this span and no query_stats were given")
         q = self.queries.float()
         hq, _, d = q.shape
         energy = q.pow(2).mean(dim=1)

@@ -264,7 +264,7 @@ class MixedAttention:
     """
 
     def __init__(
-        self, block_m: int = 16, block_n: int = 32, num_warps: int = 4, num_stages: int = 1, sparse_gather: bool = False
+        self, block_m: int = 16, block_n: int = 32, num_warps: int = 4, num_stages: int = 1, sparse_gather: bool = True
     ) -> None:
         self.block_m, self.block_n = block_m, block_n
         self.sparse_gather = sparse_gather

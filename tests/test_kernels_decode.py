@@ -59,13 +59,14 @@ def run_decode(
     hkv: int,
     group: int,
     d: int,
+    sparse_gather: bool = True,
     **plan_kw: int,
 ) -> None:
     hq = hkv * group
     tk = [torch.randn(hkv, t, d, generator=gen).bfloat16() for t in tail_lens]
     tv = [torch.randn(hkv, t, d, generator=gen).bfloat16() for t in tail_lens]
     q = torch.randn(len(layers), hq, d, generator=gen).bfloat16()
-    w = MixedDecodeWrapper(block_n=16)
+    w = MixedDecodeWrapper(block_n=16, sparse_gather=sparse_gather)
     w.plan(layers, tk, tv, hq, hkv, d, device=DEVICE, **plan_kw)
     out = torch.full((len(layers), hq, d), float("nan"), dtype=torch.bfloat16, device=DEVICE)
     w.run(q.to(DEVICE), out=out)
@@ -94,6 +95,15 @@ def test_mixed_gqa_ragged(group: int, d: int) -> None:
     hkv = 2
     layers = [random_layer(gen, s, 16, hkv, d) for s in (3, 0, 2, 1)]
     run_decode(gen, layers, [5, 9, 0, 40], hkv=hkv, group=group, d=d, chunk_tokens=20, max_programs=3)
+
+
+@pytest.mark.parametrize("sparse_gather", [True, False])
+def test_sparse_densify_modes(sparse_gather: bool) -> None:
+    """Register binary-search densify and the global-scratch scatter give the same result."""
+    gen = torch.Generator().manual_seed(11)
+    fmts = [BlockFormat(16, SideFormat("sparse", 1), SideFormat("sparse", 64)), BlockFormat(7, SideFormat("sparse", 19))]
+    layers = [random_layer(gen, 2, 16, 1, 64, fmt=f) for f in fmts]
+    run_decode(gen, layers, [2, 5], hkv=1, group=3, d=64, sparse_gather=sparse_gather, max_programs=2)
 
 
 def test_every_token_dropped() -> None:

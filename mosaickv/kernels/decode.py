@@ -9,9 +9,11 @@ compiled for that pair (runtime format branches doubled the register count). Eac
 format reduces to the same tile product:
 
 * dense: keys/values ``[m, d]`` are the tiles;
-* sparse: the ``[m, r]`` values are scattered by their per-row uint8 channel indices
-  into a zeroed per-program scratch tile ``[block_n, d]`` and read back dense (the
-  scratch is cleaned after each use so it stays zero between runs);
+* sparse: each ``[m, r]`` tile is densified by its per-row uint8 channel indices. By
+  default (``sparse_gather``) in registers: a branchless binary search over each row's
+  sorted indices (``tl.gather``) finds every channel's slot. The alternative scatters
+  into a zeroed per-program global scratch tile and reads it back (cleaned after use);
+  on an H100 it is 4x slower (barriers and L2 round trips), kept for comparison;
 * mask and lowrank: both are ``coef [m, r] @ basis [r, d]`` (a mask's basis is the
   one-hot rows of its channels), so keys use ``q @ basisᵀ`` once per block (for a mask:
   q's kept channels, gathered) and tile ``coef``; values accumulate ``p @ coef`` in

@@ -37,9 +37,12 @@ def register() -> None:
         pool.build_mha_kv_pool_hook,
         HookType.AROUND,
     )
-    for allocator in ("token.TokenToKVPoolAllocator", "paged.PagedTokenToKVPoolAllocator"):
-        HookRegistry.register(f"sglang.srt.mem_cache.allocator.{allocator}.free", pool.allocator_free_hook,
-                              HookType.AROUND)
+    # Every way the allocators give slots back; the paged free_segment bypasses free().
+    for method in ("token.TokenToKVPoolAllocator.free", "paged.PagedTokenToKVPoolAllocator.free",
+                   "paged.PagedTokenToKVPoolAllocator.free_segment"):
+        HookRegistry.register(f"sglang.srt.mem_cache.allocator.{method}", pool.allocator_free_hook, HookType.AROUND)
+    HookRegistry.register("sglang.srt.managers.scheduler.Scheduler.get_internal_state", pool.internal_state_hook,
+                          HookType.AFTER)
     radix.register_backend()
     attention.register_backend()
 

@@ -5,6 +5,9 @@ Correct, not fast: one request and one layer at a time through
 are checked against). Every token before the step's queries is visible to all of them,
 so sealed segments and the dense prefix go in the "compressed" part (dense tokens as a
 dense-format block, exact in bf16) and only the step's own tokens form the causal tail.
+
+Every query it computes also feeds the pool's per-segment query statistics
+(:mod:`mosaickv.sglang_patch.query_stats`), which sealing hands to the compressor.
 """
 
 from __future__ import annotations
@@ -44,7 +47,8 @@ def attend_request(pool: MosaicKVPool, layer_id: int, q: torch.Tensor, slots: to
 
 
 class MosaicAttnBackend(TorchNativeAttnBackend):
-    """TorchNative's metadata and KV writes; reads go through :func:`attend_request`."""
+    """TorchNative's metadata and KV writes; reads go through :func:`attend_request`;
+    queries are recorded for sealing."""
 
     def __init__(self, model_runner) -> None:
         super().__init__(model_runner)
@@ -60,12 +64,15 @@ class MosaicAttnBackend(TorchNativeAttnBackend):
         q_ = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)
         o = q.new_empty((q_.shape[0], layer.tp_q_head_num * layer.v_head_dim))
         o_ = o.view(-1, layer.tp_q_head_num, layer.v_head_dim)
+        pool = self.token_to_kv_pool
         req_to_token = self.req_to_token_pool.req_to_token
         start = 0
         for i, nq in enumerate(q_lens):
             seq_len = int(forward_batch.seq_lens[i])
             slots = req_to_token[int(forward_batch.req_pool_indices[i]), :seq_len]
-            out = attend_request(self.token_to_kv_pool, layer.layer_id, q_[start : start + nq], slots, layer.scaling)
+            q_req = q_[start : start + nq]
+            pool.query_stats.observe(layer.layer_id - pool.start_layer, q_req, slots)
+            out = attend_request(pool, layer.layer_id, q_req, slots, layer.scaling)
             o_[start : start + nq] = out.to(o.dtype)
             start += nq
         return o

@@ -9,7 +9,8 @@ logical page to a dense page (tail) or to an arena slab (sealed segment).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -17,7 +18,10 @@ from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 from sglang.srt.model_executor.pool_configurator import DefaultPoolConfigurator, MemoryPoolConfig
 
 from mosaickv.formats import HEADER_BYTES, VALUE_DTYPE, BlockFormat, PackedBlock, PackedSide
+from mosaickv.sglang_patch.query_stats import SegmentQueryStats
 from mosaickv.sglang_patch.sizing import CapacityPlan, KVShape, plan_capacity
+
+logger = logging.getLogger(__name__)
 
 UNMAPPED = -1
 
@@ -72,6 +76,10 @@ class SegmentArena:
     def live_slabs(self) -> int:
         return self.num_slabs - len(self._free)
 
+    @property
+    def free_slabs(self) -> int:
+        return len(self._free)
+
     def store(self, payload: torch.Tensor) -> int:
         """Copy ``payload`` (uint8) into a free slab; returns the slab id."""
         if payload.numel() > self.slab_bytes:
@@ -94,6 +102,15 @@ class SegmentArena:
     def free(self, slab: int) -> None:
         self.used_bytes -= self._written.pop(slab)
         self._free.append(slab)
+
+
+@dataclass
+class SealingCounters:
+    """What sealing did in this process, for ``kv_compress_info`` (the radix cache counts)."""
+
+    compression_calls: int = 0  # segments handed to the compressor
+    part_failures: dict[str, int] = field(default_factory=dict)  # part name -> segments left dense
+    arena_full: int = 0  # seal attempts deferred because no slab was free
 
 
 class MosaicKVPool(MHATokenToKVPool):
@@ -121,6 +138,8 @@ class MosaicKVPool(MHATokenToKVPool):
         self.arena = SegmentArena(self.plan.num_slabs, self.plan.slab_bytes, self.device)
         self._slab_pages: dict[int, list[int]] = {}
         self._segments: dict[int, list[list[PackedBlock]]] = {}  # decoded slabs, dropped on free
+        self.query_stats = SegmentQueryStats(self.layer_num, self.head_num, self.head_dim, self.plan.segment_size)
+        self.counters = SealingCounters()
 
     def _kv_buffer_shapes(self):
         rows = self.plan.dense_tail_tokens + self.page_size
@@ -198,7 +217,9 @@ class MosaicKVPool(MHATokenToKVPool):
         self.arena.free(slab)
 
     def release_pages(self, loc: torch.Tensor) -> None:
-        """Called when the allocator frees logical slots: their dense pages return."""
+        """Called when the allocator frees logical slots: their dense pages return and
+        the query statistics of segments they started go (the slots will be reused)."""
+        self.query_stats.release(loc)
         pages = torch.unique(loc.cpu().long() // self.page_size)
         pages = pages[pages > 0]
         for page in pages[self.page_to_dense[pages] != UNMAPPED].tolist():
@@ -229,6 +250,10 @@ class MosaicKVPool(MHATokenToKVPool):
             "dense_bytes_per_token": self.plan.dense_bytes_per_token,
             "capacity_gain": self.plan.capacity_gain,
             "achieved_ratio": dense_equiv / self.arena.used_bytes if self.arena.used_bytes else None,
+            "free_slabs": self.arena.free_slabs,
+            "compression_calls": self.counters.compression_calls,
+            "part_failures": dict(self.counters.part_failures),
+            "arena_full": self.counters.arena_full,
         }
 
 
@@ -247,7 +272,6 @@ def kv_shape_of(kvc) -> KVShape:
 
 
 _PLANS: dict[int, CapacityPlan] = {}  # id(KVCacheConfigurator) -> plan, from sizing to pool building
-_POOLS: list["MosaicKVPool"] = []
 
 
 class MosaicPoolConfigurator(DefaultPoolConfigurator):
@@ -322,8 +346,20 @@ def build_mha_kv_pool_hook(original, kvc, *, max_total_num_tokens: int, mha_pool
         enable_alt_stream=False,
         plan=plan,
     )
-    _POOLS.append(pool)
+    log_startup(pool, kvc.server_args.mosaic_policy.name)
     return pool
+
+
+def log_startup(pool: MosaicKVPool, policy_name: str) -> None:
+    """One line per pool at startup: what a token costs and how much more fits."""
+    plan = pool.plan
+    logger.info(
+        "MosaicKV policy %r: %.1f bytes/token planned (dense %d, %.2fx fewer), sealed segments %.1f bytes/token; "
+        "capacity %d tokens (%.2fx the dense pool), %d slabs, dense tails for %d requests",
+        policy_name, plan.bytes_per_token, plan.dense_bytes_per_token,
+        plan.dense_bytes_per_token / plan.bytes_per_token, plan.sealed_bytes_per_token,
+        plan.max_total_num_tokens, plan.capacity_gain, plan.num_slabs, plan.max_running_requests,
+    )
 
 
 def _capped(plan: CapacityPlan, tokens: int) -> CapacityPlan:
@@ -341,8 +377,21 @@ def allocator_free_hook(original, allocator, free_index: torch.Tensor, *args, **
     return original(allocator, free_index, *args, **kwargs)
 
 
-def kv_compress_info() -> dict:
-    """Server-info payload: the stats of every MosaicKV pool in this process."""
-    if not _POOLS:
+def kv_compress_info(pool) -> dict:
+    """Server-info payload for one KV pool: ``{"kv_compress": "none"}`` unless it is ours.
+
+    Plain ints, floats, strings and dicts only: it crosses the scheduler's msgpack channel.
+    """
+    if not isinstance(pool, MosaicKVPool):
         return {"kv_compress": "none"}
-    return {"kv_compress": "mosaickv", "pools": [pool.stats() for pool in _POOLS]}
+    return pool.stats()
+
+
+def internal_state_hook(result, scheduler, *args, **kwargs):
+    """AFTER hook on ``Scheduler.get_internal_state``: add ``kv_compress`` to what
+    ``/server_info`` (and ``/get_server_info``, ``Engine.get_server_info``) list under
+    ``internal_states``."""
+    pool = scheduler.token_to_kv_pool_allocator.get_kvcache()
+    if isinstance(pool, MosaicKVPool):
+        result.internal_state["kv_compress"] = kv_compress_info(pool)
+    return result

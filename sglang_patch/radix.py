@@ -5,27 +5,36 @@ so every node starts and ends on a segment boundary and owns whole segments; a s
 hands each side its own segments, eviction frees a node's slabs with its tokens. After
 each insert the path is walked and every full segment that is neither a sink nor inside
 the recent window is sealed once: a prefix shared by many requests is compressed once,
-from its own keys and values (nothing from any one request's suffix).
+from its own keys, values and queries (nothing from any one request's suffix).
+
+Sealing never takes the request down with it: a policy part that fails leaves that
+segment dense for good (logged once per part, counted per segment), and a full arena
+leaves it dense until eviction frees a slab (the next insert on its path retries).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from sglang.srt.mem_cache.base_prefix_cache import InsertParams, InsertResult, MatchPrefixParams
 from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 from sglang.srt.mem_cache.radix_cache import RadixCache, TreeNode
 
+from mosaickv.compressor import PartFailure
 from mosaickv.formats import PackedBlock
 from mosaickv.sglang_patch.pool import UNMAPPED, MosaicKVPool
 
 logger = logging.getLogger(__name__)
 
-# compress(k, v, budget_bytes) with k, v [layers, kv_heads, segment_size, head_dim]
+# compress(k, v, budget_bytes, query_stats) with k, v [layers, kv_heads, segment_size, head_dim]
+# and query_stats [layers, kv_heads, head_dim] (or None when no query was observed)
 # -> blocks[layer][kv_head] whose bytes sum to at most budget_bytes (the arena slab).
-CompressFn = Callable[[torch.Tensor, torch.Tensor, int], list[list[PackedBlock]]]
+# A part that fails raises mosaickv.compressor.PartFailure.
+CompressFn = Callable[[torch.Tensor, torch.Tensor, int, Optional[torch.Tensor]], list[list[PackedBlock]]]
+# node.mosaic_slabs entry of a segment whose compression failed: it stays dense, never retried.
+LEFT_DENSE = -2
 
 
 class MosaicRadixCache(RadixCache):
@@ -43,7 +52,6 @@ class MosaicRadixCache(RadixCache):
         self.segment_size = segment_size
         self.sink_segments = sink_segments
         self.window = window
-        self.compress_calls = 0
         self.allocator_page_size = params.page_size
         params.page_size = segment_size  # tree granularity: nodes hold whole segments
         super().__init__(params)
@@ -64,7 +72,7 @@ class MosaicRadixCache(RadixCache):
 
     def _delete_leaf(self, node: TreeNode) -> None:
         for slab in getattr(node, "mosaic_slabs", []):
-            if slab != UNMAPPED:
+            if slab >= 0:
                 self.pool.free_slab(slab)
         node.mosaic_slabs = []
         super()._delete_leaf(node)
@@ -76,7 +84,7 @@ class MosaicRadixCache(RadixCache):
                 node = stack.pop()
                 stack.extend(node.children.values())
                 for slab in getattr(node, "mosaic_slabs", []):
-                    if slab != UNMAPPED:
+                    if slab >= 0:
                         self.pool.free_slab(slab)
         super().reset()
 
@@ -107,28 +115,55 @@ class MosaicRadixCache(RadixCache):
             offset += len(node.value)
 
     def _seal(self, slots: torch.Tensor) -> int:
-        """Compress one segment's dense KV (all layers) and move it into the arena."""
-        pool = self.pool
+        """Compress one segment's dense KV (all layers) into the arena; returns its slab,
+        UNMAPPED if the arena is full (retried later) or LEFT_DENSE if a part failed."""
+        pool, counters = self.pool, self.pool.counters
+        if pool.arena.free_slabs == 0:
+            # No over-allocation: the segment keeps its dense rows, and the allocator
+            # (whose logical capacity counts those rows) makes SGLang evict.
+            if counters.arena_full == 0:
+                logger.warning("MosaicKV segment arena is full (%d slabs): new segments stay dense until "
+                               "eviction frees slabs", pool.arena.num_slabs)
+            counters.arena_full += 1
+            return UNMAPPED
+        first = int(slots[0])
         rows = pool.dense_rows(slots)
         k = torch.stack([pool.k_buffer[i][rows] for i in range(pool.layer_num)]).transpose(1, 2)
         v = torch.stack([pool.v_buffer[i][rows] for i in range(pool.layer_num)]).transpose(1, 2)
-        blocks = self.compress(k, v, pool.plan.slab_bytes)
-        self.compress_calls += 1
+        counters.compression_calls += 1
+        try:
+            blocks = self.compress(k, v, pool.plan.slab_bytes, pool.query_stats.rms(first))
+        except PartFailure as err:
+            failures = counters.part_failures
+            if err.part_name not in failures:
+                logger.error("MosaicKV: %s; segments it fails on stay dense (logged once per part, counted in "
+                             "kv_compress_info()['part_failures'])", err)
+            failures[err.part_name] = failures.get(err.part_name, 0) + 1
+            pool.query_stats.drop(first)
+            return LEFT_DENSE
         pages = torch.unique(slots.cpu().long() // self.allocator_page_size).tolist()
-        return pool.seal(pages, blocks)
+        slab = pool.seal(pages, blocks)
+        pool.query_stats.drop(first)
+        return slab
 
     def sealed_bytes(self) -> int:
         return self.pool.arena.used_bytes
 
 
 def default_compress(policy, head_dim: int) -> CompressFn:
-    """The lead's per-segment compressor (``mosaickv.compressor.compress_segment``)."""
+    """``mosaickv.compressor.compress_segment`` with the backend's query statistics; a plan
+    over the slab is the strategy's failure (a fixed strategy may ignore the budget)."""
     from mosaickv.compressor import compress_segment
 
     bound = policy.bind(head_dim)
 
-    def compress(k: torch.Tensor, v: torch.Tensor, budget_bytes: int) -> list[list[PackedBlock]]:
-        return compress_segment(bound, k, v, budget_bytes=budget_bytes)
+    def compress(k: torch.Tensor, v: torch.Tensor, budget_bytes: int,
+                 query_stats: Optional[torch.Tensor]) -> list[list[PackedBlock]]:
+        blocks = compress_segment(bound, k, v, budget_bytes=budget_bytes, query_stats=query_stats)
+        used = sum(block.nbytes() for layer in blocks for block in layer)
+        if used > budget_bytes:
+            raise PartFailure("strategy", bound.strategy, f"packed {used} bytes, over the {budget_bytes}-byte slab")
+        return blocks
 
     return compress
 

@@ -388,10 +388,10 @@ def kv_compress_info(pool) -> dict:
 
 
 def internal_state_hook(result, scheduler, *args, **kwargs):
-    """AFTER hook on ``Scheduler.get_internal_state``: add ``kv_compress`` to what
+    """AFTER hook on ``Scheduler.get_internal_state``: add ``kv_compress_info`` to what
     ``/server_info`` (and ``/get_server_info``, ``Engine.get_server_info``) list under
-    ``internal_states``."""
+    ``internal_states`` (``kv_compress`` there is already the flag's value)."""
     pool = scheduler.token_to_kv_pool_allocator.get_kvcache()
     if isinstance(pool, MosaicKVPool):
-        result.internal_state["kv_compress"] = kv_compress_info(pool)
+        result.internal_state["kv_compress_info"] = kv_compress_info(pool)
     return result

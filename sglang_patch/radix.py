@@ -137,7 +137,7 @@ class MosaicRadixCache(RadixCache):
             failures = counters.part_failures
             if err.part_name not in failures:
                 logger.error("MosaicKV: %s; segments it fails on stay dense (logged once per part, counted in "
-                             "kv_compress_info()['part_failures'])", err)
+                             "server info: kv_compress_info.part_failures)", err)
             failures[err.part_name] = failures.get(err.part_name, 0) + 1
             pool.query_stats.drop(first)
             return LEFT_DENSE

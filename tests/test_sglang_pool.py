@@ -11,6 +11,7 @@ from sglang.srt.plugins import load_plugins  # noqa: E402
 
 load_plugins()
 
+from sglang.srt.mem_cache.allocator.paged import PagedTokenToKVPoolAllocator  # noqa: E402
 from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator  # noqa: E402
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool  # noqa: E402
 
@@ -135,3 +136,24 @@ def test_stats_report_bytes_per_token_and_ratio():
     stats = pool.stats()
     assert stats["planned_bytes_per_token"] == pytest.approx(plan.bytes_per_token)
     assert stats["achieved_ratio"] == pytest.approx(4 * 32 * 128 / (4 * FMT.nbytes(32)))
+
+
+@pytest.mark.parametrize("group", [False, True])
+def test_paged_free_segment_returns_dense_pages_and_query_stats(group):
+    # The paged allocator's free_segment (what the radix cache calls) bypasses free().
+    pool, plan = make_pool(page_size=16)
+    alloc = PagedTokenToKVPoolAllocator(plan.max_total_num_tokens, page_size=16, dtype=torch.bfloat16, device="cpu",
+                                        kvcache=pool, need_sort=False)
+    slots = alloc.alloc(64)
+    for layer in range(2):
+        pool._store_kv_layer(layer, slots, torch.ones(64, 2, 32, dtype=torch.bfloat16),
+                             torch.ones(64, 2, 32, dtype=torch.bfloat16))
+        pool.query_stats.observe(layer, torch.ones(64, 4, 32), slots)
+    assert len(pool._free_dense) == plan.dense_tail_tokens // 16 - 4 and len(pool.query_stats) == 2
+    if group:
+        alloc.free_group_begin()
+    alloc.free_segment(slots, start_pos=0)
+    if group:
+        alloc.free_group_end()
+    assert len(pool._free_dense) == plan.dense_tail_tokens // 16 and len(pool.query_stats) == 0
+    assert alloc.available_size() == plan.max_total_num_tokens

@@ -377,13 +377,11 @@ def allocator_free_hook(original, allocator, free_index: torch.Tensor, *args, **
     return original(allocator, free_index, *args, **kwargs)
 
 
-def kv_compress_info(pool) -> dict:
-    """Server-info payload for one KV pool: ``{"kv_compress": "none"}`` unless it is ours.
+def kv_compress_info(pool: MosaicKVPool) -> dict:
+    """Server-info payload of a MosaicKV pool (its :meth:`MosaicKVPool.stats`).
 
     Plain ints, floats, strings and dicts only: it crosses the scheduler's msgpack channel.
     """
-    if not isinstance(pool, MosaicKVPool):
-        return {"kv_compress": "none"}
     return pool.stats()
 
 

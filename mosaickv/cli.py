@@ -25,8 +25,8 @@ def _eval(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     net, tokenizer = models.load(args.model)
     runner = Runner(net)
-    ids = corpus_ids(tokenizer, args.tokens + args.continuation)
-    result = evaluate_fidelity(runner, ids, args.policy, args.ratio, continuation=args.continuation, scope=args.scope, progress=not args.quiet)
+    samples = corpus_ids(tokenizer, args.tokens + args.continuation, args.samples)
+    result = evaluate_fidelity(runner, samples, args.policy, args.ratio, continuation=args.continuation, scope=args.scope, progress=not args.quiet)
     result["model"] = args.model or models.DEFAULT_MODEL
     result["command"] = "mosaickv " + " ".join(sys.argv[1:])
     if args.plot:
@@ -44,7 +44,7 @@ def _eval(args: argparse.Namespace) -> int:
 def format_table(result: dict) -> str:
     """A Markdown table of the fidelity rows."""
     lines = [
-        f"context {result['context_tokens']} tokens, continuation {result['continuation_tokens']}, scope {result['scope']}, "
+        f"{result['samples']} texts of {result['context_tokens']} context tokens, continuation {result['continuation_tokens']}, scope {result['scope']}, "
         f"dense {result['dense_bytes_per_token']:.0f} B/token",
         "",
         "| policy | target | ratio | bytes/token | KL (nats) | top-1 |",
@@ -77,6 +77,67 @@ def _list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _samples(items: list[str], kinds: list[str]) -> dict[str, int]:
+    """``--samples 10 multivalue=3``: a default count, then per-kind counts."""
+    default, per_kind = 1, {}
+    for item in items:
+        name, _, n = item.rpartition("=")
+        if name and name not in kinds:
+            raise PolicyError("samples", item, f"N or KIND=N with KIND one of {kinds}")
+        if not n.isdigit():
+            raise PolicyError("samples", item, "N or KIND=N with N a whole number")
+        per_kind[name] = int(n) if name else per_kind.get(name, 0)
+        default = int(n) if not name else default
+    return {k: per_kind.get(k, default) for k in kinds}
+
+
+def _retrieval(args: argparse.Namespace) -> int:
+    import torch
+
+    from mosaickv import model as models
+    from mosaickv.retrieval import MODES, evaluate_retrieval, format_tables, plot_retrieval
+    from mosaickv.tasks import KINDS, hf_counter, suite
+
+    kinds = list(KINDS) if args.tasks == ["all"] else args.tasks
+    for name in kinds:
+        if name not in KINDS:
+            raise PolicyError("tasks", name, f"one of {list(KINDS)} or all")
+    counts = _samples(args.samples, kinds)
+    overrides = {"min_context": args.min_context} if args.min_context else {}
+    for name in args.policy:  # refuse a bad policy before the minutes of model work
+        load_policy(name, **overrides)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)  # decompressed caches carry denormals that slow CPU matmuls ~3x
+    net, tokenizer = models.load(args.model)
+    tasks = suite(counts, args.tokens, hf_counter(tokenizer), seed=args.seed)
+    modes = MODES if args.mode == "both" else (args.mode,)
+    header = {
+        "model": args.model or models.DEFAULT_MODEL,
+        "command": "mosaickv " + " ".join(sys.argv[1:]),
+        "target_tokens": args.tokens,
+        "samples": counts,
+        "seed": args.seed,
+        "threads": torch.get_num_threads(),
+    }
+
+    def save(result: dict) -> None:
+        result.update(header)
+        if args.output:
+            Path(args.output).write_text(json.dumps(result, indent=1))
+        if args.plot:
+            plot_retrieval(result, args.plot)
+            result["plot"] = args.plot
+
+    result = evaluate_retrieval(
+        Runner(net), tokenizer, tasks, args.policy, args.ratio, modes, scope=args.scope, overrides=overrides,
+        progress=not args.quiet, on_task=save if args.output or args.plot else None,
+    )  # fmt: skip
+    save(result)
+    print(json.dumps(result, indent=1) if args.json else format_tables(result))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mosaickv", description="Dynamic two-dimensional KV-cache compression.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -86,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--ratio", nargs="+", type=float, default=[3.0], help="how many times fewer bytes than dense")
     ev.add_argument("--tokens", type=int, default=2048, help="context length that is compressed")
     ev.add_argument("--continuation", type=int, default=64, help="tokens teacher-forced after the context")
+    ev.add_argument("--samples", type=int, default=2, help="disjoint texts to average over")
     ev.add_argument("--scope", choices=["group", "segment"], default="group", help="plan the whole prompt at once, or each segment alone as serving does")
     ev.add_argument("--model", default=None, help="a local transformers model folder (default: the shipped SmolLM2-135M-Instruct)")
     ev.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -103,6 +165,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     ls = sub.add_parser("list", help="list presets and registered parts")
     ls.set_defaults(func=_list)
+
+    rt = sub.add_parser("retrieval", help="RULER-style retrieval accuracy with the question inside or after the compressed prompt")
+    rt.add_argument("--policy", nargs="+", default=["mosaic"], help="preset names or policy files")
+    rt.add_argument("--ratio", nargs="+", type=float, default=[2.0, 3.0, 6.0], help="how many times fewer bytes than dense")
+    rt.add_argument("--mode", choices=["inside", "after", "both"], default="both", help="question inside the compressed prompt, after it, or both")
+    rt.add_argument("--tasks", nargs="+", default=["all"], help="task kinds (see mosaickv.tasks.KINDS) or all")
+    rt.add_argument("--samples", nargs="+", default=["3"], help="samples per kind: N, then KIND=N to override one kind")
+    rt.add_argument("--tokens", nargs="+", type=int, default=[2048], help="prompt lengths in model tokens")
+    rt.add_argument("--seed", type=int, default=0, help="task generator seed")
+    rt.add_argument("--scope", choices=["group", "segment"], default="group", help="plan the whole prompt at once, or each segment alone as serving does")
+    rt.add_argument("--min-context", type=int, default=None, help="override the policies' min_context (short smoke runs)")
+    rt.add_argument("--model", default=None, help="a local transformers model folder (default: the shipped SmolLM2-135M-Instruct)")
+    rt.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    rt.add_argument("--output", default=None, help="write the JSON here (rewritten after every task)")
+    rt.add_argument("--plot", default=None, help="write a PNG of accuracy against ratio, one column per mode")
+    rt.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    rt.add_argument("--quiet", action="store_true", help="no progress bar")
+    rt.set_defaults(func=_retrieval)
     return parser
 
 

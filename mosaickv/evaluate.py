@@ -1,7 +1,7 @@
 """Offline fidelity: next-token KL and top-1 agreement of a compressed cache against dense.
 
-A long text is split into a context, which is prefilled once and compressed by every
-policy at every ratio, and a continuation, which is teacher-forced over each compressed
+Each of a few long texts is split into a context, which is prefilled once and compressed
+by every policy at every ratio, and a continuation, which is teacher-forced over each compressed
 cache and over the dense (bf16) cache; the continuation's next-token distributions are
 compared. The text is built from the docstrings of Python's standard library, so it is
 natural prose and code, identical on every machine with the same Python, and needs no
@@ -47,12 +47,13 @@ def corpus_text(min_chars: int) -> str:
     return "\n\n".join(parts)
 
 
-def corpus_ids(tokenizer, tokens: int) -> torch.Tensor:
-    text = corpus_text(tokens * 6)
+def corpus_ids(tokenizer, tokens: int, samples: int = 1) -> list[torch.Tensor]:
+    """``samples`` disjoint runs of ``tokens`` tokens from the built-in corpus."""
+    text = corpus_text(tokens * samples * 6)
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
-    if ids.numel() < tokens:
-        raise ValueError(f"the built-in corpus has {ids.numel()} tokens, fewer than the {tokens} asked for")
-    return ids[:tokens]
+    if ids.numel() < tokens * samples:
+        raise ValueError(f"the built-in corpus has {ids.numel()} tokens, fewer than the {tokens} x {samples} asked for")
+    return [ids[i * tokens : (i + 1) * tokens] for i in range(samples)]
 
 
 def dense_cache(observations) -> CompressedCache:
@@ -74,6 +75,7 @@ class FidelityRow:
     bytes_per_token: float | None = None
     kl: float | None = None
     top1: float | None = None
+    kl_per_sample: list[float] | None = None
     seconds: float | None = None
     formats: dict | None = None
     error: str | None = None
@@ -90,18 +92,21 @@ def compare(dense_logits: torch.Tensor, logits: torch.Tensor) -> tuple[float, fl
 
 def evaluate_fidelity(
     runner,
-    ids: torch.Tensor,
+    samples: list[torch.Tensor],
     policies: list[str],
     ratios: list[float],
     continuation: int = 64,
     scope: str = "group",
     progress: bool = True,
 ) -> dict:
-    """Every policy at every ratio over one prefill of ``ids[:-continuation]``."""
-    context, future = ids[:-continuation], ids[-continuation:]
-    observations, _ = runner.observe(context)
-    dense = dense_cache(observations)
-    dense_logits, _ = runner.feed(dense, future)
+    """Every policy at every ratio, averaged over texts: each one's context is prefilled
+    once, then every compressed cache is read by its last ``continuation`` tokens."""
+    prepared = []
+    for ids in samples:
+        context, future = ids[:-continuation], ids[-continuation:]
+        observations, _ = runner.observe(context)
+        dense = dense_cache(observations)
+        prepared.append((observations, future, runner.feed(dense, future)[0]))
     rows: list[FidelityRow] = []
     jobs = [(p, r) for p in policies for r in ratios]
     for name, ratio in tqdm(jobs, desc="mosaickv eval", disable=not progress):
@@ -109,19 +114,27 @@ def evaluate_fidelity(
         start = time.perf_counter()
         try:
             policy = load_policy(name, ratio=ratio)
-            cache = Compressor(policy, runner.head_dim).compress(observations, scope=scope)
-            logits, _ = runner.feed(cache, future)
-            row.kl, row.top1 = compare(dense_logits, logits)
-            row.ratio = dense.dense_nbytes() / cache.nbytes()
-            row.bytes_per_token = cache.nbytes() / cache.num_tokens
-            row.formats = dict(sorted(cache.formats().items(), key=lambda kv: -kv[1])[:8])
+            kls, top1s, nbytes, formats = [], [], 0, {}
+            for observations, future, dense_logits in prepared:
+                cache = Compressor(policy, runner.head_dim).compress(observations, scope=scope)
+                kl, top1 = compare(dense_logits, runner.feed(cache, future)[0])
+                kls.append(kl)
+                top1s.append(top1)
+                nbytes += cache.nbytes()
+                for fmt, count in cache.formats().items():
+                    formats[fmt] = formats.get(fmt, 0) + count
+            row.kl, row.top1, row.kl_per_sample = sum(kls) / len(kls), sum(top1s) / len(top1s), kls
+            row.ratio = dense.dense_nbytes() * len(prepared) / nbytes
+            row.bytes_per_token = nbytes / (dense.num_tokens * len(prepared))
+            row.formats = dict(sorted(formats.items(), key=lambda kv: -kv[1])[:8])
         except PolicyError as err:
             row.error = str(err)
         row.seconds = round(time.perf_counter() - start, 2)
         rows.append(row)
     return {
-        "context_tokens": int(context.numel()),
-        "continuation_tokens": int(future.numel()),
+        "context_tokens": int(samples[0].numel() - continuation),
+        "continuation_tokens": continuation,
+        "samples": len(samples),
         "scope": scope,
         "dense_bytes_per_token": dense.nbytes() / dense.num_tokens,
         "rows": [asdict(r) for r in rows],
@@ -153,7 +166,7 @@ def plot_fidelity(result: dict, path: str) -> None:
     ax_kl.set_ylabel("next-token KL vs dense (nats)")
     ax_top.set_ylabel("top-1 agreement with dense")
     ax_top.legend(fontsize=8)
-    fig.suptitle(f"Fidelity at {result['context_tokens']} context tokens ({result['scope']} scope)")
+    fig.suptitle(f"SmolLM2-135M, {result['context_tokens']}-token contexts x {result['samples']}, {result['scope']} scope")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

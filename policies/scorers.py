@@ -48,14 +48,18 @@ class ObservedAttention(TokenScorer):
     """SnapKV: attention that the last ``window`` queries pay each token, pooled.
 
     Query-aware: good when the question is inside the span, poor when it comes later.
+    ``floor`` mixes in a uniform share (``floor`` times the mean), so that a strategy
+    pricing drops by this score does not treat any token as free to drop.
     """
 
     window: int = 32
     pool: int = 7
+    floor: float = 0.0
 
     def __post_init__(self) -> None:
         check(self.window >= 1, "window", self.window, "an integer >= 1")
         check(self.pool >= 1 and self.pool % 2 == 1, "pool", self.pool, "an odd integer >= 1")
+        check(self.floor >= 0, "floor", self.floor, "a number >= 0")
 
     def score(self, obs: Observation) -> torch.Tensor:
         keys = obs.keys.float()
@@ -66,7 +70,8 @@ class ObservedAttention(TokenScorer):
         pos = torch.arange(t)
         logits = logits.masked_fill(pos[None, :] > (t - w + torch.arange(w))[:, None], float("-inf"))
         attn = torch.softmax(logits, dim=-1).mean(dim=(1, 2))
-        return F.avg_pool1d(attn[:, None], self.pool, stride=1, padding=self.pool // 2, count_include_pad=False)[:, 0]
+        pooled = F.avg_pool1d(attn[:, None], self.pool, stride=1, padding=self.pool // 2, count_include_pad=False)[:, 0]
+        return (pooled + self.floor / t) / (1 + self.floor)
 
 
 @register_scorer("accumulated_attention")

@@ -18,7 +18,7 @@ from mosaickv.hf import Runner  # noqa: E402
 @pytest.fixture(scope="module")
 def runner_and_ids():
     net, tokenizer = models.load()
-    return Runner(net), corpus_ids(tokenizer, 1088), net
+    return Runner(net), corpus_ids(tokenizer, 1088)[0], net
 
 
 def test_shipped_model_is_found_without_importing_its_package():
@@ -66,7 +66,7 @@ def test_cli_eval_writes_json_and_plot(tmp_path):
     out, png = tmp_path / "r.json", tmp_path / "r.png"
     proc = subprocess.run(
         [sys.executable, "-m", "mosaickv.cli", "eval", "--policy", "mosaic", "snapkv", "--ratio", "3", "--tokens", "1056",
-         "--continuation", "16", "--json", "--quiet", "--output", str(out), "--plot", str(png)],
+         "--continuation", "16", "--samples", "1", "--json", "--quiet", "--output", str(out), "--plot", str(png)],
         capture_output=True, text=True, check=True,
     )
     result = json.loads(proc.stdout)

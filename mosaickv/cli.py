@@ -78,23 +78,24 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _samples(items: list[str], kinds: list[str]) -> dict[str, int]:
-    """``--samples 10 multivalue=3``: a default count, then per-kind counts."""
-    default, per_kind = 1, {}
-    for item in items:
-        name, _, n = item.rpartition("=")
+    """``--samples 10 multivalue=3``: a count for every kind, then per-kind counts."""
+    plain = [i for i in items if "=" not in i]
+    pairs = [i.split("=", 1) for i in items if "=" in i]
+    for name, n in [("", plain[-1] if plain else "1"), *pairs]:
         if name and name not in kinds:
-            raise PolicyError("samples", item, f"N or KIND=N with KIND one of {kinds}")
+            raise PolicyError("samples", f"{name}={n}", f"KIND=N with KIND one of the tasks run ({', '.join(kinds)})")
         if not n.isdigit():
-            raise PolicyError("samples", item, "N or KIND=N with N a whole number")
-        per_kind[name] = int(n) if name else per_kind.get(name, 0)
-        default = int(n) if not name else default
-    return {k: per_kind.get(k, default) for k in kinds}
+            raise PolicyError("samples", n, "a whole number")
+    counts = dict.fromkeys(kinds, int(plain[-1]) if plain else 1)
+    counts.update({name: int(n) for name, n in pairs})
+    return counts
 
 
 def _retrieval(args: argparse.Namespace) -> int:
     import torch
 
     from mosaickv import model as models
+    from mosaickv.hf import Runner
     from mosaickv.retrieval import MODES, evaluate_retrieval, format_tables, plot_retrieval
     from mosaickv.tasks import KINDS, hf_counter, suite
 

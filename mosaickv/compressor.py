@@ -16,7 +16,7 @@ import torch
 from mosaickv.config import Policy
 from mosaickv.errors import PolicyError
 from mosaickv.formats import BlockFormat, PackedBlock, SideFormat, channel_weights, dense_block_bytes, pack_block
-from mosaickv.parts import BlockStats, Observation
+from mosaickv.parts import BlockStats, Observation, segment_observation
 from mosaickv.reference import CompressedLayer
 
 
@@ -114,11 +114,12 @@ class Compressor:
             total = len(observations) * hkv * dense_block_bytes(t, self.d) / self.policy.ratio
             protected = sum(layer.nbytes() for layer in layers) + len(observations) * hkv * dense_block_bytes(t - tail_start, self.d)
             self._extend(layers, self.compress_segments(observations, sinks, sinks + count, int(total - protected)))
+        window = self.policy.token_scorer.attention_window
         for seg in range(sinks, sinks + count if scope == "segment" else 0):
-            # Sealed alone, from the tokens up to its end only, as serving seals it.
-            seen = [obs.upto((seg + 1) * s) for obs in observations]
+            # Sealed alone, from what a server records of it, as serving seals it.
+            seen = [segment_observation(obs, seg * s, (seg + 1) * s, window) for obs in observations]
             budget = int(len(observations) * hkv * dense_block_bytes(s, self.d) / self.policy.ratio)
-            self._extend(layers, self.compress_segments(seen, seg, seg + 1, budget))
+            self._extend(layers, self.compress_segments(seen, 0, 1, budget))
         return CompressedCache(
             layers=layers,
             tail_k=[obs.keys[:, tail_start:].to(torch.bfloat16) for obs in observations],
@@ -224,14 +225,14 @@ def compress_segment(
     values: torch.Tensor,
     budget_bytes: int,
     query_stats: torch.Tensor | None = None,
-    queries: list[torch.Tensor] | None = None,
+    attention: torch.Tensor | None = None,
 ) -> list[list[PackedBlock]]:
     """Seal one segment of every layer, as a server does: ``[layer][kv head]`` blocks.
 
     keys, values: [L, Hkv, S, d]. The scorers see this segment only, plus what the server
-    observed of the queries that produced it: per-layer ``queries`` [Hq, n, d], or
-    ``query_stats`` [L, Hkv, d] (see :attr:`Observation.query_rms`). A part that needs
-    queries fails by name when neither is given.
+    recorded of the segment's own queries (see :func:`mosaickv.parts.segment_observation`):
+    ``query_stats`` [L, Hkv, d] and ``attention`` [L, Hkv, S]. A part that needs what
+    was not recorded fails by name.
     """
     layers, hkv, s, d = keys.shape
     if s != policy.segment_size:
@@ -240,8 +241,9 @@ def compress_segment(
         Observation(
             keys[i],
             values[i],
-            queries[i] if queries is not None else keys.new_zeros(hkv, 0, d),
+            keys.new_zeros(hkv, 0, d),
             None if query_stats is None else query_stats[i],
+            None if attention is None else attention[i],
         )
         for i in range(layers)
     ]

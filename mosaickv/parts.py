@@ -8,6 +8,7 @@ a later request's: that is what makes a compressed prefix safe to share.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -22,14 +23,16 @@ class Observation:
 
     keys, values: [Hkv, T, d] (post-RoPE, as cached). queries: [Hq, Tq, d], the queries of
     the last ``Tq`` tokens of the span (Tq may equal T, or 0 where a server kept only
-    statistics), also post-RoPE. query_stats: [Hkv, d], a precomputed ``query_rms`` (a
-    server accumulates it during the forward pass instead of keeping every query).
+    statistics), also post-RoPE. What a server keeps instead of queries (accumulated
+    during the forward pass, see :func:`segment_observation`): query_stats [Hkv, d], a
+    precomputed ``query_rms``; attention [Hkv, T], a precomputed ``received_attention``.
     """
 
     keys: torch.Tensor
     values: torch.Tensor
     queries: torch.Tensor
     query_stats: torch.Tensor | None = None
+    attention: torch.Tensor | None = None
 
     @property
     def num_kv_heads(self) -> int:
@@ -43,7 +46,7 @@ class Observation:
         """The span cut at token ``end``: what was known when that token was sealed."""
         t = self.keys.shape[1]
         tq = self.queries.shape[1]
-        return Observation(self.keys[:, :end], self.values[:, :end], self.queries[:, : max(0, tq - (t - end))], self.query_stats)
+        return Observation(self.keys[:, :end], self.values[:, :end], self.queries[:, : max(0, tq - (t - end))])
 
     @cached_property
     def query_rms(self) -> torch.Tensor:
@@ -62,11 +65,53 @@ class Observation:
         pair = 0.5 * (energy + energy.roll(d // 2, dims=-1))
         return pair.view(self.num_kv_heads, self.group, d).mean(dim=1).sqrt()
 
+    def received_attention(self, window: int) -> torch.Tensor:
+        """[Hkv, T] attention each token gets from the span's last ``window`` queries,
+        averaged over them and the KV head's query group (softmax over each query's
+        visible tokens). Without queries, the server's recorded ``attention``."""
+        if self.queries.shape[1] == 0:
+            if self.attention is None:
+                raise ValueError("no queries were observed for this span and no attention was recorded")
+            return self.attention.float()
+        keys = self.keys.float()
+        hkv, t, d = keys.shape
+        q = self.queries[:, -window:].float()
+        w = q.shape[1]
+        logits = torch.einsum("hgwd,htd->hgwt", q.view(hkv, self.group, w, d), keys) / math.sqrt(d)
+        logits = logits.masked_fill(torch.arange(t)[None, :] > (t - w + torch.arange(w))[:, None], float("-inf"))
+        return torch.softmax(logits, dim=-1).mean(dim=(1, 2))
+
+
+def segment_observation(obs: Observation, start: int, end: int, window: int) -> Observation:
+    """Tokens ``[start, end)`` of a fully observed span, as a server sees them at sealing.
+
+    A server keeps no queries, only what the attention backend accumulates over the
+    segment's **own** tokens (:mod:`mosaickv.sglang_patch.query_stats`): the rotary-pair
+    RMS of their queries, and the attention that the last ``min(window, end - start)``
+    of them (none for a window of 0) pay the segment's tokens (softmax over everything they see). Both depend on
+    the prefix up to ``end`` only, so a shared segment keeps the same bytes whatever
+    follows. The offline evaluator's segment scope seals through this, so it measures
+    exactly what serving stores.
+    """
+    if obs.queries.shape[1] != obs.keys.shape[1]:
+        raise ValueError(f"segment observations need every token's query: {obs.queries.shape[1]} queries "
+                         f"for {obs.keys.shape[1]} tokens")
+    rows = slice(start, end)
+    own = Observation(obs.keys[:, rows], obs.values[:, rows], obs.queries[:, rows])
+    w = min(window, end - start)
+    attention = obs.upto(end).received_attention(w)[:, rows] if w > 0 else None
+    return Observation(own.keys, own.values, obs.queries[:, :0], query_stats=own.query_rms, attention=attention)
+
 
 class TokenScorer:
-    """Importance of each token: ``score(obs) -> [Hkv, T]``, non-negative."""
+    """Importance of each token: ``score(obs) -> [Hkv, T]``, non-negative.
+
+    ``attention_window``: how many of a span's last queries' attention the scorer reads
+    through :meth:`Observation.received_attention` (0: none), so that a server records it.
+    """
 
     kind = "token"
+    attention_window = 0
 
     def score(self, obs: Observation) -> torch.Tensor:
         raise NotImplementedError

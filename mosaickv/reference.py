@@ -55,11 +55,13 @@ def attention(
     tail_k: torch.Tensor,
     tail_v: torch.Tensor,
     scale: float | None = None,
-) -> torch.Tensor:
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``q`` [Hq, nq, d] over ``compressed`` plus a dense tail [Hkv, t, d].
 
     The ``nq`` queries are the last ``nq`` tokens of the tail (``t >= nq``), causal within
-    it. GQA: query head ``h`` reads KV head ``h // (Hq // Hkv)``. Returns float32.
+    it. GQA: query head ``h`` reads KV head ``h // (Hq // Hkv)``. Returns float32, and
+    with ``return_lse`` each query's log-sum-exp of scaled logits [Hq, nq] too.
     """
     hq, nq, d = q.shape
     hkv, t, _ = tail_k.shape
@@ -73,6 +75,7 @@ def attention(
     # Query i sits at tail position t - nq + i and sees tail positions <= that.
     causal = torch.arange(t)[None, :] <= (t - nq + torch.arange(nq))[:, None]
     out = torch.empty(hq, nq, d)
+    lse = torch.empty(hq, nq)
     for h in range(hkv):
         ck, cv = heads[h]
         keys = torch.cat([ck, tail_k[h].float()])
@@ -82,4 +85,5 @@ def attention(
         logits = (qh @ keys.T) * scale
         logits = logits.masked_fill(~visible, float("-inf"))
         out[h * group : (h + 1) * group] = torch.softmax(logits, dim=-1) @ vals
-    return out
+        lse[h * group : (h + 1) * group] = torch.logsumexp(logits, dim=-1)
+    return (out, lse) if return_lse else out

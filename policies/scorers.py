@@ -48,8 +48,10 @@ class ObservedAttention(TokenScorer):
     """SnapKV: attention that the last ``window`` queries pay each token, pooled.
 
     Query-aware: good when the question is inside the span, poor when it comes later.
-    ``floor`` mixes in a uniform share (``floor`` times the mean), so that a strategy
-    pricing drops by this score does not treat any token as free to drop.
+    Sealed one segment at a time (a server, or the evaluator's segment scope) the window
+    is the segment's own last queries, which no later request can change. ``floor``
+    mixes in a uniform share (``floor`` times the mean score), so that a strategy pricing
+    drops by this score does not treat any token as free to drop.
     """
 
     window: int = 32
@@ -61,17 +63,14 @@ class ObservedAttention(TokenScorer):
         check(self.pool >= 1 and self.pool % 2 == 1, "pool", self.pool, "an odd integer >= 1")
         check(self.floor >= 0, "floor", self.floor, "a number >= 0")
 
+    @property
+    def attention_window(self) -> int:
+        return self.window
+
     def score(self, obs: Observation) -> torch.Tensor:
-        keys = obs.keys.float()
-        hkv, t, d = keys.shape
-        q = obs.queries[:, -self.window :].float()
-        w = q.shape[1]
-        logits = torch.einsum("hgwd,htd->hgwt", q.view(hkv, obs.group, w, d), keys) / math.sqrt(d)
-        pos = torch.arange(t)
-        logits = logits.masked_fill(pos[None, :] > (t - w + torch.arange(w))[:, None], float("-inf"))
-        attn = torch.softmax(logits, dim=-1).mean(dim=(1, 2))
+        attn = obs.received_attention(self.window)
         pooled = F.avg_pool1d(attn[:, None], self.pool, stride=1, padding=self.pool // 2, count_include_pad=False)[:, 0]
-        return (pooled + self.floor / t) / (1 + self.floor)
+        return (pooled + self.floor * pooled.mean(-1, keepdim=True)) / (1 + self.floor)
 
 
 @register_scorer("accumulated_attention")

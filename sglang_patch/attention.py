@@ -7,7 +7,8 @@ so sealed segments and the dense prefix go in the "compressed" part (dense token
 dense-format block, exact in bf16) and only the step's own tokens form the causal tail.
 
 Every query it computes also feeds the pool's per-segment query statistics
-(:mod:`mosaickv.sglang_patch.query_stats`), which sealing hands to the compressor.
+(:mod:`mosaickv.sglang_patch.query_stats`, with the step's log-sum-exp for the attention
+a segment's own queries pay it), which sealing hands to the compressor.
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ from mosaickv.sglang_patch.pool import UNMAPPED, MosaicKVPool
 
 
 def attend_request(pool: MosaicKVPool, layer_id: int, q: torch.Tensor, slots: torch.Tensor,
-                   scale: float) -> torch.Tensor:
+                   scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``q`` [nq, Hq, d] for one request whose slots are ``slots`` (the last
-    ``nq`` are the queries' own, already written). Returns [nq, Hq, d] float32."""
+    ``nq`` are the queries' own, already written). Returns [nq, Hq, d] float32 and the
+    log-sum-exp [nq, Hq]."""
     nq = q.shape[0]
     local = layer_id - pool.start_layer
     slots = slots.cpu().long()
@@ -42,8 +44,21 @@ def attend_request(pool: MosaicKVPool, layer_id: int, q: torch.Tensor, slots: to
     rows = pool.dense_rows(own)
     tail_k = pool.k_buffer[local][rows].transpose(0, 1)
     tail_v = pool.v_buffer[local][rows].transpose(0, 1)
-    out = attention(q.transpose(0, 1), layer, tail_k, tail_v, scale=scale)
-    return out.transpose(0, 1)
+    out, lse = attention(q.transpose(0, 1), layer, tail_k, tail_v, scale=scale, return_lse=True)
+    return out.transpose(0, 1), lse.transpose(0, 1)
+
+
+def record_queries(pool: MosaicKVPool, layer_id: int, q: torch.Tensor, slots: torch.Tensor, lse: torch.Tensor,
+                   scale: float) -> None:
+    """Feed the step's queries to the pool's per-segment statistics (with the keys of the
+    still-dense segments they fall in, when the policy reads attention)."""
+    local = layer_id - pool.start_layer
+    stats = pool.query_stats
+    keys = None
+    if stats.window:
+        start = (len(slots) - q.shape[0]) // stats.segment_size * stats.segment_size
+        keys = pool.k_buffer[local][pool.dense_rows(slots[start:].cpu().long())]
+    stats.observe(local, q, slots, keys=keys, lse=lse, scale=scale)
 
 
 class MosaicAttnBackend(TorchNativeAttnBackend):
@@ -71,8 +86,8 @@ class MosaicAttnBackend(TorchNativeAttnBackend):
             seq_len = int(forward_batch.seq_lens[i])
             slots = req_to_token[int(forward_batch.req_pool_indices[i]), :seq_len]
             q_req = q_[start : start + nq]
-            pool.query_stats.observe(layer.layer_id - pool.start_layer, q_req, slots)
-            out = attend_request(pool, layer.layer_id, q_req, slots, layer.scaling)
+            out, lse = attend_request(pool, layer.layer_id, q_req, slots, layer.scaling)
+            record_queries(pool, layer.layer_id, q_req, slots, lse, layer.scaling)
             o_[start : start + nq] = out.to(o.dtype)
             start += nq
         return o

@@ -117,10 +117,14 @@ class MosaicKVPool(MHATokenToKVPool):
     """Dense tail pool (``plan.dense_tail_tokens`` rows) plus a :class:`SegmentArena`."""
 
     def __init__(self, size: int, page_size: int, dtype: torch.dtype, head_num: int, head_dim: int,
-                 layer_num: int, device: str, enable_memory_saver: bool, *, plan: CapacityPlan, **kwargs) -> None:
+                 layer_num: int, device: str, enable_memory_saver: bool, *, plan: CapacityPlan,
+                 attention_window: int = 0, **kwargs) -> None:
+        """``attention_window``: the policy token scorer's, so that the attention backend
+        records what it reads at sealing (see :mod:`mosaickv.sglang_patch.query_stats`)."""
         if size != plan.max_total_num_tokens:
             raise ValueError(f"pool size {size} differs from the plan's {plan.max_total_num_tokens} tokens")
         self.plan = plan  # read by _kv_buffer_shapes during the base constructor
+        self.attention_window = attention_window
         super().__init__(size, page_size, dtype, head_num, head_dim, layer_num, device, enable_memory_saver,
                          **kwargs)
         if self.head_dim != self.v_head_dim:
@@ -138,7 +142,8 @@ class MosaicKVPool(MHATokenToKVPool):
         self.arena = SegmentArena(self.plan.num_slabs, self.plan.slab_bytes, self.device)
         self._slab_pages: dict[int, list[int]] = {}
         self._segments: dict[int, list[list[PackedBlock]]] = {}  # decoded slabs, dropped on free
-        self.query_stats = SegmentQueryStats(self.layer_num, self.head_num, self.head_dim, self.plan.segment_size)
+        self.query_stats = SegmentQueryStats(self.layer_num, self.head_num, self.head_dim, self.plan.segment_size,
+                                             self.attention_window)
         self.counters = SealingCounters()
 
     def _kv_buffer_shapes(self):
@@ -345,6 +350,7 @@ def build_mha_kv_pool_hook(original, kvc, *, max_total_num_tokens: int, mha_pool
         end_layer=kvc.layer_info.end_layer,
         enable_alt_stream=False,
         plan=plan,
+        attention_window=kvc.server_args.mosaic_policy.token_scorer.attention_window,
     )
     log_startup(pool, kvc.server_args.mosaic_policy.name)
     return pool

@@ -1,10 +1,14 @@
 """Per-segment query statistics, gathered by the attention backend for sealing.
 
-``query_weighted`` scores a key channel by the typical magnitude of the queries that
-will meet it (``Observation.query_rms``). A server cannot keep every query, so the
-backend accumulates, per segment, layer and KV head, the per-channel sum of ``q^2``
-over the segment's **own** tokens; sealing turns it into the rotary-pair RMS exactly as
-``Observation.query_rms`` does.
+A server cannot keep every query, so the backend accumulates, per segment, layer and KV
+head, what the policy's parts read from the segment's **own** queries, exactly as
+``mosaickv.parts.segment_observation`` derives it offline:
+
+- the per-channel sum of ``q^2`` (``query_weighted`` scores key channels by the
+  rotary-pair RMS of the queries that will meet them, ``Observation.query_rms``);
+- if the token scorer reads attention (``observed_attention``), the attention that the
+  segment's last ``window`` queries pay each of its tokens, from the step's log-sum-exp
+  (``Observation.received_attention``): one ``q.k`` per (query, own-segment token).
 
 Why the segment's own tokens: a token's query depends only on the tokens up to it
 (causal attention), so these statistics are a function of the prefix up to the
@@ -16,8 +20,9 @@ also reuses its statistics, and a freed slot drops them (its key may be reused).
 
 Sums are float64: squares of bf16 queries are exact there and so are their sums, so the
 statistics (and the sealed bytes) do not change with the order tokens arrived in.
-They live in host memory, ``L x Hkv x d x 8`` bytes per unsealed segment, never in the
-KV budget.
+The attention sums are float64 too, but each probability comes from the step's
+log-sum-exp, so they match across chunkings to rounding, not bit for bit. Both live in
+host memory, ``L x Hkv x (d + S) x 8`` bytes per unsealed segment, never in the KV budget.
 """
 
 from __future__ import annotations
@@ -26,23 +31,33 @@ import torch
 
 
 class SegmentQueryStats:
-    """Running ``sum q^2`` per (segment, layer, KV head, channel) until the segment seals."""
+    """Running sums per (segment, layer, KV head) until the segment seals.
 
-    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, segment_size: int) -> None:
+    ``window``: how many of a segment's last queries record the attention they pay its
+    tokens (the token scorer's ``attention_window``; 0 records none).
+    """
+
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, segment_size: int, window: int = 0) -> None:
         self.num_layers, self.num_kv_heads = num_layers, num_kv_heads
         self.head_dim, self.segment_size = head_dim, segment_size
+        self.window = min(window, segment_size)
         self._sum: dict[int, torch.Tensor] = {}  # first slot -> [L, Hkv, d] float64
         self._count: dict[int, torch.Tensor] = {}  # first slot -> [L] query-head token count
+        self._attn: dict[int, torch.Tensor] = {}  # first slot -> [L, Hkv, S] float64
+        self._attn_count: dict[int, torch.Tensor] = {}  # first slot -> [L] query-head count
 
     def __len__(self) -> int:
         return len(self._sum)
 
-    def observe(self, layer: int, q: torch.Tensor, slots: torch.Tensor) -> None:
+    def observe(self, layer: int, q: torch.Tensor, slots: torch.Tensor, keys: torch.Tensor | None = None,
+                lse: torch.Tensor | None = None, scale: float | None = None) -> None:
         """Add the queries ``q`` [nq, Hq, d] of a request's last ``nq`` tokens.
 
         ``slots`` are the request's slots so far (its ``req_to_token`` row up to the
         sequence length, the step's own tokens last); position ``p`` belongs to segment
-        ``p // segment_size``, keyed by that segment's first slot.
+        ``p // segment_size``, keyed by that segment's first slot. With a window, also
+        ``keys`` [n, Hkv, d] of the positions from the first query's segment start on,
+        ``lse`` [nq, Hq] of the step's scaled logits, and that ``scale``.
         """
         nq, hq, d = q.shape
         if nq == 0:
@@ -52,18 +67,32 @@ class SegmentQueryStats:
                              f"of head dim {self.head_dim}")
         if not 0 <= layer < self.num_layers:
             raise ValueError(f"layer {layer} is not in [0, {self.num_layers})")
-        s = self.segment_size
+        if self.window and (keys is None or lse is None or scale is None):
+            raise ValueError(f"a window of {self.window} queries records attention: keys, lse and scale are needed")
+        s, group = self.segment_size, hq // self.num_kv_heads
         first = len(slots) - nq
-        energy = q.detach().double().pow(2).view(nq, self.num_kv_heads, hq // self.num_kv_heads, d).sum(2)
-        group = hq // self.num_kv_heads
+        base = first // s * s
+        energy = q.detach().double().pow(2).view(nq, self.num_kv_heads, group, d).sum(2)
         for seg in range(first // s, (len(slots) - 1) // s + 1):
             lo, hi = max(seg * s, first), min((seg + 1) * s, len(slots))
             key = int(slots[seg * s])
             if key not in self._sum:
                 self._sum[key] = torch.zeros(self.num_layers, self.num_kv_heads, d, dtype=torch.float64)
                 self._count[key] = torch.zeros(self.num_layers, dtype=torch.int64)
+                self._attn[key] = torch.zeros(self.num_layers, self.num_kv_heads, s, dtype=torch.float64)
+                self._attn_count[key] = torch.zeros(self.num_layers, dtype=torch.int64)
             self._sum[key][layer] += energy[lo - first : hi - first].sum(0).cpu()
             self._count[key][layer] += (hi - lo) * group
+            lo = max(lo, (seg + 1) * s - self.window)  # the segment's last `window` queries
+            if self.window and lo < hi:
+                k = keys[seg * s - base : hi - base].float()  # [n, Hkv, d], the segment so far
+                qs = q[lo - first : hi - first].float().view(hi - lo, self.num_kv_heads, group, d)
+                logits = torch.einsum("qhgd,nhd->hgqn", qs, k) * scale
+                visible = torch.arange(seg * s, hi)[None, :] <= torch.arange(lo, hi)[:, None]
+                probs = torch.exp(logits - lse[lo - first : hi - first].float().view(hi - lo, self.num_kv_heads, group)
+                                  .permute(1, 2, 0)[..., None]).masked_fill(~visible, 0.0)
+                self._attn[key][layer, :, : hi - seg * s] += probs.sum(dim=(1, 2)).double().cpu()
+                self._attn_count[key][layer] += (hi - lo) * group
 
     def rms(self, first_slot: int) -> torch.Tensor | None:
         """[L, Hkv, d] rotary-pair RMS of the segment's queries (``Observation.query_rms``),
@@ -74,9 +103,17 @@ class SegmentQueryStats:
         energy = self._sum[first_slot] / count[:, None, None]
         return (0.5 * (energy + energy.roll(self.head_dim // 2, dims=-1))).sqrt().float()
 
+    def attention(self, first_slot: int) -> torch.Tensor | None:
+        """[L, Hkv, S] mean attention the segment's last ``window`` queries paid its tokens
+        (``Observation.received_attention``), or None if not recorded for every layer."""
+        count = self._attn_count.get(first_slot)
+        if count is None or not bool((count > 0).all()):
+            return None
+        return (self._attn[first_slot] / count[:, None, None]).float()
+
     def drop(self, first_slot: int) -> None:
-        self._sum.pop(first_slot, None)
-        self._count.pop(first_slot, None)
+        for table in (self._sum, self._count, self._attn, self._attn_count):
+            table.pop(first_slot, None)
 
     def release(self, slots: torch.Tensor) -> None:
         """Freed slots: drop the segments they started (the slot ids will be reused)."""

@@ -28,11 +28,13 @@ from mosaickv.sglang_patch.pool import UNMAPPED, MosaicKVPool
 
 logger = logging.getLogger(__name__)
 
-# compress(k, v, budget_bytes, query_stats) with k, v [layers, kv_heads, segment_size, head_dim]
-# and query_stats [layers, kv_heads, head_dim] (or None when no query was observed)
+# compress(k, v, budget_bytes, query_stats, attention) with k, v [layers, kv_heads, segment_size,
+# head_dim], query_stats [layers, kv_heads, head_dim] and attention [layers, kv_heads,
+# segment_size] (each None when not recorded; see query_stats.py)
 # -> blocks[layer][kv_head] whose bytes sum to at most budget_bytes (the arena slab).
 # A part that fails raises mosaickv.compressor.PartFailure.
-CompressFn = Callable[[torch.Tensor, torch.Tensor, int, Optional[torch.Tensor]], list[list[PackedBlock]]]
+CompressFn = Callable[[torch.Tensor, torch.Tensor, int, Optional[torch.Tensor], Optional[torch.Tensor]],
+                      list[list[PackedBlock]]]
 # node.mosaic_slabs entry of a segment whose compression failed: it stays dense, never retried.
 LEFT_DENSE = -2
 
@@ -132,7 +134,8 @@ class MosaicRadixCache(RadixCache):
         v = torch.stack([pool.v_buffer[i][rows] for i in range(pool.layer_num)]).transpose(1, 2)
         counters.compression_calls += 1
         try:
-            blocks = self.compress(k, v, pool.plan.slab_bytes, pool.query_stats.rms(first))
+            blocks = self.compress(k, v, pool.plan.slab_bytes, pool.query_stats.rms(first),
+                                   pool.query_stats.attention(first))
         except PartFailure as err:
             failures = counters.part_failures
             if err.part_name not in failures:
@@ -157,9 +160,9 @@ def default_compress(policy, head_dim: int) -> CompressFn:
 
     bound = policy.bind(head_dim)
 
-    def compress(k: torch.Tensor, v: torch.Tensor, budget_bytes: int,
-                 query_stats: Optional[torch.Tensor]) -> list[list[PackedBlock]]:
-        blocks = compress_segment(bound, k, v, budget_bytes=budget_bytes, query_stats=query_stats)
+    def compress(k: torch.Tensor, v: torch.Tensor, budget_bytes: int, query_stats: Optional[torch.Tensor],
+                 attention: Optional[torch.Tensor]) -> list[list[PackedBlock]]:
+        blocks = compress_segment(bound, k, v, budget_bytes, query_stats=query_stats, attention=attention)
         used = sum(block.nbytes() for layer in blocks for block in layer)
         if used > budget_bytes:
             raise PartFailure("strategy", bound.strategy, f"packed {used} bytes, over the {budget_bytes}-byte slab")

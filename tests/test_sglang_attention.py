@@ -61,5 +61,5 @@ def test_lossless_sealed_segment_equals_plain_attention(nq):
     pool.seal(slots[sealed].tolist(), blocks)
     q = torch.randn(nq, HQ, D, generator=g)
     scale = 1 / math.sqrt(D)
-    out = attend_request(pool, 1, q, slots, scale)
+    out, _ = attend_request(pool, 1, q, slots, scale)
     torch.testing.assert_close(out, causal_reference(q, k, v, scale), atol=1e-4, rtol=1e-4)

@@ -36,7 +36,7 @@ class CountingCompressor:
     def __init__(self) -> None:
         self.calls = 0
 
-    def __call__(self, k: torch.Tensor, v: torch.Tensor, budget_bytes: int, query_stats):
+    def __call__(self, k: torch.Tensor, v: torch.Tensor, budget_bytes: int, query_stats, attention):
         self.calls += 1
         return [[pack_block(k[layer, h].float(), v[layer, h].float(), FMT) for h in range(k.shape[1])]
                 for layer in range(k.shape[0])]

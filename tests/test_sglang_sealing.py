@@ -28,7 +28,7 @@ from sglang.srt.mem_cache.radix_cache import RadixKey  # noqa: E402
 from sglang.srt.model_executor.forward_batch_info import ForwardBatch, ForwardMode  # noqa: E402
 
 from mosaickv.config import load_policy  # noqa: E402
-from mosaickv.parts import ElementScorer, Observation  # noqa: E402
+from mosaickv.parts import ElementScorer, Observation, segment_observation  # noqa: E402
 from mosaickv.registry import register_scorer  # noqa: E402
 from mosaickv.sglang_patch.attention import MosaicAttnBackend  # noqa: E402
 from mosaickv.sglang_patch.pool import UNMAPPED, MosaicKVPool, kv_compress_info  # noqa: E402
@@ -54,7 +54,7 @@ class Stack:
                            max_total_num_tokens=plan.dense_tail_tokens + num_slabs * policy.segment_size)
         self.pool = MosaicKVPool(plan.max_total_num_tokens, page_size=1, dtype=torch.bfloat16, head_num=HKV,
                                  head_dim=D, layer_num=LAYERS, device="cpu", enable_memory_saver=False, plan=plan,
-                                 enable_alt_stream=False)
+                                 attention_window=policy.token_scorer.attention_window, enable_alt_stream=False)
         self.alloc = TokenToKVPoolAllocator(plan.max_total_num_tokens, torch.bfloat16, "cpu", self.pool,
                                             need_sort=False)
         self.req_pool = ReqToTokenPool(4, 1024, "cpu", False)
@@ -115,40 +115,56 @@ def prefill(stack: Stack, req: int, q, k, v, chunks: list[int]) -> None:
         done += size
 
 
-def causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Plain attention of the last nq tokens over all n, GQA, float32: [nq, Hq, d]."""
+def causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lse: bool = False):
+    """Plain attention of the last nq tokens over all n, GQA, float32: [nq, Hq, d] (and
+    the log-sum-exp [nq, Hq] with ``lse``)."""
     nq, n = q.shape[0], k.shape[0]
     kk = k.float().repeat_interleave(HQ // HKV, dim=1).transpose(0, 1)
     vv = v.float().repeat_interleave(HQ // HKV, dim=1).transpose(0, 1)
     logits = q.float().transpose(0, 1) @ kk.transpose(1, 2) / math.sqrt(D)
     mask = torch.arange(n)[None, :] <= (n - nq + torch.arange(nq))[:, None]
-    return (torch.softmax(logits.masked_fill(~mask, float("-inf")), -1) @ vv).transpose(0, 1)
+    logits = logits.masked_fill(~mask, float("-inf"))
+    out = (torch.softmax(logits, -1) @ vv).transpose(0, 1)
+    return (out, torch.logsumexp(logits, -1).transpose(0, 1)) if lse else out
 
 
 # -- 1. query statistics ------------------------------------------------------------------
-def test_segment_stats_equal_observation_query_rms_across_chunks():
+def observed(q, k, v, seg: int, window: int = MOSAIC.token_scorer.attention_window) -> list[Observation]:
+    """Offline, what sealing segment ``seg`` of each layer should see: ``segment_observation``."""
+    return [segment_observation(Observation(k[i].transpose(0, 1), v[i].transpose(0, 1), q[i].transpose(0, 1)),
+                                seg * SEG, (seg + 1) * SEG, window) for i in range(LAYERS)]
+
+
+@pytest.mark.parametrize("window", [32, 8])
+def test_segment_stats_equal_the_offline_segment_observation_across_chunks(window):
     q, k, v = sequence(80, seed=1)
     slots = torch.arange(100, 180)
-    stats = SegmentQueryStats(LAYERS, HKV, D, SEG)
+    stats = SegmentQueryStats(LAYERS, HKV, D, SEG, window=window)
     for lo, hi in [(0, 20), (20, 70), (70, 71), (71, 80)]:  # chunked prefill, then decode steps
         for layer in range(LAYERS):
-            stats.observe(layer, q[layer, lo:hi], slots[:hi])
+            out = causal(q[layer, lo:hi], k[layer, :hi], v[layer, :hi], lse=True)[1]
+            stats.observe(layer, q[layer, lo:hi], slots[:hi], keys=k[layer, lo // SEG * SEG : hi], lse=out,
+                          scale=1 / math.sqrt(D))
     for seg in (0, 1):
-        rows = slice(seg * SEG, (seg + 1) * SEG)
-        want = torch.stack([Observation(k[i, rows].transpose(0, 1), v[i, rows].transpose(0, 1),
-                                        q[i, rows].transpose(0, 1)).query_rms for i in range(LAYERS)])
-        torch.testing.assert_close(stats.rms(int(slots[seg * SEG])), want)
+        want = observed(q, k, v, seg, window)
+        torch.testing.assert_close(stats.rms(int(slots[seg * SEG])), torch.stack([o.query_stats for o in want]))
+        got = stats.attention(int(slots[seg * SEG]))
+        torch.testing.assert_close(got, torch.stack([o.attention for o in want]), atol=1e-6, rtol=1e-5)
+        assert got.sum(-1).min() > 0.05  # a segment's own queries pay it real attention
+    # Segment 2 holds positions 0..15 of 32: with a window of 8 none of its queries counts yet.
+    assert (stats.attention(int(slots[2 * SEG])) is None) == (window == 8)
     stats.release(slots[SEG : SEG + 1])  # freeing a segment's first slot drops its statistics
-    assert stats.rms(int(slots[SEG])) is None and stats.rms(int(slots[0])) is not None
+    assert stats.rms(int(slots[SEG])) is None and stats.attention(int(slots[SEG])) is None
+    assert stats.rms(int(slots[0])) is not None
 
 
 def test_sealing_with_mosaic_preset_gets_the_backend_query_stats_and_fits_the_slab():
     seen = []
     real = default_compress(MOSAIC, D)
 
-    def spy(k, v, budget, query_stats):
-        seen.append(query_stats)
-        return real(k, v, budget, query_stats)
+    def spy(k, v, budget, query_stats, attention):
+        seen.append((query_stats, attention))
+        return real(k, v, budget, query_stats, attention)
 
     stack = Stack(compress=spy)
     q, k, v = sequence(128, seed=2)
@@ -159,11 +175,10 @@ def test_sealing_with_mosaic_preset_gets_the_backend_query_stats_and_fits_the_sl
     assert [s >= 0 for s in stack.slabs()] == [False, True, True, False]
     info = kv_compress_info(pool)
     assert info["compression_calls"] == 2 and info["part_failures"] == {} and info["sealed_segments"] == 2
-    for seg, stats in zip((1, 2), seen):
-        rows = slice(seg * SEG, (seg + 1) * SEG)
-        want = torch.stack([Observation(k[i, rows].transpose(0, 1), v[i, rows].transpose(0, 1),
-                                        q[i, rows].transpose(0, 1)).query_rms for i in range(LAYERS)])
-        torch.testing.assert_close(stats, want)
+    for seg, (stats, attention) in zip((1, 2), seen):
+        want = observed(q, k, v, seg)
+        torch.testing.assert_close(stats, torch.stack([o.query_stats for o in want]))
+        torch.testing.assert_close(attention, torch.stack([o.attention for o in want]), atol=1e-6, rtol=1e-4)
     for slab in (s for s in stack.slabs() if s >= 0):
         assert pool.arena._written[slab] <= pool.plan.slab_bytes
     assert info["achieved_ratio"] >= 2.9
@@ -242,7 +257,7 @@ def test_failing_part_leaves_segments_dense_logs_once_and_counts(name, caplog):
                                    atol=2e-2, rtol=2e-2)
 
 
-def test_query_weighted_without_observed_queries_is_a_part_failure_not_a_crash():
+def test_parts_that_read_unobserved_queries_are_part_failures_not_a_crash():
     stack = Stack()
     q, k, v = sequence(128, seed=8)
     slots = stack.alloc.alloc(128)
@@ -250,7 +265,8 @@ def test_query_weighted_without_observed_queries_is_a_part_failure_not_a_crash()
         stack.pool._store_kv_layer(layer, slots, k[layer], v[layer])
     stack.req_pool.req_to_token[0, :128] = slots.int()
     stack.insert(0, list(range(128)))
-    assert kv_compress_info(stack.pool)["part_failures"] == {"query_weighted": 2}
+    # The token scorer is the first part to need what no forward recorded.
+    assert kv_compress_info(stack.pool)["part_failures"] == {"observed_attention": 2}
 
 
 # -- 5. memory pressure ---------------------------------------------------------------------

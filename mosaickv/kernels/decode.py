@@ -18,7 +18,8 @@ format reduces to the same tile product:
   one-hot rows of its channels), so keys use ``q @ basisᵀ`` once per block (for a mask:
   q's kept channels, gathered) and tile ``coef``; values accumulate ``p @ coef`` in
   ``r``-space and fold ``@ basis`` into the output once at the block's end (rescaled with
-  the online softmax like the output). ``r``-space tiles (and sparse rows) are ``R_MAX``
+  the online softmax like the output); both r-space products are bf16 dots of a hi and
+  a lo half, as accurate as fp32 operands would be. ``r``-space tiles (and sparse rows) are ``R_MAX``
   wide, the launch's largest such width rounded up to a power of two: fewer registers.
 
 Each item writes its normalised partial output and log2-sum-exp; :func:`_merge_kernel`
@@ -178,13 +179,16 @@ def _mixed_attn_kernel(
                 # Projected keys: logits = (q @ basisᵀ) @ coefᵀ; a mask's basis is one-hot,
                 # so q @ basisᵀ is q's kept channels, gathered.
                 qk = q
+                qk_lo = q  # low half of a projected query (lowrank): bf16 hi + lo keeps fp32 accuracy
                 if K_KIND == 2:
                     ch = tl.load(index_ptr + k_aux + jr, mask=jr < k_w, other=0).to(tl.int32)
                     qk = tl.load(q_ptr + q_rows[:, None] + ch[None, :], mask=row_ok[:, None] & (jr < k_w)[None, :], other=0.0)
                     qk = qk.to(tl.bfloat16)
                 elif K_KIND == 3:
                     kb = _basis(values_ptr, index_ptr, k_w, k_aux, jr, cols, K_KIND, HEAD_DIM, ALIGNED)
-                    qk = tl.dot(q, tl.trans(kb)).to(tl.bfloat16)
+                    qk32 = tl.dot(q, tl.trans(kb))
+                    qk = qk32.to(tl.bfloat16)
+                    qk_lo = (qk32 - qk.to(tl.float32)).to(tl.bfloat16)
                 if V_KIND >= 2:
                     blk_acc = tl.zeros([BLOCK_M, R_MAX], tl.float32)
                 for t0 in range(0, m, BLOCK_N):
@@ -195,6 +199,8 @@ def _mixed_attn_kernel(
                     vt = _tile(values_ptr, index_ptr, v_off, v_w, v_aux, tok, tok_ok, toks, cols, jr, scr_v, V_KIND, HEAD_DIM,
                                BLOCK_N, R_MAX, R_LOG2, ALIGNED, SPARSE_GATHER)
                     s = tl.dot(qk, tl.trans(kt))
+                    if K_KIND == 3:
+                        s += tl.dot(qk_lo, tl.trans(kt))
                     s = tl.where(tok_ok[None, :], s * qk_scale, float("-inf"))
                     m_new = tl.maximum(m_i, tl.max(s, 1))
                     m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -210,7 +216,8 @@ def _mixed_attn_kernel(
                     m_i = m_new
                 if V_KIND >= 2:  # fold the block's r-space values back: acc += blk_acc @ basis
                     vb = _basis(values_ptr, index_ptr, v_w, v_aux, jr, cols, V_KIND, HEAD_DIM, ALIGNED)
-                    acc += tl.dot(blk_acc.to(tl.bfloat16), vb)
+                    blk_hi = blk_acc.to(tl.bfloat16)
+                    acc += tl.dot(blk_hi, vb) + tl.dot((blk_acc - blk_hi.to(tl.float32)).to(tl.bfloat16), vb)
 
         has = l_i > 0
         o = acc / tl.where(has, l_i, 1.0)[:, None]

@@ -26,7 +26,8 @@ def attend_request(pool: MosaicKVPool, layer_id: int, q: torch.Tensor, slots: to
                    scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``q`` [nq, Hq, d] for one request whose slots are ``slots`` (the last
     ``nq`` are the queries' own, already written). Returns [nq, Hq, d] float32 and the
-    log-sum-exp [nq, Hq]."""
+    log-sum-exp [nq, Hq], on the host (the reference math runs there)."""
+    q = q.cpu()
     nq = q.shape[0]
     local = layer_id - pool.start_layer
     slots = slots.cpu().long()
@@ -39,11 +40,11 @@ def attend_request(pool: MosaicKVPool, layer_id: int, q: torch.Tensor, slots: to
     dense = prefix[sealed == UNMAPPED]
     if len(dense):
         rows = pool.dense_rows(dense)
-        k, v = pool.k_buffer[local][rows], pool.v_buffer[local][rows]
+        k, v = pool.k_buffer[local][rows].cpu(), pool.v_buffer[local][rows].cpu()
         layer.append([pack_block(k[:, h], v[:, h], BlockFormat(len(dense))) for h in range(pool.head_num)])
     rows = pool.dense_rows(own)
-    tail_k = pool.k_buffer[local][rows].transpose(0, 1)
-    tail_v = pool.v_buffer[local][rows].transpose(0, 1)
+    tail_k = pool.k_buffer[local][rows].transpose(0, 1).cpu()
+    tail_v = pool.v_buffer[local][rows].transpose(0, 1).cpu()
     out, lse = attention(q.transpose(0, 1), layer, tail_k, tail_v, scale=scale, return_lse=True)
     return out.transpose(0, 1), lse.transpose(0, 1)
 
@@ -57,8 +58,8 @@ def record_queries(pool: MosaicKVPool, layer_id: int, q: torch.Tensor, slots: to
     keys = None
     if stats.window:
         start = (len(slots) - q.shape[0]) // stats.segment_size * stats.segment_size
-        keys = pool.k_buffer[local][pool.dense_rows(slots[start:].cpu().long())]
-    stats.observe(local, q, slots, keys=keys, lse=lse, scale=scale)
+        keys = pool.k_buffer[local][pool.dense_rows(slots[start:].cpu().long())].cpu()
+    stats.observe(local, q.cpu(), slots.cpu(), keys=keys, lse=lse, scale=scale)
 
 
 class MosaicAttnBackend(TorchNativeAttnBackend):
@@ -88,7 +89,7 @@ class MosaicAttnBackend(TorchNativeAttnBackend):
             q_req = q_[start : start + nq]
             out, lse = attend_request(pool, layer.layer_id, q_req, slots, layer.scaling)
             record_queries(pool, layer.layer_id, q_req, slots, lse, layer.scaling)
-            o_[start : start + nq] = out.to(o.dtype)
+            o_[start : start + nq] = out.to(o.device, o.dtype)
             start += nq
         return o
 

@@ -202,7 +202,7 @@ class MosaicKVPool(MHATokenToKVPool):
         """``blocks[layer][kv_head]`` of a sealed segment, rebuilt from the arena bytes."""
         if slab in self._segments:
             return self._segments[slab]
-        raw = self.arena.view(slab)
+        raw = self.arena.view(slab).cpu()  # the reference path decodes on the host
         pos, out = 0, []
         for _ in range(self.layer_num):
             layer = []

@@ -130,8 +130,9 @@ class MosaicRadixCache(RadixCache):
             return UNMAPPED
         first = int(slots[0])
         rows = pool.dense_rows(slots)
-        k = torch.stack([pool.k_buffer[i][rows] for i in range(pool.layer_num)]).transpose(1, 2)
-        v = torch.stack([pool.v_buffer[i][rows] for i in range(pool.layer_num)]).transpose(1, 2)
+        # The compressor runs on the host (a side stream is the kernels issue's business).
+        k = torch.stack([pool.k_buffer[i][rows] for i in range(pool.layer_num)]).transpose(1, 2).cpu()
+        v = torch.stack([pool.v_buffer[i][rows] for i in range(pool.layer_num)]).transpose(1, 2).cpu()
         counters.compression_calls += 1
         try:
             blocks = self.compress(k, v, pool.plan.slab_bytes, pool.query_stats.rms(first),

@@ -52,6 +52,10 @@ class MosaicServerArgs(ServerArgs):
             return
         check_user_flags(self)
         self._mosaic_policy = load_checked_policy(self.kv_compress_config)
+        # One page is one segment: SGLang allocates by the tree cache's page size, and
+        # the tree's nodes hold whole segments.
+        if self.page_size is None:
+            self.page_size = self._mosaic_policy.segment_size
         # Our pool and tree cache own the KV layout, so our backends must read it.
         self.attention_backend = self.attention_backend or BACKEND_NAME
         self.radix_cache_backend = self.radix_cache_backend or BACKEND_NAME
@@ -127,9 +131,9 @@ def check_model(args: MosaicServerArgs, model_config) -> None:
         (args.kv_cache_dtype == "auto" and model_config.dtype != _bf16(),
          f"--kv-cache-dtype auto resolves to {model_config.dtype} for {arch}, but --kv-compress mosaickv stores "
          "bf16; pass --dtype bfloat16 or --kv-cache-dtype bf16."),
-        (policy.segment_size % args.page_size != 0,
-         f"--page-size {args.page_size} does not divide the policy's segment_size {policy.segment_size}; "
-         "use a page size that divides it."),
+        (args.page_size != policy.segment_size,
+         f"--page-size {args.page_size} differs from the policy's segment_size {policy.segment_size}; with "
+         "--kv-compress mosaickv a page is one segment: leave --page-size unset or set it to the segment size."),
     ]
     for refused, sentence in refusals:
         if refused:

@@ -83,7 +83,9 @@ def test_scheduler_capacity_grows_at_least_2_5x_at_a_3x_budget(tmp_path, monkeyp
 def test_user_max_total_tokens_still_caps_the_capacity(tmp_path, monkeypatch):
     model = write_model(tmp_path / "m", SMOLLM2)
     with configurator(model, 2 << 30, monkeypatch, kv_compress="mosaickv", max_total_tokens=50_000) as kvc:
-        assert kvc._resolve_memory_pool_config(pre_model_load_memory=0).max_total_num_tokens == 50_000
+        # SGLang rounds the cap down to whole pages; a page is one 32-token segment.
+        assert kvc.server_args.page_size == 32
+        assert kvc._resolve_memory_pool_config(pre_model_load_memory=0).max_total_num_tokens == 50_000 // 32 * 32
 
 
 def fake_scheduler(result) -> Scheduler:

@@ -139,23 +139,28 @@ def _retrieval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_model_run_args(p: argparse.ArgumentParser) -> None:
+    """The arguments every subcommand that runs policies on the model shares."""
+    p.add_argument("--policy", nargs="+", default=["mosaic"], help="preset names or policy files")
+    p.add_argument("--scope", choices=["group", "segment"], default="group", help="plan the whole prompt at once, or each segment alone as serving does")
+    p.add_argument("--model", default=None, help="a local transformers model folder (default: the shipped SmolLM2-135M-Instruct)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mosaickv", description="Dynamic two-dimensional KV-cache compression.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     ev = sub.add_parser("eval", help="fidelity of policies against the dense cache on a real model")
-    ev.add_argument("--policy", nargs="+", default=["mosaic"], help="preset names or policy files")
     ev.add_argument("--ratio", nargs="+", type=float, default=[3.0], help="how many times fewer bytes than dense")
     ev.add_argument("--tokens", type=int, default=2048, help="context length that is compressed")
     ev.add_argument("--continuation", type=int, default=64, help="tokens teacher-forced after the context")
     ev.add_argument("--samples", type=int, default=2, help="disjoint texts to average over")
-    ev.add_argument("--scope", choices=["group", "segment"], default="group", help="plan the whole prompt at once, or each segment alone as serving does")
-    ev.add_argument("--model", default=None, help="a local transformers model folder (default: the shipped SmolLM2-135M-Instruct)")
     ev.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ev.add_argument("--output", default=None, help="also write the JSON to this file")
     ev.add_argument("--plot", default=None, help="write a PNG of fidelity against bytes per token")
-    ev.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    ev.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_model_run_args(ev)
     ev.set_defaults(func=_eval)
 
     ck = sub.add_parser("check", help="validate a policy (preset name or file)")
@@ -168,21 +173,17 @@ def build_parser() -> argparse.ArgumentParser:
     ls.set_defaults(func=_list)
 
     rt = sub.add_parser("retrieval", help="RULER-style retrieval accuracy with the question inside or after the compressed prompt")
-    rt.add_argument("--policy", nargs="+", default=["mosaic"], help="preset names or policy files")
     rt.add_argument("--ratio", nargs="+", type=float, default=[2.0, 3.0, 6.0], help="how many times fewer bytes than dense")
     rt.add_argument("--mode", choices=["inside", "after", "both"], default="both", help="question inside the compressed prompt, after it, or both")
     rt.add_argument("--tasks", nargs="+", default=["all"], help="task kinds (see mosaickv.tasks.KINDS) or all")
     rt.add_argument("--samples", nargs="+", default=["3"], help="samples per kind: N, then KIND=N to override one kind")
     rt.add_argument("--tokens", nargs="+", type=int, default=[2048], help="prompt lengths in model tokens")
     rt.add_argument("--seed", type=int, default=0, help="task generator seed")
-    rt.add_argument("--scope", choices=["group", "segment"], default="group", help="plan the whole prompt at once, or each segment alone as serving does")
     rt.add_argument("--min-context", type=int, default=None, help="override the policies' min_context (short smoke runs)")
-    rt.add_argument("--model", default=None, help="a local transformers model folder (default: the shipped SmolLM2-135M-Instruct)")
     rt.add_argument("--json", action="store_true", help="print JSON instead of tables")
     rt.add_argument("--output", default=None, help="write the JSON here (rewritten after every task)")
     rt.add_argument("--plot", default=None, help="write a PNG of accuracy against ratio, one column per mode")
-    rt.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    rt.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_model_run_args(rt)
     rt.set_defaults(func=_retrieval)
     return parser
 

@@ -17,6 +17,7 @@ import argparse
 import itertools
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -103,7 +104,7 @@ def check_synthetic_against_reference() -> float:
 def run(out_dir: Path, budget_s: float) -> dict:
     t_start = time.time()
     dev = torch.cuda.get_device_name()
-    res: dict = {"device": dev, "torch": torch.__version__, "segment": SEGMENT, "configs": []}
+    res: dict = {"command": " ".join(["python", *sys.argv]), "device": dev, "torch": torch.__version__, "segment": SEGMENT, "configs": []}
     res["copy_GBps"] = copy_bandwidth() / 1e9
     res["synthetic_check_rel_err"] = check_synthetic_against_reference()
     print(f"{dev}: copy {res['copy_GBps']:.0f} GB/s, synthetic check rel err {res['synthetic_check_rel_err']:.2e}", flush=True)

@@ -10,6 +10,7 @@ so an unsupported combination fails before any worker starts.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Optional
 
 from sglang.srt.arg_groups.arg_utils import NS, A, Arg
@@ -20,6 +21,8 @@ BACKEND_NAME = "mosaickv"
 DEFAULT_POLICY = "mosaic"
 # KV cache dtypes the segment formats store without a second rounding (values are bf16).
 BF16_KV_DTYPES = ("auto", "bf16", "bfloat16")
+
+logger = logging.getLogger(__name__)
 
 
 class KVCompressError(ValueError):
@@ -62,11 +65,26 @@ class MosaicServerArgs(ServerArgs):
         super().__post_init__()
         if self.model_path.lower() not in ("none", "dummy"):
             check_model(self, self.get_model_config())
+        disable_cuda_graphs(self)
 
     @property
     def mosaic_policy(self):
         """The validated policy (``None`` with ``--kv-compress none``)."""
         return getattr(self, "_mosaic_policy", None)
+
+
+def disable_cuda_graphs(args: ServerArgs) -> None:
+    """The mosaickv backend runs the reference path on the host (device-to-host copies
+    every layer), which no CUDA graph can capture; say so rather than fail in capture."""
+    from sglang.srt.model_executor.cuda_graph_config import Backend
+
+    graph = args.cuda_graph_config
+    if graph.decode.backend == graph.prefill.backend == Backend.DISABLED:
+        return
+    logger.warning("CUDA graphs are off with --kv-compress mosaickv: its attention backend still runs the "
+                   "reference path on the host, which graphs cannot capture.")
+    graph.decode.backend = Backend.DISABLED
+    graph.prefill.backend = Backend.DISABLED
 
 
 def load_checked_policy(source: Optional[str]):

@@ -74,6 +74,14 @@ def test_cli_parses_flags(llama):
     assert args.attention_backend == "mosaickv" and args.radix_cache_backend == "mosaickv"
 
 
+def test_mosaickv_turns_cuda_graphs_off_that_none_keeps(llama):
+    from sglang.srt.model_executor.cuda_graph_config import Backend
+
+    assert make(llama).cuda_graph_config.decode.backend != Backend.DISABLED
+    graph = make(llama, kv_compress="mosaickv").cuda_graph_config
+    assert graph.decode.backend == graph.prefill.backend == Backend.DISABLED
+
+
 def test_policy_file_is_validated_by_the_lead_loader(llama, tmp_path):
     good = tmp_path / "p.yaml"
     good.write_text("name: mine\nratio: 2\nsegment_size: 16\nsinks: 0\nwindow: 16\n")

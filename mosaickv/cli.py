@@ -9,6 +9,7 @@ from pathlib import Path
 
 from mosaickv.config import load_policy, preset_names
 from mosaickv.errors import PolicyError
+from mosaickv.tasks import KINDS
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -139,6 +140,88 @@ def _retrieval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _server(text: str) -> dict:
+    """``--server NAME=URL``: a running OpenAI-compatible server."""
+    name, sep, url = text.partition("=")
+    if not (sep and name and url.startswith(("http://", "https://"))):
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=URL with an http(s) URL, e.g. mosaic3x=http://127.0.0.1:30000")
+    return {"name": name, "url": url}
+
+
+def _launch(text: str) -> dict:
+    """``--launch NAME=FLAGS``: a server to start with these ``sglang.launch_server`` flags (FLAGS may be empty)."""
+    from mosaickv.accuracy import launch_flags
+
+    name, sep, flags = text.partition("=")
+    if not (sep and name):
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=FLAGS, e.g. none= or 'mosaic3x=--kv-compress mosaickv'")
+    try:
+        launch_flags(flags)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return {"name": name, "flags": flags}
+
+
+def _accuracy(args: argparse.Namespace) -> int:
+    import time
+
+    from transformers import AutoTokenizer
+
+    from mosaickv.accuracy import Method, build_tasks, connect, evaluate, format_table, make_result, plot_accuracy, write_json
+    from mosaickv.tasks import hf_counter
+
+    methods = [Method(**m) for m in args.methods or []]
+    if not methods:
+        args.fail("name at least one method with --server NAME=URL or --launch NAME=FLAGS")
+    names = [m.name for m in methods]
+    for name in names:
+        if names.count(name) > 1:
+            args.fail(f"method name {name!r} is given twice (--server/--launch): names must differ")
+    if any(m.url is None for m in methods) and not args.model_path:
+        args.fail("--launch needs --model-path (the model the servers load)")
+    tokenizer = args.tokenizer or args.model_path
+    if not tokenizer:
+        args.fail("--tokenizer (or --model-path) is needed to count prompt lengths in the model's tokens")
+    counts = _samples(args.samples, args.kinds)
+    try:
+        tasks = build_tasks(counts, args.lengths, hf_counter(AutoTokenizer.from_pretrained(tokenizer)), seed=args.seed)
+    except ValueError as err:
+        args.fail(f"--lengths {' '.join(map(str, args.lengths))}: {err}")
+    out = Path(args.output)
+    launches = [m for m in methods if m.url is None]
+    ports = {m.name: args.port + launches.index(m) for m in launches}  # a fresh port each: the last one may linger
+    logs = {m.name: out.with_name(f"{out.stem}.{m.name}.server.log") for m in launches}
+    header = {
+        "command": "mosaickv " + " ".join(sys.argv[1:]),
+        "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+        "device": args.device,
+        "model_path": args.model_path,
+        "tokenizer": tokenizer,
+        "methods": [{**vars(m), "port": ports.get(m.name), "log": str(logs[m.name]) if m.name in logs else None} for m in methods],
+        "kinds": args.kinds,
+        "lengths": sorted(set(args.lengths)),
+        "samples": counts,
+        "seed": args.seed,
+        "max_tokens": args.max_tokens,
+        "requests_per_method": len(tasks),
+    }
+    connections = {
+        m.name: connect(m, args.model_path, ports.get(m.name, args.port), logs.get(m.name), args.startup_timeout, args.request_timeout, args.model_name)
+        for m in methods
+    }  # fmt: skip
+    records = evaluate(tasks, connections, args.max_tokens, progress=not args.quiet, save=lambda recs: write_json(out, make_result(header, recs)))
+    result = make_result(header, records)
+    if args.plot:
+        plot_accuracy(result, args.plot)
+        result["plot"] = args.plot
+    write_json(out, result)
+    print(format_table(result))
+    failed = sum(r["error"] is not None for r in records)
+    if failed:
+        print(f"mosaickv: {failed} of {len(records)} requests failed (not scored); their errors are in {out}", file=sys.stderr)
+    return 1 if failed else 0
+
+
 def _add_model_run_args(p: argparse.ArgumentParser) -> None:
     """The arguments every subcommand that runs policies on the model shares."""
     p.add_argument("--policy", nargs="+", default=["mosaic"], help="preset names or policy files")
@@ -185,6 +268,26 @@ def build_parser() -> argparse.ArgumentParser:
     rt.add_argument("--plot", default=None, help="write a PNG of accuracy against ratio, one column per mode")
     _add_model_run_args(rt)
     rt.set_defaults(func=_retrieval)
+
+    ac = sub.add_parser("accuracy", help="long-context accuracy of methods served through the OpenAI API (running servers, or SGLang servers it launches)")
+    ac.add_argument("--server", dest="methods", action="append", type=_server, metavar="NAME=URL", help="a running OpenAI-compatible server (repeatable)")
+    ac.add_argument("--launch", dest="methods", action="append", type=_launch, metavar="NAME=FLAGS", help="start python -m sglang.launch_server with these flags (repeatable; one at a time)")
+    ac.add_argument("--model-path", default=None, help="the model the launched servers load (and the default tokenizer)")
+    ac.add_argument("--tokenizer", default=None, help="a transformers tokenizer folder to count prompt tokens (default: --model-path)")
+    ac.add_argument("--model-name", default="default", help="the model name sent in requests")
+    ac.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS), metavar="KIND", help=f"task kinds (default all: {', '.join(KINDS)})")
+    ac.add_argument("--lengths", nargs="+", type=int, default=[1024, 2048, 4096, 7168], help="prompt lengths in model tokens")
+    ac.add_argument("--samples", nargs="+", default=["3"], help="samples per kind per length: N, then KIND=N to override one kind")
+    ac.add_argument("--seed", type=int, default=0, help="task generator seed")
+    ac.add_argument("--max-tokens", type=int, default=None, help="answer budget for every request (default: each task's own)")
+    ac.add_argument("--port", type=int, default=30000, help="port of the first launched server (the next ones count up)")
+    ac.add_argument("--startup-timeout", type=float, default=900.0, help="seconds a launched server has to answer /health")
+    ac.add_argument("--request-timeout", type=float, default=600.0, help="seconds one request may take")
+    ac.add_argument("--device", default=None, help="a description of the machine, kept in the JSON (e.g. 'H100 80GB')")
+    ac.add_argument("--output", default="accuracy.json", help="the JSON (rewritten as the run goes); server logs go beside it")
+    ac.add_argument("--plot", default=None, help="write a PNG of accuracy against length and per kind")
+    ac.add_argument("--quiet", action="store_true", help="no progress bar")
+    ac.set_defaults(func=_accuracy, fail=ac.error)
     return parser
 
 

@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         res = compare(torch.load(args.hf, weights_only=False), torch.load(args.sglang, weights_only=False), args.dump)
         res["command"] = " ".join(sys.argv)
-        json.dump(res, open(args.json, "w"), indent=1)
+        json.dump(res, open(args.json, "w"), indent=1, default=str)
         print(json.dumps({k: res[k] for k in ("a", "b", "greedy_equal", "prompts_total")}))
         for p in res["prompts"]:
             print(f"  eq={p['greedy_equal']} div@{p['first_divergence']} lpdiff max {p['prompt_logprob_absdiff_max']:.3f} "

@@ -1,0 +1,400 @@
+"""Long-context accuracy through a server's OpenAI API, one method against another.
+
+A *method* is whatever answers chat requests: an SGLang server started with some flags
+(``--kv-compress mosaickv``, ``--kv-cache-dtype fp8_e4m3``, none) or any running
+OpenAI-compatible server. Every method reads the same generated tasks
+(:mod:`mosaickv.tasks`), greedily, so differences between methods are the methods' own.
+The driver only needs a ``complete(messages, max_tokens) -> str`` callable per method,
+so it runs (and is tested) without a server; :func:`openai_complete` binds one to a URL
+and :func:`launched` starts and stops a server for it.
+
+A request that fails is a record with its error and no score: it is counted in the
+summary's ``failed``, never averaged in as a wrong answer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Mapping, Sequence
+
+from tqdm import tqdm
+
+from mosaickv.tasks import TOLERANCE, Task, TokenCounter, suite
+
+Complete = Callable[[list[dict], int], str]
+DEFAULT_LENGTHS = (1024, 2048, 4096, 7168)  # SmolLM2's context is 8192: the longest leaves room for template and answer
+RESERVED_FLAGS = ("--model-path", "--port")  # the launcher sets these itself
+# Servers under test are local or on the cluster: a proxy from the environment would only
+# stand between them and the client (or refuse loopback addresses).
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+class RequestError(RuntimeError):
+    """A request the server refused or never answered (the message names the URL)."""
+
+
+class ServerError(RuntimeError):
+    """A launched server that exited or never became healthy (the message has its log tail)."""
+
+
+@dataclass(frozen=True)
+class Method:
+    """A named way of serving: a running server's ``url``, or ``flags`` to launch one with."""
+
+    name: str
+    url: str | None = None
+    flags: str | None = None
+
+
+# ---------------------------------------------------------------- tasks
+
+
+def build_tasks(kinds: Mapping[str, int], lengths: Sequence[int], count: TokenCounter, seed: int = 0) -> list[tuple[int, Task]]:
+    """:func:`mosaickv.tasks.suite`'s tasks, each with the target length it was made for.
+
+    A task lands within TOLERANCE of its target, so the nearest target is its own; lengths
+    closer than that could not be told apart and are refused.
+    """
+    ordered = sorted(set(lengths))
+    for a, b in zip(ordered, ordered[1:]):
+        if b - a <= 2 * TOLERANCE * b:
+            raise ValueError(f"lengths {a} and {b} are within {2 * TOLERANCE:.0%} of each other: give lengths further apart")
+    tasks = suite(dict(kinds), list(ordered), count, seed=seed)
+    return [(min(ordered, key=lambda n: abs(n - t.meta["tokens"])), t) for t in tasks]
+
+
+# ---------------------------------------------------------------- the OpenAI API
+
+
+def _root(base_url: str) -> str:
+    """The server's root whether the user gave it or the OpenAI-style ``.../v1``."""
+    return base_url.rstrip("/").removesuffix("/v1")
+
+
+def _post(url: str, body: dict, timeout: float) -> dict:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with _OPENER.open(request, timeout=timeout) as response:
+            text = response.read().decode(errors="replace")
+    except urllib.error.HTTPError as err:
+        raise RequestError(f"POST {url} returned HTTP {err.code}: {err.read()[:500].decode(errors='replace')}") from None
+    except OSError as err:  # refused, reset, timed out (URLError is an OSError)
+        raise RequestError(f"POST {url} failed: {getattr(err, 'reason', err)}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        raise RequestError(f"POST {url} answered with something that is not JSON: {text[:300]!r}") from None
+
+
+def openai_complete(base_url: str, model: str = "default", timeout: float = 600.0) -> Complete:
+    """A ``complete`` that sends greedy chat requests to ``base_url``'s ``/v1/chat/completions``.
+
+    ``model`` is the served model name (SGLang answers to any). Errors raise
+    :class:`RequestError` naming the URL and the HTTP status.
+    """
+    url = _root(base_url) + "/v1/chat/completions"
+
+    def complete(messages: list[dict], max_tokens: int) -> str:
+        data = _post(url, {"model": model, "messages": messages, "temperature": 0, "max_tokens": max_tokens}, timeout)
+        try:
+            return data["choices"][0]["message"]["content"] or ""
+        except (KeyError, IndexError, TypeError):
+            raise RequestError(f"POST {url}: no choices[0].message.content in the response {json.dumps(data)[:300]}") from None
+
+    return complete
+
+
+# ---------------------------------------------------------------- launching a server
+
+
+def launch_flags(flags: str) -> list[str]:
+    """``sglang.launch_server`` flags from one string, refusing those the launcher owns."""
+    try:
+        words = shlex.split(flags)
+    except ValueError as err:
+        raise ValueError(f"launch flags {flags!r} cannot be split as a shell would ({err})") from None
+    for word in words:
+        if word.split("=", 1)[0] in RESERVED_FLAGS:
+            raise ValueError(f"launch flags {flags!r} set {word.split('=', 1)[0]}: the launcher sets {' and '.join(RESERVED_FLAGS)} itself")
+    return words
+
+
+def server_command(model_path: str | Path, port: int, flags: str = "", python: str = sys.executable) -> list[str]:
+    """``python -m sglang.launch_server --model-path M --port P <flags>``."""
+    return [python, "-m", "sglang.launch_server", "--model-path", str(model_path), "--port", str(port), *launch_flags(flags)]
+
+
+def _tail(path: Path, lines: int = 40) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def _healthy(root: str) -> bool:
+    try:
+        with _OPENER.open(root + "/health", timeout=5) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def _port_in_use(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _stop(process: subprocess.Popen, grace: float = 30.0) -> None:
+    """SIGTERM the server's process group, SIGKILL what is left after ``grace`` seconds, and
+    wait until the group is gone (its workers hold the GPU memory the next server needs)."""
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        process.wait(grace)
+    except subprocess.TimeoutExpired:
+        pass
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            break
+        process.poll()  # reap the leader, or the group never empties
+        time.sleep(0.2)
+    process.wait()
+
+
+@contextmanager
+def launched(command: list[str], port: int, log_path: Path, startup_timeout: float = 900.0) -> Iterator[str]:
+    """Run ``command`` (a server listening on ``port``) in its own process group, yield its URL
+    once ``/health`` answers, and stop the whole group on exit.
+
+    Output goes to ``log_path``; a server that exits or is not healthy in time raises
+    :class:`ServerError` with the log's last lines.
+    """
+    root = f"http://127.0.0.1:{port}"
+    if _port_in_use(port):  # another server there would answer our health checks and requests
+        raise ServerError(f"port {port} is already in use: stop what listens there or choose another --port")
+    log_path = Path(log_path)
+    with open(log_path, "w") as log:
+        log.write("$ " + shlex.join(command) + "\n")
+        log.flush()
+        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + startup_timeout
+            while not _healthy(root):
+                if process.poll() is not None:
+                    raise ServerError(f"{shlex.join(command)} exited with status {process.returncode} before {root}/health answered; last lines of {log_path}:\n{_tail(log_path)}")
+                if time.monotonic() > deadline:
+                    raise ServerError(f"{shlex.join(command)} was not healthy at {root}/health after {startup_timeout:g} s (--startup-timeout); last lines of {log_path}:\n{_tail(log_path)}")
+                time.sleep(1)
+            yield root
+        finally:
+            _stop(process)
+
+
+@contextmanager
+def connect(
+    method: Method,
+    model_path: str | Path | None = None,
+    port: int = 30000,
+    log_path: Path | None = None,
+    startup_timeout: float = 900.0,
+    request_timeout: float = 600.0,
+    model: str = "default",
+) -> Iterator[Complete]:
+    """The method's ``complete``: its running server, or one launched on ``port`` (log to
+    ``log_path``, default ``NAME.server.log``) for as long as the context lasts."""
+    if method.url is not None:
+        yield openai_complete(method.url, model, request_timeout)
+        return
+    if model_path is None:
+        raise ValueError(f"method {method.name!r} is launched, which needs a model path")
+    command = server_command(model_path, port, method.flags or "")
+    with launched(command, port, log_path or Path(f"{method.name}.server.log"), startup_timeout) as root:
+        yield openai_complete(root, model, request_timeout)
+
+
+# ---------------------------------------------------------------- the driver
+
+
+def ask(method: str, complete: Complete, length: int, task: Task, max_tokens: int | None = None) -> dict:
+    """One request and its record; any failure of the method is the record's error, never a score."""
+    start = time.perf_counter()
+    try:
+        output = complete(task.messages(), max_tokens or task.max_new_tokens)
+    except Exception as err:  # the method failed, not the answer: recorded, counted, not scored
+        return record(method, length, task, None, f"{type(err).__name__}: {err}", time.perf_counter() - start)
+    return record(method, length, task, output, None, time.perf_counter() - start)
+
+
+def record(method: str, length: int, task: Task, output: str | None, error: str | None, seconds: float = 0.0) -> dict:
+    """What the report keeps of one request: the task's identity, the answer and its score (None if it failed)."""
+    return {
+        "method": method, "kind": task.kind, "length": length, "tokens": task.meta["tokens"], "seed": task.meta["seed"],
+        "depth": task.meta.get("depth"), "score": None if error is not None else task.score(output or ""), "output": output,
+        "answers": list(task.answers), "seconds": round(seconds, 3), "error": error,
+    }  # fmt: skip
+
+
+def evaluate(
+    tasks: Sequence[tuple[int, Task]],
+    methods: Mapping[str, Complete | AbstractContextManager[Complete]],
+    max_tokens: int | None = None,
+    progress: bool = True,
+    save: Callable[[list[dict]], None] | None = None,
+    every: int = 10,
+) -> list[dict]:
+    """Every task (with its target length, as :func:`build_tasks` gives them) through every method.
+
+    A method is a ``complete`` callable, or a context manager that gives one (a server
+    started on enter and stopped on exit: methods run one after the other). A server
+    that does not start is a failure of each of its tasks. ``max_tokens`` (None: each
+    task's own budget) caps the answer. ``save`` gets the records every ``every`` requests,
+    after each method and on the way out of an interrupted run.
+    """
+    records: list[dict] = []
+    bar = tqdm(total=len(tasks) * len(methods), desc="mosaickv accuracy", disable=not progress)
+    try:
+        for name, method in methods.items():
+            bar.set_postfix_str(name)
+            first = len(records)
+            context = method if isinstance(method, AbstractContextManager) else nullcontext(method)
+            try:
+                with context as complete:
+                    for length, task in tasks:
+                        records.append(ask(name, complete, length, task, max_tokens))
+                        bar.update(1)
+                        if save is not None and len(records) % every == 0:
+                            save(records)
+            except ServerError as err:
+                bar.write(f"mosaickv accuracy: method {name}: {err}")
+                for length, task in tasks[len(records) - first :]:
+                    records.append(record(name, length, task, None, f"ServerError: {err}"))
+                    bar.update(1)
+            if save is not None:
+                save(records)
+    except BaseException:
+        if save is not None:  # an interrupted run keeps what it has
+            save(records)
+        raise
+    finally:
+        bar.close()
+    return records
+
+
+def _points(scores: list[float]) -> float | None:
+    return 100 * sum(scores) / len(scores) if scores else None
+
+
+def summarize(records: list[dict]) -> dict[str, dict]:
+    """Per method, in points (0-100): accuracy per kind, per length (the mean over kinds at that
+    length) and ``average`` (the mean over kinds); failed requests are counted, not scored."""
+    out: dict[str, dict] = {}
+    for method in dict.fromkeys(r["method"] for r in records):
+        recs = [r for r in records if r["method"] == method]
+        ok = [r for r in recs if r["error"] is None]
+        kinds = list(dict.fromkeys(r["kind"] for r in recs))
+        lengths = sorted({r["length"] for r in recs})
+        by_kind = {k: _points([r["score"] for r in ok if r["kind"] == k]) for k in kinds}
+        by_length = {}
+        for n in lengths:
+            cells = [_points([r["score"] for r in ok if r["kind"] == k and r["length"] == n]) for k in kinds]
+            by_length[str(n)] = _mean([c for c in cells if c is not None])
+        out[method] = {
+            "requests": len(recs), "failed": len(recs) - len(ok),
+            "average": _mean([v for v in by_kind.values() if v is not None]), "by_kind": by_kind, "by_length": by_length,
+        }  # fmt: skip
+    return out
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+# ---------------------------------------------------------------- report
+
+
+def make_result(header: Mapping, records: list[dict]) -> dict:
+    """The report: the run's header (command, date, device, methods...), records and summary."""
+    return {**header, "records": records, "summary": summarize(records)}
+
+
+def write_json(path: str | Path, result: dict) -> None:
+    """Write through a temporary file, so a run killed mid-write keeps the previous save."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(path)
+
+
+def _cell(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def _kinds(result: dict) -> list[str]:
+    return list(dict.fromkeys(k for s in result["summary"].values() for k in s["by_kind"]))
+
+
+def format_table(result: dict) -> str:
+    """Markdown: a row per method, a column per kind, the average over kinds and the failed count."""
+    kinds = _kinds(result)
+    lengths = sorted({n for s in result["summary"].values() for n in map(int, s["by_length"])})
+    lines = [
+        f"accuracy in points (0-100), lengths {', '.join(map(str, lengths))} tokens; average = mean over kinds; failed requests are not scored",
+        "",
+        "| method | " + " | ".join(kinds) + " | average | failed |",
+        "|---|" + "---:|" * (len(kinds) + 2),
+    ]
+    for name, s in result["summary"].items():
+        cells = [_cell(s["by_kind"].get(k)) for k in kinds]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {_cell(s['average'])} | {s['failed']}/{s['requests']} |")
+    return "\n".join(lines)
+
+
+def plot_accuracy(result: dict, path: str | Path) -> None:
+    """Left: accuracy (mean over kinds) against prompt length, a line per method. Right: accuracy
+    per kind and the average, a bar per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary = result["summary"]
+    kinds = [*_kinds(result), "average"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.4), gridspec_kw={"width_ratios": [1, 1.8]})
+    width = 0.8 / max(1, len(summary))
+    for j, (name, s) in enumerate(summary.items()):
+        points = sorted((int(n), v) for n, v in s["by_length"].items() if v is not None)
+        left.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
+        values = [s["by_kind"].get(k) for k in kinds[:-1]] + [s["average"]]
+        right.bar([i + (j - (len(summary) - 1) / 2) * width for i in range(len(kinds))], [float("nan") if v is None else v for v in values], width, label=name)
+    lengths = sorted({int(n) for s in summary.values() for n in s["by_length"]})
+    left.set_xscale("log", base=2)
+    left.set_xticks(lengths, [str(n) for n in lengths])
+    left.minorticks_off()
+    left.set_xlabel("prompt length (tokens)")
+    left.set_ylabel("accuracy (points, mean over kinds)")
+    right.set_xticks(range(len(kinds)), kinds, rotation=30, ha="right", fontsize=8)
+    right.set_ylabel("accuracy (points)")
+    left.set_title("mean over kinds", fontsize=9)
+    right.set_title("per kind, all lengths", fontsize=9)
+    for ax in (left, right):
+        ax.set_ylim(-5, 105)
+        ax.grid(alpha=0.3)
+    left.legend(fontsize=8)
+    fig.suptitle(f"Accuracy through the OpenAI API, {result.get('model_path') or ''} ({result.get('device') or 'device not given'})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,320 @@
+"""The accuracy driver: deterministic tasks, scores through the driver, failures counted apart,
+summaries, reports, the CLI's method arguments and the server launcher (with a stub server
+on the loopback interface standing in for SGLang, which needs a GPU)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from mosaickv.accuracy import (
+    RequestError,
+    ServerError,
+    build_tasks,
+    evaluate,
+    format_table,
+    launched,
+    make_result,
+    openai_complete,
+    plot_accuracy,
+    server_command,
+    summarize,
+    write_json,
+)
+from mosaickv.cli import build_parser, main
+from mosaickv.tasks import KINDS, TOLERANCE, hf_counter
+
+pytest.importorskip("transformers")
+
+LENGTHS = [256, 512]
+STUB = textwrap.dedent(
+    """
+    # An OpenAI-compatible stub: greedy requests get the prompt back (it contains every answer);
+    # paths under /broken fail with HTTP 500.
+    import json, os, sys
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send(200 if self.path == "/health" else 404, {})
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            if self.path.startswith("/broken"):
+                return self.send(500, {"object": "error", "message": "stub failure"})
+            greedy = body["temperature"] == 0 and isinstance(body["max_tokens"], int)
+            content = body["messages"][-1]["content"] if greedy else "not a greedy request"
+            self.send(200, {"choices": [{"message": {"role": "assistant", "content": content}}]})
+
+        def send(self, status, data):
+            raw = json.dumps(data).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(raw)))
+            self.end_headers()
+            self.wfile.write(raw)
+
+        def log_message(self, *args):
+            pass
+
+    print("stub pid", os.getpid(), flush=True)
+    ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir() -> Path:
+    from mosaickv import model as models
+
+    return models.converted_model_dir()
+
+
+@pytest.fixture(scope="module")
+def count(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    return hf_counter(AutoTokenizer.from_pretrained(tokenizer_dir))
+
+
+@pytest.fixture(scope="module")
+def tasks(count):
+    return build_tasks(dict.fromkeys(KINDS, 1), LENGTHS, count, seed=0)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def stub(tmp_path) -> list[str]:
+    path = tmp_path / "stub.py"
+    path.write_text(STUB)
+    return [sys.executable, str(path)]
+
+
+def by_prompt(tasks):
+    return {t.prompt: t.answers for _, t in tasks}
+
+
+def test_task_selection_is_deterministic_and_each_task_knows_its_length(tasks, count):
+    again = build_tasks(dict.fromkeys(KINDS, 1), LENGTHS, count, seed=0)
+    other = build_tasks(dict.fromkeys(KINDS, 1), LENGTHS, count, seed=1)
+    assert [(n, t.prompt) for n, t in tasks] == [(n, t.prompt) for n, t in again]
+    assert all(a.prompt != b.prompt for (_, a), (_, b) in zip(tasks, other))
+    assert sorted((n, t.kind) for n, t in tasks) == sorted((n, k) for n in LENGTHS for k in KINDS)
+    assert all(abs(t.meta["tokens"] - n) <= TOLERANCE * n + 1 for n, t in tasks)
+    with pytest.raises(ValueError, match="within 4%"):
+        build_tasks({"single_number": 1}, [500, 505], count)
+
+
+def test_right_answers_score_100_wrong_or_empty_0_and_partial_kinds_partial(tasks):
+    answers = by_prompt(tasks)
+    budgets = []
+
+    def right(messages, max_tokens):
+        budgets.append(max_tokens)
+        return "Sure: " + ", ".join(answers[messages[0]["content"]]) + "."
+
+    methods = {
+        "right": right,
+        "wrong": lambda messages, max_tokens: "I do not know, maybe 1234567 or Paris.",
+        "empty": lambda messages, max_tokens: "",
+        "first": lambda messages, max_tokens: answers[messages[0]["content"]][0],
+    }
+    records = evaluate(tasks, methods, progress=False)
+    assert budgets == [t.max_new_tokens for _, t in tasks]  # each task's own budget by default
+    summary = summarize(records)
+    assert summary["right"]["average"] == 100 and set(summary["right"]["by_length"].values()) == {100}
+    for name in ("wrong", "empty"):
+        assert summary[name]["average"] == 0 and summary[name]["failed"] == 0
+    first = summary["first"]["by_kind"]
+    assert first["multivalue"] == pytest.approx(25) and first["freqwords"] == pytest.approx(100 / 3) and first["vartrack"] == pytest.approx(20)
+    assert first["single_uuid"] == first["docqa"] == 100
+    rec = records[0]
+    assert set(rec) == {"method", "kind", "length", "tokens", "seed", "depth", "score", "output", "answers", "seconds", "error"}
+    assert rec["score"] == 1.0 and rec["error"] is None and rec["answers"] == list(tasks[0][1].answers)
+    evaluate(tasks[:2], {"capped": right}, max_tokens=5, progress=False)
+    assert budgets[-2:] == [5, 5]
+
+
+def test_a_failing_method_is_counted_as_failed_never_scored(tasks):
+    answers = by_prompt(tasks)
+
+    def sometimes(messages, max_tokens):
+        if "born" in messages[0]["content"]:  # docqa
+            raise RuntimeError("HTTP 503 from the server")
+        return " ".join(answers[messages[0]["content"]])
+
+    records = evaluate(tasks, {"flaky": sometimes}, progress=False)
+    failed = [r for r in records if r["error"]]
+    assert {r["kind"] for r in failed} == {"docqa"} and len(failed) == len(LENGTHS)
+    assert all(r["score"] is None and r["output"] is None and "RuntimeError: HTTP 503" in r["error"] for r in failed)
+    s = summarize(records)["flaky"]
+    assert s["failed"] == len(LENGTHS) and s["requests"] == len(tasks)
+    assert s["by_kind"]["docqa"] is None and s["average"] == 100  # the failures are not averaged in as zeros
+    assert f"| - | 100.0 | {len(LENGTHS)}/{len(tasks)} |" in format_table(make_result({}, records))
+
+
+def test_a_server_that_does_not_start_fails_its_tasks_and_the_next_method_runs(tasks):
+    class NoServer:
+        def __enter__(self):
+            raise ServerError("exited with status 1 before /health answered")
+
+        def __exit__(self, *exc):
+            return False
+
+    records = evaluate(tasks[:3], {"down": NoServer(), "up": lambda m, n: "x"}, progress=False)
+    summary = summarize(records)
+    assert summary["down"]["failed"] == 3 and summary["down"]["average"] is None
+    assert records[0]["error"] == "ServerError: exited with status 1 before /health answered"
+    assert summary["up"]["failed"] == 0 and summary["up"]["requests"] == 3
+
+
+def test_records_are_saved_as_the_run_goes_and_when_it_is_interrupted(tasks):
+    saved = []
+    evaluate(tasks[:7], {"a": lambda m, n: "", "b": lambda m, n: ""}, progress=False, save=lambda r: saved.append(len(r)), every=3)
+    assert saved == [3, 6, 7, 9, 12, 14]  # every 3 requests and after each method
+    calls = []
+
+    def interrupted(messages, max_tokens):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return ""
+
+    saved.clear()
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(tasks, {"a": interrupted}, progress=False, save=lambda r: saved.append(len(r)), every=100)
+    assert saved == [4]
+
+
+def record(kind, length, score, error=None):
+    return {"method": "m", "kind": kind, "length": length, "score": score, "error": error}
+
+
+def test_summary_averages_a_hand_built_record_set():
+    records = [
+        record("single_number", 256, 1.0),
+        record("single_number", 256, 0.0),
+        record("single_number", 512, 1.0),
+        record("multivalue", 256, 0.5),
+        record("multivalue", 512, None, error="RequestError: POST http://x/v1/chat/completions returned HTTP 500"),
+    ]
+    s = summarize(records)["m"]
+    assert s["requests"] == 5 and s["failed"] == 1
+    assert s["by_kind"] == pytest.approx({"single_number": 200 / 3, "multivalue": 50})
+    assert s["average"] == pytest.approx((200 / 3 + 50) / 2)  # the mean over kinds, not over requests
+    assert s["by_length"] == pytest.approx({"256": 50, "512": 100})  # at 512 only single_number was scored
+
+
+def test_report_round_trips_through_json_and_the_plot_is_written(tasks, tmp_path):
+    answers = by_prompt(tasks)
+    records = evaluate(tasks, {"right": lambda m, n: " ".join(answers[m[0]["content"]]), "empty": lambda m, n: ""}, progress=False)
+    result = make_result({"command": "mosaickv accuracy", "device": "test CPU", "methods": [{"name": "right"}, {"name": "empty"}]}, records)
+    write_json(tmp_path / "acc.json", result)
+    assert json.loads((tmp_path / "acc.json").read_text()) == result
+    plot_accuracy(result, tmp_path / "acc.png")
+    assert (tmp_path / "acc.png").read_bytes()[:4] == b"\x89PNG"
+    table = format_table(result).splitlines()
+    assert table[2] == "| method | " + " | ".join(KINDS) + " | average | failed |"
+    assert table[4] == "| right | " + " | ".join(["100.0"] * len(KINDS)) + f" | 100.0 | 0/{len(tasks)} |"
+    assert table[5].startswith("| empty | 0.0 |")
+
+
+def test_cli_parses_methods_and_refuses_malformed_ones_naming_the_flag(capsys):
+    args = build_parser().parse_args(["accuracy", "--server", "a=http://x:1", "--launch", "mosaic3x=--kv-compress mosaickv", "--launch", "none="])
+    assert args.methods == [{"name": "a", "url": "http://x:1"}, {"name": "mosaic3x", "flags": "--kv-compress mosaickv"}, {"name": "none", "flags": ""}]
+    assert args.kinds == list(KINDS) and args.lengths == [1024, 2048, 4096, 7168]
+    for argv, words in [
+        (["--server", "nonsense"], ["argument --server", "'nonsense' is not NAME=URL"]),
+        (["--server", "a=x:1"], ["argument --server", "http"]),
+        (["--launch", "fp8"], ["argument --launch", "NAME=FLAGS"]),
+        (["--launch", "x=--port 5"], ["argument --launch", "'--port 5' set --port", "the launcher sets --model-path and --port itself"]),
+        (["--server", "a=http://x:1", "--kinds", "nope"], ["argument --kinds", "invalid choice: 'nope'", "single_number"]),
+    ]:
+        with pytest.raises(SystemExit) as exit_:
+            build_parser().parse_args(["accuracy", *argv])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and all(w in err for w in words), err
+    for argv, words in [
+        ([], ["--server NAME=URL or --launch NAME=FLAGS"]),
+        (["--launch", "none="], ["--launch needs --model-path"]),
+        (["--server", "a=http://x:1"], ["--tokenizer (or --model-path)"]),
+        (["--server", "a=http://x:1", "--server", "a=http://y:1"], ["'a' is given twice"]),
+    ]:
+        with pytest.raises(SystemExit):
+            main(["accuracy", *argv])
+        assert all(w in capsys.readouterr().err for w in words)
+
+
+def test_launch_command_line():
+    assert server_command("/models/smollm2", 30001, "--kv-compress mosaickv --kv-compress-config mosaic", python="python") == [
+        "python", "-m", "sglang.launch_server", "--model-path", "/models/smollm2", "--port", "30001",
+        "--kv-compress", "mosaickv", "--kv-compress-config", "mosaic",
+    ]  # fmt: skip
+    assert server_command("m", 1, "", python="py") == ["py", "-m", "sglang.launch_server", "--model-path", "m", "--port", "1"]
+    assert server_command("m", 1, "--kv-compress-config '/a b/p.yaml'", python="py")[-1] == "/a b/p.yaml"
+    for flags in ("--port 5", "--model-path=/x", "--kv-compress 'mosaickv"):
+        with pytest.raises(ValueError, match="launch flags"):
+            server_command("m", 1, flags)
+
+
+def test_launcher_reports_a_server_that_exits_with_its_log_tail(tmp_path):
+    command = [sys.executable, "-c", "print('CUDA error: no device'); raise SystemExit(3)"]
+    with pytest.raises(ServerError, match=r"(?s)exited with status 3.*CUDA error: no device"):
+        with launched(command, free_port(), tmp_path / "s.log", startup_timeout=60):
+            pass
+
+
+def alive(pid: int) -> bool:
+    """A process that exists and is not a zombie (an orphan's zombie waits for init, not for us)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_launcher_times_out_and_stops_the_whole_process_group(tmp_path):
+    server = "import os, subprocess, sys, time; w = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); print('pids', os.getpid(), w.pid, flush=True); time.sleep(120)"
+    log = tmp_path / "s.log"
+    with pytest.raises(ServerError, match=r"not healthy .* after 3 s \(--startup-timeout\)"):
+        with launched([sys.executable, "-c", server], free_port(), log, startup_timeout=3):
+            pass
+    text = log.read_text()
+    assert text.startswith("$ ")  # the command line heads the log
+    leader, worker = map(int, text.split("pids ")[1].split()[:2])
+    assert not alive(leader) and not alive(worker)  # the worker too: the whole group is stopped
+
+
+def test_launched_stub_server_through_the_cli_end_to_end(stub, tokenizer_dir, tmp_path, capsys):
+    port = free_port()
+    with launched([*stub, str(port)], port, tmp_path / "stub.log", startup_timeout=60) as root:
+        assert openai_complete(root + "/v1")([{"role": "user", "content": "hello"}], 4) == "hello"
+        with pytest.raises(RequestError, match=rf"POST {root}/broken/v1/chat/completions returned HTTP 500: .*stub failure"):
+            openai_complete(root + "/broken")([{"role": "user", "content": "x"}], 4)
+        out = tmp_path / "acc.json"
+        argv = [
+            "accuracy", "--server", f"echo={root}", "--server", f"broken={root}/broken", "--tokenizer", str(tokenizer_dir),
+            "--kinds", "single_number", "multivalue", "--lengths", "256", "--samples", "2", "--device", "test CPU",
+            "--output", str(out), "--plot", str(tmp_path / "acc.png"), "--quiet",
+        ]  # fmt: skip
+        assert main(argv) == 1  # failed requests make the exit status non-zero
+    assert not alive(int((tmp_path / "stub.log").read_text().split("stub pid ")[1].split()[0]))  # stopped on exit
+    captured = capsys.readouterr()
+    assert "| echo | 100.0 | 100.0 | 100.0 | 0/4 |" in captured.out and "| broken | - | - | - | 4/4 |" in captured.out
+    assert "4 of 8 requests failed" in captured.err
+    result = json.loads(out.read_text())
+    assert result["device"] == "test CPU" and [m["name"] for m in result["methods"]] == ["echo", "broken"]
+    assert result["summary"]["echo"]["average"] == 100 and result["summary"]["broken"]["failed"] == 4
+    assert all("HTTP 500" in r["error"] and f"{root}/broken/v1/chat/completions" in r["error"] for r in result["records"] if r["method"] == "broken")
+    assert (tmp_path / "acc.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(RequestError, match=rf"POST {root}/v1/chat/completions failed"):  # nothing listens any more
+        openai_complete(root)([{"role": "user", "content": "x"}], 4)

@@ -79,7 +79,7 @@ def disable_cuda_graphs(args: ServerArgs) -> None:
     from sglang.srt.model_executor.cuda_graph_config import Backend
 
     graph = args.cuda_graph_config
-    if graph.decode.backend == graph.prefill.backend == Backend.DISABLED:
+    if graph is None or graph.decode.backend == graph.prefill.backend == Backend.DISABLED:
         return
     logger.warning("CUDA graphs are off with --kv-compress mosaickv: its attention backend still runs the "
                    "reference path on the host, which graphs cannot capture.")

@@ -80,6 +80,8 @@ def test_mosaickv_turns_cuda_graphs_off_that_none_keeps(llama):
     assert make(llama).cuda_graph_config.decode.backend != Backend.DISABLED
     graph = make(llama, kv_compress="mosaickv").cuda_graph_config
     assert graph.decode.backend == graph.prefill.backend == Backend.DISABLED
+    # A dummy model path leaves SGLang's graph config unresolved (None): nothing to turn off.
+    assert server_args_mod.prepare_server_args(["--model-path", "dummy", "--kv-compress", "mosaickv"]).kv_compress == "mosaickv"
 
 
 def test_policy_file_is_validated_by_the_lead_loader(llama, tmp_path):

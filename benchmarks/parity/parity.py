@@ -42,6 +42,9 @@ PROMPTS: list[list[dict[str, str]] | str] = [
 ]
 
 
+TOP = 5  # per greedy step, the HF run keeps its top log-probs: the margin where runs part
+
+
 def prompt_ids(tokenizer, prompt: list[dict[str, str]] | str) -> list[int]:
     """Chat prompts through the model's template (as the server's chat endpoint does)."""
     if isinstance(prompt, str):
@@ -104,17 +107,19 @@ def run_hf(model_path: str, dtype: str, new: int, hooks: bool) -> dict:
                 h.remove()
             logprobs = torch.log_softmax(out.logits[0].float(), dim=-1)
             prompt_lp = [None] + logprobs[:-1].gather(1, x[0, 1:, None])[:, 0].tolist()
-            past, nxt, gen = out.past_key_values, int(logprobs[-1].argmax()), []
+            past, step_lp, gen, tops = out.past_key_values, logprobs[-1], [], []
             for _ in range(new):
-                gen.append(nxt)
-                step = model(torch.tensor([[nxt]], device=device), past_key_values=past, use_cache=True)
-                past, nxt = step.past_key_values, int(step.logits[0, -1].argmax())
+                top = step_lp.topk(TOP)
+                tops.append(dict(zip(top.indices.tolist(), top.values.tolist())))
+                gen.append(int(top.indices[0]))
+                step = model(torch.tensor([[gen[-1]]], device=device), past_key_values=past, use_cache=True)
+                past, step_lp = step.past_key_values, torch.log_softmax(step.logits[0, -1].float(), dim=-1)
             runs.append({"ids": ids, "prompt_logprobs": prompt_lp, "output_ids": gen, "text": tok.decode(gen),
-                         "last_logits": out.logits[0, -1].float().cpu()})
+                         "step_top": tops})
     return {"engine": f"hf transformers {dtype}", "runs": runs, "modules": modules}
 
 
-def run_sglang(model_path: str, new: int, dump: str | None, engine_kw: dict) -> dict:
+def run_sglang(model_path: str, new: int, dump: str | None, engine_kw: dict, prompts: int) -> dict:
     import sglang as sgl
     from transformers import AutoTokenizer
 
@@ -127,7 +132,7 @@ def run_sglang(model_path: str, new: int, dump: str | None, engine_kw: dict) -> 
     started = time.time() - t
     runs = []
     try:
-        for prompt in PROMPTS:
+        for prompt in PROMPTS[:prompts]:
             ids = prompt_ids(tok, prompt)
             res = engine.generate(input_ids=ids, return_logprob=True, logprob_start_len=0,
                                   sampling_params={"temperature": 0, "max_new_tokens": new, "ignore_eos": True})
@@ -204,8 +209,13 @@ def compare(hf: dict, sgl: dict, dump: str | None) -> dict:
         diffs = [abs(x - y) for x, y in zip(a["prompt_logprobs"][1:], b["prompt_logprobs"][1:])]
         agree = next((i for i, (x, y) in enumerate(zip(a["output_ids"], b["output_ids"])) if x != y),
                      len(a["output_ids"]))
+        gap = None
+        if agree < len(a["output_ids"]) and a.get("step_top"):
+            top = a["step_top"][agree]  # a's log-probs where b chose another token (an upper bound if off a's top k)
+            gap = top[a["output_ids"][agree]] - top.get(b["output_ids"][agree], min(top.values()))
         prompts.append({"prompt_tokens": len(a["ids"]), "greedy_equal": a["output_ids"] == b["output_ids"],
-                        "first_divergence": agree, "hf_text": a["text"], "sglang_text": b["text"],
+                        "first_divergence": agree, "a_logprob_gap_at_divergence": gap,
+                        "hf_text": a["text"], "sglang_text": b["text"],
                         "prompt_logprob_absdiff_max": max(diffs), "prompt_logprob_absdiff_mean": sum(diffs) / len(diffs)})
     out = {"a": hf["engine"], "b": sgl["engine"], "b_server_args": sgl.get("server_args"),
            "greedy_equal": sum(p["greedy_equal"] for p in prompts), "prompts_total": len(prompts), "prompts": prompts}
@@ -229,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--model", required=True)
     s.add_argument("--dump")
     s.add_argument("--engine", default="{}", help="JSON of extra sgl.Engine keyword arguments")
+    s.add_argument("--prompts", type=int, default=len(PROMPTS), help="only the first N prompts (a dump writes every pass)")
     for p in (h, s):
         p.add_argument("--new", type=int, default=24)
         p.add_argument("--out", required=True)
@@ -243,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         res["model"] = args.model
         torch.save(res, args.out)
     elif args.step == "sglang":
-        torch.save(run_sglang(args.model, args.new, args.dump, json.loads(args.engine)), args.out)
+        torch.save(run_sglang(args.model, args.new, args.dump, json.loads(args.engine), args.prompts), args.out)
     else:
         res = compare(torch.load(args.hf, weights_only=False), torch.load(args.sglang, weights_only=False), args.dump)
         res["command"] = " ".join(sys.argv)

@@ -10,6 +10,7 @@ T0=${T0:-$(date +%s)}; DEADLINE=$((T0 + ${BUDGET_S:-580}))
 M=${MODEL:-/tmp/mkv/models/smollm2-135m-instruct}
 BASE="--model-path $M --mem-fraction-static 0.5"
 GSP=${GSP:-"--gsp-num-groups 4 --gsp-prompts-per-group 4 --gsp-system-prompt-len 512 --gsp-question-len 32 --gsp-output-len 16"}
+FID=${FID:-"--texts 4 --prefix 1536 --total 2048"}
 source benchmarks/serving/lib.sh
 python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . > $OUT/pip.log 2>&1
 
@@ -20,7 +21,7 @@ measure() {  # NAME PORT START_BUDGET RESERVE FLAGS...
   if start_server $name $port $budget "$@"; then
     curl -sf -m 30 http://127.0.0.1:$port/get_server_info > $OUT/info_${name}_start.json
     timeout $(( $(left) - reserve > 20 ? $(left) - reserve : 20 )) \
-      python3 benchmarks/serving/fidelity_client.py run $port $M $OUT/fidelity_$name.json >> $OUT/client_$name.log 2>&1
+      python3 benchmarks/serving/fidelity_client.py run $port $M $OUT/fidelity_$name.json $FID >> $OUT/client_$name.log 2>&1
     echo "$name: fidelity rc=$?" | tee -a $OUT/steps.txt
     curl -sf -m 30 http://127.0.0.1:$port/get_server_info > $OUT/info_${name}_prebench.json
     echo "python3 -m sglang.bench_serving --backend sglang --port $port --model $M --dataset-name generated-shared-prefix $GSP --output-file bench_$name.jsonl" > $OUT/cmd_bench_$name.txt
@@ -34,7 +35,8 @@ measure() {  # NAME PORT START_BUDGET RESERVE FLAGS...
 }
 
 measure mosaic 30001 150 250 --kv-compress mosaickv --kv-compress-config mosaic
-measure none 30000 200 20
+# torch_native: no JIT and no graph capture to wait for (see benchmarks/parity/run_gpu.sh).
+measure none 30000 200 20 --attention-backend torch_native
 [ -f $OUT/fidelity_none.json ] && [ -f $OUT/fidelity_mosaic.json ] && \
   python3 benchmarks/serving/fidelity_client.py compare $OUT/fidelity_none.json $OUT/fidelity_mosaic.json $OUT/fidelity_mosaic_vs_none.json
 python3 - $OUT <<'PY'

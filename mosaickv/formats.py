@@ -172,17 +172,17 @@ def _pack_side(x: torch.Tensor, fmt: SideFormat, score: torch.Tensor | None) -> 
     return PackedSide(fmt, values=coef.to(VALUE_DTYPE), basis=basis.to(VALUE_DTYPE))
 
 
-def _unpack_side(side: PackedSide, m: int, d: int) -> torch.Tensor:
-    """Reconstruct [m, d] float32; dropped channels read as zero."""
+def _unpack_side(side: PackedSide, m: int, d: int, device: torch.device) -> torch.Tensor:
+    """Reconstruct [m, d] float32 on ``device``; dropped channels read as zero."""
     if m == 0:
-        return torch.zeros(0, d)
+        return torch.zeros(0, d, device=device)
     kind = side.fmt.kind
     vals = side.values.float()
     if kind == "dense":
         return vals
     if kind == "lowrank":
         return vals @ side.basis.float()
-    out = torch.zeros(m, d)
+    out = torch.zeros(m, d, device=device)
     idx = side.index.long()
     if kind == "sparse":
         return out.scatter_(1, idx, vals)
@@ -236,6 +236,9 @@ def pack_block(
 
 
 def unpack_block(block: PackedBlock) -> tuple[torch.Tensor, torch.Tensor]:
-    """Kept keys and values as float32 ``[tokens, d]`` each."""
+    """Kept keys and values as float32 ``[tokens, d]`` each, in token order, on the block's
+    device (its header's: a block read from a device arena densifies there). The dense
+    format returns its stored values exactly."""
     m, d = block.fmt.tokens, block.d
-    return _unpack_side(block.k, m, d), _unpack_side(block.v, m, d)
+    device = block.header.device
+    return _unpack_side(block.k, m, d, device), _unpack_side(block.v, m, d, device)

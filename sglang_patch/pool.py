@@ -10,20 +10,27 @@ logical page to a dense page (tail) or to an arena slab (sealed segment).
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass, field
+from itertools import accumulate
 from typing import Optional
 
 import torch
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 from sglang.srt.model_executor.pool_configurator import DefaultPoolConfigurator, MemoryPoolConfig
 
-from mosaickv.formats import HEADER_BYTES, VALUE_DTYPE, BlockFormat, PackedBlock, PackedSide
+from mosaickv.formats import HEADER_BYTES, VALUE_DTYPE, BlockFormat, PackedBlock, PackedSide, unpack_block
 from mosaickv.sglang_patch.query_stats import SegmentQueryStats
 from mosaickv.sglang_patch.sizing import CapacityPlan, KVShape, plan_capacity
 
 logger = logging.getLogger(__name__)
 
 UNMAPPED = -1
+DEFAULT_SEGMENT_CACHE_BYTES = 1 << 30
+
+SegmentKV = torch.Tensor | list[torch.Tensor]
+"""Densified keys (or values) of one layer of a sealed segment: ``[m, Hkv, d]`` when every
+KV head kept ``m`` tokens, else one ``[m_h, d]`` per KV head (heads drop tokens apart)."""
 
 
 def serialize_block(block: PackedBlock) -> torch.Tensor:
@@ -32,10 +39,14 @@ def serialize_block(block: PackedBlock) -> torch.Tensor:
     return torch.cat([t.contiguous().view(torch.uint8).reshape(-1) for t in parts])
 
 
-def deserialize_block(raw: torch.Tensor, n: int, d: int) -> tuple[PackedBlock, int]:
-    """Rebuild a block from arena bytes; returns it and the bytes it used."""
+def deserialize_block(raw: torch.Tensor, n: int, d: int, fmt: Optional[BlockFormat] = None) -> tuple[PackedBlock, int]:
+    """Rebuild a block from arena bytes, on their device; returns it and the bytes it used.
+
+    ``fmt``: the block's format when known (the pool records it at sealing), so that bytes
+    on a GPU are not read back to the host to parse the header.
+    """
     header = raw[:HEADER_BYTES].clone().view(torch.int32)
-    fmt = BlockFormat.from_header(header)
+    fmt = BlockFormat.from_header(header) if fmt is None else fmt
     pos = HEADER_BYTES
     sides = []
     for side_fmt in (fmt.k, fmt.v):
@@ -104,6 +115,57 @@ class SegmentArena:
         self._free.append(slab)
 
 
+def densify_layer(blocks: list[PackedBlock], dtype: torch.dtype) -> tuple[SegmentKV, SegmentKV]:
+    """Kept keys and values of one layer's blocks (one per KV head) in ``dtype``, where the
+    blocks are; see :data:`SegmentKV`."""
+    ks, vs = zip(*((k.to(dtype), v.to(dtype)) for k, v in map(unpack_block, blocks)))
+    if len({k.shape[0] for k in ks}) == 1:
+        return torch.stack(ks, dim=1), torch.stack(vs, dim=1)
+    return list(ks), list(vs)
+
+
+def _nbytes(kv: SegmentKV) -> int:
+    return sum(t.numel() * t.element_size() for t in ([kv] if isinstance(kv, torch.Tensor) else kv))
+
+
+class SegmentKVCache:
+    """Densified sealed segments per (slab, layer), least recently used out first, at most
+    ``limit`` bytes: decoding every layer of every segment each step would cost more than
+    the attention that reads them. An entry larger than ``limit`` is not kept."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.bytes = 0
+        self.hits = self.misses = 0
+        self._entries: OrderedDict[tuple[int, int], tuple[SegmentKV, SegmentKV, int]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: tuple[int, int]) -> Optional[tuple[SegmentKV, SegmentKV]]:
+        entry = self._entries.get(key)
+        if entry is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self._entries.move_to_end(key)
+        return entry[0], entry[1]
+
+    def put(self, key: tuple[int, int], k: SegmentKV, v: SegmentKV) -> None:
+        size = _nbytes(k) + _nbytes(v)
+        if size > self.limit:
+            return
+        while self.bytes + size > self.limit:
+            self.bytes -= self._entries.popitem(last=False)[1][2]
+        self._entries[key] = (k, v, size)
+        self.bytes += size
+
+    def drop(self, key: tuple[int, int]) -> None:
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            self.bytes -= entry[2]
+
+
 @dataclass
 class SealingCounters:
     """What sealing did in this process, for ``kv_compress_info`` (the radix cache counts)."""
@@ -118,13 +180,17 @@ class MosaicKVPool(MHATokenToKVPool):
 
     def __init__(self, size: int, page_size: int, dtype: torch.dtype, head_num: int, head_dim: int,
                  layer_num: int, device: str, enable_memory_saver: bool, *, plan: CapacityPlan,
-                 attention_window: int = 0, **kwargs) -> None:
+                 attention_window: int = 0, segment_cache_bytes: int = DEFAULT_SEGMENT_CACHE_BYTES,
+                 **kwargs) -> None:
         """``attention_window``: the policy token scorer's, so that the attention backend
-        records what it reads at sealing (see :mod:`mosaickv.sglang_patch.query_stats`)."""
+        records what it reads at sealing (see :mod:`mosaickv.sglang_patch.query_stats`).
+        ``segment_cache_bytes``: device memory for densified sealed segments (outside the
+        KV budget), see :class:`SegmentKVCache`."""
         if size != plan.max_total_num_tokens:
             raise ValueError(f"pool size {size} differs from the plan's {plan.max_total_num_tokens} tokens")
         self.plan = plan  # read by _kv_buffer_shapes during the base constructor
         self.attention_window = attention_window
+        self.segment_cache_bytes = segment_cache_bytes  # read by _create_buffers during the base constructor
         super().__init__(size, page_size, dtype, head_num, head_dim, layer_num, device, enable_memory_saver,
                          **kwargs)
         if self.head_dim != self.v_head_dim:
@@ -141,7 +207,8 @@ class MosaicKVPool(MHATokenToKVPool):
         self._free_dense = list(range(dense_pages - 1, 0, -1))
         self.arena = SegmentArena(self.plan.num_slabs, self.plan.slab_bytes, self.device)
         self._slab_pages: dict[int, list[int]] = {}
-        self._segments: dict[int, list[list[PackedBlock]]] = {}  # decoded slabs, dropped on free
+        self._slab_layout: dict[int, list[list[tuple[int, BlockFormat]]]] = {}  # [layer][kv_head] (offset, fmt)
+        self.segment_cache = SegmentKVCache(self.segment_cache_bytes)
         self.query_stats = SegmentQueryStats(self.layer_num, self.head_num, self.head_dim, self.plan.segment_size,
                                              self.attention_window)
         self.counters = SealingCounters()
@@ -187,8 +254,11 @@ class MosaicKVPool(MHATokenToKVPool):
                              f"{self.plan.segment_size}")
         if len(blocks) != self.layer_num or any(len(layer) != self.head_num for layer in blocks):
             raise ValueError(f"a segment needs blocks[{self.layer_num} layers][{self.head_num} kv heads]")
-        payload = torch.cat([serialize_block(b) for layer in blocks for b in layer])
-        slab = self.arena.store(payload)
+        parts = [serialize_block(b) for layer in blocks for b in layer]
+        offsets = list(accumulate((p.numel() for p in parts), initial=0))
+        slab = self.arena.store(torch.cat(parts))
+        self._slab_layout[slab] = [[(offsets[i * self.head_num + h], blocks[i][h].fmt) for h in range(self.head_num)]
+                                   for i in range(self.layer_num)]
         for page in pages:
             dense = int(self.page_to_dense[page])
             if dense > 0:
@@ -198,27 +268,34 @@ class MosaicKVPool(MHATokenToKVPool):
         self._slab_pages[slab] = list(pages)
         return slab
 
+    def _read_layer(self, slab: int, local: int) -> list[PackedBlock]:
+        raw = self.arena.view(slab)
+        return [deserialize_block(raw[offset:], self.plan.segment_size, self.head_dim, fmt)[0]
+                for offset, fmt in self._slab_layout[slab][local]]
+
     def read_segment(self, slab: int) -> list[list[PackedBlock]]:
-        """``blocks[layer][kv_head]`` of a sealed segment, rebuilt from the arena bytes."""
-        if slab in self._segments:
-            return self._segments[slab]
-        raw = self.arena.view(slab).cpu()  # the reference path decodes on the host
-        pos, out = 0, []
-        for _ in range(self.layer_num):
-            layer = []
-            for _ in range(self.head_num):
-                block, used = deserialize_block(raw[pos:], self.plan.segment_size, self.head_dim)
-                layer.append(block)
-                pos += used
-            out.append(layer)
-        self._segments[slab] = out
-        return out
+        """``blocks[layer][kv_head]`` of a sealed segment, rebuilt from the arena bytes on
+        the arena's device."""
+        return [self._read_layer(slab, local) for local in range(self.layer_num)]
+
+    def segment_kv(self, slab: int, layer_id: int) -> tuple[SegmentKV, SegmentKV]:
+        """Kept keys and values of layer ``layer_id`` of a sealed segment, densified in the
+        pool's dtype on its device (the dense format exactly as it was written), through
+        :attr:`segment_cache`."""
+        key = (slab, layer_id - self.start_layer)
+        kv = self.segment_cache.get(key)
+        if kv is None:
+            kv = densify_layer(self._read_layer(*key), self.dtype)
+            self.segment_cache.put(key, *kv)
+        return kv
 
     def free_slab(self, slab: int) -> None:
         """Release a sealed segment's bytes (its logical pages are freed by the allocator)."""
         for page in self._slab_pages.pop(slab):
             self.page_to_slab[page] = UNMAPPED
-        self._segments.pop(slab, None)
+        del self._slab_layout[slab]
+        for local in range(self.layer_num):
+            self.segment_cache.drop((slab, local))
         self.arena.free(slab)
 
     def release_pages(self, loc: torch.Tensor) -> None:
@@ -259,6 +336,11 @@ class MosaicKVPool(MHATokenToKVPool):
             "compression_calls": self.counters.compression_calls,
             "part_failures": dict(self.counters.part_failures),
             "arena_full": self.counters.arena_full,
+            "segment_cache_bytes_in_use": self.segment_cache.bytes,
+            "segment_cache_limit_bytes": self.segment_cache.limit,
+            "segment_cache_entries": len(self.segment_cache),
+            "segment_cache_hits": self.segment_cache.hits,
+            "segment_cache_misses": self.segment_cache.misses,
         }
 
 

@@ -1,8 +1,11 @@
-"""The mosaickv attention backend's reference path over sealed segments plus dense tokens."""
+"""The mosaickv attention backend on SGLang's real classes (CPU): all-dense requests equal
+TorchNativeAttnBackend bit for bit, compressed segments match the reference oracle, and
+the device cache of densified segments keeps its byte bound."""
 
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,14 +17,20 @@ from sglang.srt.plugins import load_plugins  # noqa: E402
 load_plugins()
 
 from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS  # noqa: E402
+from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend  # noqa: E402
+from sglang.srt.layers.radix_attention import RadixAttention  # noqa: E402
+from sglang.srt.mem_cache.memory_pool import KVWriteLoc, MHATokenToKVPool, ReqToTokenPool  # noqa: E402
+from sglang.srt.model_executor.forward_batch_info import ForwardBatch, ForwardMode  # noqa: E402
 from sglang.srt.server_args import ATTENTION_BACKEND_CHOICES  # noqa: E402
 
-from mosaickv.formats import BlockFormat, pack_block  # noqa: E402
-from mosaickv.sglang_patch.attention import MosaicAttnBackend, attend_request  # noqa: E402
+from mosaickv.formats import BlockFormat, SideFormat, pack_block  # noqa: E402
+from mosaickv.reference import CompressedLayer, attention  # noqa: E402
+from mosaickv.sglang_patch.attention import MosaicAttnBackend, attend_request, locate  # noqa: E402
 from mosaickv.sglang_patch.pool import MosaicKVPool  # noqa: E402
 from mosaickv.sglang_patch.sizing import KVShape, plan_capacity  # noqa: E402
 
-SEG, HQ, HKV, D, LAYERS = 16, 4, 2, 32, 2
+SEG, HKV, LAYERS = 16, 2, 2
+SHAPES = [(1, 32), (3, 64), (3, 32), (1, 64)]  # (query heads per KV head, head dim)
 
 
 def test_backend_is_registered_with_sglang():
@@ -29,37 +38,177 @@ def test_backend_is_registered_with_sglang():
     assert "mosaickv" in ATTENTION_BACKEND_CHOICES
 
 
-def causal_reference(q, k, v, scale):
-    """Plain attention of the last nq tokens over all n tokens, GQA, float32."""
-    nq, n = q.shape[0], k.shape[0]
-    group = HQ // HKV
-    kk = k.float().repeat_interleave(group, dim=1).transpose(0, 1)
-    vv = v.float().repeat_interleave(group, dim=1).transpose(0, 1)
-    logits = q.float().transpose(0, 1) @ kk.transpose(1, 2) * scale
-    mask = torch.arange(n)[None, :] <= (n - nq + torch.arange(nq))[:, None]
-    out = torch.softmax(logits.masked_fill(~mask, float("-inf")), -1) @ vv
-    return out.transpose(0, 1)
+def make_pool(d: int, **kw) -> MosaicKVPool:
+    shape = KVShape(num_layers=LAYERS, num_kv_heads=HKV, head_dim=d, v_head_dim=d)
+    plan = plan_capacity(shape, 1 << 22, segment_size=SEG, ratio=1.0, sinks=0, window=SEG, max_running_requests=2)
+    return MosaicKVPool(plan.max_total_num_tokens, page_size=1, dtype=torch.bfloat16, head_num=HKV, head_dim=d,
+                        layer_num=LAYERS, device="cpu", enable_memory_saver=False, plan=plan, enable_alt_stream=False,
+                        **kw)
 
 
-@pytest.mark.parametrize("nq", [1, 5])
-def test_lossless_sealed_segment_equals_plain_attention(nq):
-    shape = KVShape(num_layers=LAYERS, num_kv_heads=HKV, head_dim=D, v_head_dim=D)
-    plan = plan_capacity(shape, 1 << 20, segment_size=SEG, ratio=1.0, sinks=0, window=SEG, max_running_requests=2)
-    pool = MosaicKVPool(plan.max_total_num_tokens, page_size=1, dtype=torch.bfloat16, head_num=HKV, head_dim=D,
-                        layer_num=LAYERS, device="cpu", enable_memory_saver=False, plan=plan, enable_alt_stream=False)
-    n = 2 * SEG + 7 + nq
+def kv(n: int, d: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values [L, n, Hkv, d] in bf16, as a server writes them."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(LAYERS, n, HKV, d, generator=g).bfloat16(),
+            torch.randn(LAYERS, n, HKV, d, generator=g).bfloat16())
+
+
+def lossless(k: torch.Tensor, v: torch.Tensor) -> list[list]:
+    """A segment [L, SEG, Hkv, d] packed in the dense format, as the lossless policy seals it."""
+    return [[pack_block(k[i, :, h].float(), v[i, :, h].float(), BlockFormat(SEG)) for h in range(HKV)]
+            for i in range(LAYERS)]
+
+
+# -- all dense: bit for bit what torch_native computes -------------------------------------
+class Pair:
+    """A MosaicKV pool and backend beside a plain MHA pool and TorchNativeAttnBackend that
+    hold the same tokens at the same slots, sharing one req-to-token pool."""
+
+    def __init__(self, group: int, d: int) -> None:
+        self.group, self.d = group, d
+        self.pool = make_pool(d)
+        self.plain = MHATokenToKVPool(self.pool.size, page_size=1, dtype=torch.bfloat16, head_num=HKV, head_dim=d,
+                                      layer_num=LAYERS, device="cpu", enable_memory_saver=False,
+                                      enable_alt_stream=False)
+        self.req_pool = ReqToTokenPool(2, 256, "cpu", False)
+        self.mosaic = MosaicAttnBackend(self.runner(self.pool))
+        self.native = TorchNativeAttnBackend(self.runner(self.plain))
+        self.layers = [RadixAttention(HKV * group, d, 1 / math.sqrt(d), HKV, layer_id=i) for i in range(LAYERS)]
+        self.lens = [0, 0]
+        self.next_slot = 1
+
+    def runner(self, pool):
+        return SimpleNamespace(device="cpu", req_to_token_pool=self.req_pool, token_to_kv_pool=pool)
+
+    def step(self, new: list[int], mode: ForwardMode, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """One forward bringing request ``i`` ``new[i]`` tokens further: (mosaic, native) per layer."""
+        slots = []
+        for i, nq in enumerate(new):
+            s = torch.arange(self.next_slot, self.next_slot + nq)
+            self.req_pool.req_to_token[i, self.lens[i] : self.lens[i] + nq] = s.int()
+            self.lens[i] += nq
+            self.next_slot += nq
+            slots.append(s)
+        loc = torch.cat(slots)
+        n = len(loc)
+        batch = ForwardBatch(forward_mode=mode, batch_size=len(new), input_ids=torch.zeros(n, dtype=torch.int64),
+                             req_pool_indices=torch.arange(len(new)), seq_lens=torch.tensor(self.lens),
+                             out_cache_loc=loc, seq_lens_sum=sum(self.lens), extend_seq_lens_cpu=new,
+                             extend_seq_lens=torch.tensor(new),
+                             extend_prefix_lens=torch.tensor([t - q for t, q in zip(self.lens, new)]))
+        k, v = kv(n, self.d, seed)
+        q = torch.randn(LAYERS, n, HKV * self.group * self.d, generator=torch.Generator().manual_seed(seed + 1))
+        out = []
+        for i, layer in enumerate(self.layers):
+            run = [b.forward_extend if mode.is_extend() else b.forward_decode for b in (self.mosaic, self.native)]
+            out.append(tuple(r(q[i].bfloat16(), k[i], v[i], layer, batch) for r in run))
+        return out
+
+    def seal(self, req: int, segment: int) -> None:
+        slots = self.req_pool.req_to_token[req, segment * SEG : (segment + 1) * SEG].long()
+        k = torch.stack([self.plain.k_buffer[i][slots] for i in range(LAYERS)])
+        v = torch.stack([self.plain.v_buffer[i][slots] for i in range(LAYERS)])
+        self.pool.seal(slots.tolist(), lossless(k, v))
+
+
+@pytest.mark.parametrize("group,d", SHAPES)
+def test_all_dense_request_equals_torch_native_bit_for_bit(group, d):
+    pair = Pair(group, d)
+    assert all(torch.equal(a, b) for a, b in pair.step([2 * SEG + 3, 5], ForwardMode.EXTEND, seed=0))
+    pair.seal(0, 1)  # request 0: dense sink, a lossless sealed segment, dense tail
+    pair.seal(0, 0)  # ... then the sink too: two slabs in a row
+    for seed, (new, mode) in enumerate([([6, 2 * SEG], ForwardMode.EXTEND), ([1, 1], ForwardMode.DECODE),
+                                         ([1, 1], ForwardMode.DECODE), ([SEG, 3], ForwardMode.EXTEND)]):
+        for mosaic, native in pair.step(new, mode, seed=10 + seed):
+            assert mosaic.dtype == torch.bfloat16 and torch.equal(mosaic, native)
+    info = pair.pool.stats()
+    assert info["sealed_segments"] == 2 and info["segment_cache_hits"] > 0  # the slabs were read, not dense rows
+
+
+# -- compressed segments: the reference oracle, to bf16 rounding -----------------------------
+def compressed_request(group: int, d: int, ragged: bool, nq: int, **pool_kw):
+    """A pool holding one request: dense segment 0, segment 1 sealed with sparse keys and
+    low-rank values, segment 2 with masked keys and dropped tokens (per KV head apart when
+    ``ragged``), segment 3 with every token dropped, then a dense tail ending in the ``nq``
+    queries' own tokens. Returns the pool, its slots, the queries, the reference's layer
+    and dense tail per layer."""
+    pool = make_pool(d, **pool_kw)
+    n = 4 * SEG + 5 + nq
+    k, v = kv(n, d, seed=group + d)
     slots = torch.arange(1, n + 1)
-    g = torch.Generator().manual_seed(0)
-    k = torch.randn(n, HKV, D, generator=g).bfloat16()
-    v = torch.randn(n, HKV, D, generator=g).bfloat16()
-    for layer in range(LAYERS):
-        pool._store_kv_layer(layer, slots, k, v)
-    # Seal the second segment (tokens 16..31) in the dense format: lossless.
-    sealed = slice(SEG, 2 * SEG)
-    blocks = [[pack_block(k[sealed, h].float(), v[sealed, h].float(), BlockFormat(SEG)) for h in range(HKV)]
-              for _ in range(LAYERS)]
-    pool.seal(slots[sealed].tolist(), blocks)
-    q = torch.randn(nq, HQ, D, generator=g)
-    scale = 1 / math.sqrt(D)
-    out, _ = attend_request(pool, 1, q, slots, scale)
-    torch.testing.assert_close(out, causal_reference(q, k, v, scale), atol=1e-4, rtol=1e-4)
+    for i in range(LAYERS):
+        pool._store_kv_layer(i, slots, k[i], v[i])
+    g = torch.Generator().manual_seed(7)
+    formats = {1: [BlockFormat(SEG, SideFormat("sparse", 8), SideFormat("lowrank", 4))] * HKV,
+               2: [BlockFormat(SEG - 5 - (3 * h if ragged else 0), SideFormat("mask", d // 2)) for h in range(HKV)],
+               3: [BlockFormat(0)] * HKV}
+    layers = [CompressedLayer() for _ in range(LAYERS)]
+    for i in range(LAYERS):
+        layers[i].append([pack_block(k[i, :SEG, h].float(), v[i, :SEG, h].float(), BlockFormat(SEG))
+                          for h in range(HKV)])
+    for seg, fmts in formats.items():
+        rows = slice(seg * SEG, (seg + 1) * SEG)
+        blocks = [[pack_block(k[i, rows, h].float(), v[i, rows, h].float(), fmts[h],
+                              token_score=torch.rand(SEG, generator=g)) for h in range(HKV)] for i in range(LAYERS)]
+        pool.seal(slots[rows].tolist(), blocks)
+        for i in range(LAYERS):
+            layers[i].append(blocks[i])
+    q = torch.randn(nq, HKV * group, d, generator=g).bfloat16()
+    tails = [(k[i, 4 * SEG :].transpose(0, 1), v[i, 4 * SEG :].transpose(0, 1)) for i in range(LAYERS)]
+    return pool, slots, q, layers, tails
+
+
+@pytest.mark.parametrize("ragged", [False, True])
+@pytest.mark.parametrize("nq", [1, 6])
+@pytest.mark.parametrize("group,d", SHAPES)
+def test_compressed_segments_match_the_reference(group, d, ragged, nq):
+    pool, slots, q, layers, tails = compressed_request(group, d, ragged, nq)
+    scale = 1 / math.sqrt(d)
+    for i in range(LAYERS):
+        out, lse = attend_request(pool, i, q, locate(pool, slots), scale, extend=nq > 1, with_lse=True)
+        want, want_lse = attention(q.float().transpose(0, 1), layers[i], *tails[i], scale=scale, return_lse=True)
+        assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+        torch.testing.assert_close(out.float(), want.transpose(0, 1), atol=1e-2, rtol=1e-2)
+        torch.testing.assert_close(lse, want_lse.transpose(0, 1), atol=1e-3, rtol=1e-3)
+
+
+def test_lse_of_dense_tokens_equals_the_reference():
+    pool, d, n, nq = make_pool(64), 64, 2 * SEG + 9, 9
+    k, v = kv(n, d, seed=3)
+    slots = torch.arange(1, n + 1)
+    for i in range(LAYERS):
+        pool._store_kv_layer(i, slots, k[i], v[i])
+    pool.seal(slots[:SEG].tolist(), lossless(k[:, :SEG], v[:, :SEG]))
+    q = torch.randn(nq, 2 * HKV, d).bfloat16()
+    _, lse = attend_request(pool, 1, q, locate(pool, slots), 0.125, extend=True, with_lse=True)
+    _, want = attention(q.float().transpose(0, 1), CompressedLayer(), k[1].transpose(0, 1), v[1].transpose(0, 1),
+                        scale=0.125, return_lse=True)
+    torch.testing.assert_close(lse, want.transpose(0, 1), atol=1e-5, rtol=1e-5)
+
+
+# -- the device cache of densified segments ---------------------------------------------------
+def test_segment_cache_keeps_its_byte_bound_and_free_slab_clears_it():
+    entry = 2 * SEG * HKV * 32 * 2  # one layer of a segment that kept every token: keys and values in bf16
+    outs = {}
+    for limit in (1 << 30, entry, 0):
+        pool, slots, q, _, _ = compressed_request(3, 32, False, 4, segment_cache_bytes=limit)
+        for _ in range(2):  # the second pass finds what the first densified, if it fitted
+            outs[limit] = [attend_request(pool, i, q, locate(pool, slots), 0.2, extend=True, with_lse=False)[0]
+                           for i in range(LAYERS)]
+            assert pool.stats()["segment_cache_bytes_in_use"] <= limit
+        assert torch.equal(torch.stack(outs[limit]), torch.stack(outs[1 << 30]))  # evicted or not: same output
+    info = pool.stats()  # limit 0: nothing with bytes is kept
+    assert info["segment_cache_bytes_in_use"] == 0 and info["segment_cache_limit_bytes"] == 0
+    pool, slots, q, _, _ = compressed_request(3, 32, False, 4)
+    slabs = [r for r in locate(pool, slots) if isinstance(r, int)]
+    for _ in range(2):
+        for i in range(LAYERS):
+            attend_request(pool, i, q, locate(pool, slots), 0.2, extend=True, with_lse=False)
+    info = pool.stats()
+    assert info["segment_cache_limit_bytes"] == 1 << 30
+    assert info["segment_cache_entries"] == LAYERS * len(slabs)
+    assert info["segment_cache_misses"] == info["segment_cache_hits"] == LAYERS * len(slabs)
+    pool.free_slab(slabs[0])  # segment 1 kept every token
+    after = pool.stats()
+    assert after["segment_cache_entries"] == LAYERS * (len(slabs) - 1)
+    assert after["segment_cache_bytes_in_use"] == info["segment_cache_bytes_in_use"] - LAYERS * entry

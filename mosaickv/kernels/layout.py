@@ -24,6 +24,9 @@ int32 header, plus ``pad_bytes`` (0 when ``align == 1``; under ``16 * tensors`` 
 default 16). The header's information (kept tokens, key and value codes) is instead
 carried by the block's ``table`` row, 72 bytes, which also holds the offsets.
 
+:func:`place_blocks` computes that layout for a batch of formats (offsets, padding), for
+:meth:`Arena.from_blocks` and for the Triton packer (:mod:`.pack`) alike.
+
 Plan (:class:`AttentionPlan`) — for a batch of requests that each have ``Hkv`` block
 lists (one per KV head, segment order) and a dense tail, ``block_indptr``/``block_indices``
 name the blocks of ``(request, kv_head)`` (``block_indptr[b * Hkv + h]`` onwards). The
@@ -52,17 +55,77 @@ REQUEST_FIELDS = ("qo_start", "qo_len", "tail_start", "tail_len")
 GROUP_FIELDS = ("request", "kv_head", "row0")
 
 
-def _side_sizes(kind: int, m: int, r: int, d: int) -> tuple[int, int, int]:
-    """Elements in ``values`` for (values, basis) and bytes in ``index`` of one side."""
-    if m == 0:
-        return 0, 0, 0
-    if kind == DENSE:
-        return m * d, 0, 0
-    if kind == SPARSE:
-        return m * r, 0, m * r
-    if kind == MASK:
-        return m * r, 0, r
-    return m * r, r * d, 0
+def _side_sizes(kind: np.ndarray | int, m: np.ndarray | int, r: np.ndarray | int, d: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Elements in ``values`` for (values, basis) and bytes in ``index`` of one side,
+    elementwise over arrays of sides (``r`` is ignored for dense)."""
+    kind, m, r = np.asarray(kind, dtype=np.int64), np.asarray(m, dtype=np.int64), np.asarray(r, dtype=np.int64)
+    on = m > 0
+    values = np.where(on, m * np.where(kind == DENSE, d, r), 0)
+    basis = np.where(on & (kind == LOWRANK), r * d, 0)
+    index = np.where(on, np.select([kind == SPARSE, kind == MASK], [m * r, r], 0), 0)
+    return values, basis, index
+
+
+def _place(sizes: np.ndarray, align: int, base: int) -> tuple[np.ndarray, int, np.ndarray]:
+    """Tensors of ``sizes`` (row-major order) stored back to back, each starting at a
+    multiple of ``align`` (``base`` is one): their starts, the end of the last non-empty
+    one, and the gap after each up to the next non-empty one (0 after the last)."""
+    flat = sizes.reshape(-1)
+    padded = -(-flat // align) * align
+    start = base + np.concatenate([[0], np.cumsum(padded)[:-1]]).astype(np.int64)
+    gap = padded - flat
+    used = np.flatnonzero(flat)
+    end = base
+    if len(used):
+        end = int(start[used[-1]] + flat[used[-1]])
+        gap[used[-1]] = 0
+    return start.reshape(sizes.shape), end, gap.reshape(sizes.shape)
+
+
+@dataclass
+class Placement:
+    """Where a batch of blocks goes in the arenas (see the module docstring)."""
+
+    table: np.ndarray  # int64 [num_blocks, 9] TABLE_FIELDS
+    values_end: int  # bf16 elements of ``values`` up to the batch's last tensor
+    index_end: int  # bytes of ``index`` up to the batch's last tensor
+    value_starts: np.ndarray  # int64 [num_blocks, 4]: key values, key basis, value values, value basis
+    value_gaps: np.ndarray  # int64 [num_blocks, 4] padding elements after each of those
+    index_starts: np.ndarray  # int64 [num_blocks, 2]: key index, value index
+    index_gaps: np.ndarray  # int64 [num_blocks, 2] padding bytes after each of those
+    pad_bytes: int
+
+
+def place_blocks(
+    tokens: np.ndarray, kinds: np.ndarray, widths: np.ndarray, d: int, align: int = 16, values_base: int = 0, index_base: int = 0
+) -> Placement:
+    """Lay out blocks (``tokens`` [nb], ``kinds``/``widths`` [nb, 2] for keys and values)
+    in order from ``values_base`` (elements) and ``index_base`` (bytes), both aligned."""
+    if align < 1 or (align > 1 and align % 2):
+        raise ValueError(f"align must be 1 or even (bf16 elements), got {align}")
+    value_align = max(align // 2, 1)
+    if values_base % value_align or index_base % align:
+        raise ValueError(f"arena bases ({values_base} elements, {index_base} bytes) are not {align}-byte aligned")
+    tokens = np.asarray(tokens, dtype=np.int64)
+    kinds = np.asarray(kinds, dtype=np.int64).reshape(-1, 2)
+    widths = np.where(kinds == DENSE, d, np.asarray(widths, dtype=np.int64).reshape(-1, 2))
+    kv, kb, ki = _side_sizes(kinds[:, 0], tokens, widths[:, 0], d)
+    vv, vb, vi = _side_sizes(kinds[:, 1], tokens, widths[:, 1], d)
+    vsz, isz = np.stack([kv, kb, vv, vb], 1), np.stack([ki, vi], 1)
+    vstart, vend, vgap = _place(vsz, value_align, values_base)
+    istart, iend, igap = _place(isz, align, index_base)
+    table = np.zeros((len(tokens), len(TABLE_FIELDS)), dtype=np.int64)
+    table[:, 0] = tokens
+    on = tokens > 0
+    for s, col in enumerate((1, 5)):
+        kind = kinds[:, s]
+        table[:, col] = kind
+        table[:, col + 1] = widths[:, s]
+        table[:, col + 2] = np.where(on, vstart[:, 2 * s], 0)
+        aux = np.where(kind == LOWRANK, vstart[:, 2 * s + 1], np.where((kind == SPARSE) | (kind == MASK), istart[:, s], 0))
+        table[:, col + 3] = np.where(on, aux, 0)
+    pad = 2 * (vend - values_base - int(vsz.sum())) + iend - index_base - int(isz.sum())
+    return Placement(table, vend, iend, vstart, vgap, istart, igap, pad)
 
 
 @dataclass
@@ -114,57 +177,26 @@ class Arena:
     @staticmethod
     def from_blocks(blocks: Sequence[PackedBlock], head_dim: int, align: int = 16) -> "Arena":
         """Copy packed blocks into one arena, in order (block ``i`` is table row ``i``)."""
-        if align < 1 or (align > 1 and align % 2):
-            raise ValueError(f"align must be 1 or even (bf16 elements), got {align}")
         d = head_dim
-        table = np.zeros((len(blocks), len(TABLE_FIELDS)), dtype=np.int64)
-        vparts: list[torch.Tensor] = []
-        iparts: list[torch.Tensor] = []
-        vpos = ipos = pad = 0
-
-        def put_values(t: torch.Tensor) -> int:
-            nonlocal vpos, pad
-            gap = (-vpos * 2) % align // 2
-            if gap:
-                vparts.append(torch.zeros(gap, dtype=torch.bfloat16))
-                vpos += gap
-                pad += 2 * gap
-            start = vpos
-            vparts.append(t.reshape(-1).to(torch.bfloat16))
-            vpos += t.numel()
-            return start
-
-        def put_index(t: torch.Tensor) -> int:
-            nonlocal ipos, pad
-            gap = (-ipos) % align
-            if gap:
-                iparts.append(torch.zeros(gap, dtype=torch.uint8))
-                ipos += gap
-                pad += gap
-            start = ipos
-            iparts.append(t.reshape(-1).to(torch.uint8))
-            ipos += t.numel()
-            return start
-
         for i, blk in enumerate(blocks):
             if blk.d != d:
                 raise ValueError(f"block {i} has head dim {blk.d}, arena has {d}")
-            m = blk.fmt.tokens
-            table[i, 0] = m
-            for col, side in ((1, blk.k), (5, blk.v)):
-                kind = SIDE_KINDS.index(side.fmt.kind)
-                table[i, col] = kind
-                table[i, col + 1] = d if kind == DENSE else side.fmt.width
-                if m == 0:
-                    continue
-                table[i, col + 2] = put_values(side.values)
-                if kind == LOWRANK:
-                    table[i, col + 3] = put_values(side.basis)
-                elif kind in (SPARSE, MASK):
-                    table[i, col + 3] = put_index(side.index)
-        values = torch.cat(vparts) if vparts else torch.zeros(0, dtype=torch.bfloat16)
-        index = torch.cat(iparts) if iparts else torch.zeros(0, dtype=torch.uint8)
-        return Arena.from_table(values, index, table, d, align, pad)
+        sides = [(blk.k, blk.v) for blk in blocks]
+        kinds = np.asarray([[SIDE_KINDS.index(s.fmt.kind) for s in pair] for pair in sides], dtype=np.int64).reshape(-1, 2)
+        widths = np.asarray([[s.fmt.width for s in pair] for pair in sides], dtype=np.int64).reshape(-1, 2)
+        place = place_blocks(np.asarray([blk.fmt.tokens for blk in blocks], dtype=np.int64), kinds, widths, d, align)
+        values = torch.zeros(place.values_end, dtype=torch.bfloat16)
+        index = torch.zeros(place.index_end, dtype=torch.uint8)
+        for i, (k, v) in enumerate(sides):
+            if not blocks[i].fmt.tokens:
+                continue
+            for s, side in enumerate((k, v)):
+                parts = [(values, place.value_starts[i, 2 * s], side.values), (values, place.value_starts[i, 2 * s + 1], side.basis)]
+                parts.append((index, place.index_starts[i, s], side.index))
+                for buf, start, t in parts:
+                    if t is not None:
+                        buf[int(start) : int(start) + t.numel()] = t.reshape(-1).to(buf.dtype)
+        return Arena.from_table(values, index, place.table, d, align, place.pad_bytes)
 
     def block(self, i: int, n: int | None = None) -> PackedBlock:
         """Read block ``i`` back as a :class:`PackedBlock` (``n`` defaults to its kept tokens)."""
@@ -174,7 +206,7 @@ class Arena:
         for col in (1, 5):
             kind, width, voff, aux = row[col : col + 4]
             fmt = SideFormat(SIDE_KINDS[kind], 0 if kind == DENSE else width)
-            nv, nb, ni = _side_sizes(kind, m, width, d)
+            nv, nb, ni = (int(x) for x in _side_sizes(kind, m, width, d))
             side = PackedSide(fmt)
             if m:
                 side.values = self.values[voff : voff + nv].reshape(m, -1).cpu()

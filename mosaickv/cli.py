@@ -222,6 +222,37 @@ def _accuracy(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _heads(args: argparse.Namespace) -> int:
+    import torch
+    import yaml
+
+    from mosaickv import model as models
+    from mosaickv.config import read_policy_source
+    from mosaickv.heads import retrieval_profile
+    from mosaickv.hf import Runner
+    from mosaickv.tasks import hf_counter, suite
+
+    base = read_policy_source(args.base)
+    load_policy(args.base)  # refuse a bad base before the minutes of model work
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    net, tokenizer = models.load(args.model)
+    tasks = suite(dict.fromkeys(("single_number", "multikey"), args.samples), [args.tokens], hf_counter(tokenizer), seed=args.seed)
+    profile = retrieval_profile(Runner(net), tokenizer, tasks, progress=not args.quiet)
+    policy = {**base, "name": f"{base.get('name', 'policy')}_heads",
+              "strategy": {"name": "headwise", "heads": [[round(float(x), 4) for x in row] for row in profile],
+                           "dense": args.dense, "inner": base.get("strategy", {"name": "dynamic"})}}
+    load_policy(policy)  # what is written must load
+    header = (f"# {args.base} with the {args.dense} KV heads of {args.model or models.DEFAULT_MODEL} that retrieve most kept whole.\n"
+              f"# Measured by: mosaickv {' '.join(sys.argv[1:])}\n")
+    Path(args.output).write_text(header + yaml.safe_dump(policy, sort_keys=False, default_flow_style=None, width=160))
+    order = profile.flatten().argsort(descending=True)[: args.dense].tolist()
+    hkv = profile.shape[1]
+    print(f"wrote {args.output}; dense heads (layer, kv head, needle mass): "
+          + ", ".join(f"({i // hkv}, {i % hkv}, {profile.flatten()[i]:.2f})" for i in order))
+    return 0
+
+
 def _add_model_run_args(p: argparse.ArgumentParser) -> None:
     """The arguments every subcommand that runs policies on the model shares."""
     p.add_argument("--policy", nargs="+", default=["mosaic"], help="preset names or policy files")
@@ -268,6 +299,18 @@ def build_parser() -> argparse.ArgumentParser:
     rt.add_argument("--plot", default=None, help="write a PNG of accuracy against ratio, one column per mode")
     _add_model_run_args(rt)
     rt.set_defaults(func=_retrieval)
+
+    hd = sub.add_parser("heads", help="measure which KV heads retrieve (needle tasks, answer teacher-forced) and write a headwise policy")
+    hd.add_argument("--base", default="mosaic", help="the policy whose strategy runs on the other heads (preset name or file)")
+    hd.add_argument("--dense", type=int, default=10, help="how many KV heads (over all layers) keep every token dense")
+    hd.add_argument("--samples", type=int, default=4, help="tasks per kind (single_number, multikey)")
+    hd.add_argument("--tokens", type=int, default=2048, help="prompt length in model tokens")
+    hd.add_argument("--seed", type=int, default=1000, help="task seed (keep it apart from the seeds you evaluate on)")
+    hd.add_argument("--output", required=True, help="the policy YAML to write")
+    hd.add_argument("--model", default=None, help="a local transformers model folder (default: the shipped SmolLM2-135M-Instruct)")
+    hd.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    hd.add_argument("--quiet", action="store_true", help="no progress bar")
+    hd.set_defaults(func=_heads)
 
     ac = sub.add_parser("accuracy", help="long-context accuracy of methods served through the OpenAI API (running servers, or SGLang servers it launches)")
     ac.add_argument("--server", dest="methods", action="append", type=_server, metavar="NAME=URL", help="a running OpenAI-compatible server (repeatable)")

@@ -109,7 +109,8 @@ def preset_names() -> list[str]:
     return sorted(p.stem for p in _preset_dir().glob("*.yaml"))
 
 
-def _read(source: str | os.PathLike | Mapping[str, Any]) -> dict:
+def read_policy_source(source: str | os.PathLike | Mapping[str, Any]) -> dict:
+    """A policy's fields as written (preset name, file or mapping), before validation."""
     if isinstance(source, Mapping):
         return dict(source)
     text_source = str(source)
@@ -179,7 +180,7 @@ def build_part(role: str, spec: Any) -> Any:
 
 def load_policy(source: str | os.PathLike | Mapping[str, Any] = "mosaic", **overrides: Any) -> Policy:
     """Load a preset name, a YAML/JSON file or a dict; ``overrides`` replace top-level fields."""
-    data = _read(source)
+    data = read_policy_source(source)
     data.update({k: v for k, v in overrides.items() if v is not None})
     known = {f.name for f in dataclasses.fields(Policy) if f.name != "source"}
     for key in data:

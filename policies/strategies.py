@@ -230,3 +230,63 @@ def _knapsack(value: torch.Tensor, cost: torch.Tensor, budget: float, fill_passe
         if not changed:
             break
     return choice
+
+
+@register_strategy("headwise")
+@dataclass
+class HeadWise(SegmentStrategy):
+    """Retrieval heads whole, the rest by an inner strategy: a query-agnostic split.
+
+    ``heads`` is a per-model profile [layers][KV heads] (``mosaickv heads`` measures it:
+    the attention the answer's queries pay a needle). The ``dense`` highest-scoring heads
+    keep every token dense in every segment, because they are the ones a later question
+    reads far back with; the ``inner`` strategy spends what is left of the budget on the
+    other heads. Blocks arrive ordered (layer, KV head, segment).
+    """
+
+    heads: list[list[float]] = field(default_factory=list)
+    dense: int = 0
+    inner: dict = field(default_factory=lambda: {"name": "dynamic"})
+
+    def __post_init__(self) -> None:
+        from mosaickv.config import build_part
+
+        rows = len(self.heads)
+        check(rows > 0 and all(len(r) == len(self.heads[0]) > 0 for r in self.heads), "heads", f"{rows} rows",
+              "a non-empty [layers][kv heads] table of scores with rows of equal length")
+        self._scores = torch.tensor(self.heads, dtype=torch.float64)
+        check(0 <= self.dense < self._scores.numel(), "dense", self.dense, f"a head count from 0 to {self._scores.numel() - 1}")
+        self._inner = build_part("strategy", self.inner)
+        self._protected = set(self._scores.flatten().argsort(descending=True)[: self.dense].tolist())
+
+    def check_ratio(self, ratio: float) -> None:
+        share = self.dense / self._scores.numel()
+        check(share < 1.0 / ratio, "ratio", ratio,
+              f"below {self._scores.numel() / max(self.dense, 1):g}: {self.dense} dense heads of {self._scores.numel()} alone take {share:.0%} of the dense bytes")
+        if hasattr(self._inner, "check_ratio"):
+            self._inner.check_ratio((1 - share) / (1 / ratio - share))
+
+    def bind(self, head_dim: int) -> None:
+        if hasattr(self._inner, "bind"):
+            self._inner.bind(head_dim)
+
+    def candidates(self, d: int, channels: ChannelSelector) -> list[SideFormat]:
+        return self._inner.candidates(d, channels)
+
+    def plan(self, stats: BlockStats, budget: int, channels: ChannelSelector) -> list[BlockFormat]:
+        blocks, heads = stats.weight.shape[0], self._scores.numel()
+        check(blocks % heads == 0, "heads", f"{self._scores.shape[0]}x{self._scores.shape[1]}",
+              f"a profile of this model's layers x KV heads ({blocks} blocks per plan is not a multiple of {heads})")
+        per_head = blocks // heads
+        keep = torch.tensor([b // per_head in self._protected for b in range(blocks)])
+        whole = BlockFormat(stats.n)
+        rest = (~keep).nonzero()[:, 0]
+        left = budget - int(keep.sum()) * whole.nbytes(stats.d)
+        if left < 0:
+            raise PolicyError("budget", budget, f"at least {budget - left} bytes: the {self.dense} dense heads alone need that")
+        sub = BlockStats(
+            n=stats.n, d=stats.d, weight=stats.weight[rest], spread=stats.spread[rest],
+            k_lost={s: x[rest] for s, x in stats.k_lost.items()}, v_lost={s: x[rest] for s, x in stats.v_lost.items()},
+        )
+        inner = iter(self._inner.plan(sub, left, channels) if len(rest) else [])
+        return [whole if k else next(inner) for k in keep.tolist()]

@@ -1,0 +1,105 @@
+"""Retrieval-head profiles and the headwise strategy that keeps those heads whole."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mosaickv.compressor import Compressor
+from mosaickv.config import load_policy
+from mosaickv.errors import PolicyError
+from mosaickv.formats import BlockFormat, dense_block_bytes
+from mosaickv.heads import needle_mass, needle_span
+from mosaickv.parts import Observation
+
+D, S = 32, 32
+
+
+def test_needle_span_is_the_shortest_run_holding_the_answer() -> None:
+    pieces = ["The", " pass", " key", " is", " 71", "432", ".", " 71432"]
+    assert needle_span(pieces, "71432") == [7]
+    assert needle_span(pieces[:7], "71432") == [4, 5]
+    with pytest.raises(ValueError, match="not found"):
+        needle_span(pieces, "99999")
+
+
+def test_needle_mass_finds_the_head_that_reads_the_needle() -> None:
+    g = torch.Generator().manual_seed(0)
+    layers, hkv, group, prompt, answer = 2, 2, 3, 40, 3
+    t = prompt + answer
+    needle = [17, 18]
+    obs = []
+    for layer in range(layers):
+        keys = torch.randn(hkv, t, D, generator=g)
+        queries = torch.randn(hkv * group, t, D, generator=g) * 0.1
+        if layer == 1:  # query head 4 (KV head 1) looks straight at the needle while answering
+            queries[4, prompt - 1 : t - 1] = 40 * keys[1, needle].mean(0)
+        obs.append(Observation(keys, torch.randn(hkv, t, D, generator=g), queries))
+    mass = needle_mass(obs, prompt, needle)
+    assert mass.shape == (layers, hkv)
+    assert mass[1, 1] > 0.9
+    assert mass.flatten().argmax() == 3
+
+
+def headwise(ratio: float = 3.0, dense: int = 1, heads=((0.9, 0.1), (0.2, 0.8), (0.0, 0.3))):
+    return load_policy({
+        "name": "hw", "ratio": ratio, "min_context": 256, "sinks": 1, "window": 32,
+        "token_scorer": "key_norm",
+        "strategy": {"name": "headwise", "heads": [list(r) for r in heads], "dense": dense,
+                     "inner": {"name": "fixed", "tokens": "auto"}},
+    })  # fmt: skip
+
+
+def observations(layers: int, hkv: int = 2, t: int = 512) -> list[Observation]:
+    g = torch.Generator().manual_seed(layers)
+    return [Observation(torch.randn(hkv, t, D, generator=g), torch.randn(hkv, t, D, generator=g),
+                        torch.randn(2 * hkv, t, D, generator=g)) for _ in range(layers)]
+
+
+@pytest.mark.parametrize("scope", ["segment", "group"])
+def test_protected_heads_keep_every_token_dense_and_the_budget_holds(scope: str) -> None:
+    policy = headwise()
+    cache = Compressor(policy, D).compress(observations(3), scope=scope)
+    protected = {(0, 0)}  # the highest score of the profile
+    planned = [seg for layer in cache.layers for seg in layer.blocks[policy.sink_segments:]]
+    spent = sum(block.nbytes() for seg in planned for block in seg)
+    assert spent <= len(planned) * len(planned[0]) * dense_block_bytes(S, D) / 3.0
+    for layer, compressed in enumerate(cache.layers):
+        for segment in compressed.blocks[policy.sink_segments:]:
+            for head, block in enumerate(segment):
+                whole = block.fmt == BlockFormat(S)
+                assert whole == ((layer, head) in protected), (layer, head, block.fmt)
+
+
+def test_ratio_the_dense_heads_alone_exceed_is_refused() -> None:
+    with pytest.raises(PolicyError, match="ratio"):
+        headwise(ratio=3.0, dense=2)  # 2 of 6 heads dense is a third of the bytes: the whole budget
+
+
+def test_profile_of_another_model_is_refused_by_name() -> None:
+    policy = headwise()
+    with pytest.raises(PolicyError, match="heads"):
+        Compressor(policy, D).compress(observations(4), scope="segment")
+
+
+@pytest.mark.parametrize("bad", [[], [[0.1, 0.2], [0.3]]])
+def test_malformed_profile_is_refused(bad) -> None:
+    with pytest.raises(PolicyError, match="heads"):
+        headwise(heads=bad)
+
+
+def test_cli_measures_the_shipped_model_and_writes_a_policy_that_loads(tmp_path) -> None:
+    pytest.importorskip("transformers")
+    out = tmp_path / "heads.yaml"
+    proc = subprocess.run(
+        [sys.executable, "-m", "mosaickv.cli", "heads", "--samples", "1", "--tokens", "512", "--dense", "4", "--quiet",
+         "--output", str(out)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    policy = load_policy(out, min_context=256)
+    profile = torch.tensor(policy.strategy.heads)
+    assert policy.strategy.dense == 4 and profile.shape == (30, 3)  # SmolLM2-135M: 30 layers, 3 KV heads
+    assert profile.max() > 0.3  # some head pays the needle a large share while the answer is produced
+    assert out.read_text().startswith("# mosaic with the 4 KV heads")

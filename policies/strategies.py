@@ -270,6 +270,12 @@ class HeadWise(SegmentStrategy):
         if hasattr(self._inner, "bind"):
             self._inner.bind(head_dim)
 
+    def check_model(self, layers: int, kv_heads: int) -> None:
+        """A profile is one model's (and one tensor-parallel split's): refuse another's."""
+        shape = tuple(self._scores.shape)
+        check(shape == (layers, kv_heads), "heads", f"{shape[0]} layers x {shape[1]} KV heads",
+              f"this model's {layers} layers x {kv_heads} KV heads per rank (measure it with `mosaickv heads`)")
+
     def candidates(self, d: int, channels: ChannelSelector) -> list[SideFormat]:
         return self._inner.candidates(d, channels)
 

@@ -74,15 +74,15 @@ class MosaicServerArgs(ServerArgs):
 
 
 def disable_cuda_graphs(args: ServerArgs) -> None:
-    """The mosaickv backend runs the reference path on the host (device-to-host copies
-    every layer), which no CUDA graph can capture; say so rather than fail in capture."""
+    """The mosaickv backend looks its pages up on the host and loops over requests in
+    Python, which no CUDA graph can capture; say so rather than fail in capture."""
     from sglang.srt.model_executor.cuda_graph_config import Backend
 
     graph = args.cuda_graph_config
     if graph is None or graph.decode.backend == graph.prefill.backend == Backend.DISABLED:
         return
-    logger.warning("CUDA graphs are off with --kv-compress mosaickv: its attention backend still runs the "
-                   "reference path on the host, which graphs cannot capture.")
+    logger.warning("CUDA graphs are off with --kv-compress mosaickv: its attention backend reads host-side page "
+                   "tables and loops over requests in Python every step, which graphs cannot capture.")
     graph.decode.backend = Backend.DISABLED
     graph.prefill.backend = Backend.DISABLED
 
@@ -160,6 +160,8 @@ def check_model(args: MosaicServerArgs, model_config) -> None:
 
     try:
         policy.bind(model_config.head_dim)
+        if hasattr(policy.strategy, "check_model"):
+            policy.strategy.check_model(model_config.num_hidden_layers, model_config.get_num_kv_heads(args.tp_size))
     except PolicyError as err:
         raise KVCompressError(f"--kv-compress-config does not fit {arch} (head_dim {model_config.head_dim}): {err}") from None
 

@@ -103,6 +103,7 @@ def test_policy_file_is_validated_by_the_lead_loader(llama, tmp_path):
     (dict(pp_size=2), "--pp-size 2"),
     (dict(enable_hierarchical_cache=True), "--enable-hierarchical-cache"),
     (dict(kv_compress_config="no-such-preset"), "--kv-compress-config"),
+    (dict(kv_compress_config="mosaic_heads"), "30 layers x 3 KV heads"),  # SmolLM2's profile on a 2 x 2 model
 ])
 def test_refusals_name_the_flag_in_one_sentence(llama, kw, words):
     with pytest.raises(KVCompressError) as info:

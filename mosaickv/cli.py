@@ -253,13 +253,18 @@ def _heads(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    """The arguments every subcommand that runs the model on the CPU shares."""
+    p.add_argument("--model", default=None, help="a local transformers model folder (default: the shipped SmolLM2-135M-Instruct)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def _add_model_run_args(p: argparse.ArgumentParser) -> None:
     """The arguments every subcommand that runs policies on the model shares."""
     p.add_argument("--policy", nargs="+", default=["mosaic"], help="preset names or policy files")
     p.add_argument("--scope", choices=["group", "segment"], default="group", help="plan the whole prompt at once, or each segment alone as serving does")
-    p.add_argument("--model", default=None, help="a local transformers model folder (default: the shipped SmolLM2-135M-Instruct)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_model_args(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -307,9 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     hd.add_argument("--tokens", type=int, default=2048, help="prompt length in model tokens")
     hd.add_argument("--seed", type=int, default=1000, help="task seed (keep it apart from the seeds you evaluate on)")
     hd.add_argument("--output", required=True, help="the policy YAML to write")
-    hd.add_argument("--model", default=None, help="a local transformers model folder (default: the shipped SmolLM2-135M-Instruct)")
-    hd.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    hd.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_model_args(hd)
     hd.set_defaults(func=_heads)
 
     ac = sub.add_parser("accuracy", help="long-context accuracy of methods served through the OpenAI API (running servers, or SGLang servers it launches)")

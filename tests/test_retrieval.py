@@ -42,7 +42,11 @@ def sealed_bytes(obs: list[Observation], policy) -> list[list[bytes]]:
              for seg in layer.blocks for blk in seg] for layer in cache.layers]
 
 
-@pytest.mark.parametrize("preset", ["mosaic", "snapkv", "uniform2d"])
+HEADWISE = {"name": "hw", "strategy": {"name": "headwise", "heads": [[0.9, 0.1], [0.2, 0.6]], "dense": 1,
+                                       "inner": {"name": "dynamic"}}}  # fmt: skip
+
+
+@pytest.mark.parametrize("preset", ["mosaic", "snapkv", "uniform2d", HEADWISE], ids=["mosaic", "snapkv", "uniform2d", "headwise"])
 def test_segment_scope_seals_a_prefix_the_same_whatever_follows(preset):
     policy = load_policy(preset, min_context=128, ratio=2).bind(D)
     prefix = observations(256, seed=1)

@@ -41,7 +41,7 @@ class MosaicServerArgs(ServerArgs):
     ] = "none"
     kv_compress_config: A[
         Optional[str],
-        "MosaicKV policy: a preset name (mosaic, snapkv, think, streaming, uniform2d, lossless) or a .yaml/.json path.",
+        "MosaicKV policy: a preset name (mosaic, mosaic_heads, snapkv, think, streaming, uniform2d, keynorm, lossless) or a .yaml/.json path.",
         NS("memory"),
     ] = None
 

@@ -203,10 +203,10 @@ def load_policy(source: str | os.PathLike | Mapping[str, Any] = "mosaic", **over
     policy = Policy(**values, **parts, source=data)
     need = policy.protected_tokens * ratio
     check(
-        need <= policy.min_context,
+        need < policy.min_context,
         "ratio",
         ratio,
-        f"at most {policy.min_context / policy.protected_tokens:.2f}: the protected {policy.protected_tokens} tokens "
+        f"below {policy.min_context / policy.protected_tokens:.2f}: the protected {policy.protected_tokens} tokens "
         f"(sinks {policy.sinks} rounded up to segments of {policy.segment_size}, window {policy.window}) alone use "
         f"the whole budget of a {policy.min_context}-token context (min_context); lower the ratio, the sinks or the "
         "window, or raise min_context",

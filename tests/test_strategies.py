@@ -25,8 +25,11 @@ def observations(layers=2, hkv=2, group=3, t=640, d=64, seed=0):
     return out
 
 
+# Up to 8x: on this 640-token span the protected 64 tokens take a tenth of the bytes, so
+# near 10x nothing is left even for the other blocks' headers (the policy check cannot
+# know a span's headers; the compressor refuses such a ratio in one sentence).
 @settings(max_examples=12, deadline=None)
-@given(ratio=st.floats(1.2, 10), seed=st.integers(0, 1000), d=st.sampled_from([64, 128]))
+@given(ratio=st.floats(1.2, 8), seed=st.integers(0, 1000), d=st.sampled_from([64, 128]))
 def test_dynamic_meets_the_budget_within_one_percent(ratio, seed, d):
     obs = observations(d=d, seed=seed)
     policy = load_policy("mosaic", ratio=ratio, min_context=640)
@@ -81,7 +84,7 @@ def test_segment_scope_does_not_depend_on_what_follows():
     cut = 512
     for x, y in zip(a, b):  # same first 512 tokens, different suffixes
         y.keys[:, :cut], y.values[:, :cut], y.queries[:, :cut] = x.keys[:, :cut], x.values[:, :cut], x.queries[:, :cut]
-    comp = Compressor(load_policy("mosaic", ratio=4, min_context=256), 64)
+    comp = Compressor(load_policy("mosaic", ratio=4, min_context=320), 64)
     ca, cb = comp.compress(a, scope="segment"), comp.compress(b, scope="segment")
     sealed_in_prefix = cut // 32
     for la, lb in zip(ca.layers, cb.layers):

@@ -48,7 +48,7 @@ HEADWISE = {"name": "hw", "strategy": {"name": "headwise", "heads": [[0.9, 0.1],
 
 @pytest.mark.parametrize("preset", ["mosaic", "snapkv", "uniform2d", HEADWISE], ids=["mosaic", "snapkv", "uniform2d", "headwise"])
 def test_segment_scope_seals_a_prefix_the_same_whatever_follows(preset):
-    policy = load_policy(preset, min_context=128, ratio=2).bind(D)
+    policy = load_policy(preset, min_context=160, ratio=2).bind(D)
     prefix = observations(256, seed=1)
     other = observations(256, seed=2)
     # The same first 160 tokens, then two different continuations (two requests' suffixes).

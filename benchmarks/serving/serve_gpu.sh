@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # none vs mosaickv (mosaic, 3x) on the real server, one device call on a staged machine:
-#   T0=$(date +%s); T0=$T0 bash benchmarks/serving/serve_gpu.sh
+#   T0=$(date +%s); T0=$T0 [WITH_HEADS=1 RESERVE_MOSAIC=450] bash benchmarks/serving/serve_gpu.sh
 # Per server: token capacity (/get_server_info), next-token fidelity on text whose prefix
 # sits in the radix cache (fidelity_client.py), then bench_serving generated-shared-prefix.
 set -uo pipefail
@@ -34,15 +34,18 @@ measure() {  # NAME PORT START_BUDGET RESERVE FLAGS...
   stop_server
 }
 
-measure mosaic 30001 150 250 --kv-compress mosaickv --kv-compress-config mosaic
+measure mosaic 30001 150 ${RESERVE_MOSAIC:-250} --kv-compress mosaickv --kv-compress-config mosaic
+[ -n "${WITH_HEADS:-}" ] && measure mosaic_heads 30002 150 250 --kv-compress mosaickv --kv-compress-config mosaic_heads
 # torch_native: no JIT and no graph capture to wait for (see benchmarks/parity/run_gpu.sh).
 measure none 30000 200 20 --attention-backend torch_native
-[ -f $OUT/fidelity_none.json ] && [ -f $OUT/fidelity_mosaic.json ] && \
-  python3 benchmarks/serving/fidelity_client.py compare $OUT/fidelity_none.json $OUT/fidelity_mosaic.json $OUT/fidelity_mosaic_vs_none.json
+for other in mosaic mosaic_heads; do
+  [ -f $OUT/fidelity_none.json ] && [ -f $OUT/fidelity_$other.json ] && \
+    python3 benchmarks/serving/fidelity_client.py compare $OUT/fidelity_none.json $OUT/fidelity_$other.json $OUT/fidelity_${other}_vs_none.json
+done
 python3 - $OUT <<'PY'
 import json, os, sys
 out = sys.argv[1]
-for name in ("none", "mosaic"):
+for name in ("none", "mosaic", "mosaic_heads"):
     p = os.path.join(out, f"info_{name}_end.json")
     if os.path.exists(p):
         info = json.load(open(p))

@@ -10,6 +10,7 @@ logical page to a dense page (tail) or to an arena slab (sealed segment).
 from __future__ import annotations
 
 import logging
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from itertools import accumulate
@@ -173,6 +174,8 @@ class SealingCounters:
     compression_calls: int = 0  # segments handed to the compressor
     part_failures: dict[str, int] = field(default_factory=dict)  # part name -> segments left dense
     arena_full: int = 0  # seal attempts deferred because no slab was free
+    worker_errors: int = 0  # segments left dense because the compressor raised (not a PartFailure)
+    pending_since: dict[int, float] = field(default_factory=dict)  # first slot -> time.monotonic() at submit
 
 
 class MosaicKVPool(MHATokenToKVPool):
@@ -319,6 +322,7 @@ class MosaicKVPool(MHATokenToKVPool):
         dense_used_pages = self.plan.dense_tail_tokens // self.page_size - len(self._free_dense)
         sealed_tokens = self.arena.live_slabs * self.plan.segment_size
         dense_equiv = sealed_tokens * self.plan.dense_bytes_per_token
+        pending = self.counters.pending_since.values()
         return {
             "kv_compress": "mosaickv",
             "max_total_num_tokens": self.size,
@@ -336,6 +340,10 @@ class MosaicKVPool(MHATokenToKVPool):
             "compression_calls": self.counters.compression_calls,
             "part_failures": dict(self.counters.part_failures),
             "arena_full": self.counters.arena_full,
+            "worker_errors": self.counters.worker_errors,
+            "sealing_pending": len(pending),
+            # A stalled worker shows here: sealing degrades to dense, the scheduler does not wait.
+            "oldest_pending_s": time.monotonic() - min(pending) if pending else 0.0,
             "segment_cache_bytes_in_use": self.segment_cache.bytes,
             "segment_cache_limit_bytes": self.segment_cache.limit,
             "segment_cache_entries": len(self.segment_cache),

@@ -7,18 +7,28 @@ each insert the path is walked and every full segment that is neither a sink nor
 the recent window is sealed once: a prefix shared by many requests is compressed once,
 from its own keys, values and queries (nothing from any one request's suffix).
 
-Sealing never takes the request down with it: a policy part that fails leaves that
-segment dense for good (logged once per part, counted per segment), and a full arena
-leaves it dense until eviction frees a slab (the next insert on its path retries).
+A decode step never waits for compression: at insert (between forwards) the scheduler
+thread snapshots a due segment's dense K/V and query statistics to the host, marks it
+PENDING (still served from its dense rows) and hands the compressor to a worker thread,
+which touches no pool, tree or device state. Finished results are swapped in only at
+step boundaries (the start of ``insert`` and ``match_prefix``, or ``drain``); a result
+whose node was evicted meanwhile is discarded.
+
+Sealing never takes the request down with it: a policy part that fails, or any other
+error in the worker, leaves that segment dense for good (logged once, counted), and a
+full arena leaves it dense until eviction frees a slab (the next insert on its path retries).
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from concurrent.futures import Future, ThreadPoolExecutor, wait as wait_all
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
-from sglang.srt.mem_cache.base_prefix_cache import InsertParams, InsertResult, MatchPrefixParams
+from sglang.srt.mem_cache.base_prefix_cache import InsertParams, InsertResult, MatchPrefixParams, MatchResult
 from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 from sglang.srt.mem_cache.radix_cache import RadixCache, TreeNode
 
@@ -37,13 +47,36 @@ CompressFn = Callable[[torch.Tensor, torch.Tensor, int, Optional[torch.Tensor], 
                       list[list[PackedBlock]]]
 # node.mosaic_slabs entry of a segment whose compression failed: it stays dense, never retried.
 LEFT_DENSE = -2
+# node.mosaic_slabs entry of a segment whose compression is in flight: served dense until applied.
+PENDING = -3
+
+
+@dataclass
+class _SealJob:
+    """A segment handed to the worker; ``node``/``index`` follow it through splits."""
+
+    node: TreeNode
+    index: int
+    pages: list[int]
+    future: Future
+
+
+def _run_now(fn: Callable, *args) -> Future:
+    """``fn(*args)`` on the calling thread, as a finished future (inline sealing)."""
+    future: Future = Future()
+    try:
+        future.set_result(fn(*args))
+    except Exception as err:  # noqa: BLE001 - reported when the job is applied, as from the worker
+        future.set_exception(err)
+    return future
 
 
 class MosaicRadixCache(RadixCache):
     """RadixCache + per-node sealed segments in the pool's arena."""
 
     def __init__(self, params: CacheInitParams, *, compress: CompressFn, segment_size: int,
-                 sink_segments: int, window: int) -> None:
+                 sink_segments: int, window: int, background: bool = True) -> None:
+        """``background``: compress on a worker thread (False: inline in ``insert``)."""
         pool = params.token_to_kv_pool_allocator.get_kvcache()
         if not isinstance(pool, MosaicKVPool):
             raise TypeError(f"MosaicRadixCache needs a MosaicKVPool, got {type(pool).__name__}")
@@ -54,6 +87,8 @@ class MosaicRadixCache(RadixCache):
         self.segment_size = segment_size
         self.sink_segments = sink_segments
         self.window = window
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="mosaickv-seal") if background else None
+        self._jobs: dict[int, _SealJob] = {}  # first slot of each PENDING segment -> its job
         self.allocator_page_size = params.page_size
         params.page_size = segment_size  # tree granularity: nodes hold whole segments
         super().__init__(params)
@@ -70,13 +105,28 @@ class MosaicRadixCache(RadixCache):
         new_node = super()._split_node(key, child, split_len)
         cut = split_len // self.segment_size
         new_node.mosaic_slabs, child.mosaic_slabs = slabs[:cut], slabs[cut:]
+        for node in (new_node, child):
+            for j, slab in enumerate(node.mosaic_slabs):
+                if slab == PENDING:
+                    job = self._jobs[self._first_slot(node, j)]
+                    job.node, job.index = node, j
         return new_node
 
-    def _delete_leaf(self, node: TreeNode) -> None:
-        for slab in getattr(node, "mosaic_slabs", []):
+    def _first_slot(self, node: TreeNode, index: int) -> int:
+        """Key of a segment's job and query statistics (the slot of its first token)."""
+        return int(node.value[index * self.segment_size])
+
+    def _release(self, node: TreeNode) -> None:
+        """Free ``node``'s slabs and cancel its pending jobs (their late results are discarded)."""
+        for j, slab in enumerate(getattr(node, "mosaic_slabs", [])):
             if slab >= 0:
                 self.pool.free_slab(slab)
+            elif slab == PENDING:
+                self._forget(self._first_slot(node, j)).future.cancel()
         node.mosaic_slabs = []
+
+    def _delete_leaf(self, node: TreeNode) -> None:
+        self._release(node)
         super()._delete_leaf(node)
 
     def reset(self) -> None:
@@ -85,17 +135,32 @@ class MosaicRadixCache(RadixCache):
             while stack:
                 node = stack.pop()
                 stack.extend(node.children.values())
-                for slab in getattr(node, "mosaic_slabs", []):
-                    if slab >= 0:
-                        self.pool.free_slab(slab)
+                self._release(node)
         super().reset()
 
     # -- sealing ----------------------------------------------------------------------
     def insert(self, params: InsertParams) -> InsertResult:
+        self.drain(wait=False)
         result = super().insert(params)
         if not self.disable:
             self._seal_path(params.key)
+            if self._executor is None:
+                self.drain(wait=False)
         return result
+
+    def match_prefix(self, params: MatchPrefixParams) -> MatchResult:
+        self.drain(wait=False)
+        return super().match_prefix(params)
+
+    def drain(self, wait: bool) -> None:
+        """Swap in finished compressions (on the scheduler thread, between forwards);
+        ``wait`` blocks on the pending ones first (tests, flush), nothing else ever does."""
+        if wait:
+            wait_all([job.future for job in self._jobs.values()])
+        for first, job in list(self._jobs.items()):
+            if job.future.done():
+                self._forget(first)
+                job.node.mosaic_slabs[job.index] = self._apply(first, job)
 
     def _seal_path(self, key) -> None:
         """Seal every full, unsealed segment on ``key``'s path outside sinks and window."""
@@ -113,14 +178,15 @@ class MosaicRadixCache(RadixCache):
                 index = start // self.segment_size
                 if slabs[j] != UNMAPPED or index < self.sink_segments or start + self.segment_size > total - self.window:
                     continue
-                slabs[j] = self._seal(node.value[j * self.segment_size : (j + 1) * self.segment_size])
+                slabs[j] = self._submit(node, j)
             offset += len(node.value)
 
-    def _seal(self, slots: torch.Tensor) -> int:
-        """Compress one segment's dense KV (all layers) into the arena; returns its slab,
-        UNMAPPED if the arena is full (retried later) or LEFT_DENSE if a part failed."""
+    def _submit(self, node: TreeNode, index: int) -> int:
+        """Snapshot one segment's dense KV (all layers) and query statistics to the host and
+        hand them to the compressor; returns PENDING, or UNMAPPED if no slab is left for it
+        (pending jobs hold theirs; retried later)."""
         pool, counters = self.pool, self.pool.counters
-        if pool.arena.free_slabs == 0:
+        if pool.arena.free_slabs <= len(self._jobs):
             # No over-allocation: the segment keeps its dense rows, and the allocator
             # (whose logical capacity counts those rows) makes SGLang evict.
             if counters.arena_full == 0:
@@ -128,25 +194,43 @@ class MosaicRadixCache(RadixCache):
                                "eviction frees slabs", pool.arena.num_slabs)
             counters.arena_full += 1
             return UNMAPPED
+        slots = node.value[index * self.segment_size : (index + 1) * self.segment_size]
         first = int(slots[0])
         rows = pool.dense_rows(slots)
-        # The compressor runs on the host (a side stream is the kernels issue's business).
         k = torch.stack([pool.k_buffer[i][rows] for i in range(pool.layer_num)]).transpose(1, 2).cpu()
         v = torch.stack([pool.v_buffer[i][rows] for i in range(pool.layer_num)]).transpose(1, 2).cpu()
+        args = (k, v, pool.plan.slab_bytes, pool.query_stats.rms(first), pool.query_stats.attention(first))
+        run = _run_now if self._executor is None else self._executor.submit
+        future = run(self.compress, *args)
+        pages = torch.unique(slots.cpu().long() // self.allocator_page_size).tolist()
+        self._jobs[first] = _SealJob(node, index, pages, future)
+        counters.pending_since[first] = time.monotonic()
         counters.compression_calls += 1
+        return PENDING
+
+    def _forget(self, first: int) -> _SealJob:
+        """Untrack a job (applied or cancelled); it no longer holds a slab or counts as pending."""
+        self.pool.counters.pending_since.pop(first)
+        return self._jobs.pop(first)
+
+    def _apply(self, first: int, job: _SealJob) -> int:
+        """The slab of a finished job's segment, or LEFT_DENSE if the compressor failed."""
+        pool, counters = self.pool, self.pool.counters
+        blocks = None
         try:
-            blocks = self.compress(k, v, pool.plan.slab_bytes, pool.query_stats.rms(first),
-                                   pool.query_stats.attention(first))
+            blocks = job.future.result()
         except PartFailure as err:
             failures = counters.part_failures
             if err.part_name not in failures:
                 logger.error("MosaicKV: %s; segments it fails on stay dense (logged once per part, counted in "
                              "server info: kv_compress_info.part_failures)", err)
             failures[err.part_name] = failures.get(err.part_name, 0) + 1
-            pool.query_stats.drop(first)
-            return LEFT_DENSE
-        pages = torch.unique(slots.cpu().long() // self.allocator_page_size).tolist()
-        slab = pool.seal(pages, blocks)
+        except Exception:  # noqa: BLE001 - a broken compressor must not take the scheduler down
+            if counters.worker_errors == 0:
+                logger.exception("MosaicKV: the compressor raised; segments it fails on stay dense (logged once, "
+                                 "counted in server info: kv_compress_info.worker_errors)")
+            counters.worker_errors += 1
+        slab = LEFT_DENSE if blocks is None else pool.seal(job.pages, blocks)
         pool.query_stats.drop(first)
         return slab
 
@@ -186,6 +270,7 @@ def mosaic_radix_factory(ctx) -> RadixCache:
         segment_size=policy.segment_size,
         sink_segments=policy.sink_segments,
         window=policy.window,
+        background=True,
     )
 
 

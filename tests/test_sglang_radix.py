@@ -42,8 +42,8 @@ class CountingCompressor:
                 for layer in range(k.shape[0])]
 
 
-@pytest.fixture
-def cache():
+def make_cache(compress, background: bool = True):
+    """(tree, pool, allocator) on SGLang's real allocator, sealing with ``compress``."""
     plan = plan_capacity(SHAPE, 1 << 20, segment_size=SEG, ratio=2.0, sinks=0, window=WINDOW,
                          max_running_requests=4)
     pool = MosaicKVPool(plan.max_total_num_tokens, page_size=1, dtype=torch.bfloat16, head_num=2, head_dim=32,
@@ -51,9 +51,15 @@ def cache():
     alloc = TokenToKVPoolAllocator(plan.max_total_num_tokens, torch.bfloat16, "cpu", pool, need_sort=False)
     params = CacheInitParams(disable=False, req_to_token_pool=ReqToTokenPool(4, 512, "cpu", False),
                              token_to_kv_pool_allocator=alloc, page_size=1)
+    tree = MosaicRadixCache(params, compress=compress, segment_size=SEG, sink_segments=0, window=WINDOW,
+                            background=background)
+    return tree, pool, alloc
+
+
+@pytest.fixture
+def cache():
     compressor = CountingCompressor()
-    tree = MosaicRadixCache(params, compress=compressor, segment_size=SEG, sink_segments=0, window=WINDOW)
-    return tree, pool, alloc, compressor
+    return (*make_cache(compressor), compressor)
 
 
 def prefill(pool, alloc, n: int) -> torch.Tensor:
@@ -73,6 +79,7 @@ def test_insert_seals_outside_window_and_match_returns_slots(cache):
     tokens = list(range(64))
     slots = prefill(pool, alloc, 64)
     tree.insert(InsertParams(key=RadixKey(array("l", tokens)), value=slots))
+    tree.drain(wait=True)
     assert comp.calls == 3  # 4 segments, the last inside the 16-token window
     assert pool.arena.live_slabs == 3 and tree.sealed_bytes() == 3 * 2 * 2 * FMT.nbytes(32)
     match = tree.match_prefix(MatchPrefixParams(key=RadixKey(array("l", tokens))))
@@ -84,10 +91,12 @@ def test_shared_prefix_is_compressed_once(cache):
     prefix = list(range(48))
     a_slots = prefill(pool, alloc, 64)
     tree.insert(InsertParams(key=RadixKey(array("l", prefix + [1000 + i for i in range(16)])), value=a_slots))
+    tree.drain(wait=True)
     calls_after_a = comp.calls
     # Request B reuses A's prefix slots (as the scheduler does after match_prefix) plus its own suffix.
     b_slots = torch.cat([a_slots[:48], prefill(pool, alloc, 32)])
     tree.insert(InsertParams(key=RadixKey(array("l", prefix + [2000 + i for i in range(32)])), value=b_slots))
+    tree.drain(wait=True)
     assert calls_after_a == 3
     assert comp.calls == calls_after_a + 1  # only B's own first suffix segment is new
     node_slabs = [s for n in tree.root_node.children.values() for s in n.mosaic_slabs]
@@ -99,6 +108,7 @@ def test_evict_frees_compressed_bytes_and_tokens(cache):
     before_tokens = alloc.available_size()
     slots = prefill(pool, alloc, 64)
     tree.insert(InsertParams(key=RadixKey(array("l", list(range(64)))), value=slots))
+    tree.drain(wait=True)
     assert pool.arena.used_bytes > 0
     result = tree.evict(EvictParams(num_tokens=64))
     assert result.num_tokens_evicted == 64
@@ -113,6 +123,7 @@ def test_split_keeps_segments_with_their_tokens(cache):
     tree.insert(InsertParams(key=RadixKey(array("l", list(range(64)))), value=a))
     b = torch.cat([a[:32], prefill(pool, alloc, 32)])
     tree.insert(InsertParams(key=RadixKey(array("l", list(range(32)) + [900 + i for i in range(32)])), value=b))
+    tree.drain(wait=True)
     shared = tree.root_node.children[next(iter(tree.root_node.children))]
     assert len(shared.value) == 32 and len(shared.mosaic_slabs) == 2
     assert all(len(c.mosaic_slabs) == len(c.value) // SEG for c in shared.children.values())

@@ -170,6 +170,7 @@ def test_sealing_with_mosaic_preset_gets_the_backend_query_stats_and_fits_the_sl
     q, k, v = sequence(128, seed=2)
     prefill(stack, 0, q, k, v, [50, 46, 1, 1, 30])
     stack.insert(0, list(range(128)))
+    stack.tree.drain(wait=True)
     pool = stack.pool
     # Segment 0 is the sink, segment 3 lies in the window: segments 1 and 2 are sealed.
     assert [s >= 0 for s in stack.slabs()] == [False, True, True, False]
@@ -201,6 +202,7 @@ def test_shared_segment_does_not_depend_on_the_suffix_or_the_chunking():
         q2[:, suffix], k2[:, suffix], v2[:, suffix] = qs[:, suffix], ks[:, suffix], vs[:, suffix]
         prefill(stack, 0, q2, k2, v2, chunks)
         stack.insert(0, list(range(96)) + [1000 * seed + i for i in range(32)])
+        stack.tree.drain(wait=True)
         payloads.append([stack.pool.arena.view(s).clone() for s in stack.slabs() if s >= 0])
     assert len(payloads[0]) == len(payloads[1]) == 2
     assert all(torch.equal(a, b) for a, b in zip(*payloads))
@@ -244,6 +246,7 @@ def test_failing_part_leaves_segments_dense_logs_once_and_counts(name, caplog):
         prefill_step = slice(160, 192)
         out = stack.forward(0, 192, q[:, prefill_step], k[:, prefill_step], v[:, prefill_step])
         stack.insert(0, list(range(192)))
+        stack.tree.drain(wait=True)
     # Segments 1..4 were due for sealing; each failed once and is never retried.
     assert stack.slabs() == [UNMAPPED, LEFT_DENSE, LEFT_DENSE, LEFT_DENSE, LEFT_DENSE, UNMAPPED]
     info = kv_compress_info(stack.pool)
@@ -265,6 +268,7 @@ def test_parts_that_read_unobserved_queries_are_part_failures_not_a_crash():
         stack.pool._store_kv_layer(layer, slots, k[layer], v[layer])
     stack.req_pool.req_to_token[0, :128] = slots.int()
     stack.insert(0, list(range(128)))
+    stack.tree.drain(wait=True)
     # The token scorer is the first part to need what no forward recorded.
     assert kv_compress_info(stack.pool)["part_failures"] == {"observed_attention": 2}
 
@@ -277,6 +281,7 @@ def test_full_arena_leaves_segments_dense_until_eviction_frees_a_slab(caplog):
     with caplog.at_level(logging.WARNING, logger=RADIX_LOGGER):
         prefill(stack, 0, q, k, v, [128])
         stack.insert(0, list(range(128)))
+        stack.tree.drain(wait=True)
     assert stack.slabs() == [UNMAPPED, 0, UNMAPPED, UNMAPPED]  # segment 2 found no slab
     assert pool.arena.live_slabs == 1 and pool.arena.used_bytes <= pool.arena.data.numel()
     assert pool.counters.arena_full == 1 and "arena is full" in caplog.text
@@ -290,4 +295,5 @@ def test_full_arena_leaves_segments_dense_until_eviction_frees_a_slab(caplog):
     stack.tree.evict(EvictParams(num_tokens=128))
     assert pool.arena.live_slabs == 0
     stack.insert(1, [5000 + i for i in range(128)])  # the next insert on its path retries
+    stack.tree.drain(wait=True)
     assert pool.arena.live_slabs == 1 and kv_compress_info(pool)["part_failures"] == {}

@@ -1,0 +1,132 @@
+"""Background sealing on SGLang's real RadixCache and allocator (CPU): insert never waits
+for the compressor, results are swapped in at step boundaries, and evictions, splits and
+worker errors while a segment is pending leave the tree and the arena consistent."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from array import array
+
+import pytest
+import torch
+
+pytest.importorskip("sglang")
+
+from sglang.srt.mem_cache.base_prefix_cache import EvictParams, InsertParams, MatchPrefixParams  # noqa: E402
+from sglang.srt.mem_cache.radix_cache import RadixKey  # noqa: E402
+from test_sglang_radix import SEG, CountingCompressor, make_cache, prefill  # noqa: E402
+
+from mosaickv.sglang_patch.pool import UNMAPPED, kv_compress_info  # noqa: E402
+from mosaickv.sglang_patch.radix import LEFT_DENSE, PENDING  # noqa: E402
+
+RELEASE_TIMEOUT_S = 30
+
+
+class BlockingCompressor(CountingCompressor):
+    """Blocks every call until ``release`` is set; ``returned`` is set after each call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+        self.returned = threading.Event()
+
+    def __call__(self, *args):
+        assert self.release.wait(RELEASE_TIMEOUT_S), "test never released the compressor"
+        blocks = super().__call__(*args)
+        self.returned.set()
+        return blocks
+
+
+def insert(tree, tokens: list[int], slots: torch.Tensor) -> None:
+    tree.insert(InsertParams(key=RadixKey(array("l", tokens)), value=slots))
+
+
+def only_child(node):
+    (child,) = node.children.values()
+    return child
+
+
+def test_insert_returns_before_a_slow_compressor_and_the_segment_stays_dense():
+    comp = BlockingCompressor()
+    tree, pool, alloc = make_cache(comp)
+    slots = prefill(pool, alloc, 64)
+    insert(tree, list(range(64)), slots)  # returns although no compression can finish
+    node = only_child(tree.root_node)
+    assert node.mosaic_slabs == [PENDING, PENDING, PENDING, UNMAPPED]
+    assert (pool.page_to_slab[slots] == UNMAPPED).all() and (pool.page_to_dense[slots] != UNMAPPED).all()
+    info = kv_compress_info(pool)
+    assert info["sealing_pending"] == 3 and info["oldest_pending_s"] >= 0 and info["compression_calls"] == 3
+    match = tree.match_prefix(MatchPrefixParams(key=RadixKey(array("l", list(range(64))))))
+    assert torch.equal(match.device_indices, slots)  # a step boundary: nothing finished, nothing applied
+    comp.release.set()
+    tree.drain(wait=True)
+    assert all(slab >= 0 for slab in node.mosaic_slabs[:3]) and pool.arena.live_slabs == 3
+    assert (pool.page_to_slab[slots[: 3 * SEG]] != UNMAPPED).all()
+    info = kv_compress_info(pool)
+    assert info["sealing_pending"] == 0 and info["oldest_pending_s"] == 0.0
+
+
+def test_evicted_while_pending_discards_the_late_result_and_leaks_nothing():
+    comp = BlockingCompressor()
+    tree, pool, alloc = make_cache(comp)
+    before_tokens = alloc.available_size()
+    insert(tree, list(range(64)), prefill(pool, alloc, 64))
+    assert tree.evict(EvictParams(num_tokens=64)).num_tokens_evicted == 64
+    assert kv_compress_info(pool)["sealing_pending"] == 0
+    comp.release.set()
+    assert comp.returned.wait(RELEASE_TIMEOUT_S)  # the job already running finishes late
+    tree.drain(wait=True)
+    assert pool.arena.used_bytes == 0 and pool.arena.live_slabs == 0
+    assert alloc.available_size() == before_tokens
+    assert len(pool._free_dense) == pool.plan.dense_tail_tokens
+
+
+def test_split_while_pending_lands_each_slab_on_the_node_holding_its_tokens():
+    comp = BlockingCompressor()
+    tree, pool, alloc = make_cache(comp)
+    a = prefill(pool, alloc, 64)
+    insert(tree, list(range(64)), a)
+    b = torch.cat([a[:32], prefill(pool, alloc, 32)])
+    insert(tree, list(range(32)) + [900 + i for i in range(32)], b)  # splits A's pending node at 32
+    shared = only_child(tree.root_node)
+    assert shared.mosaic_slabs == [PENDING, PENDING]
+    comp.release.set()
+    tree.drain(wait=True)
+    nodes = [shared, *shared.children.values()]
+    sealed = [(node, j) for node in nodes for j, slab in enumerate(node.mosaic_slabs) if slab >= 0]
+    assert len(sealed) == 4  # A's segments 0..2 and B's own segment 2
+    for node, j in sealed:
+        assert pool._slab_pages[node.mosaic_slabs[j]] == node.value[j * SEG : (j + 1) * SEG].tolist()
+
+
+def test_a_worker_error_leaves_segments_dense_logs_once_and_counts(caplog):
+    def broken(*args):
+        raise RuntimeError("compressor bug")
+
+    tree, pool, alloc = make_cache(broken)
+    with caplog.at_level(logging.ERROR, logger="mosaickv.sglang_patch.radix"):
+        insert(tree, list(range(64)), prefill(pool, alloc, 64))
+        tree.drain(wait=True)
+    assert only_child(tree.root_node).mosaic_slabs == [LEFT_DENSE, LEFT_DENSE, LEFT_DENSE, UNMAPPED]
+    info = kv_compress_info(pool)
+    assert info["worker_errors"] == 3 and info["part_failures"] == {} and info["sealing_pending"] == 0
+    assert pool.arena.used_bytes == 0
+    assert len([r for r in caplog.records if "compressor raised" in r.getMessage()]) == 1
+
+
+def test_background_seals_the_same_bytes_as_inline():
+    sealed = []
+    for background in (False, True):
+        torch.manual_seed(0)
+        tree, pool, alloc = make_cache(CountingCompressor(), background=background)
+        a = prefill(pool, alloc, 64)
+        insert(tree, list(range(64)), a)
+        if not background:  # inline: sealed before insert returns
+            assert only_child(tree.root_node).mosaic_slabs[:3] == [0, 1, 2]
+        insert(tree, list(range(32)) + [900 + i for i in range(32)], torch.cat([a[:32], prefill(pool, alloc, 32)]))
+        tree.drain(wait=True)
+        sealed.append({tuple(pool._slab_pages[slab]): pool.arena.view(slab).clone() for slab in pool._slab_pages})
+    inline, background = sealed
+    assert len(inline) == 4 and inline.keys() == background.keys()
+    assert all(torch.equal(inline[pages], background[pages]) for pages in inline)

@@ -22,8 +22,10 @@ full arena leaves it dense until eviction frees a slab (the next insert on its p
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor, wait as wait_all
+from concurrent.futures import Future, wait as wait_all
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -61,14 +63,39 @@ class _SealJob:
     future: Future
 
 
+def _run(future: Future, fn: Callable, args: tuple) -> None:
+    """``fn(*args)`` into ``future``, unless it was cancelled first."""
+    if not future.set_running_or_notify_cancel():
+        return
+    try:
+        future.set_result(fn(*args))
+    except Exception as err:  # noqa: BLE001 - reported when the job is applied
+        future.set_exception(err)
+
+
 def _run_now(fn: Callable, *args) -> Future:
     """``fn(*args)`` on the calling thread, as a finished future (inline sealing)."""
     future: Future = Future()
-    try:
-        future.set_result(fn(*args))
-    except Exception as err:  # noqa: BLE001 - reported when the job is applied, as from the worker
-        future.set_exception(err)
+    _run(future, fn, args)
     return future
+
+
+class _SealWorker:
+    """One daemon thread running jobs in order. Unlike ThreadPoolExecutor's threads, a
+    compressor that hangs cannot hold the scheduler process up at exit."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._loop, name="mosaickv-seal", daemon=True).start()
+
+    def _loop(self) -> None:
+        while True:
+            _run(*self._queue.get())
+
+    def submit(self, fn: Callable, *args) -> Future:
+        future: Future = Future()
+        self._queue.put((future, fn, args))
+        return future
 
 
 class MosaicRadixCache(RadixCache):
@@ -87,7 +114,7 @@ class MosaicRadixCache(RadixCache):
         self.segment_size = segment_size
         self.sink_segments = sink_segments
         self.window = window
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="mosaickv-seal") if background else None
+        self._executor = _SealWorker() if background else None
         self._jobs: dict[int, _SealJob] = {}  # first slot of each PENDING segment -> its job
         self.allocator_page_size = params.page_size
         params.page_size = segment_size  # tree granularity: nodes hold whole segments

@@ -130,3 +130,13 @@ def test_background_seals_the_same_bytes_as_inline():
     inline, background = sealed
     assert len(inline) == 4 and inline.keys() == background.keys()
     assert all(torch.equal(inline[pages], background[pages]) for pages in inline)
+
+
+def test_a_hung_compressor_does_not_hold_the_process_at_exit():
+    import subprocess
+    import sys
+
+    code = ("import threading; from mosaickv.sglang_patch.radix import _SealWorker; "
+            "_SealWorker().submit(threading.Event().wait); print('submitted')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "submitted" in proc.stdout, proc.stderr[-2000:]

@@ -257,7 +257,7 @@ class HeadWise(SegmentStrategy):
         self._scores = torch.tensor(self.heads, dtype=torch.float64)
         check(0 <= self.dense < self._scores.numel(), "dense", self.dense, f"a head count from 0 to {self._scores.numel() - 1}")
         self._inner = build_part("strategy", self.inner)
-        self._protected = set(self._scores.flatten().argsort(descending=True)[: self.dense].tolist())
+        self._protected = self._scores.flatten().argsort(descending=True)[: self.dense]
 
     def check_ratio(self, ratio: float) -> None:
         share = self.dense / self._scores.numel()
@@ -284,7 +284,7 @@ class HeadWise(SegmentStrategy):
         check(blocks % heads == 0, "heads", f"{self._scores.shape[0]}x{self._scores.shape[1]}",
               f"a profile of this model's layers x KV heads ({blocks} blocks per plan is not a multiple of {heads})")
         per_head = blocks // heads
-        keep = torch.tensor([b // per_head in self._protected for b in range(blocks)])
+        keep = torch.isin(torch.arange(blocks) // per_head, self._protected)
         whole = BlockFormat(stats.n)
         rest = (~keep).nonzero()[:, 0]
         left = budget - int(keep.sum()) * whole.nbytes(stats.d)

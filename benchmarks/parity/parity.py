@@ -115,7 +115,8 @@ def run_hf(model_path: str, dtype: str, new: int, hooks: bool) -> dict:
                 step = model(torch.tensor([[gen[-1]]], device=device), past_key_values=past, use_cache=True)
                 past, step_lp = step.past_key_values, torch.log_softmax(step.logits[0, -1].float(), dim=-1)
             runs.append({"ids": ids, "prompt_logprobs": prompt_lp, "output_ids": gen, "text": tok.decode(gen),
-                         "step_top": tops})
+                         "step_top": tops,
+                         "first_token_top": {tok.decode([t]): round(lp, 4) for t, lp in tops[0].items()} if tops else {}})
     return {"engine": f"hf transformers {dtype}", "runs": runs, "modules": modules}
 
 
@@ -193,10 +194,11 @@ def compare_modules(hf: dict[str, torch.Tensor], sgl: dict, heads: int, kv_heads
                 ours = _attention(rope[0], rope[1], v, heads, kv_heads, d)
                 if isinstance(sgl.get(p + "self_attn.attn"), torch.Tensor):
                     row["attn_kernel_vs_fp64"] = _rel(sgl[p + "self_attn.attn"], ours)
-        for key, hf_key in (("attn", "self_attn.o_proj.input"), ("o_proj", "self_attn.o_proj"),
-                            ("down_proj", "mlp.down_proj")):
-            if isinstance(sgl.get(p + ("self_attn." if key != "down_proj" else "mlp.") + key), torch.Tensor):
-                row[key] = _rel(sgl[p + ("self_attn." if key != "down_proj" else "mlp.") + key], hf[p + hf_key])
+        for key, sgl_key, hf_key in (("attn", "self_attn.attn", "self_attn.o_proj.input"),
+                                     ("o_proj", "self_attn.o_proj", "self_attn.o_proj"),
+                                     ("down_proj", "mlp.down_proj", "mlp.down_proj")):
+            if isinstance(sgl.get(p + sgl_key), torch.Tensor):
+                row[key] = _rel(sgl[p + sgl_key], hf[p + hf_key])
         rows.append(row)
         layer += 1
     return rows
@@ -222,9 +224,9 @@ def compare(hf: dict, sgl: dict, dump: str | None) -> dict:
     if dump and hf.get("modules"):
         from transformers import AutoConfig
 
-        cfg = AutoConfig.from_pretrained(hf["model"]) if "model" in hf else None
-        heads, kv_heads, d = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) if cfg else (9, 3, 64)
-        out["modules"] = compare_modules(hf["modules"], _dump_pass(dump), heads, kv_heads, d)
+        cfg = AutoConfig.from_pretrained(hf["model"])
+        out["modules"] = compare_modules(hf["modules"], _dump_pass(dump), cfg.num_attention_heads,
+                                         cfg.num_key_value_heads, cfg.head_dim)
     return out
 
 
@@ -235,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     h.add_argument("--model", required=True)
     h.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     h.add_argument("--hooks", action="store_true")
+    h.add_argument("--json", help="also write the texts and first-token top log-probs here")
     s = sub.add_parser("sglang")
     s.add_argument("--model", required=True)
     s.add_argument("--dump")
@@ -253,6 +256,11 @@ def main(argv: list[str] | None = None) -> int:
         res = run_hf(args.model, args.dtype, args.new, args.hooks)
         res["model"] = args.model
         torch.save(res, args.out)
+        if args.json:  # the greedy texts and each prompt's first-token margins, readable
+            summary = {"engine": res["engine"], "command": " ".join(sys.argv),
+                       "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                       "prompts": [{k: r[k] for k in ("text", "first_token_top")} for r in res["runs"]]}
+            json.dump(summary, open(args.json, "w"), indent=1)
     elif args.step == "sglang":
         torch.save(run_sglang(args.model, args.new, args.dump, json.loads(args.engine), args.prompts), args.out)
     else:

@@ -19,9 +19,9 @@ On a GPU machine with the package and ``sglang==0.5.17`` installed (``pip instal
 A local model folder works as well. Flags after ``--`` go to ``sglang.launch_server``
 unchanged; ``benchmarks/serving/smoke_gpu.sh`` ran the plugin with these two.
 ``--url http://127.0.0.1:30000`` uses a running server instead (start it with
-``--enable-cache-report`` to get cached tokens). The mosaickv attention backend is still
-the host reference path (docs/sglang.md), so its latencies say nothing about speed yet;
-they are reported to compare turns and to catch stalls.
+``--enable-cache-report`` to get cached tokens). The mosaickv attention backend is still a
+per-request PyTorch path without CUDA graphs (docs/sglang.md), so its latencies say
+nothing about speed yet; they are reported to compare turns and to catch stalls.
 """
 
 from __future__ import annotations
@@ -30,23 +30,23 @@ import argparse
 import json
 import os
 import random
-import signal
+import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from openai import OpenAI
 from tqdm import tqdm
+
+from mosaickv import launch
 
 POLICY = Path(__file__).resolve().parent / "agent_policy.yaml"
 
@@ -154,67 +154,9 @@ def server_command(model_path: str, port: int, policy: str | os.PathLike = POLIC
 
     ``--enable-cache-report`` makes responses carry ``prompt_tokens_details.cached_tokens``.
     """
-    return [python, "-m", "sglang.launch_server", "--model-path", model_path,
-            "--kv-compress", "mosaickv", "--kv-compress-config", str(Path(policy).resolve()),
-            "--host", "127.0.0.1", "--port", str(port), "--enable-cache-report", *extra]
-
-
-class ServerError(RuntimeError):
-    """The launched server died or never became healthy; the message holds its log tail."""
-
-
-def _tail(path: Path, lines: int = 40) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError as exc:
-        return f"(no log: {exc})"
-
-
-def _healthy(base: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{base}/health", timeout=5) as r:
-            return r.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
-
-
-def _stop(proc: subprocess.Popen, grace_s: float = 20.0) -> None:
-    """SIGTERM the server's process group (scheduler and detokenizer too), then SIGKILL."""
-    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.time() + wait_s
-        while time.time() < deadline:
-            proc.poll()  # reap the launcher: a zombie still counts as a member of the group
-            try:
-                os.killpg(proc.pid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.5)
-
-
-@contextmanager
-def launched_server(cmd: Sequence[str], port: int, log_path: Path, timeout_s: float) -> Iterator[str]:
-    """Start ``cmd`` in its own process group, yield its base URL once ``/health`` answers,
-    and stop the whole group on the way out, whatever happened."""
-    base = f"http://127.0.0.1:{port}"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(list(cmd), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.time() + timeout_s
-        while not _healthy(base):
-            if proc.poll() is not None:
-                raise ServerError(f"the server exited with status {proc.returncode} before it was healthy; "
-                                  f"last lines of {log_path}:\n{_tail(log_path)}")
-            if time.time() > deadline:
-                raise ServerError(f"the server was not healthy after {timeout_s:.0f} s; "
-                                  f"last lines of {log_path}:\n{_tail(log_path)}")
-            time.sleep(1)
-        yield base
-    finally:
-        _stop(proc)
+    flags = ["--kv-compress", "mosaickv", "--kv-compress-config", str(Path(policy).resolve()),
+             "--host", "127.0.0.1", "--enable-cache-report", *extra]
+    return launch.server_command(model_path, port, shlex.join(flags), python=python)
 
 
 def kv_compress_info(base: str) -> dict:
@@ -435,9 +377,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         record["server_command"] = cmd
         print("launching:", " ".join(cmd), f"\nserver log: {log}", flush=True)
         try:
-            with launched_server(cmd, args.port, log, args.startup_timeout) as base:
+            with launch.launched(cmd, args.port, log, args.startup_timeout) as base:
                 record.update(run_workload(base, args))
-        except ServerError as exc:
+        except launch.ServerError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
     if args.output is not None:

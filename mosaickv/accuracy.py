@@ -6,7 +6,7 @@ OpenAI-compatible server. Every method reads the same generated tasks
 (:mod:`mosaickv.tasks`), greedily, so differences between methods are the methods' own.
 The driver only needs a ``complete(messages, max_tokens) -> str`` callable per method,
 so it runs (and is tested) without a server; :func:`openai_complete` binds one to a URL
-and :func:`launched` starts and stops a server for it.
+and :func:`mosaickv.launch.launched` starts and stops a server for it.
 
 A request that fails is a record with its error and no score: it is counted in the
 summary's ``failed``, never averaged in as a wrong answer.
@@ -15,12 +15,6 @@ summary's ``failed``, never averaged in as a wrong answer.
 from __future__ import annotations
 
 import json
-import os
-import shlex
-import signal
-import socket
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -31,22 +25,15 @@ from typing import Callable, Iterator, Mapping, Sequence
 
 from tqdm import tqdm
 
+from mosaickv.launch import NO_PROXY, ServerError, launched, server_command
 from mosaickv.tasks import TOLERANCE, Task, TokenCounter, suite
 
 Complete = Callable[[list[dict], int], str]
 DEFAULT_LENGTHS = (1024, 2048, 4096, 7168)  # SmolLM2's context is 8192: the longest leaves room for template and answer
-RESERVED_FLAGS = ("--model-path", "--port")  # the launcher sets these itself
-# Servers under test are local or on the cluster: a proxy from the environment would only
-# stand between them and the client (or refuse loopback addresses).
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 class RequestError(RuntimeError):
     """A request the server refused or never answered (the message names the URL)."""
-
-
-class ServerError(RuntimeError):
-    """A launched server that exited or never became healthy (the message has its log tail)."""
 
 
 @dataclass(frozen=True)
@@ -86,7 +73,7 @@ def _root(base_url: str) -> str:
 def _post(url: str, body: dict, timeout: float) -> dict:
     request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
     try:
-        with _OPENER.open(request, timeout=timeout) as response:
+        with NO_PROXY.open(request, timeout=timeout) as response:
             text = response.read().decode(errors="replace")
     except urllib.error.HTTPError as err:
         raise RequestError(f"POST {url} returned HTTP {err.code}: {err.read()[:500].decode(errors='replace')}") from None
@@ -117,91 +104,6 @@ def openai_complete(base_url: str, model: str = "default", timeout: float = 600.
 
 
 # ---------------------------------------------------------------- launching a server
-
-
-def launch_flags(flags: str) -> list[str]:
-    """``sglang.launch_server`` flags from one string, refusing those the launcher owns."""
-    try:
-        words = shlex.split(flags)
-    except ValueError as err:
-        raise ValueError(f"launch flags {flags!r} cannot be split as a shell would ({err})") from None
-    for word in words:
-        if word.split("=", 1)[0] in RESERVED_FLAGS:
-            raise ValueError(f"launch flags {flags!r} set {word.split('=', 1)[0]}: the launcher sets {' and '.join(RESERVED_FLAGS)} itself")
-    return words
-
-
-def server_command(model_path: str | Path, port: int, flags: str = "", python: str = sys.executable) -> list[str]:
-    """``python -m sglang.launch_server --model-path M --port P <flags>``."""
-    return [python, "-m", "sglang.launch_server", "--model-path", str(model_path), "--port", str(port), *launch_flags(flags)]
-
-
-def _tail(path: Path, lines: int = 40) -> str:
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-
-
-def _healthy(root: str) -> bool:
-    try:
-        with _OPENER.open(root + "/health", timeout=5) as response:
-            return response.status == 200
-    except OSError:
-        return False
-
-
-def _port_in_use(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-def _stop(process: subprocess.Popen, grace: float = 30.0) -> None:
-    """SIGTERM the server's process group, SIGKILL what is left after ``grace`` seconds, and
-    wait until the group is gone (its workers hold the GPU memory the next server needs)."""
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    try:
-        process.wait(grace)
-    except subprocess.TimeoutExpired:
-        pass
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            break
-        process.poll()  # reap the leader, or the group never empties
-        time.sleep(0.2)
-    process.wait()
-
-
-@contextmanager
-def launched(command: list[str], port: int, log_path: Path, startup_timeout: float = 900.0) -> Iterator[str]:
-    """Run ``command`` (a server listening on ``port``) in its own process group, yield its URL
-    once ``/health`` answers, and stop the whole group on exit.
-
-    Output goes to ``log_path``; a server that exits or is not healthy in time raises
-    :class:`ServerError` with the log's last lines.
-    """
-    root = f"http://127.0.0.1:{port}"
-    if _port_in_use(port):  # another server there would answer our health checks and requests
-        raise ServerError(f"port {port} is already in use: stop what listens there or choose another --port")
-    log_path = Path(log_path)
-    with open(log_path, "w") as log:
-        log.write("$ " + shlex.join(command) + "\n")
-        log.flush()
-        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            deadline = time.monotonic() + startup_timeout
-            while not _healthy(root):
-                if process.poll() is not None:
-                    raise ServerError(f"{shlex.join(command)} exited with status {process.returncode} before {root}/health answered; last lines of {log_path}:\n{_tail(log_path)}")
-                if time.monotonic() > deadline:
-                    raise ServerError(f"{shlex.join(command)} was not healthy at {root}/health after {startup_timeout:g} s (--startup-timeout); last lines of {log_path}:\n{_tail(log_path)}")
-                time.sleep(1)
-            yield root
-        finally:
-            _stop(process)
 
 
 @contextmanager

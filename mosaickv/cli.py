@@ -150,7 +150,7 @@ def _server(text: str) -> dict:
 
 def _launch(text: str) -> dict:
     """``--launch NAME=FLAGS``: a server to start with these ``sglang.launch_server`` flags (FLAGS may be empty)."""
-    from mosaickv.accuracy import launch_flags
+    from mosaickv.launch import launch_flags
 
     name, sep, flags = text.partition("=")
     if not (sep and name):

@@ -14,19 +14,17 @@ import pytest
 
 from mosaickv.accuracy import (
     RequestError,
-    ServerError,
     build_tasks,
     evaluate,
     format_table,
-    launched,
     make_result,
     openai_complete,
     plot_accuracy,
-    server_command,
     summarize,
     write_json,
 )
 from mosaickv.cli import build_parser, main
+from mosaickv.launch import ServerError, launched, server_command
 from mosaickv.tasks import KINDS, TOLERANCE, hf_counter
 
 pytest.importorskip("transformers")

@@ -24,14 +24,17 @@ RELEASE_TIMEOUT_S = 30
 
 
 class BlockingCompressor(CountingCompressor):
-    """Blocks every call until ``release`` is set; ``returned`` is set after each call."""
+    """Blocks every call until ``release`` is set; ``started`` is set as a call begins,
+    ``returned`` after it."""
 
     def __init__(self) -> None:
         super().__init__()
         self.release = threading.Event()
+        self.started = threading.Event()
         self.returned = threading.Event()
 
     def __call__(self, *args):
+        self.started.set()
         assert self.release.wait(RELEASE_TIMEOUT_S), "test never released the compressor"
         blocks = super().__call__(*args)
         self.returned.set()
@@ -72,6 +75,7 @@ def test_evicted_while_pending_discards_the_late_result_and_leaks_nothing():
     tree, pool, alloc = make_cache(comp)
     before_tokens = alloc.available_size()
     insert(tree, list(range(64)), prefill(pool, alloc, 64))
+    assert comp.started.wait(RELEASE_TIMEOUT_S)  # the worker has taken the first job
     assert tree.evict(EvictParams(num_tokens=64)).num_tokens_evicted == 64
     assert kv_compress_info(pool)["sealing_pending"] == 0
     comp.release.set()

@@ -73,3 +73,9 @@ def test_sglang_parts_from_hf_only_at_near_ties(runs: Path, engine: str) -> None
 @pytest.mark.parametrize("engine", ["none", "lossless"])
 def test_sglang_logprobs_are_as_close_to_fp32_as_hf_bf16(runs: Path, engine: str) -> None:
     assert _mean_gap(_compare(runs, "hf_fp32", engine)) <= SLACK * _mean_gap(_compare(runs, "hf_fp32", "hf_bf16"))
+
+
+def test_lossless_equals_none_token_for_token(runs: Path) -> None:
+    """Issue 3: with every token stored dense, the plugin's attention is torch_native's."""
+    res = _compare(runs, "none", "lossless")
+    assert all(p["greedy_equal"] for p in res["prompts"]), [p for p in res["prompts"] if not p["greedy_equal"]]

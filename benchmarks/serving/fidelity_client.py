@@ -4,8 +4,10 @@ For each text: send the first ``--prefix`` tokens (the radix cache keeps them an
 plugin seals them), then the whole text asking for the top-``--top`` log-probs of every
 token past the prefix, so those positions attend to what the cache kept. Run it against
 a ``--kv-compress none`` server and a compressed one, then ``compare`` the two files:
-top-1 agreement and a top-k KL(none || other), where a token missing from the other
+top-1 agreement and KL(none || other) summed over none's top k (the full KL's terms for
+those tokens: zero when both servers agree exactly), where a token missing from the other
 server's top k gets that server's k-th log-prob (an upper bound on its probability).
+A mosaickv server seals in the background: the second request waits until it is done.
 
     python fidelity_client.py run PORT MODEL OUT.json [--texts 4 --prefix 1536 --total 2048]
     python fidelity_client.py compare NONE.json OTHER.json OUT.json
@@ -37,6 +39,27 @@ def texts(tokenizer, count: int, total: int) -> list[list[int]]:
     return [ids[i * total : (i + 1) * total] for i in range(count)]
 
 
+def sealing_pending(port: int) -> int | None:
+    """``sealing_pending`` of the server's ``kv_compress_info`` (None: not a mosaickv server)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/get_server_info", timeout=30) as r:
+        states = json.loads(r.read().decode()).get("internal_states") or [{}]
+    info = states[0].get("kv_compress_info")
+    return None if info is None else int(info["sealing_pending"])
+
+
+def wait_sealed(port: int, nudge: list[int], timeout: float = 300) -> float:
+    """Wait until every segment handed to the sealing worker is swapped in. Results are
+    swapped at the radix cache's step boundaries (a prefix match), so a one-token request
+    that shares nothing with the texts is sent while any is pending. Returns seconds waited."""
+    t = time.time()
+    while (pending := sealing_pending(port)):
+        if time.time() - t > timeout:
+            raise SystemExit(f"{pending} segments still sealing after {timeout:.0f} s")
+        post(port, "/generate", {"input_ids": nudge, "sampling_params": {"temperature": 0, "max_new_tokens": 1}})
+        time.sleep(0.2)
+    return time.time() - t
+
+
 def run(port: int, model: str, out: str, count: int, prefix: int, total: int, top: int) -> None:
     from transformers import AutoTokenizer
 
@@ -45,12 +68,14 @@ def run(port: int, model: str, out: str, count: int, prefix: int, total: int, to
     for ids in texts(tok, count, total):
         t = time.time()
         post(port, "/generate", {"input_ids": ids[:prefix], "sampling_params": {"temperature": 0, "max_new_tokens": 1}})
+        waited = wait_sealed(port, [tok.eos_token_id or 0])
         res = post(port, "/generate", {"input_ids": ids, "return_logprob": True, "logprob_start_len": prefix,
                                        "top_logprobs_num": top,
                                        "sampling_params": {"temperature": 0, "max_new_tokens": 1}})
         meta = res["meta_info"]
         tops = [{int(tid): lp for lp, tid, *_ in pos} for pos in meta["input_top_logprobs"] if pos]
-        records.append({"seconds": round(time.time() - t, 2), "cached_tokens": meta.get("cached_tokens"),
+        records.append({"seconds": round(time.time() - t, 2), "sealing_wait_s": round(waited, 2),
+                        "cached_tokens": meta.get("cached_tokens"),
                         "positions": len(tops), "top": tops})
     json.dump({"port": port, "prefix": prefix, "total": total, "top_k": top, "texts": records}, open(out, "w"))
 
@@ -66,8 +91,7 @@ def compare(a_path: str, b_path: str, out: str) -> dict:
             n += 1
             agree += max(pa, key=pa.get) == max(pb, key=pb.get)
             floor = min(pb.values())
-            mass = sum(math.exp(v) for v in pa.values())
-            kls.append(sum(math.exp(v) / mass * (v - math.log(mass) - pb.get(k, floor)) for k, v in pa.items()))
+            kls.append(sum(math.exp(v) * (v - pb.get(k, floor)) for k, v in pa.items()))
     kls.sort()
     res = {"positions": n, "top1_agreement": agree / n if n else None,
            "topk_kl_mean": sum(kls) / n if n else None, "topk_kl_median": kls[n // 2] if n else None,

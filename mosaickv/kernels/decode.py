@@ -216,8 +216,8 @@ def _mixed_attn_kernel(
                     m_i = m_new
                 if V_KIND >= 2:  # fold the block's r-space values back: acc += blk_acc @ basis
                     vb = _basis(values_ptr, index_ptr, v_w, v_aux, jr, cols, V_KIND, HEAD_DIM, ALIGNED)
-                    blk_hi = blk_acc.to(tl.bfloat16)
-                    acc += tl.dot(blk_hi, vb) + tl.dot((blk_acc - blk_hi.to(tl.float32)).to(tl.bfloat16), vb)
+                    acc_hi = blk_acc.to(tl.bfloat16)
+                    acc += tl.dot(acc_hi, vb) + tl.dot((blk_acc - acc_hi.to(tl.float32)).to(tl.bfloat16), vb)
 
         has = l_i > 0
         o = acc / tl.where(has, l_i, 1.0)[:, None]

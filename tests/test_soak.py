@@ -22,7 +22,8 @@ sys.path.insert(0, str(SOAK))
 import soak_client  # noqa: E402
 from soak_checks import Expect, leaked_bytes, run_checks  # noqa: E402
 from soak_mix import EDGE_KINDS, EXPECTED_STATUS, MixConfig, build_mix, kind_counts, probe_prompts  # noqa: E402
-from soak_results import Collected, Outcome, evictions, first_divergence, summarize_greedy, summarize_requests  # noqa: E402
+from soak_results import (Collected, Outcome, evictions, first_divergence, summarize_greedy,  # noqa: E402
+                          summarize_requests)
 
 sys.path.insert(0, str(PLUGIN))
 import mosaickv_soak_faults as faults  # noqa: E402
@@ -46,7 +47,7 @@ def test_mix_has_every_kind_in_its_share():
     assert len(mix) == 2000 and {k: kinds.count(k) for k in set(kinds)} == kind_counts(2000, cfg.probes * 2)
     assert kinds.count("abort") == 200 and kinds.count("shared") == 720 and kinds.count("unique") == 400
     for kind in EDGE_KINDS:  # both endpoints, half each
-        assert sorted(r.endpoint for r in mix if r.kind == kind).count("chat") == 20
+        assert [r.endpoint for r in mix if r.kind == kind].count("chat") == 20
     assert [r.probe for r in mix if r.kind == "probe"].count(0) == 2 and kinds.count("probe") == 2 * cfg.probes
     ordinary = [r for r in mix if r.kind in ("shared", "unique", "short")]
     assert 0.35 < sum(r.stream for r in ordinary) / len(ordinary) < 0.45
@@ -121,7 +122,8 @@ def test_greedy_summary_accepts_cold_or_warm_and_reports_divergence():
     warm = [_probe(0, ["a", "c"], cached=64), _probe(1, ["x", "y"], cached=0)]
     loaded = [_probe(0, ["a", "b"], cached=0), _probe(0, ["a", "c"], cached=64), _probe(1, ["z", "y"])]
     g = summarize_greedy(cold, warm, loaded)
-    assert (g["cold_equal_warm"], g["loaded_equal_warm"], g["loaded_equal_cold"], g["loaded_inconsistent"]) == (1, 1, 1, 1)
+    counts = ("cold_equal_warm", "loaded_equal_warm", "loaded_equal_cold", "loaded_inconsistent")
+    assert [g[k] for k in counts] == [1, 1, 1, 1]
     assert g["loaded"][2]["first_divergence_from_warm"] == 0
     assert g["cold_vs_warm_first_divergence"] == {"0": 1, "1": None}
     ev = evictions([{"sealed_segments": 3}, {"sealed_segments": 5}, {"sealed_segments": 2}, {"unreachable": True}], g)
@@ -202,7 +204,8 @@ VIOLATIONS = [
 ]
 
 
-@pytest.mark.parametrize("mutate, expected", VIOLATIONS, ids=[f"{sorted(e)[0]}-{i}" for i, (_, e) in enumerate(VIOLATIONS)])
+@pytest.mark.parametrize("mutate, expected", VIOLATIONS,
+                         ids=[f"{sorted(e)[0]}-{i}" for i, (_, e) in enumerate(VIOLATIONS)])
 def test_each_violation_fails_its_check(mutate, expected):
     record = clean_record()
     mutate(record)
@@ -284,10 +287,11 @@ class FakeSGLang(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def do_GET(self) -> None:
-        if self.path == "/health":
+        if self.path in ("/health", "/health_generate"):
             return self._json(200, {})
         with self.lock:
-            return self._json(200, {"max_total_num_tokens": 1000, "internal_states": [{"kv_compress_info": dict(self.kv)}]})
+            state = {"kv_compress_info": dict(self.kv)}
+            return self._json(200, {"max_total_num_tokens": 1000, "internal_states": [state]})
 
     def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])) or b"{}")

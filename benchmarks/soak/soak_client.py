@@ -59,8 +59,10 @@ class Server:
         finally:
             conn.close()
 
-    def healthy(self) -> bool:
-        return self.call("GET", "/health", timeout=10)[0] == 200
+    def healthy(self, generate: bool = False) -> bool:
+        """``/health`` answers while the HTTP server is up; ``/health_generate`` only once
+        the scheduler has generated a token (a hung scheduler fails it)."""
+        return self.call("GET", "/health_generate" if generate else "/health", timeout=30 if generate else 10)[0] == 200
 
     def info(self) -> Optional[dict]:
         status, data = self.call("GET", "/get_server_info")
@@ -274,7 +276,7 @@ def soak(args: argparse.Namespace) -> tuple[dict, int]:
     info["before_flush"] = settle(server, min(end - 22, time.monotonic() + 15))
     record["flush"] = flush(server, end - 8)
     info["end"] = settle(server, end - 3)
-    record["server_alive_at_end"] = server.healthy()
+    record["server_alive_at_end"] = server.healthy(generate=True)
     record["server_gone_during_mix"] = driver.dead.is_set()
 
     record["requests"] = summarize_requests(outcomes, len(reqs))

@@ -30,7 +30,9 @@ soak_run() {  # NAME PORT RESERVE_S "CLIENT ARGS" SERVER FLAGS...
   [ $budget -lt 40 ] && { echo "$name: skipped, $(left)s left" | tee -a "$OUT/steps.txt"; return; }
   if start_server "$name" "$port" "$budget" "$@"; then
     local d=$(( $(left) - reserve - 20 ))
-    [ $d -lt 60 ] && { echo "$name: only $d s left for the client, skipped" | tee -a "$OUT/steps.txt"; stop_server; return; }
+    if [ $d -lt 60 ]; then
+      echo "$name: only $d s left for the client, skipped" | tee -a "$OUT/steps.txt"; stop_server; return
+    fi
     local cmd="python3 benchmarks/soak/soak_client.py --port $port --out $OUT/$name.json --deadline-s $d $client_args"
     { echo "PYTHONPATH=$PYTHONPATH"; echo "$cmd"; } >> "$OUT/cmd_$name.txt"
     timeout $((d + 15)) $cmd > "$OUT/client_$name.log" 2>&1

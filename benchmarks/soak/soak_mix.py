@@ -42,8 +42,9 @@ EXPECTED_STATUS = {
 
 @dataclass(frozen=True)
 class MixConfig:
-    """Sizes of the mix. Defaults keep a 2,000-request soak within minutes on the
-    host-looped mosaickv backend while sending several times a capped pool's tokens."""
+    """Sizes of the mix. Outputs are short (the mosaickv backend still loops over requests
+    in Python at every decode step); the prompts of 2,000 requests add up to several times
+    the soak's capped pool, so the radix cache must evict."""
 
     requests: int = 2000
     seed: int = 0

@@ -44,16 +44,27 @@ class MosaicServerArgs(ServerArgs):
         "MosaicKV policy: a preset name (mosaic, mosaic_heads, snapkv, think, streaming, uniform2d, keynorm, lossless) or a .yaml/.json path.",
         NS("memory"),
     ] = None
+    kv_compress_workers: A[
+        Optional[int],
+        "MosaicKV sealing threads (host CPU, off the scheduler's critical path); default: a quarter of the CPUs, 1 to 8.",
+        NS("memory"),
+    ] = None
 
     def __post_init__(self) -> None:
         if self.kv_compress not in KV_COMPRESS_CHOICES:
             raise KVCompressError(f"--kv-compress {self.kv_compress!r} is not one of {KV_COMPRESS_CHOICES}.")
         if self.kv_compress == "none":
-            if self.kv_compress_config is not None:
-                raise KVCompressError("--kv-compress-config needs --kv-compress mosaickv.")
+            for flag, value in (("--kv-compress-config", self.kv_compress_config),
+                                ("--kv-compress-workers", self.kv_compress_workers)):
+                if value is not None:
+                    raise KVCompressError(f"{flag} needs --kv-compress mosaickv.")
             super().__post_init__()
             return
         check_user_flags(self)
+        if self.kv_compress_workers is None:
+            self.kv_compress_workers = default_seal_workers()
+        elif self.kv_compress_workers < 1:
+            raise KVCompressError(f"--kv-compress-workers {self.kv_compress_workers} must be at least 1.")
         self._mosaic_policy = load_checked_policy(self.kv_compress_config)
         # One page is one segment: SGLang allocates by the tree cache's page size, and
         # the tree's nodes hold whole segments.
@@ -71,6 +82,14 @@ class MosaicServerArgs(ServerArgs):
     def mosaic_policy(self):
         """The validated policy (``None`` with ``--kv-compress none``)."""
         return getattr(self, "_mosaic_policy", None)
+
+
+def default_seal_workers() -> int:
+    """A quarter of the CPUs (the scheduler, tokenizer and detokenizer keep the rest), 1 to 8:
+    one segment takes one thread tens of milliseconds to compress."""
+    import os
+
+    return max(1, min(8, (os.cpu_count() or 4) // 4))
 
 
 def disable_cuda_graphs(args: ServerArgs) -> None:

@@ -81,12 +81,16 @@ def _run_now(fn: Callable, *args) -> Future:
 
 
 class _SealWorker:
-    """One daemon thread running jobs in order. Unlike ThreadPoolExecutor's threads, a
-    compressor that hangs cannot hold the scheduler process up at exit."""
+    """Daemon threads taking jobs from one queue (segments are independent: results are
+    applied one by one, in whatever order they finish). Unlike ThreadPoolExecutor's
+    threads, a compressor that hangs cannot hold the scheduler process up at exit."""
 
-    def __init__(self) -> None:
+    def __init__(self, threads: int = 1) -> None:
+        if threads < 1:
+            raise ValueError(f"sealing needs at least one worker thread, got {threads}")
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        threading.Thread(target=self._loop, name="mosaickv-seal", daemon=True).start()
+        for i in range(threads):
+            threading.Thread(target=self._loop, name=f"mosaickv-seal-{i}", daemon=True).start()
 
     def _loop(self) -> None:
         while True:
@@ -102,8 +106,8 @@ class MosaicRadixCache(RadixCache):
     """RadixCache + per-node sealed segments in the pool's arena."""
 
     def __init__(self, params: CacheInitParams, *, compress: CompressFn, segment_size: int,
-                 sink_segments: int, window: int, background: bool = True) -> None:
-        """``background``: compress on a worker thread (False: inline in ``insert``)."""
+                 sink_segments: int, window: int, background: bool = True, workers: int = 1) -> None:
+        """``background``: compress on ``workers`` threads (False: inline in ``insert``)."""
         pool = params.token_to_kv_pool_allocator.get_kvcache()
         if not isinstance(pool, MosaicKVPool):
             raise TypeError(f"MosaicRadixCache needs a MosaicKVPool, got {type(pool).__name__}")
@@ -114,7 +118,7 @@ class MosaicRadixCache(RadixCache):
         self.segment_size = segment_size
         self.sink_segments = sink_segments
         self.window = window
-        self._executor = _SealWorker() if background else None
+        self._executor = _SealWorker(workers) if background else None
         self._jobs: dict[int, _SealJob] = {}  # first slot of each PENDING segment -> its job
         self.allocator_page_size = params.page_size
         params.page_size = segment_size  # tree granularity: nodes hold whole segments
@@ -298,6 +302,7 @@ def mosaic_radix_factory(ctx) -> RadixCache:
         sink_segments=policy.sink_segments,
         window=policy.window,
         background=True,
+        workers=ctx.server_args.kv_compress_workers,
     )
 
 

@@ -119,11 +119,12 @@ def test_a_worker_error_leaves_segments_dense_logs_once_and_counts(caplog):
     assert len([r for r in caplog.records if "compressor raised" in r.getMessage()]) == 1
 
 
-def test_background_seals_the_same_bytes_as_inline():
+@pytest.mark.parametrize("workers", [1, 3])
+def test_background_seals_the_same_bytes_as_inline(workers: int):
     sealed = []
     for background in (False, True):
         torch.manual_seed(0)
-        tree, pool, alloc = make_cache(CountingCompressor(), background=background)
+        tree, pool, alloc = make_cache(CountingCompressor(), background=background, workers=workers)
         a = prefill(pool, alloc, 64)
         insert(tree, list(range(64)), a)
         if not background:  # inline: sealed before insert returns
@@ -134,6 +135,23 @@ def test_background_seals_the_same_bytes_as_inline():
     inline, background = sealed
     assert len(inline) == 4 and inline.keys() == background.keys()
     assert all(torch.equal(inline[pages], background[pages]) for pages in inline)
+
+
+def test_workers_compress_segments_at_the_same_time():
+    """Three segments, three workers: every call waits until all three are running, which
+    one worker (or a serialising queue) could never reach."""
+    together = threading.Barrier(3, timeout=RELEASE_TIMEOUT_S)
+
+    class Concurrent(CountingCompressor):
+        def __call__(self, *args):
+            together.wait()
+            return super().__call__(*args)
+
+    tree, pool, alloc = make_cache(Concurrent(), workers=3)
+    insert(tree, list(range(64)), prefill(pool, alloc, 64))
+    tree.drain(wait=True)
+    assert all(slab >= 0 for slab in only_child(tree.root_node).mosaic_slabs[:3])
+    assert kv_compress_info(pool)["worker_errors"] == 0
 
 
 def test_a_hung_compressor_does_not_hold_the_process_at_exit():

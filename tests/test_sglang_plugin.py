@@ -104,6 +104,7 @@ def test_policy_file_is_validated_by_the_lead_loader(llama, tmp_path):
     (dict(enable_hierarchical_cache=True), "--enable-hierarchical-cache"),
     (dict(kv_compress_config="no-such-preset"), "--kv-compress-config"),
     (dict(kv_compress_config="mosaic_heads"), "30 layers x 3 KV heads"),  # SmolLM2's profile on a 2 x 2 model
+    (dict(kv_compress_workers=0), "--kv-compress-workers 0"),
 ])
 def test_refusals_name_the_flag_in_one_sentence(llama, kw, words):
     with pytest.raises(KVCompressError) as info:
@@ -112,9 +113,17 @@ def test_refusals_name_the_flag_in_one_sentence(llama, kw, words):
     assert words in message and "\n" not in message
 
 
-def test_config_without_mosaickv_is_refused(llama):
-    with pytest.raises(KVCompressError, match="--kv-compress-config needs --kv-compress mosaickv"):
-        make(llama, kv_compress_config="mosaic")
+@pytest.mark.parametrize("kw, flag", [(dict(kv_compress_config="mosaic"), "--kv-compress-config"),
+                                      (dict(kv_compress_workers=2), "--kv-compress-workers")])
+def test_mosaickv_flags_without_mosaickv_are_refused(llama, kw, flag):
+    with pytest.raises(KVCompressError, match=f"{flag} needs --kv-compress mosaickv"):
+        make(llama, **kw)
+
+
+def test_sealing_workers_default_to_a_quarter_of_the_cpus(llama, monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    assert make(llama, kv_compress="mosaickv").kv_compress_workers == 4
+    assert make(llama, kv_compress="mosaickv", kv_compress_workers=2).kv_compress_workers == 2
 
 
 def test_cli_refusal_is_one_line_and_exit(llama):

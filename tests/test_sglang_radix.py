@@ -42,7 +42,7 @@ class CountingCompressor:
                 for layer in range(k.shape[0])]
 
 
-def make_cache(compress, background: bool = True):
+def make_cache(compress, background: bool = True, workers: int = 1):
     """(tree, pool, allocator) on SGLang's real allocator, sealing with ``compress``."""
     plan = plan_capacity(SHAPE, 1 << 20, segment_size=SEG, ratio=2.0, sinks=0, window=WINDOW,
                          max_running_requests=4)
@@ -52,7 +52,7 @@ def make_cache(compress, background: bool = True):
     params = CacheInitParams(disable=False, req_to_token_pool=ReqToTokenPool(4, 512, "cpu", False),
                              token_to_kv_pool_allocator=alloc, page_size=1)
     tree = MosaicRadixCache(params, compress=compress, segment_size=SEG, sink_segments=0, window=WINDOW,
-                            background=background)
+                            background=background, workers=workers)
     return tree, pool, alloc
 
 

@@ -76,7 +76,7 @@ def test_mix_prompts_have_the_sizes_that_matter():
             groups.setdefault(r.group, set()).add(text(r).split("Question")[0].split("\n\n")[0])
     assert len(groups) > 1 and all(len(systems) <= 2 for systems in groups.values())  # chat and completion forms
     short, long = probe_prompts(MixConfig())[:2]
-    assert len(short.split()) < 25 < 1000 < len(long.split())
+    assert len(short.split()) < 25 < 500 < len(long.split())
 
 
 # -- response bookkeeping ------------------------------------------------------------------

@@ -30,8 +30,8 @@ from soak_results import Collected, Outcome, evictions, summarize_greedy, summar
 
 MONITOR_KEYS = ("sealed_segments", "free_slabs", "dense_tail_tokens_in_use", "sealing_pending", "oldest_pending_s",
                 "compression_calls", "arena_full", "worker_errors")
-TAIL_S = 45  # of the deadline, kept for cutting late requests, settling, flushing and the last reads
-GRACE_S = 15  # requests still open this long after sending stopped are cut
+TAIL_S = 35  # of the deadline, kept for cutting late requests, settling, flushing and the last reads
+GRACE_S = 10  # requests still open this long after sending stopped are cut
 FAILURES_BEFORE_HEALTH_CHECK = 8
 
 
@@ -273,7 +273,7 @@ def soak(args: argparse.Namespace) -> tuple[dict, int]:
     stop.set()
     poller.join(timeout=35)
 
-    info["before_flush"] = settle(server, min(end - 22, time.monotonic() + 15))
+    info["before_flush"] = settle(server, min(end - 18, time.monotonic() + 8))
     record["flush"] = flush(server, end - 8)
     info["end"] = settle(server, end - 3)
     record["server_alive_at_end"] = server.healthy(generate=True)

@@ -6,6 +6,7 @@
 # 2. fault: the same flags with benchmarks/soak/fault_policy.yaml, whose token scorer
 #    raises, returns NaN or the wrong shape in turn; FAULT_REQUESTS (300); part_failures
 #    must name it and every request must still complete.
+# PARTS="soak" or "fault" runs one part alone (in a call of its own, with more time).
 # $OUT gets soak.json, fault.json, summary.json, steps.txt and logs.tgz (server and client
 # logs, the exact commands).
 set -uo pipefail
@@ -13,12 +14,15 @@ export PYTHONPATH=/tmp/mkv/site PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/soak_out}; mkdir -p "$OUT"
 T0=${T0:-$(date +%s)}; DEADLINE=$((T0 + ${BUDGET_S:-560}))
 M=${MODEL:-/tmp/mkv/models/smollm2-135m-instruct}
-# Dense tails for 1024 requests (128 tokens each with the mosaic preset: 131,072 rows) and
-# 256 slabs: 139,264 logical tokens, a few times less than the mix sends, so SGLang must
-# evict; the slabs fill within about half a minute, so eviction mostly runs with the arena full.
-BASE="--model-path $M --mem-fraction-static ${MEM:-0.5} --max-running-requests ${MAX_RUNNING:-1024} \
---max-total-tokens ${MAX_TOTAL:-139264} --enable-cache-report --host 127.0.0.1"
-FAULT_RESERVE=${FAULT_RESERVE:-220}  # seconds left to the fault run when the soak ends
+# Dense tails for 256 requests (128 tokens each with the mosaic preset: 32,768 rows) and 256
+# slabs: 40,960 logical tokens, about a fifth of what the soak's prompts add up to, so SGLang
+# must evict; sealing (about 10 segments/s) fills the slabs in under half a minute, so
+# eviction mostly runs with the arena full.
+BASE="--model-path $M --mem-fraction-static ${MEM:-0.5} --max-running-requests ${MAX_RUNNING:-256} \
+--max-total-tokens ${MAX_TOTAL:-40960} --enable-cache-report --host 127.0.0.1"
+PARTS=${PARTS:-"soak fault"}
+# Seconds kept for the fault run (server start, 300 requests, stop) when the soak ends.
+case " $PARTS " in *" fault "*) FAULT_RESERVE=${FAULT_RESERVE:-200} ;; *) FAULT_RESERVE=8 ;; esac
 source benchmarks/serving/lib.sh
 python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . > "$OUT/pip.log" 2>&1
 echo "pip rc=$? at $(( $(date +%s) - T0 ))s" | tee -a "$OUT/steps.txt"
@@ -41,11 +45,16 @@ soak_run() {  # NAME PORT RESERVE_S "CLIENT ARGS" SERVER FLAGS...
   stop_server
 }
 
-soak_run soak 30011 "$FAULT_RESERVE" "--requests ${SOAK_REQUESTS:-2000}" \
-  --kv-compress mosaickv --kv-compress-config mosaic
-export PYTHONPATH=$PWD/benchmarks/soak/plugin:/tmp/mkv/site  # the fault_injector part's entry point
-soak_run fault 30012 8 "--requests ${FAULT_REQUESTS:-300} --expect-part-failure fault_injector --no-require-eviction" \
-  --kv-compress mosaickv --kv-compress-config "$PWD/benchmarks/soak/fault_policy.yaml"
+case " $PARTS " in *" soak "*)
+  soak_run soak 30011 "$FAULT_RESERVE" "--requests ${SOAK_REQUESTS:-2000}" \
+    --kv-compress mosaickv --kv-compress-config mosaic ;;
+esac
+case " $PARTS " in *" fault "*)
+  export PYTHONPATH=$PWD/benchmarks/soak/plugin:/tmp/mkv/site  # the fault_injector part's entry point
+  soak_run fault 30012 8 \
+    "--requests ${FAULT_REQUESTS:-300} --expect-part-failure fault_injector --no-require-eviction" \
+    --kv-compress mosaickv --kv-compress-config "$PWD/benchmarks/soak/fault_policy.yaml" ;;
+esac
 
 python3 - "$OUT" <<'PY'
 import json, os, re, sys

@@ -8,6 +8,7 @@ scheduler imports this module when it unpickles the policy.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -18,6 +19,7 @@ from mosaickv.parts import Observation, TokenScorer
 from mosaickv.registry import register_scorer
 
 FAULTS = ("raise", "nan", "shape")
+_COUNTING = threading.Lock()  # module-level: the policy (and its parts) is pickled to the scheduler
 
 
 def fault_at(call: int, every: int) -> Optional[str]:
@@ -33,8 +35,10 @@ def fault_at(call: int, every: int) -> Optional[str]:
 @register_scorer("fault_injector")
 @dataclass
 class FaultInjector(TokenScorer):
-    """Key norms as scores, except on the calls :func:`fault_at` picks. The counter is
-    per process; sealing runs on one worker thread, so the sequence is deterministic."""
+    """Key norms as scores, except on the calls :func:`fault_at` picks. The counter is per
+    process and taken under a lock, so the faults come in the same order whatever the
+    number of sealing threads (``--kv-compress-workers``); which segment a call belongs to
+    is fixed only with one thread."""
 
     every: int = 64
     calls: int = field(default=0, init=False, repr=False)
@@ -43,11 +47,13 @@ class FaultInjector(TokenScorer):
         check(self.every >= 2, "every", self.every, "an integer >= 2")
 
     def score(self, obs: Observation) -> torch.Tensor:
-        fault = fault_at(self.calls, self.every)
-        self.calls += 1
+        with _COUNTING:
+            call = self.calls
+            self.calls += 1
+        fault = fault_at(call, self.every)
         scores = obs.keys.float().norm(dim=-1)  # [Hkv, T], >= 0
         if fault == "raise":
-            raise RuntimeError(f"injected fault at call {self.calls - 1}")
+            raise RuntimeError(f"injected fault at call {call}")
         if fault == "nan":
             return torch.full_like(scores, float("nan"))
         if fault == "shape":

@@ -41,8 +41,11 @@ def register() -> None:
     for method in ("token.TokenToKVPoolAllocator.free", "paged.PagedTokenToKVPoolAllocator.free",
                    "paged.PagedTokenToKVPoolAllocator.free_segment"):
         HookRegistry.register(f"sglang.srt.mem_cache.allocator.{method}", pool.allocator_free_hook, HookType.AROUND)
+    for method in ("token.TokenToKVPoolAllocator.clear", "paged.PagedTokenToKVPoolAllocator.clear"):
+        HookRegistry.register(f"sglang.srt.mem_cache.allocator.{method}", pool.allocator_clear_hook, HookType.AROUND)
     HookRegistry.register("sglang.srt.managers.scheduler.Scheduler.get_internal_state", pool.internal_state_hook,
                           HookType.AFTER)
+    HookRegistry.register("sglang.srt.managers.scheduler.Scheduler.on_idle", radix.idle_drain_hook, HookType.BEFORE)
     radix.register_backend()
     attention.register_backend()
 

@@ -206,15 +206,30 @@ class MosaicKVPool(MHATokenToKVPool):
         self.page_to_dense = torch.full((num_pages,), UNMAPPED, dtype=torch.int64)
         self.page_to_slab = torch.full((num_pages,), UNMAPPED, dtype=torch.int64)
         self.page_to_dense[0] = 0  # the padding page absorbs dummy writes, as in the base pool
-        dense_pages = self.plan.dense_tail_tokens // self.page_size + 1
-        self._free_dense = list(range(dense_pages - 1, 0, -1))
+        self._free_dense = self._all_dense_pages()
         self.arena = SegmentArena(self.plan.num_slabs, self.plan.slab_bytes, self.device)
         self._slab_pages: dict[int, list[int]] = {}
         self._slab_layout: dict[int, list[list[tuple[int, BlockFormat]]]] = {}  # [layer][kv_head] (offset, fmt)
         self.segment_cache = SegmentKVCache(self.segment_cache_bytes)
-        self.query_stats = SegmentQueryStats(self.layer_num, self.head_num, self.head_dim, self.plan.segment_size,
-                                             self.attention_window)
+        self.query_stats = self._new_query_stats()
         self.counters = SealingCounters()
+
+    def _all_dense_pages(self) -> list[int]:
+        return list(range(self.plan.dense_tail_tokens // self.page_size, 0, -1))
+
+    def _new_query_stats(self) -> SegmentQueryStats:
+        return SegmentQueryStats(self.layer_num, self.head_num, self.head_dim, self.plan.segment_size,
+                                 self.attention_window)
+
+    def release_all(self) -> None:
+        """The allocator's ``clear`` (``/flush_cache``, after the tree's reset freed its
+        slabs): every slot is free, so every dense page and all query statistics go, and
+        any slab still mapped (a tree that did not own it) is freed."""
+        for slab in list(self._slab_pages):
+            self.free_slab(slab)
+        self.page_to_dense[1:] = UNMAPPED
+        self._free_dense = self._all_dense_pages()
+        self.query_stats = self._new_query_stats()
 
     def _kv_buffer_shapes(self):
         rows = self.plan.dense_tail_tokens + self.page_size
@@ -471,6 +486,15 @@ def allocator_free_hook(original, allocator, free_index: torch.Tensor, *args, **
     if isinstance(pool, MosaicKVPool) and free_index.numel():
         pool.release_pages(free_index)
     return original(allocator, free_index, *args, **kwargs)
+
+
+def allocator_clear_hook(original, allocator, *args, **kwargs):
+    """AROUND hook on the token allocators' ``clear``, which frees every slot without
+    ``free`` (``Scheduler.flush_cache``): the pool's dense pages come back too."""
+    pool = allocator.get_kvcache()
+    if isinstance(pool, MosaicKVPool):
+        pool.release_all()
+    return original(allocator, *args, **kwargs)
 
 
 def kv_compress_info(pool: MosaicKVPool) -> dict:

@@ -306,6 +306,14 @@ def mosaic_radix_factory(ctx) -> RadixCache:
     )
 
 
+def idle_drain_hook(scheduler, *args, **kwargs) -> None:
+    """BEFORE hook on ``Scheduler.on_idle``: an idle server swaps in finished sealing too
+    (otherwise results wait for the next request's prefix match)."""
+    tree = getattr(scheduler, "tree_cache", None)
+    if isinstance(tree, MosaicRadixCache) and tree._jobs:
+        tree.drain(wait=False)
+
+
 def register_backend() -> None:
     from sglang.srt.mem_cache.registry import registered_radix_cache_backends, register_radix_cache_backend
 

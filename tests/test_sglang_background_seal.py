@@ -70,6 +70,27 @@ def test_insert_returns_before_a_slow_compressor_and_the_segment_stays_dense():
     assert info["sealing_pending"] == 0 and info["oldest_pending_s"] == 0.0
 
 
+def test_an_idle_scheduler_swaps_in_finished_sealing():
+    """SGLang's real Scheduler.on_idle, as patched by the plugin, on a scheduler that is
+    not fully idle (so the original returns at once after the plugin's drain)."""
+    from types import SimpleNamespace
+
+    from sglang.srt.managers.scheduler import Scheduler
+
+    comp = BlockingCompressor()
+    tree, pool, alloc = make_cache(comp, workers=3)
+    insert(tree, list(range(64)), prefill(pool, alloc, 64))
+    scheduler = SimpleNamespace(tree_cache=tree, maybe_send_health_check_signal=lambda: None,
+                                is_fully_idle=lambda: False)
+    Scheduler.on_idle(scheduler)
+    assert kv_compress_info(pool)["sealing_pending"] == 3  # nothing finished yet
+    comp.release.set()
+    for job in list(tree._jobs.values()):
+        job.future.result(timeout=RELEASE_TIMEOUT_S)
+    Scheduler.on_idle(scheduler)
+    assert kv_compress_info(pool)["sealing_pending"] == 0 and pool.arena.live_slabs == 3
+
+
 def test_evicted_while_pending_discards_the_late_result_and_leaks_nothing():
     comp = BlockingCompressor()
     tree, pool, alloc = make_cache(comp)

@@ -157,3 +157,29 @@ def test_paged_free_segment_returns_dense_pages_and_query_stats(group):
         alloc.free_group_end()
     assert len(pool._free_dense) == plan.dense_tail_tokens // 16 and len(pool.query_stats) == 0
     assert alloc.available_size() == plan.max_total_num_tokens
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_allocator_clear_gives_back_every_dense_page_slab_and_statistic(paged):
+    # Scheduler.flush_cache resets the tree, then calls the allocator's clear(), which frees
+    # every slot without free(): the pool must come back to its starting state.
+    page = 16 if paged else 1
+    pool, plan = make_pool(page_size=page)
+    alloc = (PagedTokenToKVPoolAllocator(plan.max_total_num_tokens, page_size=16, dtype=torch.bfloat16, device="cpu",
+                                         kvcache=pool, need_sort=False) if paged else
+             TokenToKVPoolAllocator(plan.max_total_num_tokens, torch.bfloat16, "cpu", pool, need_sort=False))
+    start = pool.stats()
+    slots = alloc.alloc(64)
+    for layer in range(2):
+        pool._store_kv_layer(layer, slots, torch.ones(64, 2, 32, dtype=torch.bfloat16),
+                             torch.ones(64, 2, 32, dtype=torch.bfloat16))
+        pool.query_stats.observe(layer, torch.ones(64, 4, 32), slots)
+    blocks = [[pack_block(torch.ones(32, 32), torch.ones(32, 32), FMT) for _ in range(2)] for _ in range(2)]
+    pool.seal(sorted(set((slots[:32] // page).tolist())), blocks)
+    assert pool.stats()["sealed_segments"] == 1 and pool.stats()["dense_tail_tokens_in_use"] == 32
+    alloc.clear()
+    end = pool.stats()
+    for key in ("sealed_segments", "dense_tail_tokens_in_use", "free_slabs", "arena_bytes_written"):
+        assert end[key] == start[key], key
+    assert len(pool.query_stats) == 0 and (pool.page_to_slab == -1).all() and (pool.page_to_dense[1:] == -1).all()
+    assert alloc.available_size() == plan.max_total_num_tokens

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # none vs mosaickv (mosaic, 3x) on the real server, one device call on a staged machine:
-#   T0=$(date +%s); T0=$T0 [WITH_HEADS=1 RESERVE_MOSAIC=450] bash benchmarks/serving/serve_gpu.sh
+#   T0=$(date +%s); T0=$T0 [WITH_HEADS=1 RESERVE_MOSAIC=450] [SKIP_NONE=1] bash benchmarks/serving/serve_gpu.sh
+# (SKIP_NONE: compare against a fidelity_none.json kept from an earlier call, on the host.)
 # Per server: token capacity (/get_server_info), next-token fidelity on text whose prefix
 # sits in the radix cache (fidelity_client.py), then bench_serving generated-shared-prefix.
 set -uo pipefail
@@ -37,7 +38,7 @@ measure() {  # NAME PORT START_BUDGET RESERVE FLAGS...
 measure mosaic 30001 150 ${RESERVE_MOSAIC:-250} --kv-compress mosaickv --kv-compress-config mosaic
 [ -n "${WITH_HEADS:-}" ] && measure mosaic_heads 30002 150 250 --kv-compress mosaickv --kv-compress-config mosaic_heads
 # torch_native: no JIT and no graph capture to wait for (see benchmarks/parity/run_gpu.sh).
-measure none 30000 200 20 --attention-backend torch_native
+[ -z "${SKIP_NONE:-}" ] && measure none 30000 200 20 --attention-backend torch_native
 for other in mosaic mosaic_heads; do
   [ -f $OUT/fidelity_none.json ] && [ -f $OUT/fidelity_$other.json ] && \
     python3 benchmarks/serving/fidelity_client.py compare $OUT/fidelity_none.json $OUT/fidelity_$other.json $OUT/fidelity_${other}_vs_none.json

@@ -9,10 +9,10 @@ from its own keys, values and queries (nothing from any one request's suffix).
 
 A decode step never waits for compression: at insert (between forwards) the scheduler
 thread snapshots a due segment's dense K/V and query statistics to the host, marks it
-PENDING (still served from its dense rows) and hands the compressor to a worker thread,
-which touches no pool, tree or device state. Finished results are swapped in only at
-step boundaries (the start of ``insert`` and ``match_prefix``, or ``drain``); a result
-whose node was evicted meanwhile is discarded.
+PENDING (still served from its dense rows) and hands the compressor to worker threads,
+which touch no pool, tree or device state. Finished results are swapped in only at step
+boundaries (the start of ``insert`` and ``match_prefix``, an idle scheduler's ``on_idle``,
+or ``drain``); a result whose node was evicted meanwhile is discarded.
 
 Sealing never takes the request down with it: a policy part that fails, or any other
 error in the worker, leaves that segment dense for good (logged once, counted), and a
@@ -310,7 +310,7 @@ def idle_drain_hook(scheduler, *args, **kwargs) -> None:
     """BEFORE hook on ``Scheduler.on_idle``: an idle server swaps in finished sealing too
     (otherwise results wait for the next request's prefix match)."""
     tree = getattr(scheduler, "tree_cache", None)
-    if isinstance(tree, MosaicRadixCache) and tree._jobs:
+    if isinstance(tree, MosaicRadixCache):
         tree.drain(wait=False)
 
 

@@ -47,15 +47,13 @@ def sealing_pending(port: int) -> int | None:
     return None if info is None else int(info["sealing_pending"])
 
 
-def wait_sealed(port: int, nudge: list[int], timeout: float = 300) -> float:
-    """Wait until every segment handed to the sealing worker is swapped in. Results are
-    swapped at the radix cache's step boundaries (a prefix match), so a one-token request
-    that shares nothing with the texts is sent while any is pending. Returns seconds waited."""
+def wait_sealed(port: int, timeout: float = 300) -> float:
+    """Wait until every segment handed to the sealing workers is swapped in (an idle
+    mosaickv server applies finished results itself); returns the seconds waited."""
     t = time.time()
     while (pending := sealing_pending(port)):
         if time.time() - t > timeout:
             raise SystemExit(f"{pending} segments still sealing after {timeout:.0f} s")
-        post(port, "/generate", {"input_ids": nudge, "sampling_params": {"temperature": 0, "max_new_tokens": 1}})
         time.sleep(0.2)
     return time.time() - t
 
@@ -68,7 +66,7 @@ def run(port: int, model: str, out: str, count: int, prefix: int, total: int, to
     for ids in texts(tok, count, total):
         t = time.time()
         post(port, "/generate", {"input_ids": ids[:prefix], "sampling_params": {"temperature": 0, "max_new_tokens": 1}})
-        waited = wait_sealed(port, [tok.eos_token_id or 0])
+        waited = wait_sealed(port)
         res = post(port, "/generate", {"input_ids": ids, "return_logprob": True, "logprob_start_len": prefix,
                                        "top_logprobs_num": top,
                                        "sampling_params": {"temperature": 0, "max_new_tokens": 1}})

@@ -71,11 +71,6 @@ class Server:
     def kv_info(self) -> Optional[dict]:
         return kv_of(self.info())
 
-    def nudge(self) -> None:
-        """A one-token request: finished seals are applied only at the tree's step
-        boundaries (insert, match_prefix), so an idle server needs a request to apply them."""
-        self.call("POST", "/v1/completions", {"model": "default", "prompt": "ok", "max_tokens": 1})
-
 
 def kv_of(info: Optional[dict]) -> Optional[dict]:
     states = (info or {}).get("internal_states") or [{}]
@@ -197,12 +192,12 @@ def monitor(server: Server, every: float, stop: threading.Event, series: list[di
 
 
 def settle(server: Server, until: float) -> Optional[dict]:
-    """kv_compress_info once no seal is pending (or at ``until``), nudging the server."""
+    """kv_compress_info once no seal is pending (or at ``until``); an idle mosaickv server
+    applies finished seals itself (the plugin's hook on Scheduler.on_idle)."""
     while True:
         kv = server.kv_info()
         if kv is None or kv.get("sealing_pending", 0) == 0 or time.monotonic() > until:
             return kv
-        server.nudge()
         time.sleep(0.5)
 
 

@@ -13,14 +13,16 @@ import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from itertools import accumulate
 from typing import Optional
 
 import torch
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 from sglang.srt.model_executor.pool_configurator import DefaultPoolConfigurator, MemoryPoolConfig
 
-from mosaickv.formats import HEADER_BYTES, VALUE_DTYPE, BlockFormat, PackedBlock, PackedSide, unpack_block
+import numpy as np
+
+from mosaickv.formats import VALUE_DTYPE, PackedBlock, unpack_block
+from mosaickv.kernels.layout import DENSE, TABLE_FIELDS, place_region, read_block, region_bytes
 from mosaickv.sglang_patch.query_stats import SegmentQueryStats
 from mosaickv.sglang_patch.sizing import CapacityPlan, KVShape, plan_capacity
 
@@ -34,52 +36,21 @@ SegmentKV = torch.Tensor | list[torch.Tensor]
 KV head kept ``m`` tokens, else one ``[m_h, d]`` per KV head (heads drop tokens apart)."""
 
 
-def serialize_block(block: PackedBlock) -> torch.Tensor:
-    """The bytes of one block as stored: header, then key tensors, then value tensors."""
-    parts = [block.header, *block.k.tensors(), *block.v.tensors()]
-    return torch.cat([t.contiguous().view(torch.uint8).reshape(-1) for t in parts])
-
-
-def deserialize_block(raw: torch.Tensor, n: int, d: int, fmt: Optional[BlockFormat] = None) -> tuple[PackedBlock, int]:
-    """Rebuild a block from arena bytes, on their device; returns it and the bytes it used.
-
-    ``fmt``: the block's format when known (the pool records it at sealing), so that bytes
-    on a GPU are not read back to the host to parse the header.
-    """
-    header = raw[:HEADER_BYTES].clone().view(torch.int32)
-    fmt = BlockFormat.from_header(header) if fmt is None else fmt
-    pos = HEADER_BYTES
-    sides = []
-    for side_fmt in (fmt.k, fmt.v):
-        m, r = fmt.tokens, side_fmt.width
-        shapes: list[tuple[str, tuple[int, ...], torch.dtype]] = []
-        if m and side_fmt.kind == "dense":
-            shapes = [("values", (m, d), VALUE_DTYPE)]
-        elif m and side_fmt.kind == "sparse":
-            shapes = [("values", (m, r), VALUE_DTYPE), ("index", (m, r), torch.uint8)]
-        elif m and side_fmt.kind == "mask":
-            shapes = [("values", (m, r), VALUE_DTYPE), ("index", (r,), torch.uint8)]
-        elif m:
-            shapes = [("values", (m, r), VALUE_DTYPE), ("basis", (r, d), VALUE_DTYPE)]
-        tensors = {}
-        for name, shape, dtype in shapes:
-            nbytes = dtype.itemsize * int(torch.Size(shape).numel())
-            tensors[name] = raw[pos : pos + nbytes].clone().view(dtype).reshape(shape)
-            pos += nbytes
-        sides.append(PackedSide(side_fmt, **tensors))
-    return PackedBlock(fmt=fmt, n=n, d=d, header=header, k=sides[0], v=sides[1]), pos
-
-
 @dataclass
 class SegmentArena:
-    """Fixed-size slabs in one byte tensor; a slab holds one sealed segment (all layers, heads)."""
+    """Fixed-size slabs in one byte tensor; a slab holds one sealed segment (all layers,
+    KV heads) in the kernels' layout (:func:`mosaickv.kernels.layout.place_region`): the
+    attention kernels read ``values`` (the bf16 view) and ``data`` in place."""
 
     num_slabs: int
     slab_bytes: int
     device: str = "cpu"
 
     def __post_init__(self) -> None:
+        if self.slab_bytes % 16:
+            raise ValueError(f"slab_bytes {self.slab_bytes} is not a multiple of 16")
         self.data = torch.zeros(max(self.num_slabs, 1) * self.slab_bytes, dtype=torch.uint8, device=self.device)
+        self.values = self.data.view(VALUE_DTYPE)
         self._free = list(range(self.num_slabs - 1, -1, -1))
         self.used_bytes = 0  # bytes actually written into live slabs (<= slabs x slab_bytes)
         self._written: dict[int, int] = {}
@@ -92,24 +63,32 @@ class SegmentArena:
     def free_slabs(self) -> int:
         return len(self._free)
 
-    def store(self, payload: torch.Tensor) -> int:
-        """Copy ``payload`` (uint8) into a free slab; returns the slab id."""
+    def alloc(self) -> int:
+        if not self._free:
+            raise MemoryError(f"segment arena is full ({self.num_slabs} slabs); evict before sealing")
+        slab = self._free.pop()
+        self._written[slab] = 0
+        return slab
+
+    def base(self, slab: int) -> int:
+        """Byte offset of a slab in ``data``."""
+        return slab * self.slab_bytes
+
+    def write(self, slab: int, payload: torch.Tensor) -> None:
+        """Copy ``payload`` (uint8) to the start of an allocated slab."""
         if payload.numel() > self.slab_bytes:
             raise ValueError(
                 f"sealed segment of {payload.numel()} bytes exceeds the slab size {self.slab_bytes} "
                 "(the compressor must keep each segment within the policy's byte budget)"
             )
-        if not self._free:
-            raise MemoryError(f"segment arena is full ({self.num_slabs} slabs); evict before sealing")
-        slab = self._free.pop()
-        start = slab * self.slab_bytes
+        start = self.base(slab)
         self.data[start : start + payload.numel()] = payload.to(self.device)
+        self.used_bytes += payload.numel() - self._written[slab]
         self._written[slab] = payload.numel()
-        self.used_bytes += payload.numel()
-        return slab
 
     def view(self, slab: int) -> torch.Tensor:
-        return self.data[slab * self.slab_bytes : slab * self.slab_bytes + self._written[slab]]
+        """The bytes a slab holds (its payload, without the unused rest)."""
+        return self.data[self.base(slab) : self.base(slab) + self._written[slab]]
 
     def free(self, slab: int) -> None:
         self.used_bytes -= self._written.pop(slab)
@@ -179,7 +158,10 @@ class SealingCounters:
 
 
 class MosaicKVPool(MHATokenToKVPool):
-    """Dense tail pool (``plan.dense_tail_tokens`` rows) plus a :class:`SegmentArena`."""
+    """Dense tail pool (``plan.dense_tail_tokens`` rows) plus a :class:`SegmentArena`
+    and its block table: row ``(slab * layers + layer) * kv_heads + kv_head`` describes
+    one stored block (:data:`mosaickv.kernels.layout.TABLE_FIELDS`), on the device for
+    the kernels and on the host for planning."""
 
     def __init__(self, size: int, page_size: int, dtype: torch.dtype, head_num: int, head_dim: int,
                  layer_num: int, device: str, enable_memory_saver: bool, *, plan: CapacityPlan,
@@ -208,8 +190,11 @@ class MosaicKVPool(MHATokenToKVPool):
         self.page_to_dense[0] = 0  # the padding page absorbs dummy writes, as in the base pool
         self._free_dense = self._all_dense_pages()
         self.arena = SegmentArena(self.plan.num_slabs, self.plan.slab_bytes, self.device)
+        rows = max(self.plan.num_slabs, 1) * self.layer_num * self.head_num
+        self.block_table = torch.zeros((rows, len(TABLE_FIELDS)), dtype=torch.int64, device=self.device)
+        self.block_table_host = np.zeros((rows, len(TABLE_FIELDS)), dtype=np.int64)
         self._slab_pages: dict[int, list[int]] = {}
-        self._slab_layout: dict[int, list[list[tuple[int, BlockFormat]]]] = {}  # [layer][kv_head] (offset, fmt)
+        self._unaligned_slabs: set[int] = set()  # slabs with a width the kernels cannot vector-load
         self.segment_cache = SegmentKVCache(self.segment_cache_bytes)
         self.query_stats = self._new_query_stats()
         self.counters = SealingCounters()
@@ -261,6 +246,15 @@ class MosaicKVPool(MHATokenToKVPool):
         super()._store_kv_layer(layer_idx, self.dense_rows(loc), cache_k, cache_v)
 
     # -- sealing and freeing -------------------------------------------------------------
+    def table_row(self, slab: int, layer: int) -> int:
+        """Block table row of KV head 0 of a slab's (local) ``layer``."""
+        return (slab * self.layer_num + layer) * self.head_num
+
+    @property
+    def widths_aligned(self) -> bool:
+        """Every live block's non-dense width is a multiple of 8 (the kernels' vector loads)."""
+        return not self._unaligned_slabs
+
     def seal(self, pages: list[int], blocks: list[list[PackedBlock]]) -> int:
         """Store one segment (``blocks[layer][kv_head]``) in the arena; its dense pages return.
 
@@ -272,11 +266,22 @@ class MosaicKVPool(MHATokenToKVPool):
                              f"{self.plan.segment_size}")
         if len(blocks) != self.layer_num or any(len(layer) != self.head_num for layer in blocks):
             raise ValueError(f"a segment needs blocks[{self.layer_num} layers][{self.head_num} kv heads]")
-        parts = [serialize_block(b) for layer in blocks for b in layer]
-        offsets = list(accumulate((p.numel() for p in parts), initial=0))
-        slab = self.arena.store(torch.cat(parts))
-        self._slab_layout[slab] = [[(offsets[i * self.head_num + h], blocks[i][h].fmt) for h in range(self.head_num)]
-                                   for i in range(self.layer_num)]
+        flat = [b for layer in blocks for b in layer]
+        slab = self.arena.alloc()
+        try:
+            base = self.arena.base(slab)
+            place = place_region(flat, self.head_dim, base)
+            self.arena.write(slab, region_bytes(flat, place, base))
+        except Exception:
+            self.arena.free(slab)
+            raise
+        row = self.table_row(slab, 0)
+        self.block_table_host[row : row + len(flat)] = place.table
+        self.block_table[row : row + len(flat)] = torch.from_numpy(place.table).to(self.device)
+        used = place.table[:, 0] > 0
+        widths = place.table[:, [2, 6]][(place.table[:, [1, 5]] != DENSE) & used[:, None]]
+        if (widths % 8).any():
+            self._unaligned_slabs.add(slab)
         for page in pages:
             dense = int(self.page_to_dense[page])
             if dense > 0:
@@ -287,9 +292,9 @@ class MosaicKVPool(MHATokenToKVPool):
         return slab
 
     def _read_layer(self, slab: int, local: int) -> list[PackedBlock]:
-        raw = self.arena.view(slab)
-        return [deserialize_block(raw[offset:], self.plan.segment_size, self.head_dim, fmt)[0]
-                for offset, fmt in self._slab_layout[slab][local]]
+        row = self.table_row(slab, local)
+        return [read_block(self.arena.values, self.arena.data, self.block_table_host[row + h], self.head_dim,
+                           self.plan.segment_size) for h in range(self.head_num)]
 
     def read_segment(self, slab: int) -> list[list[PackedBlock]]:
         """``blocks[layer][kv_head]`` of a sealed segment, rebuilt from the arena bytes on
@@ -311,7 +316,7 @@ class MosaicKVPool(MHATokenToKVPool):
         """Release a sealed segment's bytes (its logical pages are freed by the allocator)."""
         for page in self._slab_pages.pop(slab):
             self.page_to_slab[page] = UNMAPPED
-        del self._slab_layout[slab]
+        self._unaligned_slabs.discard(slab)
         for local in range(self.layer_num):
             self.segment_cache.drop((slab, local))
         self.arena.free(slab)
@@ -329,8 +334,9 @@ class MosaicKVPool(MHATokenToKVPool):
     def get_kv_size_bytes(self):
         k, v = super().get_kv_size_bytes()
         half = self.arena.data.numel() // 2
-        return k + half + self.page_to_dense.numel() * 8, v + (self.arena.data.numel() - half) \
-            + self.page_to_slab.numel() * 8
+        table = self.block_table.numel() * self.block_table.element_size()
+        return k + half + self.page_to_dense.numel() * 8 + table // 2, v + (self.arena.data.numel() - half) \
+            + self.page_to_slab.numel() * 8 + table - table // 2
 
     def stats(self) -> dict:
         """What the server-info hook reports: capacity, bytes per token, achieved ratio."""

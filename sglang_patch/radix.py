@@ -230,7 +230,7 @@ class MosaicRadixCache(RadixCache):
         rows = pool.dense_rows(slots)
         k = torch.stack([pool.k_buffer[i][rows] for i in range(pool.layer_num)]).transpose(1, 2).cpu()
         v = torch.stack([pool.v_buffer[i][rows] for i in range(pool.layer_num)]).transpose(1, 2).cpu()
-        args = (k, v, pool.plan.slab_bytes, pool.query_stats.rms(first), pool.query_stats.attention(first))
+        args = (k, v, pool.plan.segment_budget_bytes, pool.query_stats.rms(first), pool.query_stats.attention(first))
         run = _run_now if self._executor is None else self._executor.submit
         future = run(self.compress, *args)
         pages = torch.unique(slots.cpu().long() // self.allocator_page_size).tolist()

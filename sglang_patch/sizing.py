@@ -6,7 +6,10 @@ splits into two parts:
 * a **dense tail pool**: every running request keeps its sink segments, its recent
   window and two segments being filled / sealed (double buffering) dense;
 * a **segment arena** of fixed-size slabs, one slab per sealed segment (all layers and
-  KV heads), each ``1/ratio`` of the dense bytes plus the per-block headers.
+  KV heads): the compressor's byte budget (``1/ratio`` of the dense bytes plus the
+  per-block headers it counts), laid out for the attention kernels (every tensor 16-byte
+  aligned, no headers: their information sits in the block table) and one 72-byte block
+  table row per (layer, KV head) beside it.
 
 Logical capacity = dense tail tokens + slabs x segment size. Slabs are fixed-size so the
 arena never fragments; a segment packed under its budget leaves the rest of its slab
@@ -24,6 +27,11 @@ from mosaickv.formats import HEADER_BYTES
 # --max-running-requests: large enough for a busy batch, small enough to keep the gain.
 DEFAULT_TAIL_FRACTION = 0.1
 PAGE_TABLE_ENTRY_BYTES = 16  # two int64 per logical page: its dense page and its slab
+ALIGN_BYTES = 16  # every tensor of a stored block starts at a multiple of this
+# Most padding one block's tensors need in the kernel layout (mosaickv.kernels.layout):
+# up to four bf16 tensors rounded up to 8 elements, two uint8 index tensors to 16 bytes.
+BLOCK_PAD_BYTES = 4 * (ALIGN_BYTES - 2) + 2 * (ALIGN_BYTES - 1)
+TABLE_ROW_BYTES = 72  # one int64 [9] block table row per (segment, layer, KV head)
 
 
 @dataclass(frozen=True)
@@ -57,7 +65,9 @@ class CapacityPlan:
     tail_tokens_per_request: int
     max_running_requests: int  # requests whose tails fit the dense pool
     num_slabs: int  # sealed segments the arena holds
-    slab_bytes: int  # bytes of one sealed segment (all layers, KV heads)
+    slab_bytes: int  # bytes of one sealed segment's slab (all layers, KV heads), aligned layout
+    segment_budget_bytes: int  # what the compressor may spend on one segment (PackedBlock.nbytes)
+    table_bytes_per_slab: int  # its block table rows
     segment_size: int
     page_size: int
     dense_bytes_per_token: int
@@ -71,7 +81,7 @@ class CapacityPlan:
 
     @property
     def sealed_bytes_per_token(self) -> float:
-        return self.slab_bytes / self.segment_size
+        return (self.slab_bytes + self.table_bytes_per_slab) / self.segment_size
 
     @property
     def capacity_gain(self) -> float:
@@ -86,11 +96,20 @@ class CapacityPlan:
         return out
 
 
-def slab_bytes(shape: KVShape, segment_size: int, ratio: float) -> int:
-    """Bytes of one sealed segment's slab: each block's share of the budget plus its header."""
+def segment_budget_bytes(shape: KVShape, segment_size: int, ratio: float) -> int:
+    """What the compressor may spend on one segment: each block's share of the dense bytes
+    plus its header, as ``PackedBlock.nbytes`` counts them."""
     block_dense = segment_size * (shape.head_dim + shape.v_head_dim) * shape.dtype_bytes
     per_block = HEADER_BYTES + math.ceil(block_dense / ratio)
     return shape.num_layers * shape.num_kv_heads * per_block
+
+
+def slab_bytes(shape: KVShape, segment_size: int, ratio: float) -> int:
+    """Bytes of a slab: a segment within its budget stored in the kernel layout (headers
+    dropped, every tensor aligned, the index region aligned after the values) always fits."""
+    blocks = shape.num_layers * shape.num_kv_heads
+    raw = segment_budget_bytes(shape, segment_size, ratio) + blocks * (BLOCK_PAD_BYTES - HEADER_BYTES) + ALIGN_BYTES
+    return -(-raw // ALIGN_BYTES) * ALIGN_BYTES
 
 
 def tail_tokens_per_request(segment_size: int, sinks: int, window: int, page_size: int) -> int:
@@ -138,10 +157,11 @@ def plan_capacity(
             f"({per_req} tokens each, {tail_bytes} bytes); lower --max-running-requests or raise --mem-fraction-static"
         )
     slab = slab_bytes(shape, segment_size, ratio)
-    pages_per_segment = segment_size // page_size
-    num_slabs = (budget_bytes - tail_bytes) // (slab + pages_per_segment * PAGE_TABLE_ENTRY_BYTES)
+    table = shape.num_layers * shape.num_kv_heads * TABLE_ROW_BYTES
+    per_slab = slab + table + segment_size // page_size * PAGE_TABLE_ENTRY_BYTES
+    num_slabs = (budget_bytes - tail_bytes) // per_slab
     total = dense_tail + num_slabs * segment_size
-    used = tail_bytes + num_slabs * (slab + pages_per_segment * PAGE_TABLE_ENTRY_BYTES)
+    used = tail_bytes + num_slabs * per_slab
     return CapacityPlan(
         max_total_num_tokens=total,
         dense_tail_tokens=dense_tail,
@@ -149,6 +169,8 @@ def plan_capacity(
         max_running_requests=max_running_requests,
         num_slabs=num_slabs,
         slab_bytes=slab,
+        segment_budget_bytes=segment_budget_bytes(shape, segment_size, ratio),
+        table_bytes_per_slab=table,
         segment_size=segment_size,
         page_size=page_size,
         dense_bytes_per_token=cell,

@@ -20,7 +20,7 @@ from sglang.srt.mem_cache.memory_pool import ReqToTokenPool  # noqa: E402
 from sglang.srt.mem_cache.radix_cache import RadixKey  # noqa: E402
 from sglang.srt.mem_cache.registry import get_radix_cache_factory  # noqa: E402
 
-from mosaickv.formats import BlockFormat, SideFormat, pack_block  # noqa: E402
+from mosaickv.formats import HEADER_BYTES, BlockFormat, SideFormat, pack_block  # noqa: E402
 from mosaickv.sglang_patch.pool import MosaicKVPool  # noqa: E402
 from mosaickv.sglang_patch.radix import MosaicRadixCache, mosaic_radix_factory  # noqa: E402
 from mosaickv.sglang_patch.sizing import KVShape, plan_capacity  # noqa: E402
@@ -81,7 +81,7 @@ def test_insert_seals_outside_window_and_match_returns_slots(cache):
     tree.insert(InsertParams(key=RadixKey(array("l", tokens)), value=slots))
     tree.drain(wait=True)
     assert comp.calls == 3  # 4 segments, the last inside the 16-token window
-    assert pool.arena.live_slabs == 3 and tree.sealed_bytes() == 3 * 2 * 2 * FMT.nbytes(32)
+    assert pool.arena.live_slabs == 3 and tree.sealed_bytes() == 3 * 2 * 2 * (FMT.nbytes(32) - HEADER_BYTES)
     match = tree.match_prefix(MatchPrefixParams(key=RadixKey(array("l", tokens))))
     assert torch.equal(match.device_indices, slots)
 

@@ -102,15 +102,17 @@ def _tile(values_ptr, index_ptr, off, width, aux, tok, tok_ok, toks, cols, jr, s
 def _mixed_attn_kernel(
     q_ptr, stride_qt, stride_qh,
     values_ptr, index_ptr, table_ptr, block_idx_ptr,
-    tail_k_ptr, tail_v_ptr, stride_kt, stride_kh, stride_vt, stride_vh,
+    tail_k_ptr, tail_v_ptr, stride_kt, stride_kh, stride_vt, stride_vh, tail_rows_ptr,
     req_ptr, items_ptr, item_list_ptr, o_part_ptr, lse_part_ptr, scratch_ptr,
     num_list, qk_scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     K_KIND: tl.constexpr, V_KIND: tl.constexpr, R_MAX: tl.constexpr, R_LOG2: tl.constexpr,
-    ALIGNED: tl.constexpr, SPARSE_GATHER: tl.constexpr,
+    ALIGNED: tl.constexpr, SPARSE_GATHER: tl.constexpr, TAIL_INDEXED: tl.constexpr,
 ):
     """Partial attention of the items in ``item_list``; ``K_KIND``/``V_KIND`` are the
-    formats of all their blocks (0 dense, 1 sparse, 2 mask, 3 lowrank), -1 for tail items."""
+    formats of all their blocks (0 dense, 1 sparse, 2 mask, 3 lowrank), -1 for tail items.
+    With ``TAIL_INDEXED`` a request's tail token ``i`` is row ``tail_rows[tail_start + i]``
+    of the tail buffers (a paged pool's rows, read in place), else row ``tail_start + i``."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     rows = tl.arange(0, BLOCK_M)
@@ -148,6 +150,8 @@ def _mixed_attn_kernel(
                 pos = t0 + toks
                 pos_ok = pos < tail_hi
                 tk = tail_start + pos
+                if TAIL_INDEXED:
+                    tk = tl.load(tail_rows_ptr + tk, mask=pos_ok, other=0).to(tl.int64)
                 kt = tl.load(tail_k_ptr + tk[:, None] * stride_kt + h * stride_kh + cols[None, :], mask=pos_ok[:, None], other=0.0)
                 vt = tl.load(tail_v_ptr + tk[:, None] * stride_vt + h * stride_vh + cols[None, :], mask=pos_ok[:, None], other=0.0)
                 s = tl.dot(q, tl.trans(kt.to(tl.bfloat16))) * qk_scale
@@ -230,9 +234,11 @@ def _mixed_attn_kernel(
 @triton.jit
 def _merge_kernel(
     o_part_ptr, lse_part_ptr, groups_ptr, merge_indptr_ptr, req_ptr, out_ptr, stride_ot, stride_oh,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+    lse_out_ptr, stride_lt,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, WRITE_LSE: tl.constexpr,
 ):
-    """Log-sum-exp merge of a group's items; a row with no visible key gets zeros."""
+    """Log-sum-exp merge of a group's items; a row with no visible key gets zeros. With
+    ``WRITE_LSE`` also each row's natural log-sum-exp of its scaled logits (-inf if none)."""
     gid = tl.program_id(0)
     b = tl.load(groups_ptr + gid * 3)
     h = tl.load(groups_ptr + gid * 3 + 1)
@@ -262,6 +268,10 @@ def _merge_kernel(
     qi = r // GROUP
     dst = (qo_start + qi).to(tl.int64) * stride_ot + (h * GROUP + r % GROUP) * stride_oh
     tl.store(out_ptr + dst[:, None] + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=(qi < nq)[:, None])
+    if WRITE_LSE:
+        lse_row = tl.where(l > 0, (m + tl.log2(tl.where(l > 0, l, 1.0))) / 1.4426950408889634, float("-inf"))
+        dst_lse = (qo_start + qi).to(tl.int64) * stride_lt + h * GROUP + r % GROUP
+        tl.store(lse_out_ptr + dst_lse, lse_row, mask=qi < nq)
 
 
 class MixedAttention:
@@ -346,30 +356,55 @@ class MixedAttention:
         """Attention of ``q`` ``[total_q, Hq, d]`` (ragged over requests) -> ``out`` like ``q``."""
         p = self.plan_info
         a = self._arena
-        d = a.head_dim
-        if q.shape != (p.total_q, self._hq, d) or q.stride(-1) != 1:
-            raise ValueError(f"q must be [{p.total_q}, {self._hq}, {d}] with unit last stride, got {tuple(q.shape)}")
-        if out is None:
-            out = torch.empty_like(q)
-        tk, tv = self._tail_k, self._tail_v
-        for ln in p.launches:
-            _mixed_attn_kernel[(ln.num_programs,)](
-                q, q.stride(0), q.stride(1),
-                a.values, a.index, a.table, p.block_indices,
-                tk, tv, tk.stride(0), tk.stride(1), tv.stride(0), tv.stride(1),
-                p.requests, p.items, ln.items, p.o_part, p.lse_part, p.scratch,
-                ln.items.numel(), self._scale * LOG2E,
-                GROUP=self._group, HEAD_DIM=d, BLOCK_M=p.block_m, BLOCK_N=p.block_n,
-                K_KIND=ln.k_kind, V_KIND=ln.v_kind, R_MAX=ln.r_max, R_LOG2=ln.r_max.bit_length() - 1,
-                ALIGNED=a.widths_aligned, SPARSE_GATHER=self.sparse_gather,
-                num_warps=self.num_warps, num_stages=self.num_stages,
-            )
-        if p.groups.shape[0]:
-            _merge_kernel[(p.groups.shape[0],)](
-                p.o_part, p.lse_part, p.groups, p.merge_indptr, p.requests, out, out.stride(0), out.stride(1),
-                GROUP=self._group, HEAD_DIM=d, BLOCK_M=p.block_m, num_warps=4,
-            )
+        if q.shape != (p.total_q, self._hq, a.head_dim) or q.stride(-1) != 1:
+            raise ValueError(f"q must be [{p.total_q}, {self._hq}, {a.head_dim}] with unit last stride, got {tuple(q.shape)}")
+        out = torch.empty_like(q) if out is None else out
+        run_plan(p, a.values, a.index, a.table, a.widths_aligned, self._tail_k, self._tail_v, None, q, out,
+                 self._scale, self._group, self)
         return out
+
+
+def run_plan(
+    p: AttentionPlan,
+    values: torch.Tensor,
+    index: torch.Tensor,
+    table: torch.Tensor,
+    aligned: bool,
+    tail_k: torch.Tensor,
+    tail_v: torch.Tensor,
+    tail_rows: torch.Tensor | None,
+    q: torch.Tensor,
+    out: torch.Tensor,
+    scale: float,
+    group: int,
+    tuning: MixedAttention,
+    lse_out: torch.Tensor | None = None,
+) -> None:
+    """Launch one plan: a kernel per (key, value) format pair, then the merge into ``out``
+    ``[total_q, Hq, d]`` (and ``lse_out`` ``[total_q, Hq]`` float32 when given). Tails are
+    ``[rows, Hkv, d]``; ``tail_rows`` (int32) maps each request's tail tokens to rows,
+    else they are stored back to back. ``tuning`` supplies tile sizes and warps."""
+    d = q.shape[-1]
+    rows = p.requests if tail_rows is None else tail_rows
+    for ln in p.launches:
+        _mixed_attn_kernel[(ln.num_programs,)](
+            q, q.stride(0), q.stride(1),
+            values, index, table, p.block_indices,
+            tail_k, tail_v, tail_k.stride(0), tail_k.stride(1), tail_v.stride(0), tail_v.stride(1), rows,
+            p.requests, p.items, ln.items, p.o_part, p.lse_part, p.scratch,
+            ln.items.numel(), scale * LOG2E,
+            GROUP=group, HEAD_DIM=d, BLOCK_M=p.block_m, BLOCK_N=p.block_n,
+            K_KIND=ln.k_kind, V_KIND=ln.v_kind, R_MAX=ln.r_max, R_LOG2=ln.r_max.bit_length() - 1,
+            ALIGNED=aligned, SPARSE_GATHER=tuning.sparse_gather, TAIL_INDEXED=tail_rows is not None,
+            num_warps=tuning.num_warps, num_stages=tuning.num_stages,
+        )
+    if p.groups.shape[0]:
+        lse = out if lse_out is None else lse_out
+        _merge_kernel[(p.groups.shape[0],)](
+            p.o_part, p.lse_part, p.groups, p.merge_indptr, p.requests, out, out.stride(0), out.stride(1),
+            lse, lse.stride(0), GROUP=group, HEAD_DIM=d, BLOCK_M=p.block_m, WRITE_LSE=lse_out is not None,
+            num_warps=4,
+        )
 
 
 class MixedDecodeWrapper(MixedAttention):

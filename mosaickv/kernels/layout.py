@@ -45,7 +45,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mosaickv.formats import HEADER_BYTES, SIDE_KINDS, PackedBlock, PackedSide, SideFormat, BlockFormat
+from mosaickv.formats import HEADER_BYTES, SIDE_KINDS, VALUE_DTYPE, BlockFormat, PackedBlock, PackedSide, SideFormat
 from mosaickv.reference import CompressedLayer
 
 TABLE_FIELDS = ("tokens", "k_kind", "k_width", "k_values", "k_aux", "v_kind", "v_width", "v_values", "v_aux")
@@ -199,26 +199,79 @@ class Arena:
         return Arena.from_table(values, index, place.table, d, align, place.pad_bytes)
 
     def block(self, i: int, n: int | None = None) -> PackedBlock:
-        """Read block ``i`` back as a :class:`PackedBlock` (``n`` defaults to its kept tokens)."""
-        row = [int(x) for x in self.table[i].tolist()]
-        m, d = row[0], self.head_dim
-        sides = []
-        for col in (1, 5):
-            kind, width, voff, aux = row[col : col + 4]
-            fmt = SideFormat(SIDE_KINDS[kind], 0 if kind == DENSE else width)
-            nv, nb, ni = (int(x) for x in _side_sizes(kind, m, width, d))
-            side = PackedSide(fmt)
-            if m:
-                side.values = self.values[voff : voff + nv].reshape(m, -1).cpu()
-                if kind == LOWRANK:
-                    side.basis = self.values[aux : aux + nb].reshape(width, d).cpu()
-                elif kind == SPARSE:
-                    side.index = self.index[aux : aux + ni].reshape(m, width).cpu()
-                elif kind == MASK:
-                    side.index = self.index[aux : aux + ni].cpu()
-            sides.append(side)
-        fmt = BlockFormat(m, sides[0].fmt, sides[1].fmt)
-        return PackedBlock(fmt=fmt, n=m if n is None else n, d=d, header=fmt.header(), k=sides[0], v=sides[1])
+        """Read block ``i`` back, on the host, as a :class:`PackedBlock` (``n`` defaults to
+        its kept tokens)."""
+        return read_block(self.values, self.index, self.table_host[i], self.head_dim, n, device="cpu")
+
+
+def read_block(values: torch.Tensor, index: torch.Tensor, row: Sequence[int], head_dim: int, n: int | None = None,
+               device: torch.device | str | None = None) -> PackedBlock:
+    """The block that table ``row`` describes, its tensors read from ``values``/``index``
+    (views there unless ``device`` asks for copies elsewhere)."""
+    row = [int(x) for x in row]
+    m, d = row[0], head_dim
+    sides = []
+    for col in (1, 5):
+        kind, width, voff, aux = row[col : col + 4]
+        fmt = SideFormat(SIDE_KINDS[kind], 0 if kind == DENSE else width)
+        nv, nb, ni = (int(x) for x in _side_sizes(kind, m, width, d))
+        side = PackedSide(fmt)
+        if m:
+            side.values = values[voff : voff + nv].reshape(m, -1).to(device)
+            if kind == LOWRANK:
+                side.basis = values[aux : aux + nb].reshape(width, d).to(device)
+            elif kind == SPARSE:
+                side.index = index[aux : aux + ni].reshape(m, width).to(device)
+            elif kind == MASK:
+                side.index = index[aux : aux + ni].to(device)
+        sides.append(side)
+    fmt = BlockFormat(m, sides[0].fmt, sides[1].fmt)
+    return PackedBlock(fmt=fmt, n=m if n is None else n, d=d, header=fmt.header(), k=sides[0], v=sides[1])
+
+
+def place_region(blocks: Sequence[PackedBlock], head_dim: int, base_bytes: int, align: int = 16) -> Placement:
+    """Layout of ``blocks`` in one byte region from ``base_bytes`` (a multiple of
+    ``align``) of a byte arena whose bf16 view is ``values`` and whose bytes are ``index``:
+    every block's bf16 tensors first, then, from the next aligned byte, their indices. The
+    table's offsets are absolute in that arena; ``index_end`` is the region's end."""
+    if base_bytes % align:
+        raise ValueError(f"region base {base_bytes} is not a multiple of {align} bytes")
+    tokens = np.asarray([b.fmt.tokens for b in blocks], dtype=np.int64)
+    kinds = np.asarray([[SIDE_KINDS.index(s.fmt.kind) for s in (b.k, b.v)] for b in blocks], dtype=np.int64).reshape(-1, 2)
+    widths = np.asarray([[s.fmt.width for s in (b.k, b.v)] for b in blocks], dtype=np.int64).reshape(-1, 2)
+    values_only = place_blocks(tokens, kinds, widths, head_dim, align, values_base=base_bytes // 2)
+    index_base = -(-2 * values_only.values_end // align) * align
+    return place_blocks(tokens, kinds, widths, head_dim, align, values_base=base_bytes // 2, index_base=index_base)
+
+
+def region_bytes(blocks: Sequence[PackedBlock], place: Placement, base_bytes: int) -> torch.Tensor:
+    """The bytes from ``base_bytes`` to ``place.index_end`` that :func:`place_region`
+    lays out (padding zeroed), on the blocks' device, built in one concatenation."""
+    pieces: list[torch.Tensor] = []
+    cursor = base_bytes
+    device = next((t.device for b in blocks for s in (b.k, b.v) for t in s.tensors()), torch.device("cpu"))
+    zeros = torch.zeros(256, dtype=torch.uint8, device=device)  # padding: every gap is under the alignment
+
+    def put(start: int, t: torch.Tensor) -> None:
+        nonlocal cursor
+        if start > cursor:
+            pieces.append(zeros[: start - cursor])
+        raw = t.contiguous().view(torch.uint8).reshape(-1)
+        pieces.append(raw)
+        cursor = start + raw.numel()
+
+    for i, blk in enumerate(blocks):
+        for s, side in enumerate((blk.k, blk.v)):
+            for j, t in enumerate((side.values, side.basis)):
+                if blk.fmt.tokens and t is not None:
+                    put(2 * int(place.value_starts[i, 2 * s + j]), t.to(VALUE_DTYPE))
+    for i, blk in enumerate(blocks):
+        for s, side in enumerate((blk.k, blk.v)):
+            if blk.fmt.tokens and side.index is not None:
+                put(int(place.index_starts[i, s]), side.index.to(torch.uint8))
+    if not pieces:
+        return zeros[:0]
+    return torch.cat(pieces)
 
 
 def pack_requests(layers: Sequence[CompressedLayer], num_kv_heads: int, head_dim: int, align: int = 16) -> tuple[Arena, np.ndarray, np.ndarray]:
@@ -332,40 +385,39 @@ def plan_work(
     run_ptr = np.searchsorted(run_pair, np.arange(bsz * hkv + 1))
     tail_chunk = max(block_n, -(-chunk_tokens // block_n) * block_n)
 
-    items: list[np.ndarray] = []
-    kinds: list[np.ndarray] = []
-    groups: list[tuple[int, int, int]] = []
-    merge_indptr = [0]
-    for b in range(bsz):
-        nq, t = int(qo_lens[b]), int(tail_lens[b])
-        for h in range(hkv):
-            p = b * hkv + h
-            r0, r1 = run_ptr[p], run_ptr[p + 1]
-            nr = r1 - r0
-            for row0 in range(0, nq * group, block_m):
-                last_q = min(nq - 1, (row0 + block_m - 1) // group)
-                visible = max(0, t - nq + last_q + 1)
-                n_tail = -(-visible // tail_chunk)
-                part = np.zeros((nr + n_tail, len(ITEM_FIELDS)), dtype=np.int64)
-                part[:, 0], part[:, 1], part[:, 2] = b, h, row0
-                part[:nr, 3] = run_lo[r0:r1]
-                part[:nr, 4] = run_hi[r0:r1]
-                tstart = np.arange(n_tail) * tail_chunk
-                part[nr:, 5] = tstart
-                part[nr:, 6] = np.minimum(tstart + tail_chunk, visible)
-                items.append(part)
-                kinds.append(np.concatenate([run_kp[r0:r1], np.full(n_tail, TAIL)]))
-                groups.append((b, h, row0))
-                merge_indptr.append(merge_indptr[-1] + len(part))
-    all_items = np.concatenate(items) if items else np.zeros((0, len(ITEM_FIELDS)), dtype=np.int64)
-    all_kinds = np.concatenate(kinds) if kinds else np.zeros(0, dtype=np.int64)
-    return (
-        all_items,
-        all_kinds,
-        np.asarray(groups, dtype=np.int64).reshape(-1, 3),
-        np.asarray(merge_indptr, dtype=np.int64),
-        block_indices,
-    )
+    # Groups: every (request, kv_head, row block), request-major.
+    row_blocks = -(-qo_lens.astype(np.int64) * group // block_m)
+    g_req = np.repeat(np.arange(bsz), row_blocks * hkv)
+    g_first = np.repeat(np.concatenate([[0], np.cumsum(row_blocks * hkv)[:-1]]), row_blocks * hkv)
+    g_local = np.arange(len(g_req)) - g_first
+    g_head = g_local // np.maximum(row_blocks[g_req], 1)
+    g_row0 = g_local % np.maximum(row_blocks[g_req], 1) * block_m
+    g_pair = g_req * hkv + g_head
+    nq, t = qo_lens[g_req].astype(np.int64), tail_lens[g_req].astype(np.int64)
+    last_q = np.minimum(nq - 1, (g_row0 + block_m - 1) // group)
+    visible = np.maximum(0, t - nq + last_q + 1)
+    n_runs = run_ptr[g_pair + 1] - run_ptr[g_pair]
+    n_items = n_runs + -(-visible // tail_chunk)
+    merge_indptr = np.concatenate([[0], np.cumsum(n_items)]).astype(np.int64)
+
+    # Items: each group's block runs, then its tail runs.
+    i_group = np.repeat(np.arange(len(g_req)), n_items)
+    i_local = np.arange(len(i_group)) - merge_indptr[i_group]
+    is_run = i_local < n_runs[i_group]
+    run = np.where(is_run, run_ptr[g_pair[i_group]] + i_local, 0)
+    tstart = (i_local - n_runs[i_group]) * tail_chunk
+    all_items = np.zeros((len(i_group), len(ITEM_FIELDS)), dtype=np.int64)
+    all_items[:, 0], all_items[:, 1], all_items[:, 2] = g_req[i_group], g_head[i_group], g_row0[i_group]
+    if len(run_lo):
+        all_items[:, 3] = np.where(is_run, run_lo[run], 0)
+        all_items[:, 4] = np.where(is_run, run_hi[run], 0)
+        all_kinds = np.where(is_run, run_kp[run], TAIL)
+    else:
+        all_kinds = np.full(len(i_group), TAIL, dtype=np.int64)
+    all_items[:, 5] = np.where(is_run, 0, tstart)
+    all_items[:, 6] = np.where(is_run, 0, np.minimum(tstart + tail_chunk, visible[i_group]))
+    groups = np.stack([g_req, g_head, g_row0], axis=1).astype(np.int64).reshape(-1, 3)
+    return all_items, all_kinds, groups, merge_indptr, block_indices
 
 
 def build_plan(
@@ -387,55 +439,119 @@ def build_plan(
     slot; ``max_programs`` (per launch) to eight programs per SM on a GPU. Launches are
     persistent: each program loops over items and owns one slice of the scatter scratch.
     """
-    device = arena.values.device
+    return build_layer_plans(arena.table_host, arena.values.device, block_indptr, block_indices, qo_lens, tail_lens,
+                             1, num_kv_heads, group, block_m, block_n, arena.head_dim, chunk_tokens, max_programs)[0]
+
+
+def build_layer_plans(
+    table: np.ndarray,
+    device: torch.device,
+    block_indptr: np.ndarray,
+    block_indices: np.ndarray,
+    qo_lens: np.ndarray,
+    tail_lens: np.ndarray,
+    num_layers: int,
+    num_kv_heads: int,
+    group: int,
+    block_m: int,
+    block_n: int,
+    head_dim: int,
+    chunk_tokens: int | None = None,
+    max_programs: int | None = None,
+) -> list[AttentionPlan]:
+    """One :class:`AttentionPlan` per layer for a batch whose requests read, at every
+    layer, the same tokens but their own blocks: ``block_indptr`` has ``num_layers * B *
+    Hkv + 1`` entries (layer-major), ``qo_lens``/``tail_lens`` are per request. Planned
+    in one vectorised pass and uploaded in one copy; the layers share the request table
+    and the partial-output buffers (they run one after the other)."""
+    device = torch.device(device)
     qo_lens = np.asarray(qo_lens, dtype=np.int64)
     tail_lens = np.asarray(tail_lens, dtype=np.int64)
     block_indptr = np.asarray(block_indptr, dtype=np.int64)
     block_indices = np.asarray(block_indices, dtype=np.int64)
-    table = arena.table_host
+    bsz = len(qo_lens)
     if max_programs is None:
         sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
         max_programs = 8 * sms
     if chunk_tokens is None:
-        work = int(table[block_indices, 0].sum()) + int(tail_lens.sum()) * num_kv_heads
+        work = int(table[block_indices, 0].sum()) // num_layers + int(tail_lens.sum()) * num_kv_heads
         chunk_tokens = max(4 * block_n, -(-work // (4 * max_programs)))
     items, kinds, groups, merge_indptr, block_indices = plan_work(
-        table, block_indptr, block_indices, qo_lens, tail_lens, num_kv_heads, group, block_m, block_n, chunk_tokens
+        table, block_indptr, block_indices, np.tile(qo_lens, num_layers), np.tile(tail_lens, num_layers),
+        num_kv_heads, group, block_m, block_n, chunk_tokens,
     )
+    item_layer = items[:, 0] // max(bsz, 1)
+    items[:, 0] %= max(bsz, 1)
+    group_layer = groups[:, 0] // max(bsz, 1)
+    groups[:, 0] %= max(bsz, 1)
+    item_bounds = np.searchsorted(item_layer, np.arange(num_layers + 1))
+    group_bounds = np.searchsorted(group_layer, np.arange(num_layers + 1))
 
-    def i32(x: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(x, dtype=np.int32)).to(device)
-
-    launches = []
+    # Widest r-space width per kind pair (over every block of that pair: a superset of
+    # what the items read, so the launch's R_MAX covers them all).
+    kp = table[block_indices, 1] * 4 + table[block_indices, 5]
+    r_max_of: dict[int, int] = {}
     for kind in np.unique(kinds):
-        ids = np.flatnonzero(kinds == kind)
-        k_kind, v_kind = (TAIL, TAIL) if kind == TAIL else divmod(int(kind), 4)
+        if kind == TAIL:
+            continue
+        k_kind, v_kind = divmod(int(kind), 4)
+        rows = block_indices[kp == kind]
         r_max = 16
         for col, side_kind in ((2, k_kind), (6, v_kind)):
             if side_kind in (SPARSE, MASK, LOWRANK):
-                rows = np.concatenate([block_indices[lo:hi] for lo, hi in items[ids, 3:5]])
-                width = int(table[rows, col].max())
-                r_max = max(r_max, 1 << (width - 1).bit_length())
-        launches.append(Launch(k_kind, v_kind, r_max, i32(ids), max(1, min(len(ids), max_programs))))
-    requests = np.zeros((len(qo_lens), len(REQUEST_FIELDS)), dtype=np.int64)
+                r_max = max(r_max, 1 << (int(table[rows, col].max()) - 1).bit_length())
+        r_max_of[int(kind)] = r_max
+
+    # One int32 upload: requests, items, groups, local merge pointers, block indices and
+    # every launch's item list, then views per layer.
+    requests = np.zeros((bsz, len(REQUEST_FIELDS)), dtype=np.int64)
     requests[:, 0] = np.concatenate([[0], np.cumsum(qo_lens)])[:-1]
     requests[:, 1] = qo_lens
     requests[:, 2] = np.concatenate([[0], np.cumsum(tail_lens)])[:-1]
     requests[:, 3] = tail_lens
-    num_items = len(items)
-    d = arena.head_dim
-    scratch_rows = max((ln.num_programs for ln in launches if SPARSE in (ln.k_kind, ln.v_kind)), default=1)
-    return AttentionPlan(
-        requests=i32(requests),
-        items=i32(items),
-        groups=i32(groups),
-        merge_indptr=i32(merge_indptr),
-        block_indices=i32(block_indices) if len(block_indices) else torch.zeros(1, dtype=torch.int32, device=device),
-        launches=launches,
-        o_part=torch.empty(num_items, block_m, d, dtype=torch.float32, device=device),
-        lse_part=torch.empty(num_items, block_m, dtype=torch.float32, device=device),
-        scratch=torch.zeros(scratch_rows, 2, block_n, d, dtype=torch.bfloat16, device=device),
-        block_m=block_m,
-        block_n=block_n,
-        total_q=int(qo_lens.sum()),
-    )
+    pieces: list[np.ndarray] = [requests.reshape(-1), items.reshape(-1), groups.reshape(-1),
+                                block_indices if len(block_indices) else np.zeros(1, dtype=np.int64)]
+    layer_launches: list[list[tuple[int, int, int, int, int]]] = []  # (k, v, r_max, piece, programs)
+    merge_pieces: list[int] = []
+    for layer in range(num_layers):
+        i0, i1 = item_bounds[layer], item_bounds[layer + 1]
+        g0, g1 = group_bounds[layer], group_bounds[layer + 1]
+        merge_pieces.append(len(pieces))
+        pieces.append(merge_indptr[g0 : g1 + 1] - i0)
+        launches = []
+        layer_kinds = kinds[i0:i1]
+        for kind in np.unique(layer_kinds):
+            ids = np.flatnonzero(layer_kinds == kind)
+            k_kind, v_kind = (TAIL, TAIL) if kind == TAIL else divmod(int(kind), 4)
+            launches.append((k_kind, v_kind, r_max_of.get(int(kind), 16), len(pieces),
+                             max(1, min(len(ids), max_programs))))
+            pieces.append(ids)
+        layer_launches.append(launches)
+    sizes = [len(p) for p in pieces]
+    flat = torch.from_numpy(np.concatenate(pieces).astype(np.int32)).to(device)
+    views = list(flat.split(sizes))
+    num_items = int(np.diff(item_bounds).max()) if num_layers else 0
+    o_part = torch.empty(num_items, block_m, head_dim, dtype=torch.float32, device=device)
+    lse_part = torch.empty(num_items, block_m, dtype=torch.float32, device=device)
+    scratch_rows = max((n for launches in layer_launches for k, v, _, _, n in launches if SPARSE in (k, v)), default=1)
+    scratch = torch.zeros(scratch_rows, 2, block_n, head_dim, dtype=torch.bfloat16, device=device)
+    items_dev, groups_dev = views[1].view(-1, len(ITEM_FIELDS)), views[2].view(-1, len(GROUP_FIELDS))
+    plans = []
+    for layer in range(num_layers):
+        i0, i1 = item_bounds[layer], item_bounds[layer + 1]
+        g0, g1 = group_bounds[layer], group_bounds[layer + 1]
+        plans.append(AttentionPlan(
+            requests=views[0].view(-1, len(REQUEST_FIELDS)),
+            items=items_dev[i0:i1],
+            groups=groups_dev[g0:g1],
+            merge_indptr=views[merge_pieces[layer]],
+            block_indices=views[3],
+            launches=[Launch(k, v, r, views[piece], n) for k, v, r, piece, n in layer_launches[layer]],
+            o_part=o_part,
+            lse_part=lse_part,
+            scratch=scratch,
+            block_m=block_m,
+            block_n=block_n,
+            total_q=int(qo_lens.sum()),
+        ))
+    return plans

@@ -17,6 +17,7 @@ from sglang.srt.arg_groups.arg_utils import NS, A, Arg
 from sglang.srt.server_args import ServerArgs
 
 KV_COMPRESS_CHOICES = ["none", "mosaickv"]
+ATTENTION_CHOICES = ["triton", "sdpa"]
 BACKEND_NAME = "mosaickv"
 DEFAULT_POLICY = "mosaic"
 # KV cache dtypes the segment formats store without a second rounding (values are bf16).
@@ -49,13 +50,20 @@ class MosaicServerArgs(ServerArgs):
         "MosaicKV sealing threads (host CPU, off the scheduler's critical path); default 2 (1 below 4 CPUs).",
         NS("memory"),
     ] = None
+    kv_compress_attention: A[
+        Optional[str],
+        Arg(help="MosaicKV attention: 'triton' (default; mixed-format kernels) or 'sdpa' (PyTorch reference, slow).",
+            choices=ATTENTION_CHOICES),
+        NS("memory"),
+    ] = None
 
     def __post_init__(self) -> None:
         if self.kv_compress not in KV_COMPRESS_CHOICES:
             raise KVCompressError(f"--kv-compress {self.kv_compress!r} is not one of {KV_COMPRESS_CHOICES}.")
         if self.kv_compress == "none":
             for flag, value in (("--kv-compress-config", self.kv_compress_config),
-                                ("--kv-compress-workers", self.kv_compress_workers)):
+                                ("--kv-compress-workers", self.kv_compress_workers),
+                                ("--kv-compress-attention", self.kv_compress_attention)):
                 if value is not None:
                     raise KVCompressError(f"{flag} needs --kv-compress mosaickv.")
             super().__post_init__()
@@ -65,6 +73,11 @@ class MosaicServerArgs(ServerArgs):
             self.kv_compress_workers = default_seal_workers()
         elif self.kv_compress_workers < 1:
             raise KVCompressError(f"--kv-compress-workers {self.kv_compress_workers} must be at least 1.")
+        if self.kv_compress_attention is None:
+            self.kv_compress_attention = ATTENTION_CHOICES[0]
+        elif self.kv_compress_attention not in ATTENTION_CHOICES:
+            raise KVCompressError(f"--kv-compress-attention {self.kv_compress_attention!r} is not one of "
+                                  f"{ATTENTION_CHOICES}.")
         self._mosaic_policy = load_checked_policy(self.kv_compress_config)
         # One page is one segment: SGLang allocates by the tree cache's page size, and
         # the tree's nodes hold whole segments.

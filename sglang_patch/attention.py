@@ -1,19 +1,23 @@
 """Attention backend over sealed segments plus dense tokens, on the pool's device.
 
-Per request and layer it lays out the request's visible keys and values in token order,
-on the pool's device and in its dtype: sealed segments densified with their dropped
-tokens left out (cached by the pool, :meth:`MosaicKVPool.segment_kv`), still-dense pages
-straight from the dense pool, the step's own tokens last. It then makes the
-``scaled_dot_product_attention`` call TorchNativeAttnBackend makes for the forward mode
-(:func:`sdpa`), so a request whose tokens are all stored dense (the ``lossless`` policy)
-gets torch_native's output bit for bit. Where a sealed segment's KV heads kept different
-numbers of tokens, each KV head and its query heads get their own call. Where a
-request's tokens sit in the page tables (host tensors) is looked up once per forward,
-not per layer.
+Two paths read the same pool, chosen by ``--kv-compress-attention``:
+
+* ``triton`` (default): the mixed-format kernels of :mod:`mosaickv.kernels` read the
+  arena's slabs through the pool's block table and the dense rows in place. Once per
+  forward, where each request's tokens are (host page tables) becomes one plan for every
+  layer (:func:`plan_forward`, one upload); each layer then launches one kernel per
+  (key format, value format) pair present and a log-sum-exp merge.
+* ``sdpa``: the PyTorch reference. Per request and layer it lays out the visible keys and
+  values in token order (sealed segments densified without their dropped tokens, cached
+  by :meth:`MosaicKVPool.segment_kv`; still-dense rows; the step's own tokens last) and
+  makes the ``scaled_dot_product_attention`` call TorchNativeAttnBackend makes
+  (:func:`sdpa`), so an all-dense request (the ``lossless`` policy) gets torch_native's
+  output bit for bit. Where a sealed segment's KV heads kept different numbers of
+  tokens, each KV head and its query heads get their own call.
 
 Every query also feeds the pool's per-segment query statistics
-(:mod:`mosaickv.sglang_patch.query_stats`, host memory); when the policy reads attention,
-with the step's log-sum-exp computed on the device from the same keys.
+(:mod:`mosaickv.sglang_patch.query_stats`, host memory), with the step's log-sum-exp
+when the policy reads attention.
 """
 
 from __future__ import annotations
@@ -21,12 +25,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
+import numpy as np
 import torch
+import triton
 from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
 from sglang.srt.layers.radix_attention import AttentionType
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 from torch.nn.functional import scaled_dot_product_attention
 
+from mosaickv.kernels.decode import MixedAttention, run_plan
+from mosaickv.kernels.layout import AttentionPlan, build_layer_plans
 from mosaickv.sglang_patch.pool import UNMAPPED, MosaicKVPool, SegmentKV
 
 if TYPE_CHECKING:
@@ -41,19 +49,24 @@ the pool's device) of still-dense tokens."""
 
 
 def locate(pool: MosaicKVPool, slots: torch.Tensor) -> list[Run]:
-    """A request's tokens (host ``slots``, in token order) as runs, from the page tables."""
+    """A request's tokens (host ``slots``, in token order) as runs, from the page tables
+    (dense rows on the host; :func:`on_device` moves them)."""
     sealed = pool.page_to_slab[slots // pool.page_size]
     bounds = [0, *((sealed[1:] != sealed[:-1]).nonzero().flatten() + 1).tolist(), len(slots)]
     runs: list[Run] = []
     for lo, hi in zip(bounds, bounds[1:]):
         slab = int(sealed[lo])
         if slab == UNMAPPED:
-            runs.append(pool.dense_rows(slots[lo:hi]).to(pool.device))
+            runs.append(pool.dense_rows(slots[lo:hi]))
         elif hi - lo != pool.plan.segment_size:  # which tokens a part would see is not stored
             raise ValueError(f"a request reads {hi - lo} tokens of sealed segment {slab}; segments are read whole")
         else:
             runs.append(slab)
     return runs
+
+
+def on_device(pool: MosaicKVPool, runs: list[Run]) -> list[Run]:
+    return [run if isinstance(run, int) else run.to(pool.device) for run in runs]
 
 
 def _cat(tensors: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
@@ -127,18 +140,35 @@ def attend_request(pool: MosaicKVPool, layer_id: int, q: torch.Tensor, runs: lis
     return out, lse
 
 
-def record_queries(pool: MosaicKVPool, layer_id: int, q: torch.Tensor, slots: torch.Tensor,
+def record_queries(pool: MosaicKVPool, layer_id: int, q: torch.Tensor, reqs: list[RequestKV],
                    lse: Optional[torch.Tensor], scale: float) -> None:
-    """Feed the step's queries to the pool's per-segment statistics. They live on the host:
-    with a window, the queries, the keys of the still-dense segments they fall in and the
-    log-sum-exp are copied there."""
-    stats = pool.query_stats
-    keys = None
-    if stats.window:
-        start = (len(slots) - q.shape[0]) // stats.segment_size * stats.segment_size
-        keys = pool.get_key_buffer(layer_id)[pool.dense_rows(slots[start:]).to(pool.device)].cpu()
-        q, lse = q.cpu(), lse.cpu()
-    stats.observe(layer_id - pool.start_layer, q, slots, keys=keys, lse=lse, scale=scale)
+    """Feed the step's queries ``q`` [sum nq, Hq, d] (and, with a window, their
+    log-sum-exp ``lse`` [sum nq, Hq]) to the pool's per-segment statistics (host memory).
+    A decode batch goes in one computation and one copy (:meth:`observe_decode`); an
+    extend batch request by request, with the keys of the segments its queries fall in."""
+    stats, local = pool.query_stats, layer_id - pool.start_layer
+    seg = stats.segment_size
+    if all(req.nq == 1 for req in reqs):
+        pos = torch.tensor([(len(req.slots) - 1) % seg for req in reqs])
+        firsts = [int(req.slots[len(req.slots) - 1 - p]) for req, p in zip(reqs, pos.tolist())]
+        keys = None
+        if stats.window:
+            rows = torch.zeros(len(reqs), seg, dtype=torch.int64)
+            for b, (req, p) in enumerate(zip(reqs, pos.tolist())):
+                rows[b, : p + 1] = pool.dense_rows(req.slots[len(req.slots) - 1 - p :])
+            keys = pool.get_key_buffer(layer_id)[rows.to(pool.device)]
+        stats.observe_decode(local, q, firsts, pos, keys=keys, lse=lse, scale=scale)
+        return
+    start = 0
+    for req in reqs:
+        q_req = q[start : start + req.nq]
+        keys = lse_req = None
+        if stats.window:
+            first = (len(req.slots) - req.nq) // seg * seg
+            keys = pool.get_key_buffer(layer_id)[pool.dense_rows(req.slots[first:]).to(pool.device)]
+            lse_req = lse[start : start + req.nq]
+        stats.observe(local, q_req, req.slots, keys=keys, lse=lse_req, scale=scale)
+        start += req.nq
 
 
 @dataclass
@@ -150,20 +180,66 @@ class RequestKV:
     nq: int
 
 
+# Tile shapes of the kernels (FlashInfer-like defaults): decode rows are one token's GQA
+# group, extend rows many tokens'.
+DECODE_TUNING = MixedAttention(block_m=16, block_n=32)
+EXTEND_TUNING = MixedAttention(block_m=32, block_n=32)
+
+
+@dataclass
+class ForwardPlan:
+    """A forward's kernel work, planned once on the host for every layer."""
+
+    layers: list[AttentionPlan]
+    tail_rows: torch.Tensor  # int32, each request's dense rows in token order, back to back
+    tuning: MixedAttention
+    group: int
+
+
+def plan_forward(pool: MosaicKVPool, reqs: list[RequestKV], num_q_heads: int, extend: bool) -> ForwardPlan:
+    """Blocks of every (layer, request, KV head) from the block table, dense tails as row
+    lists, cut into the kernels' items (:func:`build_layer_plans`)."""
+    hkv, layers = pool.head_num, pool.layer_num
+    if num_q_heads % hkv:
+        raise ValueError(f"{num_q_heads} query heads are not a multiple of {hkv} KV heads")
+    group = num_q_heads // hkv
+    tuning = EXTEND_TUNING if extend else DECODE_TUNING
+    slabs = [np.asarray([r for r in req.runs if isinstance(r, int)], dtype=np.int64) for req in reqs]
+    tails = [torch.cat([r for r in req.runs if not isinstance(r, int)] or [torch.zeros(0, dtype=torch.int64)])
+             for req in reqs]
+    counts = np.asarray([len(s) for s in slabs], dtype=np.int64)
+    # (layer, request, kv head, segment) order; a block's table row is (slab * layers + layer) * hkv + head.
+    per_layer = np.concatenate([(s[None, :] * layers * hkv + np.arange(hkv)[:, None]).reshape(-1) for s in slabs]
+                               + [np.zeros(0, dtype=np.int64)])
+    indices = (per_layer[None, :] + (np.arange(layers) * hkv)[:, None]).reshape(-1)
+    indptr = np.concatenate([[0], np.cumsum(np.tile(np.repeat(counts, hkv), layers))])
+    block_m = max(tuning.block_m, triton.next_power_of_2(group))
+    plans = build_layer_plans(pool.block_table_host, torch.device(pool.device), indptr, indices,
+                              [req.nq for req in reqs], [len(t) for t in tails], layers, hkv, group, block_m,
+                              tuning.block_n, pool.head_dim)
+    tail_rows = torch.cat(tails).to(device=pool.device, dtype=torch.int32)
+    return ForwardPlan(plans, tail_rows, tuning, group)
+
+
 class MosaicAttnBackend(TorchNativeAttnBackend):
-    """TorchNative's metadata and KV writes; reads go through :func:`attend_request`;
-    queries are recorded for sealing."""
+    """TorchNative's metadata and KV writes; reads go through the Triton kernels over the
+    pool's slabs and dense rows (``--kv-compress-attention triton``, the default) or
+    through :func:`attend_request` (``sdpa``, the PyTorch reference path); queries are
+    recorded for sealing."""
 
     def __init__(self, model_runner) -> None:
         super().__init__(model_runner)
         if not isinstance(self.token_to_kv_pool, MosaicKVPool):
             raise TypeError(f"the mosaickv attention backend needs a MosaicKVPool, got "
                             f"{type(self.token_to_kv_pool).__name__}")
+        server_args = getattr(model_runner, "server_args", None)
+        self.kernels = getattr(server_args, "kv_compress_attention", "triton") == "triton"
         self._located: Optional[tuple[ForwardBatch, list[RequestKV]]] = None
+        self._plan: Optional[tuple[ForwardBatch, ForwardPlan]] = None
 
     def init_forward_metadata(self, forward_batch: ForwardBatch) -> None:
         super().init_forward_metadata(forward_batch)
-        self._located = None  # sealing and freeing between forwards move tokens
+        self._located = self._plan = None  # sealing and freeing between forwards move tokens
 
     def _requests(self, forward_batch: ForwardBatch, q_lens: list[int]) -> list[RequestKV]:
         """Where each request's tokens are: found at the first layer, read by all of them."""
@@ -176,6 +252,12 @@ class MosaicAttnBackend(TorchNativeAttnBackend):
             self._located = (forward_batch, reqs)
         return self._located[1]
 
+    def _forward_plan(self, forward_batch: ForwardBatch, reqs: list[RequestKV], num_q_heads: int,
+                      extend: bool) -> ForwardPlan:
+        if self._plan is None or self._plan[0] is not forward_batch:
+            self._plan = (forward_batch, plan_forward(self.token_to_kv_pool, reqs, num_q_heads, extend))
+        return self._plan[1]
+
     def _run(self, q: torch.Tensor, k: Optional[torch.Tensor], v: Optional[torch.Tensor], layer: RadixAttention,
              forward_batch: ForwardBatch, save_kv_cache: bool, extend: bool) -> torch.Tensor:
         if layer.is_cross_attention or layer.attn_type == AttentionType.ENCODER_ONLY:
@@ -187,14 +269,25 @@ class MosaicAttnBackend(TorchNativeAttnBackend):
         o = q.new_empty((q_.shape[0], layer.tp_q_head_num * layer.v_head_dim))
         o_ = o.view(-1, layer.tp_q_head_num, layer.v_head_dim)
         q_lens = forward_batch.extend_seq_lens_cpu if extend else [1] * len(forward_batch.seq_lens)
-        start = 0
-        for req in self._requests(forward_batch, q_lens):
-            q_req = q_[start : start + req.nq]
-            out, lse = attend_request(pool, layer.layer_id, q_req, req.runs, layer.scaling, extend,
-                                      with_lse=pool.query_stats.window > 0)
-            record_queries(pool, layer.layer_id, q_req, req.slots, lse, layer.scaling)
-            o_[start : start + req.nq] = out
-            start += req.nq
+        reqs = self._requests(forward_batch, q_lens)
+        with_lse = pool.query_stats.window > 0
+        lse = torch.empty(q_.shape[:2], dtype=torch.float32, device=q.device) if with_lse else None
+        if self.kernels:
+            plan = self._forward_plan(forward_batch, reqs, layer.tp_q_head_num, extend)
+            run_plan(plan.layers[layer.layer_id - pool.start_layer], pool.arena.values, pool.arena.data,
+                     pool.block_table, pool.widths_aligned, pool.get_key_buffer(layer.layer_id),
+                     pool.get_value_buffer(layer.layer_id), plan.tail_rows, q_, o_, layer.scaling, plan.group,
+                     plan.tuning, lse)
+        else:
+            start = 0
+            for req in reqs:
+                out, lse_req = attend_request(pool, layer.layer_id, q_[start : start + req.nq],
+                                              on_device(pool, req.runs), layer.scaling, extend, with_lse)
+                o_[start : start + req.nq] = out
+                if with_lse:
+                    lse[start : start + req.nq] = lse_req
+                start += req.nq
+        record_queries(pool, layer.layer_id, q_, reqs, lse, layer.scaling)
         return o
 
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True):

@@ -76,13 +76,7 @@ class SegmentQueryStats:
         for seg in range(first // s, (len(slots) - 1) // s + 1):
             lo, hi = max(seg * s, first), min((seg + 1) * s, len(slots))
             key = int(slots[seg * s])
-            if key not in self._sum:
-                self._sum[key] = torch.zeros(self.num_layers, self.num_kv_heads, d, dtype=torch.float64)
-                self._count[key] = torch.zeros(self.num_layers, dtype=torch.int64)
-                self._attn[key] = torch.zeros(self.num_layers, self.num_kv_heads, s, dtype=torch.float64)
-                self._attn_count[key] = torch.zeros(self.num_layers, dtype=torch.int64)
-            self._sum[key][layer] += energy[lo - first : hi - first].sum(0).cpu()
-            self._count[key][layer] += (hi - lo) * group
+            self._add(key, layer, energy[lo - first : hi - first].sum(0).cpu(), (hi - lo) * group)
             lo = max(lo, (seg + 1) * s - self.window)  # the segment's last `window` queries
             if self.window and lo < hi:
                 k = keys[seg * s - base : hi - base].float()  # [n, Hkv, d], the segment so far
@@ -90,9 +84,44 @@ class SegmentQueryStats:
                 logits = torch.einsum("qhgd,nhd->hgqn", qs, k) * scale
                 visible = torch.arange(seg * s, hi)[None, :] <= torch.arange(lo, hi)[:, None]
                 probs = torch.exp(logits - lse[lo - first : hi - first].float().view(hi - lo, self.num_kv_heads, group)
-                                  .permute(1, 2, 0)[..., None]).masked_fill(~visible, 0.0)
+                                  .permute(1, 2, 0)[..., None]).masked_fill(~visible.to(logits.device), 0.0)
                 self._attn[key][layer, :, : hi - seg * s] += probs.sum(dim=(1, 2)).double().cpu()
                 self._attn_count[key][layer] += (hi - lo) * group
+
+    def observe_decode(self, layer: int, q: torch.Tensor, first_slots: list[int], positions: torch.Tensor,
+                       keys: torch.Tensor | None = None, lse: torch.Tensor | None = None,
+                       scale: float | None = None) -> None:
+        """:meth:`observe` for a batch of one query per request, computed together where
+        ``q`` is and copied to the host once: request ``b``'s query ``q[b]`` [Hq, d] sits at
+        ``positions[b]`` (host) of its segment, whose first slot is ``first_slots[b]``.
+        With a window, ``keys`` [B, S, Hkv, d] hold each segment's tokens so far (the rest
+        is ignored), ``lse`` [B, Hq] the step's log-sum-exp."""
+        bsz, hq, d = q.shape
+        if bsz == 0:
+            return
+        group = hq // self.num_kv_heads
+        energy = q.detach().double().pow(2).view(bsz, self.num_kv_heads, group, d).sum(2).cpu()
+        probs = None
+        in_window = positions >= self.segment_size - self.window
+        if self.window and bool(in_window.any()):
+            logits = torch.einsum("bhgd,bnhd->bhgn", q.float().view(bsz, self.num_kv_heads, group, d), keys.float())
+            logits = logits * scale - lse.float().view(bsz, self.num_kv_heads, group, 1)
+            visible = torch.arange(self.segment_size)[None, :] <= positions[:, None]
+            probs = torch.exp(logits).sum(2).masked_fill(~visible[:, None, :].to(q.device), 0.0).double().cpu()
+        for b, key in enumerate(first_slots):
+            self._add(key, layer, energy[b], group)
+            if probs is not None and bool(in_window[b]):
+                self._attn[key][layer] += probs[b]
+                self._attn_count[key][layer] += group
+
+    def _add(self, key: int, layer: int, energy: torch.Tensor, count: int) -> None:
+        if key not in self._sum:
+            self._sum[key] = torch.zeros(self.num_layers, self.num_kv_heads, self.head_dim, dtype=torch.float64)
+            self._count[key] = torch.zeros(self.num_layers, dtype=torch.int64)
+            self._attn[key] = torch.zeros(self.num_layers, self.num_kv_heads, self.segment_size, dtype=torch.float64)
+            self._attn_count[key] = torch.zeros(self.num_layers, dtype=torch.int64)
+        self._sum[key][layer] += energy
+        self._count[key][layer] += count
 
     def rms(self, first_slot: int) -> torch.Tensor | None:
         """[L, Hkv, d] rotary-pair RMS of the segment's queries (``Observation.query_rms``),

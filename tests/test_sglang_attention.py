@@ -38,11 +38,11 @@ def test_backend_is_registered_with_sglang():
     assert "mosaickv" in ATTENTION_BACKEND_CHOICES
 
 
-def make_pool(d: int, **kw) -> MosaicKVPool:
+def make_pool(d: int, device: str = "cpu", **kw) -> MosaicKVPool:
     shape = KVShape(num_layers=LAYERS, num_kv_heads=HKV, head_dim=d, v_head_dim=d)
     plan = plan_capacity(shape, 1 << 22, segment_size=SEG, ratio=1.0, sinks=0, window=SEG, max_running_requests=2)
     return MosaicKVPool(plan.max_total_num_tokens, page_size=1, dtype=torch.bfloat16, head_num=HKV, head_dim=d,
-                        layer_num=LAYERS, device="cpu", enable_memory_saver=False, plan=plan, enable_alt_stream=False,
+                        layer_num=LAYERS, device=device, enable_memory_saver=False, plan=plan, enable_alt_stream=False,
                         **kw)
 
 
@@ -64,8 +64,10 @@ class Pair:
     """A MosaicKV pool and backend beside a plain MHA pool and TorchNativeAttnBackend that
     hold the same tokens at the same slots, sharing one req-to-token pool."""
 
-    def __init__(self, group: int, d: int) -> None:
-        self.group, self.d = group, d
+    device = "cpu"
+
+    def __init__(self, group: int, d: int, attention: str = "sdpa") -> None:
+        self.group, self.d, self.attention = group, d, attention
         self.pool = make_pool(d)
         self.plain = MHATokenToKVPool(self.pool.size, page_size=1, dtype=torch.bfloat16, head_num=HKV, head_dim=d,
                                       layer_num=LAYERS, device="cpu", enable_memory_saver=False,
@@ -78,7 +80,8 @@ class Pair:
         self.next_slot = 1
 
     def runner(self, pool):
-        return SimpleNamespace(device="cpu", req_to_token_pool=self.req_pool, token_to_kv_pool=pool)
+        return SimpleNamespace(device="cpu", req_to_token_pool=self.req_pool, token_to_kv_pool=pool,
+                               server_args=SimpleNamespace(kv_compress_attention=self.attention))
 
     def step(self, new: list[int], mode: ForwardMode, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """One forward bringing request ``i`` ``new[i]`` tokens further: (mosaic, native) per layer."""
@@ -98,6 +101,7 @@ class Pair:
                              extend_prefix_lens=torch.tensor([t - q for t, q in zip(self.lens, new)]))
         k, v = kv(n, self.d, seed)
         q = torch.randn(LAYERS, n, HKV * self.group * self.d, generator=torch.Generator().manual_seed(seed + 1))
+        k, v, q, batch.out_cache_loc = (t.to(self.device) for t in (k, v, q, loc))
         out = []
         for i, layer in enumerate(self.layers):
             run = [b.forward_extend if mode.is_extend() else b.forward_decode for b in (self.mosaic, self.native)]
@@ -212,3 +216,96 @@ def test_segment_cache_keeps_its_byte_bound_and_free_slab_clears_it():
     after = pool.stats()
     assert after["segment_cache_entries"] == LAYERS * (len(slabs) - 1)
     assert after["segment_cache_bytes_in_use"] == info["segment_cache_bytes_in_use"] - LAYERS * entry
+
+
+# -- the Triton path: the same pool read by the kernels and by the reference path ----------
+FORMATS = [  # one per sealed segment and KV head: every kind, ragged token counts, all dropped
+    [BlockFormat(SEG, SideFormat("sparse", 8), SideFormat("lowrank", 4)), BlockFormat(SEG - 3, SideFormat("mask", 16))],
+    [BlockFormat(0), BlockFormat(0)],
+    [BlockFormat(SEG), BlockFormat(SEG // 2, SideFormat("lowrank", 8), SideFormat("sparse", 16))],
+]
+
+
+class Twin(Pair):
+    """Two MosaicKV pools holding the same tokens and the same sealed segments, one read
+    through the Triton kernels, the other through the PyTorch reference path."""
+
+    def __init__(self, group: int, d: int, device: str = "cpu") -> None:
+        self.group, self.d, self.device = group, d, device
+        self.req_pool = ReqToTokenPool(2, 256, "cpu", False)
+        self.pool, self.ref_pool = (make_pool(d, attention_window=SEG, device=device) for _ in range(2))
+        self.attention = "triton"
+        self.mosaic = MosaicAttnBackend(self.runner(self.pool))
+        self.attention = "sdpa"
+        self.native = MosaicAttnBackend(self.runner(self.ref_pool))
+        self.layers = [RadixAttention(HKV * group, d, 1 / math.sqrt(d), HKV, layer_id=i) for i in range(LAYERS)]
+        self.lens = [0, 0]
+        self.next_slot = 1
+        self.sealed = 0
+
+    def seal(self, req: int, segment: int) -> None:
+        """Seal one segment in both pools with the next formats of :data:`FORMATS`."""
+        slots = self.req_pool.req_to_token[req, segment * SEG : (segment + 1) * SEG].long()
+        rows = self.pool.dense_rows(slots)
+        g = torch.Generator().manual_seed(self.sealed)
+        fmts = FORMATS[self.sealed % len(FORMATS)]
+        blocks = [[pack_block(self.pool.k_buffer[i][rows, h].float().cpu(), self.pool.v_buffer[i][rows, h].float().cpu(), fmts[h],
+                              token_score=torch.rand(SEG, generator=g)) for h in range(HKV)] for i in range(LAYERS)]
+        self.sealed += 1
+        for pool in (self.pool, self.ref_pool):
+            pool.seal(slots.tolist(), blocks)
+
+
+CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                        reason="needs CUDA")])
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("group,d", [(1, 64), (3, 64), (4, 128), (8, 64)])
+def test_kernel_path_matches_the_reference_path(group, d, device):
+    """Chunked prefill, sealing in between (every format, ragged heads, a segment with every
+    token dropped), decode and a second prefill over sealed prefixes: the kernels' output
+    and the query statistics they record (from their log-sum-exp) match the reference."""
+    if device == "cpu" and torch.cuda.is_available():
+        pytest.skip("the kernels are compiled for the GPU here; the cuda case runs them")
+    twin = Twin(group, d, device)
+    assert twin.mosaic.kernels and not twin.native.kernels
+    schedule = [([2 * SEG + 3, 5], ForwardMode.EXTEND, [(0, 0), (0, 1)]),
+                ([1, 1], ForwardMode.DECODE, []),
+                ([SEG + 2, 2 * SEG], ForwardMode.EXTEND, [(0, 2), (1, 0)]),
+                ([1, 1], ForwardMode.DECODE, []),
+                ([1, 1], ForwardMode.DECODE, []),
+                ([6, 1], ForwardMode.EXTEND, [])]
+    for seed, (new, mode, seals) in enumerate(schedule):
+        for kernel, ref in twin.step(new, mode, seed=seed):
+            assert kernel.dtype == torch.bfloat16 and torch.isfinite(kernel).all()
+            torch.testing.assert_close(kernel.float(), ref.float(), atol=2e-2, rtol=2e-2)
+        for req, segment in seals:
+            twin.seal(req, segment)
+    assert twin.pool.stats()["sealed_segments"] == 4
+    a, b = twin.pool.query_stats, twin.ref_pool.query_stats
+    assert a._sum.keys() == b._sum.keys() and len(a) > 0
+    for key in a._sum:
+        torch.testing.assert_close(a._sum[key], b._sum[key], atol=1e-2, rtol=1e-2)
+        torch.testing.assert_close(a._attn[key], b._attn[key], atol=2e-3, rtol=2e-2)
+        assert torch.equal(a._count[key], b._count[key]) and torch.equal(a._attn_count[key], b._attn_count[key])
+
+
+def test_kernel_path_plans_once_per_forward():
+    twin = Twin(3, 64)
+    twin.step([SEG + 4, 3], ForwardMode.EXTEND, seed=0)
+    twin.seal(0, 0)
+    batch_plans = []
+    original = MosaicAttnBackend._forward_plan
+
+    def counting(self, forward_batch, *args):
+        plan = original(self, forward_batch, *args)
+        batch_plans.append(id(plan))
+        return plan
+
+    MosaicAttnBackend._forward_plan = counting
+    try:
+        twin.step([1, 1], ForwardMode.DECODE, seed=1)
+    finally:
+        MosaicAttnBackend._forward_plan = original
+    assert len(batch_plans) == LAYERS and len(set(batch_plans)) == 1  # every layer reads the one plan

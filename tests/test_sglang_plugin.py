@@ -105,6 +105,7 @@ def test_policy_file_is_validated_by_the_lead_loader(llama, tmp_path):
     (dict(kv_compress_config="no-such-preset"), "--kv-compress-config"),
     (dict(kv_compress_config="mosaic_heads"), "30 layers x 3 KV heads"),  # SmolLM2's profile on a 2 x 2 model
     (dict(kv_compress_workers=0), "--kv-compress-workers 0"),
+    (dict(kv_compress_attention="flash"), "--kv-compress-attention 'flash'"),
 ])
 def test_refusals_name_the_flag_in_one_sentence(llama, kw, words):
     with pytest.raises(KVCompressError) as info:
@@ -114,7 +115,8 @@ def test_refusals_name_the_flag_in_one_sentence(llama, kw, words):
 
 
 @pytest.mark.parametrize("kw, flag", [(dict(kv_compress_config="mosaic"), "--kv-compress-config"),
-                                      (dict(kv_compress_workers=2), "--kv-compress-workers")])
+                                      (dict(kv_compress_workers=2), "--kv-compress-workers"),
+                                      (dict(kv_compress_attention="sdpa"), "--kv-compress-attention")])
 def test_mosaickv_flags_without_mosaickv_are_refused(llama, kw, flag):
     with pytest.raises(KVCompressError, match=f"{flag} needs --kv-compress mosaickv"):
         make(llama, **kw)
@@ -125,6 +127,11 @@ def test_sealing_workers_default_to_two_where_cpus_allow(llama, monkeypatch, cpu
     monkeypatch.setattr("os.cpu_count", lambda: cpus)
     assert make(llama, kv_compress="mosaickv").kv_compress_workers == workers
     assert make(llama, kv_compress="mosaickv", kv_compress_workers=2).kv_compress_workers == 2
+
+
+def test_attention_path_defaults_to_the_kernels(llama):
+    assert make(llama, kv_compress="mosaickv").kv_compress_attention == "triton"
+    assert make(llama, kv_compress="mosaickv", kv_compress_attention="sdpa").kv_compress_attention == "sdpa"
 
 
 def test_cli_refusal_is_one_line_and_exit(llama):

@@ -22,6 +22,8 @@ when the policy reads attention.
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
@@ -33,13 +35,16 @@ from sglang.srt.layers.radix_attention import AttentionType
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 from torch.nn.functional import scaled_dot_product_attention
 
-from mosaickv.kernels.decode import MixedAttention, run_plan
-from mosaickv.kernels.layout import AttentionPlan, build_layer_plans
+from mosaickv.formats import SideFormat
+from mosaickv.kernels.decode import MixedAttention, compile_variants, run_plan
+from mosaickv.kernels.layout import AttentionPlan, build_layer_plans, launch_variants
 from mosaickv.sglang_patch.pool import UNMAPPED, MosaicKVPool, SegmentKV
 
 if TYPE_CHECKING:
     from sglang.srt.layers.radix_attention import RadixAttention
     from sglang.srt.model_executor.forward_batch_info import ForwardBatch
+
+logger = logging.getLogger(__name__)
 
 LSE_CHUNK_BYTES = 256 << 20  # float32 logits held at once by logsumexp (a long prefill would not fit whole)
 
@@ -234,6 +239,8 @@ class MosaicAttnBackend(TorchNativeAttnBackend):
                             f"{type(self.token_to_kv_pool).__name__}")
         server_args = getattr(model_runner, "server_args", None)
         self.kernels = getattr(server_args, "kv_compress_attention", "triton") == "triton"
+        self._policy = getattr(server_args, "mosaic_policy", None)
+        self._compiled = False
         self._located: Optional[tuple[ForwardBatch, list[RequestKV]]] = None
         self._plan: Optional[tuple[ForwardBatch, ForwardPlan]] = None
 
@@ -251,6 +258,26 @@ class MosaicAttnBackend(TorchNativeAttnBackend):
                     for row, n, nq in zip(rows, seq_lens, q_lens)]
             self._located = (forward_batch, reqs)
         return self._located[1]
+
+    def _compile(self, num_q_heads: int) -> None:
+        """Compile, before the first batch runs them, the kernels this policy's formats
+        lead to (a kernel compiled mid-batch stalls the server for seconds each): its
+        strategy's candidate side formats, dense, for decode and extend. Formats outside
+        that menu (strategies that list none) compile when first met."""
+        pool = self.token_to_kv_pool
+        sides = [SideFormat("dense")]
+        if self._policy is not None:
+            bound = self._policy.bind(pool.head_dim)
+            sides += bound.strategy.candidates(pool.head_dim, bound.channel_selector)
+        variants = launch_variants(sides)
+        aligned = all(s.width % 8 == 0 for s in sides if s.kind != "dense")
+        start = time.perf_counter()
+        for tuning in (DECODE_TUNING, EXTEND_TUNING):
+            compile_variants(variants, tuning, num_q_heads // pool.head_num, pool.head_num, pool.head_dim, pool.dtype,
+                             aligned, True, pool.query_stats.window > 0, pool.device)
+        self._compiled = True
+        logger.info("MosaicKV: %d attention kernel variants (decode and extend) ready in %.1f s",
+                    2 * len(variants), time.perf_counter() - start)
 
     def _forward_plan(self, forward_batch: ForwardBatch, reqs: list[RequestKV], num_q_heads: int,
                       extend: bool) -> ForwardPlan:
@@ -273,6 +300,8 @@ class MosaicAttnBackend(TorchNativeAttnBackend):
         with_lse = pool.query_stats.window > 0
         lse = torch.empty(q_.shape[:2], dtype=torch.float32, device=q.device) if with_lse else None
         if self.kernels:
+            if not self._compiled:
+                self._compile(layer.tp_q_head_num)
             plan = self._forward_plan(forward_batch, reqs, layer.tp_q_head_num, extend)
             run_plan(plan.layers[layer.layer_id - pool.start_layer], pool.arena.values, pool.arena.data,
                      pool.block_table, pool.widths_aligned, pool.get_key_buffer(layer.layer_id),

@@ -309,3 +309,58 @@ def test_kernel_path_plans_once_per_forward():
     finally:
         MosaicAttnBackend._forward_plan = original
     assert len(batch_plans) == LAYERS and len(set(batch_plans)) == 1  # every layer reads the one plan
+
+
+def compiled_kernels() -> int:
+    """Variants of the attention kernel compiled so far (Triton's per-device caches)."""
+    from mosaickv.kernels.decode import _mixed_attn_kernel
+
+    return sum(len(cache[0]) for cache in _mixed_attn_kernel.device_caches.values())
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_compiled_variants_cover_every_launch_of_the_policys_segments(device):
+    """The kernels compiled before the first batch (the policy's candidate formats) are
+    all that batches of segments the policy really sealed launch; on the GPU, running
+    those batches compiles nothing more."""
+    from mosaickv.compressor import compress_segment
+    from mosaickv.config import load_policy
+    from mosaickv.kernels.decode import run_plan
+    from mosaickv.kernels.layout import launch_variants
+    from mosaickv.sglang_patch.attention import RequestKV, plan_forward
+    from mosaickv.sglang_patch.sizing import segment_budget_bytes
+
+    if device == "cpu" and torch.cuda.is_available():
+        pytest.skip("the kernels are compiled for the GPU here; the cuda case runs them")
+    d, group = 64, 3
+    policy = load_policy("mosaic", segment_size=SEG, window=SEG).bind(d)
+    twin = Twin(group, d, device)
+    twin.mosaic._policy = policy
+    twin.mosaic._compile(HKV * group)  # in the interpreter on the CPU: every variant launches
+    compiled = compiled_kernels() if device == "cuda" else 0
+    sides = [SideFormat("dense"), *policy.strategy.candidates(d, policy.channel_selector)]
+    variants = set(launch_variants(sides))
+    budget = segment_budget_bytes(KVShape(LAYERS, HKV, d, d), SEG, 3.0)
+    g = torch.Generator().manual_seed(0)
+    slabs = []
+    for seg in range(6):
+        k, v = (torch.randn(LAYERS, HKV, SEG, d, generator=g) * (1 + seg) for _ in range(2))
+        blocks = compress_segment(policy, k, v, budget, query_stats=torch.rand(LAYERS, HKV, d, generator=g) + 0.1,
+                                  attention=torch.softmax(torch.randn(LAYERS, HKV, SEG, generator=g) * 3, -1))
+        slabs.append(twin.pool.seal(list(range(1 + seg * SEG, 1 + (seg + 1) * SEG)), blocks))
+    launched = set()
+    for nq, extend in ((1, False), (5, True), (1, False), (40, True)):
+        req = RequestKV(torch.arange(1, 6 * SEG + nq + 1), [*slabs, torch.arange(1, nq + 1)], nq)
+        plan = plan_forward(twin.pool, [req, req], HKV * group, extend)
+        launched |= {(ln.k_kind, ln.v_kind, ln.r_max) for layer in plan.layers for ln in layer.launches}
+        if device == "cuda":
+            q = torch.randn(2 * nq, HKV * group, d, device=device).bfloat16()
+            lse = torch.empty(2 * nq, HKV * group, device=device)
+            for i, layer_plan in enumerate(plan.layers):
+                run_plan(layer_plan, twin.pool.arena.values, twin.pool.arena.data, twin.pool.block_table,
+                         twin.pool.widths_aligned, twin.pool.k_buffer[i], twin.pool.v_buffer[i], plan.tail_rows, q,
+                         torch.empty_like(q), 0.125, plan.group, plan.tuning, lse)
+    assert len(launched) > 3 and launched <= variants
+    if device == "cuda":
+        torch.cuda.synchronize()
+        assert compiled_kernels() == compiled, "a batch compiled a kernel variant the warm-up did not"

@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from mosaickv.kernels._interpret import patch_interpreter
-from mosaickv.kernels.layout import Arena, AttentionPlan, build_plan, pack_requests, ragged_tails
+from mosaickv.kernels.layout import Arena, AttentionPlan, Launch, build_plan, pack_requests, ragged_tails
 from mosaickv.reference import CompressedLayer
 
 patch_interpreter()
@@ -98,7 +98,7 @@ def _tile(values_ptr, index_ptr, off, width, aux, tok, tok_ok, toks, cols, jr, s
     return tile
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_list"])  # item counts vary every step: one compiled kernel for all
 def _mixed_attn_kernel(
     q_ptr, stride_qt, stride_qh,
     values_ptr, index_ptr, table_ptr, block_idx_ptr,
@@ -362,6 +362,43 @@ class MixedAttention:
         run_plan(p, a.values, a.index, a.table, a.widths_aligned, self._tail_k, self._tail_v, None, q, out,
                  self._scale, self._group, self)
         return out
+
+
+def compile_variants(
+    variants: Sequence[tuple[int, int, int]],
+    tuning: MixedAttention,
+    group: int,
+    num_kv_heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    aligned: bool,
+    tail_indexed: bool,
+    with_lse: bool,
+    device: torch.device | str,
+) -> None:
+    """Compile the kernels a server will launch before its first batch needs them: each
+    ``(k_kind, v_kind, R_MAX)`` of :func:`~mosaickv.kernels.layout.launch_variants` and the
+    merge, launched over no items on buffers of the real dtypes and stride classes (Triton
+    specialises on those, on 16-byte pointer alignment and on constants only)."""
+    dev = torch.device(device)
+    hq = group * num_kv_heads
+    block_m = max(tuning.block_m, triton.next_power_of_2(group))
+    i32 = torch.zeros(16, dtype=torch.int32, device=dev)
+    q = torch.zeros(1, hq, head_dim, dtype=dtype, device=dev)
+    tail = torch.zeros(1, num_kv_heads, head_dim, dtype=dtype, device=dev)
+    plan = AttentionPlan(
+        requests=i32[:4].view(1, 4), items=i32[:7].view(1, 7), groups=i32[:3].view(1, 3), merge_indptr=i32[4:6],
+        block_indices=i32[8:12],
+        launches=[Launch(k, v, r, i32[12:12], 1) for k, v, r in variants],
+        o_part=torch.zeros(1, block_m, head_dim, dtype=torch.float32, device=dev),
+        lse_part=torch.zeros(1, block_m, dtype=torch.float32, device=dev),
+        scratch=torch.zeros(1, 2, tuning.block_n, head_dim, dtype=torch.bfloat16, device=dev),
+        block_m=block_m, block_n=tuning.block_n, total_q=1,
+    )
+    lse = torch.zeros(1, hq, dtype=torch.float32, device=dev) if with_lse else None
+    run_plan(plan, torch.zeros(16, dtype=torch.bfloat16, device=dev), torch.zeros(16, dtype=torch.uint8, device=dev),
+             torch.zeros(1, 9, dtype=torch.int64, device=dev), aligned, tail, tail, i32[:4] if tail_indexed else None,
+             q, torch.zeros_like(q), 1.0, group, tuning, lse)
 
 
 def run_plan(

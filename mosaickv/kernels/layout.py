@@ -226,7 +226,8 @@ def read_block(values: torch.Tensor, index: torch.Tensor, row: Sequence[int], he
                 side.index = index[aux : aux + ni].to(device)
         sides.append(side)
     fmt = BlockFormat(m, sides[0].fmt, sides[1].fmt)
-    return PackedBlock(fmt=fmt, n=m if n is None else n, d=d, header=fmt.header(), k=sides[0], v=sides[1])
+    header = fmt.header().to(values.device if device is None else device)  # unpack_block densifies where it is
+    return PackedBlock(fmt=fmt, n=m if n is None else n, d=d, header=header, k=sides[0], v=sides[1])
 
 
 def place_region(blocks: Sequence[PackedBlock], head_dim: int, base_bytes: int, align: int = 16) -> Placement:
@@ -298,6 +299,25 @@ def ragged_tails(tails: Sequence[torch.Tensor]) -> tuple[torch.Tensor, np.ndarra
 
 
 TAIL = -1  # launch kind of the dense-tail items
+
+
+def r_max_for(sides: Sequence[tuple[int, int]]) -> int:
+    """A launch's ``R_MAX`` for the widest (kind, width) of each side: the widest
+    non-dense width as a power of two, at least 16."""
+    r_max = 16
+    for kind, width in sides:
+        if kind in (SPARSE, MASK, LOWRANK):
+            r_max = max(r_max, 1 << (width - 1).bit_length())
+    return r_max
+
+
+def launch_variants(sides: Sequence[SideFormat]) -> list[tuple[int, int, int]]:
+    """Every ``(k_kind, v_kind, R_MAX)`` launch that blocks whose sides are among
+    ``sides`` can lead to, plus the tail's: a launch's widths are those of one of its
+    blocks, so pairs of candidates cover every batch."""
+    kinds = [(SIDE_KINDS.index(s.kind), s.width) for s in sides]
+    variants = {(k[0], v[0], r_max_for((k, v))) for k in kinds for v in kinds}
+    return sorted(variants) + [(TAIL, TAIL, 16)]
 
 
 @dataclass
@@ -496,28 +516,24 @@ def build_layer_plans(
             continue
         k_kind, v_kind = divmod(int(kind), 4)
         rows = block_indices[kp == kind]
-        r_max = 16
-        for col, side_kind in ((2, k_kind), (6, v_kind)):
-            if side_kind in (SPARSE, MASK, LOWRANK):
-                r_max = max(r_max, 1 << (int(table[rows, col].max()) - 1).bit_length())
-        r_max_of[int(kind)] = r_max
+        r_max_of[int(kind)] = r_max_for(((k_kind, int(table[rows, 2].max())), (v_kind, int(table[rows, 6].max()))))
 
-    # One int32 upload: requests, items, groups, local merge pointers, block indices and
-    # every launch's item list, then views per layer.
+    # One int32 upload: requests, block indices, then per layer its items, groups, local
+    # merge pointers and every launch's item list. Each piece starts 16-byte aligned:
+    # Triton specialises kernels on pointer alignment, and an unaligned view would
+    # compile another variant.
     requests = np.zeros((bsz, len(REQUEST_FIELDS)), dtype=np.int64)
     requests[:, 0] = np.concatenate([[0], np.cumsum(qo_lens)])[:-1]
     requests[:, 1] = qo_lens
     requests[:, 2] = np.concatenate([[0], np.cumsum(tail_lens)])[:-1]
     requests[:, 3] = tail_lens
-    pieces: list[np.ndarray] = [requests.reshape(-1), items.reshape(-1), groups.reshape(-1),
-                                block_indices if len(block_indices) else np.zeros(1, dtype=np.int64)]
-    layer_launches: list[list[tuple[int, int, int, int, int]]] = []  # (k, v, r_max, piece, programs)
-    merge_pieces: list[int] = []
+    pieces: list[np.ndarray] = [requests.reshape(-1), block_indices if len(block_indices) else np.zeros(1, dtype=np.int64)]
+    layer_pieces: list[tuple[int, int, int, list[tuple[int, int, int, int, int]]]] = []  # items, groups, merge, launches
     for layer in range(num_layers):
         i0, i1 = item_bounds[layer], item_bounds[layer + 1]
         g0, g1 = group_bounds[layer], group_bounds[layer + 1]
-        merge_pieces.append(len(pieces))
-        pieces.append(merge_indptr[g0 : g1 + 1] - i0)
+        first = len(pieces)
+        pieces += [items[i0:i1].reshape(-1), groups[g0:g1].reshape(-1), merge_indptr[g0 : g1 + 1] - i0]
         launches = []
         layer_kinds = kinds[i0:i1]
         for kind in np.unique(layer_kinds):
@@ -526,27 +542,29 @@ def build_layer_plans(
             launches.append((k_kind, v_kind, r_max_of.get(int(kind), 16), len(pieces),
                              max(1, min(len(ids), max_programs))))
             pieces.append(ids)
-        layer_launches.append(launches)
+        layer_pieces.append((first, first + 1, first + 2, launches))
     sizes = [len(p) for p in pieces]
-    flat = torch.from_numpy(np.concatenate(pieces).astype(np.int32)).to(device)
-    views = list(flat.split(sizes))
+    padded = [-(-n // 4) * 4 for n in sizes]
+    flat = np.zeros(sum(padded), dtype=np.int32)
+    starts = np.concatenate([[0], np.cumsum(padded)[:-1]])
+    for piece, start in zip(pieces, starts):
+        flat[start : start + len(piece)] = piece
+    flat_dev = torch.from_numpy(flat).to(device)
+    views = [flat_dev[start : start + n] for start, n in zip(starts, sizes)]
     num_items = int(np.diff(item_bounds).max()) if num_layers else 0
     o_part = torch.empty(num_items, block_m, head_dim, dtype=torch.float32, device=device)
     lse_part = torch.empty(num_items, block_m, dtype=torch.float32, device=device)
-    scratch_rows = max((n for launches in layer_launches for k, v, _, _, n in launches if SPARSE in (k, v)), default=1)
+    scratch_rows = max((n for *_, launches in layer_pieces for k, v, _, _, n in launches if SPARSE in (k, v)), default=1)
     scratch = torch.zeros(scratch_rows, 2, block_n, head_dim, dtype=torch.bfloat16, device=device)
-    items_dev, groups_dev = views[1].view(-1, len(ITEM_FIELDS)), views[2].view(-1, len(GROUP_FIELDS))
     plans = []
-    for layer in range(num_layers):
-        i0, i1 = item_bounds[layer], item_bounds[layer + 1]
-        g0, g1 = group_bounds[layer], group_bounds[layer + 1]
+    for items_piece, groups_piece, merge_piece, launches in layer_pieces:
         plans.append(AttentionPlan(
             requests=views[0].view(-1, len(REQUEST_FIELDS)),
-            items=items_dev[i0:i1],
-            groups=groups_dev[g0:g1],
-            merge_indptr=views[merge_pieces[layer]],
-            block_indices=views[3],
-            launches=[Launch(k, v, r, views[piece], n) for k, v, r, piece, n in layer_launches[layer]],
+            items=views[items_piece].view(-1, len(ITEM_FIELDS)),
+            groups=views[groups_piece].view(-1, len(GROUP_FIELDS)),
+            merge_indptr=views[merge_piece],
+            block_indices=views[1],
+            launches=[Launch(k, v, r, views[piece], n) for k, v, r, piece, n in launches],
             o_part=o_part,
             lse_part=lse_part,
             scratch=scratch,

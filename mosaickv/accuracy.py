@@ -8,6 +8,13 @@ The driver only needs a ``complete(messages, max_tokens) -> str`` callable per m
 so it runs (and is tested) without a server; :func:`openai_complete` binds one to a URL
 and :func:`mosaickv.launch.launched` starts and stops a server for it.
 
+With ``prime`` each task's context goes to the method first, alone, and the driver waits
+until the server has compressed it (:class:`Client` ``settle``: a MosaicKV server's
+background sealing) before the whole prompt, which reuses the cached context, is sent.
+Without it a short answer is mostly decoded before sealing catches up, over a context
+that is still dense: priming measures the compressed cache, as a shared document or
+system prompt meets it.
+
 A request that fails is a record with its error and no score: it is counted in the
 summary's ``failed``, never averaged in as a wrong answer.
 """
@@ -26,6 +33,7 @@ from typing import Callable, Iterator, Mapping, Sequence
 from tqdm import tqdm
 
 from mosaickv.launch import NO_PROXY, ServerError, launched, server_command
+from mosaickv.server_info import wait_sealed
 from mosaickv.tasks import TOLERANCE, Task, TokenCounter, suite
 
 Complete = Callable[[list[dict], int], str]
@@ -34,6 +42,15 @@ DEFAULT_LENGTHS = (1024, 2048, 4096, 7168)  # SmolLM2's context is 8192: the lon
 
 class RequestError(RuntimeError):
     """A request the server refused or never answered (the message names the URL)."""
+
+
+@dataclass(frozen=True)
+class Client:
+    """A method's ``complete`` and its ``settle``: wait until the server has compressed
+    what it was sent (seconds waited; nothing to wait for by default)."""
+
+    complete: Complete
+    settle: Callable[[], float] = lambda: 0.0
 
 
 @dataclass(frozen=True)
@@ -119,44 +136,68 @@ def connect(
     """The method's ``complete``: its running server, or one launched on ``port`` (log to
     ``log_path``, default ``NAME.server.log``) for as long as the context lasts."""
     if method.url is not None:
-        yield openai_complete(method.url, model, request_timeout)
+        yield openai_client(method.url, model, request_timeout)
         return
     if model_path is None:
         raise ValueError(f"method {method.name!r} is launched, which needs a model path")
     command = server_command(model_path, port, method.flags or "")
     with launched(command, port, log_path or Path(f"{method.name}.server.log"), startup_timeout) as root:
-        yield openai_complete(root, model, request_timeout)
+        yield openai_client(root, model, request_timeout)
+
+
+def openai_client(base_url: str, model: str = "default", timeout: float = 600.0) -> Client:
+    """:func:`openai_complete` and, to settle, :func:`mosaickv.server_info.wait_sealed`."""
+    root = _root(base_url)
+
+    def settle() -> float:
+        try:
+            return wait_sealed(root, timeout)
+        except OSError as err:
+            raise RequestError(f"GET {root}/get_server_info failed: {getattr(err, 'reason', err)}") from None
+
+    return Client(openai_complete(base_url, model, timeout), settle)
 
 
 # ---------------------------------------------------------------- the driver
 
 
-def ask(method: str, complete: Complete, length: int, task: Task, max_tokens: int | None = None) -> dict:
-    """One request and its record; any failure of the method is the record's error, never a score."""
+def ask(method: str, client: Client | Complete, length: int, task: Task, max_tokens: int | None = None,
+        prime: bool = False) -> dict:
+    """One request and its record; any failure of the method is the record's error, never a
+    score. With ``prime`` the context goes first and the server settles (``prime_s``)."""
+    client = client if isinstance(client, Client) else Client(client)
     start = time.perf_counter()
+    settled = None
     try:
-        output = complete(task.messages(), max_tokens or task.max_new_tokens)
+        if prime:
+            client.complete([{"role": "user", "content": task.context}], 1)
+            settled = client.settle()
+        output = client.complete(task.messages(), max_tokens or task.max_new_tokens)
     except Exception as err:  # the method failed, not the answer: recorded, counted, not scored
-        return record(method, length, task, None, f"{type(err).__name__}: {err}", time.perf_counter() - start)
-    return record(method, length, task, output, None, time.perf_counter() - start)
+        return record(method, length, task, None, f"{type(err).__name__}: {err}", time.perf_counter() - start, settled)
+    return record(method, length, task, output, None, time.perf_counter() - start, settled)
 
 
-def record(method: str, length: int, task: Task, output: str | None, error: str | None, seconds: float = 0.0) -> dict:
-    """What the report keeps of one request: the task's identity, the answer and its score (None if it failed)."""
+def record(method: str, length: int, task: Task, output: str | None, error: str | None, seconds: float = 0.0,
+           prime_s: float | None = None) -> dict:
+    """What the report keeps of one request: the task's identity, the answer and its score
+    (None if it failed), and with priming the seconds the server took to settle."""
     return {
         "method": method, "kind": task.kind, "length": length, "tokens": task.meta["tokens"], "seed": task.meta["seed"],
         "depth": task.meta.get("depth"), "score": None if error is not None else task.score(output or ""), "output": output,
         "answers": list(task.answers), "seconds": round(seconds, 3), "error": error,
+        "prime_s": None if prime_s is None else round(prime_s, 3),
     }  # fmt: skip
 
 
 def evaluate(
     tasks: Sequence[tuple[int, Task]],
-    methods: Mapping[str, Complete | AbstractContextManager[Complete]],
+    methods: Mapping[str, Client | Complete | AbstractContextManager[Client | Complete]],
     max_tokens: int | None = None,
     progress: bool = True,
     save: Callable[[list[dict]], None] | None = None,
     every: int = 10,
+    prime: bool = False,
 ) -> list[dict]:
     """Every task (with its target length, as :func:`build_tasks` gives them) through every method.
 
@@ -164,7 +205,7 @@ def evaluate(
     started on enter and stopped on exit: methods run one after the other). A server
     that does not start is a failure of each of its tasks. ``max_tokens`` (None: each
     task's own budget) caps the answer. ``save`` gets the records every ``every`` requests,
-    after each method and on the way out of an interrupted run.
+    after each method and on the way out of an interrupted run. ``prime``: see the module.
     """
     records: list[dict] = []
     bar = tqdm(total=len(tasks) * len(methods), desc="mosaickv accuracy", disable=not progress)
@@ -176,7 +217,7 @@ def evaluate(
             try:
                 with context as complete:
                     for length, task in tasks:
-                        records.append(ask(name, complete, length, task, max_tokens))
+                        records.append(ask(name, complete, length, task, max_tokens, prime))
                         bar.update(1)
                         if save is not None and len(records) % every == 0:
                             save(records)

@@ -203,13 +203,15 @@ def _accuracy(args: argparse.Namespace) -> int:
         "samples": counts,
         "seed": args.seed,
         "max_tokens": args.max_tokens,
+        "prime_context": args.prime_context,
         "requests_per_method": len(tasks),
     }
     connections = {
         m.name: connect(m, args.model_path, ports.get(m.name, args.port), logs.get(m.name), args.startup_timeout, args.request_timeout, args.model_name)
         for m in methods
     }  # fmt: skip
-    records = evaluate(tasks, connections, args.max_tokens, progress=not args.quiet, save=lambda recs: write_json(out, make_result(header, recs)))
+    records = evaluate(tasks, connections, args.max_tokens, progress=not args.quiet,
+                       save=lambda recs: write_json(out, make_result(header, recs)), prime=args.prime_context)
     result = make_result(header, records)
     if args.plot:
         plot_accuracy(result, args.plot)
@@ -330,6 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     ac.add_argument("--startup-timeout", type=float, default=900.0, help="seconds a launched server has to answer /health")
     ac.add_argument("--request-timeout", type=float, default=600.0, help="seconds one request may take")
     ac.add_argument("--device", default=None, help="a description of the machine, kept in the JSON (e.g. 'H100 80GB')")
+    ac.add_argument("--prime-context", action="store_true",
+                    help="send each task's context first and wait until the server has compressed it, so the question and answer read the compressed cache")
     ac.add_argument("--output", default="accuracy.json", help="the JSON (rewritten as the run goes); server logs go beside it")
     ac.add_argument("--plot", default=None, help="write a PNG of accuracy against length and per kind")
     ac.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -24,7 +24,7 @@ from mosaickv.accuracy import (
     write_json,
 )
 from mosaickv.cli import build_parser, main
-from mosaickv.launch import ServerError, launched, server_command
+from mosaickv.launch import NO_PROXY, ServerError, launched, server_command
 from mosaickv.tasks import KINDS, TOLERANCE, hf_counter
 
 pytest.importorskip("transformers")
@@ -33,18 +33,33 @@ LENGTHS = [256, 512]
 STUB = textwrap.dedent(
     """
     # An OpenAI-compatible stub: greedy requests get the prompt back (it contains every answer);
-    # paths under /broken fail with HTTP 500.
+    # paths under /broken fail with HTTP 500; under /sealing it plays a MosaicKV server that
+    # seals for two server-info polls after each request. /events lists what it was sent.
     import json, os, sys
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+    EVENTS, PENDING = [], [0]
+
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self):
+            if self.path == "/events":
+                return self.send(200, EVENTS)
+            if self.path == "/sealing/get_server_info":
+                EVENTS.append(["info", PENDING[0]])
+                info = {"internal_states": [{"kv_compress_info": {"sealing_pending": PENDING[0], "oldest_pending_s": 0.1}}]}
+                PENDING[0] = max(0, PENDING[0] - 1)
+                return self.send(200, info)
+            if self.path == "/get_server_info":
+                return self.send(200, {"internal_states": [{}]})
             self.send(200 if self.path == "/health" else 404, {})
 
         def do_POST(self):
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             if self.path.startswith("/broken"):
                 return self.send(500, {"object": "error", "message": "stub failure"})
+            if self.path.startswith("/sealing"):
+                EVENTS.append(["post", body["max_tokens"], body["messages"][-1]["content"]])
+                PENDING[0] = 2
             greedy = body["temperature"] == 0 and isinstance(body["max_tokens"], int)
             content = body["messages"][-1]["content"] if greedy else "not a greedy request"
             self.send(200, {"choices": [{"message": {"role": "assistant", "content": content}}]})
@@ -137,7 +152,8 @@ def test_right_answers_score_100_wrong_or_empty_0_and_partial_kinds_partial(task
     assert first["multivalue"] == pytest.approx(25) and first["freqwords"] == pytest.approx(100 / 3) and first["vartrack"] == pytest.approx(20)
     assert first["single_uuid"] == first["docqa"] == 100
     rec = records[0]
-    assert set(rec) == {"method", "kind", "length", "tokens", "seed", "depth", "score", "output", "answers", "seconds", "error"}
+    assert set(rec) == {"method", "kind", "length", "tokens", "seed", "depth", "score", "output", "answers", "seconds", "error",
+                        "prime_s"}
     assert rec["score"] == 1.0 and rec["error"] is None and rec["answers"] == list(tasks[0][1].answers)
     evaluate(tasks[:2], {"capped": right}, max_tokens=5, progress=False)
     assert budgets[-2:] == [5, 5]
@@ -316,3 +332,29 @@ def test_launched_stub_server_through_the_cli_end_to_end(stub, tokenizer_dir, tm
     assert (tmp_path / "acc.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(RequestError, match=rf"POST {root}/v1/chat/completions failed"):  # nothing listens any more
         openai_complete(root)([{"role": "user", "content": "x"}], 4)
+
+
+def test_prime_context_sends_the_context_waits_for_sealing_then_asks(stub, tokenizer_dir, tmp_path, count):
+    """--prime-context: per task the context alone (one token asked), server-info polls
+    until nothing is left sealing, then the whole prompt; a server without MosaicKV is
+    not waited for."""
+    port = free_port()
+    with launched([*stub, str(port)], port, tmp_path / "stub.log", startup_timeout=60) as root:
+        out = tmp_path / "acc.json"
+        argv = [
+            "accuracy", "--server", f"mosaic={root}/sealing", "--server", f"plain={root}", "--prime-context",
+            "--tokenizer", str(tokenizer_dir), "--kinds", "single_number", "--lengths", "256", "--samples", "2",
+            "--output", str(out), "--quiet",
+        ]  # fmt: skip
+        assert main(argv) == 0
+        with NO_PROXY.open(root + "/events", timeout=10) as response:
+            events = json.loads(response.read().decode())
+    tasks = [t for _, t in build_tasks({"single_number": 2}, [256], count, seed=0)]
+    expected = []
+    for task in tasks:
+        expected += [["post", 1, task.context], ["info", 2], ["info", 1], ["info", 0],
+                     ["post", task.max_new_tokens, task.prompt]]
+    assert events == expected
+    result = json.loads(out.read_text())
+    assert result["prime_context"] is True and result["summary"]["mosaic"]["average"] == 100
+    assert all(r["prime_s"] is not None and r["prime_s"] >= 0 for r in result["records"])

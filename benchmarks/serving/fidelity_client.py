@@ -39,23 +39,14 @@ def texts(tokenizer, count: int, total: int) -> list[list[int]]:
     return [ids[i * total : (i + 1) * total] for i in range(count)]
 
 
-def sealing_pending(port: int) -> int | None:
-    """``sealing_pending`` of the server's ``kv_compress_info`` (None: not a mosaickv server)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/get_server_info", timeout=30) as r:
-        states = json.loads(r.read().decode()).get("internal_states") or [{}]
-    info = states[0].get("kv_compress_info")
-    return None if info is None else int(info["sealing_pending"])
-
-
 def wait_sealed(port: int, timeout: float = 300) -> float:
-    """Wait until every segment handed to the sealing workers is swapped in (an idle
-    mosaickv server applies finished results itself); returns the seconds waited."""
-    t = time.time()
-    while (pending := sealing_pending(port)):
-        if time.time() - t > timeout:
-            raise SystemExit(f"{pending} segments still sealing after {timeout:.0f} s")
-        time.sleep(0.2)
-    return time.time() - t
+    """:func:`mosaickv.server_info.wait_sealed` on a local port; a timeout ends the run."""
+    from mosaickv.server_info import wait_sealed as wait
+
+    try:
+        return wait(f"http://127.0.0.1:{port}", timeout)
+    except TimeoutError as err:
+        raise SystemExit(str(err)) from None
 
 
 def run(port: int, model: str, out: str, count: int, prefix: int, total: int, top: int) -> None:

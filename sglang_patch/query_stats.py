@@ -69,24 +69,45 @@ class SegmentQueryStats:
             raise ValueError(f"layer {layer} is not in [0, {self.num_layers})")
         if self.window and (keys is None or lse is None or scale is None):
             raise ValueError(f"a window of {self.window} queries records attention: keys, lse and scale are needed")
-        s, group = self.segment_size, hq // self.num_kv_heads
+        s, group, hkv, n = self.segment_size, hq // self.num_kv_heads, self.num_kv_heads, len(slots)
         first = len(slots) - nq
-        base = first // s * s
-        energy = q.detach().double().pow(2).view(nq, self.num_kv_heads, group, d).sum(2)
-        for seg in range(first // s, (len(slots) - 1) // s + 1):
-            lo, hi = max(seg * s, first), min((seg + 1) * s, len(slots))
+        seg0, nseg = first // s, (n - 1) // s - first // s + 1
+        # Per-segment sums where the queries are, one copy to the host.
+        seg_of = (torch.arange(first, n, device=q.device) // s - seg0)
+        energy = q.detach().double().pow(2).view(nq, hkv, group, d).sum(2)
+        sums = torch.zeros(nseg, hkv, d, dtype=torch.float64, device=q.device).index_add_(0, seg_of, energy).cpu()
+        attn = counts = None
+        if self.window:
+            attn, counts = self._window_attention(q, keys, lse, scale, first, n, seg0, nseg)
+        for j in range(nseg):
+            seg = seg0 + j
             key = int(slots[seg * s])
-            self._add(key, layer, energy[lo - first : hi - first].sum(0).cpu(), (hi - lo) * group)
-            lo = max(lo, (seg + 1) * s - self.window)  # the segment's last `window` queries
-            if self.window and lo < hi:
-                k = keys[seg * s - base : hi - base].float()  # [n, Hkv, d], the segment so far
-                qs = q[lo - first : hi - first].float().view(hi - lo, self.num_kv_heads, group, d)
-                logits = torch.einsum("qhgd,nhd->hgqn", qs, k) * scale
-                visible = torch.arange(seg * s, hi)[None, :] <= torch.arange(lo, hi)[:, None]
-                probs = torch.exp(logits - lse[lo - first : hi - first].float().view(hi - lo, self.num_kv_heads, group)
-                                  .permute(1, 2, 0)[..., None]).masked_fill(~visible.to(logits.device), 0.0)
-                self._attn[key][layer, :, : hi - seg * s] += probs.sum(dim=(1, 2)).double().cpu()
-                self._attn_count[key][layer] += (hi - lo) * group
+            self._add(key, layer, sums[j], (min((seg + 1) * s, n) - max(seg * s, first)) * group)
+            if attn is not None and counts[j]:
+                self._attn[key][layer] += attn[j]
+                self._attn_count[key][layer] += int(counts[j]) * group
+
+    def _window_attention(self, q: torch.Tensor, keys: torch.Tensor, lse: torch.Tensor, scale: float, first: int,
+                          n: int, seg0: int, nseg: int) -> tuple[torch.Tensor, list[int]]:
+        """Attention each touched segment's last ``window`` queries (those among this
+        step's) pay its tokens, all segments at once where the queries are: ``[nseg,
+        Hkv, S]`` float64 on the host, and how many window queries each segment had."""
+        s, w, hkv = self.segment_size, self.window, self.num_kv_heads
+        nq, hq, d = q.shape
+        group = hq // hkv
+        dev = q.device
+        segs = torch.arange(seg0, seg0 + nseg, device=dev)
+        q_pos = ((segs + 1) * s - w)[:, None] + torch.arange(w, device=dev)[None, :]  # [nseg, W]
+        q_ok = (q_pos >= first) & (q_pos < n)
+        k_pos = segs[:, None] * s + torch.arange(s, device=dev)[None, :]  # [nseg, S]
+        k_ok = k_pos < n
+        qw = q.float()[(q_pos - first).clamp(0, nq - 1)].view(nseg, w, hkv, group, d)
+        lw = lse.float()[(q_pos - first).clamp(0, nq - 1)].view(nseg, w, hkv, group)
+        kw = keys.float()[(k_pos - seg0 * s).clamp(0, keys.shape[0] - 1)]  # [nseg, S, Hkv, d]
+        logits = torch.einsum("swhgd,sthd->swhgt", qw, kw) * scale - lw[..., None]
+        visible = q_ok[:, :, None] & k_ok[:, None, :] & (k_pos[:, None, :] <= q_pos[:, :, None])  # [nseg, W, S]
+        probs = torch.exp(logits).masked_fill(~visible[:, :, None, None, :], 0.0)
+        return probs.sum(dim=(1, 3)).double().cpu(), q_ok.sum(1).tolist()
 
     def observe_decode(self, layer: int, q: torch.Tensor, first_slots: list[int], positions: torch.Tensor,
                        keys: torch.Tensor | None = None, lse: torch.Tensor | None = None,

@@ -145,32 +145,57 @@ def attend_request(pool: MosaicKVPool, layer_id: int, q: torch.Tensor, runs: lis
     return out, lse
 
 
+@dataclass
+class StatInputs:
+    """What the query statistics read besides the queries, the same for every layer of a
+    forward (found at its first layer): for a decode batch each query's position in its
+    segment and that segment's first slot; with a window, the dense rows of the keys."""
+
+    decode: bool
+    positions: Optional[torch.Tensor] = None  # decode: [B] host
+    firsts: Optional[list[int]] = None  # decode: first slot of each query's segment
+    rows: Optional[torch.Tensor] = None  # decode: [B, S] device rows; extend: unused
+    request_rows: Optional[list[torch.Tensor]] = None  # extend: per request, device rows from its first query's segment
+
+
+def stat_inputs(pool: MosaicKVPool, reqs: list[RequestKV]) -> StatInputs:
+    stats = pool.query_stats
+    seg = stats.segment_size
+    if all(req.nq == 1 for req in reqs):
+        pos = torch.tensor([(len(req.slots) - 1) % seg for req in reqs], dtype=torch.int64)
+        firsts = [int(req.slots[len(req.slots) - 1 - p]) for req, p in zip(reqs, pos.tolist())]
+        rows = None
+        if stats.window:
+            rows = torch.zeros(len(reqs), seg, dtype=torch.int64)
+            for b, (req, p) in enumerate(zip(reqs, pos.tolist())):
+                rows[b, : p + 1] = pool.dense_rows(req.slots[len(req.slots) - 1 - p :])
+            rows = rows.to(pool.device)
+        return StatInputs(True, pos, firsts, rows)
+    request_rows = None
+    if stats.window:
+        request_rows = [pool.dense_rows(req.slots[(len(req.slots) - req.nq) // seg * seg :]).to(pool.device)
+                        for req in reqs]
+    return StatInputs(False, request_rows=request_rows)
+
+
 def record_queries(pool: MosaicKVPool, layer_id: int, q: torch.Tensor, reqs: list[RequestKV],
-                   lse: Optional[torch.Tensor], scale: float) -> None:
+                   lse: Optional[torch.Tensor], scale: float, inputs: StatInputs) -> None:
     """Feed the step's queries ``q`` [sum nq, Hq, d] (and, with a window, their
     log-sum-exp ``lse`` [sum nq, Hq]) to the pool's per-segment statistics (host memory).
     A decode batch goes in one computation and one copy (:meth:`observe_decode`); an
     extend batch request by request, with the keys of the segments its queries fall in."""
     stats, local = pool.query_stats, layer_id - pool.start_layer
-    seg = stats.segment_size
-    if all(req.nq == 1 for req in reqs):
-        pos = torch.tensor([(len(req.slots) - 1) % seg for req in reqs])
-        firsts = [int(req.slots[len(req.slots) - 1 - p]) for req, p in zip(reqs, pos.tolist())]
-        keys = None
-        if stats.window:
-            rows = torch.zeros(len(reqs), seg, dtype=torch.int64)
-            for b, (req, p) in enumerate(zip(reqs, pos.tolist())):
-                rows[b, : p + 1] = pool.dense_rows(req.slots[len(req.slots) - 1 - p :])
-            keys = pool.get_key_buffer(layer_id)[rows.to(pool.device)]
-        stats.observe_decode(local, q, firsts, pos, keys=keys, lse=lse, scale=scale)
+    k_buf = pool.get_key_buffer(layer_id)
+    if inputs.decode:
+        keys = None if inputs.rows is None else k_buf[inputs.rows]
+        stats.observe_decode(local, q, inputs.firsts, inputs.positions, keys=keys, lse=lse, scale=scale)
         return
     start = 0
-    for req in reqs:
+    for i, req in enumerate(reqs):
         q_req = q[start : start + req.nq]
         keys = lse_req = None
         if stats.window:
-            first = (len(req.slots) - req.nq) // seg * seg
-            keys = pool.get_key_buffer(layer_id)[pool.dense_rows(req.slots[first:]).to(pool.device)]
+            keys = k_buf[inputs.request_rows[i]]
             lse_req = lse[start : start + req.nq]
         stats.observe(local, q_req, req.slots, keys=keys, lse=lse_req, scale=scale)
         start += req.nq
@@ -243,10 +268,11 @@ class MosaicAttnBackend(TorchNativeAttnBackend):
         self._compiled = False
         self._located: Optional[tuple[ForwardBatch, list[RequestKV]]] = None
         self._plan: Optional[tuple[ForwardBatch, ForwardPlan]] = None
+        self._stat_inputs: Optional[tuple[ForwardBatch, StatInputs]] = None
 
     def init_forward_metadata(self, forward_batch: ForwardBatch) -> None:
         super().init_forward_metadata(forward_batch)
-        self._located = self._plan = None  # sealing and freeing between forwards move tokens
+        self._located = self._plan = self._stat_inputs = None  # sealing and freeing between forwards move tokens
 
     def _requests(self, forward_batch: ForwardBatch, q_lens: list[int]) -> list[RequestKV]:
         """Where each request's tokens are: found at the first layer, read by all of them."""
@@ -316,7 +342,9 @@ class MosaicAttnBackend(TorchNativeAttnBackend):
                 if with_lse:
                     lse[start : start + req.nq] = lse_req
                 start += req.nq
-        record_queries(pool, layer.layer_id, q_, reqs, lse, layer.scaling)
+        if self._stat_inputs is None or self._stat_inputs[0] is not forward_batch:
+            self._stat_inputs = (forward_batch, stat_inputs(pool, reqs))
+        record_queries(pool, layer.layer_id, q_, reqs, lse, layer.scaling, self._stat_inputs[1])
         return o
 
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True):

@@ -54,24 +54,19 @@ the pool's device) of still-dense tokens."""
 
 
 def locate(pool: MosaicKVPool, slots: torch.Tensor) -> list[Run]:
-    """A request's tokens (host ``slots``, in token order) as runs, from the page tables
-    (dense rows on the host; :func:`on_device` moves them)."""
+    """A request's tokens (host ``slots``, in token order) as runs, from the page tables."""
     sealed = pool.page_to_slab[slots // pool.page_size]
     bounds = [0, *((sealed[1:] != sealed[:-1]).nonzero().flatten() + 1).tolist(), len(slots)]
     runs: list[Run] = []
     for lo, hi in zip(bounds, bounds[1:]):
         slab = int(sealed[lo])
         if slab == UNMAPPED:
-            runs.append(pool.dense_rows(slots[lo:hi]))
+            runs.append(pool.dense_rows(slots[lo:hi]).to(pool.device))
         elif hi - lo != pool.plan.segment_size:  # which tokens a part would see is not stored
             raise ValueError(f"a request reads {hi - lo} tokens of sealed segment {slab}; segments are read whole")
         else:
             runs.append(slab)
     return runs
-
-
-def on_device(pool: MosaicKVPool, runs: list[Run]) -> list[Run]:
-    return [run if isinstance(run, int) else run.to(pool.device) for run in runs]
 
 
 def _cat(tensors: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
@@ -148,14 +143,20 @@ def attend_request(pool: MosaicKVPool, layer_id: int, q: torch.Tensor, runs: lis
 @dataclass
 class StatInputs:
     """What the query statistics read besides the queries, the same for every layer of a
-    forward (found at its first layer): for a decode batch each query's position in its
-    segment and that segment's first slot; with a window, the dense rows of the keys."""
+    forward: for a decode batch each query's position in its segment and that segment's
+    first slot; with a window, the dense rows of the keys they read."""
 
     decode: bool
     positions: Optional[torch.Tensor] = None  # decode: [B] host
     firsts: Optional[list[int]] = None  # decode: first slot of each query's segment
-    rows: Optional[torch.Tensor] = None  # decode: [B, S] device rows; extend: unused
-    request_rows: Optional[list[torch.Tensor]] = None  # extend: per request, device rows from its first query's segment
+    rows: Optional[torch.Tensor] = None  # decode: [B, S] device rows
+    request_rows: Optional[list[torch.Tensor]] = None  # extend: per request, rows from its first query's segment on
+
+
+def trailing_rows(req: RequestKV, count: int) -> torch.Tensor:
+    """Dense rows of a request's last ``count`` tokens: a segment holding one of the step's
+    queries is still being written, so it and everything after it are the last dense run."""
+    return req.runs[-1][len(req.runs[-1]) - count :]
 
 
 def stat_inputs(pool: MosaicKVPool, reqs: list[RequestKV]) -> StatInputs:
@@ -166,15 +167,13 @@ def stat_inputs(pool: MosaicKVPool, reqs: list[RequestKV]) -> StatInputs:
         firsts = [int(req.slots[len(req.slots) - 1 - p]) for req, p in zip(reqs, pos.tolist())]
         rows = None
         if stats.window:
-            rows = torch.zeros(len(reqs), seg, dtype=torch.int64)
+            rows = torch.zeros(len(reqs), seg, dtype=torch.int64, device=pool.device)
             for b, (req, p) in enumerate(zip(reqs, pos.tolist())):
-                rows[b, : p + 1] = pool.dense_rows(req.slots[len(req.slots) - 1 - p :])
-            rows = rows.to(pool.device)
+                rows[b, : p + 1] = trailing_rows(req, p + 1)
         return StatInputs(True, pos, firsts, rows)
     request_rows = None
     if stats.window:
-        request_rows = [pool.dense_rows(req.slots[(len(req.slots) - req.nq) // seg * seg :]).to(pool.device)
-                        for req in reqs]
+        request_rows = [trailing_rows(req, len(req.slots) - (len(req.slots) - req.nq) // seg * seg) for req in reqs]
     return StatInputs(False, request_rows=request_rows)
 
 
@@ -217,6 +216,16 @@ EXTEND_TUNING = MixedAttention(block_m=32, block_n=32)
 
 
 @dataclass
+class ForwardState:
+    """What every layer of one forward reads, found at its first layer: where each
+    request's tokens are, the query statistics' inputs and (Triton path) the plan."""
+
+    reqs: list[RequestKV]
+    stats: StatInputs
+    plan: Optional[ForwardPlan] = None
+
+
+@dataclass
 class ForwardPlan:
     """A forward's kernel work, planned once on the host for every layer."""
 
@@ -235,8 +244,8 @@ def plan_forward(pool: MosaicKVPool, reqs: list[RequestKV], num_q_heads: int, ex
     group = num_q_heads // hkv
     tuning = EXTEND_TUNING if extend else DECODE_TUNING
     slabs = [np.asarray([r for r in req.runs if isinstance(r, int)], dtype=np.int64) for req in reqs]
-    tails = [torch.cat([r for r in req.runs if not isinstance(r, int)] or [torch.zeros(0, dtype=torch.int64)])
-             for req in reqs]
+    empty = torch.zeros(0, dtype=torch.int64, device=pool.device)
+    tails = [torch.cat([r for r in req.runs if not isinstance(r, int)] or [empty]) for req in reqs]
     counts = np.asarray([len(s) for s in slabs], dtype=np.int64)
     # (layer, request, kv head, segment) order; a block's table row is (slab * layers + layer) * hkv + head.
     per_layer = np.concatenate([(s[None, :] * layers * hkv + np.arange(hkv)[:, None]).reshape(-1) for s in slabs]
@@ -266,24 +275,22 @@ class MosaicAttnBackend(TorchNativeAttnBackend):
         self.kernels = getattr(server_args, "kv_compress_attention", "triton") == "triton"
         self._policy = getattr(server_args, "mosaic_policy", None)
         self._compiled = False
-        self._located: Optional[tuple[ForwardBatch, list[RequestKV]]] = None
-        self._plan: Optional[tuple[ForwardBatch, ForwardPlan]] = None
-        self._stat_inputs: Optional[tuple[ForwardBatch, StatInputs]] = None
+        self._forward: Optional[tuple[ForwardBatch, ForwardState]] = None
 
     def init_forward_metadata(self, forward_batch: ForwardBatch) -> None:
         super().init_forward_metadata(forward_batch)
-        self._located = self._plan = self._stat_inputs = None  # sealing and freeing between forwards move tokens
+        self._forward = None  # sealing and freeing between forwards move tokens
 
-    def _requests(self, forward_batch: ForwardBatch, q_lens: list[int]) -> list[RequestKV]:
-        """Where each request's tokens are: found at the first layer, read by all of them."""
-        if self._located is None or self._located[0] is not forward_batch:
+    def _state(self, forward_batch: ForwardBatch, q_lens: list[int]) -> ForwardState:
+        """The forward's :class:`ForwardState`: built at the first layer, read by all of them."""
+        if self._forward is None or self._forward[0] is not forward_batch:
             seq_lens = forward_batch.seq_lens.tolist()
             req_to_token = self.req_to_token_pool.req_to_token
             rows = req_to_token[forward_batch.req_pool_indices, : max(seq_lens)].cpu().long()
             reqs = [RequestKV(row[:n], locate(self.token_to_kv_pool, row[:n]), nq)
                     for row, n, nq in zip(rows, seq_lens, q_lens)]
-            self._located = (forward_batch, reqs)
-        return self._located[1]
+            self._forward = (forward_batch, ForwardState(reqs, stat_inputs(self.token_to_kv_pool, reqs)))
+        return self._forward[1]
 
     def _compile(self, num_q_heads: int) -> None:
         """Compile, before the first batch runs them, the kernels this policy's formats
@@ -305,11 +312,11 @@ class MosaicAttnBackend(TorchNativeAttnBackend):
         logger.info("MosaicKV: %d attention kernel variants (decode and extend) ready in %.1f s",
                     2 * len(variants), time.perf_counter() - start)
 
-    def _forward_plan(self, forward_batch: ForwardBatch, reqs: list[RequestKV], num_q_heads: int,
+    def _forward_plan(self, forward_batch: ForwardBatch, state: ForwardState, num_q_heads: int,
                       extend: bool) -> ForwardPlan:
-        if self._plan is None or self._plan[0] is not forward_batch:
-            self._plan = (forward_batch, plan_forward(self.token_to_kv_pool, reqs, num_q_heads, extend))
-        return self._plan[1]
+        if state.plan is None:
+            state.plan = plan_forward(self.token_to_kv_pool, state.reqs, num_q_heads, extend)
+        return state.plan
 
     def _run(self, q: torch.Tensor, k: Optional[torch.Tensor], v: Optional[torch.Tensor], layer: RadixAttention,
              forward_batch: ForwardBatch, save_kv_cache: bool, extend: bool) -> torch.Tensor:
@@ -322,13 +329,14 @@ class MosaicAttnBackend(TorchNativeAttnBackend):
         o = q.new_empty((q_.shape[0], layer.tp_q_head_num * layer.v_head_dim))
         o_ = o.view(-1, layer.tp_q_head_num, layer.v_head_dim)
         q_lens = forward_batch.extend_seq_lens_cpu if extend else [1] * len(forward_batch.seq_lens)
-        reqs = self._requests(forward_batch, q_lens)
+        state = self._state(forward_batch, q_lens)
+        reqs = state.reqs
         with_lse = pool.query_stats.window > 0
         lse = torch.empty(q_.shape[:2], dtype=torch.float32, device=q.device) if with_lse else None
         if self.kernels:
             if not self._compiled:
                 self._compile(layer.tp_q_head_num)
-            plan = self._forward_plan(forward_batch, reqs, layer.tp_q_head_num, extend)
+            plan = self._forward_plan(forward_batch, state, layer.tp_q_head_num, extend)
             run_plan(plan.layers[layer.layer_id - pool.start_layer], pool.arena.values, pool.arena.data,
                      pool.block_table, pool.widths_aligned, pool.get_key_buffer(layer.layer_id),
                      pool.get_value_buffer(layer.layer_id), plan.tail_rows, q_, o_, layer.scaling, plan.group,
@@ -337,14 +345,12 @@ class MosaicAttnBackend(TorchNativeAttnBackend):
             start = 0
             for req in reqs:
                 out, lse_req = attend_request(pool, layer.layer_id, q_[start : start + req.nq],
-                                              on_device(pool, req.runs), layer.scaling, extend, with_lse)
+                                              req.runs, layer.scaling, extend, with_lse)
                 o_[start : start + req.nq] = out
                 if with_lse:
                     lse[start : start + req.nq] = lse_req
                 start += req.nq
-        if self._stat_inputs is None or self._stat_inputs[0] is not forward_batch:
-            self._stat_inputs = (forward_batch, stat_inputs(pool, reqs))
-        record_queries(pool, layer.layer_id, q_, reqs, lse, layer.scaling, self._stat_inputs[1])
+        record_queries(pool, layer.layer_id, q_, reqs, lse, layer.scaling, state.stats)
         return o
 
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True):

@@ -22,7 +22,7 @@ from sglang.srt.model_executor.pool_configurator import DefaultPoolConfigurator,
 import numpy as np
 
 from mosaickv.formats import VALUE_DTYPE, PackedBlock, unpack_block
-from mosaickv.kernels.layout import DENSE, TABLE_FIELDS, place_region, read_block, region_bytes
+from mosaickv.kernels.layout import TABLE_FIELDS, place_region, read_block, region_bytes, widths_aligned
 from mosaickv.sglang_patch.query_stats import SegmentQueryStats
 from mosaickv.sglang_patch.sizing import CapacityPlan, KVShape, plan_capacity
 
@@ -278,9 +278,7 @@ class MosaicKVPool(MHATokenToKVPool):
         row = self.table_row(slab, 0)
         self.block_table_host[row : row + len(flat)] = place.table
         self.block_table[row : row + len(flat)] = torch.from_numpy(place.table).to(self.device)
-        used = place.table[:, 0] > 0
-        widths = place.table[:, [2, 6]][(place.table[:, [1, 5]] != DENSE) & used[:, None]]
-        if (widths % 8).any():
+        if not widths_aligned(place.table):
             self._unaligned_slabs.add(slab)
         for page in pages:
             dense = int(self.page_to_dense[page])

@@ -76,38 +76,22 @@ class SegmentQueryStats:
         seg_of = (torch.arange(first, n, device=q.device) // s - seg0)
         energy = q.detach().double().pow(2).view(nq, hkv, group, d).sum(2)
         sums = torch.zeros(nseg, hkv, d, dtype=torch.float64, device=q.device).index_add_(0, seg_of, energy).cpu()
-        attn = counts = None
+        attn, counts = None, [0] * nseg
         if self.window:
-            attn, counts = self._window_attention(q, keys, lse, scale, first, n, seg0, nseg)
+            # Each touched segment's last `window` positions, those that are this step's queries.
+            w = self.window
+            starts = torch.arange(seg0, seg0 + nseg, device=q.device) * s
+            q_pos = (s - w) + torch.arange(w, device=q.device)[None, :].expand(nseg, w)  # within the segment
+            absolute = starts[:, None] + q_pos
+            q_ok = (absolute >= first) & (absolute < n)
+            pick = (absolute - first).clamp(0, nq - 1)
+            k_rows = (starts[:, None] - seg0 * s + torch.arange(s, device=q.device)[None, :]).clamp(max=keys.shape[0] - 1)
+            attn = self._paid_attention(q[pick], lse[pick], keys[k_rows], q_pos, q_ok, scale)
+            counts = q_ok.sum(1).tolist()
         for j in range(nseg):
             seg = seg0 + j
-            key = int(slots[seg * s])
-            self._add(key, layer, sums[j], (min((seg + 1) * s, n) - max(seg * s, first)) * group)
-            if attn is not None and counts[j]:
-                self._attn[key][layer] += attn[j]
-                self._attn_count[key][layer] += int(counts[j]) * group
-
-    def _window_attention(self, q: torch.Tensor, keys: torch.Tensor, lse: torch.Tensor, scale: float, first: int,
-                          n: int, seg0: int, nseg: int) -> tuple[torch.Tensor, list[int]]:
-        """Attention each touched segment's last ``window`` queries (those among this
-        step's) pay its tokens, all segments at once where the queries are: ``[nseg,
-        Hkv, S]`` float64 on the host, and how many window queries each segment had."""
-        s, w, hkv = self.segment_size, self.window, self.num_kv_heads
-        nq, hq, d = q.shape
-        group = hq // hkv
-        dev = q.device
-        segs = torch.arange(seg0, seg0 + nseg, device=dev)
-        q_pos = ((segs + 1) * s - w)[:, None] + torch.arange(w, device=dev)[None, :]  # [nseg, W]
-        q_ok = (q_pos >= first) & (q_pos < n)
-        k_pos = segs[:, None] * s + torch.arange(s, device=dev)[None, :]  # [nseg, S]
-        k_ok = k_pos < n
-        qw = q.float()[(q_pos - first).clamp(0, nq - 1)].view(nseg, w, hkv, group, d)
-        lw = lse.float()[(q_pos - first).clamp(0, nq - 1)].view(nseg, w, hkv, group)
-        kw = keys.float()[(k_pos - seg0 * s).clamp(0, keys.shape[0] - 1)]  # [nseg, S, Hkv, d]
-        logits = torch.einsum("swhgd,sthd->swhgt", qw, kw) * scale - lw[..., None]
-        visible = q_ok[:, :, None] & k_ok[:, None, :] & (k_pos[:, None, :] <= q_pos[:, :, None])  # [nseg, W, S]
-        probs = torch.exp(logits).masked_fill(~visible[:, :, None, None, :], 0.0)
-        return probs.sum(dim=(1, 3)).double().cpu(), q_ok.sum(1).tolist()
+            self._add(int(slots[seg * s]), layer, sums[j], (min((seg + 1) * s, n) - max(seg * s, first)) * group,
+                      None if attn is None else attn[j], counts[j] * group)
 
     def observe_decode(self, layer: int, q: torch.Tensor, first_slots: list[int], positions: torch.Tensor,
                        keys: torch.Tensor | None = None, lse: torch.Tensor | None = None,
@@ -122,20 +106,30 @@ class SegmentQueryStats:
             return
         group = hq // self.num_kv_heads
         energy = q.detach().double().pow(2).view(bsz, self.num_kv_heads, group, d).sum(2).cpu()
-        probs = None
         in_window = positions >= self.segment_size - self.window
+        attn = None
         if self.window and bool(in_window.any()):
-            logits = torch.einsum("bhgd,bnhd->bhgn", q.float().view(bsz, self.num_kv_heads, group, d), keys.float())
-            logits = logits * scale - lse.float().view(bsz, self.num_kv_heads, group, 1)
-            visible = torch.arange(self.segment_size)[None, :] <= positions[:, None]
-            probs = torch.exp(logits).sum(2).masked_fill(~visible[:, None, :].to(q.device), 0.0).double().cpu()
+            attn = self._paid_attention(q[:, None], lse[:, None], keys, positions[:, None].to(q.device),
+                                        in_window[:, None].to(q.device), scale)
         for b, key in enumerate(first_slots):
-            self._add(key, layer, energy[b], group)
-            if probs is not None and bool(in_window[b]):
-                self._attn[key][layer] += probs[b]
-                self._attn_count[key][layer] += group
+            self._add(key, layer, energy[b], group, None if attn is None else attn[b], int(in_window[b]) * group)
 
-    def _add(self, key: int, layer: int, energy: torch.Tensor, count: int) -> None:
+    def _paid_attention(self, q: torch.Tensor, lse: torch.Tensor, keys: torch.Tensor, q_pos: torch.Tensor,
+                        q_ok: torch.Tensor, scale: float) -> torch.Tensor:
+        """Attention ``N`` segments' chosen queries pay their own segment's tokens, summed
+        over queries and the GQA group: ``q`` [N, W, Hq, d] at positions ``q_pos`` [N, W]
+        within their segment (``q_ok`` marks real ones), ``lse`` [N, W, Hq], ``keys`` [N, S,
+        Hkv, d]. A query sees the tokens up to its own position. [N, Hkv, S] float64 on the host."""
+        n, w, hq, d = q.shape
+        hkv = self.num_kv_heads
+        logits = torch.einsum("nwhgd,nthd->nwhgt", q.float().view(n, w, hkv, hq // hkv, d), keys.float()) * scale
+        logits = logits - lse.float().view(n, w, hkv, hq // hkv)[..., None]
+        visible = q_ok[:, :, None] & (torch.arange(self.segment_size, device=q.device)[None, None, :] <= q_pos[:, :, None])
+        probs = torch.exp(logits).masked_fill(~visible[:, :, None, None, :], 0.0)
+        return probs.sum(dim=(1, 3)).double().cpu()
+
+    def _add(self, key: int, layer: int, energy: torch.Tensor, count: int, attn: torch.Tensor | None = None,
+             attn_count: int = 0) -> None:
         if key not in self._sum:
             self._sum[key] = torch.zeros(self.num_layers, self.num_kv_heads, self.head_dim, dtype=torch.float64)
             self._count[key] = torch.zeros(self.num_layers, dtype=torch.int64)
@@ -143,6 +137,9 @@ class SegmentQueryStats:
             self._attn_count[key] = torch.zeros(self.num_layers, dtype=torch.int64)
         self._sum[key][layer] += energy
         self._count[key][layer] += count
+        if attn is not None and attn_count:
+            self._attn[key][layer] += attn
+            self._attn_count[key][layer] += attn_count
 
     def rms(self, first_slot: int) -> torch.Tensor | None:
         """[L, Hkv, d] rotary-pair RMS of the segment's queries (``Observation.query_rms``),

@@ -160,7 +160,6 @@ class Arena:
     def from_table(values: torch.Tensor, index: torch.Tensor, table: np.ndarray, head_dim: int, align: int, pad_bytes: int) -> "Arena":
         """Wrap buffers already laid out per ``table`` (host int64 ``[num_blocks, 9]``)."""
         kinds = np.concatenate([table[:, 1], table[:, 5]])
-        widths = np.concatenate([table[:, 2], table[:, 6]])
         used = np.tile(table[:, 0], 2) > 0
         return Arena(
             values=values,
@@ -169,7 +168,7 @@ class Arena:
             head_dim=head_dim,
             table_host=np.ascontiguousarray(table, dtype=np.int64),
             has_sparse=bool(((kinds == SPARSE) & used).any()),
-            widths_aligned=bool(align % 16 == 0 and np.all(widths[(kinds != DENSE) & used] % 8 == 0)),
+            widths_aligned=align % 16 == 0 and widths_aligned(table),
             align=align,
             pad_bytes=pad_bytes,
         )
@@ -202,6 +201,14 @@ class Arena:
         """Read block ``i`` back, on the host, as a :class:`PackedBlock` (``n`` defaults to
         its kept tokens)."""
         return read_block(self.values, self.index, self.table_host[i], self.head_dim, n, device="cpu")
+
+
+def widths_aligned(table: np.ndarray) -> bool:
+    """Every non-dense width of the blocks in ``table`` that keep tokens is a multiple of 8,
+    so the kernels may load their rows as vectors (``ALIGNED``)."""
+    kinds, widths = table[:, [1, 5]], table[:, [2, 6]]
+    used = (table[:, 0] > 0)[:, None]
+    return bool(np.all(widths[(kinds != DENSE) & used] % 8 == 0))
 
 
 def read_block(values: torch.Tensor, index: torch.Tensor, row: Sequence[int], head_dim: int, n: int | None = None,
@@ -528,7 +535,7 @@ def build_layer_plans(
     requests[:, 2] = np.concatenate([[0], np.cumsum(tail_lens)])[:-1]
     requests[:, 3] = tail_lens
     pieces: list[np.ndarray] = [requests.reshape(-1), block_indices if len(block_indices) else np.zeros(1, dtype=np.int64)]
-    layer_pieces: list[tuple[int, int, int, list[tuple[int, int, int, int, int]]]] = []  # items, groups, merge, launches
+    layer_pieces: list[tuple[int, list[tuple[int, int, int, int, int]]]] = []  # first piece (items), launches
     for layer in range(num_layers):
         i0, i1 = item_bounds[layer], item_bounds[layer + 1]
         g0, g1 = group_bounds[layer], group_bounds[layer + 1]
@@ -542,7 +549,7 @@ def build_layer_plans(
             launches.append((k_kind, v_kind, r_max_of.get(int(kind), 16), len(pieces),
                              max(1, min(len(ids), max_programs))))
             pieces.append(ids)
-        layer_pieces.append((first, first + 1, first + 2, launches))
+        layer_pieces.append((first, launches))
     sizes = [len(p) for p in pieces]
     padded = [-(-n // 4) * 4 for n in sizes]
     flat = np.zeros(sum(padded), dtype=np.int32)
@@ -554,15 +561,15 @@ def build_layer_plans(
     num_items = int(np.diff(item_bounds).max()) if num_layers else 0
     o_part = torch.empty(num_items, block_m, head_dim, dtype=torch.float32, device=device)
     lse_part = torch.empty(num_items, block_m, dtype=torch.float32, device=device)
-    scratch_rows = max((n for *_, launches in layer_pieces for k, v, _, _, n in launches if SPARSE in (k, v)), default=1)
+    scratch_rows = max((n for _, launches in layer_pieces for k, v, _, _, n in launches if SPARSE in (k, v)), default=1)
     scratch = torch.zeros(scratch_rows, 2, block_n, head_dim, dtype=torch.bfloat16, device=device)
     plans = []
-    for items_piece, groups_piece, merge_piece, launches in layer_pieces:
+    for first, launches in layer_pieces:  # its items, groups and merge pointers, then the launches' item lists
         plans.append(AttentionPlan(
             requests=views[0].view(-1, len(REQUEST_FIELDS)),
-            items=views[items_piece].view(-1, len(ITEM_FIELDS)),
-            groups=views[groups_piece].view(-1, len(GROUP_FIELDS)),
-            merge_indptr=views[merge_piece],
+            items=views[first].view(-1, len(ITEM_FIELDS)),
+            groups=views[first + 1].view(-1, len(GROUP_FIELDS)),
+            merge_indptr=views[first + 2],
             block_indices=views[1],
             launches=[Launch(k, v, r, views[piece], n) for k, v, r, piece, n in launches],
             o_part=o_part,

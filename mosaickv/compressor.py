@@ -27,6 +27,16 @@ class PartFailure(RuntimeError):
         self.role, self.part_name = role, getattr(part, "registered_name", type(part).__name__)
         super().__init__(f"policy part {role}={self.part_name!r} failed: {reason}")
 
+    def __reduce__(self):  # sealing workers are processes: the failure crosses back by name
+        return _part_failure, (self.role, self.part_name, self.args[0])
+
+
+def _part_failure(role: str, part_name: str, message: str) -> PartFailure:
+    err = PartFailure.__new__(PartFailure)
+    err.role, err.part_name = role, part_name
+    RuntimeError.__init__(err, message)
+    return err
+
 
 @dataclass
 class CompressedCache:

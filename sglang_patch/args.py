@@ -47,7 +47,7 @@ class MosaicServerArgs(ServerArgs):
     ] = None
     kv_compress_workers: A[
         Optional[int],
-        "MosaicKV sealing threads (host CPU, off the scheduler's critical path); default 2 (1 below 4 CPUs).",
+        "MosaicKV sealing processes (host CPU, off the scheduler's critical path); default a quarter of the CPUs, 1 to 4.",
         NS("memory"),
     ] = None
     kv_compress_attention: A[
@@ -98,12 +98,11 @@ class MosaicServerArgs(ServerArgs):
 
 
 def default_seal_workers() -> int:
-    """Two threads where there are CPUs to spare: on the H100 machine (16 CPUs) SmolLM2's
-    segments sealed at 19 per second on one thread, 26 on two, 18 on four and 12 on eight
-    (the GIL and torch's own threads; benchmarks/results/gpu_checks_h100.json)."""
+    """A quarter of the CPUs, from 1 to 4: each process seals on one torch thread, and the
+    rest of the machine serves the scheduler, tokenizer and detokenizer."""
     import os
 
-    return 2 if (os.cpu_count() or 1) >= 4 else 1
+    return max(1, min(4, (os.cpu_count() or 1) // 4))
 
 
 def disable_cuda_graphs(args: ServerArgs) -> None:

@@ -22,7 +22,7 @@ from sglang.srt.model_executor.pool_configurator import DefaultPoolConfigurator,
 import numpy as np
 
 from mosaickv.formats import VALUE_DTYPE, PackedBlock, unpack_block
-from mosaickv.kernels.layout import TABLE_FIELDS, place_region, read_block, region_bytes, widths_aligned
+from mosaickv.kernels.layout import TABLE_FIELDS, Region, pack_region, read_block, widths_aligned
 from mosaickv.sglang_patch.query_stats import SegmentQueryStats
 from mosaickv.sglang_patch.sizing import CapacityPlan, KVShape, plan_capacity
 
@@ -256,7 +256,21 @@ class MosaicKVPool(MHATokenToKVPool):
         return not self._unaligned_slabs
 
     def seal(self, pages: list[int], blocks: list[list[PackedBlock]]) -> int:
-        """Store one segment (``blocks[layer][kv_head]``) in the arena; its dense pages return.
+        """Store one segment (``blocks[layer][kv_head]``) in a new slab; see :meth:`install`."""
+        if len(blocks) != self.layer_num or any(len(layer) != self.head_num for layer in blocks):
+            raise ValueError(f"a segment needs blocks[{self.layer_num} layers][{self.head_num} kv heads]")
+        slab = self.arena.alloc()
+        try:
+            self.install(slab, pages, pack_region([b for layer in blocks for b in layer], self.head_dim,
+                                                  self.arena.base(slab)))
+        except Exception:
+            self.arena.free(slab)
+            raise
+        return slab
+
+    def install(self, slab: int, pages: list[int], region: Region) -> None:
+        """Write a segment packed for ``slab`` (allocated by the caller, who frees it if
+        this raises) into it; its dense pages return.
 
         ``pages`` are the logical pages the segment covers; they stay allocated to the
         scheduler (the tokens still exist) but now read from the slab.
@@ -264,21 +278,18 @@ class MosaicKVPool(MHATokenToKVPool):
         if len(pages) * self.page_size != self.plan.segment_size:
             raise ValueError(f"{len(pages)} pages of {self.page_size} tokens are not one segment of "
                              f"{self.plan.segment_size}")
-        if len(blocks) != self.layer_num or any(len(layer) != self.head_num for layer in blocks):
-            raise ValueError(f"a segment needs blocks[{self.layer_num} layers][{self.head_num} kv heads]")
-        flat = [b for layer in blocks for b in layer]
-        slab = self.arena.alloc()
-        try:
-            base = self.arena.base(slab)
-            place = place_region(flat, self.head_dim, base)
-            self.arena.write(slab, region_bytes(flat, place, base))
-        except Exception:
-            self.arena.free(slab)
-            raise
+        blocks = self.layer_num * self.head_num
+        if region.table.shape != (blocks, len(TABLE_FIELDS)):
+            raise ValueError(f"a sealed segment has {blocks} table rows ({self.layer_num} layers x {self.head_num} "
+                             f"kv heads), got {region.table.shape[0]}")
+        if region.base_bytes != self.arena.base(slab):
+            raise ValueError(f"segment packed for arena offset {region.base_bytes}, slab {slab} starts at "
+                             f"{self.arena.base(slab)}")
+        self.arena.write(slab, region.data)
         row = self.table_row(slab, 0)
-        self.block_table_host[row : row + len(flat)] = place.table
-        self.block_table[row : row + len(flat)] = torch.from_numpy(place.table).to(self.device)
-        if not widths_aligned(place.table):
+        self.block_table_host[row : row + blocks] = region.table
+        self.block_table[row : row + blocks] = torch.from_numpy(region.table).to(self.device)
+        if not widths_aligned(region.table):
             self._unaligned_slabs.add(slab)
         for page in pages:
             dense = int(self.page_to_dense[page])
@@ -287,7 +298,6 @@ class MosaicKVPool(MHATokenToKVPool):
             self.page_to_dense[page] = UNMAPPED
             self.page_to_slab[page] = slab
         self._slab_pages[slab] = list(pages)
-        return slab
 
     def _read_layer(self, slab: int, local: int) -> list[PackedBlock]:
         row = self.table_row(slab, local)

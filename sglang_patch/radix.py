@@ -8,9 +8,10 @@ the recent window is sealed once: a prefix shared by many requests is compressed
 from its own keys, values and queries (nothing from any one request's suffix).
 
 A decode step never waits for compression: at insert (between forwards) the scheduler
-thread snapshots a due segment's dense K/V and query statistics to the host, marks it
-PENDING (still served from its dense rows) and hands the compressor to worker threads,
-which touch no pool, tree or device state. Finished results are swapped in only at step
+thread snapshots a due segment's dense K/V and query statistics to the host, reserves
+its slab, marks it PENDING (still served from its dense rows) and hands it to worker
+processes (:class:`mosaickv.sealer.SealWorkers`, which says why not threads); they
+touch no pool, tree or device state and return the slab's bytes and table rows. Finished results are swapped in only at step
 boundaries (the start of ``insert`` and ``match_prefix``, an idle scheduler's ``on_idle``,
 or ``drain``); a result whose node was evicted meanwhile is discarded.
 
@@ -22,12 +23,10 @@ full arena leaves it dense until eviction frees a slab (the next insert on its p
 from __future__ import annotations
 
 import logging
-import queue
-import threading
 import time
 from concurrent.futures import Future, wait as wait_all
 from dataclasses import dataclass
-from typing import Callable, Optional
+from functools import partial
 
 import torch
 from sglang.srt.mem_cache.base_prefix_cache import InsertParams, InsertResult, MatchPrefixParams, MatchResult
@@ -35,18 +34,12 @@ from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 from sglang.srt.mem_cache.radix_cache import RadixCache, TreeNode
 
 from mosaickv.compressor import PartFailure
-from mosaickv.formats import PackedBlock
+from mosaickv.kernels.layout import Region
+from mosaickv.sealer import CompressFn, PolicyCompressor, SealWorkers, SegmentInputs, seal_segment
 from mosaickv.sglang_patch.pool import UNMAPPED, MosaicKVPool
 
 logger = logging.getLogger(__name__)
 
-# compress(k, v, budget_bytes, query_stats, attention) with k, v [layers, kv_heads, segment_size,
-# head_dim], query_stats [layers, kv_heads, head_dim] and attention [layers, kv_heads,
-# segment_size] (each None when not recorded; see query_stats.py)
-# -> blocks[layer][kv_head] whose bytes sum to at most budget_bytes (the arena slab).
-# A part that fails raises mosaickv.compressor.PartFailure.
-CompressFn = Callable[[torch.Tensor, torch.Tensor, int, Optional[torch.Tensor], Optional[torch.Tensor]],
-                      list[list[PackedBlock]]]
 # node.mosaic_slabs entry of a segment whose compression failed: it stays dense, never retried.
 LEFT_DENSE = -2
 # node.mosaic_slabs entry of a segment whose compression is in flight: served dense until applied.
@@ -55,51 +48,24 @@ PENDING = -3
 
 @dataclass
 class _SealJob:
-    """A segment handed to the worker; ``node``/``index`` follow it through splits."""
+    """A segment handed to the workers; ``node``/``index`` follow it through splits."""
 
     node: TreeNode
     index: int
     pages: list[int]
+    slab: int  # reserved at submit; the region is laid out for it
     future: Future
 
 
-def _run(future: Future, fn: Callable, args: tuple) -> None:
-    """``fn(*args)`` into ``future``, unless it was cancelled first."""
-    if not future.set_running_or_notify_cancel():
-        return
+def _run_now(compress: CompressFn, inputs: SegmentInputs) -> Future:
+    """:func:`seal_segment` on the calling thread, as a finished future (inline sealing)."""
+    future: Future = Future()
+    future.set_running_or_notify_cancel()
     try:
-        future.set_result(fn(*args))
+        future.set_result(seal_segment(compress, inputs))
     except Exception as err:  # noqa: BLE001 - reported when the job is applied
         future.set_exception(err)
-
-
-def _run_now(fn: Callable, *args) -> Future:
-    """``fn(*args)`` on the calling thread, as a finished future (inline sealing)."""
-    future: Future = Future()
-    _run(future, fn, args)
     return future
-
-
-class _SealWorker:
-    """Daemon threads taking jobs from one queue (segments are independent: results are
-    applied one by one, in whatever order they finish). Unlike ThreadPoolExecutor's
-    threads, a compressor that hangs cannot hold the scheduler process up at exit."""
-
-    def __init__(self, threads: int = 1) -> None:
-        if threads < 1:
-            raise ValueError(f"sealing needs at least one worker thread, got {threads}")
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        for i in range(threads):
-            threading.Thread(target=self._loop, name=f"mosaickv-seal-{i}", daemon=True).start()
-
-    def _loop(self) -> None:
-        while True:
-            _run(*self._queue.get())
-
-    def submit(self, fn: Callable, *args) -> Future:
-        future: Future = Future()
-        self._queue.put((future, fn, args))
-        return future
 
 
 class MosaicRadixCache(RadixCache):
@@ -107,7 +73,7 @@ class MosaicRadixCache(RadixCache):
 
     def __init__(self, params: CacheInitParams, *, compress: CompressFn, segment_size: int,
                  sink_segments: int, window: int, background: bool = True, workers: int = 1) -> None:
-        """``background``: compress on ``workers`` threads (False: inline in ``insert``)."""
+        """``background``: compress in ``workers`` processes (False: inline in ``insert``)."""
         pool = params.token_to_kv_pool_allocator.get_kvcache()
         if not isinstance(pool, MosaicKVPool):
             raise TypeError(f"MosaicRadixCache needs a MosaicKVPool, got {type(pool).__name__}")
@@ -118,7 +84,7 @@ class MosaicRadixCache(RadixCache):
         self.segment_size = segment_size
         self.sink_segments = sink_segments
         self.window = window
-        self._executor = _SealWorker(workers) if background else None
+        self._workers = SealWorkers(compress, workers) if background else None
         self._jobs: dict[int, _SealJob] = {}  # first slot of each PENDING segment -> its job
         self.allocator_page_size = params.page_size
         params.page_size = segment_size  # tree granularity: nodes hold whole segments
@@ -153,7 +119,9 @@ class MosaicRadixCache(RadixCache):
             if slab >= 0:
                 self.pool.free_slab(slab)
             elif slab == PENDING:
-                self._forget(self._first_slot(node, j)).future.cancel()
+                job = self._forget(self._first_slot(node, j))
+                job.future.cancel()
+                self.pool.arena.free(job.slab)
         node.mosaic_slabs = []
 
     def _delete_leaf(self, node: TreeNode) -> None:
@@ -175,7 +143,7 @@ class MosaicRadixCache(RadixCache):
         result = super().insert(params)
         if not self.disable:
             self._seal_path(params.key)
-            if self._executor is None:
+            if self._workers is None:
                 self.drain(wait=False)
         return result
 
@@ -201,43 +169,57 @@ class MosaicRadixCache(RadixCache):
             chain.append(node)
             node = node.parent
         total = sum(len(n.value) for n in chain)
-        offset = 0
+        offset, due = 0, []
         for node in reversed(chain):
             slabs = self._slabs(node)
             for j in range(len(slabs)):
                 start = offset + j * self.segment_size
                 index = start // self.segment_size
-                if slabs[j] != UNMAPPED or index < self.sink_segments or start + self.segment_size > total - self.window:
-                    continue
-                slabs[j] = self._submit(node, j)
+                if slabs[j] == UNMAPPED and index >= self.sink_segments and start + self.segment_size <= total - self.window:
+                    due.append((node, j))
             offset += len(node.value)
+        if due:
+            self._submit(due)
 
-    def _submit(self, node: TreeNode, index: int) -> int:
-        """Snapshot one segment's dense KV (all layers) and query statistics to the host and
-        hand them to the compressor; returns PENDING, or UNMAPPED if no slab is left for it
-        (pending jobs hold theirs; retried later)."""
+    def _submit(self, due: list[tuple[TreeNode, int]]) -> None:
+        """Snapshot the due segments' dense KV (all layers, one gather and one host copy
+        for all of them) and query statistics, reserve their slabs and hand them to the
+        workers; they become PENDING. Segments beyond the free slabs stay UNMAPPED (a
+        later insert on their path retries)."""
         pool, counters = self.pool, self.pool.counters
-        if pool.arena.free_slabs <= len(self._jobs):
-            # No over-allocation: the segment keeps its dense rows, and the allocator
+        free = pool.arena.free_slabs
+        if len(due) > free:
+            # No over-allocation: those segments keep their dense rows, and the allocator
             # (whose logical capacity counts those rows) makes SGLang evict.
             if counters.arena_full == 0:
                 logger.warning("MosaicKV segment arena is full (%d slabs): new segments stay dense until "
                                "eviction frees slabs", pool.arena.num_slabs)
-            counters.arena_full += 1
-            return UNMAPPED
-        slots = node.value[index * self.segment_size : (index + 1) * self.segment_size]
-        first = int(slots[0])
-        rows = pool.dense_rows(slots)
-        k = torch.stack([pool.k_buffer[i][rows] for i in range(pool.layer_num)]).transpose(1, 2).cpu()
-        v = torch.stack([pool.v_buffer[i][rows] for i in range(pool.layer_num)]).transpose(1, 2).cpu()
-        args = (k, v, pool.plan.segment_budget_bytes, pool.query_stats.rms(first), pool.query_stats.attention(first))
-        run = _run_now if self._executor is None else self._executor.submit
-        future = run(self.compress, *args)
-        pages = torch.unique(slots.cpu().long() // self.allocator_page_size).tolist()
-        self._jobs[first] = _SealJob(node, index, pages, future)
-        counters.pending_since[first] = time.monotonic()
-        counters.compression_calls += 1
-        return PENDING
+            counters.arena_full += len(due) - free
+            due = due[:free]
+            if not due:
+                return
+        s = self.segment_size
+        slots = torch.stack([node.value[j * s : (j + 1) * s] for node, j in due])  # [n, S]
+        slots_host = slots.cpu().long()
+        rows = pool.dense_rows(slots.reshape(-1))
+        n, layers = len(due), pool.layer_num
+
+        def snapshot(buffers) -> torch.Tensor:  # [n, layers, kv_heads, S, d] on the host
+            x = torch.stack([buffers[i][rows] for i in range(layers)]).view(layers, n, s, pool.head_num, -1)
+            return x.permute(1, 0, 3, 2, 4).cpu()
+
+        k, v = snapshot(pool.k_buffer), snapshot(pool.v_buffer)
+        run = self._workers.submit if self._workers is not None else partial(_run_now, self.compress)
+        for g, (node, j) in enumerate(due):
+            first = int(slots_host[g, 0])
+            slab = pool.arena.alloc()
+            inputs = SegmentInputs(k[g], v[g], pool.plan.segment_budget_bytes, pool.query_stats.rms(first),
+                                   pool.query_stats.attention(first), pool.arena.base(slab))
+            pages = torch.unique(slots_host[g] // self.allocator_page_size).tolist()
+            self._jobs[first] = _SealJob(node, j, pages, slab, run(inputs))
+            counters.pending_since[first] = time.monotonic()
+            counters.compression_calls += 1
+            node.mosaic_slabs[j] = PENDING
 
     def _forget(self, first: int) -> _SealJob:
         """Untrack a job (applied or cancelled); it no longer holds a slab or counts as pending."""
@@ -245,46 +227,32 @@ class MosaicRadixCache(RadixCache):
         return self._jobs.pop(first)
 
     def _apply(self, first: int, job: _SealJob) -> int:
-        """The slab of a finished job's segment, or LEFT_DENSE if the compressor failed."""
+        """The slab of a finished job's segment, or LEFT_DENSE (its slab freed) if sealing failed."""
         pool, counters = self.pool, self.pool.counters
-        blocks = None
         try:
-            blocks = job.future.result()
+            region: Region = job.future.result()
+            pool.install(job.slab, job.pages, region)
+            slab = job.slab
         except PartFailure as err:
             failures = counters.part_failures
             if err.part_name not in failures:
                 logger.error("MosaicKV: %s; segments it fails on stay dense (logged once per part, counted in "
                              "server info: kv_compress_info.part_failures)", err)
             failures[err.part_name] = failures.get(err.part_name, 0) + 1
+            slab = LEFT_DENSE
         except Exception:  # noqa: BLE001 - a broken compressor must not take the scheduler down
             if counters.worker_errors == 0:
                 logger.exception("MosaicKV: the compressor raised; segments it fails on stay dense (logged once, "
                                  "counted in server info: kv_compress_info.worker_errors)")
             counters.worker_errors += 1
-        slab = LEFT_DENSE if blocks is None else pool.seal(job.pages, blocks)
+            slab = LEFT_DENSE
+        if slab == LEFT_DENSE:
+            pool.arena.free(job.slab)
         pool.query_stats.drop(first)
         return slab
 
     def sealed_bytes(self) -> int:
         return self.pool.arena.used_bytes
-
-
-def default_compress(policy, head_dim: int) -> CompressFn:
-    """``mosaickv.compressor.compress_segment`` with the backend's query statistics; a plan
-    over the slab is the strategy's failure (a fixed strategy may ignore the budget)."""
-    from mosaickv.compressor import compress_segment
-
-    bound = policy.bind(head_dim)
-
-    def compress(k: torch.Tensor, v: torch.Tensor, budget_bytes: int, query_stats: Optional[torch.Tensor],
-                 attention: Optional[torch.Tensor]) -> list[list[PackedBlock]]:
-        blocks = compress_segment(bound, k, v, budget_bytes, query_stats=query_stats, attention=attention)
-        used = sum(block.nbytes() for layer in blocks for block in layer)
-        if used > budget_bytes:
-            raise PartFailure("strategy", bound.strategy, f"packed {used} bytes, over the {budget_bytes}-byte slab")
-        return blocks
-
-    return compress
 
 
 def mosaic_radix_factory(ctx) -> RadixCache:
@@ -297,7 +265,7 @@ def mosaic_radix_factory(ctx) -> RadixCache:
     policy = ctx.server_args.mosaic_policy
     return MosaicRadixCache(
         ctx.params,
-        compress=default_compress(policy, ctx.model_config.head_dim),
+        compress=PolicyCompressor(policy, ctx.model_config.head_dim),
         segment_size=policy.segment_size,
         sink_segments=policy.sink_segments,
         window=policy.window,

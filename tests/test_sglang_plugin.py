@@ -122,8 +122,8 @@ def test_mosaickv_flags_without_mosaickv_are_refused(llama, kw, flag):
         make(llama, **kw)
 
 
-@pytest.mark.parametrize("cpus, workers", [(16, 2), (2, 1)])
-def test_sealing_workers_default_to_two_where_cpus_allow(llama, monkeypatch, cpus, workers):
+@pytest.mark.parametrize("cpus, workers", [(128, 4), (16, 4), (8, 2), (2, 1)])
+def test_sealing_processes_default_to_a_quarter_of_the_cpus_from_one_to_four(llama, monkeypatch, cpus, workers):
     monkeypatch.setattr("os.cpu_count", lambda: cpus)
     assert make(llama, kv_compress="mosaickv").kv_compress_workers == workers
     assert make(llama, kv_compress="mosaickv", kv_compress_workers=2).kv_compress_workers == 2

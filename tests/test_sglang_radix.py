@@ -20,30 +20,19 @@ from sglang.srt.mem_cache.memory_pool import ReqToTokenPool  # noqa: E402
 from sglang.srt.mem_cache.radix_cache import RadixKey  # noqa: E402
 from sglang.srt.mem_cache.registry import get_radix_cache_factory  # noqa: E402
 
-from mosaickv.formats import HEADER_BYTES, BlockFormat, SideFormat, pack_block  # noqa: E402
+from mosaickv.formats import HEADER_BYTES  # noqa: E402
 from mosaickv.sglang_patch.pool import MosaicKVPool  # noqa: E402
 from mosaickv.sglang_patch.radix import MosaicRadixCache, mosaic_radix_factory  # noqa: E402
 from mosaickv.sglang_patch.sizing import KVShape, plan_capacity  # noqa: E402
+from seal_compressors import FMT, SEG, CountingCompressor, RecordingCompressor  # noqa: E402
 
-SEG, WINDOW = 16, 16
-FMT = BlockFormat(SEG, SideFormat("sparse", 8), SideFormat("sparse", 4))
+WINDOW = 16
 SHAPE = KVShape(num_layers=2, num_kv_heads=2, head_dim=32, v_head_dim=32)
 
 
-class CountingCompressor:
-    """pack_block with a fixed format on every block; counts the calls."""
-
-    def __init__(self) -> None:
-        self.calls = 0
-
-    def __call__(self, k: torch.Tensor, v: torch.Tensor, budget_bytes: int, query_stats, attention):
-        self.calls += 1
-        return [[pack_block(k[layer, h].float(), v[layer, h].float(), FMT) for h in range(k.shape[1])]
-                for layer in range(k.shape[0])]
-
-
-def make_cache(compress, background: bool = True, workers: int = 1):
-    """(tree, pool, allocator) on SGLang's real allocator, sealing with ``compress``."""
+def make_cache(compress, background: bool = False, workers: int = 1):
+    """(tree, pool, allocator) on SGLang's real allocator, sealing with ``compress``
+    (inline unless ``background``: worker processes)."""
     plan = plan_capacity(SHAPE, 1 << 20, segment_size=SEG, ratio=2.0, sinks=0, window=WINDOW,
                          max_running_requests=4)
     pool = MosaicKVPool(plan.max_total_num_tokens, page_size=1, dtype=torch.bfloat16, head_num=2, head_dim=32,
@@ -72,6 +61,21 @@ def prefill(pool, alloc, n: int) -> torch.Tensor:
 
 def test_factory_is_registered_with_sglang():
     assert get_radix_cache_factory("mosaickv") is mosaic_radix_factory
+
+
+def test_each_segment_is_handed_its_own_keys_and_values_in_layer_head_token_order():
+    comp = RecordingCompressor()
+    tree, pool, alloc = make_cache(comp)
+    slots = alloc.alloc(64)
+    k = torch.randn(2, 64, 2, 32, dtype=torch.bfloat16)  # [layer, token, kv head, d], as the model writes them
+    v = torch.randn_like(k)
+    for layer in range(2):
+        pool._store_kv_layer(layer, slots, k[layer], v[layer])
+    tree.insert(InsertParams(key=RadixKey(array("l", list(range(64)))), value=slots))
+    assert len(comp.inputs) == 3  # segments 0..2; segment 3 is in the window
+    for g, (got_k, got_v) in enumerate(comp.inputs):
+        seg = slice(g * SEG, (g + 1) * SEG)
+        assert torch.equal(got_k, k[:, seg].transpose(1, 2)) and torch.equal(got_v, v[:, seg].transpose(1, 2))
 
 
 def test_insert_seals_outside_window_and_match_returns_slots(cache):

@@ -33,7 +33,8 @@ from mosaickv.registry import register_scorer  # noqa: E402
 from mosaickv.sglang_patch.attention import MosaicAttnBackend  # noqa: E402
 from mosaickv.sglang_patch.pool import UNMAPPED, MosaicKVPool, kv_compress_info  # noqa: E402
 from mosaickv.sglang_patch.query_stats import SegmentQueryStats  # noqa: E402
-from mosaickv.sglang_patch.radix import LEFT_DENSE, MosaicRadixCache, default_compress  # noqa: E402
+from mosaickv.sealer import PolicyCompressor  # noqa: E402
+from mosaickv.sglang_patch.radix import LEFT_DENSE, MosaicRadixCache  # noqa: E402
 from mosaickv.sglang_patch.sizing import KVShape, plan_capacity  # noqa: E402
 
 HQ, HKV, D, LAYERS = 4, 2, 64, 2
@@ -60,9 +61,9 @@ class Stack:
         self.req_pool = ReqToTokenPool(4, 1024, "cpu", False)
         params = CacheInitParams(disable=False, req_to_token_pool=self.req_pool,
                                  token_to_kv_pool_allocator=self.alloc, page_size=1)
-        self.tree = MosaicRadixCache(params, compress=compress or default_compress(policy, D),
+        self.tree = MosaicRadixCache(params, compress=compress or PolicyCompressor(policy, D),
                                      segment_size=policy.segment_size, sink_segments=policy.sink_segments,
-                                     window=policy.window)
+                                     window=policy.window, background=False)
         runner = SimpleNamespace(device="cpu", req_to_token_pool=self.req_pool, token_to_kv_pool=self.pool)
         self.backend = MosaicAttnBackend(runner)
         self.layers = [RadixAttention(HQ, D, 1 / math.sqrt(D), HKV, layer_id=i) for i in range(LAYERS)]
@@ -160,7 +161,7 @@ def test_segment_stats_equal_the_offline_segment_observation_across_chunks(windo
 
 def test_sealing_with_mosaic_preset_gets_the_backend_query_stats_and_fits_the_slab():
     seen = []
-    real = default_compress(MOSAIC, D)
+    real = PolicyCompressor(MOSAIC, D)
 
     def spy(k, v, budget, query_stats, attention):
         seen.append((query_stats, attention))

@@ -1,7 +1,10 @@
-"""Sealing throughput on the host: segments per second that ``compress_segment`` (what the
-server's worker threads run) reaches with 1..N threads, for one model shape and policy.
+"""Sealing throughput on the host, beside a scheduler that never sleeps: segments per
+second of ``seal_segment`` (what the server's sealing workers run) on N threads and on N
+worker processes (``SealWorkers``, what the server uses), with the calling thread
+busy-polling as SGLang's scheduler loop does (``--idle`` measures without it).
 
-    python benchmarks/sealing/bench_seal.py --policy mosaic --layers 30 --kv-heads 3 --head-dim 64 --threads 1 2 4
+    python benchmarks/sealing/bench_seal.py --policy mosaic --layers 30 --kv-heads 3 --head-dim 64 \\
+        --workers 1 2 --json benchmarks/results/sealing_convoy_cpu.json
 """
 
 from __future__ import annotations
@@ -9,27 +12,45 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import threading
 import time
+from concurrent.futures import Future
 
 import torch
 
-from mosaickv.compressor import compress_segment
 from mosaickv.config import load_policy
+from mosaickv.sealer import PolicyCompressor, SealWorkers, SegmentInputs, seal_segment
 
 
-def segments_per_second(policy, k, v, budget: int, query_stats, attention, threads: int, per_thread: int) -> float:
-    def work() -> None:
-        for _ in range(per_thread):
-            compress_segment(policy, k, v, budget, query_stats=query_stats, attention=attention)
+def _busy_until(done) -> None:
+    """Spin in Python as SGLang's scheduler polls its sockets (or just wait, if idle)."""
+    while not done():
+        for _ in range(1000):
+            pass
 
-    pool = [threading.Thread(target=work) for _ in range(threads)]
+
+def on_threads(compress, inputs: SegmentInputs, workers: int, per_worker: int, busy: bool) -> float:
+    threads = [threading.Thread(target=lambda: [seal_segment(compress, inputs) for _ in range(per_worker)])
+               for _ in range(workers)]
     start = time.perf_counter()
-    for t in pool:
+    for t in threads:
         t.start()
-    for t in pool:
+    if busy:
+        _busy_until(lambda: not any(t.is_alive() for t in threads))
+    for t in threads:
         t.join()
-    return threads * per_thread / (time.perf_counter() - start)
+    return workers * per_worker / (time.perf_counter() - start)
+
+
+def on_processes(sealer: SealWorkers, inputs: SegmentInputs, workers: int, per_worker: int, busy: bool) -> float:
+    start = time.perf_counter()
+    futures: list[Future] = [sealer.submit(inputs) for _ in range(workers * per_worker)]
+    if busy:
+        _busy_until(lambda: all(f.done() for f in futures))
+    for f in futures:
+        f.result()
+    return len(futures) / (time.perf_counter() - start)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,22 +59,39 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layers", type=int, default=30)
     ap.add_argument("--kv-heads", type=int, default=3)
     ap.add_argument("--head-dim", type=int, default=64)
-    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--segments", type=int, default=8, help="segments each thread seals per measurement")
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--segments", type=int, default=8, help="segments each worker seals per measurement")
+    ap.add_argument("--thread-segments", type=int, default=1,
+                    help="segments each thread seals beside the busy loop (slow: seconds each)")
+    ap.add_argument("--idle", action="store_true", help="no busy loop on the calling thread")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
-    policy = load_policy(args.policy).bind(args.head_dim)
+    policy = load_policy(args.policy)
+    compress = PolicyCompressor(policy, args.head_dim)
     s, shape = policy.segment_size, (args.layers, args.kv_heads)
     torch.manual_seed(0)
-    k, v = torch.randn(*shape, s, args.head_dim), torch.randn(*shape, s, args.head_dim)
-    query_stats, attention = torch.randn(*shape, args.head_dim).abs(), torch.rand(*shape, s)
+    k, v = (torch.randn(*shape, s, args.head_dim, dtype=torch.bfloat16) for _ in range(2))
     budget = int(s * args.layers * args.kv_heads * args.head_dim * 2 * 2 / policy.ratio)
-    compress_segment(policy, k, v, budget, query_stats=query_stats, attention=attention)  # warm-up
-    rows = [{"threads": n, "segments_per_s": round(segments_per_second(policy, k, v, budget, query_stats, attention, n,
-                                                                       args.segments), 2)} for n in args.threads]
+    inputs = SegmentInputs(k, v, budget, torch.randn(*shape, args.head_dim).abs(), torch.rand(*shape, s), 0)
+    busy = not args.idle
+    torch.set_num_threads(1)  # as each worker process does
+    seal_segment(compress, inputs)  # warm-up
+    start = time.perf_counter()
+    for _ in range(args.segments):
+        seal_segment(compress, inputs)
+    rows = [{"mode": "one thread, alone", "workers": 1, "segments_per_s": round(args.segments / (time.perf_counter() - start), 2)}]
+    for n in args.workers:
+        sealer = SealWorkers(compress, n)
+        on_processes(sealer, inputs, n, 1, busy=False)  # wait for the processes to start
+        rows.append({"mode": "processes" + (", scheduler busy" if busy else ""), "workers": n,
+                     "segments_per_s": round(on_processes(sealer, inputs, n, args.segments, busy), 2)})
+        sealer.close()
+        rows.append({"mode": "threads" + (", scheduler busy" if busy else ""), "workers": n,
+                     "segments_per_s": round(on_threads(compress, inputs, n, args.thread_segments, busy), 3)})
+        print(json.dumps(rows[-2:]), flush=True)
     res = {"policy": args.policy, "shape": {"layers": args.layers, "kv_heads": args.kv_heads, "head_dim": args.head_dim,
-                                            "segment_size": s}, "cpus": os.cpu_count(),
-           "torch_threads": torch.get_num_threads(), "results": rows}
+                                            "segment_size": s}, "cpus": os.cpu_count(), "results": rows,
+           "command": "python benchmarks/sealing/bench_seal.py " + " ".join(argv or sys.argv[1:])}
     print(json.dumps(res))
     if args.json:
         with open(args.json, "w") as f:

@@ -3,8 +3,12 @@
 left() { echo $((DEADLINE - $(date +%s))); }
 
 # start_server NAME PORT BUDGET_S FLAGS...: sets SERVER_PID; returns 0 once /health answers.
+# The first on a machine builds FlashInfer's JIT modules first (warm_jit.py says why).
 start_server() {
   local name=$1 port=$2 budget=$3; shift 3
+  if [ ! -f /tmp/mkv/jit_warm ]; then
+    python3 benchmarks/serving/warm_jit.py | tee -a "$OUT/steps.txt" && touch /tmp/mkv/jit_warm
+  fi
   echo "python3 -m sglang.launch_server $BASE --port $port $*" > "$OUT/cmd_$name.txt"
   local t=$(date +%s)
   setsid python3 -m sglang.launch_server $BASE --port $port "$@" > "$OUT/server_$name.log" 2>&1 &

@@ -282,6 +282,30 @@ def region_bytes(blocks: Sequence[PackedBlock], place: Placement, base_bytes: in
     return torch.cat(pieces)
 
 
+@dataclass
+class Region:
+    """A sealed segment as the arena stores it: its bytes from ``base_bytes`` (see
+    :func:`place_region`) and one table row per block. Pickles as host arrays, so that
+    a worker process can hand it back."""
+
+    base_bytes: int  # where in the arena it was laid out for
+    table: np.ndarray  # int64 [num_blocks, 9] TABLE_FIELDS, offsets absolute in the arena
+    data: torch.Tensor  # uint8, the region's bytes
+
+    def __reduce__(self):
+        return _region_from_host, (self.base_bytes, self.table, self.data.cpu().numpy())
+
+
+def _region_from_host(base_bytes: int, table: np.ndarray, data: np.ndarray) -> Region:
+    return Region(base_bytes, table, torch.from_numpy(data))
+
+
+def pack_region(blocks: Sequence[PackedBlock], head_dim: int, base_bytes: int) -> Region:
+    """``blocks`` laid out as one region from ``base_bytes`` of an arena."""
+    place = place_region(blocks, head_dim, base_bytes)
+    return Region(base_bytes, place.table, region_bytes(blocks, place, base_bytes))
+
+
 def pack_requests(layers: Sequence[CompressedLayer], num_kv_heads: int, head_dim: int, align: int = 16) -> tuple[Arena, np.ndarray, np.ndarray]:
     """Arena of every block of every request, plus ``block_indptr``/``block_indices``.
 

@@ -35,10 +35,9 @@ def fault_at(call: int, every: int) -> Optional[str]:
 @register_scorer("fault_injector")
 @dataclass
 class FaultInjector(TokenScorer):
-    """Key norms as scores, except on the calls :func:`fault_at` picks. The counter is per
-    process and taken under a lock, so the faults come in the same order whatever the
-    number of sealing threads (``--kv-compress-workers``); which segment a call belongs to
-    is fixed only with one thread."""
+    """Key norms as scores, except on the calls :func:`fault_at` picks. Each sealing
+    process (``--kv-compress-workers``) counts its own calls, under a lock for callers
+    that share one; which segment a call belongs to is fixed only with one process."""
 
     every: int = 64
     calls: int = field(default=0, init=False, repr=False)

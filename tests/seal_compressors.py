@@ -102,3 +102,14 @@ class RecordingCompressor(CountingCompressor):
     def __call__(self, k, v, *args):
         self.inputs.append((k.clone(), v.clone()))
         return super().__call__(k, v, *args)
+
+
+def seal_from_a_spawned_process() -> None:
+    """What a scheduler process does (SGLang spawns it): start sealing workers, seal one
+    segment of 2 layers x 2 heads. Exits non-zero if that fails."""
+    from mosaickv.sealer import SealWorkers, SegmentInputs
+
+    workers = SealWorkers(CountingCompressor(), 1)
+    k = torch.randn(2, 2, SEG, 32, dtype=torch.bfloat16)
+    region = workers.submit(SegmentInputs(k, k, 1 << 20, None, None, 0)).result(timeout=WAIT_S)
+    assert region.table.shape == (4, 9) and region.data.numel() > 0

@@ -184,3 +184,12 @@ def test_a_hung_compressor_does_not_hold_the_process_at_exit():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           cwd=Path(__file__).parent)
     assert proc.returncode == 0 and "submitted" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_sealing_workers_start_inside_a_spawned_process():
+    """SGLang's scheduler is itself a spawned process: its sealing processes are grandchildren."""
+    code = ("import multiprocessing as mp; from seal_compressors import seal_from_a_spawned_process as f; "
+            "p = mp.get_context('spawn').Process(target=f); p.start(); p.join(); raise SystemExit(p.exitcode)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=WAIT_S * 2,
+                          cwd=Path(__file__).parent)
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -47,7 +47,7 @@ RADIX_LOGGER = "mosaickv.sglang_patch.radix"
 class Stack:
     """Pool, allocator, req-to-token pool, radix cache and attention backend, as a scheduler wires them."""
 
-    def __init__(self, policy=MOSAIC, num_slabs: int | None = None, compress=None) -> None:
+    def __init__(self, policy=MOSAIC, num_slabs: int | None = None, compress=None, background: bool = False) -> None:
         plan = plan_capacity(SHAPE, 4 << 20, segment_size=policy.segment_size, ratio=float(policy.ratio),
                              sinks=policy.sinks, window=policy.window, max_running_requests=4)
         if num_slabs is not None:
@@ -63,7 +63,7 @@ class Stack:
                                  token_to_kv_pool_allocator=self.alloc, page_size=1)
         self.tree = MosaicRadixCache(params, compress=compress or PolicyCompressor(policy, D),
                                      segment_size=policy.segment_size, sink_segments=policy.sink_segments,
-                                     window=policy.window, background=False)
+                                     window=policy.window, background=background)
         runner = SimpleNamespace(device="cpu", req_to_token_pool=self.req_pool, token_to_kv_pool=self.pool)
         self.backend = MosaicAttnBackend(runner)
         self.layers = [RadixAttention(HQ, D, 1 / math.sqrt(D), HKV, layer_id=i) for i in range(LAYERS)]
@@ -157,6 +157,27 @@ def test_segment_stats_equal_the_offline_segment_observation_across_chunks(windo
     stats.release(slots[SEG : SEG + 1])  # freeing a segment's first slot drops its statistics
     assert stats.rms(int(slots[SEG])) is None and stats.attention(int(slots[SEG])) is None
     assert stats.rms(int(slots[0])) is not None
+
+
+def test_the_mosaic_policy_seals_the_same_bytes_in_a_worker_process_as_inline():
+    """The server's path: the policy pickled to a sealing process, the segment and its
+    query statistics sent there, the region sent back."""
+    sealed = []
+    for background in (False, True):
+        stack = Stack(background=background)
+        q, k, v = sequence(128, seed=4)
+        prefill(stack, 0, q, k, v, [64, 63, 1])
+        stack.insert(0, list(range(128)))
+        stack.tree.drain(wait=True)
+        pool = stack.pool
+        assert kv_compress_info(pool)["worker_errors"] == 0 and kv_compress_info(pool)["part_failures"] == {}
+        sealed.append({tuple(pool._slab_pages[slab]): (pool.arena.view(slab).clone(),
+                                                       pool.block_table_host[pool.table_row(slab, 0)].copy())
+                       for slab in pool._slab_pages})
+    inline, worker = sealed
+    assert len(inline) == 2 and inline.keys() == worker.keys()
+    for pages in inline:
+        assert torch.equal(inline[pages][0], worker[pages][0]) and (inline[pages][1] == worker[pages][1]).all()
 
 
 def test_sealing_with_mosaic_preset_gets_the_backend_query_stats_and_fits_the_slab():

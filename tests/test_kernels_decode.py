@@ -61,13 +61,14 @@ def run_decode(
     group: int,
     d: int,
     sparse_gather: bool = True,
+    keys_by_query: bool = True,
     **plan_kw: int,
 ) -> None:
     hq = hkv * group
     tk = [torch.randn(hkv, t, d, generator=gen).bfloat16() for t in tail_lens]
     tv = [torch.randn(hkv, t, d, generator=gen).bfloat16() for t in tail_lens]
     q = torch.randn(len(layers), hq, d, generator=gen).bfloat16()
-    w = MixedDecodeWrapper(block_n=16, sparse_gather=sparse_gather)
+    w = MixedDecodeWrapper(block_n=16, sparse_gather=sparse_gather, keys_by_query=keys_by_query)
     w.plan(layers, tk, tv, hq, hkv, d, device=DEVICE, **plan_kw)
     out = torch.full((len(layers), hq, d), float("nan"), dtype=torch.bfloat16, device=DEVICE)
     w.run(q.to(DEVICE), out=out)
@@ -98,13 +99,17 @@ def test_mixed_gqa_ragged(group: int, d: int) -> None:
     run_decode(gen, layers, [5, 9, 0, 40], hkv=hkv, group=group, d=d, chunk_tokens=20, max_programs=3)
 
 
-@pytest.mark.parametrize("sparse_gather", [True, False])
-def test_sparse_densify_modes(sparse_gather: bool) -> None:
-    """Register binary-search densify and the global-scratch scatter give the same result."""
-    gen = torch.Generator().manual_seed(11)
-    fmts = [BlockFormat(16, SideFormat("sparse", 1), SideFormat("sparse", 64)), BlockFormat(7, SideFormat("sparse", 19))]
+@pytest.mark.parametrize(("sparse_gather", "keys_by_query"), [(True, True), (True, False), (False, False)])
+@pytest.mark.parametrize("group", [1, 3, 8])
+def test_sparse_modes(sparse_gather: bool, keys_by_query: bool, group: int) -> None:
+    """Sparse keys read by query gathers, or densified by the register binary search or
+    the global-scratch scatter, all match the reference (widths 1 to the whole head)."""
+    gen = torch.Generator().manual_seed(11 + group)
+    fmts = [BlockFormat(16, SideFormat("sparse", 1), SideFormat("sparse", 64)), BlockFormat(7, SideFormat("sparse", 19)),
+            BlockFormat(12, SideFormat("sparse", 64), SideFormat("lowrank", 5))]
     layers = [random_layer(gen, 2, 16, 1, 64, fmt=f) for f in fmts]
-    run_decode(gen, layers, [2, 5], hkv=1, group=3, d=64, sparse_gather=sparse_gather, max_programs=2)
+    run_decode(gen, layers, [2, 5, 0], hkv=1, group=group, d=64, sparse_gather=sparse_gather,
+               keys_by_query=keys_by_query, max_programs=2)
 
 
 def test_every_token_dropped() -> None:

@@ -13,7 +13,10 @@ format reduces to the same tile product:
   default (``sparse_gather``) in registers: a branchless binary search over each row's
   sorted indices (``tl.gather``) finds every channel's slot. The alternative scatters
   into a zeroed per-program global scratch tile and reads it back (cleaned after use);
-  on an H100 it is 4x slower (barriers and L2 round trips), kept for comparison;
+  on an H100 it is 4x slower (barriers and L2 round trips), kept for comparison.
+  Sparse *keys* need no dense tile at all when rows are few (``keys_by_query``, the
+  default; extend turns it off): each query row gathers its channels at the keys' indices
+  (:func:`_sparse_scores`);
 * mask and lowrank: both are ``coef [m, r] @ basis [r, d]`` (a mask's basis is the
   one-hot rows of its channels), so keys use ``q @ basisᵀ`` once per block (for a mask:
   q's kept channels, gathered) and tile ``coef``; values accumulate ``p @ coef`` in
@@ -98,6 +101,27 @@ def _tile(values_ptr, index_ptr, off, width, aux, tok, tok_ok, toks, cols, jr, s
     return tile
 
 
+@triton.jit
+def _sparse_scores(q_ptr, q_rows, n_rows, values_ptr, index_ptr, off, width, aux, tok, tok_ok, rows, jr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ALIGNED: tl.constexpr):
+    """Logits ``[BLOCK_M, BLOCK_N]`` against per-vector sparse keys without densifying
+    them: each live query row gathers its own channels at the keys' indices (a row of q is
+    a few hundred bytes, cache-resident) and dots them with the kept values. Costs
+    ``rows x BLOCK_N x width`` loads instead of a ``BLOCK_N x HEAD_DIM`` search per tile,
+    which wins when rows are few (decode: one query token's GQA group)."""
+    if ALIGNED:
+        aux = tl.multiple_of(aux, 16)
+    mask = tok_ok[:, None] & (jr[None, :] < width)
+    ix = tl.load(index_ptr + aux + tok[:, None] * width + jr[None, :], mask=mask, other=0).to(tl.int32)
+    raw = tl.load(values_ptr + off + tok[:, None] * width + jr[None, :], mask=mask, other=0.0).to(tl.float32)
+    s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for g in range(0, n_rows):
+        q_row = tl.sum(tl.where(rows == g, q_rows, 0))
+        qg = tl.load(q_ptr + q_row + ix, mask=mask, other=0.0).to(tl.float32)
+        s = tl.where(rows[:, None] == g, tl.sum(qg * raw, 1)[None, :], s)
+    return s
+
+
 @triton.jit(do_not_specialize=["num_list"])  # item counts vary every step: one compiled kernel for all
 def _mixed_attn_kernel(
     q_ptr, stride_qt, stride_qh,
@@ -107,7 +131,7 @@ def _mixed_attn_kernel(
     num_list, qk_scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     K_KIND: tl.constexpr, V_KIND: tl.constexpr, R_MAX: tl.constexpr, R_LOG2: tl.constexpr,
-    ALIGNED: tl.constexpr, SPARSE_GATHER: tl.constexpr, TAIL_INDEXED: tl.constexpr,
+    ALIGNED: tl.constexpr, SPARSE_GATHER: tl.constexpr, TAIL_INDEXED: tl.constexpr, KEYS_BY_QUERY: tl.constexpr,
 ):
     """Partial attention of the items in ``item_list``; ``K_KIND``/``V_KIND`` are the
     formats of all their blocks (0 dense, 1 sparse, 2 mask, 3 lowrank), -1 for tail items.
@@ -135,6 +159,7 @@ def _mixed_attn_kernel(
         row_ok = qi < nq
         q_rows = (qo_start + qi).to(tl.int64) * stride_qt + (h * GROUP + r % GROUP) * stride_qh
         q = tl.load(q_ptr + q_rows[:, None] + cols[None, :], mask=row_ok[:, None], other=0.0).to(tl.bfloat16)
+        n_rows = tl.minimum(nq * GROUP - row0, BLOCK_M)
 
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -198,13 +223,17 @@ def _mixed_attn_kernel(
                 for t0 in range(0, m, BLOCK_N):
                     tok = t0 + toks
                     tok_ok = tok < m
-                    kt = _tile(values_ptr, index_ptr, k_off, k_w, k_aux, tok, tok_ok, toks, cols, jr, scr_k, K_KIND, HEAD_DIM,
-                               BLOCK_N, R_MAX, R_LOG2, ALIGNED, SPARSE_GATHER)
                     vt = _tile(values_ptr, index_ptr, v_off, v_w, v_aux, tok, tok_ok, toks, cols, jr, scr_v, V_KIND, HEAD_DIM,
                                BLOCK_N, R_MAX, R_LOG2, ALIGNED, SPARSE_GATHER)
-                    s = tl.dot(qk, tl.trans(kt))
-                    if K_KIND == 3:
-                        s += tl.dot(qk_lo, tl.trans(kt))
+                    if K_KIND == 1 and KEYS_BY_QUERY:
+                        s = _sparse_scores(q_ptr, q_rows, n_rows, values_ptr, index_ptr, k_off, k_w, k_aux, tok, tok_ok, rows,
+                                           jr, BLOCK_M, BLOCK_N, ALIGNED)
+                    else:
+                        kt = _tile(values_ptr, index_ptr, k_off, k_w, k_aux, tok, tok_ok, toks, cols, jr, scr_k, K_KIND,
+                                   HEAD_DIM, BLOCK_N, R_MAX, R_LOG2, ALIGNED, SPARSE_GATHER)
+                        s = tl.dot(qk, tl.trans(kt))
+                        if K_KIND == 3:
+                            s += tl.dot(qk_lo, tl.trans(kt))
                     s = tl.where(tok_ok[None, :], s * qk_scale, float("-inf"))
                     m_new = tl.maximum(m_i, tl.max(s, 1))
                     m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -283,10 +312,16 @@ class MixedAttention:
     """
 
     def __init__(
-        self, block_m: int = 16, block_n: int = 32, num_warps: int = 4, num_stages: int = 1, sparse_gather: bool = True
+        self,
+        block_m: int = 16,
+        block_n: int = 32,
+        num_warps: int = 4,
+        num_stages: int = 1,
+        sparse_gather: bool = True,
+        keys_by_query: bool = True,
     ) -> None:
         self.block_m, self.block_n = block_m, block_n
-        self.sparse_gather = sparse_gather
+        self.sparse_gather, self.keys_by_query = sparse_gather, keys_by_query
         self.num_warps, self.num_stages = num_warps, num_stages
         self._plan: AttentionPlan | None = None
 
@@ -433,6 +468,7 @@ def run_plan(
             GROUP=group, HEAD_DIM=d, BLOCK_M=p.block_m, BLOCK_N=p.block_n,
             K_KIND=ln.k_kind, V_KIND=ln.v_kind, R_MAX=ln.r_max, R_LOG2=ln.r_max.bit_length() - 1,
             ALIGNED=aligned, SPARSE_GATHER=tuning.sparse_gather, TAIL_INDEXED=tail_rows is not None,
+            KEYS_BY_QUERY=tuning.keys_by_query,
             num_warps=tuning.num_warps, num_stages=tuning.num_stages,
         )
     if p.groups.shape[0]:

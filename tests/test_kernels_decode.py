@@ -60,7 +60,7 @@ def run_decode(
     hkv: int,
     group: int,
     d: int,
-    sparse_gather: bool = True,
+    sparse_densify: str = "scan",
     keys_by_query: bool = True,
     **plan_kw: int,
 ) -> None:
@@ -68,7 +68,7 @@ def run_decode(
     tk = [torch.randn(hkv, t, d, generator=gen).bfloat16() for t in tail_lens]
     tv = [torch.randn(hkv, t, d, generator=gen).bfloat16() for t in tail_lens]
     q = torch.randn(len(layers), hq, d, generator=gen).bfloat16()
-    w = MixedDecodeWrapper(block_n=16, sparse_gather=sparse_gather, keys_by_query=keys_by_query)
+    w = MixedDecodeWrapper(block_n=16, sparse_densify=sparse_densify, keys_by_query=keys_by_query)
     w.plan(layers, tk, tv, hq, hkv, d, device=DEVICE, **plan_kw)
     out = torch.full((len(layers), hq, d), float("nan"), dtype=torch.bfloat16, device=DEVICE)
     w.run(q.to(DEVICE), out=out)
@@ -99,17 +99,36 @@ def test_mixed_gqa_ragged(group: int, d: int) -> None:
     run_decode(gen, layers, [5, 9, 0, 40], hkv=hkv, group=group, d=d, chunk_tokens=20, max_programs=3)
 
 
-@pytest.mark.parametrize(("sparse_gather", "keys_by_query"), [(True, True), (True, False), (False, False)])
+@pytest.mark.parametrize(
+    ("sparse_densify", "keys_by_query"), [("scan", True), ("scan", False), ("search", False), ("scatter", False)]
+)
 @pytest.mark.parametrize("group", [1, 3, 8])
-def test_sparse_modes(sparse_gather: bool, keys_by_query: bool, group: int) -> None:
-    """Sparse keys read by query gathers, or densified by the register binary search or
-    the global-scratch scatter, all match the reference (widths 1 to the whole head)."""
+def test_sparse_modes(sparse_densify: str, keys_by_query: bool, group: int) -> None:
+    """Sparse keys read by query gathers, and sparse tiles densified by the bitmask scan,
+    the binary search or the scratch scatter, all match the reference (widths 1, 19 and
+    the whole head; tokens ragged)."""
     gen = torch.Generator().manual_seed(11 + group)
     fmts = [BlockFormat(16, SideFormat("sparse", 1), SideFormat("sparse", 64)), BlockFormat(7, SideFormat("sparse", 19)),
             BlockFormat(12, SideFormat("sparse", 64), SideFormat("lowrank", 5))]
     layers = [random_layer(gen, 2, 16, 1, 64, fmt=f) for f in fmts]
-    run_decode(gen, layers, [2, 5, 0], hkv=1, group=group, d=64, sparse_gather=sparse_gather,
+    run_decode(gen, layers, [2, 5, 0], hkv=1, group=group, d=64, sparse_densify=sparse_densify,
                keys_by_query=keys_by_query, max_programs=2)
+
+
+@pytest.mark.parametrize("d", [64, 128])
+def test_scan_densify_across_bitmask_words(d: int) -> None:
+    """Channels in every 64-channel word, each word's top bit (channel 63 or 127: the sign
+    bit of its int64) included, densified by the scan: values keep all but one channel
+    per vector, so nearly every row sets every top bit."""
+    gen = torch.Generator().manual_seed(d)
+    fmt = BlockFormat(16, SideFormat("sparse", d // 2), SideFormat("sparse", d - 1))
+    layers = [random_layer(gen, 2, 16, 2, d, fmt=fmt)]
+    run_decode(gen, layers, [3], hkv=2, group=4, d=d, keys_by_query=False)
+
+
+def test_unknown_densify_mode_is_refused() -> None:
+    with pytest.raises(ValueError, match="sparse_densify='fast' is not one of scan, search, scatter"):
+        MixedDecodeWrapper(sparse_densify="fast")
 
 
 def test_every_token_dropped() -> None:

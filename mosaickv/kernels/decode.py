@@ -9,11 +9,14 @@ compiled for that pair (runtime format branches doubled the register count). Eac
 format reduces to the same tile product:
 
 * dense: keys/values ``[m, d]`` are the tiles;
-* sparse: each ``[m, r]`` tile is densified by its per-row uint8 channel indices. By
-  default (``sparse_gather``) in registers: a branchless binary search over each row's
-  sorted indices (``tl.gather``) finds every channel's slot. The alternative scatters
-  into a zeroed per-program global scratch tile and reads it back (cleaned after use);
-  on an H100 it is 4x slower (barriers and L2 round trips), kept for comparison.
+* sparse: each ``[m, r]`` tile is densified by its per-row uint8 channel indices
+  (``sparse_densify``). ``"scan"`` (default): each row's indices become a bitmask (64
+  channels per int64 word, a sum of distinct powers of two), every channel's bit is
+  tested, a prefix sum over the channels gives its slot, and one ``tl.gather`` fetches
+  the value: integer work in registers and a single gather. ``"search"``: a branchless
+  binary search over each row's sorted indices, ``log2 r`` gathers of the whole tile.
+  ``"scatter"``: through a zeroed per-program global scratch tile, read back and cleaned
+  (on an H100 4x slower than ``"search"``: barriers and L2 round trips).
   Sparse *keys* need no dense tile at all when rows are few (``keys_by_query``, the
   default; extend turns it off): each query row gathers its channels at the keys' indices
   (:func:`_sparse_scores`);
@@ -47,6 +50,7 @@ from mosaickv.reference import CompressedLayer
 patch_interpreter()
 
 LOG2E = 1.4426950408889634
+SPARSE_MODES = ("scan", "search", "scatter")  # how a sparse tile is densified (see above)
 
 
 @triton.jit
@@ -67,7 +71,7 @@ def _basis(values_ptr, index_ptr, width, aux, jr, cols, KIND: tl.constexpr, HEAD
 @triton.jit
 def _tile(values_ptr, index_ptr, off, width, aux, tok, tok_ok, toks, cols, jr, scr,
           KIND: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, R_MAX: tl.constexpr,
-          R_LOG2: tl.constexpr, ALIGNED: tl.constexpr, SPARSE_GATHER: tl.constexpr):
+          R_LOG2: tl.constexpr, ALIGNED: tl.constexpr, SPARSE_MODE: tl.constexpr):
     """One side's tile of ``BLOCK_N`` tokens: ``[BLOCK_N, HEAD_DIM]`` for dense and sparse
     (its ``[BLOCK_N, R_MAX]`` values scattered through the zeroed scratch), ``[BLOCK_N,
     R_MAX]`` r-space coefficients for mask and lowrank."""
@@ -78,7 +82,19 @@ def _tile(values_ptr, index_ptr, off, width, aux, tok, tok_ok, toks, cols, jr, s
         raw = tl.load(values_ptr + off + tok[:, None] * width + jr[None, :], mask=mask, other=0.0)
         if ALIGNED:
             aux = tl.multiple_of(aux, 16)
-        if SPARSE_GATHER:
+        if SPARSE_MODE == 0:
+            # Rows hold distinct sorted channels (padding: HEAD_DIM, in no word): bitmask,
+            # bit test per channel, prefix count = the channel's slot.
+            ix = tl.load(index_ptr + aux + tok[:, None] * width + jr[None, :], mask=mask, other=HEAD_DIM).to(tl.int64)
+            word = cols[None, :] >> 6
+            bits = tl.zeros([BLOCK_N, HEAD_DIM], tl.int64)
+            for w in tl.static_range(HEAD_DIM // 64):
+                row_bits = tl.sum(tl.where((ix >> 6) == w, tl.full([1, 1], 1, tl.int64) << (ix & 63), 0), 1)
+                bits = tl.where(word == w, row_bits[:, None], bits)
+            hit = ((bits >> (cols[None, :] & 63).to(tl.int64)) & 1).to(tl.int32)
+            pos = tl.maximum(tl.cumsum(hit, 1) - 1, 0)
+            tile = tl.where(hit != 0, tl.gather(raw, pos, axis=1), 0.0).to(tl.bfloat16)
+        elif SPARSE_MODE == 1:
             # Rows hold sorted channels (padded past ``width`` with HEAD_DIM): a branchless
             # binary search finds, for every channel c, the slot that would hold it.
             ix = tl.load(index_ptr + aux + tok[:, None] * width + jr[None, :], mask=mask, other=HEAD_DIM).to(tl.int32)
@@ -131,7 +147,7 @@ def _mixed_attn_kernel(
     num_list, qk_scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     K_KIND: tl.constexpr, V_KIND: tl.constexpr, R_MAX: tl.constexpr, R_LOG2: tl.constexpr,
-    ALIGNED: tl.constexpr, SPARSE_GATHER: tl.constexpr, TAIL_INDEXED: tl.constexpr, KEYS_BY_QUERY: tl.constexpr,
+    ALIGNED: tl.constexpr, SPARSE_MODE: tl.constexpr, TAIL_INDEXED: tl.constexpr, KEYS_BY_QUERY: tl.constexpr,
 ):
     """Partial attention of the items in ``item_list``; ``K_KIND``/``V_KIND`` are the
     formats of all their blocks (0 dense, 1 sparse, 2 mask, 3 lowrank), -1 for tail items.
@@ -224,13 +240,13 @@ def _mixed_attn_kernel(
                     tok = t0 + toks
                     tok_ok = tok < m
                     vt = _tile(values_ptr, index_ptr, v_off, v_w, v_aux, tok, tok_ok, toks, cols, jr, scr_v, V_KIND, HEAD_DIM,
-                               BLOCK_N, R_MAX, R_LOG2, ALIGNED, SPARSE_GATHER)
+                               BLOCK_N, R_MAX, R_LOG2, ALIGNED, SPARSE_MODE)
                     if K_KIND == 1 and KEYS_BY_QUERY:
                         s = _sparse_scores(q_ptr, q_rows, n_rows, values_ptr, index_ptr, k_off, k_w, k_aux, tok, tok_ok, rows,
                                            jr, BLOCK_M, BLOCK_N, ALIGNED)
                     else:
                         kt = _tile(values_ptr, index_ptr, k_off, k_w, k_aux, tok, tok_ok, toks, cols, jr, scr_k, K_KIND,
-                                   HEAD_DIM, BLOCK_N, R_MAX, R_LOG2, ALIGNED, SPARSE_GATHER)
+                                   HEAD_DIM, BLOCK_N, R_MAX, R_LOG2, ALIGNED, SPARSE_MODE)
                         s = tl.dot(qk, tl.trans(kt))
                         if K_KIND == 3:
                             s += tl.dot(qk_lo, tl.trans(kt))
@@ -317,11 +333,13 @@ class MixedAttention:
         block_n: int = 32,
         num_warps: int = 4,
         num_stages: int = 1,
-        sparse_gather: bool = True,
+        sparse_densify: str = "scan",
         keys_by_query: bool = True,
     ) -> None:
+        if sparse_densify not in SPARSE_MODES:
+            raise ValueError(f"sparse_densify={sparse_densify!r} is not one of {', '.join(SPARSE_MODES)}")
         self.block_m, self.block_n = block_m, block_n
-        self.sparse_gather, self.keys_by_query = sparse_gather, keys_by_query
+        self.sparse_densify, self.keys_by_query = sparse_densify, keys_by_query
         self.num_warps, self.num_stages = num_warps, num_stages
         self._plan: AttentionPlan | None = None
 
@@ -467,7 +485,7 @@ def run_plan(
             ln.items.numel(), scale * LOG2E,
             GROUP=group, HEAD_DIM=d, BLOCK_M=p.block_m, BLOCK_N=p.block_n,
             K_KIND=ln.k_kind, V_KIND=ln.v_kind, R_MAX=ln.r_max, R_LOG2=ln.r_max.bit_length() - 1,
-            ALIGNED=aligned, SPARSE_GATHER=tuning.sparse_gather, TAIL_INDEXED=tail_rows is not None,
+            ALIGNED=aligned, SPARSE_MODE=SPARSE_MODES.index(tuning.sparse_densify), TAIL_INDEXED=tail_rows is not None,
             KEYS_BY_QUERY=tuning.keys_by_query,
             num_warps=tuning.num_warps, num_stages=tuning.num_stages,
         )

@@ -138,18 +138,19 @@ def _sparse_scores(q_ptr, q_rows, n_rows, values_ptr, index_ptr, off, width, aux
     return s
 
 
-@triton.jit(do_not_specialize=["num_list"])  # item counts vary every step: one compiled kernel for all
+@triton.jit
 def _mixed_attn_kernel(
     q_ptr, stride_qt, stride_qh,
     values_ptr, index_ptr, table_ptr, block_idx_ptr,
     tail_k_ptr, tail_v_ptr, stride_kt, stride_kh, stride_vt, stride_vh, tail_rows_ptr,
-    req_ptr, items_ptr, item_list_ptr, o_part_ptr, lse_part_ptr, scratch_ptr,
-    num_list, qk_scale,
+    req_ptr, items_ptr, item_list_ptr, count_ptr, o_part_ptr, lse_part_ptr, scratch_ptr,
+    qk_scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     K_KIND: tl.constexpr, V_KIND: tl.constexpr, R_MAX: tl.constexpr, R_LOG2: tl.constexpr,
     ALIGNED: tl.constexpr, SPARSE_MODE: tl.constexpr, TAIL_INDEXED: tl.constexpr, KEYS_BY_QUERY: tl.constexpr,
 ):
-    """Partial attention of the items in ``item_list``; ``K_KIND``/``V_KIND`` are the
+    """Partial attention of the first ``count`` items in ``item_list`` (the count is read
+    here, so a captured launch serves every later plan); ``K_KIND``/``V_KIND`` are the
     formats of all their blocks (0 dense, 1 sparse, 2 mask, 3 lowrank), -1 for tail items.
     With ``TAIL_INDEXED`` a request's tail token ``i`` is row ``tail_rows[tail_start + i]``
     of the tail buffers (a paged pool's rows, read in place), else row ``tail_start + i``."""
@@ -161,7 +162,7 @@ def _mixed_attn_kernel(
     jr = tl.arange(0, R_MAX)
     scr_k = scratch_ptr + pid.to(tl.int64) * (2 * BLOCK_N * HEAD_DIM)
     scr_v = scr_k + BLOCK_N * HEAD_DIM
-    for li in range(pid, num_list, nprog):
+    for li in range(pid, tl.load(count_ptr), nprog):
         it = tl.load(item_list_ptr + li)
         item = items_ptr + it * 7
         b = tl.load(item)
@@ -278,13 +279,16 @@ def _mixed_attn_kernel(
 
 @triton.jit
 def _merge_kernel(
-    o_part_ptr, lse_part_ptr, groups_ptr, merge_indptr_ptr, req_ptr, out_ptr, stride_ot, stride_oh,
+    o_part_ptr, lse_part_ptr, groups_ptr, merge_indptr_ptr, num_groups_ptr, req_ptr, out_ptr, stride_ot, stride_oh,
     lse_out_ptr, stride_lt,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, WRITE_LSE: tl.constexpr,
 ):
     """Log-sum-exp merge of a group's items; a row with no visible key gets zeros. With
-    ``WRITE_LSE`` also each row's natural log-sum-exp of its scaled logits (-inf if none)."""
+    ``WRITE_LSE`` also each row's natural log-sum-exp of its scaled logits (-inf if none).
+    Programs past ``num_groups`` (a captured grid sized for the largest batch) exit."""
     gid = tl.program_id(0)
+    if gid >= tl.load(num_groups_ptr):
+        return
     b = tl.load(groups_ptr + gid * 3)
     h = tl.load(groups_ptr + gid * 3 + 1)
     row0 = tl.load(groups_ptr + gid * 3 + 2)
@@ -441,8 +445,8 @@ def compile_variants(
     tail = torch.zeros(1, num_kv_heads, head_dim, dtype=dtype, device=dev)
     plan = AttentionPlan(
         requests=i32[:4].view(1, 4), items=i32[:7].view(1, 7), groups=i32[:3].view(1, 3), merge_indptr=i32[4:6],
-        block_indices=i32[8:12],
-        launches=[Launch(k, v, r, i32[12:12], 1) for k, v, r in variants],
+        num_groups=i32[12:13], block_indices=i32[8:12],
+        launches=[Launch(k, v, r, i32[12:12], i32[12:13], 1) for k, v, r in variants],
         o_part=torch.zeros(1, block_m, head_dim, dtype=torch.float32, device=dev),
         lse_part=torch.zeros(1, block_m, dtype=torch.float32, device=dev),
         scratch=torch.zeros(1, 2, tuning.block_n, head_dim, dtype=torch.bfloat16, device=dev),
@@ -481,8 +485,8 @@ def run_plan(
             q, q.stride(0), q.stride(1),
             values, index, table, p.block_indices,
             tail_k, tail_v, tail_k.stride(0), tail_k.stride(1), tail_v.stride(0), tail_v.stride(1), rows,
-            p.requests, p.items, ln.items, p.o_part, p.lse_part, p.scratch,
-            ln.items.numel(), scale * LOG2E,
+            p.requests, p.items, ln.items, ln.count, p.o_part, p.lse_part, p.scratch,
+            scale * LOG2E,
             GROUP=group, HEAD_DIM=d, BLOCK_M=p.block_m, BLOCK_N=p.block_n,
             K_KIND=ln.k_kind, V_KIND=ln.v_kind, R_MAX=ln.r_max, R_LOG2=ln.r_max.bit_length() - 1,
             ALIGNED=aligned, SPARSE_MODE=SPARSE_MODES.index(tuning.sparse_densify), TAIL_INDEXED=tail_rows is not None,
@@ -492,7 +496,7 @@ def run_plan(
     if p.groups.shape[0]:
         lse = out if lse_out is None else lse_out
         _merge_kernel[(p.groups.shape[0],)](
-            p.o_part, p.lse_part, p.groups, p.merge_indptr, p.requests, out, out.stride(0), out.stride(1),
+            p.o_part, p.lse_part, p.groups, p.merge_indptr, p.num_groups, p.requests, out, out.stride(0), out.stride(1),
             lse, lse.stride(0), GROUP=group, HEAD_DIM=d, BLOCK_M=p.block_m, WRITE_LSE=lse_out is not None,
             num_warps=4,
         )

@@ -358,7 +358,8 @@ class Launch:
     k_kind: int  # DENSE..LOWRANK, or TAIL for the dense tail
     v_kind: int
     r_max: int  # widest non-dense width of its blocks, as a power of two >= 16
-    items: torch.Tensor  # int32 [n] rows of ``AttentionPlan.items``
+    items: torch.Tensor  # int32 [>= count] rows of ``AttentionPlan.items``
+    count: torch.Tensor  # int32 [1]: how many of ``items`` the launch computes (read on the device)
     num_programs: int
 
 
@@ -368,8 +369,9 @@ class AttentionPlan:
 
     requests: torch.Tensor  # int32 [B, 4] REQUEST_FIELDS
     items: torch.Tensor  # int32 [num_items, 7] ITEM_FIELDS
-    groups: torch.Tensor  # int32 [num_groups, 3] GROUP_FIELDS
+    groups: torch.Tensor  # int32 [num_groups, 3] GROUP_FIELDS (rows past ``num_groups[0]`` unused)
     merge_indptr: torch.Tensor  # int32 [num_groups + 1] items of each group
+    num_groups: torch.Tensor  # int32 [1]: groups the merge reads (its grid may be larger)
     block_indices: torch.Tensor  # int32 [nnz] table rows, per (request, kv_head), by kind pair
     launches: list[Launch]
     o_part: torch.Tensor  # fp32 [num_items, block_m, d] partial outputs
@@ -382,6 +384,32 @@ class AttentionPlan:
     @property
     def num_items(self) -> int:
         return int(self.items.shape[0])
+
+
+@dataclass
+class HostLayer:
+    """One layer's plan on the host: items, groups, merge pointers, and per launch
+    ``(k_kind, v_kind, R_MAX, item ids)``."""
+
+    items: np.ndarray
+    groups: np.ndarray
+    merge_indptr: np.ndarray
+    launches: list[tuple[int, int, int, np.ndarray]]
+
+
+@dataclass
+class HostPlan:
+    """A batch's plan before upload (:func:`upload_plans`, or a graph's static buffers)."""
+
+    requests: np.ndarray  # [B, 4] REQUEST_FIELDS
+    block_indices: np.ndarray
+    layers: list[HostLayer]
+    block_m: int
+    block_n: int
+
+    @property
+    def total_q(self) -> int:
+        return int(self.requests[:, 1].sum())
 
 
 def plan_work(
@@ -510,20 +538,43 @@ def build_layer_plans(
     chunk_tokens: int | None = None,
     max_programs: int | None = None,
 ) -> list[AttentionPlan]:
-    """One :class:`AttentionPlan` per layer for a batch whose requests read, at every
-    layer, the same tokens but their own blocks: ``block_indptr`` has ``num_layers * B *
-    Hkv + 1`` entries (layer-major), ``qo_lens``/``tail_lens`` are per request. Planned
-    in one vectorised pass and uploaded in one copy; the layers share the request table
-    and the partial-output buffers (they run one after the other)."""
+    """One :class:`AttentionPlan` per layer (:func:`plan_host`, then :func:`upload_plans`)."""
     device = torch.device(device)
+    max_programs = default_max_programs(device) if max_programs is None else max_programs
+    host = plan_host(table, block_indptr, block_indices, qo_lens, tail_lens, num_layers, num_kv_heads, group, block_m,
+                     block_n, chunk_tokens, max_programs)
+    return upload_plans(host, device, head_dim, max_programs)
+
+
+def default_max_programs(device: torch.device) -> int:
+    """Programs per launch: eight per SM on a GPU (four on the CPU interpreter)."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    return 8 * sms
+
+
+def plan_host(
+    table: np.ndarray,
+    block_indptr: np.ndarray,
+    block_indices: np.ndarray,
+    qo_lens: np.ndarray,
+    tail_lens: np.ndarray,
+    num_layers: int,
+    num_kv_heads: int,
+    group: int,
+    block_m: int,
+    block_n: int,
+    chunk_tokens: int | None,
+    max_programs: int,
+) -> HostPlan:
+    """Plan a batch whose requests read, at every layer, the same tokens but their own
+    blocks: ``block_indptr`` has ``num_layers * B * Hkv + 1`` entries (layer-major),
+    ``qo_lens``/``tail_lens`` are per request. One vectorised pass for every layer;
+    ``chunk_tokens`` defaults to about four items per program slot."""
     qo_lens = np.asarray(qo_lens, dtype=np.int64)
     tail_lens = np.asarray(tail_lens, dtype=np.int64)
     block_indptr = np.asarray(block_indptr, dtype=np.int64)
     block_indices = np.asarray(block_indices, dtype=np.int64)
     bsz = len(qo_lens)
-    if max_programs is None:
-        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-        max_programs = 8 * sms
     if chunk_tokens is None:
         work = int(table[block_indices, 0].sum()) // num_layers + int(tail_lens.sum()) * num_kv_heads
         chunk_tokens = max(4 * block_n, -(-work // (4 * max_programs)))
@@ -549,58 +600,80 @@ def build_layer_plans(
         rows = block_indices[kp == kind]
         r_max_of[int(kind)] = r_max_for(((k_kind, int(table[rows, 2].max())), (v_kind, int(table[rows, 6].max()))))
 
-    # One int32 upload: requests, block indices, then per layer its items, groups, local
-    # merge pointers and every launch's item list. Each piece starts 16-byte aligned:
-    # Triton specialises kernels on pointer alignment, and an unaligned view would
-    # compile another variant.
     requests = np.zeros((bsz, len(REQUEST_FIELDS)), dtype=np.int64)
     requests[:, 0] = np.concatenate([[0], np.cumsum(qo_lens)])[:-1]
     requests[:, 1] = qo_lens
     requests[:, 2] = np.concatenate([[0], np.cumsum(tail_lens)])[:-1]
     requests[:, 3] = tail_lens
-    pieces: list[np.ndarray] = [requests.reshape(-1), block_indices if len(block_indices) else np.zeros(1, dtype=np.int64)]
-    layer_pieces: list[tuple[int, list[tuple[int, int, int, int, int]]]] = []  # first piece (items), launches
+    layers = []
     for layer in range(num_layers):
         i0, i1 = item_bounds[layer], item_bounds[layer + 1]
         g0, g1 = group_bounds[layer], group_bounds[layer + 1]
-        first = len(pieces)
-        pieces += [items[i0:i1].reshape(-1), groups[g0:g1].reshape(-1), merge_indptr[g0 : g1 + 1] - i0]
-        launches = []
         layer_kinds = kinds[i0:i1]
+        launches = []
         for kind in np.unique(layer_kinds):
-            ids = np.flatnonzero(layer_kinds == kind)
             k_kind, v_kind = (TAIL, TAIL) if kind == TAIL else divmod(int(kind), 4)
-            launches.append((k_kind, v_kind, r_max_of.get(int(kind), 16), len(pieces),
-                             max(1, min(len(ids), max_programs))))
-            pieces.append(ids)
-        layer_pieces.append((first, launches))
-    sizes = [len(p) for p in pieces]
-    padded = [-(-n // 4) * 4 for n in sizes]
-    flat = np.zeros(sum(padded), dtype=np.int32)
-    starts = np.concatenate([[0], np.cumsum(padded)[:-1]])
+            launches.append((k_kind, v_kind, r_max_of.get(int(kind), 16), np.flatnonzero(layer_kinds == kind)))
+        layers.append(HostLayer(items[i0:i1], groups[g0:g1], merge_indptr[g0 : g1 + 1] - i0, launches))
+    return HostPlan(requests, block_indices, layers, block_m, block_n)
+
+
+def pack_int32(pieces: Sequence[np.ndarray], out: np.ndarray | None = None) -> tuple[np.ndarray, list[int]]:
+    """``pieces`` back to back in one int32 array (``out`` if given), each starting
+    16-byte aligned: Triton specialises kernels on pointer alignment, and an unaligned
+    view would compile another variant. Returns the array and the pieces' starts."""
+    padded = [-(-len(p) // 4) * 4 for p in pieces]
+    starts = np.concatenate([[0], np.cumsum(padded)[:-1]]).astype(np.int64).tolist()
+    flat = np.zeros(sum(padded), dtype=np.int32) if out is None else out
     for piece, start in zip(pieces, starts):
         flat[start : start + len(piece)] = piece
+    return flat, starts
+
+
+def aligned_counts(layer: HostLayer) -> np.ndarray:
+    """Each launch's item count, then the layer's group count, one per 16 bytes (a
+    kernel reads its count through a pointer, which must stay 16-byte aligned)."""
+    counts = np.zeros(4 * (len(layer.launches) + 1), dtype=np.int64)
+    counts[0::4] = [len(ids) for *_, ids in layer.launches] + [len(layer.groups)]
+    return counts
+
+
+def upload_plans(host: HostPlan, device: torch.device, head_dim: int, max_programs: int) -> list[AttentionPlan]:
+    """The host plan in one int32 upload (requests, block indices, then per layer its
+    items, groups, merge pointers, counts and every launch's item list); the layers share
+    the request table and the partial-output buffers (they run one after the other)."""
+    pieces: list[np.ndarray] = [host.requests.reshape(-1), host.block_indices]
+    for layer in host.layers:
+        pieces += [layer.items.reshape(-1), layer.groups.reshape(-1), layer.merge_indptr, aligned_counts(layer)]
+        pieces += [ids for *_, ids in layer.launches]
+    flat, starts = pack_int32(pieces)
     flat_dev = torch.from_numpy(flat).to(device)
-    views = [flat_dev[start : start + n] for start, n in zip(starts, sizes)]
-    num_items = int(np.diff(item_bounds).max()) if num_layers else 0
-    o_part = torch.empty(num_items, block_m, head_dim, dtype=torch.float32, device=device)
-    lse_part = torch.empty(num_items, block_m, dtype=torch.float32, device=device)
-    scratch_rows = max((n for _, launches in layer_pieces for k, v, _, _, n in launches if SPARSE in (k, v)), default=1)
-    scratch = torch.zeros(scratch_rows, 2, block_n, head_dim, dtype=torch.bfloat16, device=device)
-    plans = []
-    for first, launches in layer_pieces:  # its items, groups and merge pointers, then the launches' item lists
+    views = [flat_dev[start : start + len(p)] for p, start in zip(pieces, starts)]
+    num_items = max((len(layer.items) for layer in host.layers), default=0)
+    o_part = torch.empty(num_items, host.block_m, head_dim, dtype=torch.float32, device=device)
+    lse_part = torch.empty(num_items, host.block_m, dtype=torch.float32, device=device)
+    scratch_rows = max((min(len(ids), max_programs) for layer in host.layers for k, v, _, ids in layer.launches
+                        if SPARSE in (k, v)), default=1)
+    scratch = torch.zeros(scratch_rows, 2, host.block_n, head_dim, dtype=torch.bfloat16, device=device)
+    plans, at = [], 2
+    for layer in host.layers:
+        items, groups, merge_indptr, counts = views[at : at + 4]
+        lists = views[at + 4 : at + 4 + len(layer.launches)]
+        at += 4 + len(layer.launches)
         plans.append(AttentionPlan(
             requests=views[0].view(-1, len(REQUEST_FIELDS)),
-            items=views[first].view(-1, len(ITEM_FIELDS)),
-            groups=views[first + 1].view(-1, len(GROUP_FIELDS)),
-            merge_indptr=views[first + 2],
+            items=items.view(-1, len(ITEM_FIELDS)),
+            groups=groups.view(-1, len(GROUP_FIELDS)),
+            merge_indptr=merge_indptr,
+            num_groups=counts[-4:-3],
             block_indices=views[1],
-            launches=[Launch(k, v, r, views[piece], n) for k, v, r, piece, n in launches],
+            launches=[Launch(k, v, r, ids_dev, counts[4 * i : 4 * i + 1], max(1, min(len(ids), max_programs)))
+                      for i, ((k, v, r, ids), ids_dev) in enumerate(zip(layer.launches, lists))],
             o_part=o_part,
             lse_part=lse_part,
             scratch=scratch,
-            block_m=block_m,
-            block_n=block_n,
-            total_q=int(qo_lens.sum()),
+            block_m=host.block_m,
+            block_n=host.block_n,
+            total_q=host.total_q,
         ))
     return plans

@@ -467,7 +467,7 @@ def plan_work(
     # Groups: every (request, kv_head, row block), request-major.
     row_blocks = -(-qo_lens.astype(np.int64) * group // block_m)
     g_req = np.repeat(np.arange(bsz), row_blocks * hkv)
-    g_first = np.repeat(np.concatenate([[0], np.cumsum(row_blocks * hkv)[:-1]]), row_blocks * hkv)
+    g_first = np.repeat(np.cumsum(row_blocks * hkv) - row_blocks * hkv, row_blocks * hkv)
     g_local = np.arange(len(g_req)) - g_first
     g_head = g_local // np.maximum(row_blocks[g_req], 1)
     g_row0 = g_local % np.maximum(row_blocks[g_req], 1) * block_m
@@ -618,13 +618,13 @@ def plan_host(
     return HostPlan(requests, block_indices, layers, block_m, block_n)
 
 
-def pack_int32(pieces: Sequence[np.ndarray], out: np.ndarray | None = None) -> tuple[np.ndarray, list[int]]:
-    """``pieces`` back to back in one int32 array (``out`` if given), each starting
+def pack_int32(pieces: Sequence[np.ndarray]) -> tuple[np.ndarray, list[int]]:
+    """``pieces`` back to back in one int32 array, each starting
     16-byte aligned: Triton specialises kernels on pointer alignment, and an unaligned
     view would compile another variant. Returns the array and the pieces' starts."""
     padded = [-(-len(p) // 4) * 4 for p in pieces]
     starts = np.concatenate([[0], np.cumsum(padded)[:-1]]).astype(np.int64).tolist()
-    flat = np.zeros(sum(padded), dtype=np.int32) if out is None else out
+    flat = np.zeros(sum(padded), dtype=np.int32)
     for piece, start in zip(pieces, starts):
         flat[start : start + len(piece)] = piece
     return flat, starts

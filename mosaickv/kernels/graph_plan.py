@@ -1,0 +1,153 @@
+"""Static plan buffers: a run step that one CUDA graph captures and every batch replays.
+
+A captured launch keeps its grid and its pointers, and a plan changes every step. So a
+:class:`GraphPlan` allocates, once, buffers sized for the largest batch it accepts, and
+its layers' :class:`~mosaickv.kernels.layout.AttentionPlan` views launch every kernel
+variant of a fixed menu (the policy's, :func:`~mosaickv.kernels.layout.launch_variants`)
+with a fixed number of programs; each launch reads its item count from the device, so
+variants a batch does not use exit at once. Before each replay :meth:`GraphPlan.load`
+writes a batch's host plan (:func:`~mosaickv.kernels.layout.plan_host`) into those
+buffers with one host-to-device copy: FlashInfer's ``plan`` outside the graph, ``run``
+inside it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+
+from mosaickv.kernels.layout import (
+    GROUP_FIELDS,
+    ITEM_FIELDS,
+    REQUEST_FIELDS,
+    SPARSE,
+    AttentionPlan,
+    HostLayer,
+    HostPlan,
+    Launch,
+    aligned_counts,
+    pack_int32,
+)
+
+
+@dataclass(frozen=True)
+class GraphCapacity:
+    """The largest batch a :class:`GraphPlan` takes; a larger one is refused by name."""
+
+    requests: int  # requests per batch
+    blocks: int  # block indices, all layers together
+    items: int  # items of one layer
+    groups: int  # merge groups of one layer
+    tail_rows: int  # dense tail tokens, all requests together
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            if getattr(self, f.name) < 1:
+                raise ValueError(f"GraphCapacity.{f.name}={getattr(self, f.name)} must be at least 1")
+
+
+class GraphPlan:
+    """Static buffers for ``num_layers`` layers; ``plans[layer]`` is what a captured
+    :func:`~mosaickv.kernels.decode.run_plan` reads and ``tail_rows`` its row map."""
+
+    def __init__(
+        self,
+        variants: list[tuple[int, int, int]],
+        capacity: GraphCapacity,
+        num_layers: int,
+        block_m: int,
+        block_n: int,
+        head_dim: int,
+        max_programs: int,
+        device: torch.device | str,
+    ) -> None:
+        self.variants, self.capacity, self.max_programs = list(variants), capacity, max_programs
+        self.block_m, self.block_n = block_m, block_n
+        dev = torch.device(device)
+        cap, nv = capacity, len(self.variants)
+        sizes = [cap.requests * len(REQUEST_FIELDS), cap.blocks, cap.tail_rows]
+        sizes += [cap.items * len(ITEM_FIELDS), cap.groups * len(GROUP_FIELDS), cap.groups + 1, 4 * (nv + 1)]
+        sizes += [cap.items] * nv
+        self._layer_pieces = 4 + nv
+        sizes = sizes[:3] + sizes[3:] * num_layers
+        flat, self._starts = pack_int32([np.zeros(n, dtype=np.int64) for n in sizes])
+        pinned = dev.type == "cuda"
+        self._host = torch.zeros(len(flat), dtype=torch.int32, pin_memory=pinned)
+        self._flat = torch.zeros(len(flat), dtype=torch.int32, device=dev)
+        self._copied = torch.cuda.Event() if pinned else None
+        views = [self._flat[s : s + n] for s, n in zip(self._starts, sizes)]
+        self.tail_rows = views[2]
+        o_part = torch.zeros(cap.items, block_m, head_dim, dtype=torch.float32, device=dev)
+        lse_part = torch.zeros(cap.items, block_m, dtype=torch.float32, device=dev)
+        scratch_rows = max_programs if any(SPARSE in (k, v) for k, v, _ in self.variants) else 1
+        scratch = torch.zeros(scratch_rows, 2, block_n, head_dim, dtype=torch.bfloat16, device=dev)
+        self.plans = []
+        for layer in range(num_layers):
+            items, groups, merge_indptr, counts, *lists = views[3 + layer * self._layer_pieces :][: self._layer_pieces]
+            self.plans.append(AttentionPlan(
+                requests=views[0].view(-1, len(REQUEST_FIELDS)),
+                items=items.view(-1, len(ITEM_FIELDS)),
+                groups=groups.view(-1, len(GROUP_FIELDS)),
+                merge_indptr=merge_indptr,
+                num_groups=counts[4 * nv : 4 * nv + 1],
+                block_indices=views[1],
+                launches=[Launch(k, v, r, ids, counts[4 * i : 4 * i + 1], max_programs)
+                          for i, ((k, v, r), ids) in enumerate(zip(self.variants, lists))],
+                o_part=o_part,
+                lse_part=lse_part,
+                scratch=scratch,
+                block_m=block_m,
+                block_n=block_n,
+                total_q=0,
+            ))
+
+    def _variant(self, k_kind: int, v_kind: int, r_max: int) -> int:
+        """The menu's narrowest variant of this format pair that is at least ``r_max`` wide."""
+        fits = [(r, i) for i, (k, v, r) in enumerate(self.variants) if (k, v) == (k_kind, v_kind) and r >= r_max]
+        if not fits:
+            raise ValueError(f"launch (k_kind={k_kind}, v_kind={v_kind}, R_MAX={r_max}) is not in this graph's menu "
+                             f"{self.variants}: plan it outside the graph")
+        return min(fits)[1]
+
+    def _layer_pieces_of(self, layer: HostLayer) -> list[np.ndarray]:
+        cap = self.capacity
+        for name, n, limit in (("items", len(layer.items), cap.items), ("groups", len(layer.groups), cap.groups)):
+            if n > limit:
+                raise ValueError(f"a layer of this batch has {n} {name}, above GraphCapacity.{name}={limit}")
+        lists: list[np.ndarray] = [np.zeros(0, dtype=np.int64)] * len(self.variants)
+        launches: list[tuple[int, int, int, np.ndarray]] = [(k, v, r, lists[i]) for i, (k, v, r) in enumerate(self.variants)]
+        for k, v, r, ids in layer.launches:
+            i = self._variant(k, v, r)  # one launch per format pair: distinct variants
+            lists[i] = ids
+            launches[i] = (k, v, self.variants[i][2], ids)
+        counts = aligned_counts(HostLayer(layer.items, layer.groups, layer.merge_indptr, launches))
+        return [layer.items.reshape(-1), layer.groups.reshape(-1), layer.merge_indptr, counts, *lists]
+
+    def load(self, host: HostPlan, tail_rows: np.ndarray | None = None) -> None:
+        """Write a batch's plan (and its tail row map) into the static buffers: one copy,
+        ordered on the current stream before whatever replays next."""
+        cap = self.capacity
+        if len(host.layers) != len(self.plans):
+            raise ValueError(f"the plan has {len(host.layers)} layers, the graph {len(self.plans)}")
+        if (host.block_m, host.block_n) != (self.block_m, self.block_n):
+            raise ValueError(f"the plan's tiles (block_m={host.block_m}, block_n={host.block_n}) are not the graph's "
+                             f"({self.block_m}, {self.block_n})")
+        tail_rows = np.zeros(0, dtype=np.int64) if tail_rows is None else np.asarray(tail_rows)
+        for name, n, limit in (("requests", len(host.requests), cap.requests),
+                               ("blocks", len(host.block_indices), cap.blocks),
+                               ("tail_rows", len(tail_rows), cap.tail_rows)):
+            if n > limit:
+                raise ValueError(f"this batch has {n} {name}, above GraphCapacity.{name}={limit}")
+        pieces = [host.requests.reshape(-1), host.block_indices, tail_rows]
+        for layer in host.layers:
+            pieces += self._layer_pieces_of(layer)
+        if self._copied is not None:
+            self._copied.synchronize()  # the previous load's copy has left the staging buffer
+        staging = self._host.numpy()  # entries past a piece's length are stale and never read
+        for piece, start in zip(pieces, self._starts):
+            staging[start : start + len(piece)] = piece
+        self._flat.copy_(self._host, non_blocking=self._copied is not None)
+        if self._copied is not None:
+            self._copied.record()

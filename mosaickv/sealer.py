@@ -195,6 +195,8 @@ class SealWorkers:
             try:
                 job, ok, value = self._results.get(timeout=POLL_S)
             except queue.Empty:
+                if not threading.main_thread().is_alive():
+                    return  # the interpreter is exiting: nothing to seal for, nothing to respawn
                 self._replace_dead()
                 continue
             with self._lock:

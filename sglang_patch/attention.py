@@ -280,6 +280,7 @@ class MosaicAttnBackend(TorchNativeAttnBackend):
     def init_forward_metadata(self, forward_batch: ForwardBatch) -> None:
         super().init_forward_metadata(forward_batch)
         self._forward = None  # sealing and freeing between forwards move tokens
+        self.token_to_kv_pool.prepare_writes(forward_batch.out_cache_loc)
 
     def _state(self, forward_batch: ForwardBatch, q_lens: list[int]) -> ForwardState:
         """The forward's :class:`ForwardState`: built at the first layer, read by all of them."""

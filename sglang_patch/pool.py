@@ -188,6 +188,7 @@ class MosaicKVPool(MHATokenToKVPool):
         self.page_to_dense = torch.full((num_pages,), UNMAPPED, dtype=torch.int64)
         self.page_to_slab = torch.full((num_pages,), UNMAPPED, dtype=torch.int64)
         self.page_to_dense[0] = 0  # the padding page absorbs dummy writes, as in the base pool
+        self._prepared: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # prepare_writes
         self._free_dense = self._all_dense_pages()
         self.arena = SegmentArena(self.plan.num_slabs, self.plan.slab_bytes, self.device)
         rows = max(self.plan.num_slabs, 1) * self.layer_num * self.head_num
@@ -242,8 +243,16 @@ class MosaicKVPool(MHATokenToKVPool):
         rows = self.page_to_dense[pages] * self.page_size + loc.cpu().long() % self.page_size
         return rows.to(loc.device)
 
+    def prepare_writes(self, loc: Optional[torch.Tensor]) -> None:
+        """Map a forward's write slots ``loc`` (its ``out_cache_loc``) to dense rows once,
+        for every layer's write of that tensor: mapping at each layer cost a host round
+        trip per layer. Called before every forward (the tensor may be reused)."""
+        self._prepared = None if loc is None else (loc, self.dense_rows(loc))
+
     def _store_kv_layer(self, layer_idx: int, loc: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor):
-        super()._store_kv_layer(layer_idx, self.dense_rows(loc), cache_k, cache_v)
+        prepared = self._prepared
+        rows = prepared[1] if prepared is not None and prepared[0] is loc else self.dense_rows(loc)
+        super()._store_kv_layer(layer_idx, rows, cache_k, cache_v)
 
     # -- sealing and freeing -------------------------------------------------------------
     def table_row(self, slab: int, layer: int) -> int:

@@ -27,7 +27,21 @@ host memory, ``L x Hkv x (d + S) x 8`` bytes per unsealed segment, never in the 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+
+@dataclass
+class _Pending:
+    """One layer's decode sums, on the device until :meth:`SegmentQueryStats.flush`."""
+
+    layer: int
+    energy: torch.Tensor  # [B, Hkv, d] float64
+    attn: torch.Tensor | None  # [B, Hkv, S] float64
+    first_slots: list[int]
+    in_window: list[bool]
+    group: int
 
 
 class SegmentQueryStats:
@@ -45,8 +59,10 @@ class SegmentQueryStats:
         self._count: dict[int, torch.Tensor] = {}  # first slot -> [L] query-head token count
         self._attn: dict[int, torch.Tensor] = {}  # first slot -> [L, Hkv, S] float64
         self._attn_count: dict[int, torch.Tensor] = {}  # first slot -> [L] query-head count
+        self._pending: list[_Pending] = []  # decode sums still on the device (observe_decode)
 
     def __len__(self) -> int:
+        self.flush()
         return len(self._sum)
 
     def observe(self, layer: int, q: torch.Tensor, slots: torch.Tensor, keys: torch.Tensor | None = None,
@@ -62,6 +78,7 @@ class SegmentQueryStats:
         nq, hq, d = q.shape
         if nq == 0:
             return
+        self.flush()
         if d != self.head_dim or hq % self.num_kv_heads:
             raise ValueError(f"queries of shape {tuple(q.shape)} do not fit {self.num_kv_heads} KV heads "
                              f"of head dim {self.head_dim}")
@@ -86,7 +103,7 @@ class SegmentQueryStats:
             q_ok = (absolute >= first) & (absolute < n)
             pick = (absolute - first).clamp(0, nq - 1)
             k_rows = (starts[:, None] - seg0 * s + torch.arange(s, device=q.device)[None, :]).clamp(max=keys.shape[0] - 1)
-            attn = self._paid_attention(q[pick], lse[pick], keys[k_rows], q_pos, q_ok, scale)
+            attn = self._paid_attention(q[pick], lse[pick], keys[k_rows], q_pos, q_ok, scale).cpu()
             counts = q_ok.sum(1).tolist()
         for j in range(nseg):
             seg = seg0 + j
@@ -97,36 +114,51 @@ class SegmentQueryStats:
                        keys: torch.Tensor | None = None, lse: torch.Tensor | None = None,
                        scale: float | None = None) -> None:
         """:meth:`observe` for a batch of one query per request, computed together where
-        ``q`` is and copied to the host once: request ``b``'s query ``q[b]`` [Hq, d] sits at
+        ``q`` is and left there: request ``b``'s query ``q[b]`` [Hq, d] sits at
         ``positions[b]`` (host) of its segment, whose first slot is ``first_slots[b]``.
         With a window, ``keys`` [B, S, Hkv, d] hold each segment's tokens so far (the rest
-        is ignored), ``lse`` [B, Hq] the step's log-sum-exp."""
+        is ignored), ``lse`` [B, Hq] the step's log-sum-exp. The sums reach the host in one
+        copy for all layers (:meth:`flush`): at the next step's first layer, or when read."""
         bsz, hq, d = q.shape
         if bsz == 0:
             return
+        if layer == 0:
+            self.flush()  # the previous step's, finished on the device by now
         group = hq // self.num_kv_heads
-        energy = q.detach().double().pow(2).view(bsz, self.num_kv_heads, group, d).sum(2).cpu()
+        energy = q.detach().double().pow(2).view(bsz, self.num_kv_heads, group, d).sum(2)
         in_window = positions >= self.segment_size - self.window
         attn = None
         if self.window and bool(in_window.any()):
             attn = self._paid_attention(q[:, None], lse[:, None], keys, positions[:, None].to(q.device),
                                         in_window[:, None].to(q.device), scale)
-        for b, key in enumerate(first_slots):
-            self._add(key, layer, energy[b], group, None if attn is None else attn[b], int(in_window[b]) * group)
+        self._pending.append(_Pending(layer, energy, attn, list(first_slots), in_window.tolist(), group))
+
+    def flush(self) -> None:
+        """Add the decode sums still on the device: one copy to the host for all of them."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        energies = torch.stack([p.energy for p in pending]).cpu()
+        with_attn = [p for p in pending if p.attn is not None]
+        attns = iter(torch.stack([p.attn for p in with_attn]).cpu() if with_attn else [])
+        for p, energy in zip(pending, energies):
+            attn = None if p.attn is None else next(attns)
+            for b, key in enumerate(p.first_slots):
+                self._add(key, p.layer, energy[b], p.group, None if attn is None else attn[b], int(p.in_window[b]) * p.group)
 
     def _paid_attention(self, q: torch.Tensor, lse: torch.Tensor, keys: torch.Tensor, q_pos: torch.Tensor,
                         q_ok: torch.Tensor, scale: float) -> torch.Tensor:
         """Attention ``N`` segments' chosen queries pay their own segment's tokens, summed
         over queries and the GQA group: ``q`` [N, W, Hq, d] at positions ``q_pos`` [N, W]
         within their segment (``q_ok`` marks real ones), ``lse`` [N, W, Hq], ``keys`` [N, S,
-        Hkv, d]. A query sees the tokens up to its own position. [N, Hkv, S] float64 on the host."""
+        Hkv, d]. A query sees the tokens up to its own position. [N, Hkv, S] float64 where q is."""
         n, w, hq, d = q.shape
         hkv = self.num_kv_heads
         logits = torch.einsum("nwhgd,nthd->nwhgt", q.float().view(n, w, hkv, hq // hkv, d), keys.float()) * scale
         logits = logits - lse.float().view(n, w, hkv, hq // hkv)[..., None]
         visible = q_ok[:, :, None] & (torch.arange(self.segment_size, device=q.device)[None, None, :] <= q_pos[:, :, None])
         probs = torch.exp(logits).masked_fill(~visible[:, :, None, None, :], 0.0)
-        return probs.sum(dim=(1, 3)).double().cpu()
+        return probs.sum(dim=(1, 3)).double()
 
     def _add(self, key: int, layer: int, energy: torch.Tensor, count: int, attn: torch.Tensor | None = None,
              attn_count: int = 0) -> None:
@@ -144,6 +176,7 @@ class SegmentQueryStats:
     def rms(self, first_slot: int) -> torch.Tensor | None:
         """[L, Hkv, d] rotary-pair RMS of the segment's queries (``Observation.query_rms``),
         or None if a layer saw none of them."""
+        self.flush()
         count = self._count.get(first_slot)
         if count is None or not bool((count > 0).all()):
             return None
@@ -153,17 +186,20 @@ class SegmentQueryStats:
     def attention(self, first_slot: int) -> torch.Tensor | None:
         """[L, Hkv, S] mean attention the segment's last ``window`` queries paid its tokens
         (``Observation.received_attention``), or None if not recorded for every layer."""
+        self.flush()
         count = self._attn_count.get(first_slot)
         if count is None or not bool((count > 0).all()):
             return None
         return (self._attn[first_slot] / count[:, None, None]).float()
 
     def drop(self, first_slot: int) -> None:
+        self.flush()
         for table in (self._sum, self._count, self._attn, self._attn_count):
             table.pop(first_slot, None)
 
     def release(self, slots: torch.Tensor) -> None:
         """Freed slots: drop the segments they started (the slot ids will be reused)."""
+        self.flush()
         if not self._sum:
             return
         for key in self._sum.keys() & set(slots.cpu().tolist()):

@@ -140,6 +140,32 @@ def test_pool_is_a_real_mha_pool_with_small_dense_part():
     assert sum(dense.get_kv_size_bytes()) > 2.2 * ours
 
 
+def test_a_forwards_writes_map_their_slots_once():
+    """prepare_writes maps the forward's slots for every layer's write of that tensor (one
+    host round trip, not one per layer); a different tensor is still mapped on its own;
+    the stored rows equal those of writes without it."""
+    (pool, plan), (plain, _) = make_pool(), make_pool()
+    alloc = TokenToKVPoolAllocator(plan.max_total_num_tokens, torch.bfloat16, "cpu", pool, need_sort=False)
+    slots = alloc.alloc(40)
+    k = torch.randn(40, 2, 32, dtype=torch.bfloat16)
+    calls = []
+    mapped = pool.dense_rows
+    pool.dense_rows = lambda loc: calls.append(len(loc)) or mapped(loc)
+    pool.prepare_writes(slots)
+    for layer in range(2):
+        pool._store_kv_layer(layer, slots, k, -k)
+        plain._store_kv_layer(layer, slots, k, -k)
+    assert calls == [40]
+    other = slots[:5].clone()
+    pool._store_kv_layer(0, other, k[:5], -k[:5])
+    assert calls == [40, 5]
+    for layer in range(2):
+        assert torch.equal(pool.k_buffer[layer][mapped(slots)], plain.k_buffer[layer][plain.dense_rows(slots)])
+    pool.prepare_writes(None)
+    pool._store_kv_layer(1, slots, k, -k)
+    assert calls == [40, 5, 40]
+
+
 def test_writes_seal_and_free_through_the_real_allocator():
     pool, plan = make_pool()
     alloc = TokenToKVPoolAllocator(plan.max_total_num_tokens, torch.bfloat16, "cpu", pool, need_sort=False)

@@ -159,6 +159,42 @@ def test_segment_stats_equal_the_offline_segment_observation_across_chunks(windo
     assert stats.rms(int(slots[0])) is not None
 
 
+def test_decode_batches_add_the_same_statistics_as_one_request_at_a_time():
+    """Two requests decoding together (observe_decode: sums left on the device, one copy
+    per step) end with the statistics that observe adds request by request, including
+    when they are read between two layers of a step."""
+    seqs = [sequence(70, seed=2), sequence(70, seed=3)]
+    slots = [torch.arange(100, 170), torch.arange(300, 370)]
+    batched, alone = (SegmentQueryStats(LAYERS, HKV, D, SEG, window=8) for _ in range(2))
+    scale = 1 / math.sqrt(D)
+    for (q, k, v), sl in zip(seqs, slots):  # the prefill of both, request by request
+        for stats in (batched, alone):
+            for layer in range(LAYERS):
+                stats.observe(layer, q[layer, :40], sl[:40], keys=k[layer, :40],
+                              lse=causal(q[layer, :40], k[layer, :40], v[layer, :40], lse=True)[1], scale=scale)
+    for p in range(40, 70):
+        seg0 = p // SEG * SEG
+        for layer in range(LAYERS):
+            lses = [causal(q[layer, p : p + 1], k[layer, : p + 1], v[layer, : p + 1], lse=True)[1] for q, k, v in seqs]
+            for (q, k, _), sl, lse in zip(seqs, slots, lses):
+                alone.observe(layer, q[layer, p : p + 1], sl[: p + 1], keys=k[layer, seg0 : p + 1], lse=lse, scale=scale)
+            keys = torch.stack([torch.cat([k[layer, seg0 : p + 1], k[layer, : SEG - (p + 1 - seg0)]]) for _, k, _ in seqs])
+            batched.observe_decode(layer, torch.stack([q[layer, p] for q, _, _ in seqs]),
+                                   [int(sl[seg0]) for sl in slots], torch.tensor([p - seg0, p - seg0]),
+                                   keys=keys, lse=torch.cat(lses), scale=scale)
+            if p == 50 and layer == 0:  # a read between two layers of a step sees what is done
+                assert torch.equal(batched.rms(int(slots[0][0])), alone.rms(int(slots[0][0])))
+    for sl in slots:
+        for seg in range(70 // SEG + 1):
+            key = int(sl[seg * SEG])
+            torch.testing.assert_close(batched.rms(key), alone.rms(key), rtol=0, atol=0)
+            a, b = batched.attention(key), alone.attention(key)
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    assert len(batched) == len(alone) == 2 * (70 // SEG + 1)
+
+
 def test_the_mosaic_policy_seals_the_same_bytes_in_a_worker_process_as_inline():
     """The server's path: the policy pickled to a sealing process, the segment and its
     query statistics sent there, the region sent back."""

@@ -37,7 +37,14 @@ from torch.nn.functional import scaled_dot_product_attention
 
 from mosaickv.formats import SideFormat
 from mosaickv.kernels.decode import MixedAttention, compile_variants, run_plan
-from mosaickv.kernels.layout import AttentionPlan, build_layer_plans, launch_variants
+from mosaickv.kernels.layout import (
+    AttentionPlan,
+    HostPlan,
+    default_max_programs,
+    launch_variants,
+    plan_host,
+    upload_plans,
+)
 from mosaickv.sglang_patch.pool import UNMAPPED, MosaicKVPool, SegmentKV
 
 if TYPE_CHECKING:
@@ -49,8 +56,8 @@ logger = logging.getLogger(__name__)
 LSE_CHUNK_BYTES = 256 << 20  # float32 logits held at once by logsumexp (a long prefill would not fit whole)
 
 Run = int | torch.Tensor
-"""Consecutive tokens of a request: a sealed segment's slab, or the dense-pool rows (on
-the pool's device) of still-dense tokens."""
+"""Consecutive tokens of a request: a sealed segment's slab, or the dense-pool rows (host)
+of still-dense tokens (a batch's rows go to the device together, not one run at a time)."""
 
 
 def locate(pool: MosaicKVPool, slots: torch.Tensor) -> list[Run]:
@@ -61,7 +68,7 @@ def locate(pool: MosaicKVPool, slots: torch.Tensor) -> list[Run]:
     for lo, hi in zip(bounds, bounds[1:]):
         slab = int(sealed[lo])
         if slab == UNMAPPED:
-            runs.append(pool.dense_rows(slots[lo:hi]).to(pool.device))
+            runs.append(pool.dense_rows(slots[lo:hi]))
         elif hi - lo != pool.plan.segment_size:  # which tokens a part would see is not stored
             raise ValueError(f"a request reads {hi - lo} tokens of sealed segment {slab}; segments are read whole")
         else:
@@ -149,7 +156,7 @@ class StatInputs:
     decode: bool
     positions: Optional[torch.Tensor] = None  # decode: [B] host
     firsts: Optional[list[int]] = None  # decode: first slot of each query's segment
-    rows: Optional[torch.Tensor] = None  # decode: [B, S] device rows
+    rows: Optional[torch.Tensor] = None  # decode: [B, S] device rows (past a query's position: 0)
     request_rows: Optional[list[torch.Tensor]] = None  # extend: per request, rows from its first query's segment on
 
 
@@ -167,9 +174,10 @@ def stat_inputs(pool: MosaicKVPool, reqs: list[RequestKV]) -> StatInputs:
         firsts = [int(req.slots[len(req.slots) - 1 - p]) for req, p in zip(reqs, pos.tolist())]
         rows = None
         if stats.window:
-            rows = torch.zeros(len(reqs), seg, dtype=torch.int64, device=pool.device)
+            rows = torch.zeros(len(reqs), seg, dtype=torch.int64)
             for b, (req, p) in enumerate(zip(reqs, pos.tolist())):
                 rows[b, : p + 1] = trailing_rows(req, p + 1)
+            rows = rows.to(pool.device)
         return StatInputs(True, pos, firsts, rows)
     request_rows = None
     if stats.window:
@@ -235,16 +243,14 @@ class ForwardPlan:
     group: int
 
 
-def plan_forward(pool: MosaicKVPool, reqs: list[RequestKV], num_q_heads: int, extend: bool) -> ForwardPlan:
+def host_plan(pool: MosaicKVPool, reqs: list[RequestKV], group: int, tuning: MixedAttention, max_programs: int,
+              chunk_tokens: Optional[int] = None) -> tuple[HostPlan, torch.Tensor]:
     """Blocks of every (layer, request, KV head) from the block table, dense tails as row
-    lists, cut into the kernels' items (:func:`build_layer_plans`)."""
+    lists, cut into the kernels' items on the host (:func:`plan_host`); and the tails'
+    rows (host int64), each request's in token order, back to back."""
     hkv, layers = pool.head_num, pool.layer_num
-    if num_q_heads % hkv:
-        raise ValueError(f"{num_q_heads} query heads are not a multiple of {hkv} KV heads")
-    group = num_q_heads // hkv
-    tuning = EXTEND_TUNING if extend else DECODE_TUNING
     slabs = [np.asarray([r for r in req.runs if isinstance(r, int)], dtype=np.int64) for req in reqs]
-    empty = torch.zeros(0, dtype=torch.int64, device=pool.device)
+    empty = torch.zeros(0, dtype=torch.int64)
     tails = [torch.cat([r for r in req.runs if not isinstance(r, int)] or [empty]) for req in reqs]
     counts = np.asarray([len(s) for s in slabs], dtype=np.int64)
     # (layer, request, kv head, segment) order; a block's table row is (slab * layers + layer) * hkv + head.
@@ -253,11 +259,23 @@ def plan_forward(pool: MosaicKVPool, reqs: list[RequestKV], num_q_heads: int, ex
     indices = (per_layer[None, :] + (np.arange(layers) * hkv)[:, None]).reshape(-1)
     indptr = np.concatenate([[0], np.cumsum(np.tile(np.repeat(counts, hkv), layers))])
     block_m = max(tuning.block_m, triton.next_power_of_2(group))
-    plans = build_layer_plans(pool.block_table_host, torch.device(pool.device), indptr, indices,
-                              [req.nq for req in reqs], [len(t) for t in tails], layers, hkv, group, block_m,
-                              tuning.block_n, pool.head_dim)
-    tail_rows = torch.cat(tails).to(device=pool.device, dtype=torch.int32)
-    return ForwardPlan(plans, tail_rows, tuning, group)
+    host = plan_host(pool.block_table_host, indptr, indices, [req.nq for req in reqs], [len(t) for t in tails],
+                     layers, hkv, group, block_m, tuning.block_n, chunk_tokens, max_programs)
+    return host, torch.cat(tails + [empty])
+
+
+def plan_forward(pool: MosaicKVPool, reqs: list[RequestKV], num_q_heads: int, extend: bool) -> ForwardPlan:
+    """The forward's :func:`host_plan`, uploaded for every layer (:func:`upload_plans`)."""
+    hkv = pool.head_num
+    if num_q_heads % hkv:
+        raise ValueError(f"{num_q_heads} query heads are not a multiple of {hkv} KV heads")
+    group = num_q_heads // hkv
+    tuning = EXTEND_TUNING if extend else DECODE_TUNING
+    device = torch.device(pool.device)
+    max_programs = default_max_programs(device)
+    host, tail_rows = host_plan(pool, reqs, group, tuning, max_programs)
+    plans = upload_plans(host, device, pool.head_dim, max_programs)
+    return ForwardPlan(plans, tail_rows.to(device=device, dtype=torch.int32), tuning, group)
 
 
 class MosaicAttnBackend(TorchNativeAttnBackend):

@@ -56,6 +56,12 @@ class MosaicServerArgs(ServerArgs):
             choices=ATTENTION_CHOICES),
         NS("memory"),
     ] = None
+    kv_compress_cuda_graph: A[
+        bool,
+        "MosaicKV: capture decode steps in CUDA graphs (the kernels' static plan); new, checked on the CPU "
+        "only so far. Prefill runs without graphs.",
+        NS("memory"),
+    ] = False
 
     def __post_init__(self) -> None:
         if self.kv_compress not in KV_COMPRESS_CHOICES:
@@ -63,7 +69,8 @@ class MosaicServerArgs(ServerArgs):
         if self.kv_compress == "none":
             for flag, value in (("--kv-compress-config", self.kv_compress_config),
                                 ("--kv-compress-workers", self.kv_compress_workers),
-                                ("--kv-compress-attention", self.kv_compress_attention)):
+                                ("--kv-compress-attention", self.kv_compress_attention),
+                                ("--kv-compress-cuda-graph", self.kv_compress_cuda_graph or None)):
                 if value is not None:
                     raise KVCompressError(f"{flag} needs --kv-compress mosaickv.")
             super().__post_init__()
@@ -78,6 +85,9 @@ class MosaicServerArgs(ServerArgs):
         elif self.kv_compress_attention not in ATTENTION_CHOICES:
             raise KVCompressError(f"--kv-compress-attention {self.kv_compress_attention!r} is not one of "
                                   f"{ATTENTION_CHOICES}.")
+        if self.kv_compress_cuda_graph and self.kv_compress_attention != "triton":
+            raise KVCompressError(f"--kv-compress-cuda-graph needs --kv-compress-attention triton (the PyTorch "
+                                  f"path loops over requests on the host), got {self.kv_compress_attention!r}.")
         self._mosaic_policy = load_checked_policy(self.kv_compress_config)
         # One page is one segment: SGLang allocates by the tree cache's page size, and
         # the tree's nodes hold whole segments.
@@ -89,7 +99,7 @@ class MosaicServerArgs(ServerArgs):
         super().__post_init__()
         if self.model_path.lower() not in ("none", "dummy"):
             check_model(self, self.get_model_config())
-        disable_cuda_graphs(self)
+        disable_cuda_graphs(self, keep_decode=self.kv_compress_cuda_graph)
 
     @property
     def mosaic_policy(self):
@@ -105,18 +115,24 @@ def default_seal_workers() -> int:
     return max(1, min(4, (os.cpu_count() or 1) // 4))
 
 
-def disable_cuda_graphs(args: ServerArgs) -> None:
-    """The mosaickv backend looks its pages up on the host and loops over requests in
-    Python, which no CUDA graph can capture; say so rather than fail in capture."""
+def disable_cuda_graphs(args: ServerArgs, keep_decode: bool) -> None:
+    """Prefill under mosaickv plans on the host every step, which no CUDA graph can
+    capture, so its graphs go off; decode graphs too unless ``keep_decode``
+    (``--kv-compress-cuda-graph``: a static plan refilled before each replay). Said in the
+    log rather than failed in capture."""
     from sglang.srt.model_executor.cuda_graph_config import Backend
 
     graph = args.cuda_graph_config
-    if graph is None or graph.decode.backend == graph.prefill.backend == Backend.DISABLED:
+    if graph is None:
         return
-    logger.warning("CUDA graphs are off with --kv-compress mosaickv: its attention backend reads host-side page "
-                   "tables and loops over requests in Python every step, which graphs cannot capture.")
-    graph.decode.backend = Backend.DISABLED
-    graph.prefill.backend = Backend.DISABLED
+    off = [graph.prefill] + ([] if keep_decode else [graph.decode])
+    if all(phase.backend == Backend.DISABLED for phase in off):
+        return
+    logger.warning("CUDA graphs are off for %s with --kv-compress mosaickv: its attention plans on the host every "
+                   "step%s.", "prefill" if keep_decode else "prefill and decode",
+                   "" if keep_decode else " (--kv-compress-cuda-graph captures decode)")
+    for phase in off:
+        phase.backend = Backend.DISABLED
 
 
 def load_checked_policy(source: Optional[str]):

@@ -45,6 +45,7 @@ from mosaickv.kernels.layout import (
     plan_host,
     upload_plans,
 )
+from mosaickv.sglang_patch.decode_graph import DecodeGraph
 from mosaickv.sglang_patch.pool import UNMAPPED, MosaicKVPool, SegmentKV
 
 if TYPE_CHECKING:
@@ -293,23 +294,69 @@ class MosaicAttnBackend(TorchNativeAttnBackend):
         self.kernels = getattr(server_args, "kv_compress_attention", "triton") == "triton"
         self._policy = getattr(server_args, "mosaic_policy", None)
         self._compiled = False
+        self._menu: list[tuple[int, int, int]] = []
+        self._menu_aligned = True
         self._forward: Optional[tuple[ForwardBatch, ForwardState]] = None
+        self._model_config = getattr(model_runner, "model_config", None)
+        self._graph: Optional[DecodeGraph] = None
+        self._graph_step = False  # this forward is a decode graph's (capture, warmup or replay)
 
     def init_forward_metadata(self, forward_batch: ForwardBatch) -> None:
         super().init_forward_metadata(forward_batch)
         self._forward = None  # sealing and freeing between forwards move tokens
+        self._graph_step = False
         self.token_to_kv_pool.prepare_writes(forward_batch.out_cache_loc)
+
+    def _requests(self, req_pool_indices: torch.Tensor, seq_lens: list[int], q_lens: list[int]) -> list[RequestKV]:
+        """Each request's tokens as runs, from its ``req_to_token`` row (one host copy)."""
+        if not seq_lens:
+            return []
+        rows = self.req_to_token_pool.req_to_token[req_pool_indices, : max(seq_lens)].cpu().long()
+        return [RequestKV(row[:n], locate(self.token_to_kv_pool, row[:n]), nq) for row, n, nq in zip(rows, seq_lens, q_lens)]
 
     def _state(self, forward_batch: ForwardBatch, q_lens: list[int]) -> ForwardState:
         """The forward's :class:`ForwardState`: built at the first layer, read by all of them."""
         if self._forward is None or self._forward[0] is not forward_batch:
-            seq_lens = forward_batch.seq_lens.tolist()
-            req_to_token = self.req_to_token_pool.req_to_token
-            rows = req_to_token[forward_batch.req_pool_indices, : max(seq_lens)].cpu().long()
-            reqs = [RequestKV(row[:n], locate(self.token_to_kv_pool, row[:n]), nq)
-                    for row, n, nq in zip(rows, seq_lens, q_lens)]
+            reqs = self._requests(forward_batch.req_pool_indices, forward_batch.seq_lens.tolist(), q_lens)
             self._forward = (forward_batch, ForwardState(reqs, stat_inputs(self.token_to_kv_pool, reqs)))
         return self._forward[1]
+
+    # -- decode under CUDA graphs (decode_graph.py) ----------------------------------------
+    def _num_q_heads(self) -> int:
+        """Query heads per rank: the model's GQA ratio times this rank's KV heads."""
+        cfg = self._model_config
+        return self.token_to_kv_pool.head_num * cfg.num_attention_heads // cfg.get_total_num_kv_heads()
+
+    def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int) -> None:
+        if not self.kernels:
+            raise RuntimeError("decode CUDA graphs under --kv-compress mosaickv need --kv-compress-attention triton")
+        heads = self._num_q_heads()
+        if not self._compiled:
+            self._compile(heads)
+        self._graph = DecodeGraph(self.token_to_kv_pool, heads, max_bs, self._menu, self._menu_aligned, DECODE_TUNING,
+                                  self._model_config.context_len)
+
+    def get_cuda_graph_seq_len_fill_value(self) -> int:
+        return 1
+
+    def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False) -> None:
+        """Host work of a captured decode step: the batch's plan, write rows and statistics'
+        inputs into the graph's buffers. Capture (and its warmup) gets an empty plan."""
+        graph = self._graph
+        if graph is None:
+            raise RuntimeError("init_cuda_graph_state must run before a decode graph is captured or replayed")
+        self._forward = None
+        self._graph_step = True
+        bs = forward_batch.batch_size
+        if in_capture:
+            graph.prepare([], bs, None)
+            self.token_to_kv_pool.prepare_writes(forward_batch.out_cache_loc, graph.write_rows[:bs])
+            return
+        n = bs - getattr(forward_batch, "num_padding", 0)
+        seq_lens = (forward_batch.seq_lens[:n].cpu() if forward_batch.seq_lens_cpu is None
+                    else forward_batch.seq_lens_cpu[:n]).tolist()
+        graph.prepare(self._requests(forward_batch.req_pool_indices[:n], seq_lens, [1] * n), bs,
+                      forward_batch.out_cache_loc)
 
     def _compile(self, num_q_heads: int) -> None:
         """Compile, before the first batch runs them, the kernels this policy's formats
@@ -317,12 +364,10 @@ class MosaicAttnBackend(TorchNativeAttnBackend):
         strategy's candidate side formats, dense, for decode and extend. Formats outside
         that menu (strategies that list none) compile when first met."""
         pool = self.token_to_kv_pool
-        sides = [SideFormat("dense")]
-        if self._policy is not None:
-            bound = self._policy.bind(pool.head_dim)
-            sides += bound.strategy.candidates(pool.head_dim, bound.channel_selector)
+        sides = self._policy_sides()
         variants = launch_variants(sides)
         aligned = all(s.width % 8 == 0 for s in sides if s.kind != "dense")
+        self._menu, self._menu_aligned = variants, aligned
         start = time.perf_counter()
         for tuning in (DECODE_TUNING, EXTEND_TUNING):
             compile_variants(variants, tuning, num_q_heads // pool.head_num, pool.head_num, pool.head_dim, pool.dtype,
@@ -330,6 +375,14 @@ class MosaicAttnBackend(TorchNativeAttnBackend):
         self._compiled = True
         logger.info("MosaicKV: %d attention kernel variants (decode and extend) ready in %.1f s",
                     2 * len(variants), time.perf_counter() - start)
+
+    def _policy_sides(self) -> list[SideFormat]:
+        """Side formats the policy's segments can have: dense and its strategy's candidates."""
+        sides = [SideFormat("dense")]
+        if self._policy is not None:
+            bound = self._policy.bind(self.token_to_kv_pool.head_dim)
+            sides += bound.strategy.candidates(self.token_to_kv_pool.head_dim, bound.channel_selector)
+        return sides
 
     def _forward_plan(self, forward_batch: ForwardBatch, state: ForwardState, num_q_heads: int,
                       extend: bool) -> ForwardPlan:
@@ -347,11 +400,14 @@ class MosaicAttnBackend(TorchNativeAttnBackend):
         q_ = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)
         o = q.new_empty((q_.shape[0], layer.tp_q_head_num * layer.v_head_dim))
         o_ = o.view(-1, layer.tp_q_head_num, layer.v_head_dim)
+        with_lse = pool.query_stats.window > 0
+        lse = torch.empty(q_.shape[:2], dtype=torch.float32, device=q.device) if with_lse else None
+        if self._graph_step:
+            self._graph_layer(q_, o_, lse, layer, extend)
+            return o
         q_lens = forward_batch.extend_seq_lens_cpu if extend else [1] * len(forward_batch.seq_lens)
         state = self._state(forward_batch, q_lens)
         reqs = state.reqs
-        with_lse = pool.query_stats.window > 0
-        lse = torch.empty(q_.shape[:2], dtype=torch.float32, device=q.device) if with_lse else None
         if self.kernels:
             if not self._compiled:
                 self._compile(layer.tp_q_head_num)
@@ -371,6 +427,17 @@ class MosaicAttnBackend(TorchNativeAttnBackend):
                 start += req.nq
         record_queries(pool, layer.layer_id, q_, reqs, lse, layer.scaling, state.stats)
         return o
+
+    def _graph_layer(self, q: torch.Tensor, out: torch.Tensor, lse: Optional[torch.Tensor], layer: RadixAttention,
+                     extend: bool) -> None:
+        """A decode graph's layer: static plan, statistics into static buffers, no host work."""
+        graph, pool = self._graph, self.token_to_kv_pool
+        if extend or layer.tp_q_head_num != graph.group * pool.head_num:
+            raise RuntimeError(f"a mosaickv decode graph serves decode with {graph.group * pool.head_num} query heads, "
+                               f"got {'an extend' if extend else 'a decode'} with {layer.tp_q_head_num}")
+        local, k_buf = layer.layer_id - pool.start_layer, pool.get_key_buffer(layer.layer_id)
+        graph.attend(local, q, out, lse, k_buf, pool.get_value_buffer(layer.layer_id), layer.scaling)
+        graph.record(local, q, lse, k_buf, layer.scaling)
 
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True):
         return self._run(q, k, v, layer, forward_batch, save_kv_cache, extend=True)

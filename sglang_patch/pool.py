@@ -243,11 +243,12 @@ class MosaicKVPool(MHATokenToKVPool):
         rows = self.page_to_dense[pages] * self.page_size + loc.cpu().long() % self.page_size
         return rows.to(loc.device)
 
-    def prepare_writes(self, loc: Optional[torch.Tensor]) -> None:
+    def prepare_writes(self, loc: Optional[torch.Tensor], rows: Optional[torch.Tensor] = None) -> None:
         """Map a forward's write slots ``loc`` (its ``out_cache_loc``) to dense rows once,
         for every layer's write of that tensor: mapping at each layer cost a host round
-        trip per layer. Called before every forward (the tensor may be reused)."""
-        self._prepared = None if loc is None else (loc, self.dense_rows(loc))
+        trip per layer. Called before every forward (the tensor may be reused). ``rows``:
+        the mapping, already computed into a buffer a CUDA graph captures."""
+        self._prepared = None if loc is None else (loc, self.dense_rows(loc) if rows is None else rows)
 
     def _store_kv_layer(self, layer_idx: int, loc: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor):
         prepared = self._prepared

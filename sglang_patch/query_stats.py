@@ -103,7 +103,7 @@ class SegmentQueryStats:
             q_ok = (absolute >= first) & (absolute < n)
             pick = (absolute - first).clamp(0, nq - 1)
             k_rows = (starts[:, None] - seg0 * s + torch.arange(s, device=q.device)[None, :]).clamp(max=keys.shape[0] - 1)
-            attn = self._paid_attention(q[pick], lse[pick], keys[k_rows], q_pos, q_ok, scale).cpu()
+            attn = self.paid_attention(q[pick], lse[pick], keys[k_rows], q_pos, q_ok, scale).cpu()
             counts = q_ok.sum(1).tolist()
         for j in range(nseg):
             seg = seg0 + j
@@ -124,14 +124,25 @@ class SegmentQueryStats:
             return
         if layer == 0:
             self.flush()  # the previous step's, finished on the device by now
-        group = hq // self.num_kv_heads
-        energy = q.detach().double().pow(2).view(bsz, self.num_kv_heads, group, d).sum(2)
         in_window = positions >= self.segment_size - self.window
         attn = None
         if self.window and bool(in_window.any()):
-            attn = self._paid_attention(q[:, None], lse[:, None], keys, positions[:, None].to(q.device),
-                                        in_window[:, None].to(q.device), scale)
-        self._pending.append(_Pending(layer, energy, attn, list(first_slots), in_window.tolist(), group))
+            attn = self.paid_attention(q[:, None], lse[:, None], keys, positions[:, None].to(q.device),
+                                       in_window[:, None].to(q.device), scale)
+        self.defer(layer, self.query_energy(q), attn, first_slots, in_window.tolist(), hq // self.num_kv_heads)
+
+    def query_energy(self, q: torch.Tensor) -> torch.Tensor:
+        """Per-KV-head channel sums of ``q^2`` over the GQA group, [B, Hkv, d] float64."""
+        bsz, hq, d = q.shape
+        return q.detach().double().pow(2).view(bsz, self.num_kv_heads, hq // self.num_kv_heads, d).sum(2)
+
+    def defer(self, layer: int, energy: torch.Tensor, attn: torch.Tensor | None, first_slots: list[int],
+              in_window: list[bool], group: int) -> None:
+        """Sums of one layer's decode queries, still on the device: request ``b`` adds
+        ``energy[b]`` (and ``attn[b]`` if ``in_window[b]``) to the segment starting at
+        ``first_slots[b]``, at the next :meth:`flush`. A CUDA graph's buffers can be
+        deferred before the replay that fills them: nothing reads them until then."""
+        self._pending.append(_Pending(layer, energy, attn, list(first_slots), list(in_window), group))
 
     def flush(self) -> None:
         """Add the decode sums still on the device: one copy to the host for all of them."""
@@ -146,7 +157,7 @@ class SegmentQueryStats:
             for b, key in enumerate(p.first_slots):
                 self._add(key, p.layer, energy[b], p.group, None if attn is None else attn[b], int(p.in_window[b]) * p.group)
 
-    def _paid_attention(self, q: torch.Tensor, lse: torch.Tensor, keys: torch.Tensor, q_pos: torch.Tensor,
+    def paid_attention(self, q: torch.Tensor, lse: torch.Tensor, keys: torch.Tensor, q_pos: torch.Tensor,
                         q_ok: torch.Tensor, scale: float) -> torch.Tensor:
         """Attention ``N`` segments' chosen queries pay their own segment's tokens, summed
         over queries and the GQA group: ``q`` [N, W, Hq, d] at positions ``q_pos`` [N, W]

@@ -84,6 +84,16 @@ def test_mosaickv_turns_cuda_graphs_off_that_none_keeps(llama):
     assert server_args_mod.prepare_server_args(["--model-path", "dummy", "--kv-compress", "mosaickv"]).kv_compress == "mosaickv"
 
 
+def test_kv_compress_cuda_graph_keeps_decode_graphs_only(llama):
+    from sglang.srt.model_executor.cuda_graph_config import Backend
+
+    graph = make(llama, kv_compress="mosaickv", kv_compress_cuda_graph=True).cuda_graph_config
+    assert graph.decode.backend != Backend.DISABLED and graph.prefill.backend == Backend.DISABLED
+    args = server_args_mod.prepare_server_args(["--model-path", llama, "--device", "cpu", "--kv-compress", "mosaickv",
+                                                "--kv-compress-cuda-graph"])
+    assert args.kv_compress_cuda_graph and args.cuda_graph_config.decode.backend != Backend.DISABLED
+
+
 def test_policy_file_is_validated_by_the_lead_loader(llama, tmp_path):
     good = tmp_path / "p.yaml"
     good.write_text("name: mine\nratio: 2\nsegment_size: 16\nsinks: 0\nwindow: 16\n")
@@ -106,6 +116,7 @@ def test_policy_file_is_validated_by_the_lead_loader(llama, tmp_path):
     (dict(kv_compress_config="mosaic_heads"), "30 layers x 3 KV heads"),  # SmolLM2's profile on a 2 x 2 model
     (dict(kv_compress_workers=0), "--kv-compress-workers 0"),
     (dict(kv_compress_attention="flash"), "--kv-compress-attention 'flash'"),
+    (dict(kv_compress_attention="sdpa", kv_compress_cuda_graph=True), "--kv-compress-cuda-graph needs"),
 ])
 def test_refusals_name_the_flag_in_one_sentence(llama, kw, words):
     with pytest.raises(KVCompressError) as info:
@@ -116,7 +127,8 @@ def test_refusals_name_the_flag_in_one_sentence(llama, kw, words):
 
 @pytest.mark.parametrize("kw, flag", [(dict(kv_compress_config="mosaic"), "--kv-compress-config"),
                                       (dict(kv_compress_workers=2), "--kv-compress-workers"),
-                                      (dict(kv_compress_attention="sdpa"), "--kv-compress-attention")])
+                                      (dict(kv_compress_attention="sdpa"), "--kv-compress-attention"),
+                                      (dict(kv_compress_cuda_graph=True), "--kv-compress-cuda-graph")])
 def test_mosaickv_flags_without_mosaickv_are_refused(llama, kw, flag):
     with pytest.raises(KVCompressError, match=f"{flag} needs --kv-compress mosaickv"):
         make(llama, **kw)

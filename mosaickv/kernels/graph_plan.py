@@ -103,6 +103,11 @@ class GraphPlan:
                 total_q=0,
             ))
 
+    def nbytes(self) -> int:
+        """Device bytes of the static buffers (plan, partial outputs, scratch)."""
+        p = self.plans[0]
+        return sum(t.nbytes for t in (self._flat, p.o_part, p.lse_part, p.scratch))
+
     def _variant(self, k_kind: int, v_kind: int, r_max: int) -> int:
         """The menu's narrowest variant of this format pair that is at least ``r_max`` wide."""
         fits = [(r, i) for i, (k, v, r) in enumerate(self.variants) if (k, v) == (k_kind, v_kind) and r >= r_max]

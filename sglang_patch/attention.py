@@ -221,7 +221,7 @@ class RequestKV:
 # Tile shapes of the kernels (FlashInfer-like defaults): decode rows are one token's GQA
 # group, extend rows many tokens' (too many for sparse keys read by query gathers).
 DECODE_TUNING = MixedAttention(block_m=16, block_n=32)
-EXTEND_TUNING = MixedAttention(block_m=32, block_n=32, keys_by_query=False)
+EXTEND_TUNING = MixedAttention(block_m=32, block_n=32, keys_by_query=False, wide_block_n=32)
 
 
 @dataclass

@@ -44,7 +44,7 @@ import triton
 import triton.language as tl
 
 from mosaickv.kernels._interpret import patch_interpreter
-from mosaickv.kernels.layout import Arena, AttentionPlan, Launch, build_plan, pack_requests, ragged_tails
+from mosaickv.kernels.layout import SPARSE, Arena, AttentionPlan, Launch, build_plan, pack_requests, ragged_tails
 from mosaickv.reference import CompressedLayer
 
 patch_interpreter()
@@ -339,10 +339,14 @@ class MixedAttention:
         num_stages: int = 1,
         sparse_densify: str = "scan",
         keys_by_query: bool = True,
+        wide_block_n: int = 64,
     ) -> None:
+        """``block_n``: tokens per tile of launches with a sparse side (whose densify grows
+        with the tile); ``wide_block_n``: of the others (dense, mask, low-rank, tails),
+        where a longer tile keeps more bytes in flight."""
         if sparse_densify not in SPARSE_MODES:
             raise ValueError(f"sparse_densify={sparse_densify!r} is not one of {', '.join(SPARSE_MODES)}")
-        self.block_m, self.block_n = block_m, block_n
+        self.block_m, self.block_n, self.wide_block_n = block_m, block_n, wide_block_n
         self.sparse_densify, self.keys_by_query = sparse_densify, keys_by_query
         self.num_warps, self.num_stages = num_warps, num_stages
         self._plan: AttentionPlan | None = None
@@ -402,6 +406,10 @@ class MixedAttention:
             arena.to(dev), indptr, indices, tail_k.to(dev, torch.bfloat16), tail_v.to(dev, torch.bfloat16), tail_indptr,
             np.asarray(qo_lens), num_qo_heads, num_kv_heads, scale, chunk_tokens, max_programs,
         )
+
+    def tile_n(self, k_kind: int, v_kind: int) -> int:
+        """Tokens per tile of a launch of this format pair."""
+        return self.block_n if SPARSE in (k_kind, v_kind) else self.wide_block_n
 
     @property
     def plan_info(self) -> AttentionPlan:
@@ -487,7 +495,7 @@ def run_plan(
             tail_k, tail_v, tail_k.stride(0), tail_k.stride(1), tail_v.stride(0), tail_v.stride(1), rows,
             p.requests, p.items, ln.items, ln.count, p.o_part, p.lse_part, p.scratch,
             scale * LOG2E,
-            GROUP=group, HEAD_DIM=d, BLOCK_M=p.block_m, BLOCK_N=p.block_n,
+            GROUP=group, HEAD_DIM=d, BLOCK_M=p.block_m, BLOCK_N=tuning.tile_n(ln.k_kind, ln.v_kind),
             K_KIND=ln.k_kind, V_KIND=ln.v_kind, R_MAX=ln.r_max, R_LOG2=ln.r_max.bit_length() - 1,
             ALIGNED=aligned, SPARSE_MODE=SPARSE_MODES.index(tuning.sparse_densify), TAIL_INDEXED=tail_rows is not None,
             KEYS_BY_QUERY=tuning.keys_by_query,

@@ -24,7 +24,7 @@ class MixedExtendWrapper(MixedAttention):
     """
 
     def __init__(self, block_m: int = 32, block_n: int = 32, num_warps: int = 4, num_stages: int = 1) -> None:
-        super().__init__(block_m, block_n, num_warps, num_stages, keys_by_query=False)
+        super().__init__(block_m, block_n, num_warps, num_stages, keys_by_query=False, wide_block_n=block_n)
 
     def plan(
         self,

@@ -35,15 +35,19 @@ class FormatsBackend(MosaicAttnBackend):
 
 
 class GraphTwin(Twin):
-    """A Twin whose kernel backend runs its decode steps as a captured graph would."""
+    """A Twin whose kernel backend runs its decode steps as a captured graph: really
+    captured on a GPU (``real``), or, on the CPU, its Python run again over the same
+    static buffers (what a replay reads is then what the hooks wrote)."""
 
-    def __init__(self, group: int, d: int) -> None:
-        super().__init__(group, d)
+    def __init__(self, group: int, d: int, device: str = "cpu") -> None:
+        super().__init__(group, d, device)
         self.attention = "triton"
         self.mosaic = FormatsBackend(self.runner(self.pool))
+        self.real = device == "cuda"
 
     def runner(self, pool):
         runner = super().runner(pool)
+        runner.device = self.device
         runner.model_config = SimpleNamespace(num_attention_heads=HKV * self.group, get_total_num_kv_heads=lambda: HKV,
                                               context_len=256)
         return runner
@@ -53,49 +57,60 @@ class GraphTwin(Twin):
         return super().step(new, mode, seed)
 
     def capture(self) -> ForwardBatch:
-        """The runner's capture of batch size MAX_BS: static buffers, an empty plan."""
+        """The runner's capture of batch size MAX_BS: static buffers, an empty plan, a
+        warmup forward, then (on a GPU) the captured one."""
+        dev = self.device
         static = ForwardBatch(forward_mode=ForwardMode.DECODE, batch_size=MAX_BS,
-                              input_ids=torch.zeros(MAX_BS, dtype=torch.int64),
-                              req_pool_indices=torch.zeros(MAX_BS, dtype=torch.int64),
-                              seq_lens=torch.ones(MAX_BS, dtype=torch.int64),
-                              out_cache_loc=torch.zeros(MAX_BS, dtype=torch.int64), seq_lens_sum=MAX_BS)
+                              input_ids=torch.zeros(MAX_BS, dtype=torch.int64, device=dev),
+                              req_pool_indices=torch.zeros(MAX_BS, dtype=torch.int64),  # as Twin's req_to_token: host
+                              seq_lens=torch.ones(MAX_BS, dtype=torch.int64, device=dev),
+                              out_cache_loc=torch.zeros(MAX_BS, dtype=torch.int64, device=dev), seq_lens_sum=MAX_BS)
         self.mosaic.init_forward_metadata_out_graph(static, in_capture=True)
-        q = torch.randn(LAYERS, MAX_BS, HKV * self.group * self.d)
-        k, v = kv(MAX_BS, self.d, seed=99)
-        for i, layer in enumerate(self.layers):  # warmup/capture: its output is not read
-            self.mosaic.forward_decode(q[i].bfloat16(), k[i], v[i], layer, static)
+        self.q = torch.randn(LAYERS, MAX_BS, HKV * self.group * self.d, device=dev).bfloat16()
+        self.k, self.v = (t.to(dev) for t in kv(MAX_BS, self.d, seed=99))
+        self.forward(static)  # warmup: compiles, its output is not read
+        if self.real:
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.outs = self.forward(static)
         return static
 
+    def forward(self, static: ForwardBatch) -> list[torch.Tensor]:
+        return [self.mosaic.forward_decode(self.q[i], self.k[i], self.v[i], layer, static)
+                for i, layer in enumerate(self.layers)]
+
     def replay(self, static: ForwardBatch, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """One decode step of both requests: the replay hook, then the captured forward
-        (static batch), against the reference backend's eager step."""
+        """One decode step of both requests: the runner's buffer fill and the replay hook,
+        then the captured forward, against the reference backend's eager step."""
         loc = []
         for i in range(2):
             self.req_pool.req_to_token[i, self.lens[i]] = self.next_slot
             loc.append(self.next_slot)
             self.lens[i] += 1
             self.next_slot += 1
-        loc = torch.tensor(loc)
-        static.out_cache_loc[:2] = loc  # the runner's buffer fill (padding row: slot 0)
+        loc = torch.tensor(loc, device=self.device)
+        static.out_cache_loc[:2] = loc  # padding row: slot 0
         static.req_pool_indices[:2] = torch.arange(2)
+        k, v = kv(MAX_BS, self.d, seed)
+        q = torch.randn(LAYERS, MAX_BS, HKV * self.group * self.d, generator=torch.Generator().manual_seed(seed + 1))
+        for dst, src in ((self.q, q.bfloat16()), (self.k, k), (self.v, v)):
+            dst.copy_(src)
         view = SimpleNamespace(batch_size=MAX_BS, num_padding=MAX_BS - 2, req_pool_indices=static.req_pool_indices,
                                seq_lens=torch.tensor(self.lens + [1]), seq_lens_cpu=torch.tensor(self.lens + [1]),
                                out_cache_loc=loc)
         self.mosaic.init_forward_metadata_out_graph(view)
+        if self.real:
+            self.graph.replay()
+            outs = self.outs
+        else:
+            with HostWork() as host:
+                outs = self.forward(static)
+            assert host.calls == [], f"the captured forward did host work: {host.calls}"
         eager = ForwardBatch(forward_mode=ForwardMode.DECODE, batch_size=2, input_ids=torch.zeros(2, dtype=torch.int64),
                              req_pool_indices=torch.arange(2), seq_lens=torch.tensor(self.lens), out_cache_loc=loc,
                              seq_lens_sum=sum(self.lens))
-        k, v = kv(MAX_BS, self.d, seed)
-        q = torch.randn(LAYERS, MAX_BS, HKV * self.group * self.d, generator=torch.Generator().manual_seed(seed + 1))
-        out = []
-        with HostWork() as host:
-            graph = [self.mosaic.forward_decode(q[i].bfloat16(), k[i], v[i], layer, static)
-                     for i, layer in enumerate(self.layers)]
-        assert host.calls == [], f"the captured forward did host work: {host.calls}"
-        for i, layer in enumerate(self.layers):
-            ref = self.native.forward_decode(q[i, :2].bfloat16(), k[i, :2], v[i, :2], layer, eager)
-            out.append((graph[i][:2], ref))
-        return out
+        return [(outs[i][:2], self.native.forward_decode(self.q[i, :2], self.k[i, :2], self.v[i, :2], layer, eager))
+                for i, layer in enumerate(self.layers)]
 
 
 class HostWork:
@@ -124,12 +139,19 @@ class HostWork:
             setattr(cls, name, fn)
 
 
+CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                        reason="needs CUDA")])
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("group,d", [(1, 64), (3, 64), (4, 128)])
-def test_replayed_decode_steps_equal_the_reference_path(group, d):
+def test_replayed_decode_steps_equal_the_reference_path(group, d, device):
     """Prefill (eager), capture, then decode steps as replays while segments fill up and
     get sealed mid-way (every format): each step equals the reference, writes land where
     the reference's do, and the statistics the graph deferred equal the reference's."""
-    twin = GraphTwin(group, d)
+    if device == "cpu" and torch.cuda.is_available():
+        pytest.skip("the kernels are compiled for the GPU here; the cuda case runs them")
+    twin = GraphTwin(group, d, device)
     twin.mosaic.init_cuda_graph_state(MAX_BS, MAX_BS)
     for kernel, ref in twin.step([2 * SEG + SEG - 3, SEG - 2], ForwardMode.EXTEND, seed=0):
         torch.testing.assert_close(kernel.float(), ref.float(), atol=2e-2, rtol=2e-2)

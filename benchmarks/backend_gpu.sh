@@ -2,7 +2,7 @@
 # Device calls on a staged machine (after .device/c5/stage.sh), one PART per call (each
 # fits the 10-minute limit); everything lands in $OUT/backend_gpu_PART.tgz (a call brings
 # back at most 8 files), a summary on stdout.
-#   PART=tests  bash benchmarks/backend_gpu.sh   # GPU tests of the backend's Triton path and compile warm-up
+#   PART=tests  bash benchmarks/backend_gpu.sh   # GPU tests of the backend's Triton path, compile warm-up and decode graphs
 #   PART=parity bash benchmarks/backend_gpu.sh   # lossless (sdpa and kernels) against none and HF
 #   PART=serve  bash benchmarks/backend_gpu.sh   # serve_gpu.sh: mosaic on the kernels, then none
 set -uo pipefail
@@ -15,7 +15,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > 
 git rev-parse HEAD > $R/commit.txt 2>/dev/null || true
 case $PART in
   tests)
-    cmd="python3 -m pytest -m gpu -q -p no:cacheprovider -rA --durations=0 tests/test_sglang_attention.py tests/test_kernels_decode.py"
+    cmd="python3 -m pytest -m gpu -q -p no:cacheprovider -rA --durations=0 tests/test_sglang_attention.py tests/test_kernels_decode.py tests/test_kernels_graph_plan.py tests/test_sglang_decode_graph.py"
     echo "$cmd" > $R/cmd.txt
     timeout ${TESTS_S:-540} $cmd > $R/pytest.txt 2>&1; echo "tests rc=$?" | tee -a $R/steps.txt
     tail -30 $R/pytest.txt ;;

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # none vs mosaickv (mosaic, 3x) on the real server, one device call on a staged machine:
-#   T0=$(date +%s); T0=$T0 [WITH_HEADS=1 RESERVE_MOSAIC=450] [SKIP_NONE=1] bash benchmarks/serving/serve_gpu.sh
-# (SKIP_NONE: compare against a fidelity_none.json kept from an earlier call, on the host.)
+#   T0=$(date +%s); T0=$T0 [WITH_HEADS=1 RESERVE_MOSAIC=450] [SKIP_NONE=1] [MOSAIC_EXTRA=--kv-compress-cuda-graph] \
+#     bash benchmarks/serving/serve_gpu.sh
+# (SKIP_NONE: compare against a fidelity_none.json kept from an earlier call, on the host;
+# MOSAIC_EXTRA: more flags for the mosaic server.)
 # Per server: token capacity (/get_server_info), next-token fidelity on text whose prefix
 # sits in the radix cache (fidelity_client.py), then bench_serving generated-shared-prefix.
 set -uo pipefail
@@ -35,7 +37,7 @@ measure() {  # NAME PORT START_BUDGET RESERVE FLAGS...
   stop_server
 }
 
-measure mosaic 30001 150 ${RESERVE_MOSAIC:-250} --kv-compress mosaickv --kv-compress-config mosaic
+measure mosaic 30001 150 ${RESERVE_MOSAIC:-250} --kv-compress mosaickv --kv-compress-config mosaic ${MOSAIC_EXTRA:-}
 [ -n "${WITH_HEADS:-}" ] && measure mosaic_heads 30002 150 250 --kv-compress mosaickv --kv-compress-config mosaic_heads
 # torch_native: no JIT and no graph capture to wait for (see benchmarks/parity/run_gpu.sh).
 [ -z "${SKIP_NONE:-}" ] && measure none 30000 200 20 --attention-backend torch_native

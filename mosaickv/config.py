@@ -201,16 +201,15 @@ def load_policy(source: str | os.PathLike | Mapping[str, Any] = "mosaic", **over
     check(values["segment_size"] <= 256, "segment_size", values["segment_size"], "at most 256 tokens")
     parts = {role: build_part(role, data.get(role, DEFAULT_PARTS[role])) for role in ROLES}
     policy = Policy(**values, **parts, source=data)
-    need = policy.protected_tokens * ratio
-    check(
-        need < policy.min_context,
-        "ratio",
-        ratio,
-        f"below {policy.min_context / policy.protected_tokens:.2f}: the protected {policy.protected_tokens} tokens "
-        f"(sinks {policy.sinks} rounded up to segments of {policy.segment_size}, window {policy.window}) alone use "
-        f"the whole budget of a {policy.min_context}-token context (min_context); lower the ratio, the sinks or the "
-        "window, or raise min_context",
-    )
+    if policy.protected_tokens * ratio >= policy.min_context:  # (never with nothing protected)
+        raise PolicyError(
+            "ratio",
+            ratio,
+            f"below {policy.min_context / policy.protected_tokens:.2f}: the protected {policy.protected_tokens} tokens "
+            f"(sinks {policy.sinks} rounded up to segments of {policy.segment_size}, window {policy.window}) alone use "
+            f"the whole budget of a {policy.min_context}-token context (min_context); lower the ratio, the sinks or "
+            "the window, or raise min_context",
+        )
     if hasattr(policy.strategy, "check_ratio"):
         policy.strategy.check_ratio(ratio)
     return policy

@@ -65,6 +65,13 @@ def test_budget_below_the_protected_regions_is_refused():
     assert "protected" in msg and "min_context" in msg
 
 
+def test_nothing_protected_is_allowed():
+    """No sinks and no window: no protected region to check against the budget (this
+    divided by zero while building the refusal it did not need)."""
+    policy = load_policy({"sinks": 0, "window": 0, "ratio": 64})
+    assert policy.protected_tokens == 0 and policy.ratio == 64
+
+
 def test_fixed_format_that_cannot_reach_the_ratio_is_refused():
     refused("think", "ratio", ratio=3)
     refused("lossless", "ratio", ratio=2)
@@ -98,7 +105,8 @@ def test_overrides_replace_fields():
 
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-5, 300) | st.floats(allow_nan=True) | st.text(max_size=12),
+    st.none() | st.booleans() | st.sampled_from([0, 1, 8, 32]) | st.integers(-5, 300) | st.floats(allow_nan=True)
+    | st.text(max_size=12),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
     max_leaves=12,
 )

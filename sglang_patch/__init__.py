@@ -46,6 +46,9 @@ def register() -> None:
     HookRegistry.register("sglang.srt.managers.scheduler.Scheduler.get_internal_state", pool.internal_state_hook,
                           HookType.AFTER)
     HookRegistry.register("sglang.srt.managers.scheduler.Scheduler.on_idle", radix.idle_drain_hook, HookType.BEFORE)
+    HookRegistry.register("sglang.srt.managers.scheduler_components.batch_result_processor."
+                          "SchedulerBatchResultProcessor.process_batch_result_decode", radix.decode_seal_hook,
+                          HookType.AFTER)
     radix.register_backend()
     attention.register_backend()
 

@@ -31,6 +31,7 @@ from functools import partial
 import torch
 from sglang.srt.mem_cache.base_prefix_cache import InsertParams, InsertResult, MatchPrefixParams, MatchResult
 from sglang.srt.mem_cache.cache_init_params import CacheInitParams
+from sglang.srt.mem_cache.common import maybe_cache_unfinished_req
 from sglang.srt.mem_cache.radix_cache import RadixCache, TreeNode
 
 from mosaickv.compressor import PartFailure
@@ -146,6 +147,20 @@ class MosaicRadixCache(RadixCache):
             if self._workers is None:
                 self.drain(wait=False)
         return result
+
+    def cache_decoded_segments(self, req) -> None:
+        """Insert a decoding request's tokens up to its last whole segment, as
+        ``cache_unfinished_req`` does after a prefill chunk, so that its segments seal
+        during decode (SGLang inserts a decoding request only when it finishes, and its
+        dense rows are sized for a window, not a generation). Called after every decode
+        step; acts when the tokens whose KV is written, less the newest one (under the
+        overlap scheduler its write may still be in flight), close a segment."""
+        written = req.effective_kv_committed_len() - 1
+        if self.disable or written % self.segment_size or written <= req.cache_protected_len:
+            return
+        req._refresh_fill_ids()  # origin + output ids, which decoding leaves stale
+        req.set_extend_range(written - 1, written)  # what get_fill_ids (and so the insert) reads
+        maybe_cache_unfinished_req(req, self)
 
     def match_prefix(self, params: MatchPrefixParams) -> MatchResult:
         self.drain(wait=False)
@@ -280,6 +295,17 @@ def idle_drain_hook(scheduler, *args, **kwargs) -> None:
     tree = getattr(scheduler, "tree_cache", None)
     if isinstance(tree, MosaicRadixCache):
         tree.drain(wait=False)
+
+
+def decode_seal_hook(result, processor, batch, *args, **kwargs) -> None:
+    """AFTER hook on ``process_batch_result_decode``: the batch's running requests insert
+    their decoded segments (:meth:`MosaicRadixCache.cache_decoded_segments`)."""
+    tree = getattr(processor, "tree_cache", None)
+    if not isinstance(tree, MosaicRadixCache):
+        return
+    for req in batch.reqs:
+        if not (req.finished() or req.is_retracted or req.req_pool_idx is None):
+            tree.cache_decoded_segments(req)
 
 
 def register_backend() -> None:

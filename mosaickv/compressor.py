@@ -198,7 +198,6 @@ class Compressor:
         scale = heads.pow(2).sum(-1).mean(1, keepdim=True).clamp_min(1e-12)  # |v|^2 of the head: errors are relative
         spread = ((heads - mean_out).pow(2).sum(-1) / scale).view(b, s)
         weight = p.pow(2)
-        drop_cost = weight * spread
         order = p.argsort(dim=1, descending=True)
         sides = self.policy.strategy.candidates(d, self.policy.channel_selector)
         v_scale = scale.expand(-1, nseg).reshape(b, 1)

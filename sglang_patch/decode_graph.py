@@ -28,6 +28,7 @@ import triton
 from mosaickv.kernels.decode import MixedAttention, run_plan
 from mosaickv.kernels.graph_plan import GraphCapacity, GraphPlan
 from mosaickv.kernels.layout import default_max_programs
+from mosaickv.sglang_patch.forward_inputs import RequestKV, host_plan, stat_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -63,13 +64,11 @@ class DecodeGraph:
         mine = [self.write_rows, self.positions, self.in_window, self.key_rows, self.energy]
         return self.plan.nbytes() + sum(t.nbytes for t in mine) + (0 if self.attn is None else self.attn.nbytes)
 
-    def prepare(self, reqs: list, bs: int, loc: Optional[torch.Tensor]) -> None:
+    def prepare(self, reqs: list[RequestKV], bs: int, loc: Optional[torch.Tensor]) -> None:
         """Fill the buffers for ``reqs`` (the batch's real requests, padded by the runner to
         ``bs``): their plan, the dense rows of ``loc`` (their new tokens, unpadded; padding
         rows write to the pool's padding row), their statistics' inputs; and defer those
         statistics. Capture passes no requests: an empty plan, every write to padding."""
-        from mosaickv.sglang_patch.attention import host_plan, stat_inputs  # it imports this module
-
         pool, n = self.pool, len(reqs)
         pool.query_stats.flush()  # the previous replay's sums, before this one overwrites them
         host, tail_rows = host_plan(pool, reqs, self.group, self.tuning, self.max_programs)

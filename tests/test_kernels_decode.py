@@ -11,12 +11,11 @@ import torch
 if not torch.cuda.is_available():  # must precede the first import of the kernels
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import numpy as np
 import pytest
 
-from mosaickv.formats import HEADER_BYTES, BlockFormat, SideFormat, pack_block
+from mosaickv.formats import HEADER_BYTES, BlockFormat, SideFormat
 from mosaickv.kernels.decode import MixedDecodeWrapper
-from mosaickv.kernels.layout import Arena, pack_requests
+from mosaickv.kernels.layout import pack_requests
 from mosaickv.kernels.synthetic import Recipe, random_layer, synthetic_arena
 from mosaickv.reference import CompressedLayer, attention
 

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mosaickv.formats import HEADER_BYTES, SIDE_KINDS, VALUE_DTYPE, BlockFormat, PackedBlock, PackedSide, SideFormat
+from mosaickv.formats import SIDE_KINDS, VALUE_DTYPE, BlockFormat, PackedBlock, PackedSide, SideFormat
 from mosaickv.reference import CompressedLayer
 
 TABLE_FIELDS = ("tokens", "k_kind", "k_width", "k_values", "k_aux", "v_kind", "v_width", "v_values", "v_aux")

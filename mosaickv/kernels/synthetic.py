@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from mosaickv.formats import SIDE_KINDS, BlockFormat, SideFormat, pack_block
-from mosaickv.kernels.layout import DENSE, LOWRANK, MASK, SPARSE, Arena
+from mosaickv.kernels.layout import LOWRANK, MASK, SPARSE, Arena
 from mosaickv.reference import CompressedLayer
 
 

@@ -1,0 +1,105 @@
+"""What a forward reads from the pool besides the queries, found on the host once for
+every layer: where each request's tokens are (sealed slabs or dense rows), what the query
+statistics need, and the kernels' plan. The eager backend and the decode graphs share it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+import triton
+
+from mosaickv.kernels.decode import MixedAttention
+from mosaickv.kernels.layout import HostPlan, plan_host
+from mosaickv.sglang_patch.pool import UNMAPPED, MosaicKVPool
+
+Run = int | torch.Tensor
+"""Consecutive tokens of a request: a sealed segment's slab, or the dense-pool rows (host)
+of still-dense tokens (a batch's rows go to the device together, not one run at a time)."""
+
+
+def locate(pool: MosaicKVPool, slots: torch.Tensor) -> list[Run]:
+    """A request's tokens (host ``slots``, in token order) as runs, from the page tables."""
+    sealed = pool.page_to_slab[slots // pool.page_size]
+    bounds = [0, *((sealed[1:] != sealed[:-1]).nonzero().flatten() + 1).tolist(), len(slots)]
+    runs: list[Run] = []
+    for lo, hi in zip(bounds, bounds[1:]):
+        slab = int(sealed[lo])
+        if slab == UNMAPPED:
+            runs.append(pool.dense_rows(slots[lo:hi]))
+        elif hi - lo != pool.plan.segment_size:  # which tokens a part would see is not stored
+            raise ValueError(f"a request reads {hi - lo} tokens of sealed segment {slab}; segments are read whole")
+        else:
+            runs.append(slab)
+    return runs
+
+
+@dataclass
+class RequestKV:
+    """One request of a forward: its host ``slots`` (the step's ``nq`` own last) as runs."""
+
+    slots: torch.Tensor
+    runs: list[Run]
+    nq: int
+
+
+@dataclass
+class StatInputs:
+    """What the query statistics read besides the queries, the same for every layer of a
+    forward: for a decode batch each query's position in its segment and that segment's
+    first slot; with a window, the dense rows of the keys they read."""
+
+    decode: bool
+    positions: Optional[torch.Tensor] = None  # decode: [B] host
+    firsts: Optional[list[int]] = None  # decode: first slot of each query's segment
+    rows: Optional[torch.Tensor] = None  # decode: [B, S] device rows (past a query's position: 0)
+    request_rows: Optional[list[torch.Tensor]] = None  # extend: per request, rows from its first query's segment on
+
+
+def trailing_rows(req: RequestKV, count: int) -> torch.Tensor:
+    """Dense rows of a request's last ``count`` tokens: a segment holding one of the step's
+    queries is still being written, so it and everything after it are the last dense run."""
+    return req.runs[-1][len(req.runs[-1]) - count :]
+
+
+def stat_inputs(pool: MosaicKVPool, reqs: list[RequestKV]) -> StatInputs:
+    stats = pool.query_stats
+    seg = stats.segment_size
+    if all(req.nq == 1 for req in reqs):
+        pos = torch.tensor([(len(req.slots) - 1) % seg for req in reqs], dtype=torch.int64)
+        firsts = [int(req.slots[len(req.slots) - 1 - p]) for req, p in zip(reqs, pos.tolist())]
+        rows = None
+        if stats.window:
+            rows = torch.zeros(len(reqs), seg, dtype=torch.int64)
+            for b, (req, p) in enumerate(zip(reqs, pos.tolist())):
+                rows[b, : p + 1] = trailing_rows(req, p + 1)
+            rows = rows.to(pool.device)
+        return StatInputs(True, pos, firsts, rows)
+    request_rows = None
+    if stats.window:
+        request_rows = [trailing_rows(req, len(req.slots) - (len(req.slots) - req.nq) // seg * seg) for req in reqs]
+    return StatInputs(False, request_rows=request_rows)
+
+
+def host_plan(pool: MosaicKVPool, reqs: list[RequestKV], group: int, tuning: MixedAttention, max_programs: int,
+              chunk_tokens: Optional[int] = None) -> tuple[HostPlan, torch.Tensor]:
+    """Blocks of every (layer, request, KV head) from the block table, dense tails as row
+    lists, cut into the kernels' items on the host (:func:`plan_host`); and the tails'
+    rows (host int64), each request's in token order, back to back."""
+    hkv, layers = pool.head_num, pool.layer_num
+    slabs = [np.asarray([r for r in req.runs if isinstance(r, int)], dtype=np.int64) for req in reqs]
+    empty = torch.zeros(0, dtype=torch.int64)
+    tails = [torch.cat([r for r in req.runs if not isinstance(r, int)] or [empty]) for req in reqs]
+    counts = np.asarray([len(s) for s in slabs], dtype=np.int64)
+    # (layer, request, kv head, segment) order; a block's table row is (slab * layers + layer) * hkv + head.
+    per_layer = np.concatenate([(s[None, :] * layers * hkv + np.arange(hkv)[:, None]).reshape(-1) for s in slabs]
+                               + [np.zeros(0, dtype=np.int64)])
+    indices = (per_layer[None, :] + (np.arange(layers) * hkv)[:, None]).reshape(-1)
+    indptr = np.concatenate([[0], np.cumsum(np.tile(np.repeat(counts, hkv), layers))])
+    block_m = max(tuning.block_m, triton.next_power_of_2(group))
+    host = plan_host(pool.block_table_host, indptr, indices, [req.nq for req in reqs], [len(t) for t in tails],
+                     layers, hkv, group, block_m, tuning.block_n, chunk_tokens, max_programs)
+    return host, torch.cat(tails + [empty])

@@ -13,7 +13,7 @@ import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
@@ -155,6 +155,8 @@ class SealingCounters:
     arena_full: int = 0  # seal attempts deferred because no slab was free
     worker_errors: int = 0  # segments left dense because the compressor raised (not a PartFailure)
     pending_since: dict[int, float] = field(default_factory=dict)  # first slot -> time.monotonic() at submit
+    dense_reclaims: int = 0  # times the tree evicted cached paths to free dense rows
+    dense_full: int = 0  # writes that found no dense row even after that (a MemoryError each)
 
 
 class MosaicKVPool(MHATokenToKVPool):
@@ -189,6 +191,8 @@ class MosaicKVPool(MHATokenToKVPool):
         self.page_to_slab = torch.full((num_pages,), UNMAPPED, dtype=torch.int64)
         self.page_to_dense[0] = 0  # the padding page absorbs dummy writes, as in the base pool
         self._prepared: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # prepare_writes
+        # Frees at least this many dense rows if it can (the tree cache evicts cached paths).
+        self.dense_reclaimer: Optional[Callable[[int], None]] = None
         self._free_dense = self._all_dense_pages()
         self.arena = SegmentArena(self.plan.num_slabs, self.plan.slab_bytes, self.device)
         rows = max(self.plan.num_slabs, 1) * self.layer_num * self.head_num
@@ -226,7 +230,10 @@ class MosaicKVPool(MHATokenToKVPool):
         """Give dense pages to logical pages that have none (host side)."""
         pages = torch.unique(pages.cpu())
         missing = pages[self.page_to_dense[pages] == UNMAPPED]
+        if len(missing) > len(self._free_dense) and self.dense_reclaimer is not None:
+            self.dense_reclaimer(len(missing) * self.page_size)
         if len(missing) > len(self._free_dense):
+            self.counters.dense_full += 1
             raise MemoryError(
                 f"dense tail pool is full: {len(missing)} pages needed, {len(self._free_dense)} free "
                 f"(it holds {self.plan.max_running_requests} requests' tails)"
@@ -235,6 +242,9 @@ class MosaicKVPool(MHATokenToKVPool):
             if self.page_to_slab[page] != UNMAPPED:
                 raise ValueError(f"logical page {page} is sealed; sealed segments are immutable")
             self.page_to_dense[page] = self._free_dense.pop()
+
+    def free_dense_tokens(self) -> int:
+        return len(self._free_dense) * self.page_size
 
     def dense_rows(self, loc: torch.Tensor) -> torch.Tensor:
         """Dense row of each logical slot in ``loc`` (mapping its page if needed)."""
@@ -380,6 +390,8 @@ class MosaicKVPool(MHATokenToKVPool):
             "part_failures": dict(self.counters.part_failures),
             "arena_full": self.counters.arena_full,
             "worker_errors": self.counters.worker_errors,
+            "dense_reclaims": self.counters.dense_reclaims,
+            "dense_full": self.counters.dense_full,
             "sealing_pending": len(pending),
             # A stalled worker shows here: sealing degrades to dense, the scheduler does not wait.
             "oldest_pending_s": time.monotonic() - min(pending) if pending else 0.0,

@@ -29,7 +29,13 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
-from sglang.srt.mem_cache.base_prefix_cache import InsertParams, InsertResult, MatchPrefixParams, MatchResult
+from sglang.srt.mem_cache.base_prefix_cache import (
+    EvictParams,
+    InsertParams,
+    InsertResult,
+    MatchPrefixParams,
+    MatchResult,
+)
 from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 from sglang.srt.mem_cache.common import maybe_cache_unfinished_req
 from sglang.srt.mem_cache.radix_cache import RadixCache, TreeNode
@@ -90,6 +96,7 @@ class MosaicRadixCache(RadixCache):
         self.allocator_page_size = params.page_size
         params.page_size = segment_size  # tree granularity: nodes hold whole segments
         super().__init__(params)
+        pool.dense_reclaimer = self.reclaim_dense
 
     # -- node bookkeeping ------------------------------------------------------------
     def _slabs(self, node: TreeNode) -> list[int]:
@@ -161,6 +168,20 @@ class MosaicRadixCache(RadixCache):
         req._refresh_fill_ids()  # origin + output ids, which decoding leaves stale
         req.set_extend_range(written - 1, written)  # what get_fill_ids (and so the insert) reads
         maybe_cache_unfinished_req(req, self)
+
+    def reclaim_dense(self, tokens: int) -> None:
+        """Evict least recently used cached paths until ``tokens`` dense rows are free or
+        nothing is evictable. A cached path keeps its sinks and last window in dense rows,
+        so enough of them fill the dense pool while the arena still has slabs, and
+        SGLang's own eviction, driven by free logical slots, would not start."""
+        pool = self.pool
+        reclaimed = False
+        while pool.free_dense_tokens() < tokens and self.evictable_size() > 0:
+            result = self.evict(EvictParams(num_tokens=max(tokens - pool.free_dense_tokens(), self.segment_size)))
+            reclaimed = True
+            if not result.num_tokens_evicted:
+                break
+        pool.counters.dense_reclaims += reclaimed
 
     def match_prefix(self, params: MatchPrefixParams) -> MatchResult:
         self.drain(wait=False)

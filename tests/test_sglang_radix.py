@@ -121,6 +121,50 @@ def test_evict_frees_compressed_bytes_and_tokens(cache):
     assert len(pool._free_dense) == pool.plan.dense_tail_tokens
 
 
+def cache_finished_paths(tree, pool, alloc, count: int) -> list[list[int]]:
+    """``count`` finished requests of 40 unique tokens cached as SGLang leaves them: the
+    page-aligned 32 in the tree (segment 0 sealed, segment 1 in the window, dense), the
+    last 8 freed."""
+    keys = []
+    for r in range(count):
+        tokens = [1000 * (r + 1) + i for i in range(40)]
+        slots = prefill(pool, alloc, 40)
+        tree.insert(InsertParams(key=RadixKey(array("l", tokens[:32])), value=slots[:32]))
+        alloc.free(slots[32:])
+        keys.append(tokens[:32])
+    tree.drain(wait=True)
+    return keys
+
+
+def test_cached_paths_that_fill_the_dense_rows_are_evicted_for_a_write(cache):
+    """Cached paths keep their windows dense until the dense rows run short while the
+    arena and the logical slots have room (SGLang's eviction would not start); a write
+    that needs more dense rows than are free then evicts the least recently used path
+    instead of failing."""
+    tree, pool, alloc, comp = cache
+    paths = (pool.plan.dense_tail_tokens - 40) // SEG + 1  # as many as fit, 16 dense rows each
+    keys = cache_finished_paths(tree, pool, alloc, paths)
+    assert pool.counters.dense_reclaims == 0 and pool.arena.free_slabs > 0
+    free = pool.free_dense_tokens()
+    assert free < 3 * SEG and alloc.available_size() > 3 * SEG
+    for key in keys[1:]:  # the first path is now the least recently used
+        tree.match_prefix(MatchPrefixParams(key=RadixKey(array("l", key))))
+    prefill(pool, alloc, free + SEG)  # one segment's dense rows more than are free
+    assert pool.counters.dense_reclaims == 1 and pool.counters.dense_full == 0
+    cached = [len(tree.match_prefix(MatchPrefixParams(key=RadixKey(array("l", k)))).device_indices) for k in keys]
+    assert cached[0] == 0 and all(n == 32 for n in cached[1:])
+
+
+def test_a_write_with_nothing_evictable_is_refused_with_the_reason(cache):
+    tree, pool, alloc, comp = cache
+    cache_finished_paths(tree, pool, alloc, (pool.plan.dense_tail_tokens - 40) // SEG + 1)
+    for node in list(tree.root_node.children.values()):  # running requests' paths are locked
+        tree.inc_lock_ref(node)
+    with pytest.raises(MemoryError, match="dense tail pool is full"):
+        prefill(pool, alloc, pool.free_dense_tokens() + SEG)
+    assert pool.counters.dense_full == 1 and pool.stats()["dense_full"] == 1
+
+
 def test_split_keeps_segments_with_their_tokens(cache):
     tree, pool, alloc, comp = cache
     a = prefill(pool, alloc, 64)

@@ -432,6 +432,7 @@ class MosaicPoolConfigurator(DefaultPoolConfigurator):
         self.shape = kv_shape_of(kvc)
         self.policy = kvc.server_args.mosaic_policy
         self.max_running_requests = kvc.server_args.max_running_requests
+        self.prefill_tokens = prefill_batch_tokens(kvc.server_args)
         self._key = id(kvc)
 
     @property
@@ -442,7 +443,7 @@ class MosaicPoolConfigurator(DefaultPoolConfigurator):
         p = self.policy
         plan = plan_capacity(self.shape, available_bytes, segment_size=p.segment_size, ratio=float(p.ratio),
                              sinks=p.sinks, window=p.window, page_size=page_size,
-                             max_running_requests=self.max_running_requests)
+                             max_running_requests=self.max_running_requests, prefill_tokens=self.prefill_tokens)
         _PLANS[self._key] = plan
         return MemoryPoolConfig(max_total_num_tokens=plan.max_total_num_tokens)
 
@@ -454,6 +455,13 @@ class MosaicPoolConfigurator(DefaultPoolConfigurator):
         if self.plan is not None and config.max_running_requests is not None:
             config.max_running_requests = min(config.max_running_requests, self.plan.max_running_requests)
         return config
+
+
+def prefill_batch_tokens(server_args) -> int:
+    """New tokens one prefill batch may write: the chunk size, or without chunking the
+    prefill budget (``--max-prefill-tokens``)."""
+    chunk = server_args.chunked_prefill_size
+    return chunk if chunk is not None and chunk > 0 else server_args.max_prefill_tokens
 
 
 def _enabled(server_args) -> bool:

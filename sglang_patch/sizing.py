@@ -4,7 +4,9 @@ Pure arithmetic, no SGLang import, so the sizing can be checked anywhere. The KV
 splits into two parts:
 
 * a **dense tail pool**: every running request keeps its sink segments, its recent
-  window and two segments being filled / sealed (double buffering) dense;
+  window and two segments being filled / sealed (double buffering) dense, and one
+  prefill batch's new tokens (a chunk of a long prompt is all dense until its segments
+  seal) fit on top;
 * a **segment arena** of fixed-size slabs, one slab per sealed segment (all layers and
   KV heads): the compressor's byte budget (``1/ratio`` of the dense bytes plus the
   per-block headers it counts), laid out for the attention kernels (every tensor 16-byte
@@ -130,11 +132,13 @@ def plan_capacity(
     page_size: int = 1,
     max_running_requests: int | None = None,
     tail_fraction: float = DEFAULT_TAIL_FRACTION,
+    prefill_tokens: int = 0,
 ) -> CapacityPlan:
     """Split ``budget_bytes`` into dense tails and arena slabs; see the module docstring.
 
     Tails are reserved for ``max_running_requests`` if given, else for as many requests
-    as ``tail_fraction`` of the budget holds (at least one).
+    as ``tail_fraction`` of the budget holds (at least one); ``prefill_tokens`` (the
+    server's prefill chunk) more dense rows hold one prefill batch.
     """
     if segment_size < 1 or page_size < 1 or segment_size % page_size:
         raise ValueError(f"page_size {page_size} must divide segment_size {segment_size}")
@@ -148,13 +152,16 @@ def plan_capacity(
         max_running_requests = max(1, int(budget_bytes * tail_fraction) // (per_req * cell))
     if max_running_requests < 1:
         raise ValueError(f"max_running_requests = {max_running_requests!r} is not allowed: at least 1")
-    dense_tail = per_req * max_running_requests
+    if prefill_tokens < 0:
+        raise ValueError(f"prefill_tokens = {prefill_tokens!r} is not allowed: 0 or more")
+    dense_tail = per_req * max_running_requests + math.ceil(prefill_tokens / page_size) * page_size
     # As MHATokenToKVPool does, one extra page (slot 0's) absorbs padded writes.
     tail_bytes = (dense_tail + page_size) * cell + (dense_tail // page_size + 1) * PAGE_TABLE_ENTRY_BYTES
     if tail_bytes > budget_bytes:
         raise ValueError(
             f"a KV budget of {budget_bytes} bytes cannot hold the dense tails of {max_running_requests} requests "
-            f"({per_req} tokens each, {tail_bytes} bytes); lower --max-running-requests or raise --mem-fraction-static"
+            f"({per_req} tokens each) and a {prefill_tokens}-token prefill batch ({tail_bytes} bytes); lower "
+            "--max-running-requests or --chunked-prefill-size, or raise --mem-fraction-static"
         )
     slab = slab_bytes(shape, segment_size, ratio)
     table = shape.num_layers * shape.num_kv_heads * TABLE_ROW_BYTES

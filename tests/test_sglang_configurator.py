@@ -88,6 +88,19 @@ def test_user_max_total_tokens_still_caps_the_capacity(tmp_path, monkeypatch):
         assert kvc._resolve_memory_pool_config(pre_model_load_memory=0).max_total_num_tokens == 50_000 // 32 * 32
 
 
+def test_the_dense_rows_hold_the_servers_prefill_chunk(tmp_path, monkeypatch):
+    from mosaickv.sglang_patch.pool import _PLANS
+
+    model = write_model(tmp_path / "m", SMOLLM2)
+    rows = {}
+    for chunk in (2048, 6144):
+        with configurator(model, 2 << 30, monkeypatch, kv_compress="mosaickv", chunked_prefill_size=chunk,
+                          max_running_requests=8) as kvc:
+            kvc._resolve_memory_pool_config(pre_model_load_memory=0)
+            rows[chunk] = _PLANS[id(kvc)].dense_tail_tokens
+    assert rows[6144] - rows[2048] == 4096
+
+
 def fake_scheduler(result) -> Scheduler:
     """A Scheduler carrying only what get_internal_state reads; the pools are the real ones."""
     sched = Scheduler.__new__(Scheduler)

@@ -44,6 +44,20 @@ def test_capacity_at_3x_budget_is_at_least_2_5x_dense(budget_gib):
     assert plan.bytes_per_token < LLAMA8B.dense_bytes_per_token / 2.5
 
 
+def test_one_prefill_batch_fits_the_dense_rows_on_top_of_the_tails():
+    """A prefill chunk is dense until its segments seal: the dense rows hold one on top of
+    every running request's tail (whole pages), and the logical capacity counts them."""
+    base = plan_for(LLAMA8B, 20 << 30, max_running_requests=16, page_size=32)
+    plan = plan_for(LLAMA8B, 20 << 30, max_running_requests=16, page_size=32, prefill_tokens=8010)
+    assert plan.dense_tail_tokens == base.dense_tail_tokens + 8032  # 8010 rounded up to pages
+    assert plan.max_total_num_tokens == plan.dense_tail_tokens + plan.num_slabs * plan.segment_size
+    assert plan.used_bytes <= plan.budget_bytes
+    with pytest.raises(ValueError, match="prefill_tokens = -1 is not allowed"):
+        plan_for(LLAMA8B, 20 << 30, prefill_tokens=-1)
+    with pytest.raises(ValueError, match="--chunked-prefill-size"):
+        plan_for(LLAMA8B, 1 << 30, max_running_requests=16, prefill_tokens=200_000)
+
+
 def test_capacity_grows_with_budget_and_ratio():
     small, big = plan_for(LLAMA8B, 8 << 30), plan_for(LLAMA8B, 16 << 30)
     assert big.max_total_num_tokens > 1.9 * small.max_total_num_tokens

@@ -39,7 +39,7 @@ class DecodeGraph:
 
     def __init__(self, pool, num_q_heads: int, max_bs: int, menu: list[tuple[int, int, int]], aligned: bool,
                  tuning: MixedAttention, max_context: int) -> None:
-        self.pool, self.tuning, self.aligned = pool, tuning, aligned
+        self.pool, self.tuning, self.aligned, self.max_context = pool, tuning, aligned, max_context
         hkv, layers, d = pool.head_num, pool.layer_num, pool.head_dim
         self.group = num_q_heads // hkv
         seg = pool.plan.segment_size
@@ -74,7 +74,12 @@ class DecodeGraph:
         host, tail_rows = host_plan(pool, reqs, self.group, self.tuning, self.max_programs)
         chunk = None
         while any(len(layer.items) > self.plan.capacity.items for layer in host.layers):
-            chunk = 2 * (chunk or self.tuning.block_n * 4)  # longer runs: fewer items per layer
+            # Longer runs, fewer items: at a context's length every (request, head, format
+            # pair) is one run, and the capacity holds a run per menu entry and group.
+            chunk = 2 * (chunk or self.tuning.block_n * 4)
+            if chunk > 2 * self.max_context:
+                raise RuntimeError(f"a decode batch of {n} requests needs more than {self.plan.capacity.items} "
+                                   "kernel items per layer even in whole runs")
             host, tail_rows = host_plan(pool, reqs, self.group, self.tuning, self.max_programs, chunk)
         self.plan.load(host, tail_rows.numpy())
         rows = torch.zeros(bs, dtype=torch.int64)

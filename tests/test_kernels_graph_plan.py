@@ -97,6 +97,7 @@ def run_batches(store: Store, gp: GraphPlan, group: int, gen: torch.Generator, c
                     run()
         if batch:
             check_close(out[: len(batch)], store.reference(batch, q[: len(batch)]))
+        assert gp._host.numel() < gp._flat.numel(), "a load shipped the whole capacity, not the plan"
         assert torch.isnan(out[len(batch) :].float()).all(), "rows past the batch were written"
 
 

@@ -7,8 +7,9 @@ variant of a fixed menu (the policy's, :func:`~mosaickv.kernels.layout.launch_va
 with a fixed number of programs; each launch reads its item count from the device, so
 variants a batch does not use exit at once. Before each replay :meth:`GraphPlan.load`
 writes a batch's host plan (:func:`~mosaickv.kernels.layout.plan_host`) into those
-buffers with one host-to-device copy: FlashInfer's ``plan`` outside the graph, ``run``
-inside it.
+buffers: its used parts in one host-to-device copy, then one scatter on the device
+(sized for the worst batch, the buffers are tens to hundreds of MB, a batch's plan a few).
+FlashInfer's ``plan`` outside the graph, ``run`` inside it.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from mosaickv.kernels.layout import (
     HostPlan,
     Launch,
     aligned_counts,
-    pack_int32,
+    aligned_starts,
 )
 
 
@@ -72,11 +73,11 @@ class GraphPlan:
         sizes += [cap.items] * nv
         self._layer_pieces = 4 + nv
         sizes = sizes[:3] + sizes[3:] * num_layers
-        flat, self._starts = pack_int32([np.zeros(n, dtype=np.int64) for n in sizes])
-        pinned = dev.type == "cuda"
-        self._host = torch.zeros(len(flat), dtype=torch.int32, pin_memory=pinned)
-        self._flat = torch.zeros(len(flat), dtype=torch.int32, device=dev)
-        self._copied = torch.cuda.Event() if pinned else None
+        self._starts, total = aligned_starts(sizes)
+        self._pinned = dev.type == "cuda"
+        self._host = torch.empty(0, dtype=torch.int64, pin_memory=self._pinned)  # grows to the largest load
+        self._flat = torch.zeros(total, dtype=torch.int32, device=dev)
+        self._staged = torch.cuda.Event() if self._pinned else None
         views = [self._flat[s : s + n] for s, n in zip(self._starts, sizes)]
         self.tail_rows = views[2]
         o_part = torch.zeros(cap.items, block_m, head_dim, dtype=torch.float32, device=dev)
@@ -148,11 +149,28 @@ class GraphPlan:
         pieces = [host.requests.reshape(-1), host.block_indices, tail_rows]
         for layer in host.layers:
             pieces += self._layer_pieces_of(layer)
-        if self._copied is not None:
-            self._copied.synchronize()  # the previous load's copy has left the staging buffer
-        staging = self._host.numpy()  # entries past a piece's length are stale and never read
-        for piece, start in zip(pieces, self._starts):
-            staging[start : start + len(piece)] = piece
-        self._flat.copy_(self._host, non_blocking=self._copied is not None)
-        if self._copied is not None:
-            self._copied.record()
+        self._ship(pieces)
+
+    def _ship(self, pieces: list[np.ndarray]) -> None:
+        """Only the used part of each piece crosses to the device (the buffers are sized
+        for the worst batch: tens to hundreds of MB): the pieces back to back in one
+        copy, then one scatter on the device to their fixed places."""
+        lens = np.fromiter((len(p) for p in pieces), dtype=np.int64, count=len(pieces))
+        n = int(lens.sum())
+        meta = np.concatenate([np.asarray(self._starts, dtype=np.int64), lens])
+        if self._staged is not None:
+            self._staged.synchronize()  # the previous load's copy has left the pinned buffers
+        if self._host.numel() < n + 2 * len(pieces):
+            self._host = torch.empty(n + 2 * len(pieces), dtype=torch.int64, pin_memory=self._pinned)
+        staging = self._host.numpy()
+        staging[: 2 * len(pieces)] = meta
+        if n:
+            np.concatenate(pieces, out=staging[2 * len(pieces) : 2 * len(pieces) + n], casting="unsafe")
+        dev = self._host[: n + 2 * len(pieces)].to(self._flat.device, non_blocking=self._pinned)
+        starts, lens_dev, data = dev[: len(pieces)], dev[len(pieces) : 2 * len(pieces)], dev[2 * len(pieces) :]
+        piece = torch.repeat_interleave(torch.arange(len(pieces), device=dev.device), lens_dev, output_size=n)
+        first = torch.cumsum(lens_dev, 0) - lens_dev  # where each piece starts in ``data``
+        where = starts[piece] + torch.arange(n, device=dev.device) - first[piece]
+        self._flat.index_copy_(0, where, data.to(torch.int32))
+        if self._staged is not None:
+            self._staged.record()

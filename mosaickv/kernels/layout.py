@@ -618,13 +618,18 @@ def plan_host(
     return HostPlan(requests, block_indices, layers, block_m, block_n)
 
 
+def aligned_starts(sizes: Sequence[int]) -> tuple[list[int], int]:
+    """Where int32 pieces of these sizes start back to back, each 16-byte aligned (Triton
+    specialises kernels on pointer alignment, and an unaligned view would compile another
+    variant), and the total length."""
+    padded = [-(-n // 4) * 4 for n in sizes]
+    return np.concatenate([[0], np.cumsum(padded)[:-1]]).astype(np.int64).tolist(), sum(padded)
+
+
 def pack_int32(pieces: Sequence[np.ndarray]) -> tuple[np.ndarray, list[int]]:
-    """``pieces`` back to back in one int32 array, each starting
-    16-byte aligned: Triton specialises kernels on pointer alignment, and an unaligned
-    view would compile another variant. Returns the array and the pieces' starts."""
-    padded = [-(-len(p) // 4) * 4 for p in pieces]
-    starts = np.concatenate([[0], np.cumsum(padded)[:-1]]).astype(np.int64).tolist()
-    flat = np.zeros(sum(padded), dtype=np.int32)
+    """``pieces`` in one int32 array at :func:`aligned_starts`; returns it and the starts."""
+    starts, total = aligned_starts([len(p) for p in pieces])
+    flat = np.zeros(total, dtype=np.int32)
     for piece, start in zip(pieces, starts):
         flat[start : start + len(piece)] = piece
     return flat, starts

@@ -209,7 +209,7 @@ class Compressor:
             lowrank = _lowrank_lost(x, score, ranks) if ranks else {}
             for side in sides:
                 if side.kind == "dense":
-                    r = torch.zeros(b, s)
+                    r = torch.zeros(b, s, device=x.device)
                 elif side.kind == "lowrank":
                     r = lowrank[side.width]
                 else:

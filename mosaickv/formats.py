@@ -165,8 +165,8 @@ def _pack_side(x: torch.Tensor, fmt: SideFormat, score: torch.Tensor | None) -> 
     w = channel_weights(x.float(), s)
     u, sv, vh = torch.linalg.svd(x.float() * w, full_matrices=False)
     r_eff = min(r, sv.numel())
-    coef = torch.zeros(m, r, dtype=torch.float32)
-    basis = torch.zeros(r, d, dtype=torch.float32)
+    coef = torch.zeros(m, r, dtype=torch.float32, device=x.device)
+    basis = torch.zeros(r, d, dtype=torch.float32, device=x.device)
     coef[:, :r_eff] = u[:, :r_eff] * sv[:r_eff]
     basis[:r_eff] = vh[:r_eff] / w
     return PackedSide(fmt, values=coef.to(VALUE_DTYPE), basis=basis.to(VALUE_DTYPE))

@@ -78,7 +78,8 @@ class Observation:
         q = self.queries[:, -window:].float()
         w = q.shape[1]
         logits = torch.einsum("hgwd,htd->hgwt", q.view(hkv, self.group, w, d), keys) / math.sqrt(d)
-        logits = logits.masked_fill(torch.arange(t)[None, :] > (t - w + torch.arange(w))[:, None], float("-inf"))
+        tokens, queries = torch.arange(t, device=keys.device), torch.arange(w, device=keys.device)
+        logits = logits.masked_fill(tokens[None, :] > (t - w + queries)[:, None], float("-inf"))
         return torch.softmax(logits, dim=-1).mean(dim=(1, 2))
 
 

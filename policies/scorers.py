@@ -88,12 +88,13 @@ class AccumulatedAttention(TokenScorer):
         hkv, t, d = keys.shape
         q = obs.queries.float().view(hkv, obs.group, -1, d)
         tq = q.shape[2]
-        total = torch.zeros(hkv, t)
+        total = torch.zeros(hkv, t, device=keys.device)
+        pos = torch.arange(t, device=keys.device)
         for start in range(0, tq, self.chunk):
             qc = q[:, :, start : start + self.chunk]
-            rows = t - tq + start + torch.arange(qc.shape[2])
+            rows = t - tq + start + torch.arange(qc.shape[2], device=keys.device)
             logits = torch.einsum("hgqd,htd->hgqt", qc, keys) / math.sqrt(d)
-            logits = logits.masked_fill(torch.arange(t)[None, :] > rows[:, None], float("-inf"))
+            logits = logits.masked_fill(pos[None, :] > rows[:, None], float("-inf"))
             total += torch.softmax(logits, dim=-1).sum(dim=(1, 2))
         return total / (obs.group * tq)
 
@@ -124,7 +125,7 @@ class Recency(TokenScorer):
 
     def score(self, obs: Observation) -> torch.Tensor:
         hkv, t, _ = obs.keys.shape
-        return torch.arange(1, t + 1, dtype=torch.float32).expand(hkv, t) / t
+        return torch.arange(1, t + 1, dtype=torch.float32, device=obs.keys.device).expand(hkv, t) / t
 
 
 @register_scorer("query_weighted")

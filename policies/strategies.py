@@ -175,7 +175,7 @@ class Dynamic(SegmentStrategy):
         if self.drop:
             formats.append(BlockFormat(0))
             cost = torch.cat([cost, stats.drop_cost.sum(1, keepdim=True)], dim=1)
-        nbytes = torch.tensor([f.nbytes(d) for f in formats], dtype=torch.float64)
+        nbytes = torch.tensor([f.nbytes(d) for f in formats], dtype=torch.float64, device=cost.device)
         choice = _knapsack(-cost.double(), nbytes, float(budget))
         return [formats[i] for i in choice.tolist()]
 
@@ -284,7 +284,7 @@ class HeadWise(SegmentStrategy):
         check(blocks % heads == 0, "heads", f"{self._scores.shape[0]}x{self._scores.shape[1]}",
               f"a profile of this model's layers x KV heads ({blocks} blocks per plan is not a multiple of {heads})")
         per_head = blocks // heads
-        keep = torch.isin(torch.arange(blocks) // per_head, self._protected)
+        keep = torch.isin(torch.arange(blocks) // per_head, self._protected).to(stats.weight.device)
         whole = BlockFormat(stats.n)
         rest = (~keep).nonzero()[:, 0]
         left = budget - int(keep.sum()) * whole.nbytes(stats.d)

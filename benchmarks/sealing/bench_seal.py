@@ -5,6 +5,7 @@ busy-polling as SGLang's scheduler loop does (``--idle`` measures without it).
 
     python benchmarks/sealing/bench_seal.py --policy mosaic --layers 30 --kv-heads 3 --head-dim 64 \\
         --workers 1 2 --json benchmarks/results/sealing_convoy_cpu.json
+    python benchmarks/sealing/bench_seal.py --device cuda --layers 32 --kv-heads 8 --head-dim 128   # on the GPU
 """
 
 from __future__ import annotations
@@ -53,6 +54,28 @@ def on_processes(sealer: SealWorkers, inputs: SegmentInputs, workers: int, per_w
     return len(futures) / (time.perf_counter() - start)
 
 
+def seal_on_device(compress, inputs: SegmentInputs, args) -> int:
+    """Segments per second sealed inline on ``args.device`` (inputs moved there first)."""
+    dev = torch.device(args.device)
+    on_dev = SegmentInputs(*(t.to(dev) for t in (inputs.k, inputs.v)), inputs.budget_bytes,
+                           inputs.query_stats.to(dev), inputs.attention.to(dev), inputs.base_bytes)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda _: None)
+    seal_segment(compress, on_dev)  # warm-up
+    sync(dev)
+    start = time.perf_counter()
+    for _ in range(args.segments):
+        seal_segment(compress, on_dev)
+    sync(dev)
+    res = {"policy": args.policy, "device": str(dev), "segments": args.segments,
+           "shape": {"layers": args.layers, "kv_heads": args.kv_heads, "head_dim": args.head_dim},
+           "segments_per_s": round(args.segments / (time.perf_counter() - start), 2)}
+    print(json.dumps(res))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--policy", default="mosaic")
@@ -64,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--thread-segments", type=int, default=1,
                     help="segments each thread seals beside the busy loop (slow: seconds each)")
     ap.add_argument("--idle", action="store_true", help="no busy loop on the calling thread")
+    ap.add_argument("--device", default="cpu",
+                    help="seal on this device, inline on the calling thread ('cuda': the GPU sealing candidate)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
     policy = load_policy(args.policy)
@@ -74,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     budget = int(s * args.layers * args.kv_heads * args.head_dim * 2 * 2 / policy.ratio)
     inputs = SegmentInputs(k, v, budget, torch.randn(*shape, args.head_dim).abs(), torch.rand(*shape, s), 0)
     busy = not args.idle
+    if args.device != "cpu":
+        return seal_on_device(compress, inputs, args)
     torch.set_num_threads(1)  # as each worker process does
     seal_segment(compress, inputs)  # warm-up
     start = time.perf_counter()

@@ -18,6 +18,7 @@ from sglang.srt.server_args import ServerArgs
 
 KV_COMPRESS_CHOICES = ["none", "mosaickv"]
 ATTENTION_CHOICES = ["triton", "sdpa"]
+SEALING_CHOICES = ["processes", "device"]
 BACKEND_NAME = "mosaickv"
 DEFAULT_POLICY = "mosaic"
 # KV cache dtypes the segment formats store without a second rounding (values are bf16).
@@ -56,6 +57,13 @@ class MosaicServerArgs(ServerArgs):
             choices=ATTENTION_CHOICES),
         NS("memory"),
     ] = None
+    kv_compress_sealing: A[
+        Optional[str],
+        Arg(help="MosaicKV sealing: 'processes' (default; host worker processes beside the scheduler) or 'device' "
+                 "(inline on the GPU at insert; new, not yet measured in a server).",
+            choices=SEALING_CHOICES),
+        NS("memory"),
+    ] = None
     kv_compress_cuda_graph: A[
         bool,
         "MosaicKV: capture decode steps in CUDA graphs (the kernels' static plan); new, checked on the CPU "
@@ -70,12 +78,20 @@ class MosaicServerArgs(ServerArgs):
             for flag, value in (("--kv-compress-config", self.kv_compress_config),
                                 ("--kv-compress-workers", self.kv_compress_workers),
                                 ("--kv-compress-attention", self.kv_compress_attention),
+                                ("--kv-compress-sealing", self.kv_compress_sealing),
                                 ("--kv-compress-cuda-graph", self.kv_compress_cuda_graph or None)):
                 if value is not None:
                     raise KVCompressError(f"{flag} needs --kv-compress mosaickv.")
             super().__post_init__()
             return
         check_user_flags(self)
+        if self.kv_compress_sealing is None:
+            self.kv_compress_sealing = SEALING_CHOICES[0]
+        elif self.kv_compress_sealing not in SEALING_CHOICES:
+            raise KVCompressError(f"--kv-compress-sealing {self.kv_compress_sealing!r} is not one of {SEALING_CHOICES}.")
+        elif self.kv_compress_sealing == "device" and self.kv_compress_workers is not None:
+            raise KVCompressError("--kv-compress-workers sets sealing processes; with --kv-compress-sealing device "
+                                  "there are none: drop one of the two flags.")
         if self.kv_compress_workers is None:
             self.kv_compress_workers = default_seal_workers()
         elif self.kv_compress_workers < 1:

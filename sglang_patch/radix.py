@@ -79,8 +79,12 @@ class MosaicRadixCache(RadixCache):
     """RadixCache + per-node sealed segments in the pool's arena."""
 
     def __init__(self, params: CacheInitParams, *, compress: CompressFn, segment_size: int,
-                 sink_segments: int, window: int, background: bool = True, workers: int = 1) -> None:
-        """``background``: compress in ``workers`` processes (False: inline in ``insert``)."""
+                 sink_segments: int, window: int, background: bool = True, workers: int = 1,
+                 on_device: bool = False) -> None:
+        """``background``: compress in ``workers`` processes (False: inline in ``insert``,
+        on the host, or with ``on_device`` where the pool is, K/V never leaving it)."""
+        if on_device and background:
+            raise ValueError("sealing on the device runs inline: background must be False")
         pool = params.token_to_kv_pool_allocator.get_kvcache()
         if not isinstance(pool, MosaicKVPool):
             raise TypeError(f"MosaicRadixCache needs a MosaicKVPool, got {type(pool).__name__}")
@@ -92,6 +96,7 @@ class MosaicRadixCache(RadixCache):
         self.sink_segments = sink_segments
         self.window = window
         self._workers = SealWorkers(compress, workers) if background else None
+        self.on_device = on_device
         self._jobs: dict[int, _SealJob] = {}  # first slot of each PENDING segment -> its job
         self.allocator_page_size = params.page_size
         params.page_size = segment_size  # tree granularity: nodes hold whole segments
@@ -240,17 +245,22 @@ class MosaicRadixCache(RadixCache):
         rows = pool.dense_rows(slots.reshape(-1))
         n, layers = len(due), pool.layer_num
 
-        def snapshot(buffers) -> torch.Tensor:  # [n, layers, kv_heads, S, d] on the host
+        where = torch.device(pool.device) if self.on_device else torch.device("cpu")
+
+        def snapshot(buffers) -> torch.Tensor:  # [n, layers, kv_heads, S, d] where sealing runs
             x = torch.stack([buffers[i][rows] for i in range(layers)]).view(layers, n, s, pool.head_num, -1)
-            return x.permute(1, 0, 3, 2, 4).cpu()
+            return x.permute(1, 0, 3, 2, 4).to(where)
+
+        def moved(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(where)
 
         k, v = snapshot(pool.k_buffer), snapshot(pool.v_buffer)
         run = self._workers.submit if self._workers is not None else partial(_run_now, self.compress)
         for g, (node, j) in enumerate(due):
             first = int(slots_host[g, 0])
             slab = pool.arena.alloc()
-            inputs = SegmentInputs(k[g], v[g], pool.plan.segment_budget_bytes, pool.query_stats.rms(first),
-                                   pool.query_stats.attention(first), pool.arena.base(slab))
+            inputs = SegmentInputs(k[g], v[g], pool.plan.segment_budget_bytes, moved(pool.query_stats.rms(first)),
+                                   moved(pool.query_stats.attention(first)), pool.arena.base(slab))
             pages = torch.unique(slots_host[g] // self.allocator_page_size).tolist()
             self._jobs[first] = _SealJob(node, j, pages, slab, run(inputs))
             counters.pending_since[first] = time.monotonic()
@@ -299,14 +309,16 @@ def mosaic_radix_factory(ctx) -> RadixCache:
     if ctx.disable_radix_cache:
         return default_radix_cache_factory(ctx)
     policy = ctx.server_args.mosaic_policy
+    on_device = ctx.server_args.kv_compress_sealing == "device"
     return MosaicRadixCache(
         ctx.params,
         compress=PolicyCompressor(policy, ctx.model_config.head_dim),
         segment_size=policy.segment_size,
         sink_segments=policy.sink_segments,
         window=policy.window,
-        background=True,
+        background=not on_device,
         workers=ctx.server_args.kv_compress_workers,
+        on_device=on_device,
     )
 
 

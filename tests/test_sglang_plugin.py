@@ -117,6 +117,8 @@ def test_policy_file_is_validated_by_the_lead_loader(llama, tmp_path):
     (dict(kv_compress_workers=0), "--kv-compress-workers 0"),
     (dict(kv_compress_attention="flash"), "--kv-compress-attention 'flash'"),
     (dict(kv_compress_attention="sdpa", kv_compress_cuda_graph=True), "--kv-compress-cuda-graph needs"),
+    (dict(kv_compress_sealing="gpu"), "--kv-compress-sealing 'gpu'"),
+    (dict(kv_compress_sealing="device", kv_compress_workers=2), "--kv-compress-workers sets sealing processes"),
 ])
 def test_refusals_name_the_flag_in_one_sentence(llama, kw, words):
     with pytest.raises(KVCompressError) as info:
@@ -128,7 +130,8 @@ def test_refusals_name_the_flag_in_one_sentence(llama, kw, words):
 @pytest.mark.parametrize("kw, flag", [(dict(kv_compress_config="mosaic"), "--kv-compress-config"),
                                       (dict(kv_compress_workers=2), "--kv-compress-workers"),
                                       (dict(kv_compress_attention="sdpa"), "--kv-compress-attention"),
-                                      (dict(kv_compress_cuda_graph=True), "--kv-compress-cuda-graph")])
+                                      (dict(kv_compress_cuda_graph=True), "--kv-compress-cuda-graph"),
+                                      (dict(kv_compress_sealing="device"), "--kv-compress-sealing")])
 def test_mosaickv_flags_without_mosaickv_are_refused(llama, kw, flag):
     with pytest.raises(KVCompressError, match=f"{flag} needs --kv-compress mosaickv"):
         make(llama, **kw)
@@ -139,6 +142,11 @@ def test_sealing_processes_default_to_a_quarter_of_the_cpus_from_one_to_four(lla
     monkeypatch.setattr("os.cpu_count", lambda: cpus)
     assert make(llama, kv_compress="mosaickv").kv_compress_workers == workers
     assert make(llama, kv_compress="mosaickv", kv_compress_workers=2).kv_compress_workers == 2
+
+
+def test_sealing_defaults_to_processes(llama):
+    assert make(llama, kv_compress="mosaickv").kv_compress_sealing == "processes"
+    assert make(llama, kv_compress="mosaickv", kv_compress_sealing="device").kv_compress_sealing == "device"
 
 
 def test_attention_path_defaults_to_the_kernels(llama):

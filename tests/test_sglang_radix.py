@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from array import array
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -30,9 +31,9 @@ WINDOW = 16
 SHAPE = KVShape(num_layers=2, num_kv_heads=2, head_dim=32, v_head_dim=32)
 
 
-def make_cache(compress, background: bool = False, workers: int = 1):
+def make_cache(compress, background: bool = False, workers: int = 1, on_device: bool = False):
     """(tree, pool, allocator) on SGLang's real allocator, sealing with ``compress``
-    (inline unless ``background``: worker processes)."""
+    (inline unless ``background``: worker processes; ``on_device``: inline where the pool is)."""
     plan = plan_capacity(SHAPE, 1 << 20, segment_size=SEG, ratio=2.0, sinks=0, window=WINDOW,
                          max_running_requests=4)
     pool = MosaicKVPool(plan.max_total_num_tokens, page_size=1, dtype=torch.bfloat16, head_num=2, head_dim=32,
@@ -41,7 +42,7 @@ def make_cache(compress, background: bool = False, workers: int = 1):
     params = CacheInitParams(disable=False, req_to_token_pool=ReqToTokenPool(4, 512, "cpu", False),
                              token_to_kv_pool_allocator=alloc, page_size=1)
     tree = MosaicRadixCache(params, compress=compress, segment_size=SEG, sink_segments=0, window=WINDOW,
-                            background=background, workers=workers)
+                            background=background, workers=workers, on_device=on_device)
     return tree, pool, alloc
 
 
@@ -61,6 +62,34 @@ def prefill(pool, alloc, n: int) -> torch.Tensor:
 
 def test_factory_is_registered_with_sglang():
     assert get_radix_cache_factory("mosaickv") is mosaic_radix_factory
+
+
+@pytest.mark.parametrize("sealing", ["processes", "device"])
+def test_factory_seals_as_the_sealing_flag_says(sealing):
+    from mosaickv.config import load_policy
+
+    _, pool, alloc = make_cache(CountingCompressor())
+    params = CacheInitParams(disable=False, req_to_token_pool=ReqToTokenPool(4, 512, "cpu", False),
+                             token_to_kv_pool_allocator=alloc, page_size=1)
+    args = SimpleNamespace(mosaic_policy=load_policy("mosaic"), kv_compress_sealing=sealing, kv_compress_workers=1)
+    tree = mosaic_radix_factory(SimpleNamespace(disable_radix_cache=False, server_args=args, params=params,
+                                                model_config=SimpleNamespace(head_dim=32)))
+    assert tree.on_device == (sealing == "device") and (tree._workers is None) == (sealing == "device")
+
+
+def test_sealing_on_the_device_seals_the_bytes_inline_sealing_does():
+    """K/V stay where the pool is (here the host) and seal at insert, to the same bytes."""
+    arenas = []
+    for on_device in (False, True):
+        tree, pool, alloc = make_cache(CountingCompressor(), on_device=on_device)
+        torch.manual_seed(0)
+        slots = prefill(pool, alloc, 64)
+        tree.insert(InsertParams(key=RadixKey(array("l", list(range(64)))), value=slots))
+        assert pool.arena.live_slabs == 3
+        arenas.append(pool.arena.data[: pool.arena.used_bytes].clone())
+    assert torch.equal(*arenas)
+    with pytest.raises(ValueError, match="background must be False"):
+        make_cache(CountingCompressor(), background=True, on_device=True)
 
 
 def test_each_segment_is_handed_its_own_keys_and_values_in_layer_head_token_order():

@@ -138,6 +138,9 @@ class Dynamic(SegmentStrategy):
     token_fractions: list[float] = field(default_factory=lambda: [1.0, 0.75, 0.5, 0.25])
     widths: list[float] = field(default_factory=lambda: [0.125, 0.25, 0.5])
     ranks: list[float] = field(default_factory=lambda: [0.125, 0.25])
+    # Channel widths for values; None: the same as keys. [] stores values dense or low
+    # rank only: per-vector channels cost the decode kernel a densify per value tile.
+    value_widths: list[float] | None = None
     logit_cap: float = 1.0
     drop: bool = True
     head_dim: int = field(default=0, init=False, repr=False)
@@ -145,32 +148,40 @@ class Dynamic(SegmentStrategy):
     def __post_init__(self) -> None:
         check(len(self.token_fractions) > 0 and all(0 < f <= 1 for f in self.token_fractions), "token_fractions", self.token_fractions, "a non-empty list of fractions in (0, 1]")
         check(self.logit_cap > 0, "logit_cap", self.logit_cap, "a positive number")
-        for name in ("widths", "ranks"):
-            check(all(w > 0 for w in getattr(self, name)), name, getattr(self, name), "positive channel counts or fractions of the head dim")
+        for name in ("widths", "ranks", "value_widths"):
+            check(getattr(self, name) is None or all(w > 0 for w in getattr(self, name)), name, getattr(self, name),
+                  "positive channel counts or fractions of the head dim")
 
     def bind(self, head_dim: int) -> None:
         self.head_dim = head_dim
         self._widths = sorted({resolve_width("widths", w, head_dim) for w in self.widths} - {head_dim})
         self._ranks = sorted({resolve_width("ranks", r, head_dim) for r in self.ranks} - {head_dim})
+        value_widths = self.widths if self.value_widths is None else self.value_widths
+        self._value_widths = sorted({resolve_width("value_widths", w, head_dim) for w in value_widths} - {head_dim})
+
+    def _sides(self, widths: list[int], channels: ChannelSelector) -> list[SideFormat]:
+        return [DENSE, *(channels.side_format(w) for w in widths), *(SideFormat("lowrank", r) for r in self._ranks)]
 
     def candidates(self, d: int, channels: ChannelSelector) -> list[SideFormat]:
-        return [DENSE, *(channels.side_format(w) for w in self._widths), *(SideFormat("lowrank", r) for r in self._ranks)]
+        keys = self._sides(self._widths, channels)
+        return keys + [s for s in self._sides(self._value_widths, channels) if s not in keys]
 
     def plan(self, stats: BlockStats, budget: int, channels: ChannelSelector) -> list[BlockFormat]:
         n, d = stats.n, stats.d
-        sides = self.candidates(d, channels)
+        sides, v_sides = self._sides(self._widths, channels), self._sides(self._value_widths, channels)
         counts = sorted({max(1, round(f * n)) for f in self.token_fractions})
         first = [m - 1 for m in counts]
 
-        def kept_cost(per_token: dict[SideFormat, torch.Tensor], scale: torch.Tensor) -> torch.Tensor:
-            cost = torch.stack([scale * per_token[s] for s in sides], dim=-1)  # [B, n, S]
+        def kept_cost(per_token: dict[SideFormat, torch.Tensor], scale: torch.Tensor,
+                      options: list[SideFormat]) -> torch.Tensor:
+            cost = torch.stack([scale * per_token[s] for s in options], dim=-1)  # [B, n, S]
             return cost.cumsum(dim=1)[:, first]  # [B, M, S]: cost of the top-m tokens
 
-        k_cost = kept_cost({s: x.clamp(max=self.logit_cap) for s, x in stats.k_lost.items()}, stats.drop_cost)
-        v_cost = kept_cost(stats.v_lost, stats.weight)
+        k_cost = kept_cost({s: x.clamp(max=self.logit_cap) for s, x in stats.k_lost.items()}, stats.drop_cost, sides)
+        v_cost = kept_cost(stats.v_lost, stats.weight, v_sides)
         dropped = stats.drop_cost.sum(1, keepdim=True) - stats.drop_cost.cumsum(1)[:, first]  # [B, M]
         cost = k_cost[:, :, :, None] + v_cost[:, :, None, :] + dropped[:, :, None, None]
-        formats = [BlockFormat(m, k, v) for m in counts for k in sides for v in sides]
+        formats = [BlockFormat(m, k, v) for m in counts for k in sides for v in v_sides]
         cost = cost.reshape(cost.shape[0], -1)
         if self.drop:
             formats.append(BlockFormat(0))

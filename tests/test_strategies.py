@@ -38,6 +38,29 @@ def test_dynamic_meets_the_budget_within_one_percent(ratio, seed, d):
     assert ratio <= achieved <= ratio * 1.01, achieved
 
 
+def test_value_widths_empty_keeps_values_dense_or_low_rank():
+    """``value_widths: []``: values never take per-vector channels (the decode kernel's
+    slow tile), keys still may; the budget still holds; the kernel menu lists both."""
+    obs = observations()
+    policy = load_policy("mosaic", ratio=4, min_context=640)
+    policy.strategy.value_widths = []
+    policy.bind(64)
+    cache = Compressor(policy, 64).compress(obs)
+    fmts = [b.fmt for layer in cache.layers for seg in layer.blocks for b in seg]
+    assert {f.v.kind for f in fmts if f.tokens} <= {"dense", "lowrank"}
+    assert any(f.k.kind == "sparse" for f in fmts)
+    assert 4 <= cache.dense_nbytes() / cache.nbytes() <= 4 * 1.01
+    kinds = {s.kind for s in policy.strategy.candidates(64, policy.channel_selector)}
+    assert {"dense", "sparse", "lowrank"} <= kinds
+
+
+def test_value_widths_are_checked():
+    from mosaickv.errors import PolicyError
+
+    with pytest.raises(PolicyError, match="value_widths"):
+        load_policy({"strategy": {"name": "dynamic", "value_widths": [-1]}})
+
+
 @pytest.mark.parametrize("preset,ratio", [("snapkv", 3), ("streaming", 6), ("uniform2d", 3), ("think", 1.5)])
 def test_fixed_presets_meet_the_budget(preset, ratio):
     cache = Compressor(load_policy(preset, ratio=ratio, min_context=512), 64).compress(observations())

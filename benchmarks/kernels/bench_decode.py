@@ -11,7 +11,13 @@ GB/s, speedups over SDPA and FlashInfer, and issue 4's targets where they apply 
 B >= 8: achieved bandwidth >= 80% of copy, speedup over FlashInfer >= 0.8x the ratio).
 A baseline that cannot run records its error in the row instead of a time.
 
-    PYTHONUNBUFFERED=1 python benchmarks/kernels/bench_decode.py --out DIR [--budget-s 300]
+``--policy-formats EVAL.json`` adds, per row of a ``mosaickv eval`` report, the block
+formats that policy actually chose on real text, in their proportions, on its 32-token
+segments (widths scaled from the eval's head dim to each shape's): what a server decodes
+after that policy, rather than a mix that uses every format.
+
+    PYTHONUNBUFFERED=1 python benchmarks/kernels/bench_decode.py --out DIR [--budget-s 300] \
+        [--policy-formats benchmarks/results/eval_dense_values_2k_segment.json]
     python benchmarks/kernels/bench_decode.py --plot DIR/bench_decode.json   # PNG only
 """
 
@@ -20,6 +26,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -38,6 +45,31 @@ BATCHES = [1, 8, 32, 128]
 TARGETS = [2.0, 3.0, 6.0]
 MEM_LIMIT = 40e9  # bytes of KV one variant may allocate (H100: 80 GB)
 FLASHINFER_PAGE = 16
+
+
+POLICY_SEGMENT = 32  # the presets' segment_size
+FORMAT_KEY = re.compile(r"t(\d+)/k=(\w+)(?::(\d+))?/v=(\w+)(?::(\d+))?")
+
+
+def policy_patterns(report: dict, d: int, eval_head_dim: int, entries: int = 64) -> list[tuple[str, list[Recipe], float]]:
+    """(name, pattern, ratio) per row of a ``mosaickv eval`` report: its format histogram
+    as a repeating pattern of ``entries`` recipes in the same proportions."""
+    out = []
+    for row in report["rows"]:
+        formats = row.get("formats") or {}
+        total = sum(formats.values())
+        pattern = []
+        for key, count in sorted(formats.items(), key=lambda kv: -kv[1]):
+            m = FORMAT_KEY.fullmatch(key)
+            if m is None:
+                raise ValueError(f"format {key!r} in {row['policy']} is not t<tokens>/k=<kind>[:w]/v=<kind>[:w]")
+            t, kk, kw, vk, vw = m.groups()
+            side = lambda kind, w: (kind, 0 if kind == "dense" else int(w) * d // eval_head_dim)  # noqa: E731
+            pattern += [Recipe(int(t), side(kk, kw), side(vk, vw))] * round(entries * count / total)
+        name = f"{Path(row['policy']).stem}_{row['target_ratio']:g}x"
+        dense = 4 * POLICY_SEGMENT * d * len(pattern)
+        out.append((name, pattern, dense / max(sum(r.nbytes(d) for r in pattern), 1)))
+    return out
 
 
 def recipes(d: int) -> list[Recipe]:
@@ -126,7 +158,7 @@ def check_synthetic_against_reference() -> float:
     return worst
 
 
-def run(out_dir: Path, budget_s: float) -> dict:
+def run(out_dir: Path, budget_s: float, policy_report: dict | None = None, eval_head_dim: int = 64) -> dict:
     t_start = time.time()
     dev = torch.cuda.get_device_name()
     res: dict = {"command": " ".join(["python", *sys.argv]), "device": dev, "torch": torch.__version__, "segment": SEGMENT, "configs": []}
@@ -137,8 +169,6 @@ def run(out_dir: Path, budget_s: float) -> dict:
         if time.time() - t_start > budget_s:
             print("time budget spent; stopping", flush=True)
             break
-        segs = L // SEGMENT - 1
-        tail_len = L - segs * SEGMENT
         dense_bytes = B * L * hkv * d * 4
         row: dict = {"hq": hq, "hkv": hkv, "d": d, "L": L, "B": B, "dense_bytes": dense_bytes}
         q = torch.randn(B, hq, d, device="cuda").bfloat16()
@@ -155,13 +185,17 @@ def run(out_dir: Path, budget_s: float) -> dict:
             except Exception as err:  # noqa: BLE001 - recorded in the row, the bench goes on
                 row["flashinfer_error"] = f"{type(err).__name__}: {err}"[:300]
             torch.cuda.empty_cache()
-        tail = torch.empty(B * tail_len, hkv, d, device="cuda", dtype=torch.bfloat16).normal_()
-        tail_indptr = np.arange(B + 1) * tail_len
-        variants = [("dense_1x", [Recipe(SEGMENT, ("dense", 0), ("dense", 0))], 1.0)]
-        variants += [(f"mixed_{int(tg)}x", *pattern_for(tg, d)) for tg in TARGETS]
-        for name, pat, seg_ratio in variants:
+        variants = [("dense_1x", [Recipe(SEGMENT, ("dense", 0), ("dense", 0))], 1.0, SEGMENT)]
+        variants += [(f"mixed_{int(tg)}x", *pattern_for(tg, d), SEGMENT) for tg in TARGETS]
+        if policy_report is not None:
+            variants += [(*v, POLICY_SEGMENT) for v in policy_patterns(policy_report, d, eval_head_dim)]
+        for name, pat, seg_ratio, segment in variants:
             if dense_bytes / seg_ratio > MEM_LIMIT:
                 continue
+            segs = L // segment - 1
+            tail_len = L - segs * segment
+            tail = torch.empty(B * tail_len, hkv, d, device="cuda", dtype=torch.bfloat16).normal_()
+            tail_indptr = np.arange(B + 1) * tail_len
             arena, indptr, indices = synthetic_arena(B * hkv, segs, pat, d, "cuda")
             w = MixedDecodeWrapper()
             w.plan_arena(arena, indptr, indices, tail, tail, tail_indptr, np.ones(B, dtype=np.int64), hq, hkv)
@@ -186,8 +220,7 @@ def run(out_dir: Path, budget_s: float) -> dict:
                 got["target_bandwidth_met"] = got["GBps"] >= 0.8 * res["copy_GBps"]
                 if "speedup_vs_flashinfer" in got:
                     got["target_speedup_met"] = got["speedup_vs_flashinfer"] >= 0.8 * got["ratio"]
-            del arena, w, out
-        del tail
+            del arena, w, out, tail
         torch.cuda.empty_cache()
         res["configs"].append(row)
         summary = " ".join(
@@ -238,12 +271,15 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("."))
     ap.add_argument("--budget-s", type=float, default=300.0, help="stop starting new configs after this")
     ap.add_argument("--plot", type=Path, help="only draw the PNG next to this JSON")
+    ap.add_argument("--policy-formats", type=Path, help="a mosaickv eval JSON: decode its policies' chosen formats")
+    ap.add_argument("--eval-head-dim", type=int, default=64, help="head dim of the model that eval ran (SmolLM2: 64)")
     args = ap.parse_args()
     if args.plot:
         plot(json.loads(args.plot.read_text()), args.plot.with_suffix(".png"))
         return
     args.out.mkdir(parents=True, exist_ok=True)
-    res = run(args.out, args.budget_s)
+    report = json.loads(args.policy_formats.read_text()) if args.policy_formats else None
+    res = run(args.out, args.budget_s, report, args.eval_head_dim)
     try:
         plot(res, args.out / "bench_decode.png")
     except ImportError:

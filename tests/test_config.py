@@ -111,7 +111,7 @@ json_values = st.recursive(
     max_leaves=12,
 )
 fields = st.sampled_from(["name", "ratio", "segment_size", "sinks", "window", "min_context", "token_scorer", "key_scorer", "value_scorer", "token_selector", "channel_selector", "strategy", "bogus"])
-parts = st.fixed_dictionaries({"name": st.sampled_from(["dynamic", "fixed", "key_norm", "topk", "per_vector", "x"])}, optional={"widths": json_values, "tokens": json_values, "k": json_values, "window": json_values, "ranks": json_values})
+parts = st.fixed_dictionaries({"name": st.sampled_from(["dynamic", "fixed", "key_norm", "topk", "per_vector", "x"])}, optional={"widths": json_values, "tokens": json_values, "k": json_values, "window": json_values, "ranks": json_values, "value_widths": json_values})
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

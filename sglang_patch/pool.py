@@ -146,6 +146,11 @@ class SegmentKVCache:
             self.bytes -= entry[2]
 
 
+# A segment pending longer than this means sealing is stalled (a hung worker, a backlog
+# far beyond what the workers seal): server info says so; requests keep reading dense rows.
+SEALING_STALL_S = 60.0
+
+
 @dataclass
 class SealingCounters:
     """What sealing did in this process, for ``kv_compress_info`` (the radix cache counts)."""
@@ -372,6 +377,7 @@ class MosaicKVPool(MHATokenToKVPool):
         sealed_tokens = self.arena.live_slabs * self.plan.segment_size
         dense_equiv = sealed_tokens * self.plan.dense_bytes_per_token
         pending = self.counters.pending_since.values()
+        oldest = time.monotonic() - min(pending) if pending else 0.0
         return {
             "kv_compress": "mosaickv",
             "max_total_num_tokens": self.size,
@@ -394,7 +400,8 @@ class MosaicKVPool(MHATokenToKVPool):
             "dense_full": self.counters.dense_full,
             "sealing_pending": len(pending),
             # A stalled worker shows here: sealing degrades to dense, the scheduler does not wait.
-            "oldest_pending_s": time.monotonic() - min(pending) if pending else 0.0,
+            "oldest_pending_s": oldest,
+            "sealing_stalled": oldest > SEALING_STALL_S,
             "segment_cache_bytes_in_use": self.segment_cache.bytes,
             "segment_cache_limit_bytes": self.segment_cache.limit,
             "segment_cache_entries": len(self.segment_cache),

@@ -23,7 +23,7 @@ from seal_compressors import (  # noqa: E402
 )
 from test_sglang_radix import SEG, make_cache, prefill  # noqa: E402
 
-from mosaickv.sglang_patch.pool import UNMAPPED, kv_compress_info  # noqa: E402
+from mosaickv.sglang_patch.pool import SEALING_STALL_S, UNMAPPED, kv_compress_info  # noqa: E402
 from mosaickv.sglang_patch.radix import LEFT_DENSE, PENDING  # noqa: E402
 
 def insert(tree, tokens: list[int], slots: torch.Tensor) -> None:
@@ -45,6 +45,10 @@ def test_insert_returns_before_a_slow_compressor_and_the_segment_stays_dense():
     assert (pool.page_to_slab[slots] == UNMAPPED).all() and (pool.page_to_dense[slots] != UNMAPPED).all()
     info = kv_compress_info(pool)
     assert info["sealing_pending"] == 3 and info["oldest_pending_s"] >= 0 and info["compression_calls"] == 3
+    assert not info["sealing_stalled"]
+    first = min(pool.counters.pending_since)  # as if that job had waited past the stall limit
+    pool.counters.pending_since[first] -= SEALING_STALL_S + 1
+    assert kv_compress_info(pool)["sealing_stalled"]
     match = tree.match_prefix(MatchPrefixParams(key=RadixKey(array("l", list(range(64))))))
     assert torch.equal(match.device_indices, slots)  # a step boundary: nothing finished, nothing applied
     comp.release.set()
@@ -52,7 +56,7 @@ def test_insert_returns_before_a_slow_compressor_and_the_segment_stays_dense():
     assert all(slab >= 0 for slab in node.mosaic_slabs[:3]) and pool.arena.live_slabs == 3
     assert (pool.page_to_slab[slots[: 3 * SEG]] != UNMAPPED).all()
     info = kv_compress_info(pool)
-    assert info["sealing_pending"] == 0 and info["oldest_pending_s"] == 0.0
+    assert info["sealing_pending"] == 0 and info["oldest_pending_s"] == 0.0 and not info["sealing_stalled"]
 
 
 def test_an_idle_scheduler_swaps_in_finished_sealing():

@@ -200,6 +200,7 @@ VIOLATIONS = [
     (_set("kv_compress_info.end.compression_calls", 0), {"compression_ran"}),
     (_set("kv_compress_info.end.worker_errors", 1), {"no_worker_errors"}),
     (_set("kv_compress_info.end.dense_full", 1), {"no_dense_row_shortage"}),
+    (_set("kv_compress_info.end.sealing_stalled", True), {"sealing_not_stalled"}),
     (_set("kv_compress_info.end.part_failures", {"key_norm": 2}), {"part_failures_as_expected"}),
     (_set("kv_compress_info.end", None), {"kv_compress_info_reported"}),
 ]

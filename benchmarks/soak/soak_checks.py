@@ -105,6 +105,7 @@ def _pool_checks(info: dict, expect: Expect) -> list[tuple[str, bool, object]]:
         ("no_worker_errors", end["worker_errors"] == 0, end["worker_errors"]),
         # Servers before dense reclaim do not report it: absent reads as none.
         ("no_dense_row_shortage", end.get("dense_full", 0) == 0, end.get("dense_full", 0)),
+        ("sealing_not_stalled", not end.get("sealing_stalled", False), end.get("oldest_pending_s")),
         ("part_failures_as_expected", _part_failures_ok(end["part_failures"], expect.part_failure),
          f"{end['part_failures']} (expected {expect.part_failure or 'none'})"),
     ]

@@ -274,7 +274,7 @@ class MosaicAttnBackend(TorchNativeAttnBackend):
         start = time.perf_counter()
         for tuning in (DECODE_TUNING, EXTEND_TUNING):
             compile_variants(variants, tuning, num_q_heads // pool.head_num, pool.head_num, pool.head_dim, pool.dtype,
-                             aligned, True, pool.query_stats.window > 0, pool.device)
+                             aligned, True, pool.query_stats.window > 0, pool.device, pool.plan.segment_size)
         self._compiled = True
         logger.info("MosaicKV: %d attention kernel variants (decode and extend) ready in %.1f s",
                     2 * len(variants), time.perf_counter() - start)

@@ -62,6 +62,7 @@ def run_decode(
     sparse_densify: str = "scan",
     keys_by_query: bool = True,
     wide_block_n: int = 64,
+    dense_blocks_per_tile: int = 1,
     **plan_kw: int,
 ) -> None:
     hq = hkv * group
@@ -69,7 +70,7 @@ def run_decode(
     tv = [torch.randn(hkv, t, d, generator=gen).bfloat16() for t in tail_lens]
     q = torch.randn(len(layers), hq, d, generator=gen).bfloat16()
     w = MixedDecodeWrapper(block_n=16, sparse_densify=sparse_densify, keys_by_query=keys_by_query,
-                           wide_block_n=wide_block_n)
+                           wide_block_n=wide_block_n, dense_blocks_per_tile=dense_blocks_per_tile)
     w.plan(layers, tk, tv, hq, hkv, d, device=DEVICE, **plan_kw)
     out = torch.full((len(layers), hq, d), float("nan"), dtype=torch.bfloat16, device=DEVICE)
     w.run(q.to(DEVICE), out=out)
@@ -101,6 +102,22 @@ def test_mixed_gqa_ragged(group: int, d: int, wide_block_n: int) -> None:
     layers = [random_layer(gen, s, 16, hkv, d) for s in (3, 0, 2, 1)]
     run_decode(gen, layers, [5, 9, 0, 40], hkv=hkv, group=group, d=d, chunk_tokens=20, max_programs=3,
                wide_block_n=wide_block_n)
+
+
+@pytest.mark.parametrize("dense_blocks", [2, 4])
+@pytest.mark.parametrize(("group", "d"), [(1, 64), (3, 64), (4, 128)])
+def test_short_dense_blocks_share_tiles(dense_blocks: int, group: int, d: int) -> None:
+    """Dense blocks of up to 16 tokens (every token count, 0 included), 2 or 4 to a
+    64-token tile, in runs cut anywhere (split-K), beside requests of every format; a
+    plan whose blocks would not fit their share keeps one block per tile."""
+    gen = torch.Generator().manual_seed(dense_blocks * 100 + group * 10 + d)
+    hkv = 2
+    layers = [random_layer(gen, s, 16, hkv, d, kinds=("dense",)) for s in (7, 0, 5)] + [random_layer(gen, 3, 16, hkv, d)]
+    run_decode(gen, layers, [3, 4, 0, 9], hkv=hkv, group=group, d=d, dense_blocks_per_tile=dense_blocks,
+               chunk_tokens=40, max_programs=3)
+    assert MixedDecodeWrapper(dense_blocks_per_tile=dense_blocks).dense_blocks(0, 0, 16) == dense_blocks
+    assert MixedDecodeWrapper(dense_blocks_per_tile=dense_blocks).dense_blocks(0, 0, 64) == 1
+    assert MixedDecodeWrapper(dense_blocks_per_tile=dense_blocks).dense_blocks(0, 3, 16) == 1
 
 
 @pytest.mark.parametrize(

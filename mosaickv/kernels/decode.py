@@ -44,7 +44,16 @@ import triton
 import triton.language as tl
 
 from mosaickv.kernels._interpret import patch_interpreter
-from mosaickv.kernels.layout import SPARSE, Arena, AttentionPlan, Launch, build_plan, pack_requests, ragged_tails
+from mosaickv.kernels.layout import (
+    DENSE,
+    SPARSE,
+    Arena,
+    AttentionPlan,
+    Launch,
+    build_plan,
+    pack_requests,
+    ragged_tails,
+)
 from mosaickv.reference import CompressedLayer
 
 patch_interpreter()
@@ -139,6 +148,21 @@ def _sparse_scores(q_ptr, q_rows, n_rows, values_ptr, index_ptr, off, width, aux
 
 
 @triton.jit
+def _dense_step(q, kt, vt, visible, qk_scale, m_i, l_i, acc):
+    """One online-softmax step over dense key and value rows ``kt``/``vt`` [BLOCK_N, d];
+    ``visible`` [BLOCK_M or 1, BLOCK_N] masks the logits. Returns (m_i, l_i, acc)."""
+    s = tl.dot(q, tl.trans(kt.to(tl.bfloat16))) * qk_scale
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_ref)
+    p = tl.exp2(s - m_ref[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(tl.bfloat16), vt.to(tl.bfloat16))
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _mixed_attn_kernel(
     q_ptr, stride_qt, stride_qh,
     values_ptr, index_ptr, table_ptr, block_idx_ptr,
@@ -148,6 +172,7 @@ def _mixed_attn_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     K_KIND: tl.constexpr, V_KIND: tl.constexpr, R_MAX: tl.constexpr, R_LOG2: tl.constexpr,
     ALIGNED: tl.constexpr, SPARSE_MODE: tl.constexpr, TAIL_INDEXED: tl.constexpr, KEYS_BY_QUERY: tl.constexpr,
+    DENSE_BLOCKS: tl.constexpr,
 ):
     """Partial attention of the first ``count`` items in ``item_list`` (the count is read
     here, so a captured launch serves every later plan); ``K_KIND``/``V_KIND`` are the
@@ -196,15 +221,28 @@ def _mixed_attn_kernel(
                     tk = tl.load(tail_rows_ptr + tk, mask=pos_ok, other=0).to(tl.int64)
                 kt = tl.load(tail_k_ptr + tk[:, None] * stride_kt + h * stride_kh + cols[None, :], mask=pos_ok[:, None], other=0.0)
                 vt = tl.load(tail_v_ptr + tk[:, None] * stride_vt + h * stride_vh + cols[None, :], mask=pos_ok[:, None], other=0.0)
-                s = tl.dot(q, tl.trans(kt.to(tl.bfloat16))) * qk_scale
-                s = tl.where(pos_ok[None, :] & (pos[None, :] <= vis[:, None]), s, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-                alpha = tl.exp2(m_i - m_ref)
-                p = tl.exp2(s - m_ref[:, None])
-                l_i = l_i * alpha + tl.sum(p, 1)
-                acc = acc * alpha[:, None] + tl.dot(p.to(tl.bfloat16), vt.to(tl.bfloat16))
-                m_i = m_new
+                m_i, l_i, acc = _dense_step(q, kt, vt, pos_ok[None, :] & (pos[None, :] <= vis[:, None]), qk_scale,
+                                            m_i, l_i, acc)
+        elif K_KIND == 0 and V_KIND == 0 and DENSE_BLOCKS > 1:
+            # Dense blocks of at most BLOCK_N // DENSE_BLOCKS tokens, DENSE_BLOCKS to a tile
+            # (row r: block r // that, token r % that): short blocks fill the tile instead
+            # of each paying a mostly masked one.
+            blk_lo = tl.load(item + 3)
+            blk_hi = tl.load(item + 4)
+            sub = toks // (BLOCK_N // DENSE_BLOCKS)
+            tok = toks % (BLOCK_N // DENSE_BLOCKS)
+            for j0 in range(blk_lo, blk_hi, DENSE_BLOCKS):
+                jb = j0 + sub
+                blk_ok = jb < blk_hi
+                ent = table_ptr + tl.load(block_idx_ptr + jb, mask=blk_ok, other=0).to(tl.int64) * 9
+                tok_ok = blk_ok & (tok < tl.load(ent, mask=blk_ok, other=0))
+                k_off = tl.load(ent + 3, mask=blk_ok, other=0)
+                v_off = tl.load(ent + 7, mask=blk_ok, other=0)
+                kt = tl.load(values_ptr + k_off[:, None] + tok[:, None] * HEAD_DIM + cols[None, :], mask=tok_ok[:, None],
+                             other=0.0)
+                vt = tl.load(values_ptr + v_off[:, None] + tok[:, None] * HEAD_DIM + cols[None, :], mask=tok_ok[:, None],
+                             other=0.0)
+                m_i, l_i, acc = _dense_step(q, kt, vt, tok_ok[None, :], qk_scale, m_i, l_i, acc)
         else:
             blk_lo = tl.load(item + 3)
             blk_hi = tl.load(item + 4)
@@ -340,13 +378,17 @@ class MixedAttention:
         sparse_densify: str = "scan",
         keys_by_query: bool = True,
         wide_block_n: int = 64,
+        dense_blocks_per_tile: int = 1,
     ) -> None:
         """``block_n``: tokens per tile of launches with a sparse side (whose densify grows
         with the tile); ``wide_block_n``: of the others (dense, mask, low-rank, tails),
-        where a longer tile keeps more bytes in flight."""
+        where a longer tile keeps more bytes in flight. ``dense_blocks_per_tile``: how
+        many dense blocks share one tile, when every block of the plan fits its share
+        (short blocks: most tokens dropped)."""
         if sparse_densify not in SPARSE_MODES:
             raise ValueError(f"sparse_densify={sparse_densify!r} is not one of {', '.join(SPARSE_MODES)}")
         self.block_m, self.block_n, self.wide_block_n = block_m, block_n, wide_block_n
+        self.dense_blocks_per_tile = dense_blocks_per_tile
         self.sparse_densify, self.keys_by_query = sparse_densify, keys_by_query
         self.num_warps, self.num_stages = num_warps, num_stages
         self._plan: AttentionPlan | None = None
@@ -411,6 +453,13 @@ class MixedAttention:
         """Tokens per tile of a launch of this format pair."""
         return self.block_n if SPARSE in (k_kind, v_kind) else self.wide_block_n
 
+    def dense_blocks(self, k_kind: int, v_kind: int, max_block_tokens: int) -> int:
+        """Dense blocks per tile of a launch: ``dense_blocks_per_tile`` for dense pairs
+        whose blocks all fit their share of the tile, else one."""
+        n = self.dense_blocks_per_tile
+        fits = (k_kind, v_kind) == (DENSE, DENSE) and max_block_tokens * n <= self.tile_n(k_kind, v_kind)
+        return n if fits else 1
+
     @property
     def plan_info(self) -> AttentionPlan:
         if self._plan is None:
@@ -440,6 +489,7 @@ def compile_variants(
     tail_indexed: bool,
     with_lse: bool,
     device: torch.device | str,
+    max_block_tokens: int = 0,
 ) -> None:
     """Compile the kernels a server will launch before its first batch needs them: each
     ``(k_kind, v_kind, R_MAX)`` of :func:`~mosaickv.kernels.layout.launch_variants` and the
@@ -458,7 +508,7 @@ def compile_variants(
         o_part=torch.zeros(1, block_m, head_dim, dtype=torch.float32, device=dev),
         lse_part=torch.zeros(1, block_m, dtype=torch.float32, device=dev),
         scratch=torch.zeros(1, 2, tuning.block_n, head_dim, dtype=torch.bfloat16, device=dev),
-        block_m=block_m, block_n=tuning.block_n, total_q=1,
+        block_m=block_m, block_n=tuning.block_n, total_q=1, max_block_tokens=max_block_tokens,
     )
     lse = torch.zeros(1, hq, dtype=torch.float32, device=dev) if with_lse else None
     run_plan(plan, torch.zeros(16, dtype=torch.bfloat16, device=dev), torch.zeros(16, dtype=torch.uint8, device=dev),
@@ -498,7 +548,7 @@ def run_plan(
             GROUP=group, HEAD_DIM=d, BLOCK_M=p.block_m, BLOCK_N=tuning.tile_n(ln.k_kind, ln.v_kind),
             K_KIND=ln.k_kind, V_KIND=ln.v_kind, R_MAX=ln.r_max, R_LOG2=ln.r_max.bit_length() - 1,
             ALIGNED=aligned, SPARSE_MODE=SPARSE_MODES.index(tuning.sparse_densify), TAIL_INDEXED=tail_rows is not None,
-            KEYS_BY_QUERY=tuning.keys_by_query,
+            KEYS_BY_QUERY=tuning.keys_by_query, DENSE_BLOCKS=tuning.dense_blocks(ln.k_kind, ln.v_kind, p.max_block_tokens),
             num_warps=tuning.num_warps, num_stages=tuning.num_stages,
         )
     if p.groups.shape[0]:

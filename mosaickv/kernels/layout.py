@@ -380,6 +380,7 @@ class AttentionPlan:
     block_m: int
     block_n: int
     total_q: int
+    max_block_tokens: int = 0  # most kept tokens of any block (launch choices that need a bound)
 
     @property
     def num_items(self) -> int:
@@ -406,6 +407,7 @@ class HostPlan:
     layers: list[HostLayer]
     block_m: int
     block_n: int
+    max_block_tokens: int = 0
 
     @property
     def total_q(self) -> int:
@@ -615,7 +617,8 @@ def plan_host(
             k_kind, v_kind = (TAIL, TAIL) if kind == TAIL else divmod(int(kind), 4)
             launches.append((k_kind, v_kind, r_max_of.get(int(kind), 16), np.flatnonzero(layer_kinds == kind)))
         layers.append(HostLayer(items[i0:i1], groups[g0:g1], merge_indptr[g0 : g1 + 1] - i0, launches))
-    return HostPlan(requests, block_indices, layers, block_m, block_n)
+    max_tokens = int(table[block_indices, 0].max()) if len(block_indices) else 0
+    return HostPlan(requests, block_indices, layers, block_m, block_n, max_tokens)
 
 
 def aligned_starts(sizes: Sequence[int]) -> tuple[list[int], int]:
@@ -680,5 +683,6 @@ def upload_plans(host: HostPlan, device: torch.device, head_dim: int, max_progra
             block_m=host.block_m,
             block_n=host.block_n,
             total_q=host.total_q,
+            max_block_tokens=host.max_block_tokens,
         ))
     return plans

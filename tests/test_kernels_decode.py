@@ -257,6 +257,15 @@ def test_cuda_graph_replay_matches_eager() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dense_blocks", [2, 4])
+def test_gpu_short_dense_blocks_share_tiles(dense_blocks: int) -> None:
+    """The shared-tile path compiled (the CPU case runs it in the interpreter)."""
+    test_short_dense_blocks_share_tiles(dense_blocks, 4, 128)
+    test_short_dense_blocks_share_tiles(dense_blocks, 3, 64)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("hq,hkv,d", [(32, 8, 128), (9, 3, 64)])
 def test_gpu_sized_against_reference(hq: int, hkv: int, d: int) -> None:
     gen = torch.Generator().manual_seed(hq)

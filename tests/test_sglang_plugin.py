@@ -65,6 +65,9 @@ def test_help_lists_both_flags(capsys):
     out = capsys.readouterr().out
     assert "--kv-compress {none,mosaickv}" in out
     assert "--kv-compress-config KV_COMPRESS_CONFIG" in out
+    for flag in ("--kv-compress-workers KV_COMPRESS_WORKERS", "--kv-compress-attention {triton,sdpa}",
+                 "--kv-compress-sealing {processes,device}", "--kv-compress-cuda-graph"):
+        assert flag in out
 
 
 def test_cli_parses_flags(llama):

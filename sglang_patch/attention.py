@@ -123,13 +123,14 @@ def record_queries(pool: MosaicKVPool, layer_id: int, q: torch.Tensor, reqs: lis
                    lse: Optional[torch.Tensor], scale: float, inputs: StatInputs) -> None:
     """Feed the step's queries ``q`` [sum nq, Hq, d] (and, with a window, their
     log-sum-exp ``lse`` [sum nq, Hq]) to the pool's per-segment statistics (host memory).
-    A decode batch goes in one computation and one copy (:meth:`observe_decode`); an
-    extend batch request by request, with the keys of the segments its queries fall in."""
+    A decode batch goes in one computation left on the device (:meth:`observe_decode`);
+    an extend batch request by request, with the keys of the segments its queries fall in."""
     stats, local = pool.query_stats, layer_id - pool.start_layer
     k_buf = pool.get_key_buffer(layer_id)
     if inputs.decode:
         keys = None if inputs.rows is None else k_buf[inputs.rows]
-        stats.observe_decode(local, q, inputs.firsts, inputs.positions, keys=keys, lse=lse, scale=scale)
+        stats.observe_decode(local, q, inputs.firsts, inputs.positions, keys=keys, lse=lse, scale=scale,
+                             device_positions=inputs.device_positions)
         return
     start = 0
     for i, req in enumerate(reqs):

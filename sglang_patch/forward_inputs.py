@@ -56,6 +56,7 @@ class StatInputs:
     positions: Optional[torch.Tensor] = None  # decode: [B] host
     firsts: Optional[list[int]] = None  # decode: first slot of each query's segment
     rows: Optional[torch.Tensor] = None  # decode: [B, S] device rows (past a query's position: 0)
+    device_positions: Optional[torch.Tensor] = None  # decode, with a window: ``positions`` on the device
     request_rows: Optional[list[torch.Tensor]] = None  # extend: per request, rows from its first query's segment on
 
 
@@ -71,13 +72,12 @@ def stat_inputs(pool: MosaicKVPool, reqs: list[RequestKV]) -> StatInputs:
     if all(req.nq == 1 for req in reqs):
         pos = torch.tensor([(len(req.slots) - 1) % seg for req in reqs], dtype=torch.int64)
         firsts = [int(req.slots[len(req.slots) - 1 - p]) for req, p in zip(reqs, pos.tolist())]
-        rows = None
-        if stats.window:
-            rows = torch.zeros(len(reqs), seg, dtype=torch.int64)
-            for b, (req, p) in enumerate(zip(reqs, pos.tolist())):
-                rows[b, : p + 1] = trailing_rows(req, p + 1)
-            rows = rows.to(pool.device)
-        return StatInputs(True, pos, firsts, rows)
+        if not stats.window:
+            return StatInputs(True, pos, firsts)
+        rows = torch.zeros(len(reqs), seg, dtype=torch.int64)
+        for b, (req, p) in enumerate(zip(reqs, pos.tolist())):
+            rows[b, : p + 1] = trailing_rows(req, p + 1)
+        return StatInputs(True, pos, firsts, rows.to(pool.device), device_positions=pos.to(pool.device))
     request_rows = None
     if stats.window:
         request_rows = [trailing_rows(req, len(req.slots) - (len(req.slots) - req.nq) // seg * seg) for req in reqs]

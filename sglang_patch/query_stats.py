@@ -112,13 +112,15 @@ class SegmentQueryStats:
 
     def observe_decode(self, layer: int, q: torch.Tensor, first_slots: list[int], positions: torch.Tensor,
                        keys: torch.Tensor | None = None, lse: torch.Tensor | None = None,
-                       scale: float | None = None) -> None:
+                       scale: float | None = None, device_positions: torch.Tensor | None = None) -> None:
         """:meth:`observe` for a batch of one query per request, computed together where
         ``q`` is and left there: request ``b``'s query ``q[b]`` [Hq, d] sits at
         ``positions[b]`` (host) of its segment, whose first slot is ``first_slots[b]``.
         With a window, ``keys`` [B, S, Hkv, d] hold each segment's tokens so far (the rest
-        is ignored), ``lse`` [B, Hq] the step's log-sum-exp. The sums reach the host in one
-        copy for all layers (:meth:`flush`): at the next step's first layer, or when read."""
+        is ignored), ``lse`` [B, Hq] the step's log-sum-exp, and ``device_positions`` may
+        give ``positions`` where ``q`` is (copied once per forward, not once per layer). The
+        sums reach the host in one copy for all layers (:meth:`flush`): at the next step's
+        first layer, or when read."""
         bsz, hq, d = q.shape
         if bsz == 0:
             return
@@ -127,8 +129,9 @@ class SegmentQueryStats:
         in_window = positions >= self.segment_size - self.window
         attn = None
         if self.window and bool(in_window.any()):
-            attn = self.paid_attention(q[:, None], lse[:, None], keys, positions[:, None].to(q.device),
-                                       in_window[:, None].to(q.device), scale)
+            pos = positions.to(q.device) if device_positions is None else device_positions
+            attn = self.paid_attention(q[:, None], lse[:, None], keys, pos[:, None],
+                                       (pos >= self.segment_size - self.window)[:, None], scale)
         self.defer(layer, self.query_energy(q), attn, first_slots, in_window.tolist(), hq // self.num_kv_heads)
 
     def query_energy(self, q: torch.Tensor) -> torch.Tensor:

@@ -520,32 +520,11 @@ def build_plan(
     slot; ``max_programs`` (per launch) to eight programs per SM on a GPU. Launches are
     persistent: each program loops over items and owns one slice of the scatter scratch.
     """
-    return build_layer_plans(arena.table_host, arena.values.device, block_indptr, block_indices, qo_lens, tail_lens,
-                             1, num_kv_heads, group, block_m, block_n, arena.head_dim, chunk_tokens, max_programs)[0]
-
-
-def build_layer_plans(
-    table: np.ndarray,
-    device: torch.device,
-    block_indptr: np.ndarray,
-    block_indices: np.ndarray,
-    qo_lens: np.ndarray,
-    tail_lens: np.ndarray,
-    num_layers: int,
-    num_kv_heads: int,
-    group: int,
-    block_m: int,
-    block_n: int,
-    head_dim: int,
-    chunk_tokens: int | None = None,
-    max_programs: int | None = None,
-) -> list[AttentionPlan]:
-    """One :class:`AttentionPlan` per layer (:func:`plan_host`, then :func:`upload_plans`)."""
-    device = torch.device(device)
+    device = arena.values.device
     max_programs = default_max_programs(device) if max_programs is None else max_programs
-    host = plan_host(table, block_indptr, block_indices, qo_lens, tail_lens, num_layers, num_kv_heads, group, block_m,
-                     block_n, chunk_tokens, max_programs)
-    return upload_plans(host, device, head_dim, max_programs)
+    host = plan_host(arena.table_host, block_indptr, block_indices, qo_lens, tail_lens, 1, num_kv_heads, group,
+                     block_m, block_n, chunk_tokens, max_programs)
+    return upload_plans(host, device, arena.head_dim, max_programs)[0]
 
 
 def default_max_programs(device: torch.device) -> int:

@@ -517,10 +517,12 @@ def log_startup(pool: MosaicKVPool, policy_name: str) -> None:
     plan = pool.plan
     logger.info(
         "MosaicKV policy %r: %.1f bytes/token planned (dense %d, %.2fx fewer), sealed segments %.1f bytes/token; "
-        "capacity %d tokens (%.2fx the dense pool), %d slabs, dense tails for %d requests",
+        "capacity %d tokens (%.2fx the dense pool), %d slabs, dense tails for %d requests; "
+        "this rank holds %d KV heads of %d in %d layers",
         policy_name, plan.bytes_per_token, plan.dense_bytes_per_token,
         plan.dense_bytes_per_token / plan.bytes_per_token, plan.sealed_bytes_per_token,
         plan.max_total_num_tokens, plan.capacity_gain, plan.num_slabs, plan.max_running_requests,
+        pool.head_num, pool.head_dim, pool.layer_num,
     )
 
 

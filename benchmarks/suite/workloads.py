@@ -54,6 +54,14 @@ MODELS = {
         0.85,
         build=f"python3 {SUITE}/make_random_model.py --out {MODELS_DIR}/llama8b-random",
     ),
+    # For --tp 2 (the plugin issue): 8 KV heads split 4 and 4, where SmolLM2's 3 cannot be.
+    "llama-tp-small": Model(
+        f"{MODELS_DIR}/llama-tp-small",
+        16384,
+        0.5,
+        build=f"python3 {SUITE}/make_random_model.py --out {MODELS_DIR}/llama-tp-small --layers 8 --hidden 2048 "
+        "--intermediate 5632 --heads 16 --kv-heads 8 --head-dim 128 --max-positions 16384",
+    ),
 }
 
 # Prompt counts exceed the estimated concurrency of the method that holds the most, where
@@ -66,6 +74,10 @@ WORKLOADS = {
     "random64k": Workload("random", 65536, {"llama8b-random": 24}),
     "gsp": Workload(
         "gsp", 4096, {"smollm2": 512, "llama8b-random": 512}, groups=32, question_len=256, margin=2048
+    ),
+    # A short agent workload for a check of one setting (--tp 2), not a figure of the goal.
+    "gsp_small": Workload(
+        "gsp", 1024, {"smollm2": 64, "llama-tp-small": 64}, output_len=64, groups=8, question_len=128, margin=512
     ),
 }
 

@@ -115,6 +115,7 @@ class MosaicServerArgs(ServerArgs):
         super().__post_init__()
         if self.model_path.lower() not in ("none", "dummy"):
             check_model(self, self.get_model_config())
+        check_token_cap(self)
         disable_cuda_graphs(self, keep_decode=self.kv_compress_cuda_graph)
 
     @property
@@ -228,6 +229,25 @@ def check_model(args: MosaicServerArgs, model_config) -> None:
             policy.strategy.check_model(model_config.num_hidden_layers, model_config.get_num_kv_heads(args.tp_size))
     except PolicyError as err:
         raise KVCompressError(f"--kv-compress-config does not fit {arch} (head_dim {model_config.head_dim}): {err}") from None
+
+
+def check_token_cap(args: MosaicServerArgs) -> None:
+    """Refuse a --max-total-tokens that the dense tails fill, before any worker starts (an
+    unset --max-running-requests counts as one: the pool then fits the count to the cap)."""
+    from mosaickv.sglang_patch.sizing import prefill_batch_tokens, tail_tokens_per_request, token_cap_problem
+
+    if args.max_total_tokens is None:
+        return
+    policy = args.mosaic_policy
+    problem = token_cap_problem(
+        args.max_total_tokens,
+        per_request=tail_tokens_per_request(policy.segment_size, policy.sinks, policy.window, args.page_size),
+        max_running_requests=args.max_running_requests or 1,
+        prefill_tokens=prefill_batch_tokens(args),
+        segment_size=policy.segment_size,
+    )
+    if problem is not None:
+        raise KVCompressError(problem)
 
 
 def _bf16():

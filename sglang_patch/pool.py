@@ -24,7 +24,8 @@ import numpy as np
 from mosaickv.formats import VALUE_DTYPE, PackedBlock, unpack_block
 from mosaickv.kernels.layout import TABLE_FIELDS, Region, pack_region, read_block, widths_aligned
 from mosaickv.sglang_patch.query_stats import SegmentQueryStats
-from mosaickv.sglang_patch.sizing import CapacityPlan, KVShape, plan_capacity
+from mosaickv.sglang_patch.args import KVCompressError
+from mosaickv.sglang_patch.sizing import CapacityPlan, KVShape, cap_plan, plan_capacity, prefill_batch_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -455,20 +456,20 @@ class MosaicPoolConfigurator(DefaultPoolConfigurator):
         return MemoryPoolConfig(max_total_num_tokens=plan.max_total_num_tokens)
 
     def calculate_pool_sizes_from_max_tokens(self, max_total_num_tokens: int, page_size: int) -> MemoryPoolConfig:
-        # A user cap (--max-total-tokens) only lowers the logical capacity; see _capped.
-        return MemoryPoolConfig(max_total_num_tokens=max_total_num_tokens // page_size * page_size)
+        """A user cap (--max-total-tokens) on the plan the budget gave (SGLang sizes from
+        the budget first)."""
+        tokens = max_total_num_tokens // page_size * page_size
+        try:
+            plan = cap_plan(_PLANS[self._key], tokens, running_fixed=self.max_running_requests is not None)
+        except ValueError as err:
+            raise KVCompressError(str(err)) from None
+        _PLANS[self._key] = plan
+        return MemoryPoolConfig(max_total_num_tokens=plan.max_total_num_tokens)
 
     def finalize_with_max_running_requests(self, config: MemoryPoolConfig) -> MemoryPoolConfig:
         if self.plan is not None and config.max_running_requests is not None:
             config.max_running_requests = min(config.max_running_requests, self.plan.max_running_requests)
         return config
-
-
-def prefill_batch_tokens(server_args) -> int:
-    """New tokens one prefill batch may write: the chunk size, or without chunking the
-    prefill budget (``--max-prefill-tokens``)."""
-    chunk = server_args.chunked_prefill_size
-    return chunk if chunk is not None and chunk > 0 else server_args.max_prefill_tokens
 
 
 def _enabled(server_args) -> bool:
@@ -490,8 +491,6 @@ def build_mha_kv_pool_hook(original, kvc, *, max_total_num_tokens: int, mha_pool
     from sglang.srt.runtime_context import get_exec
 
     plan = _PLANS[id(kvc)]
-    if max_total_num_tokens < plan.max_total_num_tokens:  # user cap: keep the split, admit fewer
-        plan = _capped(plan, max_total_num_tokens)
     pool = MosaicKVPool(
         max_total_num_tokens,
         page_size=kvc.pool_page_size,
@@ -524,13 +523,6 @@ def log_startup(pool: MosaicKVPool, policy_name: str) -> None:
         plan.max_total_num_tokens, plan.capacity_gain, plan.num_slabs, plan.max_running_requests,
         pool.head_num, pool.head_dim, pool.layer_num,
     )
-
-
-def _capped(plan: CapacityPlan, tokens: int) -> CapacityPlan:
-    from dataclasses import replace
-
-    slabs = max(0, (tokens - plan.dense_tail_tokens) // plan.segment_size)
-    return replace(plan, max_total_num_tokens=tokens, num_slabs=min(plan.num_slabs, slabs))
 
 
 def allocator_free_hook(original, allocator, free_index: torch.Tensor, *args, **kwargs):

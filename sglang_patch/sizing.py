@@ -21,7 +21,7 @@ unused, which :class:`CapacityPlan` reports rather than hides.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from mosaickv.formats import HEADER_BYTES
 
@@ -121,6 +121,32 @@ def tail_tokens_per_request(segment_size: int, sinks: int, window: int, page_siz
     return math.ceil(tokens / page_size) * page_size
 
 
+def prefill_batch_tokens(server_args) -> int:
+    """New tokens one prefill batch may write: the chunk size, or without chunking the
+    prefill budget (``--max-prefill-tokens``)."""
+    chunk = server_args.chunked_prefill_size
+    return chunk if chunk is not None and chunk > 0 else server_args.max_prefill_tokens
+
+
+def token_cap_problem(max_total_tokens: int, *, per_request: int, max_running_requests: int,
+                      prefill_tokens: int, segment_size: int) -> str | None:
+    """Why a ``--max-total-tokens`` cap leaves no sealed segment, or ``None`` if it leaves one.
+
+    Dense tails and one prefill batch are reserved before any slab; a cap at or below
+    them would serve with nothing ever compressed, which is the opposite of what was asked.
+    """
+    prefill = math.ceil(prefill_tokens / segment_size) * segment_size
+    dense = per_request * max_running_requests + prefill
+    if max_total_tokens >= dense + segment_size:
+        return None
+    fit = (max_total_tokens - prefill - segment_size) // per_request
+    lower = (f"lower --max-running-requests to at most {fit}" if fit >= 1 else
+             "lower --chunked-prefill-size")
+    return (f"--max-total-tokens {max_total_tokens} leaves no room for sealed segments: the dense tails of "
+            f"{max_running_requests} running requests ({per_request} tokens each) and one {prefill_tokens}-token "
+            f"prefill batch take {dense} tokens; allow at least {dense + segment_size} tokens, or {lower}.")
+
+
 def plan_capacity(
     shape: KVShape,
     budget_bytes: int,
@@ -155,8 +181,7 @@ def plan_capacity(
     if prefill_tokens < 0:
         raise ValueError(f"prefill_tokens = {prefill_tokens!r} is not allowed: 0 or more")
     dense_tail = per_req * max_running_requests + math.ceil(prefill_tokens / page_size) * page_size
-    # As MHATokenToKVPool does, one extra page (slot 0's) absorbs padded writes.
-    tail_bytes = (dense_tail + page_size) * cell + (dense_tail // page_size + 1) * PAGE_TABLE_ENTRY_BYTES
+    tail_bytes = _tail_bytes(dense_tail, page_size, cell)
     if tail_bytes > budget_bytes:
         raise ValueError(
             f"a KV budget of {budget_bytes} bytes cannot hold the dense tails of {max_running_requests} requests "
@@ -165,10 +190,9 @@ def plan_capacity(
         )
     slab = slab_bytes(shape, segment_size, ratio)
     table = shape.num_layers * shape.num_kv_heads * TABLE_ROW_BYTES
-    per_slab = slab + table + segment_size // page_size * PAGE_TABLE_ENTRY_BYTES
-    num_slabs = (budget_bytes - tail_bytes) // per_slab
+    num_slabs = (budget_bytes - tail_bytes) // _per_slab_bytes(slab, table, segment_size, page_size)
     total = dense_tail + num_slabs * segment_size
-    used = tail_bytes + num_slabs * per_slab
+    used = tail_bytes + num_slabs * _per_slab_bytes(slab, table, segment_size, page_size)
     return CapacityPlan(
         max_total_num_tokens=total,
         dense_tail_tokens=dense_tail,
@@ -184,3 +208,36 @@ def plan_capacity(
         budget_bytes=budget_bytes,
         used_bytes=used,
     )
+
+
+def cap_plan(plan: CapacityPlan, max_total_tokens: int, *, running_fixed: bool) -> CapacityPlan:
+    """The plan under a ``--max-total-tokens`` cap: fewer slabs and, where
+    ``--max-running-requests`` was left unset, as many dense tails as
+    ``DEFAULT_TAIL_FRACTION`` of the cap holds (the budget's own count would fill it).
+
+    Raises ValueError (:func:`token_cap_problem`'s sentence) when no slab is left.
+    """
+    per_req, seg = plan.tail_tokens_per_request, plan.segment_size
+    prefill = plan.dense_tail_tokens - per_req * plan.max_running_requests
+    running = plan.max_running_requests
+    if not running_fixed:
+        running = max(1, min(running, int(max_total_tokens * DEFAULT_TAIL_FRACTION) // per_req))
+    problem = token_cap_problem(max_total_tokens, per_request=per_req, max_running_requests=running,
+                                prefill_tokens=prefill, segment_size=seg)
+    if problem is not None:
+        raise ValueError(problem)
+    dense = per_req * running + prefill
+    slabs = min(plan.num_slabs, (max_total_tokens - dense) // seg)
+    per_slab = _per_slab_bytes(plan.slab_bytes, plan.table_bytes_per_slab, seg, plan.page_size)
+    return replace(plan, max_total_num_tokens=dense + slabs * seg, dense_tail_tokens=dense,
+                   max_running_requests=running, num_slabs=slabs,
+                   used_bytes=_tail_bytes(dense, plan.page_size, plan.dense_bytes_per_token) + slabs * per_slab)
+
+
+def _tail_bytes(dense_tail: int, page_size: int, cell: int) -> int:
+    # As MHATokenToKVPool does, one extra page (slot 0's) absorbs padded writes.
+    return (dense_tail + page_size) * cell + (dense_tail // page_size + 1) * PAGE_TABLE_ENTRY_BYTES
+
+
+def _per_slab_bytes(slab: int, table: int, segment_size: int, page_size: int) -> int:
+    return slab + table + segment_size // page_size * PAGE_TABLE_ENTRY_BYTES

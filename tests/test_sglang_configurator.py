@@ -88,6 +88,33 @@ def test_user_max_total_tokens_still_caps_the_capacity(tmp_path, monkeypatch):
         assert kvc._resolve_memory_pool_config(pre_model_load_memory=0).max_total_num_tokens == 50_000 // 32 * 32
 
 
+def test_a_cap_the_dense_tails_fill_is_refused_before_any_worker_starts(tmp_path):
+    from mosaickv.sglang_patch.args import KVCompressError
+
+    model = write_model(tmp_path / "m", SMOLLM2)
+    # 256 tails of 128 tokens and a 16k prefill batch are 49,152 dense rows: a 40,960 cap
+    # would leave no slab, and the server would run with nothing ever compressed.
+    with pytest.raises(KVCompressError, match=r"--max-total-tokens 40960 .* at least 49184 tokens.* at most 191"):
+        server_args_mod.ServerArgs(model_path=model, device="cpu", kv_compress="mosaickv", max_total_tokens=40960,
+                                   max_running_requests=256, chunked_prefill_size=16384)
+
+
+@pytest.mark.parametrize("running, slabs", [(128, 640), (None, None)], ids=["running-given", "running-unset"])
+def test_a_cap_keeps_sealed_segments_and_its_bytes_per_token(tmp_path, monkeypatch, running, slabs):
+    model = write_model(tmp_path / "m", SMOLLM2)
+    with configurator(model, 2 << 30, monkeypatch, kv_compress="mosaickv", max_total_tokens=40960,
+                      max_running_requests=running, chunked_prefill_size=4096) as kvc:
+        result = kvc.configure(pre_model_load_memory=0)
+    plan = result.token_to_kv_pool.plan
+    assert plan.num_slabs == (slabs if slabs is not None else (40960 - plan.dense_tail_tokens) // 32) > 0
+    assert result.max_total_num_tokens == plan.max_total_num_tokens == plan.dense_tail_tokens + 32 * plan.num_slabs
+    assert result.max_running_requests <= plan.max_running_requests
+    if running is None:  # the tails take a tenth of the cap, not what the 2 GiB budget would hold
+        assert plan.max_running_requests * plan.tail_tokens_per_request <= 4096
+    # What the capped pool spends per token: below dense, as the slabs are 3x smaller.
+    assert plan.bytes_per_token < plan.dense_bytes_per_token
+
+
 def test_the_dense_rows_hold_the_servers_prefill_chunk(tmp_path, monkeypatch):
     from mosaickv.sglang_patch.pool import _PLANS
 

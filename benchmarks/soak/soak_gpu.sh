@@ -14,12 +14,13 @@ export PYTHONPATH=/tmp/mkv/site PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/soak_out}; mkdir -p "$OUT"
 T0=${T0:-$(date +%s)}; DEADLINE=$((T0 + ${BUDGET_S:-560}))
 M=${MODEL:-/tmp/mkv/models/smollm2-135m-instruct}
-# Dense tails for 256 requests (128 tokens each with the mosaic preset: 32,768 rows) and 256
-# slabs: 40,960 logical tokens, about a fifth of what the soak's prompts add up to, so SGLang
-# must evict; sealing (about 10 segments/s) fills the slabs in under half a minute, so
-# eviction mostly runs with the arena full.
-BASE="--model-path $M --mem-fraction-static ${MEM:-0.5} --max-running-requests ${MAX_RUNNING:-256} \
---max-total-tokens ${MAX_TOTAL:-40960} --enable-cache-report --host 127.0.0.1"
+# Dense rows for 128 running requests (128 tokens each with the mosaic preset) and one
+# 4,096-token prefill chunk: 20,480 of the 40,960 logical tokens; the other 20,480 are 640
+# slabs, about a tenth of what the soak's prompts add up to, so SGLang must evict sealed
+# segments. (With 256 requests and a 16k chunk the dense rows took the whole cap: the
+# plugin now refuses such a cap at startup.)
+BASE="--model-path $M --mem-fraction-static ${MEM:-0.5} --max-running-requests ${MAX_RUNNING:-128} \
+--chunked-prefill-size ${CHUNK:-4096} --max-total-tokens ${MAX_TOTAL:-40960} --enable-cache-report --host 127.0.0.1"
 PARTS=${PARTS:-"soak fault"}
 # Seconds kept for the fault run (server start, 300 requests, stop) when the soak ends.
 case " $PARTS " in *" fault "*) FAULT_RESERVE=${FAULT_RESERVE:-200} ;; *) FAULT_RESERVE=8 ;; esac

@@ -236,9 +236,10 @@ def pack_block(
 
 
 def unpack_block(block: PackedBlock) -> tuple[torch.Tensor, torch.Tensor]:
-    """Kept keys and values as float32 ``[tokens, d]`` each, in token order, on the block's
-    device (its header's: a block read from a device arena densifies there). The dense
+    """Kept keys and values as float32 ``[tokens, d]`` each, in token order, on the device of
+    its stored values (a block sealed on the GPU keeps its header on the host). The dense
     format returns its stored values exactly."""
     m, d = block.fmt.tokens, block.d
-    device = block.header.device
+    stored = block.k.tensors() + block.v.tensors()
+    device = stored[0].device if stored else block.header.device
     return _unpack_side(block.k, m, d, device), _unpack_side(block.v, m, d, device)

@@ -77,6 +77,19 @@ def _checked(role: str, part: object, out: torch.Tensor, shape: tuple[int, ...])
     return out.float()
 
 
+@dataclass
+class SegmentPlan:
+    """A group's blocks, ordered (layer, KV head, segment), and what the policy decided."""
+
+    keys: torch.Tensor  # [B, s, d] as stored (bf16)
+    values: torch.Tensor
+    formats: list[BlockFormat]
+    keep: torch.Tensor  # [B, s] each token's attention share: the token selector's scores
+    k_score: torch.Tensor  # [B, s, d] element scores: which channels a reduced side keeps
+    v_score: torch.Tensor
+    num_kv_heads: int
+
+
 class Compressor:
     """Applies one policy to spans of a model with ``head_dim``-wide heads."""
 
@@ -146,6 +159,20 @@ class Compressor:
 
     def compress_segments(self, observations: list[Observation], lo: int, hi: int, budget: int) -> list[list[list[PackedBlock]]]:
         """Segments ``[lo, hi)`` of every layer under one budget: ``[layer][segment][kv head]``."""
+        plan = self.plan_segments(observations, lo, hi, budget)
+        packed = [self._pack(plan.keys[b], plan.values[b], fmt, plan.keep[b], plan.k_score[b], plan.v_score[b])
+                  for b, fmt in enumerate(plan.formats)]
+        hkv, nseg = plan.num_kv_heads, hi - lo
+        # packed is ordered (layer, head, segment); regroup as [layer][segment][head].
+        return [
+            [[packed[(layer * hkv + h) * nseg + g] for h in range(hkv)] for g in range(nseg)]
+            for layer in range(len(observations))
+        ]
+
+    def plan_segments(self, observations: list[Observation], lo: int, hi: int, budget: int) -> SegmentPlan:
+        """Everything the policy decides for segments ``[lo, hi)`` of every layer, as batched
+        tensors: the scores, each block's format and its tokens' keep order. Packing (per
+        block here, one launch in :mod:`mosaickv.packed_sealing`) only carries it out."""
         s, d = self.policy.segment_size, self.d
         rows = slice(lo * s, hi * s)
         nseg = hi - lo
@@ -175,13 +202,7 @@ class Compressor:
         used = sum(f.nbytes(d) for f in formats)
         if strategy.follows_budget and used > budget:
             raise PolicyError("ratio", self.policy.ratio, f"a ratio these segments can reach: the plan needs {used} bytes, the budget is {budget}")
-        packed = [self._pack(keys[b], values[b], fmt, keep[b], k_score[b], v_score[b]) for b, fmt in enumerate(formats)]
-        hkv = observations[0].num_kv_heads
-        # packed is ordered (layer, head, segment); regroup as [layer][segment][head].
-        return [
-            [[packed[(layer * hkv + h) * nseg + g] for h in range(hkv)] for g in range(nseg)]
-            for layer in range(len(observations))
-        ]
+        return SegmentPlan(keys, values, list(formats), keep, k_score, v_score, observations[0].num_kv_heads)
 
     def _pack(self, k: torch.Tensor, v: torch.Tensor, fmt: BlockFormat, keep: torch.Tensor, ks: torch.Tensor, vs: torch.Tensor) -> PackedBlock:
         kept = None if fmt.tokens == k.shape[0] else self.policy.token_selector.select(keep, fmt.tokens)
@@ -243,10 +264,19 @@ def compress_segment(
     ``query_stats`` [L, Hkv, d] and ``attention`` [L, Hkv, S]. A part that needs what
     was not recorded fails by name.
     """
+    obs = segment_observations(policy, keys, values, query_stats, attention)
+    planned = Compressor(policy, keys.shape[-1]).compress_segments(obs, 0, 1, budget_bytes)
+    return [segs[0] for segs in planned]
+
+
+def segment_observations(policy: Policy, keys: torch.Tensor, values: torch.Tensor, query_stats: torch.Tensor | None,
+                         attention: torch.Tensor | None) -> list[Observation]:
+    """One Observation per layer of a segment ``[L, Hkv, S, d]`` and what the server
+    recorded of its queries (no query tensor: the statistics stand in for it)."""
     layers, hkv, s, d = keys.shape
     if s != policy.segment_size:
         raise ValueError(f"a segment of {s} tokens was given, the policy's segment_size is {policy.segment_size}")
-    obs = [
+    return [
         Observation(
             keys[i],
             values[i],
@@ -256,8 +286,6 @@ def compress_segment(
         )
         for i in range(layers)
     ]
-    planned = Compressor(policy, d).compress_segments(obs, 0, 1, budget_bytes)
-    return [segs[0] for segs in planned]
 
 
 def _lowrank_lost(x: torch.Tensor, score: torch.Tensor, ranks: list[int]) -> dict[int, torch.Tensor]:

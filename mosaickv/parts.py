@@ -139,6 +139,12 @@ class TokenSelector:
     def select(self, scores: torch.Tensor, m: int) -> torch.Tensor:
         raise NotImplementedError
 
+    def select_many(self, scores: torch.Tensor, m: int) -> torch.Tensor:
+        """``select`` for each row of ``scores`` [G, n]: [G, m]. Override it where one
+        batched call does the same (on a GPU, a row at a time is a launch each)."""
+        return torch.stack([self.select(row, m).reshape(m) for row in scores]) if len(scores) else \
+            torch.zeros(0, m, dtype=torch.long, device=scores.device)
+
 
 class ChannelSelector:
     """How reduced-width vectors choose their channels, and what that loses.

@@ -19,6 +19,9 @@ class TopK(TokenSelector):
     def select(self, scores: torch.Tensor, m: int) -> torch.Tensor:
         return scores.float().topk(m, sorted=False).indices.sort().values
 
+    def select_many(self, scores: torch.Tensor, m: int) -> torch.Tensor:
+        return self.select(scores, m)  # topk and sort work row by row
+
 
 @register_selector("per_vector")
 @dataclass

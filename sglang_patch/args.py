@@ -60,14 +60,14 @@ class MosaicServerArgs(ServerArgs):
     kv_compress_sealing: A[
         Optional[str],
         Arg(help="MosaicKV sealing: 'processes' (default; host worker processes beside the scheduler) or 'device' "
-                 "(inline on the GPU at insert; new, not yet measured in a server).",
+                 "(inline on the GPU at insert, one packer launch per segment; not yet measured in a server).",
             choices=SEALING_CHOICES),
         NS("memory"),
     ] = None
     kv_compress_cuda_graph: A[
         bool,
-        "MosaicKV: capture decode steps in CUDA graphs (the kernels' static plan); new, checked on the CPU "
-        "only so far. Prefill runs without graphs.",
+        "MosaicKV: capture decode steps in CUDA graphs (the kernels' static plan, sized for --max-running-requests "
+        "requests of the full context). Prefill runs without graphs.",
         NS("memory"),
     ] = False
 

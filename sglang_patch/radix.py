@@ -27,6 +27,7 @@ import time
 from concurrent.futures import Future, wait as wait_all
 from dataclasses import dataclass
 from functools import partial
+from typing import Callable, Optional
 
 import torch
 from sglang.srt.mem_cache.base_prefix_cache import (
@@ -42,6 +43,7 @@ from sglang.srt.mem_cache.radix_cache import RadixCache, TreeNode
 
 from mosaickv.compressor import PartFailure
 from mosaickv.kernels.layout import Region
+from mosaickv.packed_sealing import PackedSealer
 from mosaickv.sealer import CompressFn, PolicyCompressor, SealWorkers, SegmentInputs, seal_segment
 from mosaickv.sglang_patch.pool import UNMAPPED, MosaicKVPool
 
@@ -64,12 +66,12 @@ class _SealJob:
     future: Future
 
 
-def _run_now(compress: CompressFn, inputs: SegmentInputs) -> Future:
-    """:func:`seal_segment` on the calling thread, as a finished future (inline sealing)."""
+def _run_now(seal: Callable[[SegmentInputs], Region], inputs: SegmentInputs) -> Future:
+    """``seal`` on the calling thread, as a finished future (inline sealing)."""
     future: Future = Future()
     future.set_running_or_notify_cancel()
     try:
-        future.set_result(seal_segment(compress, inputs))
+        future.set_result(seal(inputs))
     except Exception as err:  # noqa: BLE001 - reported when the job is applied
         future.set_exception(err)
     return future
@@ -80,9 +82,11 @@ class MosaicRadixCache(RadixCache):
 
     def __init__(self, params: CacheInitParams, *, compress: CompressFn, segment_size: int,
                  sink_segments: int, window: int, background: bool = True, workers: int = 1,
-                 on_device: bool = False) -> None:
+                 on_device: bool = False, seal_inline: Optional[Callable[[SegmentInputs], Region]] = None) -> None:
         """``background``: compress in ``workers`` processes (False: inline in ``insert``,
-        on the host, or with ``on_device`` where the pool is, K/V never leaving it)."""
+        on the host, or with ``on_device`` where the pool is, K/V never leaving it).
+        ``seal_inline``: what inline sealing runs (default: ``seal_segment`` of ``compress``;
+        on the device, the packer's one launch)."""
         if on_device and background:
             raise ValueError("sealing on the device runs inline: background must be False")
         pool = params.token_to_kv_pool_allocator.get_kvcache()
@@ -92,6 +96,7 @@ class MosaicRadixCache(RadixCache):
             raise ValueError(f"page_size {params.page_size} must divide segment_size {segment_size}")
         self.pool = pool
         self.compress = compress
+        self._seal_inline = seal_inline or partial(seal_segment, compress)
         self.segment_size = segment_size
         self.sink_segments = sink_segments
         self.window = window
@@ -255,7 +260,7 @@ class MosaicRadixCache(RadixCache):
             return None if t is None else t.to(where)
 
         k, v = snapshot(pool.k_buffer), snapshot(pool.v_buffer)
-        run = self._workers.submit if self._workers is not None else partial(_run_now, self.compress)
+        run = self._workers.submit if self._workers is not None else partial(_run_now, self._seal_inline)
         for g, (node, j) in enumerate(due):
             first = int(slots_host[g, 0])
             slab = pool.arena.alloc()
@@ -319,6 +324,7 @@ def mosaic_radix_factory(ctx) -> RadixCache:
         background=not on_device,
         workers=ctx.server_args.kv_compress_workers,
         on_device=on_device,
+        seal_inline=PackedSealer(policy, ctx.model_config.head_dim) if on_device else None,
     )
 
 

@@ -21,6 +21,7 @@ from concurrent.futures import Future
 import torch
 
 from mosaickv.config import load_policy
+from mosaickv.packed_sealing import PackedSealer
 from mosaickv.sealer import PolicyCompressor, SealWorkers, SegmentInputs, seal_segment
 
 
@@ -55,20 +56,26 @@ def on_processes(sealer: SealWorkers, inputs: SegmentInputs, workers: int, per_w
 
 
 def seal_on_device(compress, inputs: SegmentInputs, args) -> int:
-    """Segments per second sealed inline on ``args.device`` (inputs moved there first)."""
+    """Segments per second sealed inline on ``args.device`` (inputs moved there first), by
+    the per-block path and by the packer's one launch (what ``--kv-compress-sealing
+    device`` runs), side by side."""
     dev = torch.device(args.device)
     on_dev = SegmentInputs(*(t.to(dev) for t in (inputs.k, inputs.v)), inputs.budget_bytes,
                            inputs.query_stats.to(dev), inputs.attention.to(dev), inputs.base_bytes)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda _: None)
-    seal_segment(compress, on_dev)  # warm-up
-    sync(dev)
-    start = time.perf_counter()
-    for _ in range(args.segments):
-        seal_segment(compress, on_dev)
-    sync(dev)
+    sealers = {"per_block": lambda x: seal_segment(compress, x), "packed": PackedSealer(compress.policy, args.head_dim)}
+    rates = {}
+    for name, seal in sealers.items():
+        seal(on_dev)  # warm-up (the packer compiles)
+        sync(dev)
+        start = time.perf_counter()
+        for _ in range(args.segments):
+            seal(on_dev)
+        sync(dev)
+        rates[name] = round(args.segments / (time.perf_counter() - start), 2)
     res = {"policy": args.policy, "device": str(dev), "segments": args.segments,
            "shape": {"layers": args.layers, "kv_heads": args.kv_heads, "head_dim": args.head_dim},
-           "segments_per_s": round(args.segments / (time.perf_counter() - start), 2)}
+           "segments_per_s": rates}
     print(json.dumps(res))
     if args.json:
         with open(args.json, "w") as f:

@@ -242,11 +242,17 @@ def place_region(blocks: Sequence[PackedBlock], head_dim: int, base_bytes: int, 
     ``align``) of a byte arena whose bf16 view is ``values`` and whose bytes are ``index``:
     every block's bf16 tensors first, then, from the next aligned byte, their indices. The
     table's offsets are absolute in that arena; ``index_end`` is the region's end."""
+    return place_formats([b.fmt for b in blocks], head_dim, base_bytes, align)
+
+
+def place_formats(fmts: Sequence[BlockFormat], head_dim: int, base_bytes: int, align: int = 16) -> Placement:
+    """:func:`place_region` from the blocks' formats alone (what a packer lays out before
+    any block exists)."""
     if base_bytes % align:
         raise ValueError(f"region base {base_bytes} is not a multiple of {align} bytes")
-    tokens = np.asarray([b.fmt.tokens for b in blocks], dtype=np.int64)
-    kinds = np.asarray([[SIDE_KINDS.index(s.fmt.kind) for s in (b.k, b.v)] for b in blocks], dtype=np.int64).reshape(-1, 2)
-    widths = np.asarray([[s.fmt.width for s in (b.k, b.v)] for b in blocks], dtype=np.int64).reshape(-1, 2)
+    tokens = np.asarray([f.tokens for f in fmts], dtype=np.int64)
+    kinds = np.asarray([[SIDE_KINDS.index(s.kind) for s in (f.k, f.v)] for f in fmts], dtype=np.int64).reshape(-1, 2)
+    widths = np.asarray([[s.width for s in (f.k, f.v)] for f in fmts], dtype=np.int64).reshape(-1, 2)
     values_only = place_blocks(tokens, kinds, widths, head_dim, align, values_base=base_bytes // 2)
     index_base = -(-2 * values_only.values_end // align) * align
     return place_blocks(tokens, kinds, widths, head_dim, align, values_base=base_bytes // 2, index_base=index_base)

@@ -1,0 +1,151 @@
+"""Sealing where the KV lives (the GPU): a segment of every layer in one packer launch.
+
+The host path (:func:`~mosaickv.compressor.compress_segment`, then
+:func:`~mosaickv.kernels.layout.pack_region`) loops over a segment's layers x KV heads
+blocks in Python. Moved to a GPU as it is, each block pays several small launches and host
+syncs: 1.68 segments/s for an 8B shape on an H200, slower than one host process
+(benchmarks/results/h200x2_2026-11-30). Here the policy's decisions stay batched tensors
+(:meth:`~mosaickv.compressor.Compressor.plan_segments`: scores, statistics, the
+strategy's formats), the kept tokens and every side's channel weights, block scores and
+low-rank bases are computed for all blocks at once, and
+:class:`~mosaickv.kernels.pack.PackWrapper` writes the region's bytes in one launch.
+
+The packer ranks a sparse side's channels by ``(w_c x_c)^2`` with one weight per channel
+and block. ``w`` is recovered from the scorer's element scores as
+:func:`~mosaickv.formats.channel_weights` does for low-rank sides; the built-in element
+scorers (energy, query-weighted) are of that form, and a scorer that is not fails by name
+instead of being packed by a different rule.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from mosaickv.compressor import Compressor, PartFailure, SegmentPlan, segment_observations
+from mosaickv.config import Policy
+from mosaickv.formats import SIDE_KINDS, channel_weights
+from mosaickv.kernels.layout import Region, place_formats
+from mosaickv.kernels.pack import PackWrapper, SideInputs
+from mosaickv.sealer import SegmentInputs
+
+ALIGN = 16  # the arena's alignment (pack_region's)
+FORM_TOLERANCE = 1e-3  # |score - (w x)^2| allowed, relative to the block's largest score
+
+
+@dataclass
+class PackedSealer:
+    """``SegmentInputs -> Region`` under one policy, on the inputs' device."""
+
+    policy: Policy
+    head_dim: int
+    block_t: int = 32
+    compressor: Compressor = field(init=False)
+    packer: PackWrapper = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.compressor = Compressor(self.policy, self.head_dim)
+        self.policy = self.compressor.policy
+        self.packer = PackWrapper(block_t=self.block_t)
+
+    def __call__(self, inputs: SegmentInputs) -> Region:
+        k, v = inputs.k, inputs.v
+        layers, hkv, s, d = k.shape
+        obs = segment_observations(self.policy, k, v, inputs.query_stats, inputs.attention)
+        plan = self.compressor.plan_segments(obs, 0, 1, inputs.budget_bytes)
+        used = sum(f.nbytes(d) for f in plan.formats)
+        if used > inputs.budget_bytes:
+            raise PartFailure("strategy", self.policy.strategy, f"planned {used} bytes, over the {inputs.budget_bytes}-byte slab")
+        mask = self._kept_mask(plan)
+        block, token = mask.nonzero(as_tuple=True)  # block-major, tokens in order: what pack_block keeps
+        kept_rows = (block // hkv) * s + token  # rows of the [layers * s, hkv, d] sources below
+        sides = [self._side_inputs(plan, side, x, score, mask)
+                 for side, x, score in ((0, plan.keys, plan.k_score), (1, plan.values, plan.v_score))]
+        rel = place_formats(plan.formats, d, 0, ALIGN)
+        index_base = -(-2 * rel.values_end // ALIGN) * ALIGN
+        end = rel.index_end if rel.index_end > index_base else 2 * rel.values_end
+        heads = np.tile(np.arange(hkv), layers)
+        self.packer.plan(plan.formats, heads, kept_rows, d, k.device, sides[0], sides[1], ALIGN, 0, index_base)
+        data = torch.zeros(-(-max(end, rel.index_end) // 2) * 2, dtype=torch.uint8, device=k.device)
+        src_k, src_v = (x.to(torch.bfloat16).permute(0, 2, 1, 3).reshape(layers * s, hkv, d) for x in (k, v))
+        self.packer.run(src_k, src_v, data.view(torch.bfloat16), data)
+        table = place_formats(plan.formats, d, inputs.base_bytes, ALIGN).table
+        return Region(inputs.base_bytes, table, data[:end])
+
+    def _kept_mask(self, plan: SegmentPlan) -> torch.Tensor:
+        """[B, s] True where a block keeps the token: the token selector's choice, one
+        batched call per distinct kept count."""
+        nb, s = plan.keep.shape
+        tokens = torch.tensor([f.tokens for f in plan.formats], dtype=torch.int64)
+        mask = torch.zeros(nb, s, dtype=torch.bool, device=plan.keep.device)
+        mask[(tokens == s).to(mask.device)] = True
+        selector = self.policy.token_selector
+        for m in sorted(set(tokens.tolist()) - {0, s}):
+            rows = (tokens == m).nonzero().flatten().to(mask.device)
+            picked = selector.select_many(plan.keep[rows], m)
+            if picked.shape != (len(rows), m):
+                raise PartFailure("token_selector", selector, f"select_many returned {tuple(picked.shape)}, expected {(len(rows), m)}")
+            kept = torch.zeros(len(rows), s, dtype=torch.bool, device=mask.device)
+            kept.scatter_(1, picked.long().to(mask.device), True)
+            if int(kept.sum()) != len(rows) * m:
+                raise PartFailure("token_selector", selector, f"select_many picked a token twice among {m}")
+            mask[rows] = kept
+        return mask
+
+    def _side_inputs(self, plan: SegmentPlan, side: int, x: torch.Tensor, score: torch.Tensor,
+                     mask: torch.Tensor) -> SideInputs:
+        """Per block: the channel weights (sparse), the block's channel score over its kept
+        tokens (mask), and the low-rank basis and projection, as ``formats._pack_side``
+        computes them from the kept vectors."""
+        fmts = [f.k if side == 0 else f.v for f in plan.formats]
+        kinds = np.asarray([SIDE_KINDS.index(f.kind) for f in fmts])
+        on = torch.as_tensor([f.tokens > 0 for f in plan.formats])
+        x, score = x.float(), score.float()
+        m = mask[..., None]
+        w = channel_weights(x * m, score * m)  # [B, d]: sums over kept vectors only
+        channels = torch.ones_like(w)
+        sparse = torch.as_tensor(kinds == SIDE_KINDS.index("sparse")) & on
+        if sparse.any():
+            rows = sparse.nonzero().flatten().to(x.device)
+            self._check_form(side, score[rows], x[rows], w[rows], mask[rows])
+            channels[rows] = w[rows]
+        masked = torch.as_tensor(kinds == SIDE_KINDS.index("mask")) & on
+        if masked.any():
+            rows = masked.nonzero().flatten().to(x.device)
+            channels[rows] = (score[rows] * m[rows]).sum(1)
+        lowrank = [b for b, f in enumerate(fmts) if f.kind == "lowrank" and plan.formats[b].tokens > 0]
+        if not lowrank:
+            return SideInputs(channels)
+        bases, projs = {}, {}
+        by_count: dict[int, list[int]] = {}
+        for b in lowrank:
+            by_count.setdefault(plan.formats[b].tokens, []).append(b)
+        for count, group in by_count.items():
+            idx = torch.as_tensor(group, device=x.device)
+            pos = mask[idx].nonzero(as_tuple=True)[1].view(len(group), count)
+            xk = x[idx].gather(1, pos[..., None].expand(-1, -1, x.shape[-1]))
+            sk = score[idx].gather(1, pos[..., None].expand(-1, -1, x.shape[-1]))
+            wl = channel_weights(xk, sk)  # [G, d]
+            vh = torch.linalg.svd(xk * wl[:, None, :], full_matrices=False)[2]  # [G, min(count, d), d]
+            for j, b in enumerate(group):
+                r = fmts[b].width
+                r_eff = min(r, vh.shape[1])
+                basis = x.new_zeros(r, x.shape[-1])
+                proj = x.new_zeros(r, x.shape[-1])
+                basis[:r_eff] = vh[j, :r_eff] / wl[j]
+                proj[:r_eff] = vh[j, :r_eff] * wl[j]
+                bases[b], projs[b] = basis, proj
+        return SideInputs(channels, torch.cat([bases[b] for b in lowrank]), torch.cat([projs[b] for b in lowrank]))
+
+    def _check_form(self, side: int, score: torch.Tensor, x: torch.Tensor, w: torch.Tensor, mask: torch.Tensor) -> None:
+        """The packer ranks by ``(w x)^2``; a scorer whose scores are not of that form
+        would be packed by another rule than it asked for."""
+        role = "key_scorer" if side == 0 else "value_scorer"
+        err = ((score - (w[:, None, :] * x).pow(2)).abs() * mask[..., None]).amax(dim=(1, 2))
+        scale = (score * mask[..., None]).amax(dim=(1, 2)).clamp_min(1e-30)
+        if bool((err > FORM_TOLERANCE * scale).any()):
+            part = getattr(self.policy, role)
+            raise PartFailure(role, part, "its element scores are not (w_c * x_c)^2 for one weight per channel, which "
+                              "the device sealer ranks by; seal with --kv-compress-sealing processes")

@@ -37,7 +37,7 @@ from mosaickv.formats import SideFormat
 from mosaickv.kernels.decode import MixedAttention, compile_variants, run_plan
 from mosaickv.kernels.layout import AttentionPlan, default_max_programs, launch_variants, upload_plans
 from mosaickv.sglang_patch.decode_graph import DecodeGraph
-from mosaickv.sglang_patch.forward_inputs import RequestKV, Run, StatInputs, host_plan, locate, stat_inputs
+from mosaickv.sglang_patch.forward_inputs import RequestKV, Run, StatInputs, host_plan, locate_many, stat_inputs
 from mosaickv.sglang_patch.pool import MosaicKVPool, SegmentKV
 
 if TYPE_CHECKING:
@@ -110,7 +110,7 @@ def logsumexp(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
 def attend_request(pool: MosaicKVPool, layer_id: int, q: torch.Tensor, runs: list[Run], scale: float, extend: bool,
                    with_lse: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Attention of one request's queries ``q`` [nq, Hq, d] (its last ``nq`` tokens, already
-    written) over its tokens ``runs`` (:func:`locate`), on the pool's device. Returns
+    written) over its tokens ``runs`` (:func:`~mosaickv.sglang_patch.forward_inputs.locate`), on the pool's device. Returns
     [nq, Hq, d] in ``q``'s dtype and, with ``with_lse``, the log-sum-exp [nq, Hq]."""
     ks, vs = visible_kv(pool, layer_id, runs)
     groups = list(zip(q.chunk(len(ks), dim=1), ks, vs))
@@ -216,7 +216,9 @@ class MosaicAttnBackend(TorchNativeAttnBackend):
         if not seq_lens:
             return []
         rows = self.req_to_token_pool.req_to_token[req_pool_indices, : max(seq_lens)].cpu().long()
-        return [RequestKV(row[:n], locate(self.token_to_kv_pool, row[:n]), nq) for row, n, nq in zip(rows, seq_lens, q_lens)]
+        slots = [row[:n] for row, n in zip(rows, seq_lens)]
+        runs = locate_many(self.token_to_kv_pool, slots)
+        return [RequestKV(s, r, nq) for s, r, nq in zip(slots, runs, q_lens)]
 
     def _state(self, forward_batch: ForwardBatch, q_lens: list[int]) -> ForwardState:
         """The forward's :class:`ForwardState`: built at the first layer, read by all of them."""

@@ -152,13 +152,26 @@ class SegmentQueryStats:
         if not self._pending:
             return
         pending, self._pending = self._pending, []
-        energies = torch.stack([p.energy for p in pending]).cpu()
-        with_attn = [p for p in pending if p.attn is not None]
-        attns = iter(torch.stack([p.attn for p in with_attn]).cpu() if with_attn else [])
-        for p, energy in zip(pending, energies):
-            attn = None if p.attn is None else next(attns)
-            for b, key in enumerate(p.first_slots):
-                self._add(key, p.layer, energy[b], p.group, None if attn is None else attn[b], int(p.in_window[b]) * p.group)
+        batches: dict[tuple, list[_Pending]] = {}  # one step's layers share their requests
+        for p in pending:
+            batches.setdefault((tuple(p.first_slots), tuple(p.in_window), p.group), []).append(p)
+        for (keys, in_window, group), layers in batches.items():
+            # Each request's sums of every layer at once: a step's statistics cost a few
+            # ops per request, not per request and layer (8 layers x 64 requests: 512 adds).
+            at = torch.tensor([p.layer for p in layers])
+            energies = torch.stack([p.energy for p in layers]).cpu()  # [layers, B, Hkv, d]
+            with_attn = [i for i, p in enumerate(layers) if p.attn is not None]
+            attns = torch.stack([layers[i].attn for i in with_attn]).cpu() if with_attn else None
+            attn_at = at[with_attn]
+            counts = torch.full((len(layers),), group, dtype=torch.int64)
+            attn_counts = torch.full((len(with_attn),), group, dtype=torch.int64)
+            for b, key in enumerate(keys):
+                self._ensure(key)
+                self._sum[key].index_add_(0, at, energies[:, b])
+                self._count[key].index_add_(0, at, counts)
+                if attns is not None and in_window[b]:
+                    self._attn[key].index_add_(0, attn_at, attns[:, b])
+                    self._attn_count[key].index_add_(0, attn_at, attn_counts)
 
     def paid_attention(self, q: torch.Tensor, lse: torch.Tensor, keys: torch.Tensor, q_pos: torch.Tensor,
                         q_ok: torch.Tensor, scale: float) -> torch.Tensor:
@@ -174,13 +187,16 @@ class SegmentQueryStats:
         probs = torch.exp(logits).masked_fill(~visible[:, :, None, None, :], 0.0)
         return probs.sum(dim=(1, 3)).double()
 
-    def _add(self, key: int, layer: int, energy: torch.Tensor, count: int, attn: torch.Tensor | None = None,
-             attn_count: int = 0) -> None:
+    def _ensure(self, key: int) -> None:
         if key not in self._sum:
             self._sum[key] = torch.zeros(self.num_layers, self.num_kv_heads, self.head_dim, dtype=torch.float64)
             self._count[key] = torch.zeros(self.num_layers, dtype=torch.int64)
             self._attn[key] = torch.zeros(self.num_layers, self.num_kv_heads, self.segment_size, dtype=torch.float64)
             self._attn_count[key] = torch.zeros(self.num_layers, dtype=torch.int64)
+
+    def _add(self, key: int, layer: int, energy: torch.Tensor, count: int, attn: torch.Tensor | None = None,
+             attn_count: int = 0) -> None:
+        self._ensure(key)
         self._sum[key][layer] += energy
         self._count[key][layer] += count
         if attn is not None and attn_count:

@@ -25,7 +25,8 @@ from sglang.srt.server_args import ATTENTION_BACKEND_CHOICES  # noqa: E402
 
 from mosaickv.formats import BlockFormat, SideFormat, pack_block  # noqa: E402
 from mosaickv.reference import CompressedLayer, attention  # noqa: E402
-from mosaickv.sglang_patch.attention import MosaicAttnBackend, attend_request, locate  # noqa: E402
+from mosaickv.sglang_patch.attention import MosaicAttnBackend, attend_request  # noqa: E402
+from mosaickv.sglang_patch.forward_inputs import locate  # noqa: E402
 from mosaickv.sglang_patch.pool import MosaicKVPool  # noqa: E402
 from mosaickv.sglang_patch.sizing import KVShape, plan_capacity  # noqa: E402
 

@@ -102,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
         pool, backend, length = build(args, n)
         idx, lens = torch.arange(n), [length] * n
         reqs = backend._requests(idx, lens, [1] * n)
+        sealed = {sum(isinstance(r, int) for r in req.runs) for req in reqs}
+        if sealed != {args.segments}:
+            raise RuntimeError(f"requests read {sealed} sealed segments, {args.segments} were sealed each")
         group = args.group
         backend._menu = launch_variants(backend._policy_sides())
         graph = DecodeGraph(pool, pool.head_num * group, n, backend._menu, True, DECODE_TUNING, length + 64)

@@ -163,6 +163,7 @@ class SealingCounters:
     pending_since: dict[int, float] = field(default_factory=dict)  # first slot -> time.monotonic() at submit
     dense_reclaims: int = 0  # times the tree evicted cached paths to free dense rows
     dense_full: int = 0  # writes that found no dense row even after that (a MemoryError each)
+    decode_inserts: int = 0  # running requests' decoded segments inserted (sealed) before they finished
 
 
 class MosaicKVPool(MHATokenToKVPool):
@@ -399,6 +400,7 @@ class MosaicKVPool(MHATokenToKVPool):
             "worker_errors": self.counters.worker_errors,
             "dense_reclaims": self.counters.dense_reclaims,
             "dense_full": self.counters.dense_full,
+            "decode_inserts": self.counters.decode_inserts,
             "sealing_pending": len(pending),
             # A stalled worker shows here: sealing degrades to dense, the scheduler does not wait.
             "oldest_pending_s": oldest,

@@ -178,6 +178,7 @@ class MosaicRadixCache(RadixCache):
         req._refresh_fill_ids()  # origin + output ids, which decoding leaves stale
         req.set_extend_range(written - 1, written)  # what get_fill_ids (and so the insert) reads
         maybe_cache_unfinished_req(req, self)
+        self.pool.counters.decode_inserts += 1
 
     def reclaim_dense(self, tokens: int) -> None:
         """Evict least recently used cached paths until ``tokens`` dense rows are free or

@@ -83,6 +83,8 @@ def test_decoded_segments_seal_while_the_request_runs():
     assert run.req.cache_protected_len == inserted == 128
     assert run.comp.calls == (inserted - WINDOW) // SEG == 7
     assert run.pool.stats()["sealed_segments"] == 7
+    # One insert per segment the decoded tokens closed: 48, 64, ..., 128 written tokens.
+    assert run.pool.stats()["decode_inserts"] == (inserted - 40 // SEG * SEG) // SEG == 6
     assert run.dense_in_use() == run.req.kv_committed_len - 7 * SEG <= WINDOW + 2 * SEG
     row = run.tree.req_to_token_pool.req_to_token[run.req.req_pool_idx, : run.req.kv_committed_len].long()
     assert torch.equal(row, run.slots)

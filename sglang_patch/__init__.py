@@ -19,7 +19,7 @@ def register() -> None:
 
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
-    from mosaickv.sglang_patch import args, attention, pool, radix
+    from mosaickv.sglang_patch import admission, args, attention, pool, radix
 
     HookRegistry.register("sglang.srt.server_args.ServerArgs", args.MosaicServerArgs, HookType.REPLACE)
     # Engine keeps its own class attribute (bound at class creation), so replace it too.
@@ -49,6 +49,10 @@ def register() -> None:
     HookRegistry.register("sglang.srt.managers.scheduler_components.batch_result_processor."
                           "SchedulerBatchResultProcessor.process_batch_result_decode", radix.decode_seal_hook,
                           HookType.AFTER)
+    HookRegistry.register("sglang.srt.managers.schedule_policy.PrefillAdder.__init__", admission.prefill_budget_hook,
+                          HookType.AFTER)
+    HookRegistry.register("sglang.srt.managers.schedule_policy.PrefillAdder.add_chunked_req",
+                          admission.chunked_floor_hook, HookType.AROUND)
     radix.register_backend()
     attention.register_backend()
 

@@ -164,6 +164,7 @@ class SealingCounters:
     dense_reclaims: int = 0  # times the tree evicted cached paths to free dense rows
     dense_full: int = 0  # writes that found no dense row even after that (a MemoryError each)
     decode_inserts: int = 0  # running requests' decoded segments inserted (sealed) before they finished
+    prefill_throttled: int = 0  # prefill rounds whose budget was cut to the free dense rows (admission.py)
 
 
 class MosaicKVPool(MHATokenToKVPool):
@@ -401,6 +402,7 @@ class MosaicKVPool(MHATokenToKVPool):
             "dense_reclaims": self.counters.dense_reclaims,
             "dense_full": self.counters.dense_full,
             "decode_inserts": self.counters.decode_inserts,
+            "prefill_throttled": self.counters.prefill_throttled,
             "sealing_pending": len(pending),
             # A stalled worker shows here: sealing degrades to dense, the scheduler does not wait.
             "oldest_pending_s": oldest,

@@ -301,6 +301,8 @@ def figures(record: dict) -> dict:
             "probe_cache_losses": record["evictions"]["probe_cache_losses"],
             "compression_calls": end.get("compression_calls"), "faults": end.get("part_failures"),
             "worker_errors": end.get("worker_errors"), "bytes_leaked": record.get("bytes_leaked"),
+            "dense_full": end.get("dense_full"), "dense_reclaims": end.get("dense_reclaims"),
+            "prefill_throttled": end.get("prefill_throttled"), "decode_inserts": end.get("decode_inserts"),
             "greedy_inconsistent": f"{record['greedy']['loaded_inconsistent']}/{record['greedy']['loaded_completed']}",
             "checks_failed": [c["name"] for c in record["checks"] if not c["ok"]]}
 

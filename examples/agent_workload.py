@@ -17,11 +17,13 @@ On a GPU machine with the package and ``sglang==0.5.17`` installed (``pip instal
         --output agent_results.json -- --sampling-backend pytorch --mem-fraction-static 0.5
 
 A local model folder works as well. Flags after ``--`` go to ``sglang.launch_server``
-unchanged; ``benchmarks/serving/smoke_gpu.sh`` ran the plugin with these two.
+unchanged (add ``--kv-compress-cuda-graph`` to decode under CUDA graphs).
 ``--url http://127.0.0.1:30000`` uses a running server instead (start it with
-``--enable-cache-report`` to get cached tokens). The mosaickv attention backend is still a
-per-request PyTorch path without CUDA graphs (docs/sglang.md), so its latencies say
-nothing about speed yet; they are reported to compare turns and to catch stalls.
+``--enable-cache-report`` to get cached tokens). On an H200 with
+``-- --kv-compress-cuda-graph --sampling-backend pytorch --mem-fraction-static 0.5`` it
+answered 24 of 24 requests in 3.0 s, the 3,360-token system prompt cached for every turn
+and sealed once (``benchmarks/results/h200x2_2026-11-30/agent.txt``). Latencies are
+reported to compare turns and to catch stalls; the serving benchmarks measure speed.
 """
 
 from __future__ import annotations

@@ -234,16 +234,19 @@ class Compressor:
 
         ranks = [side.width for side in sides if side.kind == "lowrank"]
 
+        widths = sorted({side.width for side in sides if side.kind not in ("dense", "lowrank")})
+
         def lost(x: torch.Tensor, score: torch.Tensor, norm: torch.Tensor | float) -> dict[SideFormat, torch.Tensor]:
             out = {}
             lowrank = _lowrank_lost(x, score, ranks) if ranks else {}
+            channels = self.policy.channel_selector.lost_many(score, widths)
             for side in sides:
                 if side.kind == "dense":
                     r = torch.zeros(b, s, device=x.device)
                 elif side.kind == "lowrank":
                     r = lowrank[side.width]
                 else:
-                    r = self.policy.channel_selector.lost(score, side.width)
+                    r = channels[side.width]
                 out[side] = (r / norm).gather(1, order)
             return out
 

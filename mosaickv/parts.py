@@ -162,6 +162,10 @@ class ChannelSelector:
     def lost(self, scores: torch.Tensor, width: int) -> torch.Tensor:
         raise NotImplementedError
 
+    def lost_many(self, scores: torch.Tensor, widths: list[int]) -> dict[int, torch.Tensor]:
+        """``lost`` at each of ``widths``; override it where the widths share work."""
+        return {w: self.lost(scores, w) for w in widths}
+
 
 @dataclass
 class BlockStats:

@@ -34,6 +34,15 @@ class PerVector(ChannelSelector):
     def lost(self, scores: torch.Tensor, width: int) -> torch.Tensor:
         return scores.sum(-1) - scores.topk(width, dim=-1).values.sum(-1)
 
+    def lost_many(self, scores: torch.Tensor, widths: list[int]) -> dict[int, torch.Tensor]:
+        # One topk at the widest width serves the others: its first w values are topk(w)'s,
+        # in the same order, so the sums are the same to the bit.
+        if not widths:
+            return {}
+        top = scores.topk(max(widths), dim=-1).values
+        total = scores.sum(-1)
+        return {w: total - top[..., :w].contiguous().sum(-1) for w in widths}
+
 
 @register_selector("global_mask")
 @dataclass

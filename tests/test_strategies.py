@@ -121,3 +121,20 @@ def test_segment_scope_does_not_depend_on_what_follows():
 def test_short_spans_stay_dense():
     cache = Compressor(load_policy("mosaic"), 64).compress(observations(t=200))
     assert cache.formats() == {} and cache.nbytes() == cache.dense_nbytes()
+
+
+@pytest.mark.parametrize("selector", ["per_vector", "global_mask"])
+@pytest.mark.parametrize("shape", [(256, 32, 128), (7, 5, 64), (3, 0, 64)])
+def test_lost_many_is_lost_at_every_width_to_the_bit(selector, shape):
+    """The compressor prices every width with one lost_many call (per_vector: one topk at
+    the widest width); the strategy's choices must not move by a rounding."""
+    from mosaickv.registry import SELECTORS, load_builtin_and_plugins
+
+    load_builtin_and_plugins()
+    part = SELECTORS.get(selector)()
+    scores = torch.rand(*shape, generator=torch.Generator().manual_seed(sum(shape)))
+    widths = [8, 16, 32, shape[-1] // 2]
+    many = part.lost_many(scores, widths)
+    assert many.keys() == set(widths)
+    for w in widths:
+        assert torch.equal(many[w], part.lost(scores, w))

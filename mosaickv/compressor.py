@@ -15,7 +15,7 @@ import torch
 
 from mosaickv.config import Policy
 from mosaickv.errors import PolicyError
-from mosaickv.formats import BlockFormat, PackedBlock, SideFormat, channel_weights, dense_block_bytes, pack_block
+from mosaickv.formats import BlockFormat, PackedBlock, SideFormat, channel_weights, dense_block_bytes, pack_block, pack_blocks
 from mosaickv.parts import BlockStats, Observation, segment_observation
 from mosaickv.reference import CompressedLayer
 
@@ -167,8 +167,18 @@ class Compressor:
     def compress_segments(self, observations: list[Observation], lo: int, hi: int, budget: int) -> list[list[list[PackedBlock]]]:
         """Segments ``[lo, hi)`` of every layer under one budget: ``[layer][segment][kv head]``."""
         plan = self.plan_segments(observations, lo, hi, budget)
-        packed = [self._pack(plan.keys[b], plan.values[b], fmt, plan.keep[b], plan.k_score[b], plan.v_score[b])
-                  for b, fmt in enumerate(plan.formats)]
+        kept = self.kept_tokens(plan)
+        at = {m: {b: i for i, b in enumerate(rows.tolist())} for m, (rows, _) in kept.items()}
+        by_format: dict[BlockFormat, list[int]] = {}
+        for b, fmt in enumerate(plan.formats):
+            by_format.setdefault(fmt, []).append(b)
+        packed: list[PackedBlock] = [None] * len(plan.formats)  # type: ignore[list-item]
+        for fmt, blocks in by_format.items():  # one batched pack per format, not per block
+            idx = torch.tensor(blocks, device=plan.keys.device)
+            picked = kept[fmt.tokens][1][[at[fmt.tokens][b] for b in blocks]]
+            for b, block in zip(blocks, pack_blocks(plan.keys[idx], plan.values[idx], fmt, picked,
+                                                    plan.k_score[idx], plan.v_score[idx])):
+                packed[b] = block
         hkv, nseg = plan.num_kv_heads, hi - lo
         # packed is ordered (layer, head, segment); regroup as [layer][segment][head].
         return [
@@ -213,9 +223,31 @@ class Compressor:
             raise PolicyError("ratio", self.policy.ratio, f"a ratio these segments can reach: the plan needs {used} bytes, the budget is {budget}")
         return SegmentPlan(keys, values, list(formats), keep, k_score, v_score, observations[0].num_kv_heads)
 
-    def _pack(self, k: torch.Tensor, v: torch.Tensor, fmt: BlockFormat, keep: torch.Tensor, ks: torch.Tensor, vs: torch.Tensor) -> PackedBlock:
-        kept = None if fmt.tokens == k.shape[0] else self.policy.token_selector.select(keep, fmt.tokens)
-        return pack_block(k, v, fmt, kept=kept, k_score=ks, v_score=vs)
+    def kept_tokens(self, plan: SegmentPlan) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """For each kept count m: the blocks keeping m tokens (host indices) and which
+        tokens, ``[G, m]``; one token selector call per count (none where a block keeps
+        all or none)."""
+        nb, s = plan.keep.shape
+        dev = plan.keep.device
+        tokens = torch.tensor([f.tokens for f in plan.formats], dtype=torch.int64)
+        selector = self.policy.token_selector
+        out = {}
+        for m in sorted(set(tokens.tolist())):
+            rows = (tokens == m).nonzero().flatten()
+            if m in (0, s):
+                out[m] = rows, torch.arange(m, device=dev).expand(len(rows), m)
+                continue
+            picked = selector.select_many(plan.keep[rows.to(dev)], m)
+            if not isinstance(picked, torch.Tensor) or tuple(picked.shape) != (len(rows), m):
+                got = tuple(picked.shape) if isinstance(picked, torch.Tensor) else type(picked).__name__
+                raise PartFailure("token_selector", selector, f"returned {got}, expected {(len(rows), m)} token indices")
+            ordered = picked.long().sort(dim=-1).values
+            bad = torch.stack([(ordered[:, 0] < 0).any(), (ordered[:, -1] >= s).any(),
+                               (ordered[:, 1:] == ordered[:, :-1]).any()]).tolist()
+            if any(bad):
+                raise PartFailure("token_selector", selector, f"returned token indices outside [0, {s}) or repeated")
+            out[m] = rows, ordered
+        return out
 
     def _stats(self, keys: torch.Tensor, values: torch.Tensor, tok: torch.Tensor, k_score: torch.Tensor, v_score: torch.Tensor, nseg: int) -> tuple[BlockStats, torch.Tensor]:
         """Block statistics for the strategy, and each token's attention share (the keep order)."""

@@ -145,31 +145,37 @@ def channel_weights(x: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
     return w.clamp_min(w.amax(-1, keepdim=True).clamp_min(1e-12) * 1e-3)
 
 
-def _pack_side(x: torch.Tensor, fmt: SideFormat, score: torch.Tensor | None) -> PackedSide:
-    """Store ``x`` [m, d]; ``score`` [m, d] ranks channels (default: energy ``x**2``)."""
-    m, d = x.shape
+def _pack_sides(x: torch.Tensor, fmt: SideFormat, score: torch.Tensor | None) -> list[PackedSide]:
+    """Store each of ``x`` [G, m, d] (one block's kept vectors each, all in ``fmt``);
+    ``score`` [G, m, d] ranks channels (default: energy ``x**2``). One batched op per
+    step for the G blocks: sealing a segment packs hundreds of blocks in a few formats."""
+    g, m, d = x.shape
     if m == 0:
-        return PackedSide(fmt)
+        return [PackedSide(fmt) for _ in range(g)]
     if fmt.kind == "dense":
-        return PackedSide(fmt, values=x.to(VALUE_DTYPE).contiguous())
+        values = x.to(VALUE_DTYPE)
+        return [PackedSide(fmt, values=values[i].contiguous()) for i in range(g)]
     r = fmt.width
     s = x.float().pow(2) if score is None else score.float()
     if fmt.kind == "sparse":
-        idx = s.topk(r, dim=-1).indices.sort(dim=-1).values
-        return PackedSide(fmt, values=x.gather(1, idx).to(VALUE_DTYPE), index=idx.to(INDEX_DTYPE))
+        idx = s.topk(r, dim=-1).indices.sort(dim=-1).values  # [G, m, r]
+        values, index = x.gather(2, idx).to(VALUE_DTYPE), idx.to(INDEX_DTYPE)
+        return [PackedSide(fmt, values=values[i], index=index[i]) for i in range(g)]
     if fmt.kind == "mask":
-        idx = s.sum(0).topk(r).indices.sort().values
-        return PackedSide(fmt, values=x[:, idx].to(VALUE_DTYPE).contiguous(), index=idx.to(INDEX_DTYPE))
+        idx = s.sum(1).topk(r, dim=-1).indices.sort(dim=-1).values  # [G, r]
+        values, index = x.gather(2, idx[:, None, :].expand(g, m, r)).to(VALUE_DTYPE), idx.to(INDEX_DTYPE)
+        return [PackedSide(fmt, values=values[i], index=index[i]) for i in range(g)]
     # lowrank: truncated SVD in the score's channel metric is the best rank-r fit there
     # (Eckart-Young); the basis maps back to plain channels.
-    w = channel_weights(x.float(), s)
+    w = channel_weights(x.float(), s)[:, None, :]  # [G, 1, d]
     u, sv, vh = torch.linalg.svd(x.float() * w, full_matrices=False)
-    r_eff = min(r, sv.numel())
-    coef = torch.zeros(m, r, dtype=torch.float32, device=x.device)
-    basis = torch.zeros(r, d, dtype=torch.float32, device=x.device)
-    coef[:, :r_eff] = u[:, :r_eff] * sv[:r_eff]
-    basis[:r_eff] = vh[:r_eff] / w
-    return PackedSide(fmt, values=coef.to(VALUE_DTYPE), basis=basis.to(VALUE_DTYPE))
+    r_eff = min(r, sv.shape[-1])
+    coef = torch.zeros(g, m, r, dtype=torch.float32, device=x.device)
+    basis = torch.zeros(g, r, d, dtype=torch.float32, device=x.device)
+    coef[:, :, :r_eff] = u[:, :, :r_eff] * sv[:, None, :r_eff]
+    basis[:, :r_eff] = vh[:, :r_eff] / w
+    coef, basis = coef.to(VALUE_DTYPE), basis.to(VALUE_DTYPE)
+    return [PackedSide(fmt, values=coef[i], basis=basis[i]) for i in range(g)]
 
 
 def _unpack_side(side: PackedSide, m: int, d: int, device: torch.device) -> torch.Tensor:
@@ -205,34 +211,47 @@ def pack_block(
     ``token_score`` [n], else the first ones. ``k_score``/``v_score`` [n, d] rank channels
     (higher is kept) for the sparse and mask kinds.
     """
-    n, d = k.shape
+    n = k.shape[0]
+    if kept is not None:
+        if kept.numel() != fmt.tokens:
+            raise ValueError(f"{kept.numel()} kept token indices for a format that keeps {fmt.tokens}")
+    elif fmt.tokens == n or token_score is None or not 0 <= fmt.tokens <= n:
+        kept = torch.arange(max(fmt.tokens, 0), device=k.device)  # pack_blocks refuses a bad count
+    else:
+        kept = token_score.float().topk(fmt.tokens, sorted=False).indices
+
+    def one(x: torch.Tensor | None) -> torch.Tensor | None:
+        return None if x is None else x[None]
+
+    return pack_blocks(k[None], v[None], fmt, kept.reshape(1, -1), one(k_score), one(v_score))[0]
+
+
+def pack_blocks(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    fmt: BlockFormat,
+    kept: torch.Tensor,
+    k_score: torch.Tensor | None = None,
+    v_score: torch.Tensor | None = None,
+) -> list[PackedBlock]:
+    """:func:`pack_block` for G blocks in one format: keys and values ``[G, n, d]``, the
+    kept token indices ``[G, fmt.tokens]`` (any order), scores ``[G, n, d]``."""
+    g, n, d = k.shape
     if not 0 <= fmt.tokens <= n:
         raise ValueError(f"block format keeps {fmt.tokens} tokens but the block has {n}")
     if d > MAX_HEAD_DIM:
         raise ValueError(f"head dim {d} exceeds {MAX_HEAD_DIM} (channel indices are uint8)")
     fmt.k.check(d)
     fmt.v.check(d)
-    if kept is not None:
-        if kept.numel() != fmt.tokens:
-            raise ValueError(f"{kept.numel()} kept token indices for a format that keeps {fmt.tokens}")
-        kept = kept.long().sort().values
-    elif fmt.tokens == n or token_score is None:
-        kept = torch.arange(fmt.tokens)
-    else:
-        kept = token_score.float().topk(fmt.tokens, sorted=False).indices.sort().values
+    if tuple(kept.shape) != (g, fmt.tokens):
+        raise ValueError(f"kept token indices of shape {tuple(kept.shape)} for {g} blocks keeping {fmt.tokens}")
+    kept = kept.long().to(k.device).sort(dim=-1).values
 
-    def pick(score: torch.Tensor | None) -> torch.Tensor | None:
-        return None if score is None else score[kept]
+    def pick(x: torch.Tensor | None) -> torch.Tensor | None:
+        return None if x is None else x.gather(1, kept[..., None].expand(-1, -1, x.shape[-1]))
 
-    return PackedBlock(
-        fmt=fmt,
-        n=n,
-        d=d,
-        header=fmt.header(),
-        k=_pack_side(k[kept], fmt.k, pick(k_score)),
-        v=_pack_side(v[kept], fmt.v, pick(v_score)),
-        kept=kept,
-    )
+    ks, vs = _pack_sides(pick(k), fmt.k, pick(k_score)), _pack_sides(pick(v), fmt.v, pick(v_score))
+    return [PackedBlock(fmt=fmt, n=n, d=d, header=fmt.header(), k=ks[i], v=vs[i], kept=kept[i]) for i in range(g)]
 
 
 def unpack_block(block: PackedBlock) -> tuple[torch.Tensor, torch.Tensor]:

@@ -75,29 +75,17 @@ class PackedSealer:
         return Region(inputs.base_bytes, table, data[:end])
 
     def _kept_mask(self, plan: SegmentPlan) -> torch.Tensor:
-        """[B, s] True where a block keeps the token: the token selector's choice, one
-        batched call per distinct kept count."""
-        nb, s = plan.keep.shape
-        tokens = torch.tensor([f.tokens for f in plan.formats], dtype=torch.int64)
-        mask = torch.zeros(nb, s, dtype=torch.bool, device=plan.keep.device)
-        mask[(tokens == s).to(mask.device)] = True
-        selector = self.policy.token_selector
-        for m in sorted(set(tokens.tolist()) - {0, s}):
-            rows = (tokens == m).nonzero().flatten().to(mask.device)
-            picked = selector.select_many(plan.keep[rows], m)
-            if picked.shape != (len(rows), m):
-                raise PartFailure("token_selector", selector, f"select_many returned {tuple(picked.shape)}, expected {(len(rows), m)}")
-            kept = torch.zeros(len(rows), s, dtype=torch.bool, device=mask.device)
-            kept.scatter_(1, picked.long().to(mask.device), True)
-            if int(kept.sum()) != len(rows) * m:
-                raise PartFailure("token_selector", selector, f"select_many picked a token twice among {m}")
-            mask[rows] = kept
+        """[B, s] True where a block keeps the token (:meth:`Compressor.kept_tokens`)."""
+        mask = torch.zeros(plan.keep.shape, dtype=torch.bool, device=plan.keep.device)
+        for rows, picked in self.compressor.kept_tokens(plan).values():
+            if picked.shape[1]:
+                mask[rows.to(mask.device)[:, None], picked] = True
         return mask
 
     def _side_inputs(self, plan: SegmentPlan, side: int, x: torch.Tensor, score: torch.Tensor,
                      mask: torch.Tensor) -> SideInputs:
         """Per block: the channel weights (sparse), the block's channel score over its kept
-        tokens (mask), and the low-rank basis and projection, as ``formats._pack_side``
+        tokens (mask), and the low-rank basis and projection, as ``formats._pack_sides``
         computes them from the kept vectors."""
         fmts = [f.k if side == 0 else f.v for f in plan.formats]
         kinds = np.asarray([SIDE_KINDS.index(f.kind) for f in fmts])

@@ -42,7 +42,7 @@ class Batch:
 
 def tie_free(score: torch.Tensor, kind: str, kept: torch.Tensor) -> torch.Tensor:
     """Scores whose ranking is ``score``'s with ties going to the lower channel: per row
-    for sparse, over the kept rows' sum for mask (what ``_pack_side`` ranks)."""
+    for sparse, over the kept rows' sum for mask (what ``_pack_sides`` ranks)."""
     d = score.shape[-1]
     desc = torch.arange(d, 0, -1, dtype=torch.float32)
     if kind == "sparse":

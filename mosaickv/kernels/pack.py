@@ -10,14 +10,14 @@ program per (block, tile of ``block_t`` kept tokens), all blocks of the batch in
 * dense: copy the kept rows;
 * sparse: per vector, the ``r`` channels of largest ``(w_c · x_c)²`` for the block's
   per-channel weight ``w``, computed in fp32 as the scorers compute their element scores
-  (ones: energy, ``formats._pack_side``'s default; the query rms: the ``QueryWeighted``
+  (ones: energy, ``formats._pack_sides``'s default; the query rms: the ``QueryWeighted``
   scorer, whose extra ``/ d`` is exact), stored in channel order, bf16 values and uint8
   indices. The r-th largest score is found exactly by a binary
   search over its fp32 bit pattern (31 counting passes, no sort);
 * mask: the ``r`` channels of largest block score (the element scores summed over the
-  kept tokens, as ``_pack_side`` sums them), the same for every vector;
+  kept tokens, as ``_pack_sides`` sums them), the same for every vector;
 * lowrank: ``coef = x @ projᵀ`` (fp32 accumulate from a bf16 hi/lo split of ``proj``,
-  bf16 store) and the basis. ``_pack_side`` fits in a channel metric ``w``: with
+  bf16 store) and the basis. ``_pack_sides`` fits in a channel metric ``w``: with
   ``x·w = U S Vᵀ`` its basis is ``Vᵀ/w`` and its coefficients ``x @ (Vᵀ·w)ᵀ``, so ``proj``
   is ``Vᵀ·w`` (it equals the basis when ``w`` is ones).
 

@@ -1,0 +1,73 @@
+"""The compressor's batched steps against their one-block-at-a-time meaning: a part's
+bad output fails by the part's name whichever layer it appears in (scores are checked
+once per role over every layer), and blocks packed a format group at a time equal
+``pack_block`` of each block with the tokens the selector chose."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import pytest
+import torch
+
+from mosaickv.compressor import Compressor, PartFailure, compress_segment, segment_observations
+from mosaickv.config import load_policy
+from mosaickv.formats import pack_block, unpack_block
+from mosaickv.parts import ElementScorer
+
+LAYERS, HKV, D = 3, 2, 64
+
+
+@dataclass
+class Spoiled(ElementScorer):
+    """Energy scores, spoiled in one element of the last layer seen (``how``)."""
+
+    how: str = "nan"
+    calls: int = 0
+
+    def score(self, obs, side):
+        self.calls += 1
+        x = (obs.keys if side == "k" else obs.values).float().pow(2)
+        if self.calls == LAYERS:  # the last layer only
+            x[0, 0, 0] = {"nan": float("nan"), "inf": float("inf"), "negative": -1.0}[self.how]
+        return x if self.how != "shape" else x[:, :, :1]
+
+
+@pytest.mark.parametrize("how, message", [("nan", "NaN or infinite"), ("inf", "NaN or infinite"),
+                                          ("negative", "negative scores"), ("shape", "expected a tensor of shape")])
+def test_a_spoiled_layer_fails_the_part_by_name(how, message):
+    policy = replace(load_policy("mosaic"), value_scorer=Spoiled(how))
+    g = torch.Generator().manual_seed(0)
+    k, v = (torch.randn(LAYERS, HKV, 32, D, generator=g).bfloat16() for _ in range(2))
+    budget = int(LAYERS * HKV * (32 * 2 * D * 2 / 3 + 16))
+    with pytest.raises(PartFailure, match=message) as err:
+        compress_segment(policy, k, v, budget, torch.rand(LAYERS, HKV, D, generator=g) + 0.1,
+                         torch.softmax(torch.randn(LAYERS, HKV, 32, generator=g), -1))
+    assert err.value.role == "value_scorer"
+
+
+@pytest.mark.parametrize("name, ratio", [("mosaic", 3.0), ("mosaic", 8.0), ("think", None), ("uniform2d", None),
+                                         ("snapkv", None), ("lossless", None)])
+def test_blocks_packed_by_format_group_equal_pack_block_of_each(name, ratio):
+    policy = load_policy(name, ratio=ratio)
+    g = torch.Generator().manual_seed(len(name))
+    k = (torch.randn(LAYERS, HKV, 32, D, generator=g) * torch.linspace(0.2, 3.0, D)).bfloat16()
+    v = torch.randn(LAYERS, HKV, 32, D, generator=g).bfloat16()
+    stats, attn = torch.rand(LAYERS, HKV, D, generator=g) + 0.1, torch.softmax(torch.randn(LAYERS, HKV, 32, generator=g), -1)
+    budget = int(LAYERS * HKV * (32 * 2 * D * 2 / float(ratio or policy.ratio) + 16))
+    compressor = Compressor(policy, D)
+    obs = segment_observations(compressor.policy, k, v, stats, attn)
+    plan = compressor.plan_segments(obs, 0, 1, budget)
+    blocks = [b for layer in compressor.compress_segments(obs, 0, 1, budget) for b in layer[0]]
+    assert len({b.fmt for b in blocks}) >= 1 and len(blocks) == LAYERS * HKV
+    for i, (block, fmt) in enumerate(zip(blocks, plan.formats)):
+        chosen = (torch.arange(fmt.tokens) if fmt.tokens in (0, 32) else
+                  compressor.policy.token_selector.select(plan.keep[i], fmt.tokens))  # the selector, one block
+        one = pack_block(plan.keys[i], plan.values[i], fmt, kept=chosen, k_score=plan.k_score[i],
+                         v_score=plan.v_score[i])
+        assert block.fmt == fmt and torch.equal(block.kept, one.kept)
+        for got, want in zip(unpack_block(block), unpack_block(one)):
+            if "lowrank" in (fmt.k.kind, fmt.v.kind):
+                torch.testing.assert_close(got, want, atol=1e-2, rtol=1e-2)
+            else:
+                assert torch.equal(got, want)

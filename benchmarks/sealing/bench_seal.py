@@ -6,6 +6,7 @@ busy-polling as SGLang's scheduler loop does (``--idle`` measures without it).
     python benchmarks/sealing/bench_seal.py --policy mosaic --layers 30 --kv-heads 3 --head-dim 64 \\
         --workers 1 2 --json benchmarks/results/sealing_convoy_cpu.json
     python benchmarks/sealing/bench_seal.py --device cuda --layers 32 --kv-heads 8 --head-dim 128   # on the GPU
+    python benchmarks/sealing/bench_seal.py --inline --layers 32 --kv-heads 8 --head-dim 128       # the compressor alone
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from concurrent.futures import Future
 import torch
 
 from mosaickv.config import load_policy
-from mosaickv.packed_sealing import PackedSealer
 from mosaickv.sealer import PolicyCompressor, SealWorkers, SegmentInputs, seal_segment
 
 
@@ -57,13 +57,17 @@ def on_processes(sealer: SealWorkers, inputs: SegmentInputs, workers: int, per_w
 
 def seal_on_device(compress, inputs: SegmentInputs, args) -> int:
     """Segments per second sealed inline on ``args.device`` (inputs moved there first), by
-    the per-block path and by the packer's one launch (what ``--kv-compress-sealing
+    the host path and, on a GPU, by the packer's one launch (what ``--kv-compress-sealing
     device`` runs), side by side."""
     dev = torch.device(args.device)
     on_dev = SegmentInputs(*(t.to(dev) for t in (inputs.k, inputs.v)), inputs.budget_bytes,
                            inputs.query_stats.to(dev), inputs.attention.to(dev), inputs.base_bytes)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda _: None)
-    sealers = {"per_block": lambda x: seal_segment(compress, x), "packed": PackedSealer(compress.policy, args.head_dim)}
+    sealers = {"host_path": lambda x: seal_segment(compress, x)}
+    if dev.type == "cuda":  # the packer's kernel (on the CPU only under the Triton interpreter)
+        from mosaickv.packed_sealing import PackedSealer
+
+        sealers["packed"] = PackedSealer(compress.policy, args.head_dim)
     rates = {}
     for name, seal in sealers.items():
         seal(on_dev)  # warm-up (the packer compiles)
@@ -96,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--idle", action="store_true", help="no busy loop on the calling thread")
     ap.add_argument("--device", default="cpu",
                     help="seal on this device, inline on the calling thread ('cuda': the GPU sealing candidate)")
+    ap.add_argument("--inline", action="store_true",
+                    help="seal inline on the calling thread of --device (the CPU too): the compressor alone, no workers")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
     policy = load_policy(args.policy)
@@ -106,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     budget = int(s * args.layers * args.kv_heads * args.head_dim * 2 * 2 / policy.ratio)
     inputs = SegmentInputs(k, v, budget, torch.randn(*shape, args.head_dim).abs(), torch.rand(*shape, s), 0)
     busy = not args.idle
-    if args.device != "cpu":
+    if args.device != "cpu" or args.inline:
         return seal_on_device(compress, inputs, args)
     torch.set_num_threads(1)  # as each worker process does
     seal_segment(compress, inputs)  # warm-up

@@ -1,4 +1,4 @@
-"""Sealing in one packer launch (``PackedSealer``) against the per-block path it replaces
+"""Sealing in one packer launch (``PackedSealer``) against the host path it replaces
 on the GPU (``seal_segment`` over ``compress_segment``): the same region, byte for byte
 but the low-rank coefficients (bf16 rounding of a different product order). Triton's
 interpreter on the CPU; the ``cuda`` cases run on the device."""

@@ -71,3 +71,14 @@ def test_blocks_packed_by_format_group_equal_pack_block_of_each(name, ratio):
                 torch.testing.assert_close(got, want, atol=1e-2, rtol=1e-2)
             else:
                 assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("shape", [(256, 32, 128), (5, 16, 64), (3, 64, 32), (2, 1, 64)])
+def test_squared_singular_values_equal_svdvals_squared(shape):
+    from mosaickv.compressor import squared_singular_values
+
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(shape[1])) * torch.linspace(0.1, 3, shape[-1])
+    got, want = squared_singular_values(x), torch.linalg.svdvals(x).pow(2)
+    assert got.shape == want.shape and got.dtype == x.dtype
+    torch.testing.assert_close(got, want, atol=1e-5 * float(want.max()), rtol=1e-4)
+    assert bool((got[..., :-1] >= got[..., 1:]).all())  # descending, as svdvals

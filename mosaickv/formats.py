@@ -145,6 +145,15 @@ def channel_weights(x: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
     return w.clamp_min(w.amax(-1, keepdim=True).clamp_min(1e-12) * 1e-3)
 
 
+def lowrank_fit(x: torch.Tensor, score: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """SVD of each block's vectors ``x`` [G, m, d] in its score's channel metric: ``u, sv,
+    vh`` of ``x * w`` and ``w`` [G, 1, d]. Truncated, it is the best rank-r fit there
+    (Eckart-Young); a basis ``vh / w`` maps back to plain channels."""
+    w = channel_weights(x.float(), score.float())[:, None, :]
+    u, sv, vh = torch.linalg.svd(x.float() * w, full_matrices=False)
+    return u, sv, vh, w
+
+
 def _pack_sides(x: torch.Tensor, fmt: SideFormat, score: torch.Tensor | None) -> list[PackedSide]:
     """Store each of ``x`` [G, m, d] (one block's kept vectors each, all in ``fmt``);
     ``score`` [G, m, d] ranks channels (default: energy ``x**2``). One batched op per
@@ -165,10 +174,7 @@ def _pack_sides(x: torch.Tensor, fmt: SideFormat, score: torch.Tensor | None) ->
         idx = s.sum(1).topk(r, dim=-1).indices.sort(dim=-1).values  # [G, r]
         values, index = x.gather(2, idx[:, None, :].expand(g, m, r)).to(VALUE_DTYPE), idx.to(INDEX_DTYPE)
         return [PackedSide(fmt, values=values[i], index=index[i]) for i in range(g)]
-    # lowrank: truncated SVD in the score's channel metric is the best rank-r fit there
-    # (Eckart-Young); the basis maps back to plain channels.
-    w = channel_weights(x.float(), s)[:, None, :]  # [G, 1, d]
-    u, sv, vh = torch.linalg.svd(x.float() * w, full_matrices=False)
+    u, sv, vh, w = lowrank_fit(x, s)
     r_eff = min(r, sv.shape[-1])
     coef = torch.zeros(g, m, r, dtype=torch.float32, device=x.device)
     basis = torch.zeros(g, r, d, dtype=torch.float32, device=x.device)

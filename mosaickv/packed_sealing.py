@@ -26,7 +26,7 @@ import torch
 
 from mosaickv.compressor import Compressor, PartFailure, SegmentPlan, segment_observations
 from mosaickv.config import Policy
-from mosaickv.formats import SIDE_KINDS, channel_weights
+from mosaickv.formats import SIDE_KINDS, channel_weights, lowrank_fit
 from mosaickv.kernels.layout import Region, place_formats
 from mosaickv.kernels.pack import PackWrapper, SideInputs
 from mosaickv.sealer import SegmentInputs
@@ -115,8 +115,7 @@ class PackedSealer:
             pos = mask[idx].nonzero(as_tuple=True)[1].view(len(group), count)
             xk = x[idx].gather(1, pos[..., None].expand(-1, -1, x.shape[-1]))
             sk = score[idx].gather(1, pos[..., None].expand(-1, -1, x.shape[-1]))
-            wl = channel_weights(xk, sk)  # [G, d]
-            vh = torch.linalg.svd(xk * wl[:, None, :], full_matrices=False)[2]  # [G, min(count, d), d]
+            _, _, vh, wl = lowrank_fit(xk, sk)  # vh [G, min(count, d), d], wl [G, 1, d]
             for j, b in enumerate(group):
                 r = fmts[b].width
                 r_eff = min(r, vh.shape[1])

@@ -17,12 +17,8 @@ stalls on an empty chunk.
 
 from __future__ import annotations
 
-import logging
-
 from mosaickv.sglang_patch.pool import MosaicKVPool
 from mosaickv.sglang_patch.radix import MosaicRadixCache
-
-logger = logging.getLogger(__name__)
 
 
 def dense_room(pool: MosaicKVPool, tree, running: int, wanted: int) -> int:

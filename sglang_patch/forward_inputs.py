@@ -102,19 +102,33 @@ def stat_inputs(pool: MosaicKVPool, reqs: list[RequestKV]) -> StatInputs:
 def host_plan(pool: MosaicKVPool, reqs: list[RequestKV], group: int, tuning: MixedAttention, max_programs: int,
               chunk_tokens: Optional[int] = None) -> tuple[HostPlan, torch.Tensor]:
     """Blocks of every (layer, request, KV head) from the block table, dense tails as row
-    lists, cut into the kernels' items on the host (:func:`plan_host`); and the tails'
-    rows (host int64), each request's in token order, back to back."""
+    lists, cut into the kernels' items (:func:`plan_host`: the blocks on the pool's device,
+    the items on the host); and the tails' rows (host int64), each request's in token
+    order, back to back."""
     hkv, layers = pool.head_num, pool.layer_num
     slabs = [np.asarray([r for r in req.runs if isinstance(r, int)], dtype=np.int64) for req in reqs]
     empty = torch.zeros(0, dtype=torch.int64)
     tails = [torch.cat([r for r in req.runs if not isinstance(r, int)] or [empty]) for req in reqs]
     counts = np.asarray([len(s) for s in slabs], dtype=np.int64)
-    # (layer, request, kv head, segment) order; a block's table row is (slab * layers + layer) * hkv + head.
-    per_layer = np.concatenate([(s[None, :] * layers * hkv + np.arange(hkv)[:, None]).reshape(-1) for s in slabs]
-                               + [np.zeros(0, dtype=np.int64)])
-    indices = (per_layer[None, :] + (np.arange(layers) * hkv)[:, None]).reshape(-1)
     indptr = np.concatenate([[0], np.cumsum(np.tile(np.repeat(counts, hkv), layers))])
+    indices = block_rows(np.concatenate(slabs + [np.zeros(0, dtype=np.int64)]), counts, layers, hkv,
+                         pool.block_table.device)
     block_m = max(tuning.block_m, triton.next_power_of_2(group))
-    host = plan_host(pool.block_table_host, indptr, indices, [req.nq for req in reqs], [len(t) for t in tails],
+    host = plan_host(pool.block_table, indptr, indices, [req.nq for req in reqs], [len(t) for t in tails],
                      layers, hkv, group, block_m, tuning.block_n, chunk_tokens, max_programs)
     return host, torch.cat(tails + [empty])
+
+
+def block_rows(slabs: np.ndarray, counts: np.ndarray, layers: int, hkv: int, device: torch.device) -> torch.Tensor:
+    """Block table rows of ``counts`` requests' ``slabs`` (back to back) in (layer, request,
+    KV head, segment) order, built on ``device``: a block's row is
+    ``(slab * layers + layer) * hkv + head``."""
+    pair_len = torch.from_numpy(np.repeat(counts, hkv)).to(device)
+    n = int(counts.sum()) * hkv
+    pair = torch.repeat_interleave(torch.arange(len(pair_len), device=device), pair_len, output_size=n)
+    pair_start = torch.cumsum(pair_len, 0) - pair_len
+    slab_start = torch.from_numpy(np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)).to(device)
+    request, head = pair // hkv, pair % hkv
+    slab = torch.from_numpy(slabs).to(device)[slab_start[request] + torch.arange(n, device=device) - pair_start[pair]]
+    per_layer = slab * (layers * hkv) + head
+    return (per_layer[None, :] + (torch.arange(layers, device=device) * hkv)[:, None]).reshape(-1)

@@ -6,7 +6,9 @@ work: find each request's runs (`locate`), plan the kernels over every sealed bl
 (benchmarks/results/h200x2_2026-11-30) `--tp 2` decode took 80 ms per step at 64
 requests against 3.8 ms without compression, so this measures where a step's host time
 goes, at the shape of one rank there (8 layers, 4 KV heads of 128, 32-token segments)
-or any other, without a GPU: the pool lives on the CPU, the kernels are not run.
+or any other, without a GPU: the pool lives on the CPU, the kernels are not run. With
+``--device cuda`` the pool lives on the GPU, as in the server, so the plan's per-block
+half (``block_runs``) runs there and the figures are a server's host time per step.
 
     python benchmarks/host/decode_step_host.py --requests 16 64 --segments 36 --json out.json
 """
@@ -46,7 +48,7 @@ def build(args, requests: int):
     plan = plan_capacity(shape, budget, segment_size=seg, ratio=float(args.ratio), sinks=0, window=seg, page_size=seg,
                          max_running_requests=requests)
     pool = MosaicKVPool(plan.max_total_num_tokens, page_size=seg, dtype=torch.bfloat16, head_num=hkv, head_dim=d,
-                        layer_num=layers, device="cpu", enable_memory_saver=False, plan=plan, enable_alt_stream=False,
+                        layer_num=layers, device=args.device, enable_memory_saver=False, plan=plan, enable_alt_stream=False,
                         attention_window=seg)
     policy = load_policy("mosaic", ratio=args.ratio)
     g = torch.Generator().manual_seed(0)
@@ -54,7 +56,7 @@ def build(args, requests: int):
     blocks = compress_segment(policy, k, v, plan.segment_budget_bytes, torch.rand(layers, hkv, d, generator=g) + 0.1,
                               torch.softmax(torch.randn(layers, hkv, seg, generator=g), -1))
     length = args.segments * seg + args.tail
-    req_pool = ReqToTokenPool(requests, length + 8, "cpu", False)
+    req_pool = ReqToTokenPool(requests, length + 8, args.device, False)
     page = 1
     for r in range(requests):
         pages = list(range(page, page + -(-length // seg)))
@@ -65,19 +67,23 @@ def build(args, requests: int):
             pool.prepare_writes(slots[s * seg : (s + 1) * seg])
             pool.seal([pages[s]], blocks)
         pool.prepare_writes(slots[args.segments * seg :])
-    runner = SimpleNamespace(device="cpu", req_to_token_pool=req_pool, token_to_kv_pool=pool,
+    runner = SimpleNamespace(device=args.device, req_to_token_pool=req_pool, token_to_kv_pool=pool,
                              server_args=SimpleNamespace(kv_compress_attention="triton", mosaic_policy=policy),
                              model_config=SimpleNamespace(num_attention_heads=hkv * args.group,
                                                           get_total_num_kv_heads=lambda: hkv, context_len=length + 64))
     return pool, MosaicAttnBackend(runner), length
 
 
-def timed(fn, repeat: int) -> float:
+def timed(fn, repeat: int, device: str) -> float:
+    """Median wall time, the device's queue drained after each call."""
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     fn()
+    sync()
     times = []
     for _ in range(repeat):
         start = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times) * 1e3
 
@@ -93,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--group", type=int, default=2, help="query heads per KV head")
     ap.add_argument("--ratio", type=float, default=3.0)
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--device", default="cpu", help="where the pool lives (cuda: as in the server)")
     ap.add_argument("--profile", action="store_true", help="print the top functions of one DecodeGraph.prepare")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
@@ -108,13 +115,13 @@ def main(argv: list[str] | None = None) -> int:
         group = args.group
         backend._menu = launch_variants(backend._policy_sides())
         graph = DecodeGraph(pool, pool.head_num * group, n, backend._menu, True, DECODE_TUNING, length + 64)
-        loc = torch.tensor([int(r.slots[-1]) for r in reqs])
+        loc = torch.tensor([int(r.slots[-1]) for r in reqs], device=args.device)
         row = {
             "requests": n, "sealed_blocks": n * args.segments * args.layers * args.kv_heads,
-            "locate_ms": timed(lambda: backend._requests(idx, lens, [1] * n), args.repeat),
-            "stat_inputs_ms": timed(lambda: stat_inputs(pool, reqs), args.repeat),
-            "host_plan_ms": timed(lambda: host_plan(pool, reqs, group, DECODE_TUNING, 132), args.repeat),
-            "graph_prepare_ms": timed(lambda: graph.prepare(reqs, n, loc), args.repeat),
+            "locate_ms": timed(lambda: backend._requests(idx, lens, [1] * n), args.repeat, args.device),
+            "stat_inputs_ms": timed(lambda: stat_inputs(pool, reqs), args.repeat, args.device),
+            "host_plan_ms": timed(lambda: host_plan(pool, reqs, group, DECODE_TUNING, 132), args.repeat, args.device),
+            "graph_prepare_ms": timed(lambda: graph.prepare(reqs, n, loc), args.repeat, args.device),
         }
         print(json.dumps(row))
         rows.append(row)

@@ -139,7 +139,8 @@ class GraphPlan:
         return [layer.items.reshape(-1), layer.groups.reshape(-1), layer.merge_indptr, counts, *lists]
 
     def load(self, host: HostPlan, tail_rows: np.ndarray | None = None) -> None:
-        """Write a batch's plan (and its tail row map) into the static buffers: one copy,
+        """Write a batch's plan (and its tail row map) into the static buffers: one copy
+        from the host, and the block indices from where the plan left them (the device),
         ordered on the current stream before whatever replays next."""
         cap = self.capacity
         if len(host.layers) != len(self.plans):
@@ -156,10 +157,11 @@ class GraphPlan:
                                ("tail_rows", len(tail_rows), cap.tail_rows)):
             if n > limit:
                 raise ValueError(f"this batch has {n} {name}, above GraphCapacity.{name}={limit}")
-        pieces = [host.requests.reshape(-1), host.block_indices, tail_rows]
+        pieces = [host.requests.reshape(-1), np.zeros(0, dtype=np.int64), tail_rows]
         for layer in host.layers:
             pieces += self._layer_pieces_of(layer)
         self._ship(pieces)
+        self.plans[0].block_indices[: len(host.block_indices)].copy_(host.block_indices, non_blocking=True)
 
     def _ship(self, pieces: list[np.ndarray]) -> None:
         """Only the used part of each piece crosses to the device (the buffers are sized

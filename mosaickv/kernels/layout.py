@@ -45,6 +45,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from mosaickv.kernels.block_runs import BlockRuns, as_table, block_runs, block_tokens
 from mosaickv.formats import SIDE_KINDS, VALUE_DTYPE, BlockFormat, PackedBlock, PackedSide, SideFormat
 from mosaickv.reference import CompressedLayer
 
@@ -136,7 +137,7 @@ class Arena:
     index: torch.Tensor  # uint8 [I]
     table: torch.Tensor  # int64 [num_blocks, 9]
     head_dim: int
-    table_host: np.ndarray  # host copy of ``table``, used by the planner
+    table_host: np.ndarray  # host copy of ``table``, for reading blocks back on the host
     has_sparse: bool  # some side is sparse: the kernel needs its scatter scratch
     widths_aligned: bool  # every non-dense width is a multiple of 8 (vectorised loads)
     align: int  # bytes every tensor start is a multiple of
@@ -409,7 +410,7 @@ class HostPlan:
     """A batch's plan before upload (:func:`upload_plans`, or a graph's static buffers)."""
 
     requests: np.ndarray  # [B, 4] REQUEST_FIELDS
-    block_indices: np.ndarray
+    block_indices: torch.Tensor  # int64, on the block table's device (block_runs)
     layers: list[HostLayer]
     block_m: int
     block_n: int
@@ -421,9 +422,9 @@ class HostPlan:
 
 
 def plan_work(
-    table: np.ndarray,
+    table: torch.Tensor,
     block_indptr: np.ndarray,
-    block_indices: np.ndarray,
+    block_indices: torch.Tensor,
     qo_lens: np.ndarray,
     tail_lens: np.ndarray,
     num_kv_heads: int,
@@ -431,16 +432,18 @@ def plan_work(
     block_m: int,
     block_n: int,
     chunk_tokens: int,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Cut the batch into items (host); returns ``items``, ``item_kind``, ``groups``,
-    ``merge_indptr`` and the reordered ``block_indices``.
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, BlockRuns]:
+    """Cut the batch into items; returns ``items``, ``item_kind``, ``groups``,
+    ``merge_indptr`` (host) and the :class:`~mosaickv.kernels.block_runs.BlockRuns`
+    whose reordered ``block_indices`` the items point into.
 
     Softmax does not care about key order, so the blocks of each ``(request, kv_head)``
     are regrouped by (key kind, value kind) and every item's blocks share one pair: the
     kernel is then specialised per pair at compile time (no format branches, half the
     registers). ``item_kind`` is ``4 * k_kind + v_kind``, or ``TAIL``. Blocks go into
     runs of about ``chunk_tokens`` kept tokens (whole blocks: a block's basis is folded in
-    once, at its end); the tail into runs of ``chunk_tokens`` rounded up to ``block_n``.
+    once, at its end), on the table's device (:func:`block_runs`); the tail into runs of
+    ``chunk_tokens`` rounded up to ``block_n``, here.
     Runs with no kept token are dropped, as are tail runs no query row of the row block
     can see: query ``i`` of ``nq`` sits at tail position ``t - nq + i`` and sees the tail
     up to there (none if that is negative, e.g. a decode query with an empty tail).
@@ -449,26 +452,8 @@ def plan_work(
     hkv = num_kv_heads
     if len(block_indptr) != bsz * hkv + 1:
         raise ValueError(f"block_indptr has {len(block_indptr)} entries, expected {bsz * hkv + 1}")
-    nnz = len(block_indices)
-    pair = np.repeat(np.arange(bsz * hkv), np.diff(block_indptr))
-    kp = table[block_indices, 1] * 4 + table[block_indices, 5]
-    order = np.lexsort((kp, pair))  # stable: segment order kept within a kind pair
-    block_indices, kp = block_indices[order], kp[order]
-    tok = table[block_indices, 0].astype(np.int64)
-    if nnz:
-        key_new = np.ones(nnz, dtype=bool)
-        key_new[1:] = (pair[1:] != pair[:-1]) | (kp[1:] != kp[:-1])
-        key_start = np.maximum.accumulate(np.where(key_new, np.arange(nnz), 0))
-        starts = np.concatenate([[0], np.cumsum(tok)])
-        chunk = (starts[:-1] - starts[key_start]) // max(chunk_tokens, 1)
-        new = key_new.copy()
-        new[1:] |= chunk[1:] != chunk[:-1]
-        lo = np.flatnonzero(new)
-        hi = np.append(lo[1:], nnz)
-        keep = np.add.reduceat(tok, lo) > 0
-        run_pair, run_lo, run_hi, run_kp = pair[lo][keep], lo[keep], hi[keep], kp[lo][keep]
-    else:
-        run_pair = run_lo = run_hi = run_kp = np.zeros(0, dtype=np.int64)
+    runs = block_runs(table, block_indptr, block_indices, chunk_tokens)
+    run_pair, run_lo, run_hi, run_kp = runs.pair, runs.lo, runs.hi, runs.kind
     run_ptr = np.searchsorted(run_pair, np.arange(bsz * hkv + 1))
     tail_chunk = max(block_n, -(-chunk_tokens // block_n) * block_n)
 
@@ -504,7 +489,7 @@ def plan_work(
     all_items[:, 5] = np.where(is_run, 0, tstart)
     all_items[:, 6] = np.where(is_run, 0, np.minimum(tstart + tail_chunk, visible[i_group]))
     groups = np.stack([g_req, g_head, g_row0], axis=1).astype(np.int64).reshape(-1, 3)
-    return all_items, all_kinds, groups, merge_indptr, block_indices
+    return all_items, all_kinds, groups, merge_indptr, runs
 
 
 def build_plan(
@@ -528,7 +513,7 @@ def build_plan(
     """
     device = arena.values.device
     max_programs = default_max_programs(device) if max_programs is None else max_programs
-    host = plan_host(arena.table_host, block_indptr, block_indices, qo_lens, tail_lens, 1, num_kv_heads, group,
+    host = plan_host(arena.table, block_indptr, block_indices, qo_lens, tail_lens, 1, num_kv_heads, group,
                      block_m, block_n, chunk_tokens, max_programs)
     return upload_plans(host, device, arena.head_dim, max_programs)[0]
 
@@ -540,9 +525,9 @@ def default_max_programs(device: torch.device) -> int:
 
 
 def plan_host(
-    table: np.ndarray,
+    table: torch.Tensor | np.ndarray,
     block_indptr: np.ndarray,
-    block_indices: np.ndarray,
+    block_indices: torch.Tensor | np.ndarray,
     qo_lens: np.ndarray,
     tail_lens: np.ndarray,
     num_layers: int,
@@ -555,17 +540,19 @@ def plan_host(
 ) -> HostPlan:
     """Plan a batch whose requests read, at every layer, the same tokens but their own
     blocks: ``block_indptr`` has ``num_layers * B * Hkv + 1`` entries (layer-major),
-    ``qo_lens``/``tail_lens`` are per request. One vectorised pass for every layer;
-    ``chunk_tokens`` defaults to about four items per program slot."""
+    ``qo_lens``/``tail_lens`` are per request. One vectorised pass for every layer:
+    the blocks on ``table``'s device, the items on the host. ``chunk_tokens`` defaults
+    to about four items per program slot."""
+    table = as_table(table)
+    block_indices = torch.as_tensor(block_indices, dtype=torch.int64).to(table.device)
     qo_lens = np.asarray(qo_lens, dtype=np.int64)
     tail_lens = np.asarray(tail_lens, dtype=np.int64)
     block_indptr = np.asarray(block_indptr, dtype=np.int64)
-    block_indices = np.asarray(block_indices, dtype=np.int64)
     bsz = len(qo_lens)
     if chunk_tokens is None:
-        work = int(table[block_indices, 0].sum()) // num_layers + int(tail_lens.sum()) * num_kv_heads
+        work = block_tokens(table, block_indices) // num_layers + int(tail_lens.sum()) * num_kv_heads
         chunk_tokens = max(4 * block_n, -(-work // (4 * max_programs)))
-    items, kinds, groups, merge_indptr, block_indices = plan_work(
+    items, kinds, groups, merge_indptr, runs = plan_work(
         table, block_indptr, block_indices, np.tile(qo_lens, num_layers), np.tile(tail_lens, num_layers),
         num_kv_heads, group, block_m, block_n, chunk_tokens,
     )
@@ -578,14 +565,12 @@ def plan_host(
 
     # Widest r-space width per kind pair (over every block of that pair: a superset of
     # what the items read, so the launch's R_MAX covers them all).
-    kp = table[block_indices, 1] * 4 + table[block_indices, 5]
     r_max_of: dict[int, int] = {}
     for kind in np.unique(kinds):
         if kind == TAIL:
             continue
         k_kind, v_kind = divmod(int(kind), 4)
-        rows = block_indices[kp == kind]
-        r_max_of[int(kind)] = r_max_for(((k_kind, int(table[rows, 2].max())), (v_kind, int(table[rows, 6].max()))))
+        r_max_of[int(kind)] = r_max_for(((k_kind, int(runs.k_width_max[kind])), (v_kind, int(runs.v_width_max[kind]))))
 
     requests = np.zeros((bsz, len(REQUEST_FIELDS)), dtype=np.int64)
     requests[:, 0] = np.concatenate([[0], np.cumsum(qo_lens)])[:-1]
@@ -602,8 +587,7 @@ def plan_host(
             k_kind, v_kind = (TAIL, TAIL) if kind == TAIL else divmod(int(kind), 4)
             launches.append((k_kind, v_kind, r_max_of.get(int(kind), 16), np.flatnonzero(layer_kinds == kind)))
         layers.append(HostLayer(items[i0:i1], groups[g0:g1], merge_indptr[g0 : g1 + 1] - i0, launches))
-    max_tokens = int(table[block_indices, 0].max()) if len(block_indices) else 0
-    return HostPlan(requests, block_indices, layers, block_m, block_n, max_tokens)
+    return HostPlan(requests, runs.block_indices, layers, block_m, block_n, runs.max_tokens)
 
 
 def aligned_starts(sizes: Sequence[int]) -> tuple[list[int], int]:
@@ -632,10 +616,11 @@ def aligned_counts(layer: HostLayer) -> np.ndarray:
 
 
 def upload_plans(host: HostPlan, device: torch.device, head_dim: int, max_programs: int) -> list[AttentionPlan]:
-    """The host plan in one int32 upload (requests, block indices, then per layer its
-    items, groups, merge pointers, counts and every launch's item list); the layers share
-    the request table and the partial-output buffers (they run one after the other)."""
-    pieces: list[np.ndarray] = [host.requests.reshape(-1), host.block_indices]
+    """The host plan in one int32 upload (requests, then per layer its items, groups,
+    merge pointers, counts and every launch's item list) and the block indices, already
+    on the device, in int32; the layers share the request table, the block indices and
+    the partial-output buffers (they run one after the other)."""
+    pieces: list[np.ndarray] = [host.requests.reshape(-1)]
     for layer in host.layers:
         pieces += [layer.items.reshape(-1), layer.groups.reshape(-1), layer.merge_indptr, aligned_counts(layer)]
         pieces += [ids for *_, ids in layer.launches]
@@ -648,7 +633,8 @@ def upload_plans(host: HostPlan, device: torch.device, head_dim: int, max_progra
     scratch_rows = max((min(len(ids), max_programs) for layer in host.layers for k, v, _, ids in layer.launches
                         if SPARSE in (k, v)), default=1)
     scratch = torch.zeros(scratch_rows, 2, host.block_n, head_dim, dtype=torch.bfloat16, device=device)
-    plans, at = [], 2
+    block_indices = host.block_indices.to(device=device, dtype=torch.int32)
+    plans, at = [], 1
     for layer in host.layers:
         items, groups, merge_indptr, counts = views[at : at + 4]
         lists = views[at + 4 : at + 4 + len(layer.launches)]
@@ -659,7 +645,7 @@ def upload_plans(host: HostPlan, device: torch.device, head_dim: int, max_progra
             groups=groups.view(-1, len(GROUP_FIELDS)),
             merge_indptr=merge_indptr,
             num_groups=counts[-4:-3],
-            block_indices=views[1],
+            block_indices=block_indices,
             launches=[Launch(k, v, r, ids_dev, counts[4 * i : 4 * i + 1], max(1, min(len(ids), max_programs)))
                       for i, ((k, v, r, ids), ids_dev) in enumerate(zip(layer.launches, lists))],
             o_part=o_part,

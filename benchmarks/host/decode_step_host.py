@@ -38,7 +38,9 @@ from mosaickv.sglang_patch.sizing import KVShape, plan_capacity
 
 def build(args, requests: int):
     """A pool holding ``requests`` requests of ``segments`` sealed segments and a dense
-    tail each, every segment sealed with the blocks ``mosaic`` chose for one random segment."""
+    tail each, every segment sealed with the blocks ``mosaic`` chose for one random segment.
+    The requests share their sealed segments (a radix prefix): a plan lists each request's
+    blocks all the same, and the pool is built with one request's sealing."""
     from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
 
     seg, layers, hkv, d = 32, args.layers, args.kv_heads, args.head_dim
@@ -57,16 +59,18 @@ def build(args, requests: int):
                               torch.softmax(torch.randn(layers, hkv, seg, generator=g), -1))
     length = args.segments * seg + args.tail
     req_pool = ReqToTokenPool(requests, length + 8, args.device, False)
-    page = 1
+    sealed = args.segments * seg
+    prefix = torch.arange(seg, seg + sealed)  # pages 1..segments: one prefix every request shares, as radix hits do
+    for s in range(args.segments):  # written dense, then sealed: its dense page returns
+        pool.prepare_writes(prefix[s * seg : (s + 1) * seg])
+        pool.seal([1 + s], blocks)
+    page = 1 + args.segments
     for r in range(requests):
-        pages = list(range(page, page + -(-length // seg)))
+        pages = list(range(page, page + -(-args.tail // seg)))
         page += len(pages)
-        slots = torch.cat([torch.arange(p * seg, (p + 1) * seg) for p in pages])[:length]
-        req_pool.req_to_token[r, :length] = slots.int()
-        for s in range(args.segments):  # written dense, then sealed: its dense page returns
-            pool.prepare_writes(slots[s * seg : (s + 1) * seg])
-            pool.seal([pages[s]], blocks)
-        pool.prepare_writes(slots[args.segments * seg :])
+        tail = torch.cat([torch.arange(p * seg, (p + 1) * seg) for p in pages] + [prefix[:0]])[: args.tail]
+        req_pool.req_to_token[r, :length] = torch.cat([prefix, tail]).int()
+        pool.prepare_writes(tail)
     runner = SimpleNamespace(device=args.device, req_to_token_pool=req_pool, token_to_kv_pool=pool,
                              server_args=SimpleNamespace(kv_compress_attention="triton", mosaic_policy=policy),
                              model_config=SimpleNamespace(num_attention_heads=hkv * args.group,

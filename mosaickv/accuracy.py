@@ -22,9 +22,11 @@ summary's ``failed``, never averaged in as a wrong answer.
 from __future__ import annotations
 
 import json
+import threading
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -198,43 +200,65 @@ def evaluate(
     save: Callable[[list[dict]], None] | None = None,
     every: int = 10,
     prime: bool = False,
+    concurrent: bool = False,
 ) -> list[dict]:
     """Every task (with its target length, as :func:`build_tasks` gives them) through every method.
 
     A method is a ``complete`` callable, or a context manager that gives one (a server
-    started on enter and stopped on exit: methods run one after the other). A server
-    that does not start is a failure of each of its tasks. ``max_tokens`` (None: each
-    task's own budget) caps the answer. ``save`` gets the records every ``every`` requests,
-    after each method and on the way out of an interrupted run. ``prime``: see the module.
+    started on enter and stopped on exit). Methods run one after the other, or with
+    ``concurrent`` all at once, a thread each (each method's tasks still in order, the
+    records still grouped by method): servers that share a GPU then answer side by side.
+    A server that does not start is a failure of each of its tasks. ``max_tokens`` (None:
+    each task's own budget) caps the answer. ``save`` gets the records every ``every``
+    requests, after each method and on the way out of an interrupted run. ``prime``: see
+    the module.
     """
-    records: list[dict] = []
+    per_method: dict[str, list[dict]] = {name: [] for name in methods}
+    lock = threading.Lock()
     bar = tqdm(total=len(tasks) * len(methods), desc="mosaickv accuracy", disable=not progress)
+
+    def records() -> list[dict]:
+        with lock:
+            return [r for recs in per_method.values() for r in recs]
+
+    def add(rec: dict) -> None:
+        with lock:
+            per_method[rec["method"]].append(rec)
+            done = sum(len(recs) for recs in per_method.values())
+        bar.update(1)
+        if save is not None and done % every == 0:
+            save(records())
+
+    def run(name: str) -> None:
+        method = methods[name]
+        context = method if isinstance(method, AbstractContextManager) else nullcontext(method)
+        try:
+            with context as complete:
+                for length, task in tasks:
+                    add(ask(name, complete, length, task, max_tokens, prime))
+        except ServerError as err:
+            bar.write(f"mosaickv accuracy: method {name}: {err}")
+            for length, task in tasks[len(per_method[name]) :]:
+                add(record(name, length, task, None, f"ServerError: {err}"))
+        if save is not None:
+            save(records())
+
     try:
-        for name, method in methods.items():
-            bar.set_postfix_str(name)
-            first = len(records)
-            context = method if isinstance(method, AbstractContextManager) else nullcontext(method)
-            try:
-                with context as complete:
-                    for length, task in tasks:
-                        records.append(ask(name, complete, length, task, max_tokens, prime))
-                        bar.update(1)
-                        if save is not None and len(records) % every == 0:
-                            save(records)
-            except ServerError as err:
-                bar.write(f"mosaickv accuracy: method {name}: {err}")
-                for length, task in tasks[len(records) - first :]:
-                    records.append(record(name, length, task, None, f"ServerError: {err}"))
-                    bar.update(1)
-            if save is not None:
-                save(records)
+        if concurrent:
+            with ThreadPoolExecutor(max_workers=max(1, len(methods))) as pool:
+                for future in [pool.submit(run, name) for name in methods]:
+                    future.result()
+        else:
+            for name in methods:
+                bar.set_postfix_str(name)
+                run(name)
     except BaseException:
         if save is not None:  # an interrupted run keeps what it has
-            save(records)
+            save(records())
         raise
     finally:
         bar.close()
-    return records
+    return records()
 
 
 def _points(scores: list[float]) -> float | None:

@@ -204,6 +204,7 @@ def _accuracy(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "max_tokens": args.max_tokens,
         "prime_context": args.prime_context,
+        "concurrent": args.concurrent,
         "requests_per_method": len(tasks),
     }
     connections = {
@@ -211,7 +212,8 @@ def _accuracy(args: argparse.Namespace) -> int:
         for m in methods
     }  # fmt: skip
     records = evaluate(tasks, connections, args.max_tokens, progress=not args.quiet,
-                       save=lambda recs: write_json(out, make_result(header, recs)), prime=args.prime_context)
+                       save=lambda recs: write_json(out, make_result(header, recs)), prime=args.prime_context,
+                       concurrent=args.concurrent)
     result = make_result(header, records)
     if args.plot:
         plot_accuracy(result, args.plot)
@@ -319,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ac = sub.add_parser("accuracy", help="long-context accuracy of methods served through the OpenAI API (running servers, or SGLang servers it launches)")
     ac.add_argument("--server", dest="methods", action="append", type=_server, metavar="NAME=URL", help="a running OpenAI-compatible server (repeatable)")
-    ac.add_argument("--launch", dest="methods", action="append", type=_launch, metavar="NAME=FLAGS", help="start python -m sglang.launch_server with these flags (repeatable; one at a time)")
+    ac.add_argument("--launch", dest="methods", action="append", type=_launch, metavar="NAME=FLAGS", help="start python -m sglang.launch_server with these flags (repeatable; one at a time unless --concurrent)")
     ac.add_argument("--model-path", default=None, help="the model the launched servers load (and the default tokenizer)")
     ac.add_argument("--tokenizer", default=None, help="a transformers tokenizer folder to count prompt tokens (default: --model-path)")
     ac.add_argument("--model-name", default="default", help="the model name sent in requests")
@@ -334,6 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     ac.add_argument("--device", default=None, help="a description of the machine, kept in the JSON (e.g. 'H100 80GB')")
     ac.add_argument("--prime-context", action="store_true",
                     help="send each task's context first and wait until the server has compressed it, so the question and answer read the compressed cache")
+    ac.add_argument("--concurrent", action="store_true",
+                    help="ask every method at once, a thread each (servers sharing a GPU answer side by side; launched servers then start together, so they must fit together)")
     ac.add_argument("--output", default="accuracy.json", help="the JSON (rewritten as the run goes); server logs go beside it")
     ac.add_argument("--plot", default=None, help="write a PNG of accuracy against length and per kind")
     ac.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -358,3 +358,24 @@ def test_prime_context_sends_the_context_waits_for_sealing_then_asks(stub, token
     result = json.loads(out.read_text())
     assert result["prime_context"] is True and result["summary"]["mosaic"]["average"] == 100
     assert all(r["prime_s"] is not None and r["prime_s"] >= 0 for r in result["records"])
+
+
+def test_concurrent_methods_answer_side_by_side_and_keep_their_records_grouped(tasks):
+    import threading
+
+    both_started = threading.Barrier(2, timeout=10)  # sequential methods would never both reach it
+    order = {"a": [], "b": []}
+
+    def method(name):
+        def complete(messages, max_tokens):
+            if not order[name]:
+                both_started.wait()
+            order[name].append(messages[0]["content"])
+            return name
+        return complete
+
+    records = evaluate(tasks[:4], {"a": method("a"), "b": method("b")}, progress=False, concurrent=True)
+    assert [r["method"] for r in records] == ["a"] * 4 + ["b"] * 4
+    assert [r["output"] for r in records] == ["a"] * 4 + ["b"] * 4
+    assert order["a"] == order["b"] and len(order["a"]) == 4  # each method's tasks in the same order
+    assert all(r["error"] is None for r in records)

@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Issue 5, section 2 on the GPU, one device call on a staged machine: `mosaickv accuracy`
+# (the RULER-style suite of mosaickv/tasks.py) against SmolLM2 servers that share this
+# GPU, one per method, started together and asked side by side (--concurrent):
+#   T0=$(date +%s) METHODS="none fp8 mosaic3 mosaic6" SAMPLES=1 bash benchmarks/suite/accuracy_gpu.sh
+# METHODS: from none fp8 mosaic3 mosaic6 snapkv3 think3 uniform2d3 (the number: how many
+# times fewer KV bytes; fp8 is 2x). Every server gets the same flags but the method's:
+# a capped pool (--max-total-tokens), so that the servers fit one GPU together whatever the
+# order their memory profiles run in. $OUT gets accuracy.json, accuracy.png, steps.txt and
+# logs.tgz (every server's log and command).
+set -uo pipefail
+export PYTHONPATH=/tmp/mkv/site PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/accuracy_out}; mkdir -p "$OUT"
+T0=${T0:-$(date +%s)}; DEADLINE=$((T0 + ${BUDGET_S:-560}))
+M=${MODEL:-/tmp/mkv/models/smollm2-135m-instruct}
+METHODS=${METHODS:-none fp8 mosaic3 mosaic6}
+BASE="--model-path $M --mem-fraction-static 0.5 --max-total-tokens ${MAX_TOTAL:-65536} --max-running-requests 8 \
+--sampling-backend pytorch --host 127.0.0.1"
+source benchmarks/serving/lib.sh
+flags_of() {
+  case $1 in
+    none) echo "--attention-backend triton" ;;
+    fp8) echo "--attention-backend triton --kv-cache-dtype fp8_e4m3" ;;
+    mosaic3) echo "--kv-compress mosaickv --kv-compress-config mosaic" ;;
+    mosaic6) echo "--kv-compress mosaickv --kv-compress-config benchmarks/suite/mosaic6.yaml" ;;
+    snapkv3 | think3 | uniform2d3) echo "--kv-compress mosaickv --kv-compress-config ${1%3}" ;;
+    *) echo "unknown method $1: one of none fp8 mosaic3 mosaic6 snapkv3 think3 uniform2d3" >&2; return 2 ;;
+  esac
+}
+for m in $METHODS; do flags_of "$m" > /dev/null || exit 2; done
+python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . > "$OUT/pip.log" 2>&1
+if [ ! -f /tmp/mkv/jit_warm ]; then python3 benchmarks/serving/warm_jit.py | tee -a "$OUT/steps.txt" && touch /tmp/mkv/jit_warm; fi
+
+declare -A PIDS PORTS
+port=${PORT:-30100}
+for m in $METHODS; do
+  PORTS[$m]=$port
+  echo "python3 -m sglang.launch_server $BASE --port $port $(flags_of "$m")" > "$OUT/cmd_$m.txt"
+  setsid python3 -m sglang.launch_server $BASE --port $port $(flags_of "$m") > "$OUT/server_$m.log" 2>&1 &
+  PIDS[$m]=$!
+  port=$((port + 1))
+done
+servers=()
+t=$(date +%s)
+for m in $METHODS; do
+  until curl -sf -m 5 "http://127.0.0.1:${PORTS[$m]}/health" > /dev/null; do
+    if ! kill -0 "${PIDS[$m]}" 2>/dev/null || [ "$(left)" -lt "${CLIENT_MIN_S:-90}" ]; then break; fi
+    sleep 2
+  done
+  if curl -sf -m 5 "http://127.0.0.1:${PORTS[$m]}/health" > /dev/null; then
+    echo "$m: healthy $(( $(date +%s) - t ))s after the starts" | tee -a "$OUT/steps.txt"
+    servers+=(--server "$m=http://127.0.0.1:${PORTS[$m]}")
+  else
+    echo "$m: not healthy ($(left)s left in the call): left out, see server_$m.log" | tee -a "$OUT/steps.txt"
+  fi
+done
+if [ ${#servers[@]} -gt 0 ]; then
+  device=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
+  cmd=(python3 -m mosaickv.cli accuracy --tokenizer "$M" "${servers[@]}" --concurrent --prime-context
+       --lengths ${LENGTHS:-1024 2048 4096 7168} --samples ${SAMPLES:-1} --device "$device, one GPU shared by the servers"
+       --output "$OUT/accuracy.json" --plot "$OUT/accuracy.png" --quiet)
+  echo "${cmd[*]}" > "$OUT/cmd_accuracy.txt"
+  timeout $(( $(left) - 20 )) "${cmd[@]}" > "$OUT/accuracy.log" 2>&1
+  echo "accuracy rc=$? at $(( $(date +%s) - T0 ))s" | tee -a "$OUT/steps.txt"
+  tail -20 "$OUT/accuracy.log"
+fi
+for m in $METHODS; do SERVER_PID=${PIDS[$m]} stop_server & done
+wait
+cd "$OUT" && tar czf logs.tgz ./*.log ./cmd_*.txt 2>/dev/null && rm -f ./*.log
+ls -la "$OUT"

@@ -95,7 +95,7 @@ run_method() {  # METHOD PORT METHODS_LEFT (this one included)
 }
 
 i=0; set -- $METHODS
-for m in $METHODS; do run_method "$m" $((30000 + i)) $(( $# - i )); i=$((i + 1)); done
+for m in $METHODS; do run_method "$m" $((${PORT_BASE:-30000} + i)) $(( $# - i )); i=$((i + 1)); done
 
 NAME=suite_${MODEL}_${WORKLOAD}_$(date -u +%Y%m%dT%H%M)
 python3 $S/collect.py merge "$STATE" "$OUT/$NAME.json" --model "$MODEL" --workload "$WORKLOAD" --call-command "$CALL"

@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+WHOLE_RUNS = 1 << 40  # chunk_tokens that no run reaches: one item per (group, format pair) and per tail
 LSE_CHUNK_BYTES = 256 << 20  # float32 logits held at once by logsumexp (a long prefill would not fit whole)
 
 def _cat(tensors: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
@@ -178,7 +179,10 @@ def plan_forward(pool: MosaicKVPool, reqs: list[RequestKV], num_q_heads: int, ex
     tuning = EXTEND_TUNING if extend else DECODE_TUNING
     device = torch.device(pool.device)
     max_programs = default_max_programs(device)
-    host, tail_rows = host_plan(pool, reqs, group, tuning, max_programs)
+    # An extend's row blocks are its parallelism: each (row block, format pair) and its
+    # tail are one item each, or partial outputs (items x block_m x d floats) of an 8k-token
+    # chunk over a 32k context outgrow the GPU (17 GiB on an 8B model, found on an H200).
+    host, tail_rows = host_plan(pool, reqs, group, tuning, max_programs, WHOLE_RUNS if extend else None)
     plans = upload_plans(host, device, pool.head_dim, max_programs)
     return ForwardPlan(plans, tail_rows.to(device=device, dtype=torch.int32), tuning, group)
 

@@ -72,16 +72,15 @@ class DecodeGraph:
         statistics. Capture passes no requests: an empty plan, every write to padding."""
         pool, n = self.pool, len(reqs)
         pool.query_stats.flush()  # the previous replay's sums, before this one overwrites them
-        host, tail_rows = host_plan(pool, reqs, self.group, self.tuning, self.max_programs)
-        chunk = None
-        while any(len(layer.items) > self.plan.capacity.items for layer in host.layers):
-            # Longer runs, fewer items: at a context's length every (request, head, format
-            # pair) is one run, and the capacity holds a run per menu entry and group.
-            chunk = 2 * (chunk or self.tuning.block_n * 4)
-            if chunk > 2 * self.max_context:
-                raise RuntimeError(f"a decode batch of {n} requests needs more than {self.plan.capacity.items} "
-                                   "kernel items per layer even in whole runs")
-            host, tail_rows = host_plan(pool, reqs, self.group, self.tuning, self.max_programs, chunk)
+        cap = self.plan.capacity.items
+        host, tail_rows = host_plan(pool, reqs, self.group, self.tuning, self.max_programs, max_items=cap)
+        if any(len(layer.items) > cap for layer in host.layers):
+            # Whole runs: every (request, head, format pair) one item, which the capacity
+            # holds (a run per menu entry and group).
+            host, tail_rows = host_plan(pool, reqs, self.group, self.tuning, self.max_programs, 2 * self.max_context)
+            if any(len(layer.items) > cap for layer in host.layers):
+                raise RuntimeError(f"a decode batch of {n} requests needs more than {cap} kernel items per layer "
+                                   "even in whole runs")
         self.plan.load(host, tail_rows.numpy())
         rows = torch.zeros(bs, dtype=torch.int64)
         if n:

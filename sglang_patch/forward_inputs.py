@@ -100,7 +100,7 @@ def stat_inputs(pool: MosaicKVPool, reqs: list[RequestKV]) -> StatInputs:
 
 
 def host_plan(pool: MosaicKVPool, reqs: list[RequestKV], group: int, tuning: MixedAttention, max_programs: int,
-              chunk_tokens: Optional[int] = None) -> tuple[HostPlan, torch.Tensor]:
+              chunk_tokens: Optional[int] = None, max_items: Optional[int] = None) -> tuple[HostPlan, torch.Tensor]:
     """Blocks of every (layer, request, KV head) from the block table, dense tails as row
     lists, cut into the kernels' items (:func:`plan_host`: the blocks on the pool's device,
     the items on the host); and the tails' rows (host int64), each request's in token
@@ -115,7 +115,7 @@ def host_plan(pool: MosaicKVPool, reqs: list[RequestKV], group: int, tuning: Mix
                          pool.block_table.device)
     block_m = max(tuning.block_m, triton.next_power_of_2(group))
     host = plan_host(pool.block_table, indptr, indices, [req.nq for req in reqs], [len(t) for t in tails],
-                     layers, hkv, group, block_m, tuning.block_n, chunk_tokens, max_programs)
+                     layers, hkv, group, block_m, tuning.block_n, chunk_tokens, max_programs, max_items)
     return host, torch.cat(tails + [empty])
 
 

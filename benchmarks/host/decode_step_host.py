@@ -45,7 +45,7 @@ def build(args, requests: int):
 
     seg, layers, hkv, d = 32, args.layers, args.kv_heads, args.head_dim
     shape = KVShape(num_layers=layers, num_kv_heads=hkv, head_dim=d, v_head_dim=d)
-    tokens = requests * (args.segments * seg + args.tail + 8)
+    tokens = args.segments * seg + requests * (args.tail + 4 * seg)  # the sealed prefix is shared; dense tails each
     budget = tokens * shape.dense_bytes_per_token * 2
     plan = plan_capacity(shape, budget, segment_size=seg, ratio=float(args.ratio), sinks=0, window=seg, page_size=seg,
                          max_running_requests=requests)

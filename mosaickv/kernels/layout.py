@@ -537,12 +537,15 @@ def plan_host(
     block_n: int,
     chunk_tokens: int | None,
     max_programs: int,
+    max_items: int | None = None,
 ) -> HostPlan:
     """Plan a batch whose requests read, at every layer, the same tokens but their own
     blocks: ``block_indptr`` has ``num_layers * B * Hkv + 1`` entries (layer-major),
     ``qo_lens``/``tail_lens`` are per request. One vectorised pass for every layer:
     the blocks on ``table``'s device, the items on the host. ``chunk_tokens`` defaults
-    to about four items per program slot."""
+    to about four items per program slot, and to runs long enough that their items take
+    at most half of ``max_items`` per layer (a graph's capacity; the rest is for each
+    group's format pairs and tail)."""
     table = as_table(table)
     block_indices = torch.as_tensor(block_indices, dtype=torch.int64).to(table.device)
     qo_lens = np.asarray(qo_lens, dtype=np.int64)
@@ -552,6 +555,8 @@ def plan_host(
     if chunk_tokens is None:
         work = block_tokens(table, block_indices) // num_layers + int(tail_lens.sum()) * num_kv_heads
         chunk_tokens = max(4 * block_n, -(-work // (4 * max_programs)))
+        if max_items:
+            chunk_tokens = max(chunk_tokens, -(-2 * work // max_items))
     items, kinds, groups, merge_indptr, runs = plan_work(
         table, block_indptr, block_indices, np.tile(qo_lens, num_layers), np.tile(tail_lens, num_layers),
         num_kv_heads, group, block_m, block_n, chunk_tokens,

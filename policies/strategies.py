@@ -195,7 +195,11 @@ def _knapsack(value: torch.Tensor, cost: torch.Tensor, budget: float, fill_passe
     """Pick one option per row maximizing total value with total cost <= budget.
 
     Every row's cheapest option is the fallback; raises if even those exceed the budget.
+    Solved on the host: a segment's table is small (blocks x options), and its bisection
+    and best-first fill read a total back at every step, hundreds of device syncs per
+    segment on a GPU (most of a segment's 34 ms on an H200, benchmarks/results/h200x2_2026-11-30b).
     """
+    value, cost = value.detach().double().cpu(), cost.detach().double().cpu()
     rows = value.shape[0]
     cheapest = cost.argmin().expand(rows)
     check(cost.min().item() * rows <= budget, "budget", budget, f"a budget of at least {cost.min().item() * rows:.0f} bytes for {rows} blocks")
@@ -229,14 +233,15 @@ def _knapsack(value: torch.Tensor, cost: torch.Tensor, budget: float, fill_passe
             break
         eff = torch.where(ok, gain / extra.clamp_min(1e-9), torch.full_like(gain, -1.0))
         best_eff, best_col = eff.max(dim=1)
+        steps = extra.gather(1, best_col[:, None])[:, 0].tolist()
+        eff_of, col_of = best_eff.tolist(), best_col.tolist()
         changed = False
         for row in best_eff.argsort(descending=True).tolist():
-            if best_eff[row] < 0:
+            if eff_of[row] < 0:
                 break
-            step = extra[row, best_col[row]].item()
-            if step <= left:
-                left -= step
-                choice[row] = best_col[row]
+            if steps[row] <= left:
+                left -= steps[row]
+                choice[row] = col_of[row]
                 changed = True
         if not changed:
             break

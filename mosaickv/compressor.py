@@ -186,10 +186,15 @@ class Compressor:
             for layer in range(len(observations))
         ]
 
-    def plan_segments(self, observations: list[Observation], lo: int, hi: int, budget: int) -> SegmentPlan:
+    def plan_segments(self, observations: list[Observation], lo: int, hi: int, budget: int,
+                      groups: int = 1) -> SegmentPlan:
         """Everything the policy decides for segments ``[lo, hi)`` of every layer, as batched
         tensors: the scores, each block's format and its tokens' keep order. Packing (per
-        block here, one launch in :mod:`mosaickv.packed_sealing`) only carries it out."""
+        block here, one launch in :mod:`mosaickv.packed_sealing`) only carries it out.
+
+        ``groups`` > 1: the observations' KV heads are ``groups`` independent spans folded in
+        (head ``h * groups + g`` is span ``g``'s head ``h``), scored together and planned
+        apart, each within ``budget`` (many segments sealed at once, one per slab)."""
         s, d = self.policy.segment_size, self.d
         rows = slice(lo * s, hi * s)
         nseg = hi - lo
@@ -209,19 +214,29 @@ class Compressor:
         for role, scores in (("token_scorer", tok), ("key_scorer", k_score), ("value_scorer", v_score)):
             _check_values(role, getattr(self.policy, role), scores)
         stats, keep = self._stats(keys.float(), values.float(), tok, k_score, v_score, nseg)
-        strategy = self.policy.strategy
+        formats: list[BlockFormat] = [None] * keys.shape[0]  # type: ignore[list-item]
+        for g in range(groups):
+            rows = torch.arange(g, keys.shape[0], groups)
+            span = stats if groups == 1 else stats.rows(rows.to(keys.device))
+            for b, fmt in zip(rows.tolist(), self._strategy_plan(span, len(rows), budget)):
+                formats[b] = fmt
+        return SegmentPlan(keys, values, formats, keep, k_score, v_score, observations[0].num_kv_heads)
+
+    def _strategy_plan(self, stats: BlockStats, blocks: int, budget: int) -> list[BlockFormat]:
+        """The strategy's formats for one span's ``blocks`` within ``budget``, checked."""
+        strategy, d = self.policy.strategy, self.d
         try:
             formats = strategy.plan(stats, budget, self.policy.channel_selector)
         except PolicyError as err:
             if err.field != "budget":
                 raise
             raise PolicyError("ratio", self.policy.ratio, f"a ratio this policy reaches on this span ({err.allowed})") from None
-        if len(formats) != keys.shape[0]:
-            raise PartFailure("strategy", self.policy.strategy, f"planned {len(formats)} blocks, expected {keys.shape[0]}")
+        if len(formats) != blocks:
+            raise PartFailure("strategy", strategy, f"planned {len(formats)} blocks, expected {blocks}")
         used = sum(f.nbytes(d) for f in formats)
         if strategy.follows_budget and used > budget:
             raise PolicyError("ratio", self.policy.ratio, f"a ratio these segments can reach: the plan needs {used} bytes, the budget is {budget}")
-        return SegmentPlan(keys, values, list(formats), keep, k_score, v_score, observations[0].num_kv_heads)
+        return list(formats)
 
     def kept_tokens(self, plan: SegmentPlan) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         """For each kept count m: the blocks keeping m tokens (host indices) and which

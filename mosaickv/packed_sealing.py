@@ -26,7 +26,7 @@ import torch
 
 from mosaickv.compressor import Compressor, PartFailure, SegmentPlan, segment_observations
 from mosaickv.config import Policy
-from mosaickv.formats import SIDE_KINDS, channel_weights, lowrank_fit
+from mosaickv.formats import SIDE_KINDS, BlockFormat, channel_weights, lowrank_fit
 from mosaickv.kernels.layout import Region, place_formats
 from mosaickv.kernels.pack import PackWrapper, SideInputs
 from mosaickv.sealer import SegmentInputs
@@ -51,27 +51,57 @@ class PackedSealer:
         self.packer = PackWrapper(block_t=self.block_t)
 
     def __call__(self, inputs: SegmentInputs) -> Region:
-        k, v = inputs.k, inputs.v
-        layers, hkv, s, d = k.shape
-        obs = segment_observations(self.policy, k, v, inputs.query_stats, inputs.attention)
-        plan = self.compressor.plan_segments(obs, 0, 1, inputs.budget_bytes)
-        used = sum(f.nbytes(d) for f in plan.formats)
-        if used > inputs.budget_bytes:
-            raise PartFailure("strategy", self.policy.strategy, f"planned {used} bytes, over the {inputs.budget_bytes}-byte slab")
+        return self.seal_many([inputs])[0]
+
+    def seal_many(self, batch: list[SegmentInputs]) -> list[Region]:
+        """Seal segments of one pool (same shape) together: their KV heads folded into one
+        span per layer, so the policy's scorers and statistics run once for all of them
+        (:meth:`Compressor.plan_segments` with ``groups``), each planned within its own
+        budget and packed into its own slab's region."""
+        if not batch:
+            return []
+        layers, hkv, s, d = batch[0].k.shape
+        n = len(batch)
+
+        def fold(ts: list[torch.Tensor | None]) -> torch.Tensor | None:  # [L, Hkv, ...] each -> [L, Hkv * n, ...]
+            if any(t is None for t in ts):
+                return None
+            x = torch.stack(ts, dim=2)
+            return x.reshape(x.shape[0], x.shape[1] * n, *x.shape[3:])
+
+        budgets = {x.budget_bytes for x in batch}
+        if len(budgets) != 1:
+            raise ValueError(f"segments sealed together share one slab budget, got {sorted(budgets)}")
+        obs = segment_observations(self.policy, fold([x.k for x in batch]), fold([x.v for x in batch]),
+                                   fold([x.query_stats for x in batch]), fold([x.attention for x in batch]))
+        plan = self.compressor.plan_segments(obs, 0, 1, batch[0].budget_bytes, groups=n)
         mask = self._kept_mask(plan)
-        block, token = mask.nonzero(as_tuple=True)  # block-major, tokens in order: what pack_block keeps
-        kept_rows = (block // hkv) * s + token  # rows of the [layers * s, hkv, d] sources below
         sides = [self._side_inputs(plan, side, x, score, mask)
                  for side, x, score in ((0, plan.keys, plan.k_score), (1, plan.values, plan.v_score))]
-        rel = place_formats(plan.formats, d, 0, ALIGN)
+        return [self._pack(inputs, plan, mask, sides, g, n) for g, inputs in enumerate(batch)]
+
+    def _pack(self, inputs: SegmentInputs, plan: SegmentPlan, mask: torch.Tensor, sides: list[SideInputs], g: int,
+              n: int) -> Region:
+        """Segment ``g`` of ``n`` folded into ``plan``: its blocks' bytes in one packer launch."""
+        k, v = inputs.k, inputs.v
+        layers, hkv, s, d = k.shape
+        rows = torch.arange(g, len(plan.formats), n)  # its blocks, (layer, KV head) order
+        formats = [plan.formats[b] for b in rows.tolist()]
+        used = sum(f.nbytes(d) for f in formats)
+        if used > inputs.budget_bytes:
+            raise PartFailure("strategy", self.policy.strategy, f"planned {used} bytes, over the {inputs.budget_bytes}-byte slab")
+        block, token = mask[rows.to(mask.device)].nonzero(as_tuple=True)  # block-major, tokens in order: what pack_block keeps
+        kept_rows = (block // hkv) * s + token  # rows of the [layers * s, hkv, d] sources below
+        rel = place_formats(formats, d, 0, ALIGN)
         index_base = -(-2 * rel.values_end // ALIGN) * ALIGN
         end = rel.index_end if rel.index_end > index_base else 2 * rel.values_end
         heads = np.tile(np.arange(hkv), layers)
-        self.packer.plan(plan.formats, heads, kept_rows, d, k.device, sides[0], sides[1], ALIGN, 0, index_base)
+        mine = [_side_rows(side, plan.formats, which, rows.tolist()) for which, side in enumerate(sides)]
+        self.packer.plan(formats, heads, kept_rows, d, k.device, mine[0], mine[1], ALIGN, 0, index_base)
         data = torch.zeros(-(-max(end, rel.index_end) // 2) * 2, dtype=torch.uint8, device=k.device)
         src_k, src_v = (x.to(torch.bfloat16).permute(0, 2, 1, 3).reshape(layers * s, hkv, d) for x in (k, v))
         self.packer.run(src_k, src_v, data.view(torch.bfloat16), data)
-        table = place_formats(plan.formats, d, inputs.base_bytes, ALIGN).table
+        table = place_formats(formats, d, inputs.base_bytes, ALIGN).table
         return Region(inputs.base_bytes, table, data[:end])
 
     def _kept_mask(self, plan: SegmentPlan) -> torch.Tensor:
@@ -136,3 +166,21 @@ class PackedSealer:
             part = getattr(self.policy, role)
             raise PartFailure(role, part, "its element scores are not (w_c * x_c)^2 for one weight per channel, which "
                               "the device sealer ranks by; seal with --kv-compress-sealing processes")
+
+
+def _side_rows(side: SideInputs, formats: list[BlockFormat], which: int, rows: list[int]) -> SideInputs:
+    """``side`` (keys: ``which`` 0, values: 1) of blocks ``rows`` alone: their channel rows
+    and, of the low-rank bases stacked in block order, theirs."""
+    channels = side.channels[torch.as_tensor(rows, device=side.channels.device)]
+    if side.basis is None:
+        return SideInputs(channels)
+    fmts = [f.k if which == 0 else f.v for f in formats]
+    lowrank = [b for b, f in enumerate(fmts) if f.kind == "lowrank" and formats[b].tokens > 0]
+    widths = [fmts[b].width for b in lowrank]
+    starts = np.concatenate([[0], np.cumsum(widths)[:-1]]).astype(np.int64) if widths else []
+    wanted = set(rows)
+    picked = [np.arange(start, start + width) for b, start, width in zip(lowrank, starts, widths) if b in wanted]
+    if not picked:
+        return SideInputs(channels)
+    idx = torch.from_numpy(np.concatenate(picked)).to(side.basis.device)
+    return SideInputs(channels, side.basis[idx], side.proj[idx])

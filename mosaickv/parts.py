@@ -192,6 +192,12 @@ class BlockStats:
     def drop_cost(self) -> torch.Tensor:
         return self.weight * self.spread
 
+    def rows(self, idx: torch.Tensor) -> "BlockStats":
+        """The statistics of blocks ``idx`` alone."""
+        return BlockStats(n=self.n, d=self.d, weight=self.weight[idx], spread=self.spread[idx],
+                          k_lost={f: x[idx] for f, x in self.k_lost.items()},
+                          v_lost={f: x[idx] for f, x in self.v_lost.items()})
+
 
 class SegmentStrategy:
     """Chooses each block's format so that the group fits ``budget`` bytes.

@@ -306,9 +306,5 @@ class HeadWise(SegmentStrategy):
         left = budget - int(keep.sum()) * whole.nbytes(stats.d)
         if left < 0:
             raise PolicyError("budget", budget, f"at least {budget - left} bytes: the {self.dense} dense heads alone need that")
-        sub = BlockStats(
-            n=stats.n, d=stats.d, weight=stats.weight[rest], spread=stats.spread[rest],
-            k_lost={s: x[rest] for s, x in stats.k_lost.items()}, v_lost={s: x[rest] for s, x in stats.v_lost.items()},
-        )
-        inner = iter(self._inner.plan(sub, left, channels) if len(rest) else [])
+        inner = iter(self._inner.plan(stats.rows(rest), left, channels) if len(rest) else [])
         return [whole if k else next(inner) for k in keep.tolist()]

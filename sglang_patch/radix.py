@@ -66,6 +66,9 @@ class _SealJob:
     future: Future
 
 
+SEAL_BATCH = 32  # segments one inline seal_many call takes (their scores are held at once)
+
+
 def _run_now(seal: Callable[[SegmentInputs], Region], inputs: SegmentInputs) -> Future:
     """``seal`` on the calling thread, as a finished future (inline sealing)."""
     future: Future = Future()
@@ -261,17 +264,44 @@ class MosaicRadixCache(RadixCache):
             return None if t is None else t.to(where)
 
         k, v = snapshot(pool.k_buffer), snapshot(pool.v_buffer)
-        run = self._workers.submit if self._workers is not None else partial(_run_now, self._seal_inline)
-        for g, (node, j) in enumerate(due):
+        firsts, slabs, batch = [], [], []
+        for g in range(n):
             first = int(slots_host[g, 0])
             slab = pool.arena.alloc()
-            inputs = SegmentInputs(k[g], v[g], pool.plan.segment_budget_bytes, moved(pool.query_stats.rms(first)),
-                                   moved(pool.query_stats.attention(first)), pool.arena.base(slab))
+            batch.append(SegmentInputs(k[g], v[g], pool.plan.segment_budget_bytes, moved(pool.query_stats.rms(first)),
+                                       moved(pool.query_stats.attention(first)), pool.arena.base(slab)))
+            firsts.append(first)
+            slabs.append(slab)
+        futures = [self._workers.submit(x) for x in batch] if self._workers is not None else self._seal_now(batch)
+        for g, ((node, j), first, slab, future) in enumerate(zip(due, firsts, slabs, futures)):
             pages = torch.unique(slots_host[g] // self.allocator_page_size).tolist()
-            self._jobs[first] = _SealJob(node, j, pages, slab, run(inputs))
+            self._jobs[first] = _SealJob(node, j, pages, slab, future)
             counters.pending_since[first] = time.monotonic()
             counters.compression_calls += 1
             node.mosaic_slabs[j] = PENDING
+
+    def _seal_now(self, batch: list[SegmentInputs]) -> list[Future]:
+        """Inline sealing, as finished futures: a sealer that takes many segments at once
+        (the device's :meth:`~mosaickv.packed_sealing.PackedSealer.seal_many`) gets them
+        :data:`SEAL_BATCH` at a time; a batch that fails is sealed again one segment at a
+        time, so that only a failing segment stays dense."""
+        many = getattr(self._seal_inline, "seal_many", None)
+        if many is None:
+            return [_run_now(self._seal_inline, x) for x in batch]
+        futures: list[Future] = []
+        for lo in range(0, len(batch), SEAL_BATCH):
+            chunk = batch[lo : lo + SEAL_BATCH]
+            try:
+                regions = many(chunk)
+            except Exception:  # noqa: BLE001 - which segment failed is found alone
+                futures += [_run_now(self._seal_inline, x) for x in chunk]
+                continue
+            for region in regions:
+                future: Future = Future()
+                future.set_running_or_notify_cancel()
+                future.set_result(region)
+                futures.append(future)
+        return futures
 
     def _forget(self, first: int) -> _SealJob:
         """Untrack a job (applied or cancelled); it no longer holds a slab or counts as pending."""

@@ -88,6 +88,23 @@ def test_one_launch_seals_what_the_per_block_path_seals(name, layers, hkv, d, de
     assert_same_region(got, ref, d)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", ["mosaic", "think", "uniform2d", "mosaic_heads"])
+def test_segments_sealed_together_are_each_what_the_per_block_path_seals(name, device):
+    """seal_many folds the segments into one span per layer: each still gets its own plan
+    within its own slab budget, its own region at its own slab's start."""
+    policy = load_policy(name)
+    d = 64
+    layers, hkv = (30, 3) if name == "mosaic_heads" else (2, 2)  # mosaic_heads: SmolLM2's heads
+    batch = [replace(inputs(policy, layers, hkv, d, seed=seed, device=device), base_bytes=BASE * (seed + 1))
+             for seed in range(3)]
+    got = PackedSealer(policy, d).seal_many(batch)
+    assert len(got) == len(batch)
+    for region, x in zip(got, batch):
+        assert region.base_bytes == x.base_bytes
+        assert_same_region(region, seal_segment(PolicyCompressor(policy, d), x), d)
+
+
 def fixed(tokens, k: str, v: str) -> dict:
     return {"name": f"fixed-{tokens}-{k}-{v}", "ratio": 1.0, "segment_size": 32, "sinks": 0, "window": 0,
             "strategy": {"name": "fixed", "tokens": tokens, "k": k, "v": v}}

@@ -22,6 +22,7 @@ from sglang.srt.mem_cache.radix_cache import RadixKey  # noqa: E402
 from sglang.srt.mem_cache.registry import get_radix_cache_factory  # noqa: E402
 
 from mosaickv.formats import HEADER_BYTES  # noqa: E402
+from mosaickv.sealer import seal_segment  # noqa: E402
 from mosaickv.sglang_patch.pool import MosaicKVPool  # noqa: E402
 from mosaickv.sglang_patch.radix import MosaicRadixCache, mosaic_radix_factory  # noqa: E402
 from mosaickv.sglang_patch.sizing import KVShape, plan_capacity  # noqa: E402
@@ -31,7 +32,7 @@ WINDOW = 16
 SHAPE = KVShape(num_layers=2, num_kv_heads=2, head_dim=32, v_head_dim=32)
 
 
-def make_cache(compress, background: bool = False, workers: int = 1, on_device: bool = False):
+def make_cache(compress, background: bool = False, workers: int = 1, on_device: bool = False, seal_inline=None):
     """(tree, pool, allocator) on SGLang's real allocator, sealing with ``compress``
     (inline unless ``background``: worker processes; ``on_device``: inline where the pool is)."""
     plan = plan_capacity(SHAPE, 1 << 20, segment_size=SEG, ratio=2.0, sinks=0, window=WINDOW,
@@ -42,7 +43,7 @@ def make_cache(compress, background: bool = False, workers: int = 1, on_device: 
     params = CacheInitParams(disable=False, req_to_token_pool=ReqToTokenPool(4, 512, "cpu", False),
                              token_to_kv_pool_allocator=alloc, page_size=1)
     tree = MosaicRadixCache(params, compress=compress, segment_size=SEG, sink_segments=0, window=WINDOW,
-                            background=background, workers=workers, on_device=on_device)
+                            background=background, workers=workers, on_device=on_device, seal_inline=seal_inline)
     return tree, pool, alloc
 
 
@@ -90,6 +91,45 @@ def test_sealing_on_the_device_seals_the_bytes_inline_sealing_does():
     assert torch.equal(*arenas)
     with pytest.raises(ValueError, match="background must be False"):
         make_cache(CountingCompressor(), background=True, on_device=True)
+
+
+class ManySealer:
+    """Seals the segments handed together at once, as the device's PackedSealer does; a
+    segment whose first key starts with ``POISON`` makes the whole call fail."""
+
+    POISON = 42.0
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+
+    def seal_many(self, batch):
+        self.calls.append(len(batch))
+        if any(float(x.k[0, 0, 0, 0]) == self.POISON for x in batch):
+            raise RuntimeError("a part failed on a poisoned segment")
+        return [seal_segment(CountingCompressor(), x) for x in batch]
+
+    def __call__(self, inputs):
+        return self.seal_many([inputs])[0]
+
+
+def test_inline_sealing_hands_due_segments_over_together_and_a_failure_leaves_only_its_segment_dense():
+    sealer = ManySealer()
+    tree, pool, alloc = make_cache(CountingCompressor(), on_device=True, seal_inline=sealer)
+    tree.insert(InsertParams(key=RadixKey(array("l", list(range(64)))), value=prefill(pool, alloc, 64)))
+    tree.drain(wait=True)
+    assert sealer.calls == [3] and pool.arena.live_slabs == 3  # segments 0..2 in one call
+
+    sealer.calls.clear()
+    slots = alloc.alloc(64)
+    kv = torch.randn(64, 2, 32, dtype=torch.bfloat16)
+    kv[SEG, 0, 0] = ManySealer.POISON  # segment 1's first key
+    for layer in range(2):
+        pool._store_kv_layer(layer, slots, kv, kv)
+    tree.insert(InsertParams(key=RadixKey(array("l", list(range(100, 164)))), value=slots))
+    tree.drain(wait=True)
+    assert sealer.calls == [3, 1, 1, 1]  # the batch failed; each segment again alone
+    assert pool.arena.live_slabs == 3 + 2  # segments 0 and 2 sealed, segment 1 left dense
+    assert pool.counters.compression_calls == 6
 
 
 def test_each_segment_is_handed_its_own_keys_and_values_in_layer_head_token_order():

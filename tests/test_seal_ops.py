@@ -1,0 +1,23 @@
+"""benchmarks/sealing/count_ops.py on a small shape: segments sealed together launch
+fewer ops each than a segment sealed alone, and the knapsack's ops are counted apart."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "sealing" / "count_ops.py"
+
+
+def test_sealing_together_shares_the_policys_ops(tmp_path):
+    spec = importlib.util.spec_from_file_location("count_ops", SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "ops.json"
+    assert bench.main(["--layers", "4", "--kv-heads", "2", "--head-dim", "64", "--batches", "1", "4",
+                       "--json", str(out)]) == 0
+    alone, together = json.loads(out.read_text())["rows"]
+    assert alone["host_knapsack_ops_per_segment"] > 0
+    assert alone["device_ops_per_segment"] > 0
+    assert together["device_ops_per_segment"] < alone["device_ops_per_segment"] / 2

@@ -136,7 +136,10 @@ class PackedSealer:
         lowrank = [b for b, f in enumerate(fmts) if f.kind == "lowrank" and plan.formats[b].tokens > 0]
         if not lowrank:
             return SideInputs(channels)
-        bases, projs = {}, {}
+        widths = torch.tensor([fmts[b].width for b in lowrank])
+        r_top = int(widths.max())
+        bases, projs = (x.new_zeros(len(lowrank), r_top, x.shape[-1]) for _ in range(2))  # rows past a rank stay 0
+        slot = {b: i for i, b in enumerate(lowrank)}
         by_count: dict[int, list[int]] = {}
         for b in lowrank:
             by_count.setdefault(plan.formats[b].tokens, []).append(b)
@@ -146,15 +149,12 @@ class PackedSealer:
             xk = x[idx].gather(1, pos[..., None].expand(-1, -1, x.shape[-1]))
             sk = score[idx].gather(1, pos[..., None].expand(-1, -1, x.shape[-1]))
             _, _, vh, wl = lowrank_fit(xk, sk)  # vh [G, min(count, d), d], wl [G, 1, d]
-            for j, b in enumerate(group):
-                r = fmts[b].width
-                r_eff = min(r, vh.shape[1])
-                basis = x.new_zeros(r, x.shape[-1])
-                proj = x.new_zeros(r, x.shape[-1])
-                basis[:r_eff] = vh[j, :r_eff] / wl[j]
-                proj[:r_eff] = vh[j, :r_eff] * wl[j]
-                bases[b], projs[b] = basis, proj
-        return SideInputs(channels, torch.cat([bases[b] for b in lowrank]), torch.cat([projs[b] for b in lowrank]))
+            top = min(r_top, vh.shape[1])
+            at = torch.as_tensor([slot[b] for b in group], device=x.device)
+            bases[at, :top] = vh[:, :top] / wl
+            projs[at, :top] = vh[:, :top] * wl
+        own = (torch.arange(r_top)[None, :] < widths[:, None]).to(x.device)  # each block's r rows, in block order
+        return SideInputs(channels, bases[own], projs[own])
 
     def _check_form(self, side: int, score: torch.Tensor, x: torch.Tensor, w: torch.Tensor, mask: torch.Tensor) -> None:
         """The packer ranks by ``(w x)^2``; a scorer whose scores are not of that form

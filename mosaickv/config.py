@@ -109,8 +109,28 @@ def preset_names() -> list[str]:
     return sorted(p.stem for p in _preset_dir().glob("*.yaml"))
 
 
-def read_policy_source(source: str | os.PathLike | Mapping[str, Any]) -> dict:
-    """A policy's fields as written (preset name, file or mapping), before validation."""
+MAX_BASE_DEPTH = 8  # policies built on policies: deeper than this is a cycle or a mistake
+
+
+def read_policy_source(source: str | os.PathLike | Mapping[str, Any], _depth: int = 0) -> dict:
+    """A policy's fields as written (preset name, file or mapping), before validation.
+
+    A ``base`` field names a preset or file whose fields this one starts from, so that a
+    variant says only what it changes (``{base: mosaic_heads, ratio: 6}``)."""
+    data = _read_one(source)
+    if "base" not in data:
+        return data
+    base = data.pop("base")
+    check(isinstance(base, str), "base", base, "a preset name or a policy file's path")
+    check(_depth < MAX_BASE_DEPTH, "base", base, f"a chain of at most {MAX_BASE_DEPTH} bases (is it a cycle?)")
+    if not isinstance(source, Mapping) and _preset_path(base) is None and not Path(base).is_absolute():
+        base = str(Path(str(source)).parent / base)  # a file's base is found beside it
+    merged = read_policy_source(base, _depth + 1)
+    merged.update(data)
+    return merged
+
+
+def _read_one(source: str | os.PathLike | Mapping[str, Any]) -> dict:
     if isinstance(source, Mapping):
         return dict(source)
     text_source = str(source)

@@ -132,3 +132,31 @@ def test_fuzzed_yaml_text_loads_or_raises_policy_error(tmp_path_factory, text):
         load_policy(path).bind(64)
     except PolicyError:
         pass
+
+
+def test_a_policy_built_on_a_preset_changes_only_what_it_says(tmp_path):
+    variant = tmp_path / "heads6.yaml"
+    variant.write_text("base: mosaic_heads\nname: heads6\nratio: 6\n")
+    got, preset = load_policy(variant), load_policy("mosaic_heads")
+    assert (got.name, got.ratio) == ("heads6", 6)
+    assert got.strategy == preset.strategy and got.token_scorer == preset.token_scorer
+    assert (got.segment_size, got.sinks, got.window) == (preset.segment_size, preset.sinks, preset.window)
+
+
+def test_a_base_file_is_found_beside_its_variant_and_chains(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: snapkv\nname: a\nwindow: 64\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\nname: b\nratio: 2\n")
+    got = load_policy(tmp_path / "b.yaml")
+    assert (got.name, got.ratio, got.window) == ("b", 2, 64)
+    assert got.strategy == load_policy("snapkv").strategy
+
+
+def test_a_cycle_of_bases_or_a_bad_base_is_refused_by_name(tmp_path):
+    (tmp_path / "x.yaml").write_text("base: y.yaml\n")
+    (tmp_path / "y.yaml").write_text("base: x.yaml\n")
+    with pytest.raises(PolicyError, match="'base'.*cycle"):
+        load_policy(tmp_path / "x.yaml")
+    with pytest.raises(PolicyError, match="'base' = 3"):
+        load_policy({"base": 3})
+    with pytest.raises(PolicyError, match="'policy' = 'no_such_preset'"):
+        load_policy({"base": "no_such_preset"})

@@ -3,8 +3,8 @@
 # (the RULER-style suite of mosaickv/tasks.py) against SmolLM2 servers that share this
 # GPU, one per method, started together and asked side by side (--concurrent):
 #   T0=$(date +%s) METHODS="none fp8 mosaic3 mosaic6" SAMPLES=1 bash benchmarks/suite/accuracy_gpu.sh
-# METHODS: from none fp8 mosaic3 mosaic6 snapkv3 think3 uniform2d3 (the number: how many
-# times fewer KV bytes; fp8 is 2x). Every server gets the same flags but the method's:
+# METHODS: from none fp8 mosaic3 mosaic6 mosaic_heads3 mosaic_heads6 snapkv3 think3
+# uniform2d3 (the number: how many times fewer KV bytes; fp8 is 2x). Every server gets the same flags but the method's:
 # a capped pool (--max-total-tokens), so that the servers fit one GPU together whatever the
 # order their memory profiles run in. $OUT gets accuracy.json, accuracy.png, steps.txt and
 # logs.tgz (every server's log and command).
@@ -23,8 +23,10 @@ flags_of() {
     fp8) echo "--attention-backend triton --kv-cache-dtype fp8_e4m3" ;;
     mosaic3) echo "--kv-compress mosaickv --kv-compress-config mosaic" ;;
     mosaic6) echo "--kv-compress mosaickv --kv-compress-config benchmarks/suite/mosaic6.yaml" ;;
+    mosaic_heads3) echo "--kv-compress mosaickv --kv-compress-config mosaic_heads" ;;
+    mosaic_heads6) echo "--kv-compress mosaickv --kv-compress-config benchmarks/suite/mosaic_heads6.yaml" ;;
     snapkv3 | think3 | uniform2d3) echo "--kv-compress mosaickv --kv-compress-config ${1%3}" ;;
-    *) echo "unknown method $1: one of none fp8 mosaic3 mosaic6 snapkv3 think3 uniform2d3" >&2; return 2 ;;
+    *) echo "unknown method $1: one of none fp8 mosaic3 mosaic6 mosaic_heads3 mosaic_heads6 snapkv3 think3 uniform2d3" >&2; return 2 ;;
   esac
 }
 for m in $METHODS; do flags_of "$m" > /dev/null || exit 2; done

@@ -328,14 +328,15 @@ def test_methods_differ_only_in_compression_flags():
         assert "--attention-backend" not in workloads.METHODS[m] and "--kv-cache-dtype" not in workloads.METHODS[m]
 
 
-def test_mosaic6_is_the_mosaic_preset_at_6x():
-    from mosaickv.config import load_policy
+@pytest.mark.parametrize("variant, preset", [("mosaic6", "mosaic"), ("mosaic_heads6", "mosaic_heads")])
+def test_the_6x_variants_are_their_presets_at_6x(variant, preset):
+    from mosaickv.config import read_policy_source
 
-    ours = yaml.safe_load((SUITE / "mosaic6.yaml").read_text())
-    preset = yaml.safe_load((ROOT / "policies" / "presets" / "mosaic.yaml").read_text())
+    ours = read_policy_source(SUITE / f"{variant}.yaml")
+    theirs = read_policy_source(preset)
     assert {k: v for k, v in ours.items() if k not in ("name", "ratio")} == \
-           {k: v for k, v in preset.items() if k not in ("name", "ratio")}
-    assert ours["ratio"] == 6 and load_policy(str(SUITE / "mosaic6.yaml")).bind(128).ratio == 6
+           {k: v for k, v in theirs.items() if k not in ("name", "ratio")}
+    assert ours["ratio"] == 6 and ours["name"] == variant
 
 
 def test_random_model_is_deterministic_with_the_tokenizer_folder_vocab(tmp_path):

@@ -5,7 +5,8 @@ busy-polling as SGLang's scheduler loop does (``--idle`` measures without it).
 
     python benchmarks/sealing/bench_seal.py --policy mosaic --layers 30 --kv-heads 3 --head-dim 64 \\
         --workers 1 2 --json benchmarks/results/sealing_convoy_cpu.json
-    python benchmarks/sealing/bench_seal.py --device cuda --layers 32 --kv-heads 8 --head-dim 128   # on the GPU
+    python benchmarks/sealing/bench_seal.py --device cuda --layers 32 --kv-heads 8 --head-dim 128 \
+        --segments 64 --batch 8 32   # on the GPU: host path, packer alone, packer 8 and 32 at a time
     python benchmarks/sealing/bench_seal.py --inline --layers 32 --kv-heads 8 --head-dim 128       # the compressor alone
 """
 
@@ -63,18 +64,21 @@ def seal_on_device(compress, inputs: SegmentInputs, args) -> int:
     on_dev = SegmentInputs(*(t.to(dev) for t in (inputs.k, inputs.v)), inputs.budget_bytes,
                            inputs.query_stats.to(dev), inputs.attention.to(dev), inputs.base_bytes)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda _: None)
-    sealers = {"host_path": lambda x: seal_segment(compress, x)}
+    sealers = {"host_path": lambda n: [seal_segment(compress, on_dev) for _ in range(n)]}
     if dev.type == "cuda":  # the packer's kernel (on the CPU only under the Triton interpreter)
         from mosaickv.packed_sealing import PackedSealer
 
-        sealers["packed"] = PackedSealer(compress.policy, args.head_dim)
+        packed = PackedSealer(compress.policy, args.head_dim)
+        sealers["packed"] = lambda n: [packed(on_dev) for _ in range(n)]
+        for size in args.batch:  # what --kv-compress-sealing device does with a prefill's segments
+            sealers[f"packed_batch{size}"] = lambda n, size=size: [
+                packed.seal_many([on_dev] * min(size, n - lo)) for lo in range(0, n, size)]
     rates = {}
     for name, seal in sealers.items():
-        seal(on_dev)  # warm-up (the packer compiles)
+        seal(1)  # warm-up (the packer compiles)
         sync(dev)
         start = time.perf_counter()
-        for _ in range(args.segments):
-            seal(on_dev)
+        seal(args.segments)
         sync(dev)
         rates[name] = round(args.segments / (time.perf_counter() - start), 2)
     res = {"policy": args.policy, "device": str(dev), "segments": args.segments,
@@ -100,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--idle", action="store_true", help="no busy loop on the calling thread")
     ap.add_argument("--device", default="cpu",
                     help="seal on this device, inline on the calling thread ('cuda': the GPU sealing candidate)")
+    ap.add_argument("--batch", type=int, nargs="*", default=[8, 32],
+                    help="on a GPU, also seal this many segments per PackedSealer.seal_many call")
     ap.add_argument("--inline", action="store_true",
                     help="seal inline on the calling thread of --device (the CPU too): the compressor alone, no workers")
     ap.add_argument("--json", help="write the results here")

@@ -27,26 +27,37 @@ def locate(pool: MosaicKVPool, slots: torch.Tensor) -> list[Run]:
 
 
 def locate_many(pool: MosaicKVPool, requests: list[torch.Tensor]) -> list[list[Run]]:
-    """:func:`locate` for a batch: the page tables read in numpy, and the dense runs of
-    every request mapped to rows in one call (a decode step of 64 requests cost 10 ms of
-    torch ops a request at a time, benchmarks/host/decode_step_host.py)."""
+    """:func:`locate` for a batch: the page tables read in numpy, one slot per page (a
+    request's tokens fill its pages in order, SGLang's paged layout: slot % page_size ==
+    position % page_size, checked), and the dense runs of every request mapped to rows in
+    one call; runs are found with numpy, not a Python loop over them (a 32k-token request
+    is 1,024 sealed segments, each its own run). ``decode_step_host.py --requests 8
+    --segments 1024 --layers 32 --kv-heads 8`` on this CPU: 2.5 -> 0.96 ms."""
     page_to_slab = pool.page_to_slab.numpy()
-    seg = pool.plan.segment_size
+    ps, seg = pool.page_size, pool.plan.segment_size
     layouts: list[list[int | slice]] = []
     dense: list[torch.Tensor] = []
     for slots in requests:
-        sealed = page_to_slab[slots.numpy() // pool.page_size]
-        bounds = [0, *(np.flatnonzero(sealed[1:] != sealed[:-1]) + 1).tolist(), len(sealed)]
-        runs: list[int | slice] = []
-        for lo, hi in zip(bounds, bounds[1:]):
-            slab = int(sealed[lo])
-            if slab == UNMAPPED:
-                runs.append(slice(len(dense), len(dense) + 1))  # the dense run's place in ``dense``
-                dense.append(slots[lo:hi])
-            elif hi - lo != seg:  # which tokens a part would see is not stored
-                raise ValueError(f"a request reads {hi - lo} tokens of sealed segment {slab}; segments are read whole")
-            else:
-                runs.append(slab)
+        n = len(slots)
+        firsts = slots.numpy()[::ps]
+        if ps > 1 and (firsts % ps).any():
+            raise ValueError(f"a request's tokens do not start its pages (page_size {ps}): its slots are not in "
+                             "SGLang's paged layout")
+        sealed = page_to_slab[firsts // ps]
+        lo = np.flatnonzero(np.concatenate([[True], sealed[1:] != sealed[:-1]])) if len(sealed) else sealed[:0]
+        first = lo * ps
+        last = np.minimum(np.append(lo[1:], len(sealed)) * ps, n)
+        slab = sealed[lo]
+        is_dense = slab == UNMAPPED
+        partial = np.flatnonzero(~is_dense & (last - first != seg))
+        if len(partial):  # which tokens a part would see is not stored
+            i = partial[0]
+            raise ValueError(f"a request reads {last[i] - first[i]} tokens of sealed segment {slab[i]}; segments are "
+                             "read whole")
+        runs: list[int | slice] = slab.tolist()
+        for i in np.flatnonzero(is_dense).tolist():
+            runs[i] = slice(len(dense), len(dense) + 1)  # the dense run's place in ``dense``
+            dense.append(slots[first[i] : last[i]])
         layouts.append(runs)
     rows = pool.dense_rows(torch.cat(dense)).split([len(d) for d in dense]) if dense else ()
     return [[r if isinstance(r, int) else rows[r.start] for r in runs] for runs in layouts]

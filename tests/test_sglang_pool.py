@@ -262,3 +262,42 @@ def test_allocator_clear_gives_back_every_dense_page_slab_and_statistic(paged):
         assert end[key] == start[key], key
     assert len(pool.query_stats) == 0 and (pool.page_to_slab == -1).all() and (pool.page_to_dense[1:] == -1).all()
     assert alloc.available_size() == plan.max_total_num_tokens
+
+
+def test_locate_reads_one_slot_per_page_and_finds_what_every_token_reads():
+    """locate_many samples a request's pages (slot % page_size == position % page_size in
+    SGLang's paged layout) and finds the runs a token-by-token reading of the page tables
+    finds; slots out of that layout are refused by name."""
+    import numpy as np
+
+    from mosaickv.sglang_patch.forward_inputs import locate_many
+    from mosaickv.sglang_patch.pool import UNMAPPED
+
+    pool, plan = make_pool(budget=1 << 22, page_size=16)
+    alloc = PagedTokenToKVPoolAllocator(plan.max_total_num_tokens, page_size=16, dtype=torch.bfloat16, device="cpu",
+                                        kvcache=pool, need_sort=False)
+    seg, rng = plan.segment_size, torch.Generator().manual_seed(0)
+    fmt = BlockFormat(8, SideFormat("sparse", 8), SideFormat("sparse", 4))
+    requests = []
+    for length, sealed in ((100, [0, 1]), (64, [1]), (7, []), (96, [0, 1, 2])):
+        slots = alloc.alloc(-(-length // 16) * 16)[:length]
+        for layer in range(2):
+            kv = torch.randn(length, 2, 32, generator=rng).bfloat16()
+            pool._store_kv_layer(layer, slots, kv, kv)
+        for j in sealed:
+            blocks = [[pack_block(torch.randn(seg, 32, generator=rng), torch.randn(seg, 32, generator=rng), fmt,
+                                  token_score=torch.rand(seg, generator=rng)) for _ in range(2)] for _ in range(2)]
+            pool.seal(sorted({int(s) // 16 for s in slots[j * seg : (j + 1) * seg]}), blocks)
+        requests.append(slots)
+    page_to_slab = pool.page_to_slab.numpy()
+    for slots, runs in zip(requests, locate_many(pool, requests)):
+        per_token = page_to_slab[slots.numpy() // 16]
+        bounds = [0, *(np.flatnonzero(per_token[1:] != per_token[:-1]) + 1).tolist(), len(slots)]
+        assert len(runs) == len(bounds) - 1
+        for run, lo, hi in zip(runs, bounds, bounds[1:]):
+            if per_token[lo] == UNMAPPED:
+                assert torch.equal(run, pool.dense_rows(slots[lo:hi]))
+            else:
+                assert run == int(per_token[lo]) and hi - lo == seg
+    with pytest.raises(ValueError, match="page_size 16"):
+        locate_many(pool, [requests[0][1:]])

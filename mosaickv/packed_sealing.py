@@ -60,11 +60,20 @@ class PackedSealer:
         budget and packed into its own slab's region."""
         if not batch:
             return []
+        kinds: dict[tuple[bool, bool], list[int]] = {}  # segments whose queries were or were not recorded
+        for i, x in enumerate(batch):
+            kinds.setdefault((x.query_stats is None, x.attention is None), []).append(i)
+        if len(kinds) > 1:  # folded spans share what was observed: seal each kind together
+            regions: list[Region] = [None] * len(batch)  # type: ignore[list-item]
+            for rows in kinds.values():
+                for i, region in zip(rows, self.seal_many([batch[i] for i in rows])):
+                    regions[i] = region
+            return regions
         layers, hkv, s, d = batch[0].k.shape
         n = len(batch)
 
         def fold(ts: list[torch.Tensor | None]) -> torch.Tensor | None:  # [L, Hkv, ...] each -> [L, Hkv * n, ...]
-            if any(t is None for t in ts):
+            if ts[0] is None:
                 return None
             x = torch.stack(ts, dim=2)
             return x.reshape(x.shape[0], x.shape[1] * n, *x.shape[3:])

@@ -9,6 +9,10 @@ syncs: 1.68 segments/s for an 8B shape on an H200, slower than one host process
 strategy's formats), the kept tokens and every side's channel weights, block scores and
 low-rank bases are computed for all blocks at once, and
 :class:`~mosaickv.kernels.pack.PackWrapper` writes the region's bytes in one launch.
+:meth:`PackedSealer.seal_many` does this for many segments at once (a prefill's), their
+KV heads folded into one span per layer: an 8B segment's policy work was some 900 small
+ops alone, about 100 each in batches of 32 (counted on the CPU by
+``benchmarks/sealing/count_ops.py``).
 
 The packer ranks a sparse side's channels by ``(w_c x_c)^2`` with one weight per channel
 and block. ``w`` is recovered from the scorer's element scores as
@@ -69,7 +73,6 @@ class PackedSealer:
                 for i, region in zip(rows, self.seal_many([batch[i] for i in rows])):
                     regions[i] = region
             return regions
-        layers, hkv, s, d = batch[0].k.shape
         n = len(batch)
 
         def fold(ts: list[torch.Tensor | None]) -> torch.Tensor | None:  # [L, Hkv, ...] each -> [L, Hkv * n, ...]

@@ -37,7 +37,15 @@ from mosaickv.formats import SideFormat
 from mosaickv.kernels.decode import MixedAttention, compile_variants, run_plan
 from mosaickv.kernels.layout import AttentionPlan, default_max_programs, launch_variants, upload_plans
 from mosaickv.sglang_patch.decode_graph import DecodeGraph
-from mosaickv.sglang_patch.forward_inputs import RequestKV, Run, StatInputs, host_plan, locate_many, stat_inputs
+from mosaickv.sglang_patch.forward_inputs import (
+    WHOLE_RUNS,
+    RequestKV,
+    Run,
+    StatInputs,
+    host_plan,
+    locate_many,
+    stat_inputs,
+)
 from mosaickv.sglang_patch.pool import MosaicKVPool, SegmentKV
 
 if TYPE_CHECKING:
@@ -46,7 +54,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-WHOLE_RUNS = 1 << 40  # chunk_tokens that no run reaches: one item per (group, format pair) and per tail
 LSE_CHUNK_BYTES = 256 << 20  # float32 logits held at once by logsumexp (a long prefill would not fit whole)
 
 def _cat(tensors: list[torch.Tensor], dim: int = 0) -> torch.Tensor:

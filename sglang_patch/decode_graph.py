@@ -28,7 +28,7 @@ import triton
 from mosaickv.kernels.decode import MixedAttention, run_plan
 from mosaickv.kernels.graph_plan import GraphCapacity, GraphPlan
 from mosaickv.kernels.layout import default_max_programs
-from mosaickv.sglang_patch.forward_inputs import RequestKV, host_plan, stat_inputs
+from mosaickv.sglang_patch.forward_inputs import WHOLE_RUNS, RequestKV, host_plan, stat_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ class DecodeGraph:
 
     def __init__(self, pool, num_q_heads: int, max_bs: int, menu: list[tuple[int, int, int]], aligned: bool,
                  tuning: MixedAttention, max_context: int) -> None:
-        self.pool, self.tuning, self.aligned, self.max_context = pool, tuning, aligned, max_context
+        self.pool, self.tuning, self.aligned = pool, tuning, aligned
         hkv, layers, d = pool.head_num, pool.layer_num, pool.head_dim
         self.group = num_q_heads // hkv
         seg = pool.plan.segment_size
@@ -77,7 +77,7 @@ class DecodeGraph:
         if any(len(layer.items) > cap for layer in host.layers):
             # Whole runs: every (request, head, format pair) one item, which the capacity
             # holds (a run per menu entry and group).
-            host, tail_rows = host_plan(pool, reqs, self.group, self.tuning, self.max_programs, 2 * self.max_context)
+            host, tail_rows = host_plan(pool, reqs, self.group, self.tuning, self.max_programs, WHOLE_RUNS)
             if any(len(layer.items) > cap for layer in host.layers):
                 raise RuntimeError(f"a decode batch of {n} requests needs more than {cap} kernel items per layer "
                                    "even in whole runs")

@@ -16,6 +16,8 @@ from mosaickv.kernels.decode import MixedAttention
 from mosaickv.kernels.layout import HostPlan, plan_host
 from mosaickv.sglang_patch.pool import UNMAPPED, MosaicKVPool
 
+WHOLE_RUNS = 1 << 40  # chunk_tokens no run reaches: one item per (group, format pair) and one per tail
+
 Run = int | torch.Tensor
 """Consecutive tokens of a request: a sealed segment's slab, or the dense-pool rows (host)
 of still-dense tokens (a batch's rows go to the device together, not one run at a time)."""
@@ -31,8 +33,8 @@ def locate_many(pool: MosaicKVPool, requests: list[torch.Tensor]) -> list[list[R
     request's tokens fill its pages in order, SGLang's paged layout: slot % page_size ==
     position % page_size, checked), and the dense runs of every request mapped to rows in
     one call; runs are found with numpy, not a Python loop over them (a 32k-token request
-    is 1,024 sealed segments, each its own run). ``decode_step_host.py --requests 8
-    --segments 1024 --layers 32 --kv-heads 8`` on this CPU: 2.5 -> 0.96 ms."""
+    is 1,024 sealed segments, each its own run): 3.3 -> 0.9 ms for 8 such requests on a
+    2-core CPU (benchmarks/results/host_locate_32k_cpu.json)."""
     page_to_slab = pool.page_to_slab.numpy()
     ps, seg = pool.page_size, pool.plan.segment_size
     layouts: list[list[int | slice]] = []

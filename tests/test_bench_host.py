@@ -3,21 +3,17 @@ the real pool and backend and times every piece of a decode step's host work."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("sglang")
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "host" / "decode_step_host.py"
+from script_loader import load_script  # noqa: E402
 
 
 def test_decode_step_host_times_every_piece(tmp_path):
-    spec = importlib.util.spec_from_file_location("decode_step_host", SCRIPT)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("benchmarks/host/decode_step_host.py")
     out = tmp_path / "host.json"
     assert bench.main(["--requests", "1", "3", "--segments", "2", "--layers", "2", "--kv-heads", "2",
                        "--head-dim", "64", "--repeat", "1", "--json", str(out)]) == 0

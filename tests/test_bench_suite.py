@@ -12,21 +12,17 @@ import os
 import shlex
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from script_loader import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
 SUITE = ROOT / "benchmarks" / "suite"
 
 
 def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_suite_{name}", SUITE / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f"benchmarks/suite/{name}.py", f"bench_suite_{name}")
 
 
 collect = _load("collect")

@@ -1,7 +1,6 @@
 """The examples: the custom-policy one registers working parts (its full eval is the README's
 job); the agent workload's policy file, workload builder and server handling work without a GPU."""
 
-import importlib.util
 import json
 import socket
 import subprocess
@@ -16,15 +15,13 @@ from mosaickv.compressor import Compressor, compress_segment
 from mosaickv.config import load_policy
 from mosaickv.parts import Observation
 from mosaickv.sglang_patch.sizing import KVShape, slab_bytes
+from script_loader import load_script
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "custom_policy.py"
 
 
 def test_custom_policy_example_parts_compress_to_budget(tmp_path):
-    spec = importlib.util.spec_from_file_location("custom_policy_example", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
+    module = load_script("examples/custom_policy.py", "custom_policy_example")
     path = tmp_path / "p.yaml"
     path.write_text(module.POLICY)
     policy = load_policy(path, min_context=256)
@@ -42,11 +39,7 @@ AGENT_POLICY = EXAMPLE.parent / "agent_policy.yaml"
 
 
 def _agent_module():
-    spec = importlib.util.spec_from_file_location("agent_workload_example", AGENT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_script("examples/agent_workload.py", "agent_workload_example")
 
 
 @pytest.mark.parametrize("head_dim", [64, 128])

@@ -3,17 +3,13 @@ fewer ops each than a segment sealed alone, and the knapsack's ops are counted a
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "sealing" / "count_ops.py"
+from script_loader import load_script
 
 
 def test_sealing_together_shares_the_policys_ops(tmp_path):
-    spec = importlib.util.spec_from_file_location("count_ops", SCRIPT)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("benchmarks/sealing/count_ops.py")
     out = tmp_path / "ops.json"
     assert bench.main(["--layers", "4", "--kv-heads", "2", "--head-dim", "64", "--batches", "1", "4",
                        "--json", str(out)]) == 0

@@ -298,6 +298,35 @@ def make_result(header: Mapping, records: list[dict]) -> dict:
     return {**header, "records": records, "summary": summarize(records)}
 
 
+SAME_TASKS = ("kinds", "lengths", "samples", "seed", "max_tokens", "prime_context")  # what makes two runs' rows comparable
+
+
+def merge_results(results: Sequence[Mapping], names: Sequence[str] = ()) -> dict:
+    """One report from runs that asked the same tasks of different methods (servers on
+    two GPUs, or two machines): their records side by side, the summary recomputed.
+    Refuses runs whose tasks differ (``SAME_TASKS``) or that share a method name."""
+    if not results:
+        raise ValueError("no runs to merge")
+    names = list(names) or [f"run {i + 1}" for i in range(len(results))]
+    first = results[0]
+    for name, other in zip(names[1:], results[1:]):
+        for key in SAME_TASKS:
+            if other.get(key) != first.get(key):
+                raise ValueError(f"{name} asked other tasks than {names[0]}: {key} is {other.get(key)!r}, not {first.get(key)!r}")
+    seen: dict[str, str] = {}
+    for name, result in zip(names, results):
+        for method in dict.fromkeys(r["method"] for r in result["records"]):
+            if method in seen:
+                raise ValueError(f"method {method!r} is in both {seen[method]} and {name}: rename one before merging")
+            seen[method] = name
+    header = {key: first.get(key) for key in ("date_utc", "device", "model_path", "tokenizer", *SAME_TASKS, "concurrent", "requests_per_method")}
+    header["command"] = [r.get("command") for r in results]
+    header["merged_from"] = names
+    header["devices"] = [r.get("device") for r in results]
+    header["methods"] = [m for r in results for m in r.get("methods", [])]
+    return make_result(header, [rec for r in results for rec in r["records"]])
+
+
 def write_json(path: str | Path, result: dict) -> None:
     """Write through a temporary file, so a run killed mid-write keeps the previous save."""
     path = Path(path)

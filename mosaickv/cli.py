@@ -226,6 +226,21 @@ def _accuracy(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _accuracy_merge(args: argparse.Namespace) -> int:
+    from mosaickv.accuracy import format_table, merge_results, plot_accuracy, write_json
+
+    try:
+        result = merge_results([json.loads(Path(f).read_text()) for f in args.inputs], args.inputs)
+    except (OSError, ValueError, KeyError) as err:
+        args.fail(f"cannot merge {' '.join(args.inputs)}: {err}")
+    if args.plot:
+        plot_accuracy(result, args.plot)
+        result["plot"] = args.plot
+    write_json(args.output, result)
+    print(format_table(result))
+    return 0
+
+
 def _heads(args: argparse.Namespace) -> int:
     import torch
     import yaml
@@ -342,6 +357,12 @@ def build_parser() -> argparse.ArgumentParser:
     ac.add_argument("--plot", default=None, help="write a PNG of accuracy against length and per kind")
     ac.add_argument("--quiet", action="store_true", help="no progress bar")
     ac.set_defaults(func=_accuracy, fail=ac.error)
+
+    am = sub.add_parser("accuracy-merge", help="one accuracy report from runs that asked the same tasks of different methods")
+    am.add_argument("inputs", nargs="+", help="accuracy JSONs written by `mosaickv accuracy --output`")
+    am.add_argument("--output", required=True, help="the merged JSON")
+    am.add_argument("--plot", default=None, help="write a PNG of the merged report")
+    am.set_defaults(func=_accuracy_merge, fail=am.error)
     return parser
 
 

@@ -198,6 +198,8 @@ class Compressor:
         s, d = self.policy.segment_size, self.d
         rows = slice(lo * s, hi * s)
         nseg = hi - lo
+        if groups > 1 and nseg != 1:
+            raise ValueError(f"spans folded {groups} together are planned one segment at a time, got {nseg}")
         per_layer = []
         for obs in observations:
             hkv, t, _ = obs.keys.shape
@@ -214,28 +216,25 @@ class Compressor:
         for role, scores in (("token_scorer", tok), ("key_scorer", k_score), ("value_scorer", v_score)):
             _check_values(role, getattr(self.policy, role), scores)
         stats, keep = self._stats(keys.float(), values.float(), tok, k_score, v_score, nseg)
-        formats: list[BlockFormat] = [None] * keys.shape[0]  # type: ignore[list-item]
-        for g in range(groups):
-            rows = torch.arange(g, keys.shape[0], groups)
-            span = stats if groups == 1 else stats.rows(rows.to(keys.device))
-            for b, fmt in zip(rows.tolist(), self._strategy_plan(span, len(rows), budget)):
-                formats[b] = fmt
+        formats = self._strategy_plan(stats, keys.shape[0], budget, groups)
         return SegmentPlan(keys, values, formats, keep, k_score, v_score, observations[0].num_kv_heads)
 
-    def _strategy_plan(self, stats: BlockStats, blocks: int, budget: int) -> list[BlockFormat]:
-        """The strategy's formats for one span's ``blocks`` within ``budget``, checked."""
+    def _strategy_plan(self, stats: BlockStats, blocks: int, budget: int, groups: int = 1) -> list[BlockFormat]:
+        """The strategy's formats for ``groups`` spans' ``blocks`` (interleaved, see
+        :meth:`SegmentStrategy.plan_groups`), each span within ``budget``, checked."""
         strategy, d = self.policy.strategy, self.d
         try:
-            formats = strategy.plan(stats, budget, self.policy.channel_selector)
+            formats = strategy.plan_groups(stats, groups, budget, self.policy.channel_selector)
         except PolicyError as err:
             if err.field != "budget":
                 raise
             raise PolicyError("ratio", self.policy.ratio, f"a ratio this policy reaches on this span ({err.allowed})") from None
         if len(formats) != blocks:
             raise PartFailure("strategy", strategy, f"planned {len(formats)} blocks, expected {blocks}")
-        used = sum(f.nbytes(d) for f in formats)
-        if strategy.follows_budget and used > budget:
-            raise PolicyError("ratio", self.policy.ratio, f"a ratio these segments can reach: the plan needs {used} bytes, the budget is {budget}")
+        if strategy.follows_budget:
+            used = max(sum(f.nbytes(d) for f in formats[g::groups]) for g in range(groups))
+            if used > budget:
+                raise PolicyError("ratio", self.policy.ratio, f"a ratio these segments can reach: the plan needs {used} bytes, the budget is {budget}")
         return list(formats)
 
     def kept_tokens(self, plan: SegmentPlan) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:

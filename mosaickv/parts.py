@@ -14,6 +14,7 @@ from functools import cached_property
 
 import torch
 
+from mosaickv.errors import check
 from mosaickv.formats import BlockFormat, SideFormat
 
 
@@ -215,3 +216,20 @@ class SegmentStrategy:
 
     def plan(self, stats: BlockStats, budget: int, channels: ChannelSelector) -> list[BlockFormat]:
         raise NotImplementedError
+
+    def plan_groups(self, stats: BlockStats, groups: int, budget: int, channels: ChannelSelector) -> list[BlockFormat]:
+        """``plan`` for ``groups`` independent spans interleaved in ``stats`` (row ``b`` is
+        span ``b % groups``'s), each within ``budget``: many segments sealed at once.
+        Override it where one batched call does the same."""
+        if groups == 1:
+            return self.plan(stats, budget, channels)
+        blocks = stats.weight.shape[0]
+        formats: list[BlockFormat] = [None] * blocks  # type: ignore[list-item]
+        for g in range(groups):
+            rows = torch.arange(g, blocks, groups, device=stats.weight.device)
+            planned = list(self.plan(stats.rows(rows), budget, channels))
+            check(len(planned) == len(rows), "strategy", type(self).__name__,
+                  f"a plan() that returns one format per block ({len(planned)} for {len(rows)} blocks)")
+            for b, fmt in zip(rows.tolist(), planned):
+                formats[b] = fmt
+        return formats

@@ -167,6 +167,19 @@ class Dynamic(SegmentStrategy):
         return keys + [s for s in self._sides(self._value_widths, channels) if s not in keys]
 
     def plan(self, stats: BlockStats, budget: int, channels: ChannelSelector) -> list[BlockFormat]:
+        return self.plan_groups(stats, 1, budget, channels)
+
+    def plan_groups(self, stats: BlockStats, groups: int, budget: int, channels: ChannelSelector) -> list[BlockFormat]:
+        """One cost table for every span's blocks, one knapsack per span solved together."""
+        formats, cost, nbytes = self._options(stats, channels)
+        blocks = cost.shape[0]
+        check(blocks % groups == 0, "groups", groups, f"a divisor of the {blocks} blocks planned together")
+        value = -cost.double().view(blocks // groups, groups, -1).transpose(0, 1)  # [G, R, O]: span g's rows
+        choice = knapsack(value, nbytes, float(budget)).transpose(0, 1).reshape(-1)
+        return [formats[i] for i in choice.tolist()]
+
+    def _options(self, stats: BlockStats, channels: ChannelSelector) -> tuple[list[BlockFormat], torch.Tensor, list[float]]:
+        """Every block's options: their formats, costs [B, O] and bytes."""
         n, d = stats.n, stats.d
         sides, v_sides = self._sides(self._widths, channels), self._sides(self._value_widths, channels)
         counts = sorted({max(1, round(f * n)) for f in self.token_fractions})
@@ -186,65 +199,56 @@ class Dynamic(SegmentStrategy):
         if self.drop:
             formats.append(BlockFormat(0))
             cost = torch.cat([cost, stats.drop_cost.sum(1, keepdim=True)], dim=1)
-        nbytes = torch.tensor([f.nbytes(d) for f in formats], dtype=torch.float64, device=cost.device)
-        choice = _knapsack(-cost.double(), nbytes, float(budget))
-        return [formats[i] for i in choice.tolist()]
+        return formats, cost, [float(f.nbytes(d)) for f in formats]
 
 
-def _knapsack(value: torch.Tensor, cost: torch.Tensor, budget: float, fill_passes: int = 4) -> torch.Tensor:
-    """Pick one option per row maximizing total value with total cost <= budget.
+def knapsack(value: torch.Tensor, cost: list[float], budget: float, fill_passes: int = 4) -> torch.Tensor:
+    """For each of G independent problems, one option per row maximizing total value with
+    total cost <= budget: ``value`` [G, R, O], ``cost`` [O] shared, returns [G, R].
 
-    Every row's cheapest option is the fallback; raises if even those exceed the budget.
-    Solved on the host: a segment's table is small (blocks x options), and its bisection
-    and best-first fill read a total back at every step, hundreds of device syncs per
-    segment on a GPU (most of a segment's 34 ms on an H200, benchmarks/results/h200x2_2026-11-30b).
+    Lagrangian relaxation (bisection on the price of a byte, every problem its own), then
+    the best remaining upgrades by value per byte while bytes remain. Runs where ``value``
+    is, without reading anything back: on a GPU the G problems of a batch of segments are
+    a few hundred launches in all, where a problem at a time read a total back at every
+    step (hundreds of syncs per segment, most of a segment's 34 ms on an H200,
+    benchmarks/results/h200x2_2026-11-30b). Every row's cheapest option is the fallback;
+    raises if even those exceed the budget.
     """
-    value, cost = value.detach().double().cpu(), cost.detach().double().cpu()
-    rows = value.shape[0]
-    cheapest = cost.argmin().expand(rows)
-    check(cost.min().item() * rows <= budget, "budget", budget, f"a budget of at least {cost.min().item() * rows:.0f} bytes for {rows} blocks")
+    groups, rows, options = value.shape
+    floor = min(cost)
+    check(floor * rows <= budget, "budget", budget, f"a budget of at least {floor * rows:.0f} bytes for {rows} blocks")
+    price_of = torch.tensor(cost, dtype=value.dtype, device=value.device)
+    dearer = [c - floor for c in cost if c > floor]
 
-    def pick(price: float) -> torch.Tensor:
-        return (value - price * cost).argmax(dim=1)
+    def pick(price: torch.Tensor) -> torch.Tensor:
+        return (value - price[:, None, None] * price_of).argmax(dim=-1)
 
-    def spent(choice: torch.Tensor) -> float:
-        return cost[choice].sum().item()
+    def spent(choice: torch.Tensor) -> torch.Tensor:
+        return price_of[choice].sum(-1)
 
-    best = pick(0.0)
-    if spent(best) <= budget:
-        return best
-    span = (value.max() - value.min()).item() + 1.0
-    lo, hi = 0.0, span / max(cost[cost > cost.min()].min().item() - cost.min().item(), 1.0)
-    choice = cheapest if spent(pick(hi)) > budget else pick(hi)
+    free = pick(value.new_zeros(groups))
+    span = (value.amax(dim=(1, 2)) - value.amin(dim=(1, 2))) + 1.0
+    lo, hi = value.new_zeros(groups), span / max(min(dearer, default=1.0), 1.0)
+    top = pick(hi)
+    choice = torch.where((spent(top) <= budget)[:, None], top, torch.full_like(top, cost.index(floor)))
     for _ in range(60):
         mid = 0.5 * (lo + hi)
         trial = pick(mid)
-        if spent(trial) <= budget:
-            hi, choice = mid, trial
-        else:
-            lo = mid
-    left = budget - spent(choice)
+        fits = spent(trial) <= budget
+        hi, lo = torch.where(fits, mid, hi), torch.where(fits, lo, mid)
+        choice = torch.where(fits[:, None], trial, choice)
+    choice = torch.where((spent(free) <= budget)[:, None], free, choice)
     for _ in range(fill_passes):
         # Each row's most efficient affordable upgrade, taken best-first while bytes remain.
-        gain = value - value.gather(1, choice[:, None])
-        extra = cost[None, :] - cost[choice][:, None]
-        ok = (extra > 0) & (extra <= left) & (gain > 0)
-        if not ok.any():
-            break
-        eff = torch.where(ok, gain / extra.clamp_min(1e-9), torch.full_like(gain, -1.0))
-        best_eff, best_col = eff.max(dim=1)
-        steps = extra.gather(1, best_col[:, None])[:, 0].tolist()
-        eff_of, col_of = best_eff.tolist(), best_col.tolist()
-        changed = False
-        for row in best_eff.argsort(descending=True).tolist():
-            if eff_of[row] < 0:
-                break
-            if steps[row] <= left:
-                left -= steps[row]
-                choice[row] = col_of[row]
-                changed = True
-        if not changed:
-            break
+        left = budget - spent(choice)
+        gain = value - value.gather(-1, choice[..., None])
+        extra = price_of - price_of[choice][..., None]
+        ok = (extra > 0) & (extra <= left[:, None, None]) & (gain > 0)
+        eff, col = torch.where(ok, gain / extra.clamp_min(1e-9), torch.full_like(gain, -1.0)).max(dim=-1)
+        order = eff.argsort(dim=-1, descending=True)
+        step = torch.where(eff >= 0, extra.gather(-1, col[..., None])[..., 0], 0.0).gather(-1, order)
+        take = (eff.gather(-1, order) >= 0) & (step.cumsum(-1) <= left[:, None])
+        choice = torch.where(torch.zeros_like(take).scatter(-1, order, take), col, choice)
     return choice
 
 
@@ -296,15 +300,21 @@ class HeadWise(SegmentStrategy):
         return self._inner.candidates(d, channels)
 
     def plan(self, stats: BlockStats, budget: int, channels: ChannelSelector) -> list[BlockFormat]:
-        blocks, heads = stats.weight.shape[0], self._scores.numel()
+        return self.plan_groups(stats, 1, budget, channels)
+
+    def plan_groups(self, stats: BlockStats, groups: int, budget: int, channels: ChannelSelector) -> list[BlockFormat]:
+        """The same heads whole in every span; the spans' other blocks (still interleaved
+        span by span) go to the inner strategy together."""
+        blocks, heads = stats.weight.shape[0] // groups, self._scores.numel()
         check(blocks % heads == 0, "heads", f"{self._scores.shape[0]}x{self._scores.shape[1]}",
               f"a profile of this model's layers x KV heads ({blocks} blocks per plan is not a multiple of {heads})")
         per_head = blocks // heads
-        keep = torch.isin(torch.arange(blocks) // per_head, self._protected).to(stats.weight.device)
+        keep = torch.isin(torch.arange(blocks) // per_head, self._protected).repeat_interleave(groups)
         whole = BlockFormat(stats.n)
         rest = (~keep).nonzero()[:, 0]
-        left = budget - int(keep.sum()) * whole.nbytes(stats.d)
+        left = budget - int(keep.sum()) // groups * whole.nbytes(stats.d)
         if left < 0:
             raise PolicyError("budget", budget, f"at least {budget - left} bytes: the {self.dense} dense heads alone need that")
-        inner = iter(self._inner.plan(stats.rows(rest), left, channels) if len(rest) else [])
+        planned = self._inner.plan_groups(stats.rows(rest.to(stats.weight.device)), groups, left, channels) if len(rest) else []
+        inner = iter(planned)
         return [whole if k else next(inner) for k in keep.tolist()]

@@ -66,7 +66,7 @@ class _SealJob:
     future: Future
 
 
-SEAL_BATCH = 32  # segments one inline seal_many call takes (their scores are held at once)
+SEAL_BATCH = 64  # segments one inline seal_many call takes (their scores are held at once)
 
 
 def _run_now(seal: Callable[[SegmentInputs], Region], inputs: SegmentInputs) -> Future:

@@ -379,3 +379,26 @@ def test_concurrent_methods_answer_side_by_side_and_keep_their_records_grouped(t
     assert [r["output"] for r in records] == ["a"] * 4 + ["b"] * 4
     assert order["a"] == order["b"] and len(order["a"]) == 4  # each method's tasks in the same order
     assert all(r["error"] is None for r in records)
+
+
+def test_merge_puts_runs_side_by_side_and_refuses_other_tasks_or_a_shared_method(tasks, tmp_path, capsys):
+    answers = by_prompt(tasks)
+    right = evaluate(tasks, {"right": lambda m, n: " ".join(answers[m[0]["content"]])}, progress=False)
+    empty = evaluate(tasks, {"empty": lambda m, n: ""}, progress=False)
+    header = {"kinds": list(KINDS), "lengths": LENGTHS, "samples": {"single_number": 1}, "seed": 0, "prime_context": True}
+    files = []
+    for name, recs, extra in (("a", right, {}), ("b", empty, {}), ("other", empty, {"seed": 1}), ("again", right, {})):
+        files.append(tmp_path / f"{name}.json")
+        write_json(files[-1], make_result({**header, **extra, "command": f"mosaickv accuracy {name}"}, recs))
+    out = tmp_path / "merged.json"
+    assert main(["accuracy-merge", str(files[0]), str(files[1]), "--output", str(out), "--plot", str(tmp_path / "m.png")]) == 0
+    merged = json.loads(out.read_text())
+    assert list(merged["summary"]) == ["right", "empty"]
+    assert merged["summary"]["right"]["average"] == 100.0 and merged["summary"]["empty"]["average"] == 0.0
+    assert merged["summary"] == summarize(right + empty)
+    assert merged["command"] == ["mosaickv accuracy a", "mosaickv accuracy b"]
+    assert (tmp_path / "m.png").read_bytes()[:4] == b"\x89PNG"
+    for bad, words in ((files[2], "seed is 1"), (files[3], "method 'right' is in both")):
+        with pytest.raises(SystemExit):
+            main(["accuracy-merge", str(files[0]), str(bad), "--output", str(tmp_path / "x.json")])
+        assert words in capsys.readouterr().err

@@ -9,8 +9,10 @@ from hypothesis import strategies as st
 
 from mosaickv.compressor import Compressor
 from mosaickv.config import load_policy
-from mosaickv.parts import Observation
-from mosaickv.policies.strategies import _knapsack
+from mosaickv.errors import PolicyError
+from mosaickv.formats import BlockFormat
+from mosaickv.parts import BlockStats, Observation, SegmentStrategy
+from mosaickv.policies.strategies import knapsack
 
 
 def observations(layers=2, hkv=2, group=3, t=640, d=64, seed=0):
@@ -70,21 +72,85 @@ def test_fixed_presets_meet_the_budget(preset, ratio):
 
 def test_knapsack_matches_brute_force_on_small_instances():
     g = torch.Generator().manual_seed(3)
+    cost = [16.0, 40, 64, 100, 130]
     for _ in range(20):
         rows, options = 4, 5
-        value = torch.rand(rows, options, generator=g, dtype=torch.float64)
-        cost = torch.tensor([16.0, 40, 64, 100, 130], dtype=torch.float64)
+        value = torch.rand(1, rows, options, generator=g, dtype=torch.float64)
         budget = float(torch.randint(100, 400, (1,), generator=g))
-        choice = _knapsack(value, cost, budget)
-        got = value.gather(1, choice[:, None]).sum().item()
-        assert cost[choice].sum() <= budget
+        choice = knapsack(value, cost, budget)[0]
+        got = value[0].gather(1, choice[:, None]).sum().item()
+        assert sum(cost[c] for c in choice.tolist()) <= budget
         best = max(
-            sum(value[r, c].item() for r, c in enumerate(combo))
+            sum(value[0, r, c].item() for r, c in enumerate(combo))
             for combo in itertools.product(range(options), repeat=rows)
-            if sum(cost[c].item() for c in combo) <= budget
+            if sum(cost[c] for c in combo) <= budget
         )
         # Greedy on the convex hull is near-optimal; on 4 rows it may miss by one item.
         assert got >= best - value.max().item()
+
+
+def test_knapsack_solves_each_problem_of_a_batch_as_alone():
+    # Sealing many segments at once must not change any segment's plan.
+    g = torch.Generator().manual_seed(4)
+    cost = [0.0, 8.0, 20.0, 33.0, 64.0, 90.0]
+    value = -torch.rand(9, 40, len(cost), generator=g, dtype=torch.float64).cumsum(-1).flip(-1)
+    value[3] = 0.0  # a problem whose every option is free of loss: its cheapest plan is kept
+    value[5, :, :] *= 1e6  # and one on another scale: each problem its own price
+    budget = 40 * 30.0
+    batched = knapsack(value, cost, budget)
+    for i in range(len(value)):
+        assert torch.equal(batched[i], knapsack(value[i:i + 1], cost, budget)[0]), i
+        assert sum(cost[c] for c in batched[i].tolist()) <= budget
+
+
+def test_knapsack_refuses_a_budget_below_the_cheapest_plan():
+    with pytest.raises(PolicyError, match="budget"):
+        knapsack(torch.zeros(2, 10, 3, dtype=torch.float64), [5.0, 9.0, 12.0], 49.0)
+
+
+def random_stats(blocks: int, n: int = 8, d: int = 64, seed: int = 0) -> BlockStats:
+    g = torch.Generator().manual_seed(seed)
+    policy = load_policy("mosaic")
+    policy.strategy.bind(d)
+    sides = policy.strategy.candidates(d, policy.channel_selector)
+    lost = {side: torch.rand(blocks, n, generator=g) * (side.kind != "dense") for side in sides}
+    return BlockStats(n, d, torch.rand(blocks, n, generator=g), torch.rand(blocks, n, generator=g), lost, dict(lost))
+
+
+@pytest.mark.parametrize("preset", ["mosaic", "mosaic_heads"])
+def test_planning_spans_together_gives_each_span_its_plan_alone(preset):
+    # Interleaved spans (row b is span b % groups's), as seal_many folds segments.
+    policy = load_policy(preset)
+    strategy, channels = policy.strategy, policy.channel_selector
+    strategy.bind(64)
+    groups, per_span = 5, 30 * 3
+    stats = random_stats(groups * per_span)
+    budget = per_span * BlockFormat(8).nbytes(64) // 3
+    together = strategy.plan_groups(stats, groups, budget, channels)
+    for g in range(groups):
+        rows = torch.arange(g, groups * per_span, groups)
+        assert together[g::groups] == strategy.plan(stats.rows(rows), budget, channels), g
+        assert sum(f.nbytes(64) for f in together[g::groups]) <= budget
+
+
+def test_a_strategy_with_only_plan_is_planned_span_by_span_and_a_wrong_count_is_named():
+    class FirstHalf(SegmentStrategy):  # a researcher's strategy: plan() alone
+        def candidates(self, d, channels):
+            return []
+
+        def plan(self, stats, budget, channels):
+            return [BlockFormat(stats.n if b < stats.weight.shape[0] // 2 else 0) for b in range(stats.weight.shape[0])]
+
+    stats = random_stats(12)
+    planned = FirstHalf().plan_groups(stats, 3, 10**9, None)
+    assert [f.tokens for f in planned] == [8] * 6 + [0] * 6  # each span's first half (rows 0-1 of 4) keeps all
+
+    class Short(FirstHalf):
+        def plan(self, stats, budget, channels):
+            return [BlockFormat(0)]
+
+    with pytest.raises(PolicyError, match="strategy.*1 for 4 blocks"):
+        Short().plan_groups(stats, 3, 10**9, None)
 
 
 def test_dynamic_finds_the_format_that_compresses_a_head_without_loss():

@@ -6,7 +6,7 @@ busy-polling as SGLang's scheduler loop does (``--idle`` measures without it).
     python benchmarks/sealing/bench_seal.py --policy mosaic --layers 30 --kv-heads 3 --head-dim 64 \\
         --workers 1 2 --json benchmarks/results/sealing_convoy_cpu.json
     python benchmarks/sealing/bench_seal.py --device cuda --layers 32 --kv-heads 8 --head-dim 128 \
-        --segments 64 --batch 8 32   # on the GPU: host path, packer alone, packer 8 and 32 at a time
+        --segments 256 --batch 8 32 64 128   # on the GPU: host path, packer alone, and N at a time
     python benchmarks/sealing/bench_seal.py --inline --layers 32 --kv-heads 8 --head-dim 128       # the compressor alone
 """
 
@@ -73,17 +73,23 @@ def seal_on_device(compress, inputs: SegmentInputs, args) -> int:
         for size in args.batch:  # what --kv-compress-sealing device does with a prefill's segments
             sealers[f"packed_batch{size}"] = lambda n, size=size: [
                 packed.seal_many([on_dev] * min(size, n - lo)) for lo in range(0, n, size)]
-    rates = {}
+    rates, peaks = {}, {}
     for name, seal in sealers.items():
         seal(1)  # warm-up (the packer compiles)
         sync(dev)
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        held = torch.cuda.memory_allocated(dev) if dev.type == "cuda" else 0
         start = time.perf_counter()
         seal(args.segments)
         sync(dev)
         rates[name] = round(args.segments / (time.perf_counter() - start), 2)
+        if dev.type == "cuda":  # the workspace a server must leave free beside its KV pool
+            peaks[name] = round((torch.cuda.max_memory_allocated(dev) - held) / 2**20)
     res = {"policy": args.policy, "device": str(dev), "segments": args.segments,
            "shape": {"layers": args.layers, "kv_heads": args.kv_heads, "head_dim": args.head_dim},
-           "segments_per_s": rates}
+           "segments_per_s": rates, "peak_workspace_mib": peaks,
+           "command": "python benchmarks/sealing/bench_seal.py " + " ".join(sys.argv[1:])}
     print(json.dumps(res))
     if args.json:
         with open(args.json, "w") as f:

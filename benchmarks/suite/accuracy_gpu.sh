@@ -3,8 +3,11 @@
 # (the RULER-style suite of mosaickv/tasks.py) against SmolLM2 servers that share this
 # GPU, one per method, started together and asked side by side (--concurrent):
 #   T0=$(date +%s) METHODS="none fp8 mosaic3 mosaic6" SAMPLES=1 bash benchmarks/suite/accuracy_gpu.sh
-# METHODS: from none fp8 mosaic3 mosaic6 mosaic_heads3 mosaic_heads6 snapkv3 think3
-# uniform2d3 (the number: how many times fewer KV bytes; fp8 is 2x). Every server gets the same flags but the method's:
+# METHODS: none, fp8 (2x), or a preset of policies/presets/ followed by its ratio, how many
+# times fewer KV bytes than dense (mosaic3, mosaic_heads6, snapkv3, uniform2d6, think1.5; a
+# policy file `base: PRESET` + `ratio: N` is written for it under $OUT/policies). Two runs
+# side by side (one per GPU) take their own OUT and PORT; `mosaickv accuracy-merge` joins
+# their JSONs. Every server gets the same flags but the method's:
 # a capped pool (--max-total-tokens), so that the servers fit one GPU together whatever the
 # order their memory profiles run in. $OUT gets accuracy.json, accuracy.png, steps.txt and
 # logs.tgz (every server's log and command).
@@ -17,20 +20,27 @@ METHODS=${METHODS:-none fp8 mosaic3 mosaic6}
 BASE="--model-path $M --mem-fraction-static 0.5 --max-total-tokens ${MAX_TOTAL:-65536} --max-running-requests 8 \
 --sampling-backend pytorch --host 127.0.0.1"
 source benchmarks/serving/lib.sh
-flags_of() {
+flags_of() {  # none, fp8, or PRESET then its ratio: mosaic3, snapkv6, mosaic_heads3, think1.5, ...
   case $1 in
     none) echo "--attention-backend triton" ;;
     fp8) echo "--attention-backend triton --kv-cache-dtype fp8_e4m3" ;;
-    mosaic3) echo "--kv-compress mosaickv --kv-compress-config mosaic" ;;
-    mosaic6) echo "--kv-compress mosaickv --kv-compress-config benchmarks/suite/mosaic6.yaml" ;;
-    mosaic_heads3) echo "--kv-compress mosaickv --kv-compress-config mosaic_heads" ;;
-    mosaic_heads6) echo "--kv-compress mosaickv --kv-compress-config benchmarks/suite/mosaic_heads6.yaml" ;;
-    snapkv3 | think3 | uniform2d3) echo "--kv-compress mosaickv --kv-compress-config ${1%3}" ;;
-    *) echo "unknown method $1: one of none fp8 mosaic3 mosaic6 mosaic_heads3 mosaic_heads6 snapkv3 think3 uniform2d3" >&2; return 2 ;;
+    *)
+      local ratio preset
+      ratio=$(grep -oE '[0-9]+(\.[0-9]+)?$' <<< "$1"); preset=${1%"$ratio"}
+      if [ -z "$ratio" ] || [ ! -f "policies/presets/$preset.yaml" ]; then
+        echo "unknown method $1: none, fp8, or a preset of policies/presets/ and its ratio (mosaic3, snapkv6, think1.5)" >&2
+        return 2
+      fi
+      mkdir -p "$OUT/policies"
+      printf 'base: %s\nname: %s\nratio: %s\n' "$preset" "$1" "$ratio" > "$OUT/policies/$1.yaml"
+      echo "--kv-compress mosaickv --kv-compress-config $OUT/policies/$1.yaml" ;;
   esac
 }
 for m in $METHODS; do flags_of "$m" > /dev/null || exit 2; done
 python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . > "$OUT/pip.log" 2>&1
+for f in "$OUT"/policies/*.yaml; do  # a ratio a preset cannot reach is refused here, not by a server that never starts
+  [ -f "$f" ] && { python3 -c "import sys; from mosaickv.config import load_policy; load_policy(sys.argv[1])" "$f" || exit 2; }
+done
 if [ ! -f /tmp/mkv/jit_warm ]; then python3 benchmarks/serving/warm_jit.py | tee -a "$OUT/steps.txt" && touch /tmp/mkv/jit_warm; fi
 
 declare -A PIDS PORTS

@@ -66,7 +66,10 @@ class _SealJob:
     future: Future
 
 
-SEAL_BATCH = 64  # segments one inline seal_many call takes (their scores are held at once)
+# Segments one inline seal_many call takes. On an H200, 8B-shaped segments: 208/s at 32 per
+# call, 186 at 64, 171 at 128, with 7.5, 14.7 and 29 GiB of workspace
+# (benchmarks/results/sealing_batched_h200.json); a server at 64 prefilled 2.5x slower.
+SEAL_BATCH = 32
 
 
 def _run_now(seal: Callable[[SegmentInputs], Region], inputs: SegmentInputs) -> Future:

@@ -39,9 +39,19 @@ def test_a_segment_sealed_on_the_gpu_equals_the_host_one(name):
     pairs = [(h, g) for hl, gl in zip(host, dev) for h, g in zip(hl, gl)]
     same = [(h, g) for h, g in pairs if h.fmt == g.fmt]
     assert len(same) >= 0.9 * len(pairs)
+    rows = swapped = 0
     for h, g in same:
         for a, b in zip(unpack_block(h), unpack_block(g)):
-            torch.testing.assert_close(b.float().cpu(), a.float(), atol=3e-2, rtol=3e-2)
+            a, b = a.float(), b.float().cpu()
+            close = torch.isclose(b, a, atol=3e-2, rtol=3e-2)
+            both = (a != 0) & (b != 0)
+            assert close[both].all(), "a value stored on both devices differs"
+            # Elsewhere a vector may keep another channel where two scores tie to rounding:
+            # one channel for one, never more.
+            assert a.numel() == 0 or ((a != 0) ^ (b != 0)).sum(-1).max().item() <= 2
+            rows += a.shape[0]
+            swapped += int((~close).any(-1).sum())
+    assert swapped <= 0.01 * rows, f"{swapped} of {rows} vectors keep other channels on the GPU"
     region = seal_segment(PolicyCompressor(policy, D), SegmentInputs(k.cuda(), v.cuda(), budget, stats.cuda(),
                                                                      attn.cuda(), 0))
     assert region.data.device.type == "cuda" and region.data.numel() > 0

@@ -90,11 +90,33 @@ def seal_on_device(compress, inputs: SegmentInputs, args) -> int:
            "shape": {"layers": args.layers, "kv_heads": args.kv_heads, "head_dim": args.head_dim},
            "segments_per_s": rates, "peak_workspace_mib": peaks,
            "command": "python benchmarks/sealing/bench_seal.py " + " ".join(sys.argv[1:])}
+    if args.profile and dev.type == "cuda":
+        res["profile"] = profile_batch(sealers[f"packed_batch{args.profile}"], args.profile)
     print(json.dumps(res))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1)
     return 0
+
+
+def profile_batch(seal, size: int, top: int = 25) -> dict:
+    """Where one ``seal_many`` call of ``size`` segments spends the GPU's time and the host's:
+    the kernels by total time, and the host ops that waited on the device."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        seal(size)
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    kernels = sorted((e for e in events if e.device_type.name == "CUDA"), key=lambda e: -e.self_device_time_total)
+    host = sorted((e for e in events if e.device_type.name == "CPU"), key=lambda e: -e.cpu_time_total)
+    return {
+        "segments": size,
+        "kernel_launches": sum(e.count for e in kernels),
+        "kernel_ms": round(sum(e.self_device_time_total for e in kernels) / 1e3, 2),
+        "kernels": [{"name": e.key[:90], "calls": e.count, "ms": round(e.self_device_time_total / 1e3, 3)} for e in kernels[:top]],
+        "host_ops": [{"name": e.key, "calls": e.count, "ms": round(e.cpu_time_total / 1e3, 3)} for e in host[:top]],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,10 +134,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="seal on this device, inline on the calling thread ('cuda': the GPU sealing candidate)")
     ap.add_argument("--batch", type=int, nargs="*", default=[8, 32],
                     help="on a GPU, also seal this many segments per PackedSealer.seal_many call")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="on a GPU, also profile one seal_many call of N segments (one of --batch): kernels and host ops")
     ap.add_argument("--inline", action="store_true",
                     help="seal inline on the calling thread of --device (the CPU too): the compressor alone, no workers")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
+    if args.profile and args.profile not in args.batch:
+        ap.error(f"--profile {args.profile}: profile one of the --batch sizes ({' '.join(map(str, args.batch))})")
     policy = load_policy(args.policy)
     compress = PolicyCompressor(policy, args.head_dim)
     s, shape = policy.segment_size, (args.layers, args.kv_heads)

@@ -371,11 +371,14 @@ def plot_accuracy(result: dict, path: str | Path) -> None:
     kinds = [*_kinds(result), "average"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.4), gridspec_kw={"width_ratios": [1, 1.8]})
     width = 0.8 / max(1, len(summary))
+    colors = plt.get_cmap("tab10" if len(summary) <= 10 else "tab20").colors  # one color per method
     for j, (name, s) in enumerate(summary.items()):
+        color = colors[j % len(colors)]
         points = sorted((int(n), v) for n, v in s["by_length"].items() if v is not None)
-        left.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
+        left.plot([p[0] for p in points], [p[1] for p in points], marker="os^Dv<>p*h"[j % 10], color=color, label=name)
         values = [s["by_kind"].get(k) for k in kinds[:-1]] + [s["average"]]
-        right.bar([i + (j - (len(summary) - 1) / 2) * width for i in range(len(kinds))], [float("nan") if v is None else v for v in values], width, label=name)
+        right.bar([i + (j - (len(summary) - 1) / 2) * width for i in range(len(kinds))], [float("nan") if v is None else v for v in values], width,
+                  color=color, label=name)
     lengths = sorted({int(n) for s in summary.values() for n in s["by_length"]})
     left.set_xscale("log", base=2)
     left.set_xticks(lengths, [str(n) for n in lengths])
@@ -389,8 +392,9 @@ def plot_accuracy(result: dict, path: str | Path) -> None:
     for ax in (left, right):
         ax.set_ylim(-5, 105)
         ax.grid(alpha=0.3)
-    left.legend(fontsize=8)
-    fig.suptitle(f"Accuracy through the OpenAI API, {result.get('model_path') or ''} ({result.get('device') or 'device not given'})", fontsize=10)
+    left.legend(fontsize=7, ncol=2 if len(summary) > 6 else 1)
+    model = Path(result.get("model_path") or result.get("tokenizer") or "").name
+    fig.suptitle(f"Accuracy through the OpenAI API, {model} ({result.get('device') or 'device not given'})", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -323,15 +323,40 @@ def test_methods_differ_only_in_compression_flags():
         assert "--attention-backend" not in workloads.METHODS[m] and "--kv-cache-dtype" not in workloads.METHODS[m]
 
 
-@pytest.mark.parametrize("variant, preset", [("mosaic6", "mosaic"), ("mosaic_heads6", "mosaic_heads")])
-def test_the_6x_variants_are_their_presets_at_6x(variant, preset):
+def test_the_6x_variant_is_its_preset_at_6x():
     from mosaickv.config import read_policy_source
 
-    ours = read_policy_source(SUITE / f"{variant}.yaml")
-    theirs = read_policy_source(preset)
+    ours = read_policy_source(SUITE / "mosaic6.yaml")
+    theirs = read_policy_source("mosaic")
     assert {k: v for k, v in ours.items() if k not in ("name", "ratio")} == \
            {k: v for k, v in theirs.items() if k not in ("name", "ratio")}
-    assert ours["ratio"] == 6 and ours["name"] == variant
+    assert ours["ratio"] == 6 and ours["name"] == "mosaic6"
+
+
+def accuracy_flags(method: str, out: Path) -> subprocess.CompletedProcess:
+    """``flags_of`` of benchmarks/suite/accuracy_gpu.sh, alone."""
+    script = f"OUT={shlex.quote(str(out))}; eval \"$(sed -n '/^flags_of() {{/,/^}}/p' {SUITE}/accuracy_gpu.sh)\"; flags_of {method}"
+    return subprocess.run(["bash", "-c", script], cwd=SUITE.parents[1], capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("method, preset, ratio", [("uniform2d6", "uniform2d", 6), ("mosaic_heads3", "mosaic_heads", 3),
+                                                   ("think1.5", "think", 1.5)])
+def test_an_accuracy_method_is_its_preset_at_its_ratio(method, preset, ratio, tmp_path):
+    from mosaickv.config import load_policy
+
+    run = accuracy_flags(method, tmp_path)
+    assert run.returncode == 0, run.stderr
+    path = tmp_path / "policies" / f"{method}.yaml"
+    assert run.stdout.split() == ["--kv-compress", "mosaickv", "--kv-compress-config", str(path)]
+    ours, theirs = load_policy(str(path)), load_policy(preset)
+    assert ours.ratio == ratio and ours.name == method
+    assert ours.strategy == theirs.strategy and ours.token_scorer == theirs.token_scorer
+
+
+@pytest.mark.parametrize("method", ["uniform2d", "bogus3", "mosaic"])
+def test_an_accuracy_method_without_a_preset_and_ratio_is_refused_by_name(method, tmp_path):
+    run = accuracy_flags(method, tmp_path)
+    assert run.returncode == 2 and f"unknown method {method}:" in run.stderr
 
 
 def test_random_model_is_deterministic_with_the_tokenizer_folder_vocab(tmp_path):

@@ -111,7 +111,7 @@ def ratio(record: Record, base: Record | None, metric: str) -> Ratio:
         if a is None or b is None:
             return Ratio(None, why="admitted concurrency not measured")
         if b_bound:
-            return Ratio(None, why=f"the baseline's {b} is bounded by the {b_bound}, not by memory")
+            return Ratio(None, why=f"the baseline's {b} is bounded by {b_bound}, not by memory")
         return Ratio(a / b, lower_bound=bool(a_bound))
     a, b = bench(record, metric), bench(base, metric)
     if a is None or b is None or not b:

@@ -150,8 +150,30 @@ def lowrank_fit(x: torch.Tensor, score: torch.Tensor) -> tuple[torch.Tensor, ...
     vh`` of ``x * w`` and ``w`` [G, 1, d]. Truncated, it is the best rank-r fit there
     (Eckart-Young); a basis ``vh / w`` maps back to plain channels."""
     w = channel_weights(x.float(), score.float())[:, None, :]
-    u, sv, vh = torch.linalg.svd(x.float() * w, full_matrices=False)
+    u, sv, vh = thin_svd(x.float() * w)
     return u, sv, vh, w
+
+
+def thin_svd(a: torch.Tensor, rel_tol: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``torch.linalg.svd(a, full_matrices=False)`` for a batch [G, m, d] of small blocks,
+    from the eigenvectors of the smaller Gram matrix (float64). On a GPU, cuSOLVER's
+    batched SVD takes only matrices up to 32 x 32, and torch loops over a batch of 32 x 128
+    blocks one matrix at a time, while the 32 x 32 Gram matrices go to the batched
+    eigensolver. Directions whose singular value is below ``rel_tol`` of the block's
+    largest come back as zero rows of ``vh`` (zero columns of ``u`` when m > d): they
+    carry nothing a rank-r fit keeps."""
+    ad = a.double()
+    m, d = ad.shape[-2:]
+    gram = ad @ ad.mT if m <= d else ad.mT @ ad
+    evals, evecs = torch.linalg.eigh(gram)  # ascending
+    sv = evals.flip(-1).clamp_min(0).sqrt()
+    vecs = evecs.flip(-1)
+    inv = torch.where(sv > rel_tol * sv[..., :1], 1.0 / sv.clamp_min(1e-300), 0.0)
+    if m <= d:
+        u, vh = vecs, (vecs.mT @ ad) * inv[..., :, None]
+    else:
+        u, vh = (ad @ vecs) * inv[..., None, :], vecs.mT
+    return u.to(a.dtype), sv.to(a.dtype), vh.to(a.dtype)
 
 
 def _pack_sides(x: torch.Tensor, fmt: SideFormat, score: torch.Tensor | None) -> list[PackedSide]:

@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mosaickv.formats import DENSE, HEADER_BYTES, BlockFormat, SideFormat, pack_block, unpack_block
+from mosaickv.formats import DENSE, HEADER_BYTES, BlockFormat, SideFormat, pack_block, thin_svd, unpack_block
 
 KINDS = ["dense", "sparse", "mask", "lowrank"]
 
@@ -104,3 +104,22 @@ def test_side_format_kinds_are_checked():
         SideFormat("zigzag", 4)
     with pytest.raises(ValueError, match="width"):
         SideFormat("sparse", 0)
+
+
+@pytest.mark.parametrize("m, d", [(32, 128), (8, 64), (1, 64), (100, 64)])
+def test_thin_svd_equals_torchs_svd_on_full_rank_deficient_and_zero_blocks(m, d):
+    g = torch.Generator().manual_seed(m * d)
+    a = torch.randn(6, m, d, generator=g) * torch.linspace(0.1, 3.0, d)
+    a[1] = 0.0
+    a[2] = torch.randn(m, 2, generator=g) @ torch.randn(2, d, generator=g)  # rank 2 (1 when m = 1)
+    u, sv, vh = thin_svd(a)
+    want_u, want_sv, want_vh = torch.linalg.svd(a, full_matrices=False)
+    k = min(m, d)
+    assert u.shape == (6, m, k) and sv.shape == (6, k) and vh.shape == (6, k, d)
+    torch.testing.assert_close(sv, want_sv, atol=1e-4 * want_sv.max().item(), rtol=1e-4)
+    torch.testing.assert_close((u * sv[:, None, :]) @ vh, a, atol=1e-4, rtol=1e-4)
+    assert not vh[1].any() or m > d  # a zero block has no direction to keep
+    for block in (0, 3, 4, 5):  # the top-r subspace, whatever the signs
+        r = min(4, k)
+        mine, theirs = vh[block, :r].mT @ vh[block, :r], want_vh[block, :r].mT @ want_vh[block, :r]
+        torch.testing.assert_close(mine, theirs, atol=1e-4, rtol=1e-4)

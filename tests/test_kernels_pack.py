@@ -14,7 +14,7 @@ if not torch.cuda.is_available():  # must precede the first import of the kernel
 import numpy as np
 import pytest
 
-from mosaickv.formats import BlockFormat, PackedBlock, SideFormat, channel_weights, pack_block, unpack_block
+from mosaickv.formats import BlockFormat, PackedBlock, SideFormat, lowrank_fit, pack_block, unpack_block
 from mosaickv.kernels.layout import DENSE, LOWRANK, Arena
 from mosaickv.kernels.pack import PackWrapper, SideInputs
 from mosaickv.kernels.synthetic import random_format
@@ -60,9 +60,7 @@ def side_inputs(x: torch.Tensor, s: torch.Tensor, kept: torch.Tensor, w: torch.T
         return s[kept].sum(0), None, None
     if side.kind != "lowrank" or not len(kept):
         return w, None, None
-    xk = x[kept].float()
-    wl = channel_weights(xk, s[kept])
-    _, sv, vh = torch.linalg.svd(xk * wl, full_matrices=False)
+    _, sv, vh, wl = (t[0] for t in lowrank_fit(x[kept][None].float(), s[kept][None]))  # as the sealers fit it
     r, r_eff = side.width, min(side.width, sv.numel())
     basis, proj = torch.zeros(r, x.shape[1]), torch.zeros(r, x.shape[1])
     basis[:r_eff] = vh[:r_eff] / wl

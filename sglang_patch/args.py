@@ -60,8 +60,8 @@ class MosaicServerArgs(ServerArgs):
     kv_compress_sealing: A[
         Optional[str],
         Arg(help="MosaicKV sealing: 'processes' (default; host worker processes beside the scheduler) or 'device' "
-                 "(inline on the GPU at insert: a prefill's segments sealed together, a packer launch each; not yet measured in a "
-                 "server).",
+                 "(inline on the GPU at insert, 32 segments per call; for large models and long prompts, which host "
+                 "processes cannot seal as fast as prefill makes them).",
             choices=SEALING_CHOICES),
         NS("memory"),
     ] = None

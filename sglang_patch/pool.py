@@ -165,6 +165,7 @@ class SealingCounters:
     dense_full: int = 0  # writes that found no dense row even after that (a MemoryError each)
     decode_inserts: int = 0  # running requests' decoded segments inserted (sealed) before they finished
     prefill_throttled: int = 0  # prefill rounds whose budget was cut to the free dense rows (admission.py)
+    inline_seal_seconds: float = 0.0  # wall time the scheduler spent sealing inline (--kv-compress-sealing device)
 
 
 class MosaicKVPool(MHATokenToKVPool):
@@ -403,6 +404,7 @@ class MosaicKVPool(MHATokenToKVPool):
             "dense_full": self.counters.dense_full,
             "decode_inserts": self.counters.decode_inserts,
             "prefill_throttled": self.counters.prefill_throttled,
+            "inline_seal_seconds": round(self.counters.inline_seal_seconds, 3),
             "sealing_pending": len(pending),
             # A stalled worker shows here: sealing degrades to dense, the scheduler does not wait.
             "oldest_pending_s": oldest,

@@ -118,6 +118,8 @@ def test_inline_sealing_hands_due_segments_over_together_and_a_failure_leaves_on
     tree.insert(InsertParams(key=RadixKey(array("l", list(range(64)))), value=prefill(pool, alloc, 64)))
     tree.drain(wait=True)
     assert sealer.calls == [3] and pool.arena.live_slabs == 3  # segments 0..2 in one call
+    spent = pool.counters.inline_seal_seconds
+    assert spent > 0 and pool.stats()["inline_seal_seconds"] == round(spent, 3)
 
     sealer.calls.clear()
     slots = alloc.alloc(64)

@@ -116,7 +116,9 @@ def read_policy_source(source: str | os.PathLike | Mapping[str, Any], _depth: in
     """A policy's fields as written (preset name, file or mapping), before validation.
 
     A ``base`` field names a preset or file whose fields this one starts from, so that a
-    variant says only what it changes (``{base: mosaic_heads, ratio: 6}``)."""
+    variant says only what it changes (``{base: mosaic_heads, ratio: 6}``). A part given
+    as a mapping changes only the fields it names while it keeps its base's part
+    (``{base: mosaic_heads, strategy: {dense: 14}}``); naming another part replaces it."""
     data = _read_one(source)
     if "base" not in data:
         return data
@@ -125,9 +127,18 @@ def read_policy_source(source: str | os.PathLike | Mapping[str, Any], _depth: in
     check(_depth < MAX_BASE_DEPTH, "base", base, f"a chain of at most {MAX_BASE_DEPTH} bases (is it a cycle?)")
     if not isinstance(source, Mapping) and _preset_path(base) is None and not Path(base).is_absolute():
         base = str(Path(str(source)).parent / base)  # a file's base is found beside it
-    merged = read_policy_source(base, _depth + 1)
-    merged.update(data)
-    return merged
+    return _overlay(read_policy_source(base, _depth + 1), data)
+
+
+def _overlay(base: dict, changes: Mapping[str, Any]) -> dict:
+    """``base`` with ``changes``: a mapping over a mapping of the same part (its ``name``
+    unchanged or not given) changes that part's fields; anything else replaces."""
+    out = dict(base)
+    for key, value in changes.items():
+        old = out.get(key)
+        same_part = isinstance(old, Mapping) and isinstance(value, Mapping) and value.get("name", old.get("name")) == old.get("name")
+        out[key] = _overlay(dict(old), value) if same_part else value
+    return out
 
 
 def _read_one(source: str | os.PathLike | Mapping[str, Any]) -> dict:

@@ -143,6 +143,19 @@ def test_a_policy_built_on_a_preset_changes_only_what_it_says(tmp_path):
     assert (got.segment_size, got.sinks, got.window) == (preset.segment_size, preset.sinks, preset.window)
 
 
+def test_a_variant_changes_fields_of_its_bases_part_and_replaces_a_part_it_renames():
+    preset = load_policy("mosaic_heads")
+    more = load_policy({"base": "mosaic_heads", "name": "heads14", "strategy": {"dense": 14}})
+    assert more.strategy.dense == 14 and more.strategy.heads == preset.strategy.heads
+    assert more.strategy.inner == preset.strategy.inner
+    nested = load_policy({"base": "mosaic_heads", "strategy": {"inner": {"widths": [0.25]}}})
+    assert nested.strategy.inner == {**preset.strategy.inner, "widths": [0.25]}
+    fixed = load_policy({"base": "mosaic", "strategy": {"name": "fixed", "tokens": "auto"}})  # another part: no
+    assert (fixed.strategy.tokens, fixed.strategy.k) == ("auto", "dense")  # dynamic's fields carried over
+    floor = load_policy({"base": "mosaic", "token_scorer": {"floor": 0.5}})
+    assert floor.token_scorer.floor == 0.5 and floor.token_scorer.window == load_policy("mosaic").token_scorer.window
+
+
 def test_a_base_file_is_found_beside_its_variant_and_chains(tmp_path):
     (tmp_path / "a.yaml").write_text("base: snapkv\nname: a\nwindow: 64\n")
     (tmp_path / "b.yaml").write_text("base: a.yaml\nname: b\nratio: 2\n")

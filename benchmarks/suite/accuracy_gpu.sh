@@ -3,9 +3,11 @@
 # (the RULER-style suite of mosaickv/tasks.py) against SmolLM2 servers that share this
 # GPU, one per method, started together and asked side by side (--concurrent):
 #   T0=$(date +%s) METHODS="none fp8 mosaic3 mosaic6" SAMPLES=1 bash benchmarks/suite/accuracy_gpu.sh
-# METHODS: none, fp8 (2x), or a preset of policies/presets/ followed by its ratio, how many
-# times fewer KV bytes than dense (mosaic3, mosaic_heads6, snapkv3, uniform2d6, think1.5; a
-# policy file `base: PRESET` + `ratio: N` is written for it under $OUT/policies). Two runs
+# METHODS: none, fp8 (2x), or a preset of policies/presets/ (or a policy file of
+# benchmarks/suite/) followed by its ratio, how many times fewer KV bytes than dense
+# (mosaic3, mosaic_heads6, snapkv3, uniform2d6, think1.5, mosaic_heads14_3: an underscore
+# parts a name that ends in a digit; a policy file `base: PRESET` + `ratio: N` is written
+# for it under $OUT/policies). Two runs
 # side by side (one per GPU) take their own OUT and PORT; `mosaickv accuracy-merge` joins
 # their JSONs. Every server gets the same flags but the method's:
 # a capped pool (--max-total-tokens), so that the servers fit one GPU together whatever the
@@ -25,14 +27,17 @@ flags_of() {  # none, fp8, or PRESET then its ratio: mosaic3, snapkv6, mosaic_he
     none) echo "--attention-backend triton" ;;
     fp8) echo "--attention-backend triton --kv-cache-dtype fp8_e4m3" ;;
     *)
-      local ratio preset
-      ratio=$(grep -oE '[0-9]+(\.[0-9]+)?$' <<< "$1"); preset=${1%"$ratio"}
-      if [ -z "$ratio" ] || [ ! -f "policies/presets/$preset.yaml" ]; then
-        echo "unknown method $1: none, fp8, or a preset of policies/presets/ and its ratio (mosaic3, snapkv6, think1.5)" >&2
+      local ratio preset base
+      ratio=$(grep -oE '[0-9]+(\.[0-9]+)?$' <<< "$1"); preset=${1%"$ratio"}; preset=${preset%_}
+      if [ -n "$ratio" ] && [ -f "policies/presets/$preset.yaml" ]; then base=$preset
+      elif [ -n "$ratio" ] && [ -f "benchmarks/suite/$preset.yaml" ]; then base=$PWD/benchmarks/suite/$preset.yaml
+      else
+        echo "unknown method $1: none, fp8, or a preset of policies/presets/ (or a policy of benchmarks/suite/) and its" \
+          "ratio (mosaic3, snapkv6, think1.5, mosaic_heads14_3)" >&2
         return 2
       fi
       mkdir -p "$OUT/policies"
-      printf 'base: %s\nname: %s\nratio: %s\n' "$preset" "$1" "$ratio" > "$OUT/policies/$1.yaml"
+      printf 'base: %s\nname: %s\nratio: %s\n' "$base" "$1" "$ratio" > "$OUT/policies/$1.yaml"
       echo "--kv-compress mosaickv --kv-compress-config $OUT/policies/$1.yaml" ;;
   esac
 }

@@ -7,6 +7,9 @@ Two paths read the same pool, chosen by ``--kv-compress-attention``:
   forward, where each request's tokens are (host page tables) becomes one plan for every
   layer (:func:`plan_forward`, one upload); each layer then launches one kernel per
   (key format, value format) pair present and a log-sum-exp merge.
+  An extend sends its dense rows and new tokens to SGLang's own Triton extend kernel
+  instead (the one ``--attention-backend triton`` runs) and merges its output with the
+  sealed blocks' by log-sum-exp (:func:`extend_attention`).
 * ``sdpa``: the PyTorch reference. Per request and layer it lays out the visible keys and
   values in token order (sealed segments densified without their dropped tokens, cached
   by :meth:`MosaicKVPool.segment_kv`; still-dense rows; the step's own tokens last) and
@@ -168,17 +171,53 @@ class ForwardState:
 
 
 @dataclass
-class ForwardPlan:
-    """A forward's kernel work, planned once on the host for every layer."""
+class DenseExtend:
+    """An extend's dense part, for SGLang's Triton extend kernel (what ``--attention-backend
+    triton`` runs for ``none``): per request, its dense rows before the step's tokens as
+    the prefix, and the step's tokens (the last ``nq`` dense rows) causally."""
 
-    layers: list[AttentionPlan]
+    qo_indptr: torch.Tensor  # int32 [B + 1]
+    kv_indptr: torch.Tensor  # int32 [B + 1]: each request's prefix rows in kv_indices
+    kv_indices: torch.Tensor  # int64 dense rows of the prefixes, back to back
+    new_rows: torch.Tensor  # int64 dense rows of the step's tokens, back to back
+    max_new: int
+
+    @classmethod
+    def of(cls, reqs: list[RequestKV], device: torch.device) -> "DenseExtend":
+        prefix, new = [], []
+        for req in reqs:
+            rows = _cat([r for r in req.runs if not isinstance(r, int)] or [torch.zeros(0, dtype=torch.int64)])
+            if len(rows) < req.nq:
+                raise RuntimeError(f"a request extends by {req.nq} tokens but holds {len(rows)} dense rows")
+            prefix.append(rows[: len(rows) - req.nq])
+            new.append(rows[len(rows) - req.nq :])
+
+        def indptr(parts: list[torch.Tensor]) -> torch.Tensor:
+            counts = torch.tensor([0] + [len(x) for x in parts], dtype=torch.int64)
+            return counts.cumsum(0).to(device=device, dtype=torch.int32)
+
+        return cls(indptr(new), indptr(prefix), torch.cat(prefix).to(device), torch.cat(new).to(device),
+                   max((req.nq for req in reqs), default=0))
+
+
+@dataclass
+class ForwardPlan:
+    """A forward's kernel work, planned once on the host for every layer. An extend's
+    ``layers`` cover its sealed blocks alone (None if it reads none) and ``dense`` the rest."""
+
+    layers: Optional[list[AttentionPlan]]
     tail_rows: torch.Tensor  # int32, each request's dense rows in token order, back to back
     tuning: MixedAttention
     group: int
+    dense: Optional[DenseExtend] = None
 
 
 def plan_forward(pool: MosaicKVPool, reqs: list[RequestKV], num_q_heads: int, extend: bool) -> ForwardPlan:
-    """The forward's :func:`host_plan`, uploaded for every layer (:func:`upload_plans`)."""
+    """The forward's :func:`host_plan`, uploaded for every layer (:func:`upload_plans`).
+
+    An extend plans its sealed blocks alone: its dense rows and its new tokens go to
+    SGLang's own extend kernel (:class:`DenseExtend`), tuned for a long causal prefill,
+    and the two are merged by log-sum-exp (:func:`extend_attention`)."""
     hkv = pool.head_num
     if num_q_heads % hkv:
         raise ValueError(f"{num_q_heads} query heads are not a multiple of {hkv} KV heads")
@@ -186,12 +225,45 @@ def plan_forward(pool: MosaicKVPool, reqs: list[RequestKV], num_q_heads: int, ex
     tuning = EXTEND_TUNING if extend else DECODE_TUNING
     device = torch.device(pool.device)
     max_programs = default_max_programs(device)
-    # An extend's row blocks are its parallelism: each (row block, format pair) and its
-    # tail are one item each, or partial outputs (items x block_m x d floats) of an 8k-token
-    # chunk over a 32k context outgrow the GPU (17 GiB on an 8B model, found on an H200).
+    dense = None
+    if extend:
+        dense = DenseExtend.of(reqs, device)
+        reqs = [RequestKV(req.slots, [r for r in req.runs if isinstance(r, int)], req.nq) for req in reqs]
+        if not any(req.runs for req in reqs):
+            return ForwardPlan(None, torch.zeros(0, dtype=torch.int32, device=device), tuning, group, dense)
+    # An extend's row blocks are its parallelism: each (row block, format pair) is one item,
+    # or partial outputs (items x block_m x d floats) of an 8k-token chunk over a 32k
+    # context outgrow the GPU (17 GiB on an 8B model, found on an H200).
     host, tail_rows = host_plan(pool, reqs, group, tuning, max_programs, WHOLE_RUNS if extend else None)
     plans = upload_plans(host, device, pool.head_dim, max_programs)
-    return ForwardPlan(plans, tail_rows.to(device=device, dtype=torch.int32), tuning, group)
+    return ForwardPlan(plans, tail_rows.to(device=device, dtype=torch.int32), tuning, group, dense)
+
+
+def extend_attention(pool: MosaicKVPool, plan: ForwardPlan, layer_id: int, q: torch.Tensor, out: torch.Tensor,
+                     lse: torch.Tensor, scale: float) -> None:
+    """One layer of an extend: the dense part by SGLang's Triton extend kernel, the sealed
+    blocks by the mixed-format kernels, merged by log-sum-exp into ``out`` and ``lse``
+    (natural log, [T, Hq] float32)."""
+    from sglang.kernels.ops.attention.extend_attention import extend_attention_fwd
+    from sglang.kernels.ops.attention.merge_state import merge_state_triton
+
+    dense = plan.dense
+    k_buf, v_buf = pool.get_key_buffer(layer_id), pool.get_value_buffer(layer_id)
+    o_dense = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    lse_dense = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
+    q_dense = q if q.dtype == k_buf.dtype else q.to(k_buf.dtype)  # its dots take one dtype (a server's q is the pool's)
+    extend_attention_fwd(q_dense, k_buf[dense.new_rows], v_buf[dense.new_rows], o_dense, k_buf, v_buf, dense.qo_indptr,
+                         dense.kv_indptr, dense.kv_indices, None, True, None, dense.max_new, 1.0, 1.0,
+                         sm_scale=scale, lse_extend=lse_dense)
+    if plan.layers is None:
+        out.copy_(o_dense)
+        lse.copy_(lse_dense)
+        return
+    o_sealed = torch.zeros_like(o_dense)  # rows of a request without sealed blocks stay empty
+    lse_sealed = torch.full_like(lse_dense, float("-inf"))
+    run_plan(plan.layers[layer_id - pool.start_layer], pool.arena.values, pool.arena.data, pool.block_table,
+             pool.widths_aligned, k_buf, v_buf, plan.tail_rows, q, o_sealed, scale, plan.group, plan.tuning, lse_sealed)
+    merge_state_triton(o_sealed, lse_sealed, o_dense, lse_dense, out, lse)
 
 
 class MosaicAttnBackend(TorchNativeAttnBackend):
@@ -329,10 +401,14 @@ class MosaicAttnBackend(TorchNativeAttnBackend):
             if not self._compiled:
                 self._compile(layer.tp_q_head_num)
             plan = self._forward_plan(forward_batch, state, layer.tp_q_head_num, extend)
-            run_plan(plan.layers[layer.layer_id - pool.start_layer], pool.arena.values, pool.arena.data,
-                     pool.block_table, pool.widths_aligned, pool.get_key_buffer(layer.layer_id),
-                     pool.get_value_buffer(layer.layer_id), plan.tail_rows, q_, o_, layer.scaling, plan.group,
-                     plan.tuning, lse)
+            if extend:
+                merged = lse if with_lse else torch.empty(q_.shape[:2], dtype=torch.float32, device=q.device)
+                extend_attention(pool, plan, layer.layer_id, q_, o_, merged, layer.scaling)
+            else:
+                run_plan(plan.layers[layer.layer_id - pool.start_layer], pool.arena.values, pool.arena.data,
+                         pool.block_table, pool.widths_aligned, pool.get_key_buffer(layer.layer_id),
+                         pool.get_value_buffer(layer.layer_id), plan.tail_rows, q_, o_, layer.scaling, plan.group,
+                         plan.tuning, lse)
         else:
             start = 0
             for req in reqs:

@@ -287,6 +287,25 @@ def test_kernel_path_matches_the_reference_path(group, d, device):
     assert_same_stats(twin.pool.query_stats, twin.ref_pool.query_stats)
 
 
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_an_extend_reads_dense_rows_between_sealed_segments_and_requests_without_any(device):
+    """The dense part of an extend (SGLang's extend kernel) takes a request's dense rows
+    whatever their place among its sealed segments (a dense sink first, a dense segment
+    between two sealed ones), beside a request with no sealed segment and one whose only
+    new token is its first: the merged output matches the reference."""
+    if device == "cpu" and torch.cuda.is_available():
+        pytest.skip("the kernels are compiled for the GPU here; the cuda case runs them")
+    twin = Twin(4, 64, device)
+    twin.step([4 * SEG + 3, 1], ForwardMode.EXTEND, seed=0)
+    twin.seal(0, 1)
+    twin.seal(0, 3)  # request 0: dense, sealed, dense, sealed, dense tail
+    for seed, new in enumerate(([5, 7], [1, 1], [SEG, 2])):
+        for kernel, ref in twin.step(new, ForwardMode.EXTEND, seed=seed + 1):
+            assert torch.isfinite(kernel).all()
+            torch.testing.assert_close(kernel.float(), ref.float(), atol=2e-2, rtol=2e-2)
+    assert_same_stats(twin.pool.query_stats, twin.ref_pool.query_stats)
+
+
 def assert_same_stats(a, b) -> None:
     """Two pools' query statistics hold the same segments with close sums, equal counts."""
     a.flush(), b.flush()

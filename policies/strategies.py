@@ -217,6 +217,8 @@ def knapsack(value: torch.Tensor, cost: list[float], budget: float, fill_passes:
     groups, rows, options = value.shape
     floor = min(cost)
     check(floor * rows <= budget, "budget", budget, f"a budget of at least {floor * rows:.0f} bytes for {rows} blocks")
+    if rows == 0:
+        return torch.zeros(groups, 0, dtype=torch.int64, device=value.device)
     price_of = torch.tensor(cost, dtype=value.dtype, device=value.device)
     dearer = [c - floor for c in cost if c > floor]
 

@@ -103,9 +103,10 @@ def test_knapsack_solves_each_problem_of_a_batch_as_alone():
         assert sum(cost[c] for c in batched[i].tolist()) <= budget
 
 
-def test_knapsack_refuses_a_budget_below_the_cheapest_plan():
+def test_knapsack_refuses_a_budget_below_the_cheapest_plan_and_plans_no_rows_as_none():
     with pytest.raises(PolicyError, match="budget"):
         knapsack(torch.zeros(2, 10, 3, dtype=torch.float64), [5.0, 9.0, 12.0], 49.0)
+    assert knapsack(torch.zeros(3, 0, 3, dtype=torch.float64), [5.0, 9.0, 12.0], 0.0).shape == (3, 0)
 
 
 def random_stats(blocks: int, n: int = 8, d: int = 64, seed: int = 0) -> BlockStats:

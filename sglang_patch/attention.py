@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
 import torch
+from sglang.kernels.ops.attention.extend_attention import extend_attention_fwd
+from sglang.kernels.ops.attention.merge_state import merge_state_triton
 from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
 from sglang.srt.layers.radix_attention import AttentionType
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
@@ -244,20 +246,16 @@ def extend_attention(pool: MosaicKVPool, plan: ForwardPlan, layer_id: int, q: to
     """One layer of an extend: the dense part by SGLang's Triton extend kernel, the sealed
     blocks by the mixed-format kernels, merged by log-sum-exp into ``out`` and ``lse``
     (natural log, [T, Hq] float32)."""
-    from sglang.kernels.ops.attention.extend_attention import extend_attention_fwd
-    from sglang.kernels.ops.attention.merge_state import merge_state_triton
-
     dense = plan.dense
     k_buf, v_buf = pool.get_key_buffer(layer_id), pool.get_value_buffer(layer_id)
-    o_dense = torch.empty(q.shape, dtype=torch.float32, device=q.device)
-    lse_dense = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
+    alone = plan.layers is None  # no sealed block: the dense part is the whole answer
+    o_dense = out if alone else torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    lse_dense = lse if alone else torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
     q_dense = q if q.dtype == k_buf.dtype else q.to(k_buf.dtype)  # its dots take one dtype (a server's q is the pool's)
     extend_attention_fwd(q_dense, k_buf[dense.new_rows], v_buf[dense.new_rows], o_dense, k_buf, v_buf, dense.qo_indptr,
                          dense.kv_indptr, dense.kv_indices, None, True, None, dense.max_new, 1.0, 1.0,
                          sm_scale=scale, lse_extend=lse_dense)
-    if plan.layers is None:
-        out.copy_(o_dense)
-        lse.copy_(lse_dense)
+    if alone:
         return
     o_sealed = torch.zeros_like(o_dense)  # rows of a request without sealed blocks stay empty
     lse_sealed = torch.full_like(lse_dense, float("-inf"))

@@ -75,6 +75,12 @@ def test_extend_dropped_prefix_and_wide_rows() -> None:
     run_extend(gen, layers, [12, 40], [12, 33], hkv=2, group=2, d=64, block_m=32)
 
 
+def test_extend_with_no_compressed_segment_in_the_batch() -> None:
+    """A prompt's first chunk: no request holds a sealed segment, so the arena is empty."""
+    gen = torch.Generator().manual_seed(11)
+    run_extend(gen, [CompressedLayer(), CompressedLayer()], [9, 20], [9, 6], hkv=2, group=3, d=64)
+
+
 def test_extend_rejects_short_tail() -> None:
     w = MixedExtendWrapper()
     with pytest.raises(ValueError):

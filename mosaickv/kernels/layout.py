@@ -73,7 +73,7 @@ def _place(sizes: np.ndarray, align: int, base: int) -> tuple[np.ndarray, int, n
     one, and the gap after each up to the next non-empty one (0 after the last)."""
     flat = sizes.reshape(-1)
     padded = -(-flat // align) * align
-    start = base + np.concatenate([[0], np.cumsum(padded)[:-1]]).astype(np.int64)
+    start = base + (np.cumsum(padded) - padded).astype(np.int64)  # exclusive sum: no tensors, no starts
     gap = padded - flat
     used = np.flatnonzero(flat)
     end = base

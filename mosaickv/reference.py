@@ -60,14 +60,16 @@ def attention(
     """Attention of ``q`` [Hq, nq, d] over ``compressed`` plus a dense tail [Hkv, t, d].
 
     The ``nq`` queries are the last ``nq`` tokens of the tail (``t >= nq``), causal within
-    it. GQA: query head ``h`` reads KV head ``h // (Hq // Hkv)``. Returns float32, and
-    with ``return_lse`` each query's log-sum-exp of scaled logits [Hq, nq] too.
+    it; with no tail (``t == 0``) they read the compressed tokens alone, as the sealed part
+    of a split extend does. GQA: query head ``h`` reads KV head ``h // (Hq // Hkv)``.
+    Returns float32, and with ``return_lse`` each query's log-sum-exp of scaled logits
+    [Hq, nq] too.
     """
     hq, nq, d = q.shape
     hkv, t, _ = tail_k.shape
     if hq % hkv:
         raise ValueError(f"{hq} query heads are not a multiple of {hkv} KV heads")
-    if t < nq:
+    if 0 < t < nq:
         raise ValueError(f"tail of {t} tokens cannot hold the {nq} query tokens")
     group = hq // hkv
     scale = 1.0 / math.sqrt(d) if scale is None else scale

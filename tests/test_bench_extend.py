@@ -1,5 +1,6 @@
 """benchmarks/kernels/bench_extend.py in its CPU smoke mode: both extend kernels run on
-the same chunk, agree, and are timed into the JSON."""
+the same chunk, agree, and are timed into the JSON; our kernel over a sealed prefix with
+each tile matches the reference."""
 
 from __future__ import annotations
 
@@ -19,9 +20,12 @@ from script_loader import load_script
 def test_smoke_run_checks_both_kernels_and_writes_their_times(tmp_path):
     bench = load_script("benchmarks/kernels/bench_extend.py")
     out = tmp_path / "extend.json"
-    assert bench.main(["--smoke", "--heads", "6/2", "--head-dim", "64", "--json", str(out)]) == 0
+    assert bench.main(["--smoke", "--heads", "6/2", "--head-dim", "64", "--tiles", "32x32", "16x16",
+                       "--json", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert [r["prefix"] for r in result["rows"]] == [0, 37]
+    assert [r["prefix"] for r in result["rows"]] == [0, 101]
+    assert [(r["sealed_prefix"], r["tile"]) for r in result["sealed_rows"]] == [(101, "32x32"), (101, "16x16")]
+    assert all(r["ours_ms"] > 0 for r in result["sealed_rows"])
     for r in result["rows"]:
         assert r["max_abs_diff"] < 2e-2 and r["ours_ms"] > 0 and r["sglang_ms"] > 0
         assert abs(r["sglang_speedup"] - r["ours_ms"] / r["sglang_ms"]) < 0.05

@@ -82,6 +82,20 @@ def test_every_token_dropped_leaves_only_the_tail():
     torch.testing.assert_close(attention(q, layer, tk, tv), sdpa(q, tk, tv, 2, 4), rtol=1e-4, atol=1e-5)
 
 
+def test_no_tail_reads_the_compressed_tokens_alone():
+    # The sealed part of a split extend: every query sees every kept token, nothing else.
+    torch.manual_seed(2)
+    layer = build([torch.randn(2, 8, 64)] * 2, [torch.randn(2, 8, 64)] * 2, lambda s, h: BlockFormat(8 - 3 * s))
+    q = torch.randn(4, 5, 64)
+    empty = torch.zeros(2, 0, 64)
+    out = attention(q, layer, empty, empty)
+    for h in range(2):
+        rec = [unpack_block(seg_blocks[h]) for seg_blocks in layer.blocks]
+        k, v = torch.cat([r[0] for r in rec]), torch.cat([r[1] for r in rec])
+        ref = torch.softmax(q[2 * h : 2 * h + 2] @ k.T / 8.0, dim=-1) @ v
+        torch.testing.assert_close(out[2 * h : 2 * h + 2], ref, rtol=1e-4, atol=1e-5)
+
+
 def test_bad_shapes_are_refused():
     with pytest.raises(ValueError, match="multiple"):
         attention(torch.randn(5, 1, 64), CompressedLayer(), torch.randn(2, 3, 64), torch.randn(2, 3, 64))

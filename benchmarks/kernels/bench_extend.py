@@ -11,10 +11,15 @@ causally to themselves after a dense prefix of ``P`` tokens, through
   an extend), and
 * ``sglang``: ``extend_attention_fwd`` with its log-sum-exp (what the split calls).
 
-Both outputs are checked against each other before timing. Medians (``do_bench``) on a
-GPU; on the CPU (``--smoke``, Triton interpreter) one timed run of a tiny shape, for tests.
+Both outputs are checked against each other before timing. ``--tiles`` adds the part
+that stayed: the same chunk over a prefix of ``P`` sealed tokens (32-token segments in a
+mix of formats near ``mosaic`` at 3x, packed by ``pack_block``) and no dense row, in our
+kernel with each ``BLOCK_MxBLOCK_N`` tile (the server's is 32x32), checked against the
+reference. Medians (``do_bench``) on a GPU; on the CPU (``--smoke``, Triton interpreter)
+one timed run of a tiny shape, for tests.
 
-    python benchmarks/kernels/bench_extend.py --json OUT.json [--chunk 8192] [--prefix 0 8192 24576]
+    python benchmarks/kernels/bench_extend.py --json OUT.json [--chunk 8192] [--prefix 0 8192 24576] \
+        [--tiles 32x32 64x32 64x64]
 """
 
 from __future__ import annotations
@@ -28,9 +33,11 @@ import time
 
 import torch
 
+from mosaickv.formats import BlockFormat, SideFormat
 from mosaickv.kernels._interpret import patch_interpreter
 from mosaickv.kernels.extend import MixedExtendWrapper
-from mosaickv.reference import CompressedLayer
+from mosaickv.kernels.synthetic import random_layer
+from mosaickv.reference import CompressedLayer, attention
 from mosaickv.sglang_patch.attention import EXTEND_TUNING
 from mosaickv.sglang_patch.forward_inputs import WHOLE_RUNS
 
@@ -83,12 +90,48 @@ def row(prefix: int, nq: int, hq: int, hkv: int, d: int, device: torch.device) -
             "sglang_speedup": round(s_ours / s_sglang, 2)}
 
 
+SEGMENT = 32  # the presets' segment_size
+
+
+def sealed_mix(d: int) -> list[BlockFormat]:
+    """Formats near what ``mosaic`` chose at 3x on real text (docs/policies.md): few kept
+    tokens with dense sides, half with narrowed values, some low-rank, some dropped."""
+    return [BlockFormat(8), BlockFormat(16, SideFormat("dense"), SideFormat("sparse", d // 4)),
+            BlockFormat(16, SideFormat("sparse", d // 4), SideFormat("sparse", d // 4)),
+            BlockFormat(SEGMENT, SideFormat("lowrank", d // 8), SideFormat("lowrank", d // 8)), BlockFormat(0)]
+
+
+def sealed_rows(prefix: int, nq: int, hq: int, hkv: int, d: int, tiles: list[str], device: torch.device) -> list[dict]:
+    """Our kernel over ``prefix`` sealed tokens for ``nq`` new queries, with each tile."""
+    g = torch.Generator().manual_seed(prefix)
+    mix = sealed_mix(d)
+    layer = CompressedLayer()
+    for seg in range(prefix // SEGMENT):
+        layer.append(random_layer(g, 1, SEGMENT, hkv, d, fmt=mix[seg % len(mix)]).blocks[0])
+    q = torch.randn(nq, hq, d, generator=g).bfloat16()
+    empty = torch.zeros(hkv, 0, d)
+    ref = attention(q.transpose(0, 1), layer, empty, empty).transpose(0, 1)
+    rows = []
+    for tile in tiles:
+        block_m, block_n = (int(x) for x in tile.split("x"))
+        ours = MixedExtendWrapper(block_m, block_n)
+        ours.plan_layers([layer], [empty], [empty], [nq], hq, hkv, d, device, 1 / math.sqrt(d), chunk_tokens=WHOLE_RUNS)
+        qd = q.to(device)
+        out = ours.run(qd).float().cpu()
+        torch.testing.assert_close(out, ref, atol=3e-2, rtol=3e-2, msg=lambda m: f"tile {tile}, P={prefix}: {m}")
+        rows.append({"sealed_prefix": prefix, "chunk": nq, "tile": tile, "ours_ms": round(median_s(lambda: ours.run(qd), device) * 1e3, 3)})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--chunk", type=int, default=8192, help="new tokens (SGLang's default chunked prefill size)")
     ap.add_argument("--prefix", type=int, nargs="+", default=[0, 8192, 24576], help="dense prefix tokens before them")
     ap.add_argument("--heads", default="32/8", help="query/KV heads (the 8B shape)")
     ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--tiles", nargs="*", default=[], metavar="MxN",
+                    help="also time our kernel over a sealed prefix of each --prefix size (> 0) with these tiles")
     ap.add_argument("--smoke", action="store_true", help="a tiny shape on the CPU (Triton interpreter)")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
@@ -96,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         if os.environ.get("TRITON_INTERPRET") != "1":
             ap.error("--smoke runs the kernels under TRITON_INTERPRET=1")
-        device, args.chunk, args.prefix = torch.device("cpu"), 40, [0, 37]
+        device, args.chunk, args.prefix = torch.device("cpu"), 40, [0, 3 * SEGMENT + 5]
     elif torch.cuda.is_available():
         device = torch.device("cuda")
     else:
@@ -105,9 +148,11 @@ def main(argv: list[str] | None = None) -> int:
     for prefix in args.prefix:
         rows.append(row(prefix, args.chunk, hq, hkv, args.head_dim, device))
         print(json.dumps(rows[-1]), flush=True)
+    sealed = [r for prefix in args.prefix if prefix >= SEGMENT
+              for r in sealed_rows(prefix, args.chunk, hq, hkv, args.head_dim, args.tiles, device)]
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (Triton interpreter)"
     result = {"command": "python benchmarks/kernels/bench_extend.py " + " ".join(sys.argv[1:] if argv is None else argv),
-              "device": device_name, "rows": rows}
+              "device": device_name, "rows": rows, "sealed_rows": sealed}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

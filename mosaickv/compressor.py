@@ -15,7 +15,7 @@ import torch
 
 from mosaickv.config import Policy
 from mosaickv.errors import PolicyError
-from mosaickv.formats import BlockFormat, PackedBlock, SideFormat, channel_weights, dense_block_bytes, pack_block, pack_blocks
+from mosaickv.formats import BlockFormat, PackedBlock, SideFormat, channel_weights, dense_block_bytes, pack_block, pack_blocks, smaller_gram
 from mosaickv.parts import BlockStats, Observation, segment_observation
 from mosaickv.reference import CompressedLayer
 
@@ -367,6 +367,4 @@ def squared_singular_values(x: torch.Tensor) -> torch.Tensor:
     eigenvalues of the smaller Gram matrix, in float64: for a segment's 32 x 128 blocks
     far cheaper than ``svdvals`` on the CPU, and equal to it within 1e-6 of the largest
     (tests/test_compressor.py)."""
-    xd = x.double()
-    gram = xd @ xd.transpose(-1, -2) if x.shape[-2] <= x.shape[-1] else xd.transpose(-1, -2) @ xd
-    return torch.linalg.eigvalsh(gram).flip(-1).clamp_min(0).to(x.dtype)
+    return torch.linalg.eigvalsh(smaller_gram(x)).flip(-1).clamp_min(0).to(x.dtype)

@@ -164,8 +164,7 @@ def thin_svd(a: torch.Tensor, rel_tol: float = 1e-6) -> tuple[torch.Tensor, torc
     carry nothing a rank-r fit keeps."""
     ad = a.double()
     m, d = ad.shape[-2:]
-    gram = ad @ ad.mT if m <= d else ad.mT @ ad
-    evals, evecs = torch.linalg.eigh(gram)  # ascending
+    evals, evecs = torch.linalg.eigh(smaller_gram(ad))  # ascending
     sv = evals.flip(-1).clamp_min(0).sqrt()
     vecs = evecs.flip(-1)
     inv = torch.where(sv > rel_tol * sv[..., :1], 1.0 / sv.clamp_min(1e-300), 0.0)
@@ -174,6 +173,14 @@ def thin_svd(a: torch.Tensor, rel_tol: float = 1e-6) -> tuple[torch.Tensor, torc
     else:
         u, vh = (ad @ vecs) * inv[..., None, :], vecs.mT
     return u.to(a.dtype), sv.to(a.dtype), vh.to(a.dtype)
+
+
+def smaller_gram(x: torch.Tensor) -> torch.Tensor:
+    """``x x^T`` or ``x^T x`` of each ``[m, d]`` matrix, whichever is smaller, in float64:
+    its eigenvalues are the squared singular values (its eigenvectors the singular
+    vectors of that side), far cheaper to find for a segment's 32 x 128 blocks."""
+    xd = x.double()
+    return xd @ xd.mT if x.shape[-2] <= x.shape[-1] else xd.mT @ xd
 
 
 def _pack_sides(x: torch.Tensor, fmt: SideFormat, score: torch.Tensor | None) -> list[PackedSide]:

@@ -10,9 +10,9 @@ strategy's formats), the kept tokens and every side's channel weights, block sco
 low-rank bases are computed for all blocks at once, and
 :class:`~mosaickv.kernels.pack.PackWrapper` writes the region's bytes in one launch.
 :meth:`PackedSealer.seal_many` does this for many segments at once (a prefill's), their
-KV heads folded into one span per layer: an 8B segment's policy work was some 900 small
-ops alone, about 100 each in batches of 32 (counted on the CPU by
-``benchmarks/sealing/count_ops.py``).
+KV heads folded into one span per layer: an 8B segment's policy work is 1,704 small ops
+alone and 68.8 each in batches of 32 (counted on the CPU by
+``benchmarks/sealing/count_ops.py``, benchmarks/results/sealing_ops_per_segment_cpu.json).
 
 The packer ranks a sparse side's channels by ``(w_c x_c)^2`` with one weight per channel
 and block. ``w`` is recovered from the scorer's element scores as
@@ -88,27 +88,28 @@ class PackedSealer:
                                    fold([x.query_stats for x in batch]), fold([x.attention for x in batch]))
         plan = self.compressor.plan_segments(obs, 0, 1, batch[0].budget_bytes, groups=n)
         mask = self._kept_mask(plan)
-        sides = [self._side_inputs(plan, side, x, score, mask)
+        lowrank = [_lowrank_blocks(plan.formats, side) for side in (0, 1)]
+        sides = [self._side_inputs(plan, side, x, score, mask, lowrank[side])
                  for side, x, score in ((0, plan.keys, plan.k_score), (1, plan.values, plan.v_score))]
-        return [self._pack(inputs, plan, mask, sides, g, n) for g, inputs in enumerate(batch)]
+        return [self._pack(inputs, plan, mask, sides, lowrank, g, n) for g, inputs in enumerate(batch)]
 
-    def _pack(self, inputs: SegmentInputs, plan: SegmentPlan, mask: torch.Tensor, sides: list[SideInputs], g: int,
-              n: int) -> Region:
-        """Segment ``g`` of ``n`` folded into ``plan``: its blocks' bytes in one packer launch."""
+    def _pack(self, inputs: SegmentInputs, plan: SegmentPlan, mask: torch.Tensor, sides: list[SideInputs],
+              lowrank: list[tuple[np.ndarray, np.ndarray]], g: int, n: int) -> Region:
+        """Segment ``g`` of ``n`` folded into ``plan`` (its blocks are every ``n``-th, in
+        (layer, KV head) order): their bytes in one packer launch."""
         k, v = inputs.k, inputs.v
         layers, hkv, s, d = k.shape
-        rows = torch.arange(g, len(plan.formats), n)  # its blocks, (layer, KV head) order
-        formats = [plan.formats[b] for b in rows.tolist()]
+        formats = plan.formats[g::n]
         used = sum(f.nbytes(d) for f in formats)
         if used > inputs.budget_bytes:
             raise PartFailure("strategy", self.policy.strategy, f"planned {used} bytes, over the {inputs.budget_bytes}-byte slab")
-        block, token = mask[rows.to(mask.device)].nonzero(as_tuple=True)  # block-major, tokens in order: what pack_block keeps
+        block, token = mask[g::n].nonzero(as_tuple=True)  # block-major, tokens in order: what pack_block keeps
         kept_rows = (block // hkv) * s + token  # rows of the [layers * s, hkv, d] sources below
         rel = place_formats(formats, d, 0, ALIGN)
         index_base = -(-2 * rel.values_end // ALIGN) * ALIGN
         end = rel.index_end if rel.index_end > index_base else 2 * rel.values_end
         heads = np.tile(np.arange(hkv), layers)
-        mine = [_side_rows(side, plan.formats, which, rows.tolist()) for which, side in enumerate(sides)]
+        mine = [_side_rows(side, *lowrank[which], g, n) for which, side in enumerate(sides)]
         self.packer.plan(formats, heads, kept_rows, d, k.device, mine[0], mine[1], ALIGN, 0, index_base)
         data = torch.zeros(-(-max(end, rel.index_end) // 2) * 2, dtype=torch.uint8, device=k.device)
         src_k, src_v = (x.to(torch.bfloat16).permute(0, 2, 1, 3).reshape(layers * s, hkv, d) for x in (k, v))
@@ -125,10 +126,10 @@ class PackedSealer:
         return mask
 
     def _side_inputs(self, plan: SegmentPlan, side: int, x: torch.Tensor, score: torch.Tensor,
-                     mask: torch.Tensor) -> SideInputs:
+                     mask: torch.Tensor, lowrank_blocks: tuple[np.ndarray, np.ndarray]) -> SideInputs:
         """Per block: the channel weights (sparse), the block's channel score over its kept
-        tokens (mask), and the low-rank basis and projection, as ``formats._pack_sides``
-        computes them from the kept vectors."""
+        tokens (mask), and the low-rank basis and projection (``lowrank_blocks``: which
+        blocks, their ranks), as ``formats._pack_sides`` computes them from the kept vectors."""
         fmts = [f.k if side == 0 else f.v for f in plan.formats]
         kinds = np.asarray([SIDE_KINDS.index(f.kind) for f in fmts])
         on = torch.as_tensor([f.tokens > 0 for f in plan.formats])
@@ -145,10 +146,10 @@ class PackedSealer:
         if masked.any():
             rows = masked.nonzero().flatten().to(x.device)
             channels[rows] = (score[rows] * m[rows]).sum(1)
-        lowrank = [b for b, f in enumerate(fmts) if f.kind == "lowrank" and plan.formats[b].tokens > 0]
+        lowrank = lowrank_blocks[0].tolist()
         if not lowrank:
             return SideInputs(channels)
-        widths = torch.tensor([fmts[b].width for b in lowrank])
+        widths = torch.from_numpy(lowrank_blocks[1])
         r_top = int(widths.max())
         bases, projs = (x.new_zeros(len(lowrank), r_top, x.shape[-1]) for _ in range(2))  # rows past a rank stay 0
         slot = {b: i for i, b in enumerate(lowrank)}
@@ -180,19 +181,24 @@ class PackedSealer:
                               "the device sealer ranks by; seal with --kv-compress-sealing processes")
 
 
-def _side_rows(side: SideInputs, formats: list[BlockFormat], which: int, rows: list[int]) -> SideInputs:
-    """``side`` (keys: ``which`` 0, values: 1) of blocks ``rows`` alone: their channel rows
-    and, of the low-rank bases stacked in block order, theirs."""
-    channels = side.channels[torch.as_tensor(rows, device=side.channels.device)]
-    if side.basis is None:
+def _lowrank_blocks(formats: list[BlockFormat], side: int) -> tuple[np.ndarray, np.ndarray]:
+    """The blocks whose ``side`` (keys 0, values 1) is stored low rank (in order, as their
+    bases are stacked) and their ranks."""
+    ranked = [(b, (f.k if side == 0 else f.v).width) for b, f in enumerate(formats)
+              if (f.k if side == 0 else f.v).kind == "lowrank" and f.tokens > 0]
+    blocks, widths = zip(*ranked) if ranked else ((), ())
+    return np.asarray(blocks, dtype=np.int64), np.asarray(widths, dtype=np.int64)
+
+
+def _side_rows(side: SideInputs, blocks: np.ndarray, widths: np.ndarray, g: int, n: int) -> SideInputs:
+    """``side`` of segment ``g`` of ``n`` folded together alone: its blocks' channel rows
+    and, of the low-rank bases stacked in block order (``blocks``, of ranks ``widths``), theirs."""
+    channels = side.channels[g::n]
+    mine = blocks % n == g
+    if side.basis is None or not mine.any():
         return SideInputs(channels)
-    fmts = [f.k if which == 0 else f.v for f in formats]
-    lowrank = [b for b, f in enumerate(fmts) if f.kind == "lowrank" and formats[b].tokens > 0]
-    widths = [fmts[b].width for b in lowrank]
-    starts = np.concatenate([[0], np.cumsum(widths)[:-1]]).astype(np.int64) if widths else []
-    wanted = set(rows)
-    picked = [np.arange(start, start + width) for b, start, width in zip(lowrank, starts, widths) if b in wanted]
-    if not picked:
-        return SideInputs(channels)
-    idx = torch.from_numpy(np.concatenate(picked)).to(side.basis.device)
+    starts = (np.cumsum(widths) - widths)[mine]
+    counts = widths[mine]
+    idx = np.repeat(starts - (np.cumsum(counts) - counts), counts) + np.arange(counts.sum())
+    idx = torch.from_numpy(idx).to(side.basis.device)
     return SideInputs(channels, side.basis[idx], side.proj[idx])

@@ -91,7 +91,7 @@ def seal_on_device(compress, inputs: SegmentInputs, args) -> int:
            "segments_per_s": rates, "peak_workspace_mib": peaks,
            "command": "python benchmarks/sealing/bench_seal.py " + " ".join(sys.argv[1:])}
     if args.profile and dev.type == "cuda":
-        res["profile"] = profile_batch(sealers[f"packed_batch{args.profile}"], args.profile)
+        res["profile"] = profile_batch(sealers[f"packed_batch{args.profile}"], args.profile, args.trace)
     print(json.dumps(res))
     if args.json:
         with open(args.json, "w") as f:
@@ -99,23 +99,37 @@ def seal_on_device(compress, inputs: SegmentInputs, args) -> int:
     return 0
 
 
-def profile_batch(seal, size: int, top: int = 25) -> dict:
+def profile_batch(seal, size: int, trace: str | None = None, top: int = 40) -> dict:
     """Where one ``seal_many`` call of ``size`` segments spends the GPU's time and the host's:
-    the kernels by total time, and the host ops that waited on the device."""
+    the call's wall time beside the kernels' total (far apart: the host or its waits bound
+    it), the kernels by total time, the host ops by their own time, and the host's waits on
+    the device (a read-back such as ``item``/``nonzero`` stalls the launch queue)."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    seal(size)
+    torch.cuda.synchronize()
+    wall_ms = (time.perf_counter() - start) * 1e3
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=bool(trace)) as prof:
         seal(size)
         torch.cuda.synchronize()
+    if trace:
+        prof.export_chrome_trace(trace)
     events = prof.key_averages()
     kernels = sorted((e for e in events if e.device_type.name == "CUDA"), key=lambda e: -e.self_device_time_total)
-    host = sorted((e for e in events if e.device_type.name == "CPU"), key=lambda e: -e.cpu_time_total)
+    host = sorted((e for e in events if e.device_type.name == "CPU"), key=lambda e: -e.self_cpu_time_total)
+    waits = [e for e in host if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "aten::_local_scalar_dense",
+                                          "aten::nonzero", "cudaMemcpyAsync", "aten::item")]
+    row = lambda e, t: {"name": e.key[:90], "calls": e.count, "ms": round(t / 1e3, 3)}  # noqa: E731
     return {
         "segments": size,
+        "wall_ms": round(wall_ms, 2),
         "kernel_launches": sum(e.count for e in kernels),
         "kernel_ms": round(sum(e.self_device_time_total for e in kernels) / 1e3, 2),
-        "kernels": [{"name": e.key[:90], "calls": e.count, "ms": round(e.self_device_time_total / 1e3, 3)} for e in kernels[:top]],
-        "host_ops": [{"name": e.key, "calls": e.count, "ms": round(e.cpu_time_total / 1e3, 3)} for e in host[:top]],
+        "kernels": [row(e, e.self_device_time_total) for e in kernels[:top]],
+        "host_ops_self": [row(e, e.self_cpu_time_total) for e in host[:top]],
+        "host_waits": [row(e, e.cpu_time_total) for e in waits],
     }
 
 
@@ -136,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="on a GPU, also seal this many segments per PackedSealer.seal_many call")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="on a GPU, also profile one seal_many call of N segments (one of --batch): kernels and host ops")
+    ap.add_argument("--trace", help="with --profile, also write the profiled call's Chrome trace here")
     ap.add_argument("--inline", action="store_true",
                     help="seal inline on the calling thread of --device (the CPU too): the compressor alone, no workers")
     ap.add_argument("--json", help="write the results here")

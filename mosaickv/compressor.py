@@ -15,7 +15,7 @@ import torch
 
 from mosaickv.config import Policy
 from mosaickv.errors import PolicyError
-from mosaickv.formats import BlockFormat, PackedBlock, SideFormat, channel_weights, dense_block_bytes, pack_block, pack_blocks, smaller_gram
+from mosaickv.formats import BlockFormat, PackedBlock, SideFormat, channel_weights, dense_block_bytes, format_arrays, pack_block, pack_blocks, smaller_gram
 from mosaickv.parts import BlockStats, Observation, segment_observation
 from mosaickv.reference import CompressedLayer
 
@@ -232,7 +232,7 @@ class Compressor:
         if len(formats) != blocks:
             raise PartFailure("strategy", strategy, f"planned {len(formats)} blocks, expected {blocks}")
         if strategy.follows_budget:
-            used = max(sum(f.nbytes(d) for f in formats[g::groups]) for g in range(groups))
+            used = int(format_arrays(formats, d)[3].reshape(-1, groups).sum(0).max())
             if used > budget:
                 raise PolicyError("ratio", self.policy.ratio, f"a ratio these segments can reach: the plan needs {used} bytes, the budget is {budget}")
         return list(formats)

@@ -22,8 +22,10 @@ of four int32 (kept tokens, key code, value code, reserved) rides with every blo
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 SIDE_KINDS = ("dense", "sparse", "mask", "lowrank")
@@ -98,6 +100,26 @@ class BlockFormat:
 
     def __str__(self) -> str:
         return f"t{self.tokens}/k={self.k}/v={self.v}"
+
+
+def format_arrays(fmts: Sequence[BlockFormat], d: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Kept tokens ``[nb]``, side kinds (``SIDE_KINDS`` codes) and widths ``[nb, 2]`` (keys,
+    values) and, for head dim ``d``, bytes (``nbytes``) of blocks' formats: a batch of
+    thousands holds few distinct format objects, so each is read once."""
+    distinct: dict[int, int] = {}
+    objects: list[BlockFormat] = []
+    which = np.empty(len(fmts), dtype=np.int64)
+    for i, f in enumerate(fmts):
+        j = distinct.get(id(f))
+        if j is None:
+            j = distinct[id(f)] = len(objects)
+            objects.append(f)
+        which[i] = j
+    tokens = np.asarray([f.tokens for f in objects], dtype=np.int64)
+    kinds = np.asarray([[SIDE_KINDS.index(f.k.kind), SIDE_KINDS.index(f.v.kind)] for f in objects], dtype=np.int64)
+    widths = np.asarray([[f.k.width, f.v.width] for f in objects], dtype=np.int64)
+    nbytes = np.asarray([f.nbytes(d) for f in objects], dtype=np.int64)
+    return tokens[which], kinds.reshape(-1, 2)[which], widths.reshape(-1, 2)[which], nbytes[which]
 
 
 def dense_block_bytes(n: int, d: int) -> int:

@@ -10,7 +10,8 @@ strategy's formats), the kept tokens and every side's channel weights, block sco
 low-rank bases are computed for all blocks at once, and
 :class:`~mosaickv.kernels.pack.PackWrapper` writes the region's bytes in one launch.
 :meth:`PackedSealer.seal_many` does this for many segments at once (a prefill's), their
-KV heads folded into one span per layer: an 8B segment's policy work is 1,704 small ops
+KV heads folded into one span per layer, every segment's region laid out in one buffer
+(:func:`~mosaickv.kernels.layout.place_regions`) and written by one launch: an 8B segment's policy work is 1,704 small ops
 alone and 68.8 each in batches of 32 (counted on the CPU by
 ``benchmarks/sealing/count_ops.py``, benchmarks/results/sealing_ops_per_segment_cpu.json).
 
@@ -30,8 +31,8 @@ import torch
 
 from mosaickv.compressor import Compressor, PartFailure, SegmentPlan, segment_observations
 from mosaickv.config import Policy
-from mosaickv.formats import SIDE_KINDS, BlockFormat, channel_weights, lowrank_fit
-from mosaickv.kernels.layout import Region, place_formats
+from mosaickv.formats import channel_weights, format_arrays, lowrank_fit
+from mosaickv.kernels.layout import LOWRANK, MASK, SPARSE, Placement, Region, place_regions
 from mosaickv.kernels.pack import PackWrapper, SideInputs
 from mosaickv.sealer import SegmentInputs
 
@@ -87,35 +88,41 @@ class PackedSealer:
         obs = segment_observations(self.policy, fold([x.k for x in batch]), fold([x.v for x in batch]),
                                    fold([x.query_stats for x in batch]), fold([x.attention for x in batch]))
         plan = self.compressor.plan_segments(obs, 0, 1, batch[0].budget_bytes, groups=n)
+        tokens, kinds, widths, nbytes = format_arrays(plan.formats, self.head_dim)
         mask = self._kept_mask(plan)
-        lowrank = [_lowrank_blocks(plan.formats, side) for side in (0, 1)]
-        sides = [self._side_inputs(plan, side, x, score, mask, lowrank[side])
+        sides = [self._side_inputs(plan, side, x, score, mask, tokens, kinds[:, side], widths[:, side])
                  for side, x, score in ((0, plan.keys, plan.k_score), (1, plan.values, plan.v_score))]
-        return [self._pack(inputs, plan, mask, sides, lowrank, g, n) for g, inputs in enumerate(batch)]
+        return self._pack(batch, plan, mask, sides, tokens, kinds, widths, nbytes)
 
-    def _pack(self, inputs: SegmentInputs, plan: SegmentPlan, mask: torch.Tensor, sides: list[SideInputs],
-              lowrank: list[tuple[np.ndarray, np.ndarray]], g: int, n: int) -> Region:
-        """Segment ``g`` of ``n`` folded into ``plan`` (its blocks are every ``n``-th, in
-        (layer, KV head) order): their bytes in one packer launch."""
-        k, v = inputs.k, inputs.v
-        layers, hkv, s, d = k.shape
-        formats = plan.formats[g::n]
-        used = sum(f.nbytes(d) for f in formats)
-        if used > inputs.budget_bytes:
-            raise PartFailure("strategy", self.policy.strategy, f"planned {used} bytes, over the {inputs.budget_bytes}-byte slab")
-        block, token = mask[g::n].nonzero(as_tuple=True)  # block-major, tokens in order: what pack_block keeps
-        kept_rows = (block // hkv) * s + token  # rows of the [layers * s, hkv, d] sources below
-        rel = place_formats(formats, d, 0, ALIGN)
-        index_base = -(-2 * rel.values_end // ALIGN) * ALIGN
-        end = rel.index_end if rel.index_end > index_base else 2 * rel.values_end
-        heads = np.tile(np.arange(hkv), layers)
-        mine = [_side_rows(side, *lowrank[which], g, n) for which, side in enumerate(sides)]
-        self.packer.plan(formats, heads, kept_rows, d, k.device, mine[0], mine[1], ALIGN, 0, index_base)
-        data = torch.zeros(-(-max(end, rel.index_end) // 2) * 2, dtype=torch.uint8, device=k.device)
-        src_k, src_v = (x.to(torch.bfloat16).permute(0, 2, 1, 3).reshape(layers * s, hkv, d) for x in (k, v))
+    def _pack(self, batch: list[SegmentInputs], plan: SegmentPlan, mask: torch.Tensor, sides: list[SideInputs],
+              tokens: np.ndarray, kinds: np.ndarray, widths: np.ndarray, nbytes: np.ndarray) -> list[Region]:
+        """Every segment's bytes in one packer launch, into one buffer where each segment's
+        region lies as its slab will hold it; segment ``g`` of ``n`` is every ``n``-th block
+        of ``plan`` (in (layer, KV head) order)."""
+        n, d = len(batch), self.head_dim
+        s = plan.keys.shape[1]
+        rows = lambda a: a.reshape(-1, n, *a.shape[1:]).swapaxes(0, 1)  # noqa: E731  folded [nb * n, ...] -> [n, nb, ...]
+        used = nbytes.reshape(-1, n).sum(0)
+        over = np.flatnonzero(used > batch[0].budget_bytes)
+        if len(over):
+            raise PartFailure("strategy", self.policy.strategy, f"planned {used[over[0]]} bytes, over the {batch[0].budget_bytes}-byte slab")
+        bases = np.asarray([x.base_bytes for x in batch], dtype=np.int64)
+        regions = place_regions(rows(tokens), rows(kinds), rows(widths), d, bases, ALIGN)
+        index_base = -(-2 * regions.values_end // ALIGN) * ALIGN
+        sizes = np.where(regions.index_end > index_base, regions.index_end, 2 * regions.values_end) - bases
+        starts = np.cumsum(-(-sizes // ALIGN) * ALIGN) - -(-sizes // ALIGN) * ALIGN  # each region's place in one buffer
+        buffer = place_regions(rows(tokens), rows(kinds), rows(widths), d, starts, ALIGN)
+        fold = lambda a: a.swapaxes(0, 1).reshape(-1, *a.shape[2:])  # noqa: E731  [n, nb, ...] -> folded
+        total = int(starts[-1] + sizes[-1])
+        place = Placement(fold(buffer.table), -(-total // 2), total, fold(buffer.value_starts), fold(buffer.value_gaps),
+                          fold(buffer.index_starts), fold(buffer.index_gaps), int(buffer.pad_bytes.sum()))
+        block, token = mask.nonzero(as_tuple=True)  # block-major, tokens in order: what pack_block keeps
+        self.packer.plan_placed(place, np.zeros(len(tokens), dtype=np.int64), block * s + token, d, plan.keys.device,
+                                sides[0], sides[1], ALIGN)
+        data = torch.zeros(-(-total // 2) * 2, dtype=torch.uint8, device=plan.keys.device)
+        src_k, src_v = (x.to(torch.bfloat16).reshape(-1, 1, d) for x in (plan.keys, plan.values))  # row b * s + t
         self.packer.run(src_k, src_v, data.view(torch.bfloat16), data)
-        table = place_formats(formats, d, inputs.base_bytes, ALIGN).table
-        return Region(inputs.base_bytes, table, data[:end])
+        return [Region(int(bases[g]), regions.table[g], data[starts[g]: starts[g] + sizes[g]]) for g in range(n)]
 
     def _kept_mask(self, plan: SegmentPlan) -> torch.Tensor:
         """[B, s] True where a block keeps the token (:meth:`Compressor.kept_tokens`)."""
@@ -125,48 +132,44 @@ class PackedSealer:
                 mask[rows.to(mask.device)[:, None], picked] = True
         return mask
 
-    def _side_inputs(self, plan: SegmentPlan, side: int, x: torch.Tensor, score: torch.Tensor,
-                     mask: torch.Tensor, lowrank_blocks: tuple[np.ndarray, np.ndarray]) -> SideInputs:
+    def _side_inputs(self, plan: SegmentPlan, side: int, x: torch.Tensor, score: torch.Tensor, mask: torch.Tensor,
+                     tokens: np.ndarray, kinds: np.ndarray, widths: np.ndarray) -> SideInputs:
         """Per block: the channel weights (sparse), the block's channel score over its kept
-        tokens (mask), and the low-rank basis and projection (``lowrank_blocks``: which
-        blocks, their ranks), as ``formats._pack_sides`` computes them from the kept vectors."""
-        fmts = [f.k if side == 0 else f.v for f in plan.formats]
-        kinds = np.asarray([SIDE_KINDS.index(f.kind) for f in fmts])
-        on = torch.as_tensor([f.tokens > 0 for f in plan.formats])
+        tokens (mask), and the low-rank basis and projection of the blocks whose ``side``
+        is low rank (stacked in block order), as ``formats._pack_sides`` computes them from
+        the kept vectors; ``tokens``, ``kinds``, ``widths``: :func:`format_arrays`."""
+        on = tokens > 0
         x, score = x.float(), score.float()
         m = mask[..., None]
         w = channel_weights(x * m, score * m)  # [B, d]: sums over kept vectors only
         channels = torch.ones_like(w)
-        sparse = torch.as_tensor(kinds == SIDE_KINDS.index("sparse")) & on
-        if sparse.any():
-            rows = sparse.nonzero().flatten().to(x.device)
+        sparse = np.flatnonzero((kinds == SPARSE) & on)
+        if len(sparse):
+            rows = torch.from_numpy(sparse).to(x.device)
             self._check_form(side, score[rows], x[rows], w[rows], mask[rows])
             channels[rows] = w[rows]
-        masked = torch.as_tensor(kinds == SIDE_KINDS.index("mask")) & on
-        if masked.any():
-            rows = masked.nonzero().flatten().to(x.device)
+        masked = np.flatnonzero((kinds == MASK) & on)
+        if len(masked):
+            rows = torch.from_numpy(masked).to(x.device)
             channels[rows] = (score[rows] * m[rows]).sum(1)
-        lowrank = lowrank_blocks[0].tolist()
-        if not lowrank:
+        lowrank = np.flatnonzero((kinds == LOWRANK) & on)
+        if not len(lowrank):
             return SideInputs(channels)
-        widths = torch.from_numpy(lowrank_blocks[1])
-        r_top = int(widths.max())
+        ranks = widths[lowrank]
+        r_top = int(ranks.max())
         bases, projs = (x.new_zeros(len(lowrank), r_top, x.shape[-1]) for _ in range(2))  # rows past a rank stay 0
-        slot = {b: i for i, b in enumerate(lowrank)}
-        by_count: dict[int, list[int]] = {}
-        for b in lowrank:
-            by_count.setdefault(plan.formats[b].tokens, []).append(b)
-        for count, group in by_count.items():
-            idx = torch.as_tensor(group, device=x.device)
-            pos = mask[idx].nonzero(as_tuple=True)[1].view(len(group), count)
+        for count in np.unique(tokens[lowrank]).tolist():
+            at = np.flatnonzero(tokens[lowrank] == count)  # their slots among the low-rank blocks
+            idx = torch.from_numpy(lowrank[at]).to(x.device)
+            pos = mask[idx].nonzero(as_tuple=True)[1].view(len(at), count)
             xk = x[idx].gather(1, pos[..., None].expand(-1, -1, x.shape[-1]))
             sk = score[idx].gather(1, pos[..., None].expand(-1, -1, x.shape[-1]))
             _, _, vh, wl = lowrank_fit(xk, sk)  # vh [G, min(count, d), d], wl [G, 1, d]
             top = min(r_top, vh.shape[1])
-            at = torch.as_tensor([slot[b] for b in group], device=x.device)
-            bases[at, :top] = vh[:, :top] / wl
-            projs[at, :top] = vh[:, :top] * wl
-        own = (torch.arange(r_top)[None, :] < widths[:, None]).to(x.device)  # each block's r rows, in block order
+            slots = torch.from_numpy(at).to(x.device)
+            bases[slots, :top] = vh[:, :top] / wl
+            projs[slots, :top] = vh[:, :top] * wl
+        own = torch.from_numpy(np.arange(r_top)[None, :] < ranks[:, None]).to(x.device)  # each block's r rows, in block order
         return SideInputs(channels, bases[own], projs[own])
 
     def _check_form(self, side: int, score: torch.Tensor, x: torch.Tensor, w: torch.Tensor, mask: torch.Tensor) -> None:
@@ -179,26 +182,3 @@ class PackedSealer:
             part = getattr(self.policy, role)
             raise PartFailure(role, part, "its element scores are not (w_c * x_c)^2 for one weight per channel, which "
                               "the device sealer ranks by; seal with --kv-compress-sealing processes")
-
-
-def _lowrank_blocks(formats: list[BlockFormat], side: int) -> tuple[np.ndarray, np.ndarray]:
-    """The blocks whose ``side`` (keys 0, values 1) is stored low rank (in order, as their
-    bases are stacked) and their ranks."""
-    ranked = [(b, (f.k if side == 0 else f.v).width) for b, f in enumerate(formats)
-              if (f.k if side == 0 else f.v).kind == "lowrank" and f.tokens > 0]
-    blocks, widths = zip(*ranked) if ranked else ((), ())
-    return np.asarray(blocks, dtype=np.int64), np.asarray(widths, dtype=np.int64)
-
-
-def _side_rows(side: SideInputs, blocks: np.ndarray, widths: np.ndarray, g: int, n: int) -> SideInputs:
-    """``side`` of segment ``g`` of ``n`` folded together alone: its blocks' channel rows
-    and, of the low-rank bases stacked in block order (``blocks``, of ranks ``widths``), theirs."""
-    channels = side.channels[g::n]
-    mine = blocks % n == g
-    if side.basis is None or not mine.any():
-        return SideInputs(channels)
-    starts = (np.cumsum(widths) - widths)[mine]
-    counts = widths[mine]
-    idx = np.repeat(starts - (np.cumsum(counts) - counts), counts) + np.arange(counts.sum())
-    idx = torch.from_numpy(idx).to(side.basis.device)
-    return SideInputs(channels, side.basis[idx], side.proj[idx])

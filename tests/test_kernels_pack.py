@@ -14,8 +14,8 @@ if not torch.cuda.is_available():  # must precede the first import of the kernel
 import numpy as np
 import pytest
 
-from mosaickv.formats import BlockFormat, PackedBlock, SideFormat, lowrank_fit, pack_block, unpack_block
-from mosaickv.kernels.layout import DENSE, LOWRANK, Arena
+from mosaickv.formats import SIDE_KINDS, BlockFormat, PackedBlock, SideFormat, format_arrays, lowrank_fit, pack_block, unpack_block
+from mosaickv.kernels.layout import DENSE, LOWRANK, Arena, place_formats, place_regions
 from mosaickv.kernels.pack import PackWrapper, SideInputs
 from mosaickv.kernels.synthetic import random_format
 
@@ -270,6 +270,39 @@ def test_append_after_pool_contents() -> None:
     assert w.plan_info.values_end == 40 + ref.values.numel()
 
 
+def test_regions_placed_together_are_each_placed_alone() -> None:
+    """``place_regions`` (one call for a seal_many batch) lays each region out as
+    ``place_formats`` does alone: random formats, a region whose blocks drop every token,
+    one with no index bytes, distinct bases."""
+    gen = torch.Generator().manual_seed(5)
+    d, nb = 64, 7
+    regions = [[random_format(gen, 32, d) for _ in range(nb)] for _ in range(3)]
+    regions.append([BlockFormat(0, SideFormat("sparse", 3))] * nb)
+    regions.append([BlockFormat(5, SideFormat("lowrank", 4))] * nb)
+    bases = np.asarray([0, 4096, 16, 64, 1 << 20])
+    arrays = [np.stack(a) for a in zip(*(format_arrays(f) for f in regions))]
+    together = place_regions(arrays[0], arrays[1], arrays[2], d, bases)
+    for i, fmts in enumerate(regions):
+        alone, row = place_formats(fmts, d, int(bases[i])), together.row(i)
+        for field in ("table", "value_starts", "value_gaps", "index_starts", "index_gaps"):
+            assert np.array_equal(getattr(row, field), getattr(alone, field)), (i, field)
+        assert (row.values_end, row.index_end, row.pad_bytes) == (alone.values_end, alone.index_end, alone.pad_bytes)
+    with pytest.raises(ValueError, match="multiples of 16"):
+        place_regions(arrays[0], arrays[1], arrays[2], d, bases + 8)
+
+
+def test_format_arrays_read_each_block() -> None:
+    """Equal formats that are distinct objects, and one object repeated, read alike."""
+    fmts = [BlockFormat(3, SideFormat("sparse", 5)), BlockFormat(0), BlockFormat(3, SideFormat("sparse", 5))]
+    fmts.append(fmts[1])
+    tokens, kinds, widths, nbytes = format_arrays(fmts, 64)
+    assert tokens.tolist() == [3, 0, 3, 0]
+    sparse, dense = SIDE_KINDS.index("sparse"), SIDE_KINDS.index("dense")
+    assert kinds.tolist() == [[sparse, dense], [dense, dense], [sparse, dense], [dense, dense]]
+    assert widths.tolist() == [[5, 0], [0, 0], [5, 0], [0, 0]]
+    assert nbytes.tolist() == [f.nbytes(64) for f in fmts]
+
+
 def test_plan_rejects_bad_inputs() -> None:
     w = PackWrapper(block_t=16)
     fmt = BlockFormat(2, SideFormat("mask", 4))
@@ -281,6 +314,8 @@ def test_plan_rejects_bad_inputs() -> None:
         w.plan([BlockFormat(2, SideFormat("lowrank", 4))], [0], torch.arange(2), 64, k=SideInputs(basis=torch.zeros(3, 64)))
     with pytest.raises(ValueError, match="aligned"):
         w.plan([BlockFormat(2)], [0], torch.arange(2), 64, values_base=3)
+    with pytest.raises(ValueError, match="sparse width 65 exceeds head dim 64"):
+        w.plan([BlockFormat(2), BlockFormat(2, SideFormat("sparse", 65))], [0, 0], torch.arange(4), 64)
     with pytest.raises(ValueError, match="block_t"):
         PackWrapper(block_t=8)
     with pytest.raises(RuntimeError):

@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from mosaickv.kernels.block_runs import BlockRuns, as_table, block_runs, block_tokens
-from mosaickv.formats import SIDE_KINDS, VALUE_DTYPE, BlockFormat, PackedBlock, PackedSide, SideFormat
+from mosaickv.formats import SIDE_KINDS, VALUE_DTYPE, BlockFormat, PackedBlock, PackedSide, SideFormat, format_arrays
 from mosaickv.reference import CompressedLayer
 
 TABLE_FIELDS = ("tokens", "k_kind", "k_width", "k_values", "k_aux", "v_kind", "v_width", "v_values", "v_aux")
@@ -67,19 +67,23 @@ def _side_sizes(kind: np.ndarray | int, m: np.ndarray | int, r: np.ndarray | int
     return values, basis, index
 
 
-def _place(sizes: np.ndarray, align: int, base: int) -> tuple[np.ndarray, int, np.ndarray]:
-    """Tensors of ``sizes`` (row-major order) stored back to back, each starting at a
-    multiple of ``align`` (``base`` is one): their starts, the end of the last non-empty
-    one, and the gap after each up to the next non-empty one (0 after the last)."""
-    flat = sizes.reshape(-1)
+def _place(sizes: np.ndarray, align: int, base: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per row ``i`` of ``sizes`` ``[n, ...]``, its tensors (row-major order) stored back
+    to back, each starting at a multiple of ``align`` (``base[i]`` is one): their starts,
+    the end of the row's last non-empty one (``base[i]`` if none), and the gap after each
+    up to the next non-empty one (0 after the last)."""
+    n = sizes.shape[0]
+    flat = sizes.reshape(n, -1)
     padded = -(-flat // align) * align
-    start = base + (np.cumsum(padded) - padded).astype(np.int64)  # exclusive sum: no tensors, no starts
+    start = base[:, None] + (np.cumsum(padded, axis=1) - padded)  # exclusive sums
     gap = padded - flat
-    used = np.flatnonzero(flat)
-    end = base
-    if len(used):
-        end = int(start[used[-1]] + flat[used[-1]])
-        gap[used[-1]] = 0
+    end = base.copy()
+    used = flat > 0
+    rows = np.flatnonzero(used.any(axis=1))
+    if len(rows):
+        last = flat.shape[1] - 1 - np.argmax(used[rows, ::-1], axis=1)
+        end[rows] = start[rows, last] + flat[rows, last]
+        gap[rows, last] = 0
     return start.reshape(sizes.shape), end, gap.reshape(sizes.shape)
 
 
@@ -97,36 +101,66 @@ class Placement:
     pad_bytes: int
 
 
+@dataclass
+class RegionPlacements:
+    """Many regions laid out at once (:func:`place_regions`): row ``i`` of each array is
+    region ``i``'s :class:`Placement`."""
+
+    table: np.ndarray  # int64 [n, num_blocks, 9]
+    values_end: np.ndarray  # int64 [n]
+    index_end: np.ndarray  # int64 [n]
+    value_starts: np.ndarray  # int64 [n, num_blocks, 4]
+    value_gaps: np.ndarray
+    index_starts: np.ndarray  # int64 [n, num_blocks, 2]
+    index_gaps: np.ndarray
+    pad_bytes: np.ndarray  # int64 [n]
+
+    def row(self, i: int) -> Placement:
+        return Placement(self.table[i], int(self.values_end[i]), int(self.index_end[i]), self.value_starts[i],
+                         self.value_gaps[i], self.index_starts[i], self.index_gaps[i], int(self.pad_bytes[i]))
+
+
+def _place_rows(tokens: np.ndarray, kinds: np.ndarray, widths: np.ndarray, d: int, align: int,
+                values_base: np.ndarray, index_base: np.ndarray | None) -> RegionPlacements:
+    """Blocks ``[n, nb]`` laid out per row from ``values_base`` (elements) and ``index_base``
+    (bytes; ``None``: from the first aligned byte after the row's values)."""
+    if align < 1 or (align > 1 and align % 2):
+        raise ValueError(f"align must be 1 or even (bf16 elements), got {align}")
+    value_align = max(align // 2, 1)
+    if (values_base % value_align).any() or (index_base is not None and (index_base % align).any()):
+        raise ValueError(f"arena bases ({values_base.tolist()} elements, {None if index_base is None else index_base.tolist()} "
+                         f"bytes) are not {align}-byte aligned")
+    widths = np.where(kinds == DENSE, d, widths)
+    kv, kb, ki = _side_sizes(kinds[..., 0], tokens, widths[..., 0], d)
+    vv, vb, vi = _side_sizes(kinds[..., 1], tokens, widths[..., 1], d)
+    vsz, isz = np.stack([kv, kb, vv, vb], -1), np.stack([ki, vi], -1)
+    vstart, vend, vgap = _place(vsz, value_align, values_base)
+    if index_base is None:
+        index_base = -(-2 * vend // align) * align
+    istart, iend, igap = _place(isz, align, index_base)
+    table = np.zeros((*tokens.shape, len(TABLE_FIELDS)), dtype=np.int64)
+    table[..., 0] = tokens
+    on = tokens > 0
+    for s, col in enumerate((1, 5)):
+        kind = kinds[..., s]
+        table[..., col] = kind
+        table[..., col + 1] = widths[..., s]
+        table[..., col + 2] = np.where(on, vstart[..., 2 * s], 0)
+        aux = np.where(kind == LOWRANK, vstart[..., 2 * s + 1], np.where((kind == SPARSE) | (kind == MASK), istart[..., s], 0))
+        table[..., col + 3] = np.where(on, aux, 0)
+    pad = 2 * (vend - values_base - vsz.reshape(len(vsz), -1).sum(1)) + iend - index_base - isz.reshape(len(isz), -1).sum(1)
+    return RegionPlacements(table, vend, iend, vstart, vgap, istart, igap, pad)
+
+
 def place_blocks(
     tokens: np.ndarray, kinds: np.ndarray, widths: np.ndarray, d: int, align: int = 16, values_base: int = 0, index_base: int = 0
 ) -> Placement:
     """Lay out blocks (``tokens`` [nb], ``kinds``/``widths`` [nb, 2] for keys and values)
     in order from ``values_base`` (elements) and ``index_base`` (bytes), both aligned."""
-    if align < 1 or (align > 1 and align % 2):
-        raise ValueError(f"align must be 1 or even (bf16 elements), got {align}")
-    value_align = max(align // 2, 1)
-    if values_base % value_align or index_base % align:
-        raise ValueError(f"arena bases ({values_base} elements, {index_base} bytes) are not {align}-byte aligned")
-    tokens = np.asarray(tokens, dtype=np.int64)
-    kinds = np.asarray(kinds, dtype=np.int64).reshape(-1, 2)
-    widths = np.where(kinds == DENSE, d, np.asarray(widths, dtype=np.int64).reshape(-1, 2))
-    kv, kb, ki = _side_sizes(kinds[:, 0], tokens, widths[:, 0], d)
-    vv, vb, vi = _side_sizes(kinds[:, 1], tokens, widths[:, 1], d)
-    vsz, isz = np.stack([kv, kb, vv, vb], 1), np.stack([ki, vi], 1)
-    vstart, vend, vgap = _place(vsz, value_align, values_base)
-    istart, iend, igap = _place(isz, align, index_base)
-    table = np.zeros((len(tokens), len(TABLE_FIELDS)), dtype=np.int64)
-    table[:, 0] = tokens
-    on = tokens > 0
-    for s, col in enumerate((1, 5)):
-        kind = kinds[:, s]
-        table[:, col] = kind
-        table[:, col + 1] = widths[:, s]
-        table[:, col + 2] = np.where(on, vstart[:, 2 * s], 0)
-        aux = np.where(kind == LOWRANK, vstart[:, 2 * s + 1], np.where((kind == SPARSE) | (kind == MASK), istart[:, s], 0))
-        table[:, col + 3] = np.where(on, aux, 0)
-    pad = 2 * (vend - values_base - int(vsz.sum())) + iend - index_base - int(isz.sum())
-    return Placement(table, vend, iend, vstart, vgap, istart, igap, pad)
+    tokens = np.asarray(tokens, dtype=np.int64).reshape(1, -1)
+    kinds = np.asarray(kinds, dtype=np.int64).reshape(1, -1, 2)
+    widths = np.asarray(widths, dtype=np.int64).reshape(1, -1, 2)
+    return _place_rows(tokens, kinds, widths, d, align, np.asarray([values_base]), np.asarray([index_base])).row(0)
 
 
 @dataclass
@@ -249,14 +283,19 @@ def place_region(blocks: Sequence[PackedBlock], head_dim: int, base_bytes: int, 
 def place_formats(fmts: Sequence[BlockFormat], head_dim: int, base_bytes: int, align: int = 16) -> Placement:
     """:func:`place_region` from the blocks' formats alone (what a packer lays out before
     any block exists)."""
-    if base_bytes % align:
-        raise ValueError(f"region base {base_bytes} is not a multiple of {align} bytes")
-    tokens = np.asarray([f.tokens for f in fmts], dtype=np.int64)
-    kinds = np.asarray([[SIDE_KINDS.index(s.kind) for s in (f.k, f.v)] for f in fmts], dtype=np.int64).reshape(-1, 2)
-    widths = np.asarray([[s.width for s in (f.k, f.v)] for f in fmts], dtype=np.int64).reshape(-1, 2)
-    values_only = place_blocks(tokens, kinds, widths, head_dim, align, values_base=base_bytes // 2)
-    index_base = -(-2 * values_only.values_end // align) * align
-    return place_blocks(tokens, kinds, widths, head_dim, align, values_base=base_bytes // 2, index_base=index_base)
+    tokens, kinds, widths, _ = format_arrays(fmts)
+    return place_regions(tokens[None], kinds[None], widths[None], head_dim, np.asarray([base_bytes]), align).row(0)
+
+
+def place_regions(tokens: np.ndarray, kinds: np.ndarray, widths: np.ndarray, head_dim: int, base_bytes: np.ndarray,
+                  align: int = 16) -> RegionPlacements:
+    """:func:`place_formats` of many regions at once: region ``i``'s blocks are row ``i``
+    of ``tokens`` ``[n, nb]`` and ``kinds``/``widths`` ``[n, nb, 2]`` (:func:`format_arrays`),
+    laid out from ``base_bytes[i]``."""
+    base_bytes = np.asarray(base_bytes, dtype=np.int64)
+    if (base_bytes % align).any():
+        raise ValueError(f"region bases {base_bytes.tolist()} are not all multiples of {align} bytes")
+    return _place_rows(tokens, kinds, widths, head_dim, align, base_bytes // 2, None)
 
 
 def region_bytes(blocks: Sequence[PackedBlock], place: Placement, base_bytes: int) -> torch.Tensor:

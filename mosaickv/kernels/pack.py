@@ -44,7 +44,8 @@ import triton.language as tl
 
 from mosaickv.formats import MAX_HEAD_DIM, SIDE_KINDS, BlockFormat
 from mosaickv.kernels._interpret import patch_interpreter
-from mosaickv.kernels.layout import LOWRANK, MASK, SPARSE, Arena, place_blocks
+from mosaickv.formats import format_arrays
+from mosaickv.kernels.layout import DENSE, LOWRANK, MASK, SPARSE, Arena, Placement, place_blocks
 
 patch_interpreter()
 
@@ -213,22 +214,37 @@ class PackWrapper:
         sources; its kept tokens are source rows ``kept_rows[sum m_<i : sum m_<=i]``, in
         token order (``pack_block`` sorts kept tokens). Blocks go to the arenas in order
         from ``values_base``/``index_base`` (aligned; a pool appends after what it holds)."""
+        tokens, kinds, widths, _ = format_arrays(fmts)
+        place = place_blocks(tokens, kinds, widths, head_dim, align, values_base, index_base)
+        return self.plan_placed(place, heads, kept_rows, head_dim, device, k, v, align)
+
+    def plan_placed(
+        self,
+        place: Placement,
+        heads: np.ndarray | Sequence[int],
+        kept_rows: torch.Tensor | np.ndarray,
+        head_dim: int,
+        device: torch.device | str = "cpu",
+        k: SideInputs = SideInputs(),
+        v: SideInputs = SideInputs(),
+        align: int = 16,
+    ) -> PackPlan:
+        """:meth:`plan` for blocks the caller laid out (``place``: its table gives each
+        block's format and offsets), e.g. many regions' blocks in one buffer."""
         d = head_dim
         if d > MAX_HEAD_DIM or d & (d - 1):
             raise ValueError(f"head dim must be a power of two <= {MAX_HEAD_DIM}, got {d}")
-        nb = len(fmts)
+        nb = len(place.table)
         heads = np.asarray(heads, dtype=np.int64)
         if heads.shape != (nb,):
             raise ValueError(f"{heads.shape} heads for {nb} blocks")
-        for f in fmts:
-            f.k.check(d)
-            f.v.check(d)
-        tokens = np.asarray([f.tokens for f in fmts], dtype=np.int64)
-        kinds = np.asarray([[SIDE_KINDS.index(f.k.kind), SIDE_KINDS.index(f.v.kind)] for f in fmts], dtype=np.int64).reshape(nb, 2)
-        widths = np.asarray([[f.k.width, f.v.width] for f in fmts], dtype=np.int64).reshape(nb, 2)
+        tokens, kinds, widths = place.table[:, 0], place.table[:, [1, 5]], place.table[:, [2, 6]]
+        wide = (kinds != DENSE) & (widths > d)
+        if wide.any():
+            b, s = (int(x[0]) for x in np.nonzero(wide))
+            raise ValueError(f"{SIDE_KINDS[kinds[b, s]]} width {widths[b, s]} exceeds head dim {d}")
         if len(kept_rows) != tokens.sum():
             raise ValueError(f"{len(kept_rows)} kept rows for formats that keep {tokens.sum()} tokens")
-        place = place_blocks(tokens, kinds, widths, d, align, values_base, index_base)
         dev = torch.device(device)
 
         desc = np.zeros((nb, len(PACK_FIELDS)), dtype=np.int64)

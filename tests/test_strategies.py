@@ -193,8 +193,8 @@ def test_short_spans_stay_dense():
 @pytest.mark.parametrize("selector", ["per_vector", "global_mask"])
 @pytest.mark.parametrize("shape", [(256, 32, 128), (7, 5, 64), (3, 0, 64)])
 def test_lost_many_is_lost_at_every_width_to_the_bit(selector, shape):
-    """The compressor prices every width with one lost_many call (per_vector: one topk at
-    the widest width); the strategy's choices must not move by a rounding."""
+    """The compressor prices every width with one lost_many call (per_vector: one sort serves
+    every width); the strategy's choices must not move by a rounding."""
     from mosaickv.registry import SELECTORS, load_builtin_and_plugins
 
     load_builtin_and_plugins()

@@ -1,0 +1,71 @@
+"""The two GPU ops that dominate pricing a seal_many call's formats, against their
+alternatives, side by side: the eigenvalues of every block's 32 x 32 Gram matrix (low-rank
+pricing, ``compressor.squared_singular_values``) in float64 and float32, and the per-vector
+channel ranking (``PerVector.lost_many``) by ``topk`` and by a full descending sort.
+
+    python benchmarks/sealing/bench_pricing_ops.py --json benchmarks/results/sealing_kernels_h200.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+
+def median_ms(fn, reps: int) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return round(sorted(times)[len(times) // 2] * 1e3, 3)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--blocks", type=int, default=8192, help="blocks per call: 32 segments of 32 layers x 8 KV heads")
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--width", type=int, default=64, help="the widest per-vector width priced")
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        ap.error("needs a GPU")
+    torch.manual_seed(0)
+    x = torch.randn(args.blocks, args.tokens, args.head_dim, device="cuda")
+    gram = x.double() @ x.double().mT
+    g32 = gram.float()
+    e64, e32 = torch.linalg.eigvalsh(gram), torch.linalg.eigvalsh(g32).double()
+    scores = torch.rand(args.blocks * args.tokens, args.head_dim, device="cuda")
+    by_topk = scores.topk(args.width, dim=-1).values.sum(-1)
+    by_sort = scores.sort(dim=-1, descending=True).values[:, : args.width].contiguous().sum(-1)
+    res = {
+        "device": torch.cuda.get_device_name(),
+        "shape": {"blocks": args.blocks, "tokens": args.tokens, "head_dim": args.head_dim, "width": args.width},
+        "median_ms": {
+            "eigvalsh_float64": median_ms(lambda: torch.linalg.eigvalsh(gram), args.reps),
+            "eigvalsh_float32": median_ms(lambda: torch.linalg.eigvalsh(g32), args.reps),
+            "topk_sorted": median_ms(lambda: scores.topk(args.width, dim=-1).values, args.reps),
+            "sort_descending": median_ms(lambda: scores.sort(dim=-1, descending=True).values, args.reps),
+        },
+        "float32_eigvalsh_max_error_over_largest": float(((e32 - e64).abs().amax(-1) / e64[:, -1]).max()),
+        "sort_sums_equal_topk_sums": bool(torch.equal(by_topk, by_sort)),
+        "command": "python benchmarks/sealing/bench_pricing_ops.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    }
+    print(json.dumps(res))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

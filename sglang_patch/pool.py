@@ -166,6 +166,7 @@ class SealingCounters:
     decode_inserts: int = 0  # running requests' decoded segments inserted (sealed) before they finished
     prefill_throttled: int = 0  # prefill rounds whose budget was cut to the free dense rows (admission.py)
     inline_seal_seconds: float = 0.0  # wall time the scheduler spent sealing inline (--kv-compress-sealing device)
+    seal_deferrals: int = 0  # middle prefill chunks whose segments stayed dense until the prompt's last chunk
 
 
 class MosaicKVPool(MHATokenToKVPool):
@@ -405,6 +406,7 @@ class MosaicKVPool(MHATokenToKVPool):
             "decode_inserts": self.counters.decode_inserts,
             "prefill_throttled": self.counters.prefill_throttled,
             "inline_seal_seconds": round(self.counters.inline_seal_seconds, 3),
+            "seal_deferrals": self.counters.seal_deferrals,
             "sealing_pending": len(pending),
             # A stalled worker shows here: sealing degrades to dense, the scheduler does not wait.
             "oldest_pending_s": oldest,

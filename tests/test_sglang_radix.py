@@ -32,7 +32,8 @@ WINDOW = 16
 SHAPE = KVShape(num_layers=2, num_kv_heads=2, head_dim=32, v_head_dim=32)
 
 
-def make_cache(compress, background: bool = False, workers: int = 1, on_device: bool = False, seal_inline=None):
+def make_cache(compress, background: bool = False, workers: int = 1, on_device: bool = False, seal_inline=None,
+               defer_margin: int = 0):
     """(tree, pool, allocator) on SGLang's real allocator, sealing with ``compress``
     (inline unless ``background``: worker processes; ``on_device``: inline where the pool is)."""
     plan = plan_capacity(SHAPE, 1 << 20, segment_size=SEG, ratio=2.0, sinks=0, window=WINDOW,
@@ -43,7 +44,8 @@ def make_cache(compress, background: bool = False, workers: int = 1, on_device: 
     params = CacheInitParams(disable=False, req_to_token_pool=ReqToTokenPool(4, 512, "cpu", False),
                              token_to_kv_pool_allocator=alloc, page_size=1)
     tree = MosaicRadixCache(params, compress=compress, segment_size=SEG, sink_segments=0, window=WINDOW,
-                            background=background, workers=workers, on_device=on_device, seal_inline=seal_inline)
+                            background=background, workers=workers, on_device=on_device, seal_inline=seal_inline,
+                            defer_margin=defer_margin)
     return tree, pool, alloc
 
 
@@ -72,10 +74,12 @@ def test_factory_seals_as_the_sealing_flag_says(sealing):
     _, pool, alloc = make_cache(CountingCompressor())
     params = CacheInitParams(disable=False, req_to_token_pool=ReqToTokenPool(4, 512, "cpu", False),
                              token_to_kv_pool_allocator=alloc, page_size=1)
-    args = SimpleNamespace(mosaic_policy=load_policy("mosaic"), kv_compress_sealing=sealing, kv_compress_workers=1)
+    args = SimpleNamespace(mosaic_policy=load_policy("mosaic"), kv_compress_sealing=sealing, kv_compress_workers=1,
+                           chunked_prefill_size=4096, max_prefill_tokens=16384)
     tree = mosaic_radix_factory(SimpleNamespace(disable_radix_cache=False, server_args=args, params=params,
                                                 model_config=SimpleNamespace(head_dim=32)))
     assert tree.on_device == (sealing == "device") and (tree._workers is None) == (sealing == "device")
+    assert tree.defer_margin == 4096  # room for the next chunk
 
 
 def test_sealing_on_the_device_seals_the_bytes_inline_sealing_does():
@@ -159,6 +163,31 @@ def test_insert_seals_outside_window_and_match_returns_slots(cache):
     assert pool.arena.live_slabs == 3 and tree.sealed_bytes() == 3 * 2 * 2 * (FMT.nbytes(32) - HEADER_BYTES)
     match = tree.match_prefix(MatchPrefixParams(key=RadixKey(array("l", tokens))))
     assert torch.equal(match.device_indices, slots)
+
+
+def test_a_prompt_prefilled_in_chunks_seals_at_its_last_chunk_while_dense_rows_allow():
+    """Middle chunks (``chunked`` inserts) leave the prompt dense while ``defer_margin``
+    rows stay free, and are counted; the last chunk's insert seals every due segment. With
+    fewer rows free, a middle chunk seals as any insert does."""
+    comp = CountingCompressor()
+    tree, pool, alloc = make_cache(comp, defer_margin=64)
+    tokens, slots = list(range(96)), prefill(pool, alloc, 96)
+    for end, chunked in ((32, True), (64, True), (96, False)):
+        tree.insert(InsertParams(key=RadixKey(array("l", tokens[:end])), value=slots[:end], chunked=chunked))
+        tree.drain(wait=True)
+        assert comp.calls == (0 if chunked else 5)  # 6 segments, the last inside the window
+    assert pool.counters.seal_deferrals == 2 and pool.stats()["seal_deferrals"] == 2
+    match = tree.match_prefix(MatchPrefixParams(key=RadixKey(array("l", tokens))))
+    assert torch.equal(match.device_indices, slots)
+
+    comp = CountingCompressor()
+    tree, pool, alloc = make_cache(comp, defer_margin=64)
+    slots = prefill(pool, alloc, 64)
+    margin = pool.free_dense_tokens() + 1  # one row more than is free: no room to defer
+    tree.defer_margin = margin
+    tree.insert(InsertParams(key=RadixKey(array("l", list(range(64)))), value=slots, chunked=True))
+    tree.drain(wait=True)
+    assert comp.calls == 3 and pool.counters.seal_deferrals == 0
 
 
 def test_shared_prefix_is_compressed_once(cache):

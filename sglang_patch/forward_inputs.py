@@ -13,7 +13,8 @@ import torch
 import triton
 
 from mosaickv.kernels.decode import MixedAttention
-from mosaickv.kernels.layout import HostPlan, plan_host
+from mosaickv.kernels.block_runs import batch_runs, block_runs, block_tokens
+from mosaickv.kernels.layout import HostPlan, default_chunk_tokens, plan_host
 from mosaickv.sglang_patch.pool import UNMAPPED, MosaicKVPool
 
 WHOLE_RUNS = 1 << 40  # chunk_tokens no run reaches: one item per (group, format pair) and one per tail
@@ -115,20 +116,37 @@ def stat_inputs(pool: MosaicKVPool, reqs: list[RequestKV]) -> StatInputs:
 def host_plan(pool: MosaicKVPool, reqs: list[RequestKV], group: int, tuning: MixedAttention, max_programs: int,
               chunk_tokens: Optional[int] = None, max_items: Optional[int] = None) -> tuple[HostPlan, torch.Tensor]:
     """Blocks of every (layer, request, KV head) from the block table, dense tails as row
-    lists, cut into the kernels' items (:func:`plan_host`: the blocks on the pool's device,
-    the items on the host); and the tails' rows (host int64), each request's in token
-    order, back to back."""
+    lists, cut into the kernels' items (:func:`plan_host`: the items on the host); and the
+    tails' rows (host int64), each request's in token order, back to back. Each request's
+    block runs come from the pool's :class:`~mosaickv.kernels.block_runs.RunCache` (found on the pool's device when missing), so a
+    step costs about its requests' runs, not their blocks. ``chunk_tokens`` defaults to
+    :func:`default_chunk_tokens` rounded up to a power of two, which a batch keeps while
+    its work changes by less than half."""
     hkv, layers = pool.head_num, pool.layer_num
+    table, cache = pool.block_table, pool.run_cache
     slabs = [np.asarray([r for r in req.runs if isinstance(r, int)], dtype=np.int64) for req in reqs]
     empty = torch.zeros(0, dtype=torch.int64)
     tails = [torch.cat([r for r in req.runs if not isinstance(r, int)] or [empty]) for req in reqs]
+    tail_lens = [len(t) for t in tails]
+    keys = [(s.tobytes(), pool.slab_generation[s].tobytes()) for s in slabs]
+
+    def rows(s: np.ndarray) -> torch.Tensor:  # one request's blocks, (layer, KV head, segment) order
+        return block_rows(s, np.asarray([len(s)]), layers, hkv, table.device)
+
+    kept = [cache.get(("kept", *key), lambda s=s: block_tokens(table, rows(s))) for key, s in zip(keys, slabs)]
+    if chunk_tokens is None:
+        chunk_tokens = triton.next_power_of_2(default_chunk_tokens(sum(kept), sum(tail_lens), layers, hkv,
+                                                                   tuning.block_n, max_programs, max_items))
+    pairs = np.arange(layers * hkv + 1)
+    runs = batch_runs([cache.get(("runs", *key, chunk_tokens), lambda s=s: block_runs(table, pairs * len(s), rows(s),
+                                                                                       chunk_tokens))
+                       for key, s in zip(keys, slabs)], hkv)
+    cache.end_plan()
     counts = np.asarray([len(s) for s in slabs], dtype=np.int64)
     indptr = np.concatenate([[0], np.cumsum(np.tile(np.repeat(counts, hkv), layers))])
-    indices = block_rows(np.concatenate(slabs + [np.zeros(0, dtype=np.int64)]), counts, layers, hkv,
-                         pool.block_table.device)
     block_m = max(tuning.block_m, triton.next_power_of_2(group))
-    host = plan_host(pool.block_table, indptr, indices, [req.nq for req in reqs], [len(t) for t in tails],
-                     layers, hkv, group, block_m, tuning.block_n, chunk_tokens, max_programs, max_items)
+    host = plan_host(table, indptr, runs.block_indices, [req.nq for req in reqs], tail_lens, layers, hkv, group,
+                     block_m, tuning.block_n, chunk_tokens, max_programs, max_items, runs)
     return host, torch.cat(tails + [empty])
 
 

@@ -23,6 +23,7 @@ import numpy as np
 
 from mosaickv.formats import VALUE_DTYPE, PackedBlock, unpack_block
 from mosaickv.kernels.layout import TABLE_FIELDS, Region, pack_region, read_block, widths_aligned
+from mosaickv.kernels.block_runs import RunCache
 from mosaickv.sglang_patch.query_stats import SegmentQueryStats
 from mosaickv.sglang_patch.args import KVCompressError
 from mosaickv.sglang_patch.sizing import CapacityPlan, KVShape, cap_plan, plan_capacity, prefill_batch_tokens
@@ -210,6 +211,8 @@ class MosaicKVPool(MHATokenToKVPool):
         self.block_table_host = np.zeros((rows, len(TABLE_FIELDS)), dtype=np.int64)
         self._slab_pages: dict[int, list[int]] = {}
         self._unaligned_slabs: set[int] = set()  # slabs with a width the kernels cannot vector-load
+        self.slab_generation = np.zeros(max(self.plan.num_slabs, 1), dtype=np.int64)  # segments each slab has held
+        self.run_cache = RunCache()  # requests' block runs between plans (forward_inputs.host_plan)
         self.segment_cache = SegmentKVCache(self.segment_cache_bytes)
         self.query_stats = self._new_query_stats()
         self.counters = SealingCounters()
@@ -230,6 +233,7 @@ class MosaicKVPool(MHATokenToKVPool):
         self.page_to_dense[1:] = UNMAPPED
         self._free_dense = self._all_dense_pages()
         self.query_stats = self._new_query_stats()
+        self.run_cache.clear()
 
     def _kv_buffer_shapes(self):
         rows = self.plan.dense_tail_tokens + self.page_size
@@ -316,6 +320,7 @@ class MosaicKVPool(MHATokenToKVPool):
             raise ValueError(f"segment packed for arena offset {region.base_bytes}, slab {slab} starts at "
                              f"{self.arena.base(slab)}")
         self.arena.write(slab, region.data)
+        self.slab_generation[slab] += 1
         row = self.table_row(slab, 0)
         self.block_table_host[row : row + blocks] = region.table
         self.block_table[row : row + blocks] = torch.from_numpy(region.table).to(self.device)
@@ -407,6 +412,8 @@ class MosaicKVPool(MHATokenToKVPool):
             "prefill_throttled": self.counters.prefill_throttled,
             "inline_seal_seconds": round(self.counters.inline_seal_seconds, 3),
             "seal_deferrals": self.counters.seal_deferrals,
+            "plan_run_hits": self.run_cache.hits,  # requests whose block runs a plan reused (RunCache)
+            "plan_run_misses": self.run_cache.misses,
             "sealing_pending": len(pending),
             # A stalled worker shows here: sealing degrades to dense, the scheduler does not wait.
             "oldest_pending_s": oldest,

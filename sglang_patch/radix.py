@@ -67,9 +67,11 @@ class _SealJob:
     future: Future
 
 
-# Segments one inline seal_many call takes. On an H200, 8B-shaped segments: 208/s at 32 per
-# call, 186 at 64, 171 at 128, with 7.5, 14.7 and 29 GiB of workspace
-# (benchmarks/results/sealing_batched_h200.json); a server at 64 prefilled 2.5x slower.
+# Segments one inline seal_many call takes. On an H200, 8B-shaped segments: 532/s at 32 per
+# call, 828 at 64, 970 at 128, with 4.4, 8.4 and 16.4 GiB of workspace
+# (benchmarks/results/h200x2_2026-11-30d/sealing_batched.json); a server at 32 sealed 649/s.
+# (At 64 with the older, slower sealer, whose workspace was 14.7 GiB, a server prefilled
+# 2.5x slower; 64 is not yet tried with this one.)
 SEAL_BATCH = 32
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from mosaickv.kernels.block_runs import KIND_PAIRS, block_runs
+from mosaickv.kernels.block_runs import KIND_PAIRS, RunCache, batch_runs, block_runs
 from mosaickv.kernels.layout import TABLE_FIELDS
 
 
@@ -64,3 +64,47 @@ def test_block_runs_match_a_loop_over_blocks(seed: int, device: str) -> None:
         assert got.k_width_max[kind] == (table[rows, 2].max() if len(rows) else 0)
         assert got.v_width_max[kind] == (table[rows, 6].max() if len(rows) else 0)
     assert got.max_tokens == (int(table[indices, 0].max()) if len(indices) else 0)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_a_batch_of_requests_runs_is_the_runs_of_the_batch(seed: int) -> None:
+    """batch_runs (each request's runs found alone, then placed in the batch) names the
+    same blocks, run by run, with the same pairs and kinds as block_runs over the batch;
+    requests without blocks, and a batch without requests, too."""
+    rng = np.random.default_rng(100 + seed)
+    layers, hkv = int(rng.integers(1, 4)), int(rng.integers(1, 4))
+    nblocks = 60
+    table = np.zeros((nblocks, len(TABLE_FIELDS)), dtype=np.int64)
+    table[:, 0] = rng.integers(0, 33, nblocks) * (rng.random(nblocks) > 0.2)
+    table[:, 1], table[:, 5] = rng.integers(0, 4, nblocks), rng.integers(0, 4, nblocks)
+    table[:, 2], table[:, 6] = rng.integers(1, 129, nblocks), rng.integers(1, 129, nblocks)
+    counts = rng.integers(0, 6, int(rng.integers(0, 5)))  # blocks per (layer, head) of each request
+    own = [rng.integers(0, nblocks, (layers, hkv, int(n))) for n in counts]
+    chunk = int(rng.choice([1, 16, 40, 1000]))
+    t = torch.from_numpy(table)
+    parts = [block_runs(t, np.arange(layers * hkv + 1) * int(n), torch.from_numpy(b.reshape(-1)), chunk)
+             for b, n in zip(own, counts)]
+    got = batch_runs(parts, hkv)
+    # The batch as block_runs sees it: pairs (layer, request, head), layer-major.
+    flat = [own[r][layer, h] for layer in range(layers) for r in range(len(own)) for h in range(hkv)]
+    indptr = np.concatenate([[0], np.cumsum([len(x) for x in flat])]).astype(np.int64)
+    indices = np.concatenate(flat + [np.zeros(0, np.int64)]).astype(np.int64)
+    want = block_runs(t, indptr, torch.from_numpy(indices), chunk)
+    assert np.array_equal(got.pair, want.pair) and np.array_equal(got.kind, want.kind)
+    got_rows, want_rows = got.block_indices.numpy(), want.block_indices.numpy()
+    for lo, hi, wlo, whi in zip(got.lo, got.hi, want.lo, want.hi):
+        assert np.array_equal(got_rows[lo:hi], want_rows[wlo:whi])
+    assert np.array_equal(got.k_width_max, want.k_width_max) and np.array_equal(got.v_width_max, want.v_width_max)
+    assert got.max_tokens == want.max_tokens
+
+
+def test_the_run_cache_keeps_what_recent_plans_used() -> None:
+    cache, made = RunCache(keep=2), []
+    make = lambda v: lambda: made.append(v) or v  # noqa: E731
+    assert cache.get(("a",), make(1)) == 1 and cache.get(("a",), make(2)) == 1  # a hit makes nothing
+    cache.end_plan()
+    assert cache.get(("b",), make(3)) == 3
+    cache.end_plan()
+    cache.end_plan()  # "a" unused for two plans: gone; "b" was used one plan before
+    assert cache.get(("a",), make(4)) == 4 and cache.get(("b",), make(5)) == 3
+    assert made == [1, 3, 4] and (cache.hits, cache.misses) == (2, 3)

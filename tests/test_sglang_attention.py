@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -26,7 +27,9 @@ from sglang.srt.server_args import ATTENTION_BACKEND_CHOICES  # noqa: E402
 from mosaickv.formats import BlockFormat, SideFormat, pack_block  # noqa: E402
 from mosaickv.reference import CompressedLayer, attention  # noqa: E402
 from mosaickv.sglang_patch.attention import MosaicAttnBackend, attend_request  # noqa: E402
-from mosaickv.sglang_patch.forward_inputs import locate  # noqa: E402
+from mosaickv.kernels.layout import pack_region, plan_host  # noqa: E402
+from mosaickv.sglang_patch.attention import DECODE_TUNING  # noqa: E402
+from mosaickv.sglang_patch.forward_inputs import host_plan, locate  # noqa: E402
 from mosaickv.sglang_patch.pool import MosaicKVPool  # noqa: E402
 from mosaickv.sglang_patch.sizing import KVShape, plan_capacity  # noqa: E402
 
@@ -389,3 +392,57 @@ def test_compiled_variants_cover_every_launch_of_the_policys_segments(device):
     if device == "cuda":
         torch.cuda.synchronize()
         assert compiled_kernels() == compiled, "a batch compiled a kernel variant the warm-up did not"
+
+
+def runs_by_layer(host) -> list[list[tuple]]:
+    """Each layer's items as (request, head, row0, kind, the blocks they read, tail range):
+    what two plans must agree on, wherever their block indices put those blocks."""
+    rows = host.block_indices.cpu().numpy()
+    out = []
+    for layer in host.layers:
+        kinds = np.zeros(len(layer.items), dtype=np.int64)
+        for k, v, _, ids in layer.launches:
+            kinds[ids] = k * 8 + v
+        out.append(sorted((int(it[0]), int(it[1]), int(it[2]), int(kind), tuple(rows[it[3]:it[4]].tolist()),
+                           int(it[5]), int(it[6])) for it, kind in zip(layer.items, kinds)))
+    return out
+
+
+def test_a_plan_reuses_each_requests_runs_until_a_slab_holds_another_segment():
+    """host_plan finds a request's block runs once (RunCache): a second plan of the same
+    batch finds none, and both equal plan_host over the whole batch. A slab sealed again
+    (another segment's formats in its table rows) is found again."""
+    twin = Twin(3, 64)
+    twin.step([3 * SEG + 2, 2 * SEG + 1], ForwardMode.EXTEND, seed=0)
+    for req, segment in ((0, 0), (0, 1), (1, 0)):
+        twin.seal(req, segment)
+    pool, backend = twin.pool, twin.mosaic
+    reqs = backend._requests(torch.arange(2), twin.lens, [1, 1])
+    cache = pool.run_cache
+
+    def whole_batch(chunk):  # plan_host finding the batch's runs itself
+        from mosaickv.sglang_patch.forward_inputs import block_rows
+
+        slabs = [np.asarray([r for r in req.runs if isinstance(r, int)], dtype=np.int64) for req in reqs]
+        counts = np.asarray([len(s) for s in slabs])
+        indptr = np.concatenate([[0], np.cumsum(np.tile(np.repeat(counts, HKV), LAYERS))])
+        tails = [sum(len(r) for r in req.runs if not isinstance(r, int)) for req in reqs]
+        return plan_host(pool.block_table, indptr, block_rows(np.concatenate(slabs), counts, LAYERS, HKV, "cpu"),
+                         [1, 1], tails, LAYERS, HKV, 3, DECODE_TUNING.block_m, DECODE_TUNING.block_n, chunk, 8)
+
+    first, _ = host_plan(pool, reqs, 3, DECODE_TUNING, 8, chunk_tokens=64)
+    misses = cache.misses
+    second, _ = host_plan(pool, reqs, 3, DECODE_TUNING, 8, chunk_tokens=64)
+    assert misses > 0 and cache.misses == misses  # nothing found again
+    assert runs_by_layer(first) == runs_by_layer(second) == runs_by_layer(whole_batch(64))
+
+    slab = next(r for r in reqs[1].runs if isinstance(r, int))
+    before = pool.block_table_host[pool.table_row(slab, 0)].copy()
+    pages = pool._slab_pages[slab]
+    other = [[pack_block(torch.randn(SEG, 64), torch.randn(SEG, 64), BlockFormat(SEG // 2, SideFormat("sparse", 4)))
+              for _ in range(HKV)] for _ in range(LAYERS)]
+    pool.install(slab, pages, pack_region([b for layer in other for b in layer], 64, pool.arena.base(slab)))
+    assert not np.array_equal(pool.block_table_host[pool.table_row(slab, 0)], before)
+    third, _ = host_plan(pool, reqs, 3, DECODE_TUNING, 8, chunk_tokens=64)
+    assert cache.misses > misses
+    assert runs_by_layer(third) == runs_by_layer(whole_batch(64)) != runs_by_layer(first)

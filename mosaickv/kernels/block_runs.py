@@ -10,6 +10,7 @@ KV head and format pair) come back for the host to cut into kernel items.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -81,3 +82,58 @@ def block_runs(table: torch.Tensor, block_indptr: np.ndarray, block_indices: tor
     small = torch.cat([widths.reshape(-1), tok.max().reshape(1)]).cpu().numpy()
     return BlockRuns(rows, runs[0], runs[1], runs[2], runs[3], small[:KIND_PAIRS], small[KIND_PAIRS:-1],
                      int(small[-1]))
+
+
+def batch_runs(parts: list[BlockRuns], num_kv_heads: int) -> BlockRuns:
+    """A batch's runs from each request's own (request ``b``'s pairs are ``layer * Hkv +
+    head``): pairs become ``(layer * B + b) * Hkv + head``, layer-major as
+    :func:`block_runs` orders a batch, and positions follow the requests' block indices
+    placed back to back. Each request's runs keep their order within a pair."""
+    hkv, bsz = num_kv_heads, len(parts)
+    if not parts:
+        return block_runs(torch.zeros((0, 9), dtype=torch.int64), np.zeros(1, dtype=np.int64),
+                          torch.zeros(0, dtype=torch.int64), 1)
+    sizes = np.asarray([p.block_indices.numel() for p in parts], dtype=np.int64)
+    offsets = np.cumsum(sizes) - sizes
+    pair = np.concatenate([(p.pair // hkv * bsz + b) * hkv + p.pair % hkv for b, p in enumerate(parts)])
+    order = np.argsort(pair, kind="stable")
+    lo = np.concatenate([p.lo + offsets[b] for b, p in enumerate(parts)])[order]
+    hi = np.concatenate([p.hi + offsets[b] for b, p in enumerate(parts)])[order]
+    kind = np.concatenate([p.kind for p in parts])[order]
+    return BlockRuns(torch.cat([p.block_indices for p in parts]), pair[order], lo, hi, kind,
+                     np.stack([p.k_width_max for p in parts]).max(0), np.stack([p.v_width_max for p in parts]).max(0),
+                     max(p.max_tokens for p in parts))
+
+
+class RunCache:
+    """Each request's block runs (:func:`~mosaickv.kernels.block_runs.block_runs` over its
+    own blocks) and kept tokens, kept from one plan to the next. A decode step reads the
+    same sealed segments as the step before, and finding their runs reorders every block
+    (2.1 M for 8 requests of 32k tokens on an 8B shape); a request seals a new segment
+    only every ``segment_size`` tokens. Keyed by the request's slabs, their generations
+    (a slab sealed again holds another segment) and the run length; entries no plan used
+    in the last ``keep`` go, with their block indices (on the pool's device)."""
+
+    def __init__(self, keep: int = 4) -> None:
+        self.keep = keep
+        self.plans = 0
+        self.hits = self.misses = 0
+        self._entries: dict[tuple, tuple[int, object]] = {}  # key -> (the last plan that used it, value)
+
+    def get(self, key: tuple, make: Callable[[], object]) -> object:
+        held = self._entries.get(key)
+        if held is None:
+            self.misses += 1
+            value = make()
+        else:
+            self.hits += 1
+            value = held[1]
+        self._entries[key] = (self.plans, value)
+        return value
+
+    def end_plan(self) -> None:
+        self.plans += 1
+        self._entries = {k: v for k, v in self._entries.items() if self.plans - v[0] <= self.keep}
+
+    def clear(self) -> None:
+        self._entries.clear()

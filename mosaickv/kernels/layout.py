@@ -471,6 +471,7 @@ def plan_work(
     block_m: int,
     block_n: int,
     chunk_tokens: int,
+    runs: BlockRuns | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, BlockRuns]:
     """Cut the batch into items; returns ``items``, ``item_kind``, ``groups``,
     ``merge_indptr`` (host) and the :class:`~mosaickv.kernels.block_runs.BlockRuns`
@@ -482,7 +483,8 @@ def plan_work(
     registers). ``item_kind`` is ``4 * k_kind + v_kind``, or ``TAIL``. Blocks go into
     runs of about ``chunk_tokens`` kept tokens (whole blocks: a block's basis is folded in
     once, at its end), on the table's device (:func:`block_runs`); the tail into runs of
-    ``chunk_tokens`` rounded up to ``block_n``, here.
+    ``chunk_tokens`` rounded up to ``block_n``, here; ``runs``: those block runs, already
+    found (cut at ``chunk_tokens``, e.g. :func:`~mosaickv.kernels.block_runs.batch_runs`).
     Runs with no kept token are dropped, as are tail runs no query row of the row block
     can see: query ``i`` of ``nq`` sits at tail position ``t - nq + i`` and sees the tail
     up to there (none if that is negative, e.g. a decode query with an empty tail).
@@ -491,7 +493,8 @@ def plan_work(
     hkv = num_kv_heads
     if len(block_indptr) != bsz * hkv + 1:
         raise ValueError(f"block_indptr has {len(block_indptr)} entries, expected {bsz * hkv + 1}")
-    runs = block_runs(table, block_indptr, block_indices, chunk_tokens)
+    if runs is None:
+        runs = block_runs(table, block_indptr, block_indices, chunk_tokens)
     run_pair, run_lo, run_hi, run_kp = runs.pair, runs.lo, runs.hi, runs.kind
     run_ptr = np.searchsorted(run_pair, np.arange(bsz * hkv + 1))
     tail_chunk = max(block_n, -(-chunk_tokens // block_n) * block_n)
@@ -563,6 +566,18 @@ def default_max_programs(device: torch.device) -> int:
     return 8 * sms
 
 
+def default_chunk_tokens(kept_tokens: int, tail_tokens: int, num_layers: int, num_kv_heads: int, block_n: int,
+                         max_programs: int, max_items: int | None = None) -> int:
+    """Kept tokens per block run: about four items per program slot over a layer's work
+    (``kept_tokens`` of every layer's blocks, ``tail_tokens`` of the requests' tails),
+    and long enough that the runs take at most half of ``max_items`` per layer."""
+    work = kept_tokens // num_layers + tail_tokens * num_kv_heads
+    chunk = max(4 * block_n, -(-work // (4 * max_programs)))
+    if max_items:
+        chunk = max(chunk, -(-2 * work // max_items))
+    return chunk
+
+
 def plan_host(
     table: torch.Tensor | np.ndarray,
     block_indptr: np.ndarray,
@@ -577,6 +592,7 @@ def plan_host(
     chunk_tokens: int | None,
     max_programs: int,
     max_items: int | None = None,
+    runs: BlockRuns | None = None,
 ) -> HostPlan:
     """Plan a batch whose requests read, at every layer, the same tokens but their own
     blocks: ``block_indptr`` has ``num_layers * B * Hkv + 1`` entries (layer-major),
@@ -584,21 +600,23 @@ def plan_host(
     the blocks on ``table``'s device, the items on the host. ``chunk_tokens`` defaults
     to about four items per program slot, and to runs long enough that their items take
     at most half of ``max_items`` per layer (a graph's capacity; the rest is for each
-    group's format pairs and tail)."""
+    group's format pairs and tail), see :func:`default_chunk_tokens`. ``runs``: the
+    blocks' runs already found at the given ``chunk_tokens`` (a plan that keeps each
+    request's runs from one step to the next)."""
     table = as_table(table)
     block_indices = torch.as_tensor(block_indices, dtype=torch.int64).to(table.device)
     qo_lens = np.asarray(qo_lens, dtype=np.int64)
     tail_lens = np.asarray(tail_lens, dtype=np.int64)
     block_indptr = np.asarray(block_indptr, dtype=np.int64)
     bsz = len(qo_lens)
+    if runs is not None and chunk_tokens is None:
+        raise ValueError("runs found in advance need the chunk_tokens they were cut at")
     if chunk_tokens is None:
-        work = block_tokens(table, block_indices) // num_layers + int(tail_lens.sum()) * num_kv_heads
-        chunk_tokens = max(4 * block_n, -(-work // (4 * max_programs)))
-        if max_items:
-            chunk_tokens = max(chunk_tokens, -(-2 * work // max_items))
+        chunk_tokens = default_chunk_tokens(block_tokens(table, block_indices), int(tail_lens.sum()), num_layers,
+                                            num_kv_heads, block_n, max_programs, max_items)
     items, kinds, groups, merge_indptr, runs = plan_work(
         table, block_indptr, block_indices, np.tile(qo_lens, num_layers), np.tile(tail_lens, num_layers),
-        num_kv_heads, group, block_m, block_n, chunk_tokens,
+        num_kv_heads, group, block_m, block_n, chunk_tokens, runs,
     )
     item_layer = items[:, 0] // max(bsz, 1)
     items[:, 0] %= max(bsz, 1)

@@ -29,3 +29,14 @@ def test_smoke_run_checks_both_kernels_and_writes_their_times(tmp_path):
     for r in result["rows"]:
         assert r["max_abs_diff"] < 2e-2 and r["ours_ms"] > 0 and r["sglang_ms"] > 0
         assert abs(r["sglang_speedup"] - r["ours_ms"] / r["sglang_ms"]) < 0.05
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the smoke mode is the CPU interpreter's")
+def test_a_tile_that_misses_the_reference_is_recorded_untimed_and_fails_the_run(tmp_path, monkeypatch):
+    bench = load_script("benchmarks/kernels/bench_extend.py")
+    monkeypatch.setattr(bench, "attention", lambda *a, **k: torch.full_like(a[0], 7.0, dtype=torch.float32))  # a wrong reference
+    out = tmp_path / "extend.json"
+    assert bench.main(["--smoke", "--heads", "6/2", "--head-dim", "64", "--prefix", "101", "--tiles", "16x16",
+                       "--json", str(out)]) == 1
+    (row,) = json.loads(out.read_text())["sealed_rows"]
+    assert row["tile"] == "16x16" and "ours_ms" not in row and row["mismatched"] > 0.5 and row["nan"] is False

@@ -59,10 +59,12 @@ class PackedSealer:
         return self.seal_many([inputs])[0]
 
     def seal_many(self, batch: list[SegmentInputs]) -> list[Region]:
-        """Seal segments of one pool (same shape) together: their KV heads folded into one
-        span per layer, so the policy's scorers and statistics run once for all of them
-        (:meth:`Compressor.plan_segments` with ``groups``), each planned within its own
-        budget and packed into its own slab's region."""
+        """Seal segments of one pool (same shape) together: every layer's KV heads of every
+        segment folded into the heads of one span, so the policy's scorers (which score
+        each KV head alone) and statistics run once for all of them
+        (:meth:`Compressor.plan_segments` with ``groups``), each segment planned within its
+        own budget and packed into its own slab's region. Blocks keep the order
+        (layer, KV head, segment)."""
         if not batch:
             return []
         kinds: dict[tuple[bool, bool], list[int]] = {}  # segments whose queries were or were not recorded
@@ -76,11 +78,11 @@ class PackedSealer:
             return regions
         n = len(batch)
 
-        def fold(ts: list[torch.Tensor | None]) -> torch.Tensor | None:  # [L, Hkv, ...] each -> [L, Hkv * n, ...]
+        def fold(ts: list[torch.Tensor | None]) -> torch.Tensor | None:  # [L, Hkv, ...] each -> [1, L * Hkv * n, ...]
             if ts[0] is None:
                 return None
             x = torch.stack(ts, dim=2)
-            return x.reshape(x.shape[0], x.shape[1] * n, *x.shape[3:])
+            return x.reshape(1, x.shape[0] * x.shape[1] * n, *x.shape[3:])
 
         budgets = {x.budget_bytes for x in batch}
         if len(budgets) != 1:

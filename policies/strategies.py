@@ -202,17 +202,20 @@ class Dynamic(SegmentStrategy):
         return formats, cost, [float(f.nbytes(d)) for f in formats]
 
 
-def knapsack(value: torch.Tensor, cost: list[float], budget: float, fill_passes: int = 4) -> torch.Tensor:
+def knapsack(value: torch.Tensor, cost: list[float], budget: float, fill_passes: int = 4, ways: int = 16,
+             rounds: int = 13) -> torch.Tensor:
     """For each of G independent problems, one option per row maximizing total value with
     total cost <= budget: ``value`` [G, R, O], ``cost`` [O] shared, returns [G, R].
 
-    Lagrangian relaxation (bisection on the price of a byte, every problem its own), then
-    the best remaining upgrades by value per byte while bytes remain. Runs where ``value``
-    is, without reading anything back: on a GPU the G problems of a batch of segments are
-    a few hundred launches in all, where a problem at a time read a total back at every
-    step (hundreds of syncs per segment, most of a segment's 34 ms on an H200,
-    benchmarks/results/h200x2_2026-11-30b). Every row's cheapest option is the fallback;
-    raises if even those exceed the budget.
+    Lagrangian relaxation (a search for the price of a byte, every problem its own), then
+    the best remaining upgrades by value per byte while bytes remain. The search tries
+    ``ways - 1`` prices at once per round, so ``rounds`` of 16 ways narrow the price as 52
+    halvings would (float64's precision) in a quarter of the launches. Runs where
+    ``value`` is, without reading anything back: on a GPU the G problems of a batch of
+    segments are about two hundred launches in all, where a problem at a time read a total
+    back at every step (hundreds of syncs per segment, most of a segment's 34 ms on an
+    H200, benchmarks/results/h200x2_2026-11-30b). Every row's cheapest option is the
+    fallback; raises if even those exceed the budget.
     """
     groups, rows, options = value.shape
     floor = min(cost)
@@ -233,12 +236,18 @@ def knapsack(value: torch.Tensor, cost: list[float], budget: float, fill_passes:
     lo, hi = value.new_zeros(groups), span / max(min(dearer, default=1.0), 1.0)
     top = pick(hi)
     choice = torch.where((spent(top) <= budget)[:, None], top, torch.full_like(top, cost.index(floor)))
-    for _ in range(60):
-        mid = 0.5 * (lo + hi)
-        trial = pick(mid)
-        fits = spent(trial) <= budget
-        hi, lo = torch.where(fits, mid, hi), torch.where(fits, lo, mid)
-        choice = torch.where(fits[:, None], trial, choice)
+    cuts = torch.arange(1, ways, dtype=value.dtype, device=value.device) / ways
+    for _ in range(rounds):
+        prices = lo[:, None] + (hi - lo)[:, None] * cuts  # [G, W - 1], ascending
+        trials = (value[:, None] - prices[:, :, None, None] * price_of).argmax(dim=-1)  # [G, W - 1, R]
+        fits = spent(trials) <= budget
+        # The cheapest price that fits (dearer prices pick cheaper options) bounds it above.
+        first = fits.to(torch.int8).argmax(dim=-1)
+        hit = fits.any(dim=-1)
+        below = torch.where(first > 0, prices.gather(1, (first - 1).clamp_min(0)[:, None])[:, 0], lo)
+        lo = torch.where(hit, below, prices[:, -1])
+        hi = torch.where(hit, prices.gather(1, first[:, None])[:, 0], hi)
+        choice = torch.where(hit[:, None], trials.gather(1, first[:, None, None].expand(-1, 1, rows))[:, 0], choice)
     choice = torch.where((spent(free) <= budget)[:, None], free, choice)
     for _ in range(fill_passes):
         # Each row's most efficient affordable upgrade, taken best-first while bytes remain.

@@ -89,6 +89,37 @@ def test_knapsack_matches_brute_force_on_small_instances():
         assert got >= best - value.max().item()
 
 
+def bisected_price(value: torch.Tensor, cost: list[float], budget: float) -> torch.Tensor:
+    """The Lagrangian choice by plain bisection on the price of a byte (60 halvings), per
+    problem: what knapsack's many-way search must find before its upgrade passes."""
+    price_of = torch.tensor(cost, dtype=value.dtype)
+    pick = lambda price: (value - price[:, None, None] * price_of).argmax(dim=-1)  # noqa: E731
+    dearer = [c - min(cost) for c in cost if c > min(cost)]
+    lo = value.new_zeros(len(value))
+    hi = ((value.amax(dim=(1, 2)) - value.amin(dim=(1, 2))) + 1.0) / max(min(dearer, default=1.0), 1.0)
+    top = pick(hi)
+    choice = torch.where((price_of[top].sum(-1) <= budget)[:, None], top, torch.full_like(top, cost.index(min(cost))))
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        trial = pick(mid)
+        fits = price_of[trial].sum(-1) <= budget
+        hi, lo = torch.where(fits, mid, hi), torch.where(fits, lo, mid)
+        choice = torch.where(fits[:, None], trial, choice)
+    free = pick(value.new_zeros(len(value)))
+    return torch.where((price_of[free].sum(-1) <= budget)[:, None], free, choice)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_knapsacks_many_way_price_search_finds_what_bisection_finds(seed):
+    g = torch.Generator().manual_seed(40 + seed)
+    groups, rows = int(torch.randint(1, 6, (1,), generator=g)), int(torch.randint(1, 60, (1,), generator=g))
+    cost = sorted(set(float(c) for c in torch.randint(0, 200, (int(torch.randint(2, 9, (1,), generator=g)),), generator=g)))
+    value = -torch.rand(groups, rows, len(cost), generator=g, dtype=torch.float64).cumsum(-1).flip(-1)
+    value *= 10 ** torch.randint(-3, 4, (groups, 1, 1), generator=g).double()  # each problem its own scale
+    budget = float(rows * cost[0] + torch.randint(0, int(rows * (cost[-1] - cost[0])) + 1, (1,), generator=g))
+    assert torch.equal(knapsack(value, cost, budget, fill_passes=0), bisected_price(value, cost, budget))
+
+
 def test_knapsack_solves_each_problem_of_a_batch_as_alone():
     # Sealing many segments at once must not change any segment's plan.
     g = torch.Generator().manual_seed(4)

@@ -5,7 +5,7 @@ of small ones; ``PackedSealer.seal_many`` shares the scorers and statistics amon
 segments it takes at once. Counted on whatever machine this runs on (the CPU too) with
 torch's profiler, top-level ops only (views and reads of a scalar left out), with the
 knapsack's share apart: it solves every segment of a call together, where the inputs
-are, without reading back. The packer itself is left out (one launch a segment).
+are, without reading back. The packer's own launch (one per call) is left out.
 
     python benchmarks/sealing/count_ops.py --layers 32 --kv-heads 8 --head-dim 128 --batches 1 8 32
 """
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
                              torch.softmax(torch.randn(layers, hkv, s, generator=g), -1), 4096 * (i + 1))
 
     sealer = PackedSealer(policy, d)
-    sealer.packer.plan = lambda *a, **kw: None  # the packer: one launch a segment, not counted
+    sealer.packer.plan_placed = lambda *a, **kw: None  # the packer: one launch a call, not counted
     sealer.packer.run = lambda *a, **kw: None
     knapsack_ops = [0]
     solve = strategies.knapsack

@@ -9,11 +9,13 @@ syncs: 1.68 segments/s for an 8B shape on an H200, slower than one host process
 strategy's formats), the kept tokens and every side's channel weights, block scores and
 low-rank bases are computed for all blocks at once, and
 :class:`~mosaickv.kernels.pack.PackWrapper` writes the region's bytes in one launch.
-:meth:`PackedSealer.seal_many` does this for many segments at once (a prefill's), their
-KV heads folded into one span per layer, every segment's region laid out in one buffer
-(:func:`~mosaickv.kernels.layout.place_regions`) and written by one launch: an 8B segment's policy work is 1,704 small ops
-alone and 68.8 each in batches of 32 (counted on the CPU by
-``benchmarks/sealing/count_ops.py``, benchmarks/results/sealing_ops_per_segment_cpu.json).
+:meth:`PackedSealer.seal_many` does this for many segments at once (a prefill's): every
+layer's KV heads of every segment folded into one span, every segment's region laid out
+in one buffer (:func:`~mosaickv.kernels.layout.place_regions`) and written by one
+launch. An 8B segment's policy work is 783 small ops alone and 24.5 each in batches of
+32 (counted on the CPU by ``benchmarks/sealing/count_ops.py``,
+benchmarks/results/sealing_ops_per_segment_cpu_one_span.json; 1,704 and 68.8 before the
+one launch, the one span and the knapsack's many-way search).
 
 The packer ranks a sparse side's channels by ``(w_c x_c)^2`` with one weight per channel
 and block. ``w`` is recovered from the scorer's element scores as

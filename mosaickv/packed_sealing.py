@@ -105,21 +105,21 @@ class PackedSealer:
         of ``plan`` (in (layer, KV head) order)."""
         n, d = len(batch), self.head_dim
         s = plan.keys.shape[1]
-        rows = lambda a: a.reshape(-1, n, *a.shape[1:]).swapaxes(0, 1)  # noqa: E731  folded [nb * n, ...] -> [n, nb, ...]
         used = nbytes.reshape(-1, n).sum(0)
         over = np.flatnonzero(used > batch[0].budget_bytes)
         if len(over):
             raise PartFailure("strategy", self.policy.strategy, f"planned {used[over[0]]} bytes, over the {batch[0].budget_bytes}-byte slab")
         bases = np.asarray([x.base_bytes for x in batch], dtype=np.int64)
-        regions = place_regions(rows(tokens), rows(kinds), rows(widths), d, bases, ALIGN)
-        index_base = -(-2 * regions.values_end // ALIGN) * ALIGN
-        sizes = np.where(regions.index_end > index_base, regions.index_end, 2 * regions.values_end) - bases
-        starts = np.cumsum(-(-sizes // ALIGN) * ALIGN) - -(-sizes // ALIGN) * ALIGN  # each region's place in one buffer
-        buffer = place_regions(rows(tokens), rows(kinds), rows(widths), d, starts, ALIGN)
-        fold = lambda a: a.swapaxes(0, 1).reshape(-1, *a.shape[2:])  # noqa: E731  [n, nb, ...] -> folded
+        per_segment = [_by_segment(a, n) for a in (tokens, kinds, widths)]
+        regions = place_regions(*per_segment, d, bases, ALIGN)
+        sizes = regions.end_bytes - bases
+        padded = -(-sizes // ALIGN) * ALIGN
+        starts = np.cumsum(padded) - padded  # each region's place in one buffer
+        buffer = place_regions(*per_segment, d, starts, ALIGN)
         total = int(starts[-1] + sizes[-1])
-        place = Placement(fold(buffer.table), -(-total // 2), total, fold(buffer.value_starts), fold(buffer.value_gaps),
-                          fold(buffer.index_starts), fold(buffer.index_gaps), int(buffer.pad_bytes.sum()))
+        place = Placement(_folded(buffer.table), -(-total // 2), total, _folded(buffer.value_starts),
+                          _folded(buffer.value_gaps), _folded(buffer.index_starts), _folded(buffer.index_gaps),
+                          int(buffer.pad_bytes.sum()))
         block, token = mask.nonzero(as_tuple=True)  # block-major, tokens in order: what pack_block keeps
         self.packer.plan_placed(place, np.zeros(len(tokens), dtype=np.int64), block * s + token, d, plan.keys.device,
                                 sides[0], sides[1], ALIGN)
@@ -186,3 +186,13 @@ class PackedSealer:
             part = getattr(self.policy, role)
             raise PartFailure(role, part, "its element scores are not (w_c * x_c)^2 for one weight per channel, which "
                               "the device sealer ranks by; seal with --kv-compress-sealing processes")
+
+
+def _by_segment(a: np.ndarray, n: int) -> np.ndarray:
+    """Folded blocks ``[nb * n, ...]`` (segment ``g`` is every ``n``-th) as ``[n, nb, ...]``."""
+    return a.reshape(-1, n, *a.shape[1:]).swapaxes(0, 1)
+
+
+def _folded(a: np.ndarray) -> np.ndarray:
+    """``[n, nb, ...]`` back to the folded block order ``[nb * n, ...]``."""
+    return a.swapaxes(0, 1).reshape(-1, *a.shape[2:])

@@ -287,6 +287,12 @@ def test_regions_placed_together_are_each_placed_alone() -> None:
         for field in ("table", "value_starts", "value_gaps", "index_starts", "index_gaps"):
             assert np.array_equal(getattr(row, field), getattr(alone, field)), (i, field)
         assert (row.values_end, row.index_end, row.pad_bytes) == (alone.values_end, alone.index_end, alone.pad_bytes)
+    # A region ends after its index bytes, or after its values if it has none (low-rank
+    # only), or where it starts if every token was dropped.
+    assert together.end_bytes[4] == 2 * together.values_end[4] <= together.index_base[4] == together.index_end[4]
+    assert together.end_bytes[3] == bases[3]
+    assert all(together.end_bytes[i] == together.index_end[i] > together.index_base[i] for i in range(3)
+               if together.index_end[i] > together.index_base[i])
     with pytest.raises(ValueError, match="multiples of 16"):
         place_regions(arrays[0], arrays[1], arrays[2], d, bases + 8)
 

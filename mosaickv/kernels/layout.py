@@ -114,6 +114,12 @@ class RegionPlacements:
     index_starts: np.ndarray  # int64 [n, num_blocks, 2]
     index_gaps: np.ndarray
     pad_bytes: np.ndarray  # int64 [n]
+    index_base: np.ndarray  # int64 [n]: where each region's index bytes start
+
+    @property
+    def end_bytes(self) -> np.ndarray:
+        """Each region's end: after its index bytes, or after its values if it has none."""
+        return np.where(self.index_end > self.index_base, self.index_end, 2 * self.values_end)
 
     def row(self, i: int) -> Placement:
         return Placement(self.table[i], int(self.values_end[i]), int(self.index_end[i]), self.value_starts[i],
@@ -149,7 +155,7 @@ def _place_rows(tokens: np.ndarray, kinds: np.ndarray, widths: np.ndarray, d: in
         aux = np.where(kind == LOWRANK, vstart[..., 2 * s + 1], np.where((kind == SPARSE) | (kind == MASK), istart[..., s], 0))
         table[..., col + 3] = np.where(on, aux, 0)
     pad = 2 * (vend - values_base - vsz.reshape(len(vsz), -1).sum(1)) + iend - index_base - isz.reshape(len(isz), -1).sum(1)
-    return RegionPlacements(table, vend, iend, vstart, vgap, istart, igap, pad)
+    return RegionPlacements(table, vend, iend, vstart, vgap, istart, igap, pad, index_base)
 
 
 def place_blocks(

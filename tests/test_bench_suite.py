@@ -323,6 +323,17 @@ def test_methods_differ_only_in_compression_flags():
         assert "--attention-backend" not in workloads.METHODS[m] and "--kv-cache-dtype" not in workloads.METHODS[m]
 
 
+def test_mosaic_flags_go_to_the_mosaic_methods_alone_and_into_the_settings_tag():
+    extra = "--kv-compress-sealing device --kv-compress-cuda-graph"
+    assert workloads.method_flags("none", extra) == workloads.METHODS["none"]
+    assert workloads.method_flags("fp8", extra) == workloads.METHODS["fp8"]
+    assert workloads.method_flags("mosaic3", extra) == workloads.METHODS["mosaic3"] + extra.split()
+    plain, with_extra = _plan("smollm2", "random8k"), _plan("smollm2", "random8k", "", "", "", extra)
+    assert plain["BASE"] == with_extra["BASE"] and plain["TAG"] != with_extra["TAG"]  # kept records never mix
+    with pytest.raises(SystemExit):
+        workloads.method_flags("mosaic4")
+
+
 def test_the_6x_variant_is_its_preset_at_6x():
     from mosaickv.config import read_policy_source
 

@@ -5,7 +5,8 @@
 #   T0=$(date +%s) MODEL=llama8b-random WORKLOAD=random32k METHODS="none fp8" bash benchmarks/suite/run_comparison.sh
 # MODEL, WORKLOAD: names in benchmarks/suite/workloads.py. METHODS: run in this order, from
 # none fp8 mosaic3 mosaic6. N (prompts), MEM_FRACTION, EXTRA_FLAGS (launch flags for every
-# method) override the table. T0 + BUDGET_S is the deadline: each method gets an equal share
+# method) override the table; MOSAIC_FLAGS are launch flags of the mosaic methods alone
+# (e.g. '--kv-compress-sealing device', which none and fp8 would refuse). T0 + BUDGET_S is the deadline: each method gets an equal share
 # of what is left, at least MIN_METHOD_S, and is recorded as skipped when even that is gone.
 # Resumable: records stay in /tmp/mkv/suite/TAG while the machine is warm, and a later call
 # with the same settings keeps the methods that finished ("ok") unless FORCE=1. Every call
@@ -17,10 +18,10 @@ T0=${T0:-$(date +%s)}; DEADLINE=$((T0 + ${BUDGET_S:-570}))
 MODEL=${MODEL:-smollm2}; WORKLOAD=${WORKLOAD:-random8k}; METHODS=${METHODS:-none fp8 mosaic3 mosaic6}
 MIN_METHOD_S=${MIN_METHOD_S:-120}; START_S=${START_S:-300}; RESERVE_S=${RESERVE_S:-25}
 S=benchmarks/suite
-PLAN=$(python3 $S/workloads.py plan "$MODEL" "$WORKLOAD" "${N:-}" "${MEM_FRACTION:-}" "${EXTRA_FLAGS:-}") || exit 2
+PLAN=$(python3 $S/workloads.py plan "$MODEL" "$WORKLOAD" "${N:-}" "${MEM_FRACTION:-}" "${EXTRA_FLAGS:-}" "${MOSAIC_FLAGS:-}") || exit 2
 eval "$PLAN"  # MODEL_PATH BUILD BASE BENCH_ARGS NUM_PROMPTS MAX_CONCURRENCY INPUT_LEN OUTPUT_LEN TAG
-for m in $METHODS; do python3 $S/workloads.py flags "$m" > /dev/null || exit 2; done
-CALL="MODEL=$MODEL WORKLOAD=$WORKLOAD METHODS='$METHODS'${N:+ N=$N}${MEM_FRACTION:+ MEM_FRACTION=$MEM_FRACTION}${EXTRA_FLAGS:+ EXTRA_FLAGS='$EXTRA_FLAGS'} bash $S/run_comparison.sh"
+for m in $METHODS; do python3 $S/workloads.py flags "$m" "${MOSAIC_FLAGS:-}" > /dev/null || exit 2; done
+CALL="MODEL=$MODEL WORKLOAD=$WORKLOAD METHODS='$METHODS'${N:+ N=$N}${MEM_FRACTION:+ MEM_FRACTION=$MEM_FRACTION}${EXTRA_FLAGS:+ EXTRA_FLAGS='$EXTRA_FLAGS'}${MOSAIC_FLAGS:+ MOSAIC_FLAGS='$MOSAIC_FLAGS'} bash $S/run_comparison.sh"
 STATE_ROOT=${STATE_ROOT:-/tmp/mkv/suite}; STATE=$STATE_ROOT/$TAG; PIDFILE=$STATE_ROOT/server.pid
 mkdir -p "$STATE"
 source benchmarks/serving/lib.sh
@@ -68,7 +69,7 @@ run_method() {  # METHOD PORT METHODS_LEFT (this one included)
     local t_end=$(( $(date +%s) + share )) start_budget=$(( share * 3 / 4 < START_S ? share * 3 / 4 : START_S ))
     wait_gpu_free
     local t; t=$(date +%s)
-    if OUT=$STATE start_server "$m" $port $start_budget $(python3 $S/workloads.py flags "$m"); then
+    if OUT=$STATE start_server "$m" $port $start_budget $(python3 $S/workloads.py flags "$m" "${MOSAIC_FLAGS:-}"); then
       echo $SERVER_PID > "$PIDFILE"; start_s=$(( $(date +%s) - t ))
       curl -sf -m 30 http://127.0.0.1:$port/server_info > "$STATE/info_${m}_start.json"
       local limit=$(( t_end - $(date +%s) - 15 )); [ $limit -lt 10 ] && limit=10

@@ -143,8 +143,10 @@ def words(args: list[str]) -> str:
     return " ".join(args)
 
 
-def plan(model_name: str, workload_name: str, num_prompts: str = "", mem_fraction: str = "", extra: str = "") -> str:
-    """Shell assignments for run_comparison.sh (``eval``-ed there)."""
+def plan(model_name: str, workload_name: str, num_prompts: str = "", mem_fraction: str = "", extra: str = "",
+         mosaic_extra: str = "") -> str:
+    """Shell assignments for run_comparison.sh (``eval``-ed there). ``mosaic_extra``: launch
+    flags of the mosaic methods alone (:func:`method_flags`); part of the settings' tag."""
     model, workload = check(model_name, workload_name)
     n = int(num_prompts) if num_prompts else workload.prompts[model_name]
     base = server_flags(model, workload, float(mem_fraction) if mem_fraction else model.mem_fraction, shlex.split(extra))
@@ -152,7 +154,7 @@ def plan(model_name: str, workload_name: str, num_prompts: str = "", mem_fractio
     if workload.kind == "gsp":
         n = workload.groups * max(1, n // workload.groups)
     # Results of one setting never mix with another's in the machine's state folder.
-    digest = hashlib.sha1(" ".join(base + bench).encode()).hexdigest()[:8]
+    digest = hashlib.sha1(" ".join(base + bench + shlex.split(mosaic_extra)).encode()).hexdigest()[:8]
     values = {
         "MODEL_PATH": model.path,
         "BUILD": model.build,
@@ -167,15 +169,22 @@ def plan(model_name: str, workload_name: str, num_prompts: str = "", mem_fractio
     return "\n".join(f"{k}={shlex.quote(v)}" for k, v in values.items())
 
 
+def method_flags(method: str, mosaic_extra: str = "") -> list[str]:
+    """A method's launch flags; the mosaic methods' with ``mosaic_extra`` after them
+    (e.g. ``--kv-compress-sealing device``, which ``none`` and FP8 would refuse)."""
+    if method not in METHODS:
+        raise SystemExit(f"unknown method {method!r}: one of {list(METHODS)}")
+    return METHODS[method] + (shlex.split(mosaic_extra) if method.startswith("mosaic") else [])
+
+
 def main(argv: list[str]) -> None:
     if len(argv) >= 3 and argv[0] == "plan":
-        print(plan(*argv[1:6]))
-    elif len(argv) == 2 and argv[0] == "flags":
-        if argv[1] not in METHODS:
-            raise SystemExit(f"unknown method {argv[1]!r}: one of {list(METHODS)}")
-        print(words(METHODS[argv[1]]))
+        print(plan(*argv[1:7]))
+    elif len(argv) in (2, 3) and argv[0] == "flags":
+        print(words(method_flags(*argv[1:3])))
     else:
-        raise SystemExit("usage: workloads.py plan MODEL WORKLOAD [N] [MEM_FRACTION] [EXTRA_FLAGS] | flags METHOD")
+        raise SystemExit("usage: workloads.py plan MODEL WORKLOAD [N] [MEM_FRACTION] [EXTRA_FLAGS] [MOSAIC_FLAGS] | "
+                         "flags METHOD [MOSAIC_FLAGS]")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from sglang.srt.managers.scheduler_components.batch_result_processor import Sche
 from sglang.srt.mem_cache.common import maybe_cache_unfinished_req  # noqa: E402
 from sglang.srt.sampling.sampling_params import SamplingParams  # noqa: E402
 
-from mosaickv.sglang_patch.radix import decode_seal_hook  # noqa: E402
+from mosaickv.sglang_patch.radix import decode_seal_hook, idle_drain_hook  # noqa: E402
 from seal_compressors import SEG, CountingCompressor  # noqa: E402
 from test_sglang_radix import WINDOW, make_cache, prefill  # noqa: E402
 
@@ -32,36 +32,49 @@ def _published_server_args():
 
 
 class Serving:
-    """One request through the scheduler's steps: prefill (inserted as SGLang does after
-    it), then decode steps (a slot and KV for the token fed, the output appended, the
-    plugin's hook), then finish (SGLang's cache_finished_req)."""
+    """Requests through the scheduler's steps on one tree: prefill (inserted as SGLang does
+    after it), then decode steps (a slot and KV for each token fed, the outputs appended,
+    the plugin's hook once for the batch), then finish (SGLang's cache_finished_req).
+    ``req`` and ``slots`` are the first request's."""
 
-    def __init__(self, prompt_len: int) -> None:
+    def __init__(self, prompt_len: int, requests: int = 1, **cache_kw) -> None:
         self.comp = CountingCompressor()
-        self.tree, self.pool, self.alloc = make_cache(self.comp)
-        self.req = Req("r", "", array("q", range(prompt_len)), SamplingParams(max_new_tokens=1000))
-        req, tree = self.req, self.tree
-        tree.req_to_token_pool.alloc([req])
-        self.slots = prefill(self.pool, self.alloc, prompt_len)
-        tree.req_to_token_pool.write((req.req_pool_idx, slice(0, prompt_len)), self.slots.int())
-        req.kv_committed_len = prompt_len
-        req.last_node, req.prefix_indices, req.cache_protected_len = tree.root_node, torch.empty(0, dtype=torch.int64), 0
-        req.set_extend_range(0, prompt_len)
-        req._refresh_fill_ids()
-        maybe_cache_unfinished_req(req, tree)
-        req.output_ids.append(10_000)
+        self.tree, self.pool, self.alloc = make_cache(self.comp, **cache_kw)
+        tree = self.tree
+        self.reqs, self.all_slots = [], []
+        for r in range(requests):
+            req = Req(f"r{r}", "", array("q", range(r * 1000, r * 1000 + prompt_len)), SamplingParams(max_new_tokens=1000))
+            tree.req_to_token_pool.alloc([req])
+            slots = prefill(self.pool, self.alloc, prompt_len)
+            tree.req_to_token_pool.write((req.req_pool_idx, slice(0, prompt_len)), slots.int())
+            req.kv_committed_len = prompt_len
+            req.last_node, req.prefix_indices, req.cache_protected_len = tree.root_node, torch.empty(0, dtype=torch.int64), 0
+            req.set_extend_range(0, prompt_len)
+            req._refresh_fill_ids()
+            maybe_cache_unfinished_req(req, tree)
+            req.output_ids.append(10_000)
+            self.reqs.append(req)
+            self.all_slots.append(slots)
+
+    @property
+    def req(self) -> Req:
+        return self.reqs[0]
+
+    @property
+    def slots(self) -> torch.Tensor:
+        return self.all_slots[0]
 
     def decode(self, steps: int) -> None:
-        req = self.req
         for _ in range(steps):
-            slot = prefill(self.pool, self.alloc, 1)
-            self.tree.req_to_token_pool.write((req.req_pool_idx, req.kv_committed_len), slot.int())
-            self.slots = torch.cat([self.slots, slot])
-            req.kv_committed_len += 1
-            req.output_ids.append(10_000 + len(req.output_ids))
-            decode_seal_hook(None, SimpleNamespace(tree_cache=self.tree), SimpleNamespace(reqs=[req]))
-            # Under the overlap scheduler the newest token's write may still be in flight.
-            assert req.cache_protected_len < req.kv_committed_len, "the newest token went into the tree"
+            for i, req in enumerate(self.reqs):
+                slot = prefill(self.pool, self.alloc, 1)
+                self.tree.req_to_token_pool.write((req.req_pool_idx, req.kv_committed_len), slot.int())
+                self.all_slots[i] = torch.cat([self.all_slots[i], slot])
+                req.kv_committed_len += 1
+                req.output_ids.append(10_000 + len(req.output_ids))
+            decode_seal_hook(None, SimpleNamespace(tree_cache=self.tree), SimpleNamespace(reqs=self.reqs))
+            for req in self.reqs:  # under the overlap scheduler the newest token's write may still be in flight
+                assert req.cache_protected_len < req.kv_committed_len, "the newest token went into the tree"
 
     def dense_in_use(self) -> int:
         return self.pool.stats()["dense_tail_tokens_in_use"]
@@ -89,6 +102,41 @@ def test_decoded_segments_seal_while_the_request_runs():
     row = run.tree.req_to_token_pool.req_to_token[run.req.req_pool_idx, : run.req.kv_committed_len].long()
     assert torch.equal(row, run.slots)
     assert run.req.last_node.lock_ref > 0 and run.tree.protected_size() == inserted
+
+
+def test_segments_closed_while_decoding_seal_together_or_after_half_a_segment():
+    """With ``decode_batch``, the segments requests close while decoding wait and seal in
+    one submission: once that many wait, once the oldest waited half a segment's steps, or
+    at once when the dense rows run short."""
+    run = Serving(40, requests=3, decode_batch=4)
+    submitted = []
+    submit = run.tree._submit
+    run.tree._submit = lambda due: (submitted.append(len(due)) if due else None, submit(due))[1]
+    after_prefill = run.comp.calls
+    run.decode(9)  # 48 tokens written at step 9: each request's segment 1 comes out of the window...
+    assert run.comp.calls == after_prefill and submitted == []  # ...and 3 < 4 wait
+    run.decode(SEG // 2 - 1)
+    assert submitted == []
+    run.decode(1)  # half a segment's steps after the one that closed them
+    assert submitted == [3] and run.comp.calls == after_prefill + 3
+    assert run.pool.stats()["decode_inserts"] == 3
+
+    run = Serving(40, requests=2, decode_batch=2)
+    run.tree._submit = lambda due, submit=run.tree._submit: (submitted.append(("pair", len(due))), submit(due))[1]
+    run.decode(9)
+    assert submitted[-1] == ("pair", 2)  # two waiting: sealed together at once
+
+    run = Serving(40, requests=1, decode_batch=4)
+    calls = run.comp.calls
+    run.decode(9)
+    assert run.comp.calls == calls  # waiting...
+    idle_drain_hook(SimpleNamespace(tree_cache=run.tree))
+    assert run.comp.calls == calls + 1  # ...until the server goes idle
+
+    run = Serving(40, requests=1, decode_batch=4, defer_margin=1 << 30)  # never enough dense rows free
+    calls = run.comp.calls
+    run.decode(9)
+    assert run.comp.calls == calls + 1  # sealed at the step that closed it
 
 
 def test_a_finished_request_leaves_every_slot_free_or_in_the_tree():

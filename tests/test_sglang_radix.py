@@ -24,7 +24,7 @@ from sglang.srt.mem_cache.registry import get_radix_cache_factory  # noqa: E402
 from mosaickv.formats import HEADER_BYTES  # noqa: E402
 from mosaickv.sealer import seal_segment  # noqa: E402
 from mosaickv.sglang_patch.pool import MosaicKVPool  # noqa: E402
-from mosaickv.sglang_patch.radix import MosaicRadixCache, mosaic_radix_factory  # noqa: E402
+from mosaickv.sglang_patch.radix import DECODE_SEAL_BATCH, MosaicRadixCache, mosaic_radix_factory  # noqa: E402
 from mosaickv.sglang_patch.sizing import KVShape, plan_capacity  # noqa: E402
 from seal_compressors import FMT, SEG, CountingCompressor, RecordingCompressor  # noqa: E402
 
@@ -33,7 +33,7 @@ SHAPE = KVShape(num_layers=2, num_kv_heads=2, head_dim=32, v_head_dim=32)
 
 
 def make_cache(compress, background: bool = False, workers: int = 1, on_device: bool = False, seal_inline=None,
-               defer_margin: int = 0):
+               defer_margin: int = 0, decode_batch: int = 1):
     """(tree, pool, allocator) on SGLang's real allocator, sealing with ``compress``
     (inline unless ``background``: worker processes; ``on_device``: inline where the pool is)."""
     plan = plan_capacity(SHAPE, 1 << 20, segment_size=SEG, ratio=2.0, sinks=0, window=WINDOW,
@@ -45,7 +45,7 @@ def make_cache(compress, background: bool = False, workers: int = 1, on_device: 
                              token_to_kv_pool_allocator=alloc, page_size=1)
     tree = MosaicRadixCache(params, compress=compress, segment_size=SEG, sink_segments=0, window=WINDOW,
                             background=background, workers=workers, on_device=on_device, seal_inline=seal_inline,
-                            defer_margin=defer_margin)
+                            defer_margin=defer_margin, decode_batch=decode_batch)
     return tree, pool, alloc
 
 
@@ -80,6 +80,7 @@ def test_factory_seals_as_the_sealing_flag_says(sealing):
                                                 model_config=SimpleNamespace(head_dim=32)))
     assert tree.on_device == (sealing == "device") and (tree._workers is None) == (sealing == "device")
     assert tree.defer_margin == 4096  # room for the next chunk
+    assert tree.decode_batch == DECODE_SEAL_BATCH > 1
 
 
 def test_sealing_on_the_device_seals_the_bytes_inline_sealing_does():

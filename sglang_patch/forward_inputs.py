@@ -118,8 +118,9 @@ def host_plan(pool: MosaicKVPool, reqs: list[RequestKV], group: int, tuning: Mix
     """Blocks of every (layer, request, KV head) from the block table, dense tails as row
     lists, cut into the kernels' items (:func:`plan_host`: the items on the host); and the
     tails' rows (host int64), each request's in token order, back to back. Each request's
-    block runs come from the pool's :class:`~mosaickv.kernels.block_runs.RunCache` (found on the pool's device when missing), so a
-    step costs about its requests' runs, not their blocks. ``chunk_tokens`` defaults to
+    block runs come from the pool's :class:`~mosaickv.kernels.block_runs.RunCache` (found
+    on the pool's device when missing), so a step costs about its requests' runs, not
+    their blocks. ``chunk_tokens`` defaults to
     :func:`default_chunk_tokens` rounded up to a power of two, which a batch keeps while
     its work changes by less than half."""
     hkv, layers = pool.head_num, pool.layer_num

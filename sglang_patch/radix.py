@@ -180,13 +180,18 @@ class MosaicRadixCache(RadixCache):
 
     # -- sealing ----------------------------------------------------------------------
     def insert(self, params: InsertParams) -> InsertResult:
-        """Insert, then seal the path's due segments, except after a middle prefill chunk
-        (``params.chunked``) while ``defer_margin`` dense rows stay free: the request's
-        later chunks then attend to its earlier ones dense, through SGLang's own extend
-        kernel (on an H200, 2.4x faster than ours over the same prefix sealed:
-        benchmarks/results/h200x2_2026-11-30d/extend_h200.json), and its last chunk's
-        insert seals the whole prompt. With fewer rows free it seals as any insert does,
-        so a long prompt never waits on rows only its own sealing would free."""
+        """Insert, then seal the path's due segments. Two inserts wait while
+        ``defer_margin`` dense rows stay free:
+
+        * after a middle prefill chunk (``params.chunked``): the request's later chunks then
+          attend to its earlier ones dense, through SGLang's own extend kernel (on an H200,
+          2.4x faster than ours over the same prefix sealed:
+          benchmarks/results/h200x2_2026-11-30d/extend_h200.json), and its last chunk's
+          insert seals the whole prompt;
+        * a running request's decoded segment, with ``decode_batch`` > 1 (:meth:`seal_decoded`).
+
+        With fewer rows free they seal as any insert does, so a long prompt never waits on
+        rows only its own sealing would free."""
         self.drain(wait=False)
         result = super().insert(params)
         if self.disable:
@@ -198,9 +203,7 @@ class MosaicRadixCache(RadixCache):
         if params.chunked and self.defer_margin and room:
             self.pool.counters.seal_deferrals += 1
             return result
-        self._submit(self._due(params.key))
-        if self._workers is None:
-            self.drain(wait=False)
+        self._seal(self._due(params.key))
         return result
 
     def cache_decoded_segments(self, req) -> None:
@@ -226,10 +229,10 @@ class MosaicRadixCache(RadixCache):
         """After each decode step: seal the segments that running requests closed, together,
         once ``decode_batch`` of them wait, the oldest has waited half a segment's decode
         steps, fewer than ``defer_margin`` dense rows are free, or ``force`` (an idle
-        server). A sealing call costs about the same for one segment as for a few (its
-        launches), and requests close segments at different steps; a request closes its
-        next segment only ``segment_size`` steps later, so it holds at most one segment
-        waiting, within the two its dense tail allows."""
+        server). A sealing call's cost grows far slower than its segments (see
+        :data:`DECODE_SEAL_BATCH`), and requests close segments at different steps; a
+        request closes its next segment only ``segment_size`` steps later, so it holds at
+        most one segment waiting, within the two its dense tail allows."""
         waited = self._decode_steps - self._decoded[0][0] if self._decoded else 0  # steps since the oldest's
         self._decode_steps += 1
         if not self._decoded or not (force or len(self._decoded) >= self.decode_batch or waited >= self.segment_size // 2
@@ -242,9 +245,7 @@ class MosaicRadixCache(RadixCache):
                 if (id(node), j) not in seen:
                     seen.add((id(node), j))
                     due.append((node, j))
-        self._submit(due)
-        if self._workers is None:
-            self.drain(wait=False)
+        self._seal(due)
 
     def reclaim_dense(self, tokens: int) -> None:
         """Evict least recently used cached paths until ``tokens`` dense rows are free or
@@ -292,6 +293,12 @@ class MosaicRadixCache(RadixCache):
                     due.append((node, j))
             offset += len(node.value)
         return due
+
+    def _seal(self, due: list[tuple[TreeNode, int]]) -> None:
+        """Submit ``due``; inline sealing has finished them by then: swap them in now."""
+        self._submit(due)
+        if self._workers is None:
+            self.drain(wait=False)
 
     def _submit(self, due: list[tuple[TreeNode, int]]) -> None:
         """Snapshot the due segments' dense KV (all layers, one gather and one host copy

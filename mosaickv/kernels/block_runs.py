@@ -52,10 +52,8 @@ def block_runs(table: torch.Tensor, block_indptr: np.ndarray, block_indices: tor
     pair's blocks in ``block_indices`` (on ``table``'s device)."""
     dev = table.device
     nnz = int(block_indices.numel())
-    empty = np.zeros(0, dtype=np.int64)
     if nnz == 0:
-        none = np.zeros(KIND_PAIRS, dtype=np.int64)
-        return BlockRuns(block_indices.to(torch.int64), empty, empty, empty, empty, none, none.copy(), 0)
+        return _no_runs(block_indices.to(torch.int64))
     counts = torch.from_numpy(np.diff(np.asarray(block_indptr, dtype=np.int64))).to(dev)
     pair = torch.repeat_interleave(torch.arange(len(counts), device=dev), counts, output_size=nnz)
     kind = table[block_indices, 1] * 4 + table[block_indices, 5]
@@ -84,6 +82,11 @@ def block_runs(table: torch.Tensor, block_indptr: np.ndarray, block_indices: tor
                      int(small[-1]))
 
 
+def _no_runs(block_indices: torch.Tensor) -> BlockRuns:
+    empty, none = np.zeros(0, dtype=np.int64), np.zeros(KIND_PAIRS, dtype=np.int64)
+    return BlockRuns(block_indices, empty, empty, empty, empty, none, none.copy(), 0)
+
+
 def batch_runs(parts: list[BlockRuns], num_kv_heads: int) -> BlockRuns:
     """A batch's runs from each request's own (request ``b``'s pairs are ``layer * Hkv +
     head``): pairs become ``(layer * B + b) * Hkv + head``, layer-major as
@@ -91,8 +94,7 @@ def batch_runs(parts: list[BlockRuns], num_kv_heads: int) -> BlockRuns:
     placed back to back. Each request's runs keep their order within a pair."""
     hkv, bsz = num_kv_heads, len(parts)
     if not parts:
-        return block_runs(torch.zeros((0, 9), dtype=torch.int64), np.zeros(1, dtype=np.int64),
-                          torch.zeros(0, dtype=torch.int64), 1)
+        return _no_runs(torch.zeros(0, dtype=torch.int64))
     sizes = np.asarray([p.block_indices.numel() for p in parts], dtype=np.int64)
     offsets = np.cumsum(sizes) - sizes
     pair = np.concatenate([(p.pair // hkv * bsz + b) * hkv + p.pair % hkv for b, p in enumerate(parts)])

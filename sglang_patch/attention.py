@@ -157,9 +157,11 @@ def record_queries(pool: MosaicKVPool, layer_id: int, q: torch.Tensor, reqs: lis
 
 
 # Tile shapes of the kernels (FlashInfer-like defaults): decode rows are one token's GQA
-# group, extend rows many tokens' (too many for sparse keys read by query gathers).
+# group, extend rows many tokens' (too many for sparse keys read by query gathers). 64-row
+# extend tiles took 29.3 ms per layer where 32 took 46.8 for an 8,192-token chunk over
+# 24,576 sealed tokens on an H200 (benchmarks/results/h200x2_2026-11-30d/extend_h200.json).
 DECODE_TUNING = MixedAttention(block_m=16, block_n=32)
-EXTEND_TUNING = MixedAttention(block_m=32, block_n=32, keys_by_query=False, wide_block_n=32)
+EXTEND_TUNING = MixedAttention(block_m=64, block_n=32, keys_by_query=False, wide_block_n=32)
 
 
 @dataclass

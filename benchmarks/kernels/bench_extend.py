@@ -14,7 +14,7 @@ causally to themselves after a dense prefix of ``P`` tokens, through
 Both outputs are checked against each other before timing. ``--tiles`` adds the part
 that stayed: the same chunk over a prefix of ``P`` sealed tokens (32-token segments in a
 mix of formats near ``mosaic`` at 3x, packed by ``pack_block``) and no dense row, in our
-kernel with each ``BLOCK_MxBLOCK_N`` tile (the server's is 32x32), checked against the
+kernel with each ``BLOCK_MxBLOCK_N`` tile (the server's is EXTEND_TUNING's, 64x32), checked against the
 reference: a tile that does not match is recorded with its error, not timed, and the run
 exits 1 after writing the JSON. Medians (``do_bench``) on a GPU; on the CPU (``--smoke``, Triton interpreter)
 one timed run of a tiny shape, for tests.

@@ -96,8 +96,8 @@ class DecodeGraph:
         if inputs.rows is not None:
             self.key_rows[:n].copy_(inputs.rows)
         for layer in range(pool.layer_num):
-            stats.defer(layer, self.energy[layer, :n], None if self.attn is None else self.attn[layer, :n],
-                        inputs.firsts, in_window.tolist(), self.group)
+            stats.defer_decode(layer, self.energy[layer, :n], None if self.attn is None else self.attn[layer, :n],
+                               inputs.firsts, in_window.tolist(), self.group)
 
     def attend(self, layer: int, q: torch.Tensor, out: torch.Tensor, lse: Optional[torch.Tensor],
                k_buf: torch.Tensor, v_buf: torch.Tensor, scale: float) -> None:

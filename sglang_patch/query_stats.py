@@ -34,14 +34,15 @@ import torch
 
 @dataclass
 class _Pending:
-    """One layer's decode sums, on the device until :meth:`SegmentQueryStats.flush`."""
+    """One layer's sums of one forward, on the device until :meth:`SegmentQueryStats.flush`:
+    row ``j`` adds to the segment starting at slot ``keys[j]``."""
 
     layer: int
-    energy: torch.Tensor  # [B, Hkv, d] float64
-    attn: torch.Tensor | None  # [B, Hkv, S] float64
-    first_slots: list[int]
-    in_window: list[bool]
-    group: int
+    energy: torch.Tensor  # [N, Hkv, d] float64
+    attn: torch.Tensor | None  # [N, Hkv, S] float64
+    keys: tuple[int, ...]
+    counts: tuple[int, ...]  # query-head tokens each row's energy sums
+    attn_counts: tuple[int, ...]  # query heads each row's attention sums (0: it adds none)
 
 
 class SegmentQueryStats:
@@ -78,7 +79,8 @@ class SegmentQueryStats:
         nq, hq, d = q.shape
         if nq == 0:
             return
-        self.flush()
+        if layer == 0:
+            self.flush()  # the previous forward's, finished on the device by now
         if d != self.head_dim or hq % self.num_kv_heads:
             raise ValueError(f"queries of shape {tuple(q.shape)} do not fit {self.num_kv_heads} KV heads "
                              f"of head dim {self.head_dim}")
@@ -89,11 +91,11 @@ class SegmentQueryStats:
         s, group, hkv, n = self.segment_size, hq // self.num_kv_heads, self.num_kv_heads, len(slots)
         first = len(slots) - nq
         seg0, nseg = first // s, (n - 1) // s - first // s + 1
-        # Per-segment sums where the queries are, one copy to the host.
+        segments = range(seg0, seg0 + nseg)
+        # Per-segment sums where the queries are, left there until the next flush.
         seg_of = (torch.arange(first, n, device=q.device) // s - seg0)
-        energy = q.detach().double().pow(2).view(nq, hkv, group, d).sum(2)
-        sums = torch.zeros(nseg, hkv, d, dtype=torch.float64, device=q.device).index_add_(0, seg_of, energy).cpu()
-        attn, counts = None, [0] * nseg
+        sums = torch.zeros(nseg, hkv, d, dtype=torch.float64, device=q.device).index_add_(0, seg_of, self.query_energy(q))
+        attn, attn_counts = None, [0] * nseg
         if self.window:
             # Each touched segment's last `window` positions, those that are this step's queries.
             w = self.window
@@ -103,12 +105,10 @@ class SegmentQueryStats:
             q_ok = (absolute >= first) & (absolute < n)
             pick = (absolute - first).clamp(0, nq - 1)
             k_rows = (starts[:, None] - seg0 * s + torch.arange(s, device=q.device)[None, :]).clamp(max=keys.shape[0] - 1)
-            attn = self.paid_attention(q[pick], lse[pick], keys[k_rows], q_pos, q_ok, scale).cpu()
-            counts = q_ok.sum(1).tolist()
-        for j in range(nseg):
-            seg = seg0 + j
-            self._add(int(slots[seg * s]), layer, sums[j], (min((seg + 1) * s, n) - max(seg * s, first)) * group,
-                      None if attn is None else attn[j], counts[j] * group)
+            attn = self.paid_attention(q[pick], lse[pick], keys[k_rows], q_pos, q_ok, scale)
+            attn_counts = [max(0, min((seg + 1) * s, n) - max(seg * s + s - w, first)) * group for seg in segments]
+        counts = [(min((seg + 1) * s, n) - max(seg * s, first)) * group for seg in segments]
+        self.defer(layer, sums, attn, slots[seg0 * s : n : s].tolist(), counts, attn_counts)
 
     def observe_decode(self, layer: int, q: torch.Tensor, first_slots: list[int], positions: torch.Tensor,
                        keys: torch.Tensor | None = None, lse: torch.Tensor | None = None,
@@ -132,46 +132,54 @@ class SegmentQueryStats:
             pos = positions.to(q.device) if device_positions is None else device_positions
             attn = self.paid_attention(q[:, None], lse[:, None], keys, pos[:, None],
                                        (pos >= self.segment_size - self.window)[:, None], scale)
-        self.defer(layer, self.query_energy(q), attn, first_slots, in_window.tolist(), hq // self.num_kv_heads)
+        self.defer_decode(layer, self.query_energy(q), attn, first_slots, in_window.tolist(), hq // self.num_kv_heads)
 
     def query_energy(self, q: torch.Tensor) -> torch.Tensor:
         """Per-KV-head channel sums of ``q^2`` over the GQA group, [B, Hkv, d] float64."""
         bsz, hq, d = q.shape
         return q.detach().double().pow(2).view(bsz, self.num_kv_heads, hq // self.num_kv_heads, d).sum(2)
 
-    def defer(self, layer: int, energy: torch.Tensor, attn: torch.Tensor | None, first_slots: list[int],
-              in_window: list[bool], group: int) -> None:
+    def defer_decode(self, layer: int, energy: torch.Tensor, attn: torch.Tensor | None, first_slots: list[int],
+                     in_window: list[bool], group: int) -> None:
         """Sums of one layer's decode queries, still on the device: request ``b`` adds
         ``energy[b]`` (and ``attn[b]`` if ``in_window[b]``) to the segment starting at
         ``first_slots[b]``, at the next :meth:`flush`. A CUDA graph's buffers can be
         deferred before the replay that fills them: nothing reads them until then."""
-        self._pending.append(_Pending(layer, energy, attn, list(first_slots), list(in_window), group))
+        self.defer(layer, energy, attn, first_slots, [group] * len(first_slots),
+                   [group if ok and attn is not None else 0 for ok in in_window])
+
+    def defer(self, layer: int, energy: torch.Tensor, attn: torch.Tensor | None, keys: list[int],
+              counts: list[int], attn_counts: list[int]) -> None:
+        """Row ``j`` of one layer's sums, counting ``counts[j]`` query-head tokens (and
+        ``attn_counts[j]`` query heads' attention), goes to the segment starting at slot
+        ``keys[j]`` at the next :meth:`flush`."""
+        self._pending.append(_Pending(layer, energy, attn, tuple(keys), tuple(counts), tuple(attn_counts)))
 
     def flush(self) -> None:
-        """Add the decode sums still on the device: one copy to the host for all of them."""
+        """Add the sums still on the device: one copy to the host per forward."""
         if not self._pending:
             return
         pending, self._pending = self._pending, []
-        batches: dict[tuple, list[_Pending]] = {}  # one step's layers share their requests
+        batches: dict[tuple, list[_Pending]] = {}  # one forward's layers share their rows
         for p in pending:
-            batches.setdefault((tuple(p.first_slots), tuple(p.in_window), p.group), []).append(p)
-        for (keys, in_window, group), layers in batches.items():
-            # Each request's sums of every layer at once: a step's statistics cost a few
-            # ops per request, not per request and layer (8 layers x 64 requests: 512 adds).
+            batches.setdefault((p.keys, p.counts, p.attn_counts), []).append(p)
+        for (keys, counts, attn_counts), layers in batches.items():
+            # Each segment's sums of every layer at once: a forward's statistics cost a few
+            # ops per segment, not per segment and layer (32 layers x 256 segments of an
+            # 8k-token chunk: 8,192 adds, each a Python call, while the GPU waited).
             at = torch.tensor([p.layer for p in layers])
-            energies = torch.stack([p.energy for p in layers]).cpu()  # [layers, B, Hkv, d]
+            energies = torch.stack([p.energy for p in layers]).cpu()  # [layers, N, Hkv, d]
             with_attn = [i for i, p in enumerate(layers) if p.attn is not None]
             attns = torch.stack([layers[i].attn for i in with_attn]).cpu() if with_attn else None
             attn_at = at[with_attn]
-            counts = torch.full((len(layers),), group, dtype=torch.int64)
-            attn_counts = torch.full((len(with_attn),), group, dtype=torch.int64)
-            for b, key in enumerate(keys):
+            for j, key in enumerate(keys):
                 self._ensure(key)
-                self._sum[key].index_add_(0, at, energies[:, b])
-                self._count[key].index_add_(0, at, counts)
-                if attns is not None and in_window[b]:
-                    self._attn[key].index_add_(0, attn_at, attns[:, b])
-                    self._attn_count[key].index_add_(0, attn_at, attn_counts)
+                self._sum[key].index_add_(0, at, energies[:, j])
+                self._count[key].index_add_(0, at, torch.full((len(layers),), counts[j], dtype=torch.int64))
+                if attns is not None and attn_counts[j]:
+                    self._attn[key].index_add_(0, attn_at, attns[:, j])
+                    self._attn_count[key].index_add_(0, attn_at, torch.full((len(with_attn),), attn_counts[j],
+                                                                            dtype=torch.int64))
 
     def paid_attention(self, q: torch.Tensor, lse: torch.Tensor, keys: torch.Tensor, q_pos: torch.Tensor,
                         q_ok: torch.Tensor, scale: float) -> torch.Tensor:
@@ -193,15 +201,6 @@ class SegmentQueryStats:
             self._count[key] = torch.zeros(self.num_layers, dtype=torch.int64)
             self._attn[key] = torch.zeros(self.num_layers, self.num_kv_heads, self.segment_size, dtype=torch.float64)
             self._attn_count[key] = torch.zeros(self.num_layers, dtype=torch.int64)
-
-    def _add(self, key: int, layer: int, energy: torch.Tensor, count: int, attn: torch.Tensor | None = None,
-             attn_count: int = 0) -> None:
-        self._ensure(key)
-        self._sum[key][layer] += energy
-        self._count[key][layer] += count
-        if attn is not None and attn_count:
-            self._attn[key][layer] += attn
-            self._attn_count[key][layer] += attn_count
 
     def rms(self, first_slot: int) -> torch.Tensor | None:
         """[L, Hkv, d] rotary-pair RMS of the segment's queries (``Observation.query_rms``),

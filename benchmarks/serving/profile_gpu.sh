@@ -6,9 +6,12 @@
 #   here, once:  python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #                  --implementation cp --platform manylinux2014_x86_64 -d .whl py-spy==0.4.1
 #   device (carry .whl): T0=$(date +%s) T0=$T0 [MOSAIC_EXTRA=--kv-compress-cuda-graph] bash benchmarks/serving/profile_gpu.sh
-# $OUT gets steps.txt, profile_summary.json (py-spy: top self and inclusive functions),
-# torch_summary.json (torch profiler: top ops and kernels), bench.jsonl and logs.tgz.
+# PHASE=decode (default) samples once every request decodes with none queued; PHASE=prefill
+# as soon as a prompt's chunks run. $OUT gets steps.txt, profile_summary.json (py-spy: top
+# self and inclusive functions), torch_summary.json (torch profiler: top ops and kernels)
+# and profile.tgz (everything else): a device call brings back at most 8 files.
 set -uo pipefail
+case ${PHASE:=decode} in decode|prefill) ;; *) echo "PHASE=$PHASE is not one of decode, prefill"; exit 2 ;; esac
 export PYTHONPATH=/tmp/mkv/site PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/profile_out}; mkdir -p "$OUT"
 T0=${T0:-$(date +%s)}; DEADLINE=$((T0 + ${BUDGET_S:-420}))
@@ -27,7 +30,13 @@ if start_server mosaic $PORT 240 --kv-compress mosaickv --kv-compress-config "${
   echo "$bench" > "$OUT/cmd_bench.txt"
   timeout $(( $(left) - 30 )) $bench > "$OUT/bench.log" 2>&1 &
   bench_pid=$!
-  sleep "${WARM_S:-30}"  # past the prompts' prefill: decode steps from here
+  # The phase to sample, from the server log (a fixed sleep can land after the bench).
+  if [ "$PHASE" = decode ]; then ready="Decode batch, #running-req: ${N:-64},.*#queue-req: 0"
+  else ready="Prefill batch, #new-seq: 1, #new-token: [0-9]{4,}"; fi
+  until grep -Eq "$ready" "$OUT/server_mosaic.log" || [ "$(left)" -lt 60 ] \
+    || ! kill -0 $bench_pid 2>/dev/null; do sleep 1; done
+  echo "$PHASE phase reached at $(( $(date +%s) - T0 )) s (bench running: $(kill -0 $bench_pid 2>/dev/null && echo yes || echo no))" \
+    | tee -a "$OUT/steps.txt"
   sched=$(pgrep -f "sglang::scheduler" | head -1)
   echo "scheduler pid ${sched:-none}" | tee -a "$OUT/steps.txt"
   if [ -x /tmp/pyspy/bin/py-spy ] && [ -n "$sched" ]; then
@@ -48,6 +57,9 @@ stop_server
   --top 40 --json "$OUT/profile_summary.json" | head -60
 trace=$(ls -S /tmp/torch_prof/*.json* 2>/dev/null | head -1)
 [ -n "$trace" ] && python3 benchmarks/serving/profile_summary.py "$trace" --top 30 --json "$OUT/torch_summary.json" | head -80
-cd "$OUT" && tar czf logs.tgz ./*.log ./*.txt 2>/dev/null && rm -f ./*.log
-gzip -f scheduler.speedscope.json 2>/dev/null
+cd "$OUT" && gzip -f scheduler.speedscope.json 2>/dev/null
+cp steps.txt /tmp/profile_steps.txt 2>/dev/null
+tar czf profile.tgz --exclude profile.tgz --exclude profile_summary.json --exclude torch_summary.json . 2>/dev/null \
+  && find . -maxdepth 1 -type f ! -name profile.tgz ! -name profile_summary.json ! -name torch_summary.json -delete
+cp /tmp/profile_steps.txt steps.txt 2>/dev/null
 ls -la "$OUT"

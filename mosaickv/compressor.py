@@ -73,15 +73,16 @@ def _checked(role: str, part: object, out: torch.Tensor, shape: tuple[int, ...])
     return out.float()
 
 
-def _check_values(role: str, part: object, scores: torch.Tensor) -> None:
-    """Scores must be finite and >= 0. Checked once per role on every layer's scores
-    together: on a GPU each check is a host sync, and per layer that was two syncs for
-    every scorer call (192 for one segment of an 8B model)."""
-    nonfinite, negative = torch.stack([~torch.isfinite(scores).all(), (scores < 0).any()]).tolist()
-    if nonfinite:
-        raise PartFailure(role, part, "returned NaN or infinite scores")
-    if negative:
-        raise PartFailure(role, part, "returned negative scores (importance must be >= 0)")
+def _check_values(checks: list[tuple[str, object, torch.Tensor]]) -> None:
+    """Scores must be finite and >= 0. Every role's scores of every layer are checked in
+    one read back: on a GPU each read is a host sync (per layer and scorer that was 192
+    for one segment of an 8B model)."""
+    flags = torch.stack([f for _, _, scores in checks for f in (~torch.isfinite(scores).all(), (scores < 0).any())])
+    for (role, part, _), (nonfinite, negative) in zip(checks, flags.view(-1, 2).tolist()):
+        if nonfinite:
+            raise PartFailure(role, part, "returned NaN or infinite scores")
+        if negative:
+            raise PartFailure(role, part, "returned negative scores (importance must be >= 0)")
 
 
 @dataclass
@@ -213,8 +214,8 @@ class Compressor:
             return x.reshape(x.shape[0] * x.shape[1] * nseg, s, *x.shape[3:])
 
         keys, values, tok, k_score, v_score = (blocks(i) for i in range(5))
-        for role, scores in (("token_scorer", tok), ("key_scorer", k_score), ("value_scorer", v_score)):
-            _check_values(role, getattr(self.policy, role), scores)
+        _check_values([(role, getattr(self.policy, role), scores)
+                       for role, scores in (("token_scorer", tok), ("key_scorer", k_score), ("value_scorer", v_score))])
         stats, keep = self._stats(keys.float(), values.float(), tok, k_score, v_score, nseg)
         formats = self._strategy_plan(stats, keys.shape[0], budget, groups)
         return SegmentPlan(keys, values, formats, keep, k_score, v_score, observations[0].num_kv_heads)
@@ -245,7 +246,7 @@ class Compressor:
         dev = plan.keep.device
         tokens = torch.tensor([f.tokens for f in plan.formats], dtype=torch.int64)
         selector = self.policy.token_selector
-        out = {}
+        out, bad = {}, []
         for m in sorted(set(tokens.tolist())):
             rows = (tokens == m).nonzero().flatten()
             if m in (0, s):
@@ -256,11 +257,10 @@ class Compressor:
                 got = tuple(picked.shape) if isinstance(picked, torch.Tensor) else type(picked).__name__
                 raise PartFailure("token_selector", selector, f"returned {got}, expected {(len(rows), m)} token indices")
             ordered = picked.long().sort(dim=-1).values
-            bad = torch.stack([(ordered[:, 0] < 0).any(), (ordered[:, -1] >= s).any(),
-                               (ordered[:, 1:] == ordered[:, :-1]).any()]).tolist()
-            if any(bad):
-                raise PartFailure("token_selector", selector, f"returned token indices outside [0, {s}) or repeated")
+            bad += [(ordered[:, 0] < 0).any(), (ordered[:, -1] >= s).any(), (ordered[:, 1:] == ordered[:, :-1]).any()]
             out[m] = rows, ordered
+        if bad and any(torch.stack(bad).tolist()):  # one read back for every count
+            raise PartFailure("token_selector", selector, f"returned token indices outside [0, {s}) or repeated")
         return out
 
     def _stats(self, keys: torch.Tensor, values: torch.Tensor, tok: torch.Tensor, k_score: torch.Tensor, v_score: torch.Tensor, nseg: int) -> tuple[BlockStats, torch.Tensor]:

@@ -93,18 +93,19 @@ class PackedSealer:
                                    fold([x.query_stats for x in batch]), fold([x.attention for x in batch]))
         plan = self.compressor.plan_segments(obs, 0, 1, batch[0].budget_bytes, groups=n)
         tokens, kinds, widths, nbytes = format_arrays(plan.formats, self.head_dim)
-        mask = self._kept_mask(plan)
-        sides = [self._side_inputs(plan, side, x, score, mask, tokens, kinds[:, side], widths[:, side])
-                 for side, x, score in ((0, plan.keys, plan.k_score), (1, plan.values, plan.v_score))]
-        return self._pack(batch, plan, mask, sides, tokens, kinds, widths, nbytes)
+        kept = self.compressor.kept_tokens(plan)
+        mask, rows = _kept_rows(kept, plan.keep.shape, plan.keep.device)
+        sides, misfits = zip(*(self._side_inputs(plan, side, x, score, mask, kept, tokens, kinds[:, side], widths[:, side])
+                               for side, x, score in ((0, plan.keys, plan.k_score), (1, plan.values, plan.v_score))))
+        self._check_forms(misfits)
+        return self._pack(batch, plan, rows, list(sides), tokens, kinds, widths, nbytes)
 
-    def _pack(self, batch: list[SegmentInputs], plan: SegmentPlan, mask: torch.Tensor, sides: list[SideInputs],
+    def _pack(self, batch: list[SegmentInputs], plan: SegmentPlan, rows: torch.Tensor, sides: list[SideInputs],
               tokens: np.ndarray, kinds: np.ndarray, widths: np.ndarray, nbytes: np.ndarray) -> list[Region]:
         """Every segment's bytes in one packer launch, into one buffer where each segment's
         region lies as its slab will hold it; segment ``g`` of ``n`` is every ``n``-th block
         of ``plan`` (in (layer, KV head) order)."""
         n, d = len(batch), self.head_dim
-        s = plan.keys.shape[1]
         used = nbytes.reshape(-1, n).sum(0)
         over = np.flatnonzero(used > batch[0].budget_bytes)
         if len(over):
@@ -120,37 +121,31 @@ class PackedSealer:
         place = Placement(_folded(buffer.table), -(-total // 2), total, _folded(buffer.value_starts),
                           _folded(buffer.value_gaps), _folded(buffer.index_starts), _folded(buffer.index_gaps),
                           int(buffer.pad_bytes.sum()))
-        block, token = mask.nonzero(as_tuple=True)  # block-major, tokens in order: what pack_block keeps
-        self.packer.plan_placed(place, np.zeros(len(tokens), dtype=np.int64), block * s + token, d, plan.keys.device,
+        self.packer.plan_placed(place, np.zeros(len(tokens), dtype=np.int64), rows, d, plan.keys.device,
                                 sides[0], sides[1], ALIGN)
         data = torch.zeros(-(-total // 2) * 2, dtype=torch.uint8, device=plan.keys.device)
         src_k, src_v = (x.to(torch.bfloat16).reshape(-1, 1, d) for x in (plan.keys, plan.values))  # row b * s + t
         self.packer.run(src_k, src_v, data.view(torch.bfloat16), data)
         return [Region(int(bases[g]), regions.table[g], data[starts[g]: starts[g] + sizes[g]]) for g in range(n)]
 
-    def _kept_mask(self, plan: SegmentPlan) -> torch.Tensor:
-        """[B, s] True where a block keeps the token (:meth:`Compressor.kept_tokens`)."""
-        mask = torch.zeros(plan.keep.shape, dtype=torch.bool, device=plan.keep.device)
-        for rows, picked in self.compressor.kept_tokens(plan).values():
-            if picked.shape[1]:
-                mask[rows.to(mask.device)[:, None], picked] = True
-        return mask
-
     def _side_inputs(self, plan: SegmentPlan, side: int, x: torch.Tensor, score: torch.Tensor, mask: torch.Tensor,
-                     tokens: np.ndarray, kinds: np.ndarray, widths: np.ndarray) -> SideInputs:
+                     kept: Kept, tokens: np.ndarray, kinds: np.ndarray,
+                     widths: np.ndarray) -> tuple[SideInputs, torch.Tensor | None]:
         """Per block: the channel weights (sparse), the block's channel score over its kept
         tokens (mask), and the low-rank basis and projection of the blocks whose ``side``
         is low rank (stacked in block order), as ``formats._pack_sides`` computes them from
-        the kept vectors; ``tokens``, ``kinds``, ``widths``: :func:`format_arrays`."""
+        the kept vectors; ``tokens``, ``kinds``, ``widths``: :func:`format_arrays`. Also,
+        on the device, whether a sparse block's scores are not of the packer's form."""
         on = tokens > 0
         x, score = x.float(), score.float()
         m = mask[..., None]
         w = channel_weights(x * m, score * m)  # [B, d]: sums over kept vectors only
         channels = torch.ones_like(w)
         sparse = np.flatnonzero((kinds == SPARSE) & on)
+        misfit = None
         if len(sparse):
             rows = torch.from_numpy(sparse).to(x.device)
-            self._check_form(side, score[rows], x[rows], w[rows], mask[rows])
+            misfit = _misfit(score[rows], x[rows], w[rows], mask[rows])
             channels[rows] = w[rows]
         masked = np.flatnonzero((kinds == MASK) & on)
         if len(masked):
@@ -158,14 +153,16 @@ class PackedSealer:
             channels[rows] = (score[rows] * m[rows]).sum(1)
         lowrank = np.flatnonzero((kinds == LOWRANK) & on)
         if not len(lowrank):
-            return SideInputs(channels)
+            return SideInputs(channels), misfit
         ranks = widths[lowrank]
         r_top = int(ranks.max())
         bases, projs = (x.new_zeros(len(lowrank), r_top, x.shape[-1]) for _ in range(2))  # rows past a rank stay 0
         for count in np.unique(tokens[lowrank]).tolist():
             at = np.flatnonzero(tokens[lowrank] == count)  # their slots among the low-rank blocks
             idx = torch.from_numpy(lowrank[at]).to(x.device)
-            pos = mask[idx].nonzero(as_tuple=True)[1].view(len(at), count)
+            kept_rows, picked = kept[count]
+            row_of = {b: i for i, b in enumerate(kept_rows.tolist())}  # host indices: no read back
+            pos = picked[torch.tensor([row_of[b] for b in lowrank[at].tolist()], device=picked.device)]
             xk = x[idx].gather(1, pos[..., None].expand(-1, -1, x.shape[-1]))
             sk = score[idx].gather(1, pos[..., None].expand(-1, -1, x.shape[-1]))
             _, _, vh, wl = lowrank_fit(xk, sk)  # vh [G, min(count, d), d], wl [G, 1, d]
@@ -174,18 +171,47 @@ class PackedSealer:
             bases[slots, :top] = vh[:, :top] / wl
             projs[slots, :top] = vh[:, :top] * wl
         own = torch.from_numpy(np.arange(r_top)[None, :] < ranks[:, None]).to(x.device)  # each block's r rows, in block order
-        return SideInputs(channels, bases[own], projs[own])
+        return SideInputs(channels, bases[own], projs[own]), misfit
 
-    def _check_form(self, side: int, score: torch.Tensor, x: torch.Tensor, w: torch.Tensor, mask: torch.Tensor) -> None:
+    def _check_forms(self, misfits: tuple[torch.Tensor | None, ...]) -> None:
         """The packer ranks by ``(w x)^2``; a scorer whose scores are not of that form
-        would be packed by another rule than it asked for."""
-        role = "key_scorer" if side == 0 else "value_scorer"
-        err = ((score - (w[:, None, :] * x).pow(2)).abs() * mask[..., None]).amax(dim=(1, 2))
-        scale = (score * mask[..., None]).amax(dim=(1, 2)).clamp_min(1e-30)
-        if bool((err > FORM_TOLERANCE * scale).any()):
-            part = getattr(self.policy, role)
-            raise PartFailure(role, part, "its element scores are not (w_c * x_c)^2 for one weight per channel, which "
-                              "the device sealer ranks by; seal with --kv-compress-sealing processes")
+        would be packed by another rule than it asked for. Both sides in one read back."""
+        real = [m for m in misfits if m is not None]
+        if not real:
+            return
+        none = torch.zeros((), dtype=torch.bool, device=real[0].device)
+        for side, bad in enumerate(torch.stack([none if m is None else m for m in misfits]).tolist()):
+            if bad:
+                role = "key_scorer" if side == 0 else "value_scorer"
+                raise PartFailure(role, getattr(self.policy, role), "its element scores are not (w_c * x_c)^2 for one "
+                                  "weight per channel, which the device sealer ranks by; seal with --kv-compress-sealing "
+                                  "processes")
+
+
+Kept = dict[int, tuple[torch.Tensor, torch.Tensor]]  # Compressor.kept_tokens: count -> (host rows, [G, m] tokens)
+
+
+def _kept_rows(kept: Kept, shape: torch.Size, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, s] True where a block keeps the token, and the kept ``block * s + token`` in
+    block-major order (what ``pack_block`` keeps), both from the selector's picks: a
+    ``nonzero`` of the mask would wait for the device."""
+    mask = torch.zeros(shape, dtype=torch.bool, device=device)
+    flat = []
+    for rows, picked in kept.values():
+        if picked.shape[1]:
+            at = rows.to(device)[:, None]
+            mask[at, picked] = True
+            flat.append((at * shape[1] + picked).flatten())
+    rows = torch.cat(flat).sort().values if flat else torch.zeros(0, dtype=torch.int64, device=device)
+    return mask, rows
+
+
+def _misfit(score: torch.Tensor, x: torch.Tensor, w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Whether any block's kept scores differ from ``(w x)^2`` by more than the tolerance
+    (a device bool)."""
+    err = ((score - (w[:, None, :] * x).pow(2)).abs() * mask[..., None]).amax(dim=(1, 2))
+    scale = (score * mask[..., None]).amax(dim=(1, 2)).clamp_min(1e-30)
+    return (err > FORM_TOLERANCE * scale).any()
 
 
 def _by_segment(a: np.ndarray, n: int) -> np.ndarray:

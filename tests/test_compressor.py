@@ -13,7 +13,7 @@ import torch
 from mosaickv.compressor import Compressor, PartFailure, compress_segment, segment_observations
 from mosaickv.config import load_policy
 from mosaickv.formats import pack_block, unpack_block
-from mosaickv.parts import ElementScorer
+from mosaickv.parts import ElementScorer, TokenSelector
 
 LAYERS, HKV, D = 3, 2, 64
 
@@ -44,6 +44,41 @@ def test_a_spoiled_layer_fails_the_part_by_name(how, message):
         compress_segment(policy, k, v, budget, torch.rand(LAYERS, HKV, D, generator=g) + 0.1,
                          torch.softmax(torch.randn(LAYERS, HKV, 32, generator=g), -1))
     assert err.value.role == "value_scorer"
+
+
+@dataclass
+class Stray(TokenSelector):
+    """Top-m tokens, with one block of the kept counts it is called for spoiled (``how``)."""
+
+    how: str = "outside"
+    spoil_call: int = 1
+    calls: int = 0
+
+    def select_many(self, scores, m):
+        self.calls += 1
+        picked = scores.float().topk(m).indices.sort(dim=-1).values
+        if self.calls == self.spoil_call and m > 1:
+            picked[-1, -1] = 32 if self.how == "outside" else picked[-1, 0]
+        return picked
+
+
+@pytest.mark.parametrize("how", ["outside", "repeated"])
+def test_a_token_selector_out_of_range_or_repeating_fails_by_name(how):
+    """Its picks for every kept count are checked at once, whichever count went wrong."""
+    g = torch.Generator().manual_seed(1)
+    k, v = (torch.randn(LAYERS, HKV, 32, D, generator=g).bfloat16() for _ in range(2))
+    stats, attn = torch.rand(LAYERS, HKV, D, generator=g) + 0.1, torch.softmax(torch.randn(LAYERS, HKV, 32, generator=g), -1)
+    budget = int(LAYERS * HKV * (32 * 2 * D * 2 / 6 + 16))
+    clean = Compressor(replace(load_policy("mosaic", ratio=6.0), token_selector=Stray(spoil_call=0)), D)
+    plan = clean.plan_segments(segment_observations(clean.policy, k, v, stats, attn), 0, 1, budget)
+    counts = sorted({f.tokens for f in plan.formats} - {0, 32})
+    assert len(counts) >= 2, counts  # more than one count: the spoiled call need not be the first
+    for call in (1, len(counts)):
+        selector = Stray(how, spoil_call=call)
+        compressor = Compressor(replace(clean.policy, token_selector=selector), D)
+        with pytest.raises(PartFailure, match="outside \\[0, 32\\) or repeated") as err:
+            compressor.kept_tokens(plan)
+        assert err.value.role == "token_selector" and selector.calls == len(counts)
 
 
 @pytest.mark.parametrize("name, ratio", [("mosaic", 3.0), ("mosaic", 8.0), ("think", None), ("uniform2d", None),

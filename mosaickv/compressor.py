@@ -18,6 +18,7 @@ from mosaickv.errors import PolicyError
 from mosaickv.formats import BlockFormat, PackedBlock, SideFormat, channel_weights, dense_block_bytes, format_arrays, pack_block, pack_blocks, smaller_gram
 from mosaickv.parts import BlockStats, Observation, segment_observation
 from mosaickv.reference import CompressedLayer
+from mosaickv.uploads import upload
 
 
 class PartFailure(RuntimeError):
@@ -252,7 +253,7 @@ class Compressor:
             if m in (0, s):
                 out[m] = rows, torch.arange(m, device=dev).expand(len(rows), m)
                 continue
-            picked = selector.select_many(plan.keep[rows.to(dev)], m)
+            picked = selector.select_many(plan.keep[upload(rows, dev)], m)
             if not isinstance(picked, torch.Tensor) or tuple(picked.shape) != (len(rows), m):
                 got = tuple(picked.shape) if isinstance(picked, torch.Tensor) else type(picked).__name__
                 raise PartFailure("token_selector", selector, f"returned {got}, expected {(len(rows), m)} token indices")

@@ -37,6 +37,7 @@ from mosaickv.formats import channel_weights, format_arrays, lowrank_fit
 from mosaickv.kernels.layout import LOWRANK, MASK, SPARSE, Placement, Region, place_regions
 from mosaickv.kernels.pack import PackWrapper, SideInputs
 from mosaickv.sealer import SegmentInputs
+from mosaickv.uploads import upload
 
 ALIGN = 16  # the arena's alignment (pack_region's)
 FORM_TOLERANCE = 1e-3  # |score - (w x)^2| allowed, relative to the block's largest score
@@ -144,12 +145,12 @@ class PackedSealer:
         sparse = np.flatnonzero((kinds == SPARSE) & on)
         misfit = None
         if len(sparse):
-            rows = torch.from_numpy(sparse).to(x.device)
+            rows = upload(sparse, x.device)
             misfit = _misfit(score[rows], x[rows], w[rows], mask[rows])
             channels[rows] = w[rows]
         masked = np.flatnonzero((kinds == MASK) & on)
         if len(masked):
-            rows = torch.from_numpy(masked).to(x.device)
+            rows = upload(masked, x.device)
             channels[rows] = (score[rows] * m[rows]).sum(1)
         lowrank = np.flatnonzero((kinds == LOWRANK) & on)
         if not len(lowrank):
@@ -159,18 +160,18 @@ class PackedSealer:
         bases, projs = (x.new_zeros(len(lowrank), r_top, x.shape[-1]) for _ in range(2))  # rows past a rank stay 0
         for count in np.unique(tokens[lowrank]).tolist():
             at = np.flatnonzero(tokens[lowrank] == count)  # their slots among the low-rank blocks
-            idx = torch.from_numpy(lowrank[at]).to(x.device)
+            idx = upload(lowrank[at], x.device)
             kept_rows, picked = kept[count]
             row_of = {b: i for i, b in enumerate(kept_rows.tolist())}  # host indices: no read back
-            pos = picked[torch.tensor([row_of[b] for b in lowrank[at].tolist()], device=picked.device)]
+            pos = picked[upload([row_of[b] for b in lowrank[at].tolist()], picked.device, torch.int64)]
             xk = x[idx].gather(1, pos[..., None].expand(-1, -1, x.shape[-1]))
             sk = score[idx].gather(1, pos[..., None].expand(-1, -1, x.shape[-1]))
             _, _, vh, wl = lowrank_fit(xk, sk)  # vh [G, min(count, d), d], wl [G, 1, d]
             top = min(r_top, vh.shape[1])
-            slots = torch.from_numpy(at).to(x.device)
+            slots = upload(at, x.device)
             bases[slots, :top] = vh[:, :top] / wl
             projs[slots, :top] = vh[:, :top] * wl
-        own = torch.from_numpy(np.arange(r_top)[None, :] < ranks[:, None]).to(x.device)  # each block's r rows, in block order
+        own = upload(np.arange(r_top)[None, :] < ranks[:, None], x.device)  # each block's r rows, in block order
         return SideInputs(channels, bases[own], projs[own]), misfit
 
     def _check_forms(self, misfits: tuple[torch.Tensor | None, ...]) -> None:
@@ -199,7 +200,7 @@ def _kept_rows(kept: Kept, shape: torch.Size, device: torch.device) -> tuple[tor
     flat = []
     for rows, picked in kept.values():
         if picked.shape[1]:
-            at = rows.to(device)[:, None]
+            at = upload(rows, device)[:, None]
             mask[at, picked] = True
             flat.append((at * shape[1] + picked).flatten())
     rows = torch.cat(flat).sort().values if flat else torch.zeros(0, dtype=torch.int64, device=device)

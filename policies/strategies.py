@@ -10,6 +10,7 @@ from mosaickv.errors import PolicyError, check
 from mosaickv.formats import DENSE, BlockFormat, SideFormat
 from mosaickv.parts import BlockStats, ChannelSelector, SegmentStrategy
 from mosaickv.registry import register_strategy
+from mosaickv.uploads import upload
 
 SIDE_SPEC_HELP = "'dense', 'channels:W' or 'lowrank:W' with W a channel count, a fraction of the head dim, or 'auto'"
 
@@ -222,7 +223,7 @@ def knapsack(value: torch.Tensor, cost: list[float], budget: float, fill_passes:
     check(floor * rows <= budget, "budget", budget, f"a budget of at least {floor * rows:.0f} bytes for {rows} blocks")
     if rows == 0:
         return torch.zeros(groups, 0, dtype=torch.int64, device=value.device)
-    price_of = torch.tensor(cost, dtype=value.dtype, device=value.device)
+    price_of = upload(cost, value.device, value.dtype)
     dearer = [c - floor for c in cost if c > floor]
 
     def pick(price: torch.Tensor) -> torch.Tensor:

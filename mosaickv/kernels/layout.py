@@ -48,6 +48,7 @@ import torch
 from mosaickv.kernels.block_runs import BlockRuns, as_table, block_runs, block_tokens
 from mosaickv.formats import SIDE_KINDS, VALUE_DTYPE, BlockFormat, PackedBlock, PackedSide, SideFormat, format_arrays
 from mosaickv.reference import CompressedLayer
+from mosaickv.uploads import upload
 
 TABLE_FIELDS = ("tokens", "k_kind", "k_width", "k_values", "k_aux", "v_kind", "v_width", "v_values", "v_aux")
 DENSE, SPARSE, MASK, LOWRANK = (SIDE_KINDS.index(k) for k in ("dense", "sparse", "mask", "lowrank"))
@@ -205,7 +206,7 @@ class Arena:
         return Arena(
             values=values,
             index=index,
-            table=torch.from_numpy(np.ascontiguousarray(table, dtype=np.int64)).to(values.device),
+            table=upload(np.ascontiguousarray(table, dtype=np.int64), values.device),
             head_dim=head_dim,
             table_host=np.ascontiguousarray(table, dtype=np.int64),
             has_sparse=bool(((kinds == SPARSE) & used).any()),

@@ -46,6 +46,7 @@ from mosaickv.formats import MAX_HEAD_DIM, SIDE_KINDS, BlockFormat
 from mosaickv.kernels._interpret import patch_interpreter
 from mosaickv.formats import format_arrays
 from mosaickv.kernels.layout import DENSE, LOWRANK, MASK, SPARSE, Arena, Placement, place_blocks
+from mosaickv.uploads import upload
 
 patch_interpreter()
 
@@ -284,9 +285,9 @@ class PackWrapper:
         empty = torch.empty(0, device=dev)
         self._plan = PackPlan(
             arena=Arena.from_table(empty.bfloat16(), empty.to(torch.uint8), place.table, d, align, place.pad_bytes),
-            desc=torch.from_numpy(desc).to(dev),
-            items=torch.from_numpy(np.stack([item_blk, item_t0], 1).astype(np.int32)).to(dev),
-            kept_rows=torch.as_tensor(kept_rows, dtype=torch.int64).to(dev),
+            desc=upload(desc, dev),
+            items=upload(np.stack([item_blk, item_t0], 1).astype(np.int32), dev),
+            kept_rows=upload(kept_rows, dev, torch.int64),
             channels=channels,
             proj=torch.cat(projs).contiguous(),
             basis=torch.cat(bases).contiguous(),

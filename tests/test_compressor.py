@@ -68,8 +68,8 @@ def test_a_token_selector_out_of_range_or_repeating_fails_by_name(how):
     g = torch.Generator().manual_seed(1)
     k, v = (torch.randn(LAYERS, HKV, 32, D, generator=g).bfloat16() for _ in range(2))
     stats, attn = torch.rand(LAYERS, HKV, D, generator=g) + 0.1, torch.softmax(torch.randn(LAYERS, HKV, 32, generator=g), -1)
-    budget = int(LAYERS * HKV * (32 * 2 * D * 2 / 6 + 16))
-    clean = Compressor(replace(load_policy("mosaic", ratio=6.0), token_selector=Stray(spoil_call=0)), D)
+    budget = int(LAYERS * HKV * (32 * 2 * D * 2 / 3 + 16))
+    clean = Compressor(replace(load_policy("mosaic", ratio=3.0), token_selector=Stray(spoil_call=0)), D)
     plan = clean.plan_segments(segment_observations(clean.policy, k, v, stats, attn), 0, 1, budget)
     counts = sorted({f.tokens for f in plan.formats} - {0, 32})
     assert len(counts) >= 2, counts  # more than one count: the spoiled call need not be the first

@@ -153,7 +153,8 @@ class AbsoluteScorer(ElementScorer):
 
 
 def test_a_scorer_the_packer_cannot_follow_fails_by_name():
-    policy = replace(load_policy("mosaic"), value_scorer=AbsoluteScorer())
+    mosaic = load_policy("mosaic")  # with per-vector value channels: the form check is a sparse side's
+    policy = replace(mosaic, value_scorer=AbsoluteScorer(), strategy=replace(mosaic.strategy, value_widths=None))
     x = inputs(policy, 2, 2, 64, seed=3, device="cpu")
     blocks = PolicyCompressor(policy, 64)(x.k, x.v, x.budget_bytes, x.query_stats, x.attention)
     assert any(b.v.fmt.kind == "sparse" for layer in blocks for b in layer)  # the case is reached

@@ -346,11 +346,15 @@ def compiled_kernels() -> int:
     return sum(len(cache[0]) for cache in _mixed_attn_kernel.device_caches.values())
 
 
+@pytest.mark.parametrize("value_channels", [False, True])
 @pytest.mark.parametrize("device", ["cpu", CUDA])
-def test_compiled_variants_cover_every_launch_of_the_policys_segments(device):
+def test_compiled_variants_cover_every_launch_of_the_policys_segments(device, value_channels):
     """The kernels compiled before the first batch (the policy's candidate formats) are
     all that batches of segments the policy really sealed launch; on the GPU, running
-    those batches compiles nothing more."""
+    those batches compiles nothing more. The ``mosaic`` preset, and the same with
+    per-vector value channels (``value_widths`` as the keys')."""
+    from dataclasses import replace
+
     from mosaickv.compressor import compress_segment
     from mosaickv.config import load_policy
     from mosaickv.kernels.decode import run_plan
@@ -361,7 +365,10 @@ def test_compiled_variants_cover_every_launch_of_the_policys_segments(device):
     if device == "cpu" and torch.cuda.is_available():
         pytest.skip("the kernels are compiled for the GPU here; the cuda case runs them")
     d, group = 64, 3
-    policy = load_policy("mosaic", segment_size=SEG, window=SEG).bind(d)
+    policy = load_policy("mosaic", segment_size=SEG, window=SEG)
+    if value_channels:
+        policy = replace(policy, strategy=replace(policy.strategy, value_widths=None))
+    policy = policy.bind(d)
     twin = Twin(group, d, device)
     twin.mosaic._policy = policy
     twin.mosaic._compile(HKV * group)  # in the interpreter on the CPU: every variant launches
@@ -388,7 +395,7 @@ def test_compiled_variants_cover_every_launch_of_the_policys_segments(device):
                 run_plan(layer_plan, twin.pool.arena.values, twin.pool.arena.data, twin.pool.block_table,
                          twin.pool.widths_aligned, twin.pool.k_buffer[i], twin.pool.v_buffer[i], plan.tail_rows, q,
                          torch.empty_like(q), 0.125, plan.group, plan.tuning, lse)
-    assert len(launched) > 3 and launched <= variants
+    assert len(launched) >= (4 if value_channels else 3) and launched <= variants
     if device == "cuda":
         torch.cuda.synchronize()
         assert compiled_kernels() == compiled, "a batch compiled a kernel variant the warm-up did not"

@@ -9,4 +9,6 @@ run() { local name=$1 limit=$2; shift 2; echo "== $name: $*"; timeout "$limit" "
 run pricing_ops 120 python3 benchmarks/sealing/bench_pricing_ops.py --json "$D/sealing_kernels.json"
 run seal 240 python3 benchmarks/sealing/bench_seal.py --device cuda --layers 32 --kv-heads 8 --head-dim 128 \
   --segments 256 --batch 32 64 128 --profile 32 --json "$D/sealing_batched.json"
+run seal_no_lowrank 120 python3 benchmarks/sealing/bench_seal.py --device cuda --policy benchmarks/sealing/mosaic_no_lowrank.yaml \
+  --layers 32 --kv-heads 8 --head-dim 128 --segments 128 --batch 32 --profile 32 --json "$D/sealing_no_lowrank.json"
 run extend 200 python3 benchmarks/kernels/bench_extend.py --json "$D/extend.json" --tiles 32x32 64x32 64x64

@@ -1,7 +1,10 @@
 """The two GPU ops that dominate pricing a seal_many call's formats, against their
 alternatives, side by side: the eigenvalues of every block's 32 x 32 Gram matrix (low-rank
-pricing, ``compressor.squared_singular_values``) in float64 and float32, and the per-vector
-channel ranking (``PerVector.lost_many``) by ``topk`` and by a full descending sort.
+pricing, ``compressor.squared_singular_values``) in float64 and float32, by cuSOLVER's
+default and by MAGMA, and as singular values (of the Gram matrix, which cuSOLVER's batched
+Jacobi SVD takes up to 32 x 32, and of the block itself); and the per-vector channel
+ranking (``PerVector.lost_many``) by ``topk`` and by a full descending sort. Each
+alternative's largest error against float64, relative to the block's largest value.
 
     python benchmarks/sealing/bench_pricing_ops.py --json benchmarks/results/sealing_kernels_h200.json
 """
@@ -28,6 +31,18 @@ def median_ms(fn, reps: int) -> float:
     return round(sorted(times)[len(times) // 2] * 1e3, 3)
 
 
+def median_ms_with(library: str, fn, reps: int) -> float | str:
+    """``median_ms`` with torch's preferred linear-algebra library set to ``library``."""
+    before = torch.backends.cuda.preferred_linalg_library()
+    try:
+        torch.backends.cuda.preferred_linalg_library(library)
+        return median_ms(fn, reps)
+    except RuntimeError as err:  # a build without it
+        return f"unavailable: {str(err).splitlines()[0]}"
+    finally:
+        torch.backends.cuda.preferred_linalg_library(before)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--blocks", type=int, default=8192, help="blocks per call: 32 segments of 32 layers x 8 KV heads")
@@ -45,6 +60,13 @@ def main(argv: list[str] | None = None) -> int:
     g32 = gram.float()
     e64, e32 = torch.linalg.eigvalsh(gram), torch.linalg.eigvalsh(g32).double()
     scores = torch.rand(args.blocks * args.tokens, args.head_dim, device="cuda")
+    alternatives = {  # each [blocks, tokens] descending, float64
+        "eigvalsh_float32": lambda: torch.linalg.eigvalsh(g32).flip(-1),
+        "svdvals_gram_float32": lambda: torch.linalg.svdvals(g32),
+        "svdvals_block_float32": lambda: torch.linalg.svdvals(x).pow(2),
+    }
+    errors = {name: float(((fn().double() - e64.flip(-1)).abs().amax(-1) / e64[:, -1]).max())
+              for name, fn in alternatives.items()}
     by_topk = scores.topk(args.width, dim=-1).values.sum(-1)
     by_sort = scores.sort(dim=-1, descending=True).values[:, : args.width].contiguous().sum(-1)
     res = {
@@ -53,10 +75,14 @@ def main(argv: list[str] | None = None) -> int:
         "median_ms": {
             "eigvalsh_float64": median_ms(lambda: torch.linalg.eigvalsh(gram), args.reps),
             "eigvalsh_float32": median_ms(lambda: torch.linalg.eigvalsh(g32), args.reps),
+            "eigvalsh_float32_magma": median_ms_with("magma", lambda: torch.linalg.eigvalsh(g32), args.reps),
+            "svdvals_gram_float32": median_ms(lambda: torch.linalg.svdvals(g32), args.reps),
+            "svdvals_block_float32": median_ms(lambda: torch.linalg.svdvals(x), args.reps),
             "topk_sorted": median_ms(lambda: scores.topk(args.width, dim=-1).values, args.reps),
             "sort_descending": median_ms(lambda: scores.sort(dim=-1, descending=True).values, args.reps),
         },
         "float32_eigvalsh_max_error_over_largest": float(((e32 - e64).abs().amax(-1) / e64[:, -1]).max()),
+        "max_error_over_largest": errors,
         "sort_sums_equal_topk_sums": bool(torch.equal(by_topk, by_sort)),
         "command": "python benchmarks/sealing/bench_pricing_ops.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }

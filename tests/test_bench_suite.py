@@ -62,6 +62,7 @@ def test_server_log_gives_peaks_kv_layout_and_scheduler_limits():
     assert got["max_token_usage"] == 0.99
     assert got["decode_log_lines"] == 2  # the idle line (0 running) is not a decode rate
     assert got["gen_throughput_median"] == 490.0
+    assert got["prefill_s_per_prompt"] == pytest.approx(40 / 11, abs=1e-3)  # 11 prompts prefilled in 40 s, no decode between
     assert got["kv_allocated"]["tokens"] == 393216
     assert got["kv_allocated"]["bytes_per_token"] == pytest.approx(48 * 2**30 / 393216)  # 131072: 8B bf16
     assert got["scheduler"] == {"max_total_num_tokens": 393216, "chunked_prefill_size": 8192, "max_prefill_tokens": 16384,
@@ -71,7 +72,7 @@ def test_server_log_gives_peaks_kv_layout_and_scheduler_limits():
 def test_server_log_without_batches_gives_nothing():
     got = collect.parse_server_log("[2026-11-24 10:00:00] starting\n")
     assert got["max_running_req"] is None and got["kv_allocated"] is None and got["scheduler"] is None
-    assert got["gen_throughput_median"] is None
+    assert got["gen_throughput_median"] is None and got["prefill_s_per_prompt"] is None
 
 
 def test_bench_jsonl_last_appended_line_wins_and_server_info_is_dropped(tmp_path):
@@ -256,7 +257,7 @@ def test_render_tables_carry_command_device_date_and_plot(tmp_path):
         r["source"] = "suite_x.json"
     del groups[(report.GOAL_MODEL, report.GOAL_EQ_WORKLOAD)]
     block = report.render(groups, tmp_path / "plots", tmp_path)
-    assert "| mosaic3 | ok | 33 | 320.0 | 20.0 / 40.0 | 1,000.0 / 2,000.0 | 131,072 | — | 2.75x | 3.20x | 1.38x | 2.13x " \
+    assert "| mosaic3 | ok | 33 | 320.0 | 20.0 / 40.0 | 1,000.0 / 2,000.0 | — | 131,072 | — | 2.75x | 3.20x | 1.38x | 2.13x " \
            "| NVIDIA H100 80GB HBM3 | 2026-11-24 | [3] |" in block
     assert "| mosaic6 | ok | ≥48 (all prompts) |" in block
     assert "[3] mosaic3: server `launch mosaic3`; bench `bench`; call `call`; file `suite_x.json`" in block

@@ -33,6 +33,13 @@ def test_the_longest_prefill_only_stretch_sets_the_pace():
     assert row["first"] == "2026-11-30T10:00:10" and row["last"] == "2026-11-30T10:00:18"
 
 
+def test_a_rank_tag_after_the_time_is_read():
+    """With tensor parallelism SGLang tags its lines ``[time TP0]``."""
+    lines = [prefill("10:00:10", 8192, 0).replace("10:00:10]", "10:00:10 TP0]"),
+             prefill("10:00:16", 8192, 2).replace("10:00:16]", "10:00:16 TP0]")]
+    assert pace.prefill_pace(lines)["seconds_per_prompt"] == 3.0
+
+
 def test_a_log_where_no_prompt_finished_is_an_error():
     with pytest.raises(ValueError, match="no prompt of at least 1024 tokens"):
         pace.prefill_pace([prefill("10:00:00", 8192, 0), prefill("10:00:02", 8192, 0), decode("10:00:03", 0)])

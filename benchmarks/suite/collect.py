@@ -21,6 +21,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from prefill_pace import prefill_pace  # noqa: E402
+
 SCHEMA = 1
 GIB = 1 << 30  # SGLang's "GB" in its KV allocation line is 1024**3 bytes
 
@@ -47,7 +50,9 @@ SERVER_KEYS = (
 
 
 def parse_server_log(text: str) -> dict[str, Any]:
-    """What the scheduler logged: peak running and queued requests, pool use, decode rate, KV layout."""
+    """What the scheduler logged: peak running and queued requests, pool use, decode rate,
+    seconds of prefill per prompt (:func:`prefill_pace`; None where no prompt finished its
+    prefill between decode lines), KV layout."""
     running = [int(m) for m in RUNNING.findall(text)]
     queued = [int(m) for m in QUEUE.findall(text)]
     usage = [float(m) for m in USAGE.findall(text)]
@@ -58,6 +63,7 @@ def parse_server_log(text: str) -> dict[str, Any]:
         "max_token_usage": max(usage, default=None),
         "decode_log_lines": len(gen),
         "gen_throughput_median": statistics.median(gen) if gen else None,
+        "prefill_s_per_prompt": _pace(text),
         "kv_allocated": None,
         "scheduler": None,
     }
@@ -69,6 +75,13 @@ def parse_server_log(text: str) -> dict[str, Any]:
         keys = ("max_total_num_tokens", "chunked_prefill_size", "max_prefill_tokens", "max_running_requests", "context_len")
         out["scheduler"] = {**dict(zip(keys, map(int, m.groups()[:5]))), "available_gpu_mem_gb": float(m[6])}
     return out
+
+
+def _pace(text: str) -> float | None:
+    try:
+        return prefill_pace(text.splitlines())["seconds_per_prompt"]
+    except ValueError:
+        return None
 
 
 def read_bench(path: Path) -> dict[str, Any] | None:

@@ -18,7 +18,7 @@ import re
 from datetime import datetime
 from pathlib import Path
 
-LINE = re.compile(r"^\[(?P<ts>[\d-]+ [\d:]+)\] (?P<kind>Prefill|Decode) batch"
+LINE = re.compile(r"^\[(?P<ts>[\d-]+ [\d:]+)[^\]]*\] (?P<kind>Prefill|Decode) batch"
                   r"(?:, #new-seq: \d+, #new-token: (?P<new>\d+))?.*?#running-req: (?P<running>\d+)")
 
 

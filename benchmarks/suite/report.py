@@ -147,7 +147,7 @@ def ordered(methods: dict[str, Record]) -> list[str]:
 
 def table(methods: dict[str, Record], first_note: int) -> tuple[list[str], list[str]]:
     """Markdown rows and the numbered footnotes holding each row's commands."""
-    head = ("| method | status | admitted | out tok/s | TPOT p50 / p99 ms | TTFT p50 / p99 ms | KV B/token | "
+    head = ("| method | status | admitted | out tok/s | TPOT p50 / p99 ms | TTFT p50 / p99 ms | prefill s/prompt | KV B/token | "
             "achieved ratio | admitted vs none | tok/s vs none | admitted vs fp8 | tok/s vs fp8 | device | date | run |")
     rows = [head, "|" + "---|" * head.count(" | ") + "---|"]
     notes = []
@@ -159,7 +159,7 @@ def table(methods: dict[str, Record], first_note: int) -> tuple[list[str], list[
               for base in (none, fp8) for metric in ("admitted", "output_throughput")]
         cells = [m, _status_text(r), _admitted_text(r), _num(bench(r, "output_throughput")),
                  _pair(r, "median_tpot_ms", "p99_tpot_ms"), _pair(r, "median_ttft_ms", "p99_ttft_ms"),
-                 _num(kv.get("bytes_per_token"), 0), _num(kv.get("achieved_ratio"), 2), *vs,
+                 _num((r.get("log") or {}).get("prefill_s_per_prompt"), 2), _num(kv.get("bytes_per_token"), 0), _num(kv.get("achieved_ratio"), 2), *vs,
                  r.get("device") or "—", r.get("date") or "—", f"[{i}]"]
         rows.append("| " + " | ".join(cells) + " |")
         why = f" ({r['reason']})" if r.get("reason") else ""

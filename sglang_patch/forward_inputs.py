@@ -38,8 +38,9 @@ def locate_many(pool: MosaicKVPool, requests: list[torch.Tensor]) -> list[list[R
     2-core CPU (benchmarks/results/host_locate_32k_cpu.json)."""
     page_to_slab = pool.page_to_slab.numpy()
     ps, seg = pool.page_size, pool.plan.segment_size
-    layouts: list[list[int | slice]] = []
+    layouts: list[list[Run]] = []
     dense: list[torch.Tensor] = []
+    dense_at: list[tuple[int, int]] = []  # (request, run) of each dense run, in ``dense`` order
     for slots in requests:
         n = len(slots)
         firsts = slots.numpy()[::ps]
@@ -57,13 +58,14 @@ def locate_many(pool: MosaicKVPool, requests: list[torch.Tensor]) -> list[list[R
             i = partial[0]
             raise ValueError(f"a request reads {last[i] - first[i]} tokens of sealed segment {slab[i]}; segments are "
                              "read whole")
-        runs: list[int | slice] = slab.tolist()
         for i in np.flatnonzero(is_dense).tolist():
-            runs[i] = slice(len(dense), len(dense) + 1)  # the dense run's place in ``dense``
+            dense_at.append((len(layouts), i))
             dense.append(slots[first[i] : last[i]])
-        layouts.append(runs)
-    rows = pool.dense_rows(torch.cat(dense)).split([len(d) for d in dense]) if dense else ()
-    return [[r if isinstance(r, int) else rows[r.start] for r in runs] for runs in layouts]
+        layouts.append(slab.tolist())
+    if dense:  # every request's dense runs mapped to rows in one call, then put in place
+        for (r, i), rows in zip(dense_at, pool.dense_rows(torch.cat(dense)).split([len(d) for d in dense])):
+            layouts[r][i] = rows
+    return layouts
 
 
 @dataclass

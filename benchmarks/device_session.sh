@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# The next device run's calls on a 2-GPU machine (kind nvidia-h200-x2), one PART per call,
+# each inside the 10-minute limit, one job per GPU side by side. Send them back to back
+# after staging c1..c4 (../shared/device/README.md): the machine is released ~30 s after a
+# call ends. Every PART leaves at most 8 files under $OUT (a call brings back no more).
+#   PART=first     bash benchmarks/device_session.sh   # carry .device/c5: stage, GPU tests | 8B model, sealing
+#   PART=profile   bash benchmarks/device_session.sh   # carry .whl: decode profile | mosaic3 at 32k (prefill pace)
+#   PART=eq        bash benchmarks/device_session.sh   # none | mosaic3 at equal batch (TPOT)
+#   PART=admission bash benchmarks/device_session.sh   # SmolLM2 random8k, four methods | mosaic6 at 32k, 80 prompts
+# Record the session's commit yourself: the machine's git log is stale.
+set -uo pipefail
+PART=${PART:?set PART=first, profile, eq or admission}
+case $PART in first|profile|eq|admission) ;; *) echo "PART=$PART is not one of first, profile, eq, admission"; exit 2 ;; esac
+OUT=${OUT:?the device call sets OUT}
+T0=$(date +%s)
+export PYTHONPATH=/tmp/mkv/site PYTHONUNBUFFERED=1
+MOSAIC_FLAGS=${MOSAIC_FLAGS:---kv-compress-sealing device --kv-compress-cuda-graph}
+LOG=$(mktemp -d)
+say() { echo "[$(( $(date +%s) - T0 )) s] $*" | tee -a "$LOG/steps.txt"; }
+
+# One suite comparison on one GPU: GPU, port base, budget, then run_comparison.sh's settings.
+suite() {
+  local gpu=$1 port=$2 budget=$3; shift 3
+  env CUDA_VISIBLE_DEVICES=$gpu STATE_ROOT=/tmp/mkv/suite$gpu PORT_BASE=$port T0=$T0 BUDGET_S=$budget \
+    OUT=$OUT/gpu$gpu MOSAIC_FLAGS="$MOSAIC_FLAGS" "$@" bash benchmarks/suite/run_comparison.sh > "$LOG/suite_gpu$gpu.txt" 2>&1
+  say "suite on GPU $gpu: rc=$? ($*)"
+}
+
+case $PART in
+  first)
+    bash .device/c5/stage.sh > "$LOG/stage.txt" 2>&1
+    python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . > "$LOG/pip.txt" 2>&1
+    say "staged"
+    (export CUDA_VISIBLE_DEVICES=1
+     (python3 benchmarks/serving/warm_jit.py && touch /tmp/mkv/jit_warm) > "$LOG/jit.txt" 2>&1 &
+     python3 benchmarks/suite/make_random_model.py --out /tmp/mkv/models/llama8b-random > "$LOG/model.txt" 2>&1
+     say "8B model rc=$?"
+     timeout $(( 560 - $(date +%s) + T0 )) bash benchmarks/sealing/gpu_sealing.sh "$OUT/sealing" > "$LOG/sealing.txt" 2>&1
+     say "sealing rc=$?"; wait) &
+    CUDA_VISIBLE_DEVICES=0 TESTS_S=$(( 560 - $(date +%s) + T0 )) OUT=$OUT PART=tests bash benchmarks/backend_gpu.sh \
+      > "$LOG/tests.txt" 2>&1
+    say "tests: $(grep -E '^[0-9]+ (passed|failed)' /tmp/backend_gpu_tests/pytest.txt | tail -1)"
+    wait ;;
+  profile)
+    (CUDA_VISIBLE_DEVICES=0 T0=$T0 BUDGET_S=470 OUT=$OUT/profile PHASE=decode MODEL=/tmp/mkv/models/llama8b-random \
+       INPUT=32768 OUTPUT=1024 N=8 MOSAIC_EXTRA="$MOSAIC_FLAGS" bash benchmarks/serving/profile_gpu.sh \
+       > "$LOG/profile.txt" 2>&1; say "profile rc=$?") &
+    suite 1 30010 560 MODEL=llama8b-random WORKLOAD=random32k N=48 METHODS=mosaic3
+    wait ;;
+  eq)
+    suite 0 30000 330 MODEL=llama8b-random WORKLOAD=random32k_eq METHODS=none MIN_METHOD_S=100 &
+    suite 1 30010 330 MODEL=llama8b-random WORKLOAD=random32k_eq METHODS=mosaic3 MIN_METHOD_S=100
+    wait ;;
+  admission)
+    suite 0 30000 560 MODEL=smollm2 WORKLOAD=random8k METHODS="none fp8 mosaic3 mosaic6" &
+    suite 1 30010 560 MODEL=llama8b-random WORKLOAD=random32k N=80 METHODS=mosaic6
+    wait ;;
+esac
+tail -n 4 "$LOG"/*.txt
+tar czf "$OUT/session_$PART.tgz" -C "$LOG" .

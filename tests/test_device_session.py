@@ -1,0 +1,24 @@
+"""benchmarks/device_session.sh refuses what it cannot run before touching the machine."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", "benchmarks/device_session.sh"], cwd=ROOT, env={"PATH": "/usr/bin:/bin", **env},
+                          capture_output=True, text=True, timeout=30)
+
+
+def test_an_unknown_part_is_refused_by_name(tmp_path):
+    got = run({"PART": "everything", "OUT": str(tmp_path)})
+    assert got.returncode == 2 and "PART=everything is not one of first, profile, eq, admission" in got.stdout
+    assert not any(tmp_path.iterdir())  # nothing was started
+
+
+def test_a_part_and_an_out_folder_are_required(tmp_path):
+    assert "set PART" in run({"OUT": str(tmp_path)}).stderr
+    assert "the device call sets OUT" in run({"PART": "eq"}).stderr

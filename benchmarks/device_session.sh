@@ -7,6 +7,7 @@
 #   PART=profile   bash benchmarks/device_session.sh   # carry .whl: decode profile | mosaic3 at 32k (prefill pace)
 #   PART=eq        bash benchmarks/device_session.sh   # none | mosaic3 at equal batch (TPOT)
 #   PART=admission bash benchmarks/device_session.sh   # SmolLM2 random8k, four methods | mosaic6 at 32k, 80 prompts
+#                                                       (BUDGET_S: seconds for it, 560 unless less device time is left)
 # Record the session's commit yourself: the machine's git log is stale.
 set -uo pipefail
 PART=${PART:?set PART=first, profile, eq or admission}
@@ -52,8 +53,8 @@ case $PART in
     suite 1 30010 330 MODEL=llama8b-random WORKLOAD=random32k_eq METHODS=mosaic3 MIN_METHOD_S=100
     wait ;;
   admission)
-    suite 0 30000 560 MODEL=smollm2 WORKLOAD=random8k METHODS="none fp8 mosaic3 mosaic6" &
-    suite 1 30010 560 MODEL=llama8b-random WORKLOAD=random32k N=80 METHODS=mosaic6
+    suite 0 30000 "${BUDGET_S:-560}" MODEL=smollm2 WORKLOAD=random8k METHODS="none fp8 mosaic3 mosaic6" &
+    suite 1 30010 "${BUDGET_S:-560}" MODEL=llama8b-random WORKLOAD=random32k N=80 METHODS=mosaic6
     wait ;;
 esac
 tail -n 4 "$LOG"/*.txt

@@ -24,6 +24,7 @@ import numpy as np
 from mosaickv.formats import VALUE_DTYPE, PackedBlock, unpack_block
 from mosaickv.kernels.layout import TABLE_FIELDS, Region, pack_region, read_block, widths_aligned
 from mosaickv.kernels.block_runs import RunCache
+from mosaickv.uploads import upload
 from mosaickv.sglang_patch.query_stats import SegmentQueryStats
 from mosaickv.sglang_patch.args import KVCompressError
 from mosaickv.sglang_patch.sizing import CapacityPlan, KVShape, cap_plan, plan_capacity, prefill_batch_tokens
@@ -323,7 +324,7 @@ class MosaicKVPool(MHATokenToKVPool):
         self.slab_generation[slab] += 1
         row = self.table_row(slab, 0)
         self.block_table_host[row : row + blocks] = region.table
-        self.block_table[row : row + blocks] = torch.from_numpy(region.table).to(self.device)
+        self.block_table[row : row + blocks] = upload(region.table, self.device)  # not a stream sync per segment
         if not widths_aligned(region.table):
             self._unaligned_slabs.add(slab)
         for page in pages:

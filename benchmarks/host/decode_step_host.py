@@ -16,23 +16,39 @@ half (``block_runs``) runs there and the figures are a server's host time per st
 runs are in the pool's ``RunCache`` from the step before (a request finds them again only
 when it seals a segment, every 32 tokens). ``host_plan_cold_ms`` clears the cache first.
 The requests here share their sealed segments, so even a cold plan finds their runs once.
+``host_plan_new_batch_ms`` drops the batch plans the cache keeps but not the requests'
+runs: a step right after a request joined, left or sealed a segment.
+
+Every segment is sealed with the blocks ``mosaic`` chose for one random segment, which
+on random keys is one format pair per KV head. ``--policy-formats`` instead draws each
+block's format from what a policy chose on real text (a ``mosaickv eval`` report's row,
+as ``benchmarks/kernels/bench_decode.py --policy-formats`` does), over ``--mix-segments``
+distinct segments, so each KV head reads several format pairs as a server's does; and
+``--max-programs 1056`` (an H200's 132 SMs, eight programs each) cuts the runs as short
+as the server's decode graphs do:
+
+    python benchmarks/host/decode_step_host.py --requests 8 --segments 1023 --layers 32 --kv-heads 8 --group 4 \
+        --policy-formats benchmarks/results/eval_fidelity_2k_segment.json --max-programs 1056
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
+import importlib.util
 import io
 import json
 import pstats
 import statistics
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
 from mosaickv.compressor import compress_segment
 from mosaickv.config import load_policy
+from mosaickv.formats import BlockFormat, PackedBlock, SideFormat, pack_block
 from mosaickv.kernels.layout import launch_variants
 from mosaickv.sglang_patch.attention import DECODE_TUNING, MosaicAttnBackend
 from mosaickv.sglang_patch.decode_graph import DecodeGraph
@@ -41,9 +57,38 @@ from mosaickv.sglang_patch.pool import MosaicKVPool
 from mosaickv.sglang_patch.sizing import KVShape, plan_capacity
 
 
+def policy_blocks(path: str, row: str, eval_d: int, layers: int, hkv: int, d: int, seg: int, count: int,
+                  budget: int, g: torch.Generator) -> list[list[list[PackedBlock]]]:
+    """``count`` segments' blocks ``[layer][kv head]``, each block's format drawn from
+    row ``row`` (e.g. ``mosaic_3x``) of a ``mosaickv eval`` report in its proportions,
+    widths scaled from the report's head dim ``eval_d`` to ``d``, within ``budget`` bytes each."""
+    spec = importlib.util.spec_from_file_location("bench_decode", Path(__file__).parents[1] / "kernels" / "bench_decode.py")
+    bench_decode = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_decode)
+    report = json.loads(Path(path).read_text())
+    names = {name: pattern for name, pattern, _ in bench_decode.policy_patterns(report, d, eval_d)}
+    if row not in names:
+        raise ValueError(f"--policy {row!r} is not a row of {path}: {sorted(names)}")
+    pattern = names[row]
+    out = []
+    for _ in range(count):
+        for _ in range(1000):  # a segment drawn again until it fits the slab, as the compressor keeps it
+            picks = torch.randint(len(pattern), (layers, hkv), generator=g).tolist()
+            fmts = [[BlockFormat(r.tokens, SideFormat(*r.k), SideFormat(*r.v)) for r in (pattern[i] for i in heads)]
+                    for heads in picks]
+            if sum(f.nbytes(d) for heads in fmts for f in heads) <= budget:
+                break
+        else:
+            raise ValueError(f"no draw of {row!r}'s formats fits a segment's {budget} bytes: raise --ratio")
+        out.append([[pack_block(*(torch.randn(seg, d, generator=g) for _ in range(2)), f,
+                                token_score=torch.rand(seg, generator=g)) for f in heads] for heads in fmts])
+    return out
+
+
 def build(args, requests: int):
     """A pool holding ``requests`` requests of ``segments`` sealed segments and a dense
-    tail each, every segment sealed with the blocks ``mosaic`` chose for one random segment.
+    tail each, every segment sealed with the blocks ``mosaic`` chose for one random segment
+    (or, with ``--policy-formats``, with one of ``--mix-segments`` drawn from a report).
     The requests share their sealed segments (a radix prefix): a plan lists each request's
     blocks all the same, and the pool is built with one request's sealing."""
     from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
@@ -62,13 +107,17 @@ def build(args, requests: int):
     k, v = (torch.randn(layers, hkv, seg, d, generator=g).bfloat16() for _ in range(2))
     blocks = compress_segment(policy, k, v, plan.segment_budget_bytes, torch.rand(layers, hkv, d, generator=g) + 0.1,
                               torch.softmax(torch.randn(layers, hkv, seg, generator=g), -1))
+    mixed = [blocks]
+    if args.policy_formats:
+        mixed = policy_blocks(args.policy_formats, args.policy, args.policy_head_dim, layers, hkv, d, seg, args.mix_segments,
+                              plan.segment_budget_bytes, g)
     length = args.segments * seg + args.tail
     req_pool = ReqToTokenPool(requests, length + 8, args.device, False)
     sealed = args.segments * seg
     prefix = torch.arange(seg, seg + sealed)  # pages 1..segments: one prefix every request shares, as radix hits do
     for s in range(args.segments):  # written dense, then sealed: its dense page returns
         pool.prepare_writes(prefix[s * seg : (s + 1) * seg])
-        pool.seal([1 + s], blocks)
+        pool.seal([1 + s], mixed[s % len(mixed)])
     page = 1 + args.segments
     for r in range(requests):
         pages = list(range(page, page + -(-args.tail // seg)))
@@ -108,6 +157,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--group", type=int, default=2, help="query heads per KV head")
     ap.add_argument("--ratio", type=float, default=3.0)
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--policy-formats", help="a mosaickv eval report whose formats the sealed blocks take")
+    ap.add_argument("--policy", default="mosaic_3x", help="its row, <policy>_<ratio>x")
+    ap.add_argument("--policy-head-dim", type=int, default=64, help="the report's head dim (SmolLM2's: 64)")
+    ap.add_argument("--mix-segments", type=int, default=16, help="distinct segments drawn from the report")
+    ap.add_argument("--max-programs", type=int, help="programs per launch the plans assume (default: host_plan 132, "
+                                                          "the graph its device's)")
     ap.add_argument("--device", default="cpu", help="where the pool lives (cuda: as in the server)")
     ap.add_argument("--profile", action="store_true", help="print the top functions of one DecodeGraph.prepare")
     ap.add_argument("--json")
@@ -124,21 +179,23 @@ def main(argv: list[str] | None = None) -> int:
         group = args.group
         backend._menu = launch_variants(backend._policy_sides())
         graph = DecodeGraph(pool, pool.head_num * group, n, backend._menu, True, DECODE_TUNING, length + 64)
-        loc = torch.tensor([int(r.slots[-1]) for r in reqs], device=args.device)
+        programs = 132
+        if args.max_programs:
+            programs = graph.max_programs = args.max_programs
         row = {
             "requests": n, "sealed_blocks": n * args.segments * args.layers * args.kv_heads,
             "locate_ms": timed(lambda: backend._requests(idx, lens, [1] * n), args.repeat, args.device),
             "stat_inputs_ms": timed(lambda: stat_inputs(pool, reqs), args.repeat, args.device),
-            "host_plan_ms": timed(lambda: host_plan(pool, reqs, group, DECODE_TUNING, 132), args.repeat, args.device),
-            "host_plan_cold_ms": timed(lambda: (pool.run_cache.clear(), host_plan(pool, reqs, group, DECODE_TUNING, 132)),
+            "host_plan_ms": timed(lambda: host_plan(pool, reqs, group, DECODE_TUNING, programs), args.repeat, args.device),
+            "host_plan_cold_ms": timed(lambda: (pool.run_cache.clear(), host_plan(pool, reqs, group, DECODE_TUNING, programs)),
                                        args.repeat, args.device),
-            "graph_prepare_ms": timed(lambda: graph.prepare(reqs, n, loc), args.repeat, args.device),
+            "graph_prepare_ms": timed(lambda: graph.prepare(reqs, n), args.repeat, args.device),
         }
         print(json.dumps(row))
         rows.append(row)
         if args.profile:
             prof = cProfile.Profile()
-            prof.runcall(lambda: graph.prepare(backend._requests(idx, lens, [1] * n), n, loc))
+            prof.runcall(lambda: graph.prepare(backend._requests(idx, lens, [1] * n), n))
             out = io.StringIO()
             pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(15)
             print(out.getvalue())

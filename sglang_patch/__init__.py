@@ -43,6 +43,8 @@ def register() -> None:
         HookRegistry.register(f"sglang.srt.mem_cache.allocator.{method}", pool.allocator_free_hook, HookType.AROUND)
     for method in ("token.TokenToKVPoolAllocator.clear", "paged.PagedTokenToKVPoolAllocator.clear"):
         HookRegistry.register(f"sglang.srt.mem_cache.allocator.{method}", pool.allocator_clear_hook, HookType.AROUND)
+    HookRegistry.register("sglang.srt.managers.schedule_batch.ScheduleBatch.prepare_for_decode",
+                          pool.decode_prefetch_hook, HookType.AFTER)
     HookRegistry.register("sglang.srt.managers.scheduler.Scheduler.get_internal_state", pool.internal_state_hook,
                           HookType.AFTER)
     HookRegistry.register("sglang.srt.managers.scheduler.Scheduler.on_idle", radix.idle_drain_hook, HookType.BEFORE)

@@ -292,13 +292,20 @@ class MosaicAttnBackend(TorchNativeAttnBackend):
         super().init_forward_metadata(forward_batch)
         self._forward = None  # sealing and freeing between forwards move tokens
         self._graph_step = False
+        if not forward_batch.forward_mode.is_decode():
+            self.token_to_kv_pool.decode_rows.discard()
         self.token_to_kv_pool.prepare_writes(forward_batch.out_cache_loc)
 
     def _requests(self, req_pool_indices: torch.Tensor, seq_lens: list[int], q_lens: list[int]) -> list[RequestKV]:
-        """Each request's tokens as runs, from its ``req_to_token`` row (one host copy)."""
+        """Each request's tokens as runs, from its ``req_to_token`` row: for a decode batch
+        the rows copied when the scheduler prepared it (:mod:`.decode_rows`), else one host
+        copy, which waits for the GPU."""
         if not seq_lens:
             return []
-        rows = self.req_to_token_pool.req_to_token[req_pool_indices, : max(seq_lens)].cpu().long()
+        rows = self.token_to_kv_pool.decode_rows.take(seq_lens) if all(n == 1 for n in q_lens) else None
+        if rows is None:
+            rows = self.req_to_token_pool.req_to_token[req_pool_indices, : max(seq_lens)].cpu()
+        rows = rows.long()
         slots = [row[:n] for row, n in zip(rows, seq_lens)]
         runs = locate_many(self.token_to_kv_pool, slots)
         return [RequestKV(s, r, nq) for s, r, nq in zip(slots, runs, q_lens)]
@@ -338,14 +345,13 @@ class MosaicAttnBackend(TorchNativeAttnBackend):
         self._graph_step = True
         bs = forward_batch.batch_size
         if in_capture:
-            graph.prepare([], bs, None)
+            graph.prepare([], bs)
             self.token_to_kv_pool.prepare_writes(forward_batch.out_cache_loc, graph.write_rows[:bs])
             return
         n = bs - getattr(forward_batch, "num_padding", 0)
         seq_lens = (forward_batch.seq_lens[:n].cpu() if forward_batch.seq_lens_cpu is None
                     else forward_batch.seq_lens_cpu[:n]).tolist()
-        graph.prepare(self._requests(forward_batch.req_pool_indices[:n], seq_lens, [1] * n), bs,
-                      forward_batch.out_cache_loc)
+        graph.prepare(self._requests(forward_batch.req_pool_indices[:n], seq_lens, [1] * n), bs)
 
     def _compile(self, num_q_heads: int) -> None:
         """Compile, before the first batch runs them, the kernels this policy's formats

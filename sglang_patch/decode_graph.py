@@ -28,6 +28,7 @@ import triton
 from mosaickv.kernels.decode import MixedAttention, run_plan
 from mosaickv.kernels.graph_plan import GraphCapacity, GraphPlan
 from mosaickv.kernels.layout import default_max_programs
+from mosaickv.uploads import upload
 from mosaickv.sglang_patch.forward_inputs import WHOLE_RUNS, RequestKV, host_plan, stat_inputs
 
 logger = logging.getLogger(__name__)
@@ -65,13 +66,15 @@ class DecodeGraph:
         mine = [self.write_rows, self.positions, self.in_window, self.key_rows, self.energy]
         return self.plan.nbytes() + sum(t.nbytes for t in mine) + (0 if self.attn is None else self.attn.nbytes)
 
-    def prepare(self, reqs: list[RequestKV], bs: int, loc: Optional[torch.Tensor]) -> None:
+    def prepare(self, reqs: list[RequestKV], bs: int) -> None:
         """Fill the buffers for ``reqs`` (the batch's real requests, padded by the runner to
-        ``bs``): their plan, the dense rows of ``loc`` (their new tokens, unpadded; padding
-        rows write to the pool's padding row), their statistics' inputs; and defer those
-        statistics. Capture passes no requests: an empty plan, every write to padding."""
+        ``bs``): their plan, the dense rows of their new tokens (padding rows write to the
+        pool's padding row), their statistics' inputs; and defer those statistics.
+        Capture passes no requests: an empty plan, every write to padding. Nothing here
+        waits for the GPU: the previous replay may still run, and every copy is queued on
+        this stream behind it."""
         pool, n = self.pool, len(reqs)
-        pool.query_stats.flush()  # the previous replay's sums, before this one overwrites them
+        pool.query_stats.flush(wait=False)  # queues the previous replay's sums before this one overwrites them
         cap = self.plan.capacity.items
         host, tail_rows = host_plan(pool, reqs, self.group, self.tuning, self.max_programs, max_items=cap)
         if any(len(layer.items) > cap for layer in host.layers):
@@ -84,15 +87,15 @@ class DecodeGraph:
         self.plan.load(host, tail_rows.numpy())
         rows = torch.zeros(bs, dtype=torch.int64)
         if n:
-            rows[:n] = pool.dense_rows(loc[:n])
-        self.write_rows[:bs].copy_(rows)
+            rows[:n] = pool.dense_rows(torch.cat([req.slots[-1:] for req in reqs]))
+        self.write_rows[:bs].copy_(upload(rows, self.write_rows.device))
         if not n:
             return
         inputs = stat_inputs(pool, reqs)
         stats = pool.query_stats
         in_window = inputs.positions >= stats.segment_size - stats.window
-        self.positions[:n].copy_(inputs.positions)
-        self.in_window[:n].copy_(in_window)
+        self.positions[:n].copy_(upload(inputs.positions, self.positions.device))
+        self.in_window[:n].copy_(upload(in_window, self.in_window.device))
         if inputs.rows is not None:
             self.key_rows[:n].copy_(inputs.rows)
         for layer in range(pool.layer_num):

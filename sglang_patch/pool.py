@@ -25,6 +25,7 @@ from mosaickv.formats import VALUE_DTYPE, PackedBlock, unpack_block
 from mosaickv.kernels.layout import TABLE_FIELDS, Region, pack_region, read_block, widths_aligned
 from mosaickv.kernels.block_runs import RunCache
 from mosaickv.uploads import upload
+from mosaickv.sglang_patch.decode_rows import DecodeRows
 from mosaickv.sglang_patch.query_stats import SegmentQueryStats
 from mosaickv.sglang_patch.args import KVCompressError
 from mosaickv.sglang_patch.sizing import CapacityPlan, KVShape, cap_plan, plan_capacity, prefill_batch_tokens
@@ -217,6 +218,7 @@ class MosaicKVPool(MHATokenToKVPool):
         self.segment_cache = SegmentKVCache(self.segment_cache_bytes)
         self.query_stats = self._new_query_stats()
         self.counters = SealingCounters()
+        self.decode_rows = DecodeRows()
 
     def _all_dense_pages(self) -> list[int]:
         return list(range(self.plan.dense_tail_tokens // self.page_size, 0, -1))
@@ -415,6 +417,10 @@ class MosaicKVPool(MHATokenToKVPool):
             "seal_deferrals": self.counters.seal_deferrals,
             "plan_run_hits": self.run_cache.hits,  # requests whose block runs a plan reused (RunCache)
             "plan_run_misses": self.run_cache.misses,
+            # decode forwards whose token rows were copied beside the scheduler's allocation
+            # (DecodeRows), and those that read them themselves, after the previous step
+            "decode_rows_prefetched": self.decode_rows.prefetched,
+            "decode_rows_read_in_forward": self.decode_rows.read_in_forward,
             "sealing_pending": len(pending),
             # A stalled worker shows here: sealing degrades to dense, the scheduler does not wait.
             "oldest_pending_s": oldest,
@@ -547,6 +553,21 @@ def allocator_free_hook(original, allocator, free_index: torch.Tensor, *args, **
     if isinstance(pool, MosaicKVPool) and free_index.numel():
         pool.release_pages(free_index)
     return original(allocator, free_index, *args, **kwargs)
+
+
+def decode_prefetch_hook(result, batch, *args, **kwargs):
+    """AFTER hook on ``ScheduleBatch.prepare_for_decode``: copy the batch's token rows to
+    the host beside the allocation that wrote them (see :mod:`.decode_rows`). Speculative
+    decoding prepares its own steps: nothing is prefetched for them."""
+    allocator = getattr(batch, "token_to_kv_pool_allocator", None)
+    pool = allocator.get_kvcache() if allocator is not None else None
+    if isinstance(pool, MosaicKVPool):
+        if batch.spec_algorithm.is_none() and batch.seq_lens_cpu is not None:
+            pool.decode_rows.prefetch(batch.req_to_token_pool.req_to_token, batch.req_pool_indices,
+                                      batch.seq_lens_cpu.tolist())
+        else:
+            pool.decode_rows.discard()
+    return result
 
 
 def allocator_clear_hook(original, allocator, *args, **kwargs):

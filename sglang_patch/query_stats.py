@@ -27,6 +27,7 @@ host memory, ``L x Hkv x (d + S) x 8`` bytes per unsealed segment, never in the 
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -34,8 +35,9 @@ import torch
 
 @dataclass
 class _Pending:
-    """One layer's sums of one forward, on the device until :meth:`SegmentQueryStats.flush`:
-    row ``j`` adds to the segment starting at slot ``keys[j]``."""
+    """One layer's sums of one forward, on the device until :meth:`SegmentQueryStats.stage`:
+    row ``j`` adds to the segment starting at slot ``keys[j]``. ``stream``: the stream of
+    the forward that fills them, so their copy is queued behind it."""
 
     layer: int
     energy: torch.Tensor  # [N, Hkv, d] float64
@@ -43,6 +45,30 @@ class _Pending:
     keys: tuple[int, ...]
     counts: tuple[int, ...]  # query-head tokens each row's energy sums
     attn_counts: tuple[int, ...]  # query heads each row's attention sums (0: it adds none)
+    stream: torch.cuda.Stream | None = None
+
+
+@dataclass
+class _Staged:
+    """One forward's sums on their way to the host: every layer's rows stacked (``at``:
+    their layers), ready once ``done`` has passed."""
+
+    keys: tuple[int, ...]
+    counts: tuple[int, ...]
+    attn_counts: tuple[int, ...]
+    at: torch.Tensor  # [layers] int64
+    energies: torch.Tensor  # [layers, N, Hkv, d] host
+    attn_at: torch.Tensor
+    attns: torch.Tensor | None  # [layers with attention, N, Hkv, S] host
+    done: torch.cuda.Event | None
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    """``t`` copied to pinned host memory without waiting (a host tensor as it is)."""
+    if t.device.type != "cuda":
+        return t
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return host.copy_(t, non_blocking=True)
 
 
 class SegmentQueryStats:
@@ -60,7 +86,8 @@ class SegmentQueryStats:
         self._count: dict[int, torch.Tensor] = {}  # first slot -> [L] query-head token count
         self._attn: dict[int, torch.Tensor] = {}  # first slot -> [L, Hkv, S] float64
         self._attn_count: dict[int, torch.Tensor] = {}  # first slot -> [L] query-head count
-        self._pending: list[_Pending] = []  # decode sums still on the device (observe_decode)
+        self._pending: list[_Pending] = []  # sums still on the device, no copy queued yet
+        self._staged: list[_Staged] = []  # sums being copied to the host
 
     def __len__(self) -> int:
         self.flush()
@@ -80,7 +107,7 @@ class SegmentQueryStats:
         if nq == 0:
             return
         if layer == 0:
-            self.flush()  # the previous forward's, finished on the device by now
+            self.flush(wait=False)  # the earlier forwards' sums that have reached the host
         if d != self.head_dim or hq % self.num_kv_heads:
             raise ValueError(f"queries of shape {tuple(q.shape)} do not fit {self.num_kv_heads} KV heads "
                              f"of head dim {self.head_dim}")
@@ -119,13 +146,13 @@ class SegmentQueryStats:
         With a window, ``keys`` [B, S, Hkv, d] hold each segment's tokens so far (the rest
         is ignored), ``lse`` [B, Hq] the step's log-sum-exp, and ``device_positions`` may
         give ``positions`` where ``q`` is (copied once per forward, not once per layer). The
-        sums reach the host in one copy for all layers (:meth:`flush`): at the next step's
-        first layer, or when read."""
+        sums go to the host in one copy for all layers, queued at the next step's first
+        layer (:meth:`stage`) and added once there, or when read (:meth:`flush`)."""
         bsz, hq, d = q.shape
         if bsz == 0:
             return
         if layer == 0:
-            self.flush()  # the previous step's, finished on the device by now
+            self.flush(wait=False)  # the earlier steps' sums that have reached the host
         in_window = positions >= self.segment_size - self.window
         attn = None
         if self.window and bool(in_window.any()):
@@ -143,8 +170,8 @@ class SegmentQueryStats:
                      in_window: list[bool], group: int) -> None:
         """Sums of one layer's decode queries, still on the device: request ``b`` adds
         ``energy[b]`` (and ``attn[b]`` if ``in_window[b]``) to the segment starting at
-        ``first_slots[b]``, at the next :meth:`flush`. A CUDA graph's buffers can be
-        deferred before the replay that fills them: nothing reads them until then."""
+        ``first_slots[b]``. A CUDA graph's buffers can be deferred before the replay that
+        fills them, on its stream: their copy is queued behind it (:meth:`stage`)."""
         self.defer(layer, energy, attn, first_slots, [group] * len(first_slots),
                    [group if ok and attn is not None else 0 for ok in in_window])
 
@@ -152,34 +179,59 @@ class SegmentQueryStats:
               counts: list[int], attn_counts: list[int]) -> None:
         """Row ``j`` of one layer's sums, counting ``counts[j]`` query-head tokens (and
         ``attn_counts[j]`` query heads' attention), goes to the segment starting at slot
-        ``keys[j]`` at the next :meth:`flush`."""
-        self._pending.append(_Pending(layer, energy, attn, tuple(keys), tuple(counts), tuple(attn_counts)))
+        ``keys[j]`` once it has reached the host. Call it on the stream of the forward that
+        fills ``energy`` and ``attn``: their copy is queued there."""
+        stream = torch.cuda.current_stream(energy.device) if energy.device.type == "cuda" else None
+        self._pending.append(_Pending(layer, energy, attn, tuple(keys), tuple(counts), tuple(attn_counts), stream))
 
-    def flush(self) -> None:
-        """Add the sums still on the device: one copy to the host per forward."""
+    def stage(self) -> None:
+        """Queue the copy to the host of every pending sum, one per forward, on the stream
+        of the forward that fills it: behind that forward, and ahead of any later forward
+        on that stream (a CUDA graph's next replay overwrites its buffers). Nothing waits."""
         if not self._pending:
             return
         pending, self._pending = self._pending, []
         batches: dict[tuple, list[_Pending]] = {}  # one forward's layers share their rows
         for p in pending:
-            batches.setdefault((p.keys, p.counts, p.attn_counts), []).append(p)
-        for (keys, counts, attn_counts), layers in batches.items():
-            # Each segment's sums of every layer at once: a forward's statistics cost a few
-            # ops per segment, not per segment and layer (32 layers x 256 segments of an
-            # 8k-token chunk: 8,192 adds, each a Python call, while the GPU waited).
+            batches.setdefault((p.keys, p.counts, p.attn_counts, p.stream), []).append(p)
+        for (keys, counts, attn_counts, stream), layers in batches.items():
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                with_attn = [i for i, p in enumerate(layers) if p.attn is not None]
+                energies = _to_host(torch.stack([p.energy for p in layers]))
+                attns = _to_host(torch.stack([layers[i].attn for i in with_attn])) if with_attn else None
+                done = None
+                if stream is not None:
+                    done = torch.cuda.Event()
+                    done.record(stream)
             at = torch.tensor([p.layer for p in layers])
-            energies = torch.stack([p.energy for p in layers]).cpu()  # [layers, N, Hkv, d]
-            with_attn = [i for i, p in enumerate(layers) if p.attn is not None]
-            attns = torch.stack([layers[i].attn for i in with_attn]).cpu() if with_attn else None
-            attn_at = at[with_attn]
-            for j, key in enumerate(keys):
-                self._ensure(key)
-                self._sum[key].index_add_(0, at, energies[:, j])
-                self._count[key].index_add_(0, at, torch.full((len(layers),), counts[j], dtype=torch.int64))
-                if attns is not None and attn_counts[j]:
-                    self._attn[key].index_add_(0, attn_at, attns[:, j])
-                    self._attn_count[key].index_add_(0, attn_at, torch.full((len(with_attn),), attn_counts[j],
-                                                                            dtype=torch.int64))
+            self._staged.append(_Staged(keys, counts, attn_counts, at, energies, at[with_attn], attns, done))
+
+    def flush(self, wait: bool = True) -> None:
+        """Add the sums that have reached the host: all of them with ``wait`` (a reader:
+        sealing, dropping), else only those already there (a step must not wait for the
+        GPU). A forward's statistics cost a few ops per segment, not per segment and layer
+        (32 layers x 256 segments of an 8k-token chunk: 8,192 adds, each a Python call)."""
+        self.stage()
+        left: list[_Staged] = []
+        for staged in self._staged:
+            if staged.done is not None and not wait and not staged.done.query():
+                left.append(staged)
+                continue
+            if staged.done is not None:
+                staged.done.synchronize()
+            self._add(staged)
+        self._staged = left
+
+    def _add(self, s: _Staged) -> None:
+        n_layers, n_attn = len(s.at), len(s.attn_at)
+        for j, key in enumerate(s.keys):
+            self._ensure(key)
+            self._sum[key].index_add_(0, s.at, s.energies[:, j])
+            self._count[key].index_add_(0, s.at, torch.full((n_layers,), s.counts[j], dtype=torch.int64))
+            if s.attns is not None and s.attn_counts[j]:
+                self._attn[key].index_add_(0, s.attn_at, s.attns[:, j])
+                self._attn_count[key].index_add_(0, s.attn_at, torch.full((n_attn,), s.attn_counts[j],
+                                                                          dtype=torch.int64))
 
     def paid_attention(self, q: torch.Tensor, lse: torch.Tensor, keys: torch.Tensor, q_pos: torch.Tensor,
                         q_ok: torch.Tensor, scale: float) -> torch.Tensor:

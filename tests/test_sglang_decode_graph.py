@@ -79,9 +79,10 @@ class GraphTwin(Twin):
         return [self.mosaic.forward_decode(self.q[i], self.k[i], self.v[i], layer, static)
                 for i, layer in enumerate(self.layers)]
 
-    def replay(self, static: ForwardBatch, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def replay(self, static: ForwardBatch, seed: int, prefetch: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """One decode step of both requests: the runner's buffer fill and the replay hook,
-        then the captured forward, against the reference backend's eager step."""
+        then the captured forward, against the reference backend's eager step. With
+        ``prefetch`` the scheduler's hook has copied the batch's rows first (decode_rows)."""
         loc = []
         for i in range(2):
             self.req_pool.req_to_token[i, self.lens[i]] = self.next_slot
@@ -98,6 +99,8 @@ class GraphTwin(Twin):
         view = SimpleNamespace(batch_size=MAX_BS, num_padding=MAX_BS - 2, req_pool_indices=static.req_pool_indices,
                                seq_lens=torch.tensor(self.lens + [1]), seq_lens_cpu=torch.tensor(self.lens + [1]),
                                out_cache_loc=loc)
+        if prefetch:
+            self.pool.decode_rows.prefetch(self.req_pool.req_to_token, static.req_pool_indices[:2], self.lens)
         self.mosaic.init_forward_metadata_out_graph(view)
         if self.real:
             self.graph.replay()
@@ -144,11 +147,12 @@ CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch
 
 
 @pytest.mark.parametrize("device", ["cpu", CUDA])
-@pytest.mark.parametrize("group,d", [(1, 64), (3, 64), (4, 128)])
-def test_replayed_decode_steps_equal_the_reference_path(group, d, device):
+@pytest.mark.parametrize("group,d,prefetch", [(1, 64, False), (3, 64, True), (4, 128, False), (4, 128, True)])
+def test_replayed_decode_steps_equal_the_reference_path(group, d, prefetch, device):
     """Prefill (eager), capture, then decode steps as replays while segments fill up and
     get sealed mid-way (every format): each step equals the reference, writes land where
-    the reference's do, and the statistics the graph deferred equal the reference's."""
+    the reference's do, and the statistics the graph deferred equal the reference's. With
+    the rows prefetched by the scheduler's hook, every replay plans from them."""
     if device == "cpu" and torch.cuda.is_available():
         pytest.skip("the kernels are compiled for the GPU here; the cuda case runs them")
     twin = GraphTwin(group, d, device)
@@ -159,7 +163,7 @@ def test_replayed_decode_steps_equal_the_reference_path(group, d, device):
     twin.seal(0, 1)
     static = twin.capture()
     for seed in range(1, 8):
-        for kernel, ref in twin.replay(static, seed):
+        for kernel, ref in twin.replay(static, seed, prefetch):
             assert torch.isfinite(kernel).all()
             torch.testing.assert_close(kernel.float(), ref.float(), atol=2e-2, rtol=2e-2)
         if seed == 4:  # request 1's first segment is complete, request 0's third too
@@ -170,6 +174,8 @@ def test_replayed_decode_steps_equal_the_reference_path(group, d, device):
         assert torch.equal(twin.pool.k_buffer[0][twin.pool.dense_rows(slots[i, n - 2 : n])],
                            twin.ref_pool.k_buffer[0][twin.ref_pool.dense_rows(slots[i, n - 2 : n])])
     assert_same_stats(twin.pool.query_stats, twin.ref_pool.query_stats)
+    rows = twin.pool.decode_rows
+    assert (rows.prefetched, rows.read_in_forward) == ((7, 0) if prefetch else (0, 7))
 
 
 def test_graph_hooks_need_the_kernel_path_and_the_state():

@@ -8,10 +8,11 @@
 #   PART=eq        bash benchmarks/device_session.sh   # none | mosaic3 at equal batch (TPOT)
 #   PART=admission bash benchmarks/device_session.sh   # SmolLM2 random8k, four methods | mosaic6 at 32k, 80 prompts
 #                                                       (BUDGET_S: seconds for it, 560 unless less device time is left)
+#   PART=stage_eq  bash benchmarks/device_session.sh   # carry .device/c5: stage, 8B model, then eq (a restaged machine)
 # Record the session's commit yourself: the machine's git log is stale.
 set -uo pipefail
 PART=${PART:?set PART=first, profile, eq or admission}
-case $PART in first|profile|eq|admission) ;; *) echo "PART=$PART is not one of first, profile, eq, admission"; exit 2 ;; esac
+case $PART in first|profile|eq|admission|stage_eq) ;; *) echo "PART=$PART is not one of first, profile, eq, admission, stage_eq"; exit 2 ;; esac
 OUT=${OUT:?the device call sets OUT}
 T0=$(date +%s)
 export PYTHONPATH=/tmp/mkv/site PYTHONUNBUFFERED=1
@@ -27,11 +28,20 @@ suite() {
   say "suite on GPU $gpu: rc=$? ($*)"
 }
 
+stage() {
+  bash .device/c5/stage.sh > "$LOG/stage.txt" 2>&1
+  python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . > "$LOG/pip.txt" 2>&1
+  say "staged"
+}
+eq() {
+  suite 0 30000 "$1" MODEL=llama8b-random WORKLOAD=random32k_eq METHODS=none MIN_METHOD_S=100 &
+  suite 1 30010 "$1" MODEL=llama8b-random WORKLOAD=random32k_eq METHODS=mosaic3 MIN_METHOD_S=100
+  wait
+}
+
 case $PART in
   first)
-    bash .device/c5/stage.sh > "$LOG/stage.txt" 2>&1
-    python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . > "$LOG/pip.txt" 2>&1
-    say "staged"
+    stage
     (export CUDA_VISIBLE_DEVICES=1
      (python3 benchmarks/serving/warm_jit.py && touch /tmp/mkv/jit_warm) > "$LOG/jit.txt" 2>&1 &
      python3 benchmarks/suite/make_random_model.py --out /tmp/mkv/models/llama8b-random > "$LOG/model.txt" 2>&1
@@ -49,9 +59,12 @@ case $PART in
     suite 1 30010 560 MODEL=llama8b-random WORKLOAD=random32k N=48 METHODS=mosaic3
     wait ;;
   eq)
-    suite 0 30000 330 MODEL=llama8b-random WORKLOAD=random32k_eq METHODS=none MIN_METHOD_S=100 &
-    suite 1 30010 330 MODEL=llama8b-random WORKLOAD=random32k_eq METHODS=mosaic3 MIN_METHOD_S=100
-    wait ;;
+    eq 330 ;;
+  stage_eq)
+    stage
+    python3 benchmarks/suite/make_random_model.py --out /tmp/mkv/models/llama8b-random > "$LOG/model.txt" 2>&1
+    say "8B model rc=$?"
+    eq 560 ;;
   admission)
     suite 0 30000 "${BUDGET_S:-560}" MODEL=smollm2 WORKLOAD=random8k METHODS="none fp8 mosaic3 mosaic6" &
     suite 1 30010 "${BUDGET_S:-560}" MODEL=llama8b-random WORKLOAD=random32k N=80 METHODS=mosaic6

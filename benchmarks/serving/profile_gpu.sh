@@ -59,7 +59,9 @@ trace=$(ls -S /tmp/torch_prof/*.json* 2>/dev/null | head -1)
 [ -n "$trace" ] && python3 benchmarks/serving/profile_summary.py "$trace" --top 30 --json "$OUT/torch_summary.json" | head -80
 cd "$OUT" && gzip -f scheduler.speedscope.json 2>/dev/null
 cp steps.txt /tmp/profile_steps.txt 2>/dev/null
-tar czf profile.tgz --exclude profile.tgz --exclude profile_summary.json --exclude torch_summary.json . 2>/dev/null \
+# The archive is written outside the folder it packs (inside it, tar fails on itself).
+tar czf /tmp/profile.tgz --exclude profile_summary.json --exclude torch_summary.json . \
+  && mv /tmp/profile.tgz profile.tgz \
   && find . -maxdepth 1 -type f ! -name profile.tgz ! -name profile_summary.json ! -name torch_summary.json -delete
 cp /tmp/profile_steps.txt steps.txt 2>/dev/null
 ls -la "$OUT"

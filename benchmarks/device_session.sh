@@ -9,10 +9,11 @@
 #   PART=admission bash benchmarks/device_session.sh   # SmolLM2 random8k, four methods | mosaic6 at 32k, 80 prompts
 #                                                       (BUDGET_S: seconds for it, 560 unless less device time is left)
 #   PART=stage_eq  bash benchmarks/device_session.sh   # carry .device/c5: stage, 8B model, then eq (a restaged machine)
+#   PART=smollm2   bash benchmarks/device_session.sh   # SmolLM2 random8k: none, fp8 | mosaic3, mosaic6 (BUDGET_S as above)
 # Record the session's commit yourself: the machine's git log is stale.
 set -uo pipefail
 PART=${PART:?set PART=first, profile, eq or admission}
-case $PART in first|profile|eq|admission|stage_eq) ;; *) echo "PART=$PART is not one of first, profile, eq, admission, stage_eq"; exit 2 ;; esac
+case $PART in first|profile|eq|admission|stage_eq|smollm2) ;; *) echo "PART=$PART is not one of first, profile, eq, admission, stage_eq, smollm2"; exit 2 ;; esac
 OUT=${OUT:?the device call sets OUT}
 T0=$(date +%s)
 export PYTHONPATH=/tmp/mkv/site PYTHONUNBUFFERED=1
@@ -60,6 +61,10 @@ case $PART in
     wait ;;
   eq)
     eq 330 ;;
+  smollm2)
+    suite 0 30000 "${BUDGET_S:-560}" MODEL=smollm2 WORKLOAD=random8k METHODS="none fp8" &
+    suite 1 30010 "${BUDGET_S:-560}" MODEL=smollm2 WORKLOAD=random8k METHODS="mosaic3 mosaic6"
+    wait ;;
   stage_eq)
     stage
     python3 benchmarks/suite/make_random_model.py --out /tmp/mkv/models/llama8b-random > "$LOG/model.txt" 2>&1

@@ -14,7 +14,7 @@ import triton
 
 from mosaickv.kernels.decode import MixedAttention
 from mosaickv.kernels.block_runs import batch_runs, block_runs, block_tokens
-from mosaickv.kernels.layout import HostPlan, default_chunk_tokens, plan_host
+from mosaickv.kernels.layout import HostPlan, default_chunk_tokens, plan_host, tail_chunk, tail_items
 from mosaickv.sglang_patch.pool import UNMAPPED, MosaicKVPool
 
 WHOLE_RUNS = 1 << 40  # chunk_tokens no run reaches: one item per (group, format pair) and one per tail
@@ -24,12 +24,22 @@ Run = int | torch.Tensor
 of still-dense tokens (a batch's rows go to the device together, not one run at a time)."""
 
 
+class Runs(list):
+    """A request's runs as :func:`locate_many` finds them, with what a plan reads of them
+    found without a pass over every run (a 32k-token request is 1,024): its sealed slabs
+    in token order and which runs are dense."""
+
+    def __init__(self, runs: list[Run], sealed: np.ndarray, dense_at: list[int]) -> None:
+        super().__init__(runs)
+        self.sealed, self.dense_at = sealed, dense_at
+
+
 def locate(pool: MosaicKVPool, slots: torch.Tensor) -> list[Run]:
     """A request's tokens (host ``slots``, in token order) as runs, from the page tables."""
     return locate_many(pool, [slots])[0]
 
 
-def locate_many(pool: MosaicKVPool, requests: list[torch.Tensor]) -> list[list[Run]]:
+def locate_many(pool: MosaicKVPool, requests: list[torch.Tensor]) -> list[Runs]:
     """:func:`locate` for a batch: the page tables read in numpy, one slot per page (a
     request's tokens fill its pages in order, SGLang's paged layout: slot % page_size ==
     position % page_size, checked), and the dense runs of every request mapped to rows in
@@ -38,7 +48,7 @@ def locate_many(pool: MosaicKVPool, requests: list[torch.Tensor]) -> list[list[R
     2-core CPU (benchmarks/results/host_locate_32k_cpu.json)."""
     page_to_slab = pool.page_to_slab.numpy()
     ps, seg = pool.page_size, pool.plan.segment_size
-    layouts: list[list[Run]] = []
+    layouts: list[Runs] = []
     dense: list[torch.Tensor] = []
     dense_at: list[tuple[int, int]] = []  # (request, run) of each dense run, in ``dense`` order
     for slots in requests:
@@ -58,10 +68,11 @@ def locate_many(pool: MosaicKVPool, requests: list[torch.Tensor]) -> list[list[R
             i = partial[0]
             raise ValueError(f"a request reads {last[i] - first[i]} tokens of sealed segment {slab[i]}; segments are "
                              "read whole")
-        for i in np.flatnonzero(is_dense).tolist():
+        dense_runs = np.flatnonzero(is_dense).tolist()
+        for i in dense_runs:
             dense_at.append((len(layouts), i))
             dense.append(slots[first[i] : last[i]])
-        layouts.append(slab.tolist())
+        layouts.append(Runs(slab.tolist(), slab[~is_dense], dense_runs))
     if dense:  # every request's dense runs mapped to rows in one call, then put in place
         for (r, i), rows in zip(dense_at, pool.dense_rows(torch.cat(dense)).split([len(d) for d in dense])):
             layouts[r][i] = rows
@@ -115,6 +126,17 @@ def stat_inputs(pool: MosaicKVPool, reqs: list[RequestKV]) -> StatInputs:
     return StatInputs(False, request_rows=request_rows)
 
 
+def sealed_and_tail(req: RequestKV) -> tuple[np.ndarray, torch.Tensor]:
+    """A request's sealed slabs (int64, token order) and its dense runs' rows back to back."""
+    runs = req.runs
+    if isinstance(runs, Runs):
+        sealed, dense = runs.sealed, [runs[i] for i in runs.dense_at]
+    else:
+        sealed = np.asarray([r for r in runs if isinstance(r, int)], dtype=np.int64)
+        dense = [r for r in runs if not isinstance(r, int)]
+    return sealed, torch.cat(dense) if dense else torch.zeros(0, dtype=torch.int64)
+
+
 def host_plan(pool: MosaicKVPool, reqs: list[RequestKV], group: int, tuning: MixedAttention, max_programs: int,
               chunk_tokens: Optional[int] = None, max_items: Optional[int] = None) -> tuple[HostPlan, torch.Tensor]:
     """Blocks of every (layer, request, KV head) from the block table, dense tails as row
@@ -122,15 +144,19 @@ def host_plan(pool: MosaicKVPool, reqs: list[RequestKV], group: int, tuning: Mix
     tails' rows (host int64), each request's in token order, back to back. Each request's
     block runs come from the pool's :class:`~mosaickv.kernels.block_runs.RunCache` (found
     on the pool's device when missing), so a step costs about its requests' runs, not
-    their blocks. ``chunk_tokens`` defaults to
-    :func:`default_chunk_tokens` rounded up to a power of two, which a batch keeps while
-    its work changes by less than half."""
+    their blocks; and the batch's plan too (FlashInfer's plan once, run many): the next
+    decode step of a batch reads the same sealed blocks, and only its tails grew, so the
+    kept plan gets new tail ends (:meth:`HostPlan.with_tails`) while every request keeps
+    its slabs, their generations, its queries and its tail's item count. ``chunk_tokens``
+    defaults to :func:`default_chunk_tokens` rounded up to a power of two, which a batch
+    keeps while its work changes by less than half."""
     hkv, layers = pool.head_num, pool.layer_num
     table, cache = pool.block_table, pool.run_cache
-    slabs = [np.asarray([r for r in req.runs if isinstance(r, int)], dtype=np.int64) for req in reqs]
-    empty = torch.zeros(0, dtype=torch.int64)
-    tails = [torch.cat([r for r in req.runs if not isinstance(r, int)] or [empty]) for req in reqs]
-    tail_lens = [len(t) for t in tails]
+    found = [sealed_and_tail(req) for req in reqs]
+    slabs = [s for s, _ in found]
+    tails = [t for _, t in found]
+    tail_lens = np.asarray([len(t) for t in tails], dtype=np.int64)
+    qo_lens = np.asarray([req.nq for req in reqs], dtype=np.int64)
     keys = [(s.tobytes(), pool.slab_generation[s].tobytes()) for s in slabs]
 
     def rows(s: np.ndarray) -> torch.Tensor:  # one request's blocks, (layer, KV head, segment) order
@@ -138,19 +164,26 @@ def host_plan(pool: MosaicKVPool, reqs: list[RequestKV], group: int, tuning: Mix
 
     kept = [cache.get(("kept", *key), lambda s=s: block_tokens(table, rows(s))) for key, s in zip(keys, slabs)]
     if chunk_tokens is None:
-        chunk_tokens = triton.next_power_of_2(default_chunk_tokens(sum(kept), sum(tail_lens), layers, hkv,
+        chunk_tokens = triton.next_power_of_2(default_chunk_tokens(sum(kept), int(tail_lens.sum()), layers, hkv,
                                                                    tuning.block_n, max_programs, max_items))
     pairs = np.arange(layers * hkv + 1)
-    runs = batch_runs([cache.get(("runs", *key, chunk_tokens), lambda s=s: block_runs(table, pairs * len(s), rows(s),
-                                                                                       chunk_tokens))
-                       for key, s in zip(keys, slabs)], hkv)
+    parts = [cache.get(("runs", *key, chunk_tokens), lambda s=s: block_runs(table, pairs * len(s), rows(s), chunk_tokens))
+             for key, s in zip(keys, slabs)]
     cache.end_plan()
-    counts = np.asarray([len(s) for s in slabs], dtype=np.int64)
-    indptr = np.concatenate([[0], np.cumsum(np.tile(np.repeat(counts, hkv), layers))])
     block_m = max(tuning.block_m, triton.next_power_of_2(group))
-    host = plan_host(table, indptr, runs.block_indices, [req.nq for req in reqs], tail_lens, layers, hkv, group,
-                     block_m, tuning.block_n, chunk_tokens, max_programs, max_items, runs)
-    return host, torch.cat(tails + [empty])
+
+    def plan() -> HostPlan:
+        counts = np.asarray([len(s) for s in slabs], dtype=np.int64)
+        indptr = np.concatenate([[0], np.cumsum(np.tile(np.repeat(counts, hkv), layers))])
+        runs = batch_runs(parts, hkv)
+        return plan_host(table, indptr, runs.block_indices, qo_lens, tail_lens, layers, hkv, group, block_m,
+                         tuning.block_n, chunk_tokens, max_programs, max_items, runs)
+
+    tail_counts = tail_items(qo_lens, tail_lens, group, block_m, tail_chunk(chunk_tokens, tuning.block_n))
+    key = ("plan", layers, hkv, group, block_m, tuning.block_n, chunk_tokens, tuple(keys), qo_lens.tobytes(),
+           tail_counts.tobytes())
+    host = cache.plan(key, plan).with_tails(tail_lens, group)
+    return host, torch.cat(tails + [torch.zeros(0, dtype=torch.int64)])
 
 
 def block_rows(slabs: np.ndarray, counts: np.ndarray, layers: int, hkv: int, device: torch.device) -> torch.Tensor:

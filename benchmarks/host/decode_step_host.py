@@ -189,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
             "host_plan_ms": timed(lambda: host_plan(pool, reqs, group, DECODE_TUNING, programs), args.repeat, args.device),
             "host_plan_cold_ms": timed(lambda: (pool.run_cache.clear(), host_plan(pool, reqs, group, DECODE_TUNING, programs)),
                                        args.repeat, args.device),
+            "host_plan_new_batch_ms": timed(lambda: (pool.run_cache.drop_plans(),
+                                                     host_plan(pool, reqs, group, DECODE_TUNING, programs)),
+                                            args.repeat, args.device),
             "graph_prepare_ms": timed(lambda: graph.prepare(reqs, n), args.repeat, args.device),
         }
         print(json.dumps(row))

@@ -28,6 +28,7 @@ from mosaickv.kernels.layout import (
     HostLayer,
     HostPlan,
     Launch,
+    TailSlots,
     aligned_counts,
     aligned_starts,
 )
@@ -80,6 +81,9 @@ class GraphPlan:
         self._layer_pieces = 4 + nv
         sizes = sizes[:3] + sizes[3:] * num_layers
         self._starts, total = aligned_starts(sizes)
+        self._variant_of: dict[tuple[int, int, int], int] = {}  # (k_kind, v_kind, R_MAX) -> menu entry
+        self._loaded: TailSlots | None = None  # the tail slots of the last plan load wrote in full
+        self._tail_where = np.zeros(0, dtype=np.int64)  # where its tail items' ends are in the buffers
         self._pinned = dev.type == "cuda"
         self._host = torch.empty(0, dtype=torch.int64, pin_memory=self._pinned)  # grows to the largest load
         self._flat = torch.zeros(total, dtype=torch.int32, device=dev)
@@ -118,10 +122,14 @@ class GraphPlan:
 
     def _variant(self, k_kind: int, v_kind: int, r_max: int) -> int:
         """The menu's narrowest variant of this format pair that is at least ``r_max`` wide."""
+        held = self._variant_of.get((k_kind, v_kind, r_max))
+        if held is not None:
+            return held
         fits = [(r, i) for i, (k, v, r) in enumerate(self.variants) if (k, v) == (k_kind, v_kind) and r >= r_max]
         if not fits:
             raise ValueError(f"launch (k_kind={k_kind}, v_kind={v_kind}, R_MAX={r_max}) is not in this graph's menu "
                              f"{self.variants}: plan it outside the graph")
+        self._variant_of[(k_kind, v_kind, r_max)] = min(fits)[1]
         return min(fits)[1]
 
     def _layer_pieces_of(self, layer: HostLayer) -> list[np.ndarray]:
@@ -157,32 +165,49 @@ class GraphPlan:
                                ("tail_rows", len(tail_rows), cap.tail_rows)):
             if n > limit:
                 raise ValueError(f"this batch has {n} {name}, above GraphCapacity.{name}={limit}")
+        if host.tails is not None and host.tails is self._loaded:
+            # A copy of the loaded plan for other tails (HostPlan.with_tails shares its
+            # TailSlots, and nothing else makes one): only the tail items' ends, the
+            # request table and the row map change.
+            ends = host.items[host.tails.ids, 6]
+            self._ship(np.concatenate([[self._starts[0], self._starts[2]], self._tail_where]),
+                       np.concatenate([[host.requests.size, len(tail_rows)], np.ones(len(ends), dtype=np.int64)]),
+                       [host.requests.reshape(-1), tail_rows, ends])
+            return
         pieces = [host.requests.reshape(-1), np.zeros(0, dtype=np.int64), tail_rows]
         for layer in host.layers:
             pieces += self._layer_pieces_of(layer)
-        self._ship(pieces)
-        self.plans[0].block_indices[: len(host.block_indices)].copy_(host.block_indices, non_blocking=True)
-
-    def _ship(self, pieces: list[np.ndarray]) -> None:
-        """Only the used part of each piece crosses to the device (the buffers are sized
-        for the worst batch: tens to hundreds of MB): the pieces back to back in one
-        copy, then one scatter on the device to their fixed places."""
         lens = np.fromiter((len(p) for p in pieces), dtype=np.int64, count=len(pieces))
-        n = int(lens.sum())
-        meta = np.concatenate([np.asarray(self._starts, dtype=np.int64), lens])
+        self._loaded = None  # until this load is in the buffers
+        self._ship(np.asarray(self._starts, dtype=np.int64), lens, pieces)
+        self.plans[0].block_indices[: len(host.block_indices)].copy_(host.block_indices, non_blocking=True)
+        self._loaded = host.tails
+        if host.tails is not None:
+            item_starts = np.asarray(self._starts[3 :: self._layer_pieces], dtype=np.int64)
+            sizes = np.asarray([len(layer.items) for layer in host.layers], dtype=np.int64)
+            first = np.cumsum(sizes) - sizes
+            layer = np.searchsorted(first, host.tails.ids, side="right") - 1
+            self._tail_where = item_starts[layer] + (host.tails.ids - first[layer]) * len(ITEM_FIELDS) + 6
+
+    def _ship(self, starts: np.ndarray, lens: np.ndarray, pieces: list[np.ndarray]) -> None:
+        """Only the used part of each piece crosses to the device (the buffers are sized
+        for the worst batch: tens to hundreds of MB): ``lens[i]`` values of the pieces
+        (back to back) go to ``starts[i]``, in one copy and one scatter on the device."""
+        n, count = int(lens.sum()), len(lens)
         if self._staged is not None:
             self._staged.synchronize()  # the previous load's copy has left the pinned buffers
-        if self._host.numel() < n + 2 * len(pieces):
-            self._host = torch.empty(n + 2 * len(pieces), dtype=torch.int64, pin_memory=self._pinned)
+        if self._host.numel() < n + 2 * count:
+            self._host = torch.empty(n + 2 * count, dtype=torch.int64, pin_memory=self._pinned)
         staging = self._host.numpy()
-        staging[: 2 * len(pieces)] = meta
+        staging[:count] = starts
+        staging[count : 2 * count] = lens
         if n:
-            np.concatenate(pieces, out=staging[2 * len(pieces) : 2 * len(pieces) + n], casting="unsafe")
-        dev = self._host[: n + 2 * len(pieces)].to(self._flat.device, non_blocking=self._pinned)
-        starts, lens_dev, data = dev[: len(pieces)], dev[len(pieces) : 2 * len(pieces)], dev[2 * len(pieces) :]
-        piece = torch.repeat_interleave(torch.arange(len(pieces), device=dev.device), lens_dev, output_size=n)
+            np.concatenate(pieces, out=staging[2 * count : 2 * count + n], casting="unsafe")
+        dev = self._host[: n + 2 * count].to(self._flat.device, non_blocking=self._pinned)
+        starts_dev, lens_dev, data = dev[:count], dev[count : 2 * count], dev[2 * count :]
+        piece = torch.repeat_interleave(torch.arange(count, device=dev.device), lens_dev, output_size=n)
         first = torch.cumsum(lens_dev, 0) - lens_dev  # where each piece starts in ``data``
-        where = starts[piece] + torch.arange(n, device=dev.device) - first[piece]
+        where = starts_dev[piece] + torch.arange(n, device=dev.device) - first[piece]
         self._flat.index_copy_(0, where, data.to(torch.int32))
         if self._staged is not None:
             self._staged.record()

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mosaickv.kernels.block_runs import BlockRuns, as_table, block_runs, block_tokens
+from mosaickv.kernels.block_runs import KIND_PAIRS, BlockRuns, as_table, block_runs, block_tokens
 from mosaickv.formats import SIDE_KINDS, VALUE_DTYPE, BlockFormat, PackedBlock, PackedSide, SideFormat, format_arrays
 from mosaickv.reference import CompressedLayer
 from mosaickv.uploads import upload
@@ -452,6 +452,21 @@ class HostLayer:
 
 
 @dataclass
+class TailSlots:
+    """A plan's dense-tail items and what their ends depend on: between two decode steps
+    of one batch only the tails grow, so a plan is reused with these patched
+    (:meth:`HostPlan.with_tails`) while every group keeps its number of tail items."""
+
+    ids: np.ndarray  # rows of the plan's items, every layer's back to back
+    request: np.ndarray  # each one's request
+    start: np.ndarray  # its first tail position
+    offset: np.ndarray  # it sees the tail up to tail_len + offset (its row block's last query)
+    chunk: int  # tail tokens per item
+    qo_lens: np.ndarray  # [B] the queries the plan was made for
+    counts: np.ndarray  # tail items of each (request, row block), :func:`tail_items`
+
+
+@dataclass
 class HostPlan:
     """A batch's plan before upload (:func:`upload_plans`, or a graph's static buffers)."""
 
@@ -461,10 +476,57 @@ class HostPlan:
     block_m: int
     block_n: int
     max_block_tokens: int = 0
+    items: np.ndarray | None = None  # every layer's items back to back (the layers' are views of it)
+    tails: TailSlots | None = None  # what :meth:`with_tails` patches (plan_host sets both)
 
     @property
     def total_q(self) -> int:
         return int(self.requests[:, 1].sum())
+
+    def with_tails(self, tail_lens: np.ndarray, group: int) -> "HostPlan":
+        """This plan for tails of ``tail_lens`` tokens (same blocks, same queries): a copy
+        whose tail items end where a fresh :func:`plan_host` would end them. Only the
+        items and the request table are new; the rest is shared, and read-only."""
+        tails = self.tails
+        if tails is None or self.items is None:
+            raise ValueError("this HostPlan has no tail slots (plan_host makes them): plan it again")
+        tail_lens = np.asarray(tail_lens, dtype=np.int64)
+        if len(tail_lens) != len(self.requests):
+            raise ValueError(f"tail_lens has {len(tail_lens)} entries, the plan {len(self.requests)} requests")
+        counts = tail_items(tails.qo_lens, tail_lens, group, self.block_m, tails.chunk)
+        if not np.array_equal(counts, tails.counts):
+            raise ValueError(f"tail_lens {tail_lens.tolist()} change the tail items per (request, row block) from "
+                             f"{tails.counts.tolist()} to {counts.tolist()}: plan it again")
+        items = self.items.copy()
+        items[tails.ids, 6] = np.minimum(tails.start + tails.chunk, np.maximum(0, tail_lens[tails.request] + tails.offset))
+        items.flags.writeable = False
+        requests = self.requests.copy()
+        requests[:, 2] = np.cumsum(tail_lens) - tail_lens
+        requests[:, 3] = tail_lens
+        layers, at = [], 0
+        for layer in self.layers:
+            layers.append(HostLayer(items[at : at + len(layer.items)], layer.groups, layer.merge_indptr, layer.launches))
+            at += len(layer.items)
+        return HostPlan(requests, self.block_indices, layers, self.block_m, self.block_n, self.max_block_tokens, items,
+                        tails)
+
+
+def tail_chunk(chunk_tokens: int, block_n: int) -> int:
+    """Tail tokens per item: ``chunk_tokens`` rounded up to whole ``block_n`` tiles."""
+    return max(block_n, -(-chunk_tokens // block_n) * block_n)
+
+
+def tail_items(qo_lens: np.ndarray, tail_lens: np.ndarray, group: int, block_m: int, chunk: int) -> np.ndarray:
+    """Tail items of each (request, row block), request-major: the tail a row block's last
+    query sees (query ``i`` of ``nq`` sits at tail position ``t - nq + i``), in ``chunk``s.
+    A plan is reused for other ``tail_lens`` while these stay the same."""
+    qo_lens, tail_lens = np.asarray(qo_lens, dtype=np.int64), np.asarray(tail_lens, dtype=np.int64)
+    row_blocks = -(-qo_lens * group // block_m)
+    req = np.repeat(np.arange(len(qo_lens)), row_blocks)
+    row0 = (np.arange(len(req)) - np.repeat(np.cumsum(row_blocks) - row_blocks, row_blocks)) * block_m
+    last_q = np.minimum(qo_lens[req] - 1, (row0 + block_m - 1) // group)
+    visible = np.maximum(0, tail_lens[req] - qo_lens[req] + last_q + 1)
+    return -(-visible // chunk)
 
 
 def plan_work(
@@ -504,7 +566,7 @@ def plan_work(
         runs = block_runs(table, block_indptr, block_indices, chunk_tokens)
     run_pair, run_lo, run_hi, run_kp = runs.pair, runs.lo, runs.hi, runs.kind
     run_ptr = np.searchsorted(run_pair, np.arange(bsz * hkv + 1))
-    tail_chunk = max(block_n, -(-chunk_tokens // block_n) * block_n)
+    chunk = tail_chunk(chunk_tokens, block_n)
 
     # Groups: every (request, kv_head, row block), request-major.
     row_blocks = -(-qo_lens.astype(np.int64) * group // block_m)
@@ -518,7 +580,7 @@ def plan_work(
     last_q = np.minimum(nq - 1, (g_row0 + block_m - 1) // group)
     visible = np.maximum(0, t - nq + last_q + 1)
     n_runs = run_ptr[g_pair + 1] - run_ptr[g_pair]
-    n_items = n_runs + -(-visible // tail_chunk)
+    n_items = n_runs + -(-visible // chunk)
     merge_indptr = np.concatenate([[0], np.cumsum(n_items)]).astype(np.int64)
 
     # Items: each group's block runs, then its tail runs.
@@ -526,7 +588,7 @@ def plan_work(
     i_local = np.arange(len(i_group)) - merge_indptr[i_group]
     is_run = i_local < n_runs[i_group]
     run = np.where(is_run, run_ptr[g_pair[i_group]] + i_local, 0)
-    tstart = (i_local - n_runs[i_group]) * tail_chunk
+    tstart = (i_local - n_runs[i_group]) * chunk
     all_items = np.zeros((len(i_group), len(ITEM_FIELDS)), dtype=np.int64)
     all_items[:, 0], all_items[:, 1], all_items[:, 2] = g_req[i_group], g_head[i_group], g_row0[i_group]
     if len(run_lo):
@@ -536,7 +598,7 @@ def plan_work(
     else:
         all_kinds = np.full(len(i_group), TAIL, dtype=np.int64)
     all_items[:, 5] = np.where(is_run, 0, tstart)
-    all_items[:, 6] = np.where(is_run, 0, np.minimum(tstart + tail_chunk, visible[i_group]))
+    all_items[:, 6] = np.where(is_run, 0, np.minimum(tstart + chunk, visible[i_group]))
     groups = np.stack([g_req, g_head, g_row0], axis=1).astype(np.int64).reshape(-1, 3)
     return all_items, all_kinds, groups, merge_indptr, runs
 
@@ -634,10 +696,8 @@ def plan_host(
 
     # Widest r-space width per kind pair (over every block of that pair: a superset of
     # what the items read, so the launch's R_MAX covers them all).
-    r_max_of: dict[int, int] = {}
-    for kind in np.unique(kinds):
-        if kind == TAIL:
-            continue
+    r_max_of = {TAIL: 16}
+    for kind in np.flatnonzero(np.bincount(kinds + 1, minlength=KIND_PAIRS + 1)[1:]):
         k_kind, v_kind = divmod(int(kind), 4)
         r_max_of[int(kind)] = r_max_for(((k_kind, int(runs.k_width_max[kind])), (v_kind, int(runs.v_width_max[kind]))))
 
@@ -646,17 +706,40 @@ def plan_host(
     requests[:, 1] = qo_lens
     requests[:, 2] = np.concatenate([[0], np.cumsum(tail_lens)])[:-1]
     requests[:, 3] = tail_lens
-    layers = []
-    for layer in range(num_layers):
-        i0, i1 = item_bounds[layer], item_bounds[layer + 1]
-        g0, g1 = group_bounds[layer], group_bounds[layer + 1]
-        layer_kinds = kinds[i0:i1]
-        launches = []
-        for kind in np.unique(layer_kinds):
-            k_kind, v_kind = (TAIL, TAIL) if kind == TAIL else divmod(int(kind), 4)
-            launches.append((k_kind, v_kind, r_max_of.get(int(kind), 16), np.flatnonzero(layer_kinds == kind)))
-        layers.append(HostLayer(items[i0:i1], groups[g0:g1], merge_indptr[g0 : g1 + 1] - i0, launches))
-    return HostPlan(requests, runs.block_indices, layers, block_m, block_n, runs.max_tokens)
+
+    # Launches: each layer's item ids by kind (the tail's first, then the kind pairs in
+    # order), from one stable sort of every layer's items by (layer, kind), not a pass
+    # per layer (the key fits 16 bits at any model depth up to 1,927 layers: radix sort).
+    key = item_layer * (KIND_PAIRS + 1) + kinds + 1
+    order = np.argsort(key.astype(np.int16 if num_layers * (KIND_PAIRS + 1) < 2**15 else np.int64), kind="stable")
+    ids = order - item_bounds[item_layer[order]]
+    starts = np.flatnonzero(np.diff(key[order], prepend=-1))
+    ends = np.append(starts[1:], len(order))
+    launches: list[list[tuple[int, int, int, np.ndarray]]] = [[] for _ in range(num_layers)]
+    for lo, hi, layer, kind in zip(starts.tolist(), ends.tolist(), item_layer[order[starts]].tolist(),
+                                   kinds[order[starts]].tolist()):
+        k_kind, v_kind = (TAIL, TAIL) if kind == TAIL else divmod(kind, 4)
+        launches[layer].append((k_kind, v_kind, r_max_of[kind], ids[lo:hi]))
+    for arr in (items, groups, merge_indptr, ids):
+        arr.flags.writeable = False  # with_tails shares them between plans
+    layers = [HostLayer(items[i0:i1], groups[g0:g1], merge_indptr[g0 : g1 + 1] - i0, launch)
+              for i0, i1, g0, g1, launch in zip(item_bounds[:-1], item_bounds[1:], group_bounds[:-1],
+                                                group_bounds[1:], launches)]
+    for layer in layers:
+        layer.merge_indptr.flags.writeable = False
+    return HostPlan(requests, runs.block_indices, layers, block_m, block_n, runs.max_tokens, items,
+                    _tail_slots(items, kinds, qo_lens, tail_lens, group, block_m, tail_chunk(chunk_tokens, block_n)))
+
+
+def _tail_slots(items: np.ndarray, kinds: np.ndarray, qo_lens: np.ndarray, tail_lens: np.ndarray, group: int,
+                block_m: int, chunk: int) -> TailSlots:
+    """Where :func:`plan_host`'s tail items are, for :meth:`HostPlan.with_tails`."""
+    ids = np.flatnonzero(kinds == TAIL)
+    req, row0 = items[ids, 0], items[ids, 2]
+    nq = qo_lens[req]
+    last_q = np.minimum(nq - 1, (row0 + block_m - 1) // group)
+    return TailSlots(ids, req, items[ids, 5], last_q + 1 - nq, chunk, qo_lens.copy(),
+                     tail_items(qo_lens, tail_lens, group, block_m, chunk))
 
 
 def aligned_starts(sizes: Sequence[int]) -> tuple[list[int], int]:

@@ -15,6 +15,7 @@ import triton
 from mosaickv.kernels.decode import MixedAttention
 from mosaickv.kernels.block_runs import batch_runs, block_runs, block_tokens
 from mosaickv.kernels.layout import HostPlan, default_chunk_tokens, plan_host, tail_chunk, tail_items
+from mosaickv.uploads import upload
 from mosaickv.sglang_patch.pool import UNMAPPED, MosaicKVPool
 
 WHOLE_RUNS = 1 << 40  # chunk_tokens no run reaches: one item per (group, format pair) and one per tail
@@ -119,7 +120,7 @@ def stat_inputs(pool: MosaicKVPool, reqs: list[RequestKV]) -> StatInputs:
         rows = torch.zeros(len(reqs), seg, dtype=torch.int64)
         for b, (req, p) in enumerate(zip(reqs, pos.tolist())):
             rows[b, : p + 1] = trailing_rows(req, p + 1)
-        return StatInputs(True, pos, firsts, rows.to(pool.device), device_positions=pos.to(pool.device))
+        return StatInputs(True, pos, firsts, upload(rows, pool.device), device_positions=upload(pos, pool.device))
     request_rows = None
     if stats.window:
         request_rows = [trailing_rows(req, len(req.slots) - (len(req.slots) - req.nq) // seg * seg) for req in reqs]
@@ -190,12 +191,12 @@ def block_rows(slabs: np.ndarray, counts: np.ndarray, layers: int, hkv: int, dev
     """Block table rows of ``counts`` requests' ``slabs`` (back to back) in (layer, request,
     KV head, segment) order, built on ``device``: a block's row is
     ``(slab * layers + layer) * hkv + head``."""
-    pair_len = torch.from_numpy(np.repeat(counts, hkv)).to(device)
+    pair_len = upload(np.repeat(counts, hkv), device)
     n = int(counts.sum()) * hkv
     pair = torch.repeat_interleave(torch.arange(len(pair_len), device=device), pair_len, output_size=n)
     pair_start = torch.cumsum(pair_len, 0) - pair_len
-    slab_start = torch.from_numpy(np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)).to(device)
+    slab_start = upload(np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64), device)
     request, head = pair // hkv, pair % hkv
-    slab = torch.from_numpy(slabs).to(device)[slab_start[request] + torch.arange(n, device=device) - pair_start[pair]]
+    slab = upload(slabs, device)[slab_start[request] + torch.arange(n, device=device) - pair_start[pair]]
     per_layer = slab * (layers * hkv) + head
     return (per_layer[None, :] + (torch.arange(layers, device=device) * hkv)[:, None]).reshape(-1)

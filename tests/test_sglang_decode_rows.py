@@ -95,6 +95,10 @@ def test_a_step_does_not_wait_for_statistics_still_on_the_gpu():
     stats = SegmentQueryStats(1, 1, 4, segment_size=8)
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):
+        # A first pinned buffer of this size: allocating one synchronizes the device, as
+        # a server's first step does; later steps reuse it (PyTorch's host allocator).
+        stats.defer_decode(0, torch.zeros(1, 1, 4, dtype=torch.float64, device="cuda"), None, [3], [False], group=1)
+        stats.flush()
         torch.cuda._sleep(200_000_000)  # keeps the stream busy for a while
         energy = torch.ones(1, 1, 4, dtype=torch.float64, device="cuda")
         stats.defer_decode(0, energy, None, [7], [False], group=1)

@@ -10,10 +10,11 @@
 #                                                       (BUDGET_S: seconds for it, 560 unless less device time is left)
 #   PART=stage_eq  bash benchmarks/device_session.sh   # carry .device/c5: stage, 8B model, then eq (a restaged machine)
 #   PART=smollm2   bash benchmarks/device_session.sh   # SmolLM2 random8k: none, fp8 | mosaic3, mosaic6 (BUDGET_S as above)
+#   PART=kernels   bash benchmarks/device_session.sh   # decode kernel per format, segments of 32 | of 128 (prefetch on/off)
 # Record the session's commit yourself: the machine's git log is stale.
 set -uo pipefail
 PART=${PART:?set PART=first, profile, eq or admission}
-case $PART in first|profile|eq|admission|stage_eq|smollm2) ;; *) echo "PART=$PART is not one of first, profile, eq, admission, stage_eq, smollm2"; exit 2 ;; esac
+case $PART in first|profile|eq|admission|stage_eq|smollm2|kernels) ;; *) echo "PART=$PART is not one of first, profile, eq, admission, stage_eq, smollm2, kernels"; exit 2 ;; esac
 OUT=${OUT:?the device call sets OUT}
 T0=$(date +%s)
 export PYTHONPATH=/tmp/mkv/site PYTHONUNBUFFERED=1
@@ -64,6 +65,13 @@ case $PART in
   smollm2)
     suite 0 30000 "${BUDGET_S:-560}" MODEL=smollm2 WORKLOAD=random8k METHODS="none fp8" &
     suite 1 30010 "${BUDGET_S:-560}" MODEL=smollm2 WORKLOAD=random8k METHODS="mosaic3 mosaic6"
+    wait ;;
+  kernels)
+    for g in 0 1; do
+      seg=$([ $g = 0 ] && echo 32 || echo 128); mkdir -p "$OUT/diag$seg"
+      (CUDA_VISIBLE_DEVICES=$g timeout 540 python3 benchmarks/kernels/diag_formats.py --segment $seg --out "$OUT/diag$seg" \
+         > "$LOG/diag$seg.txt" 2>&1; say "diag_formats --segment $seg rc=$?") &
+    done
     wait ;;
   stage_eq)
     stage

@@ -63,6 +63,7 @@ def run_decode(
     keys_by_query: bool = True,
     wide_block_n: int = 64,
     dense_blocks_per_tile: int = 1,
+    prefetch_entries: bool = False,
     **plan_kw: int,
 ) -> None:
     hq = hkv * group
@@ -70,7 +71,8 @@ def run_decode(
     tv = [torch.randn(hkv, t, d, generator=gen).bfloat16() for t in tail_lens]
     q = torch.randn(len(layers), hq, d, generator=gen).bfloat16()
     w = MixedDecodeWrapper(block_n=16, sparse_densify=sparse_densify, keys_by_query=keys_by_query,
-                           wide_block_n=wide_block_n, dense_blocks_per_tile=dense_blocks_per_tile)
+                           wide_block_n=wide_block_n, dense_blocks_per_tile=dense_blocks_per_tile,
+                           prefetch_entries=prefetch_entries)
     w.plan(layers, tk, tv, hq, hkv, d, device=DEVICE, **plan_kw)
     out = torch.full((len(layers), hq, d), float("nan"), dtype=torch.bfloat16, device=DEVICE)
     w.run(q.to(DEVICE), out=out)
@@ -89,19 +91,19 @@ def test_each_format_alone(k_kind: str, v_kind: str, d: int) -> None:
     run_decode(gen, layers, [3, 1], hkv=1, group=2, d=d)
 
 
-@pytest.mark.parametrize("wide_block_n", [16, 64])
+@pytest.mark.parametrize(("wide_block_n", "prefetch"), [(16, False), (64, False), (64, True)])
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("group", [1, 3, 4, 8])
-def test_mixed_gqa_ragged(group: int, d: int, wide_block_n: int) -> None:
+def test_mixed_gqa_ragged(group: int, d: int, wide_block_n: int, prefetch: bool) -> None:
     """Random formats per block; ragged segments and tails; a request with no segments,
     one with an empty tail; small chunks and few programs so split-K, the merge and the
     persistent loop all run; tiles without a sparse side as long as the sparse ones, or
-    longer than any block and tail chunk."""
+    longer than any block and tail chunk; table entries loaded one block ahead or not."""
     gen = torch.Generator().manual_seed(17 * group + d)
     hkv = 2
     layers = [random_layer(gen, s, 16, hkv, d) for s in (3, 0, 2, 1)]
     run_decode(gen, layers, [5, 9, 0, 40], hkv=hkv, group=group, d=d, chunk_tokens=20, max_programs=3,
-               wide_block_n=wide_block_n)
+               wide_block_n=wide_block_n, prefetch_entries=prefetch)
 
 
 @pytest.mark.parametrize("dense_blocks", [2, 4])

@@ -73,8 +73,8 @@ def policy_patterns(report: dict, d: int, eval_head_dim: int, entries: int = 64)
     return out
 
 
-def recipes(d: int) -> list[Recipe]:
-    n = SEGMENT
+def recipes(d: int, segment: int = SEGMENT) -> list[Recipe]:
+    n = segment
     return [
         Recipe(n, ("sparse", d // 4), ("mask", d // 2)),
         Recipe(n // 2, ("sparse", d // 4), ("sparse", d // 4)),
@@ -86,10 +86,11 @@ def recipes(d: int) -> list[Recipe]:
     ]
 
 
-def pattern_for(target: float, d: int) -> tuple[list[Recipe], float]:
-    """Eight recipes whose mix is closest to ``target``x and uses every format."""
-    pool = recipes(d)
-    dense = 4 * SEGMENT * d
+def pattern_for(target: float, d: int, segment: int = SEGMENT) -> tuple[list[Recipe], float]:
+    """Eight recipes of ``segment``-token segments whose mix is closest to ``target``x and
+    uses every format."""
+    pool = recipes(d, segment)
+    dense = 4 * segment * d
     best: tuple[float, list[Recipe], float] | None = None
     for combo in itertools.combinations_with_replacement(range(len(pool)), 8):
         pat = [pool[i] for i in combo]

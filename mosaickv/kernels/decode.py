@@ -148,6 +148,15 @@ def _sparse_scores(q_ptr, q_rows, n_rows, values_ptr, index_ptr, off, width, aux
 
 
 @triton.jit
+def _entry(table_ptr, block_idx_ptr, j, ok):
+    """Block ``j``'s table entry: kept tokens, key width, offset and aux, value width,
+    offset and aux (``ok`` False: row 0's, never used)."""
+    ent = table_ptr + tl.load(block_idx_ptr + j, mask=ok, other=0).to(tl.int64) * 9
+    return (tl.load(ent).to(tl.int32), tl.load(ent + 2).to(tl.int32), tl.load(ent + 3), tl.load(ent + 4),
+            tl.load(ent + 6).to(tl.int32), tl.load(ent + 7), tl.load(ent + 8))
+
+
+@triton.jit
 def _dense_step(q, kt, vt, visible, qk_scale, m_i, l_i, acc):
     """One online-softmax step over dense key and value rows ``kt``/``vt`` [BLOCK_N, d];
     ``visible`` [BLOCK_M or 1, BLOCK_N] masks the logits. Returns (m_i, l_i, acc)."""
@@ -172,7 +181,7 @@ def _mixed_attn_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     K_KIND: tl.constexpr, V_KIND: tl.constexpr, R_MAX: tl.constexpr, R_LOG2: tl.constexpr,
     ALIGNED: tl.constexpr, SPARSE_MODE: tl.constexpr, TAIL_INDEXED: tl.constexpr, KEYS_BY_QUERY: tl.constexpr,
-    DENSE_BLOCKS: tl.constexpr,
+    DENSE_BLOCKS: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     """Partial attention of the first ``count`` items in ``item_list`` (the count is read
     here, so a captured launch serves every later plan); ``K_KIND``/``V_KIND`` are the
@@ -246,15 +255,17 @@ def _mixed_attn_kernel(
         else:
             blk_lo = tl.load(item + 3)
             blk_hi = tl.load(item + 4)
+            # With PREFETCH the next block's table entry is loaded before this block's tiles
+            # are read: its two dependent loads (block index, entry) then wait behind this
+            # block's work instead of in front of the next one's.
+            n_m, n_kw, n_koff, n_kaux, n_vw, n_voff, n_vaux = _entry(table_ptr, block_idx_ptr, blk_lo, blk_lo < blk_hi)
             for j in range(blk_lo, blk_hi):
-                ent = table_ptr + tl.load(block_idx_ptr + j).to(tl.int64) * 9
-                m = tl.load(ent).to(tl.int32)
-                k_w = tl.load(ent + 2).to(tl.int32)
-                k_off = tl.load(ent + 3)
-                k_aux = tl.load(ent + 4)
-                v_w = tl.load(ent + 6).to(tl.int32)
-                v_off = tl.load(ent + 7)
-                v_aux = tl.load(ent + 8)
+                if PREFETCH:
+                    m, k_w, k_off, k_aux, v_w, v_off, v_aux = n_m, n_kw, n_koff, n_kaux, n_vw, n_voff, n_vaux
+                    n_m, n_kw, n_koff, n_kaux, n_vw, n_voff, n_vaux = _entry(table_ptr, block_idx_ptr, j + 1,
+                                                                             j + 1 < blk_hi)
+                else:
+                    m, k_w, k_off, k_aux, v_w, v_off, v_aux = _entry(table_ptr, block_idx_ptr, j, True)
                 if ALIGNED:
                     k_off = tl.multiple_of(k_off, 8)
                     v_off = tl.multiple_of(v_off, 8)
@@ -379,16 +390,19 @@ class MixedAttention:
         keys_by_query: bool = True,
         wide_block_n: int = 64,
         dense_blocks_per_tile: int = 1,
+        prefetch_entries: bool = False,
     ) -> None:
         """``block_n``: tokens per tile of launches with a sparse side (whose densify grows
         with the tile); ``wide_block_n``: of the others (dense, mask, low-rank, tails),
         where a longer tile keeps more bytes in flight. ``dense_blocks_per_tile``: how
         many dense blocks share one tile, when every block of the plan fits its share
-        (short blocks: most tokens dropped)."""
+        (short blocks: most tokens dropped). ``prefetch_entries``: load each block's table
+        entry one block ahead (``benchmarks/kernels/diag_formats.py`` compares both)."""
         if sparse_densify not in SPARSE_MODES:
             raise ValueError(f"sparse_densify={sparse_densify!r} is not one of {', '.join(SPARSE_MODES)}")
         self.block_m, self.block_n, self.wide_block_n = block_m, block_n, wide_block_n
         self.dense_blocks_per_tile = dense_blocks_per_tile
+        self.prefetch_entries = prefetch_entries
         self.sparse_densify, self.keys_by_query = sparse_densify, keys_by_query
         self.num_warps, self.num_stages = num_warps, num_stages
         self._plan: AttentionPlan | None = None
@@ -549,7 +563,7 @@ def run_plan(
             K_KIND=ln.k_kind, V_KIND=ln.v_kind, R_MAX=ln.r_max, R_LOG2=ln.r_max.bit_length() - 1,
             ALIGNED=aligned, SPARSE_MODE=SPARSE_MODES.index(tuning.sparse_densify), TAIL_INDEXED=tail_rows is not None,
             KEYS_BY_QUERY=tuning.keys_by_query, DENSE_BLOCKS=tuning.dense_blocks(ln.k_kind, ln.v_kind, p.max_block_tokens),
-            num_warps=tuning.num_warps, num_stages=tuning.num_stages,
+            PREFETCH=tuning.prefetch_entries, num_warps=tuning.num_warps, num_stages=tuning.num_stages,
         )
     if p.groups.shape[0]:
         lse = out if lse_out is None else lse_out

@@ -1,0 +1,24 @@
+"""The kernel benchmarks' synthetic mixes (benchmarks/kernels/bench_decode.py pattern_for),
+at the benchmark's 128-token segments and at the presets' 32: every recipe fits its
+segment, every format is present, and the mix's ratio is the target's."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks" / "kernels"))
+from bench_decode import pattern_for  # noqa: E402
+
+
+@pytest.mark.parametrize("segment", [32, 128])
+@pytest.mark.parametrize("target", [2.0, 3.0, 6.0])
+def test_a_mix_fits_its_segments_and_meets_its_ratio(segment: int, target: float) -> None:
+    pattern, ratio = pattern_for(target, 128, segment)
+    assert len(pattern) == 8 and all(0 <= r.tokens <= segment for r in pattern)
+    assert {"sparse", "mask", "lowrank"} <= {k for r in pattern if r.tokens for k in (r.k[0], r.v[0])}
+    dense = 4 * segment * 128 * len(pattern)
+    assert ratio == pytest.approx(dense / sum(r.nbytes(128) for r in pattern))
+    assert abs(ratio - target) / target < 0.1

@@ -65,6 +65,13 @@ class MosaicServerArgs(ServerArgs):
             choices=SEALING_CHOICES),
         NS("memory"),
     ] = None
+    kv_compress_seal_batch: A[
+        Optional[int],
+        "MosaicKV with --kv-compress-sealing device: segments per sealing call (default 32). Larger calls seal "
+        "faster and take more GPU workspace outside the KV pool: on an H200, 8B-shaped segments, 32 a call sealed "
+        "863/s in 4.4 GiB, 64 990/s in 8.4 GiB, 128 984/s in 16.4 GiB.",
+        NS("memory"),
+    ] = None
     kv_compress_cuda_graph: A[
         bool,
         "MosaicKV: capture decode steps in CUDA graphs (the kernels' static plan, sized for --max-running-requests "
@@ -80,6 +87,7 @@ class MosaicServerArgs(ServerArgs):
                                 ("--kv-compress-workers", self.kv_compress_workers),
                                 ("--kv-compress-attention", self.kv_compress_attention),
                                 ("--kv-compress-sealing", self.kv_compress_sealing),
+                                ("--kv-compress-seal-batch", self.kv_compress_seal_batch),
                                 ("--kv-compress-cuda-graph", self.kv_compress_cuda_graph or None)):
                 if value is not None:
                     raise KVCompressError(f"{flag} needs --kv-compress mosaickv.")
@@ -93,6 +101,12 @@ class MosaicServerArgs(ServerArgs):
         elif self.kv_compress_sealing == "device" and self.kv_compress_workers is not None:
             raise KVCompressError("--kv-compress-workers sets sealing processes; with --kv-compress-sealing device "
                                   "there are none: drop one of the two flags.")
+        if self.kv_compress_seal_batch is not None:
+            if self.kv_compress_sealing != "device":
+                raise KVCompressError(f"--kv-compress-seal-batch sets segments per device sealing call; it needs "
+                                      f"--kv-compress-sealing device, got {self.kv_compress_sealing!r}.")
+            if self.kv_compress_seal_batch < 1:
+                raise KVCompressError(f"--kv-compress-seal-batch {self.kv_compress_seal_batch} must be at least 1.")
         if self.kv_compress_workers is None:
             self.kv_compress_workers = default_seal_workers()
         elif self.kv_compress_workers < 1:

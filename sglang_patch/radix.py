@@ -67,11 +67,11 @@ class _SealJob:
     future: Future
 
 
-# Segments one inline seal_many call takes. On an H200, 8B-shaped segments: 532/s at 32 per
-# call, 828 at 64, 970 at 128, with 4.4, 8.4 and 16.4 GiB of workspace
-# (benchmarks/results/h200x2_2026-11-30d/sealing_batched.json); a server at 32 sealed 649/s.
-# (At 64 with the older, slower sealer, whose workspace was 14.7 GiB, a server prefilled
-# 2.5x slower; 64 is not yet tried with this one.)
+# Segments one inline seal_many call takes by default (--kv-compress-seal-batch). On an H200,
+# 8B-shaped segments: 863/s at 32 per call, 990 at 64, 984 at 128, with 4.4, 8.4 and 16.4
+# GiB of workspace (benchmarks/results/h200x2_2026-11-30e/summary.json). (At 64 with an
+# older, slower sealer, whose workspace was 14.7 GiB, a server prefilled 2.5x slower; 64
+# is not yet tried in a server with this one.)
 SEAL_BATCH = 32
 # Segments closed while decoding that seal together (MosaicRadixCache.seal_decoded): on an
 # H200 a call for one 8B-shaped segment took 30 ms (33.2 segments/s) and one for eight
@@ -96,7 +96,7 @@ class MosaicRadixCache(RadixCache):
     def __init__(self, params: CacheInitParams, *, compress: CompressFn, segment_size: int,
                  sink_segments: int, window: int, background: bool = True, workers: int = 1,
                  on_device: bool = False, seal_inline: Optional[Callable[[SegmentInputs], Region]] = None,
-                 defer_margin: int = 0, decode_batch: int = 1) -> None:
+                 defer_margin: int = 0, decode_batch: int = 1, seal_batch: int = SEAL_BATCH) -> None:
         """``background``: compress in ``workers`` processes (False: inline in ``insert``,
         on the host, or with ``on_device`` where the pool is, K/V never leaving it).
         ``seal_inline``: what inline sealing runs (default: ``seal_segment`` of ``compress``;
@@ -104,7 +104,8 @@ class MosaicRadixCache(RadixCache):
         stay dense until its last prefill chunk while at least that many dense rows stay
         free (see :meth:`insert`); 0 seals after every chunk. ``decode_batch`` > 1: the
         segments running requests close while decoding wait to seal together, up to that
-        many (see :meth:`seal_decoded`)."""
+        many (see :meth:`seal_decoded`). ``seal_batch``: segments per call of a sealer that
+        takes many (see :meth:`_seal_now`)."""
         if on_device and background:
             raise ValueError("sealing on the device runs inline: background must be False")
         pool = params.token_to_kv_pool_allocator.get_kvcache()
@@ -122,6 +123,9 @@ class MosaicRadixCache(RadixCache):
         self.on_device = on_device
         self.defer_margin = defer_margin
         self.decode_batch = decode_batch
+        if seal_batch < 1:
+            raise ValueError(f"seal_batch={seal_batch} must be at least 1")
+        self.seal_batch = seal_batch
         self._decoding = False  # an insert from cache_decoded_segments is under way
         self._decoded: list[tuple[int, RadixKey]] = []  # (decode step, key) of inserts waiting to seal
         self._decode_steps = 0
@@ -359,14 +363,14 @@ class MosaicRadixCache(RadixCache):
     def _seal_now(self, batch: list[SegmentInputs]) -> list[Future]:
         """Inline sealing, as finished futures: a sealer that takes many segments at once
         (the device's :meth:`~mosaickv.packed_sealing.PackedSealer.seal_many`) gets them
-        :data:`SEAL_BATCH` at a time; a batch that fails is sealed again one segment at a
+        ``seal_batch`` at a time; a batch that fails is sealed again one segment at a
         time, so that only a failing segment stays dense."""
         many = getattr(self._seal_inline, "seal_many", None)
         if many is None:
             return [_run_now(self._seal_inline, x) for x in batch]
         futures: list[Future] = []
-        for lo in range(0, len(batch), SEAL_BATCH):
-            chunk = batch[lo : lo + SEAL_BATCH]
+        for lo in range(0, len(batch), self.seal_batch):
+            chunk = batch[lo : lo + self.seal_batch]
             try:
                 regions = many(chunk)
             except Exception:  # noqa: BLE001 - which segment failed is found alone
@@ -434,6 +438,7 @@ def mosaic_radix_factory(ctx) -> RadixCache:
         seal_inline=PackedSealer(policy, ctx.model_config.head_dim) if on_device else None,
         defer_margin=prefill_batch_tokens(ctx.server_args),  # room for the next chunk
         decode_batch=DECODE_SEAL_BATCH,
+        seal_batch=getattr(ctx.server_args, "kv_compress_seal_batch", None) or SEAL_BATCH,
     )
 
 

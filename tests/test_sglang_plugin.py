@@ -66,7 +66,8 @@ def test_help_lists_both_flags(capsys):
     assert "--kv-compress {none,mosaickv}" in out
     assert "--kv-compress-config KV_COMPRESS_CONFIG" in out
     for flag in ("--kv-compress-workers KV_COMPRESS_WORKERS", "--kv-compress-attention {triton,sdpa}",
-                 "--kv-compress-sealing {processes,device}", "--kv-compress-cuda-graph"):
+                 "--kv-compress-sealing {processes,device}", "--kv-compress-seal-batch KV_COMPRESS_SEAL_BATCH",
+                 "--kv-compress-cuda-graph"):
         assert flag in out
 
 
@@ -122,6 +123,8 @@ def test_policy_file_is_validated_by_the_lead_loader(llama, tmp_path):
     (dict(kv_compress_attention="sdpa", kv_compress_cuda_graph=True), "--kv-compress-cuda-graph needs"),
     (dict(kv_compress_sealing="gpu"), "--kv-compress-sealing 'gpu'"),
     (dict(kv_compress_sealing="device", kv_compress_workers=2), "--kv-compress-workers sets sealing processes"),
+    (dict(kv_compress_seal_batch=64), "--kv-compress-seal-batch sets segments per device sealing call"),
+    (dict(kv_compress_sealing="device", kv_compress_seal_batch=0), "--kv-compress-seal-batch 0 must be at least 1"),
 ])
 def test_refusals_name_the_flag_in_one_sentence(llama, kw, words):
     with pytest.raises(KVCompressError) as info:
@@ -134,7 +137,8 @@ def test_refusals_name_the_flag_in_one_sentence(llama, kw, words):
                                       (dict(kv_compress_workers=2), "--kv-compress-workers"),
                                       (dict(kv_compress_attention="sdpa"), "--kv-compress-attention"),
                                       (dict(kv_compress_cuda_graph=True), "--kv-compress-cuda-graph"),
-                                      (dict(kv_compress_sealing="device"), "--kv-compress-sealing")])
+                                      (dict(kv_compress_sealing="device"), "--kv-compress-sealing"),
+                                      (dict(kv_compress_seal_batch=64), "--kv-compress-seal-batch")])
 def test_mosaickv_flags_without_mosaickv_are_refused(llama, kw, flag):
     with pytest.raises(KVCompressError, match=f"{flag} needs --kv-compress mosaickv"):
         make(llama, **kw)

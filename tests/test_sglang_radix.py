@@ -24,7 +24,7 @@ from sglang.srt.mem_cache.registry import get_radix_cache_factory  # noqa: E402
 from mosaickv.formats import HEADER_BYTES  # noqa: E402
 from mosaickv.sealer import seal_segment  # noqa: E402
 from mosaickv.sglang_patch.pool import MosaicKVPool  # noqa: E402
-from mosaickv.sglang_patch.radix import DECODE_SEAL_BATCH, MosaicRadixCache, mosaic_radix_factory  # noqa: E402
+from mosaickv.sglang_patch.radix import DECODE_SEAL_BATCH, SEAL_BATCH, MosaicRadixCache, mosaic_radix_factory  # noqa: E402
 from mosaickv.sglang_patch.sizing import KVShape, plan_capacity  # noqa: E402
 from seal_compressors import FMT, SEG, CountingCompressor, RecordingCompressor  # noqa: E402
 
@@ -33,7 +33,7 @@ SHAPE = KVShape(num_layers=2, num_kv_heads=2, head_dim=32, v_head_dim=32)
 
 
 def make_cache(compress, background: bool = False, workers: int = 1, on_device: bool = False, seal_inline=None,
-               defer_margin: int = 0, decode_batch: int = 1):
+               defer_margin: int = 0, decode_batch: int = 1, seal_batch: int = SEAL_BATCH):
     """(tree, pool, allocator) on SGLang's real allocator, sealing with ``compress``
     (inline unless ``background``: worker processes; ``on_device``: inline where the pool is)."""
     plan = plan_capacity(SHAPE, 1 << 20, segment_size=SEG, ratio=2.0, sinks=0, window=WINDOW,
@@ -45,7 +45,7 @@ def make_cache(compress, background: bool = False, workers: int = 1, on_device: 
                              token_to_kv_pool_allocator=alloc, page_size=1)
     tree = MosaicRadixCache(params, compress=compress, segment_size=SEG, sink_segments=0, window=WINDOW,
                             background=background, workers=workers, on_device=on_device, seal_inline=seal_inline,
-                            defer_margin=defer_margin, decode_batch=decode_batch)
+                            defer_margin=defer_margin, decode_batch=decode_batch, seal_batch=seal_batch)
     return tree, pool, alloc
 
 
@@ -67,20 +67,21 @@ def test_factory_is_registered_with_sglang():
     assert get_radix_cache_factory("mosaickv") is mosaic_radix_factory
 
 
-@pytest.mark.parametrize("sealing", ["processes", "device"])
-def test_factory_seals_as_the_sealing_flag_says(sealing):
+@pytest.mark.parametrize("sealing, seal_batch", [("processes", None), ("device", None), ("device", 64)])
+def test_factory_seals_as_the_sealing_flag_says(sealing, seal_batch):
     from mosaickv.config import load_policy
 
     _, pool, alloc = make_cache(CountingCompressor())
     params = CacheInitParams(disable=False, req_to_token_pool=ReqToTokenPool(4, 512, "cpu", False),
                              token_to_kv_pool_allocator=alloc, page_size=1)
     args = SimpleNamespace(mosaic_policy=load_policy("mosaic"), kv_compress_sealing=sealing, kv_compress_workers=1,
-                           chunked_prefill_size=4096, max_prefill_tokens=16384)
+                           kv_compress_seal_batch=seal_batch, chunked_prefill_size=4096, max_prefill_tokens=16384)
     tree = mosaic_radix_factory(SimpleNamespace(disable_radix_cache=False, server_args=args, params=params,
                                                 model_config=SimpleNamespace(head_dim=32)))
     assert tree.on_device == (sealing == "device") and (tree._workers is None) == (sealing == "device")
     assert tree.defer_margin == 4096  # room for the next chunk
     assert tree.decode_batch == DECODE_SEAL_BATCH > 1
+    assert tree.seal_batch == (seal_batch or SEAL_BATCH)
 
 
 def test_sealing_on_the_device_seals_the_bytes_inline_sealing_does():
@@ -137,6 +138,16 @@ def test_inline_sealing_hands_due_segments_over_together_and_a_failure_leaves_on
     assert sealer.calls == [3, 1, 1, 1]  # the batch failed; each segment again alone
     assert pool.arena.live_slabs == 3 + 2  # segments 0 and 2 sealed, segment 1 left dense
     assert pool.counters.compression_calls == 6
+
+
+def test_inline_sealing_calls_take_seal_batch_segments_at_most():
+    sealer = ManySealer()
+    tree, pool, alloc = make_cache(CountingCompressor(), on_device=True, seal_inline=sealer, seal_batch=2)
+    tree.insert(InsertParams(key=RadixKey(array("l", list(range(96)))), value=prefill(pool, alloc, 96)))
+    tree.drain(wait=True)
+    assert sealer.calls == [2, 2, 1] and pool.arena.live_slabs == 5  # segments 0..4; the window stays dense
+    with pytest.raises(ValueError, match="seal_batch=0 must be at least 1"):
+        make_cache(CountingCompressor(), on_device=True, seal_inline=sealer, seal_batch=0)
 
 
 def test_each_segment_is_handed_its_own_keys_and_values_in_layer_head_token_order():

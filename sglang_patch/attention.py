@@ -313,7 +313,8 @@ class MosaicAttnBackend(TorchNativeAttnBackend):
     def _state(self, forward_batch: ForwardBatch, q_lens: list[int]) -> ForwardState:
         """The forward's :class:`ForwardState`: built at the first layer, read by all of them."""
         if self._forward is None or self._forward[0] is not forward_batch:
-            reqs = self._requests(forward_batch.req_pool_indices, forward_batch.seq_lens.tolist(), q_lens)
+            seq_lens = forward_batch.seq_lens if forward_batch.seq_lens_cpu is None else forward_batch.seq_lens_cpu
+            reqs = self._requests(forward_batch.req_pool_indices, seq_lens.tolist(), q_lens)  # host: no sync
             self._forward = (forward_batch, ForwardState(reqs, stat_inputs(self.token_to_kv_pool, reqs)))
         return self._forward[1]
 

@@ -69,7 +69,7 @@ class _SealJob:
 
 # Segments one inline seal_many call takes by default (--kv-compress-seal-batch). On an H200,
 # 8B-shaped segments: 863/s at 32 per call, 990 at 64, 984 at 128, with 4.4, 8.4 and 16.4
-# GiB of workspace (benchmarks/results/h200x2_2026-11-30e/summary.json). (At 64 with an
+# GiB of workspace (benchmarks/results/h200x2_2026-11-30e/sealing_batched.json). (At 64 with an
 # older, slower sealer, whose workspace was 14.7 GiB, a server prefilled 2.5x slower; 64
 # is not yet tried in a server with this one.)
 SEAL_BATCH = 32
@@ -438,7 +438,7 @@ def mosaic_radix_factory(ctx) -> RadixCache:
         seal_inline=PackedSealer(policy, ctx.model_config.head_dim) if on_device else None,
         defer_margin=prefill_batch_tokens(ctx.server_args),  # room for the next chunk
         decode_batch=DECODE_SEAL_BATCH,
-        seal_batch=getattr(ctx.server_args, "kv_compress_seal_batch", None) or SEAL_BATCH,
+        seal_batch=ctx.server_args.kv_compress_seal_batch or SEAL_BATCH,
     )
 
 

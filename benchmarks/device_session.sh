@@ -11,10 +11,12 @@
 #   PART=stage_eq  bash benchmarks/device_session.sh   # carry .device/c5: stage, 8B model, then eq (a restaged machine)
 #   PART=smollm2   bash benchmarks/device_session.sh   # SmolLM2 random8k: none, fp8 | mosaic3, mosaic6 (BUDGET_S as above)
 #   PART=kernels   bash benchmarks/device_session.sh   # decode kernel per format, segments of 32 | of 128 (prefetch on/off)
+#   PART=stage_kernels bash benchmarks/device_session.sh   # carry .device/c5: stage; diag_formats at 32, bench_decode |
+#                                                       8B model, GPU tests (a restaged machine, then eq and smollm2)
 # Record the session's commit yourself: the machine's git log is stale.
 set -uo pipefail
 PART=${PART:?set PART=first, profile, eq or admission}
-case $PART in first|profile|eq|admission|stage_eq|smollm2|kernels) ;; *) echo "PART=$PART is not one of first, profile, eq, admission, stage_eq, smollm2, kernels"; exit 2 ;; esac
+case $PART in first|profile|eq|admission|stage_eq|smollm2|kernels|stage_kernels) ;; *) echo "PART=$PART is not one of first, profile, eq, admission, stage_eq, smollm2, kernels, stage_kernels"; exit 2 ;; esac
 OUT=${OUT:?the device call sets OUT}
 T0=$(date +%s)
 export PYTHONPATH=/tmp/mkv/site PYTHONUNBUFFERED=1
@@ -73,6 +75,23 @@ case $PART in
          > "$LOG/diag$seg.txt" 2>&1; say "diag_formats --segment $seg rc=$?") &
     done
     wait ;;
+  stage_kernels)
+    stage
+    (export CUDA_VISIBLE_DEVICES=1
+     python3 benchmarks/suite/make_random_model.py --out /tmp/mkv/models/llama8b-random > "$LOG/model.txt" 2>&1
+     say "8B model rc=$?"
+     TESTS_S=$(( 560 - $(date +%s) + T0 )) OUT=$OUT PART=tests bash benchmarks/backend_gpu.sh > "$LOG/tests.txt" 2>&1
+     say "tests: $(grep -E '^[0-9]+ (passed|failed)|passed|failed' /tmp/backend_gpu_tests/pytest.txt | tail -1)") &
+    mkdir -p "$OUT/diag32" "$OUT/bench_decode"
+    (export CUDA_VISIBLE_DEVICES=0
+     timeout 330 python3 benchmarks/kernels/diag_formats.py --segment 32 --out "$OUT/diag32" > "$LOG/diag32.txt" 2>&1
+     say "diag_formats rc=$?"
+     timeout $(( 570 - $(date +%s) + T0 )) python3 benchmarks/kernels/bench_decode.py --out "$OUT/bench_decode" \
+       --budget-s $(( 520 - $(date +%s) + T0 )) --policy-formats benchmarks/results/eval_dense_values_2k_segment.json \
+       > "$LOG/bench_decode.txt" 2>&1
+     say "bench_decode rc=$?")
+    wait
+    grep -E "^(mosaic_dense_values_3x|dense_8and32|mix3x) " "$LOG/diag32.txt" ;;
   stage_eq)
     stage
     python3 benchmarks/suite/make_random_model.py --out /tmp/mkv/models/llama8b-random > "$LOG/model.txt" 2>&1

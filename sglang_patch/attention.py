@@ -160,8 +160,10 @@ def record_queries(pool: MosaicKVPool, layer_id: int, q: torch.Tensor, reqs: lis
 # group, extend rows many tokens' (too many for sparse keys read by query gathers). 64-row
 # extend tiles took 29.3 ms per layer where 32 took 46.8 for an 8,192-token chunk over
 # 24,576 sealed tokens on an H200 (benchmarks/results/h200x2_2026-11-30d/extend_h200.json).
-DECODE_TUNING = MixedAttention(block_m=16, block_n=32)
-EXTEND_TUNING = MixedAttention(block_m=64, block_n=32, keys_by_query=False, wide_block_n=32)
+# Both pack dense and sparse blocks' kept tokens into shared tiles: the presets keep 8 or
+# 16 tokens of most 32-token segments.
+DECODE_TUNING = MixedAttention(block_m=16, block_n=32, pack_tokens=True)
+EXTEND_TUNING = MixedAttention(block_m=64, block_n=32, keys_by_query=False, wide_block_n=32, pack_tokens=True)
 
 
 @dataclass
@@ -367,7 +369,7 @@ class MosaicAttnBackend(TorchNativeAttnBackend):
         start = time.perf_counter()
         for tuning in (DECODE_TUNING, EXTEND_TUNING):
             compile_variants(variants, tuning, num_q_heads // pool.head_num, pool.head_num, pool.head_dim, pool.dtype,
-                             aligned, True, pool.query_stats.window > 0, pool.device, pool.plan.segment_size)
+                             aligned, True, pool.query_stats.window > 0, pool.device)
         self._compiled = True
         logger.info("MosaicKV: %d attention kernel variants (decode and extend) ready in %.1f s",
                     2 * len(variants), time.perf_counter() - start)

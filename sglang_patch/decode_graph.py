@@ -50,8 +50,7 @@ class DecodeGraph:
                                  items=max_bs * hkv * (len(menu) + 2), groups=max_bs * hkv,
                                  tail_rows=max_bs * max_context)
         block_m = max(tuning.block_m, triton.next_power_of_2(self.group))
-        self.plan = GraphPlan(menu, capacity, layers, block_m, tuning.block_n, d, self.max_programs, dev,
-                              max_block_tokens=seg)
+        self.plan = GraphPlan(menu, capacity, layers, block_m, tuning.block_n, d, self.max_programs, dev)
         self.write_rows = torch.zeros(max_bs, dtype=torch.int64, device=dev)
         window = pool.query_stats.window
         self.positions = torch.zeros(max_bs, dtype=torch.int64, device=dev)

@@ -62,17 +62,17 @@ def run_decode(
     sparse_densify: str = "scan",
     keys_by_query: bool = True,
     wide_block_n: int = 64,
-    dense_blocks_per_tile: int = 1,
+    pack_tokens: bool = False,
     prefetch_entries: bool = False,
+    block_n: int = 16,
     **plan_kw: int,
 ) -> None:
     hq = hkv * group
     tk = [torch.randn(hkv, t, d, generator=gen).bfloat16() for t in tail_lens]
     tv = [torch.randn(hkv, t, d, generator=gen).bfloat16() for t in tail_lens]
     q = torch.randn(len(layers), hq, d, generator=gen).bfloat16()
-    w = MixedDecodeWrapper(block_n=16, sparse_densify=sparse_densify, keys_by_query=keys_by_query,
-                           wide_block_n=wide_block_n, dense_blocks_per_tile=dense_blocks_per_tile,
-                           prefetch_entries=prefetch_entries)
+    w = MixedDecodeWrapper(block_n=block_n, sparse_densify=sparse_densify, keys_by_query=keys_by_query,
+                           wide_block_n=wide_block_n, pack_tokens=pack_tokens, prefetch_entries=prefetch_entries)
     w.plan(layers, tk, tv, hq, hkv, d, device=DEVICE, **plan_kw)
     out = torch.full((len(layers), hq, d), float("nan"), dtype=torch.bfloat16, device=DEVICE)
     w.run(q.to(DEVICE), out=out)
@@ -106,20 +106,42 @@ def test_mixed_gqa_ragged(group: int, d: int, wide_block_n: int, prefetch: bool)
                wide_block_n=wide_block_n, prefetch_entries=prefetch)
 
 
-@pytest.mark.parametrize("dense_blocks", [2, 4])
-@pytest.mark.parametrize(("group", "d"), [(1, 64), (3, 64), (4, 128)])
-def test_short_dense_blocks_share_tiles(dense_blocks: int, group: int, d: int) -> None:
-    """Dense blocks of up to 16 tokens (every token count, 0 included), 2 or 4 to a
-    64-token tile, in runs cut anywhere (split-K), beside requests of every format; a
-    plan whose blocks would not fit their share keeps one block per tile."""
-    gen = torch.Generator().manual_seed(dense_blocks * 100 + group * 10 + d)
+@pytest.mark.parametrize(("group", "d", "keys_by_query"), [(1, 64, True), (3, 64, False), (4, 128, True), (8, 128, True)])
+def test_packed_tiles(group: int, d: int, keys_by_query: bool) -> None:
+    """Dense and sparse blocks keeping every token count from 0 to 16, packed back to back
+    into 16- and 32-token tiles: blocks that share a tile, blocks split across tiles, runs
+    of empty blocks, runs cut anywhere (split-K), beside requests of every format (whose
+    mask and low-rank launches keep a block per tile)."""
+    gen = torch.Generator().manual_seed(group * 10 + d)
     hkv = 2
-    layers = [random_layer(gen, s, 16, hkv, d, kinds=("dense",)) for s in (7, 0, 5)] + [random_layer(gen, 3, 16, hkv, d)]
-    run_decode(gen, layers, [3, 4, 0, 9], hkv=hkv, group=group, d=d, dense_blocks_per_tile=dense_blocks,
-               chunk_tokens=40, max_programs=3)
-    assert MixedDecodeWrapper(dense_blocks_per_tile=dense_blocks).dense_blocks(0, 0, 16) == dense_blocks
-    assert MixedDecodeWrapper(dense_blocks_per_tile=dense_blocks).dense_blocks(0, 0, 64) == 1
-    assert MixedDecodeWrapper(dense_blocks_per_tile=dense_blocks).dense_blocks(0, 3, 16) == 1
+    layers = [random_layer(gen, s, 16, hkv, d, kinds=("dense", "sparse")) for s in (7, 0, 5, 11)]
+    layers.append(random_layer(gen, 3, 16, hkv, d))
+    tokens = {blk.fmt.tokens for layer in layers for seg in layer.blocks for blk in seg}
+    assert 0 in tokens and len(tokens) >= 8, tokens
+    run_decode(gen, layers, [3, 4, 0, 9, 2], hkv=hkv, group=group, d=d, pack_tokens=True, chunk_tokens=40,
+               max_programs=3, keys_by_query=keys_by_query)
+    run_decode(gen, layers, [3, 4, 0, 9, 2], hkv=hkv, group=group, d=d, pack_tokens=True, wide_block_n=32,
+               prefetch_entries=True)
+
+
+def test_packed_tiles_aligned_widths() -> None:
+    """Packed tiles on the vectorised-load specialisation (widths multiples of 8, as the
+    presets' are), dense and sparse blocks of every kept count 0..16."""
+    gen = torch.Generator().manual_seed(21)
+    fmts = [BlockFormat(t, SideFormat("sparse", 16) if t % 3 else SideFormat("dense", 0),
+                        SideFormat("sparse", 8) if t % 2 else SideFormat("dense", 0)) for t in range(17)]
+    layers = [CompressedLayer(), CompressedLayer()]
+    for i, f in enumerate(fmts):
+        layers[i % 2].append(random_layer(gen, 1, 16, 2, 64, fmt=f).blocks[0])
+    arena, _, _ = pack_requests(layers, 2, 64)
+    assert arena.widths_aligned
+    run_decode(gen, layers, [2, 3], hkv=2, group=4, d=64, pack_tokens=True, max_programs=2)
+
+
+def test_packing_is_for_dense_and_sparse_sides() -> None:
+    w = MixedDecodeWrapper(pack_tokens=True)
+    assert w.packs(0, 0) and w.packs(0, 1) and w.packs(1, 1)
+    assert not w.packs(0, 2) and not w.packs(3, 0) and not MixedDecodeWrapper().packs(0, 0)
 
 
 @pytest.mark.parametrize(
@@ -259,11 +281,11 @@ def test_cuda_graph_replay_matches_eager() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("dense_blocks", [2, 4])
-def test_gpu_short_dense_blocks_share_tiles(dense_blocks: int) -> None:
-    """The shared-tile path compiled (the CPU case runs it in the interpreter)."""
-    test_short_dense_blocks_share_tiles(dense_blocks, 4, 128)
-    test_short_dense_blocks_share_tiles(dense_blocks, 3, 64)
+def test_gpu_packed_tiles() -> None:
+    """The packed-tile path compiled (the CPU cases run it in the interpreter), also on
+    the benchmark's aligned arenas against the unpacked kernel."""
+    test_packed_tiles(4, 128, True)
+    test_packed_tiles(3, 64, False)
 
 
 @pytest.mark.gpu

@@ -28,13 +28,14 @@ def run_extend(
     group: int,
     d: int,
     block_m: int = 16,
+    pack_tokens: bool = False,
     **plan_kw: int,
 ) -> None:
     hq = hkv * group
     tk = [torch.randn(hkv, t, d, generator=gen).bfloat16() for t in tail_lens]
     tv = [torch.randn(hkv, t, d, generator=gen).bfloat16() for t in tail_lens]
     qs = [torch.randn(nq, hq, d, generator=gen).bfloat16() for nq in qo_lens]
-    w = MixedExtendWrapper(block_m=block_m, block_n=16)
+    w = MixedExtendWrapper(block_m=block_m, block_n=16, pack_tokens=pack_tokens)
     w.plan(layers, tk, tv, qo_lens, hq, hkv, d, device=DEVICE, **plan_kw)
     q = torch.cat(qs).to(DEVICE)
     out = torch.full_like(q, float("nan"))
@@ -50,15 +51,19 @@ def run_extend(
         start += nq
 
 
+@pytest.mark.parametrize("pack_tokens", [False, True])
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("group", [1, 3, 4, 8])
-def test_extend_mixed_gqa_ragged(group: int, d: int) -> None:
+def test_extend_mixed_gqa_ragged(group: int, d: int, pack_tokens: bool) -> None:
     """Ragged prefixes (one empty), ragged new-token counts, tails longer than the new
-    tokens; rows span several row blocks and the tail several causal chunks."""
+    tokens; rows span several row blocks and the tail several causal chunks; dense and
+    sparse blocks one to a tile or packed."""
     gen = torch.Generator().manual_seed(31 * group + d)
     hkv = 2
     layers = [random_layer(gen, s, 16, hkv, d) for s in (2, 0, 1)]
-    run_extend(gen, layers, [7, 21, 3], [5, 18, 3], hkv=hkv, group=group, d=d, chunk_tokens=16, max_programs=5)
+    layers.append(random_layer(gen, 6, 16, hkv, d, kinds=("dense", "sparse")))
+    run_extend(gen, layers, [7, 21, 3, 4], [5, 18, 3, 2], hkv=hkv, group=group, d=d, chunk_tokens=16, max_programs=5,
+               pack_tokens=pack_tokens)
 
 
 def test_extend_single_token_is_decode() -> None:

@@ -14,8 +14,9 @@ A baseline that cannot run records its error in the row instead of a time.
 ``--policy-formats EVAL.json`` adds, per row of a ``mosaickv eval`` report, the block
 formats that policy actually chose on real text, in their proportions, on its 32-token
 segments (widths scaled from the eval's head dim to each shape's): what a server decodes
-after that policy, rather than a mix that uses every format. Each also runs with two
-short dense blocks sharing a tile (``_2dense``, ``dense_blocks_per_tile=2``).
+after that policy, rather than a mix that uses every format. Our kernel runs as the
+server tunes it (``pack_tokens``: dense and sparse blocks' kept tokens share tiles); the
+policy mixes also run one block per tile (``_per_block``), as servers did before.
 
     PYTHONUNBUFFERED=1 python benchmarks/kernels/bench_decode.py --out DIR [--budget-s 300] \
         [--policy-formats benchmarks/results/eval_dense_values_2k_segment.json]
@@ -187,12 +188,12 @@ def run(out_dir: Path, budget_s: float, policy_report: dict | None = None, eval_
             except Exception as err:  # noqa: BLE001 - recorded in the row, the bench goes on
                 row["flashinfer_error"] = f"{type(err).__name__}: {err}"[:300]
             torch.cuda.empty_cache()
-        variants = [("dense_1x", [Recipe(SEGMENT, ("dense", 0), ("dense", 0))], 1.0, SEGMENT, 1)]
-        variants += [(f"mixed_{int(tg)}x", *pattern_for(tg, d), SEGMENT, 1) for tg in TARGETS]
-        if policy_report is not None:  # each as is, and with two short dense blocks to a tile
+        variants = [("dense_1x", [Recipe(SEGMENT, ("dense", 0), ("dense", 0))], 1.0, SEGMENT, True)]
+        variants += [(f"mixed_{int(tg)}x", *pattern_for(tg, d), SEGMENT, True) for tg in TARGETS]
+        if policy_report is not None:  # each packed, and one block per tile
             for name, pat, ratio in policy_patterns(policy_report, d, eval_head_dim):
-                variants += [(name, pat, ratio, POLICY_SEGMENT, 1), (f"{name}_2dense", pat, ratio, POLICY_SEGMENT, 2)]
-        for name, pat, seg_ratio, segment, dense_blocks in variants:
+                variants += [(name, pat, ratio, POLICY_SEGMENT, True), (f"{name}_per_block", pat, ratio, POLICY_SEGMENT, False)]
+        for name, pat, seg_ratio, segment, pack in variants:
             if dense_bytes / seg_ratio > MEM_LIMIT:
                 continue
             segs = L // segment - 1
@@ -200,7 +201,7 @@ def run(out_dir: Path, budget_s: float, policy_report: dict | None = None, eval_
             tail = torch.empty(B * tail_len, hkv, d, device="cuda", dtype=torch.bfloat16).normal_()
             tail_indptr = np.arange(B + 1) * tail_len
             arena, indptr, indices = synthetic_arena(B * hkv, segs, pat, d, "cuda")
-            w = MixedDecodeWrapper(dense_blocks_per_tile=dense_blocks)
+            w = MixedDecodeWrapper(pack_tokens=pack)
             w.plan_arena(arena, indptr, indices, tail, tail, tail_indptr, np.ones(B, dtype=np.int64), hq, hkv)
             out = w.run(q)
             assert torch.isfinite(out).all(), f"{name}: non-finite output"

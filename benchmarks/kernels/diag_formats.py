@@ -2,7 +2,8 @@
 
 One fixed shape (B=32, L=32k, Hq=32, Hkv=8, d=128) in segments of ``--segment`` tokens
 (32: the presets' ``segment_size``, so the server's blocks; earlier runs used 128); every
-block in one format (or the benchmark's 2x/3x/6x mixes); several launch settings
+block in one format (or the benchmark's 2x/3x/6x mixes, or at 32 the formats the presets
+chose on real text); several launch settings
 (:data:`SETTINGS`: the server's decode tuning first, every other output compared with
 its). Prints and writes JSON.
 
@@ -24,21 +25,32 @@ from mosaickv.kernels.decode import MixedDecodeWrapper
 from mosaickv.kernels.synthetic import Recipe, synthetic_arena
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_decode import pattern_for  # noqa: E402
+from bench_decode import POLICY_SEGMENT, pattern_for, policy_patterns  # noqa: E402
+
+# The block formats the presets chose on SmolLM2 text (head dim 64, values dense or low
+# rank as the presets keep them), scaled to this shape: what a server decodes.
+POLICY_REPORT = Path(__file__).parents[1] / "results" / "eval_dense_values_2k_segment.json"
 
 B, L, HQ, HKV, D = 32, 32768, 32, 8, 128
 # MixedDecodeWrapper settings beside programs per SM; the first is the server's DECODE_TUNING.
 SETTINGS = [
+    ({"block_n": 32, "pack_tokens": True}, 8),
     ({"block_n": 32}, 8),
+    ({"block_n": 32, "pack_tokens": True}, 16),
+    ({"block_n": 32, "pack_tokens": True, "wide_block_n": 128}, 8),
+    ({"block_n": 64, "pack_tokens": True}, 8),
     ({"block_n": 32, "prefetch_entries": True}, 8),
-    ({"block_n": 32, "prefetch_entries": True}, 16),
-    ({"block_n": 32, "num_stages": 2, "prefetch_entries": True}, 8),
-    ({"block_n": 32, "keys_by_query": False}, 8),
 ]
 
 
 def formats(seg: int) -> dict[str, list[Recipe]]:
+    real = {}
+    if seg == POLICY_SEGMENT:
+        report = json.loads(POLICY_REPORT.read_text())
+        real = {name: pat for name, pat, _ in policy_patterns(report, D, 64) if name.startswith("mosaic_dense_values")}
     return {
+        **real,
+        "dense_8and32": [Recipe(8, ("dense", 0), ("dense", 0)), Recipe(seg, ("dense", 0), ("dense", 0))],
         "dense": [Recipe(seg, ("dense", 0), ("dense", 0))],
         "sparse32": [Recipe(seg, ("sparse", 32), ("sparse", 32))],
         "sparseK_denseV": [Recipe(seg, ("sparse", 32), ("dense", 0))],
@@ -51,6 +63,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=Path("."))
     ap.add_argument("--segment", type=int, default=32, help="tokens per segment (the presets' segment_size: 32)")
+    ap.add_argument("--formats", nargs="*", help="only these (default: all)")
     args = ap.parse_args()
     seg = args.segment
     sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -60,6 +73,8 @@ def main() -> None:
     q = torch.randn(B, HQ, D, device="cuda").bfloat16()
     rows = []
     for name, pattern in formats(seg).items():
+        if args.formats and name not in args.formats:
+            continue
         arena, indptr, indices = synthetic_arena(B * HKV, segs, pattern, D, "cuda")
         read = arena.nbytes() + arena.table.numel() * 8 + tail.numel() * 4
         ref = None
@@ -76,8 +91,8 @@ def main() -> None:
             print(f"{name:14s} {kwargs} per_sm={per_sm}: {t * 1e6:8.0f} us {read / t / 1e9:6.0f} GB/s  rel err {err:.1e}",
                   flush=True)
         del arena
-    (args.out / "diag_formats.json").write_text(json.dumps({"device": torch.cuda.get_device_name(), "segment": seg,
-                                                            "rows": rows}, indent=1))
+        (args.out / "diag_formats.json").write_text(json.dumps({"device": torch.cuda.get_device_name(), "segment": seg,
+                                                                "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -33,7 +33,6 @@ class BlockRuns:
     kind: np.ndarray  # [runs] 4 * k_kind + v_kind
     k_width_max: np.ndarray  # [KIND_PAIRS] widest key side among every block of each pair (0: none)
     v_width_max: np.ndarray  # [KIND_PAIRS] the same for values
-    max_tokens: int  # most kept tokens of any block
 
 
 def as_table(table: torch.Tensor | np.ndarray) -> torch.Tensor:
@@ -78,14 +77,13 @@ def block_runs(table: torch.Tensor, block_indptr: np.ndarray, block_indices: tor
     widths[0].scatter_reduce_(0, kind, table[block_indices, 2], "amax")
     widths[1].scatter_reduce_(0, kind, table[block_indices, 6], "amax")
     runs = torch.stack([key[lo] // KIND_PAIRS, lo, hi, key[lo] % KIND_PAIRS]).cpu().numpy()
-    small = torch.cat([widths.reshape(-1), tok.max().reshape(1)]).cpu().numpy()
-    return BlockRuns(rows, runs[0], runs[1], runs[2], runs[3], small[:KIND_PAIRS], small[KIND_PAIRS:-1],
-                     int(small[-1]))
+    small = widths.reshape(-1).cpu().numpy()
+    return BlockRuns(rows, runs[0], runs[1], runs[2], runs[3], small[:KIND_PAIRS], small[KIND_PAIRS:])
 
 
 def _no_runs(block_indices: torch.Tensor) -> BlockRuns:
     empty, none = np.zeros(0, dtype=np.int64), np.zeros(KIND_PAIRS, dtype=np.int64)
-    return BlockRuns(block_indices, empty, empty, empty, empty, none, none.copy(), 0)
+    return BlockRuns(block_indices, empty, empty, empty, empty, none, none.copy())
 
 
 def batch_runs(parts: list[BlockRuns], num_kv_heads: int) -> BlockRuns:
@@ -104,8 +102,7 @@ def batch_runs(parts: list[BlockRuns], num_kv_heads: int) -> BlockRuns:
     hi = np.concatenate([p.hi + offsets[b] for b, p in enumerate(parts)])[order]
     kind = np.concatenate([p.kind for p in parts])[order]
     return BlockRuns(torch.cat([p.block_indices for p in parts]), pair[order], lo, hi, kind,
-                     np.stack([p.k_width_max for p in parts]).max(0), np.stack([p.v_width_max for p in parts]).max(0),
-                     max(p.max_tokens for p in parts))
+                     np.stack([p.k_width_max for p in parts]).max(0), np.stack([p.v_width_max for p in parts]).max(0))
 
 
 class RunCache:

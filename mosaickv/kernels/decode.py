@@ -80,7 +80,7 @@ def _basis(values_ptr, index_ptr, width, aux, jr, cols, KIND: tl.constexpr, HEAD
 @triton.jit
 def _tile(values_ptr, index_ptr, off, width, aux, tok, tok_ok, toks, cols, jr, scr,
           KIND: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, R_MAX: tl.constexpr,
-          R_LOG2: tl.constexpr, ALIGNED: tl.constexpr, SPARSE_MODE: tl.constexpr):
+          R_LOG2: tl.constexpr, SPARSE_MODE: tl.constexpr):
     """One side's tile of ``BLOCK_N`` tokens: ``[BLOCK_N, HEAD_DIM]`` for dense and sparse
     (its ``[BLOCK_N, R_MAX]`` values scattered through the zeroed scratch), ``[BLOCK_N,
     R_MAX]`` r-space coefficients for mask and lowrank."""
@@ -89,8 +89,6 @@ def _tile(values_ptr, index_ptr, off, width, aux, tok, tok_ok, toks, cols, jr, s
     elif KIND == 1:
         mask = tok_ok[:, None] & (jr[None, :] < width)
         raw = tl.load(values_ptr + off + tok[:, None] * width + jr[None, :], mask=mask, other=0.0)
-        if ALIGNED:
-            aux = tl.multiple_of(aux, 16)
         if SPARSE_MODE == 0:
             # Rows hold distinct sorted channels (padding: HEAD_DIM, in no word): bitmask,
             # bit test per channel, prefix count = the channel's slot.
@@ -128,14 +126,12 @@ def _tile(values_ptr, index_ptr, off, width, aux, tok, tok_ok, toks, cols, jr, s
 
 @triton.jit
 def _sparse_scores(q_ptr, q_rows, n_rows, values_ptr, index_ptr, off, width, aux, tok, tok_ok, rows, jr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ALIGNED: tl.constexpr):
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Logits ``[BLOCK_M, BLOCK_N]`` against per-vector sparse keys without densifying
     them: each live query row gathers its own channels at the keys' indices (a row of q is
     a few hundred bytes, cache-resident) and dots them with the kept values. Costs
     ``rows x BLOCK_N x width`` loads instead of a ``BLOCK_N x HEAD_DIM`` search per tile,
     which wins when rows are few (decode: one query token's GQA group)."""
-    if ALIGNED:
-        aux = tl.multiple_of(aux, 16)
     mask = tok_ok[:, None] & (jr[None, :] < width)
     ix = tl.load(index_ptr + aux + tok[:, None] * width + jr[None, :], mask=mask, other=0).to(tl.int32)
     raw = tl.load(values_ptr + off + tok[:, None] * width + jr[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -145,6 +141,43 @@ def _sparse_scores(q_ptr, q_rows, n_rows, values_ptr, index_ptr, off, width, aux
         qg = tl.load(q_ptr + q_row + ix, mask=mask, other=0.0).to(tl.float32)
         s = tl.where(rows[:, None] == g, tl.sum(qg * raw, 1)[None, :], s)
     return s
+
+
+@triton.jit
+def _tile_step(q, qk, qk_lo, q_ptr, q_rows, n_rows, values_ptr, index_ptr, k_off, k_w, k_aux, v_off, v_w, v_aux,
+               tok, tok_ok, toks, cols, jr, rows, scr_k, scr_v, qk_scale, m_i, l_i, acc, blk_acc,
+               K_KIND: tl.constexpr, V_KIND: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, R_MAX: tl.constexpr, R_LOG2: tl.constexpr,
+               SPARSE_MODE: tl.constexpr, KEYS_BY_QUERY: tl.constexpr):
+    """One online-softmax step over a tile of compressed tokens ``tok`` (offsets, widths
+    and aux scalars of one block, or ``[BLOCK_N, 1]`` per row when tokens of several
+    blocks share the tile). ``qk``/``qk_lo``: the query as projected keys read it;
+    r-space values (mask, lowrank) accumulate into ``blk_acc``, the rest into ``acc``.
+    Returns (m_i, l_i, acc, blk_acc)."""
+    vt = _tile(values_ptr, index_ptr, v_off, v_w, v_aux, tok, tok_ok, toks, cols, jr, scr_v, V_KIND, HEAD_DIM,
+               BLOCK_N, R_MAX, R_LOG2, SPARSE_MODE)
+    if K_KIND == 1 and KEYS_BY_QUERY:
+        s = _sparse_scores(q_ptr, q_rows, n_rows, values_ptr, index_ptr, k_off, k_w, k_aux, tok, tok_ok, rows,
+                           jr, BLOCK_M, BLOCK_N)
+    else:
+        kt = _tile(values_ptr, index_ptr, k_off, k_w, k_aux, tok, tok_ok, toks, cols, jr, scr_k, K_KIND,
+                   HEAD_DIM, BLOCK_N, R_MAX, R_LOG2, SPARSE_MODE)
+        s = tl.dot(qk, tl.trans(kt))
+        if K_KIND == 3:
+            s += tl.dot(qk_lo, tl.trans(kt))
+    s = tl.where(tok_ok[None, :], s * qk_scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_ref)
+    p = tl.exp2(s - m_ref[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    pv = tl.dot(p.to(tl.bfloat16), vt)
+    if V_KIND >= 2:
+        blk_acc = blk_acc * alpha[:, None] + pv
+    else:
+        acc += pv
+    return m_new, l_i, acc, blk_acc
 
 
 @triton.jit
@@ -181,7 +214,7 @@ def _mixed_attn_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     K_KIND: tl.constexpr, V_KIND: tl.constexpr, R_MAX: tl.constexpr, R_LOG2: tl.constexpr,
     ALIGNED: tl.constexpr, SPARSE_MODE: tl.constexpr, TAIL_INDEXED: tl.constexpr, KEYS_BY_QUERY: tl.constexpr,
-    DENSE_BLOCKS: tl.constexpr, PREFETCH: tl.constexpr,
+    PACK_TOKENS: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     """Partial attention of the first ``count`` items in ``item_list`` (the count is read
     here, so a captured launch serves every later plan); ``K_KIND``/``V_KIND`` are the
@@ -232,26 +265,46 @@ def _mixed_attn_kernel(
                 vt = tl.load(tail_v_ptr + tk[:, None] * stride_vt + h * stride_vh + cols[None, :], mask=pos_ok[:, None], other=0.0)
                 m_i, l_i, acc = _dense_step(q, kt, vt, pos_ok[None, :] & (pos[None, :] <= vis[:, None]), qk_scale,
                                             m_i, l_i, acc)
-        elif K_KIND == 0 and V_KIND == 0 and DENSE_BLOCKS > 1:
-            # Dense blocks of at most BLOCK_N // DENSE_BLOCKS tokens, DENSE_BLOCKS to a tile
-            # (row r: block r // that, token r % that): short blocks fill the tile instead
-            # of each paying a mostly masked one.
-            blk_lo = tl.load(item + 3)
+        elif PACK_TOKENS:
+            # Dense and sparse blocks' kept tokens back to back, BLOCK_N to a tile whatever
+            # each block keeps (the presets keep 0-32 of a 32-token segment, mostly 8 or 16):
+            # one chain of dependent loads per tile instead of per block. Tile row r is in
+            # the block whose kept tokens end first past r, of the next BLOCK_N blocks;
+            # ``done`` tokens of block ``j0`` were attended by the tile before.
             blk_hi = tl.load(item + 4)
-            sub = toks // (BLOCK_N // DENSE_BLOCKS)
-            tok = toks % (BLOCK_N // DENSE_BLOCKS)
-            for j0 in range(blk_lo, blk_hi, DENSE_BLOCKS):
-                jb = j0 + sub
-                blk_ok = jb < blk_hi
-                ent = table_ptr + tl.load(block_idx_ptr + jb, mask=blk_ok, other=0).to(tl.int64) * 9
-                tok_ok = blk_ok & (tok < tl.load(ent, mask=blk_ok, other=0))
-                k_off = tl.load(ent + 3, mask=blk_ok, other=0)
-                v_off = tl.load(ent + 7, mask=blk_ok, other=0)
-                kt = tl.load(values_ptr + k_off[:, None] + tok[:, None] * HEAD_DIM + cols[None, :], mask=tok_ok[:, None],
-                             other=0.0)
-                vt = tl.load(values_ptr + v_off[:, None] + tok[:, None] * HEAD_DIM + cols[None, :], mask=tok_ok[:, None],
-                             other=0.0)
-                m_i, l_i, acc = _dense_step(q, kt, vt, tok_ok[None, :], qk_scale, m_i, l_i, acc)
+            j0 = tl.load(item + 3)
+            done = j0 * 0
+            while j0 < blk_hi:
+                b_ok = j0 + toks < blk_hi
+                ent = table_ptr + tl.load(block_idx_ptr + j0 + toks, mask=b_ok, other=0).to(tl.int64) * 9
+                kept = tl.load(ent, mask=b_ok, other=0).to(tl.int32)
+                end = tl.cumsum(kept, 0) - done
+                start = end - kept
+                sel = tl.sum((end[None, :] <= toks[:, None]).to(tl.int32), 1)
+                tok_ok = sel < BLOCK_N
+                sel = tl.minimum(sel, BLOCK_N - 1)
+                tok = toks - tl.gather(start, sel, 0)
+                k_off = tl.gather(tl.load(ent + 3, mask=b_ok, other=0), sel, 0)
+                v_off = tl.gather(tl.load(ent + 7, mask=b_ok, other=0), sel, 0)
+                k_w = tl.gather(tl.load(ent + 2, mask=b_ok, other=0).to(tl.int32), sel, 0)
+                v_w = tl.gather(tl.load(ent + 6, mask=b_ok, other=0).to(tl.int32), sel, 0)
+                k_aux = tl.gather(tl.load(ent + 4, mask=b_ok, other=0), sel, 0)
+                v_aux = tl.gather(tl.load(ent + 8, mask=b_ok, other=0), sel, 0)
+                if ALIGNED:
+                    k_off = tl.multiple_of(k_off, 8)
+                    v_off = tl.multiple_of(v_off, 8)
+                    k_w = tl.multiple_of(k_w, 8)
+                    v_w = tl.multiple_of(v_w, 8)
+                    k_aux = tl.multiple_of(k_aux, 16)
+                    v_aux = tl.multiple_of(v_aux, 16)
+                m_i, l_i, acc, _ = _tile_step(q, q, q, q_ptr, q_rows, n_rows, values_ptr, index_ptr, k_off[:, None],
+                                              k_w[:, None], k_aux[:, None], v_off[:, None], v_w[:, None], v_aux[:, None],
+                                              tok, tok_ok, toks, cols, jr, rows, scr_k, scr_v, qk_scale, m_i, l_i, acc,
+                                              acc, K_KIND, V_KIND, HEAD_DIM, BLOCK_M, BLOCK_N, R_MAX, R_LOG2,
+                                              SPARSE_MODE, KEYS_BY_QUERY)
+                n_full = tl.sum((end <= BLOCK_N).to(tl.int32), 0)
+                done = tl.where(n_full < BLOCK_N, BLOCK_N - tl.sum(tl.where(toks == n_full, start, 0), 0), 0)
+                j0 += n_full
         else:
             blk_lo = tl.load(item + 3)
             blk_hi = tl.load(item + 4)
@@ -271,6 +324,10 @@ def _mixed_attn_kernel(
                     v_off = tl.multiple_of(v_off, 8)
                     k_w = tl.multiple_of(k_w, 8)
                     v_w = tl.multiple_of(v_w, 8)
+                    if K_KIND == 1:
+                        k_aux = tl.multiple_of(k_aux, 16)
+                    if V_KIND == 1:
+                        v_aux = tl.multiple_of(v_aux, 16)
                 # Projected keys: logits = (q @ basisᵀ) @ coefᵀ; a mask's basis is one-hot,
                 # so q @ basisᵀ is q's kept channels, gathered.
                 qk = q
@@ -284,35 +341,13 @@ def _mixed_attn_kernel(
                     qk32 = tl.dot(q, tl.trans(kb))
                     qk = qk32.to(tl.bfloat16)
                     qk_lo = (qk32 - qk.to(tl.float32)).to(tl.bfloat16)
-                if V_KIND >= 2:
-                    blk_acc = tl.zeros([BLOCK_M, R_MAX], tl.float32)
+                blk_acc = tl.zeros([BLOCK_M, R_MAX], tl.float32)  # the block's r-space values (mask, lowrank)
                 for t0 in range(0, m, BLOCK_N):
                     tok = t0 + toks
-                    tok_ok = tok < m
-                    vt = _tile(values_ptr, index_ptr, v_off, v_w, v_aux, tok, tok_ok, toks, cols, jr, scr_v, V_KIND, HEAD_DIM,
-                               BLOCK_N, R_MAX, R_LOG2, ALIGNED, SPARSE_MODE)
-                    if K_KIND == 1 and KEYS_BY_QUERY:
-                        s = _sparse_scores(q_ptr, q_rows, n_rows, values_ptr, index_ptr, k_off, k_w, k_aux, tok, tok_ok, rows,
-                                           jr, BLOCK_M, BLOCK_N, ALIGNED)
-                    else:
-                        kt = _tile(values_ptr, index_ptr, k_off, k_w, k_aux, tok, tok_ok, toks, cols, jr, scr_k, K_KIND,
-                                   HEAD_DIM, BLOCK_N, R_MAX, R_LOG2, ALIGNED, SPARSE_MODE)
-                        s = tl.dot(qk, tl.trans(kt))
-                        if K_KIND == 3:
-                            s += tl.dot(qk_lo, tl.trans(kt))
-                    s = tl.where(tok_ok[None, :], s * qk_scale, float("-inf"))
-                    m_new = tl.maximum(m_i, tl.max(s, 1))
-                    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-                    alpha = tl.exp2(m_i - m_ref)
-                    p = tl.exp2(s - m_ref[:, None])
-                    l_i = l_i * alpha + tl.sum(p, 1)
-                    acc = acc * alpha[:, None]
-                    pv = tl.dot(p.to(tl.bfloat16), vt)
-                    if V_KIND >= 2:
-                        blk_acc = blk_acc * alpha[:, None] + pv
-                    else:
-                        acc += pv
-                    m_i = m_new
+                    m_i, l_i, acc, blk_acc = _tile_step(
+                        q, qk, qk_lo, q_ptr, q_rows, n_rows, values_ptr, index_ptr, k_off, k_w, k_aux, v_off, v_w, v_aux,
+                        tok, tok < m, toks, cols, jr, rows, scr_k, scr_v, qk_scale, m_i, l_i, acc, blk_acc, K_KIND, V_KIND,
+                        HEAD_DIM, BLOCK_M, BLOCK_N, R_MAX, R_LOG2, SPARSE_MODE, KEYS_BY_QUERY)
                 if V_KIND >= 2:  # fold the block's r-space values back: acc += blk_acc @ basis
                     vb = _basis(values_ptr, index_ptr, v_w, v_aux, jr, cols, V_KIND, HEAD_DIM, ALIGNED)
                     acc_hi = blk_acc.to(tl.bfloat16)
@@ -389,19 +424,19 @@ class MixedAttention:
         sparse_densify: str = "scan",
         keys_by_query: bool = True,
         wide_block_n: int = 64,
-        dense_blocks_per_tile: int = 1,
+        pack_tokens: bool = False,
         prefetch_entries: bool = False,
     ) -> None:
         """``block_n``: tokens per tile of launches with a sparse side (whose densify grows
         with the tile); ``wide_block_n``: of the others (dense, mask, low-rank, tails),
-        where a longer tile keeps more bytes in flight. ``dense_blocks_per_tile``: how
-        many dense blocks share one tile, when every block of the plan fits its share
-        (short blocks: most tokens dropped). ``prefetch_entries``: load each block's table
+        where a longer tile keeps more bytes in flight. ``pack_tokens``: tiles of launches
+        whose sides are dense or sparse hold kept tokens of consecutive blocks back to back
+        (blocks that dropped most tokens fill a tile together). ``prefetch_entries``: load each block's table
         entry one block ahead (``benchmarks/kernels/diag_formats.py`` compares both)."""
         if sparse_densify not in SPARSE_MODES:
             raise ValueError(f"sparse_densify={sparse_densify!r} is not one of {', '.join(SPARSE_MODES)}")
         self.block_m, self.block_n, self.wide_block_n = block_m, block_n, wide_block_n
-        self.dense_blocks_per_tile = dense_blocks_per_tile
+        self.pack_tokens = pack_tokens
         self.prefetch_entries = prefetch_entries
         self.sparse_densify, self.keys_by_query = sparse_densify, keys_by_query
         self.num_warps, self.num_stages = num_warps, num_stages
@@ -467,12 +502,10 @@ class MixedAttention:
         """Tokens per tile of a launch of this format pair."""
         return self.block_n if SPARSE in (k_kind, v_kind) else self.wide_block_n
 
-    def dense_blocks(self, k_kind: int, v_kind: int, max_block_tokens: int) -> int:
-        """Dense blocks per tile of a launch: ``dense_blocks_per_tile`` for dense pairs
-        whose blocks all fit their share of the tile, else one."""
-        n = self.dense_blocks_per_tile
-        fits = (k_kind, v_kind) == (DENSE, DENSE) and max_block_tokens * n <= self.tile_n(k_kind, v_kind)
-        return n if fits else 1
+    def packs(self, k_kind: int, v_kind: int) -> bool:
+        """Whether a launch of this format pair packs tokens of several blocks per tile
+        (dense and sparse sides only: a mask's or low-rank basis is per block)."""
+        return self.pack_tokens and k_kind in (DENSE, SPARSE) and v_kind in (DENSE, SPARSE)
 
     @property
     def plan_info(self) -> AttentionPlan:
@@ -503,7 +536,6 @@ def compile_variants(
     tail_indexed: bool,
     with_lse: bool,
     device: torch.device | str,
-    max_block_tokens: int = 0,
 ) -> None:
     """Compile the kernels a server will launch before its first batch needs them: each
     ``(k_kind, v_kind, R_MAX)`` of :func:`~mosaickv.kernels.layout.launch_variants` and the
@@ -522,7 +554,7 @@ def compile_variants(
         o_part=torch.zeros(1, block_m, head_dim, dtype=torch.float32, device=dev),
         lse_part=torch.zeros(1, block_m, dtype=torch.float32, device=dev),
         scratch=torch.zeros(1, 2, tuning.block_n, head_dim, dtype=torch.bfloat16, device=dev),
-        block_m=block_m, block_n=tuning.block_n, total_q=1, max_block_tokens=max_block_tokens,
+        block_m=block_m, block_n=tuning.block_n, total_q=1,
     )
     lse = torch.zeros(1, hq, dtype=torch.float32, device=dev) if with_lse else None
     run_plan(plan, torch.zeros(16, dtype=torch.bfloat16, device=dev), torch.zeros(16, dtype=torch.uint8, device=dev),
@@ -562,7 +594,7 @@ def run_plan(
             GROUP=group, HEAD_DIM=d, BLOCK_M=p.block_m, BLOCK_N=tuning.tile_n(ln.k_kind, ln.v_kind),
             K_KIND=ln.k_kind, V_KIND=ln.v_kind, R_MAX=ln.r_max, R_LOG2=ln.r_max.bit_length() - 1,
             ALIGNED=aligned, SPARSE_MODE=SPARSE_MODES.index(tuning.sparse_densify), TAIL_INDEXED=tail_rows is not None,
-            KEYS_BY_QUERY=tuning.keys_by_query, DENSE_BLOCKS=tuning.dense_blocks(ln.k_kind, ln.v_kind, p.max_block_tokens),
+            KEYS_BY_QUERY=tuning.keys_by_query, PACK_TOKENS=tuning.packs(ln.k_kind, ln.v_kind),
             PREFETCH=tuning.prefetch_entries, num_warps=tuning.num_warps, num_stages=tuning.num_stages,
         )
     if p.groups.shape[0]:

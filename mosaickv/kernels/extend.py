@@ -23,8 +23,10 @@ class MixedExtendWrapper(MixedAttention):
     Request ``b``'s queries are the last ``qo_lens[b]`` tokens of its tail ``[Hkv, t, d]``.
     """
 
-    def __init__(self, block_m: int = 32, block_n: int = 32, num_warps: int = 4, num_stages: int = 1) -> None:
-        super().__init__(block_m, block_n, num_warps, num_stages, keys_by_query=False, wide_block_n=block_n)
+    def __init__(self, block_m: int = 32, block_n: int = 32, num_warps: int = 4, num_stages: int = 1,
+                 pack_tokens: bool = False) -> None:
+        super().__init__(block_m, block_n, num_warps, num_stages, keys_by_query=False, wide_block_n=block_n,
+                         pack_tokens=pack_tokens)
 
     def plan(
         self,

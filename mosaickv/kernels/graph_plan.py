@@ -34,8 +34,6 @@ from mosaickv.kernels.layout import (
 )
 
 
-UNBOUNDED = 2**31 - 1  # max_block_tokens of a graph given no bound: launches assume nothing
-
 
 @dataclass(frozen=True)
 class GraphCapacity:
@@ -67,10 +65,7 @@ class GraphPlan:
         head_dim: int,
         max_programs: int,
         device: torch.device | str,
-        max_block_tokens: int | None = None,
     ) -> None:
-        """``max_block_tokens``: the most tokens a block of any batch keeps (a sealed
-        segment's size), which the captured launches may rely on; None: no bound."""
         self.variants, self.capacity, self.max_programs = list(variants), capacity, max_programs
         self.block_m, self.block_n = block_m, block_n
         dev = torch.device(device)
@@ -112,7 +107,6 @@ class GraphPlan:
                 block_m=block_m,
                 block_n=block_n,
                 total_q=0,
-                max_block_tokens=UNBOUNDED if max_block_tokens is None else max_block_tokens,
             ))
 
     def nbytes(self) -> int:
@@ -156,9 +150,6 @@ class GraphPlan:
         if (host.block_m, host.block_n) != (self.block_m, self.block_n):
             raise ValueError(f"the plan's tiles (block_m={host.block_m}, block_n={host.block_n}) are not the graph's "
                              f"({self.block_m}, {self.block_n})")
-        if host.max_block_tokens > self.plans[0].max_block_tokens:
-            raise ValueError(f"a block of this batch keeps {host.max_block_tokens} tokens, above the graph's "
-                             f"max_block_tokens={self.plans[0].max_block_tokens}")
         tail_rows = np.zeros(0, dtype=np.int64) if tail_rows is None else np.asarray(tail_rows)
         for name, n, limit in (("requests", len(host.requests), cap.requests),
                                ("blocks", len(host.block_indices), cap.blocks),

@@ -433,7 +433,6 @@ class AttentionPlan:
     block_m: int
     block_n: int
     total_q: int
-    max_block_tokens: int = 0  # most kept tokens of any block (launch choices that need a bound)
 
     @property
     def num_items(self) -> int:
@@ -475,7 +474,6 @@ class HostPlan:
     layers: list[HostLayer]
     block_m: int
     block_n: int
-    max_block_tokens: int = 0
     items: np.ndarray | None = None  # every layer's items back to back (the layers' are views of it)
     tails: TailSlots | None = None  # what :meth:`with_tails` patches (plan_host sets both)
 
@@ -507,7 +505,7 @@ class HostPlan:
         for layer in self.layers:
             layers.append(HostLayer(items[at : at + len(layer.items)], layer.groups, layer.merge_indptr, layer.launches))
             at += len(layer.items)
-        return HostPlan(requests, self.block_indices, layers, self.block_m, self.block_n, self.max_block_tokens, items,
+        return HostPlan(requests, self.block_indices, layers, self.block_m, self.block_n, items,
                         tails)
 
 
@@ -727,7 +725,7 @@ def plan_host(
                                                 group_bounds[1:], launches)]
     for layer in layers:
         layer.merge_indptr.flags.writeable = False
-    return HostPlan(requests, runs.block_indices, layers, block_m, block_n, runs.max_tokens, items,
+    return HostPlan(requests, runs.block_indices, layers, block_m, block_n, items,
                     _tail_slots(items, kinds, qo_lens, tail_lens, group, block_m, tail_chunk(chunk_tokens, block_n)))
 
 
@@ -806,6 +804,5 @@ def upload_plans(host: HostPlan, device: torch.device, head_dim: int, max_progra
             block_m=host.block_m,
             block_n=host.block_n,
             total_q=host.total_q,
-            max_block_tokens=host.max_block_tokens,
         ))
     return plans

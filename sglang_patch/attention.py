@@ -160,10 +160,27 @@ def record_queries(pool: MosaicKVPool, layer_id: int, q: torch.Tensor, reqs: lis
 # group, extend rows many tokens' (too many for sparse keys read by query gathers). 64-row
 # extend tiles took 29.3 ms per layer where 32 took 46.8 for an 8,192-token chunk over
 # 24,576 sealed tokens on an H200 (benchmarks/results/h200x2_2026-11-30d/extend_h200.json).
-# Both pack dense and sparse blocks' kept tokens into shared tiles: the presets keep 8 or
-# 16 tokens of most 32-token segments.
-DECODE_TUNING = MixedAttention(block_m=16, block_n=32, pack_tokens=True)
-EXTEND_TUNING = MixedAttention(block_m=64, block_n=32, keys_by_query=False, wide_block_n=32, pack_tokens=True)
+# Dense blocks' kept tokens share tiles (``pack_tokens``) where segments are at most
+# PACK_MAX_SEGMENT tokens: the presets keep 8 or 16 of most 32-token segments. On an H200
+# (B=32, L=32k, 32/8 heads) the presets' real 3x mix decoded in 0.96 ms packed against 3.23
+# one block per tile, and full dense blocks at 1,983 GB/s against 1,206 with 32-token
+# segments, but at 1,965 against 3,880 with 128-token ones (h200x2_2026-11-30g/summary.json).
+PACK_MAX_SEGMENT = 32
+
+
+def _tuning(extend: bool, pack: bool) -> MixedAttention:
+    if extend:
+        return MixedAttention(block_m=64, block_n=32, keys_by_query=False, wide_block_n=32, pack_tokens=pack)
+    return MixedAttention(block_m=16, block_n=32, pack_tokens=pack)
+
+
+TUNINGS = {(extend, pack): _tuning(extend, pack) for extend in (False, True) for pack in (False, True)}
+DECODE_TUNING, EXTEND_TUNING = TUNINGS[False, True], TUNINGS[True, True]
+
+
+def tuning_for(extend: bool, segment_size: int) -> MixedAttention:
+    """The kernels' tiles for an extend or a decode over segments of ``segment_size``."""
+    return TUNINGS[extend, segment_size <= PACK_MAX_SEGMENT]
 
 
 @dataclass
@@ -228,7 +245,7 @@ def plan_forward(pool: MosaicKVPool, reqs: list[RequestKV], num_q_heads: int, ex
     if num_q_heads % hkv:
         raise ValueError(f"{num_q_heads} query heads are not a multiple of {hkv} KV heads")
     group = num_q_heads // hkv
-    tuning = EXTEND_TUNING if extend else DECODE_TUNING
+    tuning = tuning_for(extend, pool.plan.segment_size)
     device = torch.device(pool.device)
     max_programs = default_max_programs(device)
     dense = None
@@ -332,7 +349,8 @@ class MosaicAttnBackend(TorchNativeAttnBackend):
         heads = self._num_q_heads()
         if not self._compiled:
             self._compile(heads)
-        self._graph = DecodeGraph(self.token_to_kv_pool, heads, max_bs, self._menu, self._menu_aligned, DECODE_TUNING,
+        self._graph = DecodeGraph(self.token_to_kv_pool, heads, max_bs, self._menu, self._menu_aligned,
+                                  tuning_for(False, self.token_to_kv_pool.plan.segment_size),
                                   self._model_config.context_len)
 
     def get_cuda_graph_seq_len_fill_value(self) -> int:
@@ -367,7 +385,7 @@ class MosaicAttnBackend(TorchNativeAttnBackend):
         aligned = all(s.width % 8 == 0 for s in sides if s.kind != "dense")
         self._menu, self._menu_aligned = variants, aligned
         start = time.perf_counter()
-        for tuning in (DECODE_TUNING, EXTEND_TUNING):
+        for tuning in (tuning_for(False, pool.plan.segment_size), tuning_for(True, pool.plan.segment_size)):
             compile_variants(variants, tuning, num_q_heads // pool.head_num, pool.head_num, pool.head_dim, pool.dtype,
                              aligned, True, pool.query_stats.window > 0, pool.device)
         self._compiled = True

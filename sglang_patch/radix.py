@@ -73,6 +73,13 @@ class _SealJob:
 # older, slower sealer, whose workspace was 14.7 GiB, a server prefilled 2.5x slower; 64
 # is not yet tried in a server with this one.)
 SEAL_BATCH = 32
+# A call's workspace grows with its segments' K/V elements, so smaller models seal more per
+# call in the workspace of SEAL_BATCH 8B-shaped ones (32 layers x 8 KV heads x 128 x 32
+# tokens), at most MAX_SEAL_BATCH. At 32 a call SmolLM2-135M sealed 60,720 segments in
+# 62.7 s on an H200, about 1 ms a segment as for the 8B: bound by the call, not the bytes
+# (h200x2_2026-11-30g/summary.json). Larger models keep SEAL_BATCH.
+REFERENCE_SEGMENT_ELEMENTS = 32 * 8 * 128 * 32
+MAX_SEAL_BATCH = 256
 # Segments closed while decoding that seal together (MosaicRadixCache.seal_decoded): on an
 # H200 a call for one 8B-shaped segment took 30 ms (33.2 segments/s) and one for eight
 # about 57 ms (139.7/s, the session before), and requests close segments at different steps.
@@ -438,8 +445,16 @@ def mosaic_radix_factory(ctx) -> RadixCache:
         seal_inline=PackedSealer(policy, ctx.model_config.head_dim) if on_device else None,
         defer_margin=prefill_batch_tokens(ctx.server_args),  # room for the next chunk
         decode_batch=DECODE_SEAL_BATCH,
-        seal_batch=ctx.server_args.kv_compress_seal_batch or SEAL_BATCH,
+        seal_batch=ctx.server_args.kv_compress_seal_batch or default_seal_batch(
+            ctx.params.token_to_kv_pool_allocator.get_kvcache(), policy.segment_size),
     )
+
+
+def default_seal_batch(pool, segment_size: int) -> int:
+    """Segments per device sealing call without --kv-compress-seal-batch: SEAL_BATCH
+    8B-shaped segments' workspace, in this pool's segments (SEAL_BATCH to MAX_SEAL_BATCH)."""
+    elements = pool.layer_num * pool.head_num * pool.head_dim * segment_size
+    return max(SEAL_BATCH, min(MAX_SEAL_BATCH, SEAL_BATCH * REFERENCE_SEGMENT_ELEMENTS // elements))
 
 
 def idle_drain_hook(scheduler, *args, **kwargs) -> None:

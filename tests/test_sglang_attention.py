@@ -453,3 +453,13 @@ def test_a_plan_reuses_each_requests_runs_until_a_slab_holds_another_segment():
     third, _ = host_plan(pool, reqs, 3, DECODE_TUNING, 8, chunk_tokens=64)
     assert cache.misses > misses
     assert runs_by_layer(third) == runs_by_layer(whole_batch(64)) != runs_by_layer(first)
+
+
+def test_dense_tokens_share_tiles_only_where_segments_are_short() -> None:
+    """Packing won on an H200 with 32-token segments and lost with 128-token ones."""
+    from mosaickv.sglang_patch.attention import PACK_MAX_SEGMENT, tuning_for
+
+    for extend in (False, True):
+        assert tuning_for(extend, 32).pack_tokens and tuning_for(extend, 8).pack_tokens
+        assert not tuning_for(extend, 128).pack_tokens and not tuning_for(extend, PACK_MAX_SEGMENT + 1).pack_tokens
+        assert tuning_for(extend, 32).block_m == tuning_for(extend, 128).block_m == (64 if extend else 16)

@@ -24,7 +24,14 @@ from sglang.srt.mem_cache.registry import get_radix_cache_factory  # noqa: E402
 from mosaickv.formats import HEADER_BYTES  # noqa: E402
 from mosaickv.sealer import seal_segment  # noqa: E402
 from mosaickv.sglang_patch.pool import MosaicKVPool  # noqa: E402
-from mosaickv.sglang_patch.radix import DECODE_SEAL_BATCH, SEAL_BATCH, MosaicRadixCache, mosaic_radix_factory  # noqa: E402
+from mosaickv.sglang_patch.radix import (  # noqa: E402
+    DECODE_SEAL_BATCH,
+    MAX_SEAL_BATCH,
+    SEAL_BATCH,
+    MosaicRadixCache,
+    default_seal_batch,
+    mosaic_radix_factory,
+)
 from mosaickv.sglang_patch.sizing import KVShape, plan_capacity  # noqa: E402
 from seal_compressors import FMT, SEG, CountingCompressor, RecordingCompressor  # noqa: E402
 
@@ -81,7 +88,16 @@ def test_factory_seals_as_the_sealing_flag_says(sealing, seal_batch):
     assert tree.on_device == (sealing == "device") and (tree._workers is None) == (sealing == "device")
     assert tree.defer_margin == 4096  # room for the next chunk
     assert tree.decode_batch == DECODE_SEAL_BATCH > 1
-    assert tree.seal_batch == (seal_batch or SEAL_BATCH)
+    assert tree.seal_batch == (seal_batch or MAX_SEAL_BATCH)  # this pool's segments are tiny
+
+
+def test_default_seal_batch_keeps_the_workspace_of_32_8b_segments():
+    shape = lambda layers, heads, d: SimpleNamespace(layer_num=layers, head_num=heads, head_dim=d)  # noqa: E731
+    assert default_seal_batch(shape(32, 8, 128), 32) == SEAL_BATCH == 32  # Llama-8B: the measured default
+    assert default_seal_batch(shape(30, 3, 64), 32) == 182  # SmolLM2-135M: 5.7x smaller segments
+    assert default_seal_batch(shape(32, 4, 128), 32) == 64  # 8B at --tp 2: half the heads per rank
+    assert default_seal_batch(shape(80, 8, 128), 32) == SEAL_BATCH  # larger models keep 32
+    assert default_seal_batch(shape(2, 2, 32), 16) == MAX_SEAL_BATCH
 
 
 def test_sealing_on_the_device_seals_the_bytes_inline_sealing_does():

@@ -149,9 +149,8 @@ def _tile_step(q, qk, qk_lo, q_ptr, q_rows, n_rows, values_ptr, index_ptr, k_off
                K_KIND: tl.constexpr, V_KIND: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr, R_MAX: tl.constexpr, R_LOG2: tl.constexpr,
                SPARSE_MODE: tl.constexpr, KEYS_BY_QUERY: tl.constexpr):
-    """One online-softmax step over a tile of compressed tokens ``tok`` (offsets, widths
-    and aux scalars of one block, or ``[BLOCK_N, 1]`` per row when tokens of several
-    blocks share the tile). ``qk``/``qk_lo``: the query as projected keys read it;
+    """One online-softmax step over a tile of one block's compressed tokens ``tok``.
+    ``qk``/``qk_lo``: the query as projected keys read it;
     r-space values (mask, lowrank) accumulate into ``blk_acc``, the rest into ``acc``.
     Returns (m_i, l_i, acc, blk_acc)."""
     vt = _tile(values_ptr, index_ptr, v_off, v_w, v_aux, tok, tok_ok, toks, cols, jr, scr_v, V_KIND, HEAD_DIM,
@@ -266,11 +265,11 @@ def _mixed_attn_kernel(
                 m_i, l_i, acc = _dense_step(q, kt, vt, pos_ok[None, :] & (pos[None, :] <= vis[:, None]), qk_scale,
                                             m_i, l_i, acc)
         elif PACK_TOKENS:
-            # Dense and sparse blocks' kept tokens back to back, BLOCK_N to a tile whatever
-            # each block keeps (the presets keep 0-32 of a 32-token segment, mostly 8 or 16):
-            # one chain of dependent loads per tile instead of per block. Tile row r is in
-            # the block whose kept tokens end first past r, of the next BLOCK_N blocks;
-            # ``done`` tokens of block ``j0`` were attended by the tile before.
+            # Dense blocks' kept tokens back to back, BLOCK_N to a tile whatever each block
+            # keeps (the presets keep 0-32 of a 32-token segment, mostly 8 or 16): one chain
+            # of dependent loads per tile instead of per block. Tile row r is in the block
+            # whose kept tokens end first past r, of the next BLOCK_N blocks; ``done``
+            # tokens of block ``j0`` were attended by the tile before.
             blk_hi = tl.load(item + 4)
             j0 = tl.load(item + 3)
             done = j0 * 0
@@ -286,22 +285,14 @@ def _mixed_attn_kernel(
                 tok = toks - tl.gather(start, sel, 0)
                 k_off = tl.gather(tl.load(ent + 3, mask=b_ok, other=0), sel, 0)
                 v_off = tl.gather(tl.load(ent + 7, mask=b_ok, other=0), sel, 0)
-                k_w = tl.gather(tl.load(ent + 2, mask=b_ok, other=0).to(tl.int32), sel, 0)
-                v_w = tl.gather(tl.load(ent + 6, mask=b_ok, other=0).to(tl.int32), sel, 0)
-                k_aux = tl.gather(tl.load(ent + 4, mask=b_ok, other=0), sel, 0)
-                v_aux = tl.gather(tl.load(ent + 8, mask=b_ok, other=0), sel, 0)
                 if ALIGNED:
                     k_off = tl.multiple_of(k_off, 8)
                     v_off = tl.multiple_of(v_off, 8)
-                    k_w = tl.multiple_of(k_w, 8)
-                    v_w = tl.multiple_of(v_w, 8)
-                    k_aux = tl.multiple_of(k_aux, 16)
-                    v_aux = tl.multiple_of(v_aux, 16)
-                m_i, l_i, acc, _ = _tile_step(q, q, q, q_ptr, q_rows, n_rows, values_ptr, index_ptr, k_off[:, None],
-                                              k_w[:, None], k_aux[:, None], v_off[:, None], v_w[:, None], v_aux[:, None],
-                                              tok, tok_ok, toks, cols, jr, rows, scr_k, scr_v, qk_scale, m_i, l_i, acc,
-                                              acc, K_KIND, V_KIND, HEAD_DIM, BLOCK_M, BLOCK_N, R_MAX, R_LOG2,
-                                              SPARSE_MODE, KEYS_BY_QUERY)
+                rows_k = k_off[:, None] + tok[:, None] * HEAD_DIM + cols[None, :]
+                rows_v = v_off[:, None] + tok[:, None] * HEAD_DIM + cols[None, :]
+                kt = tl.load(values_ptr + rows_k, mask=tok_ok[:, None], other=0.0)
+                vt = tl.load(values_ptr + rows_v, mask=tok_ok[:, None], other=0.0)
+                m_i, l_i, acc = _dense_step(q, kt, vt, tok_ok[None, :], qk_scale, m_i, l_i, acc)
                 n_full = tl.sum((end <= BLOCK_N).to(tl.int32), 0)
                 done = tl.where(n_full < BLOCK_N, BLOCK_N - tl.sum(tl.where(toks == n_full, start, 0), 0), 0)
                 j0 += n_full
@@ -429,9 +420,9 @@ class MixedAttention:
     ) -> None:
         """``block_n``: tokens per tile of launches with a sparse side (whose densify grows
         with the tile); ``wide_block_n``: of the others (dense, mask, low-rank, tails),
-        where a longer tile keeps more bytes in flight. ``pack_tokens``: tiles of launches
-        whose sides are dense or sparse hold kept tokens of consecutive blocks back to back
-        (blocks that dropped most tokens fill a tile together). ``prefetch_entries``: load each block's table
+        where a longer tile keeps more bytes in flight. ``pack_tokens``: tiles of dense
+        launches hold kept tokens of consecutive blocks back to back (blocks that dropped
+        most tokens fill a tile together). ``prefetch_entries``: load each block's table
         entry one block ahead (``benchmarks/kernels/diag_formats.py`` compares both)."""
         if sparse_densify not in SPARSE_MODES:
             raise ValueError(f"sparse_densify={sparse_densify!r} is not one of {', '.join(SPARSE_MODES)}")
@@ -503,9 +494,10 @@ class MixedAttention:
         return self.block_n if SPARSE in (k_kind, v_kind) else self.wide_block_n
 
     def packs(self, k_kind: int, v_kind: int) -> bool:
-        """Whether a launch of this format pair packs tokens of several blocks per tile
-        (dense and sparse sides only: a mask's or low-rank basis is per block)."""
-        return self.pack_tokens and k_kind in (DENSE, SPARSE) and v_kind in (DENSE, SPARSE)
+        """Whether a launch of this format pair packs tokens of several blocks per tile:
+        dense pairs only (a mask's or low-rank basis is per block, and on an H200 sparse
+        sides ran slower packed: benchmarks/results/h200x2_2026-11-30g/summary.json)."""
+        return self.pack_tokens and k_kind == DENSE and v_kind == DENSE
 
     @property
     def plan_info(self) -> AttentionPlan:

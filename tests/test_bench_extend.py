@@ -24,7 +24,8 @@ def test_smoke_run_checks_both_kernels_and_writes_their_times(tmp_path):
                        "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert [r["prefix"] for r in result["rows"]] == [0, 101]
-    assert [(r["sealed_prefix"], r["tile"]) for r in result["sealed_rows"]] == [(101, "32x32"), (101, "16x16")]
+    assert [(r["sealed_prefix"], r["tile"], r["packed"]) for r in result["sealed_rows"]] == [
+        (101, "32x32", False), (101, "32x32", True), (101, "16x16", False), (101, "16x16", True)]
     assert all(r["ours_ms"] > 0 for r in result["sealed_rows"])
     for r in result["rows"]:
         assert r["max_abs_diff"] < 2e-2 and r["ours_ms"] > 0 and r["sglang_ms"] > 0
@@ -38,5 +39,7 @@ def test_a_tile_that_misses_the_reference_is_recorded_untimed_and_fails_the_run(
     out = tmp_path / "extend.json"
     assert bench.main(["--smoke", "--heads", "6/2", "--head-dim", "64", "--prefix", "101", "--tiles", "16x16",
                        "--json", str(out)]) == 1
-    (row,) = json.loads(out.read_text())["sealed_rows"]
-    assert row["tile"] == "16x16" and "ours_ms" not in row and row["mismatched"] > 0.5 and row["nan"] is False
+    rows = json.loads(out.read_text())["sealed_rows"]
+    assert [row["packed"] for row in rows] == [False, True]
+    for row in rows:
+        assert row["tile"] == "16x16" and "ours_ms" not in row and row["mismatched"] > 0.5 and row["nan"] is False

@@ -14,7 +14,8 @@ causally to themselves after a dense prefix of ``P`` tokens, through
 Both outputs are checked against each other before timing. ``--tiles`` adds the part
 that stayed: the same chunk over a prefix of ``P`` sealed tokens (32-token segments in a
 mix of formats near ``mosaic`` at 3x, packed by ``pack_block``) and no dense row, in our
-kernel with each ``BLOCK_MxBLOCK_N`` tile (the server's is EXTEND_TUNING's, 64x32), checked against the
+kernel with each ``BLOCK_MxBLOCK_N`` tile (the server's is EXTEND_TUNING's, 64x32), one block per tile and
+dense blocks packed (``pack_tokens``, the server's with 32-token segments), checked against the
 reference: a tile that does not match is recorded with its error, not timed, and the run
 exits 1 after writing the JSON. Medians (``do_bench``) on a GPU; on the CPU (``--smoke``, Triton interpreter)
 one timed run of a tiny shape, for tests.
@@ -64,7 +65,7 @@ def row(prefix: int, nq: int, hq: int, hkv: int, d: int, device: torch.device) -
     q = torch.randn(nq, hq, d, generator=g).to(device, torch.bfloat16)
     scale = 1 / math.sqrt(d)
 
-    ours = MixedExtendWrapper(EXTEND_TUNING.block_m, EXTEND_TUNING.block_n)
+    ours = MixedExtendWrapper(EXTEND_TUNING.block_m, EXTEND_TUNING.block_n, pack_tokens=EXTEND_TUNING.pack_tokens)
     ours.plan([CompressedLayer()], [k.transpose(0, 1).contiguous()], [v.transpose(0, 1).contiguous()], [nq], hq, hkv,
               d, device, scale, chunk_tokens=WHOLE_RUNS)
     out_ours = ours.run(q)
@@ -113,9 +114,9 @@ def sealed_rows(prefix: int, nq: int, hq: int, hkv: int, d: int, tiles: list[str
     empty = torch.zeros(hkv, 0, d)
     ref = attention(q.transpose(0, 1), layer, empty, empty).transpose(0, 1)
     rows = []
-    for tile in tiles:
+    for tile, pack in ((t, p) for t in tiles for p in (False, True)):
         block_m, block_n = (int(x) for x in tile.split("x"))
-        ours = MixedExtendWrapper(block_m, block_n)
+        ours = MixedExtendWrapper(block_m, block_n, pack_tokens=pack)
         ours.plan_layers([layer], [empty], [empty], [nq], hq, hkv, d, device, 1 / math.sqrt(d), chunk_tokens=WHOLE_RUNS)
         qd = q.to(device)
         out = ours.run(qd).float().cpu()
@@ -123,11 +124,11 @@ def sealed_rows(prefix: int, nq: int, hq: int, hkv: int, d: int, tiles: list[str
             torch.testing.assert_close(out, ref, atol=3e-2, rtol=3e-2)
         except AssertionError as err:  # recorded, not timed: a wrong tile has no speed
             bad = ~torch.isclose(out, ref, atol=3e-2, rtol=3e-2)
-            rows.append({"sealed_prefix": prefix, "chunk": nq, "tile": tile, "error": str(err).splitlines()[0],
+            rows.append({"sealed_prefix": prefix, "chunk": nq, "tile": tile, "packed": pack, "error": str(err).splitlines()[0],
                          "mismatched": round(float(bad.float().mean()), 4), "nan": bool(out.isnan().any())})
             print(json.dumps(rows[-1]), flush=True)
             continue
-        rows.append({"sealed_prefix": prefix, "chunk": nq, "tile": tile, "ours_ms": round(median_s(lambda: ours.run(qd), device) * 1e3, 3)})
+        rows.append({"sealed_prefix": prefix, "chunk": nq, "tile": tile, "packed": pack, "ours_ms": round(median_s(lambda: ours.run(qd), device) * 1e3, 3)})
         print(json.dumps(rows[-1]), flush=True)
     return rows
 

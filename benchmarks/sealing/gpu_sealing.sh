@@ -12,5 +12,7 @@ run seal 240 python3 benchmarks/sealing/bench_seal.py --device cuda --layers 32 
   --segments 256 --batch 32 64 128 --profile 32 --json "$D/sealing_batched.json"
 run seal_no_lowrank 120 python3 benchmarks/sealing/bench_seal.py --device cuda --policy benchmarks/sealing/mosaic_no_lowrank.yaml \
   --layers 32 --kv-heads 8 --head-dim 128 --segments 128 --batch 32 --profile 32 --json "$D/sealing_no_lowrank.json"
+run seal_smollm2 120 python3 benchmarks/sealing/bench_seal.py --device cuda --layers 30 --kv-heads 3 --head-dim 64 \
+  --segments 364 --batch 32 182 --json "$D/sealing_smollm2.json"
 run extend 200 python3 benchmarks/kernels/bench_extend.py --json "$D/extend.json" --tiles 32x32 64x32 64x64
 tar czf "$D/logs.tgz" -C "$L" .

@@ -10,7 +10,7 @@
 #                                                       (BUDGET_S: seconds for it, 560 unless less device time is left)
 #   PART=stage_eq  bash benchmarks/device_session.sh   # carry .device/c5: stage, 8B model, then eq (a restaged machine)
 #   PART=smollm2   bash benchmarks/device_session.sh   # SmolLM2 random8k: none, fp8 | mosaic3, mosaic6 (BUDGET_S as above)
-#   PART=kernels   bash benchmarks/device_session.sh   # decode kernel per format, segments of 32 | of 128 (prefetch on/off)
+#   PART=kernels   bash benchmarks/device_session.sh   # ncu: packed vs one block per tile | diag_formats at 128-token segments
 #   PART=stage_kernels bash benchmarks/device_session.sh   # carry .device/c5: stage; diag_formats at 32, bench_decode |
 #                                                       8B model, GPU tests (a restaged machine, then eq and smollm2)
 # Record the session's commit yourself: the machine's git log is stale.
@@ -69,11 +69,12 @@ case $PART in
     suite 1 30010 "${BUDGET_S:-560}" MODEL=smollm2 WORKLOAD=random8k METHODS="mosaic3 mosaic6"
     wait ;;
   kernels)
-    for g in 0 1; do
-      seg=$([ $g = 0 ] && echo 32 || echo 128); mkdir -p "$OUT/diag$seg"
-      (CUDA_VISIBLE_DEVICES=$g timeout 540 python3 benchmarks/kernels/diag_formats.py --segment $seg --out "$OUT/diag$seg" \
-         > "$LOG/diag$seg.txt" 2>&1; say "diag_formats --segment $seg rc=$?") &
-    done
+    (CUDA_VISIBLE_DEVICES=0 timeout 540 bash benchmarks/kernels/ncu_decode.sh "$OUT/ncu" > "$LOG/ncu.txt" 2>&1
+     say "ncu_decode rc=$?") &
+    mkdir -p "$OUT/diag128"
+    CUDA_VISIBLE_DEVICES=1 timeout 540 python3 benchmarks/kernels/diag_formats.py --segment 128 --out "$OUT/diag128" \
+      > "$LOG/diag128.txt" 2>&1
+    say "diag_formats --segment 128 rc=$?"
     wait ;;
   stage_kernels)
     stage

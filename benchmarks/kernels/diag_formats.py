@@ -64,6 +64,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("."))
     ap.add_argument("--segment", type=int, default=32, help="tokens per segment (the presets' segment_size: 32)")
     ap.add_argument("--formats", nargs="*", help="only these (default: all)")
+    ap.add_argument("--settings", nargs="*", type=int, help="only these rows of SETTINGS, by index (default: all)")
+    ap.add_argument("--profile-once", action="store_true",
+                    help="no timing: each setting runs once after its warm-up, for a profiler such as ncu to read "
+                         "(benchmarks/kernels/ncu_decode.sh)")
     args = ap.parse_args()
     seg = args.segment
     sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -78,13 +82,22 @@ def main() -> None:
         arena, indptr, indices = synthetic_arena(B * HKV, segs, pattern, D, "cuda")
         read = arena.nbytes() + arena.table.numel() * 8 + tail.numel() * 4
         ref = None
-        for kwargs, per_sm in SETTINGS:
+        for i, (kwargs, per_sm) in enumerate(SETTINGS):
+            if args.settings is not None and i not in args.settings:
+                continue
             w = MixedDecodeWrapper(**kwargs)
             w.plan_arena(arena, indptr, indices, tail, tail, np.arange(B + 1) * tail_len, np.ones(B, dtype=np.int64),
                          HQ, HKV, max_programs=per_sm * sms)
             out = w.run(q)
             ref = out.float() if ref is None else ref
             err = float((out.float() - ref).norm() / ref.norm())
+            if args.profile_once:
+                torch.cuda.synchronize()
+                print(f"profiled run: {name} setting {i} {kwargs} per_sm={per_sm}, launches "
+                      f"{[(ln.k_kind, ln.v_kind) for ln in w.plan_info.launches]}", flush=True)
+                w.run(q, out=out)
+                torch.cuda.synchronize()
+                continue
             t = triton.testing.do_bench(lambda: w.run(q, out=out), warmup=10, rep=40, return_mode="median") * 1e-3
             rows.append({"format": name, "segment": seg, **kwargs, "programs_per_sm": per_sm,
                          "rel_err_vs_first": err, "time_s": t, "bytes": read, "GBps": read / t / 1e9})

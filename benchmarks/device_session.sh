@@ -10,7 +10,8 @@
 #                                                       (BUDGET_S: seconds for it, 560 unless less device time is left)
 #   PART=stage_eq  bash benchmarks/device_session.sh   # carry .device/c5: stage, 8B model, then eq (a restaged machine)
 #   PART=smollm2   bash benchmarks/device_session.sh   # SmolLM2 random8k: none, fp8 | mosaic3, mosaic6 (BUDGET_S as above)
-#   PART=kernels   bash benchmarks/device_session.sh   # ncu: packed vs one block per tile | diag_formats at 128-token segments
+#   PART=kernels   bash benchmarks/device_session.sh   # ncu: packed vs one block per tile | diag_formats at 128-token
+#                                                       segments, then the host's decode step at SmolLM2's shape on the GPU
 #   PART=stage_kernels bash benchmarks/device_session.sh   # carry .device/c5: stage; diag_formats at 32, bench_decode |
 #                                                       8B model, GPU tests (a restaged machine, then eq and smollm2)
 # Record the session's commit yourself: the machine's git log is stale.
@@ -75,6 +76,13 @@ case $PART in
     CUDA_VISIBLE_DEVICES=1 timeout 540 python3 benchmarks/kernels/diag_formats.py --segment 128 --out "$OUT/diag128" \
       > "$LOG/diag128.txt" 2>&1
     say "diag_formats --segment 128 rc=$?"
+    # The host's decode step at SmolLM2's shape with the pool on the GPU, as a server's
+    # (240 requests: the seventh run's serving batch; this CPU's figures in results/).
+    CUDA_VISIBLE_DEVICES=1 timeout $(( 580 - $(date +%s) + T0 )) python3 benchmarks/host/decode_step_host.py --device cuda \
+      --requests 240 --segments 247 --layers 30 --kv-heads 3 --head-dim 64 --group 3 --max-programs 1056 --repeat 3 \
+      --policy-formats benchmarks/results/eval_dense_values_2k_segment.json --policy mosaic_dense_values_3x \
+      --json "$OUT/host_decode_step_smollm2_240_cuda.json" > "$LOG/host_step.txt" 2>&1
+    say "decode_step_host rc=$?"
     wait ;;
   stage_kernels)
     stage

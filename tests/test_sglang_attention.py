@@ -312,11 +312,12 @@ def test_an_extend_reads_dense_rows_between_sealed_segments_and_requests_without
 def assert_same_stats(a, b) -> None:
     """Two pools' query statistics hold the same segments with close sums, equal counts."""
     a.flush(), b.flush()
-    assert a._sum.keys() == b._sum.keys() and len(a) > 0
-    for key in a._sum:
-        torch.testing.assert_close(a._sum[key], b._sum[key], atol=1e-2, rtol=1e-2)
-        torch.testing.assert_close(a._attn[key], b._attn[key], atol=2e-3, rtol=2e-2)
-        assert torch.equal(a._count[key], b._count[key]) and torch.equal(a._attn_count[key], b._attn_count[key])
+    assert a._rows.keys() == b._rows.keys() and len(a) > 0
+    for key in a._rows:
+        i, j = a._rows[key], b._rows[key]
+        torch.testing.assert_close(a._sum[i], b._sum[j], atol=1e-2, rtol=1e-2)
+        torch.testing.assert_close(a._attn[i], b._attn[j], atol=2e-3, rtol=2e-2)
+        assert torch.equal(a._count[i], b._count[j]) and torch.equal(a._attn_count[i], b._attn_count[j])
 
 
 def test_kernel_path_plans_once_per_forward():

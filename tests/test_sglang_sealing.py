@@ -355,3 +355,33 @@ def test_full_arena_leaves_segments_dense_until_eviction_frees_a_slab(caplog):
     stack.insert(1, [5000 + i for i in range(128)])  # the next insert on its path retries
     stack.tree.drain(wait=True)
     assert pool.arena.live_slabs == 1 and kv_compress_info(pool)["part_failures"] == {}
+
+
+def test_statistics_rows_are_reused_zeroed_and_given_back(monkeypatch):
+    """Segments' sums live in rows of shared tables: 300 segments grow them, dropping all
+    but a few compacts them (past KEEP_ROWS, here 64) with the survivors' sums intact, and
+    a segment that takes a freed row starts from zero."""
+    from mosaickv.sglang_patch import query_stats
+
+    monkeypatch.setattr(query_stats, "KEEP_ROWS", 64)
+    stats = SegmentQueryStats(LAYERS, HKV, D, SEG)
+    g = torch.Generator().manual_seed(4)
+    slots = torch.arange(1000, 1000 + 300 * SEG)
+    q = torch.randn(LAYERS, 300 * SEG, HKV * 2, D, generator=g)
+    for layer in range(LAYERS):  # one 300-segment prompt
+        stats.observe(layer, q[layer], slots)
+    keys = [int(slots[i * SEG]) for i in range(300)]
+    want = {key: stats.rms(key) for key in keys[:3]}
+    assert len(stats) == 300 and stats._count.shape[0] >= 300
+    stats.release(slots[3 * SEG :: SEG])
+    assert len(stats) == 3 and stats._count.shape[0] == 64  # compacted
+    for key, rms in want.items():
+        assert torch.equal(stats.rms(key), rms)
+    stats.release(slots[2 * SEG : 2 * SEG + 1])  # its row, full of sums, is the next one taken
+    assert len(stats) == 2 and stats._count.shape[0] == 64
+    fresh = slots[3 * SEG : 4 * SEG]  # a freed segment's slots reused by a new one-token query
+    for layer in range(LAYERS):
+        stats.observe(layer, q[layer, :1], fresh[:1])
+    energy = q[:, 0].double().pow(2).view(LAYERS, HKV, 2, D).sum(2) / 2
+    torch.testing.assert_close(stats.rms(int(fresh[0])),
+                               (0.5 * (energy + energy.roll(D // 2, dims=-1))).sqrt().float())

@@ -93,8 +93,7 @@ def main(argv: list[str] | None = None) -> int:
               "args": vars(args), "rows": rows}
     print(json.dumps(result))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+        Path(args.json).write_text(json.dumps(result, indent=1))
     return 0
 
 

@@ -80,9 +80,13 @@ SEAL_BATCH = 32
 # (h200x2_2026-11-30g/summary.json). Larger models keep SEAL_BATCH.
 REFERENCE_SEGMENT_ELEMENTS = 32 * 8 * 128 * 32
 MAX_SEAL_BATCH = 256
-# Segments closed while decoding that seal together (MosaicRadixCache.seal_decoded): on an
-# H200 a call for one 8B-shaped segment took 30 ms (33.2 segments/s) and one for eight
-# about 57 ms (139.7/s, the session before), and requests close segments at different steps.
+# Segments closed while decoding that seal together (MosaicRadixCache.seal_decoded) when
+# worker processes seal them: on an H200 a call for one 8B-shaped segment took 30 ms (33.2
+# segments/s) and one for eight about 57 ms (139.7/s, the session before), and requests
+# close segments at different steps. Sealing on the device takes a whole sealing call's
+# worth (the seal batch): at 240 requests SmolLM2 closed about 7 segments a step, so eight
+# a call sealed at nearly every step, and its ITL p50 was 57.4 ms against none's 9.9
+# (h200x2_2026-11-30g). The oldest waits at most half a segment's steps either way.
 DECODE_SEAL_BATCH = 8
 
 
@@ -433,6 +437,8 @@ def mosaic_radix_factory(ctx) -> RadixCache:
         return default_radix_cache_factory(ctx)
     policy = ctx.server_args.mosaic_policy
     on_device = ctx.server_args.kv_compress_sealing == "device"
+    seal_batch = ctx.server_args.kv_compress_seal_batch or default_seal_batch(
+        ctx.params.token_to_kv_pool_allocator.get_kvcache(), policy.segment_size)
     return MosaicRadixCache(
         ctx.params,
         compress=PolicyCompressor(policy, ctx.model_config.head_dim),
@@ -444,9 +450,8 @@ def mosaic_radix_factory(ctx) -> RadixCache:
         on_device=on_device,
         seal_inline=PackedSealer(policy, ctx.model_config.head_dim) if on_device else None,
         defer_margin=prefill_batch_tokens(ctx.server_args),  # room for the next chunk
-        decode_batch=DECODE_SEAL_BATCH,
-        seal_batch=ctx.server_args.kv_compress_seal_batch or default_seal_batch(
-            ctx.params.token_to_kv_pool_allocator.get_kvcache(), policy.segment_size),
+        decode_batch=seal_batch if on_device else DECODE_SEAL_BATCH,
+        seal_batch=seal_batch,
     )
 
 

@@ -87,8 +87,9 @@ def test_factory_seals_as_the_sealing_flag_says(sealing, seal_batch):
                                                 model_config=SimpleNamespace(head_dim=32)))
     assert tree.on_device == (sealing == "device") and (tree._workers is None) == (sealing == "device")
     assert tree.defer_margin == 4096  # room for the next chunk
-    assert tree.decode_batch == DECODE_SEAL_BATCH > 1
     assert tree.seal_batch == (seal_batch or MAX_SEAL_BATCH)  # this pool's segments are tiny
+    # Decoded segments seal a call's worth at a time on the device, eight to the workers.
+    assert tree.decode_batch == (tree.seal_batch if sealing == "device" else DECODE_SEAL_BATCH) > 1
 
 
 def test_default_seal_batch_keeps_the_workspace_of_32_8b_segments():

@@ -38,6 +38,7 @@ SETTINGS = [
     ({"block_n": 32}, 8),
     ({"block_n": 32, "pack_tokens": True}, 16),
     ({"block_n": 32, "pack_tokens": True, "wide_block_n": 128}, 8),
+    ({"block_n": 32, "pack_tokens": True, "wide_block_n": 32}, 8),
     ({"block_n": 64, "pack_tokens": True}, 8),
     ({"block_n": 32, "prefetch_entries": True}, 8),
 ]

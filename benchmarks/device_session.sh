@@ -10,6 +10,8 @@
 #                                                       (BUDGET_S: seconds for it, 560 unless less device time is left)
 #   PART=stage_eq  bash benchmarks/device_session.sh   # carry .device/c5: stage, 8B model, then eq (a restaged machine)
 #   PART=smollm2   bash benchmarks/device_session.sh   # SmolLM2 random8k: none, fp8 | mosaic3, mosaic6 (BUDGET_S as above)
+#   PART=rows MODEL=M WORKLOAD=W [N=n] bash benchmarks/device_session.sh   # the same for any model and workload of
+#                                                       benchmarks/suite/workloads.py (e.g. smollm2 gsp, llama8b-random random8k)
 #   PART=kernels   bash benchmarks/device_session.sh   # ncu: packed vs one block per tile | diag_formats at 128-token
 #                                                       segments, then the host's decode step at SmolLM2's shape on the GPU
 #   PART=stage_kernels bash benchmarks/device_session.sh   # carry .device/c5: stage; diag_formats at 32, bench_decode |
@@ -17,7 +19,7 @@
 # Record the session's commit yourself: the machine's git log is stale.
 set -uo pipefail
 PART=${PART:?set PART=first, profile, eq or admission}
-case $PART in first|profile|eq|admission|stage_eq|smollm2|kernels|stage_kernels) ;; *) echo "PART=$PART is not one of first, profile, eq, admission, stage_eq, smollm2, kernels, stage_kernels"; exit 2 ;; esac
+case $PART in first|profile|eq|admission|stage_eq|smollm2|rows|kernels|stage_kernels) ;; *) echo "PART=$PART is not one of first, profile, eq, admission, stage_eq, smollm2, rows, kernels, stage_kernels"; exit 2 ;; esac
 OUT=${OUT:?the device call sets OUT}
 T0=$(date +%s)
 export PYTHONPATH=/tmp/mkv/site PYTHONUNBUFFERED=1
@@ -65,9 +67,11 @@ case $PART in
     wait ;;
   eq)
     eq 330 ;;
-  smollm2)
-    suite 0 30000 "${BUDGET_S:-560}" MODEL=smollm2 WORKLOAD=random8k METHODS="none fp8" &
-    suite 1 30010 "${BUDGET_S:-560}" MODEL=smollm2 WORKLOAD=random8k METHODS="mosaic3 mosaic6"
+  smollm2|rows)
+    model=${MODEL:-smollm2}; workload=${WORKLOAD:-random8k}
+    if [ "$PART" = smollm2 ]; then model=smollm2; workload=random8k; fi
+    suite 0 30000 "${BUDGET_S:-560}" MODEL=$model WORKLOAD=$workload ${N:+N=$N} METHODS="none fp8" &
+    suite 1 30010 "${BUDGET_S:-560}" MODEL=$model WORKLOAD=$workload ${N:+N=$N} METHODS="mosaic3 mosaic6"
     wait ;;
   kernels)
     (CUDA_VISIBLE_DEVICES=0 timeout 540 bash benchmarks/kernels/ncu_decode.sh "$OUT/ncu" > "$LOG/ncu.txt" 2>&1

@@ -43,37 +43,48 @@ def locate(pool: MosaicKVPool, slots: torch.Tensor) -> list[Run]:
 def locate_many(pool: MosaicKVPool, requests: list[torch.Tensor]) -> list[Runs]:
     """:func:`locate` for a batch: the page tables read in numpy, one slot per page (a
     request's tokens fill its pages in order, SGLang's paged layout: slot % page_size ==
-    position % page_size, checked), and the dense runs of every request mapped to rows in
-    one call; runs are found with numpy, not a Python loop over them (a 32k-token request
-    is 1,024 sealed segments, each its own run): 3.3 -> 0.9 ms for 8 such requests on a
-    2-core CPU (benchmarks/results/host_locate_32k_cpu.json)."""
-    page_to_slab = pool.page_to_slab.numpy()
+    position % page_size, checked), every request's pages at once (each request's first
+    page starts a run), and the dense runs of every request mapped to rows in one call.
+    Runs are found with numpy, not a Python loop over them (a 32k-token request is 1,024
+    sealed segments, each its own run): 3.3 -> 0.9 ms for 8 such requests on a 2-core CPU
+    (benchmarks/results/host_locate_32k_cpu.json)."""
+    if not requests:
+        return []
     ps, seg = pool.page_size, pool.plan.segment_size
+    firsts = [slots.numpy()[::ps] for slots in requests]
+    pages = np.fromiter((len(f) for f in firsts), dtype=np.int64, count=len(firsts))
+    lens = np.fromiter((len(slots) for slots in requests), dtype=np.int64, count=len(requests))
+    firsts = np.concatenate(firsts)
+    if ps > 1 and (firsts % ps).any():
+        raise ValueError(f"a request's tokens do not start its pages (page_size {ps}): its slots are not in "
+                         "SGLang's paged layout")
+    sealed = pool.page_to_slab.numpy()[firsts // ps]
+    start = np.cumsum(pages) - pages  # each request's first page in ``sealed``
+    new = np.ones(len(sealed), dtype=bool)
+    new[1:] = sealed[1:] != sealed[:-1]
+    new[start[pages > 0]] = True
+    lo = np.flatnonzero(new)
+    req = np.searchsorted(start, lo, side="right") - 1  # a request with no pages starts where the next does
+    first = (lo - start[req]) * ps
+    last = np.minimum((np.append(lo[1:], len(sealed)) - start[req]) * ps, lens[req])
+    slab = sealed[lo]
+    is_dense = slab == UNMAPPED
+    partial = np.flatnonzero(~is_dense & (last - first != seg))
+    if len(partial):  # which tokens a part would see is not stored
+        i = partial[0]
+        raise ValueError(f"a request reads {last[i] - first[i]} tokens of sealed segment {slab[i]}; segments are "
+                         "read whole")
+    cuts = np.cumsum(np.bincount(req, minlength=len(requests)))[:-1]
     layouts: list[Runs] = []
     dense: list[torch.Tensor] = []
     dense_at: list[tuple[int, int]] = []  # (request, run) of each dense run, in ``dense`` order
-    for slots in requests:
-        n = len(slots)
-        firsts = slots.numpy()[::ps]
-        if ps > 1 and (firsts % ps).any():
-            raise ValueError(f"a request's tokens do not start its pages (page_size {ps}): its slots are not in "
-                             "SGLang's paged layout")
-        sealed = page_to_slab[firsts // ps]
-        lo = np.flatnonzero(np.concatenate([[True], sealed[1:] != sealed[:-1]])) if len(sealed) else sealed[:0]
-        first = lo * ps
-        last = np.minimum(np.append(lo[1:], len(sealed)) * ps, n)
-        slab = sealed[lo]
-        is_dense = slab == UNMAPPED
-        partial = np.flatnonzero(~is_dense & (last - first != seg))
-        if len(partial):  # which tokens a part would see is not stored
-            i = partial[0]
-            raise ValueError(f"a request reads {last[i] - first[i]} tokens of sealed segment {slab[i]}; segments are "
-                             "read whole")
-        dense_runs = np.flatnonzero(is_dense).tolist()
+    for r, (slots, slab_r, dense_r, first_r, last_r) in enumerate(
+            zip(requests, np.split(slab, cuts), np.split(is_dense, cuts), np.split(first, cuts), np.split(last, cuts))):
+        dense_runs = np.flatnonzero(dense_r).tolist()
         for i in dense_runs:
-            dense_at.append((len(layouts), i))
-            dense.append(slots[first[i] : last[i]])
-        layouts.append(Runs(slab.tolist(), slab[~is_dense], dense_runs))
+            dense_at.append((r, i))
+            dense.append(slots[first_r[i] : last_r[i]])
+        layouts.append(Runs(slab_r.tolist(), slab_r[~dense_r], dense_runs))
     if dense:  # every request's dense runs mapped to rows in one call, then put in place
         for (r, i), rows in zip(dense_at, pool.dense_rows(torch.cat(dense)).split([len(d) for d in dense])):
             layouts[r][i] = rows

@@ -39,3 +39,15 @@ def test_stats_flush_times_both_versions_side_by_side(tmp_path):
     for row in rows.values():
         assert len(row["decode_ms"]) == len(row["prefill_chunk_ms"]) == 2
         assert all(t > 0 for t in row["decode_ms"] + row["prefill_chunk_ms"])
+
+
+def test_locate_host_checks_and_times_both_versions(tmp_path):
+    """benchmarks/host/locate_host.py runs another file's locate_many beside this tree's,
+    after checking both find the same runs (here this tree's file against itself)."""
+    bench = load_script("benchmarks/host/locate_host.py")
+    out = tmp_path / "locate.json"
+    other = Path(__file__).parents[1] / "sglang_patch" / "forward_inputs.py"
+    assert bench.main(["--requests", "3", "--segments", "2", "--layers", "2", "--kv-heads", "2", "--head-dim", "64",
+                       "--rounds", "2", "--calls", "2", "--against", str(other), "--json", str(out)]) == 0
+    times = json.loads(out.read_text())["locate_ms"]
+    assert set(times) == {"this tree", str(other)} and all(len(t) == 2 and min(t) > 0 for t in times.values())

@@ -267,7 +267,8 @@ def test_allocator_clear_gives_back_every_dense_page_slab_and_statistic(paged):
 def test_locate_reads_one_slot_per_page_and_finds_what_every_token_reads():
     """locate_many samples a request's pages (slot % page_size == position % page_size in
     SGLang's paged layout) and finds the runs a token-by-token reading of the page tables
-    finds; slots out of that layout are refused by name."""
+    finds, request by request (an empty one; two that read the same sealed segment back to
+    back, the first last, the second first); slots out of that layout are refused by name."""
     import numpy as np
 
     from mosaickv.sglang_patch.forward_inputs import locate_many
@@ -289,10 +290,14 @@ def test_locate_reads_one_slot_per_page_and_finds_what_every_token_reads():
                                   token_score=torch.rand(seg, generator=rng)) for _ in range(2)] for _ in range(2)]
             pool.seal(sorted({int(s) // 16 for s in slots[j * seg : (j + 1) * seg]}), blocks)
         requests.append(slots)
+    whole = requests[3]  # segments 0..2 sealed
+    requests += [whole[:0], whole[:32], whole[:64]]  # nothing; segment 0's slab alone; that slab, then another
     page_to_slab = pool.page_to_slab.numpy()
-    for slots, runs in zip(requests, locate_many(pool, requests)):
+    located = locate_many(pool, requests)
+    assert len(located) == len(requests) and located[4] == [] and located[5] == located[6][:1]
+    for slots, runs in zip(requests, located):
         per_token = page_to_slab[slots.numpy() // 16]
-        bounds = [0, *(np.flatnonzero(per_token[1:] != per_token[:-1]) + 1).tolist(), len(slots)]
+        bounds = [0, *(np.flatnonzero(per_token[1:] != per_token[:-1]) + 1).tolist(), len(slots)] if len(slots) else [0]
         assert len(runs) == len(bounds) - 1
         for run, lo, hi in zip(runs, bounds, bounds[1:]):
             if per_token[lo] == UNMAPPED:

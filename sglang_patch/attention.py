@@ -164,7 +164,9 @@ def record_queries(pool: MosaicKVPool, layer_id: int, q: torch.Tensor, reqs: lis
 # PACK_MAX_SEGMENT tokens: the presets keep 8 or 16 of most 32-token segments. On an H200
 # (B=32, L=32k, 32/8 heads) the presets' real 3x mix decoded in 0.96 ms packed against 3.23
 # one block per tile, and full dense blocks at 1,983 GB/s against 1,206 with 32-token
-# segments, but at 1,965 against 3,880 with 128-token ones (h200x2_2026-11-30g/summary.json).
+# segments (h200x2_2026-11-30g/summary.json). With 128-token segments packed tiles read 1,965
+# GB/s where one per tile read 3,880 in an earlier run (kernels_bench_decode_h200_policy_mixes
+# .json): not side by side yet (device_session.sh PART=kernels runs both at 128).
 PACK_MAX_SEGMENT = 32
 
 

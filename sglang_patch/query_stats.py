@@ -226,8 +226,8 @@ class SegmentQueryStats:
     def flush(self, wait: bool = True) -> None:
         """Add the sums that have reached the host: all of them with ``wait`` (a reader:
         sealing, dropping), else only those already there (a step must not wait for the
-        GPU). A forward's statistics cost a few ops per segment, not per segment and layer
-        (32 layers x 256 segments of an 8k-token chunk: 8,192 adds, each a Python call)."""
+        GPU). A forward's statistics cost a few ops in all (:meth:`_add`), not a few per
+        segment and layer (32 layers x 256 segments of an 8k-token chunk: 8,192 adds)."""
         self.stage()
         left: list[_Staged] = []
         for staged in self._staged:
@@ -241,8 +241,7 @@ class SegmentQueryStats:
 
     def _add(self, s: _Staged) -> None:
         """One forward's sums into the tables: (row, layer) pairs flattened, one add per table."""
-        self._reserve(s.keys)
-        rows = torch.tensor([self._row(key) for key in s.keys], dtype=torch.int64)
+        rows = self._rows_of(s.keys)
         layers = self.num_layers
         at = (rows[None, :] * layers + s.at[:, None]).reshape(-1)  # [layers x N], as energies are stacked
         self._sum.view(-1, self.num_kv_heads, self.head_dim).index_add_(
@@ -271,23 +270,20 @@ class SegmentQueryStats:
         probs = torch.exp(logits).masked_fill(~visible[:, :, None, None, :], 0.0)
         return probs.sum(dim=(1, 3)).double()
 
-    def _row(self, key: int) -> int:
-        """The segment's row, a free (zero) one if it has none: call :meth:`_reserve` first."""
-        row = self._rows.get(key)
-        if row is None:
-            row = self._rows[key] = self._free.pop()
-        return row
-
-    def _reserve(self, keys: tuple[int, ...]) -> None:
-        """Free rows for every key that has none, the tables grown once if they lack them."""
+    def _rows_of(self, keys: tuple[int, ...]) -> torch.Tensor:
+        """Each key's row, a free (zero) one for a segment that has none; the tables grow
+        once, if they lack free rows."""
         missing = sum(key not in self._rows for key in set(keys)) - len(self._free)
-        if missing <= 0:
-            return
-        old = len(self._count)
-        new = max(64, 2 * old, old + missing)
-        self._sum, self._count, self._attn, self._attn_count = (
-            _resized(t, new) for t in (self._sum, self._count, self._attn, self._attn_count))
-        self._free += range(new - 1, old - 1, -1)
+        if missing > 0:
+            old = len(self._count)
+            new = max(64, 2 * old, old + missing)
+            self._sum, self._count, self._attn, self._attn_count = (
+                _resized(t, new) for t in (self._sum, self._count, self._attn, self._attn_count))
+            self._free += range(new - 1, old - 1, -1)
+        for key in keys:
+            if key not in self._rows:
+                self._rows[key] = self._free.pop()
+        return torch.tensor([self._rows[key] for key in keys], dtype=torch.int64)
 
     def rms(self, first_slot: int) -> torch.Tensor | None:
         """[L, Hkv, d] rotary-pair RMS of the segment's queries (``Observation.query_rms``),

@@ -457,7 +457,8 @@ def test_a_plan_reuses_each_requests_runs_until_a_slab_holds_another_segment():
 
 
 def test_dense_tokens_share_tiles_only_where_segments_are_short() -> None:
-    """Packing won on an H200 with 32-token segments and lost with 128-token ones."""
+    """Packing won on an H200 with 32-token segments; with 128-token ones one block per
+    tile read more (in an earlier run, not side by side)."""
     from mosaickv.sglang_patch.attention import PACK_MAX_SEGMENT, tuning_for
 
     for extend in (False, True):

@@ -146,9 +146,8 @@ def timed(fn, repeat: int, device: str) -> float:
     return statistics.median(times) * 1e3
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--requests", type=int, nargs="+", default=[16, 64])
+def add_pool_args(ap: argparse.ArgumentParser) -> None:
+    """The pool :func:`build` makes: its requests' shape and what seals their segments."""
     ap.add_argument("--segments", type=int, default=36, help="sealed segments per request")
     ap.add_argument("--tail", type=int, default=20, help="dense tail tokens per request")
     ap.add_argument("--layers", type=int, default=8)
@@ -156,11 +155,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--group", type=int, default=2, help="query heads per KV head")
     ap.add_argument("--ratio", type=float, default=3.0)
-    ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--policy-formats", help="a mosaickv eval report whose formats the sealed blocks take")
     ap.add_argument("--policy", default="mosaic_3x", help="its row, <policy>_<ratio>x")
     ap.add_argument("--policy-head-dim", type=int, default=64, help="the report's head dim (SmolLM2's: 64)")
     ap.add_argument("--mix-segments", type=int, default=16, help="distinct segments drawn from the report")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--requests", type=int, nargs="+", default=[16, 64])
+    add_pool_args(ap)
+    ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--max-programs", type=int, help="programs per launch the plans assume (default: host_plan 132, "
                                                           "the graph its device's)")
     ap.add_argument("--device", default="cpu", help="where the pool lives (cuda: as in the server)")

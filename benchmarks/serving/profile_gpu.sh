@@ -53,10 +53,12 @@ if start_server mosaic $PORT 240 --kv-compress mosaickv --kv-compress-config "${
   curl -sf -m 30 "http://127.0.0.1:$PORT/get_server_info" > "$OUT/info_end.json"
 fi
 stop_server
+# Into a file, then head: head closing the pipe early killed the script before it wrote its JSON.
 [ -f "$OUT/scheduler.speedscope.json" ] && python3 benchmarks/serving/profile_summary.py "$OUT/scheduler.speedscope.json" \
-  --top 40 --json "$OUT/profile_summary.json" | head -60
+  --top 40 --json "$OUT/profile_summary.json" > /tmp/profile_summary.txt 2>&1 && head -60 /tmp/profile_summary.txt
 trace=$(ls -S /tmp/torch_prof/*.json* 2>/dev/null | head -1)
-[ -n "$trace" ] && python3 benchmarks/serving/profile_summary.py "$trace" --top 30 --json "$OUT/torch_summary.json" | head -80
+[ -n "$trace" ] && python3 benchmarks/serving/profile_summary.py "$trace" --top 30 --json "$OUT/torch_summary.json" \
+  > /tmp/torch_summary.txt 2>&1 && head -80 /tmp/torch_summary.txt
 cd "$OUT" && gzip -f scheduler.speedscope.json 2>/dev/null
 cp steps.txt /tmp/profile_steps.txt 2>/dev/null
 # The archive is written outside the folder it packs (inside it, tar fails on itself).

@@ -15,7 +15,7 @@ import torch
 
 from mosaickv.config import Policy
 from mosaickv.errors import PolicyError
-from mosaickv.formats import BlockFormat, PackedBlock, SideFormat, channel_weights, dense_block_bytes, format_arrays, pack_block, pack_blocks, smaller_gram
+from mosaickv.formats import BlockFormat, FormatChoice, PackedBlock, SideFormat, channel_weights, dense_block_bytes, format_arrays, pack_block, pack_blocks, smaller_gram
 from mosaickv.parts import BlockStats, Observation, segment_observation
 from mosaickv.reference import CompressedLayer
 from mosaickv.uploads import upload
@@ -237,7 +237,7 @@ class Compressor:
             used = int(format_arrays(formats, d)[3].reshape(-1, groups).sum(0).max())
             if used > budget:
                 raise PolicyError("ratio", self.policy.ratio, f"a ratio these segments can reach: the plan needs {used} bytes, the budget is {budget}")
-        return list(formats)
+        return formats if isinstance(formats, FormatChoice) else list(formats)
 
     def kept_tokens(self, plan: SegmentPlan) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         """For each kept count m: the blocks keeping m tokens (host indices) and which
@@ -245,7 +245,7 @@ class Compressor:
         all or none)."""
         nb, s = plan.keep.shape
         dev = plan.keep.device
-        tokens = torch.tensor([f.tokens for f in plan.formats], dtype=torch.int64)
+        tokens = torch.from_numpy(format_arrays(plan.formats)[0])
         selector = self.policy.token_selector
         out, bad = {}, []
         for m in sorted(set(tokens.tolist())):

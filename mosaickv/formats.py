@@ -102,19 +102,36 @@ class BlockFormat:
         return f"t{self.tokens}/k={self.k}/v={self.v}"
 
 
+class FormatChoice(list):
+    """Blocks' formats picked from one menu (block ``i`` is ``menu[choice[i]]``), as the
+    built-in strategies plan them: :func:`format_arrays` then reads the menu, not every
+    block (a sealing call plans 16,380 SmolLM2 blocks). Read-only: a changed item would
+    no longer be its choice."""
+
+    def __init__(self, menu: Sequence[BlockFormat], choice: np.ndarray) -> None:
+        self.menu, self.choice = list(menu), np.asarray(choice, dtype=np.int64)
+        super().__init__(map(self.menu.__getitem__, self.choice.tolist()))
+
+    def __setitem__(self, *args) -> None:
+        raise TypeError("a FormatChoice is read-only: build a list of formats to change one")
+
+
 def format_arrays(fmts: Sequence[BlockFormat], d: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Kept tokens ``[nb]``, side kinds (``SIDE_KINDS`` codes) and widths ``[nb, 2]`` (keys,
     values) and, for head dim ``d``, bytes (``nbytes``) of blocks' formats: a batch of
     thousands holds few distinct format objects, so each is read once."""
-    distinct: dict[int, int] = {}
-    objects: list[BlockFormat] = []
-    which = np.empty(len(fmts), dtype=np.int64)
-    for i, f in enumerate(fmts):
-        j = distinct.get(id(f))
-        if j is None:
-            j = distinct[id(f)] = len(objects)
-            objects.append(f)
-        which[i] = j
+    if isinstance(fmts, FormatChoice):
+        objects, which = fmts.menu, fmts.choice
+    else:
+        distinct: dict[int, int] = {}
+        objects = []
+        which = np.empty(len(fmts), dtype=np.int64)
+        for i, f in enumerate(fmts):
+            j = distinct.get(id(f))
+            if j is None:
+                j = distinct[id(f)] = len(objects)
+                objects.append(f)
+            which[i] = j
     tokens = np.asarray([f.tokens for f in objects], dtype=np.int64)
     kinds = np.asarray([[SIDE_KINDS.index(f.k.kind), SIDE_KINDS.index(f.v.kind)] for f in objects], dtype=np.int64)
     widths = np.asarray([[f.k.width, f.v.width] for f in objects], dtype=np.int64)

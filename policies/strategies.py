@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mosaickv.errors import PolicyError, check
-from mosaickv.formats import DENSE, BlockFormat, SideFormat
+from mosaickv.formats import DENSE, BlockFormat, FormatChoice, SideFormat
 from mosaickv.parts import BlockStats, ChannelSelector, SegmentStrategy
 from mosaickv.registry import register_strategy
 from mosaickv.uploads import upload
@@ -177,7 +177,7 @@ class Dynamic(SegmentStrategy):
         check(blocks % groups == 0, "groups", groups, f"a divisor of the {blocks} blocks planned together")
         value = -cost.double().view(blocks // groups, groups, -1).transpose(0, 1)  # [G, R, O]: span g's rows
         choice = knapsack(value, nbytes, float(budget)).transpose(0, 1).reshape(-1)
-        return [formats[i] for i in choice.tolist()]
+        return FormatChoice(formats, choice.cpu().numpy())
 
     def _options(self, stats: BlockStats, channels: ChannelSelector) -> tuple[list[BlockFormat], torch.Tensor, list[float]]:
         """Every block's options: their formats, costs [B, O] and bytes."""

@@ -136,8 +136,9 @@ def record_queries(pool: MosaicKVPool, layer_id: int, q: torch.Tensor, reqs: lis
                    lse: Optional[torch.Tensor], scale: float, inputs: StatInputs) -> None:
     """Feed the step's queries ``q`` [sum nq, Hq, d] (and, with a window, their
     log-sum-exp ``lse`` [sum nq, Hq]) to the pool's per-segment statistics (host memory).
-    A decode batch goes in one computation left on the device (:meth:`observe_decode`);
-    an extend batch request by request, with the keys of the segments its queries fall in."""
+    A decode batch goes in one computation left on the device (:meth:`observe_decode`), and
+    so does an extend batch, every request at once (:meth:`observe` through the forward's
+    :class:`ExtendIndex`, found at its first layer), its keys read from the layer's buffer."""
     stats, local = pool.query_stats, layer_id - pool.start_layer
     k_buf = pool.get_key_buffer(layer_id)
     if inputs.decode:
@@ -145,15 +146,9 @@ def record_queries(pool: MosaicKVPool, layer_id: int, q: torch.Tensor, reqs: lis
         stats.observe_decode(local, q, inputs.firsts, inputs.positions, keys=keys, lse=lse, scale=scale,
                              device_positions=inputs.device_positions)
         return
-    start = 0
-    for i, req in enumerate(reqs):
-        q_req = q[start : start + req.nq]
-        keys = lse_req = None
-        if stats.window:
-            keys = k_buf[inputs.request_rows[i]]
-            lse_req = lse[start : start + req.nq]
-        stats.observe(local, q_req, req.slots, keys=keys, lse=lse_req, scale=scale)
-        start += req.nq
+    index = inputs.extend_index(stats, reqs, q.shape[1], q.device)
+    stats.observe(local, q[: index.nq], keys=k_buf if stats.window else None,
+                  lse=None if lse is None else lse[: index.nq], scale=scale, index=index)
 
 
 # Tile shapes of the kernels (FlashInfer-like defaults): decode rows are one token's GQA

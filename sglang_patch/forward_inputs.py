@@ -17,6 +17,7 @@ from mosaickv.kernels.block_runs import batch_runs, block_runs, block_tokens
 from mosaickv.kernels.layout import HostPlan, default_chunk_tokens, plan_host, tail_chunk, tail_items
 from mosaickv.uploads import upload
 from mosaickv.sglang_patch.pool import UNMAPPED, MosaicKVPool
+from mosaickv.sglang_patch.query_stats import ExtendIndex, SegmentQueryStats
 
 WHOLE_RUNS = 1 << 40  # chunk_tokens no run reaches: one item per (group, format pair) and one per tail
 
@@ -104,7 +105,8 @@ class RequestKV:
 class StatInputs:
     """What the query statistics read besides the queries, the same for every layer of a
     forward: for a decode batch each query's position in its segment and that segment's
-    first slot; with a window, the dense rows of the keys they read."""
+    first slot, for an extend where its queries fall (:meth:`extend_index`); with a window,
+    the dense rows of the keys they read."""
 
     decode: bool
     positions: Optional[torch.Tensor] = None  # decode: [B] host
@@ -112,6 +114,17 @@ class StatInputs:
     rows: Optional[torch.Tensor] = None  # decode: [B, S] device rows (past a query's position: 0)
     device_positions: Optional[torch.Tensor] = None  # decode, with a window: ``positions`` on the device
     request_rows: Optional[list[torch.Tensor]] = None  # extend: per request, rows from its first query's segment on
+    index: Optional[ExtendIndex] = None  # extend: where the queries fall, found at the first layer (extend_index)
+
+    def extend_index(self, stats: SegmentQueryStats, reqs: list[RequestKV], q_heads: int,
+                     device: torch.device) -> ExtendIndex:
+        """An extend's :class:`ExtendIndex` over the forward's ``reqs`` (those these inputs
+        were found for): built at the first layer, where the query heads are known, and
+        read by every other layer (a layer built a dozen index tensors per request)."""
+        if self.index is None or self.index.q_heads != q_heads:
+            self.index = stats.extend_index([req.slots for req in reqs], [req.nq for req in reqs], q_heads, device,
+                                            self.request_rows)
+        return self.index
 
 
 def trailing_rows(req: RequestKV, count: int) -> torch.Tensor:

@@ -22,7 +22,7 @@ from sglang.srt.model_executor.pool_configurator import DefaultPoolConfigurator,
 import numpy as np
 
 from mosaickv.formats import VALUE_DTYPE, PackedBlock, unpack_block
-from mosaickv.kernels.layout import TABLE_FIELDS, Region, pack_region, read_block, widths_aligned
+from mosaickv.kernels.layout import TABLE_FIELDS, Region, pack_region, read_block, unaligned_blocks
 from mosaickv.kernels.block_runs import RunCache
 from mosaickv.uploads import upload
 from mosaickv.sglang_patch.decode_rows import DecodeRows
@@ -80,15 +80,26 @@ class SegmentArena:
 
     def write(self, slab: int, payload: torch.Tensor) -> None:
         """Copy ``payload`` (uint8) to the start of an allocated slab."""
-        if payload.numel() > self.slab_bytes:
-            raise ValueError(
-                f"sealed segment of {payload.numel()} bytes exceeds the slab size {self.slab_bytes} "
-                "(the compressor must keep each segment within the policy's byte budget)"
-            )
-        start = self.base(slab)
-        self.data[start : start + payload.numel()] = payload.to(self.device)
-        self.used_bytes += payload.numel() - self._written[slab]
-        self._written[slab] = payload.numel()
+        self.write_many([slab], [payload])
+
+    def write_many(self, slabs: list[int], payloads: list[torch.Tensor]) -> None:
+        """Copy each payload (uint8) to the start of its allocated slab, in one fused copy
+        (``_foreach_copy_``): a sealing call installs up to 256 segments, and a copy each
+        was a launch each. Every size is checked before anything is written."""
+        sizes = [p.numel() for p in payloads]
+        for size in sizes:
+            if size > self.slab_bytes:
+                raise ValueError(
+                    f"sealed segment of {size} bytes exceeds the slab size {self.slab_bytes} "
+                    "(the compressor must keep each segment within the policy's byte budget)"
+                )
+        if not payloads:
+            return
+        targets = [self.data[self.base(slab) : self.base(slab) + size] for slab, size in zip(slabs, sizes)]
+        torch._foreach_copy_(targets, [p.reshape(-1).to(self.device) for p in payloads])
+        for slab, size in zip(slabs, sizes):
+            self.used_bytes += size - self._written[slab]
+            self._written[slab] = size
 
     def view(self, slab: int) -> torch.Tensor:
         """The bytes a slab holds (its payload, without the unused rest)."""
@@ -312,30 +323,41 @@ class MosaicKVPool(MHATokenToKVPool):
         ``pages`` are the logical pages the segment covers; they stay allocated to the
         scheduler (the tokens still exist) but now read from the slab.
         """
-        if len(pages) * self.page_size != self.plan.segment_size:
-            raise ValueError(f"{len(pages)} pages of {self.page_size} tokens are not one segment of "
-                             f"{self.plan.segment_size}")
+        self.install_many([slab], [pages], [region])
+
+    def install_many(self, slabs: list[int], pages: list[list[int]], regions: list[Region]) -> None:
+        """:meth:`install` for many segments: their bytes in one scatter and their table rows
+        in one copy (a sealing call's, up to 256). All are checked before any is written."""
         blocks = self.layer_num * self.head_num
-        if region.table.shape != (blocks, len(TABLE_FIELDS)):
-            raise ValueError(f"a sealed segment has {blocks} table rows ({self.layer_num} layers x {self.head_num} "
-                             f"kv heads), got {region.table.shape[0]}")
-        if region.base_bytes != self.arena.base(slab):
-            raise ValueError(f"segment packed for arena offset {region.base_bytes}, slab {slab} starts at "
-                             f"{self.arena.base(slab)}")
-        self.arena.write(slab, region.data)
-        self.slab_generation[slab] += 1
-        row = self.table_row(slab, 0)
-        self.block_table_host[row : row + blocks] = region.table
-        self.block_table[row : row + blocks] = upload(region.table, self.device)  # not a stream sync per segment
-        if not widths_aligned(region.table):
-            self._unaligned_slabs.add(slab)
-        for page in pages:
-            dense = int(self.page_to_dense[page])
-            if dense > 0:
-                self._free_dense.append(dense)
-            self.page_to_dense[page] = UNMAPPED
-            self.page_to_slab[page] = slab
-        self._slab_pages[slab] = list(pages)
+        for slab, segment_pages, region in zip(slabs, pages, regions):
+            if len(segment_pages) * self.page_size != self.plan.segment_size:
+                raise ValueError(f"{len(segment_pages)} pages of {self.page_size} tokens are not one segment of "
+                                 f"{self.plan.segment_size}")
+            if region.table.shape != (blocks, len(TABLE_FIELDS)):
+                raise ValueError(f"a sealed segment has {blocks} table rows ({self.layer_num} layers x "
+                                 f"{self.head_num} kv heads), got {region.table.shape[0]}")
+            if region.base_bytes != self.arena.base(slab):
+                raise ValueError(f"segment packed for arena offset {region.base_bytes}, slab {slab} starts at "
+                                 f"{self.arena.base(slab)}")
+        if not slabs:
+            return
+        self.arena.write_many(slabs, [region.data for region in regions])
+        at = np.asarray(slabs, dtype=np.int64)
+        self.slab_generation[at] += 1
+        rows = (at[:, None] * blocks + np.arange(blocks)).reshape(-1)  # table_row(slab, 0) onwards
+        tables = np.concatenate([region.table for region in regions])
+        self.block_table_host[rows] = tables
+        self.block_table[upload(rows, self.device)] = upload(tables, self.device)  # not a stream sync per segment
+        unaligned = unaligned_blocks(tables).reshape(len(slabs), blocks).any(axis=1)
+        self._unaligned_slabs.update(at[unaligned].tolist())
+        for slab, segment_pages in zip(slabs, pages):
+            for page in segment_pages:
+                dense = int(self.page_to_dense[page])
+                if dense > 0:
+                    self._free_dense.append(dense)
+                self.page_to_dense[page] = UNMAPPED
+                self.page_to_slab[page] = slab
+            self._slab_pages[slab] = list(segment_pages)
 
     def _read_layer(self, slab: int, local: int) -> list[PackedBlock]:
         row = self.table_row(slab, local)

@@ -32,7 +32,10 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+
+from mosaickv.uploads import upload
 
 # Rows the statistics tables keep when they shrink: a 32k-token prompt's segments, so a
 # server taking one prompt after another does not regrow them (8B shape: 335 KB a row).
@@ -84,6 +87,34 @@ def _to_host(t: torch.Tensor) -> torch.Tensor:
     return host.copy_(t, non_blocking=True)
 
 
+def _float32(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as contiguous float32 in one copy, or as it is if it already is (a batched
+    matmul's operand: a cast and a layout change cost one launch, not two)."""
+    if t.dtype != torch.float32:
+        return t.to(torch.float32, memory_format=torch.contiguous_format)
+    return t.contiguous()
+
+
+@dataclass(frozen=True, eq=False)
+class ExtendIndex:
+    """Where an extend's queries fall among segments (:meth:`SegmentQueryStats.extend_index`):
+    it depends on each request's length and query count, not on the layer, so a forward
+    finds it once and every layer's :meth:`SegmentQueryStats.observe` reads it, instead of
+    building index tensors and host lists again per layer and request. Rows ``j`` are the
+    ``N`` touched segments, request after request; its tensors are on the queries' device."""
+
+    nq: int  # queries, every request's back to back
+    q_heads: int
+    window: int
+    keys: tuple[int, ...]  # [N] first slot of each segment
+    counts: tuple[int, ...]  # query-head tokens each segment's energy sums
+    attn_counts: tuple[int, ...]  # query heads each segment's attention sums (0: it adds none)
+    seg_of: torch.Tensor | None  # [nq] int64 each query's segment; None: the queries are the N segments whole
+    heads: torch.Tensor | None  # window: [N, Hkv, W, G] rows of q.view(-1, d) and lse.view(-1) (clamped)
+    key_rows: torch.Tensor | None  # window: [N, Hkv, S] rows of keys.view(-1, d) (past a request's end: its last)
+    hidden: torch.Tensor | None  # window: [N, 1, W, 1, S] bool, (query, token) pairs that add nothing
+
+
 class SegmentQueryStats:
     """Running sums per (segment, layer, KV head) until the segment seals.
 
@@ -110,8 +141,8 @@ class SegmentQueryStats:
         self.flush()
         return len(self._rows)
 
-    def observe(self, layer: int, q: torch.Tensor, slots: torch.Tensor, keys: torch.Tensor | None = None,
-                lse: torch.Tensor | None = None, scale: float | None = None) -> None:
+    def observe(self, layer: int, q: torch.Tensor, slots: torch.Tensor | None = None, keys: torch.Tensor | None = None,
+                lse: torch.Tensor | None = None, scale: float | None = None, index: ExtendIndex | None = None) -> None:
         """Add the queries ``q`` [nq, Hq, d] of a request's last ``nq`` tokens.
 
         ``slots`` are the request's slots so far (its ``req_to_token`` row up to the
@@ -119,6 +150,11 @@ class SegmentQueryStats:
         ``p // segment_size``, keyed by that segment's first slot. With a window, also
         ``keys`` [n, Hkv, d] of the positions from the first query's segment start on,
         ``lse`` [nq, Hq] of the step's scaled logits, and that ``scale``.
+
+        Or, instead of ``slots``, the forward's ``index`` (:meth:`extend_index`, found once
+        for every layer): ``q`` and ``lse`` then hold its requests' queries back to back and
+        ``keys`` are what its key rows name (a layer's whole key buffer). The sums are left
+        on the queries' device until the next flush: a few ops per layer, not per request.
         """
         nq, hq, d = q.shape
         if nq == 0:
@@ -132,27 +168,89 @@ class SegmentQueryStats:
             raise ValueError(f"layer {layer} is not in [0, {self.num_layers})")
         if self.window and (keys is None or lse is None or scale is None):
             raise ValueError(f"a window of {self.window} queries records attention: keys, lse and scale are needed")
-        s, group, hkv, n = self.segment_size, hq // self.num_kv_heads, self.num_kv_heads, len(slots)
-        first = len(slots) - nq
-        seg0, nseg = first // s, (n - 1) // s - first // s + 1
-        segments = range(seg0, seg0 + nseg)
-        # Per-segment sums where the queries are, left there until the next flush.
-        seg_of = (torch.arange(first, n, device=q.device) // s - seg0)
-        sums = torch.zeros(nseg, hkv, d, dtype=torch.float64, device=q.device).index_add_(0, seg_of, self.query_energy(q))
-        attn, attn_counts = None, [0] * nseg
+        if (slots is None) == (index is None):
+            raise ValueError("observe takes a request's slots or a forward's extend_index: exactly one, got slots="
+                             f"{'none' if slots is None else len(slots)}, index={'none' if index is None else 'one'}")
+        if index is None:
+            index = self.extend_index([slots], [nq], hq, q.device, [np.arange(len(keys))] if self.window else None)
+        elif (index.nq, index.q_heads, index.window) != (nq, hq, self.window):
+            raise ValueError(f"an index of {index.nq} queries of {index.q_heads} heads (window {index.window}) cannot "
+                             f"place {nq} queries of {hq} heads (window {self.window})")
+        hkv, segments = self.num_kv_heads, len(index.keys)
+        if index.seg_of is None:  # whole segments: one sum over each one's tokens and GQA group
+            sums = q.detach().double().pow(2).reshape(segments, self.segment_size, hkv, hq // hkv, d).sum((1, 3))
+        else:
+            sums = torch.zeros(segments, hkv, d, dtype=torch.float64, device=q.device).index_add_(
+                0, index.seg_of, self.query_energy(q))
+        attn = None
         if self.window:
-            # Each touched segment's last `window` positions, those that are this step's queries.
-            w = self.window
-            starts = torch.arange(seg0, seg0 + nseg, device=q.device) * s
-            q_pos = (s - w) + torch.arange(w, device=q.device)[None, :].expand(nseg, w)  # within the segment
-            absolute = starts[:, None] + q_pos
-            q_ok = (absolute >= first) & (absolute < n)
-            pick = (absolute - first).clamp(0, nq - 1)
-            k_rows = (starts[:, None] - seg0 * s + torch.arange(s, device=q.device)[None, :]).clamp(max=keys.shape[0] - 1)
-            attn = self.paid_attention(q[pick], lse[pick], keys[k_rows], q_pos, q_ok, scale)
-            attn_counts = [max(0, min((seg + 1) * s, n) - max(seg * s + s - w, first)) * group for seg in segments]
-        counts = [(min((seg + 1) * s, n) - max(seg * s, first)) * group for seg in segments]
-        self.defer(layer, sums, attn, slots[seg0 * s : n : s].tolist(), counts, attn_counts)
+            if keys.shape[1:] != (hkv, d):
+                raise ValueError(f"keys of shape {tuple(keys.shape)} are not [rows, {hkv}, {d}]")
+            attn = self._paid(q.reshape(-1, d)[index.heads], lse.reshape(-1)[index.heads],
+                              keys.reshape(-1, d)[index.key_rows], index.hidden, scale)
+        self.defer(layer, sums, attn, index.keys, index.counts, index.attn_counts)
+
+    def extend_index(self, slots: list[torch.Tensor], nqs: list[int], q_heads: int, device: torch.device | str,
+                     key_rows: list[torch.Tensor | np.ndarray] | None = None) -> ExtendIndex:
+        """Where an extend's queries fall, for :meth:`observe` at every layer of its forward:
+        request ``i`` holds ``slots[i]`` (its tokens so far) and queries the last ``nqs[i]``
+        of them, every request's queries back to back in this order. With a window,
+        ``key_rows[i]`` maps request ``i``'s positions from its first query's segment start
+        on to rows of the keys :meth:`observe` will get. Found on the host in numpy (no
+        launches) and uploaded to ``device`` once."""
+        hkv, s, w = self.num_kv_heads, self.segment_size, self.window
+        if q_heads <= 0 or q_heads % hkv:
+            raise ValueError(f"q_heads {q_heads} is not a multiple of {hkv} KV heads")
+        if len(nqs) != len(slots):
+            raise ValueError(f"nqs has {len(nqs)} query counts for {len(slots)} requests")
+        if w and (key_rows is None or len(key_rows) != len(slots)):
+            raise ValueError(f"a window of {w} queries reads keys: key_rows needs one entry per request "
+                             f"({len(slots)}), got {'none' if key_rows is None else len(key_rows)}")
+        group = q_heads // hkv
+        n = np.asarray([len(x) for x in slots], dtype=np.int64)
+        nq = np.asarray(nqs, dtype=np.int64)
+        bad = np.flatnonzero((nq < 0) | (nq > n))
+        if len(bad):
+            raise ValueError(f"request {bad[0]} queries its last {nq[bad[0]]} tokens but holds {n[bad[0]]}")
+        live = np.flatnonzero(nq > 0)  # a request without queries adds nothing
+        n, nq = n[live], nq[live]
+        first = n - nq
+        seg0 = first // s
+        nseg = (n - 1) // s - seg0 + 1
+        base, seg_base = np.cumsum(nq) - nq, np.cumsum(nseg) - nseg  # each request's first query, first segment
+        req = np.repeat(np.arange(len(live)), nseg)  # each touched segment's request
+        start = (seg0[req] + np.arange(len(req)) - seg_base[req]) * s  # its first position
+        counts = (np.minimum(start + s, n[req]) - np.maximum(start, first[req])) * group
+        keys = [key for i, lo, hi in zip(live.tolist(), (seg0 * s).tolist(), n.tolist())
+                for key in slots[i][lo:hi:s].tolist()]
+        seg_of = None
+        if (first % s).any() or (n % s).any():
+            rq = np.repeat(np.arange(len(live)), nq)
+            seg_of = upload((first[rq] + np.arange(len(rq)) - base[rq]) // s - seg0[rq] + seg_base[rq], device)
+        attn_counts, heads, token_rows, hidden = np.zeros(len(req), dtype=np.int64), None, None, None
+        if w:
+            at = start[:, None] + (s - w) + np.arange(w)  # [N, W] each segment's last W positions
+            ok = (at >= first[req][:, None]) & (at < n[req][:, None])  # those that are this step's queries
+            attn_counts = ok.sum(1) * group
+            row = base[req][:, None] + np.clip(at - first[req][:, None], 0, nq[req][:, None] - 1)
+            head = np.arange(hkv)[:, None, None] * group + np.arange(group)  # [Hkv, 1, G]
+            heads = upload(row[:, None, :, None] * q_heads + head, device)
+            hidden = ~ok[:, :, None] | (np.arange(s) > (s - w + np.arange(w))[:, None])  # a token after the query
+            hidden = upload(hidden[:, None, :, None, :], device)
+            rows = [np.asarray(key_rows[i], dtype=np.int64) for i in live.tolist()]
+            lens = np.asarray([len(r) for r in rows], dtype=np.int64)
+            span = n - seg0 * s  # the positions each request's key rows cover
+            short = np.flatnonzero(lens < span)
+            if len(short):
+                j = short[0]
+                raise ValueError(f"key_rows[{live[j]}] has {lens[j]} rows for the request's {span[j]} tokens "
+                                 "from its first query's segment on")
+            offset = np.cumsum(lens) - lens
+            local = np.minimum(start[:, None] - (seg0 * s)[req][:, None] + np.arange(s), span[req][:, None] - 1)
+            per_token = np.concatenate(rows + [np.zeros(0, dtype=np.int64)])[offset[req][:, None] + local]  # [N, S]
+            token_rows = upload(per_token[:, None, :] * hkv + np.arange(hkv)[:, None], device)
+        return ExtendIndex(int(nq.sum()), q_heads, w, tuple(keys), tuple(counts.tolist()), tuple(attn_counts.tolist()),
+                           seg_of, heads, token_rows, hidden)
 
     def observe_decode(self, layer: int, q: torch.Tensor, first_slots: list[int], positions: torch.Tensor,
                        keys: torch.Tensor | None = None, lse: torch.Tensor | None = None,
@@ -264,11 +362,22 @@ class SegmentQueryStats:
         Hkv, d]. A query sees the tokens up to its own position. [N, Hkv, S] float64 where q is."""
         n, w, hq, d = q.shape
         hkv = self.num_kv_heads
-        logits = torch.einsum("nwhgd,nthd->nwhgt", q.float().view(n, w, hkv, hq // hkv, d), keys.float()) * scale
-        logits = logits - lse.float().view(n, w, hkv, hq // hkv)[..., None]
-        visible = q_ok[:, :, None] & (torch.arange(self.segment_size, device=q.device)[None, None, :] <= q_pos[:, :, None])
-        probs = torch.exp(logits).masked_fill(~visible[:, :, None, None, :], 0.0)
-        return probs.sum(dim=(1, 3)).double()
+        hidden = ~q_ok[:, :, None] | (torch.arange(self.segment_size, device=q.device) > q_pos[:, :, None])
+        return self._paid(q.reshape(n, w, hkv, hq // hkv, d).transpose(1, 2),
+                          lse.reshape(n, w, hkv, hq // hkv).transpose(1, 2), keys.transpose(1, 2),
+                          hidden[:, None, :, None, :], scale)
+
+    def _paid(self, q: torch.Tensor, lse: torch.Tensor, keys: torch.Tensor, hidden: torch.Tensor,
+              scale: float) -> torch.Tensor:
+        """:meth:`paid_attention` laid out per (segment, KV head): ``q`` [N, Hkv, W, G, d],
+        ``lse`` [N, Hkv, W, G], ``keys`` [N, Hkv, S, d], ``hidden`` [N, 1, W, 1, S] the
+        pairs that add nothing. One float32 batched matmul subtracts the log-sum-exp as it
+        scales (no separate ops for either), and the sum over queries and group is float64."""
+        n, hkv, w, g, d = q.shape
+        logits = torch.baddbmm(_float32(lse).view(n * hkv, w * g, 1), _float32(q).view(n * hkv, w * g, d),
+                               _float32(keys).view(n * hkv, -1, d).transpose(1, 2), beta=-1.0, alpha=scale)
+        probs = logits.exp_().view(n, hkv, w, g, -1).masked_fill_(hidden, 0.0)
+        return probs.sum((2, 3), dtype=torch.float64)
 
     def _rows_of(self, keys: tuple[int, ...]) -> torch.Tensor:
         """Each key's row, a free (zero) one for a segment that has none; the tables grow
@@ -288,30 +397,55 @@ class SegmentQueryStats:
     def rms(self, first_slot: int) -> torch.Tensor | None:
         """[L, Hkv, d] rotary-pair RMS of the segment's queries (``Observation.query_rms``),
         or None if a layer saw none of them."""
-        self.flush()
-        row = self._rows.get(first_slot)
-        if row is None or not bool((self._count[row] > 0).all()):
-            return None
-        energy = self._sum[row] / self._count[row][:, None, None]
-        return (0.5 * (energy + energy.roll(self.head_dim // 2, dims=-1))).sqrt().float()
+        values, ok = self.rms_many([first_slot])
+        return values[0] if ok[0] else None
+
+    def rms_many(self, first_slots: list[int]) -> tuple[torch.Tensor, list[bool]]:
+        """:meth:`rms` of many segments in a few ops (a sealing call takes up to 256): [n, L,
+        Hkv, d], and whether each segment has one (one that has not is zeros)."""
+        energy, ok = self._means(first_slots, attention=False)
+        return (0.5 * (energy + energy.roll(self.head_dim // 2, dims=-1))).sqrt().float(), ok
 
     def attention(self, first_slot: int) -> torch.Tensor | None:
         """[L, Hkv, S] mean attention the segment's last ``window`` queries paid its tokens
         (``Observation.received_attention``), or None if not recorded for every layer."""
-        self.flush()
-        row = self._rows.get(first_slot)
-        if row is None or not bool((self._attn_count[row] > 0).all()):
-            return None
-        return (self._attn[row] / self._attn_count[row][:, None, None]).float()
+        values, ok = self.attention_many([first_slot])
+        return values[0] if ok[0] else None
+
+    def attention_many(self, first_slots: list[int]) -> tuple[torch.Tensor, list[bool]]:
+        """:meth:`attention` of many segments in a few ops: [n, L, Hkv, S] and whether each
+        was recorded for every layer (one that was not is zeros)."""
+        mean, ok = self._means(first_slots, attention=True)
+        return mean.float(), ok
+
+    def _means(self, first_slots: list[int], attention: bool) -> tuple[torch.Tensor, list[bool]]:
+        """Each segment's sums over its counts (float64, one gather for all), zero for a
+        segment without a row or with a layer that counted none, and which are not."""
+        self.flush()  # may grow the tables: read them after
+        sums, counts = (self._attn, self._attn_count) if attention else (self._sum, self._count)
+        rows = [self._rows.get(first) for first in first_slots]
+        if all(row is None for row in rows):
+            return sums.new_zeros((len(rows), *sums.shape[1:])), [False] * len(rows)
+        at = torch.tensor([0 if row is None else row for row in rows], dtype=torch.int64)
+        count = counts[at]
+        ok = torch.tensor([row is not None for row in rows]) & (count > 0).all(dim=1)
+        mean = sums[at] / count.clamp_min(1)[:, :, None, None]
+        return mean * ok[:, None, None, None], ok.tolist()
 
     def drop(self, first_slot: int) -> None:
+        self.drop_many([first_slot])
+
+    def drop_many(self, first_slots: list[int]) -> None:
+        """Forget sealed (or freed) segments: their rows zeroed in one op per table and
+        freed; past KEEP_ROWS the tables shrink when three quarters are free."""
         self.flush()
-        row = self._rows.pop(first_slot, None)
-        if row is None:
+        rows = [row for row in (self._rows.pop(first, None) for first in first_slots) if row is not None]
+        if not rows:
             return
+        at = torch.tensor(rows, dtype=torch.int64)
         for table in (self._sum, self._count, self._attn, self._attn_count):
-            table[row] = 0
-        self._free.append(row)
+            table[at] = 0
+        self._free += rows
         if len(self._count) > KEEP_ROWS and 4 * len(self._rows) <= len(self._count):
             self._compact()
 
@@ -331,5 +465,4 @@ class SegmentQueryStats:
         self.flush()
         if not self._rows:
             return
-        for key in self._rows.keys() & set(slots.cpu().tolist()):
-            self.drop(key)
+        self.drop_many(list(self._rows.keys() & set(slots.cpu().tolist())))

@@ -285,10 +285,11 @@ class MosaicRadixCache(RadixCache):
         ``wait`` blocks on the pending ones first (tests, flush), nothing else ever does."""
         if wait:
             wait_all([job.future for job in self._jobs.values()])
-        for first, job in list(self._jobs.items()):
-            if job.future.done():
-                self._forget(first)
-                job.node.mosaic_slabs[job.index] = self._apply(first, job)
+        done = [(first, job) for first, job in self._jobs.items() if job.future.done()]
+        for first, _ in done:
+            self._forget(first)
+        for (_, job), slab in zip(done, self._apply(done)):
+            job.node.mosaic_slabs[job.index] = slab
 
     def _due(self, key) -> list[tuple[TreeNode, int]]:
         """Every full, unsealed segment on ``key``'s path outside sinks and window."""
@@ -346,18 +347,17 @@ class MosaicRadixCache(RadixCache):
             x = torch.stack([buffers[i][rows] for i in range(layers)]).view(layers, n, s, pool.head_num, -1)
             return x.permute(1, 0, 3, 2, 4).to(where)
 
-        def moved(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.to(where)
+        def observed(many) -> list[torch.Tensor | None]:  # every segment's statistics in one gather and one copy
+            values, ok = many(firsts)
+            values = values.to(where)
+            return [values[g] if ok[g] else None for g in range(n)]
 
         k, v = snapshot(pool.k_buffer), snapshot(pool.v_buffer)
-        firsts, slabs, batch = [], [], []
-        for g in range(n):
-            first = int(slots_host[g, 0])
-            slab = pool.arena.alloc()
-            batch.append(SegmentInputs(k[g], v[g], pool.plan.segment_budget_bytes, moved(pool.query_stats.rms(first)),
-                                       moved(pool.query_stats.attention(first)), pool.arena.base(slab)))
-            firsts.append(first)
-            slabs.append(slab)
+        firsts = slots_host[:, 0].tolist()
+        slabs = [pool.arena.alloc() for _ in range(n)]
+        batch = [SegmentInputs(k[g], v[g], pool.plan.segment_budget_bytes, rms, attention, pool.arena.base(slab))
+                 for g, (slab, rms, attention) in enumerate(zip(slabs, observed(pool.query_stats.rms_many),
+                                                                 observed(pool.query_stats.attention_many)))]
         if self._workers is not None:
             futures = [self._workers.submit(x) for x in batch]
         else:  # the scheduler waits: its share of a prefill's time is counted
@@ -399,30 +399,63 @@ class MosaicRadixCache(RadixCache):
         self.pool.counters.pending_since.pop(first)
         return self._jobs.pop(first)
 
-    def _apply(self, first: int, job: _SealJob) -> int:
-        """The slab of a finished job's segment, or LEFT_DENSE (its slab freed) if sealing failed."""
-        pool, counters = self.pool, self.pool.counters
+    def _apply(self, done: list[tuple[int, _SealJob]]) -> list[int]:
+        """The slab of each finished job's segment, or LEFT_DENSE (its slab freed) where
+        sealing failed. The sealed ones are installed together (one scatter of their bytes
+        and one of their table rows, :meth:`MosaicKVPool.install_many`); if that raises,
+        each alone, so that only a failing segment stays dense."""
+        pool = self.pool
+        results = [self._result(job) for _, job in done]
+        sealed = [(job, region) for (_, job), region in zip(done, results) if region is not None]
         try:
-            region: Region = job.future.result()
-            pool.install(job.slab, job.pages, region)
-            slab = job.slab
+            pool.install_many([job.slab for job, _ in sealed], [job.pages for job, _ in sealed],
+                              [region for _, region in sealed])
+            installed = {id(job) for job, _ in sealed}
+        except Exception:  # noqa: BLE001 - which segment fails is found alone
+            installed = {id(job) for job, region in sealed if self._installed(job, region)}
+        slabs = []
+        for _, job in done:
+            if id(job) in installed:
+                slabs.append(job.slab)
+            else:
+                pool.arena.free(job.slab)
+                slabs.append(LEFT_DENSE)
+        pool.query_stats.drop_many([first for first, _ in done])
+        return slabs
+
+    def _result(self, job: _SealJob) -> Region | None:
+        """A finished job's region, or None if sealing failed (counted and logged once)."""
+        try:
+            return job.future.result()
         except PartFailure as err:
+            self._failed(err)
+        except Exception:  # noqa: BLE001 - a broken compressor must not take the scheduler down
+            self._failed(None)
+        return None
+
+    def _installed(self, job: _SealJob, region: Region) -> bool:
+        try:
+            self.pool.install_many([job.slab], [job.pages], [region])
+            return True
+        except Exception:  # noqa: BLE001 - a region the pool refuses leaves its segment dense
+            self._failed(None)
+            return False
+
+    def _failed(self, err: PartFailure | None) -> None:
+        """Count a segment left dense: a policy part that failed on it (``err``), or an
+        error of the compressor or the pool (logged with its traceback once)."""
+        counters = self.pool.counters
+        if err is not None:
             failures = counters.part_failures
             if err.part_name not in failures:
                 logger.error("MosaicKV: %s; segments it fails on stay dense (logged once per part, counted in "
                              "server info: kv_compress_info.part_failures)", err)
             failures[err.part_name] = failures.get(err.part_name, 0) + 1
-            slab = LEFT_DENSE
-        except Exception:  # noqa: BLE001 - a broken compressor must not take the scheduler down
-            if counters.worker_errors == 0:
-                logger.exception("MosaicKV: the compressor raised; segments it fails on stay dense (logged once, "
-                                 "counted in server info: kv_compress_info.worker_errors)")
-            counters.worker_errors += 1
-            slab = LEFT_DENSE
-        if slab == LEFT_DENSE:
-            pool.arena.free(job.slab)
-        pool.query_stats.drop(first)
-        return slab
+            return
+        if counters.worker_errors == 0:
+            logger.exception("MosaicKV: the compressor raised; segments it fails on stay dense (logged once, "
+                             "counted in server info: kv_compress_info.worker_errors)")
+        counters.worker_errors += 1
 
     def sealed_bytes(self) -> int:
         return self.pool.arena.used_bytes

@@ -51,3 +51,16 @@ def test_locate_host_checks_and_times_both_versions(tmp_path):
                        "--rounds", "2", "--calls", "2", "--against", str(other), "--json", str(out)]) == 0
     times = json.loads(out.read_text())["locate_ms"]
     assert set(times) == {"this tree", str(other)} and all(len(t) == 2 and min(t) > 0 for t in times.values())
+
+
+def test_seal_bookkeeping_checks_and_times_both_ways(tmp_path):
+    """benchmarks/host/seal_bookkeeping.py installs segments one at a time and all at once,
+    checks both leave the same statistics, bytes and table rows, and times both."""
+    bench = load_script("benchmarks/host/seal_bookkeeping.py")
+    out = tmp_path / "bookkeeping.json"
+    assert bench.main(["--segments", "4", "--layers", "2", "--kv-heads", "2", "--head-dim", "64", "--group", "2",
+                       "--rounds", "2", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())["result"]
+    assert set(result) == {"one_at_a_time", "all_at_once"}
+    assert all(r["median_ms"] > 0 and r["torch_ops"] > 0 for r in result.values())
+    assert result["all_at_once"]["torch_ops"] < result["one_at_a_time"]["torch_ops"]

@@ -14,7 +14,7 @@ if not torch.cuda.is_available():  # must precede the first import of the kernel
 import numpy as np
 import pytest
 
-from mosaickv.formats import SIDE_KINDS, BlockFormat, PackedBlock, SideFormat, format_arrays, lowrank_fit, pack_block, unpack_block
+from mosaickv.formats import SIDE_KINDS, BlockFormat, FormatChoice, PackedBlock, SideFormat, format_arrays, lowrank_fit, pack_block, unpack_block
 from mosaickv.kernels.layout import DENSE, LOWRANK, Arena, place_formats, place_regions
 from mosaickv.kernels.pack import PackWrapper, SideInputs
 from mosaickv.kernels.synthetic import random_format
@@ -307,6 +307,19 @@ def test_format_arrays_read_each_block() -> None:
     assert kinds.tolist() == [[sparse, dense], [dense, dense], [sparse, dense], [dense, dense]]
     assert widths.tolist() == [[5, 0], [0, 0], [5, 0], [0, 0]]
     assert nbytes.tolist() == [f.nbytes(64) for f in fmts]
+
+
+def test_format_arrays_of_a_menu_choice_read_the_menu() -> None:
+    """A strategy's plan picked from a menu (FormatChoice) reads as the same formats
+    listed block by block, and cannot be changed under its choice."""
+    menu = [BlockFormat(32), BlockFormat(8, SideFormat("sparse", 16), SideFormat("lowrank", 4)), BlockFormat(0)]
+    choice = np.random.default_rng(0).integers(0, len(menu), 50)
+    picked = FormatChoice(menu, choice)
+    assert list(picked) == [menu[i] for i in choice]
+    for got, want in zip(format_arrays(picked, 64), format_arrays([menu[i] for i in choice], 64)):
+        assert np.array_equal(got, want)
+    with pytest.raises(TypeError, match="read-only"):
+        picked[0] = menu[1]
 
 
 def test_plan_rejects_bad_inputs() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -17,6 +18,7 @@ from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool  # noqa: E402
 
 from mosaickv.config import load_policy  # noqa: E402
 from mosaickv.formats import HEADER_BYTES, BlockFormat, SideFormat, pack_block, unpack_block  # noqa: E402
+from mosaickv.kernels.layout import pack_region  # noqa: E402
 from mosaickv.sglang_patch.pool import MosaicKVPool  # noqa: E402
 from mosaickv.sglang_patch.sizing import KVShape, plan_capacity  # noqa: E402
 
@@ -202,6 +204,58 @@ def test_writes_seal_and_free_through_the_real_allocator():
     assert pool.stats()["arena_bytes_written"] == 0
 
 
+def _regions(pool, count, seed):
+    """``count`` segments' regions, each packed for a slab of ``pool`` (allocated), with
+    the MIXED formats (an odd width among them: an unaligned slab) or all FMT."""
+    regions = []
+    for i in range(count):
+        slab = pool.arena.alloc()
+        fmts = MIXED if i % 2 else [FMT] * 4
+        g = torch.Generator().manual_seed(seed + i)
+        blocks = [pack_block(torch.randn(32, 32, generator=g), torch.randn(32, 32, generator=g), fmt) for fmt in fmts]
+        regions.append((slab, pack_region(blocks, 32, pool.arena.base(slab))))
+    return regions
+
+
+def test_installing_many_segments_at_once_is_installing_each():
+    """A sealing call's segments go in with one scatter of bytes and one of table rows:
+    bytes, table rows (host and device), generations, page maps, freed dense rows and the
+    unaligned set are what one install at a time leaves."""
+    states = []
+    for together in (False, True):
+        pool, _ = make_pool()
+        jobs = _regions(pool, 5, seed=10)
+        pages = [list(range(1 + 32 * i, 33 + 32 * i)) for i in range(5)]
+        for page_list in pages:
+            pool.dense_rows(torch.tensor(page_list))  # the segment's tokens held dense rows
+        if together:
+            pool.install_many([s for s, _ in jobs], pages, [r for _, r in jobs])
+        else:
+            for (slab, region), page_list in zip(jobs, pages):
+                pool.install(slab, page_list, region)
+        states.append((pool.arena.data.clone(), pool.block_table.clone(), pool.block_table_host.copy(),
+                       pool.slab_generation.copy(), pool.page_to_slab.clone(), pool.page_to_dense.clone(),
+                       sorted(pool._free_dense), set(pool._unaligned_slabs), pool.arena.used_bytes))
+    alone, together = states
+    assert alone[7] == together[7] and alone[7]  # an odd width: some slab unaligned, the same ones
+    for a, b in zip(alone, together):
+        assert (torch.equal(a, b) if isinstance(a, torch.Tensor) else
+                np.array_equal(a, b) if isinstance(a, np.ndarray) else a == b)
+
+
+def test_a_refused_segment_among_many_writes_nothing():
+    """Checked before anything is written: one region laid out for another slab refuses
+    the whole call, and the arena and tables are as they were."""
+    pool, _ = make_pool()
+    jobs = _regions(pool, 3, seed=20)
+    before = (pool.arena.data.clone(), pool.block_table.clone(), pool.arena.used_bytes)
+    slabs = [jobs[0][0], jobs[2][0], jobs[1][0]]  # region 1 is not laid out for slab 2
+    with pytest.raises(ValueError, match="packed for arena offset"):
+        pool.install_many(slabs, [list(range(1, 33))] * 3, [r for _, r in jobs])
+    assert torch.equal(pool.arena.data, before[0]) and torch.equal(pool.block_table, before[1])
+    assert pool.arena.used_bytes == before[2]
+
+
 def test_oversized_segment_is_refused():
     pool, _ = make_pool()
     dense = random_blocks(TINY, 32, BlockFormat(32))
@@ -269,7 +323,6 @@ def test_locate_reads_one_slot_per_page_and_finds_what_every_token_reads():
     SGLang's paged layout) and finds the runs a token-by-token reading of the page tables
     finds, request by request (an empty one; two that read the same sealed segment back to
     back, the first last, the second first); slots out of that layout are refused by name."""
-    import numpy as np
 
     from mosaickv.sglang_patch.forward_inputs import locate_many
     from mosaickv.sglang_patch.pool import UNMAPPED

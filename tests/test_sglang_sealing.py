@@ -28,6 +28,7 @@ from sglang.srt.mem_cache.radix_cache import RadixKey  # noqa: E402
 from sglang.srt.model_executor.forward_batch_info import ForwardBatch, ForwardMode  # noqa: E402
 
 from mosaickv.config import load_policy  # noqa: E402
+from mosaickv.formats import BlockFormat, pack_block  # noqa: E402
 from mosaickv.parts import ElementScorer, Observation, segment_observation  # noqa: E402
 from mosaickv.registry import register_scorer  # noqa: E402
 from mosaickv.sglang_patch.attention import MosaicAttnBackend  # noqa: E402
@@ -154,6 +155,16 @@ def test_segment_stats_equal_the_offline_segment_observation_across_chunks(windo
         assert got.sum(-1).min() > 0.05  # a segment's own queries pay it real attention
     # Segment 2 holds positions 0..15 of 32: with a window of 8 none of its queries counts yet.
     assert (stats.attention(int(slots[2 * SEG])) is None) == (window == 8)
+    # A sealing call reads many segments at once, an unknown one among them (zeros).
+    keys = [int(slots[0]), int(slots[SEG]), int(slots[2 * SEG]), 9999]
+    rms, rms_ok = stats.rms_many(keys)
+    attn, attn_ok = stats.attention_many(keys)
+    assert rms_ok == [True, True, True, False] and attn_ok == [True, True, window != 8, False]
+    for seg in (0, 1):
+        want = observed(q, k, v, seg, window)
+        torch.testing.assert_close(rms[seg], torch.stack([o.query_stats for o in want]))
+        torch.testing.assert_close(attn[seg], torch.stack([o.attention for o in want]), atol=1e-6, rtol=1e-5)
+    assert not rms[3].any() and not attn[3].any() and (window != 8 or not attn[2].any())
     stats.release(slots[SEG : SEG + 1])  # freeing a segment's first slot drops its statistics
     assert stats.rms(int(slots[SEG])) is None and stats.attention(int(slots[SEG])) is None
     assert stats.rms(int(slots[0])) is not None
@@ -316,6 +327,39 @@ def test_failing_part_leaves_segments_dense_logs_once_and_counts(name, caplog):
     for layer in range(LAYERS):
         torch.testing.assert_close(out[layer].float(), causal(q[layer, 160:], k[layer], v[layer]),
                                    atol=2e-2, rtol=2e-2)
+
+
+class DenseOnCall:
+    """The mosaic policy's compressor, except that call ``bad`` returns its segment whole
+    (dense: over the slab), a region the pool refuses to install."""
+
+    def __init__(self, bad: int) -> None:
+        self.bad, self.calls, self.policy = bad, 0, PolicyCompressor(MOSAIC, D)
+
+    def __call__(self, k, v, budget_bytes, query_stats, attention):
+        self.calls += 1
+        if self.calls == self.bad:
+            return [[pack_block(k[layer, h].float(), v[layer, h].float(), BlockFormat(SEG)) for h in range(HKV)]
+                    for layer in range(LAYERS)]
+        return self.policy(k, v, budget_bytes, query_stats, attention)
+
+
+def test_a_region_the_pool_refuses_leaves_only_its_segment_dense(caplog):
+    """Finished segments are installed together; when the pool refuses one of them, the
+    rest are installed and only that one stays dense, counted as a worker error."""
+    stack = Stack(compress=DenseOnCall(bad=2))
+    q, k, v = sequence(192, seed=7)
+    with caplog.at_level(logging.ERROR, logger=RADIX_LOGGER):
+        prefill(stack, 0, q, k, v, [192])
+        stack.insert(0, list(range(192)))
+        stack.tree.drain(wait=True)
+    slabs = stack.slabs()
+    assert slabs[0] == UNMAPPED and slabs[2] == LEFT_DENSE and slabs[5] == UNMAPPED
+    assert all(s not in (UNMAPPED, LEFT_DENSE) for s in (slabs[1], slabs[3], slabs[4]))
+    info = kv_compress_info(stack.pool)
+    assert info["worker_errors"] == 1 and info["sealed_segments"] == 3
+    assert stack.pool.arena.live_slabs == 3
+    assert any("exceeds the slab size" in r.getMessage() or r.exc_info for r in caplog.records)
 
 
 def test_parts_that_read_unobserved_queries_are_part_failures_not_a_crash():

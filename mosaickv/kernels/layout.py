@@ -245,12 +245,17 @@ class Arena:
         return read_block(self.values, self.index, self.table_host[i], self.head_dim, n, device="cpu")
 
 
-def widths_aligned(table: np.ndarray) -> bool:
-    """Every non-dense width of the blocks in ``table`` that keep tokens is a multiple of 8,
-    so the kernels may load their rows as vectors (``ALIGNED``)."""
+def unaligned_blocks(table: np.ndarray) -> np.ndarray:
+    """Per row of ``table``: a block that keeps tokens with a non-dense width that is not a
+    multiple of 8, whose rows the kernels cannot load as vectors (``ALIGNED``)."""
     kinds, widths = table[:, [1, 5]], table[:, [2, 6]]
     used = (table[:, 0] > 0)[:, None]
-    return bool(np.all(widths[(kinds != DENSE) & used] % 8 == 0))
+    return ((kinds != DENSE) & used & (widths % 8 != 0)).any(axis=1)
+
+
+def widths_aligned(table: np.ndarray) -> bool:
+    """Every non-dense width of the blocks in ``table`` that keep tokens is a multiple of 8."""
+    return not unaligned_blocks(table).any()
 
 
 def read_block(values: torch.Tensor, index: torch.Tensor, row: Sequence[int], head_dim: int, n: int | None = None,

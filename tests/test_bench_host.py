@@ -54,12 +54,15 @@ def test_locate_host_checks_and_times_both_versions(tmp_path):
 
 
 def test_seal_bookkeeping_checks_and_times_both_ways(tmp_path):
-    """benchmarks/host/seal_bookkeeping.py installs segments one at a time and all at once,
-    checks both leave the same statistics, bytes and table rows, and times both."""
+    """benchmarks/host/seal_bookkeeping.py installs segments one at a time (here with this
+    tree's files as the other version) and all at once, checks both leave the same
+    statistics, bytes and table rows, and times both."""
     bench = load_script("benchmarks/host/seal_bookkeeping.py")
     out = tmp_path / "bookkeeping.json"
+    here = Path(__file__).parents[1] / "sglang_patch"
     assert bench.main(["--segments", "4", "--layers", "2", "--kv-heads", "2", "--head-dim", "64", "--group", "2",
-                       "--rounds", "2", "--json", str(out)]) == 0
+                       "--rounds", "2", "--stats-module", str(here / "query_stats.py"),
+                       "--pool-module", str(here / "pool.py"), "--json", str(out)]) == 0
     result = json.loads(out.read_text())["result"]
     assert set(result) == {"one_at_a_time", "all_at_once"}
     assert all(r["median_ms"] > 0 and r["torch_ops"] > 0 for r in result.values())

@@ -10,7 +10,13 @@ cache did, and ``rms_many``/``attention_many``/``install_many``/``drop_many``, a
 does now, after checking both read the same statistics and install the same bytes and
 table rows; and counts their top-level torch ops (on a GPU each is a launch).
 
-    python benchmarks/host/seal_bookkeeping.py --segments 182 --json out.json
+``--stats-module``/``--pool-module`` take the per-segment methods from other versions of
+``sglang_patch/query_stats.py`` and ``pool.py`` (``git show REV:...``), applied to this
+tree's objects (the tables and the pool are laid out alike), so that "one at a time" is
+the code before the change, not today's per-segment wrappers of the batch methods.
+
+    python benchmarks/host/seal_bookkeeping.py --segments 182 --stats-module /tmp/query_stats_before.py \
+        --pool-module /tmp/pool_before.py --json out.json
 """
 
 from __future__ import annotations
@@ -21,16 +27,20 @@ import os
 import statistics
 import sys
 import time
+from functools import partial
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "sealing"))
+sys.path.insert(0, os.path.dirname(__file__))
 
 import torch  # noqa: E402
 
 from count_ops import counted  # noqa: E402
+from stats_flush import load  # noqa: E402
 from mosaickv.compressor import compress_segment  # noqa: E402
 from mosaickv.config import load_policy  # noqa: E402
 from mosaickv.kernels.layout import pack_region  # noqa: E402
 from mosaickv.sglang_patch.pool import MosaicKVPool  # noqa: E402
+from mosaickv.sglang_patch.query_stats import SegmentQueryStats  # noqa: E402
 from mosaickv.sglang_patch.sizing import KVShape, plan_capacity  # noqa: E402
 
 
@@ -71,14 +81,15 @@ def prepare(pool: MosaicKVPool, blocks: list, n: int, group: int, seed: int) -> 
     return firsts, slabs, [[1 + i] for i in range(n)], regions
 
 
-def one_at_a_time(pool: MosaicKVPool, firsts, slabs, pages, regions) -> tuple:
+def one_at_a_time(stats_cls: type, pool_cls: type, pool: MosaicKVPool, firsts, slabs, pages, regions) -> tuple:
+    """The per-segment methods of ``stats_cls`` and ``pool_cls`` on this tree's objects."""
     stats, where = pool.query_stats, pool.device
-    rms = [stats.rms(first).to(where) for first in firsts]
-    attention = [stats.attention(first).to(where) for first in firsts]
+    rms = [stats_cls.rms(stats, first).to(where) for first in firsts]
+    attention = [stats_cls.attention(stats, first).to(where) for first in firsts]
     for slab, page_list, region in zip(slabs, pages, regions):
-        pool.install(slab, page_list, region)
+        pool_cls.install(pool, slab, page_list, region)
     for first in firsts:
-        stats.drop(first)
+        stats_cls.drop(stats, first)
     return torch.stack(rms), torch.stack(attention)
 
 
@@ -112,11 +123,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--group", type=int, default=3, help="query heads per KV head")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--stats-module", help="another query_stats.py whose rms/attention/drop run one at a time")
+    ap.add_argument("--pool-module", help="another pool.py whose install runs one at a time")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     pool, blocks = build(args)
-    ways = {"one_at_a_time": one_at_a_time, "all_at_once": all_at_once}
+    stats_cls = load(args.stats_module, "stats_before").SegmentQueryStats if args.stats_module else SegmentQueryStats
+    pool_cls = load(args.pool_module, "pool_before").MosaicKVPool if args.pool_module else MosaicKVPool
+    ways = {"one_at_a_time": partial(one_at_a_time, stats_cls, pool_cls), "all_at_once": all_at_once}
     times: dict[str, list[float]] = {name: [] for name in ways}
     ops: dict[str, int] = {}
     results: dict[str, list[torch.Tensor]] = {}

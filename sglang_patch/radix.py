@@ -401,9 +401,9 @@ class MosaicRadixCache(RadixCache):
 
     def _apply(self, done: list[tuple[int, _SealJob]]) -> list[int]:
         """The slab of each finished job's segment, or LEFT_DENSE (its slab freed) where
-        sealing failed. The sealed ones are installed together (one scatter of their bytes
-        and one of their table rows, :meth:`MosaicKVPool.install_many`); if that raises,
-        each alone, so that only a failing segment stays dense."""
+        sealing failed. The sealed ones are installed together (one fused copy of their
+        bytes and one scatter of their table rows, :meth:`MosaicKVPool.install_many`); if
+        that raises, each alone, so that only a failing segment stays dense."""
         pool = self.pool
         results = [self._result(job) for _, job in done]
         sealed = [(job, region) for (_, job), region in zip(done, results) if region is not None]

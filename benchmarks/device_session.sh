@@ -17,15 +17,14 @@
 #   PART=stage_kernels bash benchmarks/device_session.sh   # carry .device/c5: stage; diag_formats at 32, bench_decode |
 #                                                       8B model, GPU tests (a restaged machine, then eq and smollm2)
 #   PART=stage_host bash benchmarks/device_session.sh   # carry .device/c5 and .whl: stage; SmolLM2 sealing at 32 and
-#                                                       182 a call, the host's decode step on the GPU, a prefill
-#                                                       profile of mosaic3 at 8k | GPU tests
+#                                                       182 a call, the host's decode step on the GPU (240 and 512
+#                                                       requests, graph and eager), a prefill profile of mosaic3
+#                                                       at 8k | GPU tests
 #   PART=stage_smollm2 bash benchmarks/device_session.sh   # carry .device/c5: stage, then smollm2 (BUDGET_S, 480)
-#   PART=stage_profile bash benchmarks/device_session.sh   # carry .device/c5 and .whl: stage; the prefill profile of
-#                                                       stage_host again (the eighth run's, after the host changes) | GPU tests
 # Record the session's commit yourself: the machine's git log is stale.
 set -uo pipefail
 PART=${PART:?set PART=first, profile, eq or admission}
-case $PART in first|profile|eq|admission|stage_eq|smollm2|rows|kernels|stage_kernels|stage_host|stage_smollm2|stage_profile) ;; *) echo "PART=$PART is not one of first, profile, eq, admission, stage_eq, smollm2, rows, kernels, stage_kernels, stage_host, stage_smollm2, stage_profile"; exit 2 ;; esac
+case $PART in first|profile|eq|admission|stage_eq|smollm2|rows|kernels|stage_kernels|stage_host|stage_smollm2) ;; *) echo "PART=$PART is not one of first, profile, eq, admission, stage_eq, smollm2, rows, kernels, stage_kernels, stage_host, stage_smollm2"; exit 2 ;; esac
 OUT=${OUT:?the device call sets OUT}
 T0=$(date +%s)
 export PYTHONPATH=/tmp/mkv/site PYTHONUNBUFFERED=1
@@ -80,19 +79,19 @@ case $PART in
     suite 0 30000 "${BUDGET_S:-560}" MODEL=$model WORKLOAD=$workload ${N:+N=$N} METHODS="none fp8" &
     suite 1 30010 "${BUDGET_S:-560}" MODEL=$model WORKLOAD=$workload ${N:+N=$N} METHODS="mosaic3 mosaic6"
     wait ;;
-  stage_host|stage_profile)
+  stage_host)
     stage
     (export CUDA_VISIBLE_DEVICES=1
      TESTS_S=$(( 570 - $(date +%s) + T0 )) OUT=$OUT PART=tests bash benchmarks/backend_gpu.sh > "$LOG/tests.txt" 2>&1
      say "tests: $(grep -E '^[0-9]+ (passed|failed)|passed|failed' /tmp/backend_gpu_tests/pytest.txt | tail -1)") &
     export CUDA_VISIBLE_DEVICES=0
-    [ "$PART" = stage_profile ] || { timeout 120 python3 benchmarks/sealing/bench_seal.py --device cuda --layers 30 --kv-heads 3 --head-dim 64 \
+    timeout 120 python3 benchmarks/sealing/bench_seal.py --device cuda --layers 30 --kv-heads 3 --head-dim 64 \
       --segments 364 --batch 32 182 --json "$OUT/sealing_smollm2.json" > "$LOG/seal_smollm2.txt" 2>&1
     say "bench_seal SmolLM2 rc=$?"
-    timeout 150 python3 benchmarks/host/decode_step_host.py --device cuda --requests 240 --segments 247 --layers 30 \
+    timeout 150 python3 benchmarks/host/decode_step_host.py --device cuda --requests 240 512 --segments 247 --layers 30 \
       --kv-heads 3 --head-dim 64 --group 3 --repeat 5 --policy-formats benchmarks/results/eval_dense_values_2k_segment.json \
-      --policy mosaic_dense_values_3x --profile --json "$OUT/host_decode_step_smollm2_240_cuda.json" > "$LOG/host_step.txt" 2>&1
-    say "decode_step_host rc=$?"; }
+      --policy mosaic_dense_values_3x --profile --json "$OUT/host_decode_step_smollm2_cuda.json" > "$LOG/host_step.txt" 2>&1
+    say "decode_step_host rc=$?"
     # Where a prefill's time goes: mosaic 3x on SmolLM2, 8k-token prompts (the seventh
     # run's 0.42 s a prompt against none's 0.026).
     T0=$T0 BUDGET_S=565 OUT=$OUT/profile PHASE=prefill INPUT=7936 OUTPUT=256 N=48 MOSAIC_EXTRA="$MOSAIC_FLAGS" \

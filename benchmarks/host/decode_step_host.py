@@ -17,7 +17,9 @@ runs are in the pool's ``RunCache`` from the step before (a request finds them a
 when it seals a segment, every 32 tokens). ``host_plan_cold_ms`` clears the cache first.
 The requests here share their sealed segments, so even a cold plan finds their runs once.
 ``host_plan_new_batch_ms`` drops the batch plans the cache keeps but not the requests'
-runs: a step right after a request joined, left or sealed a segment.
+runs: a step right after a request joined, left or sealed a segment. ``eager_plan_ms`` is
+a step of a batch larger than the server's largest decode graph, which plans and uploads
+without the graph's buffers (``plan_forward``).
 
 Every segment is sealed with the blocks ``mosaic`` chose for one random segment, which
 on random keys is one format pair per KV head. ``--policy-formats`` instead draws each
@@ -50,7 +52,7 @@ from mosaickv.compressor import compress_segment
 from mosaickv.config import load_policy
 from mosaickv.formats import BlockFormat, PackedBlock, SideFormat, pack_block
 from mosaickv.kernels.layout import launch_variants
-from mosaickv.sglang_patch.attention import DECODE_TUNING, MosaicAttnBackend
+from mosaickv.sglang_patch.attention import DECODE_TUNING, MosaicAttnBackend, plan_forward
 from mosaickv.sglang_patch.decode_graph import DecodeGraph
 from mosaickv.sglang_patch.forward_inputs import host_plan, stat_inputs
 from mosaickv.sglang_patch.pool import MosaicKVPool
@@ -198,6 +200,10 @@ def main(argv: list[str] | None = None) -> int:
                                                      host_plan(pool, reqs, group, DECODE_TUNING, programs)),
                                             args.repeat, args.device),
             "graph_prepare_ms": timed(lambda: graph.prepare(reqs, n), args.repeat, args.device),
+            # A batch above the server's largest decode graph (SGLang's --cuda-graph-max-bs,
+            # 256 by default) runs eagerly: the kept plan uploaded whole, every step.
+            "eager_plan_ms": timed(lambda: plan_forward(pool, reqs, pool.head_num * group, False), args.repeat,
+                                   args.device),
         }
         print(json.dumps(row))
         rows.append(row)

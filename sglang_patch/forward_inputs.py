@@ -75,20 +75,23 @@ def locate_many(pool: MosaicKVPool, requests: list[torch.Tensor]) -> list[Runs]:
         i = partial[0]
         raise ValueError(f"a request reads {last[i] - first[i]} tokens of sealed segment {slab[i]}; segments are "
                          "read whole")
-    cuts = np.cumsum(np.bincount(req, minlength=len(requests)))[:-1]
-    layouts: list[Runs] = []
-    dense: list[torch.Tensor] = []
-    dense_at: list[tuple[int, int]] = []  # (request, run) of each dense run, in ``dense`` order
-    for r, (slots, slab_r, dense_r, first_r, last_r) in enumerate(
-            zip(requests, np.split(slab, cuts), np.split(is_dense, cuts), np.split(first, cuts), np.split(last, cuts))):
-        dense_runs = np.flatnonzero(dense_r).tolist()
-        for i in dense_runs:
-            dense_at.append((r, i))
-            dense.append(slots[first_r[i] : last_r[i]])
-        layouts.append(Runs(slab_r.tolist(), slab_r[~dense_r], dense_runs))
-    if dense:  # every request's dense runs mapped to rows in one call, then put in place
-        for (r, i), rows in zip(dense_at, pool.dense_rows(torch.cat(dense)).split([len(d) for d in dense])):
-            layouts[r][i] = rows
+    # Per request, slices of batch-wide results (one tolist, one mask): a pass per request
+    # over numpy splits cost 3.8 of a 5.1 ms locate at 240 requests on a 2-core CPU.
+    run_bounds = np.searchsorted(req, np.arange(len(requests) + 1)).tolist()
+    sealed_bounds = np.concatenate([[0], np.cumsum(~is_dense)])[run_bounds].tolist()
+    runs_all, sealed_all = slab.tolist(), slab[~is_dense]
+    dense_runs = np.flatnonzero(is_dense)
+    dense_req, dense_local = req[dense_runs].tolist(), (dense_runs - np.asarray(run_bounds)[req[dense_runs]]).tolist()
+    dense_of: list[list[int]] = [[] for _ in requests]  # each request's dense runs, local indices
+    for r, i in zip(dense_req, dense_local):
+        dense_of[r].append(i)
+    layouts = [Runs(runs_all[a:b], sealed_all[c:d], dense_of[r])
+               for r, (a, b, c, d) in enumerate(zip(run_bounds, run_bounds[1:], sealed_bounds, sealed_bounds[1:]))]
+    if dense_req:  # every request's dense runs mapped to rows in one call, then put in place
+        dense = [requests[r][f:l] for r, f, l in zip(dense_req, first[dense_runs].tolist(), last[dense_runs].tolist())]
+        rows = pool.dense_rows(torch.cat(dense)).split((last - first)[dense_runs].tolist())
+        for r, i, rows_of_run in zip(dense_req, dense_local, rows):
+            layouts[r][i] = rows_of_run
     return layouts
 
 

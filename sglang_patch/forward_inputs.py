@@ -140,13 +140,22 @@ def stat_inputs(pool: MosaicKVPool, reqs: list[RequestKV]) -> StatInputs:
     stats = pool.query_stats
     seg = stats.segment_size
     if all(req.nq == 1 for req in reqs):
-        pos = torch.tensor([(len(req.slots) - 1) % seg for req in reqs], dtype=torch.int64)
-        firsts = [int(req.slots[len(req.slots) - 1 - p]) for req, p in zip(reqs, pos.tolist())]
+        # Batch-wide, not request by request: at 240 requests a loop of tensor indexing and
+        # slice copies was 6 ms of a decode step's host work on an H200 machine.
+        lens = np.fromiter((len(req.slots) for req in reqs), dtype=np.int64, count=len(reqs))
+        pos_np = (lens - 1) % seg
+        firsts = [int(req.slots.numpy()[i]) for req, i in zip(reqs, (lens - 1 - pos_np).tolist())]
+        pos = torch.from_numpy(pos_np)
         if not stats.window:
             return StatInputs(True, pos, firsts)
+        tails = [req.runs[-1] for req in reqs]  # each query's segment is in its request's last dense run
+        ends = np.cumsum([len(t) for t in tails])
+        counts = pos_np + 1
+        local = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)  # 0..p of each request
+        src = np.repeat(ends - counts, counts) + local
         rows = torch.zeros(len(reqs), seg, dtype=torch.int64)
-        for b, (req, p) in enumerate(zip(reqs, pos.tolist())):
-            rows[b, : p + 1] = trailing_rows(req, p + 1)
+        rows.view(-1)[torch.from_numpy(np.repeat(np.arange(len(reqs)) * seg, counts) + local)] = \
+            torch.cat(tails).to(torch.int64)[torch.from_numpy(src)]
         return StatInputs(True, pos, firsts, upload(rows, pool.device), device_positions=upload(pos, pool.device))
     request_rows = None
     if stats.window:

@@ -82,6 +82,41 @@ def test_an_extend_of_several_requests_equals_a_per_position_loop(window, reques
     assert_equal_to(stats, want)
 
 
+@pytest.mark.parametrize("window", [SEG, 5, 0])
+def test_a_decode_step_of_several_requests_equals_a_per_position_loop(window):
+    """The backend's decode path: stat_inputs for the batch (each query's position in its
+    segment, the segment's first slot and, with a window, the key rows of the segment so
+    far, taken from each request's last dense run), then record_queries at every layer.
+    Queries sit at every kind of position: a segment's first and last token, inside and
+    outside the window; the key rows are shuffled in a shared buffer."""
+    lengths = [1, 17, SEG, 45, 2 * SEG, 30]
+    stats = SegmentQueryStats(LAYERS, HKV, D, SEG, window=window)
+    order = torch.randperm(sum(lengths), generator=torch.Generator().manual_seed(11))
+    k_buf = torch.zeros(LAYERS, sum(lengths), HKV, D, dtype=torch.bfloat16)
+    reqs, seqs, taken = [], [], 0
+    for i, n in enumerate(lengths):
+        q, k, lse = sequence(n, seed=20 + i)
+        rows = order[taken : taken + n]
+        taken += n
+        k_buf[:, rows] = k
+        slots = torch.arange(1000 * (i + 1), 1000 * (i + 1) + n, dtype=torch.int32)
+        reqs.append(RequestKV(slots, [rows], 1))
+        seqs.append((q, k, lse, n))
+    pool = SimpleNamespace(query_stats=stats, device="cpu", start_layer=0, get_key_buffer=lambda layer: k_buf[layer])
+    inputs = stat_inputs(pool, reqs)
+    assert inputs.decode and inputs.positions.tolist() == [(n - 1) % SEG for n in lengths]
+    q_all = torch.stack([q[:, n - 1] for q, _, _, n in seqs], dim=1)
+    lse_all = torch.stack([lse[:, n - 1] for _, _, lse, n in seqs], dim=1)
+    for layer in range(LAYERS):
+        record_queries(pool, layer, q_all[layer], reqs, lse_all[layer] if window else None, SCALE, inputs)
+    want = {}
+    for i, (q, k, lse, n) in enumerate(seqs):
+        sums: dict[int, list] = {}
+        reference(q, k, lse, n - 1, n, window, sums)
+        want.update({1000 * (i + 1) + seg * SEG: acc for seg, acc in sums.items()})
+    assert_equal_to(stats, want)
+
+
 def test_observe_takes_slots_or_an_index_that_fits():
     stats = SegmentQueryStats(LAYERS, HKV, D, SEG)
     q = torch.ones(8, HQ, D)

@@ -1,9 +1,10 @@
-"""Host time of ``locate_many`` (a decode step's runs of every request), this tree's beside
-another version's, alternating in one process on the pool ``decode_step_host.py`` builds.
+"""Host time of a decode step's per-request inputs, this tree's beside another version's,
+alternating in one process on the pool ``decode_step_host.py`` builds: ``locate_many``
+(each request's runs) or, with ``--function stat_inputs``, the query statistics' inputs.
 
 ``--against FILE`` is another ``sglang_patch/forward_inputs.py`` (``git show
-REV:sglang_patch/forward_inputs.py > FILE``); its ``locate_many`` runs with this tree's
-module globals, and both must return the same runs.
+REV:sglang_patch/forward_inputs.py > FILE``); its function runs with this tree's module
+globals, and both must return the same result.
 
     python benchmarks/host/locate_host.py --requests 240 --segments 247 --layers 30 --kv-heads 3 --head-dim 64 \
         --policy-formats benchmarks/results/eval_dense_values_2k_segment.json --policy mosaic_dense_values_3x \
@@ -27,14 +28,25 @@ import mosaickv.sglang_patch.forward_inputs as forward_inputs
 HERE = Path(__file__).parent
 
 
-def other_locate(path: str):  # type: ignore[no-untyped-def]
-    """``locate_many`` of another forward_inputs.py, defined over this tree's globals."""
+# Where each timed function's source starts and what follows it in forward_inputs.py.
+FUNCTIONS = {"locate_many": ("def locate_many", "\n@dataclass"), "stat_inputs": ("def stat_inputs", "\ndef sealed_and_tail")}
+
+
+def other_function(path: str, name: str):  # type: ignore[no-untyped-def]
+    """Function ``name`` of another forward_inputs.py, defined over this tree's globals."""
     source = Path(path).read_text()
-    start = source.index("def locate_many")
-    end = source.index("\n@dataclass", start)
+    begin, end = FUNCTIONS[name]
+    start = source.index(begin)
     namespace = dict(vars(forward_inputs))
-    exec(source[start:end], namespace)  # noqa: S102 - a file the user named, for timing
-    return namespace["locate_many"]
+    exec(source[start : source.index(end, start)], namespace)  # noqa: S102 - a file the user named, for timing
+    return namespace[name]
+
+
+def same_inputs(a, b) -> bool:  # type: ignore[no-untyped-def]
+    """Two StatInputs alike, field by field (tensors by value)."""
+    fields = ("decode", "positions", "firsts", "rows", "device_positions")
+    return all(torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y
+               for x, y in ((getattr(a, f), getattr(b, f)) for f in fields))
 
 
 def same_runs(a: list, b: list) -> bool:
@@ -53,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--calls", type=int, default=7, help="timed calls per round (their median)")
     ap.add_argument("--against")
+    ap.add_argument("--function", choices=sorted(FUNCTIONS), default="locate_many")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     args.device = "cpu"
@@ -60,22 +73,27 @@ def main(argv: list[str] | None = None) -> int:
     pool, backend, length = host.build(args, args.requests)
     rows = backend.req_to_token_pool.req_to_token[torch.arange(args.requests), :length]
     slots = [row[:length] for row in rows]
-    versions = {"this tree": forward_inputs.locate_many}
+    same, arg = same_runs, slots
+    if args.function == "stat_inputs":  # over the requests as a decode step locates them
+        same, arg = same_inputs, backend._requests(torch.arange(args.requests), [length] * args.requests,
+                                                   [1] * args.requests)
+    versions = {"this tree": getattr(forward_inputs, args.function)}
     if args.against:
-        versions[args.against] = other_locate(args.against)
-        if not same_runs(versions["this tree"](pool, slots), versions[args.against](pool, slots)):
-            raise SystemExit(f"{args.against}'s locate_many finds other runs than this tree's")
+        versions[args.against] = other_function(args.against, args.function)
+        if not same(versions["this tree"](pool, arg), versions[args.against](pool, arg)):
+            raise SystemExit(f"{args.against}'s {args.function} returns another result than this tree's")
     times: dict[str, list[float]] = {name: [] for name in versions}
     for _ in range(args.rounds):
-        for name, locate in versions.items():
+        for name, function in versions.items():
             calls = []
             for _ in range(args.calls):
                 start = time.perf_counter()
-                locate(pool, slots)
+                function(pool, arg)
                 calls.append(time.perf_counter() - start)
             times[name].append(round(statistics.median(calls) * 1e3, 3))
     command = " ".join(["python", "benchmarks/host/locate_host.py", *(argv or sys.argv[1:])])
-    text = json.dumps({"command": command, "args": vars(args), "locate_ms": times}, indent=1)
+    key = "locate_ms" if args.function == "locate_many" else f"{args.function}_ms"
+    text = json.dumps({"command": command, "args": vars(args), key: times}, indent=1)
     print(text)
     if args.json:
         Path(args.json).write_text(text)

@@ -102,18 +102,20 @@ class BlockFormat:
         return f"t{self.tokens}/k={self.k}/v={self.v}"
 
 
-class FormatChoice(list):
+class FormatChoice(tuple):
     """Blocks' formats picked from one menu (block ``i`` is ``menu[choice[i]]``), as the
     built-in strategies plan them: :func:`format_arrays` then reads the menu, not every
-    block (a sealing call plans 16,380 SmolLM2 blocks). Read-only: a changed item would
-    no longer be its choice."""
+    block (a sealing call plans 16,380 SmolLM2 blocks). A tuple, so that no item can
+    change under its choice."""
 
-    def __init__(self, menu: Sequence[BlockFormat], choice: np.ndarray) -> None:
-        self.menu, self.choice = list(menu), np.asarray(choice, dtype=np.int64)
-        super().__init__(map(self.menu.__getitem__, self.choice.tolist()))
+    menu: list[BlockFormat]
+    choice: np.ndarray
 
-    def __setitem__(self, *args) -> None:
-        raise TypeError("a FormatChoice is read-only: build a list of formats to change one")
+    def __new__(cls, menu: Sequence[BlockFormat], choice: np.ndarray) -> "FormatChoice":
+        menu, choice = list(menu), np.asarray(choice, dtype=np.int64)
+        picked = super().__new__(cls, map(menu.__getitem__, choice.tolist()))
+        picked.menu, picked.choice = menu, choice
+        return picked
 
 
 def format_arrays(fmts: Sequence[BlockFormat], d: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

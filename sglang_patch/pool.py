@@ -326,8 +326,9 @@ class MosaicKVPool(MHATokenToKVPool):
         self.install_many([slab], [pages], [region])
 
     def install_many(self, slabs: list[int], pages: list[list[int]], regions: list[Region]) -> None:
-        """:meth:`install` for many segments: their bytes in one scatter and their table rows
-        in one copy (a sealing call's, up to 256). All are checked before any is written."""
+        """:meth:`install` for many segments: their bytes in one fused copy and their table
+        rows in one scatter (a sealing call's, up to 256). All are checked before any is
+        written."""
         blocks = self.layer_num * self.head_num
         for slab, segment_pages, region in zip(slabs, pages, regions):
             if len(segment_pages) * self.page_size != self.plan.segment_size:

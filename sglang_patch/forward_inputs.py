@@ -77,11 +77,12 @@ def locate_many(pool: MosaicKVPool, requests: list[torch.Tensor]) -> list[Runs]:
                          "read whole")
     # Per request, slices of batch-wide results (one tolist, one mask): a pass per request
     # over numpy splits cost 3.8 of a 5.1 ms locate at 240 requests on a 2-core CPU.
-    run_bounds = np.searchsorted(req, np.arange(len(requests) + 1)).tolist()
-    sealed_bounds = np.concatenate([[0], np.cumsum(~is_dense)])[run_bounds].tolist()
+    bounds = np.searchsorted(req, np.arange(len(requests) + 1))  # each request's runs: bounds[r]..bounds[r + 1]
+    run_bounds = bounds.tolist()
+    sealed_bounds = np.concatenate([[0], np.cumsum(~is_dense)])[bounds].tolist()
     runs_all, sealed_all = slab.tolist(), slab[~is_dense]
     dense_runs = np.flatnonzero(is_dense)
-    dense_req, dense_local = req[dense_runs].tolist(), (dense_runs - np.asarray(run_bounds)[req[dense_runs]]).tolist()
+    dense_req, dense_local = req[dense_runs].tolist(), (dense_runs - bounds[req[dense_runs]]).tolist()
     dense_of: list[list[int]] = [[] for _ in requests]  # each request's dense runs, local indices
     for r, i in zip(dense_req, dense_local):
         dense_of[r].append(i)

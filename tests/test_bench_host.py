@@ -1,5 +1,6 @@
-"""benchmarks/host/decode_step_host.py on a tiny pool: it builds sealed requests through
-the real pool and backend and times every piece of a decode step's host work."""
+"""The host benchmarks (benchmarks/host) on tiny shapes: they build through the real pool
+and backend, check another version against this tree where they compare two, and time or
+count every piece they name."""
 
 from __future__ import annotations
 
@@ -74,3 +75,17 @@ def test_seal_bookkeeping_checks_and_times_both_ways(tmp_path):
     assert set(result) == {"one_at_a_time", "all_at_once"}
     assert all(r["median_ms"] > 0 and r["torch_ops"] > 0 for r in result.values())
     assert result["all_at_once"]["torch_ops"] < result["one_at_a_time"]["torch_ops"]
+
+
+def test_prefill_stats_host_counts_this_tree_beside_another_file(tmp_path):
+    """benchmarks/host/prefill_stats_host.py counts another query_stats.py beside this
+    tree's (here this tree's file again: the same count)."""
+    bench = load_script("benchmarks/host/prefill_stats_host.py")
+    out = tmp_path / "ops.json"
+    other = Path(__file__).parents[1] / "sglang_patch" / "query_stats.py"
+    assert bench.main(["--chunk", "40", "--prefix", "7", "--layers", "2", "--q-heads", "4", "--kv-heads", "2",
+                       "--head-dim", "8", "--segment", "16", "--window", "4", "--module", str(other),
+                       "--json", str(out)]) == 0
+    row = json.loads(out.read_text())
+    assert row["segments_touched"] == 3 and row["ops_per_forward"] > 0
+    assert row["module"]["path"] == str(other) and row["module"]["ops_per_forward"] == row["ops_per_forward"]

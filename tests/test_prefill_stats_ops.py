@@ -6,19 +6,16 @@ without a window."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from script_loader import load_script
-
 from mosaickv.sglang_patch.attention import record_queries
 from mosaickv.sglang_patch.forward_inputs import RequestKV, stat_inputs
 from mosaickv.sglang_patch.query_stats import SegmentQueryStats
 from stats_reference import D, HKV, HQ, LAYERS, SCALE, SEG, assert_equal_to, reference, sequence
+
 
 @pytest.mark.parametrize("window", [SEG, 5, 0])
 def test_ragged_chunks_of_one_request_equal_a_per_position_loop(window):
@@ -133,18 +130,3 @@ def test_observe_takes_slots_or_an_index_that_fits():
     windowed = SegmentQueryStats(LAYERS, HKV, D, SEG, window=4)
     with pytest.raises(ValueError, match=r"key_rows\[0\] has 7 rows for the request's 8 tokens"):
         windowed.extend_index([slots], [8], HQ, "cpu", [torch.arange(7)])
-
-
-def test_prefill_stats_host_counts_this_tree_beside_another_file(tmp_path):
-    """benchmarks/host/prefill_stats_host.py counts another query_stats.py beside this
-    tree's (here this tree's file again: the same count)."""
-    pytest.importorskip("sglang")
-    bench = load_script("benchmarks/host/prefill_stats_host.py")
-    out = tmp_path / "ops.json"
-    other = Path(__file__).parents[1] / "sglang_patch" / "query_stats.py"
-    assert bench.main(["--chunk", "40", "--prefix", "7", "--layers", "2", "--q-heads", "4", "--kv-heads", "2",
-                       "--head-dim", "8", "--segment", "16", "--window", "4", "--module", str(other),
-                       "--json", str(out)]) == 0
-    row = json.loads(out.read_text())
-    assert row["segments_touched"] == 3 and row["ops_per_forward"] > 0
-    assert row["module"]["path"] == str(other) and row["module"]["ops_per_forward"] == row["ops_per_forward"]

@@ -318,6 +318,14 @@ def test_smollm2_prompts_fill_but_do_not_exceed_its_context():
     assert "--mem-fraction-static 0.3" in overridden["BASE"] and overridden["TAG"] != plan["TAG"]
 
 
+def test_gsp_decode_batches_stay_within_the_largest_cuda_graph():
+    """512 requests decode at once: every method captures graphs that large, none runs eager."""
+    for model in ("smollm2", "llama8b-random"):
+        plan = _plan(model, "gsp")
+        assert f"--cuda-graph-max-bs {plan['NUM_PROMPTS']}" in plan["BASE"]
+    assert "--cuda-graph-max-bs" not in _plan("smollm2", "random8k")["BASE"]
+
+
 def test_methods_differ_only_in_compression_flags():
     assert workloads.METHODS["fp8"] == workloads.METHODS["none"] + ["--kv-cache-dtype", "fp8_e4m3"]
     for m in ("mosaic3", "mosaic6"):  # the plugin refuses other attention backends and KV dtypes

@@ -42,6 +42,9 @@ class Workload:
     groups: int = 0  # gsp: groups of prompts sharing one system prompt
     question_len: int = 0
     margin: int = 64  # context beyond input + output (gsp prompts are decoded random tokens: re-encoded, they grow)
+    # --cuda-graph-max-bs for every method: a decode batch above SGLang's default largest
+    # graph (256 on an H200) runs eager, which the ninth run's gsp rows (512 requests) did.
+    graph_batch: int | None = None
 
 
 MODELS = {
@@ -73,7 +76,8 @@ WORKLOADS = {
     "random32k_eq": Workload("random", 32768, {"llama8b-random": 16}, max_concurrency=8),
     "random64k": Workload("random", 65536, {"llama8b-random": 24}),
     "gsp": Workload(
-        "gsp", 4096, {"smollm2": 512, "llama8b-random": 512}, groups=32, question_len=256, margin=2048
+        "gsp", 4096, {"smollm2": 512, "llama8b-random": 512}, groups=32, question_len=256, margin=2048,
+        graph_batch=512,
     ),
     # A short agent workload for a check of one setting (--tp 2), not a figure of the goal.
     "gsp_small": Workload(
@@ -117,6 +121,8 @@ def server_flags(model: Model, workload: Workload, mem_fraction: float, extra: l
         need += workload.question_len
     if need < model.context:
         flags += ["--context-length", str(need)]
+    if workload.graph_batch:
+        flags += ["--cuda-graph-max-bs", str(workload.graph_batch)]
     return flags + extra
 
 

@@ -251,13 +251,34 @@ def test_goal_verdicts_without_data_or_at_unequal_batch_are_not_judged():
     assert "mosaic3, output tok/s vs none at 32k (≥3x): not measured (output_throughput not measured)" in text
 
 
+def test_prefill_ceiling_is_output_over_the_pace_of_random_prompts_only():
+    r = rec("none", 26, 83.1, 165.5)
+    assert report.prefill_ceiling(r) is None  # no pace measured
+    r["log"]["prefill_s_per_prompt"], r["bench_command"] = 2.56, "bench_serving --dataset-name random-ids"
+    assert report.prefill_ceiling(r) == pytest.approx(100.0)
+    r["bench_command"] = "bench_serving --dataset-name generated-shared-prefix"  # cached prompts skip prefill
+    assert report.prefill_ceiling(r) is None
+
+
+def test_a_missed_throughput_goal_states_the_cap_of_the_methods_prefill_pace():
+    groups = _goal_groups()
+    m3 = groups[(report.GOAL_MODEL, report.GOAL_WORKLOAD)]["mosaic6"]
+    m3["log"]["prefill_s_per_prompt"], m3["bench_command"] = 1.28, "random-ids"
+    text = "\n".join(report.goal_lines(groups))
+    assert ("- mosaic6, output tok/s vs none at 32k (≥3x): **missed**, 2.00x; its prefill pace (1.28 s a prompt) "
+            "alone caps it at 200.0 tok/s, 2.00x") in text
+    assert "- mosaic6, admitted concurrency vs none at 32k (≥3x): **met**, ≥4.00x\n" in text + "\n"  # no cap on admission
+    m3["device"] = "H200"  # rows that cannot be compared get no cap either
+    assert "caps it" not in "\n".join(report.goal_lines(groups))
+
+
 def test_render_tables_carry_command_device_date_and_plot(tmp_path):
     groups = _goal_groups()
     for r in groups[(report.GOAL_MODEL, report.GOAL_WORKLOAD)].values():
         r["source"] = "suite_x.json"
     del groups[(report.GOAL_MODEL, report.GOAL_EQ_WORKLOAD)]
     block = report.render(groups, tmp_path / "plots", tmp_path)
-    assert "| mosaic3 | ok | 33 | 320.0 | 20.0 / 40.0 | 1,000.0 / 2,000.0 | — | 131,072 | — | 2.75x | 3.20x | 1.38x | 2.13x " \
+    assert "| mosaic3 | ok | 33 | 320.0 | 20.0 / 40.0 | 1,000.0 / 2,000.0 | — | — | 131,072 | — | 2.75x | 3.20x | 1.38x | 2.13x " \
            "| NVIDIA H100 80GB HBM3 | 2026-11-24 | [3] |" in block
     assert "| mosaic6 | ok | ≥48 (all prompts) |" in block
     assert "[3] mosaic3: server `launch mosaic3`; bench `bench`; call `call`; file `suite_x.json`" in block

@@ -80,6 +80,17 @@ def bench(record: Record | None, key: str) -> float | None:
     return (record.get("bench") or {}).get(key)
 
 
+def prefill_ceiling(record: Record) -> float | None:
+    """The most output tok/s the row's prefill pace allows: ``output_len / prefill s per
+    prompt``. SGLang runs a prefill batch and a decode batch one after the other, so a
+    run of N random prompts lasts at least N times the pace, however fast it decodes.
+    None for shared-prefix prompts (the pace is taken over uncached prompts only)."""
+    pace = (record.get("log") or {}).get("prefill_s_per_prompt")
+    if not pace or "random-ids" not in (record.get("bench_command") or ""):
+        return None
+    return record["output_len"] / pace
+
+
 def settings(record: Record) -> tuple:
     """What must match for two rows to be compared: prompts, lengths, batch cap, static memory."""
     mem = (record.get("server") or {}).get("mem_fraction_static")
@@ -98,14 +109,21 @@ class Ratio:
         return f"{'≥' if self.lower_bound else ''}{self.value:.2f}x"
 
 
+def incomparable(record: Record, base: Record) -> str:
+    """Why two rows' figures may not be divided, or "" if they may."""
+    if record.get("device") != base.get("device"):
+        return f"devices differ ({record.get('device')} vs {base.get('device')})"
+    if settings(record) != settings(base):
+        return f"workload settings differ ({settings(record)} vs {settings(base)})"
+    return ""
+
+
 def ratio(record: Record, base: Record | None, metric: str) -> Ratio:
     """``metric`` of ``record`` over the same of ``base``: "admitted" or a bench_serving key."""
     if base is None:
         return Ratio(None, why="no baseline row")
-    if record.get("device") != base.get("device"):
-        return Ratio(None, why=f"devices differ ({record.get('device')} vs {base.get('device')})")
-    if settings(record) != settings(base):
-        return Ratio(None, why=f"workload settings differ ({settings(record)} vs {settings(base)})")
+    if why := incomparable(record, base):
+        return Ratio(None, why=why)
     if metric == "admitted":
         (a, a_bound), (b, b_bound) = admitted(record), admitted(base)
         if a is None or b is None:
@@ -147,7 +165,8 @@ def ordered(methods: dict[str, Record]) -> list[str]:
 
 def table(methods: dict[str, Record], first_note: int) -> tuple[list[str], list[str]]:
     """Markdown rows and the numbered footnotes holding each row's commands."""
-    head = ("| method | status | admitted | out tok/s | TPOT p50 / p99 ms | TTFT p50 / p99 ms | prefill s/prompt | KV B/token | "
+    head = ("| method | status | admitted | out tok/s | TPOT p50 / p99 ms | TTFT p50 / p99 ms | prefill s/prompt | "
+            "tok/s cap of prefill | KV B/token | "
             "achieved ratio | admitted vs none | tok/s vs none | admitted vs fp8 | tok/s vs fp8 | device | date | run |")
     rows = [head, "|" + "---|" * head.count(" | ") + "---|"]
     notes = []
@@ -159,7 +178,8 @@ def table(methods: dict[str, Record], first_note: int) -> tuple[list[str], list[
               for base in (none, fp8) for metric in ("admitted", "output_throughput")]
         cells = [m, _status_text(r), _admitted_text(r), _num(bench(r, "output_throughput")),
                  _pair(r, "median_tpot_ms", "p99_tpot_ms"), _pair(r, "median_ttft_ms", "p99_ttft_ms"),
-                 _num((r.get("log") or {}).get("prefill_s_per_prompt"), 2), _num(kv.get("bytes_per_token"), 0), _num(kv.get("achieved_ratio"), 2), *vs,
+                 _num((r.get("log") or {}).get("prefill_s_per_prompt"), 2), _num(prefill_ceiling(r)),
+                 _num(kv.get("bytes_per_token"), 0), _num(kv.get("achieved_ratio"), 2), *vs,
                  r.get("device") or "—", r.get("date") or "—", f"[{i}]"]
         rows.append("| " + " | ".join(cells) + " |")
         why = f" ({r['reason']})" if r.get("reason") else ""
@@ -183,7 +203,8 @@ def goal_lines(groups: Groups) -> list[str]:
         for label, base, metric, need, group in goals:
             r = group.get(m)
             got = ratio(r, group.get(base), metric) if r else Ratio(None, why=f"no {m} row")
-            lines.append(f"- {m}, {label} vs {base} at 32k (≥{need:g}x): {_verdict(got, need)}")
+            cap = _cap_note(r, group.get(base)) if metric == "output_throughput" and (got.value or 0) < need else ""
+            lines.append(f"- {m}, {label} vs {base} at 32k (≥{need:g}x): {_verdict(got, need)}{cap}")
         lines.append(f"- {m}, TPOT p50 at equal batch vs none at 32k (≤0.5x): {_tpot_verdict(eq.get(m), eq.get('none'))}")
     return lines
 
@@ -196,6 +217,15 @@ def _verdict(got: Ratio, need: float) -> str:
     if got.lower_bound:
         return f"open, {got.text()}: a lower bound (prompt count or time limit), so the true ratio may be higher"
     return f"**missed**, {got.text()}"
+
+
+def _cap_note(record: Record | None, base: Record | None) -> str:
+    """What the method's prefill pace alone allows against the baseline's measured tok/s."""
+    cap, theirs = (prefill_ceiling(record) if record else None), bench(base, "output_throughput")
+    if cap is None or not theirs or incomparable(record, base):
+        return ""
+    pace = record["log"]["prefill_s_per_prompt"]
+    return f"; its prefill pace ({pace:.2f} s a prompt) alone caps it at {cap:,.1f} tok/s, {cap / theirs:.2f}x"
 
 
 def _tpot_verdict(record: Record | None, none: Record | None) -> str:

@@ -19,7 +19,7 @@ Two paths read the same pool, chosen by ``--kv-compress-attention``:
   tokens, each KV head and its query heads get their own call.
 
 Every query also feeds the pool's per-segment query statistics
-(:mod:`mosaickv.sglang_patch.query_stats`, host memory), with the step's log-sum-exp
+(:mod:`mosaickv.sglang_patch.query_stats`, on the pool's device), with the step's log-sum-exp
 when the policy reads attention.
 """
 
@@ -135,7 +135,7 @@ def attend_request(pool: MosaicKVPool, layer_id: int, q: torch.Tensor, runs: lis
 def record_queries(pool: MosaicKVPool, layer_id: int, q: torch.Tensor, reqs: list[RequestKV],
                    lse: Optional[torch.Tensor], scale: float, inputs: StatInputs) -> None:
     """Feed the step's queries ``q`` [sum nq, Hq, d] (and, with a window, their
-    log-sum-exp ``lse`` [sum nq, Hq]) to the pool's per-segment statistics (host memory).
+    log-sum-exp ``lse`` [sum nq, Hq]) to the pool's per-segment statistics.
     A decode batch goes in one computation left on the device (:meth:`observe_decode`), and
     so does an extend batch, every request at once (:meth:`observe` through the forward's
     :class:`ExtendIndex`, found at its first layer), its keys read from the layer's buffer."""

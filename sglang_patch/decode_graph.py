@@ -10,8 +10,8 @@ buffers whose addresses the graphs keep:
 * the dense rows the step's new tokens are written to (the pool's ``prepare_writes``);
 * where each query's statistics go: per layer, the channel energies (and, with a window,
   the attention each query pays its own segment) land in device buffers, deferred to the
-  pool's :class:`~mosaickv.sglang_patch.query_stats.SegmentQueryStats` and copied to the
-  host once, at the next step.
+  pool's :class:`~mosaickv.sglang_patch.query_stats.SegmentQueryStats` and added to its
+  tables on this stream at the next step.
 
 Capacity is the worst batch the runner can replay: ``max_bs`` requests, each as long as
 the model's context, every segment of it sealed or every token of it dense.
@@ -73,7 +73,7 @@ class DecodeGraph:
         waits for the GPU: the previous replay may still run, and every copy is queued on
         this stream behind it."""
         pool, n = self.pool, len(reqs)
-        pool.query_stats.flush(wait=False)  # queues the previous replay's sums before this one overwrites them
+        pool.query_stats.flush()  # queues the previous replay's sums before this one overwrites them
         cap = self.plan.capacity.items
         host, tail_rows = host_plan(pool, reqs, self.group, self.tuning, self.max_programs, max_items=cap)
         if any(len(layer.items) > cap for layer in host.layers):

@@ -236,7 +236,7 @@ class MosaicKVPool(MHATokenToKVPool):
 
     def _new_query_stats(self) -> SegmentQueryStats:
         return SegmentQueryStats(self.layer_num, self.head_num, self.head_dim, self.plan.segment_size,
-                                 self.attention_window)
+                                 self.attention_window, device=self.device)
 
     def release_all(self) -> None:
         """The allocator's ``clear`` (``/flush_cache``, after the tree's reset freed its

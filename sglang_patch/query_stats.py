@@ -21,15 +21,20 @@ also reuses its statistics, and a freed slot drops them (its key may be reused).
 Sums are float64: squares of bf16 queries are exact there and so are their sums, so the
 statistics (and the sealed bytes) do not change with the order tokens arrived in.
 The attention sums are float64 too, but each probability comes from the step's
-log-sum-exp, so they match across chunkings to rounding, not bit for bit. Both live in
-host memory, ``L x Hkv x (d + S) x 8`` bytes per unsealed segment (rows of tables that
-grow when full and, past KEEP_ROWS, shrink when three quarters are free), never in the
-KV budget.
+log-sum-exp, so they match across chunkings to rounding, not bit for bit. The sums live
+where the queries are (the pool's device), ``L x Hkv x (d + S) x 8`` bytes per unsealed
+segment (8B shape: 320 KiB) in rows of tables that grow when full and, past KEEP_ROWS,
+shrink when three quarters are free; that is outside the KV budget. A forward's sums are
+added there on its own stream, so no step waits for them and none is copied to the host
+(a decode step of 240 SmolLM2 requests spent 9 ms adding them on the host, H200
+machine). Counts are known on the host when a forward is recorded and stay there, so
+that no reader waits on the device to learn which segments were observed.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,15 +43,15 @@ import torch
 from mosaickv.uploads import upload
 
 # Rows the statistics tables keep when they shrink: a 32k-token prompt's segments, so a
-# server taking one prompt after another does not regrow them (8B shape: 335 KB a row).
+# server taking one prompt after another does not regrow them (8B shape: 320 KiB a row, 320 MiB kept).
 KEEP_ROWS = 1024
 
 
 @dataclass
 class _Pending:
-    """One layer's sums of one forward, on the device until :meth:`SegmentQueryStats.stage`:
+    """One layer's sums of one forward, not yet added (:meth:`SegmentQueryStats.stage`):
     row ``j`` adds to the segment starting at slot ``keys[j]``. ``stream``: the stream of
-    the forward that fills them, so their copy is queued behind it."""
+    the forward that fills them, so their add is queued behind it."""
 
     layer: int
     energy: torch.Tensor  # [N, Hkv, d] float64
@@ -57,34 +62,11 @@ class _Pending:
     stream: torch.cuda.Stream | None = None
 
 
-@dataclass
-class _Staged:
-    """One forward's sums on their way to the host: every layer's rows stacked (``at``:
-    their layers), ready once ``done`` has passed."""
-
-    keys: tuple[int, ...]
-    counts: tuple[int, ...]
-    attn_counts: tuple[int, ...]
-    at: torch.Tensor  # [layers] int64
-    energies: torch.Tensor  # [layers, N, Hkv, d] host
-    attn_at: torch.Tensor
-    attns: torch.Tensor | None  # [layers with attention, N, Hkv, S] host
-    done: torch.cuda.Event | None
-
-
 def _resized(t: torch.Tensor, rows: int) -> torch.Tensor:
     """``t``'s rows first, then zero rows up to ``rows``."""
     out = t.new_zeros((rows, *t.shape[1:]))
     out[: len(t)] = t
     return out
-
-
-def _to_host(t: torch.Tensor) -> torch.Tensor:
-    """``t`` copied to pinned host memory without waiting (a host tensor as it is)."""
-    if t.device.type != "cuda":
-        return t
-    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    return host.copy_(t, non_blocking=True)
 
 
 def _float32(t: torch.Tensor) -> torch.Tensor:
@@ -119,10 +101,12 @@ class SegmentQueryStats:
     """Running sums per (segment, layer, KV head) until the segment seals.
 
     ``window``: how many of a segment's last queries record the attention they pay its
-    tokens (the token scorer's ``attention_window``; 0 records none).
+    tokens (the token scorer's ``attention_window``; 0 records none). ``device``: where
+    the sums live, the queries' device.
     """
 
-    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, segment_size: int, window: int = 0) -> None:
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, segment_size: int, window: int = 0,
+                 device: torch.device | str = "cpu") -> None:
         self.num_layers, self.num_kv_heads = num_layers, num_kv_heads
         self.head_dim, self.segment_size = head_dim, segment_size
         self.window = min(window, segment_size)
@@ -130,12 +114,13 @@ class SegmentQueryStats:
         # ops (a decode step of 240 requests made 960 adds, 12 ms on a 2-core CPU).
         self._rows: dict[int, int] = {}  # first slot -> its row
         self._free: list[int] = []  # rows no segment holds
-        self._sum = torch.zeros(0, num_layers, num_kv_heads, head_dim, dtype=torch.float64)
-        self._count = torch.zeros(0, num_layers, dtype=torch.int64)  # query-head tokens
-        self._attn = torch.zeros(0, num_layers, num_kv_heads, segment_size, dtype=torch.float64)
-        self._attn_count = torch.zeros(0, num_layers, dtype=torch.int64)  # query heads
-        self._pending: list[_Pending] = []  # sums still on the device, no copy queued yet
-        self._staged: list[_Staged] = []  # sums being copied to the host
+        self.device = torch.device(device)
+        self._sum = torch.zeros(0, num_layers, num_kv_heads, head_dim, dtype=torch.float64, device=self.device)
+        self._attn = torch.zeros(0, num_layers, num_kv_heads, segment_size, dtype=torch.float64, device=self.device)
+        self._count = torch.zeros(0, num_layers, dtype=torch.int64)  # query-head tokens (host)
+        self._attn_count = torch.zeros(0, num_layers, dtype=torch.int64)  # query heads (host)
+        self._pending: list[_Pending] = []  # sums not added yet
+        self._stream: torch.cuda.Stream | None = None  # the stream of the last op on the device tables
 
     def __len__(self) -> int:
         self.flush()
@@ -153,14 +138,14 @@ class SegmentQueryStats:
 
         Or, instead of ``slots``, the forward's ``index`` (:meth:`extend_index`, found once
         for every layer): ``q`` and ``lse`` then hold its requests' queries back to back and
-        ``keys`` are what its key rows name (a layer's whole key buffer). The sums are left
-        on the queries' device until the next flush: a few ops per layer, not per request.
+        ``keys`` are what its key rows name (a layer's whole key buffer). The sums are
+        added at the next flush: a few ops per layer, not per request.
         """
         nq, hq, d = q.shape
         if nq == 0:
             return
         if layer == 0:
-            self.flush(wait=False)  # the earlier forwards' sums that have reached the host
+            self.flush()  # the earlier forwards' sums
         if d != self.head_dim or hq % self.num_kv_heads:
             raise ValueError(f"queries of shape {tuple(q.shape)} do not fit {self.num_kv_heads} KV heads "
                              f"of head dim {self.head_dim}")
@@ -261,13 +246,13 @@ class SegmentQueryStats:
         With a window, ``keys`` [B, S, Hkv, d] hold each segment's tokens so far (the rest
         is ignored), ``lse`` [B, Hq] the step's log-sum-exp, and ``device_positions`` may
         give ``positions`` where ``q`` is (copied once per forward, not once per layer). The
-        sums go to the host in one copy for all layers, queued at the next step's first
-        layer (:meth:`stage`) and added once there, or when read (:meth:`flush`)."""
+        sums of all layers are added together at the next step's first layer or when read
+        (:meth:`flush`)."""
         bsz, hq, d = q.shape
         if bsz == 0:
             return
         if layer == 0:
-            self.flush(wait=False)  # the earlier steps' sums that have reached the host
+            self.flush()  # the earlier steps' sums
         in_window = positions >= self.segment_size - self.window
         attn = None
         if self.window and bool(in_window.any()):
@@ -286,7 +271,7 @@ class SegmentQueryStats:
         """Sums of one layer's decode queries, still on the device: request ``b`` adds
         ``energy[b]`` (and ``attn[b]`` if ``in_window[b]``) to the segment starting at
         ``first_slots[b]``. A CUDA graph's buffers can be deferred before the replay that
-        fills them, on its stream: their copy is queued behind it (:meth:`stage`)."""
+        fills them, on its stream: their add is queued behind it (:meth:`stage`)."""
         self.defer(layer, energy, attn, first_slots, [group] * len(first_slots),
                    [group if ok and attn is not None else 0 for ok in in_window])
 
@@ -294,15 +279,15 @@ class SegmentQueryStats:
               counts: list[int], attn_counts: list[int]) -> None:
         """Row ``j`` of one layer's sums, counting ``counts[j]`` query-head tokens (and
         ``attn_counts[j]`` query heads' attention), goes to the segment starting at slot
-        ``keys[j]`` once it has reached the host. Call it on the stream of the forward that
-        fills ``energy`` and ``attn``: their copy is queued there."""
+        ``keys[j]`` at the next :meth:`stage`. Call it on the stream of the forward that
+        fills ``energy`` and ``attn``: their add is queued there."""
         stream = torch.cuda.current_stream(energy.device) if energy.device.type == "cuda" else None
         self._pending.append(_Pending(layer, energy, attn, tuple(keys), tuple(counts), tuple(attn_counts), stream))
 
     def stage(self) -> None:
-        """Queue the copy to the host of every pending sum, one per forward, on the stream
-        of the forward that fills it: behind that forward, and ahead of any later forward
-        on that stream (a CUDA graph's next replay overwrites its buffers). Nothing waits."""
+        """Queue the add of every pending sum, one per forward, on the stream of the forward
+        that fills it: behind that forward, and ahead of any later forward on that stream
+        (a CUDA graph's next replay overwrites its buffers). Nothing waits."""
         if not self._pending:
             return
         pending, self._pending = self._pending, []
@@ -310,49 +295,53 @@ class SegmentQueryStats:
         for p in pending:
             batches.setdefault((p.keys, p.counts, p.attn_counts, p.stream), []).append(p)
         for (keys, counts, attn_counts, stream), layers in batches.items():
-            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-                with_attn = [i for i, p in enumerate(layers) if p.attn is not None]
-                energies = _to_host(torch.stack([p.energy for p in layers]))
-                attns = _to_host(torch.stack([layers[i].attn for i in with_attn])) if with_attn else None
-                done = None
-                if stream is not None:
-                    done = torch.cuda.Event()
-                    done.record(stream)
-            at = torch.tensor([p.layer for p in layers])
-            self._staged.append(_Staged(keys, counts, attn_counts, at, energies, at[with_attn], attns, done))
+            with self._ordered(stream):
+                self._add(keys, counts, attn_counts, layers)
 
-    def flush(self, wait: bool = True) -> None:
-        """Add the sums that have reached the host: all of them with ``wait`` (a reader:
-        sealing, dropping), else only those already there (a step must not wait for the
-        GPU). A forward's statistics cost a few ops in all (:meth:`_add`), not a few per
-        segment and layer (32 layers x 256 segments of an 8k-token chunk: 8,192 adds)."""
+    def flush(self) -> None:
+        """Queue every pending sum's add (:meth:`stage`): a read after it sees them. A
+        forward's statistics cost a few ops in all (:meth:`_add`), not a few per segment and
+        layer (32 layers x 256 segments of an 8k-token chunk: 8,192 adds)."""
         self.stage()
-        left: list[_Staged] = []
-        for staged in self._staged:
-            if staged.done is not None and not wait and not staged.done.query():
-                left.append(staged)
-                continue
-            if staged.done is not None:
-                staged.done.synchronize()
-            self._add(staged)
-        self._staged = left
 
-    def _add(self, s: _Staged) -> None:
-        """One forward's sums into the tables: (row, layer) pairs flattened, one add per table."""
-        rows = self._rows_of(s.keys)
-        layers = self.num_layers
-        at = (rows[None, :] * layers + s.at[:, None]).reshape(-1)  # [layers x N], as energies are stacked
-        self._sum.view(-1, self.num_kv_heads, self.head_dim).index_add_(
-            0, at, s.energies.reshape(-1, self.num_kv_heads, self.head_dim))
-        self._count.view(-1).index_add_(0, at, torch.tensor(s.counts, dtype=torch.int64).repeat(len(s.at)))
-        if s.attns is None:
+    @contextlib.contextmanager
+    def _ordered(self, stream: torch.cuda.Stream | None = None) -> Iterator[None]:
+        """Run the body's ops on the tables on ``stream`` (default: the current one), after
+        every earlier op on them whichever stream queued it. Forwards add on theirs, readers
+        and drops on the scheduler's: without the wait a drop's zeroing could pass a queued
+        add, and a row freed and given to another segment would keep the old one's sums."""
+        if self.device.type != "cuda":
+            yield
             return
-        attn_counts = torch.tensor(s.attn_counts, dtype=torch.int64)
-        some = attn_counts > 0
-        at = (rows[some][None, :] * layers + s.attn_at[:, None]).reshape(-1)
+        stream = stream or torch.cuda.current_stream(self.device)
+        if self._stream is not None and self._stream != stream:
+            stream.wait_stream(self._stream)
+        self._stream = stream
+        with torch.cuda.stream(stream):
+            yield
+
+    def _add(self, keys: tuple[int, ...], counts: tuple[int, ...], attn_counts: tuple[int, ...],
+             layers: list[_Pending]) -> None:
+        """One forward's sums into the tables: (row, layer) pairs flattened, one add per
+        table (counts on the host, sums where they are)."""
+        rows = self._rows_of(keys)
+        at = torch.tensor([p.layer for p in layers])
+        pairs = (rows[None, :] * self.num_layers + at[:, None]).reshape(-1)  # [layers x N], as stacked below
+        self._count.view(-1).index_add_(0, pairs, torch.tensor(counts, dtype=torch.int64).repeat(len(at)))
+        energies = torch.stack([p.energy for p in layers]).to(self.device)
+        self._sum.view(-1, self.num_kv_heads, self.head_dim).index_add_(
+            0, upload(pairs, self.device), energies.reshape(-1, self.num_kv_heads, self.head_dim))
+        with_attn = [i for i, p in enumerate(layers) if p.attn is not None]
+        some = torch.tensor(attn_counts, dtype=torch.int64) > 0
+        if not with_attn or not bool(some.any()):
+            return
+        attn_at = at[with_attn]
+        pairs = (rows[some][None, :] * self.num_layers + attn_at[:, None]).reshape(-1)
+        self._attn_count.view(-1).index_add_(
+            0, pairs, torch.tensor(attn_counts, dtype=torch.int64)[some].repeat(len(attn_at)))
+        attns = torch.stack([layers[i].attn for i in with_attn]).to(self.device)[:, upload(some, self.device)]
         self._attn.view(-1, self.num_kv_heads, self.segment_size).index_add_(
-            0, at, s.attns[:, some].reshape(-1, self.num_kv_heads, self.segment_size))
-        self._attn_count.view(-1).index_add_(0, at, attn_counts[some].repeat(len(s.attn_at)))
+            0, upload(pairs, self.device), attns.reshape(-1, self.num_kv_heads, self.segment_size))
 
     def paid_attention(self, q: torch.Tensor, lse: torch.Tensor, keys: torch.Tensor, q_pos: torch.Tensor,
                         q_ok: torch.Tensor, scale: float) -> torch.Tensor:
@@ -381,7 +370,7 @@ class SegmentQueryStats:
 
     def _rows_of(self, keys: tuple[int, ...]) -> torch.Tensor:
         """Each key's row, a free (zero) one for a segment that has none; the tables grow
-        once, if they lack free rows."""
+        once, if they lack free rows (so only inside :meth:`_ordered`)."""
         missing = sum(key not in self._rows for key in set(keys)) - len(self._free)
         if missing > 0:
             old = len(self._count)
@@ -429,8 +418,11 @@ class SegmentQueryStats:
         at = torch.tensor([0 if row is None else row for row in rows], dtype=torch.int64)
         count = counts[at]
         ok = torch.tensor([row is not None for row in rows]) & (count > 0).all(dim=1)
-        mean = sums[at] / count.clamp_min(1)[:, :, None, None]
-        return mean * ok[:, None, None, None], ok.tolist()
+        # A segment without a row or with an unobserved layer divides by 1 and is zeroed.
+        scale = torch.where(ok[:, None], 1.0 / count.clamp_min(1), 0.0).to(torch.float64)
+        with self._ordered():
+            mean = sums[upload(at, self.device)] * upload(scale, self.device)[:, :, None, None]
+        return mean, ok.tolist()
 
     def drop(self, first_slot: int) -> None:
         self.drop_many([first_slot])
@@ -443,8 +435,12 @@ class SegmentQueryStats:
         if not rows:
             return
         at = torch.tensor(rows, dtype=torch.int64)
-        for table in (self._sum, self._count, self._attn, self._attn_count):
-            table[at] = 0
+        self._count[at] = 0
+        self._attn_count[at] = 0
+        with self._ordered():
+            on_device = upload(at, self.device)
+            self._sum[on_device] = 0
+            self._attn[on_device] = 0
         self._free += rows
         if len(self._count) > KEEP_ROWS and 4 * len(self._rows) <= len(self._count):
             self._compact()
@@ -455,8 +451,10 @@ class SegmentQueryStats:
         held = list(self._rows.items())
         rows = torch.tensor([row for _, row in held], dtype=torch.int64)
         size = max(KEEP_ROWS, 2 * len(held))
-        self._sum, self._count, self._attn, self._attn_count = (
-            _resized(t[rows], size) for t in (self._sum, self._count, self._attn, self._attn_count))
+        self._count, self._attn_count = (_resized(t[rows], size) for t in (self._count, self._attn_count))
+        with self._ordered():
+            on_device = upload(rows, self.device)
+            self._sum, self._attn = (_resized(t[on_device], size) for t in (self._sum, self._attn))
         self._rows = {key: i for i, (key, _) in enumerate(held)}
         self._free = list(range(size - 1, len(held) - 1, -1))
 

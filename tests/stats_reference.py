@@ -51,7 +51,7 @@ def assert_equal_to(stats: SegmentQueryStats, want: dict[int, list]) -> None:
     assert set(stats._rows) == set(want)
     for key, (energy, count, attn, attn_count) in want.items():
         row = stats._rows[key]
-        assert torch.equal(stats._sum[row], energy), f"segment at slot {key}: energy sums differ"
+        assert torch.equal(stats._sum[row].cpu(), energy), f"segment at slot {key}: energy sums differ"
         assert stats._count[row].tolist() == [count] * LAYERS
         assert stats._attn_count[row].tolist() == [attn_count] * LAYERS
-        torch.testing.assert_close(stats._attn[row], attn, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(stats._attn[row].cpu(), attn, rtol=1e-5, atol=1e-7)

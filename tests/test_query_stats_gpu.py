@@ -19,7 +19,7 @@ def test_extend_statistics_on_the_gpu_equal_a_per_position_loop(window):
     n = 100
     q, k, lse = sequence(n, seed=3)
     slots = torch.arange(700, 700 + n)
-    stats = SegmentQueryStats(LAYERS, HKV, D, SEG, window=window)
+    stats = SegmentQueryStats(LAYERS, HKV, D, SEG, window=window, device="cuda")  # where a server keeps them
     sums: dict[int, list] = {}
     for lo, hi in [(0, 20), (20, 41), (41, 48), (48, 96), (96, 100)]:
         start = lo // SEG * SEG

@@ -78,7 +78,7 @@ def test_a_staged_graph_buffer_keeps_the_values_of_its_forward():
         stats.defer_decode(layer, energy[layer], None, [10, 20, 30], [False] * 3, group=2)
     stats.stage()
     energy.add_(100.0)  # the next replay
-    stats.flush(wait=False)
+    stats.flush()
     for j, key in enumerate((10, 20, 30)):
         assert torch.equal(stats._sum[stats._rows[key]], first[:, j])
         assert stats._count[stats._rows[key]].tolist() == [2, 2]
@@ -90,22 +90,38 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.gpu
 @CUDA
 def test_a_step_does_not_wait_for_statistics_still_on_the_gpu():
-    """flush(wait=False) leaves a forward's sums queued while its stream is busy; a reader's
-    flush waits for them."""
-    stats = SegmentQueryStats(1, 1, 4, segment_size=8)
+    """flush queues a forward's adds on its busy stream and returns; a reader on another
+    stream sees them, and a drop there cannot pass them: the row it frees, given to the
+    next segment, holds only that segment's sums."""
+    stats = SegmentQueryStats(1, 1, 4, segment_size=8, device="cuda")
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):
-        # A first pinned buffer of this size: allocating one synchronizes the device, as
-        # a server's first step does; later steps reuse it (PyTorch's host allocator).
+        # First tables and pinned index buffers: allocating them may synchronize the device,
+        # as a server's first step does; later steps reuse them.
         stats.defer_decode(0, torch.zeros(1, 1, 4, dtype=torch.float64, device="cuda"), None, [3], [False], group=1)
         stats.flush()
+    torch.cuda.synchronize()
+    with torch.cuda.stream(stream):
         torch.cuda._sleep(200_000_000)  # keeps the stream busy for a while
-        energy = torch.ones(1, 1, 4, dtype=torch.float64, device="cuda")
-        stats.defer_decode(0, energy, None, [7], [False], group=1)
-        stats.flush(wait=False)
-    assert 7 not in stats._rows and len(stats._staged) == 1
-    stats.flush()
-    assert stats._sum[stats._rows[7]].tolist() == [[[1.0] * 4]]
+        stats.defer_decode(0, torch.ones(1, 1, 4, dtype=torch.float64, device="cuda"), None, [7], [False], group=1)
+        stats.flush()
+    assert not stream.query()  # flush returned with the stream still busy: it did not wait
+    first = stats._rows[7]
+    rms, ok = stats.rms_many([7])  # on the default stream
+    assert ok == [True] and rms.tolist() == [[[[1.0] * 4]]]
+    with torch.cuda.stream(stream):
+        torch.cuda._sleep(200_000_000)
+        stats.defer_decode(0, torch.full((1, 1, 4), 5.0, dtype=torch.float64, device="cuda"), None, [7], [False],
+                           group=1)
+        stats.flush()
+    stats.drop_many([7])  # on the default stream, while 7's second add still waits on the busy one
+    with torch.cuda.stream(stream):
+        stats.defer_decode(0, torch.full((1, 1, 4), 4.0, dtype=torch.float64, device="cuda"), None, [9], [False],
+                           group=1)
+        stats.flush()
+    assert stats._rows[9] == first  # 7's row, reused
+    rms, ok = stats.rms_many([9])
+    assert ok == [True] and rms.tolist() == [[[[2.0] * 4]]]
 
 
 @pytest.mark.gpu

@@ -41,7 +41,7 @@ def decode_ms(mod: ModuleType, layers: int, hkv: int, d: int, seg: int, group: i
             stats.defer_decode(layer, torch.rand(requests, hkv, d, dtype=torch.float64), None, keys,
                                [False] * requests, group=group)
         start = time.perf_counter()
-        stats.flush(wait=False)
+        stats.flush()
         times.append(time.perf_counter() - start)
     return statistics.median(times[2:]) * 1e3
 

@@ -11,7 +11,9 @@
 #   PART=stage_eq  bash benchmarks/device_session.sh   # carry .device/c5: stage, 8B model, then eq (a restaged machine)
 #   PART=smollm2   bash benchmarks/device_session.sh   # SmolLM2 random8k: none, fp8 | mosaic3, mosaic6 (BUDGET_S as above)
 #   PART=rows MODEL=M WORKLOAD=W [N=n] bash benchmarks/device_session.sh   # the same for any model and workload of
-#                                                       benchmarks/suite/workloads.py (e.g. smollm2 gsp, llama8b-random random8k)
+#                                                       benchmarks/suite/workloads.py (e.g. smollm2 gsp, llama8b-random random8k;
+#                                                       a missing model is built first); GPU0_METHODS / GPU1_METHODS
+#                                                       choose each GPU's methods (e.g. mosaic3 | mosaic6: a call each)
 #   PART=kernels   bash benchmarks/device_session.sh   # ncu: packed vs one block per tile | diag_formats at 128-token
 #                                                       segments, then the host's decode step at SmolLM2's shape on the GPU
 #   PART=stage_kernels bash benchmarks/device_session.sh   # carry .device/c5: stage; diag_formats at 32, bench_decode |
@@ -76,8 +78,11 @@ case $PART in
     model=${MODEL:-smollm2}; workload=${WORKLOAD:-random8k}
     if [ "$PART" = stage_smollm2 ]; then stage; BUDGET_S=${BUDGET_S:-480}; fi
     if [ "$PART" != rows ]; then model=smollm2; workload=random8k; fi
-    suite 0 30000 "${BUDGET_S:-560}" MODEL=$model WORKLOAD=$workload ${N:+N=$N} METHODS="none fp8" &
-    suite 1 30010 "${BUDGET_S:-560}" MODEL=$model WORKLOAD=$workload ${N:+N=$N} METHODS="mosaic3 mosaic6"
+    # A model that is not staged (the 8B) is built once here, not by both GPUs' suites at once.
+    eval "$(python3 benchmarks/suite/workloads.py plan "$model" "$workload" | grep -E '^(MODEL_PATH|BUILD)=')"
+    if [ ! -e "$MODEL_PATH" ] && [ -n "$BUILD" ]; then $BUILD > "$LOG/model.txt" 2>&1; say "model $model rc=$?"; fi
+    suite 0 30000 "${BUDGET_S:-560}" MODEL=$model WORKLOAD=$workload ${N:+N=$N} METHODS="${GPU0_METHODS:-none fp8}" &
+    suite 1 30010 "${BUDGET_S:-560}" MODEL=$model WORKLOAD=$workload ${N:+N=$N} METHODS="${GPU1_METHODS:-mosaic3 mosaic6}"
     wait ;;
   stage_host)
     stage

@@ -21,7 +21,7 @@
 #   PART=stage_host bash benchmarks/device_session.sh   # carry .device/c5 and .whl: stage; SmolLM2 sealing at 32 and
 #                                                       182 a call, the host's decode step on the GPU (240 and 512
 #                                                       requests, graph and eager), a prefill profile of mosaic3
-#                                                       at 8k | GPU tests
+#                                                       at 8k (PHASE=decode: a decode step's at 240 running) | GPU tests
 #   PART=stage_smollm2 bash benchmarks/device_session.sh   # carry .device/c5: stage, then smollm2 (BUDGET_S, 480)
 # Record the session's commit yourself: the machine's git log is stale.
 set -uo pipefail
@@ -97,11 +97,12 @@ case $PART in
       --kv-heads 3 --head-dim 64 --group 3 --repeat 5 --policy-formats benchmarks/results/eval_dense_values_2k_segment.json \
       --policy mosaic_dense_values_3x --profile --json "$OUT/host_decode_step_smollm2_cuda.json" > "$LOG/host_step.txt" 2>&1
     say "decode_step_host rc=$?"
-    # Where a prefill's time goes: mosaic 3x on SmolLM2, 8k-token prompts (the seventh
-    # run's 0.42 s a prompt against none's 0.026).
-    T0=$T0 BUDGET_S=565 OUT=$OUT/profile PHASE=prefill INPUT=7936 OUTPUT=256 N=48 MOSAIC_EXTRA="$MOSAIC_FLAGS" \
+    # Where a prefill's (PHASE=prefill, the default) or a decode step's (PHASE=decode: 240
+    # running, as the random8k rows) time goes: mosaic 3x on SmolLM2, 8k-token prompts.
+    if [ "${PHASE:-prefill}" = decode ]; then shape="OUTPUT=1024 N=240"; else shape="OUTPUT=256 N=48"; fi
+    env T0=$T0 BUDGET_S=565 OUT=$OUT/profile PHASE=${PHASE:-prefill} INPUT=7936 $shape MOSAIC_EXTRA="$MOSAIC_FLAGS" \
       bash benchmarks/serving/profile_gpu.sh > "$LOG/profile.txt" 2>&1
-    say "prefill profile rc=$?"
+    say "${PHASE:-prefill} profile rc=$?"
     wait ;;
   kernels)
     (CUDA_VISIBLE_DEVICES=0 timeout 540 bash benchmarks/kernels/ncu_decode.sh "$OUT/ncu" > "$LOG/ncu.txt" 2>&1

@@ -48,7 +48,7 @@ from mosaickv.sglang_patch.forward_inputs import (
     Run,
     StatInputs,
     host_plan,
-    locate_many,
+    locate_rows,
     stat_inputs,
 )
 from mosaickv.sglang_patch.pool import MosaicKVPool, SegmentKV
@@ -323,9 +323,8 @@ class MosaicAttnBackend(TorchNativeAttnBackend):
             rows = self.req_to_token_pool.req_to_token[req_pool_indices, : max(seq_lens)].cpu()
         # Slots keep req_to_token's int32: the pool maps the few it reads (dense_rows), and
         # widening every row cost 6 ms a step at 240 requests of 8k tokens on a 2-core CPU.
-        slots = [row[:n] for row, n in zip(rows, seq_lens)]
-        runs = locate_many(self.token_to_kv_pool, slots)
-        return [RequestKV(s, r, nq) for s, r, nq in zip(slots, runs, q_lens)]
+        runs = locate_rows(self.token_to_kv_pool, rows, seq_lens)
+        return [RequestKV(row[:n], r, nq) for row, n, r, nq in zip(rows, seq_lens, runs, q_lens)]
 
     def _state(self, forward_batch: ForwardBatch, q_lens: list[int]) -> ForwardState:
         """The forward's :class:`ForwardState`: built at the first layer, read by all of them."""

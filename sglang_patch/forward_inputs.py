@@ -42,20 +42,32 @@ def locate(pool: MosaicKVPool, slots: torch.Tensor) -> list[Run]:
 
 
 def locate_many(pool: MosaicKVPool, requests: list[torch.Tensor]) -> list[Runs]:
-    """:func:`locate` for a batch: the page tables read in numpy, one slot per page (a
-    request's tokens fill its pages in order, SGLang's paged layout: slot % page_size ==
-    position % page_size, checked), every request's pages at once (each request's first
-    page starts a run), and the dense runs of every request mapped to rows in one call.
-    Runs are found with numpy, not a Python loop over them (a 32k-token request is 1,024
-    sealed segments, each its own run): 3.3 -> 0.9 ms for 8 such requests on a 2-core CPU
+    """:func:`locate` for a batch of separate slot lists (padded into rows for :func:`locate_rows`)."""
+    lens = [len(slots) for slots in requests]
+    rows = torch.zeros(len(requests), max(lens, default=0), dtype=requests[0].dtype if requests else torch.int32)
+    for row, slots in zip(rows, requests):
+        row[: len(slots)] = slots
+    return locate_rows(pool, rows, lens)
+
+
+def locate_rows(pool: MosaicKVPool, rows: torch.Tensor, lens: list[int]) -> list[Runs]:
+    """:func:`locate` for a batch: request ``r`` holds the first ``lens[r]`` slots of host
+    ``rows[r]`` (a ``req_to_token`` gather). The page tables are read in numpy, one slot
+    per page (a request's tokens fill its pages in order, SGLang's paged layout: slot %
+    page_size == position % page_size, checked), every request's pages at once (each
+    request's first page starts a run), and the dense runs of every request gathered from
+    ``rows`` and mapped to dense rows in one call each. Runs are found with numpy, not a
+    Python loop over them (a 32k-token request is 1,024 sealed segments, each its own run):
+    3.3 -> 0.9 ms for 8 such requests on a 2-core CPU
     (benchmarks/results/host_locate_32k_cpu.json)."""
-    if not requests:
+    if not lens:
         return []
     ps, seg = pool.page_size, pool.plan.segment_size
-    firsts = [slots.numpy()[::ps] for slots in requests]
-    pages = np.fromiter((len(f) for f in firsts), dtype=np.int64, count=len(firsts))
-    lens = np.fromiter((len(slots) for slots in requests), dtype=np.int64, count=len(requests))
-    firsts = np.concatenate(firsts)
+    slots = rows.numpy()
+    lens_np = np.asarray(lens, dtype=np.int64)
+    pages = -(-lens_np // ps)
+    page_cols = slots[:, ::ps]
+    firsts = page_cols[np.arange(page_cols.shape[1])[None, :] < pages[:, None]]  # every request's pages, in order
     if ps > 1 and (firsts % ps).any():
         raise ValueError(f"a request's tokens do not start its pages (page_size {ps}): its slots are not in "
                          "SGLang's paged layout")
@@ -67,7 +79,7 @@ def locate_many(pool: MosaicKVPool, requests: list[torch.Tensor]) -> list[Runs]:
     lo = np.flatnonzero(new)
     req = np.searchsorted(start, lo, side="right") - 1  # a request with no pages starts where the next does
     first = (lo - start[req]) * ps
-    last = np.minimum((np.append(lo[1:], len(sealed)) - start[req]) * ps, lens[req])
+    last = np.minimum((np.append(lo[1:], len(sealed)) - start[req]) * ps, lens_np[req])
     slab = sealed[lo]
     is_dense = slab == UNMAPPED
     partial = np.flatnonzero(~is_dense & (last - first != seg))
@@ -77,21 +89,23 @@ def locate_many(pool: MosaicKVPool, requests: list[torch.Tensor]) -> list[Runs]:
                          "read whole")
     # Per request, slices of batch-wide results (one tolist, one mask): a pass per request
     # over numpy splits cost 3.8 of a 5.1 ms locate at 240 requests on a 2-core CPU.
-    bounds = np.searchsorted(req, np.arange(len(requests) + 1))  # each request's runs: bounds[r]..bounds[r + 1]
+    bounds = np.searchsorted(req, np.arange(len(lens) + 1))  # each request's runs: bounds[r]..bounds[r + 1]
     run_bounds = bounds.tolist()
     sealed_bounds = np.concatenate([[0], np.cumsum(~is_dense)])[bounds].tolist()
     runs_all, sealed_all = slab.tolist(), slab[~is_dense]
     dense_runs = np.flatnonzero(is_dense)
     dense_req, dense_local = req[dense_runs].tolist(), (dense_runs - bounds[req[dense_runs]]).tolist()
-    dense_of: list[list[int]] = [[] for _ in requests]  # each request's dense runs, local indices
+    dense_of: list[list[int]] = [[] for _ in lens]  # each request's dense runs, local indices
     for r, i in zip(dense_req, dense_local):
         dense_of[r].append(i)
     layouts = [Runs(runs_all[a:b], sealed_all[c:d], dense_of[r])
                for r, (a, b, c, d) in enumerate(zip(run_bounds, run_bounds[1:], sealed_bounds, sealed_bounds[1:]))]
-    if dense_req:  # every request's dense runs mapped to rows in one call, then put in place
-        dense = [requests[r][f:l] for r, f, l in zip(dense_req, first[dense_runs].tolist(), last[dense_runs].tolist())]
-        rows = pool.dense_rows(torch.cat(dense)).split((last - first)[dense_runs].tolist())
-        for r, i, rows_of_run in zip(dense_req, dense_local, rows):
+    if dense_req:  # every dense run's slots in one gather from ``rows``, mapped to rows in one call
+        size = (last - first)[dense_runs]
+        offset = np.arange(size.sum()) - np.repeat(np.cumsum(size) - size, size)
+        where = (np.repeat(req[dense_runs], size), np.repeat(first[dense_runs], size) + offset)
+        dense = pool.dense_rows(torch.from_numpy(slots[where])).split(size.tolist())
+        for r, i, rows_of_run in zip(dense_req, dense_local, dense):
             layouts[r][i] = rows_of_run
     return layouts
 

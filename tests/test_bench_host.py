@@ -44,16 +44,20 @@ def test_stats_flush_times_both_versions_side_by_side(tmp_path):
 
 
 def test_locate_host_checks_and_times_both_versions(tmp_path):
-    """benchmarks/host/locate_host.py runs another file's locate_many (or stat_inputs)
-    beside this tree's, after checking both return the same (here this tree's file
-    against itself)."""
+    """benchmarks/host/locate_host.py runs another file's locating (or stat_inputs) beside
+    this tree's, after checking both return the same: here this tree's file against
+    itself, and a copy without ``locate_rows``, located with its ``locate_many`` over
+    each request's slots as older backends did."""
     bench = load_script("benchmarks/host/locate_host.py")
     out = tmp_path / "locate.json"
     other = Path(__file__).parents[1] / "sglang_patch" / "forward_inputs.py"
-    assert bench.main(["--requests", "3", "--segments", "2", "--layers", "2", "--kv-heads", "2", "--head-dim", "64",
-                       "--rounds", "2", "--calls", "2", "--against", str(other), "--json", str(out)]) == 0
-    times = json.loads(out.read_text())["locate_ms"]
-    assert set(times) == {"this tree", str(other)} and all(len(t) == 2 and min(t) > 0 for t in times.values())
+    older = tmp_path / "forward_inputs_older.py"
+    older.write_text(other.read_text().replace("def locate_rows(", "def locate_rows_not_timed("))
+    for against in (other, older):
+        assert bench.main(["--requests", "3", "--segments", "2", "--layers", "2", "--kv-heads", "2", "--head-dim",
+                           "64", "--rounds", "2", "--calls", "2", "--against", str(against), "--json", str(out)]) == 0
+        times = json.loads(out.read_text())["locate_ms"]
+        assert set(times) == {"this tree", str(against)} and all(len(t) == 2 and min(t) > 0 for t in times.values())
     assert bench.main(["--function", "stat_inputs", "--requests", "3", "--segments", "2", "--layers", "2",
                        "--kv-heads", "2", "--head-dim", "64", "--rounds", "2", "--calls", "2", "--against", str(other),
                        "--json", str(out)]) == 0

@@ -1,10 +1,12 @@
 """Host time of a decode step's per-request inputs, this tree's beside another version's,
-alternating in one process on the pool ``decode_step_host.py`` builds: ``locate_many``
-(each request's runs) or, with ``--function stat_inputs``, the query statistics' inputs.
+alternating in one process on the pool ``decode_step_host.py`` builds: locating (each
+request's runs from the batch's ``req_to_token`` rows, as ``MosaicAttnBackend._requests``
+does) or, with ``--function stat_inputs``, the query statistics' inputs.
 
 ``--against FILE`` is another ``sglang_patch/forward_inputs.py`` (``git show
 REV:sglang_patch/forward_inputs.py > FILE``); its function runs with this tree's module
-globals, and both must return the same result.
+globals, and both must return the same result. A file without ``locate_rows`` locates
+with its ``locate_many`` over each request's slice of the rows, as its backend did.
 
     python benchmarks/host/locate_host.py --requests 240 --segments 247 --layers 30 --kv-heads 3 --head-dim 64 \
         --policy-formats benchmarks/results/eval_dense_values_2k_segment.json --policy mosaic_dense_values_3x \
@@ -29,7 +31,8 @@ HERE = Path(__file__).parent
 
 
 # Where each timed function's source starts and what follows it in forward_inputs.py.
-FUNCTIONS = {"locate_many": ("def locate_many", "\n@dataclass"), "stat_inputs": ("def stat_inputs", "\ndef sealed_and_tail")}
+FUNCTIONS = {"locate_rows": ("def locate_rows", "\n@dataclass"), "locate_many": ("def locate_many", "\n@dataclass"),
+             "stat_inputs": ("def stat_inputs", "\ndef sealed_and_tail")}
 
 
 def other_function(path: str, name: str):  # type: ignore[no-untyped-def]
@@ -65,34 +68,41 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--calls", type=int, default=7, help="timed calls per round (their median)")
     ap.add_argument("--against")
-    ap.add_argument("--function", choices=sorted(FUNCTIONS), default="locate_many")
+    ap.add_argument("--function", choices=["locate", "stat_inputs"], default="locate")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     args.device = "cpu"
     torch.set_num_threads(1)
     pool, backend, length = host.build(args, args.requests)
     rows = backend.req_to_token_pool.req_to_token[torch.arange(args.requests), :length]
-    slots = [row[:length] for row in rows]
-    same, arg = same_runs, slots
-    if args.function == "stat_inputs":  # over the requests as a decode step locates them
-        same, arg = same_inputs, backend._requests(torch.arange(args.requests), [length] * args.requests,
-                                                   [1] * args.requests)
-    versions = {"this tree": getattr(forward_inputs, args.function)}
-    if args.against:
-        versions[args.against] = other_function(args.against, args.function)
-        if not same(versions["this tree"](pool, arg), versions[args.against](pool, arg)):
-            raise SystemExit(f"{args.against}'s {args.function} returns another result than this tree's")
+    lens = [length] * args.requests
+    if args.function == "locate":
+        same, arg = same_runs, (rows, lens)
+        versions = {"this tree": forward_inputs.locate_rows}
+        if args.against:
+            if "def locate_rows" in Path(args.against).read_text():
+                versions[args.against] = other_function(args.against, "locate_rows")
+            else:
+                many = other_function(args.against, "locate_many")
+                versions[args.against] = lambda pool, rows, lens: many(pool, [r[:n] for r, n in zip(rows, lens)])
+    else:  # over the requests as a decode step locates them
+        same, arg = same_inputs, (backend._requests(torch.arange(args.requests), lens, [1] * args.requests),)
+        versions = {"this tree": forward_inputs.stat_inputs}
+        if args.against:
+            versions[args.against] = other_function(args.against, "stat_inputs")
+    if args.against and not same(versions["this tree"](pool, *arg), versions[args.against](pool, *arg)):
+        raise SystemExit(f"{args.against}'s {args.function} returns another result than this tree's")
     times: dict[str, list[float]] = {name: [] for name in versions}
     for _ in range(args.rounds):
         for name, function in versions.items():
             calls = []
             for _ in range(args.calls):
                 start = time.perf_counter()
-                function(pool, arg)
+                function(pool, *arg)
                 calls.append(time.perf_counter() - start)
             times[name].append(round(statistics.median(calls) * 1e3, 3))
     command = " ".join(["python", "benchmarks/host/locate_host.py", *(argv or sys.argv[1:])])
-    key = "locate_ms" if args.function == "locate_many" else f"{args.function}_ms"
+    key = f"{args.function}_ms"
     text = json.dumps({"command": command, "args": vars(args), key: times}, indent=1)
     print(text)
     if args.json:

@@ -276,15 +276,16 @@ class Compressor:
         spread = ((heads - mean_out).pow(2).sum(-1) / scale).view(b, s)
         weight = p.pow(2)
         order = p.argsort(dim=1, descending=True)
-        sides = self.policy.strategy.candidates(d, self.policy.channel_selector)
+        k_sides, v_sides = self.policy.strategy.side_candidates(d, self.policy.channel_selector)
         v_scale = scale.expand(-1, nseg).reshape(b, 1)
 
-        ranks = [side.width for side in sides if side.kind == "lowrank"]
-
-        widths = sorted({side.width for side in sides if side.kind not in ("dense", "lowrank")})
-
-        def lost(x: torch.Tensor, score: torch.Tensor, norm: torch.Tensor | float) -> dict[SideFormat, torch.Tensor]:
+        def lost(x: torch.Tensor, score: torch.Tensor, norm: torch.Tensor | float,
+                 sides: list[SideFormat]) -> dict[SideFormat, torch.Tensor]:
+            """Each of ``sides``' loss on ``x`` (only theirs: a role's channel sort and low-rank
+            fits are measured for the widths and ranks it may be given)."""
             out = {}
+            ranks = [side.width for side in sides if side.kind == "lowrank"]
+            widths = sorted({side.width for side in sides if side.kind not in ("dense", "lowrank")})
             lowrank = _lowrank_lost(x, score, ranks) if ranks else {}
             channels = self.policy.channel_selector.lost_many(score, widths)
             for side in sides:
@@ -302,8 +303,8 @@ class Compressor:
             d=d,
             weight=weight.gather(1, order),
             spread=spread.gather(1, order),
-            k_lost=lost(keys, k_score, 1.0),
-            v_lost=lost(values, v_score, v_scale),
+            k_lost=lost(keys, k_score, 1.0, k_sides),
+            v_lost=lost(values, v_score, v_scale, v_sides),
         )
         return stats, p
 

@@ -214,6 +214,13 @@ class SegmentStrategy:
     def candidates(self, d: int, channels: ChannelSelector) -> list[SideFormat]:
         raise NotImplementedError
 
+    def side_candidates(self, d: int, channels: ChannelSelector) -> tuple[list[SideFormat], list[SideFormat]]:
+        """The side formats ``plan`` may give keys, and those it may give values: the
+        statistics measure ``k_lost`` and ``v_lost`` for these alone (a sort of every
+        vector's channels per role). Both are ``candidates`` unless a strategy says more."""
+        sides = self.candidates(d, channels)
+        return sides, sides
+
     def plan(self, stats: BlockStats, budget: int, channels: ChannelSelector) -> list[BlockFormat]:
         raise NotImplementedError
 

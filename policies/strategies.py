@@ -164,8 +164,12 @@ class Dynamic(SegmentStrategy):
         return [DENSE, *(channels.side_format(w) for w in widths), *(SideFormat("lowrank", r) for r in self._ranks)]
 
     def candidates(self, d: int, channels: ChannelSelector) -> list[SideFormat]:
-        keys = self._sides(self._widths, channels)
-        return keys + [s for s in self._sides(self._value_widths, channels) if s not in keys]
+        keys, values = self.side_candidates(d, channels)
+        return keys + [s for s in values if s not in keys]
+
+    def side_candidates(self, d: int, channels: ChannelSelector) -> tuple[list[SideFormat], list[SideFormat]]:
+        # Values without channel widths (the mosaic preset) need no per-vector channel sort.
+        return self._sides(self._widths, channels), self._sides(self._value_widths, channels)
 
     def plan(self, stats: BlockStats, budget: int, channels: ChannelSelector) -> list[BlockFormat]:
         return self.plan_groups(stats, 1, budget, channels)
@@ -310,6 +314,9 @@ class HeadWise(SegmentStrategy):
 
     def candidates(self, d: int, channels: ChannelSelector) -> list[SideFormat]:
         return self._inner.candidates(d, channels)
+
+    def side_candidates(self, d: int, channels: ChannelSelector) -> tuple[list[SideFormat], list[SideFormat]]:
+        return self._inner.side_candidates(d, channels)
 
     def plan(self, stats: BlockStats, budget: int, channels: ChannelSelector) -> list[BlockFormat]:
         return self.plan_groups(stats, 1, budget, channels)

@@ -117,3 +117,43 @@ def test_squared_singular_values_equal_svdvals_squared(shape):
     assert got.shape == want.shape and got.dtype == x.dtype
     torch.testing.assert_close(got, want, atol=1e-5 * float(want.max()), rtol=1e-4)
     assert bool((got[..., :-1] >= got[..., 1:]).all())  # descending, as svdvals
+
+
+@dataclass
+class BothRoles:
+    """A strategy pricing every candidate side for keys and values alike (the default)."""
+
+    inner: object
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def side_candidates(self, d, channels):
+        sides = self.inner.candidates(d, channels)
+        return sides, sides
+
+
+@pytest.mark.parametrize("value_widths", [[], None])
+def test_each_role_is_priced_on_its_own_sides_and_plans_as_before(value_widths):
+    """mosaic's values are dense or low rank: their statistics hold no channel widths (no
+    per-vector sort of the values), and the plan equals the one priced on every side."""
+    policy = replace(load_policy("mosaic"), strategy=replace(load_policy("mosaic").strategy, value_widths=value_widths))
+    g = torch.Generator().manual_seed(7)
+    k = (torch.randn(LAYERS, HKV, 32, D, generator=g) * torch.linspace(0.2, 3.0, D)).bfloat16()
+    v = torch.randn(LAYERS, HKV, 32, D, generator=g).bfloat16()
+    stats, attn = torch.rand(LAYERS, HKV, D, generator=g) + 0.1, torch.softmax(torch.randn(LAYERS, HKV, 32, generator=g), -1)
+    budget = int(LAYERS * HKV * (32 * 2 * D * 2 / 3 + 16))
+    plans = {}
+    for name, strategy in (("own", policy.strategy), ("both", BothRoles(policy.strategy))):
+        compressor = Compressor(replace(policy, strategy=strategy), D)
+        plan = compressor.plan_segments(segment_observations(compressor.policy, k, v, stats, attn), 0, 1, budget)
+        # The plan's keep order is the token shares _stats derives from the token scores.
+        observed, _ = compressor._stats(plan.keys.float(), plan.values.float(), plan.keep, plan.k_score, plan.v_score, 1)
+        plans[name] = (list(plan.formats), observed)
+    own, both = plans["own"][1], plans["both"][1]
+    value_kinds = {side.kind for side in own.v_lost}
+    assert value_kinds == ({"dense", "lowrank"} if value_widths == [] else {"dense", "lowrank", "sparse"})
+    assert set(own.k_lost) == set(both.k_lost) and set(own.v_lost) <= set(both.v_lost)
+    for side in own.v_lost:
+        assert torch.equal(own.v_lost[side], both.v_lost[side])
+    assert plans["own"][0] == plans["both"][0]

@@ -91,7 +91,7 @@ case $PART in
      say "tests: $(grep -E '^[0-9]+ (passed|failed)|passed|failed' /tmp/backend_gpu_tests/pytest.txt | tail -1)") &
     export CUDA_VISIBLE_DEVICES=0
     timeout 120 python3 benchmarks/sealing/bench_seal.py --device cuda --layers 30 --kv-heads 3 --head-dim 64 \
-      --segments 364 --batch 32 182 --json "$OUT/sealing_smollm2.json" > "$LOG/seal_smollm2.txt" 2>&1
+      --segments 364 --batch 32 182 --profile 182 --json "$OUT/sealing_smollm2.json" > "$LOG/seal_smollm2.txt" 2>&1
     say "bench_seal SmolLM2 rc=$?"
     timeout 150 python3 benchmarks/host/decode_step_host.py --device cuda --requests 240 512 --segments 247 --layers 30 \
       --kv-heads 3 --head-dim 64 --group 3 --repeat 5 --policy-formats benchmarks/results/eval_dense_values_2k_segment.json \

@@ -173,6 +173,7 @@ def rec(method: str, admitted: int | None, tput: float | None = None, tpot: floa
         status: str = "ok", n: int = 48, max_conc: int | None = None, usage: float = 0.99,
         device: str = "NVIDIA H100 80GB HBM3", finished: str = "2026-11-24T10:00:00+00:00") -> dict:
     bench = None if tput is None else {"output_throughput": tput, "median_tpot_ms": tpot, "p99_tpot_ms": tpot and tpot * 2,
+                                       "median_itl_ms": tpot and tpot / 2,
                                        "median_ttft_ms": 1000.0, "p99_ttft_ms": 2000.0, "completed": n}
     return {"method": method, "status": status, "reason": "", "device": device, "date": finished[:10],
             "finished_at": finished, "num_prompts": n, "max_concurrency": max_conc, "input_len": 32768,
@@ -278,7 +279,7 @@ def test_render_tables_carry_command_device_date_and_plot(tmp_path):
         r["source"] = "suite_x.json"
     del groups[(report.GOAL_MODEL, report.GOAL_EQ_WORKLOAD)]
     block = report.render(groups, tmp_path / "plots", tmp_path)
-    assert "| mosaic3 | ok | 33 | 320.0 | 20.0 / 40.0 | 1,000.0 / 2,000.0 | — | — | 131,072 | — | 2.75x | 3.20x | 1.38x | 2.13x " \
+    assert "| mosaic3 | ok | 33 | 320.0 | 20.0 / 40.0 | 10.0 | 1,000.0 / 2,000.0 | — | — | 131,072 | — | 2.75x | 3.20x | 1.38x | 2.13x " \
            "| NVIDIA H100 80GB HBM3 | 2026-11-24 | [3] |" in block
     assert "| mosaic6 | ok | ≥48 (all prompts) |" in block
     assert "[3] mosaic3: server `launch mosaic3`; bench `bench`; call `call`; file `suite_x.json`" in block

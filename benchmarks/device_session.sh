@@ -14,8 +14,9 @@
 #                                                       benchmarks/suite/workloads.py (e.g. smollm2 gsp, llama8b-random random8k;
 #                                                       a missing model is built first); GPU0_METHODS / GPU1_METHODS
 #                                                       choose each GPU's methods (e.g. mosaic3 | mosaic6: a call each)
-#   PART=kernels   bash benchmarks/device_session.sh   # ncu: packed vs one block per tile | diag_formats at 128-token
-#                                                       segments, then the host's decode step at SmolLM2's shape on the GPU
+#   PART=kernels   bash benchmarks/device_session.sh   # ncu: the server's tiles, one block per tile, 64-token tiles,
+#                                                       eight warps | diag_formats at 32-token segments (the presets'
+#                                                       mixes, dense), then the host's decode step at SmolLM2's shape
 #   PART=stage_kernels bash benchmarks/device_session.sh   # carry .device/c5: stage; diag_formats at 32, bench_decode |
 #                                                       8B model, GPU tests (a restaged machine, then eq and smollm2)
 #   PART=stage_host bash benchmarks/device_session.sh   # carry .device/c5 and .whl: stage; SmolLM2 sealing at 32 and
@@ -107,10 +108,12 @@ case $PART in
   kernels)
     (CUDA_VISIBLE_DEVICES=0 timeout 540 bash benchmarks/kernels/ncu_decode.sh "$OUT/ncu" > "$LOG/ncu.txt" 2>&1
      say "ncu_decode rc=$?") &
-    mkdir -p "$OUT/diag128"
-    CUDA_VISIBLE_DEVICES=1 timeout 540 python3 benchmarks/kernels/diag_formats.py --segment 128 --out "$OUT/diag128" \
-      > "$LOG/diag128.txt" 2>&1
-    say "diag_formats --segment 128 rc=$?"
+    # The server's 32-token segments: the presets' real mixes and dense, every setting
+    # (0: the server's tiles; 4: the 64-token tiles before; 7-9: eight warps).
+    mkdir -p "$OUT/diag32"
+    CUDA_VISIBLE_DEVICES=1 timeout 400 python3 benchmarks/kernels/diag_formats.py --segment 32 --out "$OUT/diag32" \
+      --formats mosaic_dense_values_3x mosaic_dense_values_6x dense_8and32 dense > "$LOG/diag32.txt" 2>&1
+    say "diag_formats --segment 32 rc=$?"
     # The host's decode step at SmolLM2's shape with the pool on the GPU, as a server's
     # (240 requests: the seventh run's serving batch; this CPU's figures in results/).
     CUDA_VISIBLE_DEVICES=1 timeout $(( 580 - $(date +%s) + T0 )) python3 benchmarks/host/decode_step_host.py --device cuda \

@@ -14,7 +14,7 @@ if [ -z "$NCU" ]; then echo "no ncu on this machine (PATH, /usr/local/cuda*/bin)
   --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section Occupancy \
   --section MemoryWorkloadAnalysis --section LaunchStats \
   python3 benchmarks/kernels/diag_formats.py --segment 32 --formats dense dense_8and32 mosaic_dense_values_3x \
-    --settings 0 1 7 --profile-once --out "$D" > "$D/ncu_decode.txt" 2>&1
+    --settings 0 1 4 7 --profile-once --out "$D" > "$D/ncu_decode.txt" 2>&1
 rc=$?
 grep "profiled run" "$D/ncu_decode.txt"; tail -3 "$D/ncu_decode.txt"
 exit $rc

@@ -1,0 +1,120 @@
+"""Registers a thread and occupancy of the decode kernel's launches on an H100/H200 (sm_90),
+found offline: each launch is compiled for sm_90 (no GPU needed) and its cubin read with
+the ``cuobjdump`` Triton ships.
+
+Occupancy bounds how many loads are in flight; the ninth device run's Nsight Compute
+read 255 registers a thread (12.5% occupancy, 33% of DRAM bandwidth) for the packed
+dense launch of 64-token tiles (``benchmarks/results/h200x2_2026-11-30i/kernels``). With
+the device's Triton (3.6: ``pip install --target DIR triton==3.6.0``, then
+``PYTHONPATH=DIR``) the counts here were within ten of ncu's for every launch; another
+Triton version compiles differently, so compare counts made with one version only.
+
+    python benchmarks/kernels/registers.py --block-n 32 64 --warps 4 8 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from mosaickv.kernels.layout import DENSE, LOWRANK, SPARSE, TAIL
+
+# Launches as the server's decode makes them: (name, key kind, value kind, packs tokens, R_MAX).
+LAUNCHES = {
+    "dense_packed": (DENSE, DENSE, True, 16),
+    "dense": (DENSE, DENSE, False, 16),
+    "sparse_keys": (SPARSE, DENSE, False, 64),
+    "lowrank": (LOWRANK, LOWRANK, False, 16),
+    "tail": (TAIL, TAIL, False, 16),
+}
+POINTERS = {"q_ptr": "*bf16", "values_ptr": "*bf16", "index_ptr": "*u8", "table_ptr": "*i64", "block_idx_ptr": "*i64",
+            "tail_k_ptr": "*bf16", "tail_v_ptr": "*bf16", "tail_rows_ptr": "*i32", "req_ptr": "*i64",
+            "items_ptr": "*i64", "item_list_ptr": "*i32", "count_ptr": "*i32", "o_part_ptr": "*fp32",
+            "lse_part_ptr": "*fp32", "scratch_ptr": "*bf16"}
+REGISTERS_PER_SM, MAX_WARPS_PER_SM, MAX_BLOCKS_PER_SM = 65536, 64, 32
+
+
+def compile_launch(k_kind: int, v_kind: int, pack: bool, r_max: int, *, head_dim: int, group: int, block_m: int,
+                   block_n: int, warps: int) -> bytes:
+    """The launch's sm_90 cubin, compiled as a run would: every pointer and stride
+    divisible by 16 (what Triton specialises a launch on when they are)."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError("TRITON_INTERPRET=1 defines the kernels for the interpreter: unset it to compile them")
+    from mosaickv.kernels.decode import _mixed_attn_kernel  # defined here, after the check
+
+    names = _mixed_attn_kernel.arg_names
+    const = dict(GROUP=group, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, K_KIND=k_kind, V_KIND=v_kind,
+                 R_MAX=r_max, R_LOG2=r_max.bit_length() - 1, ALIGNED=True, SPARSE_MODE=0, TAIL_INDEXED=True,
+                 KEYS_BY_QUERY=True, PACK_TOKENS=pack, PREFETCH=False)
+    sig = {n: "constexpr" if n in const else POINTERS.get(n, "fp32" if n == "qk_scale" else "i32") for n in names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if sig[n] not in ("constexpr", "fp32")}
+    src = ASTSource(fn=_mixed_attn_kernel, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()},
+                    attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": 1}).asm["cubin"]
+
+
+def resources(cubin: bytes) -> dict[str, int]:
+    """Registers a thread and stack bytes of a cubin's kernel (``cuobjdump -res-usage``)."""
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+)", out)
+    if m is None:
+        raise RuntimeError(f"cuobjdump printed no resource usage: {out[-300:]!r}")
+    return {"registers": int(m[1]), "stack_bytes": int(m[2])}
+
+
+def occupancy(registers: int, warps: int) -> float:
+    """Resident warps over the SM's 64, bounded by registers (allocated per warp in
+    units of 256) and by blocks."""
+    per_warp = -(-registers * 32 // 256) * 256
+    blocks = min(REGISTERS_PER_SM // (per_warp * warps), MAX_BLOCKS_PER_SM, MAX_WARPS_PER_SM // warps)
+    return blocks * warps / MAX_WARPS_PER_SM
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--launches", nargs="+", choices=list(LAUNCHES), default=list(LAUNCHES))
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--group", type=int, default=4, help="query heads per KV head")
+    ap.add_argument("--block-m", type=int, default=16)
+    ap.add_argument("--block-n", type=int, nargs="+", default=[32, 64], help="tokens a tile")
+    ap.add_argument("--warps", type=int, nargs="+", default=[4, 8])
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+    rows = []
+    for name in args.launches:
+        k_kind, v_kind, pack, r_max = LAUNCHES[name]
+        for block_n in args.block_n:
+            for warps in args.warps:
+                cubin = compile_launch(k_kind, v_kind, pack, r_max, head_dim=args.head_dim, group=args.group,
+                                       block_m=args.block_m, block_n=block_n, warps=warps)
+                row = {"launch": name, "block_n": block_n, "warps": warps, **resources(cubin)}
+                row["occupancy"] = occupancy(row["registers"], warps)
+                rows.append(row)
+                print(f"{name:13s} block_n {block_n:3d} warps {warps}: {row['registers']:3d} registers, "
+                      f"stack {row['stack_bytes']:4d} B, occupancy {row['occupancy']:.1%}", flush=True)
+    result = {"triton": triton.__version__, "target": "sm_90", "head_dim": args.head_dim, "group": args.group,
+              "block_m": args.block_m, "command": " ".join(["python", "benchmarks/kernels/registers.py",
+                                                            *(argv if argv is not None else sys.argv[1:])]),
+              "rows": rows}
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.pop("TRITON_INTERPRET", None)  # before the kernels are defined: they are compiled, not interpreted
+    raise SystemExit(main())

@@ -165,10 +165,21 @@ def record_queries(pool: MosaicKVPool, layer_id: int, q: torch.Tensor, reqs: lis
 PACK_MAX_SEGMENT = 32
 
 
+# Packed decode tiles are 32 tokens, not 64: the packed dense launch took 252 registers a
+# thread at 64 against 128 at 32 (sm_90, compiled offline: benchmarks/kernels/registers.py,
+# within ten of ncu's counts), so half as many warps fit an SM to hide its loads (ncu:
+# 12.5% occupancy, 33% of DRAM bandwidth, h200x2_2026-11-30i/kernels); on that H200,
+# 32-token packed tiles read dense 128-token blocks at 2,623 GB/s against 1,959. One block
+# per tile, 64-token tiles were the faster (README, "Kernels on the H200").
+PACKED_DECODE_TILE = 32
+
+
 def _tuning(extend: bool, pack: bool) -> MixedAttention:
     if extend:
         return MixedAttention(block_m=64, block_n=32, keys_by_query=False, wide_block_n=32, pack_tokens=pack)
-    return MixedAttention(block_m=16, block_n=32, pack_tokens=pack)
+    if pack:
+        return MixedAttention(block_m=16, block_n=32, wide_block_n=PACKED_DECODE_TILE, pack_tokens=True)
+    return MixedAttention(block_m=16, block_n=32)
 
 
 TUNINGS = {(extend, pack): _tuning(extend, pack) for extend in (False, True) for pack in (False, True)}

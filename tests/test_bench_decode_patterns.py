@@ -22,3 +22,18 @@ def test_a_mix_fits_its_segments_and_meets_its_ratio(segment: int, target: float
     dense = 4 * segment * 128 * len(pattern)
     assert ratio == pytest.approx(dense / sum(r.nbytes(128) for r in pattern))
     assert abs(ratio - target) / target < 0.1
+
+
+def test_the_first_diag_setting_is_the_servers_decode_tuning() -> None:
+    """diag_formats compares every setting with its first, which must be what the server
+    decodes 32-token segments with; its second, with what it decodes longer ones."""
+    from diag_formats import SETTINGS
+
+    from mosaickv.kernels.decode import MixedAttention
+    from mosaickv.sglang_patch.attention import tuning_for
+
+    fields = ("block_m", "block_n", "wide_block_n", "pack_tokens", "num_warps", "num_stages", "keys_by_query",
+              "sparse_densify", "prefetch_entries")
+    for (kwargs, _), segment in zip(SETTINGS[:2], (32, 128)):
+        diag, server = MixedAttention(**kwargs), tuning_for(False, segment)
+        assert {f: getattr(diag, f) for f in fields} == {f: getattr(server, f) for f in fields}, segment

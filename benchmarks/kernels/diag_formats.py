@@ -34,21 +34,20 @@ POLICY_REPORT = Path(__file__).parents[1] / "results" / "eval_dense_values_2k_se
 B, L, HQ, HKV, D = 32, 32768, 32, 8, 128
 # MixedDecodeWrapper settings beside programs per SM; the first is the server's DECODE_TUNING.
 SETTINGS = [
-    ({"block_n": 32, "pack_tokens": True}, 8),
-    ({"block_n": 32}, 8),
-    ({"block_n": 32, "pack_tokens": True}, 16),
+    ({"block_n": 32, "pack_tokens": True, "wide_block_n": 32}, 8),
+    ({"block_n": 32}, 8),  # one block per tile: the server's for segments over 32 tokens
+    ({"block_n": 32, "pack_tokens": True, "wide_block_n": 32}, 16),
     ({"block_n": 32, "pack_tokens": True, "wide_block_n": 128}, 8),
-    # 64-token tiles for dense, low-rank and tail launches: the server's through the ninth
-    # run; 252 registers a thread in the packed dense launch against 128 at 32 (sm_90,
-    # registers.py), and 12.5% occupancy with 33% of DRAM bandwidth under ncu
-    # (h200x2_2026-11-30i/kernels/ncu_decode.csv).
-    ({"block_n": 32, "pack_tokens": True, "wide_block_n": 64}, 8),
-    ({"block_n": 64, "pack_tokens": True}, 8),
+    # 64-token packed tiles: the server's through the ninth run; 252 registers a thread in
+    # the packed dense launch against 128 at 32 (sm_90, registers.py), 12.5% occupancy and
+    # 33% of DRAM bandwidth under ncu (h200x2_2026-11-30i/kernels/ncu_decode.csv).
+    ({"block_n": 32, "pack_tokens": True}, 8),
+    ({"block_n": 64, "pack_tokens": True, "wide_block_n": 32}, 8),
     ({"block_n": 32, "prefetch_entries": True}, 8),
     # Eight warps: twice the threads a tile hold fewer registers each. Four programs per
     # SM: the same threads as eight of four warps.
+    ({"block_n": 32, "pack_tokens": True, "wide_block_n": 32, "num_warps": 8}, 4),
     ({"block_n": 32, "pack_tokens": True, "num_warps": 8}, 4),
-    ({"block_n": 32, "pack_tokens": True, "wide_block_n": 64, "num_warps": 8}, 4),
     ({"block_n": 32, "num_warps": 8}, 4),
 ]
 

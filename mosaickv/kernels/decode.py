@@ -414,18 +414,14 @@ class MixedAttention:
         num_stages: int = 1,
         sparse_densify: str = "scan",
         keys_by_query: bool = True,
-        wide_block_n: int = 32,
+        wide_block_n: int = 64,
         pack_tokens: bool = False,
         prefetch_entries: bool = False,
     ) -> None:
         """``block_n``: tokens per tile of launches with a sparse side (whose densify grows
-        with the tile); ``wide_block_n``: of the others (dense, mask, low-rank, tails).
-        32, not 64: a 64-token tile took 252 registers a thread in the packed dense
-        launch against 128 (sm_90, ``benchmarks/kernels/registers.py``), so half the warps
-        fit an SM to hide its loads (ncu: 12.5% occupancy, 33% of DRAM bandwidth), and on
-        an H200 32 read dense 128-token blocks packed at 2,623 GB/s against 1,959
-        (``benchmarks/results/h200x2_2026-11-30i/kernels/diag_formats_segment128.json``).
-        ``pack_tokens``: tiles of dense
+        with the tile); ``wide_block_n``: of the others (dense, mask, low-rank, tails),
+        where a longer tile keeps more bytes in flight, one block per tile (packed tiles
+        are better at 32: see ``sglang_patch.attention``). ``pack_tokens``: tiles of dense
         launches hold kept tokens of consecutive blocks back to back (blocks that dropped
         most tokens fill a tile together). ``prefetch_entries``: load each block's table
         entry one block ahead (``benchmarks/kernels/diag_formats.py`` compares both)."""

@@ -62,10 +62,19 @@ class _Pending:
     stream: torch.cuda.Stream | None = None
 
 
+def _read_here(t: torch.Tensor) -> torch.Tensor:
+    """``t``, marked as read by the current stream before it is replaced: a table may have
+    been allocated on another stream (grown by a forward's add, compacted by a drop), whose
+    next allocation could otherwise reuse its memory before this stream's read has run."""
+    if t.is_cuda:
+        t.record_stream(torch.cuda.current_stream(t.device))
+    return t
+
+
 def _resized(t: torch.Tensor, rows: int) -> torch.Tensor:
     """``t``'s rows first, then zero rows up to ``rows``."""
     out = t.new_zeros((rows, *t.shape[1:]))
-    out[: len(t)] = t
+    out[: len(t)] = _read_here(t)
     return out
 
 
@@ -454,7 +463,7 @@ class SegmentQueryStats:
         self._count, self._attn_count = (_resized(t[rows], size) for t in (self._count, self._attn_count))
         with self._ordered():
             on_device = upload(rows, self.device)
-            self._sum, self._attn = (_resized(t[on_device], size) for t in (self._sum, self._attn))
+            self._sum, self._attn = (_resized(_read_here(t)[on_device], size) for t in (self._sum, self._attn))
         self._rows = {key: i for i, (key, _) in enumerate(held)}
         self._free = list(range(size - 1, len(held) - 1, -1))
 

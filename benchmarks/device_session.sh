@@ -5,6 +5,7 @@
 # call ends. Every PART leaves at most 8 files under $OUT (a call brings back no more).
 #   PART=first     bash benchmarks/device_session.sh   # carry .device/c5: stage, GPU tests | 8B model, sealing
 #   PART=profile   bash benchmarks/device_session.sh   # carry .whl: decode profile | mosaic3 at 32k (prefill pace)
+#   PART=profile_8b bash benchmarks/device_session.sh  # carry .whl: 8B-shaped prefill profiles, 8k | 32k prompts
 #   PART=eq        bash benchmarks/device_session.sh   # none | mosaic3 at equal batch (TPOT; BUDGET_S, 540 unless set)
 #   PART=admission bash benchmarks/device_session.sh   # SmolLM2 random8k, four methods | mosaic6 at 32k, 80 prompts
 #                                                       (BUDGET_S: seconds for it, 560 unless less device time is left)
@@ -27,7 +28,7 @@
 # Record the session's commit yourself: the machine's git log is stale.
 set -uo pipefail
 PART=${PART:?set PART=first, profile, eq or admission}
-case $PART in first|profile|eq|admission|stage_eq|smollm2|rows|kernels|stage_kernels|stage_host|stage_smollm2) ;; *) echo "PART=$PART is not one of first, profile, eq, admission, stage_eq, smollm2, rows, kernels, stage_kernels, stage_host, stage_smollm2"; exit 2 ;; esac
+case $PART in first|profile|profile_8b|eq|admission|stage_eq|smollm2|rows|kernels|stage_kernels|stage_host|stage_smollm2) ;; *) echo "PART=$PART is not one of first, profile, profile_8b, eq, admission, stage_eq, smollm2, rows, kernels, stage_kernels, stage_host, stage_smollm2"; exit 2 ;; esac
 OUT=${OUT:?the device call sets OUT}
 T0=$(date +%s)
 export PYTHONPATH=/tmp/mkv/site PYTHONUNBUFFERED=1
@@ -72,6 +73,18 @@ case $PART in
        INPUT=32768 OUTPUT=1024 N=8 MOSAIC_EXTRA="$MOSAIC_FLAGS" bash benchmarks/serving/profile_gpu.sh \
        > "$LOG/profile.txt" 2>&1; say "profile rc=$?") &
     suite 1 30010 560 MODEL=llama8b-random WORKLOAD=random32k N=48 METHODS=mosaic3
+    wait ;;
+  profile_8b)
+    # Where an 8B-shaped prefill's time goes beyond sealing (0.90 s a prompt against none's
+    # 0.27 at 8k in the ninth run, 0.36 of it sealing): py-spy on the scheduler, 8k | 32k.
+    [ -e /tmp/mkv/models/llama8b-random ] || { python3 benchmarks/suite/make_random_model.py \
+      --out /tmp/mkv/models/llama8b-random > "$LOG/model.txt" 2>&1; say "8B model rc=$?"; }
+    for gpu in 0 1; do
+      if [ $gpu = 0 ]; then shape="INPUT=8192 N=32"; else shape="INPUT=32768 N=8"; fi
+      (env CUDA_VISIBLE_DEVICES=$gpu T0=$T0 BUDGET_S=560 OUT=$OUT/prefill_8b_gpu$gpu PHASE=prefill OUTPUT=64 $shape \
+         PORT=$((30021 + gpu)) MODEL=/tmp/mkv/models/llama8b-random MOSAIC_EXTRA="$MOSAIC_FLAGS" \
+         bash benchmarks/serving/profile_gpu.sh > "$LOG/profile_gpu$gpu.txt" 2>&1; say "8B prefill profile GPU $gpu rc=$?") &
+    done
     wait ;;
   eq)
     eq "${BUDGET_S:-540}" ;;

@@ -16,7 +16,7 @@ export PYTHONPATH=/tmp/mkv/site PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/profile_out}; mkdir -p "$OUT"
 T0=${T0:-$(date +%s)}; DEADLINE=$((T0 + ${BUDGET_S:-420}))
 M=${MODEL:-/tmp/mkv/models/smollm2-135m-instruct}
-PORT=30021
+PORT=${PORT:-30021}  # two profiles side by side (one a GPU) need two
 BASE="--model-path $M --mem-fraction-static 0.5 --sampling-backend pytorch --host 127.0.0.1"
 source benchmarks/serving/lib.sh
 python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . > "$OUT/pip.log" 2>&1
@@ -37,16 +37,16 @@ if start_server mosaic $PORT 240 --kv-compress mosaickv --kv-compress-config "${
     || ! kill -0 $bench_pid 2>/dev/null; do sleep 1; done
   echo "$PHASE phase reached at $(( $(date +%s) - T0 )) s (bench running: $(kill -0 $bench_pid 2>/dev/null && echo yes || echo no))" \
     | tee -a "$OUT/steps.txt"
-  sched=$(pgrep -f "sglang::scheduler" | head -1)
+  sched=$(pgrep -g "$SERVER_PID" -f "sglang::scheduler" | head -1)  # this server's, not another GPU's
   echo "scheduler pid ${sched:-none}" | tee -a "$OUT/steps.txt"
   if [ -x /tmp/pyspy/bin/py-spy ] && [ -n "$sched" ]; then
     /tmp/pyspy/bin/py-spy record --pid "$sched" --duration "${PROFILE_S:-20}" --rate 200 --nonblocking \
       --format speedscope -o "$OUT/scheduler.speedscope.json" > "$OUT/pyspy.log" 2>&1
     echo "py-spy rc=$?" | tee -a "$OUT/steps.txt"
   fi
-  mkdir -p /tmp/torch_prof
+  mkdir -p /tmp/torch_prof_$PORT
   curl -sf -m 30 -X POST "http://127.0.0.1:$PORT/start_profile" -H 'Content-Type: application/json' \
-    -d '{"output_dir": "/tmp/torch_prof", "num_steps": 12, "activities": ["CPU", "GPU"], "with_stack": true}' \
+    -d '{"output_dir": "/tmp/torch_prof_'"$PORT"'", "num_steps": 12, "activities": ["CPU", "GPU"], "with_stack": true}' \
     > "$OUT/start_profile.txt" 2>&1
   echo "start_profile rc=$?" | tee -a "$OUT/steps.txt"
   wait $bench_pid; echo "bench rc=$?" | tee -a "$OUT/steps.txt"
@@ -56,7 +56,7 @@ stop_server
 # Into a file, then head: head closing the pipe early killed the script before it wrote its JSON.
 [ -f "$OUT/scheduler.speedscope.json" ] && python3 benchmarks/serving/profile_summary.py "$OUT/scheduler.speedscope.json" \
   --top 40 --json "$OUT/profile_summary.json" > /tmp/profile_summary.txt 2>&1 && head -60 /tmp/profile_summary.txt
-trace=$(ls -S /tmp/torch_prof/*.json* 2>/dev/null | head -1)
+trace=$(ls -S /tmp/torch_prof_$PORT/*.json* 2>/dev/null | head -1)
 [ -n "$trace" ] && python3 benchmarks/serving/profile_summary.py "$trace" --top 30 --json "$OUT/torch_summary.json" \
   > /tmp/torch_summary.txt 2>&1 && head -80 /tmp/torch_summary.txt
 cd "$OUT" && gzip -f scheduler.speedscope.json 2>/dev/null

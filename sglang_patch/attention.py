@@ -161,7 +161,9 @@ def record_queries(pool: MosaicKVPool, layer_id: int, q: torch.Tensor, reqs: lis
 # one block per tile, and full dense blocks at 1,983 GB/s against 1,206 with 32-token
 # segments (h200x2_2026-11-30g/summary.json). With 128-token segments packed tiles read 1,965
 # GB/s where one per tile read 3,880 in an earlier run (kernels_bench_decode_h200_policy_mixes
-# .json): not side by side yet (device_session.sh PART=kernels runs both at 128).
+# .json); side by side in the ninth run, dense 128-token blocks read 1,959 GB/s packed in
+# 64-token tiles, 2,623 packed in 32-token ones and 2,291 one per tile
+# (h200x2_2026-11-30i/kernels/diag_formats_segment128.json): packing longer segments is open.
 PACK_MAX_SEGMENT = 32
 
 

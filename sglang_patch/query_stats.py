@@ -341,13 +341,13 @@ class SegmentQueryStats:
         self._sum.view(-1, self.num_kv_heads, self.head_dim).index_add_(
             0, upload(pairs, self.device), energies.reshape(-1, self.num_kv_heads, self.head_dim))
         with_attn = [i for i, p in enumerate(layers) if p.attn is not None]
-        some = torch.tensor(attn_counts, dtype=torch.int64) > 0
+        attn_counts_t = torch.tensor(attn_counts, dtype=torch.int64)
+        some = attn_counts_t > 0
         if not with_attn or not bool(some.any()):
             return
         attn_at = at[with_attn]
         pairs = (rows[some][None, :] * self.num_layers + attn_at[:, None]).reshape(-1)
-        self._attn_count.view(-1).index_add_(
-            0, pairs, torch.tensor(attn_counts, dtype=torch.int64)[some].repeat(len(attn_at)))
+        self._attn_count.view(-1).index_add_(0, pairs, attn_counts_t[some].repeat(len(attn_at)))
         attns = torch.stack([layers[i].attn for i in with_attn]).to(self.device)[:, upload(some, self.device)]
         self._attn.view(-1, self.num_kv_heads, self.segment_size).index_add_(
             0, upload(pairs, self.device), attns.reshape(-1, self.num_kv_heads, self.segment_size))

@@ -13,6 +13,8 @@ pytest.importorskip("sglang")
 
 from script_loader import load_script  # noqa: E402
 
+PATCH = Path(__file__).parents[1] / "sglang_patch"  # this tree's files, compared with themselves
+
 
 def test_decode_step_host_times_every_piece(tmp_path):
     bench = load_script("benchmarks/host/decode_step_host.py")
@@ -32,7 +34,7 @@ def test_stats_flush_times_both_versions_side_by_side(tmp_path):
     alternating rounds (here the same file twice, so both must run the same code)."""
     bench = load_script("benchmarks/host/stats_flush.py")
     out = tmp_path / "flush.json"
-    other = Path(__file__).parents[1] / "sglang_patch" / "query_stats.py"
+    other = PATCH / "query_stats.py"
     assert bench.main(["--layers", "2", "--kv-heads", "2", "--head-dim", "8", "--group", "2", "--requests", "5",
                        "--chunk", "96", "--steps", "4", "--rounds", "2", "--module", str(other),
                        "--json", str(out)]) == 0
@@ -50,7 +52,7 @@ def test_locate_host_checks_and_times_both_versions(tmp_path):
     each request's slots as older backends did."""
     bench = load_script("benchmarks/host/locate_host.py")
     out = tmp_path / "locate.json"
-    other = Path(__file__).parents[1] / "sglang_patch" / "forward_inputs.py"
+    other = PATCH / "forward_inputs.py"
     older = tmp_path / "forward_inputs_older.py"
     older.write_text(other.read_text().replace("def locate_rows(", "def locate_rows_not_timed("))
     for against in (other, older):
@@ -71,10 +73,9 @@ def test_seal_bookkeeping_checks_and_times_both_ways(tmp_path):
     statistics, bytes and table rows, and times both."""
     bench = load_script("benchmarks/host/seal_bookkeeping.py")
     out = tmp_path / "bookkeeping.json"
-    here = Path(__file__).parents[1] / "sglang_patch"
     assert bench.main(["--segments", "4", "--layers", "2", "--kv-heads", "2", "--head-dim", "64", "--group", "2",
-                       "--rounds", "2", "--stats-module", str(here / "query_stats.py"),
-                       "--pool-module", str(here / "pool.py"), "--json", str(out)]) == 0
+                       "--rounds", "2", "--stats-module", str(PATCH / "query_stats.py"),
+                       "--pool-module", str(PATCH / "pool.py"), "--json", str(out)]) == 0
     result = json.loads(out.read_text())["result"]
     assert set(result) == {"one_at_a_time", "all_at_once"}
     assert all(r["median_ms"] > 0 and r["torch_ops"] > 0 for r in result.values())
@@ -86,7 +87,7 @@ def test_prefill_stats_host_counts_this_tree_beside_another_file(tmp_path):
     tree's (here this tree's file again: the same count)."""
     bench = load_script("benchmarks/host/prefill_stats_host.py")
     out = tmp_path / "ops.json"
-    other = Path(__file__).parents[1] / "sglang_patch" / "query_stats.py"
+    other = PATCH / "query_stats.py"
     assert bench.main(["--chunk", "40", "--prefix", "7", "--layers", "2", "--q-heads", "4", "--kv-heads", "2",
                        "--head-dim", "8", "--segment", "16", "--window", "4", "--module", str(other),
                        "--json", str(out)]) == 0

@@ -29,7 +29,7 @@ from triton.compiler import ASTSource
 
 from mosaickv.kernels.layout import DENSE, LOWRANK, SPARSE, TAIL
 
-# Launches as the server's decode makes them: (name, key kind, value kind, packs tokens, R_MAX).
+# The server's decode launches by name: (key kind, value kind, packs tokens, R_MAX).
 LAUNCHES = {
     "dense_packed": (DENSE, DENSE, True, 16),
     "dense": (DENSE, DENSE, False, 16),
@@ -45,17 +45,18 @@ REGISTERS_PER_SM, MAX_WARPS_PER_SM, MAX_BLOCKS_PER_SM = 65536, 64, 32
 
 
 def compile_launch(k_kind: int, v_kind: int, pack: bool, r_max: int, *, head_dim: int, group: int, block_m: int,
-                   block_n: int, warps: int, keys_by_query: bool = True) -> bytes:
+                   block_n: int, warps: int, keys_by_query: bool = True, tails_indexed: bool = True) -> bytes:
     """The launch's sm_90 cubin, compiled as a run would: every pointer and stride
     divisible by 16 (what Triton specialises a launch on when they are). ``keys_by_query``
-    False: sparse keys densified per tile, as an extend reads them."""
+    False: sparse keys densified per tile, as an extend reads them. ``tails_indexed`` False:
+    dense tails stored back to back, as the kernel benchmarks (diag_formats.py) store them."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("TRITON_INTERPRET=1 defines the kernels for the interpreter: unset it to compile them")
     from mosaickv.kernels.decode import _mixed_attn_kernel  # defined here, after the check
 
     names = _mixed_attn_kernel.arg_names
     const = dict(GROUP=group, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, K_KIND=k_kind, V_KIND=v_kind,
-                 R_MAX=r_max, R_LOG2=r_max.bit_length() - 1, ALIGNED=True, SPARSE_MODE=0, TAIL_INDEXED=True,
+                 R_MAX=r_max, R_LOG2=r_max.bit_length() - 1, ALIGNED=True, SPARSE_MODE=0, TAIL_INDEXED=tails_indexed,
                  KEYS_BY_QUERY=keys_by_query, PACK_TOKENS=pack, PREFETCH=False)
     sig = {n: "constexpr" if n in const else POINTERS.get(n, "fp32" if n == "qk_scale" else "i32") for n in names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if sig[n] not in ("constexpr", "fp32")}
@@ -92,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--group", type=int, default=4, help="query heads per KV head")
     ap.add_argument("--block-m", type=int, default=16, help="query rows a tile (the server's extend: 64)")
     ap.add_argument("--extend", action="store_true", help="sparse keys densified per tile, as an extend reads them")
+    ap.add_argument("--tails-back-to-back", action="store_true",
+                    help="dense tails stored back to back, as diag_formats.py stores them (the server reads them in place)")
     ap.add_argument("--block-n", type=int, nargs="+", default=[32, 64], help="tokens a tile")
     ap.add_argument("--warps", type=int, nargs="+", default=[4, 8])
     ap.add_argument("--json")
@@ -103,14 +106,15 @@ def main(argv: list[str] | None = None) -> int:
             for warps in args.warps:
                 cubin = compile_launch(k_kind, v_kind, pack, r_max, head_dim=args.head_dim, group=args.group,
                                        block_m=args.block_m, block_n=block_n, warps=warps,
-                                       keys_by_query=not args.extend)
+                                       keys_by_query=not args.extend, tails_indexed=not args.tails_back_to_back)
                 row = {"launch": name, "block_n": block_n, "warps": warps, **resources(cubin)}
                 row["occupancy"] = occupancy(row["registers"], warps)
                 rows.append(row)
                 print(f"{name:13s} block_n {block_n:3d} warps {warps}: {row['registers']:3d} registers, "
                       f"stack {row['stack_bytes']:4d} B, occupancy {row['occupancy']:.1%}", flush=True)
     result = {"triton": triton.__version__, "target": "sm_90", "head_dim": args.head_dim, "group": args.group,
-              "block_m": args.block_m, "extend": args.extend, "command": " ".join(["python", "benchmarks/kernels/registers.py",
+              "block_m": args.block_m, "extend": args.extend,
+              "tails_back_to_back": args.tails_back_to_back, "command": " ".join(["python", "benchmarks/kernels/registers.py",
                                                             *(argv if argv is not None else sys.argv[1:])]),
               "rows": rows}
     if args.json:

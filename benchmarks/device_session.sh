@@ -82,7 +82,7 @@ case $PART in
     for gpu in 0 1; do
       if [ $gpu = 0 ]; then shape="INPUT=8192 N=32"; else shape="INPUT=32768 N=8"; fi
       (sleep $((gpu * 20))  # profile_gpu.sh installs the project first: not both at once
-       env CUDA_VISIBLE_DEVICES=$gpu T0=$T0 BUDGET_S=560 OUT=$OUT/prefill_8b_gpu$gpu PHASE=prefill OUTPUT=64 $shape \
+       env CUDA_VISIBLE_DEVICES=$gpu T0=$T0 BUDGET_S=${BUDGET_S:-560} OUT=$OUT/prefill_8b_gpu$gpu PHASE=prefill OUTPUT=64 $shape \
          PORT=$((30021 + gpu)) MODEL=/tmp/mkv/models/llama8b-random MOSAIC_EXTRA="$MOSAIC_FLAGS" \
          bash benchmarks/serving/profile_gpu.sh > "$LOG/profile_gpu$gpu.txt" 2>&1; say "8B prefill profile GPU $gpu rc=$?") &
     done

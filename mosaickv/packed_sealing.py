@@ -171,8 +171,10 @@ class PackedSealer:
             slots = upload(at, x.device)
             bases[slots, :top] = vh[:, :top] / wl
             projs[slots, :top] = vh[:, :top] * wl
-        own = upload(np.arange(r_top)[None, :] < ranks[:, None], x.device)  # each block's r rows, in block order
-        return SideInputs(channels, bases[own], projs[own]), misfit
+        # Each block's r rows, in block order, by index: a device mask's nonzero would wait for the device.
+        own = upload(np.flatnonzero(np.arange(r_top)[None, :] < ranks[:, None]), x.device)
+        d = x.shape[-1]
+        return SideInputs(channels, bases.view(-1, d)[own], projs.view(-1, d)[own]), misfit
 
     def _check_forms(self, misfits: tuple[torch.Tensor | None, ...]) -> None:
         """The packer ranks by ``(w x)^2``; a scorer whose scores are not of that form

@@ -392,9 +392,14 @@ class MosaicKVPool(MHATokenToKVPool):
 
     def release_pages(self, loc: torch.Tensor) -> None:
         """Called when the allocator frees logical slots: their dense pages return and
-        the query statistics of segments they started go (the slots will be reused)."""
-        self.query_stats.release(loc)
-        pages = torch.unique(loc.cpu().long() // self.page_size)
+        the query statistics of segments they started go (the slots will be reused). The
+        slots are read to the host once, and not at all when there are none (SGLang frees
+        empty ranges after most prefill chunks; a read waits for the forward in flight)."""
+        if not loc.numel():
+            return
+        host = loc.cpu().long()
+        self.query_stats.release(host)
+        pages = torch.unique(host // self.page_size)
         pages = pages[pages > 0]
         for page in pages[self.page_to_dense[pages] != UNMAPPED].tolist():
             self._free_dense.append(int(self.page_to_dense[page]))

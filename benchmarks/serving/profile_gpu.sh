@@ -37,6 +37,12 @@ if start_server mosaic $PORT 240 --kv-compress mosaickv --kv-compress-config "${
     || ! kill -0 $bench_pid 2>/dev/null; do sleep 1; done
   echo "$PHASE phase reached at $(( $(date +%s) - T0 )) s (bench running: $(kill -0 $bench_pid 2>/dev/null && echo yes || echo no))" \
     | tee -a "$OUT/steps.txt"
+  # A profile of an idle server says nothing: say why the phase never came instead.
+  if ! kill -0 $bench_pid 2>/dev/null; then
+    err=$(grep -m1 -E "\[http_server\] Error|Traceback" "$OUT/server_mosaic.log")
+    echo "no profile: the bench ended before the $PHASE phase${err:+; the server said: $err}" | tee -a "$OUT/steps.txt"
+    stop_server; exit 1
+  fi
   sched=$(pgrep -g "$SERVER_PID" -f "sglang::scheduler" | head -1)  # this server's, not another GPU's
   echo "scheduler pid ${sched:-none}" | tee -a "$OUT/steps.txt"
   if [ -x /tmp/pyspy/bin/py-spy ] && [ -n "$sched" ]; then

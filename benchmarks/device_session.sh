@@ -6,6 +6,8 @@
 #   PART=first     bash benchmarks/device_session.sh   # carry .device/c5: stage, GPU tests | 8B model, sealing
 #   PART=profile   bash benchmarks/device_session.sh   # carry .whl: decode profile | mosaic3 at 32k (prefill pace)
 #   PART=profile_8b bash benchmarks/device_session.sh  # carry .whl: 8B-shaped prefill profiles, 8k | 32k prompts
+#   PART=census    bash benchmarks/device_session.sh   # carry .whl: where the scheduler waits for the GPU
+#                                                       (MOSAICKV_SYNC_CENSUS=1): 8B prefill at 8k | SmolLM2 decode, 240 running
 #   PART=eq        bash benchmarks/device_session.sh   # none | mosaic3 at equal batch (TPOT; BUDGET_S, 540 unless set)
 #   PART=admission bash benchmarks/device_session.sh   # SmolLM2 random8k, four methods | mosaic6 at 32k, 80 prompts
 #                                                       (BUDGET_S: seconds for it, 560 unless less device time is left)
@@ -28,7 +30,7 @@
 # Record the session's commit yourself: the machine's git log is stale.
 set -uo pipefail
 PART=${PART:?set PART=first, profile, eq or admission}
-case $PART in first|profile|profile_8b|eq|admission|stage_eq|smollm2|rows|kernels|stage_kernels|stage_host|stage_smollm2) ;; *) echo "PART=$PART is not one of first, profile, profile_8b, eq, admission, stage_eq, smollm2, rows, kernels, stage_kernels, stage_host, stage_smollm2"; exit 2 ;; esac
+case $PART in first|profile|profile_8b|census|eq|admission|stage_eq|smollm2|rows|kernels|stage_kernels|stage_host|stage_smollm2) ;; *) echo "PART=$PART is not one of first, profile, profile_8b, census, eq, admission, stage_eq, smollm2, rows, kernels, stage_kernels, stage_host, stage_smollm2"; exit 2 ;; esac
 OUT=${OUT:?the device call sets OUT}
 T0=$(date +%s)
 export PYTHONPATH=/tmp/mkv/site PYTHONUNBUFFERED=1
@@ -85,6 +87,29 @@ case $PART in
        env CUDA_VISIBLE_DEVICES=$gpu T0=$T0 BUDGET_S=${BUDGET_S:-560} OUT=$OUT/prefill_8b_gpu$gpu PHASE=prefill OUTPUT=64 $shape \
          PORT=$((30021 + gpu)) MODEL=/tmp/mkv/models/llama8b-random MOSAIC_EXTRA="$MOSAIC_FLAGS" \
          bash benchmarks/serving/profile_gpu.sh > "$LOG/profile_gpu$gpu.txt" 2>&1; say "8B prefill profile GPU $gpu rc=$?") &
+    done
+    wait ;;
+  census)
+    # Every synchronizing op of the scheduler process by call site (sglang_patch/sync_census.py),
+    # from the server info at the end, beside a py-spy profile of the same run.
+    [ -e /tmp/mkv/models/llama8b-random ] || { python3 benchmarks/suite/make_random_model.py \
+      --out /tmp/mkv/models/llama8b-random > "$LOG/model.txt" 2>&1; say "8B model rc=$?"; }
+    for gpu in 0 1; do
+      if [ $gpu = 0 ]; then run="prefill_8b PHASE=prefill MODEL=/tmp/mkv/models/llama8b-random INPUT=8192 OUTPUT=64 N=16"
+      else run="decode_smollm2 PHASE=decode INPUT=3072 OUTPUT=1024 N=240"; fi
+      name=${run%% *}
+      (sleep $((gpu * 20))  # profile_gpu.sh installs the project first: not both at once
+       env CUDA_VISIBLE_DEVICES=$gpu T0=$T0 BUDGET_S=${BUDGET_S:-560} OUT=$OUT/$name PORT=$((30021 + gpu)) \
+         MOSAICKV_SYNC_CENSUS=1 MOSAIC_EXTRA="$MOSAIC_FLAGS" ${run#* } bash benchmarks/serving/profile_gpu.sh \
+         > "$LOG/census_$name.txt" 2>&1
+       say "census $name rc=$?"
+       # A call brings back 8 files: steps.txt is in profile.tgz too, and the torch profile ran under the census.
+       rm -f "$OUT/$name/steps.txt" "$OUT/$name/torch_summary.json"
+       mkdir -p "$LOG/$name" && tar xzf "$OUT/$name/profile.tgz" -C "$LOG/$name" ./info_end.json 2>/dev/null \
+         && python3 -c "import json, sys
+info = json.load(open(sys.argv[1]))['internal_states'][0]['kv_compress_info']
+json.dump({'run': sys.argv[2], 'sync_census': info.get('sync_census')}, open(sys.argv[3], 'w'), indent=1)" \
+         "$LOG/$name/info_end.json" "$name" "$OUT/$name/census.json"; say "census $name: $(head -c 300 "$OUT/$name/census.json")") &
     done
     wait ;;
   eq)

@@ -29,6 +29,7 @@ from mosaickv.sglang_patch.decode_rows import DecodeRows
 from mosaickv.sglang_patch.query_stats import SegmentQueryStats
 from mosaickv.sglang_patch.args import KVCompressError
 from mosaickv.sglang_patch.sizing import CapacityPlan, KVShape, cap_plan, plan_capacity, prefill_batch_tokens
+from mosaickv.sglang_patch.sync_census import census_from_env
 
 logger = logging.getLogger(__name__)
 
@@ -206,6 +207,7 @@ class MosaicKVPool(MHATokenToKVPool):
                          **kwargs)
         if self.head_dim != self.v_head_dim:
             raise ValueError(f"MosaicKV needs head_dim == v_head_dim, got {self.head_dim} and {self.v_head_dim}")
+        self.sync_census = census_from_env()  # MOSAICKV_SYNC_CENSUS=1: where this process waits for the GPU
 
     def _create_buffers(self) -> None:
         """The base dense buffers (tail rows only, see _kv_buffer_shapes), page tables, arena."""
@@ -458,6 +460,7 @@ class MosaicKVPool(MHATokenToKVPool):
             "segment_cache_entries": len(self.segment_cache),
             "segment_cache_hits": self.segment_cache.hits,
             "segment_cache_misses": self.segment_cache.misses,
+            **({"sync_census": self.sync_census.top()} if self.sync_census is not None else {}),
         }
 
 

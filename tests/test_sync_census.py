@@ -1,0 +1,81 @@
+"""The sync census: the env switch, call-site attribution, and (GPU) PyTorch's own warnings."""
+
+from __future__ import annotations
+
+import traceback
+
+import pytest
+import torch
+
+from mosaickv.sglang_patch.sync_census import ENV, MESSAGE, SyncCensus, census_from_env
+
+
+def _stack_here() -> list[traceback.FrameSummary]:
+    return traceback.extract_stack()
+
+
+def test_the_switch_is_off_unless_set_to_one(monkeypatch):
+    monkeypatch.delenv(ENV, raising=False)
+    assert census_from_env() is None
+    monkeypatch.setenv(ENV, "0")
+    assert census_from_env() is None
+
+
+def test_a_value_other_than_0_or_1_names_the_variable(monkeypatch):
+    monkeypatch.setenv(ENV, "yes")
+    with pytest.raises(ValueError, match=f"{ENV}='yes'.*use 1"):
+        census_from_env()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the error is for a process without CUDA")
+def test_asking_for_a_census_without_cuda_fails_loudly(monkeypatch):
+    monkeypatch.setenv(ENV, "1")
+    with pytest.raises(RuntimeError, match="no CUDA device"):
+        census_from_env()
+
+
+def test_a_site_is_the_innermost_project_frames_innermost_first():
+    census = SyncCensus(frames=2)
+    for _ in range(3):
+        site = census.record(_stack_here())
+    inner, outer = site.split(" <- ")
+    assert inner.startswith("tests/test_sync_census.py:") and inner.endswith(" _stack_here")
+    assert outer.endswith(" test_a_site_is_the_innermost_project_frames_innermost_first")
+    assert census.top() == {site: 3}
+
+
+def test_top_lists_the_most_frequent_sites_first():
+    census = SyncCensus(frames=1)
+    once = census.record(_stack_here())
+    twice = [census.record(traceback.extract_stack()) for _ in range(2)][0]
+    assert list(census.top()) == [twice, once]
+    assert census.top(1) == {twice: 2}
+
+
+def test_other_warnings_pass_on_to_the_handler_before():
+    census = SyncCensus()
+    seen = []
+    census._previous = lambda message, *args, **kwargs: seen.append(str(message))
+    census._show(UserWarning("something else"), UserWarning, __file__, 1)
+    census._show(UserWarning(f"{MESSAGE} (Triggered internally)"), UserWarning, __file__, 1)
+    assert seen == ["something else"]
+    assert sum(census.sites.values()) == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_pytorch_s_synchronizing_ops_are_counted_where_they_are_called():
+    census = SyncCensus(frames=1)
+    census.install()
+    try:
+        x = torch.arange(8, device="cuda")
+        x[x > 3]  # a device mask: nonzero waits for the device
+        x[torch.tensor([1, 2], device="cuda")]  # an index tensor already there: no wait
+    finally:
+        census.uninstall()
+    sites = census.top()
+    assert len(sites) == 1 and sum(sites.values()) >= 1
+    (site,) = sites
+    assert site.startswith("tests/test_sync_census.py:") and site.endswith(
+        "test_pytorch_s_synchronizing_ops_are_counted_where_they_are_called")
+    assert torch.cuda.get_sync_debug_mode() == 0

@@ -129,7 +129,8 @@ class SegmentQueryStats:
         self._count = torch.zeros(0, num_layers, dtype=torch.int64)  # query-head tokens (host)
         self._attn_count = torch.zeros(0, num_layers, dtype=torch.int64)  # query heads (host)
         self._pending: list[_Pending] = []  # sums not added yet
-        self._stream: torch.cuda.Stream | None = None  # the stream of the last op on the device tables
+        self._last: torch.cuda.Event | None = None  # after the last op on the device tables, on any stream
+        self._side: torch.cuda.Stream | None = None  # reads, drops and compaction (see _ordered)
 
     def __len__(self) -> int:
         self.flush()
@@ -293,13 +294,20 @@ class SegmentQueryStats:
         stream = torch.cuda.current_stream(energy.device) if energy.device.type == "cuda" else None
         self._pending.append(_Pending(layer, energy, attn, tuple(keys), tuple(counts), tuple(attn_counts), stream))
 
-    def stage(self) -> None:
+    def stage(self, keys: set[int] | None = None) -> None:
         """Queue the add of every pending sum, one per forward, on the stream of the forward
         that fills it: behind that forward, and ahead of any later forward on that stream
-        (a CUDA graph's next replay overwrites its buffers). Nothing waits."""
-        if not self._pending:
+        (a CUDA graph's next replay overwrites its buffers). Nothing waits. With ``keys``,
+        only the forwards that add to one of those segments: a reader or a drop of sealed
+        segments does not queue the forward in flight's sums, which would put its own ops
+        (and every later one on the tables) behind that whole forward."""
+        if keys is None:
+            pending, self._pending = self._pending, []
+        else:
+            pending = [p for p in self._pending if not keys.isdisjoint(p.keys)]
+            self._pending = [p for p in self._pending if keys.isdisjoint(p.keys)]
+        if not pending:
             return
-        pending, self._pending = self._pending, []
         batches: dict[tuple, list[_Pending]] = {}  # one forward's layers share their rows
         for p in pending:
             batches.setdefault((p.keys, p.counts, p.attn_counts, p.stream), []).append(p)
@@ -315,19 +323,27 @@ class SegmentQueryStats:
 
     @contextlib.contextmanager
     def _ordered(self, stream: torch.cuda.Stream | None = None) -> Iterator[None]:
-        """Run the body's ops on the tables on ``stream`` (default: the current one), after
-        every earlier op on them whichever stream queued it. Forwards add on theirs, readers
-        and drops on the scheduler's: without the wait a drop's zeroing could pass a queued
-        add, and a row freed and given to another segment would keep the old one's sums."""
+        """Run the body's ops on the tables on ``stream`` (default: the tables' own side
+        stream), after the previous op on them whichever stream queued it. Forwards add on
+        theirs; reads, drops and compaction go on the side stream. Without the wait a
+        drop's zeroing could pass a queued add, and a row freed and given to another
+        segment would keep the old one's sums. The wait is on an event recorded right
+        after that op, not on its stream: SGLang's scheduler stream waits for the whole
+        forward in flight after an extend's launch, so an op queued there (or a wait for
+        all of a forward's stream) would make the next reader wait for that forward too."""
         if self.device.type != "cuda":
             yield
             return
-        stream = stream or torch.cuda.current_stream(self.device)
-        if self._stream is not None and self._stream != stream:
-            stream.wait_stream(self._stream)
-        self._stream = stream
+        if stream is None:
+            if self._side is None:
+                self._side = torch.cuda.Stream(self.device)
+            stream = self._side
+        if self._last is not None:
+            stream.wait_event(self._last)
         with torch.cuda.stream(stream):
             yield
+        self._last = torch.cuda.Event()
+        self._last.record(stream)
 
     def _add(self, keys: tuple[int, ...], counts: tuple[int, ...], attn_counts: tuple[int, ...],
              layers: list[_Pending]) -> None:
@@ -422,7 +438,7 @@ class SegmentQueryStats:
     def _means(self, first_slots: list[int], attention: bool) -> tuple[torch.Tensor, list[bool]]:
         """Each segment's sums over its counts (float64, one gather for all), zero for a
         segment without a row or with a layer that counted none, and which are not."""
-        self.flush()  # may grow the tables: read them after
+        self.stage(set(first_slots))  # may grow the tables: read them after
         sums, counts = (self._attn, self._attn_count) if attention else (self._sum, self._count)
         rows = [self._rows.get(first) for first in first_slots]
         if all(row is None for row in rows):
@@ -434,15 +450,25 @@ class SegmentQueryStats:
         scale = torch.where(ok[:, None], 1.0 / count.clamp_min(1), 0.0).to(torch.float64)
         with self._ordered():
             mean = sums[upload(at, self.device)] * upload(scale, self.device)[:, :, None, None]
-        return mean, ok.tolist()
+        return self._handed_over(mean), ok.tolist()
+
+    def _handed_over(self, t: torch.Tensor) -> torch.Tensor:
+        """``t``, read on the side stream, made safe to use on the caller's stream: it
+        waits for the read (on the device) and the allocator keeps ``t`` until it is done."""
+        if t.is_cuda:
+            here = torch.cuda.current_stream(t.device)
+            here.wait_event(self._last)
+            t.record_stream(here)
+        return t
 
     def drop(self, first_slot: int) -> None:
         self.drop_many([first_slot])
 
     def drop_many(self, first_slots: list[int]) -> None:
         """Forget sealed (or freed) segments: their rows zeroed in one op per table and
-        freed; past KEEP_ROWS the tables shrink when three quarters are free."""
-        self.flush()
+        freed; past KEEP_ROWS the tables shrink when three quarters are free. Sums still
+        pending for them are added first (their forwards' other segments with them)."""
+        self.stage(set(first_slots))
         rows = [row for row in (self._rows.pop(first, None) for first in first_slots) if row is not None]
         if not rows:
             return
@@ -471,8 +497,8 @@ class SegmentQueryStats:
         self._free = list(range(size - 1, len(held) - 1, -1))
 
     def release(self, slots: torch.Tensor) -> None:
-        """Freed slots: drop the segments they started (the slot ids will be reused)."""
-        self.flush()
-        if not self._rows:
+        """Freed slots: drop the segments they started (the slot ids will be reused), rows
+        and sums still pending alike."""
+        if not self._rows and not self._pending:
             return
-        self.drop_many(list(self._rows.keys() & set(slots.cpu().tolist())))
+        self.drop_many(list(set(slots.cpu().tolist())))

@@ -63,3 +63,36 @@ def test_decode_statistics_replay_under_a_cuda_graph():
         torch.testing.assert_close(outs[0], want[0], rtol=0, atol=0)
         torch.testing.assert_close(outs[1], want[1], rtol=1e-6, atol=1e-9)
         assert outs[1].abs().sum() > 0
+
+
+def test_reads_and_drops_do_not_wait_for_a_forward_in_flight():
+    """As in a server: the scheduler's stream waits for the forward in flight (SGLang's
+    barrier after an extend's launch), whose sums are still pending. Dropping sealed
+    segments there and reading others on a third stream (sealing's) must not wait for that
+    forward: the third stream's work finishes while the forward still runs."""
+    stats = SegmentQueryStats(1, 1, 4, segment_size=8, device="cuda")
+    forward, scheduler, sealing = (torch.cuda.Stream() for _ in range(3))
+
+    def defer(key: int, value: float) -> None:
+        stats.defer_decode(0, torch.full((1, 1, 4), value, dtype=torch.float64, device="cuda"), None, [key],
+                           [False], group=1)
+
+    with torch.cuda.stream(forward):  # an earlier forward's sums, queued at the next one's first layer
+        defer(3, 4.0)
+        defer(5, 9.0)
+        stats.flush()
+    torch.cuda.synchronize()
+    with torch.cuda.stream(forward):  # the forward in flight, its sums deferred
+        torch.cuda._sleep(500_000_000)
+        defer(6, 1.0)
+    scheduler.wait_stream(forward)  # the barrier
+    with torch.cuda.stream(scheduler):
+        stats.drop_many([3])
+    with torch.cuda.stream(sealing):
+        rms, ok = stats.rms_many([5])
+        value = rms.sum()
+    sealing.synchronize()
+    assert not forward.query(), "the read waited for the forward in flight"
+    assert ok == [True] and value.item() == 3.0 * 4
+    torch.cuda.synchronize()
+    assert stats.rms(6).sum().item() == 4.0

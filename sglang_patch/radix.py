@@ -15,6 +15,11 @@ touch no pool, tree or device state and return the slab's bytes and table rows. 
 boundaries (the start of ``insert`` and ``match_prefix``, an idle scheduler's ``on_idle``,
 or ``drain``); a result whose node was evicted meanwhile is discarded.
 
+With ``--kv-compress-sealing device`` the scheduler seals inline, on a CUDA stream of
+its own, so that its reads to the host do not wait for the forward in flight; a due
+segment whose slot values that forward's stream has not copied into the tree yet waits
+for a later drain (:meth:`MosaicRadixCache._mark_written`).
+
 Sealing never takes the request down with it: a policy part that fails, or any other
 error in the worker, leaves that segment dense for good (logged once, counted), and a
 full arena leaves it dense until eviction frees a slab (the next insert on its path retries).
@@ -22,6 +27,7 @@ full arena leaves it dense until eviction frees a slab (the next insert on its p
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from concurrent.futures import Future, wait as wait_all
@@ -44,6 +50,7 @@ from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey, TreeNode
 from mosaickv.compressor import PartFailure
 from mosaickv.kernels.layout import Region
 from mosaickv.packed_sealing import PackedSealer
+from mosaickv.uploads import upload
 from mosaickv.sealer import CompressFn, PolicyCompressor, SealWorkers, SegmentInputs, seal_segment
 from mosaickv.sglang_patch.pool import UNMAPPED, MosaicKVPool
 from mosaickv.sglang_patch.sizing import prefill_batch_tokens
@@ -141,6 +148,10 @@ class MosaicRadixCache(RadixCache):
         self._decoded: list[tuple[int, RadixKey]] = []  # (decode step, key) of inserts waiting to seal
         self._decode_steps = 0
         self._jobs: dict[int, _SealJob] = {}  # first slot of each PENDING segment -> its job
+        # Due segments whose slot values the device has not written yet (see _written), by
+        # (id(node), index): sealed at a later drain, once it has.
+        self._unwritten: dict[tuple[int, int], tuple[TreeNode, int]] = {}
+        self._seal_stream: Optional[torch.cuda.Stream] = None  # device sealing's own (see _sealing)
         self.allocator_page_size = params.page_size
         params.page_size = segment_size  # tree granularity: nodes hold whole segments
         super().__init__(params)
@@ -158,6 +169,11 @@ class MosaicRadixCache(RadixCache):
         new_node = super()._split_node(key, child, split_len)
         cut = split_len // self.segment_size
         new_node.mosaic_slabs, child.mosaic_slabs = slabs[:cut], slabs[cut:]
+        new_node.mosaic_written = getattr(child, "mosaic_written", None)  # its values are a view of the child's
+        for key, (node, j) in list(self._unwritten.items()):
+            if node is child:
+                del self._unwritten[key]
+                self._wait_for_slots(*((new_node, j) if j < cut else (child, j - cut)))
         for node in (new_node, child):
             for j, slab in enumerate(node.mosaic_slabs):
                 if slab == PENDING:
@@ -179,6 +195,8 @@ class MosaicRadixCache(RadixCache):
                 job.future.cancel()
                 self.pool.arena.free(job.slab)
         node.mosaic_slabs = []
+        for j in range(len(node.value) // self.segment_size):
+            self._unwritten.pop((id(node), j), None)
 
     def _delete_leaf(self, node: TreeNode) -> None:
         self._release(node)
@@ -211,6 +229,7 @@ class MosaicRadixCache(RadixCache):
         result = super().insert(params)
         if self.disable:
             return result
+        self._mark_written(params.key)
         room = self.pool.free_dense_tokens() >= self.defer_margin
         if self._decoding and self.decode_batch > 1 and room:
             self._decoded.append((self._decode_steps, params.key))
@@ -283,6 +302,7 @@ class MosaicRadixCache(RadixCache):
     def drain(self, wait: bool) -> None:
         """Swap in finished compressions (on the scheduler thread, between forwards);
         ``wait`` blocks on the pending ones first (tests, flush), nothing else ever does."""
+        self._submit_written(wait)
         if wait:
             wait_all([job.future for job in self._jobs.values()])
         done = [(first, job) for first, job in self._jobs.items() if job.future.done()]
@@ -310,11 +330,82 @@ class MosaicRadixCache(RadixCache):
             offset += len(node.value)
         return due
 
+    def _mark_written(self, key) -> None:
+        """Give the nodes ``key``'s insert created an event recorded behind the copy that
+        made their slot values (SGLang's insert copies them on the scheduler's stream,
+        which waits for the whole forward in flight after an extend's launch): sealing
+        reads a node's values only once its event has passed (:meth:`_written`). Nodes
+        created earlier have one already, or None once it passed."""
+        node = super().match_prefix(MatchPrefixParams(key=key)).last_device_node
+        new = []
+        while node is not None and node is not self.root_node and not hasattr(node, "mosaic_written"):
+            new.append(node)
+            node = node.parent
+        event = self._values_copied(new[0].value) if new else None
+        for node in new:
+            node.mosaic_written = event
+
+    def _values_copied(self, value: torch.Tensor):
+        """An event behind the copy that made ``value``, on the current stream (None on the
+        host: there is nothing to wait for)."""
+        if not value.is_cuda:
+            return None
+        event = torch.cuda.Event()
+        event.record()
+        return event
+
+    def _written(self, node: TreeNode, wait: bool = False) -> bool:
+        """Whether the device has written ``node``'s slot values (``wait``: it has, once this
+        returns). Read before that, they would wait for the forward in flight."""
+        event = getattr(node, "mosaic_written", None)
+        if event is not None:
+            if not event.query():
+                if not wait:
+                    return False
+                event.synchronize()
+            node.mosaic_written = None
+        return True
+
+    def _wait_for_slots(self, node: TreeNode, index: int) -> None:
+        self._unwritten[(id(node), index)] = (node, index)
+
     def _seal(self, due: list[tuple[TreeNode, int]]) -> None:
-        """Submit ``due``; inline sealing has finished them by then: swap them in now."""
-        self._submit(due)
+        """Submit ``due``'s segments whose slot values are written (the rest wait for a
+        later drain); inline sealing has finished them by then: swap them in now."""
+        ready = []
+        for node, j in due:
+            if self._written(node):
+                ready.append((node, j))
+            else:
+                self._wait_for_slots(node, j)
+        self._submit(ready)
         if self._workers is None:
             self.drain(wait=False)
+
+    def _submit_written(self, wait: bool) -> None:
+        """Submit the waiting segments whose slot values are now written (``wait``: all),
+        those still in the tree and unsealed."""
+        if not self._unwritten:
+            return
+        ready = [(node, j) for node, j in self._unwritten.values() if self._written(node, wait)]
+        for node, j in ready:
+            del self._unwritten[(id(node), j)]
+        self._submit([(node, j) for node, j in ready if j < len(self._slabs(node)) and self._slabs(node)[j] == UNMAPPED])
+
+    @contextlib.contextmanager
+    def _sealing(self):
+        """Device sealing's ops on a stream of its own. On the scheduler's stream they would
+        queue behind the forward in flight (SGLang's barrier after an extend's launch), and
+        sealing's reads to the host (slots, the plan's statistics) would wait for it, the
+        GPU idle while the host then planned. Their results are installed on the
+        scheduler's stream after it waits for this one (:meth:`_apply`)."""
+        if not (self.on_device and torch.device(self.pool.device).type == "cuda"):
+            yield
+            return
+        if self._seal_stream is None:
+            self._seal_stream = torch.cuda.Stream(self.pool.device)
+        with torch.cuda.stream(self._seal_stream):
+            yield
 
     def _submit(self, due: list[tuple[TreeNode, int]]) -> None:
         """Snapshot the due segments' dense KV (all layers, one gather and one host copy
@@ -335,10 +426,14 @@ class MosaicRadixCache(RadixCache):
             due = due[:free]
             if not due:
                 return
+        with self._sealing():
+            self._submit_on_stream(due)
+
+    def _submit_on_stream(self, due: list[tuple[TreeNode, int]]) -> None:
+        pool, counters = self.pool, self.pool.counters
         s = self.segment_size
-        slots = torch.stack([node.value[j * s : (j + 1) * s] for node, j in due])  # [n, S]
-        slots_host = slots.cpu().long()
-        rows = pool.dense_rows(slots.reshape(-1))
+        slots_host = torch.stack([node.value[j * s : (j + 1) * s] for node, j in due]).cpu().long()  # [n, S]
+        rows = upload(pool.dense_rows(slots_host.reshape(-1)), pool.device)
         n, layers = len(due), pool.layer_num
 
         where = torch.device(pool.device) if self.on_device else torch.device("cpu")
@@ -407,6 +502,11 @@ class MosaicRadixCache(RadixCache):
         pool = self.pool
         results = [self._result(job) for _, job in done]
         sealed = [(job, region) for (_, job), region in zip(done, results) if region is not None]
+        if self._seal_stream is not None and sealed:  # the regions' bytes were written there
+            here = torch.cuda.current_stream(self._seal_stream.device)
+            here.wait_stream(self._seal_stream)
+            for _, region in sealed:
+                region.data.record_stream(here)
         try:
             pool.install_many([job.slab for job, _ in sealed], [job.pages for job, _ in sealed],
                               [region for _, region in sealed])

@@ -40,15 +40,16 @@ SHAPE = KVShape(num_layers=2, num_kv_heads=2, head_dim=32, v_head_dim=32)
 
 
 def make_cache(compress, background: bool = False, workers: int = 1, on_device: bool = False, seal_inline=None,
-               defer_margin: int = 0, decode_batch: int = 1, seal_batch: int = SEAL_BATCH):
+               defer_margin: int = 0, decode_batch: int = 1, seal_batch: int = SEAL_BATCH, device: str = "cpu"):
     """(tree, pool, allocator) on SGLang's real allocator, sealing with ``compress``
-    (inline unless ``background``: worker processes; ``on_device``: inline where the pool is)."""
+    (inline unless ``background``: worker processes; ``on_device``: inline where the pool
+    is, which is ``device``)."""
     plan = plan_capacity(SHAPE, 1 << 20, segment_size=SEG, ratio=2.0, sinks=0, window=WINDOW,
                          max_running_requests=4)
     pool = MosaicKVPool(plan.max_total_num_tokens, page_size=1, dtype=torch.bfloat16, head_num=2, head_dim=32,
-                        layer_num=2, device="cpu", enable_memory_saver=False, plan=plan, enable_alt_stream=False)
-    alloc = TokenToKVPoolAllocator(plan.max_total_num_tokens, torch.bfloat16, "cpu", pool, need_sort=False)
-    params = CacheInitParams(disable=False, req_to_token_pool=ReqToTokenPool(4, 512, "cpu", False),
+                        layer_num=2, device=device, enable_memory_saver=False, plan=plan, enable_alt_stream=False)
+    alloc = TokenToKVPoolAllocator(plan.max_total_num_tokens, torch.bfloat16, device, pool, need_sort=False)
+    params = CacheInitParams(disable=False, req_to_token_pool=ReqToTokenPool(4, 512, device, False),
                              token_to_kv_pool_allocator=alloc, page_size=1)
     tree = MosaicRadixCache(params, compress=compress, segment_size=SEG, sink_segments=0, window=WINDOW,
                             background=background, workers=workers, on_device=on_device, seal_inline=seal_inline,
@@ -64,7 +65,7 @@ def cache():
 
 def prefill(pool, alloc, n: int) -> torch.Tensor:
     slots = alloc.alloc(n)
-    kv = torch.randn(n, 2, 32, dtype=torch.bfloat16)
+    kv = torch.randn(n, 2, 32, dtype=torch.bfloat16).to(slots.device)
     for layer in range(2):
         pool._store_kv_layer(layer, slots, kv, kv * 2)
     return slots

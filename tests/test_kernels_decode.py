@@ -65,6 +65,7 @@ def run_decode(
     pack_tokens: bool = False,
     prefetch_entries: bool = False,
     block_n: int = 16,
+    pack_sparse_keys: bool = False,
     **plan_kw: int,
 ) -> None:
     hq = hkv * group
@@ -72,7 +73,8 @@ def run_decode(
     tv = [torch.randn(hkv, t, d, generator=gen).bfloat16() for t in tail_lens]
     q = torch.randn(len(layers), hq, d, generator=gen).bfloat16()
     w = MixedDecodeWrapper(block_n=block_n, sparse_densify=sparse_densify, keys_by_query=keys_by_query,
-                           wide_block_n=wide_block_n, pack_tokens=pack_tokens, prefetch_entries=prefetch_entries)
+                           wide_block_n=wide_block_n, pack_tokens=pack_tokens, prefetch_entries=prefetch_entries,
+                           pack_sparse_keys=pack_sparse_keys)
     w.plan(layers, tk, tv, hq, hkv, d, device=DEVICE, **plan_kw)
     out = torch.full((len(layers), hq, d), float("nan"), dtype=torch.bfloat16, device=DEVICE)
     w.run(q.to(DEVICE), out=out)
@@ -142,6 +144,38 @@ def test_packing_is_for_dense_pairs() -> None:
     w = MixedDecodeWrapper(pack_tokens=True)
     assert w.packs(0, 0) and not MixedDecodeWrapper().packs(0, 0)
     assert not any(w.packs(k, v) for k in range(4) for v in range(4) if (k, v) != (0, 0))
+    sparse = MixedDecodeWrapper(pack_tokens=True, pack_sparse_keys=True)
+    assert {(k, v) for k in range(4) for v in range(4) if sparse.packs(k, v)} == {(0, 0), (1, 0)}
+
+
+def test_packing_sparse_keys_needs_packed_tiles_read_by_query() -> None:
+    for kw in ({"pack_tokens": False}, {"pack_tokens": True, "keys_by_query": False}):
+        with pytest.raises(ValueError, match="pack_sparse_keys=True .* needs pack_tokens=True and keys_by_query=True"):
+            MixedDecodeWrapper(pack_sparse_keys=True, **kw)
+
+
+@pytest.mark.parametrize(("group", "d", "aligned"), [(1, 64, False), (3, 64, True), (4, 128, False), (8, 128, True)])
+def test_packed_sparse_key_tiles(group: int, d: int, aligned: bool) -> None:
+    """Blocks of sparse keys (several widths, in one launch) and dense values keeping
+    every token count from 0 to 16 share 16- and 32-token tiles, beside dense pairs and
+    blocks of every other format; runs cut anywhere (split-K), few programs. ``aligned``:
+    widths and counts the vectorised-load specialisation takes (multiples of 8)."""
+    gen = torch.Generator().manual_seed(group * 100 + d)
+    hkv = 2
+    widths = (8, 16, 24) if aligned else (3, 8, 13, 20)
+    fmts = [BlockFormat(t, SideFormat("sparse", widths[t % len(widths)]), SideFormat("dense"))
+            for t in range(17)] + [BlockFormat(t) for t in (0, 5, 16)]
+    layers = [CompressedLayer() for _ in range(4)]
+    for i, f in enumerate(fmts * 2):
+        layers[i % 3].append(random_layer(gen, 1, 16, hkv, d, fmt=f).blocks[0])
+    # Every format (one block per tile) where widths may be anything; aligned, dense ones.
+    layers[3] = random_layer(gen, 3, 16, hkv, d, **({"kinds": ("dense",)} if aligned else {}))
+    arena, _, _ = pack_requests(layers, hkv, d)
+    assert arena.widths_aligned == aligned
+    for block_n, chunk in ((16, 40), (32, None)):
+        run_decode(gen, layers, [3, 0, 9, 2], hkv=hkv, group=group, d=d, pack_tokens=True, pack_sparse_keys=True,
+                   block_n=block_n, wide_block_n=block_n, max_programs=3,
+                   **({"chunk_tokens": chunk} if chunk else {}))
 
 
 @pytest.mark.parametrize(

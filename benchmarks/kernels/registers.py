@@ -34,6 +34,7 @@ LAUNCHES = {
     "dense_packed": (DENSE, DENSE, True, 16),
     "dense": (DENSE, DENSE, False, 16),
     "sparse_keys": (SPARSE, DENSE, False, 64),
+    "sparse_keys_packed": (SPARSE, DENSE, True, 64),  # MixedAttention(pack_sparse_keys=True)
     "lowrank": (LOWRANK, LOWRANK, False, 16),
     "tail": (TAIL, TAIL, False, 16),
 }

@@ -125,16 +125,18 @@ def _tile(values_ptr, index_ptr, off, width, aux, tok, tok_ok, toks, cols, jr, s
 
 
 @triton.jit
-def _sparse_scores(q_ptr, q_rows, n_rows, values_ptr, index_ptr, off, width, aux, tok, tok_ok, rows, jr,
+def _sparse_scores(q_ptr, q_rows, n_rows, values_ptr, index_ptr, val_row, ix_row, width, tok_ok, rows, jr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Logits ``[BLOCK_M, BLOCK_N]`` against per-vector sparse keys without densifying
     them: each live query row gathers its own channels at the keys' indices (a row of q is
     a few hundred bytes, cache-resident) and dots them with the kept values. Costs
     ``rows x BLOCK_N x width`` loads instead of a ``BLOCK_N x HEAD_DIM`` search per tile,
-    which wins when rows are few (decode: one query token's GQA group)."""
-    mask = tok_ok[:, None] & (jr[None, :] < width)
-    ix = tl.load(index_ptr + aux + tok[:, None] * width + jr[None, :], mask=mask, other=0).to(tl.int32)
-    raw = tl.load(values_ptr + off + tok[:, None] * width + jr[None, :], mask=mask, other=0.0).to(tl.float32)
+    which wins when rows are few (decode: one query token's GQA group). Token ``t``'s kept
+    values start at ``val_row[t]``, its indices at ``ix_row[t]``, ``width[t]`` of each
+    (per token, so that a packed tile's tokens may come from blocks of several widths)."""
+    mask = tok_ok[:, None] & (jr[None, :] < width[:, None])
+    ix = tl.load(index_ptr + ix_row[:, None] + jr[None, :], mask=mask, other=0).to(tl.int32)
+    raw = tl.load(values_ptr + val_row[:, None] + jr[None, :], mask=mask, other=0.0).to(tl.float32)
     s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for g in range(0, n_rows):
         q_row = tl.sum(tl.where(rows == g, q_rows, 0))
@@ -156,8 +158,8 @@ def _tile_step(q, qk, qk_lo, q_ptr, q_rows, n_rows, values_ptr, index_ptr, k_off
     vt = _tile(values_ptr, index_ptr, v_off, v_w, v_aux, tok, tok_ok, toks, cols, jr, scr_v, V_KIND, HEAD_DIM,
                BLOCK_N, R_MAX, R_LOG2, SPARSE_MODE)
     if K_KIND == 1 and KEYS_BY_QUERY:
-        s = _sparse_scores(q_ptr, q_rows, n_rows, values_ptr, index_ptr, k_off, k_w, k_aux, tok, tok_ok, rows,
-                           jr, BLOCK_M, BLOCK_N)
+        s = _sparse_scores(q_ptr, q_rows, n_rows, values_ptr, index_ptr, k_off + tok * k_w, k_aux + tok * k_w,
+                           tok * 0 + k_w, tok_ok, rows, jr, BLOCK_M, BLOCK_N)
     else:
         kt = _tile(values_ptr, index_ptr, k_off, k_w, k_aux, tok, tok_ok, toks, cols, jr, scr_k, K_KIND,
                    HEAD_DIM, BLOCK_N, R_MAX, R_LOG2, SPARSE_MODE)
@@ -192,7 +194,13 @@ def _entry(table_ptr, block_idx_ptr, j, ok):
 def _dense_step(q, kt, vt, visible, qk_scale, m_i, l_i, acc):
     """One online-softmax step over dense key and value rows ``kt``/``vt`` [BLOCK_N, d];
     ``visible`` [BLOCK_M or 1, BLOCK_N] masks the logits. Returns (m_i, l_i, acc)."""
-    s = tl.dot(q, tl.trans(kt.to(tl.bfloat16))) * qk_scale
+    return _dense_values_step(tl.dot(q, tl.trans(kt.to(tl.bfloat16))), vt, visible, qk_scale, m_i, l_i, acc)
+
+
+@triton.jit
+def _dense_values_step(s, vt, visible, qk_scale, m_i, l_i, acc):
+    """:func:`_dense_step` from the tile's unscaled logits ``s`` [BLOCK_M, BLOCK_N]."""
+    s = s * qk_scale
     s = tl.where(visible, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -288,11 +296,24 @@ def _mixed_attn_kernel(
                 if ALIGNED:
                     k_off = tl.multiple_of(k_off, 8)
                     v_off = tl.multiple_of(v_off, 8)
-                rows_k = k_off[:, None] + tok[:, None] * HEAD_DIM + cols[None, :]
                 rows_v = v_off[:, None] + tok[:, None] * HEAD_DIM + cols[None, :]
-                kt = tl.load(values_ptr + rows_k, mask=tok_ok[:, None], other=0.0)
                 vt = tl.load(values_ptr + rows_v, mask=tok_ok[:, None], other=0.0)
-                m_i, l_i, acc = _dense_step(q, kt, vt, tok_ok[None, :], qk_scale, m_i, l_i, acc)
+                if K_KIND == 1:
+                    # Sparse keys read by query gathers, each token at its own block's width.
+                    k_w = tl.gather(tl.load(ent + 2, mask=b_ok, other=0).to(tl.int32), sel, 0)
+                    k_aux = tl.gather(tl.load(ent + 4, mask=b_ok, other=0), sel, 0)
+                    val_row = k_off + tok * k_w
+                    ix_row = k_aux + tok * k_w
+                    if ALIGNED:
+                        val_row = tl.multiple_of(val_row, 8)
+                        ix_row = tl.multiple_of(ix_row, 8)
+                    s = _sparse_scores(q_ptr, q_rows, n_rows, values_ptr, index_ptr, val_row, ix_row, k_w, tok_ok,
+                                       rows, jr, BLOCK_M, BLOCK_N)
+                    m_i, l_i, acc = _dense_values_step(s, vt, tok_ok[None, :], qk_scale, m_i, l_i, acc)
+                else:
+                    rows_k = k_off[:, None] + tok[:, None] * HEAD_DIM + cols[None, :]
+                    kt = tl.load(values_ptr + rows_k, mask=tok_ok[:, None], other=0.0)
+                    m_i, l_i, acc = _dense_step(q, kt, vt, tok_ok[None, :], qk_scale, m_i, l_i, acc)
                 n_full = tl.sum((end <= BLOCK_N).to(tl.int32), 0)
                 done = tl.where(n_full < BLOCK_N, BLOCK_N - tl.sum(tl.where(toks == n_full, start, 0), 0), 0)
                 j0 += n_full
@@ -417,6 +438,7 @@ class MixedAttention:
         wide_block_n: int = 64,
         pack_tokens: bool = False,
         prefetch_entries: bool = False,
+        pack_sparse_keys: bool = False,
     ) -> None:
         """``block_n``: tokens per tile of launches with a sparse side (whose densify grows
         with the tile); ``wide_block_n``: of the others (dense, mask, low-rank, tails),
@@ -424,11 +446,17 @@ class MixedAttention:
         are better at 32: see ``sglang_patch.attention``). ``pack_tokens``: tiles of dense
         launches hold kept tokens of consecutive blocks back to back (blocks that dropped
         most tokens fill a tile together). ``prefetch_entries``: load each block's table
-        entry one block ahead (``benchmarks/kernels/diag_formats.py`` compares both)."""
+        entry one block ahead (``benchmarks/kernels/diag_formats.py`` compares both).
+        ``pack_sparse_keys``: with ``pack_tokens``, blocks of per-vector sparse keys and
+        dense values share tiles too (their keys read by query gathers): in the tenth
+        run's ncu profile their launch, one block per tile, moved 5% of DRAM's bandwidth."""
         if sparse_densify not in SPARSE_MODES:
             raise ValueError(f"sparse_densify={sparse_densify!r} is not one of {', '.join(SPARSE_MODES)}")
+        if pack_sparse_keys and not (pack_tokens and keys_by_query):
+            raise ValueError("pack_sparse_keys=True packs sparse keys read by query gathers into packed tiles: it "
+                             f"needs pack_tokens=True and keys_by_query=True, got {pack_tokens} and {keys_by_query}")
         self.block_m, self.block_n, self.wide_block_n = block_m, block_n, wide_block_n
-        self.pack_tokens = pack_tokens
+        self.pack_tokens, self.pack_sparse_keys = pack_tokens, pack_sparse_keys
         self.prefetch_entries = prefetch_entries
         self.sparse_densify, self.keys_by_query = sparse_densify, keys_by_query
         self.num_warps, self.num_stages = num_warps, num_stages
@@ -496,9 +524,11 @@ class MixedAttention:
 
     def packs(self, k_kind: int, v_kind: int) -> bool:
         """Whether a launch of this format pair packs tokens of several blocks per tile:
-        dense pairs only (a mask's or low-rank basis is per block, and on an H200 sparse
-        sides ran slower packed: benchmarks/results/h200x2_2026-11-30g/summary.json)."""
-        return self.pack_tokens and k_kind == DENSE and v_kind == DENSE
+        dense pairs, and with ``pack_sparse_keys`` sparse keys beside dense values (a
+        mask's or low-rank basis is per block, and a sparse tile's densify is per block)."""
+        if not self.pack_tokens or v_kind != DENSE:
+            return False
+        return k_kind == DENSE or (k_kind == SPARSE and self.pack_sparse_keys)
 
     @property
     def plan_info(self) -> AttentionPlan:

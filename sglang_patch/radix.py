@@ -15,10 +15,10 @@ touch no pool, tree or device state and return the slab's bytes and table rows. 
 boundaries (the start of ``insert`` and ``match_prefix``, an idle scheduler's ``on_idle``,
 or ``drain``); a result whose node was evicted meanwhile is discarded.
 
-With ``--kv-compress-sealing device`` the scheduler seals inline, on a CUDA stream of
-its own, so that its reads to the host do not wait for the forward in flight; a due
-segment whose slot values that forward's stream has not copied into the tree yet waits
-for a later drain (:meth:`MosaicRadixCache._mark_written`).
+The snapshot (and with ``--kv-compress-sealing device`` the inline sealing) runs on a
+CUDA stream of its own, so that its reads to the host do not wait for the forward in
+flight; a due segment whose slot values that forward's stream has not copied into the
+tree yet waits for a later drain (:meth:`MosaicRadixCache._mark_written`).
 
 Sealing never takes the request down with it: a policy part that fails, or any other
 error in the worker, leaves that segment dense for good (logged once, counted), and a
@@ -394,12 +394,13 @@ class MosaicRadixCache(RadixCache):
 
     @contextlib.contextmanager
     def _sealing(self):
-        """Device sealing's ops on a stream of its own. On the scheduler's stream they would
-        queue behind the forward in flight (SGLang's barrier after an extend's launch), and
-        sealing's reads to the host (slots, the plan's statistics) would wait for it, the
-        GPU idle while the host then planned. Their results are installed on the
+        """Sealing's snapshot (and, sealing on the device, its work) on a CUDA stream of its
+        own. On the scheduler's stream they would queue behind the forward in flight
+        (SGLang's barrier after an extend's launch), and their reads to the host (slots,
+        the segment copied for the worker processes, the plan's statistics) would wait for
+        it, the GPU idle while the host then worked. Results are installed on the
         scheduler's stream after it waits for this one (:meth:`_apply`)."""
-        if not (self.on_device and torch.device(self.pool.device).type == "cuda"):
+        if torch.device(self.pool.device).type != "cuda":
             yield
             return
         if self._seal_stream is None:

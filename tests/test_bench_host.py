@@ -25,8 +25,8 @@ def test_decode_step_host_times_every_piece(tmp_path):
     assert [r["requests"] for r in rows] == [1, 3]
     assert rows[1]["sealed_blocks"] == 3 * 2 * 2 * 2
     for row in rows:
-        assert all(row[k] > 0 for k in ("locate_ms", "stat_inputs_ms", "host_plan_ms", "graph_prepare_ms",
-                                        "eager_plan_ms"))
+        assert all(row[k] > 0 for k in ("locate_ms", "rows_to_host_ms", "stat_inputs_ms", "host_plan_ms",
+                                        "graph_prepare_ms", "eager_plan_ms"))
 
 
 def test_stats_flush_times_both_versions_side_by_side(tmp_path):

@@ -12,6 +12,10 @@ half (``block_runs``) runs there and the figures are a server's host time per st
 
     python benchmarks/host/decode_step_host.py --requests 16 64 --segments 36 --json out.json
 
+``locate_ms`` starts from the batch's rows already on the host, as a server's step does
+(the scheduler copies them beside the GPU's work, :mod:`~mosaickv.sglang_patch.decode_rows`);
+``rows_to_host_ms`` is that copy. Through the tenth run ``locate_ms`` included it, a
+synchronous copy with the pool on the GPU (16 MB at 512 SmolLM2 requests of 8k tokens).
 ``host_plan_ms`` and ``graph_prepare_ms`` are steady decode steps: every request's block
 runs are in the pool's ``RunCache`` from the step before (a request finds them again only
 when it seals a segment, every 32 tokens). ``host_plan_cold_ms`` clears the cache first.
@@ -135,13 +139,18 @@ def build(args, requests: int):
     return pool, MosaicAttnBackend(runner), length
 
 
-def timed(fn, repeat: int, device: str) -> float:
-    """Median wall time, the device's queue drained after each call."""
+def timed(fn, repeat: int, device: str, setup=None) -> float:
+    """Median wall time, the device's queue drained after each call (and after
+    ``setup``, run untimed before each)."""
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    setup = setup or (lambda: None)
+    setup()
     fn()
     sync()
     times = []
     for _ in range(repeat):
+        setup()
+        sync()
         start = time.perf_counter()
         fn()
         sync()
@@ -180,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     for n in args.requests:
         pool, backend, length = build(args, n)
         idx, lens = torch.arange(n), [length] * n
+        table = backend.req_to_token_pool.req_to_token
         reqs = backend._requests(idx, lens, [1] * n)
         sealed = {sum(isinstance(r, int) for r in req.runs) for req in reqs}
         if sealed != {args.segments}:
@@ -192,7 +202,12 @@ def main(argv: list[str] | None = None) -> int:
             programs = graph.max_programs = args.max_programs
         row = {
             "requests": n, "sealed_blocks": n * args.segments * args.layers * args.kv_heads,
-            "locate_ms": timed(lambda: backend._requests(idx, lens, [1] * n), args.repeat, args.device),
+            # As in a server: the rows were copied to the host when the scheduler prepared the
+            # batch (DecodeRows), beside the GPU's work; that copy is rows_to_host_ms.
+            "locate_ms": timed(lambda: backend._requests(idx, lens, [1] * n), args.repeat, args.device,
+                               setup=lambda: pool.decode_rows.prefetch(table, idx, lens)),
+            "rows_to_host_ms": timed(lambda: (pool.decode_rows.prefetch(table, idx, lens), pool.decode_rows.take(lens)),
+                                     args.repeat, args.device),
             "stat_inputs_ms": timed(lambda: stat_inputs(pool, reqs), args.repeat, args.device),
             "host_plan_ms": timed(lambda: host_plan(pool, reqs, group, DECODE_TUNING, programs), args.repeat, args.device),
             "host_plan_cold_ms": timed(lambda: (pool.run_cache.clear(), host_plan(pool, reqs, group, DECODE_TUNING, programs)),

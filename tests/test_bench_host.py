@@ -94,3 +94,16 @@ def test_prefill_stats_host_counts_this_tree_beside_another_file(tmp_path):
     row = json.loads(out.read_text())
     assert row["segments_touched"] == 3 and row["ops_per_forward"] > 0
     assert row["module"]["path"] == str(other) and row["module"]["ops_per_forward"] == row["ops_per_forward"]
+
+
+def test_decode_hook_host_times_the_hook_with_its_inserts_and_seals(tmp_path):
+    """benchmarks/host/decode_hook_host.py: shared-prefix requests decode until they close
+    segments; the hook's inserts and seals happen and are counted inside its time."""
+    bench = load_script("benchmarks/host/decode_hook_host.py")
+    out = tmp_path / "hook.json"
+    assert bench.main(["--groups", "2", "--requests-per-group", "2", "--prefix", "64", "--question", "32",
+                       "--steps", "40", "--decode-batch", "1", "--json", str(out)]) == 0
+    got = json.loads(out.read_text())
+    assert got["requests"] == 4 and got["decode_batch"] == 1
+    assert got["inserts_per_step_mean"] * got["steps"] == 4  # each request closed one segment (written 128)
+    assert got["steps_that_sealed"] >= 1 and 0 < got["seal_ms_mean"] <= got["hook_ms"]["mean"]

@@ -263,22 +263,31 @@ class MosaicRadixCache(RadixCache):
         """After each decode step: seal the segments that running requests closed, together,
         once ``decode_batch`` of them wait, the oldest has waited half a segment's decode
         steps, fewer than ``defer_margin`` dense rows are free, or ``force`` (an idle
-        server). A sealing call's cost grows far slower than its segments (see
+        server); at most ``decode_batch`` a step unless idle or short of dense rows. A
+        sealing call's cost grows far slower than its segments (see
         :data:`DECODE_SEAL_BATCH`), and requests close segments at different steps; a
         request closes its next segment only ``segment_size`` steps later, so it holds at
         most one segment waiting, within the two its dense tail allows."""
         waited = self._decode_steps - self._decoded[0][0] if self._decoded else 0  # steps since the oldest's
         self._decode_steps += 1
-        if not self._decoded or not (force or len(self._decoded) >= self.decode_batch or waited >= self.segment_size // 2
-                                     or self.pool.free_dense_tokens() < self.defer_margin):
+        short = self.pool.free_dense_tokens() < self.defer_margin
+        if not self._decoded or not (force or short or len(self._decoded) >= self.decode_batch
+                                     or waited >= self.segment_size // 2):
             return
-        keys, self._decoded = [key for _, key in self._decoded], []
-        due, seen = [], set()
-        for key in keys:  # paths may share nodes: each segment once
-            for node, j in self._due(key):
+        # One sealing call's worth a step, oldest first, unless idle or short of dense rows:
+        # requests that decode in step close their segments at the same step (512 at once
+        # on a shared-prefix workload), and sealing them all there stalls that one step.
+        limit = None if force or short else self.decode_batch
+        due, seen, taken = [], set(), 0
+        for _, key in self._decoded:
+            taken += 1
+            for node, j in self._due(key):  # paths may share nodes: each segment once
                 if (id(node), j) not in seen:
                     seen.add((id(node), j))
                     due.append((node, j))
+            if limit is not None and len(due) >= limit:
+                break
+        self._decoded = self._decoded[taken:]
         self._seal(due)
 
     def reclaim_dense(self, tokens: int) -> None:

@@ -165,3 +165,21 @@ def test_the_hook_skips_finished_retracted_and_unplaced_requests_and_other_trees
             setattr(run.req, k, v)
     decode_seal_hook(None, SimpleNamespace(tree_cache=object()), SimpleNamespace(reqs=[run.req]))
     assert run.req.cache_protected_len == before
+
+
+def test_segments_closed_at_one_step_seal_a_call_s_worth_a_step():
+    """Requests decoding in step close their segments at the same step: a sealing call's
+    worth (``decode_batch``) seals at each step, oldest first; fewer than that wait (half
+    a segment's steps), or seal at once when the server goes idle."""
+    for batch, want in ((2, [2, 2]), (3, [3])):
+        run = Serving(40, requests=4, decode_batch=batch)
+        submitted = []
+        submit = run.tree._submit
+        run.tree._submit = lambda due, submit=submit, submitted=submitted: (
+            submitted.append(len(due)) if due else None, submit(due))[1]
+        run.decode(9)  # all four close segment 1 at this step
+        assert submitted == want[:1]
+        run.decode(2)
+        assert submitted == want
+        idle_drain_hook(SimpleNamespace(tree_cache=run.tree))
+        assert sum(submitted) == 4 and run.pool.stats()["sealed_segments"] == run.comp.calls

@@ -511,11 +511,12 @@ class MosaicRadixCache(RadixCache):
         pool = self.pool
         results = [self._result(job) for _, job in done]
         sealed = [(job, region) for (_, job), region in zip(done, results) if region is not None]
-        if self._seal_stream is not None and sealed:  # the regions' bytes were written there
+        if self._seal_stream is not None and done:  # what sealing wrote there (the regions' bytes) comes first
             here = torch.cuda.current_stream(self._seal_stream.device)
             here.wait_stream(self._seal_stream)
             for _, region in sealed:
-                region.data.record_stream(here)
+                if region.data.is_cuda:
+                    region.data.record_stream(here)
         try:
             pool.install_many([job.slab for job, _ in sealed], [job.pages for job, _ in sealed],
                               [region for _, region in sealed])

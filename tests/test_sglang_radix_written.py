@@ -98,11 +98,15 @@ def test_drain_with_wait_waits_for_the_copy_and_seals(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_an_insert_behind_a_forward_in_flight_returns_without_waiting_for_it():
+@pytest.mark.parametrize("on_device", [True, False], ids=["device sealing", "worker processes"])
+def test_an_insert_behind_a_forward_in_flight_returns_without_waiting_for_it(on_device):
     """The real event: with the stream busy (the forward in flight) and the tree's copy of
     the slots queued behind it, as SGLang's insert makes it, insert returns while the
-    stream is still busy, and the segments seal at the first drain after it is done."""
-    tree, pool, alloc = make_cache(CountingCompressor(), on_device=True, device="cuda")
+    stream is still busy, and the segments seal after it is done: inline, or in worker
+    processes from a snapshot taken on the sealing stream (regions then come back on
+    the host)."""
+    tree, pool, alloc = make_cache(CountingCompressor(), on_device=on_device, background=not on_device,
+                                   device="cuda")
     slots = prefill(pool, alloc, 64)
     torch.cuda.synchronize()
     stream = torch.cuda.current_stream()
@@ -111,5 +115,5 @@ def test_an_insert_behind_a_forward_in_flight_returns_without_waiting_for_it():
     assert not stream.query(), "insert waited for the stream"
     assert pool.arena.live_slabs == 0 and len(tree._unwritten) == 3
     torch.cuda.synchronize()
-    tree.drain(wait=False)
+    tree.drain(wait=not on_device)
     assert pool.arena.live_slabs == 3 and not tree._unwritten

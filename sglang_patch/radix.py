@@ -305,13 +305,19 @@ class MosaicRadixCache(RadixCache):
         pool.counters.dense_reclaims += reclaimed
 
     def match_prefix(self, params: MatchPrefixParams) -> MatchResult:
-        self.drain(wait=False)
+        # Finished results only: the scheduler matches prefixes while it builds the next
+        # batch, before launching it, and sealing there (inline on the device) would keep
+        # the GPU waiting for that launch. Segments waiting for their slots seal when
+        # results are processed (insert) or the server is idle.
+        self.drain(wait=False, submit=False)
         return super().match_prefix(params)
 
-    def drain(self, wait: bool) -> None:
+    def drain(self, wait: bool, submit: bool = True) -> None:
         """Swap in finished compressions (on the scheduler thread, between forwards);
-        ``wait`` blocks on the pending ones first (tests, flush), nothing else ever does."""
-        self._submit_written(wait)
+        ``wait`` blocks on the pending ones first (tests, flush), nothing else ever does.
+        ``submit``: also hand over the due segments whose slot values are now written."""
+        if submit:
+            self._submit_written(wait)
         if wait:
             wait_all([job.future for job in self._jobs.values()])
         done = [(first, job) for first, job in self._jobs.items() if job.future.done()]

@@ -117,3 +117,18 @@ def test_an_insert_behind_a_forward_in_flight_returns_without_waiting_for_it(on_
     torch.cuda.synchronize()
     tree.drain(wait=not on_device)
     assert pool.arena.live_slabs == 3 and not tree._unwritten
+
+
+def test_a_prefix_match_does_not_seal_what_waits(monkeypatch):
+    """The scheduler matches prefixes while building the next batch, before launching it:
+    waiting segments seal at the next insert (results processed) or an idle drain, not
+    there."""
+    from sglang.srt.mem_cache.base_prefix_cache import MatchPrefixParams
+
+    tree, pool, alloc, comp, copy = deferred_cache(monkeypatch)
+    tree.insert(InsertParams(key=key(range(64)), value=prefill(pool, alloc, 64)))
+    copy.done = True
+    tree.match_prefix(MatchPrefixParams(key=key(range(64))))
+    assert comp.calls == 0 and len(tree._unwritten) == 3
+    tree.insert(InsertParams(key=key(range(200, 232)), value=prefill(pool, alloc, 32)))  # another request's result
+    assert comp.calls == 3 + 1 and not tree._unwritten  # the three waiting, and the new path's one due segment

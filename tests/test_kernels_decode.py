@@ -158,7 +158,8 @@ def test_packing_sparse_keys_needs_packed_tiles_read_by_query() -> None:
 def test_packed_sparse_key_tiles(group: int, d: int, aligned: bool) -> None:
     """Blocks of sparse keys (several widths, in one launch) and dense values keeping
     every token count from 0 to 16 share 16- and 32-token tiles, beside dense pairs and
-    blocks of every other format; runs cut anywhere (split-K), few programs. ``aligned``:
+    blocks of every other format; runs cut anywhere (split-K), few programs; each tile's
+    entries loaded while the tile before is read, or not. ``aligned``:
     widths and counts the vectorised-load specialisation takes (multiples of 8)."""
     gen = torch.Generator().manual_seed(group * 100 + d)
     hkv = 2
@@ -172,9 +173,9 @@ def test_packed_sparse_key_tiles(group: int, d: int, aligned: bool) -> None:
     layers[3] = random_layer(gen, 3, 16, hkv, d, **({"kinds": ("dense",)} if aligned else {}))
     arena, _, _ = pack_requests(layers, hkv, d)
     assert arena.widths_aligned == aligned
-    for block_n, chunk in ((16, 40), (32, None)):
+    for block_n, chunk, prefetch in ((16, 40, False), (32, None, True), (16, 24, True)):
         run_decode(gen, layers, [3, 0, 9, 2], hkv=hkv, group=group, d=d, pack_tokens=True, pack_sparse_keys=True,
-                   block_n=block_n, wide_block_n=block_n, max_programs=3,
+                   block_n=block_n, wide_block_n=block_n, max_programs=3, prefetch_entries=prefetch,
                    **({"chunk_tokens": chunk} if chunk else {}))
 
 

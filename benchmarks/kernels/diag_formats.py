@@ -53,6 +53,10 @@ SETTINGS = [
     # launch one block per tile moved 5% of DRAM's bandwidth at 148 registers (tenth run's
     # ncu); packed it compiles to 128 (registers_decode_sm90_triton36_sparse_packed.json).
     ({"block_n": 32, "pack_tokens": True, "wide_block_n": 32, "pack_sparse_keys": True}, 8),
+    # Settings 11-12: each packed tile's entries loaded while the tile before is read
+    # (dense packed: 141 registers against 128, registers_decode_sm90_triton36_prefetch.json).
+    ({"block_n": 32, "pack_tokens": True, "wide_block_n": 32, "prefetch_entries": True}, 8),
+    ({"block_n": 32, "pack_tokens": True, "wide_block_n": 32, "pack_sparse_keys": True, "prefetch_entries": True}, 8),
 ]
 
 

@@ -29,14 +29,18 @@ from triton.compiler import ASTSource
 
 from mosaickv.kernels.layout import DENSE, LOWRANK, SPARSE, TAIL
 
-# The server's decode launches by name: (key kind, value kind, packs tokens, R_MAX).
+# The server's decode launches by name: (key kind, value kind, packs tokens, R_MAX, prefetches
+# the next block's or tile's entries).
 LAUNCHES = {
-    "dense_packed": (DENSE, DENSE, True, 16),
-    "dense": (DENSE, DENSE, False, 16),
-    "sparse_keys": (SPARSE, DENSE, False, 64),
-    "sparse_keys_packed": (SPARSE, DENSE, True, 64),  # MixedAttention(pack_sparse_keys=True)
-    "lowrank": (LOWRANK, LOWRANK, False, 16),
-    "tail": (TAIL, TAIL, False, 16),
+    "dense_packed": (DENSE, DENSE, True, 16, False),
+    "dense": (DENSE, DENSE, False, 16, False),
+    "sparse_keys": (SPARSE, DENSE, False, 64, False),
+    "lowrank": (LOWRANK, LOWRANK, False, 16, False),
+    "tail": (TAIL, TAIL, False, 16, False),
+    # Not the server's yet: MixedAttention(pack_sparse_keys=True), prefetch_entries=True.
+    "sparse_keys_packed": (SPARSE, DENSE, True, 64, False),
+    "dense_packed_prefetch": (DENSE, DENSE, True, 16, True),
+    "sparse_keys_packed_prefetch": (SPARSE, DENSE, True, 64, True),
 }
 POINTERS = {"q_ptr": "*bf16", "values_ptr": "*bf16", "index_ptr": "*u8", "table_ptr": "*i64", "block_idx_ptr": "*i64",
             "tail_k_ptr": "*bf16", "tail_v_ptr": "*bf16", "tail_rows_ptr": "*i32", "req_ptr": "*i64",
@@ -46,7 +50,8 @@ REGISTERS_PER_SM, MAX_WARPS_PER_SM, MAX_BLOCKS_PER_SM = 65536, 64, 32
 
 
 def compile_launch(k_kind: int, v_kind: int, pack: bool, r_max: int, *, head_dim: int, group: int, block_m: int,
-                   block_n: int, warps: int, keys_by_query: bool = True, tails_indexed: bool = True) -> bytes:
+                   block_n: int, warps: int, keys_by_query: bool = True, tails_indexed: bool = True,
+                   prefetch: bool = False) -> bytes:
     """The launch's sm_90 cubin, compiled as a run would: every pointer and stride
     divisible by 16 (what Triton specialises a launch on when they are). ``keys_by_query``
     False: sparse keys densified per tile, as an extend reads them. ``tails_indexed`` False:
@@ -58,7 +63,7 @@ def compile_launch(k_kind: int, v_kind: int, pack: bool, r_max: int, *, head_dim
     names = _mixed_attn_kernel.arg_names
     const = dict(GROUP=group, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, K_KIND=k_kind, V_KIND=v_kind,
                  R_MAX=r_max, R_LOG2=r_max.bit_length() - 1, ALIGNED=True, SPARSE_MODE=0, TAIL_INDEXED=tails_indexed,
-                 KEYS_BY_QUERY=keys_by_query, PACK_TOKENS=pack, PREFETCH=False)
+                 KEYS_BY_QUERY=keys_by_query, PACK_TOKENS=pack, PREFETCH=prefetch)
     sig = {n: "constexpr" if n in const else POINTERS.get(n, "fp32" if n == "qk_scale" else "i32") for n in names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if sig[n] not in ("constexpr", "fp32")}
     src = ASTSource(fn=_mixed_attn_kernel, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()},
@@ -102,12 +107,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     rows = []
     for name in args.launches:
-        k_kind, v_kind, pack, r_max = LAUNCHES[name]
+        k_kind, v_kind, pack, r_max, prefetch = LAUNCHES[name]
         for block_n in args.block_n:
             for warps in args.warps:
                 cubin = compile_launch(k_kind, v_kind, pack, r_max, head_dim=args.head_dim, group=args.group,
                                        block_m=args.block_m, block_n=block_n, warps=warps,
-                                       keys_by_query=not args.extend, tails_indexed=not args.tails_back_to_back)
+                                       keys_by_query=not args.extend, tails_indexed=not args.tails_back_to_back,
+                                       prefetch=prefetch)
                 row = {"launch": name, "block_n": block_n, "warps": warps, **resources(cubin)}
                 row["occupancy"] = occupancy(row["registers"], warps)
                 rows.append(row)

@@ -182,6 +182,25 @@ def _tile_step(q, qk, qk_lo, q_ptr, q_rows, n_rows, values_ptr, index_ptr, k_off
 
 
 @triton.jit
+def _tile_entries(table_ptr, block_idx_ptr, j0, blk_hi, toks, SPARSE_KEYS: tl.constexpr):
+    """What a packed tile reads of blocks ``j0 ..`` (one a lane, those past ``blk_hi``
+    keep nothing): kept tokens, key and value offsets, and for sparse keys their widths
+    and index offsets (else zeros)."""
+    b_ok = j0 + toks < blk_hi
+    ent = table_ptr + tl.load(block_idx_ptr + j0 + toks, mask=b_ok, other=0).to(tl.int64) * 9
+    kept = tl.load(ent, mask=b_ok, other=0).to(tl.int32)
+    k_off = tl.load(ent + 3, mask=b_ok, other=0)
+    v_off = tl.load(ent + 7, mask=b_ok, other=0)
+    if SPARSE_KEYS:
+        k_w = tl.load(ent + 2, mask=b_ok, other=0).to(tl.int32)
+        k_aux = tl.load(ent + 4, mask=b_ok, other=0)
+    else:
+        k_w = kept * 0
+        k_aux = k_off * 0
+    return kept, k_off, v_off, k_w, k_aux
+
+
+@triton.jit
 def _entry(table_ptr, block_idx_ptr, j, ok):
     """Block ``j``'s table entry: kept tokens, key width, offset and aux, value width,
     offset and aux (``ok`` False: row 0's, never used)."""
@@ -281,18 +300,31 @@ def _mixed_attn_kernel(
             blk_hi = tl.load(item + 4)
             j0 = tl.load(item + 3)
             done = j0 * 0
+            # With PREFETCH the next tile's entries are loaded as soon as this tile's extent
+            # is known, before its keys and values: their dependent loads (block indices,
+            # entries) then wait behind this tile's work instead of in front of the next.
+            if PREFETCH:
+                n_kept, n_koff, n_voff, n_kw, n_kaux = _tile_entries(table_ptr, block_idx_ptr, j0, blk_hi, toks,
+                                                                     K_KIND == 1)
             while j0 < blk_hi:
-                b_ok = j0 + toks < blk_hi
-                ent = table_ptr + tl.load(block_idx_ptr + j0 + toks, mask=b_ok, other=0).to(tl.int64) * 9
-                kept = tl.load(ent, mask=b_ok, other=0).to(tl.int32)
+                if PREFETCH:
+                    kept, koff_b, voff_b, kw_b, kaux_b = n_kept, n_koff, n_voff, n_kw, n_kaux
+                else:
+                    kept, koff_b, voff_b, kw_b, kaux_b = _tile_entries(table_ptr, block_idx_ptr, j0, blk_hi, toks,
+                                                                       K_KIND == 1)
                 end = tl.cumsum(kept, 0) - done
                 start = end - kept
                 sel = tl.sum((end[None, :] <= toks[:, None]).to(tl.int32), 1)
                 tok_ok = sel < BLOCK_N
                 sel = tl.minimum(sel, BLOCK_N - 1)
                 tok = toks - tl.gather(start, sel, 0)
-                k_off = tl.gather(tl.load(ent + 3, mask=b_ok, other=0), sel, 0)
-                v_off = tl.gather(tl.load(ent + 7, mask=b_ok, other=0), sel, 0)
+                n_full = tl.sum((end <= BLOCK_N).to(tl.int32), 0)
+                next_done = tl.where(n_full < BLOCK_N, BLOCK_N - tl.sum(tl.where(toks == n_full, start, 0), 0), 0)
+                if PREFETCH:
+                    n_kept, n_koff, n_voff, n_kw, n_kaux = _tile_entries(table_ptr, block_idx_ptr, j0 + n_full, blk_hi,
+                                                                         toks, K_KIND == 1)
+                k_off = tl.gather(koff_b, sel, 0)
+                v_off = tl.gather(voff_b, sel, 0)
                 if ALIGNED:
                     k_off = tl.multiple_of(k_off, 8)
                     v_off = tl.multiple_of(v_off, 8)
@@ -300,8 +332,8 @@ def _mixed_attn_kernel(
                 vt = tl.load(values_ptr + rows_v, mask=tok_ok[:, None], other=0.0)
                 if K_KIND == 1:
                     # Sparse keys read by query gathers, each token at its own block's width.
-                    k_w = tl.gather(tl.load(ent + 2, mask=b_ok, other=0).to(tl.int32), sel, 0)
-                    k_aux = tl.gather(tl.load(ent + 4, mask=b_ok, other=0), sel, 0)
+                    k_w = tl.gather(kw_b, sel, 0)
+                    k_aux = tl.gather(kaux_b, sel, 0)
                     val_row = k_off + tok * k_w
                     ix_row = k_aux + tok * k_w
                     if ALIGNED:
@@ -314,8 +346,7 @@ def _mixed_attn_kernel(
                     rows_k = k_off[:, None] + tok[:, None] * HEAD_DIM + cols[None, :]
                     kt = tl.load(values_ptr + rows_k, mask=tok_ok[:, None], other=0.0)
                     m_i, l_i, acc = _dense_step(q, kt, vt, tok_ok[None, :], qk_scale, m_i, l_i, acc)
-                n_full = tl.sum((end <= BLOCK_N).to(tl.int32), 0)
-                done = tl.where(n_full < BLOCK_N, BLOCK_N - tl.sum(tl.where(toks == n_full, start, 0), 0), 0)
+                done = next_done
                 j0 += n_full
         else:
             blk_lo = tl.load(item + 3)

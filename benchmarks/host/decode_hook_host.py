@@ -81,7 +81,8 @@ def build(args):
             slots = write(pool, alloc, prompt, layers)
             tree.req_to_token_pool.write((req.req_pool_idx, slice(0, prompt)), slots.int())
             req.kv_committed_len = prompt
-            req.last_node, req.prefix_indices, req.cache_protected_len = tree.root_node, torch.empty(0, dtype=torch.int64), 0
+            req.last_node, req.cache_protected_len = tree.root_node, 0
+            req.prefix_indices = torch.empty(0, dtype=torch.int64)
             req.set_extend_range(0, prompt)
             req._refresh_fill_ids()
             maybe_cache_unfinished_req(req, tree)  # a shared prefix's duplicate slots are freed here
@@ -140,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         inserts.append(counters.decode_inserts - inserted)
     bookkeeping = [h - s for h, s in zip(hook, seal)]
     result = {
-        "command": " ".join(["python", "benchmarks/host/decode_hook_host.py", *(argv if argv is not None else sys.argv[1:])]),
+        "command": " ".join(["python", "benchmarks/host/decode_hook_host.py",
+                             *(argv if argv is not None else sys.argv[1:])]),
         "requests": len(reqs), "steps": args.steps, "decode_batch": tree.decode_batch, "build_s": round(built_s, 1),
         "hook_ms": {"median": statistics.median(hook), "mean": statistics.fmean(hook), "max": max(hook)},
         "seal_ms_mean": statistics.fmean(seal),

@@ -182,6 +182,7 @@ class SealingCounters:
     prefill_throttled: int = 0  # prefill rounds whose budget was cut to the free dense rows (admission.py)
     inline_seal_seconds: float = 0.0  # wall time the scheduler spent sealing inline (--kv-compress-sealing device)
     seal_deferrals: int = 0  # middle prefill chunks whose segments stayed dense until the prompt's last chunk
+    waiting_for_slots: int = 0  # due segments whose slot values' copy has not passed yet (the radix cache's)
 
 
 class MosaicKVPool(MHATokenToKVPool):
@@ -451,7 +452,10 @@ class MosaicKVPool(MHATokenToKVPool):
             # (DecodeRows), and those that read them themselves, after the previous step
             "decode_rows_prefetched": self.decode_rows.prefetched,
             "decode_rows_read_in_forward": self.decode_rows.read_in_forward,
-            "sealing_pending": len(pending),
+            # Handed to sealing and not swapped in, or due and waiting for their slots' copy:
+            # a client that waits for a sealed prefix (server_info.wait_sealed) waits for both.
+            "sealing_pending": len(pending) + self.counters.waiting_for_slots,
+            "sealing_waiting_for_slots": self.counters.waiting_for_slots,
             # A stalled worker shows here: sealing degrades to dense, the scheduler does not wait.
             "oldest_pending_s": oldest,
             "sealing_stalled": oldest > SEALING_STALL_S,

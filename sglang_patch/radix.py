@@ -198,6 +198,7 @@ class MosaicRadixCache(RadixCache):
         node.mosaic_slabs = []
         for j in range(len(node.value) // self.segment_size):
             self._unwritten.pop((id(node), j), None)
+        self.pool.counters.waiting_for_slots = len(self._unwritten)
 
     def _delete_leaf(self, node: TreeNode) -> None:
         self._release(node)
@@ -382,6 +383,7 @@ class MosaicRadixCache(RadixCache):
 
     def _wait_for_slots(self, node: TreeNode, index: int) -> None:
         self._unwritten[(id(node), index)] = (node, index)
+        self.pool.counters.waiting_for_slots = len(self._unwritten)
 
     def _seal(self, due: list[tuple[TreeNode, int]]) -> None:
         """Submit ``due``'s segments whose slot values are written (the rest wait for a
@@ -404,6 +406,7 @@ class MosaicRadixCache(RadixCache):
         ready = [(node, j) for node, j in self._unwritten.values() if self._written(node, wait)]
         for node, j in ready:
             del self._unwritten[(id(node), j)]
+        self.pool.counters.waiting_for_slots = len(self._unwritten)
         self._submit([(node, j) for node, j in ready if j < len(self._slabs(node)) and self._slabs(node)[j] == UNMAPPED])
 
     @contextlib.contextmanager

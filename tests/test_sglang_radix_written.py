@@ -19,6 +19,7 @@ pytest.importorskip("sglang")
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams, InsertParams  # noqa: E402
 from sglang.srt.mem_cache.radix_cache import RadixKey  # noqa: E402
 
+from mosaickv.sglang_patch.pool import kv_compress_info  # noqa: E402
 from seal_compressors import CountingCompressor  # noqa: E402
 from test_sglang_radix import make_cache, prefill  # noqa: E402
 
@@ -54,11 +55,15 @@ def test_a_segment_whose_slots_are_not_written_seals_at_a_later_drain_to_the_sam
     tree, pool, alloc, comp, copy = deferred_cache(monkeypatch)
     tree.insert(InsertParams(key=key(range(64)), value=prefill(pool, alloc, 64)))
     assert pool.arena.live_slabs == 0 and len(tree._unwritten) == 3  # due, waiting for the copy
+    # A client waiting for a sealed prefix (server_info.wait_sealed) sees them as pending.
+    info = kv_compress_info(pool)
+    assert info["sealing_pending"] == info["sealing_waiting_for_slots"] == 3
     tree.drain(wait=False)
     assert pool.arena.live_slabs == 0 and copy.waits == 0  # the scheduler did not wait
     copy.done = True
     tree.drain(wait=False)
     assert pool.arena.live_slabs == 3 and not tree._unwritten and comp.calls == 3 and copy.waits == 0
+    assert kv_compress_info(pool)["sealing_pending"] == 0
     torch.manual_seed(0)
     now, pool_now, alloc_now = make_cache(CountingCompressor(), on_device=True)
     now.insert(InsertParams(key=key(range(64)), value=prefill(pool_now, alloc_now, 64)))
@@ -83,7 +88,7 @@ def test_an_evicted_waiting_segment_is_forgotten(monkeypatch):
     tree, pool, alloc, comp, copy = deferred_cache(monkeypatch)
     tree.insert(InsertParams(key=key(range(64)), value=prefill(pool, alloc, 64)))
     assert tree.evict(EvictParams(num_tokens=64)).num_tokens_evicted == 64
-    assert not tree._unwritten
+    assert not tree._unwritten and kv_compress_info(pool)["sealing_pending"] == 0
     copy.done = True
     tree.drain(wait=False)
     assert comp.calls == 0 and pool.arena.live_slabs == 0

@@ -387,10 +387,14 @@ class MosaicRadixCache(RadixCache):
 
     def _seal(self, due: list[tuple[TreeNode, int]]) -> None:
         """Submit ``due``'s segments whose slot values are written (the rest wait for a
-        later drain); inline sealing has finished them by then: swap them in now."""
+        later drain); inline sealing has finished them by then: swap them in now. Short of
+        dense rows (fewer than ``defer_margin`` free), it waits for the values instead:
+        sealing then frees the rows before the next batch is built, as it did before
+        segments waited (the next chunk would otherwise be cut to the rows left)."""
+        short = self.pool.free_dense_tokens() < self.defer_margin
         ready = []
         for node, j in due:
-            if self._written(node):
+            if self._written(node, wait=short):
                 ready.append((node, j))
             else:
                 self._wait_for_slots(node, j)

@@ -137,3 +137,12 @@ def test_a_prefix_match_does_not_seal_what_waits(monkeypatch):
     assert comp.calls == 0 and len(tree._unwritten) == 3
     tree.insert(InsertParams(key=key(range(200, 232)), value=prefill(pool, alloc, 32)))  # another request's result
     assert comp.calls == 3 + 1 and not tree._unwritten  # the three waiting, and the new path's one due segment
+
+
+def test_short_of_dense_rows_sealing_waits_for_the_slots_instead(monkeypatch):
+    """With fewer dense rows free than the next chunk needs, a due segment does not wait
+    for a later drain: sealing waits for its slots' copy and frees its rows now."""
+    tree, pool, alloc, comp, copy = deferred_cache(monkeypatch)
+    tree.defer_margin = pool.free_dense_tokens() + 1  # always short
+    tree.insert(InsertParams(key=key(range(64)), value=prefill(pool, alloc, 64)))
+    assert copy.waits == 1 and comp.calls == 3 and not tree._unwritten

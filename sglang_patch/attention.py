@@ -171,8 +171,10 @@ PACK_MAX_SEGMENT = 32
 # thread at 64 against 128 at 32 (sm_90, compiled offline: benchmarks/kernels/registers.py,
 # within ten of ncu's counts), so half as many warps fit an SM to hide its loads (ncu:
 # 12.5% occupancy, 33% of DRAM bandwidth, h200x2_2026-11-30i/kernels); on that H200,
-# 32-token packed tiles read dense 128-token blocks at 2,623 GB/s against 1,959. One block
-# per tile, 64-token tiles were the faster (README, "Kernels on the H200").
+# 32-token packed tiles read dense 128-token blocks at 2,623 GB/s against 1,959. At the
+# presets' 32-token segments (tenth run, h200x2_2026-11-30j/kernels/diag_formats_segment32.json)
+# the real 3x mix decoded in 912 us against 1,047 with 64-token tiles, dense in 1,698 against
+# 2,152. One block per tile, 64-token tiles were the faster (README, "Kernels on the H200").
 PACKED_DECODE_TILE = 32
 
 

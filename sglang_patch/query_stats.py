@@ -501,4 +501,4 @@ class SegmentQueryStats:
         and sums still pending alike."""
         if not self._rows and not self._pending:
             return
-        self.drop_many(list(set(slots.cpu().tolist())))
+        self.drop_many(slots.cpu().tolist())  # a slot freed twice: its row is popped once

@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
+import numpy as np
 import torch
 from sglang.kernels.ops.attention.extend_attention import extend_attention_fwd
 from sglang.kernels.ops.attention.merge_state import merge_state_triton
@@ -52,6 +53,7 @@ from mosaickv.sglang_patch.forward_inputs import (
     stat_inputs,
 )
 from mosaickv.sglang_patch.pool import MosaicKVPool, SegmentKV
+from mosaickv.uploads import upload
 
 if TYPE_CHECKING:
     from sglang.srt.layers.radix_attention import RadixAttention
@@ -175,6 +177,9 @@ PACK_MAX_SEGMENT = 32
 # presets' 32-token segments (tenth run, h200x2_2026-11-30j/kernels/diag_formats_segment32.json)
 # the real 3x mix decoded in 912 us against 1,047 with 64-token tiles, dense in 1,698 against
 # 2,152. One block per tile, 64-token tiles were the faster (README, "Kernels on the H200").
+# Sparse keys beside dense values are packed too (pack_sparse_keys): side by side in the
+# eleventh run (h200x2_2026-11-30k/kernels/diag_formats_segment32.json), the 3x mix decoded
+# in 712 us against 840 and the 6x in 466 against 617, dense unchanged (1,522 against 1,521).
 PACKED_DECODE_TILE = 32
 
 
@@ -182,7 +187,8 @@ def _tuning(extend: bool, pack: bool) -> MixedAttention:
     if extend:
         return MixedAttention(block_m=64, block_n=32, keys_by_query=False, wide_block_n=32, pack_tokens=pack)
     if pack:
-        return MixedAttention(block_m=16, block_n=32, wide_block_n=PACKED_DECODE_TILE, pack_tokens=True)
+        return MixedAttention(block_m=16, block_n=32, wide_block_n=PACKED_DECODE_TILE, pack_tokens=True,
+                              pack_sparse_keys=True)
     return MixedAttention(block_m=16, block_n=32)
 
 
@@ -228,10 +234,9 @@ class DenseExtend:
             new.append(rows[len(rows) - req.nq :])
 
         def indptr(parts: list[torch.Tensor]) -> torch.Tensor:
-            counts = torch.tensor([0] + [len(x) for x in parts], dtype=torch.int64)
-            return counts.cumsum(0).to(device=device, dtype=torch.int32)
+            return upload(np.cumsum([0] + [len(x) for x in parts]), device, torch.int32)
 
-        return cls(indptr(new), indptr(prefix), torch.cat(prefix).to(device), torch.cat(new).to(device),
+        return cls(indptr(new), indptr(prefix), upload(torch.cat(prefix), device), upload(torch.cat(new), device),
                    max((req.nq for req in reqs), default=0))
 
 
@@ -271,7 +276,7 @@ def plan_forward(pool: MosaicKVPool, reqs: list[RequestKV], num_q_heads: int, ex
     # context outgrow the GPU (17 GiB on an 8B model, found on an H200).
     host, tail_rows = host_plan(pool, reqs, group, tuning, max_programs, WHOLE_RUNS if extend else None)
     plans = upload_plans(host, device, pool.head_dim, max_programs)
-    return ForwardPlan(plans, tail_rows.to(device=device, dtype=torch.int32), tuning, group, dense)
+    return ForwardPlan(plans, upload(tail_rows, device, torch.int32), tuning, group, dense)
 
 
 def extend_attention(pool: MosaicKVPool, plan: ForwardPlan, layer_id: int, q: torch.Tensor, out: torch.Tensor,

@@ -195,8 +195,8 @@ def host_plan(pool: MosaicKVPool, reqs: list[RequestKV], group: int, tuning: Mix
     lists, cut into the kernels' items (:func:`plan_host`: the items on the host); and the
     tails' rows (host int64), each request's in token order, back to back. Each request's
     block runs come from the pool's :class:`~mosaickv.kernels.block_runs.RunCache` (found
-    on the pool's device when missing), so a step costs about its requests' runs, not
-    their blocks; and the batch's plan too (FlashInfer's plan once, run many): the next
+    on the host from the pool's mirror of the table when missing: nothing is read back),
+    so a step costs about its requests' runs, not their blocks; and the batch's plan too (FlashInfer's plan once, run many): the next
     decode step of a batch reads the same sealed blocks, and only its tails grew, so the
     kept plan gets new tail ends (:meth:`HostPlan.with_tails`) while every request keeps
     its slabs, their generations, its queries and its tail's item count. ``chunk_tokens``
@@ -204,6 +204,7 @@ def host_plan(pool: MosaicKVPool, reqs: list[RequestKV], group: int, tuning: Mix
     keeps while its work changes by less than half."""
     hkv, layers = pool.head_num, pool.layer_num
     table, cache = pool.block_table, pool.run_cache
+    mirror = pool.block_table_host  # runs are found on the host (block_runs), not read back
     found = [sealed_and_tail(req) for req in reqs]
     slabs = [s for s, _ in found]
     tails = [t for _, t in found]
@@ -211,15 +212,16 @@ def host_plan(pool: MosaicKVPool, reqs: list[RequestKV], group: int, tuning: Mix
     qo_lens = np.asarray([req.nq for req in reqs], dtype=np.int64)
     keys = [(s.tobytes(), pool.slab_generation[s].tobytes()) for s in slabs]
 
-    def rows(s: np.ndarray) -> torch.Tensor:  # one request's blocks, (layer, KV head, segment) order
-        return block_rows(s, np.asarray([len(s)]), layers, hkv, table.device)
+    def rows(s: np.ndarray) -> np.ndarray:  # one request's blocks, (layer, KV head, segment) order
+        return block_rows(s, np.asarray([len(s)]), layers, hkv)
 
-    kept = [cache.get(("kept", *key), lambda s=s: block_tokens(table, rows(s))) for key, s in zip(keys, slabs)]
+    kept = [cache.get(("kept", *key), lambda s=s: block_tokens(mirror, rows(s))) for key, s in zip(keys, slabs)]
     if chunk_tokens is None:
         chunk_tokens = triton.next_power_of_2(default_chunk_tokens(sum(kept), int(tail_lens.sum()), layers, hkv,
                                                                    tuning.block_n, max_programs, max_items))
     pairs = np.arange(layers * hkv + 1)
-    parts = [cache.get(("runs", *key, chunk_tokens), lambda s=s: block_runs(table, pairs * len(s), rows(s), chunk_tokens))
+    parts = [cache.get(("runs", *key, chunk_tokens),
+                       lambda s=s: block_runs(mirror, pairs * len(s), rows(s), chunk_tokens, table.device))
              for key, s in zip(keys, slabs)]
     cache.end_plan()
     block_m = max(tuning.block_m, triton.next_power_of_2(group))
@@ -238,16 +240,15 @@ def host_plan(pool: MosaicKVPool, reqs: list[RequestKV], group: int, tuning: Mix
     return host, torch.cat(tails + [torch.zeros(0, dtype=torch.int64)])
 
 
-def block_rows(slabs: np.ndarray, counts: np.ndarray, layers: int, hkv: int, device: torch.device) -> torch.Tensor:
+def block_rows(slabs: np.ndarray, counts: np.ndarray, layers: int, hkv: int) -> np.ndarray:
     """Block table rows of ``counts`` requests' ``slabs`` (back to back) in (layer, request,
-    KV head, segment) order, built on ``device``: a block's row is
-    ``(slab * layers + layer) * hkv + head``."""
-    pair_len = upload(np.repeat(counts, hkv), device)
-    n = int(counts.sum()) * hkv
-    pair = torch.repeat_interleave(torch.arange(len(pair_len), device=device), pair_len, output_size=n)
-    pair_start = torch.cumsum(pair_len, 0) - pair_len
-    slab_start = upload(np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64), device)
+    KV head, segment) order: a block's row is ``(slab * layers + layer) * hkv + head``."""
+    slabs, counts = np.asarray(slabs, dtype=np.int64), np.asarray(counts, dtype=np.int64)
+    pair_len = np.repeat(counts, hkv)
+    pair = np.repeat(np.arange(len(pair_len)), pair_len)
+    pair_start = np.cumsum(pair_len) - pair_len
+    slab_start = np.cumsum(counts) - counts
     request, head = pair // hkv, pair % hkv
-    slab = upload(slabs, device)[slab_start[request] + torch.arange(n, device=device) - pair_start[pair]]
+    slab = slabs[slab_start[request] + np.arange(len(pair)) - pair_start[pair]]
     per_layer = slab * (layers * hkv) + head
-    return (per_layer[None, :] + (torch.arange(layers, device=device) * hkv)[:, None]).reshape(-1)
+    return (per_layer[None, :] + (np.arange(layers) * hkv)[:, None]).reshape(-1)

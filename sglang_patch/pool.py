@@ -279,10 +279,10 @@ class MosaicKVPool(MHATokenToKVPool):
 
     def dense_rows(self, loc: torch.Tensor) -> torch.Tensor:
         """Dense row of each logical slot in ``loc`` (mapping its page if needed)."""
-        pages = loc.cpu().long() // self.page_size
+        slots = loc.cpu().long()
+        pages = slots // self.page_size
         self.map_pages(pages)
-        rows = self.page_to_dense[pages] * self.page_size + loc.cpu().long() % self.page_size
-        return rows.to(loc.device)
+        return upload(self.page_to_dense[pages] * self.page_size + slots % self.page_size, loc.device)
 
     def prepare_writes(self, loc: Optional[torch.Tensor], rows: Optional[torch.Tensor] = None) -> None:
         """Map a forward's write slots ``loc`` (its ``out_cache_loc``) to dense rows once,

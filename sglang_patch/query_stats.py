@@ -477,8 +477,8 @@ class SegmentQueryStats:
         self._attn_count[at] = 0
         with self._ordered():
             on_device = upload(at, self.device)
-            self._sum[on_device] = 0
-            self._attn[on_device] = 0
+            self._sum.index_fill_(0, on_device, 0)  # a scalar, not a value tensor copied from the host
+            self._attn.index_fill_(0, on_device, 0)
         self._free += rows
         if len(self._count) > KEEP_ROWS and 4 * len(self._rows) <= len(self._count):
             self._compact()

@@ -124,7 +124,7 @@ def fresh_plan(pool, reqs, chunk: int) -> tuple[HostPlan, torch.Tensor]:
     placed side by side (batch_runs), planned (plan_host). A kept plan must equal it."""
     found = [sealed_and_tail(req) for req in reqs]
     pairs = np.arange(LAYERS * HKV + 1)
-    parts = [block_runs(pool.block_table, pairs * len(s), block_rows(s, np.asarray([len(s)]), LAYERS, HKV, "cpu"), chunk)
+    parts = [block_runs(pool.block_table, pairs * len(s), block_rows(s, np.asarray([len(s)]), LAYERS, HKV), chunk)
              for s, _ in found]
     counts = np.asarray([len(s) for s, _ in found], dtype=np.int64)
     indptr = np.concatenate([[0], np.cumsum(np.tile(np.repeat(counts, HKV), LAYERS))])
@@ -168,3 +168,23 @@ def test_a_kept_batch_plan_equals_a_fresh_one_step_after_step():
     check([0, 1], reused=False)  # the slab's generation changed
     pool.run_cache.clear()
     check([0, 1], reused=False)
+
+
+def test_runs_are_found_from_the_host_mirror_of_the_table():
+    """A plan finds its runs on the host, from the mirror the pool writes with the block
+    table: a plan that read the table itself would wait for the GPU. With the table's
+    fields overwritten (the mirror kept), a plan built afresh is still the one the table
+    gave; and the mirror holds what the table holds."""
+    twin = Twin(2, 64)
+    twin.step([3 * SEG + 2, 2 * SEG + 1], ForwardMode.EXTEND, seed=5)
+    for req, segment in ((0, 0), (0, 2), (1, 1)):
+        twin.seal(req, segment)
+    pool = twin.pool
+    assert np.array_equal(pool.block_table.cpu().numpy(), pool.block_table_host)
+    reqs = twin.mosaic._requests(torch.tensor([0, 1]), twin.lens[:2], [1, 1])
+    want, want_rows = fresh_plan(pool, reqs, 32)
+    pool.block_table.fill_(-7)
+    pool.run_cache.clear()
+    host, rows = host_plan(pool, reqs, 3, DECODE_TUNING, 8, chunk_tokens=32)
+    assert_same_plan(host, want)
+    assert torch.equal(rows, want_rows)

@@ -435,7 +435,7 @@ def test_a_plan_reuses_each_requests_runs_until_a_slab_holds_another_segment():
         counts = np.asarray([len(s) for s in slabs])
         indptr = np.concatenate([[0], np.cumsum(np.tile(np.repeat(counts, HKV), LAYERS))])
         tails = [sum(len(r) for r in req.runs if not isinstance(r, int)) for req in reqs]
-        return plan_host(pool.block_table, indptr, block_rows(np.concatenate(slabs), counts, LAYERS, HKV, "cpu"),
+        return plan_host(pool.block_table, indptr, block_rows(np.concatenate(slabs), counts, LAYERS, HKV),
                          [1, 1], tails, LAYERS, HKV, 3, DECODE_TUNING.block_m, DECODE_TUNING.block_n, chunk, 8)
 
     first, _ = host_plan(pool, reqs, 3, DECODE_TUNING, 8, chunk_tokens=64)

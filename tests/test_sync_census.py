@@ -65,12 +65,13 @@ def test_other_warnings_pass_on_to_the_handler_before():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_pytorch_s_synchronizing_ops_are_counted_where_they_are_called():
+    x = torch.arange(8, device="cuda")
+    index = torch.tensor([1, 2], device="cuda")  # built before: a copy from pageable memory waits too
     census = SyncCensus(frames=1)
     census.install()
     try:
-        x = torch.arange(8, device="cuda")
         x[x > 3]  # a device mask: nonzero waits for the device
-        x[torch.tensor([1, 2], device="cuda")]  # an index tensor already there: no wait
+        x[index]  # an index tensor already there: no wait
     finally:
         census.uninstall()
     sites = census.top()
@@ -79,3 +80,32 @@ def test_pytorch_s_synchronizing_ops_are_counted_where_they_are_called():
     assert site.startswith("tests/test_sync_census.py:") and site.endswith(
         "test_pytorch_s_synchronizing_ops_are_counted_where_they_are_called")
     assert torch.cuda.get_sync_debug_mode() == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_decode_plan_of_sealed_requests_does_not_wait_for_the_gpu():
+    """A decode step's plan with every request's runs still to find (the step after each
+    sealed a segment) and the plan's upload queue behind the stream's work: the eleventh
+    run's census counted six reads back per request's runs, in the step's plan."""
+    pytest.importorskip("sglang")
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    from mosaickv.sglang_patch.attention import plan_forward
+    from test_sglang_attention import HKV, SEG, Twin
+
+    twin = Twin(3, 64, "cuda")
+    twin.step([3 * SEG + 2, 2 * SEG + 1], ForwardMode.EXTEND, seed=0)
+    for req, segment in ((0, 0), (0, 1), (1, 0)):
+        twin.seal(req, segment)
+    twin.pool.run_cache.clear()
+    reqs = twin.mosaic._requests(torch.tensor([0, 1]), twin.lens[:2], [1, 1])
+    torch.cuda.synchronize()
+    census = SyncCensus()
+    census.install()
+    try:
+        plan = plan_forward(twin.pool, reqs, 3 * HKV, extend=False)
+    finally:
+        census.uninstall()
+    assert plan.layers is not None and plan.layers[0].block_indices.is_cuda
+    assert census.top() == {}

@@ -1,11 +1,13 @@
-"""The per-block half of a plan, on the block table's device.
+"""The per-block half of a plan, on the host, from the block table's host mirror.
 
 A batch at a long context names millions of blocks (an 8B model's 24 requests of 32k
-tokens: 32 layers x 8 KV heads x 1,024 segments each, 6.3 M), and a decode step plans
-them all. Sorting and cutting them with numpy took the host 68 ms for 8 requests of 8k
-tokens (``benchmarks/host/decode_step_host.py``), so this half runs as torch ops where the
-table lives: the blocks never leave the device, and only their runs (a few per request,
-KV head and format pair) come back for the host to cut into kernel items.
+tokens: 32 layers x 8 KV heads x 1,024 segments each, 6.3 M), so a plan finds each
+request's runs once and keeps them (:class:`RunCache`): a decode step finds runs only for
+the requests that sealed a segment since the last. Those runs are found on the host, from
+the pool's mirror of the table (written with it): found on the GPU, each was six reads
+back to the host, and a read waits for the forward in flight (the eleventh run's sync
+census counted 8,161 requests' runs in 1,024 decode steps at 240 requests, each read in
+the step's plan). Only the blocks in run order go to the device, queued behind its work.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from mosaickv.uploads import upload
+
 KIND_PAIRS = 16  # 4 * k_kind + v_kind, both in SIDE_KINDS' four kinds
 
 
@@ -24,7 +28,7 @@ KIND_PAIRS = 16  # 4 * k_kind + v_kind, both in SIDE_KINDS' four kinds
 class BlockRuns:
     """Blocks regrouped by (pair, key kind, value kind) and cut into runs of whole blocks.
 
-    ``block_indices`` stays on the table's device; the rest is host numpy."""
+    ``block_indices`` is on the device the kernels read it from; the rest is host numpy."""
 
     block_indices: torch.Tensor  # int64 [nnz], the table rows in run order
     pair: np.ndarray  # [runs] the run's (request, kv_head) pair
@@ -39,46 +43,52 @@ def as_table(table: torch.Tensor | np.ndarray) -> torch.Tensor:
     return table if isinstance(table, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(table))
 
 
-def block_tokens(table: torch.Tensor, block_indices: torch.Tensor) -> int:
-    """Kept tokens of every named block together (one sync)."""
-    return int(table[block_indices, 0].sum()) if block_indices.numel() else 0
+def host_array(a: torch.Tensor | np.ndarray) -> np.ndarray:
+    """``a`` as host int64 numpy (a device tensor is read back: callers off the serving path)."""
+    return (a.cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)).astype(np.int64, copy=False)
 
 
-def block_runs(table: torch.Tensor, block_indptr: np.ndarray, block_indices: torch.Tensor,
-               chunk_tokens: int) -> BlockRuns:
+def block_tokens(table: torch.Tensor | np.ndarray, block_indices: torch.Tensor | np.ndarray) -> int:
+    """Kept tokens of every named block together."""
+    indices = host_array(block_indices)
+    return int(host_array(table)[indices, 0].sum()) if len(indices) else 0
+
+
+def block_runs(table: torch.Tensor | np.ndarray, block_indptr: np.ndarray, block_indices: torch.Tensor | np.ndarray,
+               chunk_tokens: int, device: torch.device | str | None = None) -> BlockRuns:
     """Regroup each pair's blocks by format pair (softmax ignores key order; segment order
     is kept within a format pair) and cut them into runs of about ``chunk_tokens`` kept
-    tokens; runs that keep no token are dropped. ``block_indptr`` (host) bounds each
-    pair's blocks in ``block_indices`` (on ``table``'s device)."""
-    dev = table.device
-    nnz = int(block_indices.numel())
+    tokens; runs that keep no token are dropped. ``block_indptr`` bounds each pair's
+    blocks in ``block_indices``. Found on the host; the blocks in run order go to
+    ``device`` (default: ``block_indices``' device, the host for numpy)."""
+    if device is None:
+        device = block_indices.device if isinstance(block_indices, torch.Tensor) else "cpu"
+    table, indices = host_array(table), host_array(block_indices)
+    nnz = len(indices)
     if nnz == 0:
-        return _no_runs(block_indices.to(torch.int64))
-    counts = torch.from_numpy(np.diff(np.asarray(block_indptr, dtype=np.int64))).to(dev)
-    pair = torch.repeat_interleave(torch.arange(len(counts), device=dev), counts, output_size=nnz)
-    kind = table[block_indices, 1] * 4 + table[block_indices, 5]
-    key, order = torch.sort(pair * KIND_PAIRS + kind, stable=True)
-    rows = block_indices[order]
-    tok = table[rows, 0]
-    key_new = torch.ones(nnz, dtype=torch.bool, device=dev)
+        return _no_runs(torch.zeros(0, dtype=torch.int64, device=device))
+    counts = np.diff(np.asarray(block_indptr, dtype=np.int64))
+    kind = table[indices, 1] * 4 + table[indices, 5]
+    key = np.repeat(np.arange(len(counts), dtype=np.int64), counts) * KIND_PAIRS + kind
+    # A stable sort of 16-bit keys is numpy's radix sort: 4x faster than of int64 ones.
+    order = np.argsort(key.astype(np.uint16) if len(counts) * KIND_PAIRS <= 1 << 16 else key, kind="stable")
+    key, rows = key[order], indices[order]
+    key_new = np.ones(nnz, dtype=bool)
     key_new[1:] = key[1:] != key[:-1]
-    positions = torch.arange(nnz, device=dev)
-    key_start = torch.cummax(torch.where(key_new, positions, 0), 0).values
-    starts = torch.zeros(nnz + 1, dtype=torch.int64, device=dev)
-    starts[1:] = torch.cumsum(tok, 0)
-    chunk = torch.div(starts[:-1] - starts[key_start], max(chunk_tokens, 1), rounding_mode="floor")
-    new = key_new.clone()
+    key_start = np.maximum.accumulate(np.where(key_new, np.arange(nnz), 0))
+    starts = np.zeros(nnz + 1, dtype=np.int64)
+    np.cumsum(table[rows, 0], out=starts[1:])
+    chunk = (starts[:-1] - starts[key_start]) // max(chunk_tokens, 1)
+    new = key_new.copy()
     new[1:] |= chunk[1:] != chunk[:-1]
-    lo = torch.nonzero(new).squeeze(1)
-    hi = torch.cat([lo[1:], lo.new_full((1,), nnz)])
+    lo = np.flatnonzero(new)
+    hi = np.append(lo[1:], nnz)
     keep = starts[hi] > starts[lo]
     lo, hi = lo[keep], hi[keep]
-    widths = torch.zeros(2, KIND_PAIRS, dtype=torch.int64, device=dev)
-    widths[0].scatter_reduce_(0, kind, table[block_indices, 2], "amax")
-    widths[1].scatter_reduce_(0, kind, table[block_indices, 6], "amax")
-    runs = torch.stack([key[lo] // KIND_PAIRS, lo, hi, key[lo] % KIND_PAIRS]).cpu().numpy()
-    small = widths.reshape(-1).cpu().numpy()
-    return BlockRuns(rows, runs[0], runs[1], runs[2], runs[3], small[:KIND_PAIRS], small[KIND_PAIRS:])
+    widths = np.zeros((2, KIND_PAIRS), dtype=np.int64)
+    np.maximum.at(widths[0], kind, table[indices, 2])
+    np.maximum.at(widths[1], kind, table[indices, 6])
+    return BlockRuns(upload(rows, device), key[lo] // KIND_PAIRS, lo, hi, key[lo] % KIND_PAIRS, widths[0], widths[1])
 
 
 def _no_runs(block_indices: torch.Tensor) -> BlockRuns:

@@ -780,7 +780,7 @@ def upload_plans(host: HostPlan, device: torch.device, head_dim: int, max_progra
         pieces += [layer.items.reshape(-1), layer.groups.reshape(-1), layer.merge_indptr, aligned_counts(layer)]
         pieces += [ids for *_, ids in layer.launches]
     flat, starts = pack_int32(pieces)
-    flat_dev = torch.from_numpy(flat).to(device)
+    flat_dev = upload(flat, device)
     views = [flat_dev[start : start + len(p)] for p, start in zip(pieces, starts)]
     num_items = max((len(layer.items) for layer in host.layers), default=0)
     o_part = torch.empty(num_items, host.block_m, head_dim, dtype=torch.float32, device=device)

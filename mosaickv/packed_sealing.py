@@ -198,14 +198,13 @@ def _kept_rows(kept: Kept, shape: torch.Size, device: torch.device) -> tuple[tor
     """[B, s] True where a block keeps the token, and the kept ``block * s + token`` in
     block-major order (what ``pack_block`` keeps), both from the selector's picks: a
     ``nonzero`` of the mask would wait for the device."""
-    mask = torch.zeros(shape, dtype=torch.bool, device=device)
-    flat = []
-    for rows, picked in kept.values():
-        if picked.shape[1]:
-            at = upload(rows, device)[:, None]
-            mask[at, picked] = True
-            flat.append((at * shape[1] + picked).flatten())
+    flat = [(upload(rows, device)[:, None] * shape[1] + picked).flatten()
+            for rows, picked in kept.values() if picked.shape[1]]
     rows = torch.cat(flat).sort().values if flat else torch.zeros(0, dtype=torch.int64, device=device)
+    # index_fill_ takes the scalar as it is; a set by advanced index synchronized here
+    # (the eleventh run's sync census: once per sealing call).
+    mask = torch.zeros(shape, dtype=torch.bool, device=device)
+    mask.view(-1).index_fill_(0, rows, True)
     return mask, rows
 
 

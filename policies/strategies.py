@@ -188,7 +188,9 @@ class Dynamic(SegmentStrategy):
         n, d = stats.n, stats.d
         sides, v_sides = self._sides(self._widths, channels), self._sides(self._value_widths, channels)
         counts = sorted({max(1, round(f * n)) for f in self.token_fractions})
-        first = [m - 1 for m in counts]
+        # Index by a tensor already on the device: a list is copied there from pageable
+        # memory, a stream sync each (three a sealing call in the eleventh run's census).
+        first = upload([m - 1 for m in counts], stats.drop_cost.device)
 
         def kept_cost(per_token: dict[SideFormat, torch.Tensor], scale: torch.Tensor,
                       options: list[SideFormat]) -> torch.Tensor:

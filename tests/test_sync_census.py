@@ -109,3 +109,32 @@ def test_a_decode_plan_of_sealed_requests_does_not_wait_for_the_gpu():
         census.uninstall()
     assert plan.layers is not None and plan.layers[0].block_indices.is_cuda
     assert census.top() == {}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_sealing_call_reads_back_only_what_its_plan_needs():
+    """The eleventh run's census found a sealing call synchronizing where nothing was read:
+    the knapsack's cost rows indexed by a host list (copied from pageable memory) and the
+    kept-token mask set by advanced index. What remains is the plan's own reads (scores
+    checked, choices, kept tokens) and cuSOLVER's."""
+    from dataclasses import replace
+
+    from mosaickv.config import load_policy
+    from mosaickv.packed_sealing import PackedSealer
+    from test_packed_sealing import BASE, inputs
+
+    policy = load_policy("mosaic")
+    batch = [replace(inputs(policy, 2, 2, 64, seed=seed, device="cuda"), base_bytes=BASE * (seed + 1))
+             for seed in range(3)]
+    sealer = PackedSealer(policy, 64)
+    sealer.seal_many(batch)  # warm: first calls allocate and load
+    torch.cuda.synchronize()
+    census = SyncCensus(frames=1)
+    census.install()
+    try:
+        sealer.seal_many(batch)
+    finally:
+        census.uninstall()
+    sites = " ".join(census.top())
+    assert "_kept_rows" not in sites and "kept_cost" not in sites and "_options" not in sites

@@ -13,8 +13,9 @@ import torch
 import triton
 
 from mosaickv.kernels.decode import MixedAttention
-from mosaickv.kernels.block_runs import batch_runs, block_runs, block_tokens
-from mosaickv.kernels.layout import HostPlan, default_chunk_tokens, plan_host, tail_chunk, tail_items
+from mosaickv.kernels.block_runs import KIND_PAIRS, batch_runs, block_runs, kind_tokens
+from mosaickv.kernels.layout import (HostPlan, default_chunk_tokens, kind_chunk_tokens, plan_host, tail_chunk,
+                                     tail_items)
 from mosaickv.uploads import upload
 from mosaickv.sglang_patch.pool import UNMAPPED, MosaicKVPool
 from mosaickv.sglang_patch.query_stats import ExtendIndex, SegmentQueryStats
@@ -215,13 +216,20 @@ def host_plan(pool: MosaicKVPool, reqs: list[RequestKV], group: int, tuning: Mix
     def rows(s: np.ndarray) -> np.ndarray:  # one request's blocks, (layer, KV head, segment) order
         return block_rows(s, np.asarray([len(s)]), layers, hkv)
 
-    kept = [cache.get(("kept", *key), lambda s=s: block_tokens(mirror, rows(s))) for key, s in zip(keys, slabs)]
+    kept = np.zeros(KIND_PAIRS, dtype=np.int64)  # the batch's kept tokens per format pair
+    for key, s in zip(keys, slabs):
+        kept += cache.get(("kept", *key), lambda s=s: kind_tokens(mirror, rows(s)))
     if chunk_tokens is None:
-        chunk_tokens = triton.next_power_of_2(default_chunk_tokens(sum(kept), int(tail_lens.sum()), layers, hkv,
+        chunk_tokens = triton.next_power_of_2(default_chunk_tokens(int(kept.sum()), int(tail_lens.sum()), layers, hkv,
                                                                    tuning.block_n, max_programs, max_items))
+    run_chunks: int | np.ndarray = chunk_tokens
+    if tuning.chunk_by_kind:
+        run_chunks = power_of_two_at_least(kind_chunk_tokens(kept, int(tail_lens.sum()), layers, hkv, tuning.block_n,
+                                                             max_programs, max_items))
+    chunks_key = run_chunks if isinstance(run_chunks, int) else run_chunks.tobytes()
     pairs = np.arange(layers * hkv + 1)
-    parts = [cache.get(("runs", *key, chunk_tokens),
-                       lambda s=s: block_runs(mirror, pairs * len(s), rows(s), chunk_tokens, table.device))
+    parts = [cache.get(("runs", *key, chunks_key),
+                       lambda s=s: block_runs(mirror, pairs * len(s), rows(s), run_chunks, table.device))
              for key, s in zip(keys, slabs)]
     cache.end_plan()
     block_m = max(tuning.block_m, triton.next_power_of_2(group))
@@ -234,10 +242,16 @@ def host_plan(pool: MosaicKVPool, reqs: list[RequestKV], group: int, tuning: Mix
                          tuning.block_n, chunk_tokens, max_programs, max_items, runs)
 
     tail_counts = tail_items(qo_lens, tail_lens, group, block_m, tail_chunk(chunk_tokens, tuning.block_n))
-    key = ("plan", layers, hkv, group, block_m, tuning.block_n, chunk_tokens, tuple(keys), qo_lens.tobytes(),
-           tail_counts.tobytes())
+    key = ("plan", layers, hkv, group, block_m, tuning.block_n, chunk_tokens, chunks_key, tuple(keys),
+           qo_lens.tobytes(), tail_counts.tobytes())
     host = cache.plan(key, plan).with_tails(tail_lens, group)
     return host, torch.cat(tails + [torch.zeros(0, dtype=torch.int64)])
+
+
+def power_of_two_at_least(x: np.ndarray) -> np.ndarray:
+    """Each entry rounded up to a power of two (a batch keeps its runs while its work
+    changes by less than half, as ``chunk_tokens`` does)."""
+    return np.left_shift(1, np.ceil(np.log2(np.maximum(x, 1))).astype(np.int64))
 
 
 def block_rows(slabs: np.ndarray, counts: np.ndarray, layers: int, hkv: int) -> np.ndarray:

@@ -6,17 +6,20 @@ import numpy as np
 import pytest
 import torch
 
-from mosaickv.kernels.block_runs import KIND_PAIRS, RunCache, batch_runs, block_runs
-from mosaickv.kernels.layout import TABLE_FIELDS
+from mosaickv.formats import SIDE_KINDS
+from mosaickv.kernels.block_runs import KIND_PAIRS, RunCache, batch_runs, block_runs, kind_tokens
+from mosaickv.kernels.layout import TABLE_FIELDS, kind_chunk_tokens, plan_host
 
 
-def loop_runs(table: np.ndarray, indptr: np.ndarray, indices: np.ndarray, chunk: int):
+def loop_runs(table: np.ndarray, indptr: np.ndarray, indices: np.ndarray, chunks: int | np.ndarray):
     """Each pair's blocks, stably grouped by kind pair, cut where the kept tokens since the
-    group's start cross a multiple of ``chunk``; runs keeping no token dropped."""
+    group's start cross a multiple of the kind pair's chunk (``chunks``: one for all, or
+    one per kind pair); runs keeping no token dropped."""
     order, runs = [], []
     for pair in range(len(indptr) - 1):
         blocks = list(indices[indptr[pair] : indptr[pair + 1]])
         for kind in range(KIND_PAIRS):
+            chunk = int(chunks if np.ndim(chunks) == 0 else chunks[kind])
             group = [b for b in blocks if table[b, 1] * 4 + table[b, 5] == kind]
             # A block starts a new run where its first kept token enters another chunk.
             cuts, seen = [], 0
@@ -52,7 +55,7 @@ def test_block_runs_match_a_loop_over_blocks(seed: int, device: str) -> None:
     counts = rng.integers(0, 7, int(rng.integers(0, 9)))  # empty pairs and empty batches too
     indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     indices = rng.integers(0, nblocks, int(indptr[-1]))
-    chunk = int(rng.choice([1, 16, 40, 1000]))
+    chunk = int(rng.choice([1, 16, 40, 1000])) if seed % 2 else rng.choice([1, 16, 40, 1000], KIND_PAIRS)
     got = block_runs(torch.from_numpy(table).to(device), indptr, torch.from_numpy(indices).to(device), chunk)
     order, runs = loop_runs(table, indptr, indices, chunk)
     assert got.block_indices.device.type == device
@@ -94,6 +97,38 @@ def test_a_batch_of_requests_runs_is_the_runs_of_the_batch(seed: int) -> None:
     for lo, hi, wlo, whi in zip(got.lo, got.hi, want.lo, want.hi):
         assert np.array_equal(got_rows[lo:hi], want_rows[wlo:whi])
     assert np.array_equal(got.k_width_max, want.k_width_max) and np.array_equal(got.v_width_max, want.v_width_max)
+
+
+def test_chunks_per_format_pair_need_one_per_pair() -> None:
+    table = np.zeros((4, len(TABLE_FIELDS)), dtype=np.int64)
+    with pytest.raises(ValueError, match=f"needs {KIND_PAIRS} entries, got shape \\(3,\\)"):
+        block_runs(table, np.asarray([0, 4]), np.arange(4), np.asarray([8, 8, 8]))
+
+
+def test_a_format_pair_with_few_tokens_gets_an_item_per_program_slot() -> None:
+    """One chunk for the batch leaves a format pair holding a tenth of the tokens one run
+    per (request, KV head), fewer items than programs; chunks per pair give it about four
+    per program slot, and leave the pair holding most tokens as it was."""
+    requests, hkv, per_pair, programs, block_n = 4, 2, 200, 16, 16
+    blocks = requests * hkv * per_pair
+    table = np.zeros((blocks, len(TABLE_FIELDS)), dtype=np.int64)
+    table[:, 0] = 32
+    table[::10, 1] = 1  # every tenth block: keys sparse per vector (kind pair 4), values dense
+    table[:, 2], table[:, 6] = 8, 128
+    indptr = np.arange(requests * hkv + 1) * per_pair
+    indices = np.arange(blocks)
+    ones, tails = np.ones(requests, dtype=np.int64), np.zeros(requests, dtype=np.int64)
+
+    def items(kind_chunks) -> dict[tuple[int, int], int]:
+        plan = plan_host(table, indptr, indices, ones, tails, 1, hkv, 1, 16, block_n, None, programs,
+                         kind_chunks=kind_chunks)
+        return {(k, v): len(ids) for k, v, _, ids in plan.layers[0].launches}
+
+    per_pair_chunks = kind_chunk_tokens(kind_tokens(table, indices), 0, 1, hkv, block_n, programs)
+    batch, by_kind = items(None), items(per_pair_chunks)
+    sparse, dense = (SIDE_KINDS.index("sparse"), SIDE_KINDS.index("dense")), (SIDE_KINDS.index("dense"),) * 2
+    assert batch[sparse] < programs <= 4 * programs <= by_kind[sparse]
+    assert by_kind[dense] == batch[dense]
 
 
 def test_the_run_cache_keeps_what_recent_plans_used() -> None:

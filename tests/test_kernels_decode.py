@@ -66,6 +66,7 @@ def run_decode(
     prefetch_entries: bool = False,
     block_n: int = 16,
     pack_sparse_keys: bool = False,
+    chunk_by_kind: bool = False,
     **plan_kw: int,
 ) -> None:
     hq = hkv * group
@@ -74,7 +75,7 @@ def run_decode(
     q = torch.randn(len(layers), hq, d, generator=gen).bfloat16()
     w = MixedDecodeWrapper(block_n=block_n, sparse_densify=sparse_densify, keys_by_query=keys_by_query,
                            wide_block_n=wide_block_n, pack_tokens=pack_tokens, prefetch_entries=prefetch_entries,
-                           pack_sparse_keys=pack_sparse_keys)
+                           pack_sparse_keys=pack_sparse_keys, chunk_by_kind=chunk_by_kind)
     w.plan(layers, tk, tv, hq, hkv, d, device=DEVICE, **plan_kw)
     out = torch.full((len(layers), hq, d), float("nan"), dtype=torch.bfloat16, device=DEVICE)
     w.run(q.to(DEVICE), out=out)
@@ -177,6 +178,19 @@ def test_packed_sparse_key_tiles(group: int, d: int, aligned: bool) -> None:
         run_decode(gen, layers, [3, 0, 9, 2], hkv=hkv, group=group, d=d, pack_tokens=True, pack_sparse_keys=True,
                    block_n=block_n, wide_block_n=block_n, max_programs=3, prefetch_entries=prefetch,
                    **({"chunk_tokens": chunk} if chunk else {}))
+
+
+@pytest.mark.parametrize(("group", "d", "pack"), [(1, 64, False), (4, 128, True), (3, 64, True)])
+def test_runs_cut_per_format_pair(group: int, d: int, pack: bool) -> None:
+    """chunk_by_kind: each format pair's blocks cut by its own share of the work (more,
+    shorter items for a pair with few tokens; long enough requests that pairs split),
+    random dense and sparse formats, ragged segments and tails, a request without
+    segments, an empty tail, few programs: the same answer."""
+    gen = torch.Generator().manual_seed(1000 + 10 * group + d + pack)
+    hkv = 2
+    layers = [random_layer(gen, s, 16, hkv, d, kinds=("dense", "sparse")) for s in (40, 0, 30, 5)]
+    run_decode(gen, layers, [5, 9, 0, 33], hkv=hkv, group=group, d=d, max_programs=3, chunk_by_kind=True,
+               pack_tokens=pack, pack_sparse_keys=pack, block_n=16, wide_block_n=16)
 
 
 @pytest.mark.parametrize(

@@ -114,17 +114,23 @@ sglang = pytest.importorskip("sglang")
 from sglang.srt.model_executor.forward_batch_info import ForwardMode  # noqa: E402
 
 from mosaickv.sglang_patch.attention import DECODE_TUNING  # noqa: E402
-from mosaickv.sglang_patch.forward_inputs import block_rows, host_plan, sealed_and_tail  # noqa: E402
+from mosaickv.kernels.block_runs import kind_tokens  # noqa: E402
+from mosaickv.kernels.decode import MixedAttention  # noqa: E402
+from mosaickv.kernels.layout import kind_chunk_tokens  # noqa: E402
+from mosaickv.sglang_patch.forward_inputs import (  # noqa: E402
+    block_rows, host_plan, power_of_two_at_least, sealed_and_tail)
 
 from test_sglang_attention import HKV, LAYERS, SEG, Twin  # noqa: E402
 
 
-def fresh_plan(pool, reqs, chunk: int) -> tuple[HostPlan, torch.Tensor]:
-    """What host_plan built before it kept anything: each request's runs found again,
-    placed side by side (batch_runs), planned (plan_host). A kept plan must equal it."""
+def fresh_plan(pool, reqs, chunk: int, run_chunks=None) -> tuple[HostPlan, torch.Tensor]:
+    """What host_plan built before it kept anything: each request's runs found again
+    (cut at ``run_chunks``, one per format pair, if given), placed side by side
+    (batch_runs), planned (plan_host). A kept plan must equal it."""
     found = [sealed_and_tail(req) for req in reqs]
     pairs = np.arange(LAYERS * HKV + 1)
-    parts = [block_runs(pool.block_table, pairs * len(s), block_rows(s, np.asarray([len(s)]), LAYERS, HKV), chunk)
+    parts = [block_runs(pool.block_table, pairs * len(s), block_rows(s, np.asarray([len(s)]), LAYERS, HKV),
+                        chunk if run_chunks is None else run_chunks)
              for s, _ in found]
     counts = np.asarray([len(s) for s, _ in found], dtype=np.int64)
     indptr = np.concatenate([[0], np.cumsum(np.tile(np.repeat(counts, HKV), LAYERS))])
@@ -188,3 +194,36 @@ def test_runs_are_found_from_the_host_mirror_of_the_table():
     host, rows = host_plan(pool, reqs, 3, DECODE_TUNING, 8, chunk_tokens=32)
     assert_same_plan(host, want)
     assert torch.equal(rows, want_rows)
+
+
+def test_runs_cut_per_format_pair_follow_the_batch_s_work():
+    """With chunk_by_kind, each format pair's runs are cut at its share of the batch's
+    work (kind_chunk_tokens, rounded up to a power of two): the plan equals one built
+    afresh at those chunks, is kept while they hold, and is planned again when a sealed
+    segment changes a pair's share."""
+    tuning = MixedAttention(block_m=DECODE_TUNING.block_m, block_n=DECODE_TUNING.block_n,
+                            wide_block_n=DECODE_TUNING.wide_block_n, pack_tokens=True, pack_sparse_keys=True,
+                            chunk_by_kind=True)
+    twin = Twin(3, 64)
+    twin.step([3 * SEG + 2, 2 * SEG + 1], ForwardMode.EXTEND, seed=9)
+    for req, segment in ((0, 0), (0, 2), (1, 0)):
+        twin.seal(req, segment)
+    pool = twin.pool
+
+    def check(reused: bool) -> np.ndarray:
+        reqs = twin.mosaic._requests(torch.tensor([0, 1]), twin.lens[:2], [1, 1])
+        slabs = [sealed_and_tail(req)[0] for req in reqs]
+        rows = block_rows(np.concatenate(slabs), np.asarray([len(s) for s in slabs]), LAYERS, HKV)
+        tails = sum(len(sealed_and_tail(req)[1]) for req in reqs)
+        chunks = power_of_two_at_least(kind_chunk_tokens(kind_tokens(pool.block_table, rows), tails, LAYERS, HKV,
+                                                         tuning.block_n, 8))
+        hits = pool.run_cache.plan_hits
+        host, _ = host_plan(pool, reqs, 3, tuning, 8, chunk_tokens=8)  # tails' chunk: far below every pair's
+        assert (pool.run_cache.plan_hits > hits) == reused
+        assert_same_plan(host, fresh_plan(pool, reqs, 8, chunks)[0])
+        return chunks
+
+    check(reused=False)
+    check(reused=True)
+    twin.seal(0, 1)
+    check(reused=False)

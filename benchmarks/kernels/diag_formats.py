@@ -34,7 +34,7 @@ POLICY_REPORT = Path(__file__).parents[1] / "results" / "eval_dense_values_2k_se
 B, L, HQ, HKV, D = 32, 32768, 32, 8, 128
 # MixedDecodeWrapper settings beside programs per SM; the first is the server's DECODE_TUNING.
 SETTINGS = [
-    ({"block_n": 32, "pack_tokens": True, "wide_block_n": 32}, 8),
+    ({"block_n": 32, "pack_tokens": True, "wide_block_n": 32, "pack_sparse_keys": True}, 8),
     ({"block_n": 32}, 8),  # one block per tile: the server's for segments over 32 tokens
     ({"block_n": 32, "pack_tokens": True, "wide_block_n": 32}, 16),
     ({"block_n": 32, "pack_tokens": True, "wide_block_n": 128}, 8),
@@ -49,14 +49,18 @@ SETTINGS = [
     ({"block_n": 32, "pack_tokens": True, "wide_block_n": 32, "num_warps": 8}, 4),
     ({"block_n": 32, "pack_tokens": True, "num_warps": 8}, 4),
     ({"block_n": 32, "num_warps": 8}, 4),
-    # Setting 10: the server's, with sparse keys beside dense values packed too: their
-    # launch one block per tile moved 5% of DRAM's bandwidth at 148 registers (tenth run's
-    # ncu); packed it compiles to 128 (registers_decode_sm90_triton36_sparse_packed.json).
-    ({"block_n": 32, "pack_tokens": True, "wide_block_n": 32, "pack_sparse_keys": True}, 8),
+    # Setting 10: dense pairs alone packed (the server's through the tenth run); sparse keys
+    # beside dense values packed too (setting 0) decoded the 3x mix in 712 us against 840
+    # (eleventh run, h200x2_2026-11-30k/kernels/diag_formats_segment32.json).
+    ({"block_n": 32, "pack_tokens": True, "wide_block_n": 32}, 8),
     # Settings 11-12: each packed tile's entries loaded while the tile before is read
     # (dense packed: 141 registers against 128, registers_decode_sm90_triton36_prefetch.json).
     ({"block_n": 32, "pack_tokens": True, "wide_block_n": 32, "prefetch_entries": True}, 8),
     ({"block_n": 32, "pack_tokens": True, "wide_block_n": 32, "pack_sparse_keys": True, "prefetch_entries": True}, 8),
+    # Setting 13: the server's, each format pair's runs cut by its own work (chunk_by_kind):
+    # in the eleventh run's ncu profile the packed sparse-key launch had 256 items (one per
+    # request and KV head) on 132 SMs, 11% of DRAM bandwidth, beside the dense launch's 48%.
+    ({"block_n": 32, "pack_tokens": True, "wide_block_n": 32, "pack_sparse_keys": True, "chunk_by_kind": True}, 8),
 ]
 
 

@@ -54,13 +54,21 @@ def block_tokens(table: torch.Tensor | np.ndarray, block_indices: torch.Tensor |
     return int(host_array(table)[indices, 0].sum()) if len(indices) else 0
 
 
+def kind_tokens(table: torch.Tensor | np.ndarray, block_indices: torch.Tensor | np.ndarray) -> np.ndarray:
+    """Kept tokens of the named blocks per format pair (``KIND_PAIRS`` entries)."""
+    table, indices = host_array(table), host_array(block_indices)
+    kind = table[indices, 1] * 4 + table[indices, 5]
+    return np.bincount(kind, weights=table[indices, 0], minlength=KIND_PAIRS).astype(np.int64)
+
+
 def block_runs(table: torch.Tensor | np.ndarray, block_indptr: np.ndarray, block_indices: torch.Tensor | np.ndarray,
-               chunk_tokens: int, device: torch.device | str | None = None) -> BlockRuns:
+               chunk_tokens: int | np.ndarray, device: torch.device | str | None = None) -> BlockRuns:
     """Regroup each pair's blocks by format pair (softmax ignores key order; segment order
     is kept within a format pair) and cut them into runs of about ``chunk_tokens`` kept
-    tokens; runs that keep no token are dropped. ``block_indptr`` bounds each pair's
-    blocks in ``block_indices``. Found on the host; the blocks in run order go to
-    ``device`` (default: ``block_indices``' device, the host for numpy)."""
+    tokens (an int, or one per format pair: ``KIND_PAIRS`` entries); runs that keep no
+    token are dropped. ``block_indptr`` bounds each pair's blocks in ``block_indices``.
+    Found on the host; the blocks in run order go to ``device`` (default:
+    ``block_indices``' device, the host for numpy)."""
     if device is None:
         device = block_indices.device if isinstance(block_indices, torch.Tensor) else "cpu"
     table, indices = host_array(table), host_array(block_indices)
@@ -78,7 +86,7 @@ def block_runs(table: torch.Tensor | np.ndarray, block_indptr: np.ndarray, block
     key_start = np.maximum.accumulate(np.where(key_new, np.arange(nnz), 0))
     starts = np.zeros(nnz + 1, dtype=np.int64)
     np.cumsum(table[rows, 0], out=starts[1:])
-    chunk = (starts[:-1] - starts[key_start]) // max(chunk_tokens, 1)
+    chunk = (starts[:-1] - starts[key_start]) // run_lengths(chunk_tokens, key % KIND_PAIRS)
     new = key_new.copy()
     new[1:] |= chunk[1:] != chunk[:-1]
     lo = np.flatnonzero(new)
@@ -89,6 +97,17 @@ def block_runs(table: torch.Tensor | np.ndarray, block_indptr: np.ndarray, block
     np.maximum.at(widths[0], kind, table[indices, 2])
     np.maximum.at(widths[1], kind, table[indices, 6])
     return BlockRuns(upload(rows, device), key[lo] // KIND_PAIRS, lo, hi, key[lo] % KIND_PAIRS, widths[0], widths[1])
+
+
+def run_lengths(chunk_tokens: int | np.ndarray, kind: np.ndarray) -> int | np.ndarray:
+    """Kept tokens per run of blocks of each ``kind``: ``chunk_tokens`` if one for all,
+    else its entry for the kind (at least 1)."""
+    if np.ndim(chunk_tokens) == 0:
+        return max(int(chunk_tokens), 1)
+    chunks = np.asarray(chunk_tokens, dtype=np.int64)
+    if chunks.shape != (KIND_PAIRS,):
+        raise ValueError(f"chunk_tokens per format pair needs {KIND_PAIRS} entries, got shape {chunks.shape}")
+    return np.maximum(chunks, 1)[kind]
 
 
 def _no_runs(block_indices: torch.Tensor) -> BlockRuns:

@@ -470,6 +470,7 @@ class MixedAttention:
         pack_tokens: bool = False,
         prefetch_entries: bool = False,
         pack_sparse_keys: bool = False,
+        chunk_by_kind: bool = False,
     ) -> None:
         """``block_n``: tokens per tile of launches with a sparse side (whose densify grows
         with the tile); ``wide_block_n``: of the others (dense, mask, low-rank, tails),
@@ -480,7 +481,10 @@ class MixedAttention:
         entry one block ahead (``benchmarks/kernels/diag_formats.py`` compares both).
         ``pack_sparse_keys``: with ``pack_tokens``, blocks of per-vector sparse keys and
         dense values share tiles too (their keys read by query gathers): in the tenth
-        run's ncu profile their launch, one block per tile, moved 5% of DRAM's bandwidth."""
+        run's ncu profile their launch, one block per tile, moved 5% of DRAM's bandwidth.
+        ``chunk_by_kind``: cut each format pair's blocks into runs by that pair's own work
+        (:func:`~mosaickv.kernels.layout.kind_chunk_tokens`), so a launch of a pair with
+        few tokens still has an item per program slot."""
         if sparse_densify not in SPARSE_MODES:
             raise ValueError(f"sparse_densify={sparse_densify!r} is not one of {', '.join(SPARSE_MODES)}")
         if pack_sparse_keys and not (pack_tokens and keys_by_query):
@@ -488,7 +492,7 @@ class MixedAttention:
                              f"needs pack_tokens=True and keys_by_query=True, got {pack_tokens} and {keys_by_query}")
         self.block_m, self.block_n, self.wide_block_n = block_m, block_n, wide_block_n
         self.pack_tokens, self.pack_sparse_keys = pack_tokens, pack_sparse_keys
-        self.prefetch_entries = prefetch_entries
+        self.prefetch_entries, self.chunk_by_kind = prefetch_entries, chunk_by_kind
         self.sparse_densify, self.keys_by_query = sparse_densify, keys_by_query
         self.num_warps, self.num_stages = num_warps, num_stages
         self._plan: AttentionPlan | None = None
@@ -519,7 +523,7 @@ class MixedAttention:
         tail_lens = np.diff(np.asarray(tail_indptr, dtype=np.int64))
         self._plan = build_plan(
             arena, block_indptr, block_indices, qo_lens, tail_lens, num_kv_heads, group, block_m, self.block_n,
-            chunk_tokens, max_programs,
+            chunk_tokens, max_programs, self.chunk_by_kind,
         )
         self._arena, self._tail_k, self._tail_v = arena, tail_k, tail_v
         self._group, self._hq = group, num_qo_heads

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mosaickv.kernels.block_runs import KIND_PAIRS, BlockRuns, as_table, block_runs, block_tokens
+from mosaickv.kernels.block_runs import KIND_PAIRS, BlockRuns, as_table, block_runs, block_tokens, kind_tokens
 from mosaickv.formats import SIDE_KINDS, VALUE_DTYPE, BlockFormat, PackedBlock, PackedSide, SideFormat, format_arrays
 from mosaickv.reference import CompressedLayer
 from mosaickv.uploads import upload
@@ -544,6 +544,7 @@ def plan_work(
     block_n: int,
     chunk_tokens: int,
     runs: BlockRuns | None = None,
+    kind_chunks: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, BlockRuns]:
     """Cut the batch into items; returns ``items``, ``item_kind``, ``groups``,
     ``merge_indptr`` (host) and the :class:`~mosaickv.kernels.block_runs.BlockRuns`
@@ -557,6 +558,8 @@ def plan_work(
     once, at its end), on the table's device (:func:`block_runs`); the tail into runs of
     ``chunk_tokens`` rounded up to ``block_n``, here; ``runs``: those block runs, already
     found (cut at ``chunk_tokens``, e.g. :func:`~mosaickv.kernels.block_runs.batch_runs`).
+    ``kind_chunks``: block runs' kept tokens per format pair instead (``KIND_PAIRS``
+    entries, :func:`kind_chunk_tokens`); tails still use ``chunk_tokens``.
     Runs with no kept token are dropped, as are tail runs no query row of the row block
     can see: query ``i`` of ``nq`` sits at tail position ``t - nq + i`` and sees the tail
     up to there (none if that is negative, e.g. a decode query with an empty tail).
@@ -566,7 +569,7 @@ def plan_work(
     if len(block_indptr) != bsz * hkv + 1:
         raise ValueError(f"block_indptr has {len(block_indptr)} entries, expected {bsz * hkv + 1}")
     if runs is None:
-        runs = block_runs(table, block_indptr, block_indices, chunk_tokens)
+        runs = block_runs(table, block_indptr, block_indices, chunk_tokens if kind_chunks is None else kind_chunks)
     run_pair, run_lo, run_hi, run_kp = runs.pair, runs.lo, runs.hi, runs.kind
     run_ptr = np.searchsorted(run_pair, np.arange(bsz * hkv + 1))
     chunk = tail_chunk(chunk_tokens, block_n)
@@ -618,17 +621,24 @@ def build_plan(
     block_n: int,
     chunk_tokens: int | None = None,
     max_programs: int | None = None,
+    chunk_by_kind: bool = False,
 ) -> AttentionPlan:
     """Plan one batch on the host and upload it (the only host-to-device step).
 
     ``chunk_tokens`` defaults to splitting the work into about four items per program
     slot; ``max_programs`` (per launch) to eight programs per SM on a GPU. Launches are
     persistent: each program loops over items and owns one slice of the scatter scratch.
+    ``chunk_by_kind``: each format pair's runs as long as its own work asks
+    (:func:`kind_chunk_tokens`).
     """
     device = arena.values.device
     max_programs = default_max_programs(device) if max_programs is None else max_programs
+    kind_chunks = None
+    if chunk_by_kind:
+        kind_chunks = kind_chunk_tokens(kind_tokens(arena.table, block_indices), int(np.sum(tail_lens)), 1,
+                                        num_kv_heads, block_n, max_programs)
     host = plan_host(arena.table, block_indptr, block_indices, qo_lens, tail_lens, 1, num_kv_heads, group,
-                     block_m, block_n, chunk_tokens, max_programs)
+                     block_m, block_n, chunk_tokens, max_programs, kind_chunks=kind_chunks)
     return upload_plans(host, device, arena.head_dim, max_programs)[0]
 
 
@@ -650,6 +660,23 @@ def default_chunk_tokens(kept_tokens: int, tail_tokens: int, num_layers: int, nu
     return chunk
 
 
+def kind_chunk_tokens(kept_by_kind: np.ndarray, tail_tokens: int, num_layers: int, num_kv_heads: int, block_n: int,
+                      max_programs: int, max_items: int | None = None) -> np.ndarray:
+    """Kept tokens per block run of each format pair (``kept_by_kind``: every layer's
+    kept tokens of each): about four items per program slot of that pair's own work.
+    Each pair is a launch of its own, so one chunk for all (:func:`default_chunk_tokens`)
+    left a pair with a small share of the tokens a few long items: the tenth run's per-
+    vector sparse keys ran 256 programs at 12% occupancy and 11% of DRAM bandwidth
+    beside a dense launch of 1,056 at 48%. ``max_items`` bounds the runs together, as
+    the batch's chunk does."""
+    kept = np.asarray(kept_by_kind, dtype=np.int64)
+    work = int(kept.sum()) // num_layers + tail_tokens * num_kv_heads
+    chunks = np.maximum(4 * block_n, -(-(kept // num_layers) // (4 * max_programs)))
+    if max_items:
+        chunks = np.maximum(chunks, -(-2 * work // max_items))
+    return chunks
+
+
 def plan_host(
     table: torch.Tensor | np.ndarray,
     block_indptr: np.ndarray,
@@ -665,6 +692,7 @@ def plan_host(
     max_programs: int,
     max_items: int | None = None,
     runs: BlockRuns | None = None,
+    kind_chunks: np.ndarray | None = None,
 ) -> HostPlan:
     """Plan a batch whose requests read, at every layer, the same tokens but their own
     blocks: ``block_indptr`` has ``num_layers * B * Hkv + 1`` entries (layer-major),
@@ -674,7 +702,8 @@ def plan_host(
     at most half of ``max_items`` per layer (a graph's capacity; the rest is for each
     group's format pairs and tail), see :func:`default_chunk_tokens`. ``runs``: the
     blocks' runs already found at the given ``chunk_tokens`` (a plan that keeps each
-    request's runs from one step to the next)."""
+    request's runs from one step to the next). ``kind_chunks``: the block runs' length
+    per format pair instead (:func:`kind_chunk_tokens`)."""
     table = as_table(table)
     block_indices = torch.as_tensor(block_indices, dtype=torch.int64).to(table.device)
     qo_lens = np.asarray(qo_lens, dtype=np.int64)
@@ -688,7 +717,7 @@ def plan_host(
                                             num_kv_heads, block_n, max_programs, max_items)
     items, kinds, groups, merge_indptr, runs = plan_work(
         table, block_indptr, block_indices, np.tile(qo_lens, num_layers), np.tile(tail_lens, num_layers),
-        num_kv_heads, group, block_m, block_n, chunk_tokens, runs,
+        num_kv_heads, group, block_m, block_n, chunk_tokens, runs, kind_chunks,
     )
     item_layer = items[:, 0] // max(bsz, 1)
     items[:, 0] %= max(bsz, 1)

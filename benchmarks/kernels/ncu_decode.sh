@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Nsight Compute over the decode kernel: the server's tuning (setting 0) against sparse keys
-# packed too (10) and packed tiles' entries prefetched (11, 12) on the presets' 3x mix and
-# dense 32-token blocks: throughput, warp stalls, scheduler issue, occupancy, memory (the
-# tenth run compared settings 0 1 4 7).
+# Nsight Compute over the decode kernel: the server's tuning (setting 0, sparse keys packed)
+# against runs cut per format pair (13) on the presets' 3x and 6x mixes and dense 32-token
+# blocks: throughput, warp stalls, scheduler issue, occupancy, memory (the tenth run
+# compared settings 0 1 4 7, the eleventh 0 10 11 12 when 0 packed dense pairs alone).
 # Each setting's launches run once after a warm-up (diag_formats.py --profile-once), in the
 # order it prints. Writes DIR/ncu_decode.csv and DIR/ncu_decode.txt.
 #   CUDA_VISIBLE_DEVICES=0 bash benchmarks/kernels/ncu_decode.sh DIR
@@ -14,8 +14,8 @@ if [ -z "$NCU" ]; then echo "no ncu on this machine (PATH, /usr/local/cuda*/bin)
 "$NCU" --log-file "$D/ncu_decode.csv" --kernel-name regex:_mixed_attn_kernel --csv --page details \
   --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section Occupancy \
   --section MemoryWorkloadAnalysis --section LaunchStats \
-  python3 benchmarks/kernels/diag_formats.py --segment 32 --formats dense dense_8and32 mosaic_dense_values_3x \
-    --settings 0 10 11 12 --profile-once --out "$D" > "$D/ncu_decode.txt" 2>&1
+  python3 benchmarks/kernels/diag_formats.py --segment 32 --formats dense mosaic_dense_values_3x mosaic_dense_values_6x \
+    --settings 0 13 --profile-once --out "$D" > "$D/ncu_decode.txt" 2>&1
 rc=$?
 grep "profiled run" "$D/ncu_decode.txt"; tail -3 "$D/ncu_decode.txt"
 exit $rc

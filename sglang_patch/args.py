@@ -18,7 +18,8 @@ from sglang.srt.server_args import ServerArgs
 
 KV_COMPRESS_CHOICES = ["none", "mosaickv"]
 ATTENTION_CHOICES = ["triton", "sdpa"]
-SEALING_CHOICES = ["processes", "device"]
+SEALING_CHOICES = ["processes", "device", "device-thread"]
+DEVICE_SEALING = ("device", "device-thread")  # sealing where the pool is: no worker processes
 BACKEND_NAME = "mosaickv"
 DEFAULT_POLICY = "mosaic"
 # KV cache dtypes the segment formats store without a second rounding (values are bf16).
@@ -59,9 +60,10 @@ class MosaicServerArgs(ServerArgs):
     ] = None
     kv_compress_sealing: A[
         Optional[str],
-        Arg(help="MosaicKV sealing: 'processes' (default; host worker processes beside the scheduler) or 'device' "
+        Arg(help="MosaicKV sealing: 'processes' (default; host worker processes beside the scheduler), 'device' "
                  "(inline on the GPU at insert, 32 segments per call; for large models and long prompts, which host "
-                 "processes cannot seal as fast as prefill makes them).",
+                 "processes cannot seal as fast as prefill makes them) or 'device-thread' (as 'device', on a thread "
+                 "beside the scheduler, which goes on launching forwards meanwhile; not yet timed on a GPU).",
             choices=SEALING_CHOICES),
         NS("memory"),
     ] = None
@@ -99,13 +101,14 @@ class MosaicServerArgs(ServerArgs):
             self.kv_compress_sealing = SEALING_CHOICES[0]
         elif self.kv_compress_sealing not in SEALING_CHOICES:
             raise KVCompressError(f"--kv-compress-sealing {self.kv_compress_sealing!r} is not one of {SEALING_CHOICES}.")
-        elif self.kv_compress_sealing == "device" and self.kv_compress_workers is not None:
+        elif self.kv_compress_sealing in DEVICE_SEALING and self.kv_compress_workers is not None:
             raise KVCompressError("--kv-compress-workers sets sealing processes; with --kv-compress-sealing device "
                                   "there are none: drop one of the two flags.")
         if self.kv_compress_seal_batch is not None:
-            if self.kv_compress_sealing != "device":
+            if self.kv_compress_sealing not in DEVICE_SEALING:
                 raise KVCompressError(f"--kv-compress-seal-batch sets segments per device sealing call; it needs "
-                                      f"--kv-compress-sealing device, got {self.kv_compress_sealing!r}.")
+                                      f"--kv-compress-sealing device or device-thread, got "
+                                      f"{self.kv_compress_sealing!r}.")
             if self.kv_compress_seal_batch < 1:
                 raise KVCompressError(f"--kv-compress-seal-batch {self.kv_compress_seal_batch} must be at least 1.")
         if self.kv_compress_workers is None:

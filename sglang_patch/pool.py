@@ -181,6 +181,7 @@ class SealingCounters:
     decode_inserts: int = 0  # running requests' decoded segments inserted (sealed) before they finished
     prefill_throttled: int = 0  # prefill rounds whose budget was cut to the free dense rows (admission.py)
     inline_seal_seconds: float = 0.0  # wall time the scheduler spent sealing inline (--kv-compress-sealing device)
+    thread_seal_seconds: float = 0.0  # wall time the sealing thread spent sealing (--kv-compress-sealing device-thread)
     seal_deferrals: int = 0  # middle prefill chunks whose segments stayed dense until the prompt's last chunk
     waiting_for_slots: int = 0  # due segments whose slot values' copy has not passed yet (the radix cache's)
 
@@ -445,6 +446,7 @@ class MosaicKVPool(MHATokenToKVPool):
             "decode_inserts": self.counters.decode_inserts,
             "prefill_throttled": self.counters.prefill_throttled,
             "inline_seal_seconds": round(self.counters.inline_seal_seconds, 3),
+            "thread_seal_seconds": round(self.counters.thread_seal_seconds, 3),
             "seal_deferrals": self.counters.seal_deferrals,
             "plan_run_hits": self.run_cache.hits,  # requests whose block runs a plan reused (RunCache)
             "plan_run_misses": self.run_cache.misses,

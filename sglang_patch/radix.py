@@ -52,7 +52,9 @@ from mosaickv.kernels.layout import Region
 from mosaickv.packed_sealing import PackedSealer
 from mosaickv.uploads import upload
 from mosaickv.sealer import CompressFn, PolicyCompressor, SealWorkers, SegmentInputs, seal_segment
+from mosaickv.sglang_patch.args import DEVICE_SEALING
 from mosaickv.sglang_patch.pool import UNMAPPED, MosaicKVPool
+from mosaickv.sglang_patch.seal_thread import SealThread
 from mosaickv.sglang_patch.sizing import prefill_batch_tokens
 
 logger = logging.getLogger(__name__)
@@ -114,7 +116,8 @@ class MosaicRadixCache(RadixCache):
     def __init__(self, params: CacheInitParams, *, compress: CompressFn, segment_size: int,
                  sink_segments: int, window: int, background: bool = True, workers: int = 1,
                  on_device: bool = False, seal_inline: Optional[Callable[[SegmentInputs], Region]] = None,
-                 defer_margin: int = 0, decode_batch: int = 1, seal_batch: int = SEAL_BATCH) -> None:
+                 defer_margin: int = 0, decode_batch: int = 1, seal_batch: int = SEAL_BATCH,
+                 seal_thread: bool = False) -> None:
         """``background``: compress in ``workers`` processes (False: inline in ``insert``,
         on the host, or with ``on_device`` where the pool is, K/V never leaving it).
         ``seal_inline``: what inline sealing runs (default: ``seal_segment`` of ``compress``;
@@ -123,9 +126,13 @@ class MosaicRadixCache(RadixCache):
         free (see :meth:`insert`); 0 seals after every chunk. ``decode_batch`` > 1: the
         segments running requests close while decoding wait to seal together, up to that
         many (see :meth:`seal_decoded`). ``seal_batch``: segments per call of a sealer that
-        takes many (see :meth:`_seal_now`)."""
+        takes many (see :meth:`_seal_now`). ``seal_thread``: sealing on the device runs on a
+        thread beside the scheduler (:class:`~mosaickv.sglang_patch.seal_thread.SealThread`),
+        not inline."""
         if on_device and background:
             raise ValueError("sealing on the device runs inline: background must be False")
+        if seal_thread and not on_device:
+            raise ValueError("seal_thread=True seals on the device on a thread: it needs on_device=True")
         pool = params.token_to_kv_pool_allocator.get_kvcache()
         if not isinstance(pool, MosaicKVPool):
             raise TypeError(f"MosaicRadixCache needs a MosaicKVPool, got {type(pool).__name__}")
@@ -139,6 +146,7 @@ class MosaicRadixCache(RadixCache):
         self.window = window
         self._workers = SealWorkers(compress, workers) if background else None
         self.on_device = on_device
+        self._thread = SealThread(pool.device, pool.counters) if seal_thread else None
         self.defer_margin = defer_margin
         self.decode_batch = decode_batch
         if seal_batch < 1:
@@ -399,8 +407,8 @@ class MosaicRadixCache(RadixCache):
             else:
                 self._wait_for_slots(node, j)
         self._submit(ready)
-        if self._workers is None:
-            self.drain(wait=False)
+        if self._workers is None:  # inline sealing is done; a sealing thread's is waited for when rows are short
+            self.drain(wait=short and self._thread is not None)
 
     def _submit_written(self, wait: bool) -> None:
         """Submit the waiting segments whose slot values are now written (``wait``: all),
@@ -477,6 +485,8 @@ class MosaicRadixCache(RadixCache):
                                                                  observed(pool.query_stats.attention_many)))]
         if self._workers is not None:
             futures = [self._workers.submit(x) for x in batch]
+        elif self._thread is not None:
+            futures = self._thread.submit(self._seal_now, batch)
         else:  # the scheduler waits: its share of a prefill's time is counted
             start = time.perf_counter()
             futures = self._seal_now(batch)
@@ -526,7 +536,8 @@ class MosaicRadixCache(RadixCache):
         sealed = [(job, region) for (_, job), region in zip(done, results) if region is not None]
         if self._seal_stream is not None and done:  # what sealing wrote there (the regions' bytes) comes first
             here = torch.cuda.current_stream(self._seal_stream.device)
-            here.wait_stream(self._seal_stream)
+            if self._thread is None:  # a sealing thread finishes its regions' writes before their futures
+                here.wait_stream(self._seal_stream)
             for _, region in sealed:
                 if region.data.is_cuda:
                     region.data.record_stream(here)
@@ -592,7 +603,7 @@ def mosaic_radix_factory(ctx) -> RadixCache:
     if ctx.disable_radix_cache:
         return default_radix_cache_factory(ctx)
     policy = ctx.server_args.mosaic_policy
-    on_device = ctx.server_args.kv_compress_sealing == "device"
+    on_device = ctx.server_args.kv_compress_sealing in DEVICE_SEALING
     seal_batch = ctx.server_args.kv_compress_seal_batch or default_seal_batch(
         ctx.params.token_to_kv_pool_allocator.get_kvcache(), policy.segment_size)
     return MosaicRadixCache(
@@ -608,6 +619,7 @@ def mosaic_radix_factory(ctx) -> RadixCache:
         defer_margin=prefill_batch_tokens(ctx.server_args),  # room for the next chunk
         decode_batch=seal_batch if on_device else DECODE_SEAL_BATCH,
         seal_batch=seal_batch,
+        seal_thread=ctx.server_args.kv_compress_sealing == "device-thread",
     )
 
 

@@ -66,7 +66,7 @@ def test_help_lists_both_flags(capsys):
     assert "--kv-compress {none,mosaickv}" in out
     assert "--kv-compress-config KV_COMPRESS_CONFIG" in out
     for flag in ("--kv-compress-workers KV_COMPRESS_WORKERS", "--kv-compress-attention {triton,sdpa}",
-                 "--kv-compress-sealing {processes,device}", "--kv-compress-seal-batch KV_COMPRESS_SEAL_BATCH",
+                 "--kv-compress-sealing {processes,device,device-thread}", "--kv-compress-seal-batch KV_COMPRESS_SEAL_BATCH",
                  "--kv-compress-cuda-graph"):
         assert flag in out
 
@@ -123,6 +123,7 @@ def test_policy_file_is_validated_by_the_lead_loader(llama, tmp_path):
     (dict(kv_compress_attention="sdpa", kv_compress_cuda_graph=True), "--kv-compress-cuda-graph needs"),
     (dict(kv_compress_sealing="gpu"), "--kv-compress-sealing 'gpu'"),
     (dict(kv_compress_sealing="device", kv_compress_workers=2), "--kv-compress-workers sets sealing processes"),
+    (dict(kv_compress_sealing="device-thread", kv_compress_workers=2), "--kv-compress-workers sets sealing processes"),
     (dict(kv_compress_seal_batch=64), "--kv-compress-seal-batch sets segments per device sealing call"),
     (dict(kv_compress_sealing="device", kv_compress_seal_batch=0), "--kv-compress-seal-batch 0 must be at least 1"),
 ])
@@ -154,6 +155,8 @@ def test_sealing_processes_default_to_a_quarter_of_the_cpus_from_one_to_four(lla
 def test_sealing_defaults_to_processes(llama):
     assert make(llama, kv_compress="mosaickv").kv_compress_sealing == "processes"
     assert make(llama, kv_compress="mosaickv", kv_compress_sealing="device").kv_compress_sealing == "device"
+    threaded = make(llama, kv_compress="mosaickv", kv_compress_sealing="device-thread", kv_compress_seal_batch=64)
+    assert (threaded.kv_compress_sealing, threaded.kv_compress_seal_batch) == ("device-thread", 64)
 
 
 def test_attention_path_defaults_to_the_kernels(llama):

@@ -40,10 +40,11 @@ SHAPE = KVShape(num_layers=2, num_kv_heads=2, head_dim=32, v_head_dim=32)
 
 
 def make_cache(compress, background: bool = False, workers: int = 1, on_device: bool = False, seal_inline=None,
-               defer_margin: int = 0, decode_batch: int = 1, seal_batch: int = SEAL_BATCH, device: str = "cpu"):
+               defer_margin: int = 0, decode_batch: int = 1, seal_batch: int = SEAL_BATCH, device: str = "cpu",
+               seal_thread: bool = False):
     """(tree, pool, allocator) on SGLang's real allocator, sealing with ``compress``
     (inline unless ``background``: worker processes; ``on_device``: inline where the pool
-    is, which is ``device``)."""
+    is, which is ``device``, or on a thread with ``seal_thread``)."""
     plan = plan_capacity(SHAPE, 1 << 20, segment_size=SEG, ratio=2.0, sinks=0, window=WINDOW,
                          max_running_requests=4)
     pool = MosaicKVPool(plan.max_total_num_tokens, page_size=1, dtype=torch.bfloat16, head_num=2, head_dim=32,
@@ -53,7 +54,8 @@ def make_cache(compress, background: bool = False, workers: int = 1, on_device: 
                              token_to_kv_pool_allocator=alloc, page_size=1)
     tree = MosaicRadixCache(params, compress=compress, segment_size=SEG, sink_segments=0, window=WINDOW,
                             background=background, workers=workers, on_device=on_device, seal_inline=seal_inline,
-                            defer_margin=defer_margin, decode_batch=decode_batch, seal_batch=seal_batch)
+                            defer_margin=defer_margin, decode_batch=decode_batch, seal_batch=seal_batch,
+                            seal_thread=seal_thread)
     return tree, pool, alloc
 
 
@@ -75,7 +77,8 @@ def test_factory_is_registered_with_sglang():
     assert get_radix_cache_factory("mosaickv") is mosaic_radix_factory
 
 
-@pytest.mark.parametrize("sealing, seal_batch", [("processes", None), ("device", None), ("device", 64)])
+@pytest.mark.parametrize("sealing, seal_batch", [("processes", None), ("device", None), ("device", 64),
+                                                  ("device-thread", None)])
 def test_factory_seals_as_the_sealing_flag_says(sealing, seal_batch):
     from mosaickv.config import load_policy
 
@@ -86,11 +89,13 @@ def test_factory_seals_as_the_sealing_flag_says(sealing, seal_batch):
                            kv_compress_seal_batch=seal_batch, chunked_prefill_size=4096, max_prefill_tokens=16384)
     tree = mosaic_radix_factory(SimpleNamespace(disable_radix_cache=False, server_args=args, params=params,
                                                 model_config=SimpleNamespace(head_dim=32)))
-    assert tree.on_device == (sealing == "device") and (tree._workers is None) == (sealing == "device")
+    on_device = sealing != "processes"
+    assert tree.on_device == on_device and (tree._workers is None) == on_device
+    assert (tree._thread is not None) == (sealing == "device-thread")
     assert tree.defer_margin == 4096  # room for the next chunk
     assert tree.seal_batch == (seal_batch or MAX_SEAL_BATCH)  # this pool's segments are tiny
     # Decoded segments seal a call's worth at a time on the device, eight to the workers.
-    assert tree.decode_batch == (tree.seal_batch if sealing == "device" else DECODE_SEAL_BATCH) > 1
+    assert tree.decode_batch == (tree.seal_batch if on_device else DECODE_SEAL_BATCH) > 1
 
 
 def test_default_seal_batch_keeps_the_workspace_of_32_8b_segments():

@@ -16,7 +16,9 @@
 #   PART=rows MODEL=M WORKLOAD=W [N=n] bash benchmarks/device_session.sh   # the same for any model and workload of
 #                                                       benchmarks/suite/workloads.py (e.g. smollm2 gsp, llama8b-random random8k;
 #                                                       a missing model is built first); GPU0_METHODS / GPU1_METHODS
-#                                                       choose each GPU's methods (e.g. mosaic3 | mosaic6: a call each)
+#                                                       choose each GPU's methods (e.g. mosaic3 | mosaic6: a call each),
+#                                                       GPU0_FLAGS / GPU1_FLAGS each GPU's MosaicKV flags (e.g. mosaic3
+#                                                       with --kv-compress-sealing device | device-thread)
 #   PART=kernels   bash benchmarks/device_session.sh   # ncu: the server's tiles, one block per tile, 64-token tiles,
 #                                                       eight warps | diag_formats at 32-token segments (the presets'
 #                                                       mixes, dense), then the host's decode step at SmolLM2's shape
@@ -39,10 +41,13 @@ LOG=$(mktemp -d)
 say() { echo "[$(( $(date +%s) - T0 )) s] $*" | tee -a "$LOG/steps.txt"; }
 
 # One suite comparison on one GPU: GPU, port base, budget, then run_comparison.sh's settings.
+# GPU0_FLAGS / GPU1_FLAGS, if set, replace MOSAIC_FLAGS on that GPU (e.g. the two sealing modes side by side).
 suite() {
   local gpu=$1 port=$2 budget=$3; shift 3
+  local flags_var=GPU${gpu}_FLAGS
   env CUDA_VISIBLE_DEVICES=$gpu STATE_ROOT=/tmp/mkv/suite$gpu PORT_BASE=$port T0=$T0 BUDGET_S=$budget \
-    OUT=$OUT/gpu$gpu MOSAIC_FLAGS="$MOSAIC_FLAGS" "$@" bash benchmarks/suite/run_comparison.sh > "$LOG/suite_gpu$gpu.txt" 2>&1
+    OUT=$OUT/gpu$gpu MOSAIC_FLAGS="${!flags_var:-$MOSAIC_FLAGS}" "$@" bash benchmarks/suite/run_comparison.sh \
+    > "$LOG/suite_gpu$gpu.txt" 2>&1
   say "suite on GPU $gpu: rc=$? ($*)"
 }
 

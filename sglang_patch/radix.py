@@ -97,6 +97,11 @@ MAX_SEAL_BATCH = 256
 # a call sealed at nearly every step, and its ITL p50 was 57.4 ms against none's 9.9
 # (h200x2_2026-11-30g). The oldest waits at most half a segment's steps either way.
 DECODE_SEAL_BATCH = 8
+# Decoded segments inserted a step at least (more with many requests: see
+# MosaicRadixCache.cache_decoded). Requests that decode in step close their segments at the
+# same step, and inserting all 512 of a shared-prefix workload's there took 173 ms of one
+# step's bookkeeping on a 2-core CPU (decode_hook_host.py, 0.34 ms an insert).
+DECODE_INSERTS_PER_STEP = 32
 
 
 def _run_now(seal: Callable[[SegmentInputs], Region], inputs: SegmentInputs) -> Future:
@@ -249,16 +254,30 @@ class MosaicRadixCache(RadixCache):
         self._seal(self._due(params.key))
         return result
 
-    def cache_decoded_segments(self, req) -> None:
+    def cache_decoded(self, reqs: list) -> None:
+        """After a decode step, for its running requests: insert the segments they closed
+        (:meth:`cache_decoded_segments`), at most ``DECODE_INSERTS_PER_STEP`` a step, or
+        as many as lets every request insert within half a segment's steps, unless dense
+        rows run short; then seal what is due (:meth:`seal_decoded`). A request not
+        reached inserts at a later step: its closed segment stays dense until then."""
+        budget = max(DECODE_INSERTS_PER_STEP, -(-len(reqs) // max(1, self.segment_size // 2)))
+        for req in reqs:
+            if budget <= 0 and self.pool.free_dense_tokens() >= self.defer_margin:
+                break
+            budget -= self.cache_decoded_segments(req)
+        self.seal_decoded()
+
+    def cache_decoded_segments(self, req) -> bool:
         """Insert a decoding request's tokens up to its last whole segment, as
         ``cache_unfinished_req`` does after a prefill chunk, so that its segments seal
         during decode (SGLang inserts a decoding request only when it finishes, and its
-        dense rows are sized for a window, not a generation). Called after every decode
-        step; acts when the tokens whose KV is written, less the newest one (under the
-        overlap scheduler its write may still be in flight), close a segment."""
+        dense rows are sized for a window, not a generation). Acts when the tokens whose
+        KV is written, less the newest one (under the overlap scheduler its write may still
+        be in flight), close a segment not yet in the tree; SGLang's insert takes whole
+        segments (the tree's pages). Whether it inserted."""
         written = req.effective_kv_committed_len() - 1
-        if self.disable or written % self.segment_size or written <= req.cache_protected_len:
-            return
+        if self.disable or written - written % self.segment_size <= req.cache_protected_len:
+            return False
         req._refresh_fill_ids()  # origin + output ids, which decoding leaves stale
         req.set_extend_range(written - 1, written)  # what get_fill_ids (and so the insert) reads
         self._decoding = True
@@ -267,6 +286,7 @@ class MosaicRadixCache(RadixCache):
         finally:
             self._decoding = False
         self.pool.counters.decode_inserts += 1
+        return True
 
     def seal_decoded(self, force: bool = False) -> None:
         """After each decode step: seal the segments that running requests closed, together,
@@ -641,14 +661,12 @@ def idle_drain_hook(scheduler, *args, **kwargs) -> None:
 
 def decode_seal_hook(result, processor, batch, *args, **kwargs) -> None:
     """AFTER hook on ``process_batch_result_decode``: the batch's running requests insert
-    their decoded segments (:meth:`MosaicRadixCache.cache_decoded_segments`)."""
+    their decoded segments (:meth:`MosaicRadixCache.cache_decoded`)."""
     tree = getattr(processor, "tree_cache", None)
     if not isinstance(tree, MosaicRadixCache):
         return
-    for req in batch.reqs:
-        if not (req.finished() or req.is_retracted or req.req_pool_idx is None):
-            tree.cache_decoded_segments(req)
-    tree.seal_decoded()
+    tree.cache_decoded([req for req in batch.reqs
+                        if not (req.finished() or req.is_retracted or req.req_pool_idx is None)])
 
 
 def register_backend() -> None:

@@ -183,3 +183,25 @@ def test_segments_closed_at_one_step_seal_a_call_s_worth_a_step():
         assert submitted == want
         idle_drain_hook(SimpleNamespace(tree_cache=run.tree))
         assert sum(submitted) == 4 and run.pool.stats()["sealed_segments"] == run.comp.calls
+
+
+def test_segments_closed_at_one_step_are_inserted_a_few_a_step(monkeypatch):
+    """Requests decoding in step close segments at the same step; inserting them all there
+    was one step's spike (decode_hook_host.py): at most DECODE_INSERTS_PER_STEP a step
+    (or enough for every request within half a segment's steps), the rest at the next
+    steps, every one in the end; all at once when dense rows run short."""
+    monkeypatch.setattr("mosaickv.sglang_patch.radix.DECODE_INSERTS_PER_STEP", 1)
+    run = Serving(40, requests=4)
+    counted = lambda: run.pool.stats()["decode_inserts"]  # noqa: E731
+    run.decode(8)
+    assert counted() == 0
+    inserted = []
+    for _ in range(4):  # from 48 tokens written on, all four have closed segment 1
+        run.decode(1)
+        inserted.append(counted())
+    assert inserted == [1, 2, 3, 4]
+    assert all(req.cache_protected_len == 48 for req in run.reqs)
+
+    run = Serving(40, requests=4, defer_margin=1 << 30)  # never enough dense rows free
+    run.decode(9)
+    assert run.pool.stats()["decode_inserts"] == 4

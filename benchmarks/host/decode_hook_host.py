@@ -146,8 +146,9 @@ def main(argv: list[str] | None = None) -> int:
         "requests": len(reqs), "steps": args.steps, "decode_batch": tree.decode_batch, "build_s": round(built_s, 1),
         "hook_ms": {"median": statistics.median(hook), "mean": statistics.fmean(hook), "max": max(hook)},
         "seal_ms_mean": statistics.fmean(seal),
-        "bookkeeping_ms": {"median": statistics.median(bookkeeping), "mean": statistics.fmean(bookkeeping)},
-        "inserts_per_step_mean": statistics.fmean(inserts),
+        "bookkeeping_ms": {"median": statistics.median(bookkeeping), "mean": statistics.fmean(bookkeeping),
+                           "max": max(bookkeeping)},
+        "inserts_per_step_mean": statistics.fmean(inserts), "inserts_per_step_max": max(inserts),
         "steps_that_sealed": sum(s > 0 for s in seal),
     }
     print(json.dumps(result))

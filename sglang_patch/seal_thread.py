@@ -32,6 +32,8 @@ class SealThread:
     def __init__(self, device: torch.device | str, counters: SealingCounters) -> None:
         self.device, self.counters = torch.device(device), counters
         cuda = self.device.type == "cuda"
+        if cuda and self.device.index is None:  # "cuda": the scheduler's current device, resolved on its thread
+            self.device = torch.device("cuda", torch.cuda.current_device())
         # A new thread's current device is the first one, not the scheduler's.
         self._executor = ThreadPoolExecutor(1, "mosaickv-seal",
                                             initializer=(lambda: torch.cuda.set_device(self.device)) if cuda else None)

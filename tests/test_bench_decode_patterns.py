@@ -37,3 +37,24 @@ def test_the_first_diag_setting_is_the_servers_decode_tuning() -> None:
     for (kwargs, _), segment in zip(SETTINGS[:2], (32, 128)):
         diag, server = MixedAttention(**kwargs), tuning_for(False, segment)
         assert {f: getattr(diag, f) for f in fields} == {f: getattr(server, f) for f in fields}, segment
+
+
+def test_runs_cut_per_pair_give_every_launch_of_the_presets_mixes_a_program_each() -> None:
+    """plan_items.py, on the diag's shape: with one chunk for the batch the 3x mix's
+    sparse-key launch gets one item per (request, KV head), 256, as Nsight Compute saw on
+    the H200 (132 SMs, 1,056 program slots); cut per format pair, every launch of either
+    mix but the tails' has nearly an item per slot (items of at least four tiles bound
+    them), and the dense launch keeps about its items."""
+    import json
+
+    from diag_formats import POLICY_REPORT, D
+    from bench_decode import policy_patterns
+    from plan_items import items_per_launch
+
+    patterns = {name: pat for name, pat, _ in policy_patterns(json.loads(POLICY_REPORT.read_text()), D, 64)}
+    for name in ("mosaic_dense_values_3x", "mosaic_dense_values_6x"):
+        items = items_per_launch(patterns[name], sms=132)
+        if name.endswith("3x"):
+            assert items["one_chunk"]["sparse/dense"] == 256
+        assert all(n >= 0.9 * 1056 for launch, n in items["per_pair"].items() if launch != "tail/tail")
+        assert items["per_pair"]["dense/dense"] <= 1.25 * items["one_chunk"]["dense/dense"]

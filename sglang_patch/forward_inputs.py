@@ -205,7 +205,7 @@ def host_plan(pool: MosaicKVPool, reqs: list[RequestKV], group: int, tuning: Mix
     keeps while its work changes by less than half."""
     hkv, layers = pool.head_num, pool.layer_num
     table, cache = pool.block_table, pool.run_cache
-    mirror = pool.block_table_host  # runs are found on the host (block_runs), not read back
+    mirror = pool.block_entries_host  # runs are found on the host (block_runs), not read back
     found = [sealed_and_tail(req) for req in reqs]
     slabs = [s for s, _ in found]
     tails = [t for _, t in found]

@@ -23,7 +23,7 @@ import numpy as np
 
 from mosaickv.formats import VALUE_DTYPE, PackedBlock, unpack_block
 from mosaickv.kernels.layout import TABLE_FIELDS, Region, pack_region, read_block, unaligned_blocks
-from mosaickv.kernels.block_runs import RunCache
+from mosaickv.kernels.block_runs import RunCache, pack_entries
 from mosaickv.uploads import upload
 from mosaickv.sglang_patch.decode_rows import DecodeRows
 from mosaickv.sglang_patch.query_stats import SegmentQueryStats
@@ -226,6 +226,7 @@ class MosaicKVPool(MHATokenToKVPool):
         rows = max(self.plan.num_slabs, 1) * self.layer_num * self.head_num
         self.block_table = torch.zeros((rows, len(TABLE_FIELDS)), dtype=torch.int64, device=self.device)
         self.block_table_host = np.zeros((rows, len(TABLE_FIELDS)), dtype=np.int64)
+        self.block_entries_host = pack_entries(self.block_table_host)  # what plans find runs from (block_runs)
         self._slab_pages: dict[int, list[int]] = {}
         self._unaligned_slabs: set[int] = set()  # slabs with a width the kernels cannot vector-load
         self.slab_generation = np.zeros(max(self.plan.num_slabs, 1), dtype=np.int64)  # segments each slab has held
@@ -352,6 +353,7 @@ class MosaicKVPool(MHATokenToKVPool):
         rows = (at[:, None] * blocks + np.arange(blocks)).reshape(-1)  # table_row(slab, 0) onwards
         tables = np.concatenate([region.table for region in regions])
         self.block_table_host[rows] = tables
+        self.block_entries_host[rows] = pack_entries(tables)
         self.block_table[upload(rows, self.device)] = upload(tables, self.device)  # not a stream sync per segment
         unaligned = unaligned_blocks(tables).reshape(len(slabs), blocks).any(axis=1)
         self._unaligned_slabs.update(at[unaligned].tolist())

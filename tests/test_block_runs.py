@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mosaickv.formats import SIDE_KINDS
-from mosaickv.kernels.block_runs import KIND_PAIRS, RunCache, batch_runs, block_runs, kind_tokens
+from mosaickv.kernels.block_runs import KIND_PAIRS, RunCache, batch_runs, block_runs, kind_tokens, pack_entries
 from mosaickv.kernels.layout import TABLE_FIELDS, kind_chunk_tokens, plan_host
 
 
@@ -66,6 +66,10 @@ def test_block_runs_match_a_loop_over_blocks(seed: int, device: str) -> None:
         rows = indices[kinds == kind]
         assert got.k_width_max[kind] == (table[rows, 2].max() if len(rows) else 0)
         assert got.v_width_max[kind] == (table[rows, 6].max() if len(rows) else 0)
+    packed = block_runs(pack_entries(table), indptr, indices, chunk)  # what a pool keeps on the host
+    assert np.array_equal(packed.block_indices.numpy(), order)
+    assert list(zip(packed.pair, packed.lo, packed.hi, packed.kind)) == runs
+    assert np.array_equal(packed.k_width_max, got.k_width_max) and np.array_equal(packed.v_width_max, got.v_width_max)
 
 
 @pytest.mark.parametrize("seed", range(20))
@@ -97,6 +101,13 @@ def test_a_batch_of_requests_runs_is_the_runs_of_the_batch(seed: int) -> None:
     for lo, hi, wlo, whi in zip(got.lo, got.hi, want.lo, want.hi):
         assert np.array_equal(got_rows[lo:hi], want_rows[wlo:whi])
     assert np.array_equal(got.k_width_max, want.k_width_max) and np.array_equal(got.v_width_max, want.v_width_max)
+
+
+def test_entries_too_wide_for_their_bits_are_refused() -> None:
+    table = np.zeros((2, len(TABLE_FIELDS)), dtype=np.int64)
+    table[1, 2] = 1 << 16
+    with pytest.raises(ValueError, match="16 bits each: got values from 0 to 65536"):
+        pack_entries(table)
 
 
 def test_chunks_per_format_pair_need_one_per_pair() -> None:

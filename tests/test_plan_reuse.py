@@ -114,7 +114,7 @@ sglang = pytest.importorskip("sglang")
 from sglang.srt.model_executor.forward_batch_info import ForwardMode  # noqa: E402
 
 from mosaickv.sglang_patch.attention import DECODE_TUNING  # noqa: E402
-from mosaickv.kernels.block_runs import kind_tokens  # noqa: E402
+from mosaickv.kernels.block_runs import kind_tokens, pack_entries  # noqa: E402
 from mosaickv.kernels.decode import MixedAttention  # noqa: E402
 from mosaickv.kernels.layout import kind_chunk_tokens  # noqa: E402
 from mosaickv.sglang_patch.forward_inputs import (  # noqa: E402
@@ -187,6 +187,7 @@ def test_runs_are_found_from_the_host_mirror_of_the_table():
         twin.seal(req, segment)
     pool = twin.pool
     assert np.array_equal(pool.block_table.cpu().numpy(), pool.block_table_host)
+    assert np.array_equal(pool.block_entries_host, pack_entries(pool.block_table_host))
     reqs = twin.mosaic._requests(torch.tensor([0, 1]), twin.lens[:2], [1, 1])
     want, want_rows = fresh_plan(pool, reqs, 32)
     pool.block_table.fill_(-7)

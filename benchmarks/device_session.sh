@@ -3,6 +3,9 @@
 # each inside the 10-minute limit, one job per GPU side by side. Send them back to back
 # after staging c1..c4 (../shared/device/README.md): the machine is released ~30 s after a
 # call ends. Every PART leaves at most 8 files under $OUT (a call brings back no more).
+# The tree with .device/c1 carried is over the 64 MiB a call takes (since the eleventh run):
+# move benchmarks/results out of the tree for the c1..c4 calls and back before any PART
+# (decode_step_host.py and the diag read policy reports there).
 #   PART=first     bash benchmarks/device_session.sh   # carry .device/c5: stage, GPU tests | 8B model, sealing
 #   PART=profile   bash benchmarks/device_session.sh   # carry .whl: decode profile | mosaic3 at 32k (prefill pace)
 #   PART=profile_8b bash benchmarks/device_session.sh  # carry .whl: 8B-shaped prefill profiles, 8k | 32k prompts

@@ -209,9 +209,10 @@ class MosaicRadixCache(RadixCache):
                 job.future.cancel()
                 self.pool.arena.free(job.slab)
         node.mosaic_slabs = []
-        for j in range(len(node.value) // self.segment_size):
-            self._unwritten.pop((id(node), j), None)
-        self.pool.counters.waiting_for_slots = len(self._unwritten)
+        if self._unwritten:  # most evictions find none waiting
+            for j in range(len(node.value) // self.segment_size):
+                self._unwritten.pop((id(node), j), None)
+            self.pool.counters.waiting_for_slots = len(self._unwritten)
 
     def _delete_leaf(self, node: TreeNode) -> None:
         self._release(node)

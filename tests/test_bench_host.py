@@ -107,3 +107,14 @@ def test_decode_hook_host_times_the_hook_with_its_inserts_and_seals(tmp_path):
     assert got["requests"] == 4 and got["decode_batch"] == 1
     assert got["inserts_per_step_mean"] * got["steps"] == 4  # each request closed one segment (written 128)
     assert got["steps_that_sealed"] >= 1 and 0 < got["seal_ms_mean"] <= got["hook_ms"]["mean"]
+
+
+def test_block_runs_host_checks_both_sources_and_times_them(tmp_path):
+    """benchmarks/host/block_runs_host.py: the packed entries and the table give the same
+    runs, and both are timed."""
+    bench = load_script("benchmarks/host/block_runs_host.py")
+    out = tmp_path / "runs.json"
+    assert bench.main(["--layers", "2", "--kv-heads", "3", "--segments", "5", "--slabs", "40", "--chunk", "16",
+                       "--repeat", "2", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["blocks"] == 2 * 3 * 5 and result["packed_entries_ms"] > 0 and result["table_ms"] > 0

@@ -29,6 +29,7 @@ import statistics
 import sys
 import time
 from array import array
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -159,8 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(json.dumps(result))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+        Path(args.json).write_text(json.dumps(result, indent=1))
     return 0
 
 

@@ -21,29 +21,17 @@ import numpy as np
 
 from mosaickv.formats import SIDE_KINDS
 from mosaickv.kernels.block_runs import kind_tokens
-from mosaickv.kernels.layout import TABLE_FIELDS, kind_chunk_tokens, plan_host
+from mosaickv.kernels.layout import kind_chunk_tokens, plan_host
+from mosaickv.kernels.synthetic import pattern_table
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_decode import POLICY_SEGMENT, policy_patterns  # noqa: E402
 from diag_formats import B, D, HKV, HQ, L, POLICY_REPORT  # noqa: E402
 
 
-def table_of(pattern, pairs: int, blocks_per_pair: int) -> np.ndarray:
-    """The block table ``synthetic_arena`` writes for ``pattern`` (block ``i`` of pair ``p``
-    in recipe ``(p + i) % len``), its kept tokens, kinds and widths only."""
-    nb = pairs * blocks_per_pair
-    recipe = (np.arange(nb) // blocks_per_pair + np.arange(nb) % blocks_per_pair) % len(pattern)
-    cols = np.zeros((len(pattern), len(TABLE_FIELDS)), dtype=np.int64)
-    for j, r in enumerate(pattern):
-        cols[j, 0] = r.tokens
-        cols[j, 1], cols[j, 2] = SIDE_KINDS.index(r.k[0]), D if r.k[0] == "dense" else r.k[1]
-        cols[j, 5], cols[j, 6] = SIDE_KINDS.index(r.v[0]), D if r.v[0] == "dense" else r.v[1]
-    return cols[recipe]
-
-
 def items_per_launch(pattern, sms: int) -> dict:
     pairs, blocks = B * HKV, L // POLICY_SEGMENT - 1
-    table = table_of(pattern, pairs, blocks)
+    _, table = pattern_table(pairs, blocks, pattern, D)
     indptr, indices = np.arange(pairs + 1) * blocks, np.arange(pairs * blocks)
     tail_lens = np.full(B, L - blocks * POLICY_SEGMENT)
     programs = 8 * sms

@@ -51,8 +51,9 @@ def host_array(a: torch.Tensor | np.ndarray) -> np.ndarray:
 def pack_entries(table: np.ndarray) -> np.ndarray:
     """One int64 per block table row holding what runs are found from: kept tokens (bits
     0-15), format pair (16-23), key width (24-39), value width (40-55). A pool keeps
-    these beside its table: five columns gathered from the table took 248 us for a
-    request's 19,800 blocks on a 2-core CPU, one packed gather and its unpacking 42."""
+    these beside its table: one gather a block instead of one a column (a request's
+    19,800 blocks found their runs in 0.40 ms from these against 0.91 from the table on
+    a 2-core CPU, benchmarks/host/block_runs_host.py)."""
     table = np.asarray(table, dtype=np.int64)
     fields = table[:, [0, 2, 6]]
     if len(table) and (fields.min() < 0 or fields.max() >= 1 << 16):
@@ -68,11 +69,6 @@ def entries(table: torch.Tensor | np.ndarray, block_indices: torch.Tensor | np.n
     table, indices = host_array(table), host_array(block_indices)
     packed = table[indices] if table.ndim == 1 else pack_entries(table[indices])
     return packed & 0xFFFF, packed >> 16 & 0xFF, packed >> 24 & 0xFFFF, packed >> 40 & 0xFFFF
-
-
-def block_tokens(table: torch.Tensor | np.ndarray, block_indices: torch.Tensor | np.ndarray) -> int:
-    """Kept tokens of every named block together."""
-    return int(entries(table, block_indices)[0].sum())
 
 
 def kind_tokens(table: torch.Tensor | np.ndarray, block_indices: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -100,7 +96,7 @@ def block_runs(table: torch.Tensor | np.ndarray, block_indptr: np.ndarray, block
     tokens, kind, k_width, v_width = entries(table, indices)
     counts = np.diff(np.asarray(block_indptr, dtype=np.int64))
     key = np.repeat(np.arange(len(counts), dtype=np.int64), counts) * KIND_PAIRS + kind
-    # A stable sort of 16-bit keys is numpy's radix sort: 4x faster than of int64 ones.
+    # A stable sort of keys that fit 16 bits is numpy's radix sort, not a comparison sort.
     order = np.argsort(key.astype(np.uint16) if len(counts) * KIND_PAIRS <= 1 << 16 else key, kind="stable")
     key, rows = key[order], indices[order]
     key_new = np.ones(nnz, dtype=bool)

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mosaickv.kernels.block_runs import KIND_PAIRS, BlockRuns, as_table, block_runs, block_tokens, kind_tokens
+from mosaickv.kernels.block_runs import KIND_PAIRS, BlockRuns, as_table, block_runs, kind_tokens
 from mosaickv.formats import SIDE_KINDS, VALUE_DTYPE, BlockFormat, PackedBlock, PackedSide, SideFormat, format_arrays
 from mosaickv.reference import CompressedLayer
 from mosaickv.uploads import upload
@@ -713,8 +713,8 @@ def plan_host(
     if runs is not None and chunk_tokens is None:
         raise ValueError("runs found in advance need the chunk_tokens they were cut at")
     if chunk_tokens is None:
-        chunk_tokens = default_chunk_tokens(block_tokens(table, block_indices), int(tail_lens.sum()), num_layers,
-                                            num_kv_heads, block_n, max_programs, max_items)
+        chunk_tokens = default_chunk_tokens(int(kind_tokens(table, block_indices).sum()), int(tail_lens.sum()),
+                                            num_layers, num_kv_heads, block_n, max_programs, max_items)
     items, kinds, groups, merge_indptr, runs = plan_work(
         table, block_indptr, block_indices, np.tile(qo_lens, num_layers), np.tile(tail_lens, num_layers),
         num_kv_heads, group, block_m, block_n, chunk_tokens, runs, kind_chunks,

@@ -77,6 +77,21 @@ def _align(x: np.ndarray, a: int) -> np.ndarray:
     return (x + a - 1) // a * a
 
 
+def pattern_table(num_pairs: int, blocks_per_pair: int, pattern: Sequence[Recipe], d: int
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Which recipe each block of ``num_pairs`` pairs of ``blocks_per_pair`` uses (block
+    ``i`` of pair ``p``: ``pattern[(p + i) % len(pattern)]``) and the block table's format
+    columns for them (kept tokens, kinds, widths; offsets left zero)."""
+    nb = num_pairs * blocks_per_pair
+    rec = (np.arange(nb) // blocks_per_pair + np.arange(nb) % blocks_per_pair) % len(pattern)
+    cols = np.zeros((len(pattern), 9), dtype=np.int64)
+    for j, r in enumerate(pattern):
+        cols[j, 0] = r.tokens
+        cols[j, 1], cols[j, 2] = SIDE_KINDS.index(r.k[0]), d if r.k[0] == "dense" else r.k[1]
+        cols[j, 5], cols[j, 6] = SIDE_KINDS.index(r.v[0]), d if r.v[0] == "dense" else r.v[1]
+    return rec, cols[rec]
+
+
 def synthetic_arena(
     num_pairs: int,
     blocks_per_pair: int,
@@ -92,12 +107,9 @@ def synthetic_arena(
     Returns the arena, ``block_indptr`` and ``block_indices`` (identity).
     """
     nb = num_pairs * blocks_per_pair
-    pid = np.arange(nb) // blocks_per_pair + np.arange(nb) % blocks_per_pair
-    rec = pid % len(pattern)
-    kind_of = {k: i for i, k in enumerate(SIDE_KINDS)}
-    cols = np.zeros((len(pattern), 9), dtype=np.int64)  # per recipe: sizes
+    rec, table = pattern_table(num_pairs, blocks_per_pair, pattern, d)
     sizes = []  # per recipe: (kv, kb, ki, vv, vb, vi) elements/bytes
-    for j, r in enumerate(pattern):
+    for r in pattern:
         m = r.tokens
         row = []
         for kind, w in (r.k, r.v):
@@ -107,16 +119,12 @@ def synthetic_arena(
             nidx = (m * w if kind == "sparse" else w if kind == "mask" else 0) if m else 0
             row += [nv, nbas, nidx]
         sizes.append(row)
-        cols[j, 0] = m
-        cols[j, 1], cols[j, 2] = kind_of[r.k[0]], d if r.k[0] == "dense" else r.k[1]
-        cols[j, 5], cols[j, 6] = kind_of[r.v[0]], d if r.v[0] == "dense" else r.v[1]
     sz = np.asarray(sizes, dtype=np.int64)[rec]  # [nb, 6]
     # Each value tensor rounded up to 8 elements, each index tensor to 16 bytes.
     vsz = _align(sz[:, [0, 1, 3, 4]], 8)
     isz = _align(sz[:, [2, 5]], 16)
     vstart = np.concatenate([[0], np.cumsum(vsz.sum(1))])
     istart = np.concatenate([[0], np.cumsum(isz.sum(1))])
-    table = cols[rec].copy()
     voffs = vstart[:-1, None] + np.concatenate([np.zeros((nb, 1), np.int64), np.cumsum(vsz, 1)[:, :-1]], 1)
     ioffs = istart[:-1, None] + np.concatenate([np.zeros((nb, 1), np.int64), isz[:, :1]], 1)
     table[:, 3] = voffs[:, 0]

@@ -293,9 +293,36 @@ def _mean(values: list[float]) -> float | None:
 # ---------------------------------------------------------------- report
 
 
+def task_key(rec: Mapping) -> tuple:
+    """A task's identity in any method's record: kind, target length, tokens, seed, depth, answers."""
+    return (rec["kind"], rec["length"], rec.get("tokens"), rec.get("seed"), rec.get("depth"), tuple(rec.get("answers") or ()))
+
+
+def common_records(records: list[dict]) -> list[dict] | None:
+    """The scored records of the tasks that every method answered, or None when they all
+    answered the same tasks. A run cut short (or a method whose requests failed) leaves the
+    methods with different tasks, and averages over different tasks do not compare. A method
+    that answered nothing (its server never started) is left out rather than emptying the set."""
+    answered: dict[str, set] = {}
+    for r in records:
+        keys = answered.setdefault(r["method"], set())
+        if r["error"] is None:
+            keys.add(task_key(r))
+    sets = [keys for keys in answered.values() if keys]
+    if len({frozenset(keys) for keys in sets}) <= 1:
+        return None
+    common = set.intersection(*sets)
+    return [r for r in records if r["error"] is None and task_key(r) in common]
+
+
 def make_result(header: Mapping, records: list[dict]) -> dict:
-    """The report: the run's header (command, date, device, methods...), records and summary."""
-    return {**header, "records": records, "summary": summarize(records)}
+    """The report: the run's header (command, date, device, methods...), records and summary;
+    with ``common`` (the summary over the tasks every method answered) where methods differ."""
+    result = {**header, "records": records, "summary": summarize(records)}
+    common = common_records(records)
+    if common is not None:
+        result["common"] = {"tasks": len({task_key(r) for r in common}), "summary": summarize(common)}
+    return result
 
 
 SAME_TASKS = ("kinds", "lengths", "samples", "seed", "max_tokens", "prime_context")  # what makes two runs' rows comparable
@@ -344,19 +371,32 @@ def _kinds(result: dict) -> list[str]:
 
 
 def format_table(result: dict) -> str:
-    """Markdown: a row per method, a column per kind, the average over kinds and the failed count."""
+    """Markdown: a row per method, a column per kind, the average over kinds and the failed count;
+    where the methods answered different tasks, the same again over the tasks they all answered."""
     kinds = _kinds(result)
     lengths = sorted({n for s in result["summary"].values() for n in map(int, s["by_length"])})
     lines = [
         f"accuracy in points (0-100), lengths {', '.join(map(str, lengths))} tokens; average = mean over kinds; failed requests are not scored",
         "",
-        "| method | " + " | ".join(kinds) + " | average | failed |",
-        "|---|" + "---:|" * (len(kinds) + 2),
+        *_table(result["summary"], kinds),
     ]
-    for name, s in result["summary"].items():
+    if "common" in result:
+        lines += [
+            "",
+            f"the methods answered different tasks (a run cut short, or failed requests): over the {result['common']['tasks']} "
+            "tasks that every method answered, where the averages compare:",
+            "",
+            *_table(result["common"]["summary"], kinds),
+        ]
+    return "\n".join(lines)
+
+
+def _table(summary: Mapping[str, dict], kinds: list[str]) -> list[str]:
+    lines = ["| method | " + " | ".join(kinds) + " | average | failed |", "|---|" + "---:|" * (len(kinds) + 2)]
+    for name, s in summary.items():
         cells = [_cell(s["by_kind"].get(k)) for k in kinds]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {_cell(s['average'])} | {s['failed']}/{s['requests']} |")
-    return "\n".join(lines)
+    return lines
 
 
 def plot_accuracy(result: dict, path: str | Path) -> None:
@@ -367,7 +407,8 @@ def plot_accuracy(result: dict, path: str | Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    summary = result["summary"]
+    common = result.get("common")
+    summary = common["summary"] if common else result["summary"]  # where methods answered different tasks, those all answered
     kinds = [*_kinds(result), "average"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.4), gridspec_kw={"width_ratios": [1, 1.8]})
     width = 0.8 / max(1, len(summary))
@@ -394,7 +435,8 @@ def plot_accuracy(result: dict, path: str | Path) -> None:
         ax.grid(alpha=0.3)
     left.legend(fontsize=7, ncol=2 if len(summary) > 6 else 1)
     model = Path(result.get("model_path") or result.get("tokenizer") or "").name
-    fig.suptitle(f"Accuracy through the OpenAI API, {model} ({result.get('device') or 'device not given'})", fontsize=10)
+    only = f", on the {common['tasks']} tasks every method answered" if common else ""
+    fig.suptitle(f"Accuracy through the OpenAI API, {model} ({result.get('device') or 'device not given'}){only}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

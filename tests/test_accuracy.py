@@ -402,3 +402,33 @@ def test_merge_puts_runs_side_by_side_and_refuses_other_tasks_or_a_shared_method
         with pytest.raises(SystemExit):
             main(["accuracy-merge", str(files[0]), str(bad), "--output", str(tmp_path / "x.json")])
         assert words in capsys.readouterr().err
+
+
+def test_a_run_cut_short_is_also_compared_over_the_tasks_every_method_answered(tasks, tmp_path):
+    answers = by_prompt(tasks)
+    right = lambda m, n: " ".join(answers[m[0]["content"]])  # noqa: E731
+    full = evaluate(tasks, {"a": right, "b": lambda m, n: ""}, progress=False)
+    assert "common" not in make_result({}, full)  # the same tasks: the summary already compares
+    cut = len(tasks) // 2  # b's run was cut after half its tasks, and b gets every one of those right
+    records = [r for r in full if r["method"] == "a"] + evaluate(tasks[:cut], {"b": right}, progress=False)
+    result = make_result({}, records)
+    assert result["common"]["tasks"] == cut
+    common = result["common"]["summary"]
+    assert common["a"]["requests"] == common["b"]["requests"] == cut
+    assert common["a"]["average"] == common["b"]["average"] == 100
+    assert result["summary"]["a"]["requests"] == len(tasks)  # the full summary keeps every record
+    table = format_table(result)
+    assert f"over the {cut} tasks that every method answered" in table
+    last = table.splitlines()[-1]
+    assert last.startswith("| b | ") and last.endswith(f" | 100.0 | 0/{cut} |")
+    plot_accuracy(result, tmp_path / "acc.png")
+    assert (tmp_path / "acc.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_method_that_answered_nothing_does_not_empty_the_common_tasks(tasks):
+    answers = by_prompt(tasks)
+    right = lambda m, n: " ".join(answers[m[0]["content"]])  # noqa: E731
+    records = evaluate(tasks, {"a": right}, progress=False) + evaluate(tasks[:3], {"b": right}, progress=False)
+    records += [{**r, "method": "down", "score": None, "output": None, "error": "ServerError: exited"} for r in records[: len(tasks)]]
+    result = make_result({}, records)
+    assert result["common"]["tasks"] == 3 and set(result["common"]["summary"]) == {"a", "b"}

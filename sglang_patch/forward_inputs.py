@@ -13,7 +13,7 @@ import torch
 import triton
 
 from mosaickv.kernels.decode import MixedAttention
-from mosaickv.kernels.block_runs import KIND_PAIRS, batch_runs, block_runs, kind_tokens
+from mosaickv.kernels.block_runs import GroupedBlocks, batch_runs, cut_runs, extend_blocks, group_blocks
 from mosaickv.kernels.layout import (HostPlan, default_chunk_tokens, kind_chunk_tokens, plan_host, tail_chunk,
                                      tail_items)
 from mosaickv.uploads import upload
@@ -196,8 +196,9 @@ def host_plan(pool: MosaicKVPool, reqs: list[RequestKV], group: int, tuning: Mix
     lists, cut into the kernels' items (:func:`plan_host`: the items on the host); and the
     tails' rows (host int64), each request's in token order, back to back. Each request's
     block runs come from the pool's :class:`~mosaickv.kernels.block_runs.RunCache` (found
-    on the host from the pool's mirror of the table when missing: nothing is read back),
-    so a step costs about its requests' runs, not their blocks; and the batch's plan too (FlashInfer's plan once, run many): the next
+    on the host from the pool's mirror of the table when missing: nothing is read back;
+    a request that sealed one more segment has its kept blocks extended by it), so a step
+    costs about its requests' runs, not their blocks; and the batch's plan too (FlashInfer's plan once, run many): the next
     decode step of a batch reads the same sealed blocks, and only its tails grew, so the
     kept plan gets new tail ends (:meth:`HostPlan.with_tails`) while every request keeps
     its slabs, their generations, its queries and its tail's item count. ``chunk_tokens``
@@ -213,12 +214,23 @@ def host_plan(pool: MosaicKVPool, reqs: list[RequestKV], group: int, tuning: Mix
     qo_lens = np.asarray([req.nq for req in reqs], dtype=np.int64)
     keys = [(s.tobytes(), pool.slab_generation[s].tobytes()) for s in slabs]
 
-    def rows(s: np.ndarray) -> np.ndarray:  # one request's blocks, (layer, KV head, segment) order
-        return block_rows(s, np.asarray([len(s)]), layers, hkv)
+    pairs = np.arange(layers * hkv + 1)
 
-    kept = np.zeros(KIND_PAIRS, dtype=np.int64)  # the batch's kept tokens per format pair
-    for key, s in zip(keys, slabs):
-        kept += cache.get(("kept", *key), lambda s=s: kind_tokens(mirror, rows(s)))
+    def grouped(key: tuple[bytes, bytes], s: np.ndarray) -> GroupedBlocks:
+        """A request's blocks grouped by format pair: its blocks before its last segment
+        extended, where a plan kept them (a decode step after it sealed one), else all."""
+        def make() -> GroupedBlocks:
+            if len(s) > 1:
+                before = cache.peek(("blocks", key[0][:-s.itemsize], key[1][:-pool.slab_generation.itemsize]))
+                if before is not None:
+                    cache.extends += 1
+                    return extend_blocks(before, mirror, pairs[:-1], block_rows(s[-1:], np.asarray([1]), layers, hkv))
+            return group_blocks(mirror, pairs * len(s), block_rows(s, np.asarray([len(s)]), layers, hkv))
+
+        return cache.get(("blocks", *key), make)
+
+    blocks = [grouped(key, s) for key, s in zip(keys, slabs)]
+    kept = np.sum([b.kept for b in blocks], axis=0, dtype=np.int64)  # the batch's kept tokens per format pair
     if chunk_tokens is None:
         chunk_tokens = triton.next_power_of_2(default_chunk_tokens(int(kept.sum()), int(tail_lens.sum()), layers, hkv,
                                                                    tuning.block_n, max_programs, max_items))
@@ -227,10 +239,8 @@ def host_plan(pool: MosaicKVPool, reqs: list[RequestKV], group: int, tuning: Mix
         run_chunks = power_of_two_at_least(kind_chunk_tokens(kept, int(tail_lens.sum()), layers, hkv, tuning.block_n,
                                                              max_programs, max_items))
     chunks_key = run_chunks if isinstance(run_chunks, int) else run_chunks.tobytes()
-    pairs = np.arange(layers * hkv + 1)
-    parts = [cache.get(("runs", *key, chunks_key),
-                       lambda s=s: block_runs(mirror, pairs * len(s), rows(s), run_chunks, table.device))
-             for key, s in zip(keys, slabs)]
+    parts = [cache.get(("runs", *key, chunks_key), lambda b=b: cut_runs(b, run_chunks, table.device))
+             for key, b in zip(keys, blocks)]
     cache.end_plan()
     block_m = max(tuning.block_m, triton.next_power_of_2(group))
 

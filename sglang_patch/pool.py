@@ -452,6 +452,7 @@ class MosaicKVPool(MHATokenToKVPool):
             "seal_deferrals": self.counters.seal_deferrals,
             "plan_run_hits": self.run_cache.hits,  # requests whose block runs a plan reused (RunCache)
             "plan_run_misses": self.run_cache.misses,
+            "plan_run_extends": self.run_cache.extends,  # of those misses, requests' blocks extended by one segment
             # decode forwards whose token rows were copied beside the scheduler's allocation
             # (DecodeRows), and those that read them themselves, after the previous step
             "decode_rows_prefetched": self.decode_rows.prefetched,

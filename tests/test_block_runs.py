@@ -7,7 +7,17 @@ import pytest
 import torch
 
 from mosaickv.formats import SIDE_KINDS
-from mosaickv.kernels.block_runs import KIND_PAIRS, RunCache, batch_runs, block_runs, kind_tokens, pack_entries
+from mosaickv.kernels.block_runs import (
+    KIND_PAIRS,
+    RunCache,
+    batch_runs,
+    block_runs,
+    cut_runs,
+    extend_blocks,
+    group_blocks,
+    kind_tokens,
+    pack_entries,
+)
 from mosaickv.kernels.layout import TABLE_FIELDS, kind_chunk_tokens, plan_host
 
 
@@ -101,6 +111,51 @@ def test_a_batch_of_requests_runs_is_the_runs_of_the_batch(seed: int) -> None:
     for lo, hi, wlo, whi in zip(got.lo, got.hi, want.lo, want.hi):
         assert np.array_equal(got_rows[lo:hi], want_rows[wlo:whi])
     assert np.array_equal(got.k_width_max, want.k_width_max) and np.array_equal(got.v_width_max, want.v_width_max)
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_a_request_extended_by_a_segment_groups_and_cuts_as_it_would_whole(seed: int) -> None:
+    """extend_blocks (the blocks before the request's last segment, kept by a plan, plus
+    that segment's) is group_blocks over every segment: the same order, kept tokens per
+    format pair and widths, and so the same runs at any run length; all-dropped segments
+    and format pairs first met in the new segment too."""
+    rng = np.random.default_rng(300 + seed)
+    layers, hkv, segments, slabs = int(rng.integers(1, 4)), int(rng.integers(1, 4)), int(rng.integers(1, 9)), 12
+    rows = slabs * layers * hkv
+    table = np.zeros((rows, len(TABLE_FIELDS)), dtype=np.int64)
+    table[:, 0] = rng.integers(0, 33, rows) * (rng.random(rows) > 0.2)
+    table[:, 1], table[:, 5] = rng.integers(0, 4, rows), rng.integers(0, 4, rows)
+    table[:, 2], table[:, 6] = rng.integers(1, 129, rows), rng.integers(1, 129, rows)
+    own = rng.permutation(slabs)[:segments]
+    if seed % 3 == 0:  # the new segment keeps no token
+        table[own[-1] * layers * hkv + np.arange(layers * hkv), 0] = 0
+    entries = pack_entries(table)
+
+    def rows_of(s: np.ndarray) -> np.ndarray:  # (layer, KV head, segment) order, as a plan names them
+        return ((s[None, None, :] * layers + np.arange(layers)[:, None, None]) * hkv
+                + np.arange(hkv)[None, :, None]).reshape(-1)
+
+    pairs = np.arange(layers * hkv + 1)
+    whole = group_blocks(entries, pairs * segments, rows_of(own))
+    before = group_blocks(entries, pairs * (segments - 1), rows_of(own[:-1]))
+    extended = extend_blocks(before, entries, pairs[:-1], rows_of(own[-1:]))
+    for field in ("key", "rows", "tokens", "kept", "k_width_max", "v_width_max"):
+        assert np.array_equal(getattr(extended, field), getattr(whole, field)), field
+    assert np.array_equal(whole.kept, kind_tokens(table, rows_of(own)))
+    for chunk in (1, 16, 40, rng.choice([1, 16, 40], KIND_PAIRS)):
+        want, got = block_runs(table, pairs * segments, rows_of(own), chunk), cut_runs(extended, chunk)
+        assert np.array_equal(got.block_indices.numpy(), want.block_indices.numpy())
+        for field in ("pair", "lo", "hi", "kind", "k_width_max", "v_width_max"):
+            assert np.array_equal(getattr(got, field), getattr(want, field)), field
+
+
+def test_extending_needs_one_row_for_each_pair_in_order() -> None:
+    table = np.zeros((8, len(TABLE_FIELDS)), dtype=np.int64)
+    blocks = group_blocks(table, np.asarray([0, 2, 4]), np.arange(4))
+    with pytest.raises(ValueError, match="one row for each pair, pairs ascending: got 2 pairs and 1 rows"):
+        extend_blocks(blocks, table, np.asarray([0, 1]), np.asarray([4]))
+    with pytest.raises(ValueError, match="pairs ascending"):
+        extend_blocks(blocks, table, np.asarray([1, 0]), np.asarray([4, 5]))
 
 
 def test_entries_too_wide_for_their_bits_are_refused() -> None:

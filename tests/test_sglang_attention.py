@@ -456,6 +456,30 @@ def test_a_plan_reuses_each_requests_runs_until_a_slab_holds_another_segment():
     assert runs_by_layer(third) == runs_by_layer(whole_batch(64)) != runs_by_layer(first)
 
 
+def test_a_request_that_sealed_one_more_segment_extends_its_kept_blocks():
+    """A decode step after a request sealed a segment extends the blocks a plan kept for
+    it (RunCache.extends) instead of grouping them all again, and plans as the whole batch
+    does; the other request's runs are reused."""
+    twin = Twin(3, 64)
+    twin.step([3 * SEG + 2, 2 * SEG + 1], ForwardMode.EXTEND, seed=0)
+    for req, segment in ((0, 0), (1, 0)):
+        twin.seal(req, segment)
+    pool, backend, cache = twin.pool, twin.mosaic, twin.pool.run_cache
+    reqs = backend._requests(torch.arange(2), twin.lens, [1, 1])
+    host_plan(pool, reqs, 3, DECODE_TUNING, 8, chunk_tokens=64)
+    assert cache.extends == 0
+    twin.seal(0, 1)
+    reqs = backend._requests(torch.arange(2), twin.lens, [1, 1])
+    hits, misses = cache.hits, cache.misses
+    extended, _ = host_plan(pool, reqs, 3, DECODE_TUNING, 8, chunk_tokens=64)
+    assert cache.extends == 1 and cache.misses - misses == 2  # request 0's blocks (extended) and runs
+    assert cache.hits - hits == 2  # request 1's blocks and runs
+    cache.clear()
+    whole, _ = host_plan(pool, reqs, 3, DECODE_TUNING, 8, chunk_tokens=64)
+    assert cache.extends == 1  # found whole this time
+    assert runs_by_layer(extended) == runs_by_layer(whole)
+
+
 def test_dense_tokens_share_tiles_only_where_segments_are_short() -> None:
     """Packing won on an H200 with 32-token segments; with 128-token ones one block per
     tile read more (in an earlier run, not side by side)."""

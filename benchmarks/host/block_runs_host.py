@@ -1,7 +1,10 @@
-"""Host time to find one request's block runs (``block_runs``), as a decode plan does for
-each request that sealed a segment since the last step: from the pool's packed entries
-(what the server reads) and from the block table itself, checked to be the same runs. SmolLM2's shape at 7k tokens by
-default (30 layers x 3 KV heads x 220 segments: 19,800 blocks) in a table of a pool's size.
+"""Host time to find one request's block runs, as a decode plan does for each request that
+sealed a segment since the last step: grouped whole (``block_runs``) from the pool's packed
+entries (what the server read until the twelfth run) and from the block table itself, and
+the blocks a plan kept extended by the new segment (``extend_blocks``, what the server
+reads now) then cut (``cut_runs``); all checked to give the same runs. SmolLM2's shape at
+7k tokens by default (30 layers x 3 KV heads x 220 segments: 19,800 blocks) in a table of
+a pool's size.
 
     python benchmarks/host/block_runs_host.py [--layers 30 --kv-heads 3 --segments 220] [--json OUT]
 """
@@ -17,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mosaickv.kernels.block_runs import block_runs, pack_entries
+from mosaickv.kernels.block_runs import block_runs, cut_runs, extend_blocks, group_blocks, kind_tokens, pack_entries
 from mosaickv.kernels.layout import TABLE_FIELDS
 from mosaickv.sglang_patch.forward_inputs import block_rows
 
@@ -51,16 +54,31 @@ def main(argv: list[str] | None = None) -> int:
     entries = pack_entries(table)
     slabs = rng.permutation(args.slabs)[: args.segments]
     indices = block_rows(slabs, np.asarray([len(slabs)]), args.layers, args.kv_heads)
-    indptr = np.arange(args.layers * args.kv_heads + 1) * len(slabs)
+    pairs = np.arange(args.layers * args.kv_heads + 1)
+    indptr = pairs * len(slabs)
+    before = group_blocks(entries, pairs * (len(slabs) - 1), block_rows(slabs[:-1], np.asarray([len(slabs) - 1]),
+                                                                         args.layers, args.kv_heads))
+    last = block_rows(slabs[-1:], np.asarray([1]), args.layers, args.kv_heads)
+
+    def extended():  # as host_plan finds them: the kept blocks extended, its runs cut
+        blocks = extend_blocks(before, entries, pairs[:-1], last)
+        return blocks, cut_runs(blocks, args.chunk)
+
     packed, plain = (block_runs(t, indptr, indices, args.chunk) for t in (entries, table))
-    for field in ("pair", "lo", "hi", "kind", "k_width_max", "v_width_max"):
-        if not np.array_equal(getattr(packed, field), getattr(plain, field)):
-            raise RuntimeError(f"the packed entries and the table give other runs ({field})")
+    for name, got in (("the table", plain), ("the kept blocks extended", extended()[1])):
+        for field in ("pair", "lo", "hi", "kind", "k_width_max", "v_width_max"):
+            if not np.array_equal(getattr(packed, field), getattr(got, field)):
+                raise RuntimeError(f"the packed entries and {name} give other runs ({field})")
     result = {
         "command": "python benchmarks/host/block_runs_host.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "device": "this CPU (numpy, one thread)", "blocks": len(indices),
         "packed_entries_ms": median_ms(lambda: block_runs(entries, indptr, indices, args.chunk), args.repeat),
         "table_ms": median_ms(lambda: block_runs(table, indptr, indices, args.chunk), args.repeat),
+        # Until the twelfth run a plan also summed a request's kept tokens in a pass of their own.
+        "kept_pass_ms": median_ms(lambda: kind_tokens(entries, block_rows(slabs, np.asarray([len(slabs)]), args.layers,
+                                                                          args.kv_heads)), args.repeat),
+        "extended_ms": median_ms(extended, args.repeat),
+        "cut_only_ms": median_ms(lambda: cut_runs(before, args.chunk), args.repeat),
     }
     print(json.dumps(result))
     if args.json:

@@ -77,32 +77,74 @@ def kind_tokens(table: torch.Tensor | np.ndarray, block_indices: torch.Tensor | 
     return np.bincount(kind, weights=tokens, minlength=KIND_PAIRS).astype(np.int64)
 
 
-def block_runs(table: torch.Tensor | np.ndarray, block_indptr: np.ndarray, block_indices: torch.Tensor | np.ndarray,
-               chunk_tokens: int | np.ndarray, device: torch.device | str | None = None) -> BlockRuns:
-    """Regroup each pair's blocks by format pair (softmax ignores key order; segment order
-    is kept within a format pair) and cut them into runs of about ``chunk_tokens`` kept
-    tokens (an int, or one per format pair: ``KIND_PAIRS`` entries); runs that keep no
-    token are dropped. ``block_indptr`` bounds each pair's blocks in ``block_indices``.
-    ``table``: the block table or its packed entries (:func:`pack_entries`, what a pool
-    keeps on the host). Found on the host; the blocks in run order go to ``device``
-    (default: ``block_indices``' device, the host for numpy)."""
-    if device is None:
-        device = block_indices.device if isinstance(block_indices, torch.Tensor) else "cpu"
+@dataclass
+class GroupedBlocks:
+    """One request's blocks ordered by (pair, format pair), segment order kept within each
+    group: what its runs are cut from, at any run length. A plan keeps them (RunCache), so
+    that a request that sealed one more segment is extended (each new block goes at the end
+    of its group) instead of grouped again, and a new run length only cuts again. 16 bytes
+    a block on the host."""
+
+    key: np.ndarray  # int32 [nnz] pair * KIND_PAIRS + format pair, ascending
+    rows: np.ndarray  # int64 [nnz] the table rows in that order
+    tokens: np.ndarray  # int32 [nnz] their kept tokens
+    kept: np.ndarray  # [KIND_PAIRS] kept tokens per format pair
+    k_width_max: np.ndarray  # [KIND_PAIRS] widest key side among every block of each pair (0: none)
+    v_width_max: np.ndarray  # [KIND_PAIRS] the same for values
+
+
+def group_blocks(table: torch.Tensor | np.ndarray, block_indptr: np.ndarray,
+                 block_indices: torch.Tensor | np.ndarray) -> GroupedBlocks:
+    """Group the blocks (``block_indptr`` bounds each pair's in ``block_indices``) by format
+    pair within their pair; softmax ignores key order, and segment order stays within a
+    format pair. ``table``: the block table or its packed entries (:func:`pack_entries`)."""
     indices = host_array(block_indices)
-    nnz = len(indices)
-    if nnz == 0:
-        return _no_runs(torch.zeros(0, dtype=torch.int64, device=device))
-    chunk_of = run_lengths(chunk_tokens)
     tokens, kind, k_width, v_width = entries(table, indices)
     counts = np.diff(np.asarray(block_indptr, dtype=np.int64))
     key = np.repeat(np.arange(len(counts), dtype=np.int64), counts) * KIND_PAIRS + kind
     # A stable sort of keys that fit 16 bits is numpy's radix sort, not a comparison sort.
     order = np.argsort(key.astype(np.uint16) if len(counts) * KIND_PAIRS <= 1 << 16 else key, kind="stable")
-    key, rows = key[order], indices[order]
+    widths = np.zeros((2, KIND_PAIRS), dtype=np.int64)
+    np.maximum.at(widths[0], kind, k_width)
+    np.maximum.at(widths[1], kind, v_width)
+    return GroupedBlocks(key[order].astype(np.int32), indices[order], tokens[order].astype(np.int32),
+                         np.bincount(kind, weights=tokens, minlength=KIND_PAIRS).astype(np.int64), widths[0], widths[1])
+
+
+def extend_blocks(blocks: GroupedBlocks, table: torch.Tensor | np.ndarray, pairs: np.ndarray,
+                  new_rows: np.ndarray) -> GroupedBlocks:
+    """``blocks`` with one more segment: ``new_rows`` are its blocks' table rows, one for each
+    of ``pairs`` (ascending). Being the request's last segment, each block goes at the end
+    of its (pair, format pair) group, where :func:`group_blocks` over every segment puts it."""
+    pairs, new_rows = np.asarray(pairs, dtype=np.int64), host_array(new_rows)
+    if len(pairs) != len(new_rows) or np.any(np.diff(pairs) <= 0):
+        raise ValueError(f"extend_blocks needs one row for each pair, pairs ascending: got {len(pairs)} pairs and "
+                         f"{len(new_rows)} rows")
+    tokens, kind, k_width, v_width = entries(table, new_rows)
+    key = pairs * KIND_PAIRS + kind
+    at = np.searchsorted(blocks.key, key, side="right")  # ascending keys: equal places keep their order
+    widths = np.stack([blocks.k_width_max, blocks.v_width_max])
+    np.maximum.at(widths[0], kind, k_width)
+    np.maximum.at(widths[1], kind, v_width)
+    return GroupedBlocks(np.insert(blocks.key, at, key.astype(np.int32)), np.insert(blocks.rows, at, new_rows),
+                         np.insert(blocks.tokens, at, tokens.astype(np.int32)),
+                         blocks.kept + np.bincount(kind, weights=tokens, minlength=KIND_PAIRS).astype(np.int64),
+                         widths[0], widths[1])
+
+
+def cut_runs(blocks: GroupedBlocks, chunk_tokens: int | np.ndarray, device: torch.device | str = "cpu") -> BlockRuns:
+    """Cut each group into runs of about ``chunk_tokens`` kept tokens (an int, or one per
+    format pair: ``KIND_PAIRS`` entries); runs that keep no token are dropped. The blocks in
+    run order go to ``device``."""
+    nnz = len(blocks.key)
+    if nnz == 0:
+        return _no_runs(torch.zeros(0, dtype=torch.int64, device=device))
+    chunk_of = run_lengths(chunk_tokens)
+    key = blocks.key.astype(np.int64)
     key_new = np.ones(nnz, dtype=bool)
     key_new[1:] = key[1:] != key[:-1]
     starts = np.zeros(nnz + 1, dtype=np.int64)
-    np.cumsum(tokens[order], out=starts[1:])
+    np.cumsum(blocks.tokens, out=starts[1:])
     group_start = np.flatnonzero(key_new)  # each (pair, format pair) group's first position
     since = starts[:-1] - np.repeat(starts[group_start], np.diff(np.append(group_start, nnz)))
     chunk = since // (chunk_of if isinstance(chunk_of, int) else chunk_of[key % KIND_PAIRS])
@@ -112,10 +154,18 @@ def block_runs(table: torch.Tensor | np.ndarray, block_indptr: np.ndarray, block
     hi = np.append(lo[1:], nnz)
     keep = starts[hi] > starts[lo]
     lo, hi = lo[keep], hi[keep]
-    widths = np.zeros((2, KIND_PAIRS), dtype=np.int64)
-    np.maximum.at(widths[0], kind, k_width)
-    np.maximum.at(widths[1], kind, v_width)
-    return BlockRuns(upload(rows, device), key[lo] // KIND_PAIRS, lo, hi, key[lo] % KIND_PAIRS, widths[0], widths[1])
+    return BlockRuns(upload(blocks.rows, device), key[lo] // KIND_PAIRS, lo, hi, key[lo] % KIND_PAIRS,
+                     blocks.k_width_max.copy(), blocks.v_width_max.copy())
+
+
+def block_runs(table: torch.Tensor | np.ndarray, block_indptr: np.ndarray, block_indices: torch.Tensor | np.ndarray,
+               chunk_tokens: int | np.ndarray, device: torch.device | str | None = None) -> BlockRuns:
+    """Each pair's blocks grouped by format pair (:func:`group_blocks`) and cut into runs of
+    about ``chunk_tokens`` kept tokens (:func:`cut_runs`). Found on the host; the blocks in
+    run order go to ``device`` (default: ``block_indices``' device, the host for numpy)."""
+    if device is None:
+        device = block_indices.device if isinstance(block_indices, torch.Tensor) else "cpu"
+    return cut_runs(group_blocks(table, block_indptr, block_indices), chunk_tokens, device)
 
 
 def run_lengths(chunk_tokens: int | np.ndarray) -> int | np.ndarray:
@@ -154,13 +204,14 @@ def batch_runs(parts: list[BlockRuns], num_kv_heads: int) -> BlockRuns:
 
 
 class RunCache:
-    """Each request's block runs (:func:`~mosaickv.kernels.block_runs.block_runs` over its
-    own blocks) and kept tokens, kept from one plan to the next. A decode step reads the
-    same sealed segments as the step before, and finding their runs reorders every block
+    """Each request's grouped blocks (:class:`GroupedBlocks`, with its kept tokens) and block
+    runs (:func:`cut_runs` of them), kept from one plan to the next. A decode step reads the
+    same sealed segments as the step before, and grouping them reorders every block
     (2.1 M for 8 requests of 32k tokens on an 8B shape); a request seals a new segment
-    only every ``segment_size`` tokens. Keyed by the request's slabs, their generations
-    (a slab sealed again holds another segment) and the run length; entries no plan used
-    in the last ``keep`` go, with their block indices (on the pool's device).
+    only every ``segment_size`` tokens, and then its blocks before it are extended
+    (``extends`` counts those). Keyed by the request's slabs, their generations (a slab
+    sealed again holds another segment) and, for runs, the run length; entries no plan
+    used in the last ``keep`` go, with their block indices (on the pool's device).
 
     It also keeps the last ``keep_plans`` batch plans (:meth:`plan`): a batch's next step
     reads the same blocks, and only its tails grew. Few, because each holds the batch's
@@ -170,7 +221,7 @@ class RunCache:
     def __init__(self, keep: int = 4, keep_plans: int = 2) -> None:
         self.keep, self.keep_plans = keep, keep_plans
         self.plans = 0
-        self.hits = self.misses = 0
+        self.hits = self.misses = self.extends = 0
         self.plan_hits = self.plan_misses = 0
         self._entries: dict[tuple, tuple[int, object]] = {}  # key -> (the last plan that used it, value)
         self._plans: OrderedDict[tuple, object] = OrderedDict()  # least recently used first
@@ -185,6 +236,12 @@ class RunCache:
             value = held[1]
         self._entries[key] = (self.plans, value)
         return value
+
+    def peek(self, key: tuple) -> object | None:
+        """The value kept under ``key``, if any, without counting it as used (a request's
+        blocks before its last segment, to be extended)."""
+        held = self._entries.get(key)
+        return None if held is None else held[1]
 
     def plan(self, key: tuple, make: Callable[[], object]) -> object:
         """The batch plan kept under ``key``, or ``make``'s, kept in place of the least

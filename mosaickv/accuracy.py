@@ -26,9 +26,10 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence
 
@@ -201,6 +202,7 @@ def evaluate(
     every: int = 10,
     prime: bool = False,
     concurrent: bool = False,
+    parallel: int = 1,
 ) -> list[dict]:
     """Every task (with its target length, as :func:`build_tasks` gives them) through every method.
 
@@ -208,11 +210,15 @@ def evaluate(
     started on enter and stopped on exit). Methods run one after the other, or with
     ``concurrent`` all at once, a thread each (each method's tasks still in order, the
     records still grouped by method): servers that share a GPU then answer side by side.
-    A server that does not start is a failure of each of its tasks. ``max_tokens`` (None:
+    ``parallel`` keeps that many of a method's tasks in flight (a thread each), as a
+    server's users would; its records still come in task order. A server that does not
+    start is a failure of each of its tasks. ``max_tokens`` (None:
     each task's own budget) caps the answer. ``save`` gets the records every ``every``
     requests, after each method and on the way out of an interrupted run. ``prime``: see
     the module.
     """
+    if parallel < 1:
+        raise ValueError(f"parallel is the number of a method's requests in flight: at least 1, got {parallel}")
     per_method: dict[str, list[dict]] = {name: [] for name in methods}
     lock = threading.Lock()
     bar = tqdm(total=len(tasks) * len(methods), desc="mosaickv accuracy", disable=not progress)
@@ -229,13 +235,38 @@ def evaluate(
         if save is not None and done % every == 0:
             save(records())
 
+    def in_flight(name: str, complete: Client | Complete) -> list[dict]:
+        """The method's tasks, ``parallel`` at a time; their records in task order."""
+        done: list[dict] = [{} for _ in tasks]
+
+        def finished(i: int, future: Future) -> None:
+            done[i] = future.result()
+            add(done[i])
+
+        pool = ThreadPoolExecutor(max_workers=parallel)
+        try:
+            futures = [pool.submit(ask, name, complete, length, task, max_tokens, prime) for length, task in tasks]
+            for i, future in enumerate(futures):
+                future.add_done_callback(partial(finished, i))
+            wait(futures)
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)  # an interrupted run stops asking
+            raise
+        pool.shutdown()
+        return done
+
     def run(name: str) -> None:
         method = methods[name]
         context = method if isinstance(method, AbstractContextManager) else nullcontext(method)
         try:
             with context as complete:
-                for length, task in tasks:
-                    add(ask(name, complete, length, task, max_tokens, prime))
+                if parallel == 1:
+                    for length, task in tasks:
+                        add(ask(name, complete, length, task, max_tokens, prime))
+                else:
+                    in_order = in_flight(name, complete)
+                    with lock:
+                        per_method[name] = in_order
         except ServerError as err:
             bar.write(f"mosaickv accuracy: method {name}: {err}")
             for length, task in tasks[len(per_method[name]) :]:

@@ -148,6 +148,17 @@ def _server(text: str) -> dict:
     return {"name": name, "url": url}
 
 
+def _positive_int(text: str) -> int:
+    """A count of at least 1 (``--parallel``)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return value
+
+
 def _launch(text: str) -> dict:
     """``--launch NAME=FLAGS``: a server to start with these ``sglang.launch_server`` flags (FLAGS may be empty)."""
     from mosaickv.launch import launch_flags
@@ -205,6 +216,7 @@ def _accuracy(args: argparse.Namespace) -> int:
         "max_tokens": args.max_tokens,
         "prime_context": args.prime_context,
         "concurrent": args.concurrent,
+        "parallel": args.parallel,
         "requests_per_method": len(tasks),
     }
     connections = {
@@ -213,7 +225,7 @@ def _accuracy(args: argparse.Namespace) -> int:
     }  # fmt: skip
     records = evaluate(tasks, connections, args.max_tokens, progress=not args.quiet,
                        save=lambda recs: write_json(out, make_result(header, recs)), prime=args.prime_context,
-                       concurrent=args.concurrent)
+                       concurrent=args.concurrent, parallel=args.parallel)
     result = make_result(header, records)
     if args.plot:
         plot_accuracy(result, args.plot)
@@ -351,6 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     ac.add_argument("--device", default=None, help="a description of the machine, kept in the JSON (e.g. 'H100 80GB')")
     ac.add_argument("--prime-context", action="store_true",
                     help="send each task's context first and wait until the server has compressed it, so the question and answer read the compressed cache")
+    ac.add_argument("--parallel", type=_positive_int, default=1, metavar="N",
+                    help="requests of each method in flight at once (default 1; the server batches them, as it would its users')")
     ac.add_argument("--concurrent", action="store_true",
                     help="ask every method at once, a thread each (servers sharing a GPU answer side by side; launched servers then start together, so they must fit together)")
     ac.add_argument("--output", default="accuracy.json", help="the JSON (rewritten as the run goes); server logs go beside it")

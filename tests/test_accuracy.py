@@ -381,6 +381,40 @@ def test_concurrent_methods_answer_side_by_side_and_keep_their_records_grouped(t
     assert all(r["error"] is None for r in records)
 
 
+def test_a_method_keeps_parallel_requests_in_flight_and_its_records_in_task_order(tasks):
+    import threading
+
+    answers = by_prompt(tasks)
+    lock, live, peak = threading.Lock(), [0], [0]
+    three_in = threading.Barrier(3, timeout=10)  # fewer than three in flight would never pass it
+
+    def complete(messages, max_tokens):
+        with lock:
+            live[0] += 1
+            peak[0] = max(peak[0], live[0])
+        if messages[0]["content"] in first_three:
+            three_in.wait()
+        with lock:
+            live[0] -= 1
+        return " ".join(answers[messages[0]["content"]])
+
+    first_three = {task.messages()[0]["content"] for _, task in tasks[:3]}
+    parallel = evaluate(tasks, {"m": complete}, progress=False, parallel=3)
+    assert peak[0] == 3
+    one_by_one = evaluate(tasks, {"m": lambda m, n: " ".join(answers[m[0]["content"]])}, progress=False)
+    drop = ("seconds", "prime_s")
+    assert [{k: v for k, v in r.items() if k not in drop} for r in parallel] == \
+        [{k: v for k, v in r.items() if k not in drop} for r in one_by_one]
+    with pytest.raises(ValueError, match="at least 1, got 0"):
+        evaluate(tasks, {"m": complete}, progress=False, parallel=0)
+
+
+def test_parallel_must_be_a_positive_count(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["accuracy", "--server", "a=http://x", "--parallel", "0"])
+    assert "--parallel: '0' is not a whole number of at least 1" in capsys.readouterr().err
+
+
 def test_merge_puts_runs_side_by_side_and_refuses_other_tasks_or_a_shared_method(tasks, tmp_path, capsys):
     answers = by_prompt(tasks)
     right = evaluate(tasks, {"right": lambda m, n: " ".join(answers[m[0]["content"]])}, progress=False)

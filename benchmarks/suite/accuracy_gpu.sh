@@ -9,7 +9,12 @@
 # parts a name that ends in a digit; a policy file `base: PRESET` + `ratio: N` is written
 # for it under $OUT/policies). Two runs
 # side by side (one per GPU) take their own OUT and PORT; `mosaickv accuracy-merge` joins
-# their JSONs. Every server gets the same flags but the method's:
+# their JSONs. PARALLEL=N keeps N of each method's requests in flight (default 1), and
+# MOSAIC_FLAGS are added to the MosaicKV methods' flags (default none: sealing in host
+# worker processes). In the twelfth run a MosaicKV request took 2.3 to 4.2 s, 0.6 to 2.5 of
+# them waiting for host sealing of its primed context, where `none` took 0.1 to 0.2 s;
+# '--kv-compress-sealing device' seals SmolLM2 at over 1,600 segments a second.
+# Every server gets the same flags but the method's:
 # a capped pool (--max-total-tokens), so that the servers fit one GPU together whatever the
 # order their memory profiles run in. $OUT gets accuracy.json, accuracy.png, steps.txt and
 # logs.tgz (every server's log and command).
@@ -38,7 +43,7 @@ flags_of() {  # none, fp8, or PRESET then its ratio: mosaic3, snapkv6, mosaic_he
       fi
       mkdir -p "$OUT/policies"
       printf 'base: %s\nname: %s\nratio: %s\n' "$base" "$1" "$ratio" > "$OUT/policies/$1.yaml"
-      echo "--kv-compress mosaickv --kv-compress-config $OUT/policies/$1.yaml" ;;
+      echo "--kv-compress mosaickv --kv-compress-config $OUT/policies/$1.yaml ${MOSAIC_FLAGS:-}" ;;
   esac
 }
 for m in $METHODS; do flags_of "$m" > /dev/null || exit 2; done
@@ -73,7 +78,7 @@ for m in $METHODS; do
 done
 if [ ${#servers[@]} -gt 0 ]; then
   device=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
-  cmd=(python3 -m mosaickv.cli accuracy --tokenizer "$M" "${servers[@]}" --concurrent --prime-context
+  cmd=(python3 -m mosaickv.cli accuracy --tokenizer "$M" "${servers[@]}" --concurrent --parallel ${PARALLEL:-1} --prime-context
        --lengths ${LENGTHS:-1024 2048 4096 7168} --samples ${SAMPLES:-1} --device "$device, one GPU shared by the servers"
        --output "$OUT/accuracy.json" --plot "$OUT/accuracy.png" --quiet)
   echo "${cmd[*]}" > "$OUT/cmd_accuracy.txt"

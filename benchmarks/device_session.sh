@@ -32,10 +32,13 @@
 #                                                       requests, graph and eager), a prefill profile of mosaic3
 #                                                       at 8k (PHASE=decode: a decode step's at 240 running) | GPU tests
 #   PART=stage_smollm2 bash benchmarks/device_session.sh   # carry .device/c5: stage, then smollm2 (BUDGET_S, 480)
+#   PART=accuracy  bash benchmarks/device_session.sh   # the accuracy suite on GPU 1 (ACC_METHODS, SAMPLES 4, PARALLEL 4,
+#                                                       MosaicKV methods sealing on the device: ACC_FLAGS) | with
+#                                                       GPU0_METHODS set, one suite comparison on GPU 0 (MODEL, WORKLOAD)
 # Record the session's commit yourself: the machine's git log is stale.
 set -uo pipefail
 PART=${PART:?set PART=first, profile, eq or admission}
-case $PART in first|profile|profile_8b|census|eq|admission|stage_eq|smollm2|rows|kernels|stage_kernels|stage_host|stage_smollm2) ;; *) echo "PART=$PART is not one of first, profile, profile_8b, census, eq, admission, stage_eq, smollm2, rows, kernels, stage_kernels, stage_host, stage_smollm2"; exit 2 ;; esac
+case $PART in first|profile|profile_8b|census|eq|admission|stage_eq|smollm2|rows|kernels|stage_kernels|stage_host|stage_smollm2|accuracy) ;; *) echo "PART=$PART is not one of first, profile, profile_8b, census, eq, admission, stage_eq, smollm2, rows, kernels, stage_kernels, stage_host, stage_smollm2, accuracy"; exit 2 ;; esac
 OUT=${OUT:?the device call sets OUT}
 T0=$(date +%s)
 export PYTHONPATH=/tmp/mkv/site PYTHONUNBUFFERED=1
@@ -187,6 +190,19 @@ json.dump({'run': sys.argv[2], 'sync_census': info.get('sync_census')}, open(sys
      say "bench_decode rc=$?")
     wait
     grep -E "^(mosaic_dense_values_3x|dense_8and32|mix3x) " "$LOG/diag32.txt" ;;
+  accuracy)
+    # The twelfth run shared one call between accuracy and two suite comparisons on one GPU:
+    # the 8B server missed its share and the gsp benches were cut. One comparison per GPU.
+    (env CUDA_VISIBLE_DEVICES=1 T0=$T0 BUDGET_S=${BUDGET_S:-560} OUT=$OUT/accuracy PORT=30200 \
+       METHODS="${ACC_METHODS:-none mosaic_heads3 mosaic_heads6 mosaic_heads14_3}" SAMPLES=${SAMPLES:-4} \
+       PARALLEL=${PARALLEL:-4} MOSAIC_FLAGS="${ACC_FLAGS:---kv-compress-sealing device}" \
+       bash benchmarks/suite/accuracy_gpu.sh > "$LOG/accuracy.txt" 2>&1
+     say "accuracy rc=$?: $(grep -E 'healthy|accuracy rc' "$OUT/accuracy/steps.txt" | tr '\n' ';')") &
+    if [ -n "${GPU0_METHODS:-}" ]; then
+      sleep 20  # both install the project first: not at once
+      suite 0 30000 "${BUDGET_S:-560}" MODEL=${MODEL:-smollm2} WORKLOAD=${WORKLOAD:-gsp} METHODS="$GPU0_METHODS"
+    fi
+    wait ;;
   stage_eq)
     stage
     python3 benchmarks/suite/make_random_model.py --out /tmp/mkv/models/llama8b-random > "$LOG/model.txt" 2>&1

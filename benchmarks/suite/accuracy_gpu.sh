@@ -17,7 +17,7 @@
 # Every server gets the same flags but the method's:
 # a capped pool (--max-total-tokens), so that the servers fit one GPU together whatever the
 # order their memory profiles run in. $OUT gets accuracy.json, accuracy.png, steps.txt and
-# logs.tgz (every server's log and command).
+# logs.tgz (every server's log and command, the policies written).
 set -uo pipefail
 export PYTHONPATH=/tmp/mkv/site PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/accuracy_out}; mkdir -p "$OUT"
@@ -88,5 +88,6 @@ if [ ${#servers[@]} -gt 0 ]; then
 fi
 for m in $METHODS; do SERVER_PID=${PIDS[$m]} stop_server & done
 wait
-cd "$OUT" && tar czf logs.tgz ./*.log ./cmd_*.txt 2>/dev/null && rm -f ./*.log
+# A device call brings back 8 files: the logs, commands and policies go in one.
+cd "$OUT" && kept=$(ls -d ./*.log ./cmd_*.txt ./policies 2>/dev/null) && tar czf logs.tgz $kept && rm -rf $kept
 ls -la "$OUT"

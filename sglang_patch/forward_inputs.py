@@ -13,7 +13,7 @@ import torch
 import triton
 
 from mosaickv.kernels.decode import MixedAttention
-from mosaickv.kernels.block_runs import GroupedBlocks, batch_runs, cut_runs, extend_blocks, group_blocks
+from mosaickv.kernels.block_runs import KIND_PAIRS, GroupedBlocks, batch_runs, cut_runs, extend_blocks, group_blocks
 from mosaickv.kernels.layout import (HostPlan, default_chunk_tokens, kind_chunk_tokens, plan_host, tail_chunk,
                                      tail_items)
 from mosaickv.uploads import upload
@@ -230,7 +230,9 @@ def host_plan(pool: MosaicKVPool, reqs: list[RequestKV], group: int, tuning: Mix
         return cache.get(("blocks", *key), make)
 
     blocks = [grouped(key, s) for key, s in zip(keys, slabs)]
-    kept = np.sum([b.kept for b in blocks], axis=0, dtype=np.int64)  # the batch's kept tokens per format pair
+    kept = np.zeros(KIND_PAIRS, dtype=np.int64)  # the batch's kept tokens per format pair
+    for b in blocks:
+        kept += b.kept
     if chunk_tokens is None:
         chunk_tokens = triton.next_power_of_2(default_chunk_tokens(int(kept.sum()), int(tail_lens.sum()), layers, hkv,
                                                                    tuning.block_n, max_programs, max_items))

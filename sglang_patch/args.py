@@ -63,7 +63,8 @@ class MosaicServerArgs(ServerArgs):
         Arg(help="MosaicKV sealing: 'processes' (default; host worker processes beside the scheduler), 'device' "
                  "(inline on the GPU at insert, 32 segments per call; for large models and long prompts, which host "
                  "processes cannot seal as fast as prefill makes them) or 'device-thread' (as 'device', on a thread "
-                 "beside the scheduler, which goes on launching forwards meanwhile; not yet timed on a GPU).",
+                 "beside the scheduler, which goes on launching forwards meanwhile; on an H200's 8B-shaped 8k "
+                 "prompts it served what 'device' did: the two did not overlap).",
             choices=SEALING_CHOICES),
         NS("memory"),
     ] = None

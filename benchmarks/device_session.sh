@@ -32,18 +32,22 @@
 #                                                       requests, graph and eager), a prefill profile of mosaic3
 #                                                       at 8k (PHASE=decode: a decode step's at 240 running) | GPU tests
 #   PART=stage_smollm2 bash benchmarks/device_session.sh   # carry .device/c5: stage, then smollm2 (BUDGET_S, 480)
+#   PART=one_first bash benchmarks/device_session.sh   # one GPU (kind nvidia-h200), carry .device/c5: stage; sealing
+#                                                       at SmolLM2's and the 8B's shape (profiled), then the GPU tests.
+#                                                       On one GPU, kernels skips ncu and rows runs GPU0_METHODS alone
 #   PART=accuracy  bash benchmarks/device_session.sh   # the accuracy suite on GPU 1 (ACC_METHODS, SAMPLES 4, PARALLEL 4,
 #                                                       MosaicKV methods sealing on the device: ACC_FLAGS) | with
 #                                                       GPU0_METHODS set, one suite comparison on GPU 0 (MODEL, WORKLOAD)
 # Record the session's commit yourself: the machine's git log is stale.
 set -uo pipefail
 PART=${PART:?set PART=first, profile, eq or admission}
-case $PART in first|profile|profile_8b|census|eq|admission|stage_eq|smollm2|rows|kernels|stage_kernels|stage_host|stage_smollm2|accuracy) ;; *) echo "PART=$PART is not one of first, profile, profile_8b, census, eq, admission, stage_eq, smollm2, rows, kernels, stage_kernels, stage_host, stage_smollm2, accuracy"; exit 2 ;; esac
+case $PART in one_first|first|profile|profile_8b|census|eq|admission|stage_eq|smollm2|rows|kernels|stage_kernels|stage_host|stage_smollm2|accuracy) ;; *) echo "PART=$PART is not one of one_first, first, profile, profile_8b, census, eq, admission, stage_eq, smollm2, rows, kernels, stage_kernels, stage_host, stage_smollm2, accuracy"; exit 2 ;; esac
 OUT=${OUT:?the device call sets OUT}
 T0=$(date +%s)
 export PYTHONPATH=/tmp/mkv/site PYTHONUNBUFFERED=1
 MOSAIC_FLAGS=${MOSAIC_FLAGS:---kv-compress-sealing device --kv-compress-cuda-graph}
 LOG=$(mktemp -d)
+NGPU=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
 say() { echo "[$(( $(date +%s) - T0 )) s] $*" | tee -a "$LOG/steps.txt"; }
 
 # One suite comparison on one GPU: GPU, port base, budget, then run_comparison.sh's settings.
@@ -62,6 +66,17 @@ stage() {
   python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . > "$LOG/pip.txt" 2>&1
   say "staged"
 }
+# SmolLM2's sealing at 32 and 182 segments a call, and where an 8B-shaped sealing call's
+# time goes (the twelfth run's 8B server sealed inline for 0.41 s of each 8k prompt's
+# 0.55): kernels, launches and waits of a call of 32, into the session's tgz.
+sealing() {
+  timeout 120 python3 benchmarks/sealing/bench_seal.py --device cuda --layers 30 --kv-heads 3 --head-dim 64 \
+    --segments 364 --batch 32 182 --profile 182 --json "$OUT/sealing_smollm2.json" > "$LOG/seal_smollm2.txt" 2>&1
+  say "bench_seal SmolLM2 rc=$?"
+  timeout 120 python3 benchmarks/sealing/bench_seal.py --device cuda --layers 32 --kv-heads 8 --head-dim 128 \
+    --segments 64 --batch 32 --profile 32 --json "$LOG/sealing_8b.json" > "$LOG/seal_8b.txt" 2>&1
+  say "bench_seal 8B rc=$?"
+}
 eq() {
   suite 0 30000 "$1" MODEL=llama8b-random WORKLOAD=random32k_eq METHODS=none MIN_METHOD_S=100 &
   suite 1 30010 "$1" MODEL=llama8b-random WORKLOAD=random32k_eq METHODS=mosaic3 MIN_METHOD_S=100
@@ -69,6 +84,11 @@ eq() {
 }
 
 case $PART in
+  one_first)
+    stage
+    sealing
+    TESTS_S=$(( 575 - $(date +%s) + T0 )) OUT=$OUT PART=tests bash benchmarks/backend_gpu.sh > "$LOG/tests.txt" 2>&1
+    say "tests: $(grep -E '^[0-9]+ (passed|failed)|passed|failed' /tmp/backend_gpu_tests/pytest.txt | tail -1)" ;;
   first)
     stage
     (export CUDA_VISIBLE_DEVICES=1
@@ -133,7 +153,8 @@ json.dump({'run': sys.argv[2], 'sync_census': info.get('sync_census')}, open(sys
     eval "$(python3 benchmarks/suite/workloads.py plan "$model" "$workload" | grep -E '^(MODEL_PATH|BUILD)=')"
     if [ ! -e "$MODEL_PATH" ] && [ -n "$BUILD" ]; then $BUILD > "$LOG/model.txt" 2>&1; say "model $model rc=$?"; fi
     suite 0 30000 "${BUDGET_S:-560}" MODEL=$model WORKLOAD=$workload ${N:+N=$N} METHODS="${GPU0_METHODS:-none fp8}" &
-    suite 1 30010 "${BUDGET_S:-560}" MODEL=$model WORKLOAD=$workload ${N:+N=$N} METHODS="${GPU1_METHODS:-mosaic3 mosaic6}"
+    [ "$NGPU" -gt 1 ] && suite 1 30010 "${BUDGET_S:-560}" MODEL=$model WORKLOAD=$workload ${N:+N=$N} \
+      METHODS="${GPU1_METHODS:-mosaic3 mosaic6}"
     wait ;;
   stage_host)
     stage
@@ -141,15 +162,7 @@ json.dump({'run': sys.argv[2], 'sync_census': info.get('sync_census')}, open(sys
      TESTS_S=$(( 570 - $(date +%s) + T0 )) OUT=$OUT PART=tests bash benchmarks/backend_gpu.sh > "$LOG/tests.txt" 2>&1
      say "tests: $(grep -E '^[0-9]+ (passed|failed)|passed|failed' /tmp/backend_gpu_tests/pytest.txt | tail -1)") &
     export CUDA_VISIBLE_DEVICES=0
-    timeout 120 python3 benchmarks/sealing/bench_seal.py --device cuda --layers 30 --kv-heads 3 --head-dim 64 \
-      --segments 364 --batch 32 182 --profile 182 --json "$OUT/sealing_smollm2.json" > "$LOG/seal_smollm2.txt" 2>&1
-    say "bench_seal SmolLM2 rc=$?"
-    # Where an 8B-shaped sealing call's time goes (the twelfth run's 8B server sealed inline
-    # for 0.41 s of each 8k prompt's 0.55): kernels, launches and waits of a call of 32.
-    # Into the session's tgz: the call already brings back 8 files.
-    timeout 120 python3 benchmarks/sealing/bench_seal.py --device cuda --layers 32 --kv-heads 8 --head-dim 128 \
-      --segments 64 --batch 32 --profile 32 --json "$LOG/sealing_8b.json" > "$LOG/seal_8b.txt" 2>&1
-    say "bench_seal 8B rc=$?"
+    sealing
     timeout 150 python3 benchmarks/host/decode_step_host.py --device cuda --requests 240 512 --segments 247 --layers 30 \
       --kv-heads 3 --head-dim 64 --group 3 --repeat 5 --policy-formats benchmarks/results/eval_dense_values_2k_segment.json \
       --policy mosaic_dense_values_3x --profile --json "$OUT/host_decode_step_smollm2_cuda.json" > "$LOG/host_step.txt" 2>&1
@@ -163,18 +176,20 @@ json.dump({'run': sys.argv[2], 'sync_census': info.get('sync_census')}, open(sys
     say "${PHASE:-prefill} profile rc=$?"
     wait ;;
   kernels)
-    (CUDA_VISIBLE_DEVICES=0 timeout 540 bash benchmarks/kernels/ncu_decode.sh "$OUT/ncu" > "$LOG/ncu.txt" 2>&1
+    # On one GPU, ncu would share it with the timings below: left out.
+    [ "$NGPU" -gt 1 ] && (CUDA_VISIBLE_DEVICES=0 timeout 540 bash benchmarks/kernels/ncu_decode.sh "$OUT/ncu" > "$LOG/ncu.txt" 2>&1
      say "ncu_decode rc=$?") &
+    export CUDA_VISIBLE_DEVICES=$(( NGPU > 1 ? 1 : 0 ))
     # The server's 32-token segments: the presets' real mixes and dense, every setting
     # (0: the server's tiles; 10: sparse keys unpacked; 13: runs cut per format pair;
     # 14-15: sparse keys 16 or 8 channels a pass).
     mkdir -p "$OUT/diag32"
-    CUDA_VISIBLE_DEVICES=1 timeout 400 python3 benchmarks/kernels/diag_formats.py --segment 32 --out "$OUT/diag32" \
+    timeout 400 python3 benchmarks/kernels/diag_formats.py --segment 32 --out "$OUT/diag32" \
       --formats mosaic_dense_values_3x mosaic_dense_values_6x dense_8and32 dense > "$LOG/diag32.txt" 2>&1
     say "diag_formats --segment 32 rc=$?"
     # The host's decode step at SmolLM2's shape with the pool on the GPU, as a server's
     # (240 requests: the seventh run's serving batch; this CPU's figures in results/).
-    CUDA_VISIBLE_DEVICES=1 timeout $(( 580 - $(date +%s) + T0 )) python3 benchmarks/host/decode_step_host.py --device cuda \
+    timeout $(( 580 - $(date +%s) + T0 )) python3 benchmarks/host/decode_step_host.py --device cuda \
       --requests 240 --segments 247 --layers 30 --kv-heads 3 --head-dim 64 --group 3 --max-programs 1056 --repeat 3 \
       --policy-formats benchmarks/results/eval_dense_values_2k_segment.json --policy mosaic_dense_values_3x \
       --json "$OUT/host_decode_step_smollm2_240_cuda.json" > "$LOG/host_step.txt" 2>&1

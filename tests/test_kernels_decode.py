@@ -67,7 +67,6 @@ def run_decode(
     block_n: int = 16,
     pack_sparse_keys: bool = False,
     chunk_by_kind: bool = False,
-    sparse_key_chunk: int = 0,
     **plan_kw: int,
 ) -> None:
     hq = hkv * group
@@ -76,8 +75,7 @@ def run_decode(
     q = torch.randn(len(layers), hq, d, generator=gen).bfloat16()
     w = MixedDecodeWrapper(block_n=block_n, sparse_densify=sparse_densify, keys_by_query=keys_by_query,
                            wide_block_n=wide_block_n, pack_tokens=pack_tokens, prefetch_entries=prefetch_entries,
-                           pack_sparse_keys=pack_sparse_keys, chunk_by_kind=chunk_by_kind,
-                           sparse_key_chunk=sparse_key_chunk)
+                           pack_sparse_keys=pack_sparse_keys, chunk_by_kind=chunk_by_kind)
     w.plan(layers, tk, tv, hq, hkv, d, device=DEVICE, **plan_kw)
     out = torch.full((len(layers), hq, d), float("nan"), dtype=torch.bfloat16, device=DEVICE)
     w.run(q.to(DEVICE), out=out)
@@ -193,33 +191,6 @@ def test_runs_cut_per_format_pair(group: int, d: int, pack: bool) -> None:
     layers = [random_layer(gen, s, 16, hkv, d, kinds=("dense", "sparse")) for s in (40, 0, 30, 5)]
     run_decode(gen, layers, [5, 9, 0, 33], hkv=hkv, group=group, d=d, max_programs=3, chunk_by_kind=True,
                pack_tokens=pack, pack_sparse_keys=pack, block_n=16, wide_block_n=16)
-
-
-@pytest.mark.parametrize(("group", "d", "pack", "chunk"), [(1, 64, True, 8), (4, 128, False, 16), (3, 64, True, 16),
-                                                        (8, 128, True, 8)])
-def test_sparse_keys_a_chunk_of_channels_a_pass(group: int, d: int, pack: bool, chunk: int) -> None:
-    """sparse_key_chunk: per-vector sparse keys read ``chunk`` channels a pass, as many
-    passes as a tile's widest key needs: widths below, at and above a chunk (and up to the
-    launch's widest), blocks keeping no token, beside every other format, ragged tails and
-    an empty one, few programs: the same answer."""
-    gen = torch.Generator().manual_seed(2000 + 10 * group + d + chunk)
-    hkv = 2
-    fmts = [BlockFormat(t, SideFormat("sparse", w), SideFormat("dense")) for t, w in
-            zip(range(17), (3, 8, 9, 16, 17, 31, 40, 5, 24, 33, 12, 1, 48, 7, 20, 64, 2))] + [BlockFormat(t) for t in (0, 9)]
-    layers = [CompressedLayer() for _ in range(4)]
-    for i, f in enumerate(fmts * 2):
-        layers[i % 3].append(random_layer(gen, 1, 16, hkv, d, fmt=f).blocks[0])
-    layers[3] = random_layer(gen, 3, 16, hkv, d)
-    run_decode(gen, layers, [3, 0, 9, 2], hkv=hkv, group=group, d=d, pack_tokens=pack, pack_sparse_keys=pack,
-               block_n=16, wide_block_n=16, max_programs=3, sparse_key_chunk=chunk)
-
-
-def test_a_sparse_key_chunk_is_a_power_of_two_of_at_least_8() -> None:
-    for bad in (4, 12, -8):
-        with pytest.raises(ValueError, match=f"sparse_key_chunk={bad} is not 0 .* or a power of two of at least 8"):
-            MixedDecodeWrapper(sparse_key_chunk=bad)
-    assert MixedDecodeWrapper(sparse_key_chunk=16).sparse_chunk(64) == 16
-    assert MixedDecodeWrapper(sparse_key_chunk=16).sparse_chunk(16) == 0  # one pass holds the launch's widths
 
 
 @pytest.mark.parametrize(

@@ -61,15 +61,9 @@ SETTINGS = [
     # in the eleventh run's ncu profile the packed sparse-key launch had 256 items (one per
     # request and KV head) on 132 SMs, 11% of DRAM bandwidth, beside the dense launch's 48%.
     ({"block_n": 32, "pack_tokens": True, "wide_block_n": 32, "pack_sparse_keys": True, "chunk_by_kind": True}, 8),
-    # Settings 14-15: the server's, sparse keys read 16 or 8 channels a pass, as many as a
-    # tile's widest key needs. Setting 13 gave the sparse-key launch four times the items
-    # and it still read 12% of DRAM bandwidth, at 149 registers a thread and 17% occupancy
-    # (twelfth run, h200x2_2026-11-30l/kernels/): its pace is the kernel's. Compiled for
-    # sm_90 its packed launch holds 126 registers with 16 a pass, 128 and 8 bytes of
-    # stack with all 64 at once (registers_decode_sm90_triton36_sparse_chunk16.json), and
-    # a tile of 16-channel keys skips the other 48.
-    ({"block_n": 32, "pack_tokens": True, "wide_block_n": 32, "pack_sparse_keys": True, "sparse_key_chunk": 16}, 8),
-    ({"block_n": 32, "pack_tokens": True, "wide_block_n": 32, "pack_sparse_keys": True, "sparse_key_chunk": 8}, 8),
+    # Sparse keys read 16 or 8 channels a pass (126 registers, no stack) were slower than
+    # setting 0 in the thirteenth run: 811 and 904 us against 716 on the 3x mix, 528 and 598
+    # against 470 on 6x (h200_2026-12-01/call6_kernels): removed from the kernel.
 ]
 
 

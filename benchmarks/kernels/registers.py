@@ -51,7 +51,7 @@ REGISTERS_PER_SM, MAX_WARPS_PER_SM, MAX_BLOCKS_PER_SM = 65536, 64, 32
 
 def compile_launch(k_kind: int, v_kind: int, pack: bool, r_max: int, *, head_dim: int, group: int, block_m: int,
                    block_n: int, warps: int, keys_by_query: bool = True, tails_indexed: bool = True,
-                   prefetch: bool = False, sparse_key_chunk: int = 0) -> bytes:
+                   prefetch: bool = False) -> bytes:
     """The launch's sm_90 cubin, compiled as a run would: every pointer and stride
     divisible by 16 (what Triton specialises a launch on when they are). ``keys_by_query``
     False: sparse keys densified per tile, as an extend reads them. ``tails_indexed`` False:
@@ -63,8 +63,7 @@ def compile_launch(k_kind: int, v_kind: int, pack: bool, r_max: int, *, head_dim
     names = _mixed_attn_kernel.arg_names
     const = dict(GROUP=group, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, K_KIND=k_kind, V_KIND=v_kind,
                  R_MAX=r_max, R_LOG2=r_max.bit_length() - 1, ALIGNED=True, SPARSE_MODE=0, TAIL_INDEXED=tails_indexed,
-                 KEYS_BY_QUERY=keys_by_query, PACK_TOKENS=pack, PREFETCH=prefetch,
-                 R_CHUNK=sparse_key_chunk if 0 < sparse_key_chunk < r_max else 0)
+                 KEYS_BY_QUERY=keys_by_query, PACK_TOKENS=pack, PREFETCH=prefetch)
     sig = {n: "constexpr" if n in const else POINTERS.get(n, "fp32" if n == "qk_scale" else "i32") for n in names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if sig[n] not in ("constexpr", "fp32")}
     src = ASTSource(fn=_mixed_attn_kernel, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()},
@@ -104,8 +103,6 @@ def main(argv: list[str] | None = None) -> int:
                     help="dense tails stored back to back, as diag_formats.py stores them (the server reads them in place)")
     ap.add_argument("--block-n", type=int, nargs="+", default=[32, 64], help="tokens a tile")
     ap.add_argument("--warps", type=int, nargs="+", default=[4, 8])
-    ap.add_argument("--sparse-key-chunk", type=int, default=0,
-                    help="sparse keys' channels a pass (MixedAttention(sparse_key_chunk=...); 0: all at once)")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     rows = []
@@ -116,14 +113,14 @@ def main(argv: list[str] | None = None) -> int:
                 cubin = compile_launch(k_kind, v_kind, pack, r_max, head_dim=args.head_dim, group=args.group,
                                        block_m=args.block_m, block_n=block_n, warps=warps,
                                        keys_by_query=not args.extend, tails_indexed=not args.tails_back_to_back,
-                                       prefetch=prefetch, sparse_key_chunk=args.sparse_key_chunk)
+                                       prefetch=prefetch)
                 row = {"launch": name, "block_n": block_n, "warps": warps, **resources(cubin)}
                 row["occupancy"] = occupancy(row["registers"], warps)
                 rows.append(row)
                 print(f"{name:13s} block_n {block_n:3d} warps {warps}: {row['registers']:3d} registers, "
                       f"stack {row['stack_bytes']:4d} B, occupancy {row['occupancy']:.1%}", flush=True)
     result = {"triton": triton.__version__, "target": "sm_90", "head_dim": args.head_dim, "group": args.group,
-              "block_m": args.block_m, "extend": args.extend, "sparse_key_chunk": args.sparse_key_chunk,
+              "block_m": args.block_m, "extend": args.extend,
               "tails_back_to_back": args.tails_back_to_back, "command": " ".join(["python", "benchmarks/kernels/registers.py",
                                                             *(argv if argv is not None else sys.argv[1:])]),
               "rows": rows}

@@ -126,39 +126,22 @@ def _tile(values_ptr, index_ptr, off, width, aux, tok, tok_ok, toks, cols, jr, s
 
 @triton.jit
 def _sparse_scores(q_ptr, q_rows, n_rows, values_ptr, index_ptr, val_row, ix_row, width, tok_ok, rows, jr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_CHUNK: tl.constexpr):
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Logits ``[BLOCK_M, BLOCK_N]`` against per-vector sparse keys without densifying
     them: each live query row gathers its own channels at the keys' indices (a row of q is
     a few hundred bytes, cache-resident) and dots them with the kept values. Costs
     ``rows x BLOCK_N x width`` loads instead of a ``BLOCK_N x HEAD_DIM`` search per tile,
     which wins when rows are few (decode: one query token's GQA group). Token ``t``'s kept
     values start at ``val_row[t]``, its indices at ``ix_row[t]``, ``width[t]`` of each
-    (per token, so that a packed tile's tokens may come from blocks of several widths).
-    ``R_CHUNK`` 0: all of ``jr``'s columns at once; else ``R_CHUNK`` columns a pass, as
-    many passes as the tile's widest token needs (fewer live registers; a tile of narrow
-    keys skips the columns it does not keep)."""
+    (per token, so that a packed tile's tokens may come from blocks of several widths)."""
+    mask = tok_ok[:, None] & (jr[None, :] < width[:, None])
+    ix = tl.load(index_ptr + ix_row[:, None] + jr[None, :], mask=mask, other=0).to(tl.int32)
+    raw = tl.load(values_ptr + val_row[:, None] + jr[None, :], mask=mask, other=0.0).to(tl.float32)
     s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    if R_CHUNK == 0:
-        s = _sparse_pass(s, q_ptr, q_rows, n_rows, values_ptr, index_ptr, val_row, ix_row, width, tok_ok, rows, jr)
-    else:
-        jc = tl.arange(0, R_CHUNK)
-        for r0 in range(0, tl.max(tl.where(tok_ok, width, 0)), R_CHUNK):
-            s = _sparse_pass(s, q_ptr, q_rows, n_rows, values_ptr, index_ptr, val_row, ix_row, width, tok_ok, rows,
-                             r0 + jc)
-    return s
-
-
-@triton.jit
-def _sparse_pass(s, q_ptr, q_rows, n_rows, values_ptr, index_ptr, val_row, ix_row, width, tok_ok, rows, jc):
-    """``s`` plus each live query row's dot with the sparse keys' channels at positions
-    ``jc`` (those a token keeps: below its ``width``)."""
-    mask = tok_ok[:, None] & (jc[None, :] < width[:, None])
-    ix = tl.load(index_ptr + ix_row[:, None] + jc[None, :], mask=mask, other=0).to(tl.int32)
-    raw = tl.load(values_ptr + val_row[:, None] + jc[None, :], mask=mask, other=0.0).to(tl.float32)
     for g in range(0, n_rows):
         q_row = tl.sum(tl.where(rows == g, q_rows, 0))
         qg = tl.load(q_ptr + q_row + ix, mask=mask, other=0.0).to(tl.float32)
-        s = tl.where(rows[:, None] == g, s + tl.sum(qg * raw, 1)[None, :], s)
+        s = tl.where(rows[:, None] == g, tl.sum(qg * raw, 1)[None, :], s)
     return s
 
 
@@ -167,7 +150,7 @@ def _tile_step(q, qk, qk_lo, q_ptr, q_rows, n_rows, values_ptr, index_ptr, k_off
                tok, tok_ok, toks, cols, jr, rows, scr_k, scr_v, qk_scale, m_i, l_i, acc, blk_acc,
                K_KIND: tl.constexpr, V_KIND: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr, R_MAX: tl.constexpr, R_LOG2: tl.constexpr,
-               SPARSE_MODE: tl.constexpr, KEYS_BY_QUERY: tl.constexpr, R_CHUNK: tl.constexpr):
+               SPARSE_MODE: tl.constexpr, KEYS_BY_QUERY: tl.constexpr):
     """One online-softmax step over a tile of one block's compressed tokens ``tok``.
     ``qk``/``qk_lo``: the query as projected keys read it;
     r-space values (mask, lowrank) accumulate into ``blk_acc``, the rest into ``acc``.
@@ -176,7 +159,7 @@ def _tile_step(q, qk, qk_lo, q_ptr, q_rows, n_rows, values_ptr, index_ptr, k_off
                BLOCK_N, R_MAX, R_LOG2, SPARSE_MODE)
     if K_KIND == 1 and KEYS_BY_QUERY:
         s = _sparse_scores(q_ptr, q_rows, n_rows, values_ptr, index_ptr, k_off + tok * k_w, k_aux + tok * k_w,
-                           tok * 0 + k_w, tok_ok, rows, jr, BLOCK_M, BLOCK_N, R_CHUNK)
+                           tok * 0 + k_w, tok_ok, rows, jr, BLOCK_M, BLOCK_N)
     else:
         kt = _tile(values_ptr, index_ptr, k_off, k_w, k_aux, tok, tok_ok, toks, cols, jr, scr_k, K_KIND,
                    HEAD_DIM, BLOCK_N, R_MAX, R_LOG2, SPARSE_MODE)
@@ -257,7 +240,7 @@ def _mixed_attn_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     K_KIND: tl.constexpr, V_KIND: tl.constexpr, R_MAX: tl.constexpr, R_LOG2: tl.constexpr,
     ALIGNED: tl.constexpr, SPARSE_MODE: tl.constexpr, TAIL_INDEXED: tl.constexpr, KEYS_BY_QUERY: tl.constexpr,
-    PACK_TOKENS: tl.constexpr, PREFETCH: tl.constexpr, R_CHUNK: tl.constexpr,
+    PACK_TOKENS: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     """Partial attention of the first ``count`` items in ``item_list`` (the count is read
     here, so a captured launch serves every later plan); ``K_KIND``/``V_KIND`` are the
@@ -357,7 +340,7 @@ def _mixed_attn_kernel(
                         val_row = tl.multiple_of(val_row, 8)
                         ix_row = tl.multiple_of(ix_row, 8)
                     s = _sparse_scores(q_ptr, q_rows, n_rows, values_ptr, index_ptr, val_row, ix_row, k_w, tok_ok,
-                                       rows, jr, BLOCK_M, BLOCK_N, R_CHUNK)
+                                       rows, jr, BLOCK_M, BLOCK_N)
                     m_i, l_i, acc = _dense_values_step(s, vt, tok_ok[None, :], qk_scale, m_i, l_i, acc)
                 else:
                     rows_k = k_off[:, None] + tok[:, None] * HEAD_DIM + cols[None, :]
@@ -407,7 +390,7 @@ def _mixed_attn_kernel(
                     m_i, l_i, acc, blk_acc = _tile_step(
                         q, qk, qk_lo, q_ptr, q_rows, n_rows, values_ptr, index_ptr, k_off, k_w, k_aux, v_off, v_w, v_aux,
                         tok, tok < m, toks, cols, jr, rows, scr_k, scr_v, qk_scale, m_i, l_i, acc, blk_acc, K_KIND, V_KIND,
-                        HEAD_DIM, BLOCK_M, BLOCK_N, R_MAX, R_LOG2, SPARSE_MODE, KEYS_BY_QUERY, R_CHUNK)
+                        HEAD_DIM, BLOCK_M, BLOCK_N, R_MAX, R_LOG2, SPARSE_MODE, KEYS_BY_QUERY)
                 if V_KIND >= 2:  # fold the block's r-space values back: acc += blk_acc @ basis
                     vb = _basis(values_ptr, index_ptr, v_w, v_aux, jr, cols, V_KIND, HEAD_DIM, ALIGNED)
                     acc_hi = blk_acc.to(tl.bfloat16)
@@ -488,7 +471,6 @@ class MixedAttention:
         prefetch_entries: bool = False,
         pack_sparse_keys: bool = False,
         chunk_by_kind: bool = False,
-        sparse_key_chunk: int = 0,
     ) -> None:
         """``block_n``: tokens per tile of launches with a sparse side (whose densify grows
         with the tile); ``wide_block_n``: of the others (dense, mask, low-rank, tails),
@@ -502,20 +484,12 @@ class MixedAttention:
         run's ncu profile their launch, one block per tile, moved 5% of DRAM's bandwidth.
         ``chunk_by_kind``: cut each format pair's blocks into runs by that pair's own work
         (:func:`~mosaickv.kernels.layout.kind_chunk_tokens`), so a launch of a pair with
-        few tokens still has an item per program slot. ``sparse_key_chunk``: per-vector
-        sparse keys read by query gathers ``sparse_key_chunk`` channels a pass, as many
-        passes as a tile's widest key needs (0: every channel up to the launch's widest at
-        once): in the twelfth run's ncu profile that launch held 149 registers a thread and
-        read 12% of DRAM's bandwidth."""
+        few tokens still has an item per program slot."""
         if sparse_densify not in SPARSE_MODES:
             raise ValueError(f"sparse_densify={sparse_densify!r} is not one of {', '.join(SPARSE_MODES)}")
         if pack_sparse_keys and not (pack_tokens and keys_by_query):
             raise ValueError("pack_sparse_keys=True packs sparse keys read by query gathers into packed tiles: it "
                              f"needs pack_tokens=True and keys_by_query=True, got {pack_tokens} and {keys_by_query}")
-        if sparse_key_chunk and (sparse_key_chunk < 8 or sparse_key_chunk & (sparse_key_chunk - 1)):
-            raise ValueError(f"sparse_key_chunk={sparse_key_chunk} is not 0 (every channel at once) or a power of two "
-                             "of at least 8 (channels a pass)")
-        self.sparse_key_chunk = sparse_key_chunk
         self.block_m, self.block_n, self.wide_block_n = block_m, block_n, wide_block_n
         self.pack_tokens, self.pack_sparse_keys = pack_tokens, pack_sparse_keys
         self.prefetch_entries, self.chunk_by_kind = prefetch_entries, chunk_by_kind
@@ -578,11 +552,6 @@ class MixedAttention:
             arena.to(dev), indptr, indices, tail_k.to(dev, torch.bfloat16), tail_v.to(dev, torch.bfloat16), tail_indptr,
             np.asarray(qo_lens), num_qo_heads, num_kv_heads, scale, chunk_tokens, max_programs,
         )
-
-    def sparse_chunk(self, r_max: int) -> int:
-        """The kernel's ``R_CHUNK`` for a launch of widths up to ``r_max``: 0 where one pass
-        holds them all."""
-        return self.sparse_key_chunk if 0 < self.sparse_key_chunk < r_max else 0
 
     def tile_n(self, k_kind: int, v_kind: int) -> int:
         """Tokens per tile of a launch of this format pair."""
@@ -684,8 +653,7 @@ def run_plan(
             K_KIND=ln.k_kind, V_KIND=ln.v_kind, R_MAX=ln.r_max, R_LOG2=ln.r_max.bit_length() - 1,
             ALIGNED=aligned, SPARSE_MODE=SPARSE_MODES.index(tuning.sparse_densify), TAIL_INDEXED=tail_rows is not None,
             KEYS_BY_QUERY=tuning.keys_by_query, PACK_TOKENS=tuning.packs(ln.k_kind, ln.v_kind),
-            PREFETCH=tuning.prefetch_entries, R_CHUNK=tuning.sparse_chunk(ln.r_max), num_warps=tuning.num_warps,
-            num_stages=tuning.num_stages,
+            PREFETCH=tuning.prefetch_entries, num_warps=tuning.num_warps, num_stages=tuning.num_stages,
         )
     if p.groups.shape[0]:
         lse = out if lse_out is None else lse_out

@@ -33,6 +33,7 @@ from functools import partial
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence
 
+import numpy as np
 from tqdm import tqdm
 
 from mosaickv.launch import NO_PROXY, ServerError, launched, server_command
@@ -346,25 +347,77 @@ def common_records(records: list[dict]) -> list[dict] | None:
     return [r for r in records if r["error"] is None and task_key(r) in common]
 
 
-def make_result(header: Mapping, records: list[dict]) -> dict:
+DEFAULT_REFERENCE = "none"  # the method others are compared with, where a run has it
+RESAMPLES = 2000
+CONFIDENCE = 0.95
+
+
+def paired_differences(records: list[dict], reference: str, resamples: int = RESAMPLES, confidence: float = CONFIDENCE,
+                       seed: int = 0) -> dict:
+    """Each method's average minus ``reference``'s, in points, over the tasks both answered,
+    with a bootstrap confidence interval: tasks are resampled within each kind, paired (a
+    task's two scores move together), and the average is the mean over kinds as in
+    :func:`summarize`. The suite's cells are small (a few tasks a kind and length), so a
+    difference of a few points can be noise; the interval says how much. ``tasks_for_1_point``
+    projects how many paired tasks would narrow the interval to +-1 point at this spread."""
+    methods = list(dict.fromkeys(r["method"] for r in records))
+    if reference not in methods:
+        raise ValueError(f"reference method {reference!r} is not in the run; its methods are {', '.join(methods)}")
+    scored = {m: {task_key(r): r for r in records if r["method"] == m and r["error"] is None} for m in methods}
+    rng = np.random.default_rng(seed)
+    out: dict[str, dict] = {}
+    for method in methods:
+        if method == reference:
+            continue
+        shared = [k for k in scored[reference] if k in scored[method]]
+        by_kind: dict[str, list[float]] = {}
+        for k in shared:
+            by_kind.setdefault(k[0], []).append(100 * (scored[method][k]["score"] - scored[reference][k]["score"]))
+        if not by_kind:
+            out[method] = {"tasks": 0, "average": None, "low": None, "high": None, "tasks_for_1_point": None}
+            continue
+        diffs = [np.asarray(v) for v in by_kind.values()]
+        boot = np.mean([d[rng.integers(0, len(d), size=(resamples, len(d)))].mean(1) for d in diffs], axis=0)
+        low, high = np.quantile(boot, [(1 - confidence) / 2, (1 + confidence) / 2])
+        half = (high - low) / 2
+        out[method] = {
+            "tasks": len(shared), "average": float(np.mean([d.mean() for d in diffs])), "low": float(low), "high": float(high),
+            "tasks_for_1_point": int(np.ceil(len(shared) * half**2)) if half > 0 else len(shared),
+        }  # fmt: skip
+    return {"reference": reference, "confidence": confidence, "resamples": resamples, "by_method": out}
+
+
+def make_result(header: Mapping, records: list[dict], reference: str | None = None) -> dict:
     """The report: the run's header (command, date, device, methods...), records and summary;
-    with ``common`` (the summary over the tasks every method answered) where methods differ."""
+    with ``common`` (the summary over the tasks every method answered) where methods differ,
+    and ``differences`` to ``reference`` (by default ``none``, where the run has it)."""
     result = {**header, "records": records, "summary": summarize(records)}
     common = common_records(records)
     if common is not None:
         result["common"] = {"tasks": len({task_key(r) for r in common}), "summary": summarize(common)}
+    methods = set(result["summary"])
+    if reference is None and DEFAULT_REFERENCE in methods and len(methods) > 1:
+        reference = DEFAULT_REFERENCE
+    if reference is not None:
+        result["differences"] = paired_differences(records, reference)
     return result
 
 
+DERIVED = ("records", "summary", "common", "differences", "plot")  # what make_result and the plot add to a header
 SAME_TASKS = ("kinds", "lengths", "samples", "seed", "max_tokens", "prime_context")  # what makes two runs' rows comparable
 
 
-def merge_results(results: Sequence[Mapping], names: Sequence[str] = ()) -> dict:
+def merge_results(results: Sequence[Mapping], names: Sequence[str] = (), reference: str | None = None) -> dict:
     """One report from runs that asked the same tasks of different methods (servers on
     two GPUs, or two machines): their records side by side, the summary recomputed.
-    Refuses runs whose tasks differ (``SAME_TASKS``) or that share a method name."""
+    Refuses runs whose tasks differ (``SAME_TASKS``) or that share a method name. One run
+    alone is summarized again under its own header (a report written before ``common`` or
+    ``differences`` existed gains them)."""
     if not results:
         raise ValueError("no runs to merge")
+    if len(results) == 1:
+        header = {k: v for k, v in results[0].items() if k not in DERIVED}
+        return make_result(header, list(results[0]["records"]), reference)
     names = list(names) or [f"run {i + 1}" for i in range(len(results))]
     first = results[0]
     for name, other in zip(names[1:], results[1:]):
@@ -382,7 +435,7 @@ def merge_results(results: Sequence[Mapping], names: Sequence[str] = ()) -> dict
     header["merged_from"] = names
     header["devices"] = [r.get("device") for r in results]
     header["methods"] = [m for r in results for m in r.get("methods", [])]
-    return make_result(header, [rec for r in results for rec in r["records"]])
+    return make_result(header, [rec for r in results for rec in r["records"]], reference)
 
 
 def write_json(path: str | Path, result: dict) -> None:
@@ -419,6 +472,20 @@ def format_table(result: dict) -> str:
             "",
             *_table(result["common"]["summary"], kinds),
         ]
+    if "differences" in result:
+        diff = result["differences"]
+        lines += [
+            "",
+            f"difference to {diff['reference']} in points (average over kinds), paired over the tasks both answered, with a "
+            f"{100 * diff['confidence']:.0f}% bootstrap interval:",
+            "",
+            "| method | difference | interval | tasks | tasks for +-1 point |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for name, d in diff["by_method"].items():
+            interval = "-" if d["low"] is None else f"[{d['low']:+.1f}, {d['high']:+.1f}]"
+            lines.append(f"| {name} | {'-' if d['average'] is None else format(d['average'], '+.1f')} | {interval} | {d['tasks']} | "
+                         f"{'-' if d['tasks_for_1_point'] is None else d['tasks_for_1_point']} |")
     return "\n".join(lines)
 
 
@@ -441,7 +508,10 @@ def plot_accuracy(result: dict, path: str | Path) -> None:
     common = result.get("common")
     summary = common["summary"] if common else result["summary"]  # where methods answered different tasks, those all answered
     kinds = [*_kinds(result), "average"]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.4), gridspec_kw={"width_ratios": [1, 1.8]})
+    diff = result.get("differences")
+    ratios = [1, 1.8, 0.9] if diff else [1, 1.8]
+    fig, axes = plt.subplots(1, len(ratios), figsize=(4.4 * sum(ratios) / 0.95, 4.4), gridspec_kw={"width_ratios": ratios})
+    left, right = axes[:2]
     width = 0.8 / max(1, len(summary))
     colors = plt.get_cmap("tab10" if len(summary) <= 10 else "tab20").colors  # one color per method
     for j, (name, s) in enumerate(summary.items()):
@@ -465,9 +535,26 @@ def plot_accuracy(result: dict, path: str | Path) -> None:
         ax.set_ylim(-5, 105)
         ax.grid(alpha=0.3)
     left.legend(fontsize=7, ncol=2 if len(summary) > 6 else 1)
+    if diff:
+        _plot_differences(axes[2], diff, {name: colors[j % len(colors)] for j, name in enumerate(summary)})
     model = Path(result.get("model_path") or result.get("tokenizer") or "").name
     only = f", on the {common['tasks']} tasks every method answered" if common else ""
     fig.suptitle(f"Accuracy through the OpenAI API, {model} ({result.get('device') or 'device not given'}){only}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _plot_differences(ax, diff: Mapping, colors: Mapping[str, tuple]) -> None:
+    """Each method's difference to the reference with its interval, a row each."""
+    rows = [(name, d) for name, d in diff["by_method"].items() if d["average"] is not None]
+    for i, (name, d) in enumerate(rows):
+        ax.errorbar(d["average"], i, xerr=[[d["average"] - d["low"]], [d["high"] - d["average"]]], fmt="o", capsize=3,
+                    color=colors.get(name, "k"))
+    ax.axvline(0, color="k", lw=0.8)
+    ax.set_yticks(range(len(rows)), [name for name, _ in rows], fontsize=8)
+    ax.set_ylim(-0.7, len(rows) - 0.3)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"points against {diff['reference']}")
+    ax.set_title(f"difference, {100 * diff['confidence']:.0f}% interval (paired)", fontsize=9)
+    ax.grid(alpha=0.3)

@@ -226,7 +226,10 @@ def _accuracy(args: argparse.Namespace) -> int:
     records = evaluate(tasks, connections, args.max_tokens, progress=not args.quiet,
                        save=lambda recs: write_json(out, make_result(header, recs)), prime=args.prime_context,
                        concurrent=args.concurrent, parallel=args.parallel)
-    result = make_result(header, records)
+    try:
+        result = make_result(header, records, args.reference)
+    except ValueError as err:
+        args.fail(f"--reference {args.reference}: {err}")
     if args.plot:
         plot_accuracy(result, args.plot)
         result["plot"] = args.plot
@@ -238,11 +241,16 @@ def _accuracy(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _add_reference_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--reference", default=None, metavar="NAME",
+                        help="the method the others are compared with, paired, with a bootstrap interval (default: none, where the run has it)")
+
+
 def _accuracy_merge(args: argparse.Namespace) -> int:
     from mosaickv.accuracy import format_table, merge_results, plot_accuracy, write_json
 
     try:
-        result = merge_results([json.loads(Path(f).read_text()) for f in args.inputs], args.inputs)
+        result = merge_results([json.loads(Path(f).read_text()) for f in args.inputs], args.inputs, args.reference)
     except (OSError, ValueError, KeyError) as err:
         args.fail(f"cannot merge {' '.join(args.inputs)}: {err}")
     if args.plot:
@@ -370,12 +378,14 @@ def build_parser() -> argparse.ArgumentParser:
     ac.add_argument("--output", default="accuracy.json", help="the JSON (rewritten as the run goes); server logs go beside it")
     ac.add_argument("--plot", default=None, help="write a PNG of accuracy against length and per kind")
     ac.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_reference_arg(ac)
     ac.set_defaults(func=_accuracy, fail=ac.error)
 
     am = sub.add_parser("accuracy-merge", help="one accuracy report from runs that asked the same tasks of different methods")
     am.add_argument("inputs", nargs="+", help="accuracy JSONs written by `mosaickv accuracy --output`")
     am.add_argument("--output", required=True, help="the merged JSON")
     am.add_argument("--plot", default=None, help="write a PNG of the merged report")
+    _add_reference_arg(am)
     am.set_defaults(func=_accuracy_merge, fail=am.error)
     return parser
 

@@ -10,6 +10,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from mosaickv.accuracy import (
@@ -18,6 +19,7 @@ from mosaickv.accuracy import (
     evaluate,
     format_table,
     make_result,
+    paired_differences,
     openai_complete,
     plot_accuracy,
     summarize,
@@ -466,3 +468,61 @@ def test_a_method_that_answered_nothing_does_not_empty_the_common_tasks(tasks):
     records += [{**r, "method": "down", "score": None, "output": None, "error": "ServerError: exited"} for r in records[: len(tasks)]]
     result = make_result({}, records)
     assert result["common"]["tasks"] == 3 and set(result["common"]["summary"]) == {"a", "b"}
+
+
+def paired(method, scores, kind="single_number", error_at=()):
+    return [{"method": method, "kind": kind, "length": 1024, "tokens": 1000, "seed": i, "depth": 0.5, "answers": [str(i)],
+             "score": None if i in error_at else s, "error": "RequestError: HTTP 500" if i in error_at else None}
+            for i, s in enumerate(scores)]  # fmt: skip
+
+
+def test_differences_to_none_are_paired_per_task_with_an_interval_around_them():
+    rng = np.random.default_rng(7)
+    ref = (rng.random(200) < 0.5).astype(float)
+    worse = np.where(rng.random(200) < 0.2, 0.0, ref)  # a fifth of the tasks lost
+    records = paired("none", ref) + paired("lossy", worse) + paired("same", ref)
+    diff = make_result({}, records)["differences"]
+    assert diff["reference"] == "none" and set(diff["by_method"]) == {"lossy", "same"}
+    lossy, same = diff["by_method"]["lossy"], diff["by_method"]["same"]
+    assert lossy["average"] == pytest.approx(100 * (worse - ref).mean())
+    assert lossy["low"] < lossy["average"] < lossy["high"] < 0  # a real loss: the interval excludes 0
+    assert (same["average"], same["low"], same["high"]) == (0, 0, 0)  # identical answers: no spread at all
+    # paired: the interval of a loss on a few tasks is far narrower than the scores' own spread
+    assert lossy["high"] - lossy["low"] < 2 * 1.96 * 100 * np.sqrt(0.25 / 200)
+    assert paired_differences(records, "none") == diff  # seeded: the same report every time
+    assert lossy["tasks_for_1_point"] > 200  # +-1 point needs more tasks than this run had
+
+
+def test_differences_average_over_kinds_and_skip_tasks_either_method_failed():
+    records = paired("none", [1, 1, 1, 1], "single_number") + paired("none", [0, 0], "multikey")
+    records += paired("m", [1, 0, 0, 0], "single_number", error_at=(3,)) + paired("m", [1, 1], "multikey")
+    d = paired_differences(records, "none")["by_method"]["m"]
+    assert d["tasks"] == 5  # the failed task is not paired
+    assert d["average"] == pytest.approx((100 * -2 / 3 + 100) / 2)  # the mean over kinds, as the summary's average
+    assert d["low"] <= d["average"] <= d["high"]
+
+
+def test_a_reference_that_is_not_in_the_run_is_refused_by_name(tasks, tmp_path, capsys):
+    records = paired("a", [1, 0]) + paired("b", [0, 0])
+    assert "differences" not in make_result({}, records)  # no none, none asked: nothing to compare with
+    with pytest.raises(ValueError, match="reference method 'nonee' is not in the run; its methods are a, b"):
+        make_result({}, records, "nonee")
+    write_json(tmp_path / "r.json", make_result({"kinds": list(KINDS)}, records))
+    with pytest.raises(SystemExit):
+        main(["accuracy-merge", str(tmp_path / "r.json"), "--output", str(tmp_path / "x.json"), "--reference", "nonee"])
+    assert "reference method 'nonee' is not in the run" in capsys.readouterr().err
+    assert main(["accuracy-merge", str(tmp_path / "r.json"), "--output", str(tmp_path / "y.json"), "--reference", "a"]) == 0
+    table = capsys.readouterr().out
+    assert "difference to a in points" in table and "| b | -50.0 |" in table
+
+
+def test_merging_one_run_summarizes_it_again_under_its_own_header(tmp_path):
+    records = paired("none", [1, 1, 0]) + paired("m", [1, 0, 0])
+    old = {"command": "mosaickv accuracy --server none=...", "device": "H200", "merged_from": ["a.json", "b.json"],
+           "records": records, "summary": summarize(records), "plot": "/elsewhere/old.png"}  # written before differences existed
+    write_json(tmp_path / "old.json", old)
+    assert main(["accuracy-merge", str(tmp_path / "old.json"), "--output", str(tmp_path / "new.json")]) == 0
+    new = json.loads((tmp_path / "new.json").read_text())
+    assert {k: new[k] for k in ("command", "device", "merged_from", "records", "summary")} == {k: old[k] for k in ("command", "device", "merged_from", "records", "summary")}
+    assert "plot" not in new  # the old plot is not this report's
+    assert new["differences"]["by_method"]["m"]["average"] == pytest.approx(-100 / 3)

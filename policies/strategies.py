@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -209,6 +210,19 @@ class Dynamic(SegmentStrategy):
         return formats, cost, [float(f.nbytes(d)) for f in formats]
 
 
+KNAPSACK_ENV = "MOSAICKV_KNAPSACK"  # kernel (the default) or ops: how a GPU solves it, to time one against the other
+KNAPSACK_MODES = ("kernel", "ops")
+
+
+def knapsack_on_gpu() -> str:
+    """``kernel`` (:mod:`mosaickv.kernels.knapsack`, one launch) or ``ops`` (the PyTorch
+    ops below), from ``MOSAICKV_KNAPSACK``; anything else is refused by name."""
+    mode = os.environ.get(KNAPSACK_ENV, "kernel")
+    if mode not in KNAPSACK_MODES:
+        raise ValueError(f"{KNAPSACK_ENV}={mode!r} is not one of {', '.join(KNAPSACK_MODES)}")
+    return mode
+
+
 def knapsack(value: torch.Tensor, cost: list[float], budget: float, fill_passes: int = 4, ways: int = 16,
              rounds: int = 8) -> torch.Tensor:
     """For each of G independent problems, one option per row maximizing total value with
@@ -225,8 +239,10 @@ def knapsack(value: torch.Tensor, cost: list[float], budget: float, fill_passes:
     ``value`` is, without reading anything back: on a GPU the G problems of a batch of
     segments are about two hundred launches in all, where a problem at a time read a total
     back at every step (hundreds of syncs per segment, most of a segment's 34 ms on an
-    H200, benchmarks/results/h200x2_2026-11-30b). Every row's cheapest option is the
-    fallback; raises if even those exceed the budget.
+    H200, benchmarks/results/h200x2_2026-11-30b). On a GPU the same search is one Triton
+    launch (:mod:`mosaickv.kernels.knapsack`, the same picks under test) unless
+    ``MOSAICKV_KNAPSACK=ops``. Every row's
+    cheapest option is the fallback; raises if even those exceed the budget.
     """
     groups, rows, options = value.shape
     floor = min(cost)
@@ -235,6 +251,11 @@ def knapsack(value: torch.Tensor, cost: list[float], budget: float, fill_passes:
         return torch.zeros(groups, 0, dtype=torch.int64, device=value.device)
     price_of = upload(cost, value.device, value.dtype)
     dearer = [c - floor for c in cost if c > floor]
+    if value.is_cuda and knapsack_on_gpu() == "kernel":  # the same search in one launch
+        from mosaickv.kernels.knapsack import knapsack_launch
+
+        return knapsack_launch(value, price_of, budget, cost.index(floor), max(min(dearer, default=1.0), 1.0),
+                               fill_passes, ways, rounds)
 
     def pick(price: torch.Tensor) -> torch.Tensor:
         return (value - price[:, None, None] * price_of).argmax(dim=-1)

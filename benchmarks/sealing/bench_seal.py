@@ -23,6 +23,7 @@ from concurrent.futures import Future
 import torch
 
 from mosaickv.config import load_policy
+from mosaickv.policies.strategies import knapsack_on_gpu
 from mosaickv.sealer import PolicyCompressor, SealWorkers, SegmentInputs, seal_segment
 
 
@@ -92,6 +93,7 @@ def seal_on_device(compress, inputs: SegmentInputs, args) -> int:
     res = {"policy": args.policy, "device": str(dev), "segments": args.segments,
            "shape": {"layers": args.layers, "kv_heads": args.kv_heads, "head_dim": args.head_dim},
            "segments_per_s": rates, "peak_workspace_mib": peaks,
+           "knapsack_on_gpu": knapsack_on_gpu(),  # MOSAICKV_KNAPSACK: the one-launch kernel or the PyTorch ops
            "command": "python benchmarks/sealing/bench_seal.py " + " ".join(sys.argv[1:])}
     if args.profile and dev.type == "cuda":
         res["profile"] = profile_batch(sealers[f"packed_batch{args.profile}"], args.profile, args.trace)

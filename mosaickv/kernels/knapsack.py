@@ -1,0 +1,193 @@
+"""The sealing knapsack in one launch: a program per problem (a segment's blocks).
+
+:func:`mosaickv.policies.strategies.knapsack` in PyTorch ops is about 320 launches a
+sealing call, half of its ops, each waiting on the host (thirteenth run, H200: an 8B-shaped
+call of 32 segments took 32.3 ms, 16.8 of it kernels, the rest the host launching and
+waiting). Here the same search runs inside one program per problem: the many-way search
+for the price of a byte, the cheapest plan where even the dearest price overspends, the
+free plan where it fits, then the upgrade passes. A pass takes each row's most efficient
+affordable upgrade in order of efficiency while bytes remain: the row's place in that
+order is counted against every other row (ties by row), so no sort is needed.
+
+Float64 throughout, as the PyTorch version: the values are losses that span many scales.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from mosaickv.kernels._interpret import patch_interpreter
+from mosaickv.uploads import upload
+
+patch_interpreter()
+
+TILE_ELEMENTS = 2048  # float64 elements of a [rows, options] tile: 16 a thread at four warps
+
+
+@triton.jit
+def _pick(value, cost, out, price, rows, options, BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr, STORE: tl.constexpr):
+    """Each row's best option at ``price`` (stored to ``out`` with STORE); returns their bytes."""
+    offs_o = tl.arange(0, BLOCK_O)
+    omask = offs_o < options
+    c = tl.load(cost + offs_o, mask=omask, other=0.0)
+    total = tl.sum(tl.zeros([BLOCK_R], dtype=tl.float64), axis=0)
+    for start in range(0, rows, BLOCK_R):
+        offs_r = start + tl.arange(0, BLOCK_R)
+        rmask = offs_r < rows
+        v = tl.load(value + offs_r[:, None] * options + offs_o[None, :], mask=rmask[:, None] & omask[None, :],
+                    other=float("-inf"))
+        priced = price * c
+        best = tl.argmax(tl.where(omask[None, :], v - priced[None, :], float("-inf")), axis=1)
+        spent = tl.sum(tl.where(offs_o[None, :] == best[:, None], c[None, :], 0.0), axis=1)
+        total += tl.sum(tl.where(rmask, spent, 0.0), axis=0)
+        if STORE:
+            tl.store(out + offs_r, best.to(tl.int64), mask=rmask)
+    return total
+
+
+@triton.jit
+def _first_fit(value, cost, lo, hi, budget, rows, options, WAYS: tl.constexpr, BLOCK_R: tl.constexpr,
+               BLOCK_O: tl.constexpr):
+    """The first of the prices ``lo + (hi - lo) * w / WAYS`` (w = 1 .. WAYS - 1) whose plan
+    fits ``budget``, or WAYS: every price tried on each tile while it is loaded."""
+    offs_o = tl.arange(0, BLOCK_O)
+    omask = offs_o < options
+    c = tl.load(cost + offs_o, mask=omask, other=0.0)
+    ways = tl.arange(0, WAYS)
+    zero = lo * 0.0
+    totals = tl.zeros([WAYS], dtype=tl.float64)
+    for start in range(0, rows, BLOCK_R):
+        offs_r = start + tl.arange(0, BLOCK_R)
+        rmask = offs_r < rows
+        v = tl.load(value + offs_r[:, None] * options + offs_o[None, :], mask=rmask[:, None] & omask[None, :],
+                    other=float("-inf"))
+        v = tl.where(omask[None, :], v, float("-inf"))
+        for w in tl.static_range(1, WAYS):
+            priced = (lo + (hi - lo) * ((zero + w) / WAYS)) * c
+            best = tl.argmax(v - priced[None, :], axis=1)
+            spent = tl.sum(tl.where(rmask, tl.sum(tl.where(offs_o[None, :] == best[:, None], c[None, :], 0.0), axis=1), 0.0), axis=0)
+            totals = tl.where(ways == w, totals + spent, totals)
+    return tl.min(tl.where((ways >= 1) & (totals <= budget), ways, WAYS), axis=0)
+
+
+@triton.jit
+def _spent(choice, cost, rows, options, BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr):
+    offs_o = tl.arange(0, BLOCK_O)
+    c = tl.load(cost + offs_o, mask=offs_o < options, other=0.0)
+    total = tl.sum(tl.zeros([BLOCK_R], dtype=tl.float64), axis=0)
+    for start in range(0, rows, BLOCK_R):
+        offs_r = start + tl.arange(0, BLOCK_R)
+        rmask = offs_r < rows
+        ch = tl.load(choice + offs_r, mask=rmask, other=-1)
+        total += tl.sum(tl.sum(tl.where(offs_o[None, :] == ch[:, None], c[None, :], 0.0), axis=1), axis=0)
+    return total
+
+
+@triton.jit
+def _knapsack_kernel(value, cost, choice, eff_buf, col_buf, step_buf, rows, options, limits, floor_index,
+                     ROUNDS: tl.constexpr, WAYS: tl.constexpr, FILL_PASSES: tl.constexpr,
+                     BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_J: tl.constexpr):
+    g = tl.program_id(0).to(tl.int64)
+    budget = tl.load(limits)  # float64: a float argument would be float32
+    hi_scale = tl.load(limits + 1)
+    value += g * rows * options
+    choice += g * rows
+    eff_buf += g * rows
+    col_buf += g * rows
+    step_buf += g * rows
+    offs_o = tl.arange(0, BLOCK_O)
+    omask = offs_o < options
+    c = tl.load(cost + offs_o, mask=omask, other=0.0)
+
+    # The price search's bracket: [0, span / the smallest step up in bytes].
+    vmax = tl.max(tl.full([BLOCK_R], float("-inf"), tl.float64), axis=0)
+    vmin = tl.min(tl.full([BLOCK_R], float("inf"), tl.float64), axis=0)
+    for start in range(0, rows, BLOCK_R):
+        offs_r = start + tl.arange(0, BLOCK_R)
+        m = (offs_r < rows)[:, None] & omask[None, :]
+        v = tl.load(value + offs_r[:, None] * options + offs_o[None, :], mask=m, other=0.0)
+        vmax = tl.maximum(vmax, tl.max(tl.max(tl.where(m, v, float("-inf")), axis=1), axis=0))
+        vmin = tl.minimum(vmin, tl.min(tl.min(tl.where(m, v, float("inf")), axis=1), axis=0))
+    zero = vmax * 0.0  # float64: the price's cuts are computed as the PyTorch version's
+    lo = zero
+    hi = ((vmax - vmin) + 1.0) / hi_scale
+    if _pick(value, cost, choice, hi, rows, options, BLOCK_R, BLOCK_O, True) > budget:
+        for start in range(0, rows, BLOCK_R):  # even the dearest price overspends: the cheapest plan
+            offs_r = start + tl.arange(0, BLOCK_R)
+            tl.store(choice + offs_r, tl.zeros([BLOCK_R], tl.int64) + floor_index, mask=offs_r < rows)
+    tl.debug_barrier()
+    for _ in range(ROUNDS):
+        first = _first_fit(value, cost, lo, hi, budget, rows, options, WAYS, BLOCK_R, BLOCK_O)
+        if first < WAYS:  # the cheapest price that fits bounds it above, the one below it below
+            price = lo + (hi - lo) * ((zero + first) / WAYS)
+            below = lo + (hi - lo) * ((zero + (first - 1)) / WAYS)
+            _pick(value, cost, choice, price, rows, options, BLOCK_R, BLOCK_O, True)
+            tl.debug_barrier()
+            lo = below
+            hi = price
+        else:
+            lo = lo + (hi - lo) * ((WAYS - 1) / WAYS)
+    if _pick(value, cost, eff_buf, zero, rows, options, BLOCK_R, BLOCK_O, False) <= budget:
+        _pick(value, cost, choice, zero, rows, options, BLOCK_R, BLOCK_O, True)  # no loss at no price: the free plan
+    tl.debug_barrier()
+
+    for _ in range(FILL_PASSES):
+        left = budget - _spent(choice, cost, rows, options, BLOCK_R, BLOCK_O)
+        for start in range(0, rows, BLOCK_R):
+            offs_r = start + tl.arange(0, BLOCK_R)
+            rmask = offs_r < rows
+            m = rmask[:, None] & omask[None, :]
+            v = tl.load(value + offs_r[:, None] * options + offs_o[None, :], mask=m, other=0.0)
+            ch = tl.load(choice + offs_r, mask=rmask, other=0)
+            at = offs_o[None, :] == ch[:, None]
+            gain = v - tl.sum(tl.where(at, v, 0.0), axis=1)[:, None]
+            extra = c[None, :] - tl.sum(tl.where(at, c[None, :], 0.0), axis=1)[:, None]
+            ok = m & (extra > 0) & (extra <= left) & (gain > 0)
+            ratio = tl.where(ok, gain / tl.maximum(extra, 1e-9), -1.0)
+            eff = tl.max(ratio, axis=1)
+            col = tl.argmax(ratio, axis=1)
+            step = tl.where(eff >= 0, tl.sum(tl.where(offs_o[None, :] == col[:, None], extra, 0.0), axis=1), 0.0)
+            tl.store(eff_buf + offs_r, eff, mask=rmask)
+            tl.store(col_buf + offs_r, col.to(tl.int64), mask=rmask)
+            tl.store(step_buf + offs_r, step, mask=rmask)
+        tl.debug_barrier()
+        for start in range(0, rows, BLOCK_R):
+            offs_r = start + tl.arange(0, BLOCK_R)
+            rmask = offs_r < rows
+            eff = tl.load(eff_buf + offs_r, mask=rmask, other=-1.0)
+            ahead = tl.zeros([BLOCK_R], tl.float64)  # bytes of the upgrades taken before this row's, its own included
+            for jstart in range(0, rows, BLOCK_J):
+                offs_j = jstart + tl.arange(0, BLOCK_J)
+                jmask = offs_j < rows
+                eff_j = tl.load(eff_buf + offs_j, mask=jmask, other=-1.0)
+                step_j = tl.load(step_buf + offs_j, mask=jmask, other=0.0)
+                first_j = (eff_j[None, :] > eff[:, None]) | ((eff_j[None, :] == eff[:, None]) & (offs_j[None, :] <= offs_r[:, None]))
+                ahead += tl.sum(tl.where(first_j & jmask[None, :], step_j[None, :], 0.0), axis=1)
+            take = rmask & (eff >= 0) & (ahead <= left)
+            col = tl.load(col_buf + offs_r, mask=rmask, other=0)
+            tl.store(choice + offs_r, col, mask=take)
+        tl.debug_barrier()
+
+
+def knapsack_launch(value: torch.Tensor, price_of: torch.Tensor, budget: float, floor_index: int, hi_scale: float,
+                    fill_passes: int, ways: int, rounds: int, block_r: int | None = None) -> torch.Tensor:
+    """One option per row for each of ``value``'s [G, R, O] problems (see
+    :func:`mosaickv.policies.strategies.knapsack`, whose checks and bracket it takes):
+    ``price_of`` [O] bytes, ``floor_index`` the cheapest option, ``hi_scale`` the
+    smallest step up in bytes (at least 1)."""
+    groups, rows, options = value.shape
+    value = value.to(torch.float64).contiguous()
+    choice = torch.empty(groups, rows, dtype=torch.int64, device=value.device)
+    eff = torch.empty(groups, rows, dtype=torch.float64, device=value.device)
+    col = torch.empty(groups, rows, dtype=torch.int64, device=value.device)
+    step = torch.empty(groups, rows, dtype=torch.float64, device=value.device)
+    block_o = triton.next_power_of_2(options)
+    block_r = block_r or max(1, min(triton.next_power_of_2(rows), TILE_ELEMENTS // block_o))
+    _knapsack_kernel[(groups,)](
+        value, price_of.to(torch.float64).contiguous(), choice, eff, col, step, rows, options,
+        upload([budget, hi_scale], value.device, torch.float64), floor_index, ROUNDS=rounds, WAYS=ways, FILL_PASSES=fill_passes, BLOCK_R=block_r, BLOCK_O=block_o,
+        BLOCK_J=max(1, min(32, block_r)), num_warps=4,
+    )  # fmt: skip
+    return choice

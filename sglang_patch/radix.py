@@ -48,8 +48,10 @@ from sglang.srt.mem_cache.common import maybe_cache_unfinished_req
 from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey, TreeNode
 
 from mosaickv.compressor import PartFailure
+from mosaickv.kernels.knapsack import warm_knapsack
 from mosaickv.kernels.layout import Region
 from mosaickv.packed_sealing import PackedSealer
+from mosaickv.policies.strategies import knapsack_on_gpu
 from mosaickv.uploads import upload
 from mosaickv.sealer import CompressFn, PolicyCompressor, SealWorkers, SegmentInputs, seal_segment
 from mosaickv.sglang_patch.args import DEVICE_SEALING
@@ -625,8 +627,10 @@ def mosaic_radix_factory(ctx) -> RadixCache:
         return default_radix_cache_factory(ctx)
     policy = ctx.server_args.mosaic_policy
     on_device = ctx.server_args.kv_compress_sealing in DEVICE_SEALING
-    seal_batch = ctx.server_args.kv_compress_seal_batch or default_seal_batch(
-        ctx.params.token_to_kv_pool_allocator.get_kvcache(), policy.segment_size)
+    pool = ctx.params.token_to_kv_pool_allocator.get_kvcache()
+    seal_batch = ctx.server_args.kv_compress_seal_batch or default_seal_batch(pool, policy.segment_size)
+    if on_device and torch.device(pool.device).type == "cuda" and knapsack_on_gpu() == "kernel":
+        warm_knapsack(pool.device)  # compiled before the first prefill's sealing call waits on it
     return MosaicRadixCache(
         ctx.params,
         compress=PolicyCompressor(policy, ctx.model_config.head_dim),

@@ -20,13 +20,12 @@ from mosaickv.kernels.knapsack import knapsack_launch
 from mosaickv.policies.strategies import knapsack
 
 
-def launch(value: torch.Tensor, cost: list[float], budget: float, fill_passes: int = 4, block_r: int | None = None) -> torch.Tensor:
+def launch(value: torch.Tensor, cost: list[float], budget: float, fill_passes: int = 4) -> torch.Tensor:
     """The kernel with the bracket :func:`knapsack` gives it."""
     floor = min(cost)
     dearer = [c - floor for c in cost if c > floor]
     price_of = torch.tensor(cost, dtype=torch.float64, device=value.device)
-    return knapsack_launch(value, price_of, budget, cost.index(floor), max(min(dearer, default=1.0), 1.0), fill_passes, 16, 8,
-                           block_r=block_r)  # fmt: skip
+    return knapsack_launch(value, price_of, budget, cost.index(floor), max(min(dearer, default=1.0), 1.0), fill_passes, 16, 8)
 
 
 def problem(seed: int, max_rows: int = 60, max_options: int = 20) -> tuple[torch.Tensor, list[float], float]:
@@ -50,18 +49,18 @@ def test_the_kernel_picks_what_the_pytorch_knapsack_picks(seed, fill_passes):
 
 
 def test_rows_in_several_tiles_and_the_edge_budgets():
-    # 21 rows in tiles of 8 (the last one ragged); budgets that afford only the cheapest
+    # 37 rows in tiles of 16 (the last one ragged); budgets that afford only the cheapest
     # plan, some upgrades and everything; a problem whose losses are all 0, one at 1e6.
     g = torch.Generator().manual_seed(5)
     cost = [0.0, 8.0, 20.0, 33.0, 64.0, 90.0]
-    value = -torch.rand(4, 21, len(cost), generator=g, dtype=torch.float64).cumsum(-1).flip(-1)
+    value = -torch.rand(4, 37, len(cost), generator=g, dtype=torch.float64).cumsum(-1).flip(-1)
     value[2] = 0.0
     value[3] *= 1e6
-    for budget in (0.0, 21 * 20.0, 21 * 90.0):
+    for budget in (0.0, 37 * 20.0, 37 * 90.0):
         expected = knapsack(value, cost, budget)
-        assert torch.equal(launch(value, cost, budget, block_r=8), expected), budget
+        assert torch.equal(launch(value, cost, budget), expected), budget
         assert (torch.tensor(cost, dtype=torch.float64)[expected].sum(-1) <= budget).all()
-    assert torch.equal(launch(value, cost, 0.0, block_r=8), torch.zeros(4, 21, dtype=torch.int64))
+    assert torch.equal(launch(value, cost, 0.0), torch.zeros(4, 37, dtype=torch.int64))
 
 
 @pytest.mark.gpu
@@ -76,6 +75,13 @@ def test_on_a_gpu_the_kernel_plans_as_well_within_budget(seed):
     reference = knapsack(value.cpu(), cost, budget).cuda()  # the PyTorch ops
     mine, theirs = value.gather(-1, got[..., None]).sum((1, 2)), value.gather(-1, reference[..., None]).sum((1, 2))
     assert torch.allclose(mine, theirs, rtol=1e-9, atol=0.0) or (mine >= theirs).all()
+
+
+def test_more_options_than_the_kernel_tiles_are_refused_and_left_to_the_ops():
+    value, cost, budget = problem(7)
+    wide = torch.cat([value, value[..., -1:].expand(-1, -1, 130)], -1)
+    with pytest.raises(ValueError, match="at most 128 options a row, not 1"):
+        launch(wide, cost + [cost[-1] + 1 + i for i in range(130)], budget)
 
 
 def test_the_gpu_mode_comes_from_the_environment_and_a_wrong_one_is_refused(monkeypatch):

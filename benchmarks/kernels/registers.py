@@ -10,6 +10,7 @@ the device's Triton (3.6: ``pip install --target DIR triton==3.6.0``, then
 Triton version compiles differently, so compare counts made with one version only.
 
     python benchmarks/kernels/registers.py --block-n 32 64 --warps 4 8 --json out.json
+    python benchmarks/kernels/registers.py --knapsack   # the sealing knapsack's launch
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import triton
@@ -71,6 +73,19 @@ def compile_launch(k_kind: int, v_kind: int, pack: bool, r_max: int, *, head_dim
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": 1}).asm["cubin"]
 
 
+def compile_knapsack(warps: int = 4) -> bytes:
+    """The sealing knapsack's sm_90 cubin (mosaickv.kernels.knapsack): its one variant."""
+    from mosaickv.kernels.knapsack import BLOCK_ROWS, MAX_OPTIONS, _knapsack_kernel
+
+    names = _knapsack_kernel.arg_names
+    const = dict(ROUNDS=8, WAYS=16, FILL_PASSES=4, BLOCK_R=BLOCK_ROWS, BLOCK_O=MAX_OPTIONS, BLOCK_J=BLOCK_ROWS)
+    pointers = {"value": "*fp64", "cost": "*fp64", "choice": "*i64", "eff_buf": "*fp64", "col_buf": "*i64", "step_buf": "*fp64",
+                "limits": "*fp64"}  # fmt: skip
+    sig = {n: "constexpr" if n in const else pointers.get(n, "i32") for n in names}
+    src = ASTSource(fn=_knapsack_kernel, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": 1}).asm["cubin"]
+
+
 def resources(cubin: bytes) -> dict[str, int]:
     """Registers a thread and stack bytes of a cubin's kernel (``cuobjdump -res-usage``)."""
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
@@ -103,9 +118,19 @@ def main(argv: list[str] | None = None) -> int:
                     help="dense tails stored back to back, as diag_formats.py stores them (the server reads them in place)")
     ap.add_argument("--block-n", type=int, nargs="+", default=[32, 64], help="tokens a tile")
     ap.add_argument("--warps", type=int, nargs="+", default=[4, 8])
+    ap.add_argument("--knapsack", action="store_true", help="the sealing knapsack's launch instead")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     rows = []
+    if args.knapsack:
+        args.launches = []
+        start = time.perf_counter()
+        cubin = compile_knapsack()
+        row = {"launch": "knapsack", "warps": 4, **resources(cubin), "cubin_bytes": len(cubin),
+               "compile_s": round(time.perf_counter() - start, 1)}
+        rows.append(row)
+        print(f"knapsack: {row['registers']} registers, stack {row['stack_bytes']} B, "
+              f"{row['cubin_bytes']:,} bytes of cubin, compiled in {row['compile_s']} s", flush=True)
     for name in args.launches:
         k_kind, v_kind, pack, r_max, prefetch = LAUNCHES[name]
         for block_n in args.block_n:

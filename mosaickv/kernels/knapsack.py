@@ -23,7 +23,13 @@ from mosaickv.uploads import upload
 
 patch_interpreter()
 
-TILE_ELEMENTS = 2048  # float64 elements of a [rows, options] tile: 16 a thread at four warps
+# One compiled variant whatever the model and policy (rows and options are not specialized
+# on): tiles of 16 rows by up to MAX_OPTIONS options, 16 float64 elements a thread at four
+# warps. The mosaic preset prices 73 options; a policy with more is solved by the PyTorch
+# ops. Compiled for sm_90: 218 registers, no stack, about 10 s on a 2-core CPU
+# (results/registers_knapsack_sm90_triton36.json), once per machine (Triton's disk cache).
+MAX_OPTIONS = 128
+BLOCK_ROWS = 16
 
 
 @triton.jit
@@ -64,7 +70,7 @@ def _first_fit(value, cost, lo, hi, budget, rows, options, WAYS: tl.constexpr, B
         v = tl.load(value + offs_r[:, None] * options + offs_o[None, :], mask=rmask[:, None] & omask[None, :],
                     other=float("-inf"))
         v = tl.where(omask[None, :], v, float("-inf"))
-        for w in tl.static_range(1, WAYS):
+        for w in range(1, WAYS):
             priced = (lo + (hi - lo) * ((zero + w) / WAYS)) * c
             best = tl.argmax(v - priced[None, :], axis=1)
             spent = tl.sum(tl.where(rmask, tl.sum(tl.where(offs_o[None, :] == best[:, None], c[None, :], 0.0), axis=1), 0.0), axis=0)
@@ -85,7 +91,7 @@ def _spent(choice, cost, rows, options, BLOCK_R: tl.constexpr, BLOCK_O: tl.const
     return total
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rows", "options", "floor_index"])
 def _knapsack_kernel(value, cost, choice, eff_buf, col_buf, step_buf, rows, options, limits, floor_index,
                      ROUNDS: tl.constexpr, WAYS: tl.constexpr, FILL_PASSES: tl.constexpr,
                      BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_J: tl.constexpr):
@@ -172,7 +178,7 @@ def _knapsack_kernel(value, cost, choice, eff_buf, col_buf, step_buf, rows, opti
 
 
 def knapsack_launch(value: torch.Tensor, price_of: torch.Tensor, budget: float, floor_index: int, hi_scale: float,
-                    fill_passes: int, ways: int, rounds: int, block_r: int | None = None) -> torch.Tensor:
+                    fill_passes: int, ways: int, rounds: int) -> torch.Tensor:
     """One option per row for each of ``value``'s [G, R, O] problems (see
     :func:`mosaickv.policies.strategies.knapsack`, whose checks and bracket it takes):
     ``price_of`` [O] bytes, ``floor_index`` the cheapest option, ``hi_scale`` the
@@ -183,11 +189,19 @@ def knapsack_launch(value: torch.Tensor, price_of: torch.Tensor, budget: float, 
     eff = torch.empty(groups, rows, dtype=torch.float64, device=value.device)
     col = torch.empty(groups, rows, dtype=torch.int64, device=value.device)
     step = torch.empty(groups, rows, dtype=torch.float64, device=value.device)
-    block_o = triton.next_power_of_2(options)
-    block_r = block_r or max(1, min(triton.next_power_of_2(rows), TILE_ELEMENTS // block_o))
+    if options > MAX_OPTIONS:
+        raise ValueError(f"the knapsack kernel prices at most {MAX_OPTIONS} options a row, not {options}")
     _knapsack_kernel[(groups,)](
         value, price_of.to(torch.float64).contiguous(), choice, eff, col, step, rows, options,
-        upload([budget, hi_scale], value.device, torch.float64), floor_index, ROUNDS=rounds, WAYS=ways, FILL_PASSES=fill_passes, BLOCK_R=block_r, BLOCK_O=block_o,
-        BLOCK_J=max(1, min(32, block_r)), num_warps=4,
+        upload([budget, hi_scale], value.device, torch.float64), floor_index, ROUNDS=rounds, WAYS=ways, FILL_PASSES=fill_passes, BLOCK_R=BLOCK_ROWS, BLOCK_O=MAX_OPTIONS,
+        BLOCK_J=BLOCK_ROWS, num_warps=4,
     )  # fmt: skip
     return choice
+
+
+def warm_knapsack(device: torch.device | str) -> None:
+    """Compile the kernel before a server's first sealing call needs it (seconds, once per
+    machine): a one-row problem on ``device``, with the server's rounds and ways."""
+    knapsack_launch(torch.zeros(1, 1, 2, dtype=torch.float64, device=device), upload([0.0, 1.0], device, torch.float64),
+                    1.0, 0, 1.0, 4, 16, 8)
+

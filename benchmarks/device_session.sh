@@ -35,7 +35,7 @@
 #   PART=one_first bash benchmarks/device_session.sh   # one GPU (kind nvidia-h200), carry .device/c5: stage; sealing
 #                                                       at SmolLM2's and the 8B's shape (profiled), then the GPU tests.
 #                                                       On one GPU, kernels skips ncu and rows runs GPU0_METHODS alone
-#   PART=accuracy  bash benchmarks/device_session.sh   # the accuracy suite on GPU 1 (ACC_METHODS, SAMPLES 4, PARALLEL 4,
+#   PART=accuracy  bash benchmarks/device_session.sh   # the accuracy suite on GPU 1, or 0 of one (ACC_METHODS, SAMPLES 4, PARALLEL 4,
 #                                                       MosaicKV methods sealing on the device: ACC_FLAGS) | with
 #                                                       GPU0_METHODS set, one suite comparison on GPU 0 (MODEL, WORKLOAD)
 # Record the session's commit yourself: the machine's git log is stale.
@@ -218,12 +218,12 @@ json.dump({'run': sys.argv[2], 'sync_census': info.get('sync_census')}, open(sys
   accuracy)
     # The twelfth run shared one call between accuracy and two suite comparisons on one GPU:
     # the 8B server missed its share and the gsp benches were cut. One comparison per GPU.
-    (env CUDA_VISIBLE_DEVICES=1 T0=$T0 BUDGET_S=${BUDGET_S:-560} OUT=$OUT/accuracy PORT=30200 \
+    (env CUDA_VISIBLE_DEVICES=$(( NGPU > 1 ? 1 : 0 )) T0=$T0 BUDGET_S=${BUDGET_S:-560} OUT=$OUT/accuracy PORT=30200 \
        METHODS="${ACC_METHODS:-none mosaic_heads3 mosaic_heads6 mosaic_heads14_3}" SAMPLES=${SAMPLES:-4} \
        PARALLEL=${PARALLEL:-4} MOSAIC_FLAGS="${ACC_FLAGS:---kv-compress-sealing device}" \
        bash benchmarks/suite/accuracy_gpu.sh > "$LOG/accuracy.txt" 2>&1
      say "accuracy rc=$?: $(grep -E 'healthy|accuracy rc' "$OUT/accuracy/steps.txt" | tr '\n' ';')") &
-    if [ -n "${GPU0_METHODS:-}" ]; then
+    if [ -n "${GPU0_METHODS:-}" ] && [ "$NGPU" -gt 1 ]; then
       sleep 20  # both install the project first: not at once
       suite 0 30000 "${BUDGET_S:-560}" MODEL=${MODEL:-smollm2} WORKLOAD=${WORKLOAD:-gsp} METHODS="$GPU0_METHODS"
     fi

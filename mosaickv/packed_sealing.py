@@ -98,8 +98,12 @@ class PackedSealer:
         mask, rows = _kept_rows(kept, plan.keep.shape, plan.keep.device)
         sides, misfits = zip(*(self._side_inputs(plan, side, x, score, mask, kept, tokens, kinds[:, side], widths[:, side])
                                for side, x, score in ((0, plan.keys, plan.k_score), (1, plan.values, plan.v_score))))
+        # The check reads the device back: after the packer's launch is queued, so that the
+        # host lays out the regions while the device still runs the plan's kernels. Regions
+        # of a failed check are dropped before anything is installed.
+        regions = self._pack(batch, plan, rows, list(sides), tokens, kinds, widths, nbytes)
         self._check_forms(misfits)
-        return self._pack(batch, plan, rows, list(sides), tokens, kinds, widths, nbytes)
+        return regions
 
     def _pack(self, batch: list[SegmentInputs], plan: SegmentPlan, rows: torch.Tensor, sides: list[SideInputs],
               tokens: np.ndarray, kinds: np.ndarray, widths: np.ndarray, nbytes: np.ndarray) -> list[Region]:

@@ -177,3 +177,17 @@ def test_a_selector_without_a_batched_select_is_called_row_by_row():
     assert_same_region(got, seal_segment(PolicyCompressor(policy, 64), x), 64)
     kept = got.table[:, 0]
     assert ((kept > 0) & (kept < policy.segment_size)).any()  # some block kept a prefix only
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["mosaic", "mosaic_heads"])
+def test_on_a_gpu_the_knapsack_kernel_seals_what_the_knapsack_ops_seal(name, monkeypatch):
+    """The server's sealing with the one-launch knapsack (the default on a GPU) against the
+    PyTorch ops it replaced (MOSAICKV_KNAPSACK=ops), on a batch of SmolLM2-shaped segments."""
+    policy, d = load_policy(name), 64
+    batch = [replace(inputs(policy, 30, 3, d, seed=seed, device="cuda"), base_bytes=BASE * (seed + 1)) for seed in range(4)]
+    got = PackedSealer(policy, d).seal_many(batch)
+    monkeypatch.setenv("MOSAICKV_KNAPSACK", "ops")
+    for region, ref in zip(got, PackedSealer(policy, d).seal_many(batch)):
+        assert_same_region(region, ref, d)

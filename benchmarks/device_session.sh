@@ -185,7 +185,8 @@ json.dump({'run': sys.argv[2], 'sync_census': info.get('sync_census')}, open(sys
      say "ncu_decode rc=$?") &
     export CUDA_VISIBLE_DEVICES=$(( NGPU > 1 ? 1 : 0 ))
     # The server's 32-token segments: the presets' real mixes and dense, every setting
-    # (0: the server's tiles; 10: sparse keys unpacked; 13: runs cut per format pair).
+    # (0: the server's tiles; 10: sparse keys unpacked; 13: runs cut per format pair;
+    # 14: a GQA group's sparse-key gathers unrolled).
     mkdir -p "$OUT/diag32"
     timeout 400 python3 benchmarks/kernels/diag_formats.py --segment 32 --out "$OUT/diag32" \
       --formats mosaic_dense_values_3x mosaic_dense_values_6x dense_8and32 dense > "$LOG/diag32.txt" 2>&1

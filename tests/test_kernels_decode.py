@@ -67,6 +67,7 @@ def run_decode(
     block_n: int = 16,
     pack_sparse_keys: bool = False,
     chunk_by_kind: bool = False,
+    unroll_group: bool = False,
     **plan_kw: int,
 ) -> None:
     hq = hkv * group
@@ -75,7 +76,7 @@ def run_decode(
     q = torch.randn(len(layers), hq, d, generator=gen).bfloat16()
     w = MixedDecodeWrapper(block_n=block_n, sparse_densify=sparse_densify, keys_by_query=keys_by_query,
                            wide_block_n=wide_block_n, pack_tokens=pack_tokens, prefetch_entries=prefetch_entries,
-                           pack_sparse_keys=pack_sparse_keys, chunk_by_kind=chunk_by_kind)
+                           pack_sparse_keys=pack_sparse_keys, chunk_by_kind=chunk_by_kind, unroll_group=unroll_group)
     w.plan(layers, tk, tv, hq, hkv, d, device=DEVICE, **plan_kw)
     out = torch.full((len(layers), hq, d), float("nan"), dtype=torch.bfloat16, device=DEVICE)
     w.run(q.to(DEVICE), out=out)
@@ -190,6 +191,19 @@ def test_runs_cut_per_format_pair(group: int, d: int, pack: bool) -> None:
     hkv = 2
     layers = [random_layer(gen, s, 16, hkv, d, kinds=("dense", "sparse")) for s in (40, 0, 30, 5)]
     run_decode(gen, layers, [5, 9, 0, 33], hkv=hkv, group=group, d=d, max_programs=3, chunk_by_kind=True,
+               pack_tokens=pack, pack_sparse_keys=pack, block_n=16, wide_block_n=16)
+
+
+@pytest.mark.parametrize(("group", "d", "pack"), [(1, 64, False), (3, 128, True), (4, 64, True), (8, 128, False)])
+def test_sparse_keys_gathered_for_a_whole_group_at_once(group: int, d: int, pack: bool) -> None:
+    """unroll_group: the GQA group's query rows gather their channels in one unrolled step,
+    in packed tiles and one block per tile, beside every other format, ragged tails, a
+    request without segments, few programs: the same answer."""
+    gen = torch.Generator().manual_seed(2000 + 10 * group + d + pack)
+    hkv = 2
+    layers = [random_layer(gen, s, 16, hkv, d, kinds=("dense", "sparse")) for s in (6, 0, 4)]
+    layers.append(random_layer(gen, 3, 16, hkv, d))
+    run_decode(gen, layers, [5, 9, 0, 3], hkv=hkv, group=group, d=d, max_programs=3, unroll_group=True,
                pack_tokens=pack, pack_sparse_keys=pack, block_n=16, wide_block_n=16)
 
 

@@ -64,6 +64,11 @@ SETTINGS = [
     # Sparse keys read 16 or 8 channels a pass (126 registers, no stack) were slower than
     # setting 0 in the thirteenth run: 811 and 904 us against 716 on the 3x mix, 528 and 598
     # against 470 on 6x (h200_2026-12-01/call6_kernels): removed from the kernel.
+    # Setting 14: the server's, a GQA group's query rows gathering sparse keys' channels in
+    # one unrolled step (their loads in flight together, not one row after another): the
+    # packed launch at 153 registers, no stack, against 128 and 8 bytes of stack
+    # (registers_decode_sm90_triton36_unroll_group.json), occupancy 18.8% against 25%.
+    ({"block_n": 32, "pack_tokens": True, "wide_block_n": 32, "pack_sparse_keys": True, "unroll_group": True}, 8),
 ]
 
 

@@ -53,7 +53,7 @@ REGISTERS_PER_SM, MAX_WARPS_PER_SM, MAX_BLOCKS_PER_SM = 65536, 64, 32
 
 def compile_launch(k_kind: int, v_kind: int, pack: bool, r_max: int, *, head_dim: int, group: int, block_m: int,
                    block_n: int, warps: int, keys_by_query: bool = True, tails_indexed: bool = True,
-                   prefetch: bool = False) -> bytes:
+                   prefetch: bool = False, unroll_group: bool = False) -> bytes:
     """The launch's sm_90 cubin, compiled as a run would: every pointer and stride
     divisible by 16 (what Triton specialises a launch on when they are). ``keys_by_query``
     False: sparse keys densified per tile, as an extend reads them. ``tails_indexed`` False:
@@ -65,7 +65,7 @@ def compile_launch(k_kind: int, v_kind: int, pack: bool, r_max: int, *, head_dim
     names = _mixed_attn_kernel.arg_names
     const = dict(GROUP=group, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, K_KIND=k_kind, V_KIND=v_kind,
                  R_MAX=r_max, R_LOG2=r_max.bit_length() - 1, ALIGNED=True, SPARSE_MODE=0, TAIL_INDEXED=tails_indexed,
-                 KEYS_BY_QUERY=keys_by_query, PACK_TOKENS=pack, PREFETCH=prefetch)
+                 KEYS_BY_QUERY=keys_by_query, PACK_TOKENS=pack, PREFETCH=prefetch, UNROLL=group if unroll_group else 0)
     sig = {n: "constexpr" if n in const else POINTERS.get(n, "fp32" if n == "qk_scale" else "i32") for n in names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if sig[n] not in ("constexpr", "fp32")}
     src = ASTSource(fn=_mixed_attn_kernel, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()},
@@ -118,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="dense tails stored back to back, as diag_formats.py stores them (the server reads them in place)")
     ap.add_argument("--block-n", type=int, nargs="+", default=[32, 64], help="tokens a tile")
     ap.add_argument("--warps", type=int, nargs="+", default=[4, 8])
+    ap.add_argument("--unroll-group", action="store_true",
+                    help="sparse keys read by query gathers for the GQA group's rows in one unrolled step (MixedAttention(unroll_group=True))")
     ap.add_argument("--knapsack", action="store_true", help="the sealing knapsack's launch instead")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
@@ -138,14 +140,14 @@ def main(argv: list[str] | None = None) -> int:
                 cubin = compile_launch(k_kind, v_kind, pack, r_max, head_dim=args.head_dim, group=args.group,
                                        block_m=args.block_m, block_n=block_n, warps=warps,
                                        keys_by_query=not args.extend, tails_indexed=not args.tails_back_to_back,
-                                       prefetch=prefetch)
+                                       prefetch=prefetch, unroll_group=args.unroll_group)
                 row = {"launch": name, "block_n": block_n, "warps": warps, **resources(cubin)}
                 row["occupancy"] = occupancy(row["registers"], warps)
                 rows.append(row)
                 print(f"{name:13s} block_n {block_n:3d} warps {warps}: {row['registers']:3d} registers, "
                       f"stack {row['stack_bytes']:4d} B, occupancy {row['occupancy']:.1%}", flush=True)
     result = {"triton": triton.__version__, "target": "sm_90", "head_dim": args.head_dim, "group": args.group,
-              "block_m": args.block_m, "extend": args.extend,
+              "block_m": args.block_m, "extend": args.extend, "unroll_group": args.unroll_group,
               "tails_back_to_back": args.tails_back_to_back, "command": " ".join(["python", "benchmarks/kernels/registers.py",
                                                             *(argv if argv is not None else sys.argv[1:])]),
               "rows": rows}

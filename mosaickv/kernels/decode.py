@@ -126,23 +126,33 @@ def _tile(values_ptr, index_ptr, off, width, aux, tok, tok_ok, toks, cols, jr, s
 
 @triton.jit
 def _sparse_scores(q_ptr, q_rows, n_rows, values_ptr, index_ptr, val_row, ix_row, width, tok_ok, rows, jr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr):
     """Logits ``[BLOCK_M, BLOCK_N]`` against per-vector sparse keys without densifying
     them: each live query row gathers its own channels at the keys' indices (a row of q is
     a few hundred bytes, cache-resident) and dots them with the kept values. Costs
     ``rows x BLOCK_N x width`` loads instead of a ``BLOCK_N x HEAD_DIM`` search per tile,
     which wins when rows are few (decode: one query token's GQA group). Token ``t``'s kept
     values start at ``val_row[t]``, its indices at ``ix_row[t]``, ``width[t]`` of each
-    (per token, so that a packed tile's tokens may come from blocks of several widths)."""
+    (per token, so that a packed tile's tokens may come from blocks of several widths).
+    The first ``UNROLL`` rows (a GQA group) are unrolled, so their gathers are in flight
+    together; rows past them (several query tokens) follow one at a time."""
     mask = tok_ok[:, None] & (jr[None, :] < width[:, None])
     ix = tl.load(index_ptr + ix_row[:, None] + jr[None, :], mask=mask, other=0).to(tl.int32)
     raw = tl.load(values_ptr + val_row[:, None] + jr[None, :], mask=mask, other=0.0).to(tl.float32)
     s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for g in range(0, n_rows):
-        q_row = tl.sum(tl.where(rows == g, q_rows, 0))
-        qg = tl.load(q_ptr + q_row + ix, mask=mask, other=0.0).to(tl.float32)
-        s = tl.where(rows[:, None] == g, tl.sum(qg * raw, 1)[None, :], s)
+    for g in tl.static_range(UNROLL):
+        s = _sparse_row(s, g, q_ptr, q_rows, rows, ix, raw, mask & (ix * 0 + g < n_rows))
+    for g in range(UNROLL, n_rows):
+        s = _sparse_row(s, g, q_ptr, q_rows, rows, ix, raw, mask)
     return s
+
+
+@triton.jit
+def _sparse_row(s, g, q_ptr, q_rows, rows, ix, raw, mask):
+    """``s`` with query row ``g``'s logits: its channels gathered at the keys' indices."""
+    q_row = tl.sum(tl.where(rows == g, q_rows, 0))
+    qg = tl.load(q_ptr + q_row + ix, mask=mask, other=0.0).to(tl.float32)
+    return tl.where(rows[:, None] == g, tl.sum(qg * raw, 1)[None, :], s)
 
 
 @triton.jit
@@ -150,7 +160,7 @@ def _tile_step(q, qk, qk_lo, q_ptr, q_rows, n_rows, values_ptr, index_ptr, k_off
                tok, tok_ok, toks, cols, jr, rows, scr_k, scr_v, qk_scale, m_i, l_i, acc, blk_acc,
                K_KIND: tl.constexpr, V_KIND: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr, R_MAX: tl.constexpr, R_LOG2: tl.constexpr,
-               SPARSE_MODE: tl.constexpr, KEYS_BY_QUERY: tl.constexpr):
+               SPARSE_MODE: tl.constexpr, KEYS_BY_QUERY: tl.constexpr, UNROLL: tl.constexpr):
     """One online-softmax step over a tile of one block's compressed tokens ``tok``.
     ``qk``/``qk_lo``: the query as projected keys read it;
     r-space values (mask, lowrank) accumulate into ``blk_acc``, the rest into ``acc``.
@@ -159,7 +169,7 @@ def _tile_step(q, qk, qk_lo, q_ptr, q_rows, n_rows, values_ptr, index_ptr, k_off
                BLOCK_N, R_MAX, R_LOG2, SPARSE_MODE)
     if K_KIND == 1 and KEYS_BY_QUERY:
         s = _sparse_scores(q_ptr, q_rows, n_rows, values_ptr, index_ptr, k_off + tok * k_w, k_aux + tok * k_w,
-                           tok * 0 + k_w, tok_ok, rows, jr, BLOCK_M, BLOCK_N)
+                           tok * 0 + k_w, tok_ok, rows, jr, BLOCK_M, BLOCK_N, UNROLL)
     else:
         kt = _tile(values_ptr, index_ptr, k_off, k_w, k_aux, tok, tok_ok, toks, cols, jr, scr_k, K_KIND,
                    HEAD_DIM, BLOCK_N, R_MAX, R_LOG2, SPARSE_MODE)
@@ -240,7 +250,7 @@ def _mixed_attn_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     K_KIND: tl.constexpr, V_KIND: tl.constexpr, R_MAX: tl.constexpr, R_LOG2: tl.constexpr,
     ALIGNED: tl.constexpr, SPARSE_MODE: tl.constexpr, TAIL_INDEXED: tl.constexpr, KEYS_BY_QUERY: tl.constexpr,
-    PACK_TOKENS: tl.constexpr, PREFETCH: tl.constexpr,
+    PACK_TOKENS: tl.constexpr, PREFETCH: tl.constexpr, UNROLL: tl.constexpr,
 ):
     """Partial attention of the first ``count`` items in ``item_list`` (the count is read
     here, so a captured launch serves every later plan); ``K_KIND``/``V_KIND`` are the
@@ -340,7 +350,7 @@ def _mixed_attn_kernel(
                         val_row = tl.multiple_of(val_row, 8)
                         ix_row = tl.multiple_of(ix_row, 8)
                     s = _sparse_scores(q_ptr, q_rows, n_rows, values_ptr, index_ptr, val_row, ix_row, k_w, tok_ok,
-                                       rows, jr, BLOCK_M, BLOCK_N)
+                                       rows, jr, BLOCK_M, BLOCK_N, UNROLL)
                     m_i, l_i, acc = _dense_values_step(s, vt, tok_ok[None, :], qk_scale, m_i, l_i, acc)
                 else:
                     rows_k = k_off[:, None] + tok[:, None] * HEAD_DIM + cols[None, :]
@@ -390,7 +400,7 @@ def _mixed_attn_kernel(
                     m_i, l_i, acc, blk_acc = _tile_step(
                         q, qk, qk_lo, q_ptr, q_rows, n_rows, values_ptr, index_ptr, k_off, k_w, k_aux, v_off, v_w, v_aux,
                         tok, tok < m, toks, cols, jr, rows, scr_k, scr_v, qk_scale, m_i, l_i, acc, blk_acc, K_KIND, V_KIND,
-                        HEAD_DIM, BLOCK_M, BLOCK_N, R_MAX, R_LOG2, SPARSE_MODE, KEYS_BY_QUERY)
+                        HEAD_DIM, BLOCK_M, BLOCK_N, R_MAX, R_LOG2, SPARSE_MODE, KEYS_BY_QUERY, UNROLL)
                 if V_KIND >= 2:  # fold the block's r-space values back: acc += blk_acc @ basis
                     vb = _basis(values_ptr, index_ptr, v_w, v_aux, jr, cols, V_KIND, HEAD_DIM, ALIGNED)
                     acc_hi = blk_acc.to(tl.bfloat16)
@@ -471,6 +481,7 @@ class MixedAttention:
         prefetch_entries: bool = False,
         pack_sparse_keys: bool = False,
         chunk_by_kind: bool = False,
+        unroll_group: bool = False,
     ) -> None:
         """``block_n``: tokens per tile of launches with a sparse side (whose densify grows
         with the tile); ``wide_block_n``: of the others (dense, mask, low-rank, tails),
@@ -484,7 +495,10 @@ class MixedAttention:
         run's ncu profile their launch, one block per tile, moved 5% of DRAM's bandwidth.
         ``chunk_by_kind``: cut each format pair's blocks into runs by that pair's own work
         (:func:`~mosaickv.kernels.layout.kind_chunk_tokens`), so a launch of a pair with
-        few tokens still has an item per program slot."""
+        few tokens still has an item per program slot. ``unroll_group``: sparse keys read by
+        query gathers gather for a GQA group's rows in one unrolled step, not one row after
+        another (in the twelfth run's ncu profile that launch read 12% of DRAM's bandwidth,
+        latency-bound at 17% occupancy)."""
         if sparse_densify not in SPARSE_MODES:
             raise ValueError(f"sparse_densify={sparse_densify!r} is not one of {', '.join(SPARSE_MODES)}")
         if pack_sparse_keys and not (pack_tokens and keys_by_query):
@@ -493,6 +507,7 @@ class MixedAttention:
         self.block_m, self.block_n, self.wide_block_n = block_m, block_n, wide_block_n
         self.pack_tokens, self.pack_sparse_keys = pack_tokens, pack_sparse_keys
         self.prefetch_entries, self.chunk_by_kind = prefetch_entries, chunk_by_kind
+        self.unroll_group = unroll_group
         self.sparse_densify, self.keys_by_query = sparse_densify, keys_by_query
         self.num_warps, self.num_stages = num_warps, num_stages
         self._plan: AttentionPlan | None = None
@@ -653,7 +668,8 @@ def run_plan(
             K_KIND=ln.k_kind, V_KIND=ln.v_kind, R_MAX=ln.r_max, R_LOG2=ln.r_max.bit_length() - 1,
             ALIGNED=aligned, SPARSE_MODE=SPARSE_MODES.index(tuning.sparse_densify), TAIL_INDEXED=tail_rows is not None,
             KEYS_BY_QUERY=tuning.keys_by_query, PACK_TOKENS=tuning.packs(ln.k_kind, ln.v_kind),
-            PREFETCH=tuning.prefetch_entries, num_warps=tuning.num_warps, num_stages=tuning.num_stages,
+            PREFETCH=tuning.prefetch_entries, UNROLL=group if tuning.unroll_group else 0, num_warps=tuning.num_warps,
+            num_stages=tuning.num_stages,
         )
     if p.groups.shape[0]:
         lse = out if lse_out is None else lse_out

@@ -26,7 +26,7 @@ patch_interpreter()
 # One compiled variant whatever the model and policy (rows and options are not specialized
 # on): tiles of 16 rows by up to MAX_OPTIONS options, 16 float64 elements a thread at four
 # warps. The mosaic preset prices 73 options; a policy with more is solved by the PyTorch
-# ops. Compiled for sm_90: 218 registers, no stack, about 10 s on a 2-core CPU
+# ops. Compiled for sm_90: 218 registers, no stack, 5.8 s on a 2-core CPU
 # (results/registers_knapsack_sm90_triton36.json), once per machine (Triton's disk cache).
 MAX_OPTIONS = 128
 BLOCK_ROWS = 16

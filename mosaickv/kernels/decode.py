@@ -160,7 +160,7 @@ def _tile_step(q, qk, qk_lo, q_ptr, q_rows, n_rows, values_ptr, index_ptr, k_off
                tok, tok_ok, toks, cols, jr, rows, scr_k, scr_v, qk_scale, m_i, l_i, acc, blk_acc,
                K_KIND: tl.constexpr, V_KIND: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr, R_MAX: tl.constexpr, R_LOG2: tl.constexpr,
-               SPARSE_MODE: tl.constexpr, KEYS_BY_QUERY: tl.constexpr, UNROLL: tl.constexpr):
+               SPARSE_MODE: tl.constexpr, KEYS_BY_QUERY: tl.constexpr):
     """One online-softmax step over a tile of one block's compressed tokens ``tok``.
     ``qk``/``qk_lo``: the query as projected keys read it;
     r-space values (mask, lowrank) accumulate into ``blk_acc``, the rest into ``acc``.
@@ -169,7 +169,7 @@ def _tile_step(q, qk, qk_lo, q_ptr, q_rows, n_rows, values_ptr, index_ptr, k_off
                BLOCK_N, R_MAX, R_LOG2, SPARSE_MODE)
     if K_KIND == 1 and KEYS_BY_QUERY:
         s = _sparse_scores(q_ptr, q_rows, n_rows, values_ptr, index_ptr, k_off + tok * k_w, k_aux + tok * k_w,
-                           tok * 0 + k_w, tok_ok, rows, jr, BLOCK_M, BLOCK_N, UNROLL)
+                           tok * 0 + k_w, tok_ok, rows, jr, BLOCK_M, BLOCK_N, 0)
     else:
         kt = _tile(values_ptr, index_ptr, k_off, k_w, k_aux, tok, tok_ok, toks, cols, jr, scr_k, K_KIND,
                    HEAD_DIM, BLOCK_N, R_MAX, R_LOG2, SPARSE_MODE)
@@ -400,7 +400,7 @@ def _mixed_attn_kernel(
                     m_i, l_i, acc, blk_acc = _tile_step(
                         q, qk, qk_lo, q_ptr, q_rows, n_rows, values_ptr, index_ptr, k_off, k_w, k_aux, v_off, v_w, v_aux,
                         tok, tok < m, toks, cols, jr, rows, scr_k, scr_v, qk_scale, m_i, l_i, acc, blk_acc, K_KIND, V_KIND,
-                        HEAD_DIM, BLOCK_M, BLOCK_N, R_MAX, R_LOG2, SPARSE_MODE, KEYS_BY_QUERY, UNROLL)
+                        HEAD_DIM, BLOCK_M, BLOCK_N, R_MAX, R_LOG2, SPARSE_MODE, KEYS_BY_QUERY)
                 if V_KIND >= 2:  # fold the block's r-space values back: acc += blk_acc @ basis
                     vb = _basis(values_ptr, index_ptr, v_w, v_aux, jr, cols, V_KIND, HEAD_DIM, ALIGNED)
                     acc_hi = blk_acc.to(tl.bfloat16)
@@ -495,10 +495,11 @@ class MixedAttention:
         run's ncu profile their launch, one block per tile, moved 5% of DRAM's bandwidth.
         ``chunk_by_kind``: cut each format pair's blocks into runs by that pair's own work
         (:func:`~mosaickv.kernels.layout.kind_chunk_tokens`), so a launch of a pair with
-        few tokens still has an item per program slot. ``unroll_group``: sparse keys read by
-        query gathers gather for a GQA group's rows in one unrolled step, not one row after
-        another (in the twelfth run's ncu profile that launch read 12% of DRAM's bandwidth,
-        latency-bound at 17% occupancy)."""
+        few tokens still has an item per program slot. ``unroll_group``: in packed tiles
+        (``pack_sparse_keys``), sparse keys read by query gathers gather for a GQA group's
+        rows in one unrolled step, not one row after another (in the twelfth run's ncu
+        profile that launch read 12% of DRAM's bandwidth, latency-bound at 17% occupancy;
+        one block a tile, unrolled, it would take 240 registers against 148)."""
         if sparse_densify not in SPARSE_MODES:
             raise ValueError(f"sparse_densify={sparse_densify!r} is not one of {', '.join(SPARSE_MODES)}")
         if pack_sparse_keys and not (pack_tokens and keys_by_query):

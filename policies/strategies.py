@@ -212,7 +212,6 @@ class Dynamic(SegmentStrategy):
 
 KNAPSACK_ENV = "MOSAICKV_KNAPSACK"  # kernel (the default) or ops: how a GPU solves it, to time one against the other
 KNAPSACK_MODES = ("kernel", "ops")
-KERNEL_MAX_OPTIONS = 128  # mosaickv.kernels.knapsack.MAX_OPTIONS: more options a row are solved by the ops
 
 
 def knapsack_on_gpu() -> str:
@@ -242,7 +241,7 @@ def knapsack(value: torch.Tensor, cost: list[float], budget: float, fill_passes:
     back at every step (hundreds of syncs per segment, most of a segment's 34 ms on an
     H200, benchmarks/results/h200x2_2026-11-30b). On a GPU the same search is one Triton
     launch (:mod:`mosaickv.kernels.knapsack`, the same picks under test) unless
-    ``MOSAICKV_KNAPSACK=ops`` or a row has more than 128 options. Every row's
+    ``MOSAICKV_KNAPSACK=ops`` or a row has more options than its tiles hold (128). Every row's
     cheapest option is the fallback; raises if even those exceed the budget.
     """
     groups, rows, options = value.shape
@@ -252,11 +251,12 @@ def knapsack(value: torch.Tensor, cost: list[float], budget: float, fill_passes:
         return torch.zeros(groups, 0, dtype=torch.int64, device=value.device)
     price_of = upload(cost, value.device, value.dtype)
     dearer = [c - floor for c in cost if c > floor]
-    if value.is_cuda and knapsack_on_gpu() == "kernel" and options <= KERNEL_MAX_OPTIONS:  # the same search, one launch
-        from mosaickv.kernels.knapsack import knapsack_launch
+    if value.is_cuda and knapsack_on_gpu() == "kernel":  # the same search in one launch, where its tiles fit
+        from mosaickv.kernels.knapsack import MAX_OPTIONS, knapsack_launch
 
-        return knapsack_launch(value, price_of, budget, cost.index(floor), max(min(dearer, default=1.0), 1.0),
-                               fill_passes, ways, rounds)
+        if options <= MAX_OPTIONS:
+            return knapsack_launch(value, price_of, budget, cost.index(floor), max(min(dearer, default=1.0), 1.0),
+                                   fill_passes, ways, rounds)
 
     def pick(price: torch.Tensor) -> torch.Tensor:
         return (value - price[:, None, None] * price_of).argmax(dim=-1)

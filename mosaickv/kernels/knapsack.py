@@ -26,10 +26,19 @@ patch_interpreter()
 # One compiled variant whatever the model and policy (rows and options are not specialized
 # on): tiles of 16 rows by up to MAX_OPTIONS options, 16 float64 elements a thread at four
 # warps. The mosaic preset prices 73 options; a policy with more is solved by the PyTorch
-# ops. Compiled for sm_90: 218 registers, no stack, 5.8 s on a 2-core CPU
+# ops. Compiled for sm_90: 218 registers, no stack, 6.6 s on a 2-core CPU
 # (results/registers_knapsack_sm90_triton36.json), once per machine (Triton's disk cache).
 MAX_OPTIONS = 128
 BLOCK_ROWS = 16
+
+
+@triton.jit
+def _best(v, c, price, rmask, offs_o):
+    """Each row's best option of a tile ``v`` (-inf past the options) at ``price``, and
+    their bytes summed over the tile's rows."""
+    best = tl.argmax(v - (price * c)[None, :], axis=1)
+    spent = tl.sum(tl.where(rmask, tl.sum(tl.where(offs_o[None, :] == best[:, None], c[None, :], 0.0), axis=1), 0.0), axis=0)
+    return best, spent
 
 
 @triton.jit
@@ -44,10 +53,8 @@ def _pick(value, cost, out, price, rows, options, BLOCK_R: tl.constexpr, BLOCK_O
         rmask = offs_r < rows
         v = tl.load(value + offs_r[:, None] * options + offs_o[None, :], mask=rmask[:, None] & omask[None, :],
                     other=float("-inf"))
-        priced = price * c
-        best = tl.argmax(tl.where(omask[None, :], v - priced[None, :], float("-inf")), axis=1)
-        spent = tl.sum(tl.where(offs_o[None, :] == best[:, None], c[None, :], 0.0), axis=1)
-        total += tl.sum(tl.where(rmask, spent, 0.0), axis=0)
+        best, spent = _best(v, c, price, rmask, offs_o)
+        total += spent
         if STORE:
             tl.store(out + offs_r, best.to(tl.int64), mask=rmask)
     return total
@@ -69,11 +76,8 @@ def _first_fit(value, cost, lo, hi, budget, rows, options, WAYS: tl.constexpr, B
         rmask = offs_r < rows
         v = tl.load(value + offs_r[:, None] * options + offs_o[None, :], mask=rmask[:, None] & omask[None, :],
                     other=float("-inf"))
-        v = tl.where(omask[None, :], v, float("-inf"))
         for w in range(1, WAYS):
-            priced = (lo + (hi - lo) * ((zero + w) / WAYS)) * c
-            best = tl.argmax(v - priced[None, :], axis=1)
-            spent = tl.sum(tl.where(rmask, tl.sum(tl.where(offs_o[None, :] == best[:, None], c[None, :], 0.0), axis=1), 0.0), axis=0)
+            _, spent = _best(v, c, lo + (hi - lo) * ((zero + w) / WAYS), rmask, offs_o)
             totals = tl.where(ways == w, totals + spent, totals)
     return tl.min(tl.where((ways >= 1) & (totals <= budget), ways, WAYS), axis=0)
 
@@ -135,7 +139,7 @@ def _knapsack_kernel(value, cost, choice, eff_buf, col_buf, step_buf, rows, opti
             hi = price
         else:
             lo = lo + (hi - lo) * ((WAYS - 1) / WAYS)
-    if _pick(value, cost, eff_buf, zero, rows, options, BLOCK_R, BLOCK_O, False) <= budget:
+    if _pick(value, cost, choice, zero, rows, options, BLOCK_R, BLOCK_O, False) <= budget:
         _pick(value, cost, choice, zero, rows, options, BLOCK_R, BLOCK_O, True)  # no loss at no price: the free plan
     tl.debug_barrier()
 

@@ -42,16 +42,16 @@ def _best(v, c, price, rmask, offs_o):
 
 
 @triton.jit
-def _pick(value, cost, out, price, rows, options, BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr, STORE: tl.constexpr):
+def _pick(value, cost, out, price, rows, n_options, BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr, STORE: tl.constexpr):
     """Each row's best option at ``price`` (stored to ``out`` with STORE); returns their bytes."""
     offs_o = tl.arange(0, BLOCK_O)
-    omask = offs_o < options
+    omask = offs_o < n_options
     c = tl.load(cost + offs_o, mask=omask, other=0.0)
     total = tl.sum(tl.zeros([BLOCK_R], dtype=tl.float64), axis=0)
     for start in range(0, rows, BLOCK_R):
         offs_r = start + tl.arange(0, BLOCK_R)
         rmask = offs_r < rows
-        v = tl.load(value + offs_r[:, None] * options + offs_o[None, :], mask=rmask[:, None] & omask[None, :],
+        v = tl.load(value + offs_r[:, None] * n_options + offs_o[None, :], mask=rmask[:, None] & omask[None, :],
                     other=float("-inf"))
         best, spent = _best(v, c, price, rmask, offs_o)
         total += spent
@@ -61,12 +61,12 @@ def _pick(value, cost, out, price, rows, options, BLOCK_R: tl.constexpr, BLOCK_O
 
 
 @triton.jit
-def _first_fit(value, cost, lo, hi, budget, rows, options, WAYS: tl.constexpr, BLOCK_R: tl.constexpr,
+def _first_fit(value, cost, lo, hi, budget, rows, n_options, WAYS: tl.constexpr, BLOCK_R: tl.constexpr,
                BLOCK_O: tl.constexpr):
     """The first of the prices ``lo + (hi - lo) * w / WAYS`` (w = 1 .. WAYS - 1) whose plan
     fits ``budget``, or WAYS: every price tried on each tile while it is loaded."""
     offs_o = tl.arange(0, BLOCK_O)
-    omask = offs_o < options
+    omask = offs_o < n_options
     c = tl.load(cost + offs_o, mask=omask, other=0.0)
     ways = tl.arange(0, WAYS)
     zero = lo * 0.0
@@ -74,7 +74,7 @@ def _first_fit(value, cost, lo, hi, budget, rows, options, WAYS: tl.constexpr, B
     for start in range(0, rows, BLOCK_R):
         offs_r = start + tl.arange(0, BLOCK_R)
         rmask = offs_r < rows
-        v = tl.load(value + offs_r[:, None] * options + offs_o[None, :], mask=rmask[:, None] & omask[None, :],
+        v = tl.load(value + offs_r[:, None] * n_options + offs_o[None, :], mask=rmask[:, None] & omask[None, :],
                     other=float("-inf"))
         for w in range(1, WAYS):
             _, spent = _best(v, c, lo + (hi - lo) * ((zero + w) / WAYS), rmask, offs_o)
@@ -83,9 +83,9 @@ def _first_fit(value, cost, lo, hi, budget, rows, options, WAYS: tl.constexpr, B
 
 
 @triton.jit
-def _spent(choice, cost, rows, options, BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr):
+def _spent(choice, cost, rows, n_options, BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr):
     offs_o = tl.arange(0, BLOCK_O)
-    c = tl.load(cost + offs_o, mask=offs_o < options, other=0.0)
+    c = tl.load(cost + offs_o, mask=offs_o < n_options, other=0.0)
     total = tl.sum(tl.zeros([BLOCK_R], dtype=tl.float64), axis=0)
     for start in range(0, rows, BLOCK_R):
         offs_r = start + tl.arange(0, BLOCK_R)
@@ -95,20 +95,20 @@ def _spent(choice, cost, rows, options, BLOCK_R: tl.constexpr, BLOCK_O: tl.const
     return total
 
 
-@triton.jit(do_not_specialize=["rows", "options", "floor_index"])
-def _knapsack_kernel(value, cost, choice, eff_buf, col_buf, step_buf, rows, options, limits, floor_index,
+@triton.jit(do_not_specialize=["rows", "n_options", "floor_index"])
+def _knapsack_kernel(value, cost, choice, eff_buf, col_buf, step_buf, rows, n_options, limits, floor_index,
                      ROUNDS: tl.constexpr, WAYS: tl.constexpr, FILL_PASSES: tl.constexpr,
                      BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_J: tl.constexpr):
     g = tl.program_id(0).to(tl.int64)
     budget = tl.load(limits)  # float64: a float argument would be float32
     hi_scale = tl.load(limits + 1)
-    value += g * rows * options
+    value += g * rows * n_options
     choice += g * rows
     eff_buf += g * rows
     col_buf += g * rows
     step_buf += g * rows
     offs_o = tl.arange(0, BLOCK_O)
-    omask = offs_o < options
+    omask = offs_o < n_options
     c = tl.load(cost + offs_o, mask=omask, other=0.0)
 
     # The price search's bracket: [0, span / the smallest step up in bytes].
@@ -117,39 +117,39 @@ def _knapsack_kernel(value, cost, choice, eff_buf, col_buf, step_buf, rows, opti
     for start in range(0, rows, BLOCK_R):
         offs_r = start + tl.arange(0, BLOCK_R)
         m = (offs_r < rows)[:, None] & omask[None, :]
-        v = tl.load(value + offs_r[:, None] * options + offs_o[None, :], mask=m, other=0.0)
+        v = tl.load(value + offs_r[:, None] * n_options + offs_o[None, :], mask=m, other=0.0)
         vmax = tl.maximum(vmax, tl.max(tl.max(tl.where(m, v, float("-inf")), axis=1), axis=0))
         vmin = tl.minimum(vmin, tl.min(tl.min(tl.where(m, v, float("inf")), axis=1), axis=0))
     zero = vmax * 0.0  # float64: the price's cuts are computed as the PyTorch version's
     lo = zero
     hi = ((vmax - vmin) + 1.0) / hi_scale
-    if _pick(value, cost, choice, hi, rows, options, BLOCK_R, BLOCK_O, True) > budget:
+    if _pick(value, cost, choice, hi, rows, n_options, BLOCK_R, BLOCK_O, True) > budget:
         for start in range(0, rows, BLOCK_R):  # even the dearest price overspends: the cheapest plan
             offs_r = start + tl.arange(0, BLOCK_R)
             tl.store(choice + offs_r, tl.zeros([BLOCK_R], tl.int64) + floor_index, mask=offs_r < rows)
     tl.debug_barrier()
     for _ in range(ROUNDS):
-        first = _first_fit(value, cost, lo, hi, budget, rows, options, WAYS, BLOCK_R, BLOCK_O)
+        first = _first_fit(value, cost, lo, hi, budget, rows, n_options, WAYS, BLOCK_R, BLOCK_O)
         if first < WAYS:  # the cheapest price that fits bounds it above, the one below it below
             price = lo + (hi - lo) * ((zero + first) / WAYS)
             below = lo + (hi - lo) * ((zero + (first - 1)) / WAYS)
-            _pick(value, cost, choice, price, rows, options, BLOCK_R, BLOCK_O, True)
+            _pick(value, cost, choice, price, rows, n_options, BLOCK_R, BLOCK_O, True)
             tl.debug_barrier()
             lo = below
             hi = price
         else:
             lo = lo + (hi - lo) * ((WAYS - 1) / WAYS)
-    if _pick(value, cost, choice, zero, rows, options, BLOCK_R, BLOCK_O, False) <= budget:
-        _pick(value, cost, choice, zero, rows, options, BLOCK_R, BLOCK_O, True)  # no loss at no price: the free plan
+    if _pick(value, cost, choice, zero, rows, n_options, BLOCK_R, BLOCK_O, False) <= budget:
+        _pick(value, cost, choice, zero, rows, n_options, BLOCK_R, BLOCK_O, True)  # no loss at no price: the free plan
     tl.debug_barrier()
 
     for _ in range(FILL_PASSES):
-        left = budget - _spent(choice, cost, rows, options, BLOCK_R, BLOCK_O)
+        left = budget - _spent(choice, cost, rows, n_options, BLOCK_R, BLOCK_O)
         for start in range(0, rows, BLOCK_R):
             offs_r = start + tl.arange(0, BLOCK_R)
             rmask = offs_r < rows
             m = rmask[:, None] & omask[None, :]
-            v = tl.load(value + offs_r[:, None] * options + offs_o[None, :], mask=m, other=0.0)
+            v = tl.load(value + offs_r[:, None] * n_options + offs_o[None, :], mask=m, other=0.0)
             ch = tl.load(choice + offs_r, mask=rmask, other=0)
             at = offs_o[None, :] == ch[:, None]
             gain = v - tl.sum(tl.where(at, v, 0.0), axis=1)[:, None]

@@ -180,6 +180,10 @@ PACK_MAX_SEGMENT = 32
 # Sparse keys beside dense values are packed too (pack_sparse_keys): side by side in the
 # eleventh run (h200x2_2026-11-30k/kernels/diag_formats_segment32.json), the 3x mix decoded
 # in 712 us against 840 and the 6x in 466 against 617, dense unchanged (1,522 against 1,521).
+# In those tiles a GQA group's rows gather sparse keys in one unrolled step (unroll_group):
+# side by side in the fourteenth run (h200_2026-12-01b/call8_kernels), the 6x mix decoded in
+# 454 us against 465, the 3x in 710 against 711 and dense in 1,509 against 1,509, the same
+# outputs bit for bit.
 PACKED_DECODE_TILE = 32
 
 
@@ -188,7 +192,7 @@ def _tuning(extend: bool, pack: bool) -> MixedAttention:
         return MixedAttention(block_m=64, block_n=32, keys_by_query=False, wide_block_n=32, pack_tokens=pack)
     if pack:
         return MixedAttention(block_m=16, block_n=32, wide_block_n=PACKED_DECODE_TILE, pack_tokens=True,
-                              pack_sparse_keys=True)
+                              pack_sparse_keys=True, unroll_group=True)
     return MixedAttention(block_m=16, block_n=32)
 
 

@@ -33,7 +33,7 @@ def test_the_first_diag_setting_is_the_servers_decode_tuning() -> None:
     from mosaickv.sglang_patch.attention import tuning_for
 
     fields = ("block_m", "block_n", "wide_block_n", "pack_tokens", "num_warps", "num_stages", "keys_by_query",
-              "sparse_densify", "prefetch_entries", "pack_sparse_keys", "chunk_by_kind")
+              "sparse_densify", "prefetch_entries", "pack_sparse_keys", "chunk_by_kind", "unroll_group")
     for (kwargs, _), segment in zip(SETTINGS[:2], (32, 128)):
         diag, server = MixedAttention(**kwargs), tuning_for(False, segment)
         assert {f: getattr(diag, f) for f in fields} == {f: getattr(server, f) for f in fields}, segment

@@ -34,7 +34,7 @@ POLICY_REPORT = Path(__file__).parents[1] / "results" / "eval_dense_values_2k_se
 B, L, HQ, HKV, D = 32, 32768, 32, 8, 128
 # MixedDecodeWrapper settings beside programs per SM; the first is the server's DECODE_TUNING.
 SETTINGS = [
-    ({"block_n": 32, "pack_tokens": True, "wide_block_n": 32, "pack_sparse_keys": True}, 8),
+    ({"block_n": 32, "pack_tokens": True, "wide_block_n": 32, "pack_sparse_keys": True, "unroll_group": True}, 8),
     ({"block_n": 32}, 8),  # one block per tile: the server's for segments over 32 tokens
     ({"block_n": 32, "pack_tokens": True, "wide_block_n": 32}, 16),
     ({"block_n": 32, "pack_tokens": True, "wide_block_n": 128}, 8),
@@ -64,11 +64,14 @@ SETTINGS = [
     # Sparse keys read 16 or 8 channels a pass (126 registers, no stack) were slower than
     # setting 0 in the thirteenth run: 811 and 904 us against 716 on the 3x mix, 528 and 598
     # against 470 on 6x (h200_2026-12-01/call6_kernels): removed from the kernel.
-    # Setting 14: the server's, a GQA group's query rows gathering sparse keys' channels in
-    # one unrolled step (their loads in flight together, not one row after another): the
-    # packed launch at 153 registers, no stack, against 128 and 8 bytes of stack
-    # (registers_decode_sm90_triton36_unroll_group.json), occupancy 18.8% against 25%.
-    ({"block_n": 32, "pack_tokens": True, "wide_block_n": 32, "pack_sparse_keys": True, "unroll_group": True}, 8),
+    # Setting 14: the server's before the fourteenth run, a GQA group's query rows gathering
+    # sparse keys' channels one row after another. Setting 0 gathers them in one unrolled
+    # step (their loads in flight together): the packed launch at 153 registers, no stack,
+    # against 128 and 8 bytes of stack (registers_decode_sm90_triton36_unroll_group.json),
+    # occupancy 18.8% against 25%. In the fourteenth run (h200_2026-12-01b/call8_kernels,
+    # when setting 14 was the unrolled one) 6x decoded in 454 us unrolled against 465, 3x in
+    # 710 against 711, dense in 1,509 both.
+    ({"block_n": 32, "pack_tokens": True, "wide_block_n": 32, "pack_sparse_keys": True}, 8),
 ]
 
 

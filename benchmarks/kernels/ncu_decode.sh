@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Nsight Compute over the decode kernel: the server's tuning (setting 0, sparse keys packed)
-# against a GQA group's sparse-key gathers unrolled (14) on the presets' 3x and 6x mixes and
+# Nsight Compute over the decode kernel: the server's tuning (setting 0, sparse keys packed,
+# a GQA group's gathers unrolled) against those gathers row by row (14) on the presets' 3x and 6x mixes and
 # dense 32-token blocks: throughput, warp stalls, scheduler issue, occupancy, memory (the
 # tenth run compared settings 0 1 4 7, the eleventh 0 10 11 12 when 0 packed dense pairs
 # alone, the twelfth 0 13).

@@ -20,12 +20,12 @@ from mosaickv.kernels.knapsack import knapsack_launch
 from mosaickv.policies.strategies import knapsack
 
 
-def launch(value: torch.Tensor, cost: list[float], budget: float, fill_passes: int = 4) -> torch.Tensor:
+def launch(value: torch.Tensor, cost: list[float], budget: float, fill_passes: int = 4, ways: int = 16) -> torch.Tensor:
     """The kernel with the bracket :func:`knapsack` gives it."""
     floor = min(cost)
     dearer = [c - floor for c in cost if c > floor]
     price_of = torch.tensor(cost, dtype=torch.float64, device=value.device)
-    return knapsack_launch(value, price_of, budget, cost.index(floor), max(min(dearer, default=1.0), 1.0), fill_passes, 16, 8)
+    return knapsack_launch(value, price_of, budget, cost.index(floor), max(min(dearer, default=1.0), 1.0), fill_passes, ways, 8)
 
 
 def problem(seed: int, max_rows: int = 60, max_options: int = 20) -> tuple[torch.Tensor, list[float], float]:
@@ -46,6 +46,16 @@ def problem(seed: int, max_rows: int = 60, max_options: int = 20) -> tuple[torch
 def test_the_kernel_picks_what_the_pytorch_knapsack_picks(seed, fill_passes):
     value, cost, budget = problem(100 + seed)
     assert torch.equal(launch(value, cost, budget, fill_passes), knapsack(value, cost, budget, fill_passes=fill_passes))
+
+
+@pytest.mark.parametrize("ways", [2, 5, 10])
+def test_a_binary_search_over_the_ways_finds_the_price_pricing_every_way_finds(ways):
+    # The kernel searches a round's ways in (ways - 1).bit_length() plans, the ops price
+    # them all: the first that fits must be the same whether the count is a power of two
+    # or not.
+    value, cost, budget = problem(300 + ways)
+    expected = knapsack(value, cost, budget, fill_passes=0, ways=ways)
+    assert torch.equal(launch(value, cost, budget, fill_passes=0, ways=ways), expected)
 
 
 def test_rows_in_several_tiles_and_the_edge_budgets():

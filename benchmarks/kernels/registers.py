@@ -78,7 +78,7 @@ def compile_knapsack(warps: int = 4) -> bytes:
     from mosaickv.kernels.knapsack import BLOCK_ROWS, MAX_OPTIONS, _knapsack_kernel
 
     names = _knapsack_kernel.arg_names
-    const = dict(ROUNDS=8, WAYS=16, FILL_PASSES=4, BLOCK_R=BLOCK_ROWS, BLOCK_O=MAX_OPTIONS, BLOCK_J=BLOCK_ROWS)
+    const = dict(ROUNDS=8, WAYS=16, STEPS=4, FILL_PASSES=4, BLOCK_R=BLOCK_ROWS, BLOCK_O=MAX_OPTIONS, BLOCK_J=BLOCK_ROWS)
     pointers = {"value": "*fp64", "cost": "*fp64", "choice": "*i64", "eff_buf": "*fp64", "col_buf": "*i64", "step_buf": "*fp64",
                 "limits": "*fp64"}  # fmt: skip
     sig = {n: "constexpr" if n in const else pointers.get(n, "i32") for n in names}

@@ -5,7 +5,10 @@ sealing call, half of its ops, each waiting on the host (thirteenth run, H200: a
 call of 32 segments took 32.3 ms, 16.8 of it kernels, the rest the host launching and
 waiting). Here the same search runs inside one program per problem: the many-way search
 for the price of a byte, the cheapest plan where even the dearest price overspends, the
-free plan where it fits, then the upgrade passes. A pass takes each row's most efficient
+free plan where it fits, then the upgrade passes. In the fourteenth run (H200, the same
+call) it took 6.8 ms of GPU time in one launch, a program per segment working alone, so a
+round's ways are now searched by halves (4 plans of 16 ways, not 15) and only the last
+price that fits is planned. A pass takes each row's most efficient
 affordable upgrade in order of efficiency while bytes remain: the row's place in that
 order is counted against every other row (ties by row), so no sort is needed.
 
@@ -26,7 +29,7 @@ patch_interpreter()
 # One compiled variant whatever the model and policy (rows and options are not specialized
 # on): tiles of 16 rows by up to MAX_OPTIONS options, 16 float64 elements a thread at four
 # warps. The mosaic preset prices 73 options; a policy with more is solved by the PyTorch
-# ops. Compiled for sm_90: 218 registers, no stack, 6.6 s on a 2-core CPU
+# ops. Compiled for sm_90: 232 registers, no stack, 14.5 s on a 2-core CPU
 # (results/registers_knapsack_sm90_triton36.json), once per machine (Triton's disk cache).
 MAX_OPTIONS = 128
 BLOCK_ROWS = 16
@@ -61,25 +64,21 @@ def _pick(value, cost, out, price, rows, n_options, BLOCK_R: tl.constexpr, BLOCK
 
 
 @triton.jit
-def _first_fit(value, cost, lo, hi, budget, rows, n_options, WAYS: tl.constexpr, BLOCK_R: tl.constexpr,
-               BLOCK_O: tl.constexpr):
+def _first_fit(value, cost, choice, lo, hi, budget, rows, n_options, WAYS: tl.constexpr, STEPS: tl.constexpr,
+               BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr):
     """The first of the prices ``lo + (hi - lo) * w / WAYS`` (w = 1 .. WAYS - 1) whose plan
-    fits ``budget``, or WAYS: every price tried on each tile while it is loaded."""
-    offs_o = tl.arange(0, BLOCK_O)
-    omask = offs_o < n_options
-    c = tl.load(cost + offs_o, mask=omask, other=0.0)
-    ways = tl.arange(0, WAYS)
+    fits ``budget``, or WAYS. A dearer price never picks a dearer option, so a binary search
+    over w finds it in STEPS plans (4 of 16 ways), where the PyTorch ops price all 15."""
     zero = lo * 0.0
-    totals = tl.zeros([WAYS], dtype=tl.float64)
-    for start in range(0, rows, BLOCK_R):
-        offs_r = start + tl.arange(0, BLOCK_R)
-        rmask = offs_r < rows
-        v = tl.load(value + offs_r[:, None] * n_options + offs_o[None, :], mask=rmask[:, None] & omask[None, :],
-                    other=float("-inf"))
-        for w in range(1, WAYS):
-            _, spent = _best(v, c, lo + (hi - lo) * ((zero + w) / WAYS), rmask, offs_o)
-            totals = tl.where(ways == w, totals + spent, totals)
-    return tl.min(tl.where((ways >= 1) & (totals <= budget), ways, WAYS), axis=0)
+    first = (budget * 0.0).to(tl.int32) + 1
+    last = first * 0 + WAYS
+    for _ in range(STEPS):
+        mid = (first + last) // 2
+        price = lo + (hi - lo) * ((zero + mid) / WAYS)
+        fits = _pick(value, cost, choice, price, rows, n_options, BLOCK_R, BLOCK_O, False) <= budget
+        last = tl.where(fits, mid, last)
+        first = tl.where(fits, first, mid + 1)
+    return last
 
 
 @triton.jit
@@ -97,7 +96,7 @@ def _spent(choice, cost, rows, n_options, BLOCK_R: tl.constexpr, BLOCK_O: tl.con
 
 @triton.jit(do_not_specialize=["rows", "n_options", "floor_index"])
 def _knapsack_kernel(value, cost, choice, eff_buf, col_buf, step_buf, rows, n_options, limits, floor_index,
-                     ROUNDS: tl.constexpr, WAYS: tl.constexpr, FILL_PASSES: tl.constexpr,
+                     ROUNDS: tl.constexpr, WAYS: tl.constexpr, STEPS: tl.constexpr, FILL_PASSES: tl.constexpr,
                      BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_J: tl.constexpr):
     g = tl.program_id(0).to(tl.int64)
     budget = tl.load(limits)  # float64: a float argument would be float32
@@ -123,22 +122,26 @@ def _knapsack_kernel(value, cost, choice, eff_buf, col_buf, step_buf, rows, n_op
     zero = vmax * 0.0  # float64: the price's cuts are computed as the PyTorch version's
     lo = zero
     hi = ((vmax - vmin) + 1.0) / hi_scale
-    if _pick(value, cost, choice, hi, rows, n_options, BLOCK_R, BLOCK_O, True) > budget:
-        for start in range(0, rows, BLOCK_R):  # even the dearest price overspends: the cheapest plan
+    # Only the last price that fits is planned (the PyTorch ops keep each round's plan and
+    # end with the last); even the dearest overspending, the cheapest plan.
+    found = _pick(value, cost, choice, hi, rows, n_options, BLOCK_R, BLOCK_O, False) <= budget
+    fit = hi
+    for _ in range(ROUNDS):
+        first = _first_fit(value, cost, choice, lo, hi, budget, rows, n_options, WAYS, STEPS, BLOCK_R, BLOCK_O)
+        hit = first < WAYS  # the cheapest price that fits bounds it above, the one below it below
+        price = lo + (hi - lo) * ((zero + first) / WAYS)
+        below = lo + (hi - lo) * ((zero + (first - 1)) / WAYS)
+        fit = tl.where(hit, price, fit)
+        found = found | hit
+        lo = tl.where(hit, below, lo + (hi - lo) * ((WAYS - 1) / WAYS))
+        hi = tl.where(hit, price, hi)
+    if found:
+        _pick(value, cost, choice, fit, rows, n_options, BLOCK_R, BLOCK_O, True)
+    else:
+        for start in range(0, rows, BLOCK_R):
             offs_r = start + tl.arange(0, BLOCK_R)
             tl.store(choice + offs_r, tl.zeros([BLOCK_R], tl.int64) + floor_index, mask=offs_r < rows)
     tl.debug_barrier()
-    for _ in range(ROUNDS):
-        first = _first_fit(value, cost, lo, hi, budget, rows, n_options, WAYS, BLOCK_R, BLOCK_O)
-        if first < WAYS:  # the cheapest price that fits bounds it above, the one below it below
-            price = lo + (hi - lo) * ((zero + first) / WAYS)
-            below = lo + (hi - lo) * ((zero + (first - 1)) / WAYS)
-            _pick(value, cost, choice, price, rows, n_options, BLOCK_R, BLOCK_O, True)
-            tl.debug_barrier()
-            lo = below
-            hi = price
-        else:
-            lo = lo + (hi - lo) * ((WAYS - 1) / WAYS)
     if _pick(value, cost, choice, zero, rows, n_options, BLOCK_R, BLOCK_O, False) <= budget:
         _pick(value, cost, choice, zero, rows, n_options, BLOCK_R, BLOCK_O, True)  # no loss at no price: the free plan
     tl.debug_barrier()
@@ -197,7 +200,7 @@ def knapsack_launch(value: torch.Tensor, price_of: torch.Tensor, budget: float, 
         raise ValueError(f"the knapsack kernel prices at most {MAX_OPTIONS} options a row, not {options}")
     _knapsack_kernel[(groups,)](
         value, price_of.to(torch.float64).contiguous(), choice, eff, col, step, rows, options,
-        upload([budget, hi_scale], value.device, torch.float64), floor_index, ROUNDS=rounds, WAYS=ways, FILL_PASSES=fill_passes, BLOCK_R=BLOCK_ROWS, BLOCK_O=MAX_OPTIONS,
+        upload([budget, hi_scale], value.device, torch.float64), floor_index, ROUNDS=rounds, WAYS=ways, STEPS=(ways - 1).bit_length(), FILL_PASSES=fill_passes, BLOCK_R=BLOCK_ROWS, BLOCK_O=MAX_OPTIONS,
         BLOCK_J=BLOCK_ROWS, num_warps=4,
     )  # fmt: skip
     return choice

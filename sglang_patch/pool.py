@@ -24,6 +24,7 @@ import numpy as np
 from mosaickv.formats import VALUE_DTYPE, PackedBlock, unpack_block
 from mosaickv.kernels.layout import TABLE_FIELDS, Region, pack_region, read_block, unaligned_blocks
 from mosaickv.kernels.block_runs import RunCache, pack_entries
+from mosaickv.policies.strategies import knapsack_on_gpu
 from mosaickv.uploads import upload
 from mosaickv.sglang_patch.decode_rows import DecodeRows
 from mosaickv.sglang_patch.query_stats import SegmentQueryStats
@@ -450,6 +451,7 @@ class MosaicKVPool(MHATokenToKVPool):
             "inline_seal_seconds": round(self.counters.inline_seal_seconds, 3),
             "thread_seal_seconds": round(self.counters.thread_seal_seconds, 3),
             "seal_deferrals": self.counters.seal_deferrals,
+            "knapsack_on_gpu": knapsack_on_gpu(),  # MOSAICKV_KNAPSACK: a run's record of which one sealed on the device
             "plan_run_hits": self.run_cache.hits,  # requests whose block runs a plan reused (RunCache)
             "plan_run_misses": self.run_cache.misses,
             "plan_run_extends": self.run_cache.extends,  # of those misses, requests' blocks extended by one segment

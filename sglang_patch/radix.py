@@ -80,9 +80,9 @@ class _SealJob:
 
 # Segments one inline seal_many call takes by default (--kv-compress-seal-batch). On an H200,
 # 8B-shaped segments: 863/s at 32 per call, 990 at 64, 984 at 128, with 4.4, 8.4 and 16.4
-# GiB of workspace (benchmarks/results/h200x2_2026-11-30e/sealing_batched.json). (At 64 with an
-# older, slower sealer, whose workspace was 14.7 GiB, a server prefilled 2.5x slower; 64
-# is not yet tried in a server with this one.)
+# GiB of workspace (benchmarks/results/h200x2_2026-11-30e/sealing_batched.json). In a server
+# (eleventh run, 8B shape, random 8k) 64 a call served 449.2 tok/s against 406.8 at 32, but
+# it takes twice the workspace outside the KV pool, which a smaller GPU may not have.
 SEAL_BATCH = 32
 # A call's workspace grows with its segments' K/V elements, so smaller models seal more per
 # call in the workspace of SEAL_BATCH 8B-shaped ones (32 layers x 8 KV heads x 128 x 32

@@ -141,7 +141,8 @@ class ManySealer:
         return self.seal_many([inputs])[0]
 
 
-def test_inline_sealing_hands_due_segments_over_together_and_a_failure_leaves_only_its_segment_dense():
+def test_inline_sealing_hands_due_segments_over_together_and_a_failure_leaves_only_its_segment_dense(monkeypatch):
+    monkeypatch.setenv("MOSAICKV_KNAPSACK", "ops")
     sealer = ManySealer()
     tree, pool, alloc = make_cache(CountingCompressor(), on_device=True, seal_inline=sealer)
     tree.insert(InsertParams(key=RadixKey(array("l", list(range(64)))), value=prefill(pool, alloc, 64)))
@@ -149,6 +150,7 @@ def test_inline_sealing_hands_due_segments_over_together_and_a_failure_leaves_on
     assert sealer.calls == [3] and pool.arena.live_slabs == 3  # segments 0..2 in one call
     spent = pool.counters.inline_seal_seconds
     assert spent > 0 and pool.stats()["inline_seal_seconds"] == round(spent, 3)
+    assert pool.stats()["knapsack_on_gpu"] == "ops"  # a run's JSON says which knapsack sealed
 
     sealer.calls.clear()
     slots = alloc.alloc(64)

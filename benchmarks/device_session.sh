@@ -21,7 +21,9 @@
 #                                                       a missing model is built first); GPU0_METHODS / GPU1_METHODS
 #                                                       choose each GPU's methods (e.g. mosaic3 | mosaic6: a call each),
 #                                                       GPU0_FLAGS / GPU1_FLAGS each GPU's MosaicKV flags (e.g. mosaic3
-#                                                       with --kv-compress-sealing device | device-thread)
+#                                                       with --kv-compress-sealing device | device-thread);
+#                                                       MOSAICKV_KNAPSACK=ops before the command seals with the
+#                                                       knapsack's PyTorch ops (server info: knapsack_on_gpu)
 #   PART=kernels   bash benchmarks/device_session.sh   # ncu: the server's tiles, one block per tile, 64-token tiles,
 #                                                       eight warps | diag_formats at 32-token segments (the presets'
 #                                                       mixes, dense), then the host's decode step at SmolLM2's shape

@@ -38,8 +38,16 @@ class PerVector(ChannelSelector):
         # One descending sort serves every width: its first w values are topk(w)'s, in the
         # same order, so the sums are the same to the bit; on a GPU, sorting rows of 64 or
         # 128 channels takes about half of topk's time (benchmarks/results/sealing_kernels_h200.json).
+        # There one launch sorts tiles of vectors in registers instead and writes only the
+        # losses (mosaickv.kernels.channel_pricing; float32 sums in another order).
         if not widths:
             return {}
+        if scores.is_cuda:
+            from mosaickv.kernels.channel_pricing import channel_losses, fits_channel_pricing
+
+            if fits_channel_pricing(scores):
+                losses = channel_losses(scores, widths)
+                return {w: losses[..., i] for i, w in enumerate(widths)}
         top = scores.sort(dim=-1, descending=True).values
         total = scores.sum(-1)
         return {w: total - top[..., :w].contiguous().sum(-1) for w in widths}

@@ -11,6 +11,7 @@ Triton version compiles differently, so compare counts made with one version onl
 
     python benchmarks/kernels/registers.py --block-n 32 64 --warps 4 8 --json out.json
     python benchmarks/kernels/registers.py --knapsack   # the sealing knapsack's launch
+    python benchmarks/kernels/registers.py --channel-pricing --head-dim 128   # per-vector channel pricing's
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import triton
@@ -86,6 +88,18 @@ def compile_knapsack(warps: int = 4) -> bytes:
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": 1}).asm["cubin"]
 
 
+def compile_channel_pricing(warps: int = 4, head_dim: int = 128) -> bytes:
+    """Per-vector channel pricing's sm_90 cubin (mosaickv.kernels.channel_pricing) at a head dim."""
+    from mosaickv.kernels.channel_pricing import BLOCK_ROWS, _channel_losses_kernel
+
+    names = _channel_losses_kernel.arg_names
+    const = dict(D=head_dim, BLOCK_R=BLOCK_ROWS)
+    pointers = {"scores": "*fp32", "widths": "*i32", "out": "*fp32"}
+    sig = {n: "constexpr" if n in const else pointers.get(n, "i32") for n in names}
+    src = ASTSource(fn=_channel_losses_kernel, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": 1}).asm["cubin"]
+
+
 def resources(cubin: bytes) -> dict[str, int]:
     """Registers a thread and stack bytes of a cubin's kernel (``cuobjdump -res-usage``)."""
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
@@ -121,17 +135,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--unroll-group", action="store_true",
                     help="sparse keys read by query gathers for the GQA group's rows in one unrolled step (MixedAttention(unroll_group=True))")
     ap.add_argument("--knapsack", action="store_true", help="the sealing knapsack's launch instead")
+    ap.add_argument("--channel-pricing", action="store_true",
+                    help="per-vector channel pricing's launch instead, at --head-dim")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     rows = []
-    if args.knapsack:
+    sealing = {"knapsack": compile_knapsack, "channel_pricing": partial(compile_channel_pricing, head_dim=args.head_dim)}
+    for name, compile_sealing in sealing.items():
+        if not getattr(args, name):
+            continue
         args.launches = []
         start = time.perf_counter()
-        cubin = compile_knapsack()
-        row = {"launch": "knapsack", "warps": 4, **resources(cubin), "cubin_bytes": len(cubin),
+        cubin = compile_sealing()
+        row = {"launch": name, "warps": 4, **resources(cubin), "cubin_bytes": len(cubin),
                "compile_s": round(time.perf_counter() - start, 1)}
         rows.append(row)
-        print(f"knapsack: {row['registers']} registers, stack {row['stack_bytes']} B, "
+        print(f"{name}: {row['registers']} registers, stack {row['stack_bytes']} B, "
               f"{row['cubin_bytes']:,} bytes of cubin, compiled in {row['compile_s']} s", flush=True)
     for name in args.launches:
         k_kind, v_kind, pack, r_max, prefetch = LAUNCHES[name]

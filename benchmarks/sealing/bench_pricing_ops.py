@@ -3,8 +3,9 @@ alternatives, side by side: the eigenvalues of every block's 32 x 32 Gram matrix
 pricing, ``compressor.squared_singular_values``) in float64 and float32, by cuSOLVER's
 default and by MAGMA, and as singular values (of the Gram matrix, which cuSOLVER's batched
 Jacobi SVD takes up to 32 x 32, and of the block itself); and the per-vector channel
-ranking (``PerVector.lost_many``) by ``topk`` and by a full descending sort. Each
-alternative's largest error against float64, relative to the block's largest value.
+ranking (``PerVector.lost_many``) by ``topk``, by a full descending sort, and whole (every
+width's loss) by that sort's ops and by one launch (``mosaickv.kernels.channel_pricing``).
+Each alternative's largest error against float64, relative to the block's largest value.
 
     python benchmarks/sealing/bench_pricing_ops.py --json benchmarks/results/sealing_kernels_h200.json
 """
@@ -17,6 +18,8 @@ import sys
 import time
 
 import torch
+
+from mosaickv.kernels.channel_pricing import channel_losses
 
 
 def median_ms(fn, reps: int) -> float:
@@ -43,23 +46,12 @@ def median_ms_with(library: str, fn, reps: int) -> float | str:
         torch.backends.cuda.preferred_linalg_library(before)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--blocks", type=int, default=8192, help="blocks per call: 32 segments of 32 layers x 8 KV heads")
-    ap.add_argument("--tokens", type=int, default=32)
-    ap.add_argument("--head-dim", type=int, default=128)
-    ap.add_argument("--width", type=int, default=64, help="the widest per-vector width priced")
-    ap.add_argument("--reps", type=int, default=20)
-    ap.add_argument("--json")
-    args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        ap.error("needs a GPU")
-    torch.manual_seed(0)
+def eigen_results(args: argparse.Namespace) -> dict:
+    """Low-rank pricing's eigenvalues by each solver: times and errors against float64."""
     x = torch.randn(args.blocks, args.tokens, args.head_dim, device="cuda")
     gram = x.double() @ x.double().mT
     g32 = gram.float()
     e64, e32 = torch.linalg.eigvalsh(gram), torch.linalg.eigvalsh(g32).double()
-    scores = torch.rand(args.blocks * args.tokens, args.head_dim, device="cuda")
     alternatives = {  # each [blocks, tokens] descending, float64
         "eigvalsh_float32": lambda: torch.linalg.eigvalsh(g32).flip(-1),
         "svdvals_gram_float32": lambda: torch.linalg.svdvals(g32),
@@ -67,23 +59,66 @@ def main(argv: list[str] | None = None) -> int:
     }
     errors = {name: float(((fn().double() - e64.flip(-1)).abs().amax(-1) / e64[:, -1]).max())
               for name, fn in alternatives.items()}
-    by_topk = scores.topk(args.width, dim=-1).values.sum(-1)
-    by_sort = scores.sort(dim=-1, descending=True).values[:, : args.width].contiguous().sum(-1)
-    res = {
-        "device": torch.cuda.get_device_name(),
-        "shape": {"blocks": args.blocks, "tokens": args.tokens, "head_dim": args.head_dim, "width": args.width},
+    return {
         "median_ms": {
             "eigvalsh_float64": median_ms(lambda: torch.linalg.eigvalsh(gram), args.reps),
             "eigvalsh_float32": median_ms(lambda: torch.linalg.eigvalsh(g32), args.reps),
             "eigvalsh_float32_magma": median_ms_with("magma", lambda: torch.linalg.eigvalsh(g32), args.reps),
             "svdvals_gram_float32": median_ms(lambda: torch.linalg.svdvals(g32), args.reps),
             "svdvals_block_float32": median_ms(lambda: torch.linalg.svdvals(x), args.reps),
-            "topk_sorted": median_ms(lambda: scores.topk(args.width, dim=-1).values, args.reps),
-            "sort_descending": median_ms(lambda: scores.sort(dim=-1, descending=True).values, args.reps),
         },
         "float32_eigvalsh_max_error_over_largest": float(((e32 - e64).abs().amax(-1) / e64[:, -1]).max()),
         "max_error_over_largest": errors,
+    }
+
+
+def channel_results(args: argparse.Namespace) -> dict:
+    """Per-vector channel pricing: topk, a sort, and every width's loss by the sort's ops
+    and by the one launch, with the launch's largest error relative to a vector's total."""
+    scores = torch.rand(args.blocks * args.tokens, args.head_dim, device="cuda")
+    widths = [args.width // 4, args.width // 2, args.width]
+
+    def lost_by_sort() -> torch.Tensor:  # PerVector.lost_many's ops
+        top = scores.sort(dim=-1, descending=True).values
+        total = scores.sum(-1)
+        return torch.stack([total - top[..., :w].contiguous().sum(-1) for w in widths], -1)
+
+    by_topk = scores.topk(args.width, dim=-1).values.sum(-1)
+    by_sort = scores.sort(dim=-1, descending=True).values[:, : args.width].contiguous().sum(-1)
+    return {
+        "median_ms": {
+            "topk_sorted": median_ms(lambda: scores.topk(args.width, dim=-1).values, args.reps),
+            "sort_descending": median_ms(lambda: scores.sort(dim=-1, descending=True).values, args.reps),
+            "lost_many_by_sort": median_ms(lost_by_sort, args.reps),
+            "lost_many_kernel": median_ms(lambda: channel_losses(scores, widths), args.reps),
+        },
+        "lost_many_widths": widths,
+        "lost_many_kernel_max_error_over_total": float(((channel_losses(scores, widths) - lost_by_sort()).abs()
+                                                        / scores.sum(-1, keepdim=True)).max()),
         "sort_sums_equal_topk_sums": bool(torch.equal(by_topk, by_sort)),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--blocks", type=int, default=8192, help="blocks per call: 32 segments of 32 layers x 8 KV heads")
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--width", type=int, default=64, help="the widest per-vector width priced")
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--channels-only", action="store_true",
+                    help="only the channel pricing (the eigenvalue solvers' block SVD takes minutes)")
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        ap.error("needs a GPU")
+    torch.manual_seed(0)
+    parts = [channel_results(args)] if args.channels_only else [eigen_results(args), channel_results(args)]
+    res = {
+        "device": torch.cuda.get_device_name(),
+        "shape": {"blocks": args.blocks, "tokens": args.tokens, "head_dim": args.head_dim, "width": args.width},
+        "median_ms": {k: v for part in parts for k, v in part.pop("median_ms").items()},
+        **{k: v for part in parts for k, v in part.items()},
         "command": "python benchmarks/sealing/bench_pricing_ops.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
     print(json.dumps(res))

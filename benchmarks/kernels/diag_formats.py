@@ -60,7 +60,10 @@ SETTINGS = [
     # Setting 13: the server's, each format pair's runs cut by its own work (chunk_by_kind):
     # in the eleventh run's ncu profile the packed sparse-key launch had 256 items (one per
     # request and KV head) on 132 SMs, 11% of DRAM bandwidth, beside the dense launch's 48%.
-    ({"block_n": 32, "pack_tokens": True, "wide_block_n": 32, "pack_sparse_keys": True, "chunk_by_kind": True}, 8),
+    # Without unrolled gathers it was faster at 6x and slower at 3x in both runs that timed
+    # it (6x 452 and 445 us against 470 and 465; 3x 720 and 714 against 716 and 711).
+    ({"block_n": 32, "pack_tokens": True, "wide_block_n": 32, "pack_sparse_keys": True, "unroll_group": True,
+      "chunk_by_kind": True}, 8),
     # Sparse keys read 16 or 8 channels a pass (126 registers, no stack) were slower than
     # setting 0 in the thirteenth run: 811 and 904 us against 716 on the 3x mix, 528 and 598
     # against 470 on 6x (h200_2026-12-01/call6_kernels): removed from the kernel.

@@ -31,6 +31,19 @@ def test_a_launch_compiles_offline_and_reports_registers(tmp_path):
     assert 0 < row["occupancy"] <= 1
 
 
+@needs_tools
+def test_the_sealing_launches_compile_for_sm90_without_spilling(tmp_path):
+    # The interpreter runs what compiled Triton may refuse (the knapsack kernel's first GPU
+    # run failed where every CPU test passed): both sealing kernels go through the compiler.
+    out = tmp_path / "regs.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    subprocess.run([sys.executable, "benchmarks/kernels/registers.py", "--knapsack", "--channel-pricing", "--json", str(out)],
+                   cwd=ROOT, env=env, check=True, capture_output=True, timeout=600)
+    rows = {row["launch"]: row for row in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"knapsack", "channel_pricing"}
+    assert all(row["stack_bytes"] == 0 and 16 <= row["registers"] <= 255 for row in rows.values()), rows
+
+
 def test_occupancy_is_bounded_by_registers_warps_and_blocks():
     sys.path.insert(0, str(ROOT / "benchmarks" / "kernels"))
     try:

@@ -438,6 +438,74 @@ def merge_results(results: Sequence[Mapping], names: Sequence[str] = (), referen
     return make_result(header, [rec for r in results for rec in r["records"]], reference)
 
 
+def repeat_report(first: Mapping, second: Mapping, names: Sequence[str] = ("first", "second"),
+                  reference: str | None = None) -> dict:
+    """How far asking the same tasks again moved each method's scores. Greedy serving is
+    not deterministic from run to run (other batches, other reduction orders), so this is
+    the noise under any difference between methods. For each method both runs asked, over
+    the tasks both answered: how many scored differently, each run's average, and the
+    second's minus the first's, paired per task with a bootstrap interval; with a
+    ``reference`` (``none`` where both runs have it) each run's difference to it over the
+    tasks all four answered."""
+    runs = [list(first["records"]), list(second["records"])]
+    methods = [list(dict.fromkeys(r["method"] for r in recs)) for recs in runs]
+    shared_methods = [m for m in methods[0] if m in methods[1]]
+    if not shared_methods:
+        raise ValueError(f"{names[0]} and {names[1]} share no method: {', '.join(methods[0])} against {', '.join(methods[1])}")
+    if reference is None and DEFAULT_REFERENCE in shared_methods and len(shared_methods) > 1:
+        reference = DEFAULT_REFERENCE
+    if reference is not None and reference not in shared_methods:
+        raise ValueError(f"reference method {reference!r} is not in both runs; they share {', '.join(shared_methods)}")
+    answered = [{m: {task_key(r): r for r in recs if r["method"] == m and r["error"] is None} for m in shared_methods}
+                for recs in runs]
+    by_method: dict[str, dict] = {}
+    for m in shared_methods:
+        keys = [k for k in answered[0][m] if k in answered[1][m]]
+        pair = [[answered[i][m][k] for k in keys] for i in (0, 1)]
+        both = [{**r, "method": name} for name, recs in zip(names, pair) for r in recs]
+        averages = summarize(both) if keys else {}
+        row = {
+            "tasks": len(keys),
+            "changed": sum(a["score"] != b["score"] for a, b in zip(*pair)),
+            names[0]: averages.get(names[0], {}).get("average"),
+            names[1]: averages.get(names[1], {}).get("average"),
+            "change": paired_differences(both, names[0])["by_method"][names[1]] if keys else None,
+        }
+        if reference is not None and m != reference:
+            common = [k for k in keys if k in answered[0][reference] and k in answered[1][reference]]
+            row["difference_to_reference"] = {
+                name: paired_differences([answered[i][x][k] for x in (reference, m) for k in common], reference)["by_method"][m]
+                for i, name in enumerate(names)
+            }
+        by_method[m] = row
+    return {"runs": list(names), "commands": [first.get("command"), second.get("command")], "reference": reference,
+            "confidence": CONFIDENCE, "by_method": by_method}
+
+
+def format_repeat(report: Mapping) -> str:
+    """Markdown: a row per method, what asking again changed; then, with a reference, each
+    run's difference to it over the same tasks."""
+    a, b = report["runs"]
+
+    def interval(d: Mapping | None) -> str:
+        return "-" if not d or d["low"] is None else f"{d['average']:+.1f} [{d['low']:+.1f}, {d['high']:+.1f}]"
+
+    lines = [f"the same tasks asked twice ({a}, then {b}); points, average over kinds; {b} minus {a} paired per task, "
+             f"{100 * report['confidence']:.0f}% bootstrap interval:", "",
+             f"| method | tasks | scores changed | {a} | {b} | {b} - {a} |", "|---|---:|---:|---:|---:|---:|"]
+    for m, row in report["by_method"].items():
+        lines.append(f"| {m} | {row['tasks']} | {row['changed']} | {_cell(row[a])} | {_cell(row[b])} | {interval(row['change'])} |")
+    ref = report["reference"]
+    if ref is not None:
+        lines += ["", f"difference to {ref} over the tasks both runs answered with both methods:", "",
+                  f"| method | {a} | {b} |", "|---|---:|---:|"]
+        for m, row in report["by_method"].items():
+            if "difference_to_reference" in row:
+                d = row["difference_to_reference"]
+                lines.append(f"| {m} | {interval(d[a])} | {interval(d[b])} |")
+    return "\n".join(lines)
+
+
 def write_json(path: str | Path, result: dict) -> None:
     """Write through a temporary file, so a run killed mid-write keeps the previous save."""
     path = Path(path)

@@ -261,6 +261,21 @@ def _accuracy_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _accuracy_repeat(args: argparse.Namespace) -> int:
+    from mosaickv.accuracy import format_repeat, repeat_report, write_json
+
+    try:
+        stems = [Path(f).stem for f in args.inputs]
+        names = stems if stems[0] != stems[1] else ["first", "second"]
+        report = repeat_report(*[json.loads(Path(f).read_text()) for f in args.inputs], names, args.reference)
+    except (OSError, ValueError, KeyError) as err:
+        args.fail(f"cannot compare {' '.join(args.inputs)}: {err}")
+    if args.output:
+        write_json(args.output, report)
+    print(format_repeat(report))
+    return 0
+
+
 def _heads(args: argparse.Namespace) -> int:
     import torch
     import yaml
@@ -387,6 +402,12 @@ def build_parser() -> argparse.ArgumentParser:
     am.add_argument("--plot", default=None, help="write a PNG of the merged report")
     _add_reference_arg(am)
     am.set_defaults(func=_accuracy_merge, fail=am.error)
+
+    ar = sub.add_parser("accuracy-repeat", help="how far asking the same tasks again moved each method's scores (the run-to-run noise)")
+    ar.add_argument("inputs", nargs=2, help="two accuracy JSONs whose runs asked some of the same tasks")
+    ar.add_argument("--output", default=None, help="also write the comparison as JSON")
+    _add_reference_arg(ar)
+    ar.set_defaults(func=_accuracy_repeat, fail=ar.error)
     return parser
 
 

@@ -22,6 +22,7 @@ from mosaickv.accuracy import (
     paired_differences,
     openai_complete,
     plot_accuracy,
+    repeat_report,
     summarize,
     write_json,
 )
@@ -526,3 +527,39 @@ def test_merging_one_run_summarizes_it_again_under_its_own_header(tmp_path):
     assert {k: new[k] for k in ("command", "device", "merged_from", "records", "summary")} == {k: old[k] for k in ("command", "device", "merged_from", "records", "summary")}
     assert "plot" not in new  # the old plot is not this report's
     assert new["differences"]["by_method"]["m"]["average"] == pytest.approx(-100 / 3)
+
+
+def test_a_repeat_counts_changed_scores_and_pairs_the_change_per_task(tmp_path, capsys):
+    first = {"command": "run a", "records": paired("none", [1, 1, 0, 0, 1, 0]) + paired("m", [1, 0, 0, 0, 0, 0])}
+    # asked again with two more tasks: none's third task now right, m's fifth failed
+    second = {"command": "run b", "records": paired("none", [1, 1, 1, 0, 1, 0, 1, 1])
+              + paired("m", [1, 0, 0, 0, 0, 0, 1, 0], error_at=(4,))}
+    report = repeat_report(first, second, ["a", "b"])
+    none, m = report["by_method"]["none"], report["by_method"]["m"]
+    assert (none["tasks"], none["changed"], m["tasks"], m["changed"]) == (6, 1, 5, 0)
+    assert none["a"] == pytest.approx(100 * 3 / 6) and none["b"] == pytest.approx(100 * 4 / 6)
+    assert none["change"]["average"] == pytest.approx(100 / 6) and none["change"]["low"] <= 100 / 6 <= none["change"]["high"]
+    assert (m["change"]["average"], m["change"]["low"], m["change"]["high"]) == (0, 0, 0)
+    # each run's difference to none over the five tasks both methods answered in both runs
+    assert report["reference"] == "none" and "difference_to_reference" not in none
+    assert m["difference_to_reference"]["a"]["average"] == pytest.approx(100 * (1 - 2) / 5)
+    assert m["difference_to_reference"]["b"]["average"] == pytest.approx(100 * (1 - 3) / 5)
+    for name, run in (("ra", first), ("rb", second)):
+        write_json(tmp_path / f"{name}.json", run)
+    assert main(["accuracy-repeat", str(tmp_path / "ra.json"), str(tmp_path / "rb.json"), "--output", str(tmp_path / "rep.json")]) == 0
+    table = capsys.readouterr().out
+    assert "| none | 6 | 1 | 50.0 | 66.7 | +16.7 [" in table and "| m | -20.0 [" in table
+    assert json.loads((tmp_path / "rep.json").read_text())["runs"] == ["ra", "rb"]
+
+
+def test_a_repeat_needs_a_shared_method_and_its_reference_in_both_runs(capsys, tmp_path):
+    a, b = {"records": paired("none", [1, 0])}, {"records": paired("m", [1, 0])}
+    with pytest.raises(ValueError, match="first and second share no method: none against m"):
+        repeat_report(a, b)
+    with pytest.raises(ValueError, match="reference method 'x' is not in both runs; they share none"):
+        repeat_report(a, a, reference="x")
+    write_json(tmp_path / "a.json", a)
+    write_json(tmp_path / "b.json", b)
+    with pytest.raises(SystemExit):
+        main(["accuracy-repeat", str(tmp_path / "a.json"), str(tmp_path / "b.json")])
+    assert "cannot compare" in capsys.readouterr().err

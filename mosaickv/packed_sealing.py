@@ -140,7 +140,8 @@ class PackedSealer:
         tokens (mask), and the low-rank basis and projection of the blocks whose ``side``
         is low rank (stacked in block order), as ``formats._pack_sides`` computes them from
         the kept vectors; ``tokens``, ``kinds``, ``widths``: :func:`format_arrays`. Also,
-        on the device, whether a sparse block's scores are not of the packer's form."""
+        on the device, whether a sparse block's scores are not of the packer's form
+        (None where the side's scorer declares that form: nothing to read back)."""
         on = tokens > 0
         x, score = x.float(), score.float()
         m = mask[..., None]
@@ -150,7 +151,8 @@ class PackedSealer:
         misfit = None
         if len(sparse):
             rows = upload(sparse, x.device)
-            misfit = _misfit(score[rows], x[rows], w[rows], mask[rows])
+            if not getattr(self.policy.key_scorer if side == 0 else self.policy.value_scorer, "squared_form", False):
+                misfit = _misfit(score[rows], x[rows], w[rows], mask[rows])
             channels[rows] = w[rows]
         masked = np.flatnonzero((kinds == MASK) & on)
         if len(masked):

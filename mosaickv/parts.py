@@ -122,11 +122,15 @@ class TokenScorer:
 class ElementScorer:
     """Importance of each element of each vector: ``score(obs, side) -> [Hkv, T, d]``.
 
-    ``side`` is "k" or "v"; a scorer may serve one side or both.
+    ``side`` is "k" or "v"; a scorer may serve one side or both. ``squared_form``: its
+    scores are ``(w_c x_c)^2`` for one weight per channel of a block, the rule the device
+    sealer ranks channels by. A scorer that says so by construction is taken at its word;
+    any other is checked on every sealing call, which reads the device back.
     """
 
     kind = "element"
     sides: tuple[str, ...] = ("k", "v")
+    squared_form: bool = False
 
     def score(self, obs: Observation, side: str) -> torch.Tensor:
         raise NotImplementedError

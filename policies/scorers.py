@@ -140,6 +140,7 @@ class QueryWeighted(ElementScorer):
     """
 
     sides = ("k",)
+    squared_form = True  # w_c = |q_c| / sqrt(d)
 
     def score(self, obs: Observation, side: str) -> torch.Tensor:
         check(side == "k", "side", side, "'k' (query_weighted scores keys; use magnitude for values)")
@@ -151,6 +152,8 @@ class QueryWeighted(ElementScorer):
 class Magnitude(ElementScorer):
     """Channel c of vector i matters as its energy ``x_ic^2``: for values, the squared
     error its loss adds to the output (for keys it is uncalibrated: prefer query_weighted)."""
+
+    squared_form = True  # w_c = 1
 
     def score(self, obs: Observation, side: str) -> torch.Tensor:
         x = obs.keys if side == "k" else obs.values

@@ -162,6 +162,39 @@ def test_a_scorer_the_packer_cannot_follow_fails_by_name():
         PackedSealer(policy, 64)(x)
 
 
+@pytest.mark.parametrize("name", ["query_weighted", "magnitude"])
+def test_a_scorer_that_declares_the_packers_form_has_it(name):
+    # The sealer takes these at their word and skips the check: the check must pass on them.
+    from mosaickv.packed_sealing import _misfit
+    from mosaickv.formats import channel_weights
+    from mosaickv.parts import Observation
+    from mosaickv.registry import SCORERS
+
+    scorer = SCORERS.get(name)()
+    assert scorer.squared_form
+    g = torch.Generator().manual_seed(11)
+    x = distinct_magnitudes(g, (4, 32, 64)).bfloat16()
+    obs = Observation(x, x, x.new_zeros(4, 0, 64), torch.rand(4, 64, generator=g) * 10 ** torch.linspace(-4, 0, 64))
+    score = scorer.score(obs, "k").float()
+    mask = torch.rand(4, 32, generator=g) < 0.6
+    m = mask[..., None]
+    w = channel_weights(x.float() * m, score * m)
+    assert not _misfit(score, x.float(), w, mask)
+
+
+def test_a_declared_form_is_not_checked_and_reads_nothing_back(monkeypatch):
+    import mosaickv.packed_sealing as packed
+
+    mosaic = load_policy("mosaic")  # per-vector value channels by magnitude: sparse values, declared
+    policy = replace(mosaic, strategy=replace(mosaic.strategy, value_widths=None))
+    monkeypatch.setattr(packed, "_misfit", lambda *a: pytest.fail("a declared form was checked"))
+    x = inputs(policy, 2, 2, 64, seed=3, device="cpu")
+    blocks = PolicyCompressor(policy, 64)(x.k, x.v, x.budget_bytes, x.query_stats, x.attention)
+    assert any(b.v.fmt.kind == "sparse" for layer in blocks for b in layer)
+    assert any(b.k.fmt.kind == "sparse" for layer in blocks for b in layer)
+    assert_same_region(PackedSealer(policy, 64)(x), seal_segment(PolicyCompressor(policy, 64), x), 64)
+
+
 @dataclass
 class FirstTokens(TokenSelector):
     """Keeps the first m tokens, with no batched select_many of its own."""

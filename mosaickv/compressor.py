@@ -9,6 +9,7 @@ prompt at once (scope ``group``).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -77,12 +78,14 @@ def _checked(role: str, part: object, out: torch.Tensor, shape: tuple[int, ...])
 def _check_values(checks: list[tuple[str, object, torch.Tensor]]) -> None:
     """Scores must be finite and >= 0. Every role's scores of every layer are checked in
     one read back: on a GPU each read is a host sync (per layer and scorer that was 192
-    for one segment of an 8B model)."""
-    flags = torch.stack([f for _, _, scores in checks for f in (~torch.isfinite(scores).all(), (scores < 0).any())])
-    for (role, part, _), (nonfinite, negative) in zip(checks, flags.view(-1, 2).tolist()):
-        if nonfinite:
+    for one segment of an 8B model). One pass a tensor: its least and largest score (NaN
+    wherever a NaN is) say both."""
+    bounds = torch.stack([torch.stack(torch.aminmax(scores)) if scores.numel() else scores.new_zeros(2)
+                          for _, _, scores in checks])
+    for (role, part, _), (low, high) in zip(checks, bounds.tolist()):
+        if not (math.isfinite(low) and math.isfinite(high)):
             raise PartFailure(role, part, "returned NaN or infinite scores")
-        if negative:
+        if low < 0:
             raise PartFailure(role, part, "returned negative scores (importance must be >= 0)")
 
 

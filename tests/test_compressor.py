@@ -29,12 +29,16 @@ class Spoiled(ElementScorer):
         self.calls += 1
         x = (obs.keys if side == "k" else obs.values).float().pow(2)
         if self.calls == LAYERS:  # the last layer only
-            x[0, 0, 0] = {"nan": float("nan"), "inf": float("inf"), "negative": -1.0}[self.how]
+            x[0, 0, 0] = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf"), "negative": -1.0,
+                          "nan_and_negative": -1.0}[self.how]
+            if self.how == "nan_and_negative":
+                x[0, 0, 1] = float("nan")
         return x if self.how != "shape" else x[:, :, :1]
 
 
-@pytest.mark.parametrize("how, message", [("nan", "NaN or infinite"), ("inf", "NaN or infinite"),
-                                          ("negative", "negative scores"), ("shape", "expected a tensor of shape")])
+@pytest.mark.parametrize("how, message", [("nan", "NaN or infinite"), ("inf", "NaN or infinite"), ("-inf", "NaN or infinite"),
+                                          ("nan_and_negative", "NaN or infinite"), ("negative", "negative scores"),
+                                          ("shape", "expected a tensor of shape")])
 def test_a_spoiled_layer_fails_the_part_by_name(how, message):
     policy = replace(load_policy("mosaic"), value_scorer=Spoiled(how))
     g = torch.Generator().manual_seed(0)

@@ -82,10 +82,10 @@ sealing() {
   MOSAICKV_KNAPSACK=ops timeout 120 python3 benchmarks/sealing/bench_seal.py --device cuda --layers 32 --kv-heads 8 \
     --head-dim 128 --segments 64 --batch 32 --profile 32 --json "$LOG/sealing_8b_knapsack_ops.json" > "$LOG/seal_8b_ops.txt" 2>&1
   say "bench_seal 8B, knapsack ops rc=$?"
-  # Per-vector channel pricing: the sort's ops against the one launch, an 8B call's key vectors.
-  timeout 60 python3 benchmarks/sealing/bench_pricing_ops.py --channels-only --json "$LOG/pricing_channels.json" \
-    > "$LOG/pricing_channels.txt" 2>&1
-  say "bench_pricing_ops --channels-only rc=$?"
+  # Per-vector channel pricing and the knapsack, each by its ops and by its one launch, at an 8B call's size.
+  timeout 90 python3 benchmarks/sealing/bench_pricing_ops.py --only channels knapsack --json "$LOG/pricing_ops.json" \
+    > "$LOG/pricing_ops.txt" 2>&1
+  say "bench_pricing_ops --only channels knapsack rc=$?"
 }
 eq() {
   suite 0 30000 "$1" MODEL=llama8b-random WORKLOAD=random32k_eq METHODS=none MIN_METHOD_S=100 &

@@ -4,22 +4,27 @@ pricing, ``compressor.squared_singular_values``) in float64 and float32, by cuSO
 default and by MAGMA, and as singular values (of the Gram matrix, which cuSOLVER's batched
 Jacobi SVD takes up to 32 x 32, and of the block itself); and the per-vector channel
 ranking (``PerVector.lost_many``) by ``topk``, by a full descending sort, and whole (every
-width's loss) by that sort's ops and by one launch (``mosaickv.kernels.channel_pricing``).
-Each alternative's largest error against float64, relative to the block's largest value.
+width's loss) by that sort's ops and by one launch (``mosaickv.kernels.channel_pricing``);
+and the sealing knapsack of a call's segments by its PyTorch ops and by one launch
+(``mosaickv.kernels.knapsack``). Each alternative's largest error against float64,
+relative to the block's largest value; the knapsack's plans' values side by side.
 
     python benchmarks/sealing/bench_pricing_ops.py --json benchmarks/results/sealing_kernels_h200.json
+    python benchmarks/sealing/bench_pricing_ops.py --only channels knapsack   # seconds, not minutes
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
 import torch
 
 from mosaickv.kernels.channel_pricing import channel_losses
+from mosaickv.policies.strategies import KNAPSACK_ENV, KNAPSACK_MODES, knapsack
 
 
 def median_ms(fn, reps: int) -> float:
@@ -99,6 +104,34 @@ def channel_results(args: argparse.Namespace) -> dict:
     }
 
 
+def knapsack_results(args: argparse.Namespace) -> dict:
+    """The knapsack of a call of ``--segments`` segments (each ``--blocks // --segments``
+    rows of the mosaic preset's 73 options, losses falling as bytes rise, a third of the
+    dearest plan's bytes to spend), by its PyTorch ops and by the one launch."""
+    groups, rows, options = args.segments, args.blocks // args.segments, 73
+    g = torch.Generator().manual_seed(0)
+    cost = sorted(set(float(c) for c in torch.randint(64, 16384, (options,), generator=g)))
+    value = -torch.rand(groups, rows, len(cost), generator=g, dtype=torch.float64).cumsum(-1).flip(-1).cuda()
+    budget = rows * cost[-1] / 3
+
+    def solve(mode: str) -> torch.Tensor:
+        os.environ[KNAPSACK_ENV] = mode
+        return knapsack(value, cost, budget)
+
+    before = os.environ.get(KNAPSACK_ENV)
+    try:
+        plans = {mode: solve(mode) for mode in KNAPSACK_MODES}
+        times = {f"knapsack_{mode}": median_ms(lambda m=mode: solve(m), args.reps) for mode in KNAPSACK_MODES}
+    finally:
+        if before is None:
+            os.environ.pop(KNAPSACK_ENV, None)
+        else:
+            os.environ[KNAPSACK_ENV] = before
+    totals = {mode: value.gather(-1, p[..., None]).sum().item() for mode, p in plans.items()}
+    return {"median_ms": times, "knapsack_shape": [groups, rows, len(cost)], "knapsack_plan_values": totals,
+            "knapsack_same_picks": bool(torch.equal(plans["kernel"], plans["ops"]))}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--blocks", type=int, default=8192, help="blocks per call: 32 segments of 32 layers x 8 KV heads")
@@ -106,14 +139,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--width", type=int, default=64, help="the widest per-vector width priced")
     ap.add_argument("--reps", type=int, default=20)
-    ap.add_argument("--channels-only", action="store_true",
-                    help="only the channel pricing (the eigenvalue solvers' block SVD takes minutes)")
+    ap.add_argument("--segments", type=int, default=32, help="segments the knapsack's --blocks are split into")
+    ap.add_argument("--only", nargs="+", choices=list(PARTS), default=list(PARTS),
+                    help="these parts only (the eigenvalue part's block SVD takes minutes)")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         ap.error("needs a GPU")
     torch.manual_seed(0)
-    parts = [channel_results(args)] if args.channels_only else [eigen_results(args), channel_results(args)]
+    parts = [PARTS[name](args) for name in args.only]
     res = {
         "device": torch.cuda.get_device_name(),
         "shape": {"blocks": args.blocks, "tokens": args.tokens, "head_dim": args.head_dim, "width": args.width},
@@ -126,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1)
     return 0
+
+
+PARTS = {"eigen": eigen_results, "channels": channel_results, "knapsack": knapsack_results}
 
 
 if __name__ == "__main__":

@@ -214,7 +214,8 @@ class Compressor:
             per_layer.append((obs.keys[:, rows], obs.values[:, rows], tok, ks, vs))
 
         def blocks(i: int) -> torch.Tensor:  # [L, Hkv, T', ...] -> [B, s, ...] with B = L*Hkv*nseg
-            x = torch.stack([p[i] for p in per_layer])
+            # Folded segments (PackedSealer.seal_many) come as one layer: a view, not a copy.
+            x = per_layer[0][i][None] if len(per_layer) == 1 else torch.stack([p[i] for p in per_layer])
             return x.reshape(x.shape[0] * x.shape[1] * nseg, s, *x.shape[3:])
 
         keys, values, tok, k_score, v_score = (blocks(i) for i in range(5))

@@ -20,12 +20,14 @@ from mosaickv.kernels.knapsack import knapsack_launch
 from mosaickv.policies.strategies import knapsack
 
 
-def launch(value: torch.Tensor, cost: list[float], budget: float, fill_passes: int = 4, ways: int = 16) -> torch.Tensor:
+def launch(value: torch.Tensor, cost: list[float], budget: float, fill_passes: int = 4, ways: int = 16,
+           **tile) -> torch.Tensor:
     """The kernel with the bracket :func:`knapsack` gives it."""
     floor = min(cost)
     dearer = [c - floor for c in cost if c > floor]
     price_of = torch.tensor(cost, dtype=torch.float64, device=value.device)
-    return knapsack_launch(value, price_of, budget, cost.index(floor), max(min(dearer, default=1.0), 1.0), fill_passes, ways, 8)
+    return knapsack_launch(value, price_of, budget, cost.index(floor), max(min(dearer, default=1.0), 1.0), fill_passes, ways, 8,
+                           **tile)
 
 
 def problem(seed: int, max_rows: int = 60, max_options: int = 20) -> tuple[torch.Tensor, list[float], float]:
@@ -56,6 +58,13 @@ def test_a_binary_search_over_the_ways_finds_the_price_pricing_every_way_finds(w
     value, cost, budget = problem(300 + ways)
     expected = knapsack(value, cost, budget, fill_passes=0, ways=ways)
     assert torch.equal(launch(value, cost, budget, fill_passes=0, ways=ways), expected)
+
+
+@pytest.mark.parametrize("block_rows", [8, 32])
+def test_another_tile_picks_the_same(block_rows):
+    # bench_pricing_ops.py times taller tiles over more warps: their picks must not change.
+    value, cost, budget = problem(400 + block_rows)
+    assert torch.equal(launch(value, cost, budget, block_rows=block_rows, num_warps=8), knapsack(value, cost, budget))
 
 
 def test_rows_in_several_tiles_and_the_edge_budgets():

@@ -33,6 +33,7 @@ patch_interpreter()
 # (results/registers_knapsack_sm90_triton36.json), once per machine (Triton's disk cache).
 MAX_OPTIONS = 128
 BLOCK_ROWS = 16
+NUM_WARPS = 4
 
 
 @triton.jit
@@ -185,11 +186,14 @@ def _knapsack_kernel(value, cost, choice, eff_buf, col_buf, step_buf, rows, n_op
 
 
 def knapsack_launch(value: torch.Tensor, price_of: torch.Tensor, budget: float, floor_index: int, hi_scale: float,
-                    fill_passes: int, ways: int, rounds: int) -> torch.Tensor:
+                    fill_passes: int, ways: int, rounds: int, block_rows: int = BLOCK_ROWS,
+                    num_warps: int = NUM_WARPS) -> torch.Tensor:
     """One option per row for each of ``value``'s [G, R, O] problems (see
     :func:`mosaickv.policies.strategies.knapsack`, whose checks and bracket it takes):
     ``price_of`` [O] bytes, ``floor_index`` the cheapest option, ``hi_scale`` the
-    smallest step up in bytes (at least 1)."""
+    smallest step up in bytes (at least 1). ``block_rows`` and ``num_warps``: another
+    tile for a benchmark to time (a program works its rows one tile after another, so
+    taller tiles over more warps mean fewer steps)."""
     groups, rows, options = value.shape
     value = value.to(torch.float64).contiguous()
     choice = torch.empty(groups, rows, dtype=torch.int64, device=value.device)
@@ -200,8 +204,8 @@ def knapsack_launch(value: torch.Tensor, price_of: torch.Tensor, budget: float, 
         raise ValueError(f"the knapsack kernel prices at most {MAX_OPTIONS} options a row, not {options}")
     _knapsack_kernel[(groups,)](
         value, price_of.to(torch.float64).contiguous(), choice, eff, col, step, rows, options,
-        upload([budget, hi_scale], value.device, torch.float64), floor_index, ROUNDS=rounds, WAYS=ways, STEPS=(ways - 1).bit_length(), FILL_PASSES=fill_passes, BLOCK_R=BLOCK_ROWS, BLOCK_O=MAX_OPTIONS,
-        BLOCK_J=BLOCK_ROWS, num_warps=4,
+        upload([budget, hi_scale], value.device, torch.float64), floor_index, ROUNDS=rounds, WAYS=ways, STEPS=(ways - 1).bit_length(), FILL_PASSES=fill_passes, BLOCK_R=block_rows, BLOCK_O=MAX_OPTIONS,
+        BLOCK_J=block_rows, num_warps=num_warps,
     )  # fmt: skip
     return choice
 

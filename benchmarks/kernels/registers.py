@@ -75,12 +75,14 @@ def compile_launch(k_kind: int, v_kind: int, pack: bool, r_max: int, *, head_dim
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": 1}).asm["cubin"]
 
 
-def compile_knapsack(warps: int = 4) -> bytes:
-    """The sealing knapsack's sm_90 cubin (mosaickv.kernels.knapsack): its one variant."""
-    from mosaickv.kernels.knapsack import BLOCK_ROWS, MAX_OPTIONS, _knapsack_kernel
+def compile_knapsack(warps: int | None = None, block_rows: int | None = None) -> bytes:
+    """The sealing knapsack's sm_90 cubin (mosaickv.kernels.knapsack): the server's tile,
+    or another (rows a step, warps) that bench_pricing_ops.py times."""
+    from mosaickv.kernels.knapsack import BLOCK_ROWS, MAX_OPTIONS, NUM_WARPS, _knapsack_kernel
 
+    warps, block_rows = warps or NUM_WARPS, block_rows or BLOCK_ROWS
     names = _knapsack_kernel.arg_names
-    const = dict(ROUNDS=8, WAYS=16, STEPS=4, FILL_PASSES=4, BLOCK_R=BLOCK_ROWS, BLOCK_O=MAX_OPTIONS, BLOCK_J=BLOCK_ROWS)
+    const = dict(ROUNDS=8, WAYS=16, STEPS=4, FILL_PASSES=4, BLOCK_R=block_rows, BLOCK_O=MAX_OPTIONS, BLOCK_J=block_rows)
     pointers = {"value": "*fp64", "cost": "*fp64", "choice": "*i64", "eff_buf": "*fp64", "col_buf": "*i64", "step_buf": "*fp64",
                 "limits": "*fp64"}  # fmt: skip
     sig = {n: "constexpr" if n in const else pointers.get(n, "i32") for n in names}
@@ -135,19 +137,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--unroll-group", action="store_true",
                     help="sparse keys read by query gathers for the GQA group's rows in one unrolled step (MixedAttention(unroll_group=True))")
     ap.add_argument("--knapsack", action="store_true", help="the sealing knapsack's launch instead")
+    ap.add_argument("--knapsack-tiles", nargs="+", default=[], metavar="ROWSxWARPS",
+                    help="with --knapsack, these tiles too (e.g. 32x8 16x8)")
     ap.add_argument("--channel-pricing", action="store_true",
                     help="per-vector channel pricing's launch instead, at --head-dim")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     rows = []
     sealing = {"knapsack": compile_knapsack, "channel_pricing": partial(compile_channel_pricing, head_dim=args.head_dim)}
+    sealing.update({f"knapsack_{tile}": partial(compile_knapsack, *map(int, tile.split("x")[::-1]))
+                    for tile in args.knapsack_tiles if args.knapsack})
     for name, compile_sealing in sealing.items():
-        if not getattr(args, name):
+        if not getattr(args, name, True):
             continue
         args.launches = []
         start = time.perf_counter()
         cubin = compile_sealing()
-        row = {"launch": name, "warps": 4, **resources(cubin), "cubin_bytes": len(cubin),
+        warps = int(name.split("x")[1]) if name.startswith("knapsack_") else 4
+        row = {"launch": name, "warps": warps, **resources(cubin), "cubin_bytes": len(cubin),
                "compile_s": round(time.perf_counter() - start, 1)}
         rows.append(row)
         print(f"{name}: {row['registers']} registers, stack {row['stack_bytes']} B, "

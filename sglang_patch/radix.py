@@ -48,6 +48,7 @@ from sglang.srt.mem_cache.common import maybe_cache_unfinished_req
 from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey, TreeNode
 
 from mosaickv.compressor import PartFailure
+from mosaickv.kernels.channel_pricing import warm_channel_pricing
 from mosaickv.kernels.knapsack import warm_knapsack
 from mosaickv.kernels.layout import Region
 from mosaickv.packed_sealing import PackedSealer
@@ -629,8 +630,10 @@ def mosaic_radix_factory(ctx) -> RadixCache:
     on_device = ctx.server_args.kv_compress_sealing in DEVICE_SEALING
     pool = ctx.params.token_to_kv_pool_allocator.get_kvcache()
     seal_batch = ctx.server_args.kv_compress_seal_batch or default_seal_batch(pool, policy.segment_size)
-    if on_device and torch.device(pool.device).type == "cuda" and knapsack_on_gpu() == "kernel":
-        warm_knapsack(pool.device)  # compiled before the first prefill's sealing call waits on it
+    if on_device and torch.device(pool.device).type == "cuda":  # compiled before the first prefill's sealing call waits on them
+        warm_channel_pricing(pool.device, pool.head_dim)
+        if knapsack_on_gpu() == "kernel":
+            warm_knapsack(pool.device)
     return MosaicRadixCache(
         ctx.params,
         compress=PolicyCompressor(policy, ctx.model_config.head_dim),

@@ -16,7 +16,7 @@ if not torch.cuda.is_available():  # must precede the first import of the kernel
 
 import pytest
 
-from mosaickv.kernels.channel_pricing import BLOCK_ROWS, channel_losses, fits_channel_pricing
+from mosaickv.kernels.channel_pricing import BLOCK_ROWS, channel_losses, fits_channel_pricing, warm_channel_pricing
 from mosaickv.policies.selectors import PerVector
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -77,12 +77,25 @@ def test_widths_outside_the_head_dim_and_a_wrong_out_are_refused():
         channel_losses(scores, [8], out=torch.empty(4, 2, device=DEVICE))
 
 
+def test_the_warm_up_skips_what_the_launch_does_not_take():
+    warm_channel_pricing("cpu", 64)  # the CPU prices with the ops: nothing to compile, nothing raised
+
+
 def test_only_float32_power_of_two_rows_on_a_gpu_take_the_launch():
     assert not fits_channel_pricing(torch.zeros(2, 64))  # the CPU: the ops
     if torch.cuda.is_available():
         assert fits_channel_pricing(torch.zeros(2, 128, device="cuda"))
         assert not fits_channel_pricing(torch.zeros(2, 96, device="cuda"))
         assert not fits_channel_pricing(torch.zeros(2, 64, device="cuda", dtype=torch.float64))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_on_a_gpu_the_warm_up_compiles_the_launch_for_the_head_dim():
+    warm_channel_pricing("cuda", 128)
+    from mosaickv.kernels.channel_pricing import _channel_losses_kernel
+
+    assert any(len(caches[0]) for caches in _channel_losses_kernel.device_caches.values())  # compiled, not skipped
 
 
 @pytest.mark.gpu

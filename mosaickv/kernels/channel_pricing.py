@@ -66,3 +66,11 @@ def channel_losses(scores: torch.Tensor, widths: list[int], out: torch.Tensor | 
         _channel_losses_kernel[(triton.cdiv(rows, BLOCK_ROWS),)](flat, upload(widths, scores.device, torch.int32), out, rows, len(widths), D=d,
                                                                   BLOCK_R=BLOCK_ROWS, num_warps=4)
     return out
+
+
+def warm_channel_pricing(device: torch.device | str, head_dim: int) -> None:
+    """Compile the launch for ``head_dim`` before a server's first sealing call needs it
+    (seconds, once per machine): one vector of zeros on ``device``."""
+    scores = torch.zeros(1, head_dim, device=device)
+    if fits_channel_pricing(scores):
+        channel_losses(scores, [1])

@@ -27,6 +27,7 @@
 #   PART=kernels   bash benchmarks/device_session.sh   # ncu: the server's tiles, one block per tile, 64-token tiles,
 #                                                       eight warps | diag_formats at 32-token segments (the presets'
 #                                                       mixes, dense), then the host's decode step at SmolLM2's shape
+#                                                       (on one GPU, no ncu: bench_decode.py against FlashInfer after)
 #   PART=stage_kernels bash benchmarks/device_session.sh   # carry .device/c5: stage; diag_formats at 32, bench_decode |
 #                                                       8B model, GPU tests (a restaged machine, then eq and smollm2)
 #   PART=stage_host bash benchmarks/device_session.sh   # carry .device/c5 and .whl: stage; SmolLM2 sealing at 32 and
@@ -204,6 +205,15 @@ json.dump({'run': sys.argv[2], 'sync_census': info.get('sync_census')}, open(sys
       --policy-formats benchmarks/results/eval_dense_values_2k_segment.json --policy mosaic_dense_values_3x \
       --json "$OUT/host_decode_step_smollm2_240_cuda.json" > "$LOG/host_step.txt" 2>&1
     say "decode_step_host rc=$?"
+    # Issue 4's benchmark (copy bandwidth, FlashInfer's dense decode, ours over the policy's
+    # mixes) in what is left of the call, when the GPU is not shared with ncu.
+    if [ "$NGPU" -eq 1 ]; then
+      mkdir -p "$OUT/bench_decode"
+      timeout $(( 585 - $(date +%s) + T0 )) python3 benchmarks/kernels/bench_decode.py --out "$OUT/bench_decode" \
+        --budget-s $(( 540 - $(date +%s) + T0 )) --policy-formats benchmarks/results/eval_dense_values_2k_segment.json \
+        > "$LOG/bench_decode.txt" 2>&1
+      say "bench_decode rc=$?"
+    fi
     wait ;;
   stage_kernels)
     stage

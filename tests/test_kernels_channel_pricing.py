@@ -104,5 +104,6 @@ def test_on_a_gpu_per_vector_pricing_takes_the_launch_and_prices_as_the_sort():
     # An 8B-shaped slice of a sealing call: 256 blocks of 32 key vectors, the mosaic widths.
     scores = scores_for(3, (256, 32, 128))
     widths = [16, 32, 64]
+    assert fits_channel_pricing(scores)  # what lost_many dispatches on
     priced = PerVector().lost_many(scores, widths)
     assert_losses(torch.stack([priced[w] for w in widths], -1), scores, widths)

@@ -151,7 +151,7 @@ class PackedSealer:
         misfit = None
         if len(sparse):
             rows = upload(sparse, x.device)
-            if not getattr(self.policy.key_scorer if side == 0 else self.policy.value_scorer, "squared_form", False):
+            if not (self.policy.key_scorer if side == 0 else self.policy.value_scorer).squared_form:
                 misfit = _misfit(score[rows], x[rows], w[rows], mask[rows])
             channels[rows] = w[rows]
         masked = np.flatnonzero((kinds == MASK) & on)

@@ -27,9 +27,8 @@ import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils._pytree import tree_flatten  # noqa: E402
 
-from mosaickv.config import load_policy  # noqa: E402
-from mosaickv.packed_sealing import PackedSealer  # noqa: E402
-from mosaickv.sealer import SegmentInputs  # noqa: E402
+sys.path.insert(0, os.path.dirname(__file__))
+from count_ops import unpacked_sealer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 VIEWS = {"view", "reshape", "select", "slice", "alias", "unsqueeze", "expand", "t", "transpose", "permute", "squeeze",
@@ -69,19 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--top", type=int, default=25, help="sites printed and written, by bytes")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
-    policy = load_policy(args.policy)
-    s, layers, hkv, d = policy.segment_size, args.layers, args.kv_heads, args.head_dim
-    budget = int(s * layers * hkv * d * 2 * 2 / policy.ratio)
-    g = torch.Generator().manual_seed(0)
-
-    def segment(i: int) -> SegmentInputs:
-        k, v = (torch.randn(layers, hkv, s, d, generator=g).bfloat16() for _ in range(2))
-        return SegmentInputs(k, v, budget, torch.rand(layers, hkv, d, generator=g) + 0.1,
-                             torch.softmax(torch.randn(layers, hkv, s, generator=g), -1), 4096 * (i + 1))
-
-    sealer = PackedSealer(policy, d)
-    sealer.packer.plan_placed = lambda *a, **kw: None  # the packer: one launch a call, not counted
-    sealer.packer.run = lambda *a, **kw: None
+    sealer, segment = unpacked_sealer(args.policy, args.layers, args.kv_heads, args.head_dim)
     batch = [segment(i) for i in range(args.segments)]
     sealer.seal_many(batch)  # warm-up
     with BytesBySite() as count:
@@ -94,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({
             "command": "python benchmarks/sealing/bytes_by_site.py " + " ".join(sys.argv[1:] if argv is None else argv),
-            "policy": args.policy, "shape": {"layers": layers, "kv_heads": hkv, "head_dim": d}, "segments": args.segments,
+            "policy": args.policy, "shape": {"layers": args.layers, "kv_heads": args.kv_heads, "head_dim": args.head_dim},
+            "segments": args.segments,
             "total_mb": total, "ops": sum(count.ops.values()), "sites": sites}, indent=1))
     return 0
 

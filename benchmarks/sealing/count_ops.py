@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import sys
+from typing import Callable
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # the packer's module imports Triton
 
@@ -42,17 +43,11 @@ def counted(fn) -> tuple[object, int]:
     return out, sum(1 for e in prof.events() if e.cpu_parent is None and e.name not in NOT_COUNTED)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--policy", default="mosaic")
-    ap.add_argument("--layers", type=int, default=32)
-    ap.add_argument("--kv-heads", type=int, default=8)
-    ap.add_argument("--head-dim", type=int, default=128)
-    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
-    ap.add_argument("--json")
-    args = ap.parse_args(argv)
-    policy = load_policy(args.policy)
-    s, layers, hkv, d = policy.segment_size, args.layers, args.kv_heads, args.head_dim
+def unpacked_sealer(policy_name: str, layers: int, hkv: int, d: int) -> tuple[PackedSealer, Callable[[int], SegmentInputs]]:
+    """A sealer whose packer launch is left out (one a call, not counted), and a maker of
+    random segments of this shape (segment ``i`` at its own slab)."""
+    policy = load_policy(policy_name)
+    s = policy.segment_size
     budget = int(s * layers * hkv * d * 2 * 2 / policy.ratio)
     g = torch.Generator().manual_seed(0)
 
@@ -62,8 +57,21 @@ def main(argv: list[str] | None = None) -> int:
                              torch.softmax(torch.randn(layers, hkv, s, generator=g), -1), 4096 * (i + 1))
 
     sealer = PackedSealer(policy, d)
-    sealer.packer.plan_placed = lambda *a, **kw: None  # the packer: one launch a call, not counted
+    sealer.packer.plan_placed = lambda *a, **kw: None
     sealer.packer.run = lambda *a, **kw: None
+    return sealer, segment
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--policy", default="mosaic")
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--kv-heads", type=int, default=8)
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+    sealer, segment = unpacked_sealer(args.policy, args.layers, args.kv_heads, args.head_dim)
     knapsack_ops = [0]
     solve = strategies.knapsack
 
@@ -89,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"command": "python benchmarks/sealing/count_ops.py " + " ".join(sys.argv[1:] if argv is None else argv), "policy": args.policy,
-                       "shape": {"layers": layers, "kv_heads": hkv, "head_dim": d}, "rows": rows}, f, indent=1)
+                       "shape": {"layers": args.layers, "kv_heads": args.kv_heads, "head_dim": args.head_dim}, "rows": rows}, f, indent=1)
     return 0
 
 

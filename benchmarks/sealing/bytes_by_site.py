@@ -28,7 +28,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils._pytree import tree_flatten  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-from count_ops import unpacked_sealer  # noqa: E402
+from count_ops import add_shape_args, unpacked_sealer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 VIEWS = {"view", "reshape", "select", "slice", "alias", "unsqueeze", "expand", "t", "transpose", "permute", "squeeze",
@@ -60,10 +60,7 @@ class BytesBySite(TorchDispatchMode):
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--policy", default="mosaic")
-    ap.add_argument("--layers", type=int, default=32)
-    ap.add_argument("--kv-heads", type=int, default=8)
-    ap.add_argument("--head-dim", type=int, default=128)
+    add_shape_args(ap)
     ap.add_argument("--segments", type=int, default=4, help="segments of the one seal_many call counted")
     ap.add_argument("--top", type=int, default=25, help="sites printed and written, by bytes")
     ap.add_argument("--json")

@@ -43,6 +43,14 @@ def counted(fn) -> tuple[object, int]:
     return out, sum(1 for e in prof.events() if e.cpu_parent is None and e.name not in NOT_COUNTED)
 
 
+def add_shape_args(ap: argparse.ArgumentParser) -> None:
+    """The policy and the 8B-shaped pool (by default) a counted sealing call seals for."""
+    ap.add_argument("--policy", default="mosaic")
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--kv-heads", type=int, default=8)
+    ap.add_argument("--head-dim", type=int, default=128)
+
+
 def unpacked_sealer(policy_name: str, layers: int, hkv: int, d: int) -> tuple[PackedSealer, Callable[[int], SegmentInputs]]:
     """A sealer whose packer launch is left out (one a call, not counted), and a maker of
     random segments of this shape (segment ``i`` at its own slab)."""
@@ -64,10 +72,7 @@ def unpacked_sealer(policy_name: str, layers: int, hkv: int, d: int) -> tuple[Pa
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--policy", default="mosaic")
-    ap.add_argument("--layers", type=int, default=32)
-    ap.add_argument("--kv-heads", type=int, default=8)
-    ap.add_argument("--head-dim", type=int, default=128)
+    add_shape_args(ap)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--json")
     args = ap.parse_args(argv)

@@ -69,7 +69,8 @@ def test_reads_and_drops_do_not_wait_for_a_forward_in_flight():
     """As in a server: the scheduler's stream waits for the forward in flight (SGLang's
     barrier after an extend's launch), whose sums are still pending. Dropping sealed
     segments there and reading others on a third stream (sealing's) must not wait for that
-    forward: the third stream's work finishes while the forward still runs."""
+    forward: the third stream's work finishes while the forward still runs. The ops run once
+    before, as in a warmed-up server: CUDA loads a kernel lazily, and loading waits for the device."""
     stats = SegmentQueryStats(1, 1, 4, segment_size=8, device="cuda")
     forward, scheduler, sealing = (torch.cuda.Stream() for _ in range(3))
 
@@ -77,6 +78,15 @@ def test_reads_and_drops_do_not_wait_for_a_forward_in_flight():
         stats.defer_decode(0, torch.full((1, 1, 4), value, dtype=torch.float64, device="cuda"), None, [key],
                            [False], group=1)
 
+    for warm in (1, 2):  # loads the ops' kernels first: under CUDA's lazy loading, loading one waits for the device
+        with torch.cuda.stream(forward):
+            defer(warm, 1.0)
+            stats.flush()
+        with torch.cuda.stream(sealing):
+            stats.rms_many([warm])[0].sum()
+        with torch.cuda.stream(scheduler):
+            stats.drop_many([warm])
+    torch.cuda.synchronize()
     with torch.cuda.stream(forward):  # an earlier forward's sums, queued at the next one's first layer
         defer(3, 4.0)
         defer(5, 9.0)

@@ -183,7 +183,10 @@ PACK_MAX_SEGMENT = 32
 # In those tiles a GQA group's rows gather sparse keys in one unrolled step (unroll_group):
 # side by side in the fourteenth run (h200_2026-12-01b/call8_kernels), the 6x mix decoded in
 # 454 us against 465, the 3x in 710 against 711 and dense in 1,509 against 1,509, the same
-# outputs bit for bit.
+# outputs bit for bit. Each format pair's blocks are cut into runs by that pair's own share
+# of the work (chunk_by_kind): side by side in the fifteenth run
+# (h200_2026-12-01c/call8_kernels/diag32), the 6x mix decoded in 428 us against 457, the 3x
+# in 697 against 708 and dense in 1,517 against 1,521 (outputs within 8e-4 of the reference's).
 PACKED_DECODE_TILE = 32
 
 
@@ -192,7 +195,7 @@ def _tuning(extend: bool, pack: bool) -> MixedAttention:
         return MixedAttention(block_m=64, block_n=32, keys_by_query=False, wide_block_n=32, pack_tokens=pack)
     if pack:
         return MixedAttention(block_m=16, block_n=32, wide_block_n=PACKED_DECODE_TILE, pack_tokens=True,
-                              pack_sparse_keys=True, unroll_group=True)
+                              pack_sparse_keys=True, unroll_group=True, chunk_by_kind=True)
     return MixedAttention(block_m=16, block_n=32)
 
 

@@ -39,6 +39,19 @@ def test_the_first_diag_setting_is_the_servers_decode_tuning() -> None:
         assert {f: getattr(diag, f) for f in fields} == {f: getattr(server, f) for f in fields}, segment
 
 
+def test_a_decode_wrapper_built_from_a_tunings_settings_runs_as_that_tuning() -> None:
+    """bench_decode.py times the server's decode tunings through ``settings()``: a tuning
+    with every argument off its default comes back whole in the decode wrapper."""
+    from mosaickv.kernels.decode import MixedAttention, MixedDecodeWrapper
+
+    tuning = MixedAttention(block_m=64, block_n=16, num_warps=8, num_stages=3, sparse_densify="search",
+                            keys_by_query=True, wide_block_n=32, pack_tokens=True, prefetch_entries=True,
+                            pack_sparse_keys=True, chunk_by_kind=True, unroll_group=True)
+    defaults = MixedAttention().settings()
+    assert all(tuning.settings()[name] != value for name, value in defaults.items() if name != "keys_by_query")
+    assert MixedDecodeWrapper(**tuning.settings()).settings() == tuning.settings()
+
+
 def test_runs_cut_per_pair_give_every_launch_of_the_presets_mixes_a_program_each() -> None:
     """plan_items.py, on the diag's shape: with one chunk for the batch the 3x mix's
     sparse-key launch gets one item per (request, KV head), 256, as Nsight Compute saw on

@@ -22,3 +22,13 @@ def test_an_unknown_part_is_refused_by_name(tmp_path):
 def test_a_part_and_an_out_folder_are_required(tmp_path):
     assert "set PART" in run({"OUT": str(tmp_path)}).stderr
     assert "the device call sets OUT" in run({"PART": "eq"}).stderr
+
+
+def test_every_gpu_test_file_is_run_by_a_device_script():
+    """A GPU test no device call runs never runs: the channel-pricing tests were missing
+    from backend_gpu.sh's list through the fourteenth run."""
+    scripts = "\n".join(p.read_text() for p in (ROOT / "benchmarks").rglob("*.sh"))
+    marked = [p.name for p in sorted((ROOT / "tests").glob("test_*.py"))
+              if p.name != Path(__file__).name and "pytest.mark.gpu" in p.read_text()]
+    assert "test_kernels_channel_pricing.py" in marked
+    assert [name for name in marked if f"tests/{name}" not in scripts] == []

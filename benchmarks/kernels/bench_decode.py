@@ -14,9 +14,11 @@ A baseline that cannot run records its error in the row instead of a time.
 ``--policy-formats EVAL.json`` adds, per row of a ``mosaickv eval`` report, the block
 formats that policy actually chose on real text, in their proportions, on its 32-token
 segments (widths scaled from the eval's head dim to each shape's): what a server decodes
-after that policy, rather than a mix that uses every format. Our kernel runs as the
-server tunes it (``pack_tokens``: dense and sparse blocks' kept tokens share tiles); the
-policy mixes also run one block per tile (``_per_block``), as servers did before.
+after that policy, rather than a mix that uses every format. Our kernel runs with the
+server's tuning for each variant's segment size (``sglang_patch.attention.tuning_for``:
+at 32-token segments kept tokens of consecutive blocks share tiles); the policy mixes also
+run one block per tile (``_per_block``), as the server decodes longer segments, and
+``dense_1x_32`` is every block dense at the presets' 32-token segments.
 
     PYTHONUNBUFFERED=1 python benchmarks/kernels/bench_decode.py --out DIR [--budget-s 300] \
         [--policy-formats benchmarks/results/eval_dense_values_2k_segment.json]
@@ -39,6 +41,7 @@ import torch
 from mosaickv.kernels.decode import MixedDecodeWrapper
 from mosaickv.kernels.synthetic import Recipe, synthetic_arena
 from mosaickv.reference import CompressedLayer, attention
+from mosaickv.sglang_patch.attention import tuning_for
 
 SEGMENT = 128  # tokens per segment; the last SEGMENT tokens of L stay in the dense tail
 HEADS = [(32, 8, 128), (9, 3, 64)]
@@ -188,12 +191,15 @@ def run(out_dir: Path, budget_s: float, policy_report: dict | None = None, eval_
             except Exception as err:  # noqa: BLE001 - recorded in the row, the bench goes on
                 row["flashinfer_error"] = f"{type(err).__name__}: {err}"[:300]
             torch.cuda.empty_cache()
-        variants = [("dense_1x", [Recipe(SEGMENT, ("dense", 0), ("dense", 0))], 1.0, SEGMENT, True)]
-        variants += [(f"mixed_{int(tg)}x", *pattern_for(tg, d), SEGMENT, True) for tg in TARGETS]
-        if policy_report is not None:  # each packed, and one block per tile
+        variants = [("dense_1x", [Recipe(SEGMENT, ("dense", 0), ("dense", 0))], 1.0, SEGMENT, SEGMENT)]
+        variants += [(f"mixed_{int(tg)}x", *pattern_for(tg, d), SEGMENT, SEGMENT) for tg in TARGETS]
+        if policy_report is not None:  # as the server decodes 32-token segments, and longer ones
+            variants.append(("dense_1x_32", [Recipe(POLICY_SEGMENT, ("dense", 0), ("dense", 0))], 1.0, POLICY_SEGMENT,
+                             POLICY_SEGMENT))
             for name, pat, ratio in policy_patterns(policy_report, d, eval_head_dim):
-                variants += [(name, pat, ratio, POLICY_SEGMENT, True), (f"{name}_per_block", pat, ratio, POLICY_SEGMENT, False)]
-        for name, pat, seg_ratio, segment, pack in variants:
+                variants += [(name, pat, ratio, POLICY_SEGMENT, POLICY_SEGMENT),
+                             (f"{name}_per_block", pat, ratio, POLICY_SEGMENT, SEGMENT)]
+        for name, pat, seg_ratio, segment, tuned_for in variants:
             if dense_bytes / seg_ratio > MEM_LIMIT:
                 continue
             segs = L // segment - 1
@@ -201,7 +207,7 @@ def run(out_dir: Path, budget_s: float, policy_report: dict | None = None, eval_
             tail = torch.empty(B * tail_len, hkv, d, device="cuda", dtype=torch.bfloat16).normal_()
             tail_indptr = np.arange(B + 1) * tail_len
             arena, indptr, indices = synthetic_arena(B * hkv, segs, pat, d, "cuda")
-            w = MixedDecodeWrapper(pack_tokens=pack)
+            w = MixedDecodeWrapper(**tuning_for(False, tuned_for).settings())
             w.plan_arena(arena, indptr, indices, tail, tail, tail_indptr, np.ones(B, dtype=np.int64), hq, hkv)
             out = w.run(q)
             assert torch.isfinite(out).all(), f"{name}: non-finite output"
@@ -219,7 +225,7 @@ def run(out_dir: Path, budget_s: float, policy_report: dict | None = None, eval_
             for base in ("sdpa", "flashinfer"):
                 if base in row:
                     row[name][f"speedup_vs_{base}"] = row[base]["time_s"] / t
-            if name != "dense_1x" and L >= 32768 and B >= 8:
+            if not name.startswith("dense_1x") and L >= 32768 and B >= 8:
                 got = row[name]
                 got["target_bandwidth_met"] = got["GBps"] >= 0.8 * res["copy_GBps"]
                 if "speedup_vs_flashinfer" in got:

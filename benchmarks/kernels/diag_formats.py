@@ -34,7 +34,8 @@ POLICY_REPORT = Path(__file__).parents[1] / "results" / "eval_dense_values_2k_se
 B, L, HQ, HKV, D = 32, 32768, 32, 8, 128
 # MixedDecodeWrapper settings beside programs per SM; the first is the server's DECODE_TUNING.
 SETTINGS = [
-    ({"block_n": 32, "pack_tokens": True, "wide_block_n": 32, "pack_sparse_keys": True, "unroll_group": True}, 8),
+    ({"block_n": 32, "pack_tokens": True, "wide_block_n": 32, "pack_sparse_keys": True, "unroll_group": True,
+      "chunk_by_kind": True}, 8),
     ({"block_n": 32}, 8),  # one block per tile: the server's for segments over 32 tokens
     ({"block_n": 32, "pack_tokens": True, "wide_block_n": 32}, 16),
     ({"block_n": 32, "pack_tokens": True, "wide_block_n": 128}, 8),
@@ -57,13 +58,14 @@ SETTINGS = [
     # (dense packed: 141 registers against 128, registers_decode_sm90_triton36_prefetch.json).
     ({"block_n": 32, "pack_tokens": True, "wide_block_n": 32, "prefetch_entries": True}, 8),
     ({"block_n": 32, "pack_tokens": True, "wide_block_n": 32, "pack_sparse_keys": True, "prefetch_entries": True}, 8),
-    # Setting 13: the server's, each format pair's runs cut by its own work (chunk_by_kind):
-    # in the eleventh run's ncu profile the packed sparse-key launch had 256 items (one per
-    # request and KV head) on 132 SMs, 11% of DRAM bandwidth, beside the dense launch's 48%.
-    # Without unrolled gathers it was faster at 6x and slower at 3x in both runs that timed
-    # it (6x 452 and 445 us against 470 and 465; 3x 720 and 714 against 716 and 711).
-    ({"block_n": 32, "pack_tokens": True, "wide_block_n": 32, "pack_sparse_keys": True, "unroll_group": True,
-      "chunk_by_kind": True}, 8),
+    # Setting 13: the server's before the fifteenth run, one run length for every format
+    # pair. Setting 0 cuts each pair's runs by its own work (chunk_by_kind): in the eleventh
+    # run's ncu profile the packed sparse-key launch had 256 items (one per request and KV
+    # head) on 132 SMs, 11% of DRAM bandwidth, beside the dense launch's 48%. With unrolled
+    # gathers, in the fifteenth run (h200_2026-12-01c/call8_kernels, setting 13 then the
+    # cut one) 6x decoded in 428 us cut against 457, 3x in 697 against 708, dense 1,517
+    # against 1,521.
+    ({"block_n": 32, "pack_tokens": True, "wide_block_n": 32, "pack_sparse_keys": True, "unroll_group": True}, 8),
     # Sparse keys read 16 or 8 channels a pass (126 registers, no stack) were slower than
     # setting 0 in the thirteenth run: 811 and 904 us against 716 on the 3x mix, 528 and 598
     # against 470 on 6x (h200_2026-12-01/call6_kernels): removed from the kernel.

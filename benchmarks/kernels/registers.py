@@ -144,16 +144,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     rows = []
-    sealing = {"knapsack": compile_knapsack, "channel_pricing": partial(compile_channel_pricing, head_dim=args.head_dim)}
-    sealing.update({f"knapsack_{tile}": partial(compile_knapsack, *map(int, tile.split("x")[::-1]))
-                    for tile in args.knapsack_tiles if args.knapsack})
-    for name, compile_sealing in sealing.items():
+    from mosaickv.kernels.knapsack import NUM_WARPS
+
+    sealing = {"knapsack": (compile_knapsack, NUM_WARPS),
+               "channel_pricing": (partial(compile_channel_pricing, head_dim=args.head_dim), 4)}
+    for tile in args.knapsack_tiles if args.knapsack else []:
+        rows_a_step, warps = map(int, tile.split("x"))
+        sealing[f"knapsack_{tile}"] = (partial(compile_knapsack, warps, rows_a_step), warps)
+    for name, (compile_sealing, warps) in sealing.items():
         if not getattr(args, name, True):
             continue
         args.launches = []
         start = time.perf_counter()
         cubin = compile_sealing()
-        warps = int(name.split("x")[1]) if name.startswith("knapsack_") else 4
         row = {"launch": name, "warps": warps, **resources(cubin), "cubin_bytes": len(cubin),
                "compile_s": round(time.perf_counter() - start, 1)}
         rows.append(row)

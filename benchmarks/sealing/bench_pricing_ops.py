@@ -142,7 +142,7 @@ def knapsack_results(args: argparse.Namespace) -> dict:
             "knapsack_same_picks": {mode: bool(torch.equal(p, plans["ops"])) for mode, p in plans.items()}}
 
 
-TILES = [(BLOCK_ROWS, NUM_WARPS), (32, 8), (16, 8)]  # (rows a step, warps)
+TILES = [(BLOCK_ROWS, NUM_WARPS), (32, 8), (16, 4)]  # (rows a step, warps)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,6 +35,8 @@ combines the items of a group, whichever launch computed them. Launches are pers
 
 from __future__ import annotations
 
+import inspect
+
 import math
 from collections.abc import Sequence
 
@@ -512,6 +514,12 @@ class MixedAttention:
         self.sparse_densify, self.keys_by_query = sparse_densify, keys_by_query
         self.num_warps, self.num_stages = num_warps, num_stages
         self._plan: AttentionPlan | None = None
+
+    def settings(self) -> dict[str, object]:
+        """The constructor's arguments: ``MixedDecodeWrapper(**tuning.settings())`` runs as
+        ``tuning`` does (a benchmark timing the server's tuning)."""
+        return {name: getattr(self, name) for name in inspect.signature(MixedAttention.__init__).parameters
+                if name != "self"}
 
     def plan_arena(
         self,

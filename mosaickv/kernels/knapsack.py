@@ -27,13 +27,16 @@ from mosaickv.uploads import upload
 patch_interpreter()
 
 # One compiled variant whatever the model and policy (rows and options are not specialized
-# on): tiles of 16 rows by up to MAX_OPTIONS options, 16 float64 elements a thread at four
+# on): tiles of 16 rows by up to MAX_OPTIONS options, 8 float64 elements a thread at eight
 # warps. The mosaic preset prices 73 options; a policy with more is solved by the PyTorch
-# ops. Compiled for sm_90: 232 registers, no stack, 14.5 s on a 2-core CPU
-# (results/registers_knapsack_sm90_triton36.json), once per machine (Triton's disk cache).
+# ops. On an H200 (fifteenth run, h200_2026-12-01c: bench_pricing_ops.py, an 8B call's 32 x
+# 256 x 73) it took 1.94 ms against 2.78 at four warps and 1.85 with 32-row tiles at eight,
+# every tile picking what the ops pick (4.35 ms). Compiled for sm_90: 202 registers, no stack
+# (results/registers_sealing_sm90_triton36.json), 32x8 255 and 8 bytes of stack
+# (results/registers_knapsack_tiles_sm90_triton36.json); once per machine (Triton's disk cache).
 MAX_OPTIONS = 128
 BLOCK_ROWS = 16
-NUM_WARPS = 4
+NUM_WARPS = 8
 
 
 @triton.jit

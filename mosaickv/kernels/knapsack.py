@@ -33,7 +33,8 @@ patch_interpreter()
 # 256 x 73) it took 1.94 ms against 2.78 at four warps and 1.85 with 32-row tiles at eight,
 # every tile picking what the ops pick (4.35 ms). Compiled for sm_90: 202 registers, no stack
 # (results/registers_sealing_sm90_triton36.json), 32x8 255 and 8 bytes of stack
-# (results/registers_knapsack_tiles_sm90_triton36.json); once per machine (Triton's disk cache).
+# (results/registers_knapsack_tiles_sm90_triton36.json); Triton 3.9 spills 8 bytes of 16x8
+# and none of 32x8 (..._triton39.json). Once per machine (Triton's disk cache).
 MAX_OPTIONS = 128
 BLOCK_ROWS = 16
 NUM_WARPS = 8

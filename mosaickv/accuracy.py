@@ -37,7 +37,7 @@ import numpy as np
 from tqdm import tqdm
 
 from mosaickv.launch import NO_PROXY, ServerError, launched, server_command
-from mosaickv.server_info import wait_sealed
+from mosaickv.server_info import Settled, wait_sealed
 from mosaickv.tasks import TOLERANCE, Task, TokenCounter, suite
 
 Complete = Callable[[list[dict], int], str]
@@ -51,10 +51,10 @@ class RequestError(RuntimeError):
 @dataclass(frozen=True)
 class Client:
     """A method's ``complete`` and its ``settle``: wait until the server has compressed
-    what it was sent (seconds waited; nothing to wait for by default)."""
+    what it was sent (nothing to wait for by default)."""
 
     complete: Complete
-    settle: Callable[[], float] = lambda: 0.0
+    settle: Callable[[], Settled] = lambda: Settled(0.0, 0)
 
 
 @dataclass(frozen=True)
@@ -153,7 +153,7 @@ def openai_client(base_url: str, model: str = "default", timeout: float = 600.0)
     """:func:`openai_complete` and, to settle, :func:`mosaickv.server_info.wait_sealed`."""
     root = _root(base_url)
 
-    def settle() -> float:
+    def settle() -> Settled:
         try:
             return wait_sealed(root, timeout)
         except OSError as err:
@@ -183,14 +183,16 @@ def ask(method: str, client: Client | Complete, length: int, task: Task, max_tok
 
 
 def record(method: str, length: int, task: Task, output: str | None, error: str | None, seconds: float = 0.0,
-           prime_s: float | None = None) -> dict:
+           settled: Settled | None = None) -> dict:
     """What the report keeps of one request: the task's identity, the answer and its score
-    (None if it failed), and with priming the seconds the server took to settle."""
+    (None if it failed), and with priming the seconds the server took to settle and its
+    ``arena_full`` count then (segments left dense so far for want of a slab)."""
     return {
         "method": method, "kind": task.kind, "length": length, "tokens": task.meta["tokens"], "seed": task.meta["seed"],
         "depth": task.meta.get("depth"), "score": None if error is not None else task.score(output or ""), "output": output,
         "answers": list(task.answers), "seconds": round(seconds, 3), "error": error,
-        "prime_s": None if prime_s is None else round(prime_s, 3),
+        "prime_s": None if settled is None else round(settled.seconds, 3),
+        "arena_full": None if settled is None else settled.arena_full,
     }  # fmt: skip
 
 
@@ -311,9 +313,11 @@ def summarize(records: list[dict]) -> dict[str, dict]:
         for n in lengths:
             cells = [_points([r["score"] for r in ok if r["kind"] == k and r["length"] == n]) for k in kinds]
             by_length[str(n)] = _mean([c for c in cells if c is not None])
+        deferred = [r["arena_full"] for r in recs if r.get("arena_full") is not None]
         out[method] = {
             "requests": len(recs), "failed": len(recs) - len(ok),
             "average": _mean([v for v in by_kind.values() if v is not None]), "by_kind": by_kind, "by_length": by_length,
+            "arena_full": max(deferred) if deferred else None,
         }  # fmt: skip
     return out
 
@@ -532,6 +536,11 @@ def format_table(result: dict) -> str:
         "",
         *_table(result["summary"], kinds),
     ]
+    short = {name: s["arena_full"] for name, s in result["summary"].items() if s.get("arena_full")}
+    if short:
+        lines += ["", *(f"{name}: arena_full = {n}: its server left that many segments dense for want of a free slab by "
+                        "the last task settled, so some prompts were read less compressed than the method's budget"
+                        for name, n in short.items())]
     if "common" in result:
         lines += [
             "",

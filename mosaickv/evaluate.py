@@ -3,17 +3,19 @@
 Each of a few long texts is split into a context, which is prefilled once and compressed
 by every policy at every ratio, and a continuation, which is teacher-forced over each compressed
 cache and over the dense (bf16) cache; the continuation's next-token distributions are
-compared. The text is built from the docstrings of Python's standard library, so it is
-natural prose and code, identical on every machine with the same Python, and needs no
-download.
+compared. The text is built from docstrings of Python's standard library, shipped with
+the package (``mosaickv/data/corpus.json.gz``), so it is natural prose and code, the same
+on every machine, and needs no download.
 """
 
 from __future__ import annotations
 
-import importlib
-import inspect
+import gzip
+import json
 import time
 from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -23,27 +25,24 @@ from mosaickv.config import load_policy
 from mosaickv.errors import PolicyError
 from mosaickv.reference import CompressedLayer
 
-CORPUS_MODULES = (
-    "argparse", "asyncio", "collections", "contextlib", "csv", "dataclasses", "datetime", "decimal", "email",
-    "functools", "heapq", "http.client", "inspect", "itertools", "json", "logging", "pathlib", "pickle", "re",
-    "shutil", "socket", "subprocess", "tarfile", "threading", "typing", "unittest", "urllib.parse", "zipfile",
-)  # fmt: skip
+CORPUS = Path(__file__).resolve().parent / "data" / "corpus.json.gz"  # scripts/make_corpus.py writes it
+
+
+@lru_cache(maxsize=1)
+def _docstrings() -> tuple[str, ...]:
+    return tuple(json.loads(gzip.decompress(CORPUS.read_bytes()))["docstrings"])
 
 
 def corpus_text(min_chars: int) -> str:
-    """Docstrings of standard-library modules and their public members, in a fixed order."""
+    """The shipped corpus's docstrings (standard-library modules and their public members,
+    in a fixed order), as many as reach ``min_chars``: the same text on every machine."""
     parts: list[str] = []
     size = 0
-    for name in CORPUS_MODULES:
-        module = importlib.import_module(name)
-        members = [module] + [getattr(module, m) for m in sorted(dir(module)) if not m.startswith("_")]
-        for obj in members:
-            doc = inspect.getdoc(obj) if inspect.ismodule(obj) or inspect.isclass(obj) or inspect.isroutine(obj) else None
-            if doc and len(doc) >= 200 and doc not in parts:
-                parts.append(doc)
-                size += len(doc)
-                if size >= min_chars:
-                    return "\n\n".join(parts)
+    for doc in _docstrings():
+        parts.append(doc)
+        size += len(doc)
+        if size >= min_chars:
+            break
     return "\n\n".join(parts)
 
 

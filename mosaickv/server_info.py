@@ -9,8 +9,18 @@ from __future__ import annotations
 
 import json
 import time
+from typing import NamedTuple
 
 from mosaickv.launch import NO_PROXY
+
+
+class Settled(NamedTuple):
+    """What :func:`wait_sealed` saw: the seconds it waited, and how many segments the server
+    had left dense so far because its arena was full (``arena_full``; 0 without MosaicKV).
+    A prefix read after such a deferral may be partly dense: less compressed than its budget."""
+
+    seconds: float
+    arena_full: int
 
 
 def kv_compress_info(root: str, timeout: float = 30.0) -> dict | None:
@@ -20,16 +30,17 @@ def kv_compress_info(root: str, timeout: float = 30.0) -> dict | None:
     return states[0].get("kv_compress_info")
 
 
-def wait_sealed(root: str, timeout: float = 300.0, poll: float = 0.2) -> float:
+def wait_sealed(root: str, timeout: float = 300.0, poll: float = 0.2) -> Settled:
     """Wait until every segment handed to the sealing workers is swapped in (an idle
-    MosaicKV server applies finished results itself); returns the seconds waited, 0 at
-    once for a server without MosaicKV. Raises TimeoutError naming what is still pending."""
+    MosaicKV server applies finished results itself); returns the seconds waited (0 at
+    once for a server without MosaicKV) and the server's ``arena_full`` count. Raises
+    TimeoutError naming what is still pending."""
     start = time.monotonic()
     while True:
         info = kv_compress_info(root)
         pending = 0 if info is None else int(info["sealing_pending"])
         if not pending:
-            return time.monotonic() - start
+            return Settled(time.monotonic() - start, 0 if info is None else int(info.get("arena_full", 0)))
         if time.monotonic() - start > timeout:
             raise TimeoutError(f"{root}: {pending} segments still sealing after {timeout:.0f} s "
                                f"(oldest pending {info.get('oldest_pending_s', 0):.0f} s)")

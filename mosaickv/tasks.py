@@ -4,8 +4,9 @@ Every task is plain text: a context, a question, the expected answer(s) and a sc
 Nothing here imports a model: the caller renders :meth:`Task.messages` with its own chat
 template (Hugging Face offline, or an OpenAI-compatible server), and passes a token
 counter so that lengths are met in the model's own tokens. The haystack is prose from
-the standard library's docstrings (:func:`mosaickv.evaluate.corpus_text`), identical on
-every machine with the same Python, so no download is needed and a seed fixes a task.
+the standard library's docstrings, shipped with the package
+(:func:`mosaickv.evaluate.corpus_text`), the same on every machine, so no download is
+needed and a seed fixes a task.
 
 Task kinds (``KINDS``):
 

@@ -37,11 +37,12 @@ STUB = textwrap.dedent(
     """
     # An OpenAI-compatible stub: greedy requests get the prompt back (it contains every answer);
     # paths under /broken fail with HTTP 500; under /sealing it plays a MosaicKV server that
-    # seals for two server-info polls after each request. /events lists what it was sent.
+    # seals for two server-info polls after each request and, from its third request on,
+    # finds its arena full for one segment a request. /events lists what it was sent.
     import json, os, sys
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    EVENTS, PENDING = [], [0]
+    EVENTS, PENDING, POSTS = [], [0], [0]
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self):
@@ -49,7 +50,8 @@ STUB = textwrap.dedent(
                 return self.send(200, EVENTS)
             if self.path == "/sealing/get_server_info":
                 EVENTS.append(["info", PENDING[0]])
-                info = {"internal_states": [{"kv_compress_info": {"sealing_pending": PENDING[0], "oldest_pending_s": 0.1}}]}
+                info = {"internal_states": [{"kv_compress_info": {"sealing_pending": PENDING[0], "oldest_pending_s": 0.1,
+                                                                  "arena_full": max(0, POSTS[0] - 2)}}]}
                 PENDING[0] = max(0, PENDING[0] - 1)
                 return self.send(200, info)
             if self.path == "/get_server_info":
@@ -62,7 +64,7 @@ STUB = textwrap.dedent(
                 return self.send(500, {"object": "error", "message": "stub failure"})
             if self.path.startswith("/sealing"):
                 EVENTS.append(["post", body["max_tokens"], body["messages"][-1]["content"]])
-                PENDING[0] = 2
+                PENDING[0], POSTS[0] = 2, POSTS[0] + 1
             greedy = body["temperature"] == 0 and isinstance(body["max_tokens"], int)
             content = body["messages"][-1]["content"] if greedy else "not a greedy request"
             self.send(200, {"choices": [{"message": {"role": "assistant", "content": content}}]})
@@ -156,7 +158,7 @@ def test_right_answers_score_100_wrong_or_empty_0_and_partial_kinds_partial(task
     assert first["single_uuid"] == first["docqa"] == 100
     rec = records[0]
     assert set(rec) == {"method", "kind", "length", "tokens", "seed", "depth", "score", "output", "answers", "seconds", "error",
-                        "prime_s"}
+                        "prime_s", "arena_full"}
     assert rec["score"] == 1.0 and rec["error"] is None and rec["answers"] == list(tasks[0][1].answers)
     evaluate(tasks[:2], {"capped": right}, max_tokens=5, progress=False)
     assert budgets[-2:] == [5, 5]
@@ -361,6 +363,13 @@ def test_prime_context_sends_the_context_waits_for_sealing_then_asks(stub, token
     result = json.loads(out.read_text())
     assert result["prime_context"] is True and result["summary"]["mosaic"]["average"] == 100
     assert all(r["prime_s"] is not None and r["prime_s"] >= 0 for r in result["records"])
+    # The sealing server's arena was full from its third request (the second task's prime)
+    # on: its records say so, its summary keeps the count, and the table warns for it alone.
+    assert [r["arena_full"] for r in result["records"] if r["method"] == "mosaic"] == [0, 1]
+    assert [r["arena_full"] for r in result["records"] if r["method"] == "plain"] == [0, 0]
+    assert result["summary"]["mosaic"]["arena_full"] == 1 and result["summary"]["plain"]["arena_full"] == 0
+    table = format_table(result)
+    assert "mosaic: arena_full = 1: its server left that many segments dense" in table and "plain: arena_full" not in table
 
 
 def test_concurrent_methods_answer_side_by_side_and_keep_their_records_grouped(tasks):

@@ -65,3 +65,22 @@ def test_suite_sweeps_depth_round_robin(count):
     assert depths == sorted(depths) and depths[0] < 0.3 and depths[-1] > 0.7
     with pytest.raises(ValueError, match="not one of"):
         generate("nope", 1024, count)
+
+
+def test_the_haystack_does_not_depend_on_what_the_process_imported():
+    """The filler was read from live docstrings until the fifteenth run, so a module's
+    members (which grow as its submodules load) and the Python version changed the tasks a
+    seed gave. It is read from the shipped corpus now: a process that imported other
+    modules first gets the same sentences."""
+    import hashlib
+    import subprocess
+    import sys
+
+    from mosaickv.tasks import filler_sentences
+
+    code = ("import email.mime.text, asyncio.subprocess, logging.handlers, unittest.mock, http.server, hashlib; "
+            "from mosaickv.tasks import filler_sentences; "
+            "print(hashlib.sha256('\\n'.join(filler_sentences()).encode()).hexdigest())")
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert other == hashlib.sha256("\n".join(filler_sentences()).encode()).hexdigest()
+    assert len(filler_sentences()) > 500

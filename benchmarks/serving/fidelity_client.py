@@ -44,7 +44,7 @@ def wait_sealed(port: int, timeout: float = 300) -> float:
     from mosaickv.server_info import wait_sealed as wait
 
     try:
-        return wait(f"http://127.0.0.1:{port}", timeout)
+        return wait(f"http://127.0.0.1:{port}", timeout).seconds
     except TimeoutError as err:
         raise SystemExit(str(err)) from None
 

@@ -9,7 +9,9 @@ write would fail (``dense_full``, a ``MemoryError`` in the scheduler).
 
 So each prefill round's budget (a ``PrefillAdder``) is cut to the dense rows that are
 free, after evicting least recently used cached paths for them, less one page per
-running request (its next decoded token may open a page). With nothing free, no new
+running request (its next decoded token may open a page). The round's segments need
+slabs too: cached paths are evicted for them first, or they would stay dense while stale
+prefixes keep theirs. With nothing free, no new
 request is admitted this round; decoding goes on, sealing returns rows, and a later round
 admits. A request already being prefilled in chunks gets at least one page, so it never
 stalls on an empty chunk.
@@ -40,6 +42,8 @@ def prefill_budget_hook(result, adder, *args, **kwargs) -> None:
     running = len(adder.running_batch.reqs) if adder.running_batch is not None else 0
     wanted = adder.rem_input_tokens if adder.rem_chunk_tokens is None else min(adder.rem_input_tokens,
                                                                                adder.rem_chunk_tokens)
+    if isinstance(adder.tree_cache, MosaicRadixCache):
+        adder.tree_cache.reclaim_slabs(wanted // pool.plan.segment_size)
     room = dense_room(pool, adder.tree_cache, running, wanted)
     if room >= wanted:
         return

@@ -178,6 +178,7 @@ class SealingCounters:
     worker_errors: int = 0  # segments left dense because the compressor raised (not a PartFailure)
     pending_since: dict[int, float] = field(default_factory=dict)  # first slot -> time.monotonic() at submit
     dense_reclaims: int = 0  # times the tree evicted cached paths to free dense rows
+    slab_reclaims: int = 0  # times the tree evicted cached paths to free slabs for a prefill round
     dense_full: int = 0  # writes that found no dense row even after that (a MemoryError each)
     decode_inserts: int = 0  # running requests' decoded segments inserted (sealed) before they finished
     prefill_throttled: int = 0  # prefill rounds whose budget was cut to the free dense rows (admission.py)
@@ -445,6 +446,7 @@ class MosaicKVPool(MHATokenToKVPool):
             "arena_full": self.counters.arena_full,
             "worker_errors": self.counters.worker_errors,
             "dense_reclaims": self.counters.dense_reclaims,
+            "slab_reclaims": self.counters.slab_reclaims,
             "dense_full": self.counters.dense_full,
             "decode_inserts": self.counters.decode_inserts,
             "prefill_throttled": self.counters.prefill_throttled,

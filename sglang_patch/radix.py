@@ -329,13 +329,29 @@ class MosaicRadixCache(RadixCache):
         so enough of them fill the dense pool while the arena still has slabs, and
         SGLang's own eviction, driven by free logical slots, would not start."""
         pool = self.pool
+        pool.counters.dense_reclaims += self._evict_while(lambda: max(0, tokens - pool.free_dense_tokens()))
+
+    def reclaim_slabs(self, segments: int) -> None:
+        """Evict least recently used cached paths until ``segments`` slabs are free (at most
+        the arena's) or nothing is evictable. Sealed cached paths hold the slabs while dense
+        rows stay free, so SGLang's eviction would not start, and new prompts' segments
+        would stay dense (``arena_full``): less compressed than the policy's budget, while
+        stale prefixes kept theirs (the fourteenth GPU run's accuracy servers, 12 s in)."""
+        arena = self.pool.arena
+        segments = min(segments, arena.num_slabs)
+        self.pool.counters.slab_reclaims += self._evict_while(
+            lambda: max(0, segments - arena.free_slabs) * self.segment_size)
+
+    def _evict_while(self, short: Callable[[], int]) -> bool:
+        """SGLang's LRU eviction while ``short()`` tokens are still wanted (at least a
+        segment a round); whether it evicted anything."""
         reclaimed = False
-        while pool.free_dense_tokens() < tokens and self.evictable_size() > 0:
-            result = self.evict(EvictParams(num_tokens=max(tokens - pool.free_dense_tokens(), self.segment_size)))
+        while short() > 0 and self.evictable_size() > 0:
+            result = self.evict(EvictParams(num_tokens=max(short(), self.segment_size)))
             reclaimed = True
             if not result.num_tokens_evicted:
                 break
-        pool.counters.dense_reclaims += reclaimed
+        return reclaimed
 
     def match_prefix(self, params: MatchPrefixParams) -> MatchResult:
         # Finished results only: the scheduler matches prefixes while it builds the next

@@ -102,3 +102,32 @@ def test_without_kv_compress_the_budget_is_sglangs():
     tree, _, _ = make_cache(CountingCompressor())
     a = adder(tree, alloc, rem_input=4096, rem_chunk=2048)
     assert (a.rem_input_tokens, a.rem_chunk_tokens) == (4096, 2048)
+
+
+def test_cached_paths_holding_every_slab_are_evicted_for_the_rounds_segments():
+    """A cached prompt holds the arena's only slab while dense rows are free, so SGLang's
+    eviction would not start and the next prompt's segments would stay dense (the
+    fourteenth GPU run's accuracy servers). A prefill round evicts the least recently used
+    path for its segments first: the next prompt then seals into the freed slab."""
+    from test_sglang_sealing import Stack, prefill as run_prefill, sequence
+
+    from mosaickv.sglang_patch.pool import UNMAPPED
+
+    stack = Stack(num_slabs=1)
+    pool, alloc, tree = stack.pool, stack.alloc, stack.tree
+    q, k, v = sequence(128, seed=9)
+    run_prefill(stack, 0, q, k, v, [128])
+    stack.insert(0, list(range(128)))
+    tree.drain(wait=True)
+    assert pool.arena.free_slabs == 0 and pool.free_dense_tokens() > 64 and alloc.available_size() > 128
+    full = pool.counters.arena_full
+    adder(tree, alloc, rem_input=128, rem_chunk=128)
+    assert pool.arena.free_slabs == 1 and pool.counters.slab_reclaims == 1
+    q2, k2, v2 = sequence(128, seed=10)
+    run_prefill(stack, 1, q2, k2, v2, [128])
+    stack.insert(1, [5000 + i for i in range(128)])
+    tree.drain(wait=True)
+    assert pool.arena.live_slabs == 1 and stack.slabs()[1] != UNMAPPED  # the new prompt's first segment sealed
+    assert pool.counters.arena_full == full + 1  # its second still found no slab: counted, as before
+    adder(tree, alloc, rem_input=0, rem_chunk=0)  # a round that wants nothing evicts nothing
+    assert pool.counters.slab_reclaims == 1 and pool.arena.live_slabs == 1

@@ -35,16 +35,19 @@
 #                                                       requests, graph and eager), a prefill profile of mosaic3
 #                                                       at 8k (PHASE=decode: a decode step's at 240 running) | GPU tests
 #   PART=stage_smollm2 bash benchmarks/device_session.sh   # carry .device/c5: stage, then smollm2 (BUDGET_S, 480)
-#   PART=one_first bash benchmarks/device_session.sh   # one GPU (kind nvidia-h200), carry .device/c5: stage; sealing
-#                                                       at SmolLM2's and the 8B's shape (profiled), then the GPU tests.
-#                                                       On one GPU, kernels skips ncu and rows runs GPU0_METHODS alone
+#   PART=one_first bash benchmarks/device_session.sh   # one GPU (kind nvidia-h200), carry .device/c5: stage, then the
+#                                                       GPU tests (after the sealing benches they ran out of the call
+#                                                       in the fifteenth run). On one GPU, kernels skips ncu and rows
+#                                                       runs GPU0_METHODS alone
+#   PART=sealing   bash benchmarks/device_session.sh   # sealing at SmolLM2's and the 8B's shape (profiled), the knapsack
+#                                                       as ops beside, channel pricing and knapsack tiles (no staging)
 #   PART=accuracy  bash benchmarks/device_session.sh   # the accuracy suite on GPU 1, or 0 of one (ACC_METHODS, SAMPLES 4, PARALLEL 4,
 #                                                       MosaicKV methods sealing on the device: ACC_FLAGS) | with
 #                                                       GPU0_METHODS set, one suite comparison on GPU 0 (MODEL, WORKLOAD)
 # Record the session's commit yourself: the machine's git log is stale.
 set -uo pipefail
 PART=${PART:?set PART=first, profile, eq or admission}
-case $PART in one_first|first|profile|profile_8b|census|eq|admission|stage_eq|smollm2|rows|kernels|stage_kernels|stage_host|stage_smollm2|accuracy) ;; *) echo "PART=$PART is not one of one_first, first, profile, profile_8b, census, eq, admission, stage_eq, smollm2, rows, kernels, stage_kernels, stage_host, stage_smollm2, accuracy"; exit 2 ;; esac
+case $PART in one_first|sealing|first|profile|profile_8b|census|eq|admission|stage_eq|smollm2|rows|kernels|stage_kernels|stage_host|stage_smollm2|accuracy) ;; *) echo "PART=$PART is not one of one_first, first, profile, profile_8b, census, eq, admission, stage_eq, smollm2, rows, kernels, stage_kernels, stage_host, stage_smollm2, accuracy, sealing"; exit 2 ;; esac
 OUT=${OUT:?the device call sets OUT}
 T0=$(date +%s)
 export PYTHONPATH=/tmp/mkv/site PYTHONUNBUFFERED=1
@@ -95,9 +98,11 @@ eq() {
 }
 
 case $PART in
+  sealing)
+    export PYTHONPATH=$PWD:$PYTHONPATH
+    sealing ;;
   one_first)
     stage
-    sealing
     TESTS_S=$(( 575 - $(date +%s) + T0 )) OUT=$OUT PART=tests bash benchmarks/backend_gpu.sh > "$LOG/tests.txt" 2>&1
     say "tests: $(grep -E '^[0-9]+ (passed|failed)|passed|failed' /tmp/backend_gpu_tests/pytest.txt | tail -1)" ;;
   first)

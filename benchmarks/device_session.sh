@@ -99,7 +99,7 @@ eq() {
 
 case $PART in
   sealing)
-    export PYTHONPATH=$PWD:$PYTHONPATH
+    python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . > "$LOG/pip.txt" 2>&1
     sealing ;;
   one_first)
     stage

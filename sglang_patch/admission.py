@@ -11,10 +11,9 @@ So each prefill round's budget (a ``PrefillAdder``) is cut to the dense rows tha
 free, after evicting least recently used cached paths for them, less one page per
 running request (its next decoded token may open a page). The round's segments need
 slabs too: cached paths are evicted for them first, or they would stay dense while stale
-prefixes keep theirs. With nothing free, no new
-request is admitted this round; decoding goes on, sealing returns rows, and a later round
-admits. A request already being prefilled in chunks gets at least one page, so it never
-stalls on an empty chunk.
+prefixes keep theirs. With nothing free, no new request is admitted this round; decoding
+goes on, sealing returns rows, and a later round admits. A request already being
+prefilled in chunks gets at least one page, so it never stalls on an empty chunk.
 """
 
 from __future__ import annotations

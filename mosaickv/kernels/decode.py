@@ -36,7 +36,6 @@ combines the items of a group, whichever launch computed them. Launches are pers
 from __future__ import annotations
 
 import inspect
-
 import math
 from collections.abc import Sequence
 

@@ -11,7 +11,8 @@ import argparse
 import json
 from pathlib import Path
 
-SETTING_KEYS = ("block_n", "pack_tokens", "wide_block_n", "num_warps", "prefetch_entries", "pack_sparse_keys")
+SETTING_KEYS = ("block_n", "pack_tokens", "wide_block_n", "num_warps", "prefetch_entries", "pack_sparse_keys",
+                "prefetch_tiles", "unroll_group", "chunk_by_kind")
 
 
 def label(row: dict) -> str:
@@ -25,6 +26,12 @@ def label(row: dict) -> str:
         parts.append("sparseK")
     if row.get("prefetch_entries"):
         parts.append("prefetch")
+    if row.get("prefetch_tiles"):
+        parts.append("prefetch_tiles")
+    if row.get("unroll_group"):
+        parts.append("unroll")
+    if row.get("chunk_by_kind"):
+        parts.append("cut")
     if row.get("num_warps"):
         parts.append(f"w{row['num_warps']}")
     return " ".join(parts) + f" /{row['programs_per_sm']}"

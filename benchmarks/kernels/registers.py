@@ -33,8 +33,8 @@ from triton.compiler import ASTSource
 
 from mosaickv.kernels.layout import DENSE, LOWRANK, SPARSE, TAIL
 
-# The server's decode launches by name: (key kind, value kind, packs tokens, R_MAX, prefetches
-# the next block's or tile's entries).
+# The server's decode launches by name: (key kind, value kind, packs tokens, R_MAX, loads one
+# step ahead: the next packed tile, or the next block's entry).
 LAUNCHES = {
     "dense_packed": (DENSE, DENSE, True, 16, False),
     "dense": (DENSE, DENSE, False, 16, False),
@@ -42,9 +42,9 @@ LAUNCHES = {
     "lowrank": (LOWRANK, LOWRANK, False, 16, False),
     "tail": (TAIL, TAIL, False, 16, False),
     "sparse_keys_packed": (SPARSE, DENSE, True, 64, False),  # the server's since the eleventh run
-    # Not the server's: prefetch_entries=True (slower in the eleventh run's diag_formats).
+    # Not the server's: each packed tile's loads issued before the tile before's products
+    # (prefetch_tiles, dense keys only).
     "dense_packed_prefetch": (DENSE, DENSE, True, 16, True),
-    "sparse_keys_packed_prefetch": (SPARSE, DENSE, True, 64, True),
 }
 POINTERS = {"q_ptr": "*bf16", "values_ptr": "*bf16", "index_ptr": "*u8", "table_ptr": "*i64", "block_idx_ptr": "*i64",
             "tail_k_ptr": "*bf16", "tail_v_ptr": "*bf16", "tail_rows_ptr": "*i32", "req_ptr": "*i64",

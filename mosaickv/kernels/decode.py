@@ -134,12 +134,27 @@ def _sparse_scores(q_ptr, q_rows, n_rows, values_ptr, index_ptr, val_row, ix_row
     ``rows x BLOCK_N x width`` loads instead of a ``BLOCK_N x HEAD_DIM`` search per tile,
     which wins when rows are few (decode: one query token's GQA group). Token ``t``'s kept
     values start at ``val_row[t]``, its indices at ``ix_row[t]``, ``width[t]`` of each
-    (per token, so that a packed tile's tokens may come from blocks of several widths).
-    The first ``UNROLL`` rows (a GQA group) are unrolled, so their gathers are in flight
-    together; rows past them (several query tokens) follow one at a time."""
+    (per token, so that a packed tile's tokens may come from blocks of several widths)."""
+    ix, raw, mask = _sparse_keys(values_ptr, index_ptr, val_row, ix_row, width, tok_ok, jr)
+    return _sparse_logits(q_ptr, q_rows, n_rows, ix, raw, mask, rows, BLOCK_M, BLOCK_N, UNROLL)
+
+
+@triton.jit
+def _sparse_keys(values_ptr, index_ptr, val_row, ix_row, width, tok_ok, jr):
+    """Sparse keys' channel indices, kept values (fp32) and which of them are live,
+    ``[BLOCK_N, R_MAX]`` each: the loads of :func:`_sparse_scores`."""
     mask = tok_ok[:, None] & (jr[None, :] < width[:, None])
     ix = tl.load(index_ptr + ix_row[:, None] + jr[None, :], mask=mask, other=0).to(tl.int32)
     raw = tl.load(values_ptr + val_row[:, None] + jr[None, :], mask=mask, other=0.0).to(tl.float32)
+    return ix, raw, mask
+
+
+@triton.jit
+def _sparse_logits(q_ptr, q_rows, n_rows, ix, raw, mask, rows, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   UNROLL: tl.constexpr):
+    """:func:`_sparse_scores` from its loads. The first ``UNROLL`` rows (a GQA group) are
+    unrolled, so their gathers are in flight together; rows past them (several query
+    tokens) follow one at a time."""
     s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for g in tl.static_range(UNROLL):
         s = _sparse_row(s, g, q_ptr, q_rows, rows, ix, raw, mask & (ix * 0 + g < n_rows))
@@ -212,6 +227,60 @@ def _tile_entries(table_ptr, block_idx_ptr, j0, blk_hi, toks, SPARSE_KEYS: tl.co
 
 
 @triton.jit
+def _packed_tile(table_ptr, block_idx_ptr, values_ptr, index_ptr, j0, done, blk_hi, toks, cols, jr,
+                 K_KIND: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, ALIGNED: tl.constexpr):
+    """The loads of the packed tile that starts ``done`` tokens into block ``j0``: kept
+    tokens of the next ``BLOCK_N`` blocks back to back (row r is in the block whose kept
+    tokens end first past r). Returns which rows hold a token, the keys (dense: the tile
+    ``[BLOCK_N, d]``; sparse: kept values ``[BLOCK_N, R_MAX]``, their channel indices and
+    which are live, read by query gathers; dense passes the rows' mask for those two),
+    the values tile, and where the next tile starts (block, tokens of it done). Past
+    ``blk_hi`` every row is empty and nothing is read."""
+    kept, koff_b, voff_b, kw_b, kaux_b = _tile_entries(table_ptr, block_idx_ptr, j0, blk_hi, toks, K_KIND == 1)
+    end = tl.cumsum(kept, 0) - done
+    start = end - kept
+    sel = tl.sum((end[None, :] <= toks[:, None]).to(tl.int32), 1)
+    tok_ok = sel < BLOCK_N
+    sel = tl.minimum(sel, BLOCK_N - 1)
+    tok = toks - tl.gather(start, sel, 0)
+    n_full = tl.sum((end <= BLOCK_N).to(tl.int32), 0)
+    next_done = tl.where(n_full < BLOCK_N, BLOCK_N - tl.sum(tl.where(toks == n_full, start, 0), 0), 0)
+    k_off = tl.gather(koff_b, sel, 0)
+    v_off = tl.gather(voff_b, sel, 0)
+    if ALIGNED:
+        k_off = tl.multiple_of(k_off, 8)
+        v_off = tl.multiple_of(v_off, 8)
+    vt = tl.load(values_ptr + v_off[:, None] + tok[:, None] * HEAD_DIM + cols[None, :], mask=tok_ok[:, None], other=0.0)
+    if K_KIND == 1:
+        # Sparse keys, each token at its own block's width.
+        k_w = tl.gather(kw_b, sel, 0)
+        k_aux = tl.gather(kaux_b, sel, 0)
+        val_row = k_off + tok * k_w
+        ix_row = k_aux + tok * k_w
+        if ALIGNED:
+            val_row = tl.multiple_of(val_row, 8)
+            ix_row = tl.multiple_of(ix_row, 8)
+        k_ix, kt, k_live = _sparse_keys(values_ptr, index_ptr, val_row, ix_row, k_w, tok_ok, jr)
+    else:
+        kt = tl.load(values_ptr + k_off[:, None] + tok[:, None] * HEAD_DIM + cols[None, :], mask=tok_ok[:, None],
+                     other=0.0)
+        k_ix = tok_ok
+        k_live = tok_ok
+    return tok_ok, kt, k_ix, k_live, vt, j0 + n_full, next_done
+
+
+@triton.jit
+def _packed_step(q, q_ptr, q_rows, n_rows, rows, tok_ok, kt, k_ix, k_live, vt, qk_scale, m_i, l_i, acc,
+                 K_KIND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr):
+    """One online-softmax step over a packed tile's loads (:func:`_packed_tile`)."""
+    if K_KIND == 1:
+        s = _sparse_logits(q_ptr, q_rows, n_rows, k_ix, kt, k_live, rows, BLOCK_M, BLOCK_N, UNROLL)
+    else:
+        s = tl.dot(q, tl.trans(kt.to(tl.bfloat16)))
+    return _dense_values_step(s, vt, tok_ok[None, :], qk_scale, m_i, l_i, acc)
+
+
+@triton.jit
 def _entry(table_ptr, block_idx_ptr, j, ok):
     """Block ``j``'s table entry: kept tokens, key width, offset and aux, value width,
     offset and aux (``ok`` False: row 0's, never used)."""
@@ -257,7 +326,9 @@ def _mixed_attn_kernel(
     here, so a captured launch serves every later plan); ``K_KIND``/``V_KIND`` are the
     formats of all their blocks (0 dense, 1 sparse, 2 mask, 3 lowrank), -1 for tail items.
     With ``TAIL_INDEXED`` a request's tail token ``i`` is row ``tail_rows[tail_start + i]``
-    of the tail buffers (a paged pool's rows, read in place), else row ``tail_start + i``."""
+    of the tail buffers (a paged pool's rows, read in place), else row ``tail_start + i``.
+    ``PREFETCH`` loads one step ahead: the next packed tile (``PACK_TOKENS``), else the
+    next block's table entry."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     rows = tl.arange(0, BLOCK_M)
@@ -305,60 +376,34 @@ def _mixed_attn_kernel(
         elif PACK_TOKENS:
             # Dense blocks' kept tokens back to back, BLOCK_N to a tile whatever each block
             # keeps (the presets keep 0-32 of a 32-token segment, mostly 8 or 16): one chain
-            # of dependent loads per tile instead of per block. Tile row r is in the block
-            # whose kept tokens end first past r, of the next BLOCK_N blocks; ``done``
-            # tokens of block ``j0`` were attended by the tile before.
+            # of dependent loads per tile instead of per block (:func:`_packed_tile`). With
+            # PREFETCH the next tile's loads are issued before this tile's products, so
+            # its chain (block indices, entries, keys and values) waits behind them.
             blk_hi = tl.load(item + 4)
             j0 = tl.load(item + 3)
-            done = j0 * 0
-            # With PREFETCH the next tile's entries are loaded as soon as this tile's extent
-            # is known, before its keys and values: their dependent loads (block indices,
-            # entries) then wait behind this tile's work instead of in front of the next.
             if PREFETCH:
-                n_kept, n_koff, n_voff, n_kw, n_kaux = _tile_entries(table_ptr, block_idx_ptr, j0, blk_hi, toks,
-                                                                     K_KIND == 1)
-            while j0 < blk_hi:
-                if PREFETCH:
-                    kept, koff_b, voff_b, kw_b, kaux_b = n_kept, n_koff, n_voff, n_kw, n_kaux
-                else:
-                    kept, koff_b, voff_b, kw_b, kaux_b = _tile_entries(table_ptr, block_idx_ptr, j0, blk_hi, toks,
-                                                                       K_KIND == 1)
-                end = tl.cumsum(kept, 0) - done
-                start = end - kept
-                sel = tl.sum((end[None, :] <= toks[:, None]).to(tl.int32), 1)
-                tok_ok = sel < BLOCK_N
-                sel = tl.minimum(sel, BLOCK_N - 1)
-                tok = toks - tl.gather(start, sel, 0)
-                n_full = tl.sum((end <= BLOCK_N).to(tl.int32), 0)
-                next_done = tl.where(n_full < BLOCK_N, BLOCK_N - tl.sum(tl.where(toks == n_full, start, 0), 0), 0)
-                if PREFETCH:
-                    n_kept, n_koff, n_voff, n_kw, n_kaux = _tile_entries(table_ptr, block_idx_ptr, j0 + n_full, blk_hi,
-                                                                         toks, K_KIND == 1)
-                k_off = tl.gather(koff_b, sel, 0)
-                v_off = tl.gather(voff_b, sel, 0)
-                if ALIGNED:
-                    k_off = tl.multiple_of(k_off, 8)
-                    v_off = tl.multiple_of(v_off, 8)
-                rows_v = v_off[:, None] + tok[:, None] * HEAD_DIM + cols[None, :]
-                vt = tl.load(values_ptr + rows_v, mask=tok_ok[:, None], other=0.0)
-                if K_KIND == 1:
-                    # Sparse keys read by query gathers, each token at its own block's width.
-                    k_w = tl.gather(kw_b, sel, 0)
-                    k_aux = tl.gather(kaux_b, sel, 0)
-                    val_row = k_off + tok * k_w
-                    ix_row = k_aux + tok * k_w
-                    if ALIGNED:
-                        val_row = tl.multiple_of(val_row, 8)
-                        ix_row = tl.multiple_of(ix_row, 8)
-                    s = _sparse_scores(q_ptr, q_rows, n_rows, values_ptr, index_ptr, val_row, ix_row, k_w, tok_ok,
-                                       rows, jr, BLOCK_M, BLOCK_N, UNROLL)
-                    m_i, l_i, acc = _dense_values_step(s, vt, tok_ok[None, :], qk_scale, m_i, l_i, acc)
-                else:
-                    rows_k = k_off[:, None] + tok[:, None] * HEAD_DIM + cols[None, :]
-                    kt = tl.load(values_ptr + rows_k, mask=tok_ok[:, None], other=0.0)
-                    m_i, l_i, acc = _dense_step(q, kt, vt, tok_ok[None, :], qk_scale, m_i, l_i, acc)
-                done = next_done
-                j0 += n_full
+                # Dense keys only: with sparse keys' tiles carried from one step to the next,
+                # Triton 3.6's layout pass fails (3.9's compiles them, in 229 registers).
+                tl.static_assert(K_KIND == 0, "packed tiles are prefetched for dense keys only")
+                tok_ok, kt, k_ix, k_live, vt, j1, done1 = _packed_tile(
+                    table_ptr, block_idx_ptr, values_ptr, index_ptr, j0, j0 * 0, blk_hi, toks, cols, jr, K_KIND,
+                    HEAD_DIM, BLOCK_N, ALIGNED)
+                while j0 < blk_hi:
+                    n_ok, n_kt, n_ix, n_live, n_vt, j2, done2 = _packed_tile(
+                        table_ptr, block_idx_ptr, values_ptr, index_ptr, j1, done1, blk_hi, toks, cols, jr, K_KIND,
+                        HEAD_DIM, BLOCK_N, ALIGNED)
+                    m_i, l_i, acc = _packed_step(q, q_ptr, q_rows, n_rows, rows, tok_ok, kt, k_ix, k_live, vt, qk_scale,
+                                                 m_i, l_i, acc, K_KIND, BLOCK_M, BLOCK_N, UNROLL)
+                    j0 = j1
+                    tok_ok, kt, k_ix, k_live, vt, j1, done1 = n_ok, n_kt, n_ix, n_live, n_vt, j2, done2
+            else:
+                done = j0 * 0
+                while j0 < blk_hi:
+                    tok_ok, kt, k_ix, k_live, vt, j0, done = _packed_tile(
+                        table_ptr, block_idx_ptr, values_ptr, index_ptr, j0, done, blk_hi, toks, cols, jr, K_KIND,
+                        HEAD_DIM, BLOCK_N, ALIGNED)
+                    m_i, l_i, acc = _packed_step(q, q_ptr, q_rows, n_rows, rows, tok_ok, kt, k_ix, k_live, vt, qk_scale,
+                                                 m_i, l_i, acc, K_KIND, BLOCK_M, BLOCK_N, UNROLL)
         else:
             blk_lo = tl.load(item + 3)
             blk_hi = tl.load(item + 4)
@@ -483,14 +528,19 @@ class MixedAttention:
         pack_sparse_keys: bool = False,
         chunk_by_kind: bool = False,
         unroll_group: bool = False,
+        prefetch_tiles: bool = False,
     ) -> None:
         """``block_n``: tokens per tile of launches with a sparse side (whose densify grows
         with the tile); ``wide_block_n``: of the others (dense, mask, low-rank, tails),
         where a longer tile keeps more bytes in flight, one block per tile (packed tiles
         are better at 32: see ``sglang_patch.attention``). ``pack_tokens``: tiles of dense
         launches hold kept tokens of consecutive blocks back to back (blocks that dropped
-        most tokens fill a tile together). ``prefetch_entries``: load each block's table
-        entry one block ahead (``benchmarks/kernels/diag_formats.py`` compares both).
+        most tokens fill a tile together). ``prefetch_entries``: launches of one block per
+        tile load each block's table entry one block ahead (``benchmarks/kernels/diag_formats.py``
+        compares both). ``prefetch_tiles``: packed launches issue each tile's loads (block
+        indices, entries, keys, values) before the products of the tile before, so a
+        program keeps two tiles' bytes in flight, not one (registers hold both; dense keys
+        only, see :meth:`prefetches`).
         ``pack_sparse_keys``: with ``pack_tokens``, blocks of per-vector sparse keys and
         dense values share tiles too (their keys read by query gathers): in the tenth
         run's ncu profile their launch, one block per tile, moved 5% of DRAM's bandwidth.
@@ -509,7 +559,7 @@ class MixedAttention:
         self.block_m, self.block_n, self.wide_block_n = block_m, block_n, wide_block_n
         self.pack_tokens, self.pack_sparse_keys = pack_tokens, pack_sparse_keys
         self.prefetch_entries, self.chunk_by_kind = prefetch_entries, chunk_by_kind
-        self.unroll_group = unroll_group
+        self.unroll_group, self.prefetch_tiles = unroll_group, prefetch_tiles
         self.sparse_densify, self.keys_by_query = sparse_densify, keys_by_query
         self.num_warps, self.num_stages = num_warps, num_stages
         self._plan: AttentionPlan | None = None
@@ -587,6 +637,14 @@ class MixedAttention:
         if not self.pack_tokens or v_kind != DENSE:
             return False
         return k_kind == DENSE or (k_kind == SPARSE and self.pack_sparse_keys)
+
+    def prefetches(self, k_kind: int, v_kind: int) -> bool:
+        """Whether a launch of this format pair loads one step ahead: packed tiles of dense
+        keys with ``prefetch_tiles`` (see the kernel), launches of a block per tile with
+        ``prefetch_entries``."""
+        if self.packs(k_kind, v_kind):
+            return self.prefetch_tiles and k_kind == DENSE
+        return self.prefetch_entries
 
     @property
     def plan_info(self) -> AttentionPlan:
@@ -676,8 +734,8 @@ def run_plan(
             K_KIND=ln.k_kind, V_KIND=ln.v_kind, R_MAX=ln.r_max, R_LOG2=ln.r_max.bit_length() - 1,
             ALIGNED=aligned, SPARSE_MODE=SPARSE_MODES.index(tuning.sparse_densify), TAIL_INDEXED=tail_rows is not None,
             KEYS_BY_QUERY=tuning.keys_by_query, PACK_TOKENS=tuning.packs(ln.k_kind, ln.v_kind),
-            PREFETCH=tuning.prefetch_entries, UNROLL=group if tuning.unroll_group else 0, num_warps=tuning.num_warps,
-            num_stages=tuning.num_stages,
+            PREFETCH=tuning.prefetches(ln.k_kind, ln.v_kind),
+            UNROLL=group if tuning.unroll_group else 0, num_warps=tuning.num_warps, num_stages=tuning.num_stages,
         )
     if p.groups.shape[0]:
         lse = out if lse_out is None else lse_out

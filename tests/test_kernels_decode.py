@@ -69,6 +69,8 @@ def run_decode(
     chunk_by_kind: bool = False,
     unroll_group: bool = False,
     prefetch_tiles: bool = False,
+    block_span: int = 0,
+    pipeline_stages: int = 3,
     **plan_kw: int,
 ) -> None:
     hq = hkv * group
@@ -78,7 +80,7 @@ def run_decode(
     w = MixedDecodeWrapper(block_n=block_n, sparse_densify=sparse_densify, keys_by_query=keys_by_query,
                            wide_block_n=wide_block_n, pack_tokens=pack_tokens, prefetch_entries=prefetch_entries,
                            pack_sparse_keys=pack_sparse_keys, chunk_by_kind=chunk_by_kind, unroll_group=unroll_group,
-                           prefetch_tiles=prefetch_tiles)
+                           prefetch_tiles=prefetch_tiles, block_span=block_span, pipeline_stages=pipeline_stages)
     w.plan(layers, tk, tv, hq, hkv, d, device=DEVICE, **plan_kw)
     out = torch.full((len(layers), hq, d), float("nan"), dtype=torch.bfloat16, device=DEVICE)
     w.run(q.to(DEVICE), out=out)
@@ -131,6 +133,42 @@ def test_packed_tiles(group: int, d: int, keys_by_query: bool) -> None:
                prefetch_entries=True, prefetch_tiles=True)
     run_decode(gen, layers, [3, 4, 0, 9, 2], hkv=hkv, group=group, d=d, pack_tokens=True, chunk_tokens=24,
                max_programs=2, prefetch_tiles=True)
+
+
+@pytest.mark.parametrize(("group", "d"), [(1, 64), (3, 64), (4, 128), (8, 128)])
+def test_spanned_tiles(group: int, d: int) -> None:
+    """Dense blocks keeping every token count from 0 to 16 of 16-token segments, one,
+    two and four whole blocks a tile (a block's dropped tokens' lanes masked), the last
+    tile of a run part empty, runs cut anywhere, pipelined 1 and 3 deep, beside requests
+    of every format (whose other launches keep their own tiles)."""
+    gen = torch.Generator().manual_seed(group * 7 + d)
+    hkv = 2
+    layers = [random_layer(gen, s, 16, hkv, d, kinds=("dense",)) for s in (7, 0, 5, 11)]
+    layers.append(random_layer(gen, 3, 16, hkv, d))
+    tokens = {blk.fmt.tokens for layer in layers for seg in layer.blocks for blk in seg}
+    assert 0 in tokens and 16 in tokens and len(tokens) >= 8, tokens
+    for wide_block_n, stages, chunk in ((16, 3, 40), (32, 1, None), (64, 3, 24)):
+        run_decode(gen, layers, [3, 4, 0, 9, 2], hkv=hkv, group=group, d=d, block_span=16, wide_block_n=wide_block_n,
+                   pipeline_stages=stages, chunk_tokens=chunk, max_programs=3, pack_tokens=True, pack_sparse_keys=True)
+
+
+def test_spanned_launches_are_dense_pairs_of_blocks_within_the_span() -> None:
+    """block_span replaces packing for dense pairs only, and a plan whose dense blocks
+    keep more tokens than the span is refused (their tail tokens would go unread)."""
+    w = MixedDecodeWrapper(pack_tokens=True, pack_sparse_keys=True, block_span=16, wide_block_n=32)
+    pairs = [(k, v) for k in range(4) for v in range(4)]
+    assert [pair for pair in pairs if w.span(*pair)] == [(0, 0)]
+    assert [pair for pair in pairs if w.packs(*pair)] == [(1, 0)]
+    gen = torch.Generator().manual_seed(5)
+    layers = [random_layer(gen, 2, 24, 1, 64, fmt=BlockFormat(20))]
+    tails = [torch.zeros(1, 1, 64).bfloat16()]
+    with pytest.raises(ValueError, match="block_span=16 but a dense block keeps 20 tokens"):
+        w.plan(layers, tails, tails, 2, 1, 64)
+    for bad in ({"block_span": 12}, {"block_span": 64, "wide_block_n": 32}):
+        with pytest.raises(ValueError, match="must be a power of two dividing wide_block_n"):
+            MixedDecodeWrapper(**bad)
+    with pytest.raises(ValueError, match="pipeline_stages=0 must be at least 1"):
+        MixedDecodeWrapper(pipeline_stages=0)
 
 
 def test_packed_tiles_aligned_widths() -> None:
@@ -365,6 +403,14 @@ def test_gpu_packed_tiles() -> None:
     the benchmark's aligned arenas against the unpacked kernel."""
     test_packed_tiles(4, 128, True)
     test_packed_tiles(3, 64, False)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_spanned_tiles() -> None:
+    """Spanned tiles compiled, their loop software-pipelined (the CPU cases interpret it)."""
+    test_spanned_tiles(4, 128)
+    test_spanned_tiles(3, 64)
 
 
 @pytest.mark.gpu

@@ -54,15 +54,19 @@ SETTINGS = [
     # beside dense values packed too (setting 0) decoded the 3x mix in 712 us against 840
     # (eleventh run, h200x2_2026-11-30k/kernels/diag_formats_segment32.json).
     ({"block_n": 32, "pack_tokens": True, "wide_block_n": 32}, 8),
-    # Settings 11-12: each packed tile's loads (entries, keys, values) issued before the
-    # products of the tile before (prefetch_tiles, dense keys' packed launch), in 32- and
-    # 16-token tiles: 204 and 139 registers a thread against 128 (sm_90, Triton 3.6).
-    # Through the fifteenth run they were the packed tiles' entries alone loaded ahead,
-    # slower: dense 1,721 us against 1,524 (h200_2026-12-01c/call8_kernels); removed.
+    # Setting 11: each packed tile's loads (entries, keys, values) issued before the products
+    # of the tile before (prefetch_tiles, dense keys' packed launch): 204 registers a thread
+    # against 128 (sm_90, Triton 3.6). Through the fifteenth run it was the packed tiles'
+    # entries alone loaded ahead, slower: dense 1,721 us against 1,524
+    # (h200_2026-12-01c/call8_kernels); removed.
     ({"block_n": 32, "pack_tokens": True, "wide_block_n": 32, "pack_sparse_keys": True, "unroll_group": True,
       "chunk_by_kind": True, "prefetch_tiles": True}, 8),
-    ({"block_n": 32, "pack_tokens": True, "wide_block_n": 16, "pack_sparse_keys": True, "unroll_group": True,
-      "chunk_by_kind": True, "prefetch_tiles": True}, 8),
+    # Setting 12: dense pairs' blocks each in its own 32 lanes (block_span), not packed, so a
+    # tile's addresses follow from the loop index and Triton pipelines the loop (3 stages:
+    # keys and values one tile ahead in shared memory, entries two): 110 registers against
+    # 128 (registers.py --launches dense_spanned).
+    ({"block_n": 32, "pack_tokens": True, "wide_block_n": 32, "pack_sparse_keys": True, "unroll_group": True,
+      "chunk_by_kind": True, "block_span": 32}, 8),
     # Setting 13: the server's before the fifteenth run, one run length for every format
     # pair. Setting 0 cuts each pair's runs by its own work (chunk_by_kind): in the eleventh
     # run's ncu profile the packed sparse-key launch had 256 items (one per request and KV
@@ -82,9 +86,16 @@ SETTINGS = [
     # when setting 14 was the unrolled one) 6x decoded in 454 us unrolled against 465, 3x in
     # 710 against 711, dense in 1,509 both.
     ({"block_n": 32, "pack_tokens": True, "wide_block_n": 32, "pack_sparse_keys": True}, 8),
-    # Setting 15: setting 11 in eight warps (150 registers a thread, 12.5% occupancy).
+    # Settings 15-17: setting 12 with 9 stages (keys and values two tiles ahead, as the
+    # compiled loop's buffers show: Triton 3.6 takes its chain for four dependent loads, one
+    # ceil((stages - 2) / 4) stages after another), two blocks a tile (168 registers, 18.8%
+    # occupancy), eight warps (80 registers, 37.5%).
     ({"block_n": 32, "pack_tokens": True, "wide_block_n": 32, "pack_sparse_keys": True, "unroll_group": True,
-      "chunk_by_kind": True, "prefetch_tiles": True, "num_warps": 8}, 8),
+      "chunk_by_kind": True, "block_span": 32, "pipeline_stages": 9}, 8),
+    ({"block_n": 32, "pack_tokens": True, "wide_block_n": 64, "pack_sparse_keys": True, "unroll_group": True,
+      "chunk_by_kind": True, "block_span": 32}, 8),
+    ({"block_n": 32, "pack_tokens": True, "wide_block_n": 32, "pack_sparse_keys": True, "unroll_group": True,
+      "chunk_by_kind": True, "block_span": 32, "num_warps": 8}, 4),
 ]
 
 

@@ -34,17 +34,20 @@ from triton.compiler import ASTSource
 from mosaickv.kernels.layout import DENSE, LOWRANK, SPARSE, TAIL
 
 # The server's decode launches by name: (key kind, value kind, packs tokens, R_MAX, loads one
-# step ahead: the next packed tile, or the next block's entry).
+# step ahead: the next packed tile, or the next block's entry, lanes a block takes in a
+# spanned tile or 0).
 LAUNCHES = {
-    "dense_packed": (DENSE, DENSE, True, 16, False),
-    "dense": (DENSE, DENSE, False, 16, False),
-    "sparse_keys": (SPARSE, DENSE, False, 64, False),
-    "lowrank": (LOWRANK, LOWRANK, False, 16, False),
-    "tail": (TAIL, TAIL, False, 16, False),
-    "sparse_keys_packed": (SPARSE, DENSE, True, 64, False),  # the server's since the eleventh run
+    "dense_packed": (DENSE, DENSE, True, 16, False, 0),
+    "dense": (DENSE, DENSE, False, 16, False, 0),
+    "sparse_keys": (SPARSE, DENSE, False, 64, False, 0),
+    "lowrank": (LOWRANK, LOWRANK, False, 16, False, 0),
+    "tail": (TAIL, TAIL, False, 16, False, 0),
+    "sparse_keys_packed": (SPARSE, DENSE, True, 64, False, 0),  # the server's since the eleventh run
     # Not the server's: each packed tile's loads issued before the tile before's products
     # (prefetch_tiles, dense keys only).
-    "dense_packed_prefetch": (DENSE, DENSE, True, 16, True),
+    "dense_packed_prefetch": (DENSE, DENSE, True, 16, True, 0),
+    # Not the server's: whole 32-token blocks in their own lanes, the loop pipelined (block_span).
+    "dense_spanned": (DENSE, DENSE, False, 16, False, 32),
 }
 POINTERS = {"q_ptr": "*bf16", "values_ptr": "*bf16", "index_ptr": "*u8", "table_ptr": "*i64", "block_idx_ptr": "*i64",
             "tail_k_ptr": "*bf16", "tail_v_ptr": "*bf16", "tail_rows_ptr": "*i32", "req_ptr": "*i64",
@@ -55,11 +58,12 @@ REGISTERS_PER_SM, MAX_WARPS_PER_SM, MAX_BLOCKS_PER_SM = 65536, 64, 32
 
 def compile_launch(k_kind: int, v_kind: int, pack: bool, r_max: int, *, head_dim: int, group: int, block_m: int,
                    block_n: int, warps: int, keys_by_query: bool = True, tails_indexed: bool = True,
-                   prefetch: bool = False, unroll_group: bool = False) -> bytes:
+                   prefetch: bool = False, unroll_group: bool = False, span: int = 0, stages: int = 3) -> dict:
     """The launch's sm_90 cubin, compiled as a run would: every pointer and stride
     divisible by 16 (what Triton specialises a launch on when they are). ``keys_by_query``
     False: sparse keys densified per tile, as an extend reads them. ``tails_indexed`` False:
-    dense tails stored back to back, as the kernel benchmarks (diag_formats.py) store them."""
+    dense tails stored back to back, as the kernel benchmarks (diag_formats.py) store them.
+    Returns Triton's ``asm`` (``cubin``, ``ttgir``, ...)."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("TRITON_INTERPRET=1 defines the kernels for the interpreter: unset it to compile them")
     from mosaickv.kernels.decode import _mixed_attn_kernel  # defined here, after the check
@@ -67,12 +71,13 @@ def compile_launch(k_kind: int, v_kind: int, pack: bool, r_max: int, *, head_dim
     names = _mixed_attn_kernel.arg_names
     const = dict(GROUP=group, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, K_KIND=k_kind, V_KIND=v_kind,
                  R_MAX=r_max, R_LOG2=r_max.bit_length() - 1, ALIGNED=True, SPARSE_MODE=0, TAIL_INDEXED=tails_indexed,
-                 KEYS_BY_QUERY=keys_by_query, PACK_TOKENS=pack, PREFETCH=prefetch, UNROLL=group if unroll_group else 0)
+                 KEYS_BY_QUERY=keys_by_query, PACK_TOKENS=pack, PREFETCH=prefetch, UNROLL=group if unroll_group else 0,
+                 SPAN=span, STAGES=stages)
     sig = {n: "constexpr" if n in const else POINTERS.get(n, "fp32" if n == "qk_scale" else "i32") for n in names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if sig[n] not in ("constexpr", "fp32")}
     src = ASTSource(fn=_mixed_attn_kernel, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()},
                     attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": 1}).asm["cubin"]
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": 1}).asm
 
 
 def compile_knapsack(warps: int | None = None, block_rows: int | None = None) -> bytes:
@@ -134,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="dense tails stored back to back, as diag_formats.py stores them (the server reads them in place)")
     ap.add_argument("--block-n", type=int, nargs="+", default=[32, 64], help="tokens a tile")
     ap.add_argument("--warps", type=int, nargs="+", default=[4, 8])
+    ap.add_argument("--stages", type=int, default=3, help="pipeline stages of spanned launches (block_span)")
     ap.add_argument("--unroll-group", action="store_true",
                     help="sparse keys read by query gathers for the GQA group's rows in one unrolled step (MixedAttention(unroll_group=True))")
     ap.add_argument("--knapsack", action="store_true", help="the sealing knapsack's launch instead")
@@ -163,14 +169,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: {row['registers']} registers, stack {row['stack_bytes']} B, "
               f"{row['cubin_bytes']:,} bytes of cubin, compiled in {row['compile_s']} s", flush=True)
     for name in args.launches:
-        k_kind, v_kind, pack, r_max, prefetch = LAUNCHES[name]
+        k_kind, v_kind, pack, r_max, prefetch, span = LAUNCHES[name]
         for block_n in args.block_n:
             for warps in args.warps:
-                cubin = compile_launch(k_kind, v_kind, pack, r_max, head_dim=args.head_dim, group=args.group,
-                                       block_m=args.block_m, block_n=block_n, warps=warps,
-                                       keys_by_query=not args.extend, tails_indexed=not args.tails_back_to_back,
-                                       prefetch=prefetch, unroll_group=args.unroll_group)
-                row = {"launch": name, "block_n": block_n, "warps": warps, **resources(cubin)}
+                if span > block_n:
+                    continue
+                asm = compile_launch(k_kind, v_kind, pack, r_max, head_dim=args.head_dim, group=args.group,
+                                     block_m=args.block_m, block_n=block_n, warps=warps,
+                                     keys_by_query=not args.extend, tails_indexed=not args.tails_back_to_back,
+                                     prefetch=prefetch, unroll_group=args.unroll_group, span=span, stages=args.stages)
+                row = {"launch": name, "block_n": block_n, "warps": warps, **resources(asm["cubin"])}
+                if span:
+                    row["stages"] = args.stages
+                    row["async_copies"] = asm["ttgir"].count("async_copy_global_to_local")
                 row["occupancy"] = occupancy(row["registers"], warps)
                 rows.append(row)
                 print(f"{name:13s} block_n {block_n:3d} warps {warps}: {row['registers']:3d} registers, "

@@ -320,7 +320,8 @@ def _mixed_attn_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     K_KIND: tl.constexpr, V_KIND: tl.constexpr, R_MAX: tl.constexpr, R_LOG2: tl.constexpr,
     ALIGNED: tl.constexpr, SPARSE_MODE: tl.constexpr, TAIL_INDEXED: tl.constexpr, KEYS_BY_QUERY: tl.constexpr,
-    PACK_TOKENS: tl.constexpr, PREFETCH: tl.constexpr, UNROLL: tl.constexpr,
+    PACK_TOKENS: tl.constexpr, PREFETCH: tl.constexpr, UNROLL: tl.constexpr, SPAN: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     """Partial attention of the first ``count`` items in ``item_list`` (the count is read
     here, so a captured launch serves every later plan); ``K_KIND``/``V_KIND`` are the
@@ -328,7 +329,9 @@ def _mixed_attn_kernel(
     With ``TAIL_INDEXED`` a request's tail token ``i`` is row ``tail_rows[tail_start + i]``
     of the tail buffers (a paged pool's rows, read in place), else row ``tail_start + i``.
     ``PREFETCH`` loads one step ahead: the next packed tile (``PACK_TOKENS``), else the
-    next block's table entry."""
+    next block's table entry. ``SPAN`` > 0 (dense pairs): a tile is ``BLOCK_N // SPAN``
+    whole blocks of at most ``SPAN`` kept tokens, read through a loop of ``STAGES``
+    software-pipelined stages."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     rows = tl.arange(0, BLOCK_M)
@@ -373,6 +376,29 @@ def _mixed_attn_kernel(
                 vt = tl.load(tail_v_ptr + tk[:, None] * stride_vt + h * stride_vh + cols[None, :], mask=pos_ok[:, None], other=0.0)
                 m_i, l_i, acc = _dense_step(q, kt, vt, pos_ok[None, :] & (pos[None, :] <= vis[:, None]), qk_scale,
                                             m_i, l_i, acc)
+        elif SPAN > 0:
+            # Each block in its own SPAN lanes, its dropped tokens' lanes masked: a tile's
+            # addresses (block indices, entries, keys, values) follow from the loop index
+            # alone, not from the tile before as packed tiles' do, so Triton's pipeliner
+            # keeps STAGES tiles' loads in flight (shared memory, not registers).
+            blk_lo = tl.load(item + 3)
+            blk_hi = tl.load(item + 4)
+            lane_tok = toks % SPAN
+            for j0 in tl.range(blk_lo, blk_hi, BLOCK_N // SPAN, num_stages=STAGES):
+                j = j0 + toks // SPAN
+                b_ok = j < blk_hi
+                ent = table_ptr + tl.load(block_idx_ptr + j, mask=b_ok, other=0).to(tl.int64) * 9
+                tok_ok = lane_tok < tl.load(ent, mask=b_ok, other=0)
+                k_off = tl.load(ent + 3, mask=b_ok, other=0)
+                v_off = tl.load(ent + 7, mask=b_ok, other=0)
+                if ALIGNED:
+                    k_off = tl.multiple_of(k_off, 8)
+                    v_off = tl.multiple_of(v_off, 8)
+                rows_k = k_off[:, None] + lane_tok[:, None] * HEAD_DIM + cols[None, :]
+                rows_v = v_off[:, None] + lane_tok[:, None] * HEAD_DIM + cols[None, :]
+                kt = tl.load(values_ptr + rows_k, mask=tok_ok[:, None], other=0.0)
+                vt = tl.load(values_ptr + rows_v, mask=tok_ok[:, None], other=0.0)
+                m_i, l_i, acc = _dense_step(q, kt, vt, tok_ok[None, :], qk_scale, m_i, l_i, acc)
         elif PACK_TOKENS:
             # Dense blocks' kept tokens back to back, BLOCK_N to a tile whatever each block
             # keeps (the presets keep 0-32 of a 32-token segment, mostly 8 or 16): one chain
@@ -529,6 +555,8 @@ class MixedAttention:
         chunk_by_kind: bool = False,
         unroll_group: bool = False,
         prefetch_tiles: bool = False,
+        block_span: int = 0,
+        pipeline_stages: int = 3,
     ) -> None:
         """``block_n``: tokens per tile of launches with a sparse side (whose densify grows
         with the tile); ``wide_block_n``: of the others (dense, mask, low-rank, tails),
@@ -550,12 +578,22 @@ class MixedAttention:
         (``pack_sparse_keys``), sparse keys read by query gathers gather for a GQA group's
         rows in one unrolled step, not one row after another (in the twelfth run's ncu
         profile that launch read 12% of DRAM's bandwidth, latency-bound at 17% occupancy;
-        one block a tile, unrolled, it would take 240 registers against 148)."""
+        one block a tile, unrolled, it would take 240 registers against 148).
+        ``block_span`` > 0: launches of dense keys and values (instead of packing) take
+        tiles of ``wide_block_n // block_span`` whole blocks, each in ``block_span`` lanes
+        (blocks must keep at most that many tokens: the plan checks), through a loop that
+        Triton pipelines ``pipeline_stages`` deep: a packed tile's addresses wait on the
+        tile before, these on the loop index alone."""
         if sparse_densify not in SPARSE_MODES:
             raise ValueError(f"sparse_densify={sparse_densify!r} is not one of {', '.join(SPARSE_MODES)}")
         if pack_sparse_keys and not (pack_tokens and keys_by_query):
             raise ValueError("pack_sparse_keys=True packs sparse keys read by query gathers into packed tiles: it "
                              f"needs pack_tokens=True and keys_by_query=True, got {pack_tokens} and {keys_by_query}")
+        if block_span and (block_span & (block_span - 1) or wide_block_n % block_span):
+            raise ValueError(f"block_span={block_span} must be a power of two dividing wide_block_n={wide_block_n}")
+        if pipeline_stages < 1:
+            raise ValueError(f"pipeline_stages={pipeline_stages} must be at least 1")
+        self.block_span, self.pipeline_stages = block_span, pipeline_stages
         self.block_m, self.block_n, self.wide_block_n = block_m, block_n, wide_block_n
         self.pack_tokens, self.pack_sparse_keys = pack_tokens, pack_sparse_keys
         self.prefetch_entries, self.chunk_by_kind = prefetch_entries, chunk_by_kind
@@ -594,6 +632,7 @@ class MixedAttention:
         group = num_qo_heads // num_kv_heads
         block_m = max(self.block_m, triton.next_power_of_2(group))
         tail_lens = np.diff(np.asarray(tail_indptr, dtype=np.int64))
+        self._check_span(arena.table_host[np.asarray(block_indices, dtype=np.int64)])
         self._plan = build_plan(
             arena, block_indptr, block_indices, qo_lens, tail_lens, num_kv_heads, group, block_m, self.block_n,
             chunk_tokens, max_programs, self.chunk_by_kind,
@@ -634,9 +673,22 @@ class MixedAttention:
         """Whether a launch of this format pair packs tokens of several blocks per tile:
         dense pairs, and with ``pack_sparse_keys`` sparse keys beside dense values (a
         mask's or low-rank basis is per block, and a sparse tile's densify is per block)."""
-        if not self.pack_tokens or v_kind != DENSE:
+        if not self.pack_tokens or v_kind != DENSE or self.span(k_kind, v_kind):
             return False
         return k_kind == DENSE or (k_kind == SPARSE and self.pack_sparse_keys)
+
+    def span(self, k_kind: int, v_kind: int) -> int:
+        """Lanes a block takes in a launch of this format pair (0: not spanned)."""
+        return self.block_span if (k_kind, v_kind) == (DENSE, DENSE) else 0
+
+    def _check_span(self, entries: np.ndarray) -> None:
+        """A spanned launch reads ``block_span`` tokens of a block at most: refuse blocks keeping more."""
+        if not self.block_span:
+            return
+        kept = entries[(entries[:, 1] == DENSE) & (entries[:, 5] == DENSE), 0]
+        if kept.size and kept.max() > self.block_span:
+            raise ValueError(f"block_span={self.block_span} but a dense block keeps {int(kept.max())} tokens: "
+                             "block_span must be at least every dense block's kept tokens")
 
     def prefetches(self, k_kind: int, v_kind: int) -> bool:
         """Whether a launch of this format pair loads one step ahead: packed tiles of dense
@@ -735,7 +787,8 @@ def run_plan(
             ALIGNED=aligned, SPARSE_MODE=SPARSE_MODES.index(tuning.sparse_densify), TAIL_INDEXED=tail_rows is not None,
             KEYS_BY_QUERY=tuning.keys_by_query, PACK_TOKENS=tuning.packs(ln.k_kind, ln.v_kind),
             PREFETCH=tuning.prefetches(ln.k_kind, ln.v_kind),
-            UNROLL=group if tuning.unroll_group else 0, num_warps=tuning.num_warps, num_stages=tuning.num_stages,
+            UNROLL=group if tuning.unroll_group else 0, SPAN=tuning.span(ln.k_kind, ln.v_kind),
+            STAGES=tuning.pipeline_stages, num_warps=tuning.num_warps, num_stages=tuning.num_stages,
         )
     if p.groups.shape[0]:
         lse = out if lse_out is None else lse_out

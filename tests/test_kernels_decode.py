@@ -68,7 +68,6 @@ def run_decode(
     pack_sparse_keys: bool = False,
     chunk_by_kind: bool = False,
     unroll_group: bool = False,
-    prefetch_tiles: bool = False,
     block_span: int = 0,
     pipeline_stages: int = 3,
     **plan_kw: int,
@@ -80,7 +79,7 @@ def run_decode(
     w = MixedDecodeWrapper(block_n=block_n, sparse_densify=sparse_densify, keys_by_query=keys_by_query,
                            wide_block_n=wide_block_n, pack_tokens=pack_tokens, prefetch_entries=prefetch_entries,
                            pack_sparse_keys=pack_sparse_keys, chunk_by_kind=chunk_by_kind, unroll_group=unroll_group,
-                           prefetch_tiles=prefetch_tiles, block_span=block_span, pipeline_stages=pipeline_stages)
+                           block_span=block_span, pipeline_stages=pipeline_stages)
     w.plan(layers, tk, tv, hq, hkv, d, device=DEVICE, **plan_kw)
     out = torch.full((len(layers), hq, d), float("nan"), dtype=torch.bfloat16, device=DEVICE)
     w.run(q.to(DEVICE), out=out)
@@ -119,8 +118,7 @@ def test_packed_tiles(group: int, d: int, keys_by_query: bool) -> None:
     """Dense blocks keeping every token count from 0 to 16, packed back to back into 16-
     and 32-token tiles: blocks that share a tile, blocks split across tiles, runs of empty
     blocks, runs cut anywhere (split-K), beside requests of every format (whose other
-    launches keep a block per tile); each tile's loads issued before the products of the
-    tile before, or not (and the other launches' entries one block ahead)."""
+    launches keep a block per tile, their entries loaded one block ahead or not)."""
     gen = torch.Generator().manual_seed(group * 10 + d)
     hkv = 2
     layers = [random_layer(gen, s, 16, hkv, d, kinds=("dense",)) for s in (7, 0, 5, 11)]
@@ -130,9 +128,9 @@ def test_packed_tiles(group: int, d: int, keys_by_query: bool) -> None:
     run_decode(gen, layers, [3, 4, 0, 9, 2], hkv=hkv, group=group, d=d, pack_tokens=True, chunk_tokens=40,
                max_programs=3, keys_by_query=keys_by_query)
     run_decode(gen, layers, [3, 4, 0, 9, 2], hkv=hkv, group=group, d=d, pack_tokens=True, wide_block_n=32,
-               prefetch_entries=True, prefetch_tiles=True)
+               prefetch_entries=True)
     run_decode(gen, layers, [3, 4, 0, 9, 2], hkv=hkv, group=group, d=d, pack_tokens=True, chunk_tokens=24,
-               max_programs=2, prefetch_tiles=True)
+               max_programs=2)
 
 
 @pytest.mark.parametrize(("group", "d"), [(1, 64), (3, 64), (4, 128), (8, 128)])
@@ -193,15 +191,14 @@ def test_packing_is_for_dense_pairs() -> None:
     assert {(k, v) for k in range(4) for v in range(4) if sparse.packs(k, v)} == {(0, 0), (1, 0)}
 
 
-def test_tiles_are_prefetched_in_packed_launches_of_dense_keys_only() -> None:
-    """prefetch_tiles applies to packed dense pairs (Triton 3.6 cannot compile sparse
-    keys' tiles carried a step); prefetch_entries to launches of a block per tile."""
+def test_entries_are_prefetched_in_launches_of_a_block_per_tile_only() -> None:
+    """prefetch_entries loads the next block's entry in launches of a block per tile;
+    packed and spanned launches' tiles span several blocks and load their entries whole."""
     pairs = [(k, v) for k in range(4) for v in range(4)]
-    tiles = MixedDecodeWrapper(pack_tokens=True, pack_sparse_keys=True, prefetch_tiles=True)
-    assert [pair for pair in pairs if tiles.prefetches(*pair)] == [(0, 0)]
     entries = MixedDecodeWrapper(pack_tokens=True, pack_sparse_keys=True, prefetch_entries=True)
     assert [pair for pair in pairs if entries.prefetches(*pair)] == [pair for pair in pairs if pair not in ((0, 0), (1, 0))]
-    assert not any(MixedDecodeWrapper(prefetch_tiles=True).prefetches(*pair) for pair in pairs)
+    spanned = MixedDecodeWrapper(prefetch_entries=True, block_span=16, wide_block_n=32)
+    assert [pair for pair in pairs if spanned.prefetches(*pair)] == pairs[1:]
 
 
 def test_packing_sparse_keys_needs_packed_tiles_read_by_query() -> None:
@@ -214,8 +211,7 @@ def test_packing_sparse_keys_needs_packed_tiles_read_by_query() -> None:
 def test_packed_sparse_key_tiles(group: int, d: int, aligned: bool) -> None:
     """Blocks of sparse keys (several widths, in one launch) and dense values keeping
     every token count from 0 to 16 share 16- and 32-token tiles, beside dense pairs and
-    blocks of every other format; runs cut anywhere (split-K), few programs; the dense
-    pairs' tiles loaded one ahead or not (sparse keys' never are). ``aligned``:
+    blocks of every other format; runs cut anywhere (split-K), few programs. ``aligned``:
     widths and counts the vectorised-load specialisation takes (multiples of 8)."""
     gen = torch.Generator().manual_seed(group * 100 + d)
     hkv = 2
@@ -229,9 +225,9 @@ def test_packed_sparse_key_tiles(group: int, d: int, aligned: bool) -> None:
     layers[3] = random_layer(gen, 3, 16, hkv, d, **({"kinds": ("dense",)} if aligned else {}))
     arena, _, _ = pack_requests(layers, hkv, d)
     assert arena.widths_aligned == aligned
-    for block_n, chunk, prefetch in ((16, 40, False), (32, None, True), (16, 24, True)):
+    for block_n, chunk in ((16, 40), (32, None), (16, 24)):
         run_decode(gen, layers, [3, 0, 9, 2], hkv=hkv, group=group, d=d, pack_tokens=True, pack_sparse_keys=True,
-                   block_n=block_n, wide_block_n=block_n, max_programs=3, prefetch_tiles=prefetch,
+                   block_n=block_n, wide_block_n=block_n, max_programs=3,
                    **({"chunk_tokens": chunk} if chunk else {}))
 
 

@@ -54,17 +54,19 @@ SETTINGS = [
     # beside dense values packed too (setting 0) decoded the 3x mix in 712 us against 840
     # (eleventh run, h200x2_2026-11-30k/kernels/diag_formats_segment32.json).
     ({"block_n": 32, "pack_tokens": True, "wide_block_n": 32}, 8),
-    # Setting 11: each packed tile's loads (entries, keys, values) issued before the products
-    # of the tile before (prefetch_tiles, dense keys' packed launch): 204 registers a thread
-    # against 128 (sm_90, Triton 3.6). Through the fifteenth run it was the packed tiles'
-    # entries alone loaded ahead, slower: dense 1,721 us against 1,524
-    # (h200_2026-12-01c/call8_kernels); removed.
-    ({"block_n": 32, "pack_tokens": True, "wide_block_n": 32, "pack_sparse_keys": True, "unroll_group": True,
-      "chunk_by_kind": True, "prefetch_tiles": True}, 8),
+    # Setting 11: setting 16 with 9 stages. Until the seventeenth run it was each packed
+    # tile's loads issued before the products of the tile before (prefetch_tiles: 204
+    # registers against 128), slower on every format: dense 2,178 us against 1,527, the 3x
+    # mix 944 against 697 (h200_2026-12-01e/call11_kernels); removed from the kernel.
+    ({"block_n": 32, "pack_tokens": True, "wide_block_n": 64, "pack_sparse_keys": True, "unroll_group": True,
+      "chunk_by_kind": True, "block_span": 32, "pipeline_stages": 9}, 8),
     # Setting 12: dense pairs' blocks each in its own 32 lanes (block_span), not packed, so a
     # tile's addresses follow from the loop index and Triton pipelines the loop (3 stages:
-    # keys and values one tile ahead in shared memory, entries two): 110 registers against
-    # 128 (registers.py --launches dense_spanned).
+    # keys and values one tile ahead in shared memory): 110 registers against 128
+    # (registers.py --launches dense_spanned). Seventeenth run (h200_2026-12-01e/call11_kernels):
+    # dense 1,260 us against the server's 1,527, but the presets' 3x mix 1,291 against 697
+    # and 6x 1,265 against 429: a spanned launch takes a loop step per block whatever the
+    # block keeps, so it pays for blocks that keep all their tokens only.
     ({"block_n": 32, "pack_tokens": True, "wide_block_n": 32, "pack_sparse_keys": True, "unroll_group": True,
       "chunk_by_kind": True, "block_span": 32}, 8),
     # Setting 13: the server's before the fifteenth run, one run length for every format
@@ -89,7 +91,8 @@ SETTINGS = [
     # Settings 15-17: setting 12 with 9 stages (keys and values two tiles ahead, as the
     # compiled loop's buffers show: Triton 3.6 takes its chain for four dependent loads, one
     # ceil((stages - 2) / 4) stages after another), two blocks a tile (168 registers, 18.8%
-    # occupancy), eight warps (80 registers, 37.5%).
+    # occupancy), eight warps (80 registers, 37.5%). Seventeenth run: dense 1,265, 1,216
+    # (the fastest, 1.26x the server's) and 2,413 us; the 3x mix 1,354, 1,204 and 2,481.
     ({"block_n": 32, "pack_tokens": True, "wide_block_n": 32, "pack_sparse_keys": True, "unroll_group": True,
       "chunk_by_kind": True, "block_span": 32, "pipeline_stages": 9}, 8),
     ({"block_n": 32, "pack_tokens": True, "wide_block_n": 64, "pack_sparse_keys": True, "unroll_group": True,

@@ -33,21 +33,17 @@ from triton.compiler import ASTSource
 
 from mosaickv.kernels.layout import DENSE, LOWRANK, SPARSE, TAIL
 
-# The server's decode launches by name: (key kind, value kind, packs tokens, R_MAX, loads one
-# step ahead: the next packed tile, or the next block's entry, lanes a block takes in a
-# spanned tile or 0).
+# The server's decode launches by name: (key kind, value kind, packs tokens, R_MAX, lanes a
+# block takes in a spanned tile or 0).
 LAUNCHES = {
-    "dense_packed": (DENSE, DENSE, True, 16, False, 0),
-    "dense": (DENSE, DENSE, False, 16, False, 0),
-    "sparse_keys": (SPARSE, DENSE, False, 64, False, 0),
-    "lowrank": (LOWRANK, LOWRANK, False, 16, False, 0),
-    "tail": (TAIL, TAIL, False, 16, False, 0),
-    "sparse_keys_packed": (SPARSE, DENSE, True, 64, False, 0),  # the server's since the eleventh run
-    # Not the server's: each packed tile's loads issued before the tile before's products
-    # (prefetch_tiles, dense keys only).
-    "dense_packed_prefetch": (DENSE, DENSE, True, 16, True, 0),
+    "dense_packed": (DENSE, DENSE, True, 16, 0),
+    "dense": (DENSE, DENSE, False, 16, 0),
+    "sparse_keys": (SPARSE, DENSE, False, 64, 0),
+    "lowrank": (LOWRANK, LOWRANK, False, 16, 0),
+    "tail": (TAIL, TAIL, False, 16, 0),
+    "sparse_keys_packed": (SPARSE, DENSE, True, 64, 0),  # the server's since the eleventh run
     # Not the server's: whole 32-token blocks in their own lanes, the loop pipelined (block_span).
-    "dense_spanned": (DENSE, DENSE, False, 16, False, 32),
+    "dense_spanned": (DENSE, DENSE, False, 16, 32),
 }
 POINTERS = {"q_ptr": "*bf16", "values_ptr": "*bf16", "index_ptr": "*u8", "table_ptr": "*i64", "block_idx_ptr": "*i64",
             "tail_k_ptr": "*bf16", "tail_v_ptr": "*bf16", "tail_rows_ptr": "*i32", "req_ptr": "*i64",
@@ -58,7 +54,7 @@ REGISTERS_PER_SM, MAX_WARPS_PER_SM, MAX_BLOCKS_PER_SM = 65536, 64, 32
 
 def compile_launch(k_kind: int, v_kind: int, pack: bool, r_max: int, *, head_dim: int, group: int, block_m: int,
                    block_n: int, warps: int, keys_by_query: bool = True, tails_indexed: bool = True,
-                   prefetch: bool = False, unroll_group: bool = False, span: int = 0, stages: int = 3) -> dict:
+                   unroll_group: bool = False, span: int = 0, stages: int = 3) -> dict:
     """The launch's sm_90 cubin, compiled as a run would: every pointer and stride
     divisible by 16 (what Triton specialises a launch on when they are). ``keys_by_query``
     False: sparse keys densified per tile, as an extend reads them. ``tails_indexed`` False:
@@ -71,7 +67,7 @@ def compile_launch(k_kind: int, v_kind: int, pack: bool, r_max: int, *, head_dim
     names = _mixed_attn_kernel.arg_names
     const = dict(GROUP=group, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, K_KIND=k_kind, V_KIND=v_kind,
                  R_MAX=r_max, R_LOG2=r_max.bit_length() - 1, ALIGNED=True, SPARSE_MODE=0, TAIL_INDEXED=tails_indexed,
-                 KEYS_BY_QUERY=keys_by_query, PACK_TOKENS=pack, PREFETCH=prefetch, UNROLL=group if unroll_group else 0,
+                 KEYS_BY_QUERY=keys_by_query, PACK_TOKENS=pack, PREFETCH=False, UNROLL=group if unroll_group else 0,
                  SPAN=span, STAGES=stages)
     sig = {n: "constexpr" if n in const else POINTERS.get(n, "fp32" if n == "qk_scale" else "i32") for n in names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if sig[n] not in ("constexpr", "fp32")}
@@ -169,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: {row['registers']} registers, stack {row['stack_bytes']} B, "
               f"{row['cubin_bytes']:,} bytes of cubin, compiled in {row['compile_s']} s", flush=True)
     for name in args.launches:
-        k_kind, v_kind, pack, r_max, prefetch, span = LAUNCHES[name]
+        k_kind, v_kind, pack, r_max, span = LAUNCHES[name]
         for block_n in args.block_n:
             for warps in args.warps:
                 if span > block_n:
@@ -177,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
                 asm = compile_launch(k_kind, v_kind, pack, r_max, head_dim=args.head_dim, group=args.group,
                                      block_m=args.block_m, block_n=block_n, warps=warps,
                                      keys_by_query=not args.extend, tails_indexed=not args.tails_back_to_back,
-                                     prefetch=prefetch, unroll_group=args.unroll_group, span=span, stages=args.stages)
+                                     unroll_group=args.unroll_group, span=span, stages=args.stages)
                 row = {"launch": name, "block_n": block_n, "warps": warps, **resources(asm["cubin"])}
                 if span:
                     row["stages"] = args.stages

@@ -328,8 +328,8 @@ def _mixed_attn_kernel(
     formats of all their blocks (0 dense, 1 sparse, 2 mask, 3 lowrank), -1 for tail items.
     With ``TAIL_INDEXED`` a request's tail token ``i`` is row ``tail_rows[tail_start + i]``
     of the tail buffers (a paged pool's rows, read in place), else row ``tail_start + i``.
-    ``PREFETCH`` loads one step ahead: the next packed tile (``PACK_TOKENS``), else the
-    next block's table entry. ``SPAN`` > 0 (dense pairs): a tile is ``BLOCK_N // SPAN``
+    ``PREFETCH`` loads the next block's table entry one block ahead (launches of a block
+    per tile). ``SPAN`` > 0 (dense pairs): a tile is ``BLOCK_N // SPAN``
     whole blocks of at most ``SPAN`` kept tokens, read through a loop of ``STAGES``
     software-pipelined stages."""
     pid = tl.program_id(0)
@@ -402,34 +402,16 @@ def _mixed_attn_kernel(
         elif PACK_TOKENS:
             # Dense blocks' kept tokens back to back, BLOCK_N to a tile whatever each block
             # keeps (the presets keep 0-32 of a 32-token segment, mostly 8 or 16): one chain
-            # of dependent loads per tile instead of per block (:func:`_packed_tile`). With
-            # PREFETCH the next tile's loads are issued before this tile's products, so
-            # its chain (block indices, entries, keys and values) waits behind them.
+            # of dependent loads per tile instead of per block (:func:`_packed_tile`).
             blk_hi = tl.load(item + 4)
             j0 = tl.load(item + 3)
-            if PREFETCH:
-                # Dense keys only: with sparse keys' tiles carried from one step to the next,
-                # Triton 3.6's layout pass fails (3.9's compiles them, in 229 registers).
-                tl.static_assert(K_KIND == 0, "packed tiles are prefetched for dense keys only")
-                tok_ok, kt, k_ix, k_live, vt, j1, done1 = _packed_tile(
-                    table_ptr, block_idx_ptr, values_ptr, index_ptr, j0, j0 * 0, blk_hi, toks, cols, jr, K_KIND,
+            done = j0 * 0
+            while j0 < blk_hi:
+                tok_ok, kt, k_ix, k_live, vt, j0, done = _packed_tile(
+                    table_ptr, block_idx_ptr, values_ptr, index_ptr, j0, done, blk_hi, toks, cols, jr, K_KIND,
                     HEAD_DIM, BLOCK_N, ALIGNED)
-                while j0 < blk_hi:
-                    n_ok, n_kt, n_ix, n_live, n_vt, j2, done2 = _packed_tile(
-                        table_ptr, block_idx_ptr, values_ptr, index_ptr, j1, done1, blk_hi, toks, cols, jr, K_KIND,
-                        HEAD_DIM, BLOCK_N, ALIGNED)
-                    m_i, l_i, acc = _packed_step(q, q_ptr, q_rows, n_rows, rows, tok_ok, kt, k_ix, k_live, vt, qk_scale,
-                                                 m_i, l_i, acc, K_KIND, BLOCK_M, BLOCK_N, UNROLL)
-                    j0 = j1
-                    tok_ok, kt, k_ix, k_live, vt, j1, done1 = n_ok, n_kt, n_ix, n_live, n_vt, j2, done2
-            else:
-                done = j0 * 0
-                while j0 < blk_hi:
-                    tok_ok, kt, k_ix, k_live, vt, j0, done = _packed_tile(
-                        table_ptr, block_idx_ptr, values_ptr, index_ptr, j0, done, blk_hi, toks, cols, jr, K_KIND,
-                        HEAD_DIM, BLOCK_N, ALIGNED)
-                    m_i, l_i, acc = _packed_step(q, q_ptr, q_rows, n_rows, rows, tok_ok, kt, k_ix, k_live, vt, qk_scale,
-                                                 m_i, l_i, acc, K_KIND, BLOCK_M, BLOCK_N, UNROLL)
+                m_i, l_i, acc = _packed_step(q, q_ptr, q_rows, n_rows, rows, tok_ok, kt, k_ix, k_live, vt, qk_scale,
+                                             m_i, l_i, acc, K_KIND, BLOCK_M, BLOCK_N, UNROLL)
         else:
             blk_lo = tl.load(item + 3)
             blk_hi = tl.load(item + 4)
@@ -554,7 +536,6 @@ class MixedAttention:
         pack_sparse_keys: bool = False,
         chunk_by_kind: bool = False,
         unroll_group: bool = False,
-        prefetch_tiles: bool = False,
         block_span: int = 0,
         pipeline_stages: int = 3,
     ) -> None:
@@ -565,10 +546,7 @@ class MixedAttention:
         launches hold kept tokens of consecutive blocks back to back (blocks that dropped
         most tokens fill a tile together). ``prefetch_entries``: launches of one block per
         tile load each block's table entry one block ahead (``benchmarks/kernels/diag_formats.py``
-        compares both). ``prefetch_tiles``: packed launches issue each tile's loads (block
-        indices, entries, keys, values) before the products of the tile before, so a
-        program keeps two tiles' bytes in flight, not one (registers hold both; dense keys
-        only, see :meth:`prefetches`).
+        compares both).
         ``pack_sparse_keys``: with ``pack_tokens``, blocks of per-vector sparse keys and
         dense values share tiles too (their keys read by query gathers): in the tenth
         run's ncu profile their launch, one block per tile, moved 5% of DRAM's bandwidth.
@@ -597,7 +575,7 @@ class MixedAttention:
         self.block_m, self.block_n, self.wide_block_n = block_m, block_n, wide_block_n
         self.pack_tokens, self.pack_sparse_keys = pack_tokens, pack_sparse_keys
         self.prefetch_entries, self.chunk_by_kind = prefetch_entries, chunk_by_kind
-        self.unroll_group, self.prefetch_tiles = unroll_group, prefetch_tiles
+        self.unroll_group = unroll_group
         self.sparse_densify, self.keys_by_query = sparse_densify, keys_by_query
         self.num_warps, self.num_stages = num_warps, num_stages
         self._plan: AttentionPlan | None = None
@@ -691,12 +669,9 @@ class MixedAttention:
                              "block_span must be at least every dense block's kept tokens")
 
     def prefetches(self, k_kind: int, v_kind: int) -> bool:
-        """Whether a launch of this format pair loads one step ahead: packed tiles of dense
-        keys with ``prefetch_tiles`` (see the kernel), launches of a block per tile with
-        ``prefetch_entries``."""
-        if self.packs(k_kind, v_kind):
-            return self.prefetch_tiles and k_kind == DENSE
-        return self.prefetch_entries
+        """Whether a launch of this format pair loads each block's table entry one block
+        ahead: ``prefetch_entries``, in launches of a block per tile."""
+        return self.prefetch_entries and not self.packs(k_kind, v_kind) and not self.span(k_kind, v_kind)
 
     @property
     def plan_info(self) -> AttentionPlan:

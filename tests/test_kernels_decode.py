@@ -6,6 +6,7 @@ import math
 import os
 import zlib
 
+import numpy as np
 import torch
 
 if not torch.cuda.is_available():  # must precede the first import of the kernels
@@ -14,8 +15,8 @@ if not torch.cuda.is_available():  # must precede the first import of the kernel
 import pytest
 
 from mosaickv.formats import HEADER_BYTES, BlockFormat, SideFormat
-from mosaickv.kernels.decode import MixedDecodeWrapper
-from mosaickv.kernels.layout import pack_requests
+from mosaickv.kernels.decode import MixedAttention, MixedDecodeWrapper, run_plan
+from mosaickv.kernels.layout import pack_requests, packed_tile_starts
 from mosaickv.kernels.synthetic import Recipe, random_layer, synthetic_arena
 from mosaickv.reference import CompressedLayer, attention
 
@@ -70,6 +71,7 @@ def run_decode(
     unroll_group: bool = False,
     block_span: int = 0,
     pipeline_stages: int = 3,
+    tile_starts: bool = False,
     **plan_kw: int,
 ) -> None:
     hq = hkv * group
@@ -79,7 +81,8 @@ def run_decode(
     w = MixedDecodeWrapper(block_n=block_n, sparse_densify=sparse_densify, keys_by_query=keys_by_query,
                            wide_block_n=wide_block_n, pack_tokens=pack_tokens, prefetch_entries=prefetch_entries,
                            pack_sparse_keys=pack_sparse_keys, chunk_by_kind=chunk_by_kind, unroll_group=unroll_group,
-                           block_span=block_span, pipeline_stages=pipeline_stages)
+                           block_span=block_span, pipeline_stages=pipeline_stages,
+                           tile_starts=tile_starts)
     w.plan(layers, tk, tv, hq, hkv, d, device=DEVICE, **plan_kw)
     out = torch.full((len(layers), hq, d), float("nan"), dtype=torch.bfloat16, device=DEVICE)
     w.run(q.to(DEVICE), out=out)
@@ -131,6 +134,12 @@ def test_packed_tiles(group: int, d: int, keys_by_query: bool) -> None:
                prefetch_entries=True)
     run_decode(gen, layers, [3, 4, 0, 9, 2], hkv=hkv, group=group, d=d, pack_tokens=True, chunk_tokens=24,
                max_programs=2)
+    # Tile starts read from the plan (items of several tiles, tiles starting inside a
+    # block), the tile loop pipelined or not.
+    for stages, chunk in ((1, 40), (3, 100)):
+        run_decode(gen, layers, [3, 4, 0, 9, 2], hkv=hkv, group=group, d=d, pack_tokens=True, chunk_tokens=chunk,
+                   wide_block_n=16, max_programs=3, tile_starts=True, pipeline_stages=stages,
+                   keys_by_query=keys_by_query)
 
 
 @pytest.mark.parametrize(("group", "d"), [(1, 64), (3, 64), (4, 128), (8, 128)])
@@ -167,6 +176,44 @@ def test_spanned_launches_are_dense_pairs_of_blocks_within_the_span() -> None:
             MixedDecodeWrapper(**bad)
     with pytest.raises(ValueError, match="pipeline_stages=0 must be at least 1"):
         MixedDecodeWrapper(pipeline_stages=0)
+
+
+def test_packed_tile_starts_match_a_walk_over_the_blocks() -> None:
+    """Each packed tile starts in the first block keeping a token past the tokens of the
+    tiles before (empty blocks skipped), that many of its tokens already taken; items not
+    packed get no tiles, an item keeping nothing none either."""
+    rng = np.random.default_rng(3)
+    kept = rng.choice([0, 0, 3, 8, 16, 32], size=60)
+    items = np.zeros((5, 7), dtype=np.int32)
+    items[:, 3], items[:, 4] = [0, 10, 25, 25, 50], [10, 25, 50, 50, 60]
+    kept[50:60] = 0
+    widths = np.array([16, 32, 16, 0, 16])
+    tile_ptr, tiles = packed_tile_starts(kept, items, widths)
+    expected = []
+    for (lo, hi), width in zip(items[:, 3:5], widths):
+        if not width:
+            continue
+        owner = [j for j in range(lo, hi) for _ in range(kept[j])]  # each kept token's block
+        for start in range(0, len(owner), width):
+            j = owner[start]
+            expected.append((j, start - sum(kept[lo:j])))
+    assert tile_ptr.tolist() == [0, *np.cumsum([-(-kept[lo:hi].sum() // w) if w else 0
+                                                for (lo, hi), w in zip(items[:, 3:5], widths)]).tolist()]
+    assert tiles.tolist() == [list(t) for t in expected]
+
+
+def test_tile_starts_need_a_plan_that_has_them() -> None:
+    """A plan made without tile starts (as the server's are) is refused by a tuning that
+    reads them, not run with tiles starting nowhere."""
+    gen = torch.Generator().manual_seed(9)
+    arena, indptr, indices = pack_requests([random_layer(gen, 2, 16, 1, 64, kinds=("dense",))], 1, 64)
+    tail = torch.randn(2, 1, 64, generator=gen).bfloat16()
+    plain = MixedDecodeWrapper(pack_tokens=True)
+    plain.plan_arena(arena, indptr, indices, tail, tail, np.array([0, 2]), np.array([1]), 2, 1)
+    q = torch.zeros(1, 2, 64).bfloat16()
+    with pytest.raises(ValueError, match="tile_starts=True reads packed tiles' starts from the plan"):
+        run_plan(plain.plan_info, arena.values, arena.index, arena.table, arena.widths_aligned, tail, tail, None, q,
+                 torch.empty_like(q), 0.125, 2, MixedAttention(pack_tokens=True, tile_starts=True))
 
 
 def test_packed_tiles_aligned_widths() -> None:
@@ -225,9 +272,9 @@ def test_packed_sparse_key_tiles(group: int, d: int, aligned: bool) -> None:
     layers[3] = random_layer(gen, 3, 16, hkv, d, **({"kinds": ("dense",)} if aligned else {}))
     arena, _, _ = pack_requests(layers, hkv, d)
     assert arena.widths_aligned == aligned
-    for block_n, chunk in ((16, 40), (32, None), (16, 24)):
+    for block_n, chunk, starts in ((16, 40, False), (32, None, False), (16, 100, True), (32, 40, True)):
         run_decode(gen, layers, [3, 0, 9, 2], hkv=hkv, group=group, d=d, pack_tokens=True, pack_sparse_keys=True,
-                   block_n=block_n, wide_block_n=block_n, max_programs=3,
+                   block_n=block_n, wide_block_n=block_n, max_programs=3, tile_starts=starts,
                    **({"chunk_tokens": chunk} if chunk else {}))
 
 

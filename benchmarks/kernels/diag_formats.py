@@ -99,6 +99,17 @@ SETTINGS = [
       "chunk_by_kind": True, "block_span": 32}, 8),
     ({"block_n": 32, "pack_tokens": True, "wide_block_n": 32, "pack_sparse_keys": True, "unroll_group": True,
       "chunk_by_kind": True, "block_span": 32, "num_warps": 8}, 4),
+    # Settings 18-20: the server's packed tiles, each starting where the plan says
+    # (tile_starts), so the tile loop is pipelined as setting 12's is while tokens stay
+    # packed: 3 stages (128 registers, as the server's), 9 stages (157), eight warps at 3
+    # stages (92; registers.py --launches dense_packed_tile_starts --stages 3 9). Dense keys'
+    # loads become async copies; sparse keys' gathers do not (0 in the compiled loop).
+    ({"block_n": 32, "pack_tokens": True, "wide_block_n": 32, "pack_sparse_keys": True, "unroll_group": True,
+      "chunk_by_kind": True, "tile_starts": True}, 8),
+    ({"block_n": 32, "pack_tokens": True, "wide_block_n": 32, "pack_sparse_keys": True, "unroll_group": True,
+      "chunk_by_kind": True, "tile_starts": True, "pipeline_stages": 9}, 8),
+    ({"block_n": 32, "pack_tokens": True, "wide_block_n": 32, "pack_sparse_keys": True, "unroll_group": True,
+      "chunk_by_kind": True, "tile_starts": True, "num_warps": 8}, 4),
 ]
 
 

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 SETTING_KEYS = ("block_n", "pack_tokens", "wide_block_n", "num_warps", "prefetch_entries", "pack_sparse_keys",
-                "prefetch_tiles", "unroll_group", "chunk_by_kind", "block_span", "pipeline_stages")
+                "prefetch_tiles", "unroll_group", "chunk_by_kind", "block_span", "pipeline_stages", "tile_starts")
 
 
 def label(row: dict) -> str:
@@ -30,6 +30,8 @@ def label(row: dict) -> str:
         parts.append("prefetch_tiles")
     if row.get("block_span"):
         parts.append(f"span{row['block_span']}x{row.get('pipeline_stages') or 3}")  # default: 3 stages
+    if row.get("tile_starts"):
+        parts.append(f"starts x{row.get('pipeline_stages') or 3}")
     if row.get("unroll_group"):
         parts.append("unroll")
     if row.get("chunk_by_kind"):

@@ -34,27 +34,31 @@ from triton.compiler import ASTSource
 from mosaickv.kernels.layout import DENSE, LOWRANK, SPARSE, TAIL
 
 # The server's decode launches by name: (key kind, value kind, packs tokens, R_MAX, lanes a
-# block takes in a spanned tile or 0).
+# block takes in a spanned tile or 0, packed tiles' starts read from the plan).
 LAUNCHES = {
-    "dense_packed": (DENSE, DENSE, True, 16, 0),
-    "dense": (DENSE, DENSE, False, 16, 0),
-    "sparse_keys": (SPARSE, DENSE, False, 64, 0),
-    "lowrank": (LOWRANK, LOWRANK, False, 16, 0),
-    "tail": (TAIL, TAIL, False, 16, 0),
-    "sparse_keys_packed": (SPARSE, DENSE, True, 64, 0),  # the server's since the eleventh run
+    "dense_packed": (DENSE, DENSE, True, 16, 0, False),
+    "dense": (DENSE, DENSE, False, 16, 0, False),
+    "sparse_keys": (SPARSE, DENSE, False, 64, 0, False),
+    "lowrank": (LOWRANK, LOWRANK, False, 16, 0, False),
+    "tail": (TAIL, TAIL, False, 16, 0, False),
+    "sparse_keys_packed": (SPARSE, DENSE, True, 64, 0, False),  # the server's since the eleventh run
     # Not the server's: whole 32-token blocks in their own lanes, the loop pipelined (block_span).
-    "dense_spanned": (DENSE, DENSE, False, 16, 32),
+    "dense_spanned": (DENSE, DENSE, False, 16, 32, False),
+    # Not the server's: packed tiles starting where the plan says, the tile loop pipelined.
+    "dense_packed_tile_starts": (DENSE, DENSE, True, 16, 0, True),
+    "sparse_keys_packed_tile_starts": (SPARSE, DENSE, True, 64, 0, True),
 }
 POINTERS = {"q_ptr": "*bf16", "values_ptr": "*bf16", "index_ptr": "*u8", "table_ptr": "*i64", "block_idx_ptr": "*i64",
             "tail_k_ptr": "*bf16", "tail_v_ptr": "*bf16", "tail_rows_ptr": "*i32", "req_ptr": "*i64",
             "items_ptr": "*i64", "item_list_ptr": "*i32", "count_ptr": "*i32", "o_part_ptr": "*fp32",
-            "lse_part_ptr": "*fp32", "scratch_ptr": "*bf16"}
+            "lse_part_ptr": "*fp32", "scratch_ptr": "*bf16", "tile_ptr_ptr": "*i32", "tiles_ptr": "*i32"}
 REGISTERS_PER_SM, MAX_WARPS_PER_SM, MAX_BLOCKS_PER_SM = 65536, 64, 32
 
 
 def compile_launch(k_kind: int, v_kind: int, pack: bool, r_max: int, *, head_dim: int, group: int, block_m: int,
                    block_n: int, warps: int, keys_by_query: bool = True, tails_indexed: bool = True,
-                   unroll_group: bool = False, span: int = 0, stages: int = 3) -> dict:
+                   unroll_group: bool = False, span: int = 0, stages: int = 3,
+                   tile_starts: bool = False) -> dict:
     """The launch's sm_90 cubin, compiled as a run would: every pointer and stride
     divisible by 16 (what Triton specialises a launch on when they are). ``keys_by_query``
     False: sparse keys densified per tile, as an extend reads them. ``tails_indexed`` False:
@@ -68,7 +72,7 @@ def compile_launch(k_kind: int, v_kind: int, pack: bool, r_max: int, *, head_dim
     const = dict(GROUP=group, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, K_KIND=k_kind, V_KIND=v_kind,
                  R_MAX=r_max, R_LOG2=r_max.bit_length() - 1, ALIGNED=True, SPARSE_MODE=0, TAIL_INDEXED=tails_indexed,
                  KEYS_BY_QUERY=keys_by_query, PACK_TOKENS=pack, PREFETCH=False, UNROLL=group if unroll_group else 0,
-                 SPAN=span, STAGES=stages)
+                 SPAN=span, STAGES=stages, TILE_STARTS=tile_starts)
     sig = {n: "constexpr" if n in const else POINTERS.get(n, "fp32" if n == "qk_scale" else "i32") for n in names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if sig[n] not in ("constexpr", "fp32")}
     src = ASTSource(fn=_mixed_attn_kernel, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()},
@@ -135,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="dense tails stored back to back, as diag_formats.py stores them (the server reads them in place)")
     ap.add_argument("--block-n", type=int, nargs="+", default=[32, 64], help="tokens a tile")
     ap.add_argument("--warps", type=int, nargs="+", default=[4, 8])
-    ap.add_argument("--stages", type=int, default=3, help="pipeline stages of spanned launches (block_span)")
+    ap.add_argument("--stages", type=int, default=3,
+                    help="pipeline stages of spanned launches and of packed ones with tile starts")
     ap.add_argument("--unroll-group", action="store_true",
                     help="sparse keys read by query gathers for the GQA group's rows in one unrolled step (MixedAttention(unroll_group=True))")
     ap.add_argument("--knapsack", action="store_true", help="the sealing knapsack's launch instead")
@@ -165,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: {row['registers']} registers, stack {row['stack_bytes']} B, "
               f"{row['cubin_bytes']:,} bytes of cubin, compiled in {row['compile_s']} s", flush=True)
     for name in args.launches:
-        k_kind, v_kind, pack, r_max, span = LAUNCHES[name]
+        k_kind, v_kind, pack, r_max, span, tile_starts = LAUNCHES[name]
         for block_n in args.block_n:
             for warps in args.warps:
                 if span > block_n:
@@ -173,9 +178,10 @@ def main(argv: list[str] | None = None) -> int:
                 asm = compile_launch(k_kind, v_kind, pack, r_max, head_dim=args.head_dim, group=args.group,
                                      block_m=args.block_m, block_n=block_n, warps=warps,
                                      keys_by_query=not args.extend, tails_indexed=not args.tails_back_to_back,
-                                     unroll_group=args.unroll_group, span=span, stages=args.stages)
+                                     unroll_group=args.unroll_group, span=span, stages=args.stages,
+                                     tile_starts=tile_starts)
                 row = {"launch": name, "block_n": block_n, "warps": warps, **resources(asm["cubin"])}
-                if span:
+                if span or tile_starts:
                     row["stages"] = args.stages
                     row["async_copies"] = asm["ttgir"].count("async_copy_global_to_local")
                 row["occupancy"] = occupancy(row["registers"], warps)

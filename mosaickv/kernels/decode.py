@@ -53,9 +53,11 @@ from mosaickv.kernels.layout import (
     Launch,
     build_plan,
     pack_requests,
+    packed_tile_starts,
     ragged_tails,
 )
 from mosaickv.reference import CompressedLayer
+from mosaickv.uploads import upload
 
 patch_interpreter()
 
@@ -315,13 +317,13 @@ def _mixed_attn_kernel(
     q_ptr, stride_qt, stride_qh,
     values_ptr, index_ptr, table_ptr, block_idx_ptr,
     tail_k_ptr, tail_v_ptr, stride_kt, stride_kh, stride_vt, stride_vh, tail_rows_ptr,
-    req_ptr, items_ptr, item_list_ptr, count_ptr, o_part_ptr, lse_part_ptr, scratch_ptr,
+    req_ptr, items_ptr, item_list_ptr, count_ptr, o_part_ptr, lse_part_ptr, scratch_ptr, tile_ptr_ptr, tiles_ptr,
     qk_scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     K_KIND: tl.constexpr, V_KIND: tl.constexpr, R_MAX: tl.constexpr, R_LOG2: tl.constexpr,
     ALIGNED: tl.constexpr, SPARSE_MODE: tl.constexpr, TAIL_INDEXED: tl.constexpr, KEYS_BY_QUERY: tl.constexpr,
     PACK_TOKENS: tl.constexpr, PREFETCH: tl.constexpr, UNROLL: tl.constexpr, SPAN: tl.constexpr,
-    STAGES: tl.constexpr,
+    STAGES: tl.constexpr, TILE_STARTS: tl.constexpr,
 ):
     """Partial attention of the first ``count`` items in ``item_list`` (the count is read
     here, so a captured launch serves every later plan); ``K_KIND``/``V_KIND`` are the
@@ -331,7 +333,9 @@ def _mixed_attn_kernel(
     ``PREFETCH`` loads the next block's table entry one block ahead (launches of a block
     per tile). ``SPAN`` > 0 (dense pairs): a tile is ``BLOCK_N // SPAN``
     whole blocks of at most ``SPAN`` kept tokens, read through a loop of ``STAGES``
-    software-pipelined stages."""
+    software-pipelined stages. ``TILE_STARTS`` (packed launches): each tile's start is
+    read from the plan (``tile_ptr``, ``tiles``), not found from the tile before, so the
+    tile loop is pipelined ``STAGES`` deep too."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     rows = tl.arange(0, BLOCK_M)
@@ -406,6 +410,14 @@ def _mixed_attn_kernel(
             blk_hi = tl.load(item + 4)
             j0 = tl.load(item + 3)
             done = j0 * 0
+            if TILE_STARTS:
+                for t in tl.range(tl.load(tile_ptr_ptr + it), tl.load(tile_ptr_ptr + it + 1), num_stages=STAGES):
+                    tok_ok, kt, k_ix, k_live, vt, _, _ = _packed_tile(
+                        table_ptr, block_idx_ptr, values_ptr, index_ptr, tl.load(tiles_ptr + 2 * t),
+                        tl.load(tiles_ptr + 2 * t + 1), blk_hi, toks, cols, jr, K_KIND, HEAD_DIM, BLOCK_N, ALIGNED)
+                    m_i, l_i, acc = _packed_step(q, q_ptr, q_rows, n_rows, rows, tok_ok, kt, k_ix, k_live, vt, qk_scale,
+                                                 m_i, l_i, acc, K_KIND, BLOCK_M, BLOCK_N, UNROLL)
+                j0 = blk_hi
             while j0 < blk_hi:
                 tok_ok, kt, k_ix, k_live, vt, j0, done = _packed_tile(
                     table_ptr, block_idx_ptr, values_ptr, index_ptr, j0, done, blk_hi, toks, cols, jr, K_KIND,
@@ -538,6 +550,7 @@ class MixedAttention:
         unroll_group: bool = False,
         block_span: int = 0,
         pipeline_stages: int = 3,
+        tile_starts: bool = False,
     ) -> None:
         """``block_n``: tokens per tile of launches with a sparse side (whose densify grows
         with the tile); ``wide_block_n``: of the others (dense, mask, low-rank, tails),
@@ -561,7 +574,10 @@ class MixedAttention:
         tiles of ``wide_block_n // block_span`` whole blocks, each in ``block_span`` lanes
         (blocks must keep at most that many tokens: the plan checks), through a loop that
         Triton pipelines ``pipeline_stages`` deep: a packed tile's addresses wait on the
-        tile before, these on the loop index alone."""
+        tile before, these on the loop index alone. ``tile_starts``: the plan finds where
+        each packed tile starts (:func:`~mosaickv.kernels.layout.packed_tile_starts`), so
+        packed launches pipeline their tile loop ``pipeline_stages`` deep as well (planned
+        by ``plan_arena`` and ``plan_layers``, not yet by the server's plans)."""
         if sparse_densify not in SPARSE_MODES:
             raise ValueError(f"sparse_densify={sparse_densify!r} is not one of {', '.join(SPARSE_MODES)}")
         if pack_sparse_keys and not (pack_tokens and keys_by_query):
@@ -571,7 +587,7 @@ class MixedAttention:
             raise ValueError(f"block_span={block_span} must be a power of two dividing wide_block_n={wide_block_n}")
         if pipeline_stages < 1:
             raise ValueError(f"pipeline_stages={pipeline_stages} must be at least 1")
-        self.block_span, self.pipeline_stages = block_span, pipeline_stages
+        self.block_span, self.pipeline_stages, self.tile_starts = block_span, pipeline_stages, tile_starts
         self.block_m, self.block_n, self.wide_block_n = block_m, block_n, wide_block_n
         self.pack_tokens, self.pack_sparse_keys = pack_tokens, pack_sparse_keys
         self.prefetch_entries, self.chunk_by_kind = prefetch_entries, chunk_by_kind
@@ -615,6 +631,8 @@ class MixedAttention:
             arena, block_indptr, block_indices, qo_lens, tail_lens, num_kv_heads, group, block_m, self.block_n,
             chunk_tokens, max_programs, self.chunk_by_kind,
         )
+        if self.tile_starts:
+            self._plan_tile_starts(arena)
         self._arena, self._tail_k, self._tail_v = arena, tail_k, tail_v
         self._group, self._hq = group, num_qo_heads
         self._scale = 1.0 / math.sqrt(d) if scale is None else scale
@@ -642,6 +660,20 @@ class MixedAttention:
             arena.to(dev), indptr, indices, tail_k.to(dev, torch.bfloat16), tail_v.to(dev, torch.bfloat16), tail_indptr,
             np.asarray(qo_lens), num_qo_heads, num_kv_heads, scale, chunk_tokens, max_programs,
         )
+
+    def _plan_tile_starts(self, arena: Arena) -> None:
+        """The plan's packed tiles' starts, found on the host (a read of the plan back)."""
+        p = self._plan
+        items = p.items.cpu().numpy()
+        widths = np.zeros(len(items), dtype=np.int64)
+        for ln in p.launches:
+            if self.packs(ln.k_kind, ln.v_kind):
+                widths[ln.items[: int(ln.count.item())].cpu().numpy()] = self.tile_n(ln.k_kind, ln.v_kind)
+        kept = arena.table_host[p.block_indices.cpu().numpy().astype(np.int64), 0]
+        tile_ptr, tiles = packed_tile_starts(kept, items, widths)
+        # At least one row: a kernel argument must point somewhere even when no tile is read.
+        tiles = tiles if len(tiles) else np.zeros((1, 2), dtype=np.int32)
+        p.tile_ptr, p.tiles = upload(tile_ptr, p.items.device), upload(tiles, p.items.device)
 
     def tile_n(self, k_kind: int, v_kind: int) -> int:
         """Tokens per tile of a launch of this format pair."""
@@ -750,12 +782,16 @@ def run_plan(
     else they are stored back to back. ``tuning`` supplies tile sizes and warps."""
     d = q.shape[-1]
     rows = p.requests if tail_rows is None else tail_rows
+    if tuning.tile_starts and p.tiles is None:
+        raise ValueError("tile_starts=True reads packed tiles' starts from the plan, and this plan has none: plan it "
+                         "with MixedAttention.plan_arena or plan_layers")
+    tile_ptr, tiles = (p.items, p.items) if p.tiles is None else (p.tile_ptr, p.tiles)
     for ln in p.launches:
         _mixed_attn_kernel[(ln.num_programs,)](
             q, q.stride(0), q.stride(1),
             values, index, table, p.block_indices,
             tail_k, tail_v, tail_k.stride(0), tail_k.stride(1), tail_v.stride(0), tail_v.stride(1), rows,
-            p.requests, p.items, ln.items, ln.count, p.o_part, p.lse_part, p.scratch,
+            p.requests, p.items, ln.items, ln.count, p.o_part, p.lse_part, p.scratch, tile_ptr, tiles,
             scale * LOG2E,
             GROUP=group, HEAD_DIM=d, BLOCK_M=p.block_m, BLOCK_N=tuning.tile_n(ln.k_kind, ln.v_kind),
             K_KIND=ln.k_kind, V_KIND=ln.v_kind, R_MAX=ln.r_max, R_LOG2=ln.r_max.bit_length() - 1,
@@ -763,7 +799,8 @@ def run_plan(
             KEYS_BY_QUERY=tuning.keys_by_query, PACK_TOKENS=tuning.packs(ln.k_kind, ln.v_kind),
             PREFETCH=tuning.prefetches(ln.k_kind, ln.v_kind),
             UNROLL=group if tuning.unroll_group else 0, SPAN=tuning.span(ln.k_kind, ln.v_kind),
-            STAGES=tuning.pipeline_stages, num_warps=tuning.num_warps, num_stages=tuning.num_stages,
+            STAGES=tuning.pipeline_stages, TILE_STARTS=tuning.tile_starts and tuning.packs(ln.k_kind, ln.v_kind),
+            num_warps=tuning.num_warps, num_stages=tuning.num_stages,
         )
     if p.groups.shape[0]:
         lse = out if lse_out is None else lse_out

@@ -438,6 +438,11 @@ class AttentionPlan:
     block_m: int
     block_n: int
     total_q: int
+    # Packed tiles' starts (MixedAttention(tile_starts=True)): item i's tiles are rows
+    # tile_ptr[i] .. tile_ptr[i + 1] of ``tiles``, each (position in block_indices, tokens
+    # of that block earlier tiles took); None: packed tiles find their starts as they go.
+    tile_ptr: torch.Tensor | None = None  # int32 [num_items + 1]
+    tiles: torch.Tensor | None = None  # int32 [num_tiles, 2]
 
     @property
     def num_items(self) -> int:
@@ -607,6 +612,25 @@ def plan_work(
     all_items[:, 6] = np.where(is_run, 0, np.minimum(tstart + chunk, visible[i_group]))
     groups = np.stack([g_req, g_head, g_row0], axis=1).astype(np.int64).reshape(-1, 3)
     return all_items, all_kinds, groups, merge_indptr, runs
+
+
+def packed_tile_starts(kept: np.ndarray, items: np.ndarray, item_tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Where each packed tile starts, so that a kernel's tiles need not wait on the tile
+    before to find theirs. ``kept``: kept tokens of each position of ``block_indices``;
+    ``items``: ``[N, 7]`` ITEM_FIELDS; ``item_tiles``: each item's tile length in tokens,
+    0 for items not packed. Returns ``tile_ptr`` ``[N + 1]`` and ``tiles`` ``[T, 2]``: the
+    block position a tile starts in (the first keeping a token past the tokens before the
+    tile) and how many of that block's tokens earlier tiles took."""
+    starts = np.concatenate([[0], np.cumsum(kept, dtype=np.int64)])
+    lo, hi = items[:, 3].astype(np.int64), items[:, 4].astype(np.int64)
+    width = np.asarray(item_tiles, dtype=np.int64)
+    total = np.where(width > 0, starts[hi] - starts[lo], 0)
+    counts = -(-total // np.maximum(width, 1))
+    tile_ptr = np.concatenate([[0], np.cumsum(counts)])
+    item = np.repeat(np.arange(len(items)), counts)
+    token = starts[lo[item]] + (np.arange(tile_ptr[-1]) - tile_ptr[item]) * width[item]
+    pos = np.searchsorted(starts, token, side="right") - 1
+    return tile_ptr.astype(np.int32), np.stack([pos, token - starts[pos]], axis=1).astype(np.int32)
 
 
 def build_plan(

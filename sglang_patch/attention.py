@@ -187,6 +187,11 @@ PACK_MAX_SEGMENT = 32
 # of the work (chunk_by_kind): side by side in the fifteenth run
 # (h200_2026-12-01c/call8_kernels/diag32), the 6x mix decoded in 428 us against 457, the 3x
 # in 697 against 708 and dense in 1,517 against 1,521 (outputs within 8e-4 of the reference's).
+# Each packed tile's start comes from the plan (tile_starts), found with each request's
+# runs, so Triton pipelines the tile loop (dense keys' loads become async copies): side by
+# side in the eighteenth run (h200_2026-12-02/call5_diag), the 3x mix decoded in 672 us
+# against 704, the 6x in 425 against 433, dense in 1,413 against 1,521; 9 stages and eight
+# warps were slower (722 and 1,107 us on 3x).
 PACKED_DECODE_TILE = 32
 
 
@@ -195,7 +200,7 @@ def _tuning(extend: bool, pack: bool) -> MixedAttention:
         return MixedAttention(block_m=64, block_n=32, keys_by_query=False, wide_block_n=32, pack_tokens=pack)
     if pack:
         return MixedAttention(block_m=16, block_n=32, wide_block_n=PACKED_DECODE_TILE, pack_tokens=True,
-                              pack_sparse_keys=True, unroll_group=True, chunk_by_kind=True)
+                              pack_sparse_keys=True, unroll_group=True, chunk_by_kind=True, tile_starts=True)
     return MixedAttention(block_m=16, block_n=32)
 
 

@@ -46,9 +46,13 @@ class DecodeGraph:
         seg = pool.plan.segment_size
         dev = torch.device(pool.device)
         self.max_programs = default_max_programs(dev)
-        capacity = GraphCapacity(requests=max_bs, blocks=max_bs * hkv * layers * -(-max_context // seg),
-                                 items=max_bs * hkv * (len(menu) + 2), groups=max_bs * hkv,
-                                 tail_rows=max_bs * max_context)
+        blocks = max_bs * hkv * layers * -(-max_context // seg)
+        # A packed run of n blocks keeps at most n * seg tokens, so it takes at most
+        # n * ceil(seg / width) tiles of the narrowest width.
+        widths = tuning.tile_widths()
+        tiles = 0 if widths is None else blocks * -(-seg // int(widths[widths > 0].min(initial=seg)))
+        capacity = GraphCapacity(requests=max_bs, blocks=blocks, items=max_bs * hkv * (len(menu) + 2),
+                                 groups=max_bs * hkv, tail_rows=max_bs * max_context, tiles=tiles)
         block_m = max(tuning.block_m, triton.next_power_of_2(self.group))
         self.plan = GraphPlan(menu, capacity, layers, block_m, tuning.block_n, d, self.max_programs, dev)
         self.write_rows = torch.zeros(max_bs, dtype=torch.int64, device=dev)

@@ -241,7 +241,9 @@ def host_plan(pool: MosaicKVPool, reqs: list[RequestKV], group: int, tuning: Mix
         run_chunks = power_of_two_at_least(kind_chunk_tokens(kept, int(tail_lens.sum()), layers, hkv, tuning.block_n,
                                                              max_programs, max_items))
     chunks_key = run_chunks if isinstance(run_chunks, int) else run_chunks.tobytes()
-    parts = [cache.get(("runs", *key, chunks_key), lambda b=b: cut_runs(b, run_chunks, table.device))
+    widths = tuning.tile_widths()  # packed tiles' starts are found with the runs, and kept with them
+    runs_key = (chunks_key, None if widths is None else widths.tobytes())
+    parts = [cache.get(("runs", *key, runs_key), lambda b=b: cut_runs(b, run_chunks, table.device, widths))
              for key, b in zip(keys, blocks)]
     cache.end_plan()
     block_m = max(tuning.block_m, triton.next_power_of_2(group))
@@ -249,12 +251,12 @@ def host_plan(pool: MosaicKVPool, reqs: list[RequestKV], group: int, tuning: Mix
     def plan() -> HostPlan:
         counts = np.asarray([len(s) for s in slabs], dtype=np.int64)
         indptr = np.concatenate([[0], np.cumsum(np.tile(np.repeat(counts, hkv), layers))])
-        runs = batch_runs(parts, hkv)
+        runs = batch_runs(parts, hkv, widths is not None)
         return plan_host(table, indptr, runs.block_indices, qo_lens, tail_lens, layers, hkv, group, block_m,
                          tuning.block_n, chunk_tokens, max_programs, max_items, runs)
 
     tail_counts = tail_items(qo_lens, tail_lens, group, block_m, tail_chunk(chunk_tokens, tuning.block_n))
-    key = ("plan", layers, hkv, group, block_m, tuning.block_n, chunk_tokens, chunks_key, tuple(keys),
+    key = ("plan", layers, hkv, group, block_m, tuning.block_n, chunk_tokens, runs_key, tuple(keys),
            qo_lens.tobytes(), tail_counts.tobytes())
     host = cache.plan(key, plan).with_tails(tail_lens, group)
     return host, torch.cat(tails + [torch.zeros(0, dtype=torch.int64)])

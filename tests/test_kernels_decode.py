@@ -16,7 +16,8 @@ import pytest
 
 from mosaickv.formats import HEADER_BYTES, BlockFormat, SideFormat
 from mosaickv.kernels.decode import MixedAttention, MixedDecodeWrapper, run_plan
-from mosaickv.kernels.layout import pack_requests, packed_tile_starts
+from mosaickv.kernels.block_runs import KIND_PAIRS, batch_runs, block_runs, run_tile_starts
+from mosaickv.kernels.layout import pack_requests
 from mosaickv.kernels.synthetic import Recipe, random_layer, synthetic_arena
 from mosaickv.reference import CompressedLayer, attention
 
@@ -178,32 +179,63 @@ def test_spanned_launches_are_dense_pairs_of_blocks_within_the_span() -> None:
         MixedDecodeWrapper(pipeline_stages=0)
 
 
-def test_packed_tile_starts_match_a_walk_over_the_blocks() -> None:
+def test_run_tile_starts_match_a_walk_over_the_blocks() -> None:
     """Each packed tile starts in the first block keeping a token past the tokens of the
-    tiles before (empty blocks skipped), that many of its tokens already taken; items not
-    packed get no tiles, an item keeping nothing none either."""
+    tiles before (empty blocks skipped), counted from its run's first block, that many of
+    its tokens already taken; runs not packed get no tiles, a run keeping nothing none
+    either, and each run's tiles follow the run before's."""
     rng = np.random.default_rng(3)
     kept = rng.choice([0, 0, 3, 8, 16, 32], size=60)
-    items = np.zeros((5, 7), dtype=np.int32)
-    items[:, 3], items[:, 4] = [0, 10, 25, 25, 50], [10, 25, 50, 50, 60]
+    lo, hi = np.array([0, 10, 25, 25, 50]), np.array([10, 25, 50, 50, 60])
     kept[50:60] = 0
     widths = np.array([16, 32, 16, 0, 16])
-    tile_ptr, tiles = packed_tile_starts(kept, items, widths)
-    expected = []
-    for (lo, hi), width in zip(items[:, 3:5], widths):
-        if not width:
-            continue
-        owner = [j for j in range(lo, hi) for _ in range(kept[j])]  # each kept token's block
-        for start in range(0, len(owner), width):
+    tile_lo, tile_hi, tiles = run_tile_starts(kept, lo, hi, widths)
+    expected, counts = [], []
+    for a, b, width in zip(lo, hi, widths):
+        owner = [j for j in range(a, b) for _ in range(kept[j])] if width else []  # each kept token's block
+        counts.append(len(range(0, len(owner), width or 1)))
+        for start in range(0, len(owner), width or 1):
             j = owner[start]
-            expected.append((j, start - sum(kept[lo:j])))
-    assert tile_ptr.tolist() == [0, *np.cumsum([-(-kept[lo:hi].sum() // w) if w else 0
-                                                for (lo, hi), w in zip(items[:, 3:5], widths)]).tolist()]
-    assert tiles.tolist() == [list(t) for t in expected]
+            expected.append((j - a, start - sum(kept[a:j])))
+    assert tile_hi.tolist() == np.cumsum(counts).tolist() and tile_lo.tolist() == (np.cumsum(counts) - counts).tolist()
+    assert tiles.tolist() == [block << 16 | taken for block, taken in expected]
+    longest = (1 << 15) + 1  # a tile starting in block 32,768 of its run does not fit 15 bits
+    with pytest.raises(ValueError, match=f"a run of {longest} blocks"):
+        run_tile_starts(np.ones(longest, dtype=np.int64), np.array([0]), np.array([longest]), np.array([1]))
+
+
+def test_a_batchs_runs_keep_each_requests_tile_starts() -> None:
+    """batch_runs places requests' runs back to back: each run's tiles are the rows its
+    request's runs had, moved by the tiles of the requests before; a request's runs cut
+    without tile starts beside one cut with them is refused."""
+    gen = torch.Generator().manual_seed(4)
+    widths = np.zeros(KIND_PAIRS, dtype=np.int64)
+    widths[0] = 16
+    parts = []
+    for segments in (5, 0, 7):
+        arena, indptr, indices = pack_requests([random_layer(gen, segments, 16, 2, 64, kinds=("dense", "sparse"))],
+                                               2, 64)
+        parts.append(block_runs(arena.table, indptr, indices, 40, tile_widths=widths))
+    batch = batch_runs(parts, 2, tile_starts=True)
+    sizes = np.array([p.block_indices.numel() for p in parts])
+    offsets, tile_offsets = np.cumsum(sizes) - sizes, np.cumsum([len(p.tiles) for p in parts]) - [len(p.tiles) for p in parts]
+    assert len(batch.lo) == sum(len(p.lo) for p in parts) and int(batch.tile_hi.max()) == len(batch.tiles) > 0
+    for lo, t_lo, t_hi in zip(batch.lo, batch.tile_lo, batch.tile_hi):
+        b = int(np.searchsorted(offsets, lo, side="right")) - 1
+        i = int(np.flatnonzero(parts[b].lo == lo - offsets[b])[0])
+        assert (t_lo - tile_offsets[b], t_hi - tile_offsets[b]) == (parts[b].tile_lo[i], parts[b].tile_hi[i])
+        assert batch.tiles[t_lo:t_hi].tolist() == parts[b].tiles[parts[b].tile_lo[i] : parts[b].tile_hi[i]].tolist()
+    plain = block_runs(arena.table, indptr, indices, 40)
+    assert plain.tiles is None and not plain.tile_hi.any()
+    with pytest.raises(ValueError, match=r"batch_runs\(tile_starts=True\) got runs cut without tile starts"):
+        batch_runs([parts[0], plain], 2, tile_starts=True)
+    with pytest.raises(ValueError, match=r"batch_runs\(tile_starts=False\) got runs cut with tile starts"):
+        batch_runs(parts, 2)
+    assert len(batch_runs([], 2, tile_starts=True).tiles) == 0  # an empty batch (a graph's capture) has them too
 
 
 def test_tile_starts_need_a_plan_that_has_them() -> None:
-    """A plan made without tile starts (as the server's are) is refused by a tuning that
+    """A plan made without tile starts (by a tuning without them) is refused by a tuning that
     reads them, not run with tiles starting nowhere."""
     gen = torch.Generator().manual_seed(9)
     arena, indptr, indices = pack_requests([random_layer(gen, 2, 16, 1, 64, kinds=("dense",))], 1, 64)

@@ -24,6 +24,10 @@ from test_kernels_decode import check_close, oracle
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TUNING = MixedDecodeWrapper(block_n=16)
+# The server's kind of decode tuning: packed tiles (dense and sparse-key blocks) whose
+# starts come from the plan, beside a block per tile for the other formats.
+TILE_STARTS = MixedDecodeWrapper(block_n=16, wide_block_n=16, pack_tokens=True, pack_sparse_keys=True,
+                                 tile_starts=True)
 
 
 class Store:
@@ -42,7 +46,7 @@ class Store:
         self.tail_v = torch.cat([t.transpose(0, 1) for t in self.tv]).contiguous().to(DEVICE)
         self.hkv, self.d = hkv, d
 
-    def plan(self, batch: list[int], group: int):  # noqa: ANN201 - a HostPlan and the tail rows
+    def plan(self, batch: list[int], group: int, tuning: MixedDecodeWrapper = TUNING):  # noqa: ANN201 - a HostPlan and the tail rows
         hkv = self.hkv
         spans = [(self.indptr[b * hkv + h], self.indptr[b * hkv + h + 1]) for b in batch for h in range(hkv)]
         indices = np.concatenate([np.arange(lo, hi) for lo, hi in spans] + [np.zeros(0, dtype=np.int64)])
@@ -51,7 +55,8 @@ class Store:
         rows = np.concatenate([np.arange(self.tail_start[b], self.tail_start[b + 1]) for b in batch]
                               + [np.zeros(0, dtype=np.int64)])
         host = plan_host(self.arena.table_host, indptr, indices, np.ones(len(batch), dtype=np.int64), tail_lens, 1,
-                         hkv, group, max(TUNING.block_m, 1 << (group - 1).bit_length()), TUNING.block_n, 32, 3)
+                         hkv, group, max(tuning.block_m, 1 << (group - 1).bit_length()), tuning.block_n, 32, 3,
+                         tile_widths=tuning.tile_widths())
         return host, rows
 
     def reference(self, batch: list[int], q: torch.Tensor) -> torch.Tensor:
@@ -72,18 +77,19 @@ def graph_for(store: Store, group: int, capacity: GraphCapacity) -> GraphPlan:
 BATCHES = [[0, 1, 2, 3, 4], [3], [4, 0, 2], []]
 
 
-def run_batches(store: Store, gp: GraphPlan, group: int, gen: torch.Generator, capture: bool) -> None:
+def run_batches(store: Store, gp: GraphPlan, group: int, gen: torch.Generator, capture: bool,
+                tuning: MixedDecodeWrapper = TUNING) -> None:
     hq = store.hkv * group
     q = torch.zeros(gp.capacity.requests, hq, store.d, dtype=torch.bfloat16, device=DEVICE)
     out = torch.zeros_like(q)
 
     def run() -> None:
         run_plan(gp.plans[0], store.arena.values, store.arena.index, store.arena.table, store.arena.widths_aligned,
-                 store.tail_k, store.tail_v, gp.tail_rows, q, out, store.d ** -0.5, group, TUNING)
+                 store.tail_k, store.tail_v, gp.tail_rows, q, out, store.d ** -0.5, group, tuning)
 
     graph = None
     for n, batch in enumerate(BATCHES):
-        host, rows = store.plan(batch, group)
+        host, rows = store.plan(batch, group, tuning)
         gp.load(host, rows)
         q.copy_(torch.randn(q.shape, generator=gen).bfloat16())
         out.fill_(float("nan"))
@@ -102,6 +108,8 @@ def run_batches(store: Store, gp: GraphPlan, group: int, gen: torch.Generator, c
 
 
 CAPACITY = GraphCapacity(requests=6, blocks=64, items=96, groups=24, tail_rows=128)
+# 16-token tiles of 16-token segments: a packed run takes at most a tile per block.
+TILE_CAPACITY = GraphCapacity(requests=6, blocks=64, items=96, groups=24, tail_rows=128, tiles=64)
 
 
 @pytest.mark.parametrize(("group", "d"), [(1, 64), (3, 64), (4, 128), (8, 64)])
@@ -112,6 +120,33 @@ def test_one_graph_plan_serves_changing_batches(group: int, d: int) -> None:
     gen = torch.Generator().manual_seed(group * d)
     store = Store(gen, segments=[3, 0, 2, 1, 4], tails=[5, 9, 0, 40, 1], hkv=2, d=d)
     run_batches(store, graph_for(store, group, CAPACITY), group, gen, capture=False)
+
+
+@pytest.mark.parametrize(("group", "d"), [(1, 64), (4, 128), (3, 64)])
+def test_one_graph_plan_serves_changing_batches_with_tile_starts(group: int, d: int) -> None:
+    """The same through packed tiles whose starts the plan gives (the server's decode):
+    each batch's tile starts go into the static buffer beside its blocks, dense and
+    sparse-key blocks of every kept count share tiles, every batch equals the reference."""
+    gen = torch.Generator().manual_seed(100 + group * d)
+    store = Store(gen, segments=[3, 0, 2, 1, 4], tails=[5, 9, 0, 40, 1], hkv=2, d=d)
+    host, _ = store.plan(BATCHES[0], group, TILE_STARTS)
+    assert len(host.tiles) > 0
+    gp = graph_for(store, group, TILE_CAPACITY)
+    run_batches(store, gp, group, gen, capture=False, tuning=TILE_STARTS)
+
+
+def test_tile_starts_in_a_graph_are_checked() -> None:
+    """A graph that reads tile starts refuses a plan without them, and a batch with more
+    tiles than its capacity, by name."""
+    gen = torch.Generator().manual_seed(5)
+    store = Store(gen, segments=[3, 2], tails=[4, 4], hkv=2, d=64, fmt=BlockFormat(16))  # a tile a block
+    without, rows = store.plan([0, 1], 2)
+    with pytest.raises(ValueError, match="this graph reads packed tiles' starts .* and the plan has none"):
+        graph_for(store, 2, TILE_CAPACITY).load(without, rows)
+    host, rows = store.plan([0, 1], 2, TILE_STARTS)
+    few = GraphCapacity(requests=6, blocks=64, items=96, groups=24, tail_rows=128, tiles=1)
+    with pytest.raises(ValueError, match=rf"this batch has {len(host.tiles)} tiles, above GraphCapacity.tiles=1"):
+        graph_for(store, 2, few).load(host, rows)
 
 
 def test_a_batch_above_capacity_is_refused_by_name() -> None:
@@ -161,3 +196,4 @@ def test_captured_once_replayed_for_every_batch(group: int, d: int) -> None:
     gen = torch.Generator().manual_seed(group + d)
     store = Store(gen, segments=[3, 0, 2, 1, 4], tails=[5, 9, 0, 40, 1], hkv=2, d=d)
     run_batches(store, graph_for(store, group, CAPACITY), group, gen, capture=True)
+    run_batches(store, graph_for(store, group, TILE_CAPACITY), group, gen, capture=True, tuning=TILE_STARTS)

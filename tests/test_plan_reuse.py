@@ -29,6 +29,8 @@ def assert_same_plan(got: HostPlan, want: HostPlan) -> None:
     assert np.array_equal(got.requests, want.requests)
     assert torch.equal(got.block_indices.cpu(), want.block_indices.cpu())
     assert (got.block_m, got.block_n) == (want.block_m, want.block_n)
+    assert (got.tiles is None) == (want.tiles is None)
+    assert got.tiles is None or torch.equal(got.tiles.cpu(), want.tiles.cpu())
     assert len(got.layers) == len(want.layers)
     for a, b in zip(got.layers, want.layers):
         assert np.array_equal(a.items, b.items) and a.items.dtype == b.items.dtype
@@ -123,18 +125,18 @@ from mosaickv.sglang_patch.forward_inputs import (  # noqa: E402
 from test_sglang_attention import HKV, LAYERS, SEG, Twin  # noqa: E402
 
 
-def fresh_plan(pool, reqs, chunk: int, run_chunks=None) -> tuple[HostPlan, torch.Tensor]:
+def fresh_plan(pool, reqs, chunk: int, run_chunks=None, tuning=DECODE_TUNING) -> tuple[HostPlan, torch.Tensor]:
     """What host_plan built before it kept anything: each request's runs found again
-    (cut at ``run_chunks``, one per format pair, if given), placed side by side
-    (batch_runs), planned (plan_host). A kept plan must equal it."""
+    (cut at ``run_chunks``, one per format pair, if given; with ``tuning``'s tile starts),
+    placed side by side (batch_runs), planned (plan_host). A kept plan must equal it."""
     found = [sealed_and_tail(req) for req in reqs]
     pairs = np.arange(LAYERS * HKV + 1)
     parts = [block_runs(pool.block_table, pairs * len(s), block_rows(s, np.asarray([len(s)]), LAYERS, HKV),
-                        chunk if run_chunks is None else run_chunks)
+                        chunk if run_chunks is None else run_chunks, tile_widths=tuning.tile_widths())
              for s, _ in found]
     counts = np.asarray([len(s) for s, _ in found], dtype=np.int64)
     indptr = np.concatenate([[0], np.cumsum(np.tile(np.repeat(counts, HKV), LAYERS))])
-    runs = batch_runs(parts, HKV)
+    runs = batch_runs(parts, HKV, tuning.tile_starts)
     host = plan_host(pool.block_table, indptr, runs.block_indices, [req.nq for req in reqs], [len(t) for _, t in found],
                      LAYERS, HKV, 3, DECODE_TUNING.block_m, DECODE_TUNING.block_n, chunk, 8, runs=runs)
     return host, torch.cat([t for _, t in found] + [torch.zeros(0, dtype=torch.int64)])
@@ -153,6 +155,7 @@ def test_a_kept_batch_plan_equals_a_fresh_one_step_after_step():
         host, rows = host_plan(pool, reqs, 3, DECODE_TUNING, 8, chunk_tokens=64)
         assert (cache.plan_hits > hits) == reused
         want, want_rows = fresh_plan(pool, reqs, 64)
+        assert host.tiles is not None  # the server's decode reads packed tiles' starts from its plans
         assert_same_plan(host, want)
         assert torch.equal(rows, want_rows)
 
@@ -221,7 +224,7 @@ def test_runs_cut_per_format_pair_follow_the_batch_s_work():
         hits = pool.run_cache.plan_hits
         host, _ = host_plan(pool, reqs, 3, tuning, 8, chunk_tokens=8)  # tails' chunk: far below every pair's
         assert (pool.run_cache.plan_hits > hits) == reused
-        assert_same_plan(host, fresh_plan(pool, reqs, 8, chunks)[0])
+        assert_same_plan(host, fresh_plan(pool, reqs, 8, chunks, tuning)[0])
         return chunks
 
     check(reused=False)

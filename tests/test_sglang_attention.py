@@ -403,16 +403,19 @@ def test_compiled_variants_cover_every_launch_of_the_policys_segments(device, va
 
 
 def runs_by_layer(host) -> list[list[tuple]]:
-    """Each layer's items as (request, head, row0, kind, the blocks they read, tail range):
-    what two plans must agree on, wherever their block indices put those blocks."""
+    """Each layer's items as (request, head, row0, kind, the blocks they read, tail range
+    or packed tiles' starts): what two plans must agree on, wherever their block indices
+    (and tile starts) put those blocks."""
     rows = host.block_indices.cpu().numpy()
+    tiles = np.zeros(0, dtype=np.int32) if host.tiles is None else host.tiles.cpu().numpy()
     out = []
     for layer in host.layers:
         kinds = np.zeros(len(layer.items), dtype=np.int64)
         for k, v, _, ids in layer.launches:
             kinds[ids] = k * 8 + v
         out.append(sorted((int(it[0]), int(it[1]), int(it[2]), int(kind), tuple(rows[it[3]:it[4]].tolist()),
-                           int(it[5]), int(it[6])) for it, kind in zip(layer.items, kinds)))
+                           (int(it[5]), int(it[6])) if kind < 0 else tuple(tiles[it[5]:it[6]].tolist()))
+                          for it, kind in zip(layer.items, kinds)))
     return out
 
 
@@ -436,7 +439,8 @@ def test_a_plan_reuses_each_requests_runs_until_a_slab_holds_another_segment():
         indptr = np.concatenate([[0], np.cumsum(np.tile(np.repeat(counts, HKV), LAYERS))])
         tails = [sum(len(r) for r in req.runs if not isinstance(r, int)) for req in reqs]
         return plan_host(pool.block_table, indptr, block_rows(np.concatenate(slabs), counts, LAYERS, HKV),
-                         [1, 1], tails, LAYERS, HKV, 3, DECODE_TUNING.block_m, DECODE_TUNING.block_n, chunk, 8)
+                         [1, 1], tails, LAYERS, HKV, 3, DECODE_TUNING.block_m, DECODE_TUNING.block_n, chunk, 8,
+                         tile_widths=DECODE_TUNING.tile_widths())
 
     first, _ = host_plan(pool, reqs, 3, DECODE_TUNING, 8, chunk_tokens=64)
     misses = cache.misses

@@ -35,7 +35,7 @@ B, L, HQ, HKV, D = 32, 32768, 32, 8, 128
 # MixedDecodeWrapper settings beside programs per SM; the first is the server's DECODE_TUNING.
 SETTINGS = [
     ({"block_n": 32, "pack_tokens": True, "wide_block_n": 32, "pack_sparse_keys": True, "unroll_group": True,
-      "chunk_by_kind": True}, 8),
+      "chunk_by_kind": True, "tile_starts": True}, 8),
     ({"block_n": 32}, 8),  # one block per tile: the server's for segments over 32 tokens
     ({"block_n": 32, "pack_tokens": True, "wide_block_n": 32}, 16),
     ({"block_n": 32, "pack_tokens": True, "wide_block_n": 128}, 8),
@@ -99,13 +99,14 @@ SETTINGS = [
       "chunk_by_kind": True, "block_span": 32}, 8),
     ({"block_n": 32, "pack_tokens": True, "wide_block_n": 32, "pack_sparse_keys": True, "unroll_group": True,
       "chunk_by_kind": True, "block_span": 32, "num_warps": 8}, 4),
-    # Settings 18-20: the server's packed tiles, each starting where the plan says
-    # (tile_starts), so the tile loop is pipelined as setting 12's is while tokens stay
-    # packed: 3 stages (128 registers, as the server's), 9 stages (157), eight warps at 3
-    # stages (92; registers.py --launches dense_packed_tile_starts --stages 3 9). Dense keys'
-    # loads become async copies; sparse keys' gathers do not (0 in the compiled loop).
+    # Setting 18: the server's before the eighteenth run, each packed tile starting where
+    # the one before ended; settings 19-20: the server's (tile_starts) at 9 stages (157
+    # registers) and on eight warps at 3 (92; registers.py --launches
+    # dense_packed_tile_starts --stages 3 9). Eighteenth run (h200_2026-12-02/call5_diag),
+    # tile starts at 3 stages, then 18, 19, 20: the 3x mix 672 us, 704, 722, 1,107; 6x 425,
+    # 433, 459, 672; dense 1,413, 1,521, 1,533, 2,526.
     ({"block_n": 32, "pack_tokens": True, "wide_block_n": 32, "pack_sparse_keys": True, "unroll_group": True,
-      "chunk_by_kind": True, "tile_starts": True}, 8),
+      "chunk_by_kind": True}, 8),
     ({"block_n": 32, "pack_tokens": True, "wide_block_n": 32, "pack_sparse_keys": True, "unroll_group": True,
       "chunk_by_kind": True, "tile_starts": True, "pipeline_stages": 9}, 8),
     ({"block_n": 32, "pack_tokens": True, "wide_block_n": 32, "pack_sparse_keys": True, "unroll_group": True,

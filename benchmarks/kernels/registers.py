@@ -51,7 +51,7 @@ LAUNCHES = {
 POINTERS = {"q_ptr": "*bf16", "values_ptr": "*bf16", "index_ptr": "*u8", "table_ptr": "*i64", "block_idx_ptr": "*i64",
             "tail_k_ptr": "*bf16", "tail_v_ptr": "*bf16", "tail_rows_ptr": "*i32", "req_ptr": "*i64",
             "items_ptr": "*i64", "item_list_ptr": "*i32", "count_ptr": "*i32", "o_part_ptr": "*fp32",
-            "lse_part_ptr": "*fp32", "scratch_ptr": "*bf16", "tile_ptr_ptr": "*i32", "tiles_ptr": "*i32"}
+            "lse_part_ptr": "*fp32", "scratch_ptr": "*bf16", "tiles_ptr": "*i32"}
 REGISTERS_PER_SM, MAX_WARPS_PER_SM, MAX_BLOCKS_PER_SM = 65536, 64, 32
 
 

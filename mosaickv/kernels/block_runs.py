@@ -37,6 +37,12 @@ class BlockRuns:
     kind: np.ndarray  # [runs] 4 * k_kind + v_kind
     k_width_max: np.ndarray  # [KIND_PAIRS] widest key side among every block of each pair (0: none)
     v_width_max: np.ndarray  # [KIND_PAIRS] the same for values
+    # Packed runs' tile starts (:func:`run_tile_starts`): run i's are rows tile_lo[i] ..
+    # tile_hi[i] of ``tiles`` (int32 [T], on block_indices' device); ``tiles`` is None
+    # for runs cut without them (tile_lo and tile_hi are then 0).
+    tile_lo: np.ndarray
+    tile_hi: np.ndarray
+    tiles: torch.Tensor | None
 
 
 def as_table(table: torch.Tensor | np.ndarray) -> torch.Tensor:
@@ -132,13 +138,43 @@ def extend_blocks(blocks: GroupedBlocks, table: torch.Tensor | np.ndarray, pairs
                          widths[0], widths[1])
 
 
-def cut_runs(blocks: GroupedBlocks, chunk_tokens: int | np.ndarray, device: torch.device | str = "cpu") -> BlockRuns:
+def run_tile_starts(tokens: np.ndarray, lo: np.ndarray, hi: np.ndarray, widths: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Where each packed tile of each run starts, so that a kernel's tiles need not wait
+    on the tile before to find theirs. ``tokens``: kept tokens of each block position;
+    ``lo``/``hi``: each run's positions; ``widths``: its tile length in tokens, 0 for a run
+    not packed. Returns each run's tiles as entries ``tile_lo`` .. ``tile_hi`` of ``tiles``
+    (int32 ``[T]``): the block a tile starts in, counted from the run's first (the first
+    keeping a token past the tiles before), in the high 16 bits, and how many of its tokens
+    earlier tiles took in the low 16 (4 bytes a tile: a graph's buffer holds the worst
+    batch's, one a block). Relative to the run, a request's tiles hold wherever its blocks
+    go in a batch."""
+    starts = np.zeros(len(tokens) + 1, dtype=np.int64)
+    np.cumsum(tokens, out=starts[1:])
+    lo, hi, width = (np.asarray(a, dtype=np.int64) for a in (lo, hi, widths))
+    total = np.where(width > 0, starts[hi] - starts[lo], 0)
+    counts = -(-total // np.maximum(width, 1))
+    tile_hi = np.cumsum(counts)
+    tile_lo = tile_hi - counts
+    run = np.repeat(np.arange(len(lo)), counts)
+    token = starts[lo[run]] + (np.arange(len(run)) - tile_lo[run]) * width[run]
+    pos = np.searchsorted(starts, token, side="right") - 1
+    block, taken = pos - lo[run], token - starts[pos]
+    if len(run) and (block.max() >= 1 << 15 or taken.max() >= 1 << 16):
+        raise ValueError(f"tile starts are packed in 15 and 16 bits: a run of {int(block.max()) + 1} blocks (at most "
+                         f"{1 << 15}) or a block keeping {int(taken.max()) + 1} tokens (at most {1 << 16}); cut shorter runs")
+    return tile_lo, tile_hi, (block << 16 | taken).astype(np.int32)
+
+
+def cut_runs(blocks: GroupedBlocks, chunk_tokens: int | np.ndarray, device: torch.device | str = "cpu",
+             tile_widths: np.ndarray | None = None) -> BlockRuns:
     """Cut each group into runs of about ``chunk_tokens`` kept tokens (an int, or one per
     format pair: ``KIND_PAIRS`` entries); runs that keep no token are dropped. The blocks in
-    run order go to ``device``."""
+    run order go to ``device``. ``tile_widths``: each format pair's packed tile length (0:
+    not packed, ``KIND_PAIRS`` entries), to find the runs' tile starts too."""
     nnz = len(blocks.key)
     if nnz == 0:
-        return _no_runs(torch.zeros(0, dtype=torch.int64, device=device))
+        return _no_runs(torch.zeros(0, dtype=torch.int64, device=device), tile_widths is not None)
     chunk_of = run_lengths(chunk_tokens)
     key = blocks.key.astype(np.int64)
     key_new = np.ones(nnz, dtype=bool)
@@ -154,18 +190,25 @@ def cut_runs(blocks: GroupedBlocks, chunk_tokens: int | np.ndarray, device: torc
     hi = np.append(lo[1:], nnz)
     keep = starts[hi] > starts[lo]
     lo, hi = lo[keep], hi[keep]
-    return BlockRuns(upload(blocks.rows, device), key[lo] // KIND_PAIRS, lo, hi, key[lo] % KIND_PAIRS,
-                     blocks.k_width_max.copy(), blocks.v_width_max.copy())
+    kind = key[lo] % KIND_PAIRS
+    runs = BlockRuns(upload(blocks.rows, device), key[lo] // KIND_PAIRS, lo, hi, kind, blocks.k_width_max.copy(),
+                     blocks.v_width_max.copy(), np.zeros_like(lo), np.zeros_like(lo), None)
+    if tile_widths is not None:
+        runs.tile_lo, runs.tile_hi, tiles = run_tile_starts(blocks.tokens, lo, hi, np.asarray(tile_widths)[kind])
+        runs.tiles = upload(tiles, device)
+    return runs
 
 
 def block_runs(table: torch.Tensor | np.ndarray, block_indptr: np.ndarray, block_indices: torch.Tensor | np.ndarray,
-               chunk_tokens: int | np.ndarray, device: torch.device | str | None = None) -> BlockRuns:
+               chunk_tokens: int | np.ndarray, device: torch.device | str | None = None,
+               tile_widths: np.ndarray | None = None) -> BlockRuns:
     """Each pair's blocks grouped by format pair (:func:`group_blocks`) and cut into runs of
-    about ``chunk_tokens`` kept tokens (:func:`cut_runs`). Found on the host; the blocks in
-    run order go to ``device`` (default: ``block_indices``' device, the host for numpy)."""
+    about ``chunk_tokens`` kept tokens (:func:`cut_runs`, ``tile_widths`` as there). Found
+    on the host; the blocks in run order go to ``device`` (default: ``block_indices``'
+    device, the host for numpy)."""
     if device is None:
         device = block_indices.device if isinstance(block_indices, torch.Tensor) else "cpu"
-    return cut_runs(group_blocks(table, block_indptr, block_indices), chunk_tokens, device)
+    return cut_runs(group_blocks(table, block_indptr, block_indices), chunk_tokens, device, tile_widths)
 
 
 def run_lengths(chunk_tokens: int | np.ndarray) -> int | np.ndarray:
@@ -179,28 +222,39 @@ def run_lengths(chunk_tokens: int | np.ndarray) -> int | np.ndarray:
     return np.maximum(chunks, 1)
 
 
-def _no_runs(block_indices: torch.Tensor) -> BlockRuns:
+def _no_runs(block_indices: torch.Tensor, with_tiles: bool = False) -> BlockRuns:
     empty, none = np.zeros(0, dtype=np.int64), np.zeros(KIND_PAIRS, dtype=np.int64)
-    return BlockRuns(block_indices, empty, empty, empty, empty, none, none.copy())
+    tiles = torch.zeros(0, dtype=torch.int32, device=block_indices.device) if with_tiles else None
+    return BlockRuns(block_indices, empty, empty, empty, empty, none, none.copy(), empty, empty, tiles)
 
 
-def batch_runs(parts: list[BlockRuns], num_kv_heads: int) -> BlockRuns:
+def batch_runs(parts: list[BlockRuns], num_kv_heads: int, tile_starts: bool = False) -> BlockRuns:
     """A batch's runs from each request's own (request ``b``'s pairs are ``layer * Hkv +
     head``): pairs become ``(layer * B + b) * Hkv + head``, layer-major as
     :func:`block_runs` orders a batch, and positions follow the requests' block indices
-    placed back to back. Each request's runs keep their order within a pair."""
+    (and tile starts) placed back to back. Each request's runs keep their order within a pair.
+    ``tile_starts``: whether the runs were cut with tile starts (an empty batch has them too)."""
     hkv, bsz = num_kv_heads, len(parts)
     if not parts:
-        return _no_runs(torch.zeros(0, dtype=torch.int64))
+        return _no_runs(torch.zeros(0, dtype=torch.int64), tile_starts)
+    if any((p.tiles is not None) != tile_starts for p in parts):
+        raise ValueError(f"batch_runs(tile_starts={tile_starts}) got runs cut {'without' if tile_starts else 'with'} "
+                         "tile starts: cut every request's runs alike")
     sizes = np.asarray([p.block_indices.numel() for p in parts], dtype=np.int64)
     offsets = np.cumsum(sizes) - sizes
+    tile_sizes = np.asarray([0 if p.tiles is None else len(p.tiles) for p in parts], dtype=np.int64)
+    tile_offsets = np.cumsum(tile_sizes) - tile_sizes
     pair = np.concatenate([(p.pair // hkv * bsz + b) * hkv + p.pair % hkv for b, p in enumerate(parts)])
     order = np.argsort(pair, kind="stable")
-    lo = np.concatenate([p.lo + offsets[b] for b, p in enumerate(parts)])[order]
-    hi = np.concatenate([p.hi + offsets[b] for b, p in enumerate(parts)])[order]
+
+    def placed(field: str, at: np.ndarray) -> np.ndarray:
+        return np.concatenate([getattr(p, field) + at[b] for b, p in enumerate(parts)])[order]
+
     kind = np.concatenate([p.kind for p in parts])[order]
-    return BlockRuns(torch.cat([p.block_indices for p in parts]), pair[order], lo, hi, kind,
-                     np.stack([p.k_width_max for p in parts]).max(0), np.stack([p.v_width_max for p in parts]).max(0))
+    return BlockRuns(torch.cat([p.block_indices for p in parts]), pair[order], placed("lo", offsets),
+                     placed("hi", offsets), kind, np.stack([p.k_width_max for p in parts]).max(0),
+                     np.stack([p.v_width_max for p in parts]).max(0), placed("tile_lo", tile_offsets),
+                     placed("tile_hi", tile_offsets), torch.cat([p.tiles for p in parts]) if tile_starts else None)
 
 
 class RunCache:

@@ -45,6 +45,7 @@ import triton
 import triton.language as tl
 
 from mosaickv.kernels._interpret import patch_interpreter
+from mosaickv.kernels.block_runs import KIND_PAIRS
 from mosaickv.kernels.layout import (
     DENSE,
     SPARSE,
@@ -53,11 +54,9 @@ from mosaickv.kernels.layout import (
     Launch,
     build_plan,
     pack_requests,
-    packed_tile_starts,
     ragged_tails,
 )
 from mosaickv.reference import CompressedLayer
-from mosaickv.uploads import upload
 
 patch_interpreter()
 
@@ -317,7 +316,7 @@ def _mixed_attn_kernel(
     q_ptr, stride_qt, stride_qh,
     values_ptr, index_ptr, table_ptr, block_idx_ptr,
     tail_k_ptr, tail_v_ptr, stride_kt, stride_kh, stride_vt, stride_vh, tail_rows_ptr,
-    req_ptr, items_ptr, item_list_ptr, count_ptr, o_part_ptr, lse_part_ptr, scratch_ptr, tile_ptr_ptr, tiles_ptr,
+    req_ptr, items_ptr, item_list_ptr, count_ptr, o_part_ptr, lse_part_ptr, scratch_ptr, tiles_ptr,
     qk_scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     K_KIND: tl.constexpr, V_KIND: tl.constexpr, R_MAX: tl.constexpr, R_LOG2: tl.constexpr,
@@ -334,8 +333,9 @@ def _mixed_attn_kernel(
     per tile). ``SPAN`` > 0 (dense pairs): a tile is ``BLOCK_N // SPAN``
     whole blocks of at most ``SPAN`` kept tokens, read through a loop of ``STAGES``
     software-pipelined stages. ``TILE_STARTS`` (packed launches): each tile's start is
-    read from the plan (``tile_ptr``, ``tiles``), not found from the tile before, so the
-    tile loop is pipelined ``STAGES`` deep too."""
+    read from the plan (entries ``tail_lo`` .. ``tail_hi`` of ``tiles``: block past
+    ``block_lo`` << 16 | tokens of it taken), not found from the tile before, so the tile
+    loop is pipelined ``STAGES`` deep too."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     rows = tl.arange(0, BLOCK_M)
@@ -413,10 +413,12 @@ def _mixed_attn_kernel(
             blk_hi = tl.load(item + 4)
             j0 = tl.load(item + 3)
             if TILE_STARTS:
-                for t in tl.range(tl.load(tile_ptr_ptr + it), tl.load(tile_ptr_ptr + it + 1), num_stages=STAGES):
+                # int32 (as the plan's items are): int64 bounds cost the launch 20 registers.
+                for t in tl.range(tl.load(item + 5).to(tl.int32), tl.load(item + 6).to(tl.int32), num_stages=STAGES):
+                    start = tl.load(tiles_ptr + t)
                     tok_ok, kt, k_ix, k_live, vt, _, _ = _packed_tile(
-                        table_ptr, block_idx_ptr, values_ptr, index_ptr, tl.load(tiles_ptr + 2 * t),
-                        tl.load(tiles_ptr + 2 * t + 1), blk_hi, toks, cols, jr, K_KIND, HEAD_DIM, BLOCK_N, ALIGNED)
+                        table_ptr, block_idx_ptr, values_ptr, index_ptr, j0.to(tl.int32) + (start >> 16),
+                        start & 0xFFFF, blk_hi, toks, cols, jr, K_KIND, HEAD_DIM, BLOCK_N, ALIGNED)
                     m_i, l_i, acc = _packed_step(q, q_ptr, q_rows, n_rows, rows, tok_ok, kt, k_ix, k_live, vt, qk_scale,
                                                  m_i, l_i, acc, K_KIND, BLOCK_M, BLOCK_N, UNROLL)
             else:
@@ -578,9 +580,9 @@ class MixedAttention:
         (blocks must keep at most that many tokens: the plan checks), through a loop that
         Triton pipelines ``pipeline_stages`` deep: a packed tile's addresses wait on the
         tile before, these on the loop index alone. ``tile_starts``: the plan finds where
-        each packed tile starts (:func:`~mosaickv.kernels.layout.packed_tile_starts`), so
-        packed launches pipeline their tile loop ``pipeline_stages`` deep as well (planned
-        by ``plan_arena`` and ``plan_layers``, not yet by the server's plans)."""
+        each packed tile starts (:func:`~mosaickv.kernels.block_runs.run_tile_starts`, with
+        each request's runs), so packed launches pipeline their tile loop
+        ``pipeline_stages`` deep as well."""
         if sparse_densify not in SPARSE_MODES:
             raise ValueError(f"sparse_densify={sparse_densify!r} is not one of {', '.join(SPARSE_MODES)}")
         if pack_sparse_keys and not (pack_tokens and keys_by_query):
@@ -632,10 +634,8 @@ class MixedAttention:
         self._check_span(arena, block_indices)
         self._plan = build_plan(
             arena, block_indptr, block_indices, qo_lens, tail_lens, num_kv_heads, group, block_m, self.block_n,
-            chunk_tokens, max_programs, self.chunk_by_kind,
+            chunk_tokens, max_programs, self.chunk_by_kind, self.tile_widths(),
         )
-        if self.tile_starts:
-            self._plan_tile_starts(arena)
         self._arena, self._tail_k, self._tail_v = arena, tail_k, tail_v
         self._group, self._hq = group, num_qo_heads
         self._scale = 1.0 / math.sqrt(d) if scale is None else scale
@@ -664,19 +664,14 @@ class MixedAttention:
             np.asarray(qo_lens), num_qo_heads, num_kv_heads, scale, chunk_tokens, max_programs,
         )
 
-    def _plan_tile_starts(self, arena: Arena) -> None:
-        """The plan's packed tiles' starts, found on the host (a read of the plan back)."""
-        p = self._plan
-        items = p.items.cpu().numpy()
-        widths = np.zeros(len(items), dtype=np.int64)
-        for ln in p.launches:
-            if self.packs(ln.k_kind, ln.v_kind):
-                widths[ln.items[: int(ln.count.item())].cpu().numpy()] = self.tile_n(ln.k_kind, ln.v_kind)
-        kept = arena.table_host[p.block_indices.cpu().numpy().astype(np.int64), 0]
-        tile_ptr, tiles = packed_tile_starts(kept, items, widths)
-        # At least one row: a kernel argument must point somewhere even when no tile is read.
-        tiles = tiles if len(tiles) else np.zeros((1, 2), dtype=np.int32)
-        p.tile_ptr, p.tiles = upload(tile_ptr, p.items.device), upload(tiles, p.items.device)
+    def tile_widths(self) -> np.ndarray | None:
+        """Each format pair's packed tile length, 0 where not packed (``KIND_PAIRS``
+        entries, ``4 * k_kind + v_kind``): what a plan finds tile starts for; None
+        without ``tile_starts``."""
+        if not self.tile_starts:
+            return None
+        pairs = [divmod(kind, 4) for kind in range(KIND_PAIRS)]
+        return np.asarray([self.tile_n(k, v) if self.packs(k, v) else 0 for k, v in pairs], dtype=np.int64)
 
     def tile_n(self, k_kind: int, v_kind: int) -> int:
         """Tokens per tile of a launch of this format pair."""
@@ -756,7 +751,7 @@ def compile_variants(
         o_part=torch.zeros(1, block_m, head_dim, dtype=torch.float32, device=dev),
         lse_part=torch.zeros(1, block_m, dtype=torch.float32, device=dev),
         scratch=torch.zeros(1, 2, tuning.block_n, head_dim, dtype=torch.bfloat16, device=dev),
-        block_m=block_m, block_n=tuning.block_n, total_q=1,
+        block_m=block_m, block_n=tuning.block_n, total_q=1, tiles=i32[:1] if tuning.tile_starts else None,
     )
     lse = torch.zeros(1, hq, dtype=torch.float32, device=dev) if with_lse else None
     run_plan(plan, torch.zeros(16, dtype=torch.bfloat16, device=dev), torch.zeros(16, dtype=torch.uint8, device=dev),
@@ -788,14 +783,14 @@ def run_plan(
     rows = p.requests if tail_rows is None else tail_rows
     if tuning.tile_starts and p.tiles is None:
         raise ValueError("tile_starts=True reads packed tiles' starts from the plan, and this plan has none: plan it "
-                         "with MixedAttention.plan_arena or plan_layers")
-    tile_ptr, tiles = (p.items, p.items) if p.tiles is None else (p.tile_ptr, p.tiles)
+                         "with tile_widths=tuning.tile_widths() (MixedAttention.plan_arena and plan_layers do)")
+    tiles = p.items if p.tiles is None or not len(p.tiles) else p.tiles
     for ln in p.launches:
         _mixed_attn_kernel[(ln.num_programs,)](
             q, q.stride(0), q.stride(1),
             values, index, table, p.block_indices,
             tail_k, tail_v, tail_k.stride(0), tail_k.stride(1), tail_v.stride(0), tail_v.stride(1), rows,
-            p.requests, p.items, ln.items, ln.count, p.o_part, p.lse_part, p.scratch, tile_ptr, tiles,
+            p.requests, p.items, ln.items, ln.count, p.o_part, p.lse_part, p.scratch, tiles,
             scale * LOG2E,
             GROUP=group, HEAD_DIM=d, BLOCK_M=p.block_m, BLOCK_N=tuning.tile_n(ln.k_kind, ln.v_kind),
             K_KIND=ln.k_kind, V_KIND=ln.v_kind, R_MAX=ln.r_max, R_LOG2=ln.r_max.bit_length() - 1,

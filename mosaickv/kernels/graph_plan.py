@@ -44,11 +44,13 @@ class GraphCapacity:
     items: int  # items of one layer
     groups: int  # merge groups of one layer
     tail_rows: int  # dense tail tokens, all requests together
+    tiles: int = 0  # packed tiles' starts, all layers together (MixedAttention(tile_starts=True)); 0: none
 
     def __post_init__(self) -> None:
         for f in fields(self):
-            if getattr(self, f.name) < 1:
-                raise ValueError(f"GraphCapacity.{f.name}={getattr(self, f.name)} must be at least 1")
+            least = 0 if f.name == "tiles" else 1
+            if getattr(self, f.name) < least:
+                raise ValueError(f"GraphCapacity.{f.name}={getattr(self, f.name)} must be at least {least}")
 
 
 class GraphPlan:
@@ -85,6 +87,7 @@ class GraphPlan:
         self._staged = torch.cuda.Event() if self._pinned else None
         views = [self._flat[s : s + n] for s, n in zip(self._starts, sizes)]
         self.tail_rows = views[2]
+        self.tiles = torch.zeros(max(cap.tiles, 1), dtype=torch.int32, device=dev)
         o_part = torch.zeros(cap.items, block_m, head_dim, dtype=torch.float32, device=dev)
         lse_part = torch.zeros(cap.items, block_m, dtype=torch.float32, device=dev)
         scratch_rows = max_programs if any(SPARSE in (k, v) for k, v, _ in self.variants) else 1
@@ -107,12 +110,13 @@ class GraphPlan:
                 block_m=block_m,
                 block_n=block_n,
                 total_q=0,
+                tiles=self.tiles if cap.tiles else None,
             ))
 
     def nbytes(self) -> int:
         """Device bytes of the static buffers (plan, partial outputs, scratch)."""
         p = self.plans[0]
-        return sum(t.nbytes for t in (self._flat, p.o_part, p.lse_part, p.scratch))
+        return sum(t.nbytes for t in (self._flat, p.o_part, p.lse_part, p.scratch, self.tiles))
 
     def _variant(self, k_kind: int, v_kind: int, r_max: int) -> int:
         """The menu's narrowest variant of this format pair that is at least ``r_max`` wide."""
@@ -151,9 +155,13 @@ class GraphPlan:
             raise ValueError(f"the plan's tiles (block_m={host.block_m}, block_n={host.block_n}) are not the graph's "
                              f"({self.block_m}, {self.block_n})")
         tail_rows = np.zeros(0, dtype=np.int64) if tail_rows is None else np.asarray(tail_rows)
+        if cap.tiles and host.tiles is None:
+            raise ValueError("this graph reads packed tiles' starts (GraphCapacity.tiles > 0) and the plan has none: "
+                             "plan it with tile_widths=tuning.tile_widths()")
+        tiles = 0 if host.tiles is None or not cap.tiles else len(host.tiles)
         for name, n, limit in (("requests", len(host.requests), cap.requests),
                                ("blocks", len(host.block_indices), cap.blocks),
-                               ("tail_rows", len(tail_rows), cap.tail_rows)):
+                               ("tail_rows", len(tail_rows), cap.tail_rows), ("tiles", tiles, cap.tiles)):
             if n > limit:
                 raise ValueError(f"this batch has {n} {name}, above GraphCapacity.{name}={limit}")
         if host.tails is not None and host.tails is self._loaded:
@@ -172,6 +180,8 @@ class GraphPlan:
         self._loaded = None  # until this load is in the buffers
         self._ship(np.asarray(self._starts, dtype=np.int64), lens, pieces)
         self.plans[0].block_indices[: len(host.block_indices)].copy_(host.block_indices, non_blocking=True)
+        if tiles:
+            self.tiles[:tiles].copy_(host.tiles, non_blocking=True)
         self._loaded = host.tails
         if host.tails is not None:
             item_starts = np.asarray(self._starts[3 :: self._layer_pieces], dtype=np.int64)

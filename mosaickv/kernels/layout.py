@@ -52,6 +52,8 @@ from mosaickv.uploads import upload
 
 TABLE_FIELDS = ("tokens", "k_kind", "k_width", "k_values", "k_aux", "v_kind", "v_width", "v_values", "v_aux")
 DENSE, SPARSE, MASK, LOWRANK = (SIDE_KINDS.index(k) for k in ("dense", "sparse", "mask", "lowrank"))
+# The last two: a tail item's tail positions, a packed run's rows of the plan's tile
+# starts (``AttentionPlan.tiles``; 0 and 0 without them).
 ITEM_FIELDS = ("request", "kv_head", "row0", "block_lo", "block_hi", "tail_lo", "tail_hi")
 REQUEST_FIELDS = ("qo_start", "qo_len", "tail_start", "tail_len")
 GROUP_FIELDS = ("request", "kv_head", "row0")
@@ -438,11 +440,12 @@ class AttentionPlan:
     block_m: int
     block_n: int
     total_q: int
-    # Packed tiles' starts (MixedAttention(tile_starts=True)): item i's tiles are rows
-    # tile_ptr[i] .. tile_ptr[i + 1] of ``tiles``, each (position in block_indices, tokens
-    # of that block earlier tiles took); None: packed tiles find their starts as they go.
-    tile_ptr: torch.Tensor | None = None  # int32 [num_items + 1]
-    tiles: torch.Tensor | None = None  # int32 [num_tiles, 2]
+    # Packed tiles' starts (MixedAttention(tile_starts=True),
+    # :func:`~mosaickv.kernels.block_runs.run_tile_starts`): a packed item's tiles are
+    # entries tail_lo .. tail_hi of ``tiles`` (its ITEM_FIELDS 5 and 6), each the block
+    # past the item's block_lo (high 16 bits) and tokens of it earlier tiles took (low 16);
+    # None: packed tiles find their starts as they go.
+    tiles: torch.Tensor | None = None  # int32 [num_tiles]
 
     @property
     def num_items(self) -> int:
@@ -486,6 +489,7 @@ class HostPlan:
     block_n: int
     items: np.ndarray | None = None  # every layer's items back to back (the layers' are views of it)
     tails: TailSlots | None = None  # what :meth:`with_tails` patches (plan_host sets both)
+    tiles: torch.Tensor | None = None  # int32 [T] packed runs' tile starts, beside block_indices
 
     @property
     def total_q(self) -> int:
@@ -516,7 +520,8 @@ class HostPlan:
         requests = self.requests.copy()
         requests[:, 2] = np.cumsum(tail_lens) - tail_lens
         requests[:, 3] = tail_lens
-        return HostPlan(requests, self.block_indices, self.layers, self.block_m, self.block_n, self.items, tails)
+        return HostPlan(requests, self.block_indices, self.layers, self.block_m, self.block_n, self.items, tails,
+                        self.tiles)
 
 
 def tail_chunk(chunk_tokens: int, block_n: int) -> int:
@@ -550,6 +555,7 @@ def plan_work(
     chunk_tokens: int,
     runs: BlockRuns | None = None,
     kind_chunks: np.ndarray | None = None,
+    tile_widths: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, BlockRuns]:
     """Cut the batch into items; returns ``items``, ``item_kind``, ``groups``,
     ``merge_indptr`` (host) and the :class:`~mosaickv.kernels.block_runs.BlockRuns`
@@ -564,7 +570,9 @@ def plan_work(
     ``chunk_tokens`` rounded up to ``block_n``, here; ``runs``: those block runs, already
     found (cut at ``chunk_tokens``, e.g. :func:`~mosaickv.kernels.block_runs.batch_runs`).
     ``kind_chunks``: block runs' kept tokens per format pair instead (``KIND_PAIRS``
-    entries, :func:`kind_chunk_tokens`); tails still use ``chunk_tokens``.
+    entries, :func:`kind_chunk_tokens`); tails still use ``chunk_tokens``. ``tile_widths``:
+    each format pair's packed tile length (0: not packed), to give packed runs' items
+    their tile starts (ITEM_FIELDS 5 and 6) when the runs are found here.
     Runs with no kept token are dropped, as are tail runs no query row of the row block
     can see: query ``i`` of ``nq`` sits at tail position ``t - nq + i`` and sees the tail
     up to there (none if that is negative, e.g. a decode query with an empty tail).
@@ -574,7 +582,8 @@ def plan_work(
     if len(block_indptr) != bsz * hkv + 1:
         raise ValueError(f"block_indptr has {len(block_indptr)} entries, expected {bsz * hkv + 1}")
     if runs is None:
-        runs = block_runs(table, block_indptr, block_indices, chunk_tokens if kind_chunks is None else kind_chunks)
+        runs = block_runs(table, block_indptr, block_indices, chunk_tokens if kind_chunks is None else kind_chunks,
+                          tile_widths=tile_widths)
     run_pair, run_lo, run_hi, run_kp = runs.pair, runs.lo, runs.hi, runs.kind
     run_ptr = np.searchsorted(run_pair, np.arange(bsz * hkv + 1))
     chunk = tail_chunk(chunk_tokens, block_n)
@@ -608,29 +617,14 @@ def plan_work(
         all_kinds = np.where(is_run, run_kp[run], TAIL)
     else:
         all_kinds = np.full(len(i_group), TAIL, dtype=np.int64)
-    all_items[:, 5] = np.where(is_run, 0, tstart)
-    all_items[:, 6] = np.where(is_run, 0, np.minimum(tstart + chunk, visible[i_group]))
+    if len(run_lo):
+        all_items[:, 5] = np.where(is_run, runs.tile_lo[run], tstart)
+        all_items[:, 6] = np.where(is_run, runs.tile_hi[run], np.minimum(tstart + chunk, visible[i_group]))
+    else:
+        all_items[:, 5] = tstart
+        all_items[:, 6] = np.minimum(tstart + chunk, visible[i_group])
     groups = np.stack([g_req, g_head, g_row0], axis=1).astype(np.int64).reshape(-1, 3)
     return all_items, all_kinds, groups, merge_indptr, runs
-
-
-def packed_tile_starts(kept: np.ndarray, items: np.ndarray, item_tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Where each packed tile starts, so that a kernel's tiles need not wait on the tile
-    before to find theirs. ``kept``: kept tokens of each position of ``block_indices``;
-    ``items``: ``[N, 7]`` ITEM_FIELDS; ``item_tiles``: each item's tile length in tokens,
-    0 for items not packed. Returns ``tile_ptr`` ``[N + 1]`` and ``tiles`` ``[T, 2]``: the
-    block position a tile starts in (the first keeping a token past the tokens before the
-    tile) and how many of that block's tokens earlier tiles took."""
-    starts = np.concatenate([[0], np.cumsum(kept, dtype=np.int64)])
-    lo, hi = items[:, 3].astype(np.int64), items[:, 4].astype(np.int64)
-    width = np.asarray(item_tiles, dtype=np.int64)
-    total = np.where(width > 0, starts[hi] - starts[lo], 0)
-    counts = -(-total // np.maximum(width, 1))
-    tile_ptr = np.concatenate([[0], np.cumsum(counts)])
-    item = np.repeat(np.arange(len(items)), counts)
-    token = starts[lo[item]] + (np.arange(tile_ptr[-1]) - tile_ptr[item]) * width[item]
-    pos = np.searchsorted(starts, token, side="right") - 1
-    return tile_ptr.astype(np.int32), np.stack([pos, token - starts[pos]], axis=1).astype(np.int32)
 
 
 def build_plan(
@@ -646,6 +640,7 @@ def build_plan(
     chunk_tokens: int | None = None,
     max_programs: int | None = None,
     chunk_by_kind: bool = False,
+    tile_widths: np.ndarray | None = None,
 ) -> AttentionPlan:
     """Plan one batch on the host and upload it (the only host-to-device step).
 
@@ -653,7 +648,8 @@ def build_plan(
     slot; ``max_programs`` (per launch) to eight programs per SM on a GPU. Launches are
     persistent: each program loops over items and owns one slice of the scatter scratch.
     ``chunk_by_kind``: each format pair's runs as long as its own work asks
-    (:func:`kind_chunk_tokens`).
+    (:func:`kind_chunk_tokens`). ``tile_widths``: packed tiles' lengths per format pair, to
+    plan their starts (:func:`plan_work`).
     """
     device = arena.values.device
     max_programs = default_max_programs(device) if max_programs is None else max_programs
@@ -662,7 +658,7 @@ def build_plan(
         kind_chunks = kind_chunk_tokens(kind_tokens(arena.table, block_indices), int(np.sum(tail_lens)), 1,
                                         num_kv_heads, block_n, max_programs)
     host = plan_host(arena.table, block_indptr, block_indices, qo_lens, tail_lens, 1, num_kv_heads, group,
-                     block_m, block_n, chunk_tokens, max_programs, kind_chunks=kind_chunks)
+                     block_m, block_n, chunk_tokens, max_programs, kind_chunks=kind_chunks, tile_widths=tile_widths)
     return upload_plans(host, device, arena.head_dim, max_programs)[0]
 
 
@@ -718,6 +714,7 @@ def plan_host(
     max_items: int | None = None,
     runs: BlockRuns | None = None,
     kind_chunks: np.ndarray | None = None,
+    tile_widths: np.ndarray | None = None,
 ) -> HostPlan:
     """Plan a batch whose requests read, at every layer, the same tokens but their own
     blocks: ``block_indptr`` has ``num_layers * B * Hkv + 1`` entries (layer-major),
@@ -728,7 +725,9 @@ def plan_host(
     group's format pairs and tail), see :func:`default_chunk_tokens`. ``runs``: the
     blocks' runs already found at the given ``chunk_tokens`` (a plan that keeps each
     request's runs from one step to the next). ``kind_chunks``: the block runs' length
-    per format pair instead (:func:`kind_chunk_tokens`)."""
+    per format pair instead (:func:`kind_chunk_tokens`). ``tile_widths``: packed tiles'
+    lengths per format pair, to plan their starts when the runs are found here (``runs``
+    found in advance carry their own)."""
     table = as_table(table)
     block_indices = torch.as_tensor(block_indices, dtype=torch.int64).to(table.device)
     qo_lens = np.asarray(qo_lens, dtype=np.int64)
@@ -742,7 +741,7 @@ def plan_host(
                                             num_layers, num_kv_heads, block_n, max_programs, max_items)
     items, kinds, groups, merge_indptr, runs = plan_work(
         table, block_indptr, block_indices, np.tile(qo_lens, num_layers), np.tile(tail_lens, num_layers),
-        num_kv_heads, group, block_m, block_n, chunk_tokens, runs, kind_chunks,
+        num_kv_heads, group, block_m, block_n, chunk_tokens, runs, kind_chunks, tile_widths,
     )
     item_layer = items[:, 0] // max(bsz, 1)
     items[:, 0] %= max(bsz, 1)
@@ -785,7 +784,8 @@ def plan_host(
     for layer in layers:
         layer.merge_indptr.flags.writeable = False
     return HostPlan(requests, runs.block_indices, layers, block_m, block_n, items,
-                    _tail_slots(items, kinds, qo_lens, tail_lens, group, block_m, tail_chunk(chunk_tokens, block_n)))
+                    _tail_slots(items, kinds, qo_lens, tail_lens, group, block_m, tail_chunk(chunk_tokens, block_n)),
+                    runs.tiles)
 
 
 def _tail_slots(items: np.ndarray, kinds: np.ndarray, qo_lens: np.ndarray, tail_lens: np.ndarray, group: int,
@@ -843,6 +843,7 @@ def upload_plans(host: HostPlan, device: torch.device, head_dim: int, max_progra
                         if SPARSE in (k, v)), default=1)
     scratch = torch.zeros(scratch_rows, 2, host.block_n, head_dim, dtype=torch.bfloat16, device=device)
     block_indices = host.block_indices.to(device=device, dtype=torch.int32)
+    tiles = None if host.tiles is None else host.tiles.to(device=device, dtype=torch.int32)
     plans, at = [], 1
     for layer in host.layers:
         items, groups, merge_indptr, counts = views[at : at + 4]
@@ -863,5 +864,6 @@ def upload_plans(host: HostPlan, device: torch.device, head_dim: int, max_progra
             block_m=host.block_m,
             block_n=host.block_n,
             total_q=host.total_q,
+            tiles=tiles,
         ))
     return plans

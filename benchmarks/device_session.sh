@@ -25,6 +25,7 @@
 #                                                       MOSAICKV_KNAPSACK=ops before the command seals with the
 #                                                       knapsack's PyTorch ops (server info: knapsack_on_gpu)
 #   PART=kernels   bash benchmarks/device_session.sh   # ncu: the server's tiles, one block per tile, 64-token tiles,
+#                                                       (DIAG_SETTINGS="0 18": only those rows of the diag's settings)
 #                                                       eight warps | diag_formats at 32-token segments (the presets'
 #                                                       mixes, dense), then the host's decode step at SmolLM2's shape
 #                                                       (on one GPU, no ncu: bench_decode.py against FlashInfer after)
@@ -200,7 +201,7 @@ json.dump({'run': sys.argv[2], 'sync_census': info.get('sync_census')}, open(sys
     # (0: the server's tiles; 10: sparse keys unpacked; 13: runs cut per format pair;
     # 14: a GQA group's sparse-key gathers unrolled).
     mkdir -p "$OUT/diag32"
-    timeout 400 python3 benchmarks/kernels/diag_formats.py --segment 32 --out "$OUT/diag32" \
+    timeout 400 python3 benchmarks/kernels/diag_formats.py --segment 32 --out "$OUT/diag32" ${DIAG_SETTINGS:+--settings $DIAG_SETTINGS} \
       --formats mosaic_dense_values_3x mosaic_dense_values_6x dense_8and32 dense > "$LOG/diag32.txt" 2>&1
     say "diag_formats --segment 32 rc=$?"
     # The host's decode step at SmolLM2's shape with the pool on the GPU, as a server's

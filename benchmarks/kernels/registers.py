@@ -7,7 +7,11 @@ read 255 registers a thread (12.5% occupancy, 33% of DRAM bandwidth) for the pac
 dense launch of 64-token tiles (``benchmarks/results/h200x2_2026-11-30i/kernels``). With
 the device's Triton (3.6: ``pip install --target DIR triton==3.6.0``, then
 ``PYTHONPATH=DIR``) the counts here were within ten of ncu's for every launch; another
-Triton version compiles differently, so compare counts made with one version only.
+Triton version compiles differently, so compare counts made with one version only. The
+plan's pointers are int32, as the server's plans are (`upload_plans`, `GraphPlan`); counts
+made before 2026-12-02 compiled them as int64, which cost the packed sparse-key launch 24
+to 40 registers (152 and 168 against 128 at four warps,
+``results/registers_decode_sm90_triton36_server_pointer_types.json``).
 
     python benchmarks/kernels/registers.py --block-n 32 64 --warps 4 8 --json out.json
     python benchmarks/kernels/registers.py --knapsack   # the sealing knapsack's launch
@@ -41,16 +45,17 @@ LAUNCHES = {
     "sparse_keys": (SPARSE, DENSE, False, 64, 0, False),
     "lowrank": (LOWRANK, LOWRANK, False, 16, 0, False),
     "tail": (TAIL, TAIL, False, 16, 0, False),
-    "sparse_keys_packed": (SPARSE, DENSE, True, 64, 0, False),  # the server's since the eleventh run
+    "sparse_keys_packed": (SPARSE, DENSE, True, 64, 0, False),  # the server's from the eleventh to the eighteenth run
     # Not the server's: whole 32-token blocks in their own lanes, the loop pipelined (block_span).
     "dense_spanned": (DENSE, DENSE, False, 16, 32, False),
-    # Not the server's: packed tiles starting where the plan says, the tile loop pipelined.
+    # The server's since the eighteenth run: packed tiles starting where the plan says, the
+    # tile loop pipelined.
     "dense_packed_tile_starts": (DENSE, DENSE, True, 16, 0, True),
     "sparse_keys_packed_tile_starts": (SPARSE, DENSE, True, 64, 0, True),
 }
-POINTERS = {"q_ptr": "*bf16", "values_ptr": "*bf16", "index_ptr": "*u8", "table_ptr": "*i64", "block_idx_ptr": "*i64",
-            "tail_k_ptr": "*bf16", "tail_v_ptr": "*bf16", "tail_rows_ptr": "*i32", "req_ptr": "*i64",
-            "items_ptr": "*i64", "item_list_ptr": "*i32", "count_ptr": "*i32", "o_part_ptr": "*fp32",
+POINTERS = {"q_ptr": "*bf16", "values_ptr": "*bf16", "index_ptr": "*u8", "table_ptr": "*i64", "block_idx_ptr": "*i32",
+            "tail_k_ptr": "*bf16", "tail_v_ptr": "*bf16", "tail_rows_ptr": "*i32", "req_ptr": "*i32",
+            "items_ptr": "*i32", "item_list_ptr": "*i32", "count_ptr": "*i32", "o_part_ptr": "*fp32",
             "lse_part_ptr": "*fp32", "scratch_ptr": "*bf16", "tiles_ptr": "*i32"}
 REGISTERS_PER_SM, MAX_WARPS_PER_SM, MAX_BLOCKS_PER_SM = 65536, 64, 32
 

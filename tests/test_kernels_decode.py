@@ -199,6 +199,9 @@ def test_run_tile_starts_match_a_walk_over_the_blocks() -> None:
             expected.append((j - a, start - sum(kept[a:j])))
     assert tile_hi.tolist() == np.cumsum(counts).tolist() and tile_lo.tolist() == (np.cumsum(counts) - counts).tolist()
     assert tiles.tolist() == [block << 16 | taken for block, taken in expected]
+    # What a decode graph's buffer is sized by (GraphCapacity.tiles): a run of n blocks of
+    # at most 32 kept tokens takes at most n * ceil(32 / width) tiles.
+    assert all(n <= (b - a) * -(-32 // w) for n, a, b, w in zip(counts, lo, hi, widths) if w)
     longest = (1 << 15) + 1  # a tile starting in block 32,768 of its run does not fit 15 bits
     with pytest.raises(ValueError, match=f"a run of {longest} blocks"):
         run_tile_starts(np.ones(longest, dtype=np.int64), np.array([0]), np.array([longest]), np.array([1]))

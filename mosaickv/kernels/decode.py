@@ -413,11 +413,10 @@ def _mixed_attn_kernel(
             blk_hi = tl.load(item + 4)
             j0 = tl.load(item + 3)
             if TILE_STARTS:
-                # int32 (as the plan's items are): int64 bounds cost the launch 20 registers.
-                for t in tl.range(tl.load(item + 5).to(tl.int32), tl.load(item + 6).to(tl.int32), num_stages=STAGES):
+                for t in tl.range(tl.load(item + 5), tl.load(item + 6), num_stages=STAGES):
                     start = tl.load(tiles_ptr + t)
                     tok_ok, kt, k_ix, k_live, vt, _, _ = _packed_tile(
-                        table_ptr, block_idx_ptr, values_ptr, index_ptr, j0.to(tl.int32) + (start >> 16),
+                        table_ptr, block_idx_ptr, values_ptr, index_ptr, j0 + (start >> 16),
                         start & 0xFFFF, blk_hi, toks, cols, jr, K_KIND, HEAD_DIM, BLOCK_N, ALIGNED)
                     m_i, l_i, acc = _packed_step(q, q_ptr, q_rows, n_rows, rows, tok_ok, kt, k_ix, k_live, vt, qk_scale,
                                                  m_i, l_i, acc, K_KIND, BLOCK_M, BLOCK_N, UNROLL)

@@ -48,9 +48,10 @@ class DecodeGraph:
         self.max_programs = default_max_programs(dev)
         blocks = max_bs * hkv * layers * -(-max_context // seg)
         # A packed run of n blocks keeps at most n * seg tokens, so it takes at most
-        # n * ceil(seg / width) tiles of the narrowest width.
-        widths = tuning.tile_widths()
-        tiles = 0 if widths is None else blocks * -(-seg // int(widths[widths > 0].min(initial=seg)))
+        # n * ceil(seg / width) tiles of the narrowest width (a tile capped at fewer lanes
+        # ends at a block's end: no more of them).
+        shape = tuning.tile_shape()
+        tiles = 0 if shape is None else blocks * -(-seg // int(shape.widths[shape.widths > 0].min(initial=seg)))
         capacity = GraphCapacity(requests=max_bs, blocks=blocks, items=max_bs * hkv * (len(menu) + 2),
                                  groups=max_bs * hkv, tail_rows=max_bs * max_context, tiles=tiles)
         block_m = max(tuning.block_m, triton.next_power_of_2(self.group))

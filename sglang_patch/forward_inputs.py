@@ -241,9 +241,9 @@ def host_plan(pool: MosaicKVPool, reqs: list[RequestKV], group: int, tuning: Mix
         run_chunks = power_of_two_at_least(kind_chunk_tokens(kept, int(tail_lens.sum()), layers, hkv, tuning.block_n,
                                                              max_programs, max_items))
     chunks_key = run_chunks if isinstance(run_chunks, int) else run_chunks.tobytes()
-    widths = tuning.tile_widths()  # packed tiles' starts are found with the runs, and kept with them
-    runs_key = (chunks_key, None if widths is None else widths.tobytes())
-    parts = [cache.get(("runs", *key, runs_key), lambda b=b: cut_runs(b, run_chunks, table.device, widths))
+    shape = tuning.tile_shape()  # packed tiles' starts are found with the runs, and kept with them
+    runs_key = (chunks_key, None if shape is None else (shape.widths.tobytes(), shape.lanes))
+    parts = [cache.get(("runs", *key, runs_key), lambda b=b: cut_runs(b, run_chunks, table.device, shape))
              for key, b in zip(keys, blocks)]
     cache.end_plan()
     block_m = max(tuning.block_m, triton.next_power_of_2(group))
@@ -251,7 +251,7 @@ def host_plan(pool: MosaicKVPool, reqs: list[RequestKV], group: int, tuning: Mix
     def plan() -> HostPlan:
         counts = np.asarray([len(s) for s in slabs], dtype=np.int64)
         indptr = np.concatenate([[0], np.cumsum(np.tile(np.repeat(counts, hkv), layers))])
-        runs = batch_runs(parts, hkv, widths is not None)
+        runs = batch_runs(parts, hkv, shape is not None)
         return plan_host(table, indptr, runs.block_indices, qo_lens, tail_lens, layers, hkv, group, block_m,
                          tuning.block_n, chunk_tokens, max_programs, max_items, runs)
 

@@ -24,13 +24,13 @@ from mosaickv.kernels.layout import TABLE_FIELDS, kind_chunk_tokens, plan_host
 def loop_runs(table: np.ndarray, indptr: np.ndarray, indices: np.ndarray, chunks: int | np.ndarray):
     """Each pair's blocks, stably grouped by kind pair, cut where the kept tokens since the
     group's start cross a multiple of the kind pair's chunk (``chunks``: one for all, or
-    one per kind pair); runs keeping no token dropped."""
+    one per kind pair); blocks and runs keeping no token left out."""
     order, runs = [], []
     for pair in range(len(indptr) - 1):
         blocks = list(indices[indptr[pair] : indptr[pair + 1]])
         for kind in range(KIND_PAIRS):
             chunk = int(chunks if np.ndim(chunks) == 0 else chunks[kind])
-            group = [b for b in blocks if table[b, 1] * 4 + table[b, 5] == kind]
+            group = [b for b in blocks if table[b, 1] * 4 + table[b, 5] == kind and table[b, 0] > 0]
             # A block starts a new run where its first kept token enters another chunk.
             cuts, seen = [], 0
             for b in group:

@@ -16,7 +16,7 @@ import pytest
 
 from mosaickv.formats import HEADER_BYTES, BlockFormat, SideFormat
 from mosaickv.kernels.decode import MixedAttention, MixedDecodeWrapper, run_plan
-from mosaickv.kernels.block_runs import KIND_PAIRS, batch_runs, block_runs, run_tile_starts
+from mosaickv.kernels.block_runs import KIND_PAIRS, TileShape, batch_runs, block_runs, run_tile_starts
 from mosaickv.kernels.layout import pack_requests
 from mosaickv.kernels.synthetic import Recipe, random_layer, synthetic_arena
 from mosaickv.reference import CompressedLayer, attention
@@ -73,6 +73,7 @@ def run_decode(
     block_span: int = 0,
     pipeline_stages: int = 3,
     tile_starts: bool = False,
+    tile_blocks: int = 0,
     **plan_kw: int,
 ) -> None:
     hq = hkv * group
@@ -83,7 +84,7 @@ def run_decode(
                            wide_block_n=wide_block_n, pack_tokens=pack_tokens, prefetch_entries=prefetch_entries,
                            pack_sparse_keys=pack_sparse_keys, chunk_by_kind=chunk_by_kind, unroll_group=unroll_group,
                            block_span=block_span, pipeline_stages=pipeline_stages,
-                           tile_starts=tile_starts)
+                           tile_starts=tile_starts, tile_blocks=tile_blocks)
     w.plan(layers, tk, tv, hq, hkv, d, device=DEVICE, **plan_kw)
     out = torch.full((len(layers), hq, d), float("nan"), dtype=torch.bfloat16, device=DEVICE)
     w.run(q.to(DEVICE), out=out)
@@ -136,11 +137,28 @@ def test_packed_tiles(group: int, d: int, keys_by_query: bool) -> None:
     run_decode(gen, layers, [3, 4, 0, 9, 2], hkv=hkv, group=group, d=d, pack_tokens=True, chunk_tokens=24,
                max_programs=2)
     # Tile starts read from the plan (items of several tiles, tiles starting inside a
-    # block), the tile loop pipelined or not.
-    for stages, chunk in ((1, 40), (3, 100)):
+    # block), the tile loop pipelined or not, tiles reading every block they may hold or
+    # capped at fewer (ending at their last lane, fuller or not).
+    for stages, chunk, lanes in ((1, 40, 0), (3, 100, 0), (3, 100, 4), (1, 24, 2)):
         run_decode(gen, layers, [3, 4, 0, 9, 2], hkv=hkv, group=group, d=d, pack_tokens=True, chunk_tokens=chunk,
                    wide_block_n=16, max_programs=3, tile_starts=True, pipeline_stages=stages,
-                   keys_by_query=keys_by_query)
+                   keys_by_query=keys_by_query, tile_blocks=lanes)
+
+
+@pytest.mark.parametrize("lanes", [0, 4])
+def test_packed_tiles_over_more_blocks_than_lanes(lanes: int) -> None:
+    """Tokens of one 16-token tile spread over more blocks than it has lanes (one-token
+    blocks with empty ones between): with tile starts, each tile ends at its last lane and
+    the next starts there, so no token is left out. Until empty blocks were left out of
+    runs (and tiles capped at their lanes), such a tile dropped the tokens past lane 16."""
+    gen = torch.Generator().manual_seed(40 + lanes)
+    d = 64
+    dense = (SideFormat("dense", 0), SideFormat("dense", 0))
+    layer = CompressedLayer()
+    for kept in [1] + [0] * 20 + [1] * 3 + [0] * 20 + [1] * 18 + [5, 9]:
+        layer.append(random_layer(gen, 1, 16, 1, d, fmt=BlockFormat(kept, *dense)).blocks[0])
+    run_decode(gen, [layer], [2], hkv=1, group=2, d=d, pack_tokens=True, wide_block_n=16, chunk_tokens=1000,
+               tile_starts=True, tile_blocks=lanes)
 
 
 @pytest.mark.parametrize(("group", "d"), [(1, 64), (3, 64), (4, 128), (8, 128)])
@@ -177,26 +195,37 @@ def test_spanned_launches_are_dense_pairs_of_blocks_within_the_span() -> None:
             MixedDecodeWrapper(**bad)
     with pytest.raises(ValueError, match="pipeline_stages=0 must be at least 1"):
         MixedDecodeWrapper(pipeline_stages=0)
+    for bad in ({"tile_blocks": 6, "tile_starts": True}, {"tile_blocks": 8}):
+        with pytest.raises(ValueError, match=f"tile_blocks={bad['tile_blocks']} must be 0 or a power of two, and needs "
+                                             "tile_starts=True"):
+            MixedDecodeWrapper(pack_tokens=True, **bad)
 
 
-def test_run_tile_starts_match_a_walk_over_the_blocks() -> None:
+@pytest.mark.parametrize("lanes", [0, 1, 2, 4])
+def test_run_tile_starts_match_a_walk_over_the_blocks(lanes: int) -> None:
     """Each packed tile starts in the first block keeping a token past the tokens of the
     tiles before (empty blocks skipped), counted from its run's first block, that many of
-    its tokens already taken; runs not packed get no tiles, a run keeping nothing none
-    either, and each run's tiles follow the run before's."""
-    rng = np.random.default_rng(3)
+    its tokens already taken, and ends after its width in tokens or its lanes in block
+    positions (empty ones too), whichever comes first; runs not packed get no tiles, a run
+    keeping nothing none either, and each run's tiles follow the run before's."""
+    rng = np.random.default_rng(3 + lanes)
     kept = rng.choice([0, 0, 3, 8, 16, 32], size=60)
+    kept[30:45] = rng.choice([0, 1], size=15)  # many short and empty blocks to a tile
     lo, hi = np.array([0, 10, 25, 25, 50]), np.array([10, 25, 50, 50, 60])
     kept[50:60] = 0
     widths = np.array([16, 32, 16, 0, 16])
-    tile_lo, tile_hi, tiles = run_tile_starts(kept, lo, hi, widths)
+    tile_lo, tile_hi, tiles = run_tile_starts(kept, lo, hi, widths, lanes)
     expected, counts = [], []
     for a, b, width in zip(lo, hi, widths):
         owner = [j for j in range(a, b) for _ in range(kept[j])] if width else []  # each kept token's block
-        counts.append(len(range(0, len(owner), width or 1)))
-        for start in range(0, len(owner), width or 1):
-            j = owner[start]
-            expected.append((j - a, start - sum(kept[a:j])))
+        token, n = 0, 0
+        while token < len(owner):
+            j = owner[token]
+            expected.append((j - a, token - sum(kept[a:j])))
+            cap = lanes or width
+            token = min(token + width, sum(kept[a:min(j + cap, b)]))
+            n += 1
+        counts.append(n)
     assert tile_hi.tolist() == np.cumsum(counts).tolist() and tile_lo.tolist() == (np.cumsum(counts) - counts).tolist()
     assert tiles.tolist() == [block << 16 | taken for block, taken in expected]
     # What a decode graph's buffer is sized by (GraphCapacity.tiles): a run of n blocks of
@@ -218,7 +247,7 @@ def test_a_batchs_runs_keep_each_requests_tile_starts() -> None:
     for segments in (5, 0, 7):
         arena, indptr, indices = pack_requests([random_layer(gen, segments, 16, 2, 64, kinds=("dense", "sparse"))],
                                                2, 64)
-        parts.append(block_runs(arena.table, indptr, indices, 40, tile_widths=widths))
+        parts.append(block_runs(arena.table, indptr, indices, 40, tile_shape=TileShape(widths)))
     batch = batch_runs(parts, 2, tile_starts=True)
     sizes = np.array([p.block_indices.numel() for p in parts])
     offsets, tile_offsets = np.cumsum(sizes) - sizes, np.cumsum([len(p.tiles) for p in parts]) - [len(p.tiles) for p in parts]

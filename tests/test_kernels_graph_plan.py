@@ -56,7 +56,7 @@ class Store:
                               + [np.zeros(0, dtype=np.int64)])
         host = plan_host(self.arena.table_host, indptr, indices, np.ones(len(batch), dtype=np.int64), tail_lens, 1,
                          hkv, group, max(tuning.block_m, 1 << (group - 1).bit_length()), tuning.block_n, 32, 3,
-                         tile_widths=tuning.tile_widths())
+                         tile_shape=tuning.tile_shape())
         return host, rows
 
     def reference(self, batch: list[int], q: torch.Tensor) -> torch.Tensor:

@@ -132,7 +132,7 @@ def fresh_plan(pool, reqs, chunk: int, run_chunks=None, tuning=DECODE_TUNING) ->
     found = [sealed_and_tail(req) for req in reqs]
     pairs = np.arange(LAYERS * HKV + 1)
     parts = [block_runs(pool.block_table, pairs * len(s), block_rows(s, np.asarray([len(s)]), LAYERS, HKV),
-                        chunk if run_chunks is None else run_chunks, tile_widths=tuning.tile_widths())
+                        chunk if run_chunks is None else run_chunks, tile_shape=tuning.tile_shape())
              for s, _ in found]
     counts = np.asarray([len(s) for s, _ in found], dtype=np.int64)
     indptr = np.concatenate([[0], np.cumsum(np.tile(np.repeat(counts, HKV), LAYERS))])

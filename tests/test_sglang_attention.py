@@ -440,7 +440,7 @@ def test_a_plan_reuses_each_requests_runs_until_a_slab_holds_another_segment():
         tails = [sum(len(r) for r in req.runs if not isinstance(r, int)) for req in reqs]
         return plan_host(pool.block_table, indptr, block_rows(np.concatenate(slabs), counts, LAYERS, HKV),
                          [1, 1], tails, LAYERS, HKV, 3, DECODE_TUNING.block_m, DECODE_TUNING.block_n, chunk, 8,
-                         tile_widths=DECODE_TUNING.tile_widths())
+                         tile_shape=DECODE_TUNING.tile_shape())
 
     first, _ = host_plan(pool, reqs, 3, DECODE_TUNING, 8, chunk_tokens=64)
     misses = cache.misses

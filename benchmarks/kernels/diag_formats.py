@@ -111,6 +111,19 @@ SETTINGS = [
       "chunk_by_kind": True, "tile_starts": True, "pipeline_stages": 9}, 8),
     ({"block_n": 32, "pack_tokens": True, "wide_block_n": 32, "pack_sparse_keys": True, "unroll_group": True,
       "chunk_by_kind": True, "tile_starts": True, "num_warps": 8}, 4),
+    # Settings 21-23: the server's with packed tiles reading 8 block entries (one a lane)
+    # instead of one a token, so a tile's index work ([tokens, lanes] compares, gathers
+    # over the lanes) shrinks; 64-token dense tiles with 8 lanes; 4 lanes. Compiled for
+    # sm_90 with Triton 3.6 (registers.py --launches dense_packed_tile_starts
+    # sparse_keys_packed_tile_starts --block-n 32 64 --warps 4 --unroll-group --tile-blocks
+    # 0 4 8 16): dense 32-token tiles 120 registers against 128 (8 lanes), 64-token ones 168
+    # against 255; packed sparse keys 128 either way.
+    ({"block_n": 32, "pack_tokens": True, "wide_block_n": 32, "pack_sparse_keys": True, "unroll_group": True,
+      "chunk_by_kind": True, "tile_starts": True, "tile_blocks": 8}, 8),
+    ({"block_n": 32, "pack_tokens": True, "wide_block_n": 64, "pack_sparse_keys": True, "unroll_group": True,
+      "chunk_by_kind": True, "tile_starts": True, "tile_blocks": 8}, 8),
+    ({"block_n": 32, "pack_tokens": True, "wide_block_n": 32, "pack_sparse_keys": True, "unroll_group": True,
+      "chunk_by_kind": True, "tile_starts": True, "tile_blocks": 4}, 8),
 ]
 
 

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Nsight Compute over the decode kernel: the server's tuning (setting 0, sparse keys packed,
-# a GQA group's gathers unrolled) against those gathers row by row (14) on the presets' 3x and 6x mixes and
-# dense 32-token blocks: throughput, warp stalls, scheduler issue, occupancy, memory (the
-# tenth run compared settings 0 1 4 7, the eleventh 0 10 11 12 when 0 packed dense pairs
-# alone, the twelfth 0 13).
+# Nsight Compute over the decode kernel: diag_formats.py's settings NCU_SETTINGS (default:
+# the server's tuning, 0, against packed tiles reading 8 block entries, 21) on the presets'
+# 3x and 6x mixes and dense 32-token blocks: throughput, warp stalls, scheduler issue,
+# occupancy, memory (the tenth run compared settings 0 1 4 7, the eleventh 0 10 11 12 when
+# 0 packed dense pairs alone, the twelfth 0 13 and 0 14).
 # Each setting's launches run once after a warm-up (diag_formats.py --profile-once), in the
 # order it prints. Writes DIR/ncu_decode.csv and DIR/ncu_decode.txt.
 #   CUDA_VISIBLE_DEVICES=0 bash benchmarks/kernels/ncu_decode.sh DIR
@@ -16,7 +16,7 @@ if [ -z "$NCU" ]; then echo "no ncu on this machine (PATH, /usr/local/cuda*/bin)
   --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section Occupancy \
   --section MemoryWorkloadAnalysis --section LaunchStats \
   python3 benchmarks/kernels/diag_formats.py --segment 32 --formats dense mosaic_dense_values_3x mosaic_dense_values_6x \
-    --settings 0 14 --profile-once --out "$D" > "$D/ncu_decode.txt" 2>&1
+    --settings ${NCU_SETTINGS:-0 21} --profile-once --out "$D" > "$D/ncu_decode.txt" 2>&1
 rc=$?
 grep "profiled run" "$D/ncu_decode.txt"; tail -3 "$D/ncu_decode.txt"
 exit $rc

@@ -63,12 +63,12 @@ REGISTERS_PER_SM, MAX_WARPS_PER_SM, MAX_BLOCKS_PER_SM = 65536, 64, 32
 def compile_launch(k_kind: int, v_kind: int, pack: bool, r_max: int, *, head_dim: int, group: int, block_m: int,
                    block_n: int, warps: int, keys_by_query: bool = True, tails_indexed: bool = True,
                    unroll_group: bool = False, span: int = 0, stages: int = 3,
-                   tile_starts: bool = False) -> dict:
+                   tile_starts: bool = False, tile_blocks: int = 0) -> dict:
     """The launch's sm_90 cubin, compiled as a run would: every pointer and stride
     divisible by 16 (what Triton specialises a launch on when they are). ``keys_by_query``
     False: sparse keys densified per tile, as an extend reads them. ``tails_indexed`` False:
     dense tails stored back to back, as the kernel benchmarks (diag_formats.py) store them.
-    Returns Triton's ``asm`` (``cubin``, ``ttgir``, ...)."""
+    ``tile_blocks``: block entries a packed tile reads (0: one a token, as before). Returns Triton's ``asm`` (``cubin``, ``ttgir``, ...)."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("TRITON_INTERPRET=1 defines the kernels for the interpreter: unset it to compile them")
     from mosaickv.kernels.decode import _mixed_attn_kernel  # defined here, after the check
@@ -77,7 +77,7 @@ def compile_launch(k_kind: int, v_kind: int, pack: bool, r_max: int, *, head_dim
     const = dict(GROUP=group, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, K_KIND=k_kind, V_KIND=v_kind,
                  R_MAX=r_max, R_LOG2=r_max.bit_length() - 1, ALIGNED=True, SPARSE_MODE=0, TAIL_INDEXED=tails_indexed,
                  KEYS_BY_QUERY=keys_by_query, PACK_TOKENS=pack, PREFETCH=False, UNROLL=group if unroll_group else 0,
-                 SPAN=span, STAGES=stages, TILE_STARTS=tile_starts)
+                 SPAN=span, STAGES=stages, TILE_STARTS=tile_starts, TILE_BLOCKS=tile_blocks or block_n)
     sig = {n: "constexpr" if n in const else POINTERS.get(n, "fp32" if n == "qk_scale" else "i32") for n in names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if sig[n] not in ("constexpr", "fp32")}
     src = ASTSource(fn=_mixed_attn_kernel, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()},
@@ -153,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="with --knapsack, these tiles too (e.g. 32x8 16x8)")
     ap.add_argument("--channel-pricing", action="store_true",
                     help="per-vector channel pricing's launch instead, at --head-dim")
+    ap.add_argument("--tile-blocks", type=int, nargs="+", default=[0],
+                    help="block entries a packed tile with tile starts reads (0: one a token, the tile's width)")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     rows = []
@@ -177,22 +179,25 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.launches:
         k_kind, v_kind, pack, r_max, span, tile_starts = LAUNCHES[name]
         for block_n in args.block_n:
-            for warps in args.warps:
+            for warps, lanes in ((w, b) for w in args.warps for b in (args.tile_blocks if tile_starts else [0])):
                 if span > block_n:
                     continue
                 asm = compile_launch(k_kind, v_kind, pack, r_max, head_dim=args.head_dim, group=args.group,
                                      block_m=args.block_m, block_n=block_n, warps=warps,
                                      keys_by_query=not args.extend, tails_indexed=not args.tails_back_to_back,
                                      unroll_group=args.unroll_group, span=span, stages=args.stages,
-                                     tile_starts=tile_starts)
+                                     tile_starts=tile_starts, tile_blocks=lanes)
                 row = {"launch": name, "block_n": block_n, "warps": warps, **resources(asm["cubin"])}
                 if span or tile_starts:
                     row["stages"] = args.stages
                     row["async_copies"] = asm["ttgir"].count("async_copy_global_to_local")
+                if tile_starts:
+                    row["tile_blocks"] = lanes or block_n
                 row["occupancy"] = occupancy(row["registers"], warps)
                 rows.append(row)
-                print(f"{name:13s} block_n {block_n:3d} warps {warps}: {row['registers']:3d} registers, "
-                      f"stack {row['stack_bytes']:4d} B, occupancy {row['occupancy']:.1%}", flush=True)
+                print(f"{name:13s} block_n {block_n:3d} warps {warps} lanes {lanes or block_n:2d}: "
+                      f"{row['registers']:3d} registers, stack {row['stack_bytes']:4d} B, "
+                      f"occupancy {row['occupancy']:.1%}", flush=True)
     result = {"triton": triton.__version__, "target": "sm_90", "head_dim": args.head_dim, "group": args.group,
               "block_m": args.block_m, "extend": args.extend, "unroll_group": args.unroll_group,
               "tails_back_to_back": args.tails_back_to_back, "command": " ".join(["python", "benchmarks/kernels/registers.py",

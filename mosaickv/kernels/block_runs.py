@@ -89,7 +89,9 @@ class GroupedBlocks:
     group: what its runs are cut from, at any run length. A plan keeps them (RunCache), so
     that a request that sealed one more segment is extended (each new block goes at the end
     of its group) instead of grouped again, and a new run length only cuts again. 16 bytes
-    a block on the host."""
+    a block on the host. Blocks that keep no token (the 6x preset drops a third of its
+    blocks whole) are left out: they add nothing to attention, and in a packed tile each
+    would take one of the lanes that read its blocks' entries (:class:`TileShape`)."""
 
     key: np.ndarray  # int32 [nnz] pair * KIND_PAIRS + format pair, ascending
     rows: np.ndarray  # int64 [nnz] the table rows in that order
@@ -113,6 +115,7 @@ def group_blocks(table: torch.Tensor | np.ndarray, block_indptr: np.ndarray,
     widths = np.zeros((2, KIND_PAIRS), dtype=np.int64)
     np.maximum.at(widths[0], kind, k_width)
     np.maximum.at(widths[1], kind, v_width)
+    order = order[tokens[order] > 0]  # blocks that keep no token add nothing (see GroupedBlocks)
     return GroupedBlocks(key[order].astype(np.int32), indices[order], tokens[order].astype(np.int32),
                          np.bincount(kind, weights=tokens, minlength=KIND_PAIRS).astype(np.int64), widths[0], widths[1])
 
@@ -128,36 +131,64 @@ def extend_blocks(blocks: GroupedBlocks, table: torch.Tensor | np.ndarray, pairs
                          f"{len(new_rows)} rows")
     tokens, kind, k_width, v_width = entries(table, new_rows)
     key = pairs * KIND_PAIRS + kind
-    at = np.searchsorted(blocks.key, key, side="right")  # ascending keys: equal places keep their order
     widths = np.stack([blocks.k_width_max, blocks.v_width_max])
     np.maximum.at(widths[0], kind, k_width)
     np.maximum.at(widths[1], kind, v_width)
+    some = tokens > 0  # as group_blocks: blocks that keep no token are left out
+    key, new_rows, new_tokens = key[some], new_rows[some], tokens[some]
+    at = np.searchsorted(blocks.key, key, side="right")  # ascending keys: equal places keep their order
     return GroupedBlocks(np.insert(blocks.key, at, key.astype(np.int32)), np.insert(blocks.rows, at, new_rows),
-                         np.insert(blocks.tokens, at, tokens.astype(np.int32)),
+                         np.insert(blocks.tokens, at, new_tokens.astype(np.int32)),
                          blocks.kept + np.bincount(kind, weights=tokens, minlength=KIND_PAIRS).astype(np.int64),
                          widths[0], widths[1])
 
 
-def run_tile_starts(tokens: np.ndarray, lo: np.ndarray, hi: np.ndarray, widths: np.ndarray
+@dataclass(frozen=True)
+class TileShape:
+    """What a packed tile holds: ``widths[k]`` kept tokens for format pair ``k`` (0: not
+    packed, ``KIND_PAIRS`` entries), from at most ``lanes`` consecutive blocks (0: as many
+    as its tokens). The kernel reads a tile's block entries one a lane, so fewer lanes are
+    less index work a tile; a tile that reaches its last lane ends there, fuller or not."""
+
+    widths: np.ndarray
+    lanes: int = 0
+
+    def lanes_of(self, width: int) -> int:
+        return self.lanes or width
+
+
+def run_tile_starts(tokens: np.ndarray, lo: np.ndarray, hi: np.ndarray, widths: np.ndarray, lanes: int = 0
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Where each packed tile of each run starts, so that a kernel's tiles need not wait
     on the tile before to find theirs. ``tokens``: kept tokens of each block position;
     ``lo``/``hi``: each run's positions; ``widths``: its tile length in tokens, 0 for a run
-    not packed. Returns each run's tiles as entries ``tile_lo`` .. ``tile_hi`` of ``tiles``
-    (int32 ``[T]``): the block a tile starts in, counted from the run's first (the first
-    keeping a token past the tiles before), in the high 16 bits, and how many of its tokens
-    earlier tiles took in the low 16 (4 bytes a tile: a graph's buffer holds the worst
-    batch's, one a block). Relative to the run, a request's tiles hold wherever its blocks
-    go in a batch."""
+    not packed; ``lanes``: block positions a tile reads at most (0: its width), so a tile
+    ends after ``width`` tokens or ``lanes`` positions, whichever comes first. Returns each
+    run's tiles as entries ``tile_lo`` .. ``tile_hi`` of ``tiles`` (int32 ``[T]``): the
+    block a tile starts in, counted from the run's first (the first keeping a token past
+    the tiles before), in the high 16 bits, and how many of its tokens earlier tiles took
+    in the low 16 (4 bytes a tile: a graph's buffer holds the worst batch's, one a block).
+    Relative to the run, a request's tiles hold wherever its blocks go in a batch."""
     starts = np.zeros(len(tokens) + 1, dtype=np.int64)
     np.cumsum(tokens, out=starts[1:])
     lo, hi, width = (np.asarray(a, dtype=np.int64) for a in (lo, hi, widths))
-    total = np.where(width > 0, starts[hi] - starts[lo], 0)
-    counts = -(-total // np.maximum(width, 1))
+    cap = np.full_like(width, lanes) if lanes else width
+    run, token = _even_tiles(starts, lo, hi, width)
+    # Tiles of ``width`` tokens each, unless one spans more positions than it has lanes
+    # (short or empty blocks): those runs' tiles are found a tile at a time.
+    first = np.searchsorted(starts, token, side="right") - 1
+    last = np.searchsorted(starts, np.minimum(token + width[run], starts[hi[run]]) - 1, side="right") - 1
+    over = np.unique(run[last - first >= cap[run]])
+    if len(over):
+        keep = ~np.isin(run, over)
+        more_run, more_token = _capped_tiles(starts, lo[over], hi[over], width[over], cap[over])
+        run = np.concatenate([run[keep], over[more_run]])
+        token = np.concatenate([token[keep], more_token])
+        order = np.argsort(run, kind="stable")  # each run's tiles stay in order
+        run, token = run[order], token[order]
+    counts = np.bincount(run, minlength=len(lo))
     tile_hi = np.cumsum(counts)
     tile_lo = tile_hi - counts
-    run = np.repeat(np.arange(len(lo)), counts)
-    token = starts[lo[run]] + (np.arange(len(run)) - tile_lo[run]) * width[run]
     pos = np.searchsorted(starts, token, side="right") - 1
     block, taken = pos - lo[run], token - starts[pos]
     if len(run) and (block.max() >= 1 << 15 or taken.max() >= 1 << 16):
@@ -166,16 +197,47 @@ def run_tile_starts(tokens: np.ndarray, lo: np.ndarray, hi: np.ndarray, widths: 
     return tile_lo, tile_hi, (block << 16 | taken).astype(np.int32)
 
 
+def _even_tiles(starts: np.ndarray, lo: np.ndarray, hi: np.ndarray, width: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Each run's tiles of ``width`` kept tokens, back to back: (run, first token) of each."""
+    total = np.where(width > 0, starts[hi] - starts[lo], 0)
+    counts = -(-total // np.maximum(width, 1))
+    run = np.repeat(np.arange(len(lo)), counts)
+    first = np.cumsum(counts) - counts
+    return run, starts[lo[run]] + (np.arange(len(run)) - first[run]) * width[run]
+
+
+def _capped_tiles(starts: np.ndarray, lo: np.ndarray, hi: np.ndarray, width: np.ndarray, cap: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_even_tiles` where a tile also ends at its ``cap``-th block position: one step
+    a tile, every run at once."""
+    token, end = starts[lo].copy(), starts[hi]
+    runs, tokens = [], []
+    live = np.flatnonzero(token < end)
+    while len(live):
+        at = token[live]
+        pos = np.searchsorted(starts, at, side="right") - 1
+        runs.append(live)
+        tokens.append(at)
+        token[live] = np.minimum(at + width[live], starts[np.minimum(pos + cap[live], hi[live])])
+        live = live[token[live] < end[live]]
+    if not runs:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    run, token = np.concatenate(runs), np.concatenate(tokens)
+    order = np.argsort(run, kind="stable")
+    return run[order], token[order]
+
+
 def cut_runs(blocks: GroupedBlocks, chunk_tokens: int | np.ndarray, device: torch.device | str = "cpu",
-             tile_widths: np.ndarray | None = None) -> BlockRuns:
+             tile_shape: TileShape | None = None) -> BlockRuns:
     """Cut each group into runs of about ``chunk_tokens`` kept tokens (an int, or one per
     format pair: ``KIND_PAIRS`` entries); runs that keep no token are dropped. The blocks in
-    run order go to ``device``. ``tile_widths``: each format pair's packed tile length (0:
-    not packed, ``KIND_PAIRS`` entries), to find the runs' tile starts too."""
+    run order go to ``device``. ``tile_shape``: packed tiles' tokens per format pair and
+    lanes, to find the runs' tile starts too."""
+    chunk_of = run_lengths(chunk_tokens)
     nnz = len(blocks.key)
     if nnz == 0:
-        return _no_runs(torch.zeros(0, dtype=torch.int64, device=device), tile_widths is not None)
-    chunk_of = run_lengths(chunk_tokens)
+        return _no_runs(torch.zeros(0, dtype=torch.int64, device=device), tile_shape is not None)
     key = blocks.key.astype(np.int64)
     key_new = np.ones(nnz, dtype=bool)
     key_new[1:] = key[1:] != key[:-1]
@@ -193,22 +255,23 @@ def cut_runs(blocks: GroupedBlocks, chunk_tokens: int | np.ndarray, device: torc
     kind = key[lo] % KIND_PAIRS
     runs = BlockRuns(upload(blocks.rows, device), key[lo] // KIND_PAIRS, lo, hi, kind, blocks.k_width_max.copy(),
                      blocks.v_width_max.copy(), np.zeros_like(lo), np.zeros_like(lo), None)
-    if tile_widths is not None:
-        runs.tile_lo, runs.tile_hi, tiles = run_tile_starts(blocks.tokens, lo, hi, np.asarray(tile_widths)[kind])
+    if tile_shape is not None:
+        runs.tile_lo, runs.tile_hi, tiles = run_tile_starts(blocks.tokens, lo, hi, np.asarray(tile_shape.widths)[kind],
+                                                            tile_shape.lanes)
         runs.tiles = upload(tiles, device)
     return runs
 
 
 def block_runs(table: torch.Tensor | np.ndarray, block_indptr: np.ndarray, block_indices: torch.Tensor | np.ndarray,
                chunk_tokens: int | np.ndarray, device: torch.device | str | None = None,
-               tile_widths: np.ndarray | None = None) -> BlockRuns:
+               tile_shape: TileShape | None = None) -> BlockRuns:
     """Each pair's blocks grouped by format pair (:func:`group_blocks`) and cut into runs of
-    about ``chunk_tokens`` kept tokens (:func:`cut_runs`, ``tile_widths`` as there). Found
+    about ``chunk_tokens`` kept tokens (:func:`cut_runs`, ``tile_shape`` as there). Found
     on the host; the blocks in run order go to ``device`` (default: ``block_indices``'
     device, the host for numpy)."""
     if device is None:
         device = block_indices.device if isinstance(block_indices, torch.Tensor) else "cpu"
-    return cut_runs(group_blocks(table, block_indptr, block_indices), chunk_tokens, device, tile_widths)
+    return cut_runs(group_blocks(table, block_indptr, block_indices), chunk_tokens, device, tile_shape)
 
 
 def run_lengths(chunk_tokens: int | np.ndarray) -> int | np.ndarray:

@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 
 from mosaickv.kernels._interpret import patch_interpreter
-from mosaickv.kernels.block_runs import KIND_PAIRS
+from mosaickv.kernels.block_runs import KIND_PAIRS, TileShape
 from mosaickv.kernels.layout import (
     DENSE,
     SPARSE,
@@ -209,12 +209,12 @@ def _tile_step(q, qk, qk_lo, q_ptr, q_rows, n_rows, values_ptr, index_ptr, k_off
 
 
 @triton.jit
-def _tile_entries(table_ptr, block_idx_ptr, j0, blk_hi, toks, SPARSE_KEYS: tl.constexpr):
+def _tile_entries(table_ptr, block_idx_ptr, j0, blk_hi, lanes, SPARSE_KEYS: tl.constexpr):
     """What a packed tile reads of blocks ``j0 ..`` (one a lane, those past ``blk_hi``
     keep nothing): kept tokens, key and value offsets, and for sparse keys their widths
     and index offsets (else zeros)."""
-    b_ok = j0 + toks < blk_hi
-    ent = table_ptr + tl.load(block_idx_ptr + j0 + toks, mask=b_ok, other=0).to(tl.int64) * 9
+    b_ok = j0 + lanes < blk_hi
+    ent = table_ptr + tl.load(block_idx_ptr + j0 + lanes, mask=b_ok, other=0).to(tl.int64) * 9
     kept = tl.load(ent, mask=b_ok, other=0).to(tl.int32)
     k_off = tl.load(ent + 3, mask=b_ok, other=0)
     v_off = tl.load(ent + 7, mask=b_ok, other=0)
@@ -229,23 +229,25 @@ def _tile_entries(table_ptr, block_idx_ptr, j0, blk_hi, toks, SPARSE_KEYS: tl.co
 
 @triton.jit
 def _packed_tile(table_ptr, block_idx_ptr, values_ptr, index_ptr, j0, done, blk_hi, toks, cols, jr,
-                 K_KIND: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, ALIGNED: tl.constexpr):
+                 K_KIND: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, ALIGNED: tl.constexpr,
+                 TILE_BLOCKS: tl.constexpr):
     """The loads of the packed tile that starts ``done`` tokens into block ``j0``: kept
-    tokens of the next ``BLOCK_N`` blocks back to back (row r is in the block whose kept
-    tokens end first past r). Returns which rows hold a token, the keys (dense: the tile
-    ``[BLOCK_N, d]``; sparse: kept values ``[BLOCK_N, R_MAX]``, their channel indices and
-    which are live, read by query gathers; dense passes the rows' mask for those two),
-    the values tile, and where the next tile starts (block, tokens of it done). Past
-    ``blk_hi`` every row is empty and nothing is read."""
-    kept, koff_b, voff_b, kw_b, kaux_b = _tile_entries(table_ptr, block_idx_ptr, j0, blk_hi, toks, K_KIND == 1)
+    tokens of the next ``TILE_BLOCKS`` blocks back to back, ``BLOCK_N`` at most (row r is
+    in the block whose kept tokens end first past r). Returns which rows hold a token, the
+    keys (dense: the tile ``[BLOCK_N, d]``; sparse: kept values ``[BLOCK_N, R_MAX]``, their
+    channel indices and which are live, read by query gathers; dense passes the rows' mask
+    for those two), the values tile, and where the next tile starts (block, tokens of it
+    done). Past ``blk_hi`` every row is empty and nothing is read."""
+    lanes = tl.arange(0, TILE_BLOCKS)
+    kept, koff_b, voff_b, kw_b, kaux_b = _tile_entries(table_ptr, block_idx_ptr, j0, blk_hi, lanes, K_KIND == 1)
     end = tl.cumsum(kept, 0) - done
     start = end - kept
     sel = tl.sum((end[None, :] <= toks[:, None]).to(tl.int32), 1)
-    tok_ok = sel < BLOCK_N
-    sel = tl.minimum(sel, BLOCK_N - 1)
+    tok_ok = sel < TILE_BLOCKS
+    sel = tl.minimum(sel, TILE_BLOCKS - 1)
     tok = toks - tl.gather(start, sel, 0)
     n_full = tl.sum((end <= BLOCK_N).to(tl.int32), 0)
-    next_done = tl.where(n_full < BLOCK_N, BLOCK_N - tl.sum(tl.where(toks == n_full, start, 0), 0), 0)
+    next_done = tl.where(n_full < TILE_BLOCKS, BLOCK_N - tl.sum(tl.where(lanes == n_full, start, 0), 0), 0)
     k_off = tl.gather(koff_b, sel, 0)
     v_off = tl.gather(voff_b, sel, 0)
     if ALIGNED:
@@ -322,7 +324,7 @@ def _mixed_attn_kernel(
     K_KIND: tl.constexpr, V_KIND: tl.constexpr, R_MAX: tl.constexpr, R_LOG2: tl.constexpr,
     ALIGNED: tl.constexpr, SPARSE_MODE: tl.constexpr, TAIL_INDEXED: tl.constexpr, KEYS_BY_QUERY: tl.constexpr,
     PACK_TOKENS: tl.constexpr, PREFETCH: tl.constexpr, UNROLL: tl.constexpr, SPAN: tl.constexpr,
-    STAGES: tl.constexpr, TILE_STARTS: tl.constexpr,
+    STAGES: tl.constexpr, TILE_STARTS: tl.constexpr, TILE_BLOCKS: tl.constexpr,
 ):
     """Partial attention of the first ``count`` items in ``item_list`` (the count is read
     here, so a captured launch serves every later plan); ``K_KIND``/``V_KIND`` are the
@@ -335,7 +337,8 @@ def _mixed_attn_kernel(
     software-pipelined stages. ``TILE_STARTS`` (packed launches): each tile's start is
     read from the plan (entries ``tail_lo`` .. ``tail_hi`` of ``tiles``: block past
     ``block_lo`` << 16 | tokens of it taken), not found from the tile before, so the tile
-    loop is pipelined ``STAGES`` deep too."""
+    loop is pipelined ``STAGES`` deep too. A packed tile reads the entries of
+    ``TILE_BLOCKS`` blocks at most (one a lane) and ends at the last."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     rows = tl.arange(0, BLOCK_M)
@@ -417,7 +420,7 @@ def _mixed_attn_kernel(
                     start = tl.load(tiles_ptr + t)
                     tok_ok, kt, k_ix, k_live, vt, _, _ = _packed_tile(
                         table_ptr, block_idx_ptr, values_ptr, index_ptr, j0 + (start >> 16),
-                        start & 0xFFFF, blk_hi, toks, cols, jr, K_KIND, HEAD_DIM, BLOCK_N, ALIGNED)
+                        start & 0xFFFF, blk_hi, toks, cols, jr, K_KIND, HEAD_DIM, BLOCK_N, ALIGNED, TILE_BLOCKS)
                     m_i, l_i, acc = _packed_step(q, q_ptr, q_rows, n_rows, rows, tok_ok, kt, k_ix, k_live, vt, qk_scale,
                                                  m_i, l_i, acc, K_KIND, BLOCK_M, BLOCK_N, UNROLL)
             else:
@@ -425,7 +428,7 @@ def _mixed_attn_kernel(
                 while j0 < blk_hi:
                     tok_ok, kt, k_ix, k_live, vt, j0, done = _packed_tile(
                         table_ptr, block_idx_ptr, values_ptr, index_ptr, j0, done, blk_hi, toks, cols, jr, K_KIND,
-                        HEAD_DIM, BLOCK_N, ALIGNED)
+                        HEAD_DIM, BLOCK_N, ALIGNED, TILE_BLOCKS)
                     m_i, l_i, acc = _packed_step(q, q_ptr, q_rows, n_rows, rows, tok_ok, kt, k_ix, k_live, vt, qk_scale,
                                                  m_i, l_i, acc, K_KIND, BLOCK_M, BLOCK_N, UNROLL)
         else:
@@ -555,6 +558,7 @@ class MixedAttention:
         block_span: int = 0,
         pipeline_stages: int = 3,
         tile_starts: bool = False,
+        tile_blocks: int = 0,
     ) -> None:
         """``block_n``: tokens per tile of launches with a sparse side (whose densify grows
         with the tile); ``wide_block_n``: of the others (dense, mask, low-rank, tails),
@@ -581,7 +585,10 @@ class MixedAttention:
         tile before, these on the loop index alone. ``tile_starts``: the plan finds where
         each packed tile starts (:func:`~mosaickv.kernels.block_runs.run_tile_starts`, with
         each request's runs), so packed launches pipeline their tile loop
-        ``pipeline_stages`` deep as well."""
+        ``pipeline_stages`` deep as well. ``tile_blocks`` (with ``tile_starts``; a power of
+        two, 0: as many as the tile's tokens): blocks a packed tile reads at most, one table
+        entry a lane, so less index work a tile; a tile reaching its last lane ends there,
+        and the plan's tile starts say so (:class:`~mosaickv.kernels.block_runs.TileShape`)."""
         if sparse_densify not in SPARSE_MODES:
             raise ValueError(f"sparse_densify={sparse_densify!r} is not one of {', '.join(SPARSE_MODES)}")
         if pack_sparse_keys and not (pack_tokens and keys_by_query):
@@ -591,6 +598,10 @@ class MixedAttention:
             raise ValueError(f"block_span={block_span} must be a power of two dividing wide_block_n={wide_block_n}")
         if pipeline_stages < 1:
             raise ValueError(f"pipeline_stages={pipeline_stages} must be at least 1")
+        if tile_blocks and (tile_blocks & (tile_blocks - 1) or not tile_starts):
+            raise ValueError(f"tile_blocks={tile_blocks} must be 0 or a power of two, and needs tile_starts=True "
+                             f"(got {tile_starts}): the plan's tile starts are where capped tiles end")
+        self.tile_blocks = tile_blocks
         self.block_span, self.pipeline_stages, self.tile_starts = block_span, pipeline_stages, tile_starts
         self.block_m, self.block_n, self.wide_block_n = block_m, block_n, wide_block_n
         self.pack_tokens, self.pack_sparse_keys = pack_tokens, pack_sparse_keys
@@ -633,7 +644,7 @@ class MixedAttention:
         self._check_span(arena, block_indices)
         self._plan = build_plan(
             arena, block_indptr, block_indices, qo_lens, tail_lens, num_kv_heads, group, block_m, self.block_n,
-            chunk_tokens, max_programs, self.chunk_by_kind, self.tile_widths(),
+            chunk_tokens, max_programs, self.chunk_by_kind, self.tile_shape(),
         )
         self._arena, self._tail_k, self._tail_v = arena, tail_k, tail_v
         self._group, self._hq = group, num_qo_heads
@@ -663,14 +674,19 @@ class MixedAttention:
             np.asarray(qo_lens), num_qo_heads, num_kv_heads, scale, chunk_tokens, max_programs,
         )
 
-    def tile_widths(self) -> np.ndarray | None:
+    def tile_shape(self) -> TileShape | None:
         """Each format pair's packed tile length, 0 where not packed (``KIND_PAIRS``
-        entries, ``4 * k_kind + v_kind``): what a plan finds tile starts for; None
-        without ``tile_starts``."""
+        entries, ``4 * k_kind + v_kind``), and ``tile_blocks``: what a plan finds tile
+        starts for; None without ``tile_starts``."""
         if not self.tile_starts:
             return None
         pairs = [divmod(kind, 4) for kind in range(KIND_PAIRS)]
-        return np.asarray([self.tile_n(k, v) if self.packs(k, v) else 0 for k, v in pairs], dtype=np.int64)
+        widths = np.asarray([self.tile_n(k, v) if self.packs(k, v) else 0 for k, v in pairs], dtype=np.int64)
+        return TileShape(widths, self.tile_blocks)
+
+    def tile_lanes(self, k_kind: int, v_kind: int) -> int:
+        """Block entries a packed tile of this format pair reads (the kernel's ``TILE_BLOCKS``)."""
+        return self.tile_blocks or self.tile_n(k_kind, v_kind)
 
     def tile_n(self, k_kind: int, v_kind: int) -> int:
         """Tokens per tile of a launch of this format pair."""
@@ -782,7 +798,7 @@ def run_plan(
     rows = p.requests if tail_rows is None else tail_rows
     if tuning.tile_starts and p.tiles is None:
         raise ValueError("tile_starts=True reads packed tiles' starts from the plan, and this plan has none: plan it "
-                         "with tile_widths=tuning.tile_widths() (MixedAttention.plan_arena and plan_layers do)")
+                         "with tile_shape=tuning.tile_shape() (MixedAttention.plan_arena and plan_layers do)")
     tiles = p.items if p.tiles is None or not len(p.tiles) else p.tiles
     for ln in p.launches:
         _mixed_attn_kernel[(ln.num_programs,)](
@@ -798,6 +814,7 @@ def run_plan(
             PREFETCH=tuning.prefetches(ln.k_kind, ln.v_kind),
             UNROLL=group if tuning.unroll_group else 0, SPAN=tuning.span(ln.k_kind, ln.v_kind),
             STAGES=tuning.pipeline_stages, TILE_STARTS=tuning.tile_starts and tuning.packs(ln.k_kind, ln.v_kind),
+            TILE_BLOCKS=tuning.tile_lanes(ln.k_kind, ln.v_kind),
             num_warps=tuning.num_warps, num_stages=tuning.num_stages,
         )
     if p.groups.shape[0]:

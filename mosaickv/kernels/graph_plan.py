@@ -157,7 +157,7 @@ class GraphPlan:
         tail_rows = np.zeros(0, dtype=np.int64) if tail_rows is None else np.asarray(tail_rows)
         if cap.tiles and host.tiles is None:
             raise ValueError("this graph reads packed tiles' starts (GraphCapacity.tiles > 0) and the plan has none: "
-                             "plan it with tile_widths=tuning.tile_widths()")
+                             "plan it with tile_shape=tuning.tile_shape()")
         tiles = 0 if host.tiles is None or not cap.tiles else len(host.tiles)
         for name, n, limit in (("requests", len(host.requests), cap.requests),
                                ("blocks", len(host.block_indices), cap.blocks),

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mosaickv.kernels.block_runs import KIND_PAIRS, BlockRuns, as_table, block_runs, kind_tokens
+from mosaickv.kernels.block_runs import KIND_PAIRS, BlockRuns, TileShape, as_table, block_runs, kind_tokens
 from mosaickv.formats import SIDE_KINDS, VALUE_DTYPE, BlockFormat, PackedBlock, PackedSide, SideFormat, format_arrays
 from mosaickv.reference import CompressedLayer
 from mosaickv.uploads import upload
@@ -555,7 +555,7 @@ def plan_work(
     chunk_tokens: int,
     runs: BlockRuns | None = None,
     kind_chunks: np.ndarray | None = None,
-    tile_widths: np.ndarray | None = None,
+    tile_shape: TileShape | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, BlockRuns]:
     """Cut the batch into items; returns ``items``, ``item_kind``, ``groups``,
     ``merge_indptr`` (host) and the :class:`~mosaickv.kernels.block_runs.BlockRuns`
@@ -570,8 +570,8 @@ def plan_work(
     ``chunk_tokens`` rounded up to ``block_n``, here; ``runs``: those block runs, already
     found (cut at ``chunk_tokens``, e.g. :func:`~mosaickv.kernels.block_runs.batch_runs`).
     ``kind_chunks``: block runs' kept tokens per format pair instead (``KIND_PAIRS``
-    entries, :func:`kind_chunk_tokens`); tails still use ``chunk_tokens``. ``tile_widths``:
-    each format pair's packed tile length (0: not packed), to give packed runs' items
+    entries, :func:`kind_chunk_tokens`); tails still use ``chunk_tokens``. ``tile_shape``:
+    packed tiles' tokens per format pair and lanes, to give packed runs' items
     their tile starts (ITEM_FIELDS 5 and 6) when the runs are found here.
     Runs with no kept token are dropped, as are tail runs no query row of the row block
     can see: query ``i`` of ``nq`` sits at tail position ``t - nq + i`` and sees the tail
@@ -583,7 +583,7 @@ def plan_work(
         raise ValueError(f"block_indptr has {len(block_indptr)} entries, expected {bsz * hkv + 1}")
     if runs is None:
         runs = block_runs(table, block_indptr, block_indices, chunk_tokens if kind_chunks is None else kind_chunks,
-                          tile_widths=tile_widths)
+                          tile_shape=tile_shape)
     run_pair, run_lo, run_hi, run_kp = runs.pair, runs.lo, runs.hi, runs.kind
     run_ptr = np.searchsorted(run_pair, np.arange(bsz * hkv + 1))
     chunk = tail_chunk(chunk_tokens, block_n)
@@ -640,7 +640,7 @@ def build_plan(
     chunk_tokens: int | None = None,
     max_programs: int | None = None,
     chunk_by_kind: bool = False,
-    tile_widths: np.ndarray | None = None,
+    tile_shape: TileShape | None = None,
 ) -> AttentionPlan:
     """Plan one batch on the host and upload it (the only host-to-device step).
 
@@ -648,7 +648,7 @@ def build_plan(
     slot; ``max_programs`` (per launch) to eight programs per SM on a GPU. Launches are
     persistent: each program loops over items and owns one slice of the scatter scratch.
     ``chunk_by_kind``: each format pair's runs as long as its own work asks
-    (:func:`kind_chunk_tokens`). ``tile_widths``: packed tiles' lengths per format pair, to
+    (:func:`kind_chunk_tokens`). ``tile_shape``: packed tiles' tokens per format pair and lanes, to
     plan their starts (:func:`plan_work`).
     """
     device = arena.values.device
@@ -658,7 +658,7 @@ def build_plan(
         kind_chunks = kind_chunk_tokens(kind_tokens(arena.table, block_indices), int(np.sum(tail_lens)), 1,
                                         num_kv_heads, block_n, max_programs)
     host = plan_host(arena.table, block_indptr, block_indices, qo_lens, tail_lens, 1, num_kv_heads, group,
-                     block_m, block_n, chunk_tokens, max_programs, kind_chunks=kind_chunks, tile_widths=tile_widths)
+                     block_m, block_n, chunk_tokens, max_programs, kind_chunks=kind_chunks, tile_shape=tile_shape)
     return upload_plans(host, device, arena.head_dim, max_programs)[0]
 
 
@@ -714,7 +714,7 @@ def plan_host(
     max_items: int | None = None,
     runs: BlockRuns | None = None,
     kind_chunks: np.ndarray | None = None,
-    tile_widths: np.ndarray | None = None,
+    tile_shape: TileShape | None = None,
 ) -> HostPlan:
     """Plan a batch whose requests read, at every layer, the same tokens but their own
     blocks: ``block_indptr`` has ``num_layers * B * Hkv + 1`` entries (layer-major),
@@ -725,8 +725,8 @@ def plan_host(
     group's format pairs and tail), see :func:`default_chunk_tokens`. ``runs``: the
     blocks' runs already found at the given ``chunk_tokens`` (a plan that keeps each
     request's runs from one step to the next). ``kind_chunks``: the block runs' length
-    per format pair instead (:func:`kind_chunk_tokens`). ``tile_widths``: packed tiles'
-    lengths per format pair, to plan their starts when the runs are found here (``runs``
+    per format pair instead (:func:`kind_chunk_tokens`). ``tile_shape``: packed tiles'
+    tokens per format pair and lanes, to plan their starts when the runs are found here (``runs``
     found in advance carry their own)."""
     table = as_table(table)
     block_indices = torch.as_tensor(block_indices, dtype=torch.int64).to(table.device)
@@ -741,7 +741,7 @@ def plan_host(
                                             num_layers, num_kv_heads, block_n, max_programs, max_items)
     items, kinds, groups, merge_indptr, runs = plan_work(
         table, block_indptr, block_indices, np.tile(qo_lens, num_layers), np.tile(tail_lens, num_layers),
-        num_kv_heads, group, block_m, block_n, chunk_tokens, runs, kind_chunks, tile_widths,
+        num_kv_heads, group, block_m, block_n, chunk_tokens, runs, kind_chunks, tile_shape,
     )
     item_layer = items[:, 0] // max(bsz, 1)
     items[:, 0] %= max(bsz, 1)

@@ -191,8 +191,13 @@ PACK_MAX_SEGMENT = 32
 # runs, so Triton pipelines the tile loop (dense keys' loads become async copies): side by
 # side in the eighteenth run (h200_2026-12-02/call5_diag), the 3x mix decoded in 672 us
 # against 704, the 6x in 425 against 433, dense in 1,413 against 1,521; 9 stages and eight
-# warps were slower (722 and 1,107 us on 3x).
+# warps were slower (722 and 1,107 us on 3x). A packed tile reads at most PACKED_TILE_BLOCKS
+# blocks' entries, one a lane (tile_blocks), not one a token: side by side in the nineteenth
+# run (h200_2026-12-02b/call5_diag_ncu), the 3x mix decoded in 645 us against 670, the 6x
+# in 412 against 418, dense in 1,306 against 1,424; 8 lanes 654, 416 and 1,348; 64-token
+# dense tiles of 8 lanes 649, 424 and 1,278.
 PACKED_DECODE_TILE = 32
+PACKED_TILE_BLOCKS = 4
 
 
 def _tuning(extend: bool, pack: bool) -> MixedAttention:
@@ -200,7 +205,8 @@ def _tuning(extend: bool, pack: bool) -> MixedAttention:
         return MixedAttention(block_m=64, block_n=32, keys_by_query=False, wide_block_n=32, pack_tokens=pack)
     if pack:
         return MixedAttention(block_m=16, block_n=32, wide_block_n=PACKED_DECODE_TILE, pack_tokens=True,
-                              pack_sparse_keys=True, unroll_group=True, chunk_by_kind=True, tile_starts=True)
+                              pack_sparse_keys=True, unroll_group=True, chunk_by_kind=True, tile_starts=True,
+                              tile_blocks=PACKED_TILE_BLOCKS)
     return MixedAttention(block_m=16, block_n=32)
 
 

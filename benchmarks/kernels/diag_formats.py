@@ -35,7 +35,7 @@ B, L, HQ, HKV, D = 32, 32768, 32, 8, 128
 # MixedDecodeWrapper settings beside programs per SM; the first is the server's DECODE_TUNING.
 SETTINGS = [
     ({"block_n": 32, "pack_tokens": True, "wide_block_n": 32, "pack_sparse_keys": True, "unroll_group": True,
-      "chunk_by_kind": True, "tile_starts": True}, 8),
+      "chunk_by_kind": True, "tile_starts": True, "tile_blocks": 4}, 8),
     ({"block_n": 32}, 8),  # one block per tile: the server's for segments over 32 tokens
     ({"block_n": 32, "pack_tokens": True, "wide_block_n": 32}, 16),
     ({"block_n": 32, "pack_tokens": True, "wide_block_n": 128}, 8),
@@ -111,13 +111,18 @@ SETTINGS = [
       "chunk_by_kind": True, "tile_starts": True, "pipeline_stages": 9}, 8),
     ({"block_n": 32, "pack_tokens": True, "wide_block_n": 32, "pack_sparse_keys": True, "unroll_group": True,
       "chunk_by_kind": True, "tile_starts": True, "num_warps": 8}, 4),
-    # Settings 21-23: the server's with packed tiles reading 8 block entries (one a lane)
-    # instead of one a token, so a tile's index work ([tokens, lanes] compares, gathers
-    # over the lanes) shrinks; 64-token dense tiles with 8 lanes; 4 lanes. Compiled for
-    # sm_90 with Triton 3.6 (registers.py --launches dense_packed_tile_starts
-    # sparse_keys_packed_tile_starts --block-n 32 64 --warps 4 --unroll-group --tile-blocks
-    # 0 4 8 16): dense 32-token tiles 120 registers against 128 (8 lanes), 64-token ones 168
-    # against 255; packed sparse keys 128 either way.
+    # Settings 21-23: the server's of the eighteenth run with packed tiles reading 8 block
+    # entries (one a lane) instead of one a token, so a tile's index work ([tokens, lanes]
+    # compares, gathers over the lanes) shrinks; 64-token dense tiles with 8 lanes; 4 lanes
+    # (the server's since the nineteenth run, setting 0). Compiled for sm_90 with Triton 3.6
+    # (registers.py --launches dense_packed_tile_starts sparse_keys_packed_tile_starts
+    # --block-n 32 64 --warps 4 --unroll-group --tile-blocks 0 4 8 16): dense 32-token tiles
+    # 120 registers (8 lanes) and 123 (4) against 128, 64-token ones 168 against 255; packed
+    # sparse keys 128 either way. Nineteenth run (h200_2026-12-02b/call5_diag_ncu), 0 (then
+    # without tile_blocks), 21, 22, 23: the 3x mix 670, 654, 649, 645 us; 6x 418, 416, 424,
+    # 412; dense 1,424, 1,348, 1,278, 1,306. Under Nsight Compute the dense launch read 51%
+    # of DRAM's bandwidth without and 55% with 8 lanes, 8.6 and 8.3 cycles a warp between
+    # issued instructions, 25% occupancy (register-bound) either way.
     ({"block_n": 32, "pack_tokens": True, "wide_block_n": 32, "pack_sparse_keys": True, "unroll_group": True,
       "chunk_by_kind": True, "tile_starts": True, "tile_blocks": 8}, 8),
     ({"block_n": 32, "pack_tokens": True, "wide_block_n": 64, "pack_sparse_keys": True, "unroll_group": True,

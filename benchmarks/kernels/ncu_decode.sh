@@ -12,11 +12,17 @@ D=${1:?usage: ncu_decode.sh DIR}; mkdir -p "$D"
 NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
 if [ -z "$NCU" ]; then echo "no ncu on this machine (PATH, /usr/local/cuda*/bin)" | tee "$D/ncu_decode.txt"; exit 3; fi
 # Launch 1 of each run is warm-up (compile, plan); ncu replays every _mixed_attn_kernel launch.
-"$NCU" --log-file "$D/ncu_decode.csv" --kernel-name regex:_mixed_attn_kernel --csv --page details \
+# The report is kept, then printed twice: the sections' summaries (details page, what the
+# runs through the nineteenth read) and every metric they collected (raw page: each warp
+# stall reason's cycles an instruction, the instruction mix), which the summaries leave out.
+"$NCU" --export "$D/ncu_decode" --force-overwrite --kernel-name regex:_mixed_attn_kernel \
   --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section Occupancy \
-  --section MemoryWorkloadAnalysis --section LaunchStats \
+  --section MemoryWorkloadAnalysis --section LaunchStats --section InstructionStats \
   python3 benchmarks/kernels/diag_formats.py --segment 32 --formats dense mosaic_dense_values_3x mosaic_dense_values_6x \
     --settings ${NCU_SETTINGS:-0 21} --profile-once --out "$D" > "$D/ncu_decode.txt" 2>&1
 rc=$?
+"$NCU" --import "$D/ncu_decode.ncu-rep" --csv --page details > "$D/ncu_decode.csv"
+"$NCU" --import "$D/ncu_decode.ncu-rep" --csv --page raw > "$D/ncu_decode_raw.csv"
+rm -f "$D/ncu_decode.ncu-rep"  # a call brings back few files: the two pages hold what it read
 grep "profiled run" "$D/ncu_decode.txt"; tail -3 "$D/ncu_decode.txt"
 exit $rc

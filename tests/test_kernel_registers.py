@@ -32,6 +32,23 @@ def test_a_launch_compiles_offline_and_reports_registers(tmp_path):
 
 
 @needs_tools
+def test_the_tile_loops_pass_is_counted_from_its_sass(tmp_path):
+    """--loop finds the packed launch's tile loop (the one around its tensor-core
+    products) and counts one pass: its products (QK and PV of a 16-row, 32-token tile over
+    d=128: 16 m16n8k16 on four warps), its barriers, and the shared buffers the pipeliner
+    gave the tile's keys and values."""
+    out = tmp_path / "regs.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    subprocess.run([sys.executable, "benchmarks/kernels/registers.py", "--launches", "dense_packed_tile_starts",
+                    "--block-n", "32", "--warps", "4", "--tile-blocks", "4", "--loop", "--json", str(out)],
+                   cwd=ROOT, env=env, check=True, capture_output=True, timeout=600)
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["tile_blocks"] == 4 and row["loop_hmma"] == 16
+    assert row["loop_instructions"] > row["loop_hmma"] + row["loop_bar"] > 16
+    assert any(shape.endswith("32x128") for shape in row["shared_buffers"]), row["shared_buffers"]
+
+
+@needs_tools
 def test_the_sealing_launches_compile_for_sm90_spilling_at_most_one_float64(tmp_path):
     # The interpreter runs what compiled Triton may refuse (the knapsack kernel's first GPU
     # run failed where every CPU test passed): both sealing kernels go through the compiler.

@@ -16,6 +16,8 @@ to 40 registers (152 and 168 against 128 at four warps,
     python benchmarks/kernels/registers.py --block-n 32 64 --warps 4 8 --json out.json
     python benchmarks/kernels/registers.py --knapsack   # the sealing knapsack's launch
     python benchmarks/kernels/registers.py --channel-pricing --head-dim 128   # per-vector channel pricing's
+    python benchmarks/kernels/registers.py --launches dense_packed_tile_starts --block-n 32 --warps 4 \
+        --tile-blocks 4 --loop   # and what one pass of its tile loop executes
 """
 
 from __future__ import annotations
@@ -125,6 +127,39 @@ def resources(cubin: bytes) -> dict[str, int]:
     return {"registers": int(m[1]), "stack_bytes": int(m[2])}
 
 
+LOOP_OPS = ("BAR", "SHFL", "LDS", "STS", "LDSM", "HMMA", "LDGSTS", "LDG")
+
+
+def loop_census(cubin: bytes) -> dict[str, int]:
+    """What one pass of the launch's tile loop (the innermost backward branch around its
+    first tensor-core product) executes, counted in its SASS: instructions, and of them
+    barriers, shuffles, shared-memory and global loads, products. The nineteenth run's
+    Nsight Compute found the dense launch bound by its instructions a tile, not by DRAM:
+    these are the counts a change to the tile loop moves, found without a GPU."""
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([str(tool), "-sass", f.name], capture_output=True, text=True, check=True).stdout
+    ops = {int(a, 16): (op, rest) for a, op, rest in
+           re.findall(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);", sass)}
+    mmas = [a for a, (op, _) in ops.items() if op.startswith("HMMA")]
+    back = [(int(m[1], 16), a) for a, (op, rest) in ops.items() if op == "BRA"
+            and (m := re.search(r"0x([0-9a-f]+)", rest)) and int(m[1], 16) < a]
+    around = [(lo, hi) for lo, hi in back if mmas and lo <= mmas[0] <= hi]
+    if not around:
+        return {"loop_instructions": 0}
+    lo, hi = min(around, key=lambda r: r[1] - r[0])
+    body = [op.split(".")[0] for a, (op, _) in ops.items() if lo <= a <= hi]
+    return {"loop_instructions": len(body), **{f"loop_{op.lower()}": body.count(op) for op in LOOP_OPS}}
+
+
+def shared_buffers(ttgir: str) -> list[str]:
+    """Shapes of the shared-memory buffers Triton's pipeliner allocated (a leading 1 is a
+    single slot: those loads are not in flight across passes of the loop)."""
+    return re.findall(r"ttg\.local_alloc\s*:\s*\(\)\s*->\s*!ttg\.memdesc<([0-9x]+)x\w+", ttgir)
+
+
 def occupancy(registers: int, warps: int) -> float:
     """Resident warps over the SM's 64, bounded by registers (allocated per warp in
     units of 256) and by blocks."""
@@ -155,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="per-vector channel pricing's launch instead, at --head-dim")
     ap.add_argument("--tile-blocks", type=int, nargs="+", default=[0],
                     help="block entries a packed tile with tile starts reads (0: one a token, the tile's width)")
+    ap.add_argument("--loop", action="store_true",
+                    help="also count what a pass of the tile loop executes (SASS) and the pipeliner's shared buffers")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     rows = []
@@ -193,11 +230,15 @@ def main(argv: list[str] | None = None) -> int:
                     row["async_copies"] = asm["ttgir"].count("async_copy_global_to_local")
                 if tile_starts:
                     row["tile_blocks"] = lanes or block_n
+                if args.loop:
+                    row.update(loop_census(asm["cubin"]), shared_buffers=shared_buffers(asm["ttgir"]))
                 row["occupancy"] = occupancy(row["registers"], warps)
                 rows.append(row)
+                loop = (f", loop {row['loop_instructions']} instructions, {row.get('loop_bar', 0)} barriers"
+                        if args.loop else "")
                 print(f"{name:13s} block_n {block_n:3d} warps {warps} lanes {lanes or block_n:2d}: "
                       f"{row['registers']:3d} registers, stack {row['stack_bytes']:4d} B, "
-                      f"occupancy {row['occupancy']:.1%}", flush=True)
+                      f"occupancy {row['occupancy']:.1%}{loop}", flush=True)
     result = {"triton": triton.__version__, "target": "sm_90", "head_dim": args.head_dim, "group": args.group,
               "block_m": args.block_m, "extend": args.extend, "unroll_group": args.unroll_group,
               "tails_back_to_back": args.tails_back_to_back, "command": " ".join(["python", "benchmarks/kernels/registers.py",

@@ -129,6 +129,14 @@ SETTINGS = [
       "chunk_by_kind": True, "tile_starts": True, "tile_blocks": 8}, 8),
     ({"block_n": 32, "pack_tokens": True, "wide_block_n": 32, "pack_sparse_keys": True, "unroll_group": True,
       "chunk_by_kind": True, "tile_starts": True, "tile_blocks": 4}, 8),
+    # Setting 24: the server's at 7 stages. At 3 to 6 the pipeliner gives the tile's keys
+    # and values one shared slot each (the loads before them take the other stages), so one
+    # tile's data is in flight; at 7, two slots each, at 128 registers (25% occupancy) and
+    # 439 instructions a pass against 392 (registers.py --launches dense_packed_tile_starts
+    # --tile-blocks 4 --stages 7 --loop). At 32 lanes 9 stages took 157 registers and were
+    # slower (setting 19). Not yet run.
+    ({"block_n": 32, "pack_tokens": True, "wide_block_n": 32, "pack_sparse_keys": True, "unroll_group": True,
+      "chunk_by_kind": True, "tile_starts": True, "tile_blocks": 4, "pipeline_stages": 7}, 8),
 ]
 
 

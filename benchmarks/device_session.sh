@@ -40,6 +40,8 @@
 #                                                       GPU tests (after the sealing benches they ran out of the call
 #                                                       in the fifteenth run). On one GPU, kernels skips ncu and rows
 #                                                       runs GPU0_METHODS alone
+#   PART=ncu       bash benchmarks/device_session.sh   # Nsight Compute over the decode launches (NCU_SETTINGS, default
+#                                                       "0 21"), in a call of its own on one GPU (the nineteenth run's)
 #   PART=sealing   bash benchmarks/device_session.sh   # sealing at SmolLM2's and the 8B's shape (profiled), the knapsack
 #                                                       as ops beside, channel pricing and knapsack tiles (no staging)
 #   PART=accuracy  bash benchmarks/device_session.sh   # the accuracy suite on GPU 1, or 0 of one (ACC_METHODS, SAMPLES 4, PARALLEL 4,
@@ -48,7 +50,7 @@
 # Record the session's commit yourself: the machine's git log is stale.
 set -uo pipefail
 PART=${PART:?set PART=first, profile, eq or admission}
-case $PART in one_first|sealing|first|profile|profile_8b|census|eq|admission|stage_eq|smollm2|rows|kernels|stage_kernels|stage_host|stage_smollm2|accuracy) ;; *) echo "PART=$PART is not one of one_first, first, profile, profile_8b, census, eq, admission, stage_eq, smollm2, rows, kernels, stage_kernels, stage_host, stage_smollm2, accuracy, sealing"; exit 2 ;; esac
+case $PART in one_first|ncu|sealing|first|profile|profile_8b|census|eq|admission|stage_eq|smollm2|rows|kernels|stage_kernels|stage_host|stage_smollm2|accuracy) ;; *) echo "PART=$PART is not one of one_first, ncu, first, profile, profile_8b, census, eq, admission, stage_eq, smollm2, rows, kernels, stage_kernels, stage_host, stage_smollm2, accuracy, sealing"; exit 2 ;; esac
 OUT=${OUT:?the device call sets OUT}
 T0=$(date +%s)
 export PYTHONPATH=/tmp/mkv/site PYTHONUNBUFFERED=1
@@ -99,6 +101,10 @@ eq() {
 }
 
 case $PART in
+  ncu)
+    python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . > "$LOG/pip.txt" 2>&1
+    timeout 540 bash benchmarks/kernels/ncu_decode.sh "$OUT/ncu" > "$LOG/ncu.txt" 2>&1
+    say "ncu_decode rc=$?: $(grep -c 'profiled run' "$OUT/ncu/ncu_decode.txt" 2>/dev/null) runs profiled" ;;
   sealing)
     python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . > "$LOG/pip.txt" 2>&1
     sealing ;;

@@ -15,7 +15,7 @@ def run(env: dict[str, str]) -> subprocess.CompletedProcess:
 
 def test_an_unknown_part_is_refused_by_name(tmp_path):
     got = run({"PART": "everything", "OUT": str(tmp_path)})
-    assert got.returncode == 2 and "PART=everything is not one of one_first, first, profile, profile_8b, census, eq, admission" in got.stdout
+    assert got.returncode == 2 and "PART=everything is not one of one_first, ncu, first, profile, profile_8b, census, eq, admission" in got.stdout
     assert not any(tmp_path.iterdir())  # nothing was started
 
 

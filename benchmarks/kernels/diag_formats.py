@@ -137,6 +137,14 @@ SETTINGS = [
     # slower (setting 19). Not yet run.
     ({"block_n": 32, "pack_tokens": True, "wide_block_n": 32, "pack_sparse_keys": True, "unroll_group": True,
       "chunk_by_kind": True, "tile_starts": True, "tile_blocks": 4, "pipeline_stages": 7}, 8),
+    # Setting 25: one warp a program, 16-token tiles: the tile's row maxima and sums and
+    # its probabilities' re-layout stay inside the warp (2 barriers a pass against 16), 647
+    # instructions a pass for 16 tokens against 392 a warp for 32 on four warps (the SM
+    # issues 17% fewer a token), 168 registers (12 warps an SM against 16). The packed
+    # sparse-key launch is worse so (255 registers, 2,710 instructions for 16 tokens): read
+    # the dense rows. Not yet run.
+    ({"block_n": 16, "pack_tokens": True, "wide_block_n": 16, "pack_sparse_keys": True, "unroll_group": True,
+      "chunk_by_kind": True, "tile_starts": True, "tile_blocks": 4, "num_warps": 1}, 16),
 ]
 
 

@@ -48,7 +48,7 @@ def test_a_decode_wrapper_built_from_a_tunings_settings_runs_as_that_tuning() ->
     tuning = MixedAttention(block_m=64, block_n=16, num_warps=8, num_stages=3, sparse_densify="search",
                             keys_by_query=True, wide_block_n=32, pack_tokens=True, prefetch_entries=True,
                             pack_sparse_keys=True, chunk_by_kind=True, unroll_group=True, block_span=16,
-                            pipeline_stages=4, tile_starts=True, tile_blocks=8)
+                            pipeline_stages=4, tile_starts=True, tile_blocks=8, dense_num_warps=1)
     defaults = MixedAttention().settings()
     assert all(tuning.settings()[name] != value for name, value in defaults.items() if name != "keys_by_query")
     assert MixedDecodeWrapper(**tuning.settings()).settings() == tuning.settings()

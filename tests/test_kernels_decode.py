@@ -195,10 +195,23 @@ def test_spanned_launches_are_dense_pairs_of_blocks_within_the_span() -> None:
             MixedDecodeWrapper(**bad)
     with pytest.raises(ValueError, match="pipeline_stages=0 must be at least 1"):
         MixedDecodeWrapper(pipeline_stages=0)
+    with pytest.raises(ValueError, match="dense_num_warps=3 must be 0 .num_warps. or a power of two up to 8"):
+        MixedDecodeWrapper(dense_num_warps=3)
     for bad in ({"tile_blocks": 6, "tile_starts": True}, {"tile_blocks": 8}):
         with pytest.raises(ValueError, match=f"tile_blocks={bad['tile_blocks']} must be 0 or a power of two, and needs "
                                              "tile_starts=True"):
             MixedDecodeWrapper(pack_tokens=True, **bad)
+
+
+def test_launches_of_dense_pairs_take_their_own_warps() -> None:
+    """dense_num_warps sets the warps of dense-key, dense-value launches only (the tails'
+    and every other pair's keep num_warps); 0 leaves them at num_warps."""
+    from mosaickv.kernels.layout import DENSE, LOWRANK, SPARSE, TAIL
+
+    one = MixedDecodeWrapper(num_warps=4, dense_num_warps=1)
+    assert one.warps(DENSE, DENSE) == 1
+    assert one.warps(SPARSE, DENSE) == one.warps(LOWRANK, LOWRANK) == one.warps(TAIL, TAIL) == 4
+    assert MixedDecodeWrapper(num_warps=8).warps(DENSE, DENSE) == 8
 
 
 @pytest.mark.parametrize("lanes", [0, 1, 2, 4])

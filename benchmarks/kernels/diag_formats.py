@@ -145,6 +145,10 @@ SETTINGS = [
     # the dense rows. Not yet run.
     ({"block_n": 16, "pack_tokens": True, "wide_block_n": 16, "pack_sparse_keys": True, "unroll_group": True,
       "chunk_by_kind": True, "tile_starts": True, "tile_blocks": 4, "num_warps": 1}, 16),
+    # Setting 26: setting 25's dense launches (one warp, 16-token tiles) beside the server's
+    # other launches (four warps; sparse keys in 32-token tiles): dense_num_warps.
+    ({"block_n": 32, "pack_tokens": True, "wide_block_n": 16, "pack_sparse_keys": True, "unroll_group": True,
+      "chunk_by_kind": True, "tile_starts": True, "tile_blocks": 4, "dense_num_warps": 1}, 16),
 ]
 
 

@@ -559,6 +559,7 @@ class MixedAttention:
         pipeline_stages: int = 3,
         tile_starts: bool = False,
         tile_blocks: int = 0,
+        dense_num_warps: int = 0,
     ) -> None:
         """``block_n``: tokens per tile of launches with a sparse side (whose densify grows
         with the tile); ``wide_block_n``: of the others (dense, mask, low-rank, tails),
@@ -588,7 +589,10 @@ class MixedAttention:
         ``pipeline_stages`` deep as well. ``tile_blocks`` (with ``tile_starts``; a power of
         two, 0: as many as the tile's tokens): blocks a packed tile reads at most, one table
         entry a lane, so less index work a tile; a tile reaching its last lane ends there,
-        and the plan's tile starts say so (:class:`~mosaickv.kernels.block_runs.TileShape`)."""
+        and the plan's tile starts say so (:class:`~mosaickv.kernels.block_runs.TileShape`).
+        ``dense_num_warps`` (0: ``num_warps``): warps of the launches of dense keys and values
+        (one warp keeps a tile's softmax reductions inside it; the packed sparse-key launch
+        takes 255 registers on one)."""
         if sparse_densify not in SPARSE_MODES:
             raise ValueError(f"sparse_densify={sparse_densify!r} is not one of {', '.join(SPARSE_MODES)}")
         if pack_sparse_keys and not (pack_tokens and keys_by_query):
@@ -601,7 +605,9 @@ class MixedAttention:
         if tile_blocks and (tile_blocks & (tile_blocks - 1) or not tile_starts):
             raise ValueError(f"tile_blocks={tile_blocks} must be 0 or a power of two, and needs tile_starts=True "
                              f"(got {tile_starts}): the plan's tile starts are where capped tiles end")
-        self.tile_blocks = tile_blocks
+        if dense_num_warps & (dense_num_warps - 1) or dense_num_warps > 8:
+            raise ValueError(f"dense_num_warps={dense_num_warps} must be 0 (num_warps) or a power of two up to 8")
+        self.tile_blocks, self.dense_num_warps = tile_blocks, dense_num_warps
         self.block_span, self.pipeline_stages, self.tile_starts = block_span, pipeline_stages, tile_starts
         self.block_m, self.block_n, self.wide_block_n = block_m, block_n, wide_block_n
         self.pack_tokens, self.pack_sparse_keys = pack_tokens, pack_sparse_keys
@@ -683,6 +689,10 @@ class MixedAttention:
         pairs = [divmod(kind, 4) for kind in range(KIND_PAIRS)]
         widths = np.asarray([self.tile_n(k, v) if self.packs(k, v) else 0 for k, v in pairs], dtype=np.int64)
         return TileShape(widths, self.tile_blocks)
+
+    def warps(self, k_kind: int, v_kind: int) -> int:
+        """Warps of a launch of this format pair."""
+        return self.dense_num_warps or self.num_warps if (k_kind, v_kind) == (DENSE, DENSE) else self.num_warps
 
     def tile_lanes(self, k_kind: int, v_kind: int) -> int:
         """Block entries a packed tile of this format pair reads (the kernel's ``TILE_BLOCKS``)."""
@@ -815,7 +825,7 @@ def run_plan(
             UNROLL=group if tuning.unroll_group else 0, SPAN=tuning.span(ln.k_kind, ln.v_kind),
             STAGES=tuning.pipeline_stages, TILE_STARTS=tuning.tile_starts and tuning.packs(ln.k_kind, ln.v_kind),
             TILE_BLOCKS=tuning.tile_lanes(ln.k_kind, ln.v_kind),
-            num_warps=tuning.num_warps, num_stages=tuning.num_stages,
+            num_warps=tuning.warps(ln.k_kind, ln.v_kind), num_stages=tuning.num_stages,
         )
     if p.groups.shape[0]:
         lse = out if lse_out is None else lse_out

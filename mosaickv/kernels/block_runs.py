@@ -153,9 +153,6 @@ class TileShape:
     widths: np.ndarray
     lanes: int = 0
 
-    def lanes_of(self, width: int) -> int:
-        return self.lanes or width
-
 
 def run_tile_starts(tokens: np.ndarray, lo: np.ndarray, hi: np.ndarray, widths: np.ndarray, lanes: int = 0
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -133,8 +133,8 @@ SETTINGS = [
     # and values one shared slot each (the loads before them take the other stages), so one
     # tile's data is in flight; at 7, two slots each, at 128 registers (25% occupancy) and
     # 439 instructions a pass against 392 (registers.py --launches dense_packed_tile_starts
-    # --tile-blocks 4 --stages 7 --loop). At 32 lanes 9 stages took 157 registers and were
-    # slower (setting 19). Not yet run.
+    # --tile-blocks 4 --stages 7 --loop; results/registers_decode_sm90_triton36_loop_census_candidates.json).
+    # At 32 lanes 9 stages took 157 registers and were slower (setting 19). Not yet run.
     ({"block_n": 32, "pack_tokens": True, "wide_block_n": 32, "pack_sparse_keys": True, "unroll_group": True,
       "chunk_by_kind": True, "tile_starts": True, "tile_blocks": 4, "pipeline_stages": 7}, 8),
     # Setting 25: one warp a program, 16-token tiles: the tile's row maxima and sums and
@@ -142,7 +142,7 @@ SETTINGS = [
     # instructions a pass for 16 tokens against 392 a warp for 32 on four warps (the SM
     # issues 17% fewer a token), 168 registers (12 warps an SM against 16). The packed
     # sparse-key launch is worse so (255 registers, 2,710 instructions for 16 tokens): read
-    # the dense rows. Not yet run.
+    # the dense rows (same census file as setting 24). Not yet run.
     ({"block_n": 16, "pack_tokens": True, "wide_block_n": 16, "pack_sparse_keys": True, "unroll_group": True,
       "chunk_by_kind": True, "tile_starts": True, "tile_blocks": 4, "num_warps": 1}, 16),
     # Setting 26: setting 25's dense launches (one warp, 16-token tiles) beside the server's

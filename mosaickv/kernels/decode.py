@@ -616,6 +616,7 @@ class MixedAttention:
         self.sparse_densify, self.keys_by_query = sparse_densify, keys_by_query
         self.num_warps, self.num_stages = num_warps, num_stages
         self._plan: AttentionPlan | None = None
+        self._tile_shape = self._find_tile_shape()  # fixed with the tuning; read by every decode step's plan
 
     def settings(self) -> dict[str, object]:
         """The constructor's arguments: ``MixedDecodeWrapper(**tuning.settings())`` runs as
@@ -684,6 +685,9 @@ class MixedAttention:
         """Each format pair's packed tile length, 0 where not packed (``KIND_PAIRS``
         entries, ``4 * k_kind + v_kind``), and ``tile_blocks``: what a plan finds tile
         starts for; None without ``tile_starts``."""
+        return self._tile_shape
+
+    def _find_tile_shape(self) -> TileShape | None:
         if not self.tile_starts:
             return None
         pairs = [divmod(kind, 4) for kind in range(KIND_PAIRS)]

@@ -35,7 +35,7 @@ B, L, HQ, HKV, D = 32, 32768, 32, 8, 128
 # MixedDecodeWrapper settings beside programs per SM; the first is the server's DECODE_TUNING.
 SETTINGS = [
     ({"block_n": 32, "pack_tokens": True, "wide_block_n": 32, "pack_sparse_keys": True, "unroll_group": True,
-      "chunk_by_kind": True, "tile_starts": True, "tile_blocks": 4}, 8),
+      "chunk_by_kind": True, "tile_starts": True, "tile_blocks": 4, "pipeline_stages": 7}, 8),
     ({"block_n": 32}, 8),  # one block per tile: the server's for segments over 32 tokens
     ({"block_n": 32, "pack_tokens": True, "wide_block_n": 32}, 16),
     ({"block_n": 32, "pack_tokens": True, "wide_block_n": 128}, 8),
@@ -149,6 +149,11 @@ SETTINGS = [
     # other launches (four warps; sparse keys in 32-token tiles): dense_num_warps.
     ({"block_n": 32, "pack_tokens": True, "wide_block_n": 16, "pack_sparse_keys": True, "unroll_group": True,
       "chunk_by_kind": True, "tile_starts": True, "tile_blocks": 4, "dense_num_warps": 1}, 16),
+    # Settings 27 and 28: the server's (7 stages since the twentieth run) at 9 and 11 stages.
+    ({"block_n": 32, "pack_tokens": True, "wide_block_n": 32, "pack_sparse_keys": True, "unroll_group": True,
+      "chunk_by_kind": True, "tile_starts": True, "tile_blocks": 4, "pipeline_stages": 9}, 8),
+    ({"block_n": 32, "pack_tokens": True, "wide_block_n": 32, "pack_sparse_keys": True, "unroll_group": True,
+      "chunk_by_kind": True, "tile_starts": True, "tile_blocks": 4, "pipeline_stages": 11}, 8),
 ]
 
 

@@ -154,6 +154,14 @@ SETTINGS = [
       "chunk_by_kind": True, "tile_starts": True, "tile_blocks": 4, "pipeline_stages": 9}, 8),
     ({"block_n": 32, "pack_tokens": True, "wide_block_n": 32, "pack_sparse_keys": True, "unroll_group": True,
       "chunk_by_kind": True, "tile_starts": True, "tile_blocks": 4, "pipeline_stages": 11}, 8),
+    # Settings 29 and 30: the server's on eight warps, 32-token tiles (80 registers, 37.5%
+    # occupancy, 351 instructions a warp a pass against 439 on four) and 64-token tiles
+    # (123 registers, 25%, 444): registers.py --launches dense_packed_tile_starts --stages 7
+    # --tile-blocks 4 --warps 8 --loop (results/registers_decode_sm90_triton36_loop_census_7stages.json).
+    ({"block_n": 32, "pack_tokens": True, "wide_block_n": 32, "pack_sparse_keys": True, "unroll_group": True,
+      "chunk_by_kind": True, "tile_starts": True, "tile_blocks": 4, "pipeline_stages": 7, "num_warps": 8}, 3),
+    ({"block_n": 32, "pack_tokens": True, "wide_block_n": 64, "pack_sparse_keys": True, "unroll_group": True,
+      "chunk_by_kind": True, "tile_starts": True, "tile_blocks": 4, "pipeline_stages": 7, "num_warps": 8}, 2),
 ]
 
 

@@ -71,7 +71,8 @@ class MosaicServerArgs(ServerArgs):
     kv_compress_seal_batch: A[
         Optional[int],
         "MosaicKV with --kv-compress-sealing device: segments per sealing call (default: 32 for an 8B-shaped "
-        "model, more for smaller ones in the same workspace, up to 256). Larger calls seal faster and take more "
+        "model, more for smaller ones in the same workspace, up to 256; four times that for a policy without low-rank "
+        "options, which needs about a quarter of the workspace a segment). Larger calls seal faster and take more "
         "GPU workspace outside the KV pool: on an H200, 8B-shaped segments, 32 a call sealed 863/s in 4.4 GiB, "
         "64 990/s in 8.4 GiB, 128 984/s in 16.4 GiB.",
         NS("memory"),

@@ -48,6 +48,7 @@ from sglang.srt.mem_cache.common import maybe_cache_unfinished_req
 from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey, TreeNode
 
 from mosaickv.compressor import PartFailure
+from mosaickv.config import Policy
 from mosaickv.kernels.channel_pricing import warm_channel_pricing
 from mosaickv.kernels.knapsack import warm_knapsack
 from mosaickv.kernels.layout import Region
@@ -92,6 +93,12 @@ SEAL_BATCH = 32
 # (h200x2_2026-11-30g/summary.json). Larger models keep SEAL_BATCH.
 REFERENCE_SEGMENT_ELEMENTS = 32 * 8 * 128 * 32
 MAX_SEAL_BATCH = 256
+# A policy without low-rank options prices no block by its Gram eigenvalues, and its call
+# needs about a quarter of the workspace a segment: 8B-shaped, 32 a call, 1,215 MiB against
+# 4,067 with `mosaic`'s, 128 a call 3,835 against 15,240; 2,513 segments/s against 1,069 at
+# 32 a call and 2,755 at 128 (twentieth run, h200_2026-12-02c, calls 16-17). So it seals
+# this many times the segments a call in the same workspace.
+LOWRANK_FREE_WORKSPACE_SHARE = 4
 # Segments closed while decoding that seal together (MosaicRadixCache.seal_decoded) when
 # worker processes seal them: on an H200 a call for one 8B-shaped segment took 30 ms (33.2
 # segments/s) and one for eight about 57 ms (139.7/s, the session before), and requests
@@ -645,7 +652,8 @@ def mosaic_radix_factory(ctx) -> RadixCache:
     policy = ctx.server_args.mosaic_policy
     on_device = ctx.server_args.kv_compress_sealing in DEVICE_SEALING
     pool = ctx.params.token_to_kv_pool_allocator.get_kvcache()
-    seal_batch = ctx.server_args.kv_compress_seal_batch or default_seal_batch(pool, policy.segment_size)
+    seal_batch = ctx.server_args.kv_compress_seal_batch or default_seal_batch(
+        pool, policy.segment_size, prices_lowrank(policy, ctx.model_config.head_dim))
     if on_device and torch.device(pool.device).type == "cuda":  # compiled before the first prefill's sealing call waits on them
         warm_channel_pricing(pool.device, pool.head_dim)
         if knapsack_on_gpu() == "kernel":
@@ -667,11 +675,21 @@ def mosaic_radix_factory(ctx) -> RadixCache:
     )
 
 
-def default_seal_batch(pool, segment_size: int) -> int:
+def default_seal_batch(pool, segment_size: int, lowrank: bool = True) -> int:
     """Segments per device sealing call without --kv-compress-seal-batch: SEAL_BATCH
-    8B-shaped segments' workspace, in this pool's segments (SEAL_BATCH to MAX_SEAL_BATCH)."""
+    8B-shaped segments' workspace, in this pool's segments (SEAL_BATCH to MAX_SEAL_BATCH);
+    ``lowrank`` False (the policy has no low-rank option, :func:`prices_lowrank`): in that
+    workspace, LOWRANK_FREE_WORKSPACE_SHARE times as many."""
     elements = pool.layer_num * pool.head_num * pool.head_dim * segment_size
-    return max(SEAL_BATCH, min(MAX_SEAL_BATCH, SEAL_BATCH * REFERENCE_SEGMENT_ELEMENTS // elements))
+    workspace = SEAL_BATCH * REFERENCE_SEGMENT_ELEMENTS * (1 if lowrank else LOWRANK_FREE_WORKSPACE_SHARE)
+    return max(SEAL_BATCH, min(MAX_SEAL_BATCH, workspace // elements))
+
+
+def prices_lowrank(policy: Policy, head_dim: int) -> bool:
+    """Whether ``policy``'s strategy may store a side low rank (its sealing then prices
+    blocks by their Gram eigenvalues)."""
+    keys, values = policy.bind(head_dim).strategy.side_candidates(head_dim, policy.channel_selector)
+    return any(side.kind == "lowrank" for side in (*keys, *values))
 
 
 def idle_drain_hook(scheduler, *args, **kwargs) -> None:

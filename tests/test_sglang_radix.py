@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from array import array
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -21,16 +22,19 @@ from sglang.srt.mem_cache.memory_pool import ReqToTokenPool  # noqa: E402
 from sglang.srt.mem_cache.radix_cache import RadixKey  # noqa: E402
 from sglang.srt.mem_cache.registry import get_radix_cache_factory  # noqa: E402
 
+from mosaickv.config import load_policy  # noqa: E402
 from mosaickv.formats import HEADER_BYTES  # noqa: E402
 from mosaickv.sealer import seal_segment  # noqa: E402
 from mosaickv.sglang_patch.pool import MosaicKVPool  # noqa: E402
 from mosaickv.sglang_patch.radix import (  # noqa: E402
     DECODE_SEAL_BATCH,
+    LOWRANK_FREE_WORKSPACE_SHARE,
     MAX_SEAL_BATCH,
     SEAL_BATCH,
     MosaicRadixCache,
     default_seal_batch,
     mosaic_radix_factory,
+    prices_lowrank,
 )
 from mosaickv.sglang_patch.sizing import KVShape, plan_capacity  # noqa: E402
 from seal_compressors import FMT, SEG, CountingCompressor, RecordingCompressor  # noqa: E402
@@ -105,6 +109,20 @@ def test_default_seal_batch_keeps_the_workspace_of_32_8b_segments():
     assert default_seal_batch(shape(32, 4, 128), 32) == 64  # 8B at --tp 2: half the heads per rank
     assert default_seal_batch(shape(80, 8, 128), 32) == SEAL_BATCH  # larger models keep 32
     assert default_seal_batch(shape(2, 2, 32), 16) == MAX_SEAL_BATCH
+
+
+def test_a_policy_without_low_rank_seals_more_segments_a_call():
+    """It needs about a quarter of the workspace a segment, so the default call takes
+    LOWRANK_FREE_WORKSPACE_SHARE times the segments, still within MAX_SEAL_BATCH."""
+    shape = lambda layers, heads, d: SimpleNamespace(layer_num=layers, head_num=heads, head_dim=d)  # noqa: E731
+    assert default_seal_batch(shape(32, 8, 128), 32, lowrank=False) == SEAL_BATCH * LOWRANK_FREE_WORKSPACE_SHARE
+    assert default_seal_batch(shape(80, 8, 128), 32, lowrank=False) == 51  # 80 layers: 128 x 32 / 80
+    assert default_seal_batch(shape(30, 3, 64), 32, lowrank=False) == MAX_SEAL_BATCH
+    root = Path(__file__).parents[1]
+    assert prices_lowrank(load_policy("mosaic"), 128)
+    assert prices_lowrank(load_policy("mosaic_heads"), 64)  # through HeadWise's inner strategy
+    assert not prices_lowrank(load_policy(str(root / "benchmarks/sealing/mosaic_no_lowrank.yaml")), 128)
+    assert not prices_lowrank(load_policy(str(root / "benchmarks/sealing/mosaic_heads_no_lowrank.yaml")), 64)
 
 
 def test_sealing_on_the_device_seals_the_bytes_inline_sealing_does():

@@ -252,6 +252,16 @@ def test_goal_verdicts_without_data_or_at_unequal_batch_are_not_judged():
     assert "mosaic3, output tok/s vs none at 32k (≥3x): not measured (output_throughput not measured)" in text
 
 
+def test_a_variant_of_mosaic_is_judged_against_the_goals_only_where_it_ran():
+    assert not any("mosaic3_nolr" in line for line in report.goal_lines(_goal_groups()))
+    groups = _goal_groups()
+    groups[(report.GOAL_MODEL, report.GOAL_WORKLOAD)]["mosaic3_nolr"] = rec("mosaic3_nolr", 36, 330.0, 19.0)
+    text = "\n".join(report.goal_lines(groups))
+    assert "- mosaic3_nolr, admitted concurrency vs none at 32k (≥3x): **met**, 3.00x" in text
+    assert "- mosaic3_nolr, output tok/s vs fp8 at 32k (≥1.5x): **met**, 2.20x" in text
+    assert "- mosaic3_nolr, TPOT p50 at equal batch vs none at 32k (≤0.5x): not measured" in text
+
+
 def test_prefill_ceiling_is_output_over_the_pace_of_random_prompts_only():
     r = rec("none", 26, 83.1, 165.5)
     assert report.prefill_ceiling(r) is None  # no pace measured

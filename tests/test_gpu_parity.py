@@ -89,4 +89,5 @@ def test_lossless_on_the_kernels_parts_from_none_only_at_near_ties(runs: Path) -
     hesitates."""
     for p in _compare(runs, "none", "lossless_kernels")["prompts"]:
         if not p["greedy_equal"]:
+            assert p["a_logprob_gap_at_divergence"] is not None, "none's run kept no top log-probs a step"
             assert p["a_logprob_gap_at_divergence"] < NEAR_TIE, p

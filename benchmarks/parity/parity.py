@@ -42,7 +42,7 @@ PROMPTS: list[list[dict[str, str]] | str] = [
 ]
 
 
-TOP = 5  # per greedy step, the HF run keeps its top log-probs: the margin where runs part
+TOP = 5  # per greedy step, each run keeps its top log-probs: the margin where runs part
 
 
 def prompt_ids(tokenizer, prompt: list[dict[str, str]] | str) -> list[int]:
@@ -135,12 +135,12 @@ def run_sglang(model_path: str, new: int, dump: str | None, engine_kw: dict, pro
     try:
         for prompt in PROMPTS[:prompts]:
             ids = prompt_ids(tok, prompt)
-            res = engine.generate(input_ids=ids, return_logprob=True, logprob_start_len=0,
+            res = engine.generate(input_ids=ids, return_logprob=True, logprob_start_len=0, top_logprobs_num=TOP,
                                   sampling_params={"temperature": 0, "max_new_tokens": new, "ignore_eos": True})
             meta = res["meta_info"]
             gen = res.get("output_ids") or [t[1] for t in meta["output_token_logprobs"]]
             runs.append({"ids": ids, "prompt_logprobs": [t[0] for t in meta["input_token_logprobs"]],
-                         "output_ids": gen, "text": tok.decode(gen)})
+                         "output_ids": gen, "text": tok.decode(gen), "step_top": step_tops(meta["output_top_logprobs"])})
         info = engine.get_server_info()
     finally:
         engine.shutdown()
@@ -148,6 +148,13 @@ def run_sglang(model_path: str, new: int, dump: str | None, engine_kw: dict, pro
                                     "sampling_backend", "cuda_graph_config")}
     return {"engine": f"sglang {json.dumps(engine_kw)}", "server_args": args, "startup_s": round(started, 1),
             "runs": runs}
+
+
+def step_tops(output_top_logprobs: list) -> list[dict[int, float]]:
+    """SGLang's ``meta_info["output_top_logprobs"]`` (per output token, ``(log-prob,
+    token id, text)`` of its top tokens) as the HF run keeps them: token id -> log-prob,
+    so that ``compare`` finds the margin where any two runs part."""
+    return [{int(token): float(lp) for lp, token, *_ in step} for step in output_top_logprobs]
 
 
 def _dump_pass(dump: str) -> dict:

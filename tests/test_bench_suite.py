@@ -393,7 +393,8 @@ def accuracy_flags(method: str, out: Path) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("method, preset, ratio", [("uniform2d6", "uniform2d", 6), ("mosaic_heads3", "mosaic_heads", 3),
                                                    ("think1.5", "think", 1.5),
-                                                   ("mosaic_heads14_6", str(SUITE / "mosaic_heads14.yaml"), 6)])
+                                                   ("mosaic_heads14_6", str(SUITE / "mosaic_heads14.yaml"), 6),
+                                                   ("mosaic_heads_nolr3", str(SUITE / "mosaic_heads_nolr.yaml"), 3)])
 def test_an_accuracy_method_is_its_preset_at_its_ratio(method, preset, ratio, tmp_path):
     from mosaickv.config import load_policy
 

@@ -17,7 +17,7 @@ import pytest
 from mosaickv.formats import HEADER_BYTES, BlockFormat, SideFormat
 from mosaickv.kernels.decode import MixedAttention, MixedDecodeWrapper, run_plan
 from mosaickv.kernels.block_runs import KIND_PAIRS, TileShape, batch_runs, block_runs, run_tile_starts
-from mosaickv.kernels.layout import pack_requests
+from mosaickv.kernels.layout import DENSE, SPARSE, pack_requests
 from mosaickv.kernels.synthetic import Recipe, random_layer, synthetic_arena
 from mosaickv.reference import CompressedLayer, attention
 
@@ -74,6 +74,7 @@ def run_decode(
     pipeline_stages: int = 3,
     tile_starts: bool = False,
     tile_blocks: int = 0,
+    sparse_key_stages: int = 0,
     **plan_kw: int,
 ) -> None:
     hq = hkv * group
@@ -84,7 +85,7 @@ def run_decode(
                            wide_block_n=wide_block_n, pack_tokens=pack_tokens, prefetch_entries=prefetch_entries,
                            pack_sparse_keys=pack_sparse_keys, chunk_by_kind=chunk_by_kind, unroll_group=unroll_group,
                            block_span=block_span, pipeline_stages=pipeline_stages,
-                           tile_starts=tile_starts, tile_blocks=tile_blocks)
+                           tile_starts=tile_starts, tile_blocks=tile_blocks, sparse_key_stages=sparse_key_stages)
     w.plan(layers, tk, tv, hq, hkv, d, device=DEVICE, **plan_kw)
     out = torch.full((len(layers), hq, d), float("nan"), dtype=torch.bfloat16, device=DEVICE)
     w.run(q.to(DEVICE), out=out)
@@ -379,6 +380,58 @@ def test_sparse_keys_gathered_for_a_whole_group_at_once(group: int, d: int) -> N
     layers.append(random_layer(gen, 3, 16, hkv, d))
     run_decode(gen, layers, [5, 9, 0, 3], hkv=hkv, group=group, d=d, max_programs=3, unroll_group=True,
                pack_tokens=True, pack_sparse_keys=True, block_n=16, wide_block_n=16)
+
+
+@pytest.mark.parametrize(("group", "d"), [(1, 64), (3, 128), (4, 64), (8, 128)])
+def test_pipelined_sparse_key_tiles_for_one_query_token(group: int, d: int) -> None:
+    """sparse_key_stages: a decode plan's packed sparse-key launch is compiled without the
+    loop over rows past the GQA group (so its tile loop pipelines) and reads its tiles
+    at its own stages; beside every other format, ragged tails, an empty tail, a request
+    without segments, widths of every kind, capped tiles, few programs: the same answer."""
+    gen = torch.Generator().manual_seed(2500 + 10 * group + d)
+    hkv = 2
+    layers = [random_layer(gen, s, 16, hkv, d, kinds=("dense", "sparse")) for s in (6, 0, 4)]
+    layers.append(random_layer(gen, 3, 16, hkv, d))
+    tuning = MixedDecodeWrapper(pack_tokens=True, pack_sparse_keys=True, unroll_group=True, tile_starts=True,
+                                sparse_key_stages=2)
+    assert not tuning.rows_past_unroll(SPARSE, DENSE, rows=group, group=group)
+    assert tuning.stages(SPARSE, DENSE) == 2 and tuning.stages(DENSE, DENSE) == tuning.pipeline_stages
+    for lanes in (0, 2):
+        run_decode(gen, layers, [5, 9, 0, 3], hkv=hkv, group=group, d=d, max_programs=3, unroll_group=True,
+                   pack_tokens=True, pack_sparse_keys=True, block_n=16, wide_block_n=16, tile_starts=True,
+                   tile_blocks=lanes, sparse_key_stages=2)
+
+
+@pytest.mark.parametrize("group", [1, 4])
+def test_pipelined_sparse_keys_still_read_every_row_of_several_query_tokens(group: int) -> None:
+    """With sparse_key_stages, a plan whose requests have several query tokens keeps the
+    loop over rows past the GQA group: every query row's logits, against the reference."""
+    gen = torch.Generator().manual_seed(2600 + group)
+    hkv, d, qo_lens, tail_lens = 2, 64, [2, 1, 3], [4, 2, 5]
+    hq = hkv * group
+    layers = [random_layer(gen, s, 16, hkv, d, kinds=("dense", "sparse")) for s in (5, 3, 4)]
+    tk = [torch.randn(hkv, t, d, generator=gen).bfloat16() for t in tail_lens]
+    tv = [torch.randn(hkv, t, d, generator=gen).bfloat16() for t in tail_lens]
+    qs = [torch.randn(nq, hq, d, generator=gen).bfloat16() for nq in qo_lens]
+    w = MixedAttention(block_n=16, wide_block_n=16, pack_tokens=True, pack_sparse_keys=True, unroll_group=True,
+                       tile_starts=True, sparse_key_stages=2)
+    w.plan_layers(layers, tk, tv, qo_lens, hq, hkv, d, device=DEVICE, max_programs=3)
+    assert w.plan_info.max_q == 3
+    assert w.rows_past_unroll(SPARSE, DENSE, rows=min(w.plan_info.block_m, 3 * group), group=group)
+    q = torch.cat(qs).to(DEVICE)
+    out = torch.full_like(q, float("nan"))
+    w.run(q, out=out)
+    start = 0
+    for b, nq in enumerate(qo_lens):
+        ref = attention(qs[b].transpose(0, 1), layers[b], tk[b], tv[b]).transpose(0, 1)
+        check_close(out[start : start + nq].float().cpu(), ref)
+        start += nq
+
+
+def test_pipelined_sparse_keys_need_planned_packed_tiles_of_unrolled_groups() -> None:
+    with pytest.raises(ValueError, match="sparse_key_stages=3 pipelines packed sparse-key tiles .* needs tile_starts, "
+                                         "pack_sparse_keys and unroll_group, got False, True and True"):
+        MixedDecodeWrapper(pack_tokens=True, pack_sparse_keys=True, unroll_group=True, sparse_key_stages=3)
 
 
 @pytest.mark.parametrize(

@@ -46,7 +46,8 @@ class Store:
         self.tail_v = torch.cat([t.transpose(0, 1) for t in self.tv]).contiguous().to(DEVICE)
         self.hkv, self.d = hkv, d
 
-    def plan(self, batch: list[int], group: int, tuning: MixedDecodeWrapper = TUNING):  # noqa: ANN201 - a HostPlan and the tail rows
+    def plan(self, batch: list[int], group: int, tuning: MixedDecodeWrapper = TUNING,  # noqa: ANN201 - a HostPlan and the tail rows
+             qo_lens: np.ndarray | None = None):
         hkv = self.hkv
         spans = [(self.indptr[b * hkv + h], self.indptr[b * hkv + h + 1]) for b in batch for h in range(hkv)]
         indices = np.concatenate([np.arange(lo, hi) for lo, hi in spans] + [np.zeros(0, dtype=np.int64)])
@@ -54,7 +55,8 @@ class Store:
         tail_lens = np.asarray([self.tk[b].shape[1] for b in batch])
         rows = np.concatenate([np.arange(self.tail_start[b], self.tail_start[b + 1]) for b in batch]
                               + [np.zeros(0, dtype=np.int64)])
-        host = plan_host(self.arena.table_host, indptr, indices, np.ones(len(batch), dtype=np.int64), tail_lens, 1,
+        qo_lens = np.ones(len(batch), dtype=np.int64) if qo_lens is None else qo_lens
+        host = plan_host(self.arena.table_host, indptr, indices, qo_lens, tail_lens, 1,
                          hkv, group, max(tuning.block_m, 1 << (group - 1).bit_length()), tuning.block_n, 32, 3,
                          tile_shape=tuning.tile_shape())
         return host, rows
@@ -161,6 +163,21 @@ def test_a_batch_above_capacity_is_refused_by_name() -> None:
         graph_for(store, 2, few_items).load(host, rows)
     with pytest.raises(ValueError, match=r"GraphCapacity.groups=0 must be at least 1"):
         GraphCapacity(requests=6, blocks=64, items=2, groups=0, tail_rows=64)
+
+
+def test_a_request_with_more_query_tokens_than_the_graph_takes_is_refused() -> None:
+    """A graph's launches are compiled for its plans' query tokens a request (decode: 1;
+    packed sparse keys then leave out rows past the GQA group), so a plan with more is
+    refused by name, not run on launches that would skip its rows."""
+    gen = torch.Generator().manual_seed(6)
+    store = Store(gen, segments=[2, 1], tails=[4, 4], hkv=2, d=64)
+    one, rows = store.plan([0, 1], 2)
+    assert one.max_q == 1 and graph_for(store, 2, CAPACITY).plans[0].max_q == 1
+    two, rows = store.plan([0, 1], 2, qo_lens=np.asarray([2, 1]))
+    assert two.max_q == 2
+    with pytest.raises(ValueError, match="a request of this batch has 2 query tokens, the graph's launches were "
+                                         "captured for 1"):
+        graph_for(store, 2, CAPACITY).load(two, rows)
 
 
 def test_a_format_outside_the_menu_is_refused() -> None:

@@ -162,6 +162,14 @@ SETTINGS = [
       "chunk_by_kind": True, "tile_starts": True, "tile_blocks": 4, "pipeline_stages": 7, "num_warps": 8}, 3),
     ({"block_n": 32, "pack_tokens": True, "wide_block_n": 64, "pack_sparse_keys": True, "unroll_group": True,
       "chunk_by_kind": True, "tile_starts": True, "tile_blocks": 4, "pipeline_stages": 7, "num_warps": 8}, 2),
+    # Setting 31: the server's with the packed sparse-key launch pipelined at 3 stages
+    # (sparse_key_stages): compiled for one query token a request, its tile loop has no
+    # inner loop over rows past the GQA group, which had kept Triton from pipelining it:
+    # 128 registers, 18 async copies, 1,368 instructions and 49 barriers a pass against
+    # 1,469 and 50 unpipelined (at 7 stages it would take 229 registers; registers.py
+    # --sparse-key-stages, results/registers_decode_sm90_triton36_sparse_key_stages.json).
+    ({"block_n": 32, "pack_tokens": True, "wide_block_n": 32, "pack_sparse_keys": True, "unroll_group": True,
+      "chunk_by_kind": True, "tile_starts": True, "tile_blocks": 4, "pipeline_stages": 7, "sparse_key_stages": 3}, 8),
 ]
 
 

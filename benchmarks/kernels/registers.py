@@ -65,12 +65,15 @@ REGISTERS_PER_SM, MAX_WARPS_PER_SM, MAX_BLOCKS_PER_SM = 65536, 64, 32
 def compile_launch(k_kind: int, v_kind: int, pack: bool, r_max: int, *, head_dim: int, group: int, block_m: int,
                    block_n: int, warps: int, keys_by_query: bool = True, tails_indexed: bool = True,
                    unroll_group: bool = False, span: int = 0, stages: int = 3,
-                   tile_starts: bool = False, tile_blocks: int = 0) -> dict:
+                   tile_starts: bool = False, tile_blocks: int = 0, rows_past_unroll: bool = True) -> dict:
     """The launch's sm_90 cubin, compiled as a run would: every pointer and stride
     divisible by 16 (what Triton specialises a launch on when they are). ``keys_by_query``
     False: sparse keys densified per tile, as an extend reads them. ``tails_indexed`` False:
     dense tails stored back to back, as the kernel benchmarks (diag_formats.py) store them.
-    ``tile_blocks``: block entries a packed tile reads (0: one a token, as before). Returns Triton's ``asm`` (``cubin``, ``ttgir``, ...)."""
+    ``tile_blocks``: block entries a packed tile reads (0: one a token, as before).
+    ``rows_past_unroll`` False: items hold no query rows past the unrolled GQA group (a
+    decode plan under ``MixedAttention(sparse_key_stages=N)``). Returns Triton's ``asm``
+    (``cubin``, ``ttgir``, ...)."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("TRITON_INTERPRET=1 defines the kernels for the interpreter: unset it to compile them")
     from mosaickv.kernels.decode import _mixed_attn_kernel  # defined here, after the check
@@ -79,7 +82,8 @@ def compile_launch(k_kind: int, v_kind: int, pack: bool, r_max: int, *, head_dim
     const = dict(GROUP=group, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, K_KIND=k_kind, V_KIND=v_kind,
                  R_MAX=r_max, R_LOG2=r_max.bit_length() - 1, ALIGNED=True, SPARSE_MODE=0, TAIL_INDEXED=tails_indexed,
                  KEYS_BY_QUERY=keys_by_query, PACK_TOKENS=pack, PREFETCH=False, UNROLL=group if unroll_group else 0,
-                 SPAN=span, STAGES=stages, TILE_STARTS=tile_starts, TILE_BLOCKS=tile_blocks or block_n)
+                 SPAN=span, STAGES=stages, TILE_STARTS=tile_starts, TILE_BLOCKS=tile_blocks or block_n,
+                 ROWS_PAST_UNROLL=rows_past_unroll)
     sig = {n: "constexpr" if n in const else POINTERS.get(n, "fp32" if n == "qk_scale" else "i32") for n in names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if sig[n] not in ("constexpr", "fp32")}
     src = ASTSource(fn=_mixed_attn_kernel, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()},
@@ -181,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warps", type=int, nargs="+", default=[4, 8])
     ap.add_argument("--stages", type=int, default=3,
                     help="pipeline stages of spanned launches and of packed ones with tile starts")
+    ap.add_argument("--sparse-key-stages", type=int, default=0,
+                    help="packed sparse-key launches with tile starts at these stages, compiled for one query token "
+                         "a request (MixedAttention(sparse_key_stages=N); needs --unroll-group)")
     ap.add_argument("--unroll-group", action="store_true",
                     help="sparse keys read by query gathers for the GQA group's rows in one unrolled step (MixedAttention(unroll_group=True))")
     ap.add_argument("--knapsack", action="store_true", help="the sealing knapsack's launch instead")
@@ -194,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="also count what a pass of the tile loop executes (SASS) and the pipeliner's shared buffers")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
+    if args.sparse_key_stages and not args.unroll_group:
+        ap.error("--sparse-key-stages compiles packed sparse keys for a GQA group's unrolled rows: add --unroll-group")
     rows = []
     from mosaickv.kernels.knapsack import NUM_WARPS
 
@@ -219,14 +228,18 @@ def main(argv: list[str] | None = None) -> int:
             for warps, lanes in ((w, b) for w in args.warps for b in (args.tile_blocks if tile_starts else [0])):
                 if span > block_n:
                     continue
+                own = bool(args.sparse_key_stages and k_kind == SPARSE and pack and tile_starts)
+                stages = args.sparse_key_stages if own else args.stages
                 asm = compile_launch(k_kind, v_kind, pack, r_max, head_dim=args.head_dim, group=args.group,
                                      block_m=args.block_m, block_n=block_n, warps=warps,
                                      keys_by_query=not args.extend, tails_indexed=not args.tails_back_to_back,
-                                     unroll_group=args.unroll_group, span=span, stages=args.stages,
-                                     tile_starts=tile_starts, tile_blocks=lanes)
+                                     unroll_group=args.unroll_group, span=span, stages=stages,
+                                     tile_starts=tile_starts, tile_blocks=lanes, rows_past_unroll=not own)
                 row = {"launch": name, "block_n": block_n, "warps": warps, **resources(asm["cubin"])}
+                if own:
+                    row["rows_past_unroll"] = False
                 if span or tile_starts:
-                    row["stages"] = args.stages
+                    row["stages"] = stages
                     row["async_copies"] = asm["ttgir"].count("async_copy_global_to_local")
                 if tile_starts:
                     row["tile_blocks"] = lanes or block_n

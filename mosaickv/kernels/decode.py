@@ -137,7 +137,7 @@ def _sparse_scores(q_ptr, q_rows, n_rows, values_ptr, index_ptr, val_row, ix_row
     values start at ``val_row[t]``, its indices at ``ix_row[t]``, ``width[t]`` of each
     (per token, so that a packed tile's tokens may come from blocks of several widths)."""
     ix, raw, mask = _sparse_keys(values_ptr, index_ptr, val_row, ix_row, width, tok_ok, jr)
-    return _sparse_logits(q_ptr, q_rows, n_rows, ix, raw, mask, rows, BLOCK_M, BLOCK_N, UNROLL)
+    return _sparse_logits(q_ptr, q_rows, n_rows, ix, raw, mask, rows, BLOCK_M, BLOCK_N, UNROLL, True)
 
 
 @triton.jit
@@ -152,15 +152,18 @@ def _sparse_keys(values_ptr, index_ptr, val_row, ix_row, width, tok_ok, jr):
 
 @triton.jit
 def _sparse_logits(q_ptr, q_rows, n_rows, ix, raw, mask, rows, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   UNROLL: tl.constexpr):
+                   UNROLL: tl.constexpr, ROWS_PAST_UNROLL: tl.constexpr):
     """:func:`_sparse_scores` from its loads. The first ``UNROLL`` rows (a GQA group) are
     unrolled, so their gathers are in flight together; rows past them (several query
-    tokens) follow one at a time."""
+    tokens) follow one at a time, a loop compiled only with ``ROWS_PAST_UNROLL`` (the plan
+    may have such rows): inside a tile loop it makes that loop not innermost, which
+    Triton's pipeliner then leaves alone."""
     s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for g in tl.static_range(UNROLL):
         s = _sparse_row(s, g, q_ptr, q_rows, rows, ix, raw, mask & (ix * 0 + g < n_rows))
-    for g in range(UNROLL, n_rows):
-        s = _sparse_row(s, g, q_ptr, q_rows, rows, ix, raw, mask)
+    if ROWS_PAST_UNROLL:
+        for g in range(UNROLL, n_rows):
+            s = _sparse_row(s, g, q_ptr, q_rows, rows, ix, raw, mask)
     return s
 
 
@@ -274,10 +277,11 @@ def _packed_tile(table_ptr, block_idx_ptr, values_ptr, index_ptr, j0, done, blk_
 
 @triton.jit
 def _packed_step(q, q_ptr, q_rows, n_rows, rows, tok_ok, kt, k_ix, k_live, vt, qk_scale, m_i, l_i, acc,
-                 K_KIND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr):
+                 K_KIND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr,
+                 ROWS_PAST_UNROLL: tl.constexpr):
     """One online-softmax step over a packed tile's loads (:func:`_packed_tile`)."""
     if K_KIND == 1:
-        s = _sparse_logits(q_ptr, q_rows, n_rows, k_ix, kt, k_live, rows, BLOCK_M, BLOCK_N, UNROLL)
+        s = _sparse_logits(q_ptr, q_rows, n_rows, k_ix, kt, k_live, rows, BLOCK_M, BLOCK_N, UNROLL, ROWS_PAST_UNROLL)
     else:
         s = tl.dot(q, tl.trans(kt.to(tl.bfloat16)))
     return _dense_values_step(s, vt, tok_ok[None, :], qk_scale, m_i, l_i, acc)
@@ -324,7 +328,7 @@ def _mixed_attn_kernel(
     K_KIND: tl.constexpr, V_KIND: tl.constexpr, R_MAX: tl.constexpr, R_LOG2: tl.constexpr,
     ALIGNED: tl.constexpr, SPARSE_MODE: tl.constexpr, TAIL_INDEXED: tl.constexpr, KEYS_BY_QUERY: tl.constexpr,
     PACK_TOKENS: tl.constexpr, PREFETCH: tl.constexpr, UNROLL: tl.constexpr, SPAN: tl.constexpr,
-    STAGES: tl.constexpr, TILE_STARTS: tl.constexpr, TILE_BLOCKS: tl.constexpr,
+    STAGES: tl.constexpr, TILE_STARTS: tl.constexpr, TILE_BLOCKS: tl.constexpr, ROWS_PAST_UNROLL: tl.constexpr,
 ):
     """Partial attention of the first ``count`` items in ``item_list`` (the count is read
     here, so a captured launch serves every later plan); ``K_KIND``/``V_KIND`` are the
@@ -338,7 +342,8 @@ def _mixed_attn_kernel(
     read from the plan (entries ``tail_lo`` .. ``tail_hi`` of ``tiles``: block past
     ``block_lo`` << 16 | tokens of it taken), not found from the tile before, so the tile
     loop is pipelined ``STAGES`` deep too. A packed tile reads the entries of
-    ``TILE_BLOCKS`` blocks at most (one a lane) and ends at the last."""
+    ``TILE_BLOCKS`` blocks at most (one a lane) and ends at the last. ``ROWS_PAST_UNROLL``
+    False (packed sparse keys): no item has query rows past the ``UNROLL`` ones."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     rows = tl.arange(0, BLOCK_M)
@@ -422,7 +427,7 @@ def _mixed_attn_kernel(
                         table_ptr, block_idx_ptr, values_ptr, index_ptr, j0 + (start >> 16),
                         start & 0xFFFF, blk_hi, toks, cols, jr, K_KIND, HEAD_DIM, BLOCK_N, ALIGNED, TILE_BLOCKS)
                     m_i, l_i, acc = _packed_step(q, q_ptr, q_rows, n_rows, rows, tok_ok, kt, k_ix, k_live, vt, qk_scale,
-                                                 m_i, l_i, acc, K_KIND, BLOCK_M, BLOCK_N, UNROLL)
+                                                 m_i, l_i, acc, K_KIND, BLOCK_M, BLOCK_N, UNROLL, ROWS_PAST_UNROLL)
             else:
                 done = j0 * 0
                 while j0 < blk_hi:
@@ -430,7 +435,7 @@ def _mixed_attn_kernel(
                         table_ptr, block_idx_ptr, values_ptr, index_ptr, j0, done, blk_hi, toks, cols, jr, K_KIND,
                         HEAD_DIM, BLOCK_N, ALIGNED, TILE_BLOCKS)
                     m_i, l_i, acc = _packed_step(q, q_ptr, q_rows, n_rows, rows, tok_ok, kt, k_ix, k_live, vt, qk_scale,
-                                                 m_i, l_i, acc, K_KIND, BLOCK_M, BLOCK_N, UNROLL)
+                                                 m_i, l_i, acc, K_KIND, BLOCK_M, BLOCK_N, UNROLL, ROWS_PAST_UNROLL)
         else:
             blk_lo = tl.load(item + 3)
             blk_hi = tl.load(item + 4)
@@ -560,6 +565,7 @@ class MixedAttention:
         tile_starts: bool = False,
         tile_blocks: int = 0,
         dense_num_warps: int = 0,
+        sparse_key_stages: int = 0,
     ) -> None:
         """``block_n``: tokens per tile of launches with a sparse side (whose densify grows
         with the tile); ``wide_block_n``: of the others (dense, mask, low-rank, tails),
@@ -592,7 +598,12 @@ class MixedAttention:
         and the plan's tile starts say so (:class:`~mosaickv.kernels.block_runs.TileShape`).
         ``dense_num_warps`` (0: ``num_warps``): warps of the launches of dense keys and values
         (one warp keeps a tile's softmax reductions inside it; the packed sparse-key launch
-        takes 255 registers on one)."""
+        takes 255 registers on one). ``sparse_key_stages`` > 0 (with ``tile_starts``): packed
+        sparse-key launches whose plan has one query token a request (decode) pipeline their
+        tile loop that many stages deep, compiled without the loop over query rows past the
+        GQA group, which kept Triton from pipelining it (their own stages: at 7, the dense
+        pairs' best, they take 229 registers against 128 at 3; registers.py
+        --sparse-key-stages)."""
         if sparse_densify not in SPARSE_MODES:
             raise ValueError(f"sparse_densify={sparse_densify!r} is not one of {', '.join(SPARSE_MODES)}")
         if pack_sparse_keys and not (pack_tokens and keys_by_query):
@@ -605,9 +616,13 @@ class MixedAttention:
         if tile_blocks and (tile_blocks & (tile_blocks - 1) or not tile_starts):
             raise ValueError(f"tile_blocks={tile_blocks} must be 0 or a power of two, and needs tile_starts=True "
                              f"(got {tile_starts}): the plan's tile starts are where capped tiles end")
+        if sparse_key_stages < 0 or (sparse_key_stages and not (tile_starts and pack_sparse_keys and unroll_group)):
+            raise ValueError(f"sparse_key_stages={sparse_key_stages} pipelines packed sparse-key tiles by their planned "
+                             f"starts: it needs tile_starts, pack_sparse_keys and unroll_group, got {tile_starts}, "
+                             f"{pack_sparse_keys} and {unroll_group}")
         if dense_num_warps & (dense_num_warps - 1) or dense_num_warps > 8:
             raise ValueError(f"dense_num_warps={dense_num_warps} must be 0 (num_warps) or a power of two up to 8")
-        self.tile_blocks, self.dense_num_warps = tile_blocks, dense_num_warps
+        self.tile_blocks, self.dense_num_warps, self.sparse_key_stages = tile_blocks, dense_num_warps, sparse_key_stages
         self.block_span, self.pipeline_stages, self.tile_starts = block_span, pipeline_stages, tile_starts
         self.block_m, self.block_n, self.wide_block_n = block_m, block_n, wide_block_n
         self.pack_tokens, self.pack_sparse_keys = pack_tokens, pack_sparse_keys
@@ -697,6 +712,17 @@ class MixedAttention:
     def warps(self, k_kind: int, v_kind: int) -> int:
         """Warps of a launch of this format pair."""
         return self.dense_num_warps or self.num_warps if (k_kind, v_kind) == (DENSE, DENSE) else self.num_warps
+
+    def stages(self, k_kind: int, v_kind: int) -> int:
+        """Pipeline stages of a launch of this format pair's tile loop."""
+        return self.sparse_key_stages or self.pipeline_stages if k_kind == SPARSE else self.pipeline_stages
+
+    def rows_past_unroll(self, k_kind: int, v_kind: int, rows: int, group: int) -> bool:
+        """Whether a launch of this format pair is compiled for items with query rows past
+        the unrolled GQA group (``rows``: the plan's most an item holds); only packed
+        sparse keys with ``sparse_key_stages`` leave them out."""
+        packed_sparse = k_kind == SPARSE and self.packs(k_kind, v_kind) and self.sparse_key_stages > 0
+        return not (packed_sparse and rows <= (group if self.unroll_group else 0))
 
     def tile_lanes(self, k_kind: int, v_kind: int) -> int:
         """Block entries a packed tile of this format pair reads (the kernel's ``TILE_BLOCKS``)."""
@@ -827,8 +853,10 @@ def run_plan(
             KEYS_BY_QUERY=tuning.keys_by_query, PACK_TOKENS=tuning.packs(ln.k_kind, ln.v_kind),
             PREFETCH=tuning.prefetches(ln.k_kind, ln.v_kind),
             UNROLL=group if tuning.unroll_group else 0, SPAN=tuning.span(ln.k_kind, ln.v_kind),
-            STAGES=tuning.pipeline_stages, TILE_STARTS=tuning.tile_starts and tuning.packs(ln.k_kind, ln.v_kind),
+            STAGES=tuning.stages(ln.k_kind, ln.v_kind),
+            TILE_STARTS=tuning.tile_starts and tuning.packs(ln.k_kind, ln.v_kind),
             TILE_BLOCKS=tuning.tile_lanes(ln.k_kind, ln.v_kind),
+            ROWS_PAST_UNROLL=tuning.rows_past_unroll(ln.k_kind, ln.v_kind, min(p.block_m, p.max_q * group), group),
             num_warps=tuning.warps(ln.k_kind, ln.v_kind), num_stages=tuning.num_stages,
         )
     if p.groups.shape[0]:

@@ -67,8 +67,10 @@ class GraphPlan:
         head_dim: int,
         max_programs: int,
         device: torch.device | str,
+        max_q: int = 1,
     ) -> None:
         self.variants, self.capacity, self.max_programs = list(variants), capacity, max_programs
+        self.max_q = max_q  # query tokens a request at most (decode: 1); launches are captured for it
         self.block_m, self.block_n = block_m, block_n
         dev = torch.device(device)
         cap, nv = capacity, len(self.variants)
@@ -111,6 +113,7 @@ class GraphPlan:
                 block_n=block_n,
                 total_q=0,
                 tiles=self.tiles if cap.tiles else None,
+                max_q=max_q,
             ))
 
     def nbytes(self) -> int:
@@ -154,6 +157,9 @@ class GraphPlan:
         if (host.block_m, host.block_n) != (self.block_m, self.block_n):
             raise ValueError(f"the plan's tiles (block_m={host.block_m}, block_n={host.block_n}) are not the graph's "
                              f"({self.block_m}, {self.block_n})")
+        if host.max_q > self.max_q:
+            raise ValueError(f"a request of this batch has {host.max_q} query tokens, the graph's launches were "
+                             f"captured for {self.max_q} (GraphPlan max_q): plan it outside the graph")
         tail_rows = np.zeros(0, dtype=np.int64) if tail_rows is None else np.asarray(tail_rows)
         if cap.tiles and host.tiles is None:
             raise ValueError("this graph reads packed tiles' starts (GraphCapacity.tiles > 0) and the plan has none: "

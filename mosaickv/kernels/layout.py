@@ -446,6 +446,9 @@ class AttentionPlan:
     # past the item's block_lo (high 16 bits) and tokens of it earlier tiles took (low 16);
     # None: packed tiles find their starts as they go.
     tiles: torch.Tensor | None = None  # int32 [num_tiles]
+    # Query tokens of the plan's longest request (a bound for a graph's plans): whether an
+    # item may hold query rows past a GQA group's.
+    max_q: int = 1
 
     @property
     def num_items(self) -> int:
@@ -494,6 +497,11 @@ class HostPlan:
     @property
     def total_q(self) -> int:
         return int(self.requests[:, 1].sum())
+
+    @property
+    def max_q(self) -> int:
+        """Query tokens of the longest request (0 without requests)."""
+        return int(self.requests[:, 1].max(initial=0))
 
     def with_tails(self, tail_lens: np.ndarray, group: int) -> "HostPlan":
         """This plan for tails of ``tail_lens`` tokens (same blocks, same queries): its tail
@@ -865,5 +873,6 @@ def upload_plans(host: HostPlan, device: torch.device, head_dim: int, max_progra
             block_n=host.block_n,
             total_q=host.total_q,
             tiles=tiles,
+            max_q=host.max_q,
         ))
     return plans

@@ -352,6 +352,13 @@ def segment_observations(policy: Policy, keys: torch.Tensor, values: torch.Tenso
     ]
 
 
+def prices_lowrank(policy: Policy, head_dim: int) -> bool:
+    """Whether ``policy``'s strategy may store a side low rank: its sealing then prices
+    blocks by their Gram eigenvalues (:func:`_lowrank_lost`), most of a call's workspace."""
+    keys, values = policy.bind(head_dim).strategy.side_candidates(head_dim, policy.channel_selector)
+    return any(side.kind == "lowrank" for side in (*keys, *values))
+
+
 def _lowrank_lost(x: torch.Tensor, score: torch.Tensor, ranks: list[int]) -> dict[int, torch.Tensor]:
     """Importance a rank-r block basis loses, per vector, for each r in ``ranks``.
 

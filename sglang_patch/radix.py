@@ -47,8 +47,7 @@ from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 from sglang.srt.mem_cache.common import maybe_cache_unfinished_req
 from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey, TreeNode
 
-from mosaickv.compressor import PartFailure
-from mosaickv.config import Policy
+from mosaickv.compressor import PartFailure, prices_lowrank
 from mosaickv.kernels.channel_pricing import warm_channel_pricing
 from mosaickv.kernels.knapsack import warm_knapsack
 from mosaickv.kernels.layout import Region
@@ -678,18 +677,12 @@ def mosaic_radix_factory(ctx) -> RadixCache:
 def default_seal_batch(pool, segment_size: int, lowrank: bool = True) -> int:
     """Segments per device sealing call without --kv-compress-seal-batch: SEAL_BATCH
     8B-shaped segments' workspace, in this pool's segments (SEAL_BATCH to MAX_SEAL_BATCH);
-    ``lowrank`` False (the policy has no low-rank option, :func:`prices_lowrank`): in that
+    ``lowrank`` False (the policy has no low-rank option, :func:`~mosaickv.compressor.prices_lowrank`): in that
     workspace, LOWRANK_FREE_WORKSPACE_SHARE times as many."""
     elements = pool.layer_num * pool.head_num * pool.head_dim * segment_size
     workspace = SEAL_BATCH * REFERENCE_SEGMENT_ELEMENTS * (1 if lowrank else LOWRANK_FREE_WORKSPACE_SHARE)
     return max(SEAL_BATCH, min(MAX_SEAL_BATCH, workspace // elements))
 
-
-def prices_lowrank(policy: Policy, head_dim: int) -> bool:
-    """Whether ``policy``'s strategy may store a side low rank (its sealing then prices
-    blocks by their Gram eigenvalues)."""
-    keys, values = policy.bind(head_dim).strategy.side_candidates(head_dim, policy.channel_selector)
-    return any(side.kind == "lowrank" for side in (*keys, *values))
 
 
 def idle_drain_hook(scheduler, *args, **kwargs) -> None:

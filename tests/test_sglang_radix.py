@@ -22,6 +22,7 @@ from sglang.srt.mem_cache.memory_pool import ReqToTokenPool  # noqa: E402
 from sglang.srt.mem_cache.radix_cache import RadixKey  # noqa: E402
 from sglang.srt.mem_cache.registry import get_radix_cache_factory  # noqa: E402
 
+from mosaickv.compressor import prices_lowrank  # noqa: E402
 from mosaickv.config import load_policy  # noqa: E402
 from mosaickv.formats import HEADER_BYTES  # noqa: E402
 from mosaickv.sealer import seal_segment  # noqa: E402
@@ -34,7 +35,6 @@ from mosaickv.sglang_patch.radix import (  # noqa: E402
     MosaicRadixCache,
     default_seal_batch,
     mosaic_radix_factory,
-    prices_lowrank,
 )
 from mosaickv.sglang_patch.sizing import KVShape, plan_capacity  # noqa: E402
 from seal_compressors import FMT, SEG, CountingCompressor, RecordingCompressor  # noqa: E402

@@ -714,8 +714,11 @@ class MixedAttention:
         return self.dense_num_warps or self.num_warps if (k_kind, v_kind) == (DENSE, DENSE) else self.num_warps
 
     def stages(self, k_kind: int, v_kind: int) -> int:
-        """Pipeline stages of a launch of this format pair's tile loop."""
-        return self.sparse_key_stages or self.pipeline_stages if k_kind == SPARSE else self.pipeline_stages
+        """Pipeline stages of a launch of this format pair's tile loop: packed sparse keys'
+        own with ``sparse_key_stages``."""
+        if k_kind == SPARSE and self.sparse_key_stages and self.packs(k_kind, v_kind):
+            return self.sparse_key_stages
+        return self.pipeline_stages
 
     def rows_past_unroll(self, k_kind: int, v_kind: int, rows: int, group: int) -> bool:
         """Whether a launch of this format pair is compiled for items with query rows past

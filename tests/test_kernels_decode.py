@@ -75,6 +75,7 @@ def run_decode(
     tile_starts: bool = False,
     tile_blocks: int = 0,
     sparse_key_stages: int = 0,
+    defer_row_sums: bool = False,
     **plan_kw: int,
 ) -> None:
     hq = hkv * group
@@ -85,7 +86,8 @@ def run_decode(
                            wide_block_n=wide_block_n, pack_tokens=pack_tokens, prefetch_entries=prefetch_entries,
                            pack_sparse_keys=pack_sparse_keys, chunk_by_kind=chunk_by_kind, unroll_group=unroll_group,
                            block_span=block_span, pipeline_stages=pipeline_stages,
-                           tile_starts=tile_starts, tile_blocks=tile_blocks, sparse_key_stages=sparse_key_stages)
+                           tile_starts=tile_starts, tile_blocks=tile_blocks, sparse_key_stages=sparse_key_stages,
+                           defer_row_sums=defer_row_sums)
     w.plan(layers, tk, tv, hq, hkv, d, device=DEVICE, **plan_kw)
     out = torch.full((len(layers), hq, d), float("nan"), dtype=torch.bfloat16, device=DEVICE)
     w.run(q.to(DEVICE), out=out)
@@ -177,6 +179,30 @@ def test_spanned_tiles(group: int, d: int) -> None:
     for wide_block_n, stages, chunk in ((16, 3, 40), (32, 1, None), (64, 3, 24)):
         run_decode(gen, layers, [3, 4, 0, 9, 2], hkv=hkv, group=group, d=d, block_span=16, wide_block_n=wide_block_n,
                    pipeline_stages=stages, chunk_tokens=chunk, max_programs=3, pack_tokens=True, pack_sparse_keys=True)
+
+
+@pytest.mark.parametrize(("group", "d"), [(1, 128), (3, 64), (4, 64), (8, 128)])
+def test_row_sums_deferred_to_the_items_end(group: int, d: int) -> None:
+    """defer_row_sums: every launch of dense keys (tails, spanned and packed tiles, packed
+    sparse keys) sums probabilities per lane and reduces them once an item; with ragged
+    tails, an empty tail, a request without segments, blocks keeping no token, split-K
+    runs and every other format beside them: the reference's answer."""
+    gen = torch.Generator().manual_seed(2700 + 10 * group + d)
+    hkv = 2
+    layers = [random_layer(gen, s, 16, hkv, d, kinds=("dense", "sparse")) for s in (6, 0, 4)]
+    layers.append(random_layer(gen, 3, 16, hkv, d))
+    common = dict(hkv=hkv, group=group, d=d, max_programs=3, defer_row_sums=True, chunk_tokens=24)
+    run_decode(gen, layers, [5, 9, 0, 3], pack_tokens=True, pack_sparse_keys=True, unroll_group=True, block_n=16,
+               wide_block_n=16, tile_starts=True, tile_blocks=2, sparse_key_stages=2, **common)
+    dense = [random_layer(gen, s, 16, hkv, d, kinds=("dense",)) for s in (5, 2)]
+    run_decode(gen, dense, [4, 0], block_span=16, wide_block_n=32, pack_tokens=True, **common)
+
+
+def test_max_registers_is_a_register_count_ptxas_takes() -> None:
+    assert MixedAttention(max_registers=128).compile_options() == {"maxnreg": 128}
+    assert MixedAttention().compile_options() == {}
+    with pytest.raises(ValueError, match="max_registers=300 must be 0 .* or from 24 to 255"):
+        MixedAttention(max_registers=300)
 
 
 def test_spanned_launches_are_dense_pairs_of_blocks_within_the_span() -> None:

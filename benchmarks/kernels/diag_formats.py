@@ -170,6 +170,22 @@ SETTINGS = [
     # --sparse-key-stages, results/registers_decode_sm90_triton36_sparse_key_stages.json).
     ({"block_n": 32, "pack_tokens": True, "wide_block_n": 32, "pack_sparse_keys": True, "unroll_group": True,
       "chunk_by_kind": True, "tile_starts": True, "tile_blocks": 4, "pipeline_stages": 7, "sparse_key_stages": 3}, 8),
+    # Settings 32-34: launches of dense keys sum each row's probabilities per lane and reduce
+    # them once an item (defer_row_sums): a tile's 32 lanes lie across the four warps, so its
+    # row sum was a reduction through shared memory a tile. Packed dense launch, 7 stages
+    # (registers.py --defer-row-sums [--max-registers 128] --loop): 419 instructions and 15
+    # barriers a pass against 439 and 18 at 128 registers held by maxnreg (setting 32); left
+    # to the compiler, 417 and 15 at 143 registers, 18.8% occupancy against 25% (setting 34).
+    # Setting 33: setting 32 with setting 31's pipelined sparse keys (1,338 instructions
+    # and 47 barriers a pass against 1,368 and 49, 128 registers).
+    ({"block_n": 32, "pack_tokens": True, "wide_block_n": 32, "pack_sparse_keys": True, "unroll_group": True,
+      "chunk_by_kind": True, "tile_starts": True, "tile_blocks": 4, "pipeline_stages": 7, "defer_row_sums": True,
+      "max_registers": 128}, 8),
+    ({"block_n": 32, "pack_tokens": True, "wide_block_n": 32, "pack_sparse_keys": True, "unroll_group": True,
+      "chunk_by_kind": True, "tile_starts": True, "tile_blocks": 4, "pipeline_stages": 7, "sparse_key_stages": 3,
+      "defer_row_sums": True, "max_registers": 128}, 8),
+    ({"block_n": 32, "pack_tokens": True, "wide_block_n": 32, "pack_sparse_keys": True, "unroll_group": True,
+      "chunk_by_kind": True, "tile_starts": True, "tile_blocks": 4, "pipeline_stages": 7, "defer_row_sums": True}, 8),
 ]
 
 

@@ -278,13 +278,13 @@ def _packed_tile(table_ptr, block_idx_ptr, values_ptr, index_ptr, j0, done, blk_
 @triton.jit
 def _packed_step(q, q_ptr, q_rows, n_rows, rows, tok_ok, kt, k_ix, k_live, vt, qk_scale, m_i, l_i, acc,
                  K_KIND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr,
-                 ROWS_PAST_UNROLL: tl.constexpr):
+                 ROWS_PAST_UNROLL: tl.constexpr, DEFER_ROW_SUMS: tl.constexpr):
     """One online-softmax step over a packed tile's loads (:func:`_packed_tile`)."""
     if K_KIND == 1:
         s = _sparse_logits(q_ptr, q_rows, n_rows, k_ix, kt, k_live, rows, BLOCK_M, BLOCK_N, UNROLL, ROWS_PAST_UNROLL)
     else:
         s = tl.dot(q, tl.trans(kt.to(tl.bfloat16)))
-    return _dense_values_step(s, vt, tok_ok[None, :], qk_scale, m_i, l_i, acc)
+    return _dense_values_step(s, vt, tok_ok[None, :], qk_scale, m_i, l_i, acc, DEFER_ROW_SUMS)
 
 
 @triton.jit
@@ -297,22 +297,29 @@ def _entry(table_ptr, block_idx_ptr, j, ok):
 
 
 @triton.jit
-def _dense_step(q, kt, vt, visible, qk_scale, m_i, l_i, acc):
+def _dense_step(q, kt, vt, visible, qk_scale, m_i, l_i, acc, DEFER_ROW_SUMS: tl.constexpr):
     """One online-softmax step over dense key and value rows ``kt``/``vt`` [BLOCK_N, d];
     ``visible`` [BLOCK_M or 1, BLOCK_N] masks the logits. Returns (m_i, l_i, acc)."""
-    return _dense_values_step(tl.dot(q, tl.trans(kt.to(tl.bfloat16))), vt, visible, qk_scale, m_i, l_i, acc)
+    return _dense_values_step(tl.dot(q, tl.trans(kt.to(tl.bfloat16))), vt, visible, qk_scale, m_i, l_i, acc,
+                              DEFER_ROW_SUMS)
 
 
 @triton.jit
-def _dense_values_step(s, vt, visible, qk_scale, m_i, l_i, acc):
-    """:func:`_dense_step` from the tile's unscaled logits ``s`` [BLOCK_M, BLOCK_N]."""
+def _dense_values_step(s, vt, visible, qk_scale, m_i, l_i, acc, DEFER_ROW_SUMS: tl.constexpr):
+    """:func:`_dense_step` from the tile's unscaled logits ``s`` [BLOCK_M, BLOCK_N].
+    ``DEFER_ROW_SUMS``: ``l_i`` is [BLOCK_M, BLOCK_N], the probabilities summed per lane
+    and reduced over the lanes once, at the item's end: a tile's lanes lie across the
+    warps, so its row sum is a reduction through shared memory and barriers a tile."""
     s = s * qk_scale
     s = tl.where(visible, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2(m_i - m_ref)
     p = tl.exp2(s - m_ref[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
+    if DEFER_ROW_SUMS:
+        l_i = l_i * alpha[:, None] + p
+    else:
+        l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(tl.bfloat16), vt.to(tl.bfloat16))
     return m_new, l_i, acc
 
@@ -329,6 +336,7 @@ def _mixed_attn_kernel(
     ALIGNED: tl.constexpr, SPARSE_MODE: tl.constexpr, TAIL_INDEXED: tl.constexpr, KEYS_BY_QUERY: tl.constexpr,
     PACK_TOKENS: tl.constexpr, PREFETCH: tl.constexpr, UNROLL: tl.constexpr, SPAN: tl.constexpr,
     STAGES: tl.constexpr, TILE_STARTS: tl.constexpr, TILE_BLOCKS: tl.constexpr, ROWS_PAST_UNROLL: tl.constexpr,
+    DEFER_ROW_SUMS: tl.constexpr,
 ):
     """Partial attention of the first ``count`` items in ``item_list`` (the count is read
     here, so a captured launch serves every later plan); ``K_KIND``/``V_KIND`` are the
@@ -343,7 +351,9 @@ def _mixed_attn_kernel(
     ``block_lo`` << 16 | tokens of it taken), not found from the tile before, so the tile
     loop is pipelined ``STAGES`` deep too. A packed tile reads the entries of
     ``TILE_BLOCKS`` blocks at most (one a lane) and ends at the last. ``ROWS_PAST_UNROLL``
-    False (packed sparse keys): no item has query rows past the ``UNROLL`` ones."""
+    False (packed sparse keys): no item has query rows past the ``UNROLL`` ones.
+    ``DEFER_ROW_SUMS``: dense-key tiles sum their probabilities per lane (``l_t``), reduced
+    once an item (:func:`_dense_values_step`)."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     rows = tl.arange(0, BLOCK_M)
@@ -371,6 +381,10 @@ def _mixed_attn_kernel(
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+        if DEFER_ROW_SUMS:
+            l_t = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        else:
+            l_t = tl.zeros([BLOCK_M], tl.float32)
 
         if K_KIND < 0:
             # Dense tail, causal: query qi sees tail positions <= tail_len - nq + qi.
@@ -386,8 +400,8 @@ def _mixed_attn_kernel(
                     tk = tl.load(tail_rows_ptr + tk, mask=pos_ok, other=0).to(tl.int64)
                 kt = tl.load(tail_k_ptr + tk[:, None] * stride_kt + h * stride_kh + cols[None, :], mask=pos_ok[:, None], other=0.0)
                 vt = tl.load(tail_v_ptr + tk[:, None] * stride_vt + h * stride_vh + cols[None, :], mask=pos_ok[:, None], other=0.0)
-                m_i, l_i, acc = _dense_step(q, kt, vt, pos_ok[None, :] & (pos[None, :] <= vis[:, None]), qk_scale,
-                                            m_i, l_i, acc)
+                m_i, l_t, acc = _dense_step(q, kt, vt, pos_ok[None, :] & (pos[None, :] <= vis[:, None]), qk_scale,
+                                            m_i, l_t, acc, DEFER_ROW_SUMS)
         elif SPAN > 0:
             # Each block in its own SPAN lanes, its dropped tokens' lanes masked: a tile's
             # addresses (block indices, entries, keys, values) follow from the loop index
@@ -413,7 +427,7 @@ def _mixed_attn_kernel(
                 rows_v = v_off[:, None] + lane_tok[:, None] * HEAD_DIM + cols[None, :]
                 kt = tl.load(values_ptr + rows_k, mask=tok_ok[:, None], other=0.0)
                 vt = tl.load(values_ptr + rows_v, mask=tok_ok[:, None], other=0.0)
-                m_i, l_i, acc = _dense_step(q, kt, vt, tok_ok[None, :], qk_scale, m_i, l_i, acc)
+                m_i, l_t, acc = _dense_step(q, kt, vt, tok_ok[None, :], qk_scale, m_i, l_t, acc, DEFER_ROW_SUMS)
         elif PACK_TOKENS:
             # Dense blocks' kept tokens back to back, BLOCK_N to a tile whatever each block
             # keeps (the presets keep 0-32 of a 32-token segment, mostly 8 or 16): one chain
@@ -426,16 +440,18 @@ def _mixed_attn_kernel(
                     tok_ok, kt, k_ix, k_live, vt, _, _ = _packed_tile(
                         table_ptr, block_idx_ptr, values_ptr, index_ptr, j0 + (start >> 16),
                         start & 0xFFFF, blk_hi, toks, cols, jr, K_KIND, HEAD_DIM, BLOCK_N, ALIGNED, TILE_BLOCKS)
-                    m_i, l_i, acc = _packed_step(q, q_ptr, q_rows, n_rows, rows, tok_ok, kt, k_ix, k_live, vt, qk_scale,
-                                                 m_i, l_i, acc, K_KIND, BLOCK_M, BLOCK_N, UNROLL, ROWS_PAST_UNROLL)
+                    m_i, l_t, acc = _packed_step(q, q_ptr, q_rows, n_rows, rows, tok_ok, kt, k_ix, k_live, vt, qk_scale,
+                                                 m_i, l_t, acc, K_KIND, BLOCK_M, BLOCK_N, UNROLL, ROWS_PAST_UNROLL,
+                                                 DEFER_ROW_SUMS)
             else:
                 done = j0 * 0
                 while j0 < blk_hi:
                     tok_ok, kt, k_ix, k_live, vt, j0, done = _packed_tile(
                         table_ptr, block_idx_ptr, values_ptr, index_ptr, j0, done, blk_hi, toks, cols, jr, K_KIND,
                         HEAD_DIM, BLOCK_N, ALIGNED, TILE_BLOCKS)
-                    m_i, l_i, acc = _packed_step(q, q_ptr, q_rows, n_rows, rows, tok_ok, kt, k_ix, k_live, vt, qk_scale,
-                                                 m_i, l_i, acc, K_KIND, BLOCK_M, BLOCK_N, UNROLL, ROWS_PAST_UNROLL)
+                    m_i, l_t, acc = _packed_step(q, q_ptr, q_rows, n_rows, rows, tok_ok, kt, k_ix, k_live, vt, qk_scale,
+                                                 m_i, l_t, acc, K_KIND, BLOCK_M, BLOCK_N, UNROLL, ROWS_PAST_UNROLL,
+                                                 DEFER_ROW_SUMS)
         else:
             blk_lo = tl.load(item + 3)
             blk_hi = tl.load(item + 4)
@@ -484,6 +500,10 @@ def _mixed_attn_kernel(
                     acc_hi = blk_acc.to(tl.bfloat16)
                     acc += tl.dot(acc_hi, vb) + tl.dot((blk_acc - acc_hi.to(tl.float32)).to(tl.bfloat16), vb)
 
+        if DEFER_ROW_SUMS:
+            l_i += tl.sum(l_t, 1)
+        else:
+            l_i += l_t
         has = l_i > 0
         o = acc / tl.where(has, l_i, 1.0)[:, None]
         lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
@@ -566,6 +586,8 @@ class MixedAttention:
         tile_blocks: int = 0,
         dense_num_warps: int = 0,
         sparse_key_stages: int = 0,
+        defer_row_sums: bool = False,
+        max_registers: int = 0,
     ) -> None:
         """``block_n``: tokens per tile of launches with a sparse side (whose densify grows
         with the tile); ``wide_block_n``: of the others (dense, mask, low-rank, tails),
@@ -603,7 +625,12 @@ class MixedAttention:
         tile loop that many stages deep, compiled without the loop over query rows past the
         GQA group, which kept Triton from pipelining it (their own stages: at 7, the dense
         pairs' best, they take 229 registers against 128 at 3; registers.py
-        --sparse-key-stages)."""
+        --sparse-key-stages). ``defer_row_sums``: launches of dense keys keep each row's
+        probability sums per lane and reduce them once an item, not once a tile (the
+        tile's lanes lie across the warps: a reduction through shared memory and barriers).
+        ``max_registers`` > 0: every launch is compiled to at most that many registers a
+        thread (Triton's ``maxnreg``; 0: as the compiler chooses), to keep occupancy where
+        a change adds a few."""
         if sparse_densify not in SPARSE_MODES:
             raise ValueError(f"sparse_densify={sparse_densify!r} is not one of {', '.join(SPARSE_MODES)}")
         if pack_sparse_keys and not (pack_tokens and keys_by_query):
@@ -620,9 +647,12 @@ class MixedAttention:
             raise ValueError(f"sparse_key_stages={sparse_key_stages} pipelines packed sparse-key tiles by their planned "
                              f"starts: it needs tile_starts, pack_sparse_keys and unroll_group, got {tile_starts}, "
                              f"{pack_sparse_keys} and {unroll_group}")
+        if max_registers and not 24 <= max_registers <= 255:
+            raise ValueError(f"max_registers={max_registers} must be 0 (the compiler's choice) or from 24 to 255")
         if dense_num_warps & (dense_num_warps - 1) or dense_num_warps > 8:
             raise ValueError(f"dense_num_warps={dense_num_warps} must be 0 (num_warps) or a power of two up to 8")
         self.tile_blocks, self.dense_num_warps, self.sparse_key_stages = tile_blocks, dense_num_warps, sparse_key_stages
+        self.defer_row_sums, self.max_registers = defer_row_sums, max_registers
         self.block_span, self.pipeline_stages, self.tile_starts = block_span, pipeline_stages, tile_starts
         self.block_m, self.block_n, self.wide_block_n = block_m, block_n, wide_block_n
         self.pack_tokens, self.pack_sparse_keys = pack_tokens, pack_sparse_keys
@@ -757,6 +787,10 @@ class MixedAttention:
             raise ValueError(f"block_span={self.block_span} but a dense block keeps {int(kept.max())} tokens: "
                              "block_span must be at least every dense block's kept tokens")
 
+    def compile_options(self) -> dict[str, int]:
+        """Triton compile options of every launch beside warps and stages."""
+        return {"maxnreg": self.max_registers} if self.max_registers else {}
+
     def prefetches(self, k_kind: int, v_kind: int) -> bool:
         """Whether a launch of this format pair loads each block's table entry one block
         ahead: ``prefetch_entries``, in launches of a block per tile."""
@@ -860,7 +894,8 @@ def run_plan(
             TILE_STARTS=tuning.tile_starts and tuning.packs(ln.k_kind, ln.v_kind),
             TILE_BLOCKS=tuning.tile_lanes(ln.k_kind, ln.v_kind),
             ROWS_PAST_UNROLL=tuning.rows_past_unroll(ln.k_kind, ln.v_kind, min(p.block_m, p.max_q * group), group),
-            num_warps=tuning.warps(ln.k_kind, ln.v_kind), num_stages=tuning.num_stages,
+            DEFER_ROW_SUMS=tuning.defer_row_sums,
+            num_warps=tuning.warps(ln.k_kind, ln.v_kind), num_stages=tuning.num_stages, **tuning.compile_options(),
         )
     if p.groups.shape[0]:
         lse = out if lse_out is None else lse_out

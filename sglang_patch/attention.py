@@ -202,6 +202,11 @@ PACKED_TILE_BLOCKS = 4
 # packed tile's keys and values two shared slots each (one at 3 to 6), at the same 128
 # registers: 3x mix 598 us against 642, 6x 387 against 411, dense 1,209 against 1,303.
 PACKED_PIPELINE_STAGES = 7
+# Twenty-first run (diag settings 31-33, h200_2026-12-02d/call6_diag): packed sparse keys'
+# tile loop pipelined at 3 stages (sparse_key_stages), dense-key tiles' row sums reduced
+# once an item (defer_row_sums: 419 instructions and 15 barriers a pass against 439 and 18)
+# at 128 registers held by maxnreg (left to the compiler: 143, slower). Side by side: 3x
+# mix 582 us against 597, 6x 378 against 385, dense 1,177 against 1,209.
 
 
 def _tuning(extend: bool, pack: bool) -> MixedAttention:
@@ -210,7 +215,8 @@ def _tuning(extend: bool, pack: bool) -> MixedAttention:
     if pack:
         return MixedAttention(block_m=16, block_n=32, wide_block_n=PACKED_DECODE_TILE, pack_tokens=True,
                               pack_sparse_keys=True, unroll_group=True, chunk_by_kind=True, tile_starts=True,
-                              tile_blocks=PACKED_TILE_BLOCKS, pipeline_stages=PACKED_PIPELINE_STAGES)
+                              tile_blocks=PACKED_TILE_BLOCKS, pipeline_stages=PACKED_PIPELINE_STAGES,
+                              sparse_key_stages=3, defer_row_sums=True, max_registers=128)
     return MixedAttention(block_m=16, block_n=32)
 
 

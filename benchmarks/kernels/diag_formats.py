@@ -35,7 +35,8 @@ B, L, HQ, HKV, D = 32, 32768, 32, 8, 128
 # MixedDecodeWrapper settings beside programs per SM; the first is the server's DECODE_TUNING.
 SETTINGS = [
     ({"block_n": 32, "pack_tokens": True, "wide_block_n": 32, "pack_sparse_keys": True, "unroll_group": True,
-      "chunk_by_kind": True, "tile_starts": True, "tile_blocks": 4, "pipeline_stages": 7}, 8),
+      "chunk_by_kind": True, "tile_starts": True, "tile_blocks": 4, "pipeline_stages": 7, "sparse_key_stages": 3,
+      "defer_row_sums": True, "max_registers": 128}, 8),
     ({"block_n": 32}, 8),  # one block per tile: the server's for segments over 32 tokens
     ({"block_n": 32, "pack_tokens": True, "wide_block_n": 32}, 16),
     ({"block_n": 32, "pack_tokens": True, "wide_block_n": 128}, 8),

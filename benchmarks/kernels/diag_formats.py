@@ -177,8 +177,11 @@ SETTINGS = [
     # (registers.py --defer-row-sums [--max-registers 128] --loop): 419 instructions and 15
     # barriers a pass against 439 and 18 at 128 registers held by maxnreg (setting 32); left
     # to the compiler, 417 and 15 at 143 registers, 18.8% occupancy against 25% (setting 34).
-    # Setting 33: setting 32 with setting 31's pipelined sparse keys (1,338 instructions
-    # and 47 barriers a pass against 1,368 and 49, 128 registers).
+    # Setting 33: setting 32 with setting 31's pipelined sparse keys (1,328 instructions
+    # and 47 barriers a pass against 1,368 and 49, 128 registers). Twenty-first run
+    # (h200_2026-12-02d/call6_diag), settings 0 (then), 31, 32, 33: the 3x mix 597, 593,
+    # 585, 582 us; 6x 385, 384, 379, 378; dense 1,209, 1,209, 1,174, 1,177. Setting 34: the
+    # 3x mix 631 against 600 (call5_diag). Setting 33 is the server's since (setting 0).
     ({"block_n": 32, "pack_tokens": True, "wide_block_n": 32, "pack_sparse_keys": True, "unroll_group": True,
       "chunk_by_kind": True, "tile_starts": True, "tile_blocks": 4, "pipeline_stages": 7, "defer_row_sums": True,
       "max_registers": 128}, 8),

@@ -157,21 +157,27 @@ def _sparse_logits(q_ptr, q_rows, n_rows, ix, raw, mask, rows, BLOCK_M: tl.const
     unrolled, so their gathers are in flight together; rows past them (several query
     tokens) follow one at a time, a loop compiled only with ``ROWS_PAST_UNROLL`` (the plan
     may have such rows): inside a tile loop it makes that loop not innermost, which
-    Triton's pipeliner then leaves alone."""
+    Triton's pipeliner then leaves alone. Without them every item's unrolled rows are
+    live (one query token a request), and a dead key's index is 0, a channel of its row:
+    the gathers need no mask."""
     s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for g in tl.static_range(UNROLL):
-        s = _sparse_row(s, g, q_ptr, q_rows, rows, ix, raw, mask & (ix * 0 + g < n_rows))
+        s = _sparse_row(s, g, q_ptr, q_rows, rows, ix, raw, mask & (ix * 0 + g < n_rows), ROWS_PAST_UNROLL)
     if ROWS_PAST_UNROLL:
         for g in range(UNROLL, n_rows):
-            s = _sparse_row(s, g, q_ptr, q_rows, rows, ix, raw, mask)
+            s = _sparse_row(s, g, q_ptr, q_rows, rows, ix, raw, mask, True)
     return s
 
 
 @triton.jit
-def _sparse_row(s, g, q_ptr, q_rows, rows, ix, raw, mask):
-    """``s`` with query row ``g``'s logits: its channels gathered at the keys' indices."""
+def _sparse_row(s, g, q_ptr, q_rows, rows, ix, raw, mask, MASKED: tl.constexpr):
+    """``s`` with query row ``g``'s logits: its channels gathered at the keys' indices
+    (``MASKED`` False: row ``g`` is live and dead keys' indices are 0)."""
     q_row = tl.sum(tl.where(rows == g, q_rows, 0))
-    qg = tl.load(q_ptr + q_row + ix, mask=mask, other=0.0).to(tl.float32)
+    if MASKED:
+        qg = tl.load(q_ptr + q_row + ix, mask=mask, other=0.0).to(tl.float32)
+    else:
+        qg = tl.load(q_ptr + q_row + ix).to(tl.float32)
     return tl.where(rows[:, None] == g, tl.sum(qg * raw, 1)[None, :], s)
 
 

@@ -219,6 +219,7 @@ def main() -> None:
                     help="no timing: each setting runs once after its warm-up, for a profiler such as ncu to read "
                          "(benchmarks/kernels/ncu_decode.sh)")
     args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)  # written after each format: a missing folder lost all but the first
     seg = args.segment
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     segs = L // seg - 1

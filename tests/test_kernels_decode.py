@@ -76,6 +76,7 @@ def run_decode(
     tile_blocks: int = 0,
     sparse_key_stages: int = 0,
     defer_row_sums: bool = False,
+    block_stages: int = 0,
     **plan_kw: int,
 ) -> None:
     hq = hkv * group
@@ -87,7 +88,7 @@ def run_decode(
                            pack_sparse_keys=pack_sparse_keys, chunk_by_kind=chunk_by_kind, unroll_group=unroll_group,
                            block_span=block_span, pipeline_stages=pipeline_stages,
                            tile_starts=tile_starts, tile_blocks=tile_blocks, sparse_key_stages=sparse_key_stages,
-                           defer_row_sums=defer_row_sums)
+                           defer_row_sums=defer_row_sums, block_stages=block_stages)
     w.plan(layers, tk, tv, hq, hkv, d, device=DEVICE, **plan_kw)
     out = torch.full((len(layers), hq, d), float("nan"), dtype=torch.bfloat16, device=DEVICE)
     w.run(q.to(DEVICE), out=out)
@@ -196,6 +197,36 @@ def test_row_sums_deferred_to_the_items_end(group: int, d: int) -> None:
                wide_block_n=16, tile_starts=True, tile_blocks=2, sparse_key_stages=2, **common)
     dense = [random_layer(gen, s, 16, hkv, d, kinds=("dense",)) for s in (5, 2)]
     run_decode(gen, dense, [4, 0], block_span=16, wide_block_n=32, pack_tokens=True, **common)
+
+
+@pytest.mark.parametrize(("group", "d"), [(1, 64), (3, 128), (4, 128), (8, 64)])
+def test_pipelined_block_loops_read_each_block_as_one_tile(group: int, d: int) -> None:
+    """block_stages: launches of a block a tile (masks, low rank, sparse values) read each
+    block of at most a tile's tokens as one tile through a pipelined block loop; with
+    every format, blocks keeping no token, ragged and empty tails, split-K runs and few
+    programs: the reference's answer, packed launches beside them or not."""
+    gen = torch.Generator().manual_seed(2800 + 10 * group + d)
+    hkv = 2
+    layers = [random_layer(gen, s, 16, hkv, d) for s in (5, 0, 3, 4)]
+    common = dict(hkv=hkv, group=group, d=d, max_programs=3, block_stages=2, block_n=16, wide_block_n=16,
+                  chunk_tokens=40)
+    run_decode(gen, layers, [4, 7, 0, 2], **common)
+    run_decode(gen, layers, [4, 7, 0, 2], pack_tokens=True, pack_sparse_keys=True, unroll_group=True,
+               defer_row_sums=True, **common)
+
+
+def test_pipelined_block_loops_refuse_blocks_longer_than_a_tile() -> None:
+    gen = torch.Generator().manual_seed(2900)
+    fmt = BlockFormat(24, SideFormat("lowrank", 7), SideFormat("mask", 24))
+    layer = random_layer(gen, 2, 24, 1, 64, fmt=fmt)
+    w = MixedDecodeWrapper(block_n=16, wide_block_n=16, block_stages=2)
+    assert w.block_loop_stages(3, 2) == 2 and w.block_loop_stages(-1, -1) == 0
+    tk = [torch.zeros(1, 1, 64).bfloat16()]
+    with pytest.raises(ValueError, match="block_stages=2 reads a block as one tile of 16 tokens, but a block of key "
+                                         "kind 3 and value kind 2 keeps 24"):
+        w.plan([layer], tk, tk, 2, 1, 64, device=DEVICE)
+    with pytest.raises(ValueError, match="block_stages=-1 must be 0 .* or more"):
+        MixedDecodeWrapper(block_stages=-1)
 
 
 def test_max_registers_is_a_register_count_ptxas_takes() -> None:

@@ -66,7 +66,7 @@ def compile_launch(k_kind: int, v_kind: int, pack: bool, r_max: int, *, head_dim
                    block_n: int, warps: int, keys_by_query: bool = True, tails_indexed: bool = True,
                    unroll_group: bool = False, span: int = 0, stages: int = 3,
                    tile_starts: bool = False, tile_blocks: int = 0, rows_past_unroll: bool = True,
-                   defer_row_sums: bool = False, max_registers: int = 0) -> dict:
+                   defer_row_sums: bool = False, max_registers: int = 0, block_stages: int = 0) -> dict:
     """The launch's sm_90 cubin, compiled as a run would: every pointer and stride
     divisible by 16 (what Triton specialises a launch on when they are). ``keys_by_query``
     False: sparse keys densified per tile, as an extend reads them. ``tails_indexed`` False:
@@ -74,7 +74,7 @@ def compile_launch(k_kind: int, v_kind: int, pack: bool, r_max: int, *, head_dim
     ``tile_blocks``: block entries a packed tile reads (0: one a token, as before).
     ``rows_past_unroll`` False: items hold no query rows past the unrolled GQA group (a
     decode plan under ``MixedAttention(sparse_key_stages=N)``). ``defer_row_sums`` and
-    ``max_registers``: as ``MixedAttention``'s. Returns Triton's ``asm``
+    ``max_registers``, ``block_stages`` (launches of a block a tile): as ``MixedAttention``'s. Returns Triton's ``asm``
     (``cubin``, ``ttgir``, ...)."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("TRITON_INTERPRET=1 defines the kernels for the interpreter: unset it to compile them")
@@ -85,7 +85,8 @@ def compile_launch(k_kind: int, v_kind: int, pack: bool, r_max: int, *, head_dim
                  R_MAX=r_max, R_LOG2=r_max.bit_length() - 1, ALIGNED=True, SPARSE_MODE=0, TAIL_INDEXED=tails_indexed,
                  KEYS_BY_QUERY=keys_by_query, PACK_TOKENS=pack, PREFETCH=False, UNROLL=group if unroll_group else 0,
                  SPAN=span, STAGES=stages, TILE_STARTS=tile_starts, TILE_BLOCKS=tile_blocks or block_n,
-                 ROWS_PAST_UNROLL=rows_past_unroll, DEFER_ROW_SUMS=defer_row_sums)
+                 ROWS_PAST_UNROLL=rows_past_unroll, DEFER_ROW_SUMS=defer_row_sums,
+                 BLOCK_STAGES=0 if pack or span else block_stages)
     sig = {n: "constexpr" if n in const else POINTERS.get(n, "fp32" if n == "qk_scale" else "i32") for n in names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if sig[n] not in ("constexpr", "fp32")}
     src = ASTSource(fn=_mixed_attn_kernel, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()},
@@ -197,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="dense-key tiles' row sums reduced once an item (MixedAttention(defer_row_sums=True))")
     ap.add_argument("--max-registers", type=int, default=0,
                     help="registers a thread at most (MixedAttention(max_registers=N), Triton's maxnreg; 0: the compiler's)")
+    ap.add_argument("--block-stages", type=int, default=0,
+                    help="launches of a block a tile pipeline their block loop this deep (MixedAttention(block_stages=N))")
     ap.add_argument("--knapsack", action="store_true", help="the sealing knapsack's launch instead")
     ap.add_argument("--knapsack-tiles", nargs="+", default=[], metavar="ROWSxWARPS",
                     help="with --knapsack, these tiles too (e.g. 32x8 16x8)")
@@ -242,12 +245,14 @@ def main(argv: list[str] | None = None) -> int:
                                      keys_by_query=not args.extend, tails_indexed=not args.tails_back_to_back,
                                      unroll_group=args.unroll_group, span=span, stages=stages,
                                      tile_starts=tile_starts, tile_blocks=lanes, rows_past_unroll=not own,
-                                     defer_row_sums=args.defer_row_sums, max_registers=args.max_registers)
+                                     defer_row_sums=args.defer_row_sums, max_registers=args.max_registers,
+                                     block_stages=args.block_stages)
                 row = {"launch": name, "block_n": block_n, "warps": warps, **resources(asm["cubin"])}
                 if own:
                     row["rows_past_unroll"] = False
-                if span or tile_starts:
-                    row["stages"] = stages
+                block_loop = bool(args.block_stages and not pack and not span and k_kind >= 0)
+                if span or tile_starts or block_loop:
+                    row["stages"] = args.block_stages if block_loop else stages
                     row["async_copies"] = asm["ttgir"].count("async_copy_global_to_local")
                 if tile_starts:
                     row["tile_blocks"] = lanes or block_n
@@ -263,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"triton": triton.__version__, "target": "sm_90", "head_dim": args.head_dim, "group": args.group,
               "block_m": args.block_m, "extend": args.extend, "unroll_group": args.unroll_group,
               "defer_row_sums": args.defer_row_sums, "max_registers": args.max_registers,
+              "block_stages": args.block_stages,
               "tails_back_to_back": args.tails_back_to_back, "command": " ".join(["python", "benchmarks/kernels/registers.py",
                                                             *(argv if argv is not None else sys.argv[1:])]),
               "rows": rows}

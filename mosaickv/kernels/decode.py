@@ -342,7 +342,7 @@ def _mixed_attn_kernel(
     ALIGNED: tl.constexpr, SPARSE_MODE: tl.constexpr, TAIL_INDEXED: tl.constexpr, KEYS_BY_QUERY: tl.constexpr,
     PACK_TOKENS: tl.constexpr, PREFETCH: tl.constexpr, UNROLL: tl.constexpr, SPAN: tl.constexpr,
     STAGES: tl.constexpr, TILE_STARTS: tl.constexpr, TILE_BLOCKS: tl.constexpr, ROWS_PAST_UNROLL: tl.constexpr,
-    DEFER_ROW_SUMS: tl.constexpr,
+    DEFER_ROW_SUMS: tl.constexpr, BLOCK_STAGES: tl.constexpr,
 ):
     """Partial attention of the first ``count`` items in ``item_list`` (the count is read
     here, so a captured launch serves every later plan); ``K_KIND``/``V_KIND`` are the
@@ -359,7 +359,10 @@ def _mixed_attn_kernel(
     ``TILE_BLOCKS`` blocks at most (one a lane) and ends at the last. ``ROWS_PAST_UNROLL``
     False (packed sparse keys): no item has query rows past the ``UNROLL`` ones.
     ``DEFER_ROW_SUMS``: dense-key tiles sum their probabilities per lane (``l_t``), reduced
-    once an item (:func:`_dense_values_step`)."""
+    once an item (:func:`_dense_values_step`). ``BLOCK_STAGES`` > 0 (launches of a block a
+    tile): every block keeps at most ``BLOCK_N`` tokens, so a block is one tile, its loop
+    over tiles has one pass (folded away), and the block loop, innermost then, is
+    pipelined that many stages deep."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     rows = tl.arange(0, BLOCK_M)
@@ -465,7 +468,7 @@ def _mixed_attn_kernel(
             # are read: its two dependent loads (block index, entry) then wait behind this
             # block's work instead of in front of the next one's.
             n_m, n_kw, n_koff, n_kaux, n_vw, n_voff, n_vaux = _entry(table_ptr, block_idx_ptr, blk_lo, blk_lo < blk_hi)
-            for j in range(blk_lo, blk_hi):
+            for j in tl.range(blk_lo, blk_hi, num_stages=max(BLOCK_STAGES, 1)):
                 if PREFETCH:
                     m, k_w, k_off, k_aux, v_w, v_off, v_aux = n_m, n_kw, n_koff, n_kaux, n_vw, n_voff, n_vaux
                     n_m, n_kw, n_koff, n_kaux, n_vw, n_voff, n_vaux = _entry(table_ptr, block_idx_ptr, j + 1,
@@ -495,7 +498,11 @@ def _mixed_attn_kernel(
                     qk = qk32.to(tl.bfloat16)
                     qk_lo = (qk32 - qk.to(tl.float32)).to(tl.bfloat16)
                 blk_acc = tl.zeros([BLOCK_M, R_MAX], tl.float32)  # the block's r-space values (mask, lowrank)
-                for t0 in range(0, m, BLOCK_N):
+                if BLOCK_STAGES > 0:
+                    t_hi = BLOCK_N  # a constant one-pass loop, which Triton folds away
+                else:
+                    t_hi = m
+                for t0 in range(0, t_hi, BLOCK_N):
                     tok = t0 + toks
                     m_i, l_i, acc, blk_acc = _tile_step(
                         q, qk, qk_lo, q_ptr, q_rows, n_rows, values_ptr, index_ptr, k_off, k_w, k_aux, v_off, v_w, v_aux,
@@ -594,6 +601,7 @@ class MixedAttention:
         sparse_key_stages: int = 0,
         defer_row_sums: bool = False,
         max_registers: int = 0,
+        block_stages: int = 0,
     ) -> None:
         """``block_n``: tokens per tile of launches with a sparse side (whose densify grows
         with the tile); ``wide_block_n``: of the others (dense, mask, low-rank, tails),
@@ -636,7 +644,12 @@ class MixedAttention:
         tile's lanes lie across the warps: a reduction through shared memory and barriers).
         ``max_registers`` > 0: every launch is compiled to at most that many registers a
         thread (Triton's ``maxnreg``; 0: as the compiler chooses), to keep occupancy where
-        a change adds a few."""
+        a change adds a few. ``block_stages`` > 0: launches of a block a tile (neither
+        packed nor spanned: masks, low rank, sparse values) read each block as one tile and
+        pipeline their block loop that many stages deep; a block's loop over its tiles had
+        kept that loop from being innermost, which Triton's pipeliner needs. The plan then
+        refuses blocks of those launches keeping more than a tile's tokens (the server's
+        32-token segments fit its 32-token tiles)."""
         if sparse_densify not in SPARSE_MODES:
             raise ValueError(f"sparse_densify={sparse_densify!r} is not one of {', '.join(SPARSE_MODES)}")
         if pack_sparse_keys and not (pack_tokens and keys_by_query):
@@ -653,12 +666,14 @@ class MixedAttention:
             raise ValueError(f"sparse_key_stages={sparse_key_stages} pipelines packed sparse-key tiles by their planned "
                              f"starts: it needs tile_starts, pack_sparse_keys and unroll_group, got {tile_starts}, "
                              f"{pack_sparse_keys} and {unroll_group}")
+        if block_stages < 0:
+            raise ValueError(f"block_stages={block_stages} must be 0 (a block's tiles in a loop of their own) or more")
         if max_registers and not 24 <= max_registers <= 255:
             raise ValueError(f"max_registers={max_registers} must be 0 (the compiler's choice) or from 24 to 255")
         if dense_num_warps & (dense_num_warps - 1) or dense_num_warps > 8:
             raise ValueError(f"dense_num_warps={dense_num_warps} must be 0 (num_warps) or a power of two up to 8")
         self.tile_blocks, self.dense_num_warps, self.sparse_key_stages = tile_blocks, dense_num_warps, sparse_key_stages
-        self.defer_row_sums, self.max_registers = defer_row_sums, max_registers
+        self.defer_row_sums, self.max_registers, self.block_stages = defer_row_sums, max_registers, block_stages
         self.block_span, self.pipeline_stages, self.tile_starts = block_span, pipeline_stages, tile_starts
         self.block_m, self.block_n, self.wide_block_n = block_m, block_n, wide_block_n
         self.pack_tokens, self.pack_sparse_keys = pack_tokens, pack_sparse_keys
@@ -700,6 +715,7 @@ class MixedAttention:
         block_m = max(self.block_m, triton.next_power_of_2(group))
         tail_lens = np.diff(np.asarray(tail_indptr, dtype=np.int64))
         self._check_span(arena, block_indices)
+        self._check_block_tiles(arena, block_indices)
         self._plan = build_plan(
             arena, block_indptr, block_indices, qo_lens, tail_lens, num_kv_heads, group, block_m, self.block_n,
             chunk_tokens, max_programs, self.chunk_by_kind, self.tile_shape(),
@@ -792,6 +808,25 @@ class MixedAttention:
         if kept.size and kept.max() > self.block_span:
             raise ValueError(f"block_span={self.block_span} but a dense block keeps {int(kept.max())} tokens: "
                              "block_span must be at least every dense block's kept tokens")
+
+    def block_loop_stages(self, k_kind: int, v_kind: int) -> int:
+        """Pipeline stages of a launch's block loop (the kernel's ``BLOCK_STAGES``): 0 but
+        for launches of a block a tile with ``block_stages``."""
+        if k_kind < 0 or self.packs(k_kind, v_kind) or self.span(k_kind, v_kind):
+            return 0
+        return self.block_stages
+
+    def _check_block_tiles(self, arena: Arena, block_indices: np.ndarray) -> None:
+        """With ``block_stages`` a launch of a block a tile reads one tile a block: refuse
+        blocks of such launches keeping more than its tile's tokens."""
+        if not self.block_stages:
+            return
+        entries = arena.table_host[np.asarray(block_indices, dtype=np.int64)]
+        for kept, k_kind, v_kind in zip(entries[:, 0], entries[:, 1], entries[:, 5]):
+            if self.block_loop_stages(int(k_kind), int(v_kind)) and kept > self.tile_n(int(k_kind), int(v_kind)):
+                raise ValueError(f"block_stages={self.block_stages} reads a block as one tile of "
+                                 f"{self.tile_n(int(k_kind), int(v_kind))} tokens, but a block of key kind {int(k_kind)} "
+                                 f"and value kind {int(v_kind)} keeps {int(kept)}: use segments of at most a tile")
 
     def compile_options(self) -> dict[str, int]:
         """Triton compile options of every launch beside warps and stages."""
@@ -901,6 +936,7 @@ def run_plan(
             TILE_BLOCKS=tuning.tile_lanes(ln.k_kind, ln.v_kind),
             ROWS_PAST_UNROLL=tuning.rows_past_unroll(ln.k_kind, ln.v_kind, min(p.block_m, p.max_q * group), group),
             DEFER_ROW_SUMS=tuning.defer_row_sums,
+            BLOCK_STAGES=tuning.block_loop_stages(ln.k_kind, ln.v_kind),
             num_warps=tuning.warps(ln.k_kind, ln.v_kind), num_stages=tuning.num_stages, **tuning.compile_options(),
         )
     if p.groups.shape[0]:

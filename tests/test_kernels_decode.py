@@ -229,9 +229,11 @@ def test_pipelined_block_loops_refuse_blocks_longer_than_a_tile() -> None:
         MixedDecodeWrapper(block_stages=-1)
 
 
-def test_max_registers_is_a_register_count_ptxas_takes() -> None:
-    assert MixedAttention(max_registers=128).compile_options() == {"maxnreg": 128}
-    assert MixedAttention().compile_options() == {}
+def test_max_registers_bound_packed_launches_only() -> None:
+    packed = MixedAttention(max_registers=128, pack_tokens=True)
+    assert packed.compile_options(DENSE, DENSE) == {"maxnreg": 128}
+    assert packed.compile_options(3, 3) == {} and packed.compile_options(-1, -1) == {}
+    assert MixedAttention(pack_tokens=True).compile_options(DENSE, DENSE) == {}
     with pytest.raises(ValueError, match="max_registers=300 must be 0 .* or from 24 to 255"):
         MixedAttention(max_registers=300)
 

@@ -74,7 +74,8 @@ def compile_launch(k_kind: int, v_kind: int, pack: bool, r_max: int, *, head_dim
     ``tile_blocks``: block entries a packed tile reads (0: one a token, as before).
     ``rows_past_unroll`` False: items hold no query rows past the unrolled GQA group (a
     decode plan under ``MixedAttention(sparse_key_stages=N)``). ``defer_row_sums`` and
-    ``max_registers``, ``block_stages`` (launches of a block a tile): as ``MixedAttention``'s. Returns Triton's ``asm``
+    ``max_registers`` (packed launches), ``block_stages`` (launches of a block a tile): as
+    ``MixedAttention``'s. Returns Triton's ``asm``
     (``cubin``, ``ttgir``, ...)."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("TRITON_INTERPRET=1 defines the kernels for the interpreter: unset it to compile them")
@@ -91,7 +92,7 @@ def compile_launch(k_kind: int, v_kind: int, pack: bool, r_max: int, *, head_dim
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if sig[n] not in ("constexpr", "fp32")}
     src = ASTSource(fn=_mixed_attn_kernel, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()},
                     attrs=attrs)
-    options = {"num_warps": warps, "num_stages": 1, **({"maxnreg": max_registers} if max_registers else {})}
+    options = {"num_warps": warps, "num_stages": 1, **({"maxnreg": max_registers} if max_registers and pack else {})}
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm
 
 

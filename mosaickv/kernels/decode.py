@@ -643,7 +643,7 @@ class MixedAttention:
         --sparse-key-stages). ``defer_row_sums``: launches of dense keys keep each row's
         probability sums per lane and reduce them once an item, not once a tile (the
         tile's lanes lie across the warps: a reduction through shared memory and barriers).
-        ``max_registers`` > 0: every launch is compiled to at most that many registers a
+        ``max_registers`` > 0: packed launches are compiled to at most that many registers a
         thread (Triton's ``maxnreg``; 0: as the compiler chooses), to keep occupancy where
         a change adds a few. ``block_stages`` > 0: launches of a block a tile (neither
         packed nor spanned: masks, low rank, sparse values) read each block as one tile and
@@ -829,9 +829,11 @@ class MixedAttention:
                                  f"{self.tile_n(int(k_kind), int(v_kind))} tokens, but a block of key kind {int(k_kind)} "
                                  f"and value kind {int(v_kind)} keeps {int(kept)}: use segments of at most a tile")
 
-    def compile_options(self) -> dict[str, int]:
-        """Triton compile options of every launch beside warps and stages."""
-        return {"maxnreg": self.max_registers} if self.max_registers else {}
+    def compile_options(self, k_kind: int, v_kind: int) -> dict[str, int]:
+        """Triton compile options of a launch of this format pair beside warps and stages:
+        ``max_registers`` holds packed launches only; on the others the bound made ptxas
+        take more registers than it does unbounded (low rank 120 against 92, sm_90)."""
+        return {"maxnreg": self.max_registers} if self.max_registers and self.packs(k_kind, v_kind) else {}
 
     def prefetches(self, k_kind: int, v_kind: int) -> bool:
         """Whether a launch of this format pair loads each block's table entry one block
@@ -938,7 +940,7 @@ def run_plan(
             ROWS_PAST_UNROLL=tuning.rows_past_unroll(ln.k_kind, ln.v_kind, min(p.block_m, p.max_q * group), group),
             DEFER_ROW_SUMS=tuning.defer_row_sums,
             BLOCK_STAGES=tuning.block_loop_stages(ln.k_kind, ln.v_kind),
-            num_warps=tuning.warps(ln.k_kind, ln.v_kind), num_stages=tuning.num_stages, **tuning.compile_options(),
+            num_warps=tuning.warps(ln.k_kind, ln.v_kind), num_stages=tuning.num_stages, **tuning.compile_options(ln.k_kind, ln.v_kind),
         )
     if p.groups.shape[0]:
         lse = out if lse_out is None else lse_out

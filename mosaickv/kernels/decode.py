@@ -254,28 +254,30 @@ def _packed_tile(table_ptr, block_idx_ptr, values_ptr, index_ptr, j0, done, blk_
     sel = tl.sum((end[None, :] <= toks[:, None]).to(tl.int32), 1)
     tok_ok = sel < TILE_BLOCKS
     sel = tl.minimum(sel, TILE_BLOCKS - 1)
-    tok = toks - tl.gather(start, sel, 0)
     n_full = tl.sum((end <= BLOCK_N).to(tl.int32), 0)
     next_done = tl.where(n_full < TILE_BLOCKS, BLOCK_N - tl.sum(tl.where(lanes == n_full, start, 0), 0), 0)
-    k_off = tl.gather(koff_b, sel, 0)
-    v_off = tl.gather(voff_b, sel, 0)
+    # Row r is token r - start of its block: each lane's offsets moved back by its start,
+    # so a row's address is one gathered base plus r times its width (one gather fewer).
+    v_base = tl.gather(voff_b - start * HEAD_DIM, sel, 0)
     if ALIGNED:
-        k_off = tl.multiple_of(k_off, 8)
-        v_off = tl.multiple_of(v_off, 8)
-    vt = tl.load(values_ptr + v_off[:, None] + tok[:, None] * HEAD_DIM + cols[None, :], mask=tok_ok[:, None], other=0.0)
+        v_base = tl.multiple_of(v_base, 8)
+    vt = tl.load(values_ptr + v_base[:, None] + toks[:, None] * HEAD_DIM + cols[None, :], mask=tok_ok[:, None],
+                 other=0.0)
     if K_KIND == 1:
         # Sparse keys, each token at its own block's width.
         k_w = tl.gather(kw_b, sel, 0)
-        k_aux = tl.gather(kaux_b, sel, 0)
-        val_row = k_off + tok * k_w
-        ix_row = k_aux + tok * k_w
+        val_row = tl.gather(koff_b - start * kw_b, sel, 0) + toks * k_w
+        ix_row = tl.gather(kaux_b - start * kw_b, sel, 0) + toks * k_w
         if ALIGNED:
             val_row = tl.multiple_of(val_row, 8)
             ix_row = tl.multiple_of(ix_row, 8)
             k_w = tl.multiple_of(k_w, 8)  # so the masks hold over runs of 8 channels: vector loads
         k_ix, kt, k_live = _sparse_keys(values_ptr, index_ptr, val_row, ix_row, k_w, tok_ok, jr)
     else:
-        kt = tl.load(values_ptr + k_off[:, None] + tok[:, None] * HEAD_DIM + cols[None, :], mask=tok_ok[:, None],
+        k_base = tl.gather(koff_b - start * HEAD_DIM, sel, 0)
+        if ALIGNED:
+            k_base = tl.multiple_of(k_base, 8)
+        kt = tl.load(values_ptr + k_base[:, None] + toks[:, None] * HEAD_DIM + cols[None, :], mask=tok_ok[:, None],
                      other=0.0)
         k_ix = tok_ok
         k_live = tok_ok

@@ -27,11 +27,15 @@ def observations(layers=2, hkv=2, group=3, t=640, d=64, seed=0):
     return out
 
 
-# Up to 8x: on this 640-token span the protected 64 tokens take a tenth of the bytes, so
+# Up to 7x: on this 640-token span the protected 64 tokens take a tenth of the bytes, so
 # near 10x nothing is left even for the other blocks' headers (the policy check cannot
-# know a span's headers; the compressor refuses such a ratio in one sentence).
+# know a span's headers; the compressor refuses such a ratio in one sentence). At 8x the
+# other 72 blocks share 16,320 bytes and a kept block costs 1,232 or more: whole options
+# can leave more than 1% unspent (ratio 8, seed 1, d 64 left 832 bytes, 8.08x, with no
+# improving upgrade under 1,216 bytes), which the knapsack's fill cannot place. Forty
+# random draws from 4x to 8x (the ratio drawn below 8) left at most 0.33%.
 @settings(max_examples=12, deadline=None)
-@given(ratio=st.floats(1.2, 8), seed=st.integers(0, 1000), d=st.sampled_from([64, 128]))
+@given(ratio=st.floats(1.2, 7), seed=st.integers(0, 1000), d=st.sampled_from([64, 128]))
 def test_dynamic_meets_the_budget_within_one_percent(ratio, seed, d):
     obs = observations(d=d, seed=seed)
     policy = load_policy("mosaic", ratio=ratio, min_context=640)

@@ -191,8 +191,8 @@ SETTINGS = [
     ({"block_n": 32, "pack_tokens": True, "wide_block_n": 32, "pack_sparse_keys": True, "unroll_group": True,
       "chunk_by_kind": True, "tile_starts": True, "tile_blocks": 4, "pipeline_stages": 7, "defer_row_sums": True}, 8),
     # Setting 35: the server's with its launches of a block a tile (low rank, masks, sparse
-    # values; the presets' 3x mix's low-rank blocks took 46 of 713 us in the twentieth run's
-    # profile for under 1% of the bytes) reading each 32-token block as one tile through a
+    # values; the presets' 3x mix's low-rank blocks took about 46 of 711-722 us in the
+    # twentieth run's profile for under 1% of the bytes) reading each 32-token block as one tile through a
     # block loop pipelined 7 deep (block_stages). Offline (registers.py --launches lowrank
     # --block-stages 7 ... --loop): 128 registers against 92, 441 instructions a pass
     # against 579; Triton 3.6 pipelines the blocks' table entries (35 async copies), not

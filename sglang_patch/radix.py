@@ -684,7 +684,6 @@ def default_seal_batch(pool, segment_size: int, lowrank: bool = True) -> int:
     return max(SEAL_BATCH, min(MAX_SEAL_BATCH, workspace // elements))
 
 
-
 def idle_drain_hook(scheduler, *args, **kwargs) -> None:
     """BEFORE hook on ``Scheduler.on_idle``: an idle server swaps in finished sealing too
     (otherwise results wait for the next request's prefix match)."""

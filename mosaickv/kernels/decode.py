@@ -717,8 +717,7 @@ class MixedAttention:
         group = num_qo_heads // num_kv_heads
         block_m = max(self.block_m, triton.next_power_of_2(group))
         tail_lens = np.diff(np.asarray(tail_indptr, dtype=np.int64))
-        self._check_span(arena, block_indices)
-        self._check_block_tiles(arena, block_indices)
+        self._check_block_tokens(arena, block_indices)
         self._plan = build_plan(
             arena, block_indptr, block_indices, qo_lens, tail_lens, num_kv_heads, group, block_m, self.block_n,
             chunk_tokens, max_programs, self.chunk_by_kind, self.tile_shape(),
@@ -802,16 +801,6 @@ class MixedAttention:
         """Lanes a block takes in a launch of this format pair (0: not spanned)."""
         return self.block_span if (k_kind, v_kind) == (DENSE, DENSE) else 0
 
-    def _check_span(self, arena: Arena, block_indices: np.ndarray) -> None:
-        """A spanned launch reads ``block_span`` tokens of a block at most: refuse blocks keeping more."""
-        if not self.block_span:
-            return
-        entries = arena.table_host[np.asarray(block_indices, dtype=np.int64)]
-        kept = entries[(entries[:, 1] == DENSE) & (entries[:, 5] == DENSE), 0]
-        if kept.size and kept.max() > self.block_span:
-            raise ValueError(f"block_span={self.block_span} but a dense block keeps {int(kept.max())} tokens: "
-                             "block_span must be at least every dense block's kept tokens")
-
     def block_loop_stages(self, k_kind: int, v_kind: int) -> int:
         """Pipeline stages of a launch's block loop (the kernel's ``BLOCK_STAGES``): 0 but
         for launches of a block a tile with ``block_stages``."""
@@ -819,17 +808,27 @@ class MixedAttention:
             return 0
         return self.block_stages
 
-    def _check_block_tiles(self, arena: Arena, block_indices: np.ndarray) -> None:
-        """With ``block_stages`` a launch of a block a tile reads one tile a block: refuse
-        blocks of such launches keeping more than its tile's tokens."""
-        if not self.block_stages:
+    def _check_block_tokens(self, arena: Arena, block_indices: np.ndarray) -> None:
+        """Refuse blocks keeping more tokens than their launch reads of a block: a spanned
+        launch ``block_span``, a launch of a block a tile with ``block_stages`` one tile."""
+        pairs = [divmod(kind, 4) for kind in range(KIND_PAIRS)]
+        limits = np.asarray([self.span(k, v) or (self.tile_n(k, v) if self.block_loop_stages(k, v) else 0)
+                             for k, v in pairs], dtype=np.int64)
+        if not limits.any():
             return
         entries = arena.table_host[np.asarray(block_indices, dtype=np.int64)]
-        for kept, k_kind, v_kind in zip(entries[:, 0], entries[:, 1], entries[:, 5]):
-            if self.block_loop_stages(int(k_kind), int(v_kind)) and kept > self.tile_n(int(k_kind), int(v_kind)):
-                raise ValueError(f"block_stages={self.block_stages} reads a block as one tile of "
-                                 f"{self.tile_n(int(k_kind), int(v_kind))} tokens, but a block of key kind {int(k_kind)} "
-                                 f"and value kind {int(v_kind)} keeps {int(kept)}: use segments of at most a tile")
+        kinds = 4 * entries[:, 1] + entries[:, 5]
+        over = entries[:, 0] > np.where(limits[kinds] > 0, limits[kinds], np.iinfo(np.int64).max)
+        if not over.any():
+            return
+        k_kind, v_kind = divmod(int(kinds[over][0]), 4)
+        kept = int(entries[over & (kinds == kinds[over][0]), 0].max())
+        if self.span(k_kind, v_kind):
+            raise ValueError(f"block_span={self.block_span} but a dense block keeps {kept} tokens: "
+                             "block_span must be at least every dense block's kept tokens")
+        raise ValueError(f"block_stages={self.block_stages} reads a block as one tile of {self.tile_n(k_kind, v_kind)} "
+                         f"tokens, but a block of key kind {k_kind} and value kind {v_kind} keeps {kept}: "
+                         "use segments of at most a tile")
 
     def compile_options(self, k_kind: int, v_kind: int) -> dict[str, int]:
         """Triton compile options of a launch of this format pair beside warps and stages:

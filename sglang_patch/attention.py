@@ -207,6 +207,11 @@ PACKED_PIPELINE_STAGES = 7
 # once an item (defer_row_sums: 419 instructions and 15 barriers a pass against 439 and 18)
 # at 128 registers held by maxnreg (left to the compiler: 143, slower). Side by side: 3x
 # mix 582 us against 597, 6x 378 against 385, dense 1,177 against 1,209.
+# Twenty-second run (diag settings 0 and 35, h200_2026-12-02e/call10_diag): launches of a
+# block a tile (low rank, masks, sparse values) read each block as one tile, their block
+# loop pipelined 7 deep (block_stages; segments here are at most a tile): low-rank blocks
+# 2,314 us against 2,457, the low-rank 3x mix 4,086 against 4,250, masks 5,260 against
+# 5,629; the presets' dense-value mixes level (640 against 640, 3x).
 
 
 def _tuning(extend: bool, pack: bool) -> MixedAttention:
@@ -216,7 +221,8 @@ def _tuning(extend: bool, pack: bool) -> MixedAttention:
         return MixedAttention(block_m=16, block_n=32, wide_block_n=PACKED_DECODE_TILE, pack_tokens=True,
                               pack_sparse_keys=True, unroll_group=True, chunk_by_kind=True, tile_starts=True,
                               tile_blocks=PACKED_TILE_BLOCKS, pipeline_stages=PACKED_PIPELINE_STAGES,
-                              sparse_key_stages=3, defer_row_sums=True, max_registers=128)
+                              sparse_key_stages=3, defer_row_sums=True, max_registers=128,
+                              block_stages=PACKED_PIPELINE_STAGES)
     return MixedAttention(block_m=16, block_n=32)
 
 

@@ -74,3 +74,47 @@ def test_occupancy_is_bounded_by_registers_warps_and_blocks():
     assert occupancy(148, 4) == 0.1875  # and at the sparse-key launch's 148
     assert occupancy(128, 4) == 0.25
     assert occupancy(32, 4) == 1.0  # the SM's 64 warps, not its register file, bound it
+
+
+def _shared_reads():
+    sys.path.insert(0, str(ROOT / "benchmarks" / "kernels"))
+    try:
+        import shared_reads
+    finally:
+        sys.path.pop(0)
+    return shared_reads
+
+
+# A tile loop's TTGIR as Triton 3.6 wrote it for the packed sparse-key launch whose channel
+# loads were vector async copies (twenty-second device run: 204 µs against 115): the index
+# and value tiles stored row by row, unswizzled, and read back one token a lane.
+SPARSE_TILE_TTGIR = """\
+#blocked2 = #ttg.blocked<{sizePerThread = [1, 8], threadsPerWarp = [4, 8], warpsPerCTA = [4, 1], order = [1, 0]}>
+#blocked6 = #ttg.blocked<{sizePerThread = [1, 1], threadsPerWarp = [32, 1], warpsPerCTA = [1, 4], order = [0, 1]}>
+#shared1 = #ttg.swizzled_shared<{vec = 8, perPhase = 1, maxPhase = 8, order = [1, 0]}>
+#shared2 = #ttg.swizzled_shared<{vec = 1, perPhase = 1, maxPhase = 1, order = [1, 0]}>
+        %qg_313 = ttg.local_load %ix_224 token %vt_312 : !ttg.memdesc<32x64xi8, #shared2, #smem, mutable> -> tensor<32x64xi8, #blocked6> loc(#loc435)
+        %raw_315 = ttg.local_load %raw_233 token %vt_312 : !ttg.memdesc<32x64xbf16, #shared2, #smem, mutable> -> tensor<32x64xbf16, #blocked6> loc(#loc400)
+"""
+
+
+def test_rows_read_one_a_lane_from_an_unswizzled_buffer_conflict_by_row_stride():
+    """A lane a token down rows 64 bytes apart lands on 2 of the 32 banks (16-way); rows
+    128 bytes apart, on one (32-way)."""
+    sr = _shared_reads()
+    reads = sr.shared_reads(SPARSE_TILE_TTGIR)
+    assert [(r.shape, r.dtype, r.ways) for r in reads] == [((32, 64), "i8", 16.0), ((32, 64), "bf16", 32.0)]
+    assert sr.worst_read(SPARSE_TILE_TTGIR)["shared_read_ways"] == 32.0
+
+
+def test_reads_along_a_buffers_rows_or_through_its_swizzle_conflict_less():
+    """The same buffer read in the copy's own layout (8 contiguous channels a lane, 16-byte
+    accesses) takes the fewest wavefronts; a swizzled buffer (8-element vectors permuted
+    by row) read a token a lane spreads rows over 8 banks' groups: 4-way, not 32."""
+    sr = _shared_reads()
+    known = sr.layouts(SPARSE_TILE_TTGIR)
+    assert sr.read_ways((32, 64), "bf16", known["#shared2"], known["#blocked2"]) == 1.0
+    assert sr.read_ways((32, 64), "i8", known["#shared2"], known["#blocked2"]) == 1.0
+    assert sr.read_ways((32, 128), "bf16", known["#shared1"], known["#blocked6"]) == 4.0
+    one_d = sr.Blocked((1,), (32,), (0,))
+    assert sr.read_ways((4,), "i64", sr.Swizzled(1, 1, 1, (0,)), one_d) == 1.0  # 4 entries broadcast to 32 lanes

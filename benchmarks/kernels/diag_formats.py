@@ -36,7 +36,7 @@ B, L, HQ, HKV, D = 32, 32768, 32, 8, 128
 SETTINGS = [
     ({"block_n": 32, "pack_tokens": True, "wide_block_n": 32, "pack_sparse_keys": True, "unroll_group": True,
       "chunk_by_kind": True, "tile_starts": True, "tile_blocks": 4, "pipeline_stages": 7, "sparse_key_stages": 3,
-      "defer_row_sums": True, "max_registers": 128}, 8),
+      "defer_row_sums": True, "max_registers": 128, "block_stages": 7}, 8),
     ({"block_n": 32}, 8),  # one block per tile: the server's for segments over 32 tokens
     ({"block_n": 32, "pack_tokens": True, "wide_block_n": 32}, 16),
     ({"block_n": 32, "pack_tokens": True, "wide_block_n": 128}, 8),
@@ -196,7 +196,10 @@ SETTINGS = [
     # block loop pipelined 7 deep (block_stages). Offline (registers.py --launches lowrank
     # --block-stages 7 ... --loop): 128 registers against 92, 441 instructions a pass
     # against 579; Triton 3.6 pipelines the blocks' table entries (35 async copies), not
-    # their data. Not yet run.
+    # their data. Twenty-second run (h200_2026-12-02e/call10_diag), against setting 0 then
+    # (this without block_stages): low-rank blocks 2,314 us against 2,457, the low-rank 3x
+    # mix 4,086 against 4,250, the presets' 3x mix level (640 against 640); the server's
+    # since, so setting 0 now.
     ({"block_n": 32, "pack_tokens": True, "wide_block_n": 32, "pack_sparse_keys": True, "unroll_group": True,
       "chunk_by_kind": True, "tile_starts": True, "tile_blocks": 4, "pipeline_stages": 7, "sparse_key_stages": 3,
       "defer_row_sums": True, "max_registers": 128, "block_stages": 7}, 8),

@@ -17,7 +17,7 @@ to 40 registers (152 and 168 against 128 at four warps,
     python benchmarks/kernels/registers.py --knapsack   # the sealing knapsack's launch
     python benchmarks/kernels/registers.py --channel-pricing --head-dim 128   # per-vector channel pricing's
     python benchmarks/kernels/registers.py --launches dense_packed_tile_starts --block-n 32 --warps 4 \
-        --tile-blocks 4 --loop   # and what one pass of its tile loop executes
+        --tile-blocks 4 --loop   # and what one pass of its tile loop executes, its shared reads' bank conflicts
 """
 
 from __future__ import annotations
@@ -38,6 +38,9 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from mosaickv.kernels.layout import DENSE, LOWRANK, SPARSE, TAIL
+
+sys.path.insert(0, str(Path(__file__).parent))
+from shared_reads import worst_read  # noqa: E402
 
 # The server's decode launches by name: (key kind, value kind, packs tokens, R_MAX, lanes a
 # block takes in a spanned tile or 0, packed tiles' starts read from the plan).
@@ -209,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tile-blocks", type=int, nargs="+", default=[0],
                     help="block entries a packed tile with tile starts reads (0: one a token, the tile's width)")
     ap.add_argument("--loop", action="store_true",
-                    help="also count what a pass of the tile loop executes (SASS) and the pipeliner's shared buffers")
+                    help="also count what a pass of the tile loop executes (SASS), the pipeliner's shared buffers "
+                         "and the worst bank conflict of a read from them (shared_reads.py)")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     if args.sparse_key_stages and not args.unroll_group:
@@ -258,11 +262,12 @@ def main(argv: list[str] | None = None) -> int:
                 if tile_starts:
                     row["tile_blocks"] = lanes or block_n
                 if args.loop:
-                    row.update(loop_census(asm["cubin"]), shared_buffers=shared_buffers(asm["ttgir"]))
+                    row.update(loop_census(asm["cubin"]), shared_buffers=shared_buffers(asm["ttgir"]),
+                               **worst_read(asm["ttgir"]))
                 row["occupancy"] = occupancy(row["registers"], warps)
                 rows.append(row)
-                loop = (f", loop {row['loop_instructions']} instructions, {row.get('loop_bar', 0)} barriers"
-                        if args.loop else "")
+                loop = (f", loop {row['loop_instructions']} instructions, {row.get('loop_bar', 0)} barriers, "
+                        f"shared reads at worst {row['shared_read_ways']:g}-way" if args.loop else "")
                 print(f"{name:13s} block_n {block_n:3d} warps {warps} lanes {lanes or block_n:2d}: "
                       f"{row['registers']:3d} registers, stack {row['stack_bytes']:4d} B, "
                       f"occupancy {row['occupancy']:.1%}{loop}", flush=True)

@@ -271,7 +271,6 @@ def _packed_tile(table_ptr, block_idx_ptr, values_ptr, index_ptr, j0, done, blk_
         if ALIGNED:
             val_row = tl.multiple_of(val_row, 8)
             ix_row = tl.multiple_of(ix_row, 8)
-            k_w = tl.multiple_of(k_w, 8)  # so the masks hold over runs of 8 channels: vector loads
         k_ix, kt, k_live = _sparse_keys(values_ptr, index_ptr, val_row, ix_row, k_w, tok_ok, jr)
     else:
         k_base = tl.gather(koff_b - start * HEAD_DIM, sel, 0)

@@ -35,7 +35,7 @@ def test_the_first_diag_setting_is_the_servers_decode_tuning() -> None:
     fields = ("block_m", "block_n", "wide_block_n", "pack_tokens", "num_warps", "num_stages", "keys_by_query",
               "sparse_densify", "prefetch_entries", "pack_sparse_keys", "chunk_by_kind", "unroll_group",
               "block_span", "pipeline_stages", "tile_starts", "tile_blocks", "sparse_key_stages", "defer_row_sums",
-              "max_registers", "block_stages")
+              "max_registers", "block_stages", "warp_tiles")
     for (kwargs, _), segment in zip(SETTINGS[:2], (32, 128)):
         diag, server = MixedAttention(**kwargs), tuning_for(False, segment)
         assert {f: getattr(diag, f) for f in fields} == {f: getattr(server, f) for f in fields}, segment
@@ -50,7 +50,7 @@ def test_a_decode_wrapper_built_from_a_tunings_settings_runs_as_that_tuning() ->
                             keys_by_query=True, wide_block_n=32, pack_tokens=True, prefetch_entries=True,
                             pack_sparse_keys=True, chunk_by_kind=True, unroll_group=True, block_span=16,
                             pipeline_stages=4, tile_starts=True, tile_blocks=8, dense_num_warps=1, sparse_key_stages=2,
-                            defer_row_sums=True, max_registers=128, block_stages=2)
+                            defer_row_sums=True, max_registers=128, block_stages=2, warp_tiles=True)
     defaults = MixedAttention().settings()
     assert all(tuning.settings()[name] != value for name, value in defaults.items() if name != "keys_by_query")
     assert MixedDecodeWrapper(**tuning.settings()).settings() == tuning.settings()

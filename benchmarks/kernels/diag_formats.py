@@ -203,6 +203,16 @@ SETTINGS = [
     ({"block_n": 32, "pack_tokens": True, "wide_block_n": 32, "pack_sparse_keys": True, "unroll_group": True,
       "chunk_by_kind": True, "tile_starts": True, "tile_blocks": 4, "pipeline_stages": 7, "sparse_key_stages": 3,
       "defer_row_sums": True, "max_registers": 128, "block_stages": 7}, 8),
+    # Setting 36: the server's with a packed dense tile a warp (warp_tiles), 2 stages, the
+    # compiler's registers (bounded at 128 that launch spills 1.3 KB; unbounded the packed
+    # sparse-key launch takes its 143-149, so the 3x mix's change is not the dense launch's
+    # alone). Offline (registers.py --warp-tiles, results/registers_decode_sm90_triton36_warp_tiles.json)
+    # 255 registers, 2,116 instructions and 2 barriers a warp's 32-token tile against
+    # 397 and 13 a tile on four warps: more instructions a token (the rows' bases are
+    # computed in the load's layout, 16 lanes each), fewer barriers. Not yet run.
+    ({"block_n": 32, "pack_tokens": True, "wide_block_n": 32, "pack_sparse_keys": True, "unroll_group": True,
+      "chunk_by_kind": True, "tile_starts": True, "tile_blocks": 4, "pipeline_stages": 2, "sparse_key_stages": 3,
+      "defer_row_sums": True, "block_stages": 7, "warp_tiles": True}, 8),
 ]
 
 

@@ -205,7 +205,8 @@ def test_a_packed_dense_tile_a_warp(group: int, d: int) -> None:
     """warp_tiles: each warp of the packed dense launch decodes its own planned tile with
     its own softmax state, merged at the item's end; with ragged and empty tails, a
     request without segments, blocks keeping no token, split-K runs, a pass with fewer
-    tiles than warps and every other format beside: the reference's answer."""
+    tiles than warps, tiles across blocks or within one, and every other format beside:
+    the reference's answer."""
     gen = torch.Generator().manual_seed(3000 + 10 * group + d)
     hkv = 2
     layers = [random_layer(gen, s, 16, hkv, d, kinds=("dense",)) for s in (6, 0, 4, 9)]
@@ -214,6 +215,10 @@ def test_a_packed_dense_tile_a_warp(group: int, d: int) -> None:
     run_decode(gen, layers, [5, 9, 0, 3, 2], pack_tokens=True, block_n=16, wide_block_n=16, tile_starts=True,
                tile_blocks=2, **common)
     run_decode(gen, layers[:1], [1], pack_tokens=True, block_n=16, wide_block_n=32, tile_starts=True, **common)
+    # Tiles within one block (tile_blocks=1): a row base a warp.
+    run_decode(gen, layers, [5, 9, 0, 3, 2], pack_tokens=True, block_n=16, wide_block_n=8, tile_starts=True,
+               tile_blocks=1, pack_sparse_keys=True, unroll_group=True, sparse_key_stages=2, defer_row_sums=True,
+               **common)
 
 
 @pytest.mark.parametrize(("group", "d"), [(1, 64), (3, 128), (4, 128), (8, 64)])

@@ -203,16 +203,22 @@ SETTINGS = [
     ({"block_n": 32, "pack_tokens": True, "wide_block_n": 32, "pack_sparse_keys": True, "unroll_group": True,
       "chunk_by_kind": True, "tile_starts": True, "tile_blocks": 4, "pipeline_stages": 7, "sparse_key_stages": 3,
       "defer_row_sums": True, "max_registers": 128, "block_stages": 7}, 8),
-    # Setting 36: the server's with a packed dense tile a warp (warp_tiles), 2 stages, the
-    # compiler's registers (bounded at 128 that launch spills 1.3 KB; unbounded the packed
-    # sparse-key launch takes its 143-149, so the 3x mix's change is not the dense launch's
-    # alone). Offline (registers.py --warp-tiles, results/registers_decode_sm90_triton36_warp_tiles.json)
-    # 255 registers, 2,116 instructions and 2 barriers a warp's 32-token tile against
-    # 397 and 13 a tile on four warps: more instructions a token (the rows' bases are
-    # computed in the load's layout, 16 lanes each), fewer barriers. Not yet run.
-    ({"block_n": 32, "pack_tokens": True, "wide_block_n": 32, "pack_sparse_keys": True, "unroll_group": True,
-      "chunk_by_kind": True, "tile_starts": True, "tile_blocks": 4, "pipeline_stages": 2, "sparse_key_stages": 3,
-      "defer_row_sums": True, "block_stages": 7, "warp_tiles": True}, 8),
+    # Settings 36 and 37: the server's with a packed dense tile a warp (warp_tiles), each
+    # tile within one block (tile_blocks 1: a row base a warp) of 16 tokens, 2 stages;
+    # 36 at the server's 128 registers, 37 at the compiler's. Offline (registers.py
+    # --warp-tiles, results/registers_decode_sm90_triton36_warp_tiles*.json): 422
+    # instructions and 2 barriers a warp's 16-token tile at 128 registers (400 bytes of
+    # stack, mostly outside the loop), 374 at 255, against 1,588 warp-instructions (397 on
+    # each of four warps) and 13 barriers a 32-token tile for the server's; a block keeping
+    # 8 tokens fills half a tile. 16-token tiles leave out block_stages (its blocks must fit
+    # a tile), and tile_blocks 1 holds packed sparse-key tiles within a block too: the
+    # launches' own times (ncu_decode.sh) tell the dense launch's change. Not yet run.
+    ({"block_n": 32, "pack_tokens": True, "wide_block_n": 16, "pack_sparse_keys": True, "unroll_group": True,
+      "chunk_by_kind": True, "tile_starts": True, "tile_blocks": 1, "pipeline_stages": 2, "sparse_key_stages": 3,
+      "defer_row_sums": True, "max_registers": 128, "warp_tiles": True}, 8),
+    ({"block_n": 32, "pack_tokens": True, "wide_block_n": 16, "pack_sparse_keys": True, "unroll_group": True,
+      "chunk_by_kind": True, "tile_starts": True, "tile_blocks": 1, "pipeline_stages": 2, "sparse_key_stages": 3,
+      "defer_row_sums": True, "warp_tiles": True}, 8),
 ]
 
 

@@ -324,6 +324,22 @@ def _warp_tile_rows(table_ptr, block_idx_ptr, j0, done, blk_hi, t_ok, toks, HEAD
 
 
 @triton.jit
+def _warp_block_rows(table_ptr, block_idx_ptr, j0, done, blk_hi, t_ok, toks, HEAD_DIM: tl.constexpr,
+                     ALIGNED: tl.constexpr):
+    """:func:`_warp_tile_rows` for tiles within one block (``TILE_BLOCKS`` 1): a base a
+    warp, ``[W, 1]``, so a row's address is that base plus the row times its width."""
+    b_ok = (j0 < blk_hi) & t_ok
+    ent = table_ptr + tl.load(block_idx_ptr + j0, mask=b_ok, other=0).to(tl.int64) * 9
+    kept = tl.load(ent, mask=b_ok, other=0).to(tl.int32)
+    k_base = tl.load(ent + 3, mask=b_ok, other=0) + done * HEAD_DIM
+    v_base = tl.load(ent + 7, mask=b_ok, other=0) + done * HEAD_DIM
+    if ALIGNED:
+        k_base = tl.multiple_of(k_base, 8)
+        v_base = tl.multiple_of(v_base, 8)
+    return k_base[:, None], v_base[:, None], toks[None, :] < (kept - done)[:, None]
+
+
+@triton.jit
 def _warp_tiles(q_ptr, q_rows, row_ok, values_ptr, table_ptr, block_idx_ptr, tiles_ptr, j0, blk_hi, t_lo, t_hi,
                 qk_scale, toks, cols, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, ALIGNED: tl.constexpr,
                 TILE_BLOCKS: tl.constexpr, WARP_TILES: tl.constexpr, STAGES: tl.constexpr):
@@ -342,8 +358,12 @@ def _warp_tiles(q_ptr, q_rows, row_ok, values_ptr, table_ptr, block_idx_ptr, til
         tile = t + w
         t_ok = tile < t_hi
         start = tl.load(tiles_ptr + tile, mask=t_ok, other=0)
-        k_base, v_base, tok_ok = _warp_tile_rows(table_ptr, block_idx_ptr, j0 + (start >> 16), start & 0xFFFF, blk_hi,
-                                                 t_ok, toks, HEAD_DIM, ALIGNED, TILE_BLOCKS)
+        if TILE_BLOCKS == 1:
+            k_base, v_base, tok_ok = _warp_block_rows(table_ptr, block_idx_ptr, j0 + (start >> 16), start & 0xFFFF,
+                                                      blk_hi, t_ok, toks, HEAD_DIM, ALIGNED)
+        else:
+            k_base, v_base, tok_ok = _warp_tile_rows(table_ptr, block_idx_ptr, j0 + (start >> 16), start & 0xFFFF,
+                                                     blk_hi, t_ok, toks, HEAD_DIM, ALIGNED, TILE_BLOCKS)
         row = toks[None, :, None] * HEAD_DIM + cols[None, None, :]
         kt = tl.load(values_ptr + k_base[:, :, None] + row, mask=tok_ok[:, :, None], other=0.0)
         vt = tl.load(values_ptr + v_base[:, :, None] + row, mask=tok_ok[:, :, None], other=0.0)

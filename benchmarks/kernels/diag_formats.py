@@ -219,6 +219,21 @@ SETTINGS = [
     ({"block_n": 32, "pack_tokens": True, "wide_block_n": 16, "pack_sparse_keys": True, "unroll_group": True,
       "chunk_by_kind": True, "tile_starts": True, "tile_blocks": 1, "pipeline_stages": 2, "sparse_key_stages": 3,
       "defer_row_sums": True, "warp_tiles": True}, 8),
+    # Setting 38: the server's with its packed sparse-key tile loop not pipelined
+    # (sparse_key_stages 1), so their channel loads are vectors into registers, not
+    # shared buffers (VECTOR_KEYS). Offline: 828 instructions and 36 barriers a pass
+    # against 1,026 and 38 at 3 stages, no conflicted shared read either way
+    # (registers.py --sparse-key-stages 1 ... --loop). The twentieth run's unpipelined loop
+    # waited on global loads (long scoreboard 2.74). Not yet run.
+    ({"block_n": 32, "pack_tokens": True, "wide_block_n": 32, "pack_sparse_keys": True, "unroll_group": True,
+      "chunk_by_kind": True, "tile_starts": True, "tile_blocks": 4, "pipeline_stages": 7, "sparse_key_stages": 1,
+      "defer_row_sums": True, "max_registers": 128, "block_stages": 7}, 8),
+    # Setting 39: setting 36 with tiles across two blocks (tile_blocks 2), so two blocks
+    # keeping 8 tokens fill a 16-token tile: offline 621 instructions and 2 barriers a
+    # warp's tile at 128 registers (592 bytes of stack), 552 at 255. Not yet run.
+    ({"block_n": 32, "pack_tokens": True, "wide_block_n": 16, "pack_sparse_keys": True, "unroll_group": True,
+      "chunk_by_kind": True, "tile_starts": True, "tile_blocks": 2, "pipeline_stages": 2, "sparse_key_stages": 3,
+      "defer_row_sums": True, "max_registers": 128, "warp_tiles": True}, 8),
 ]
 
 

@@ -239,14 +239,18 @@ def _tile_entries(table_ptr, block_idx_ptr, j0, blk_hi, lanes, SPARSE_KEYS: tl.c
 @triton.jit
 def _packed_tile(table_ptr, block_idx_ptr, values_ptr, index_ptr, j0, done, blk_hi, toks, cols, jr,
                  K_KIND: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, ALIGNED: tl.constexpr,
-                 TILE_BLOCKS: tl.constexpr):
+                 TILE_BLOCKS: tl.constexpr, VECTOR_KEYS: tl.constexpr):
     """The loads of the packed tile that starts ``done`` tokens into block ``j0``: kept
     tokens of the next ``TILE_BLOCKS`` blocks back to back, ``BLOCK_N`` at most (row r is
     in the block whose kept tokens end first past r). Returns which rows hold a token, the
     keys (dense: the tile ``[BLOCK_N, d]``; sparse: kept values ``[BLOCK_N, R_MAX]``, their
     channel indices and which are live, read by query gathers; dense passes the rows' mask
     for those two), the values tile, and where the next tile starts (block, tokens of it
-    done). Past ``blk_hi`` every row is empty and nothing is read."""
+    done). Past ``blk_hi`` every row is empty and nothing is read. ``VECTOR_KEYS``: sparse
+    keys' widths are marked multiples of 8 (aligned arenas), so their index and value loads
+    are vectors; only where the tile loop is not pipelined: pipelined, Triton 3.6 stores
+    those tiles unswizzled in shared memory and the query gathers read them a token a lane,
+    16- and 32-way bank conflicts (twenty-second run: the launch 204 µs against 115)."""
     lanes = tl.arange(0, TILE_BLOCKS)
     kept, koff_b, voff_b, kw_b, kaux_b = _tile_entries(table_ptr, block_idx_ptr, j0, blk_hi, lanes, K_KIND == 1)
     end = tl.cumsum(kept, 0) - done
@@ -271,6 +275,8 @@ def _packed_tile(table_ptr, block_idx_ptr, values_ptr, index_ptr, j0, done, blk_
         if ALIGNED:
             val_row = tl.multiple_of(val_row, 8)
             ix_row = tl.multiple_of(ix_row, 8)
+        if ALIGNED and VECTOR_KEYS:
+            k_w = tl.multiple_of(k_w, 8)  # the masks hold over runs of 8 channels: vector loads
         k_ix, kt, k_live = _sparse_keys(values_ptr, index_ptr, val_row, ix_row, k_w, tok_ok, jr)
     else:
         k_base = tl.gather(koff_b - start * HEAD_DIM, sel, 0)
@@ -541,7 +547,8 @@ def _mixed_attn_kernel(
                     start = tl.load(tiles_ptr + t)
                     tok_ok, kt, k_ix, k_live, vt, _, _ = _packed_tile(
                         table_ptr, block_idx_ptr, values_ptr, index_ptr, j0 + (start >> 16),
-                        start & 0xFFFF, blk_hi, toks, cols, jr, K_KIND, HEAD_DIM, BLOCK_N, ALIGNED, TILE_BLOCKS)
+                        start & 0xFFFF, blk_hi, toks, cols, jr, K_KIND, HEAD_DIM, BLOCK_N, ALIGNED, TILE_BLOCKS,
+                        STAGES == 1 or ROWS_PAST_UNROLL)
                     m_i, l_t, acc = _packed_step(q, q_ptr, q_rows, n_rows, rows, tok_ok, kt, k_ix, k_live, vt, qk_scale,
                                                  m_i, l_t, acc, K_KIND, BLOCK_M, BLOCK_N, UNROLL, ROWS_PAST_UNROLL,
                                                  DEFER_ROW_SUMS)
@@ -550,7 +557,7 @@ def _mixed_attn_kernel(
                 while j0 < blk_hi:
                     tok_ok, kt, k_ix, k_live, vt, j0, done = _packed_tile(
                         table_ptr, block_idx_ptr, values_ptr, index_ptr, j0, done, blk_hi, toks, cols, jr, K_KIND,
-                        HEAD_DIM, BLOCK_N, ALIGNED, TILE_BLOCKS)
+                        HEAD_DIM, BLOCK_N, ALIGNED, TILE_BLOCKS, True)
                     m_i, l_t, acc = _packed_step(q, q_ptr, q_rows, n_rows, rows, tok_ok, kt, k_ix, k_live, vt, qk_scale,
                                                  m_i, l_t, acc, K_KIND, BLOCK_M, BLOCK_N, UNROLL, ROWS_PAST_UNROLL,
                                                  DEFER_ROW_SUMS)

@@ -32,11 +32,15 @@ from bench_decode import POLICY_SEGMENT, pattern_for, policy_patterns  # noqa: E
 POLICY_REPORT = Path(__file__).parents[1] / "results" / "eval_dense_values_2k_segment.json"
 
 B, L, HQ, HKV, D = 32, 32768, 32, 8, 128
-# MixedDecodeWrapper settings beside programs per SM; the first is the server's DECODE_TUNING.
+# The server's DECODE_TUNING; settings from 35 on are it with a few changes.
+SERVER = {"block_n": 32, "pack_tokens": True, "wide_block_n": 32, "pack_sparse_keys": True, "unroll_group": True,
+          "chunk_by_kind": True, "tile_starts": True, "tile_blocks": 4, "pipeline_stages": 7, "sparse_key_stages": 3,
+          "defer_row_sums": True, "max_registers": 128, "block_stages": 7}
+# Packed dense tiles of 16 tokens a warp, 2 stages, without block_stages (its blocks must fit a tile).
+WARP_TILES = {**SERVER, "wide_block_n": 16, "pipeline_stages": 2, "block_stages": 0, "warp_tiles": True}
+# MixedDecodeWrapper settings beside programs per SM; the first is the server's.
 SETTINGS = [
-    ({"block_n": 32, "pack_tokens": True, "wide_block_n": 32, "pack_sparse_keys": True, "unroll_group": True,
-      "chunk_by_kind": True, "tile_starts": True, "tile_blocks": 4, "pipeline_stages": 7, "sparse_key_stages": 3,
-      "defer_row_sums": True, "max_registers": 128, "block_stages": 7}, 8),
+    (SERVER, 8),
     ({"block_n": 32}, 8),  # one block per tile: the server's for segments over 32 tokens
     ({"block_n": 32, "pack_tokens": True, "wide_block_n": 32}, 16),
     ({"block_n": 32, "pack_tokens": True, "wide_block_n": 128}, 8),
@@ -200,9 +204,7 @@ SETTINGS = [
     # (this without block_stages): low-rank blocks 2,314 us against 2,457, the low-rank 3x
     # mix 4,086 against 4,250, the presets' 3x mix level (640 against 640); the server's
     # since, so setting 0 now.
-    ({"block_n": 32, "pack_tokens": True, "wide_block_n": 32, "pack_sparse_keys": True, "unroll_group": True,
-      "chunk_by_kind": True, "tile_starts": True, "tile_blocks": 4, "pipeline_stages": 7, "sparse_key_stages": 3,
-      "defer_row_sums": True, "max_registers": 128, "block_stages": 7}, 8),
+    (SERVER, 8),
     # Settings 36 and 37: the server's with a packed dense tile a warp (warp_tiles), each
     # tile within one block (tile_blocks 1: a row base a warp) of 16 tokens, 2 stages;
     # 36 at the server's 128 registers, 37 at the compiler's. Offline (registers.py
@@ -213,27 +215,19 @@ SETTINGS = [
     # 8 tokens fills half a tile. 16-token tiles leave out block_stages (its blocks must fit
     # a tile), and tile_blocks 1 holds packed sparse-key tiles within a block too: the
     # launches' own times (ncu_decode.sh) tell the dense launch's change. Not yet run.
-    ({"block_n": 32, "pack_tokens": True, "wide_block_n": 16, "pack_sparse_keys": True, "unroll_group": True,
-      "chunk_by_kind": True, "tile_starts": True, "tile_blocks": 1, "pipeline_stages": 2, "sparse_key_stages": 3,
-      "defer_row_sums": True, "max_registers": 128, "warp_tiles": True}, 8),
-    ({"block_n": 32, "pack_tokens": True, "wide_block_n": 16, "pack_sparse_keys": True, "unroll_group": True,
-      "chunk_by_kind": True, "tile_starts": True, "tile_blocks": 1, "pipeline_stages": 2, "sparse_key_stages": 3,
-      "defer_row_sums": True, "warp_tiles": True}, 8),
+    ({**WARP_TILES, "tile_blocks": 1}, 8),
+    ({**WARP_TILES, "tile_blocks": 1, "max_registers": 0}, 8),
     # Setting 38: the server's with its packed sparse-key tile loop not pipelined
     # (sparse_key_stages 1), so their channel loads are vectors into registers, not
     # shared buffers (VECTOR_KEYS). Offline: 828 instructions and 36 barriers a pass
     # against 1,026 and 38 at 3 stages, no conflicted shared read either way
     # (registers.py --sparse-key-stages 1 ... --loop). The twentieth run's unpipelined loop
     # waited on global loads (long scoreboard 2.74). Not yet run.
-    ({"block_n": 32, "pack_tokens": True, "wide_block_n": 32, "pack_sparse_keys": True, "unroll_group": True,
-      "chunk_by_kind": True, "tile_starts": True, "tile_blocks": 4, "pipeline_stages": 7, "sparse_key_stages": 1,
-      "defer_row_sums": True, "max_registers": 128, "block_stages": 7}, 8),
+    ({**SERVER, "sparse_key_stages": 1}, 8),
     # Setting 39: setting 36 with tiles across two blocks (tile_blocks 2), so two blocks
     # keeping 8 tokens fill a 16-token tile: offline 621 instructions and 2 barriers a
     # warp's tile at 128 registers (592 bytes of stack), 552 at 255. Not yet run.
-    ({"block_n": 32, "pack_tokens": True, "wide_block_n": 16, "pack_sparse_keys": True, "unroll_group": True,
-      "chunk_by_kind": True, "tile_starts": True, "tile_blocks": 2, "pipeline_stages": 2, "sparse_key_stages": 3,
-      "defer_row_sums": True, "max_registers": 128, "warp_tiles": True}, 8),
+    ({**WARP_TILES, "tile_blocks": 2}, 8),
 ]
 
 

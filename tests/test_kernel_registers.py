@@ -49,6 +49,22 @@ def test_the_tile_loops_pass_is_counted_from_its_sass(tmp_path):
 
 
 @needs_tools
+def test_the_census_reports_the_worst_shared_read_of_the_servers_sparse_key_launch(tmp_path):
+    """--loop reads the compiled TTGIR's shared reads: the server's packed sparse-key launch
+    (3 pipelined stages, no vector hint there) reads every shared buffer it has without a
+    bank conflict, and the report names the worst read."""
+    out = tmp_path / "regs.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    subprocess.run([sys.executable, "benchmarks/kernels/registers.py", "--launches", "sparse_keys_packed_tile_starts",
+                    "--block-n", "32", "--warps", "4", "--unroll-group", "--stages", "7", "--sparse-key-stages", "3",
+                    "--tile-blocks", "4", "--loop", "--defer-row-sums", "--max-registers", "128", "--json", str(out)],
+                   cwd=ROOT, env=env, check=True, capture_output=True, timeout=600)
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["shared_read_ways"] == 1.0, row["worst_shared_read"]
+    assert row["worst_shared_read"] == "" or row["worst_shared_read"].endswith("1-way")
+
+
+@needs_tools
 def test_the_sealing_launches_compile_for_sm90_spilling_at_most_one_float64(tmp_path):
     # The interpreter runs what compiled Triton may refuse (the knapsack kernel's first GPU
     # run failed where every CPU test passed): both sealing kernels go through the compiler.

@@ -661,6 +661,22 @@ def test_gpu_packed_tiles() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_warp_tiles() -> None:
+    """A packed dense tile a warp compiled (the CPU cases interpret it): the CPU cases,
+    then 32/8 heads at d=128 over 32-token segments in 16-token warp tiles within one
+    block and across two, as diag settings 36 and 39 decode."""
+    test_a_packed_dense_tile_a_warp(4, 128)
+    test_a_packed_dense_tile_a_warp(3, 64)
+    gen = torch.Generator().manual_seed(36)
+    layers = [random_layer(gen, s, 32, 8, 128) for s in (40, 7, 0, 23)]
+    for lanes in (1, 2):
+        run_decode(gen, layers, [17, 1, 30, 0], hkv=8, group=4, d=128, pack_tokens=True, pack_sparse_keys=True,
+                   unroll_group=True, block_n=32, wide_block_n=16, tile_starts=True, tile_blocks=lanes,
+                   pipeline_stages=2, sparse_key_stages=3, defer_row_sums=True, warp_tiles=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_spanned_tiles() -> None:
     """Spanned tiles compiled, their loop software-pipelined (the CPU cases interpret it)."""
     test_spanned_tiles(4, 128)

@@ -210,8 +210,9 @@ PACKED_PIPELINE_STAGES = 7
 # Twenty-second run (diag settings 0 and 35, h200_2026-12-02e/call10_diag): launches of a
 # block a tile (low rank, masks, sparse values) read each block as one tile, their block
 # loop pipelined 7 deep (block_stages; segments here are at most a tile): low-rank blocks
-# 2,314 us against 2,457, the low-rank 3x mix 4,086 against 4,250, masks 5,260 against
-# 5,629; the presets' dense-value mixes level (640 against 640, 3x).
+# 2,314 us against 2,457, the synthetic 3x mix (mix3x) 4,086 against 4,250, sparse keys
+# and values (sparse32) 5,260 against 5,629; the presets' dense-value mixes level (640
+# against 640, 3x).
 
 
 def _tuning(extend: bool, pack: bool) -> MixedAttention:

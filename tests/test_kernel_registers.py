@@ -90,6 +90,11 @@ def test_occupancy_is_bounded_by_registers_warps_and_blocks():
     assert occupancy(148, 4) == 0.1875  # and at the sparse-key launch's 148
     assert occupancy(128, 4) == 0.25
     assert occupancy(32, 4) == 1.0  # the SM's 64 warps, not its register file, bound it
+    # Shared memory: 64 KiB a block (and the driver's 1 KiB) fits 3 blocks in the H200's
+    # 228 KiB, under the 4 its registers allow; 16,560 bytes (the hinted sparse-key launch's,
+    # as Nsight Compute read it) leave registers the bound.
+    assert occupancy(128, 4, 65_536) == 0.1875
+    assert occupancy(128, 4, 16_560) == 0.25
 
 
 def _shared_reads():

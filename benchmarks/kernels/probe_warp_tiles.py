@@ -62,7 +62,8 @@ def compile_probe(warps: int, tokens: int, stages: int, max_registers: int, head
     src = ASTSource(fn=_warp_tiles_probe, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()},
                     attrs=attrs)
     options = {"num_warps": warps, "num_stages": 1, **({"maxnreg": max_registers} if max_registers else {})}
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+    return {**kernel.asm, "shared_bytes": kernel.metadata.shared}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,8 +80,9 @@ def main(argv: list[str] | None = None) -> int:
             for max_registers in args.max_registers:
                 asm = compile_probe(args.warps, tokens, stages, max_registers)
                 row = {"tokens": tokens, "stages": stages, "max_registers": max_registers, **resources(asm["cubin"]),
-                       **loop_census(asm["cubin"]), "shared_buffers": shared_buffers(asm["ttgir"])}
-                row["occupancy"] = occupancy(row["registers"], args.warps)
+                       **loop_census(asm["cubin"]), "shared_buffers": shared_buffers(asm["ttgir"]),
+                       "shared_bytes": asm["shared_bytes"]}
+                row["occupancy"] = occupancy(row["registers"], args.warps, row["shared_bytes"])
                 rows.append(row)
                 print(f"{tokens} tokens a warp, {stages} stages, maxnreg {max_registers or '-'}: {row['registers']} "
                       f"registers, stack {row['stack_bytes']} B, loop {row['loop_instructions']} instructions, "

@@ -63,6 +63,9 @@ POINTERS = {"q_ptr": "*bf16", "values_ptr": "*bf16", "index_ptr": "*u8", "table_
             "items_ptr": "*i32", "item_list_ptr": "*i32", "count_ptr": "*i32", "o_part_ptr": "*fp32",
             "lse_part_ptr": "*fp32", "scratch_ptr": "*bf16", "tiles_ptr": "*i32"}
 REGISTERS_PER_SM, MAX_WARPS_PER_SM, MAX_BLOCKS_PER_SM = 65536, 64, 32
+# Shared memory an SM has and the driver's reserve a block (Nsight Compute's device
+# attributes on the H200: max_shared_memory_per_multiprocessor, reserved_shared_memory_per_block).
+SHARED_PER_SM, SHARED_RESERVED_PER_BLOCK = 233_472, 1_024
 
 
 def compile_launch(k_kind: int, v_kind: int, pack: bool, r_max: int, *, head_dim: int, group: int, block_m: int,
@@ -80,7 +83,7 @@ def compile_launch(k_kind: int, v_kind: int, pack: bool, r_max: int, *, head_dim
     decode plan under ``MixedAttention(sparse_key_stages=N)``). ``defer_row_sums`` and
     ``max_registers`` (packed launches), ``block_stages`` (launches of a block a tile),
     ``warp_tiles`` (packed dense launches): as ``MixedAttention``'s. Returns Triton's ``asm``
-    (``cubin``, ``ttgir``, ...)."""
+    (``cubin``, ``ttgir``, ...) and ``shared_bytes``, the shared memory a block takes."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("TRITON_INTERPRET=1 defines the kernels for the interpreter: unset it to compile them")
     from mosaickv.kernels.decode import _mixed_attn_kernel  # defined here, after the check
@@ -98,7 +101,8 @@ def compile_launch(k_kind: int, v_kind: int, pack: bool, r_max: int, *, head_dim
     src = ASTSource(fn=_mixed_attn_kernel, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()},
                     attrs=attrs)
     options = {"num_warps": warps, "num_stages": 1, **({"maxnreg": max_registers} if max_registers and pack else {})}
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+    return {**kernel.asm, "shared_bytes": kernel.metadata.shared}
 
 
 def compile_knapsack(warps: int | None = None, block_rows: int | None = None) -> bytes:
@@ -174,11 +178,13 @@ def shared_buffers(ttgir: str) -> list[str]:
     return re.findall(r"ttg\.local_alloc\s*:\s*\(\)\s*->\s*!ttg\.memdesc<([0-9x]+)x\w+", ttgir)
 
 
-def occupancy(registers: int, warps: int) -> float:
+def occupancy(registers: int, warps: int, shared_bytes: int = 0) -> float:
     """Resident warps over the SM's 64, bounded by registers (allocated per warp in
-    units of 256) and by blocks."""
+    units of 256), by the shared memory a block takes (with the driver's reserve) and by
+    blocks."""
     per_warp = -(-registers * 32 // 256) * 256
-    blocks = min(REGISTERS_PER_SM // (per_warp * warps), MAX_BLOCKS_PER_SM, MAX_WARPS_PER_SM // warps)
+    blocks = min(REGISTERS_PER_SM // (per_warp * warps), MAX_BLOCKS_PER_SM, MAX_WARPS_PER_SM // warps,
+                 SHARED_PER_SM // (shared_bytes + SHARED_RESERVED_PER_BLOCK))
     return blocks * warps / MAX_WARPS_PER_SM
 
 
@@ -256,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
                                      tile_starts=tile_starts, tile_blocks=lanes, rows_past_unroll=not own,
                                      defer_row_sums=args.defer_row_sums, max_registers=args.max_registers,
                                      block_stages=args.block_stages, warp_tiles=args.warp_tiles)
-                row = {"launch": name, "block_n": block_n, "warps": warps, **resources(asm["cubin"])}
+                row = {"launch": name, "block_n": block_n, "warps": warps, **resources(asm["cubin"]),
+                       "shared_bytes": asm["shared_bytes"]}
                 if own:
                     row["rows_past_unroll"] = False
                 block_loop = bool(args.block_stages and not pack and not span and k_kind >= 0)
@@ -268,13 +275,13 @@ def main(argv: list[str] | None = None) -> int:
                 if args.loop:
                     row.update(loop_census(asm["cubin"]), shared_buffers=shared_buffers(asm["ttgir"]),
                                **worst_read(asm["ttgir"]))
-                row["occupancy"] = occupancy(row["registers"], warps)
+                row["occupancy"] = occupancy(row["registers"], warps, row["shared_bytes"])
                 rows.append(row)
                 loop = (f", loop {row['loop_instructions']} instructions, {row.get('loop_bar', 0)} barriers, "
                         f"shared reads at worst {row['shared_read_ways']:g}-way" if args.loop else "")
                 print(f"{name:13s} block_n {block_n:3d} warps {warps} lanes {lanes or block_n:2d}: "
                       f"{row['registers']:3d} registers, stack {row['stack_bytes']:4d} B, "
-                      f"occupancy {row['occupancy']:.1%}{loop}", flush=True)
+                      f"{row['shared_bytes']:,} B shared, occupancy {row['occupancy']:.1%}{loop}", flush=True)
     result = {"triton": triton.__version__, "target": "sm_90", "head_dim": args.head_dim, "group": args.group,
               "block_m": args.block_m, "extend": args.extend, "unroll_group": args.unroll_group,
               "defer_row_sums": args.defer_row_sums, "max_registers": args.max_registers,

@@ -228,6 +228,10 @@ SETTINGS = [
     # keeping 8 tokens fill a 16-token tile: offline 621 instructions and 2 barriers a
     # warp's tile at 128 registers (592 bytes of stack), 552 at 255. Not yet run.
     ({**WARP_TILES, "tile_blocks": 2}, 8),
+    # Setting 40: setting 36 at 160 registers (three blocks an SM, 18.8% occupancy): 383
+    # instructions a warp's tile, 376 bytes of stack, against 422 at 128 and 374 at 255
+    # (registers.py --warp-tiles --max-registers 160). Not yet run.
+    ({**WARP_TILES, "tile_blocks": 1, "max_registers": 160}, 8),
 ]
 
 

@@ -28,7 +28,7 @@ from mosaickv.formats import BlockFormat, SideFormat, pack_block  # noqa: E402
 from mosaickv.reference import CompressedLayer, attention  # noqa: E402
 from mosaickv.sglang_patch.attention import MosaicAttnBackend, attend_request  # noqa: E402
 from mosaickv.kernels.layout import pack_region, plan_host  # noqa: E402
-from mosaickv.sglang_patch.attention import DECODE_TUNING  # noqa: E402
+from mosaickv.sglang_patch.attention import DECODE_TUNING, PACK_MAX_SEGMENT, tuning_for  # noqa: E402
 from mosaickv.sglang_patch.forward_inputs import host_plan, locate  # noqa: E402
 from mosaickv.sglang_patch.pool import MosaicKVPool  # noqa: E402
 from mosaickv.sglang_patch.sizing import KVShape, plan_capacity  # noqa: E402
@@ -318,6 +318,15 @@ def assert_same_stats(a, b) -> None:
         torch.testing.assert_close(a._sum[i], b._sum[j], atol=1e-2, rtol=1e-2)
         torch.testing.assert_close(a._attn[i], b._attn[j], atol=2e-3, rtol=2e-2)
         assert torch.equal(a._count[i], b._count[j]) and torch.equal(a._attn_count[i], b._attn_count[j])
+
+
+def test_the_decode_tuning_reads_every_block_it_takes_as_one_tile_whole():
+    """With block_stages a launch of a block a tile reads BLOCK_N tokens of each block and
+    no more; the server's planner does not look at kept tokens, so the tiles must hold the
+    longest segment the tuning is chosen for (blocks keep at most their segment's tokens)."""
+    assert tuning_for(False, PACK_MAX_SEGMENT) is DECODE_TUNING and DECODE_TUNING.block_stages > 0
+    read_whole = [DECODE_TUNING.tile_n(k, v) for k in range(4) for v in range(4) if DECODE_TUNING.block_loop_stages(k, v)]
+    assert read_whole and min(read_whole) >= PACK_MAX_SEGMENT, read_whole
 
 
 def test_kernel_path_plans_once_per_forward():

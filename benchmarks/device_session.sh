@@ -41,7 +41,7 @@
 #                                                       in the fifteenth run). On one GPU, kernels skips ncu and rows
 #                                                       runs GPU0_METHODS alone
 #   PART=ncu       bash benchmarks/device_session.sh   # Nsight Compute over the decode launches (NCU_SETTINGS, default
-#                                                       "0 35"), in a call of its own on one GPU (since the nineteenth run)
+#                                                       "0 38"), in a call of its own on one GPU (since the nineteenth run)
 #   PART=sealing   bash benchmarks/device_session.sh   # sealing at SmolLM2's and the 8B's shape (profiled), the knapsack
 #                                                       as ops beside, channel pricing and knapsack tiles (no staging)
 #   PART=accuracy  bash benchmarks/device_session.sh   # the accuracy suite on GPU 1, or 0 of one (ACC_METHODS, SAMPLES 4, PARALLEL 4,

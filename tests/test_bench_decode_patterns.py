@@ -35,10 +35,23 @@ def test_the_first_diag_setting_is_the_servers_decode_tuning() -> None:
     fields = ("block_m", "block_n", "wide_block_n", "pack_tokens", "num_warps", "num_stages", "keys_by_query",
               "sparse_densify", "prefetch_entries", "pack_sparse_keys", "chunk_by_kind", "unroll_group",
               "block_span", "pipeline_stages", "tile_starts", "tile_blocks", "sparse_key_stages", "defer_row_sums",
-              "max_registers", "block_stages", "warp_tiles")
+              "max_registers", "block_stages")
     for (kwargs, _), segment in zip(SETTINGS[:2], (32, 128)):
         diag, server = MixedAttention(**kwargs), tuning_for(False, segment)
         assert {f: getattr(diag, f) for f in fields} == {f: getattr(server, f) for f in fields}, segment
+
+
+def test_every_diag_setting_builds_a_tuning_and_removed_ones_keep_their_places() -> None:
+    """diag_formats names a setting by its place in SETTINGS (``--settings``, the runs'
+    records): each builds a decode tuning, and a removed one (36 and 37, warp tiles) is
+    None in its place, so the settings after it keep their numbers."""
+    from diag_formats import SETTINGS
+
+    from mosaickv.kernels.decode import MixedAttention
+
+    assert [i for i, setting in enumerate(SETTINGS) if setting is None] == [36, 37]
+    for kwargs, per_sm in filter(None, SETTINGS):
+        assert MixedAttention(**kwargs).settings() and per_sm > 0
 
 
 def test_a_decode_wrapper_built_from_a_tunings_settings_runs_as_that_tuning() -> None:
@@ -50,7 +63,7 @@ def test_a_decode_wrapper_built_from_a_tunings_settings_runs_as_that_tuning() ->
                             keys_by_query=True, wide_block_n=32, pack_tokens=True, prefetch_entries=True,
                             pack_sparse_keys=True, chunk_by_kind=True, unroll_group=True, block_span=16,
                             pipeline_stages=4, tile_starts=True, tile_blocks=8, dense_num_warps=1, sparse_key_stages=2,
-                            defer_row_sums=True, max_registers=128, block_stages=2, warp_tiles=True)
+                            defer_row_sums=True, max_registers=128, block_stages=2)
     defaults = MixedAttention().settings()
     assert all(tuning.settings()[name] != value for name, value in defaults.items() if name != "keys_by_query")
     assert MixedDecodeWrapper(**tuning.settings()).settings() == tuning.settings()

@@ -77,7 +77,6 @@ def run_decode(
     sparse_key_stages: int = 0,
     defer_row_sums: bool = False,
     block_stages: int = 0,
-    warp_tiles: bool = False,
     **plan_kw: int,
 ) -> None:
     hq = hkv * group
@@ -89,7 +88,7 @@ def run_decode(
                            pack_sparse_keys=pack_sparse_keys, chunk_by_kind=chunk_by_kind, unroll_group=unroll_group,
                            block_span=block_span, pipeline_stages=pipeline_stages,
                            tile_starts=tile_starts, tile_blocks=tile_blocks, sparse_key_stages=sparse_key_stages,
-                           defer_row_sums=defer_row_sums, block_stages=block_stages, warp_tiles=warp_tiles)
+                           defer_row_sums=defer_row_sums, block_stages=block_stages)
     w.plan(layers, tk, tv, hq, hkv, d, device=DEVICE, **plan_kw)
     out = torch.full((len(layers), hq, d), float("nan"), dtype=torch.bfloat16, device=DEVICE)
     w.run(q.to(DEVICE), out=out)
@@ -198,27 +197,6 @@ def test_row_sums_deferred_to_the_items_end(group: int, d: int) -> None:
                wide_block_n=16, tile_starts=True, tile_blocks=2, sparse_key_stages=2, **common)
     dense = [random_layer(gen, s, 16, hkv, d, kinds=("dense",)) for s in (5, 2)]
     run_decode(gen, dense, [4, 0], block_span=16, wide_block_n=32, pack_tokens=True, **common)
-
-
-@pytest.mark.parametrize(("group", "d"), [(1, 64), (3, 128), (4, 128), (8, 64)])
-def test_a_packed_dense_tile_a_warp(group: int, d: int) -> None:
-    """warp_tiles: each warp of the packed dense launch decodes its own planned tile with
-    its own softmax state, merged at the item's end; with ragged and empty tails, a
-    request without segments, blocks keeping no token, split-K runs, a pass with fewer
-    tiles than warps, tiles across blocks or within one, and every other format beside:
-    the reference's answer."""
-    gen = torch.Generator().manual_seed(3000 + 10 * group + d)
-    hkv = 2
-    layers = [random_layer(gen, s, 16, hkv, d, kinds=("dense",)) for s in (6, 0, 4, 9)]
-    layers.append(random_layer(gen, 3, 16, hkv, d))
-    common = dict(hkv=hkv, group=group, d=d, max_programs=3, chunk_tokens=24, warp_tiles=True)
-    run_decode(gen, layers, [5, 9, 0, 3, 2], pack_tokens=True, block_n=16, wide_block_n=16, tile_starts=True,
-               tile_blocks=2, **common)
-    run_decode(gen, layers[:1], [1], pack_tokens=True, block_n=16, wide_block_n=32, tile_starts=True, **common)
-    # Tiles within one block (tile_blocks=1): a row base a warp.
-    run_decode(gen, layers, [5, 9, 0, 3, 2], pack_tokens=True, block_n=16, wide_block_n=8, tile_starts=True,
-               tile_blocks=1, pack_sparse_keys=True, unroll_group=True, sparse_key_stages=2, defer_row_sums=True,
-               **common)
 
 
 @pytest.mark.parametrize(("group", "d"), [(1, 64), (3, 128), (4, 128), (8, 64)])
@@ -657,22 +635,6 @@ def test_gpu_packed_tiles() -> None:
     the benchmark's aligned arenas against the unpacked kernel."""
     test_packed_tiles(4, 128, True)
     test_packed_tiles(3, 64, False)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_gpu_warp_tiles() -> None:
-    """A packed dense tile a warp compiled (the CPU cases interpret it): the CPU cases,
-    then 32/8 heads at d=128 over 32-token segments in 16-token warp tiles within one
-    block and across two, as diag settings 36 and 39 decode."""
-    test_a_packed_dense_tile_a_warp(4, 128)
-    test_a_packed_dense_tile_a_warp(3, 64)
-    gen = torch.Generator().manual_seed(36)
-    layers = [random_layer(gen, s, 32, 8, 128) for s in (40, 7, 0, 23)]
-    for lanes in (1, 2):
-        run_decode(gen, layers, [17, 1, 30, 0], hkv=8, group=4, d=128, pack_tokens=True, pack_sparse_keys=True,
-                   unroll_group=True, block_n=32, wide_block_n=16, tile_starts=True, tile_blocks=lanes,
-                   pipeline_stages=2, sparse_key_stages=3, defer_row_sums=True, warp_tiles=True)
 
 
 @pytest.mark.gpu

@@ -36,9 +36,9 @@ B, L, HQ, HKV, D = 32, 32768, 32, 8, 128
 SERVER = {"block_n": 32, "pack_tokens": True, "wide_block_n": 32, "pack_sparse_keys": True, "unroll_group": True,
           "chunk_by_kind": True, "tile_starts": True, "tile_blocks": 4, "pipeline_stages": 7, "sparse_key_stages": 3,
           "defer_row_sums": True, "max_registers": 128, "block_stages": 7}
-# Packed dense tiles of 16 tokens a warp, 2 stages, without block_stages (its blocks must fit a tile).
-WARP_TILES = {**SERVER, "wide_block_n": 16, "pipeline_stages": 2, "block_stages": 0, "warp_tiles": True}
-# MixedDecodeWrapper settings beside programs per SM; the first is the server's.
+# MixedDecodeWrapper settings beside programs per SM; the first is the server's. A setting
+# is named by its place in this list (--settings, the runs' records): one removed leaves
+# None in its place.
 SETTINGS = [
     (SERVER, 8),
     ({"block_n": 32}, 8),  # one block per tile: the server's for segments over 32 tokens
@@ -205,33 +205,23 @@ SETTINGS = [
     # mix 4,086 against 4,250, the presets' 3x mix level (640 against 640); the server's
     # since, so setting 0 now.
     (SERVER, 8),
-    # Settings 36 and 37: the server's with a packed dense tile a warp (warp_tiles), each
-    # tile within one block (tile_blocks 1: a row base a warp) of 16 tokens, 2 stages;
-    # 36 at the server's 128 registers, 37 at the compiler's. Offline (registers.py
-    # --warp-tiles, results/registers_decode_sm90_triton36_warp_tiles*.json): 422
-    # instructions and 2 barriers a warp's 16-token tile at 128 registers (400 bytes of
-    # stack, mostly outside the loop), 374 at 255, against 1,588 warp-instructions (397 on
-    # each of four warps) and 13 barriers a 32-token tile for the server's; a block keeping
-    # 8 tokens fills half a tile. 16-token tiles leave out block_stages (its blocks must fit
-    # a tile), and tile_blocks 1 holds packed sparse-key tiles within a block too: the
-    # launches' own times (ncu_decode.sh) tell the dense launch's change. Not yet run.
-    ({**WARP_TILES, "tile_blocks": 1}, 8),
-    ({**WARP_TILES, "tile_blocks": 1, "max_registers": 0}, 8),
+    # Settings 36 and 37 (and 39 and 40, dropped from the end) were warp tiles
+    # (MixedAttention(warp_tiles=True): a packed dense tile a warp, each warp its own softmax
+    # state). Measured in the twenty-third run (h200_2026-12-02f/summary.json), they lost at
+    # every setting: the 3x mix 716-838 us against the server's 568, 6x 557-651 against 369,
+    # dense 1,168-1,584 against 1,150; removed since. Their places stay empty (None) so that
+    # setting 38, and every run's record of a setting by its number, keep their numbers.
+    None,
+    None,
     # Setting 38: the server's with its packed sparse-key tile loop not pipelined
     # (sparse_key_stages 1), so their channel loads are vectors into registers, not
     # shared buffers (VECTOR_KEYS). Offline: 828 instructions and 36 barriers a pass
     # against 1,026 and 38 at 3 stages, no conflicted shared read either way
     # (registers.py --sparse-key-stages 1 ... --loop). The twentieth run's unpipelined loop
-    # waited on global loads (long scoreboard 2.74). Not yet run.
+    # waited on global loads (long scoreboard 2.74). Twenty-third run
+    # (h200_2026-12-02f/summary.json): the 3x mix 559 us against 568, 6x 363 against 369,
+    # dense 1,148 against 1,150.
     ({**SERVER, "sparse_key_stages": 1}, 8),
-    # Setting 39: setting 36 with tiles across two blocks (tile_blocks 2), so two blocks
-    # keeping 8 tokens fill a 16-token tile: offline 621 instructions and 2 barriers a
-    # warp's tile at 128 registers (592 bytes of stack), 552 at 255. Not yet run.
-    ({**WARP_TILES, "tile_blocks": 2}, 8),
-    # Setting 40: setting 36 at 160 registers (three blocks an SM, 18.8% occupancy): 383
-    # instructions a warp's tile, 376 bytes of stack, against 422 at 128 and 374 at 255
-    # (registers.py --warp-tiles --max-registers 160). Not yet run.
-    ({**WARP_TILES, "tile_blocks": 1, "max_registers": 160}, 8),
 ]
 
 
@@ -261,6 +251,9 @@ def main() -> None:
                     help="no timing: each setting runs once after its warm-up, for a profiler such as ncu to read "
                          "(benchmarks/kernels/ncu_decode.sh)")
     args = ap.parse_args()
+    gone = [i for i in args.settings or () if not 0 <= i < len(SETTINGS) or SETTINGS[i] is None]
+    if gone:
+        ap.error(f"settings {gone} are past the end of SETTINGS ({len(SETTINGS)}) or removed (None in their places)")
     args.out.mkdir(parents=True, exist_ok=True)  # written after each format: a missing folder lost all but the first
     seg = args.segment
     sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -275,9 +268,10 @@ def main() -> None:
         arena, indptr, indices = synthetic_arena(B * HKV, segs, pattern, D, "cuda")
         read = arena.nbytes() + arena.table.numel() * 8 + tail.numel() * 4
         ref = None
-        for i, (kwargs, per_sm) in enumerate(SETTINGS):
-            if args.settings is not None and i not in args.settings:
+        for i, setting in enumerate(SETTINGS):
+            if setting is None or (args.settings is not None and i not in args.settings):
                 continue
+            kwargs, per_sm = setting
             w = MixedDecodeWrapper(**kwargs)
             w.plan_arena(arena, indptr, indices, tail, tail, np.arange(B + 1) * tail_len, np.ones(B, dtype=np.int64),
                          HQ, HKV, max_programs=per_sm * sms)

@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # Nsight Compute over the decode kernel: diag_formats.py's settings NCU_SETTINGS (default:
-# the server's tuning, 0, against a packed dense tile a warp, 36, 37 and 39, and
-# unpipelined vector sparse-key loads, 38; the twenty-second
-# run profiled 0 35, the twentieth 0 24 25 26) on the presets'
+# the server's tuning, 0, against unpipelined vector sparse-key loads, 38; the
+# twenty-second run profiled 0 35, the twentieth 0 24 25 26) on the presets'
 # 3x and 6x mixes and dense 32-token blocks: throughput, warp stalls, scheduler issue,
 # occupancy, memory (the tenth run compared settings 0 1 4 7, the eleventh 0 10 11 12 when
 # 0 packed dense pairs alone, the twelfth 0 13 and 0 14).
@@ -21,7 +20,7 @@ if [ -z "$NCU" ]; then echo "no ncu on this machine (PATH, /usr/local/cuda*/bin)
   --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section Occupancy \
   --section MemoryWorkloadAnalysis --section LaunchStats --section InstructionStats \
   python3 benchmarks/kernels/diag_formats.py --segment 32 --formats dense mosaic_dense_values_3x mosaic_dense_values_6x \
-    --settings ${NCU_SETTINGS:-0 36 37 38 39} --profile-once --out "$D" > "$D/ncu_decode.txt" 2>&1
+    --settings ${NCU_SETTINGS:-0 38} --profile-once --out "$D" > "$D/ncu_decode.txt" 2>&1
 rc=$?
 "$NCU" --import "$D/ncu_decode.ncu-rep" --csv --page details > "$D/ncu_decode.csv"
 "$NCU" --import "$D/ncu_decode.ncu-rep" --csv --page raw > "$D/ncu_decode_raw.csv"

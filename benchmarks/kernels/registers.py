@@ -72,8 +72,7 @@ def compile_launch(k_kind: int, v_kind: int, pack: bool, r_max: int, *, head_dim
                    block_n: int, warps: int, keys_by_query: bool = True, tails_indexed: bool = True,
                    unroll_group: bool = False, span: int = 0, stages: int = 3,
                    tile_starts: bool = False, tile_blocks: int = 0, rows_past_unroll: bool = True,
-                   defer_row_sums: bool = False, max_registers: int = 0, block_stages: int = 0,
-                   warp_tiles: bool = False) -> dict:
+                   defer_row_sums: bool = False, max_registers: int = 0, block_stages: int = 0) -> dict:
     """The launch's sm_90 cubin, compiled as a run would: every pointer and stride
     divisible by 16 (what Triton specialises a launch on when they are). ``keys_by_query``
     False: sparse keys densified per tile, as an extend reads them. ``tails_indexed`` False:
@@ -81,9 +80,9 @@ def compile_launch(k_kind: int, v_kind: int, pack: bool, r_max: int, *, head_dim
     ``tile_blocks``: block entries a packed tile reads (0: one a token, as before).
     ``rows_past_unroll`` False: items hold no query rows past the unrolled GQA group (a
     decode plan under ``MixedAttention(sparse_key_stages=N)``). ``defer_row_sums`` and
-    ``max_registers`` (packed launches), ``block_stages`` (launches of a block a tile),
-    ``warp_tiles`` (packed dense launches): as ``MixedAttention``'s. Returns Triton's ``asm``
-    (``cubin``, ``ttgir``, ...) and ``shared_bytes``, the shared memory a block takes."""
+    ``max_registers`` (packed launches), ``block_stages`` (launches of a block a tile): as
+    ``MixedAttention``'s. Returns Triton's ``asm`` (``cubin``, ``ttgir``, ...) and
+    ``shared_bytes``, the shared memory a block takes."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("TRITON_INTERPRET=1 defines the kernels for the interpreter: unset it to compile them")
     from mosaickv.kernels.decode import _mixed_attn_kernel  # defined here, after the check
@@ -94,8 +93,7 @@ def compile_launch(k_kind: int, v_kind: int, pack: bool, r_max: int, *, head_dim
                  KEYS_BY_QUERY=keys_by_query, PACK_TOKENS=pack, PREFETCH=False, UNROLL=group if unroll_group else 0,
                  SPAN=span, STAGES=stages, TILE_STARTS=tile_starts, TILE_BLOCKS=tile_blocks or block_n,
                  ROWS_PAST_UNROLL=rows_past_unroll, DEFER_ROW_SUMS=defer_row_sums,
-                 BLOCK_STAGES=0 if pack or span or k_kind < 0 else block_stages,
-                 WARP_TILES=warps if warp_tiles and pack and tile_starts and (k_kind, v_kind) == (DENSE, DENSE) else 0)
+                 BLOCK_STAGES=0 if pack or span or k_kind < 0 else block_stages)
     sig = {n: "constexpr" if n in const else POINTERS.get(n, "fp32" if n == "qk_scale" else "i32") for n in names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if sig[n] not in ("constexpr", "fp32")}
     src = ASTSource(fn=_mixed_attn_kernel, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()},
@@ -212,8 +210,6 @@ def main(argv: list[str] | None = None) -> int:
                     help="registers a thread at most (MixedAttention(max_registers=N), Triton's maxnreg; 0: the compiler's)")
     ap.add_argument("--block-stages", type=int, default=0,
                     help="launches of a block a tile pipeline their block loop this deep (MixedAttention(block_stages=N))")
-    ap.add_argument("--warp-tiles", action="store_true",
-                    help="packed dense launches decode a tile a warp (MixedAttention(warp_tiles=True))")
     ap.add_argument("--knapsack", action="store_true", help="the sealing knapsack's launch instead")
     ap.add_argument("--knapsack-tiles", nargs="+", default=[], metavar="ROWSxWARPS",
                     help="with --knapsack, these tiles too (e.g. 32x8 16x8)")
@@ -261,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
                                      unroll_group=args.unroll_group, span=span, stages=stages,
                                      tile_starts=tile_starts, tile_blocks=lanes, rows_past_unroll=not own,
                                      defer_row_sums=args.defer_row_sums, max_registers=args.max_registers,
-                                     block_stages=args.block_stages, warp_tiles=args.warp_tiles)
+                                     block_stages=args.block_stages)
                 row = {"launch": name, "block_n": block_n, "warps": warps, **resources(asm["cubin"]),
                        "shared_bytes": asm["shared_bytes"]}
                 if own:
@@ -285,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"triton": triton.__version__, "target": "sm_90", "head_dim": args.head_dim, "group": args.group,
               "block_m": args.block_m, "extend": args.extend, "unroll_group": args.unroll_group,
               "defer_row_sums": args.defer_row_sums, "max_registers": args.max_registers,
-              "block_stages": args.block_stages, "warp_tiles": args.warp_tiles,
+              "block_stages": args.block_stages,
               "tails_back_to_back": args.tails_back_to_back, "command": " ".join(["python", "benchmarks/kernels/registers.py",
                                                             *(argv if argv is not None else sys.argv[1:])]),
               "rows": rows}

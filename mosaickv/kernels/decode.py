@@ -302,92 +302,6 @@ def _packed_step(q, q_ptr, q_rows, n_rows, rows, tok_ok, kt, k_ix, k_live, vt, q
 
 
 @triton.jit
-def _warp_tile_rows(table_ptr, block_idx_ptr, j0, done, blk_hi, t_ok, toks, HEAD_DIM: tl.constexpr,
-                    ALIGNED: tl.constexpr, TILE_BLOCKS: tl.constexpr):
-    """:func:`_packed_tile`'s rows for one packed dense tile a warp: ``j0``/``done``
-    ``[W]`` each warp's tile start (``t_ok`` False: no tile, every row empty). Returns
-    the key and value row bases and which rows hold a token, ``[W, BLOCK_N]`` each. The
-    lanes are unrolled (``[W, BLOCK_N]`` selects, no third dimension to lay out)."""
-    end = -done
-    k_base = tl.zeros([j0.shape[0], toks.shape[0]], tl.int64)
-    v_base = tl.zeros([j0.shape[0], toks.shape[0]], tl.int64)
-    taken = toks[None, :] < 0  # rows already in an earlier lane's block
-    for lane in tl.static_range(TILE_BLOCKS):
-        b_ok = (j0 + lane < blk_hi) & t_ok
-        ent = table_ptr + tl.load(block_idx_ptr + j0 + lane, mask=b_ok, other=0).to(tl.int64) * 9
-        kept = tl.load(ent, mask=b_ok, other=0).to(tl.int32)
-        start = end
-        end = end + kept
-        # Row r is token r - start of this block: the lane's offsets moved back by its start.
-        here = (toks[None, :] < end[:, None]) & ~taken
-        k_base = tl.where(here, (tl.load(ent + 3, mask=b_ok, other=0) - start * HEAD_DIM)[:, None], k_base)
-        v_base = tl.where(here, (tl.load(ent + 7, mask=b_ok, other=0) - start * HEAD_DIM)[:, None], v_base)
-        taken = taken | here
-    if ALIGNED:
-        k_base = tl.multiple_of(k_base, [8, 8])
-        v_base = tl.multiple_of(v_base, [8, 8])
-    return k_base, v_base, taken
-
-
-@triton.jit
-def _warp_block_rows(table_ptr, block_idx_ptr, j0, done, blk_hi, t_ok, toks, HEAD_DIM: tl.constexpr,
-                     ALIGNED: tl.constexpr):
-    """:func:`_warp_tile_rows` for tiles within one block (``TILE_BLOCKS`` 1): a base a
-    warp, ``[W, 1]``, so a row's address is that base plus the row times its width."""
-    b_ok = (j0 < blk_hi) & t_ok
-    ent = table_ptr + tl.load(block_idx_ptr + j0, mask=b_ok, other=0).to(tl.int64) * 9
-    kept = tl.load(ent, mask=b_ok, other=0).to(tl.int32)
-    k_base = tl.load(ent + 3, mask=b_ok, other=0) + done * HEAD_DIM
-    v_base = tl.load(ent + 7, mask=b_ok, other=0) + done * HEAD_DIM
-    if ALIGNED:
-        k_base = tl.multiple_of(k_base, 8)
-        v_base = tl.multiple_of(v_base, 8)
-    return k_base[:, None], v_base[:, None], toks[None, :] < (kept - done)[:, None]
-
-
-@triton.jit
-def _warp_tiles(q_ptr, q_rows, row_ok, values_ptr, table_ptr, block_idx_ptr, tiles_ptr, j0, blk_hi, t_lo, t_hi,
-                qk_scale, toks, cols, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, ALIGNED: tl.constexpr,
-                TILE_BLOCKS: tl.constexpr, WARP_TILES: tl.constexpr, STAGES: tl.constexpr):
-    """An item's packed dense tiles ``t_lo .. t_hi``, ``WARP_TILES`` a pass, one a warp.
-    Each warp keeps its own softmax state (the tensors' leading dimension, which Triton
-    lays across the warps), so a tile's maximum and sums stay inside its warp: no shared
-    memory and no barrier a tile, where a tile whose tokens lie across the warps needs
-    both. The warps' states merge once, at the end. Returns the item's (m, l, acc)."""
-    w = tl.arange(0, WARP_TILES)
-    q = tl.load(q_ptr + q_rows[None, :, None] + cols[None, None, :] + w[:, None, None] * 0,
-                mask=row_ok[None, :, None], other=0.0).to(tl.bfloat16)
-    m_w = tl.full([WARP_TILES, BLOCK_M], float("-inf"), tl.float32)
-    l_w = tl.zeros([WARP_TILES, BLOCK_M], tl.float32)
-    acc_w = tl.zeros([WARP_TILES, BLOCK_M, HEAD_DIM], tl.float32)
-    for t in tl.range(t_lo, t_hi, WARP_TILES, num_stages=STAGES):
-        tile = t + w
-        t_ok = tile < t_hi
-        start = tl.load(tiles_ptr + tile, mask=t_ok, other=0)
-        if TILE_BLOCKS == 1:
-            k_base, v_base, tok_ok = _warp_block_rows(table_ptr, block_idx_ptr, j0 + (start >> 16), start & 0xFFFF,
-                                                      blk_hi, t_ok, toks, HEAD_DIM, ALIGNED)
-        else:
-            k_base, v_base, tok_ok = _warp_tile_rows(table_ptr, block_idx_ptr, j0 + (start >> 16), start & 0xFFFF,
-                                                     blk_hi, t_ok, toks, HEAD_DIM, ALIGNED, TILE_BLOCKS)
-        row = toks[None, :, None] * HEAD_DIM + cols[None, None, :]
-        kt = tl.load(values_ptr + k_base[:, :, None] + row, mask=tok_ok[:, :, None], other=0.0)
-        vt = tl.load(values_ptr + v_base[:, :, None] + row, mask=tok_ok[:, :, None], other=0.0)
-        s = tl.dot(q, tl.trans(kt.to(tl.bfloat16), (0, 2, 1))) * qk_scale
-        s = tl.where(tok_ok[:, None, :], s, float("-inf"))
-        m_new = tl.maximum(m_w, tl.max(s, 2))
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_w - m_ref)
-        p = tl.exp2(s - m_ref[:, :, None])
-        l_w = l_w * alpha + tl.sum(p, 2)
-        acc_w = acc_w * alpha[:, :, None] + tl.dot(p.to(tl.bfloat16), vt.to(tl.bfloat16))
-        m_w = m_new
-    m_i = tl.max(m_w, 0)
-    scale = tl.exp2(m_w - tl.where(m_i == float("-inf"), 0.0, m_i)[None, :])
-    return m_i, tl.sum(l_w * scale, 0), tl.sum(acc_w * scale[:, :, None], 0)
-
-
-@triton.jit
 def _entry(table_ptr, block_idx_ptr, j, ok):
     """Block ``j``'s table entry: kept tokens, key width, offset and aux, value width,
     offset and aux (``ok`` False: row 0's, never used)."""
@@ -436,7 +350,7 @@ def _mixed_attn_kernel(
     ALIGNED: tl.constexpr, SPARSE_MODE: tl.constexpr, TAIL_INDEXED: tl.constexpr, KEYS_BY_QUERY: tl.constexpr,
     PACK_TOKENS: tl.constexpr, PREFETCH: tl.constexpr, UNROLL: tl.constexpr, SPAN: tl.constexpr,
     STAGES: tl.constexpr, TILE_STARTS: tl.constexpr, TILE_BLOCKS: tl.constexpr, ROWS_PAST_UNROLL: tl.constexpr,
-    DEFER_ROW_SUMS: tl.constexpr, BLOCK_STAGES: tl.constexpr, WARP_TILES: tl.constexpr,
+    DEFER_ROW_SUMS: tl.constexpr, BLOCK_STAGES: tl.constexpr,
 ):
     """Partial attention of the first ``count`` items in ``item_list`` (the count is read
     here, so a captured launch serves every later plan); ``K_KIND``/``V_KIND`` are the
@@ -456,8 +370,7 @@ def _mixed_attn_kernel(
     once an item (:func:`_dense_values_step`). ``BLOCK_STAGES`` > 0 (launches of a block a
     tile): every block keeps at most ``BLOCK_N`` tokens, so a block is one tile, its loop
     over tiles has one pass (folded away), and the block loop, innermost then, is
-    pipelined that many stages deep. ``WARP_TILES`` > 0 (packed dense launches with tile
-    starts, that many warps): each warp decodes its own tile (:func:`_warp_tiles`)."""
+    pipelined that many stages deep."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     rows = tl.arange(0, BLOCK_M)
@@ -538,11 +451,7 @@ def _mixed_attn_kernel(
             # of dependent loads per tile instead of per block (:func:`_packed_tile`).
             blk_hi = tl.load(item + 4)
             j0 = tl.load(item + 3)
-            if WARP_TILES > 0:
-                m_i, l_i, acc = _warp_tiles(q_ptr, q_rows, row_ok, values_ptr, table_ptr, block_idx_ptr, tiles_ptr, j0,
-                                            blk_hi, tl.load(item + 5), tl.load(item + 6), qk_scale, toks, cols, HEAD_DIM,
-                                            BLOCK_M, ALIGNED, TILE_BLOCKS, WARP_TILES, STAGES)
-            elif TILE_STARTS:
+            if TILE_STARTS:
                 for t in tl.range(tl.load(item + 5), tl.load(item + 6), num_stages=STAGES):
                     start = tl.load(tiles_ptr + t)
                     tok_ok, kt, k_ix, k_live, vt, _, _ = _packed_tile(
@@ -702,7 +611,6 @@ class MixedAttention:
         defer_row_sums: bool = False,
         max_registers: int = 0,
         block_stages: int = 0,
-        warp_tiles: bool = False,
     ) -> None:
         """``block_n``: tokens per tile of launches with a sparse side (whose densify grows
         with the tile); ``wide_block_n``: of the others (dense, mask, low-rank, tails),
@@ -750,10 +658,7 @@ class MixedAttention:
         pipeline their block loop that many stages deep; a block's loop over its tiles had
         kept that loop from being innermost, which Triton's pipeliner needs. The plan then
         refuses blocks of those launches keeping more than a tile's tokens (the server's
-        32-token segments fit its 32-token tiles). ``warp_tiles`` (with ``tile_starts``):
-        in packed dense launches each warp decodes its own tile with its own softmax state,
-        merged once an item, not one tile across all warps (whose maximum and sums cross
-        the warps through shared memory and barriers every tile)."""
+        32-token segments fit its 32-token tiles)."""
         if sparse_densify not in SPARSE_MODES:
             raise ValueError(f"sparse_densify={sparse_densify!r} is not one of {', '.join(SPARSE_MODES)}")
         if pack_sparse_keys and not (pack_tokens and keys_by_query):
@@ -770,9 +675,6 @@ class MixedAttention:
             raise ValueError(f"sparse_key_stages={sparse_key_stages} pipelines packed sparse-key tiles by their planned "
                              f"starts: it needs tile_starts, pack_sparse_keys and unroll_group, got {tile_starts}, "
                              f"{pack_sparse_keys} and {unroll_group}")
-        if warp_tiles and not (tile_starts and pack_tokens):
-            raise ValueError(f"warp_tiles=True gives each warp a packed dense tile by its planned start: it needs "
-                             f"pack_tokens=True and tile_starts=True, got {pack_tokens} and {tile_starts}")
         if block_stages < 0:
             raise ValueError(f"block_stages={block_stages} must be 0 (a block's tiles in a loop of their own) or more")
         if max_registers and not 24 <= max_registers <= 255:
@@ -781,7 +683,6 @@ class MixedAttention:
             raise ValueError(f"dense_num_warps={dense_num_warps} must be 0 (num_warps) or a power of two up to 8")
         self.tile_blocks, self.dense_num_warps, self.sparse_key_stages = tile_blocks, dense_num_warps, sparse_key_stages
         self.defer_row_sums, self.max_registers, self.block_stages = defer_row_sums, max_registers, block_stages
-        self.warp_tiles = warp_tiles
         self.block_span, self.pipeline_stages, self.tile_starts = block_span, pipeline_stages, tile_starts
         self.block_m, self.block_n, self.wide_block_n = block_m, block_n, wide_block_n
         self.pack_tokens, self.pack_sparse_keys = pack_tokens, pack_sparse_keys
@@ -871,12 +772,6 @@ class MixedAttention:
     def warps(self, k_kind: int, v_kind: int) -> int:
         """Warps of a launch of this format pair."""
         return self.dense_num_warps or self.num_warps if (k_kind, v_kind) == (DENSE, DENSE) else self.num_warps
-
-    def warp_tile_count(self, k_kind: int, v_kind: int) -> int:
-        """Tiles a pass of a launch of this format pair decodes, one a warp (the kernel's
-        ``WARP_TILES``): its warps with ``warp_tiles`` in packed dense launches, else 0."""
-        dense = (k_kind, v_kind) == (DENSE, DENSE)
-        return self.warps(k_kind, v_kind) if self.warp_tiles and dense and self.packs(k_kind, v_kind) else 0
 
     def stages(self, k_kind: int, v_kind: int) -> int:
         """Pipeline stages of a launch of this format pair's tile loop: packed sparse keys'
@@ -1052,7 +947,6 @@ def run_plan(
             ROWS_PAST_UNROLL=tuning.rows_past_unroll(ln.k_kind, ln.v_kind, min(p.block_m, p.max_q * group), group),
             DEFER_ROW_SUMS=tuning.defer_row_sums,
             BLOCK_STAGES=tuning.block_loop_stages(ln.k_kind, ln.v_kind),
-            WARP_TILES=tuning.warp_tile_count(ln.k_kind, ln.v_kind),
             num_warps=tuning.warps(ln.k_kind, ln.v_kind), num_stages=tuning.num_stages, **tuning.compile_options(ln.k_kind, ln.v_kind),
         )
     if p.groups.shape[0]:

@@ -12,6 +12,15 @@ from mosaickv.errors import PolicyError
 from mosaickv.tasks import KINDS
 
 
+def _check_policies(names: list[str], scope: str, **overrides) -> None:
+    """Refuse a bad policy before the minutes of model work (a ratio one policy cannot
+    reach is reported in its row), and one whose scorer cannot seal segments alone."""
+    for name in names:
+        policy = load_policy(name, **overrides)
+        if scope == "segment":
+            policy.check_sealable()
+
+
 def _eval(args: argparse.Namespace) -> int:
     import torch
 
@@ -19,8 +28,7 @@ def _eval(args: argparse.Namespace) -> int:
     from mosaickv.evaluate import corpus_ids, evaluate_fidelity, plot_fidelity
     from mosaickv.hf import Runner
 
-    for name in args.policy:  # refuse a bad policy before the minutes of model work;
-        load_policy(name)  # a ratio one policy cannot reach is reported in its row
+    _check_policies(args.policy, args.scope)
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -106,8 +114,7 @@ def _retrieval(args: argparse.Namespace) -> int:
             raise PolicyError("tasks", name, f"one of {list(KINDS)} or all")
     counts = _samples(args.samples, kinds)
     overrides = {"min_context": args.min_context} if args.min_context else {}
-    for name in args.policy:  # refuse a bad policy before the minutes of model work
-        load_policy(name, **overrides)
+    _check_policies(args.policy, args.scope, **overrides)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)  # decompressed caches carry denormals that slow CPU matmuls ~3x

@@ -137,6 +137,8 @@ class Compressor:
         """
         if scope not in ("group", "segment"):
             raise ValueError(f"scope {scope!r} is not one of ('group', 'segment')")
+        if scope == "segment":
+            self.policy.check_sealable()
         t = observations[0].keys.shape[1]
         s, hkv = self.policy.segment_size, observations[0].num_kv_heads
         sinks, tail_start, count = self.layout(t) if t >= self.policy.min_context else (0, 0, 0)

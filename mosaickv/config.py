@@ -92,6 +92,15 @@ class Policy:
                     raise err.within(role) from None
         return self
 
+    def check_sealable(self) -> None:
+        """Refuse a token scorer that reads queries where segments are sealed one at a
+        time (a server, the evaluator's segment scope): only their statistics are kept."""
+        scorer = self.token_scorer
+        name = getattr(scorer, "registered_name", type(scorer).__name__)
+        check(not scorer.reads_queries, "token_scorer", name,
+              "a scorer that needs no kept queries where segments are sealed one at a time "
+              "(observed_attention, key_norm, recency); this one compresses whole spans offline only")
+
     def to_dict(self) -> dict:
         return dict(self.source)
 

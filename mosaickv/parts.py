@@ -110,10 +110,14 @@ class TokenScorer:
 
     ``attention_window``: how many of a span's last queries' attention the scorer reads
     through :meth:`Observation.received_attention` (0: none), so that a server records it.
+    ``reads_queries``: whether it reads ``obs.queries`` themselves. A server keeps only
+    their statistics, so such a scorer can compress a whole span offline but cannot seal
+    a segment (serving, or the evaluator's segment scope); both refuse it up front.
     """
 
     kind = "token"
     attention_window = 0
+    reads_queries = False
 
     def score(self, obs: Observation) -> torch.Tensor:
         raise NotImplementedError

@@ -17,6 +17,14 @@ from mosaickv.parts import ElementScorer, Observation, TokenScorer
 from mosaickv.registry import register_scorer
 
 
+def _queries(obs: Observation, scorer: str) -> torch.Tensor:
+    """[Hkv, G, Tq, d] the span's queries by KV head, refused where none were kept."""
+    if obs.queries.shape[1] == 0:
+        raise ValueError(f"{scorer} reads the span's queries and this span has none (a sealed segment keeps "
+                         "only their statistics): use observed_attention, key_norm or recency there")
+    return obs.queries.float().view(obs.num_kv_heads, obs.group, -1, obs.keys.shape[-1])
+
+
 def _group_mean(x: torch.Tensor, obs: Observation) -> torch.Tensor:
     """[Hq, ...] -> [Hkv, ...]: one score per KV head, averaged over its query heads."""
     return x.view(obs.num_kv_heads, obs.group, *x.shape[1:]).mean(dim=1)
@@ -79,14 +87,15 @@ class AccumulatedAttention(TokenScorer):
     """H2O: attention each token received from every later query of the span."""
 
     chunk: int = 512
+    reads_queries = True
 
     def __post_init__(self) -> None:
         check(self.chunk >= 1, "chunk", self.chunk, "an integer >= 1")
 
     def score(self, obs: Observation) -> torch.Tensor:
+        q = _queries(obs, "accumulated_attention")
         keys = obs.keys.float()
         hkv, t, d = keys.shape
-        q = obs.queries.float().view(hkv, obs.group, -1, d)
         tq = q.shape[2]
         total = torch.zeros(hkv, t, device=keys.device)
         pos = torch.arange(t, device=keys.device)
@@ -108,10 +117,12 @@ class ExpectedAttention(TokenScorer):
     ``E[exp(q.k/sqrt d)] = exp(mu.k/sqrt d + k^2.var/(2d))``; no later request is needed.
     """
 
+    reads_queries = True
+
     def score(self, obs: Observation) -> torch.Tensor:
+        q = _queries(obs, "expected_attention")
         keys = obs.keys.float()
-        hkv, t, d = keys.shape
-        q = obs.queries.float().view(hkv, obs.group, -1, d)
+        d = keys.shape[-1]
         mu, var = q.mean(dim=2), q.var(dim=2, unbiased=False)
         logits = torch.einsum("hgd,htd->hgt", mu, keys) / math.sqrt(d)
         logits = logits + 0.5 * torch.einsum("hgd,htd->hgt", var, keys.pow(2)) / d

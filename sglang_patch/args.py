@@ -178,7 +178,9 @@ def load_checked_policy(source: Optional[str]):
     from mosaickv.config import PolicyError, load_policy
 
     try:
-        return load_policy(source or DEFAULT_POLICY)
+        policy = load_policy(source or DEFAULT_POLICY)
+        policy.check_sealable()
+        return policy
     except PolicyError as err:
         raise KVCompressError(f"--kv-compress-config: {err}") from None
 

@@ -108,6 +108,15 @@ def test_policy_file_is_validated_by_the_lead_loader(llama, tmp_path):
         make(llama, kv_compress="mosaickv", kv_compress_config=str(bad))
 
 
+def test_a_token_scorer_that_reads_queries_is_refused_at_startup(llama, tmp_path):
+    """A server seals segments from their queries' statistics only: expected_attention
+    would score NaN at the first sealing, so the flag is refused before any worker starts."""
+    reader = tmp_path / "reader.yaml"
+    reader.write_text("base: mosaic\ntoken_scorer: expected_attention\n")
+    with pytest.raises(KVCompressError, match="--kv-compress-config: .*token_scorer.*expected_attention.*sealed one at a time"):
+        make(llama, kv_compress="mosaickv", kv_compress_config=str(reader))
+
+
 @pytest.mark.parametrize("kw, words", [
     (dict(speculative_algorithm="EAGLE"), "--speculative-algorithm"),
     (dict(kv_cache_dtype="fp8_e4m3"), "--kv-cache-dtype fp8_e4m3"),

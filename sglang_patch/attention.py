@@ -213,6 +213,10 @@ PACKED_PIPELINE_STAGES = 7
 # 2,314 us against 2,457, the synthetic 3x mix (mix3x) 4,086 against 4,250, sparse keys
 # and values (sparse32) 5,260 against 5,629; the presets' dense-value mixes level (640
 # against 640, 3x).
+# Twenty-third run (diag settings 0 and 38, h200_2026-12-02f/summary.json): packed sparse
+# keys' tile loop not pipelined (sparse_key_stages 1, so their channel loads are vectors
+# into registers, not shared buffers), 1.6% faster on the presets' mixes: 3x 559 us against
+# 568, 6x 363 against 369, dense level (1,148 against 1,150). Not yet timed as the server's.
 
 
 def _tuning(extend: bool, pack: bool) -> MixedAttention:
@@ -222,7 +226,7 @@ def _tuning(extend: bool, pack: bool) -> MixedAttention:
         return MixedAttention(block_m=16, block_n=32, wide_block_n=PACKED_DECODE_TILE, pack_tokens=True,
                               pack_sparse_keys=True, unroll_group=True, chunk_by_kind=True, tile_starts=True,
                               tile_blocks=PACKED_TILE_BLOCKS, pipeline_stages=PACKED_PIPELINE_STAGES,
-                              sparse_key_stages=3, defer_row_sums=True, max_registers=128,
+                              sparse_key_stages=1, defer_row_sums=True, max_registers=128,
                               block_stages=PACKED_PIPELINE_STAGES)
     return MixedAttention(block_m=16, block_n=32)
 

@@ -49,14 +49,18 @@ def test_the_tile_loops_pass_is_counted_from_its_sass(tmp_path):
 
 
 @needs_tools
-def test_the_census_reports_the_worst_shared_read_of_the_servers_sparse_key_launch(tmp_path):
+@pytest.mark.parametrize("sparse_key_stages", [1, 3])
+def test_the_census_reports_the_worst_shared_read_of_the_servers_sparse_key_launch(tmp_path, sparse_key_stages):
     """--loop reads the compiled TTGIR's shared reads: the server's packed sparse-key launch
-    (3 pipelined stages, no vector hint there) reads every shared buffer it has without a
-    bank conflict, and the report names the worst read."""
+    (its tile loop not pipelined, sparse_key_stages 1: channel loads as vectors into
+    registers) and the one before it (3 pipelined stages, no vector hint there; diag
+    setting 38) read every shared buffer they have without a bank conflict, and the report
+    names the worst read (none where the loop reads no shared buffer)."""
     out = tmp_path / "regs.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     subprocess.run([sys.executable, "benchmarks/kernels/registers.py", "--launches", "sparse_keys_packed_tile_starts",
-                    "--block-n", "32", "--warps", "4", "--unroll-group", "--stages", "7", "--sparse-key-stages", "3",
+                    "--block-n", "32", "--warps", "4", "--unroll-group", "--stages", "7",
+                    "--sparse-key-stages", str(sparse_key_stages),
                     "--tile-blocks", "4", "--loop", "--defer-row-sums", "--max-registers", "128", "--json", str(out)],
                    cwd=ROOT, env=env, check=True, capture_output=True, timeout=600)
     (row,) = json.loads(out.read_text())["rows"]

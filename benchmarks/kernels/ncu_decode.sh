@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Nsight Compute over the decode kernel: diag_formats.py's settings NCU_SETTINGS (default:
-# the server's tuning, 0, against unpipelined vector sparse-key loads, 38; the
-# twenty-second run profiled 0 35, the twentieth 0 24 25 26) on the presets'
+# the server's tuning, 0, against the one before it, 38, whose packed sparse-key tile loop
+# is pipelined 3 stages deep; the twenty-second run profiled 0 35, the twentieth
+# 0 24 25 26) on the presets'
 # 3x and 6x mixes and dense 32-token blocks: throughput, warp stalls, scheduler issue,
 # occupancy, memory (the tenth run compared settings 0 1 4 7, the eleventh 0 10 11 12 when
 # 0 packed dense pairs alone, the twelfth 0 13 and 0 14).

@@ -12,6 +12,15 @@ from mosaickv.errors import PolicyError
 from mosaickv.tasks import KINDS
 
 
+DENSE_SHARE = 0.667  # SmolLM2's 20 of 90 heads whole at 3x: half the loss of 10 (docs/accuracy.md)
+
+
+def _count_or_share(text: str) -> float:
+    """--dense: a head count (int) or a share of the budget (a fraction below 1)."""
+    value = float(text)
+    return int(value) if value >= 1 and value.is_integer() else value
+
+
 def _check_policies(names: list[str], scope: str, **overrides) -> None:
     """Refuse a bad policy before the minutes of model work (a ratio one policy cannot
     reach is reported in its row), and one whose scorer cannot seal segments alone."""
@@ -303,11 +312,14 @@ def _heads(args: argparse.Namespace) -> int:
     policy = {**base, "name": f"{base.get('name', 'policy')}_heads",
               "strategy": {"name": "headwise", "heads": [[round(float(x), 4) for x in row] for row in profile],
                            "dense": args.dense, "inner": base.get("strategy", {"name": "dynamic"})}}
-    load_policy(policy)  # what is written must load
-    header = (f"# {args.base} with the {args.dense} KV heads of {args.model or models.DEFAULT_MODEL} that retrieve most kept whole.\n"
+    loaded = load_policy(policy)  # what is written must load
+    count = loaded.strategy.whole_heads(loaded.ratio)
+    how_many = (f"the {count}" if args.dense >= 1
+                else f"as many as {args.dense:g} of each segment's budget buys ({count} at {loaded.ratio:g}x) of the")
+    header = (f"# {args.base} with {how_many} KV heads of {args.model or models.DEFAULT_MODEL} that retrieve most kept whole.\n"
               f"# Measured by: mosaickv {' '.join(sys.argv[1:])}\n")
     Path(args.output).write_text(header + yaml.safe_dump(policy, sort_keys=False, default_flow_style=None, width=160))
-    order = profile.flatten().argsort(descending=True)[: args.dense].tolist()
+    order = profile.flatten().argsort(descending=True)[:count].tolist()
     hkv = profile.shape[1]
     print(f"wrote {args.output}; dense heads (layer, kv head, needle mass): "
           + ", ".join(f"({i // hkv}, {i % hkv}, {profile.flatten()[i]:.2f})" for i in order))
@@ -368,7 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     hd = sub.add_parser("heads", help="measure which KV heads retrieve (needle tasks, answer teacher-forced) and write a headwise policy")
     hd.add_argument("--base", default="mosaic", help="the policy whose strategy runs on the other heads (preset name or file)")
-    hd.add_argument("--dense", type=int, default=10, help="how many KV heads (over all layers) keep every token dense")
+    hd.add_argument("--dense", type=_count_or_share, default=DENSE_SHARE,
+                    help="how many KV heads (over all layers) keep every token dense, or a fraction below 1: the share "
+                         f"of each segment's budget they take, so more at lower ratios (default {DENSE_SHARE:g})")
     hd.add_argument("--samples", type=int, default=4, help="tasks per kind (single_number, multikey)")
     hd.add_argument("--tokens", type=int, default=2048, help="prompt length in model tokens")
     hd.add_argument("--seed", type=int, default=1000, help="task seed (keep it apart from the seeds you evaluate on)")

@@ -44,9 +44,9 @@ def test_needle_mass_finds_the_head_that_reads_the_needle() -> None:
     assert mass.flatten().argmax() == 3
 
 
-def headwise(ratio: float = 3.0, dense: int = 1, heads=((0.9, 0.1), (0.2, 0.8), (0.0, 0.3))):
+def headwise(ratio: float = 3.0, dense: float = 1, heads=((0.9, 0.1), (0.2, 0.8), (0.0, 0.3)), min_context: int = 256):
     return load_policy({
-        "name": "hw", "ratio": ratio, "min_context": 256, "sinks": 1, "window": 32,
+        "name": "hw", "ratio": ratio, "min_context": min_context, "sinks": 1, "window": 32,
         "token_scorer": "key_norm",
         "strategy": {"name": "headwise", "heads": [list(r) for r in heads], "dense": dense,
                      "inner": {"name": "fixed", "tokens": "auto"}},
@@ -72,6 +72,32 @@ def test_protected_heads_keep_every_token_dense_and_the_budget_holds(scope: str)
             for head, block in enumerate(segment):
                 whole = block.fmt == BlockFormat(S)
                 assert whole == ((layer, head) in protected), (layer, head, block.fmt)
+
+
+PROFILE = ((0.9, 0.1, 0.5, 0.05), (0.2, 0.8, 0.01, 0.3), (0.0, 0.6, 0.4, 0.02))  # 12 heads, 3 layers of 4
+
+
+@pytest.mark.parametrize("ratio, count", [(2.0, 3), (3.0, 2), (4.0, 1), (6.0, 1), (13.0, 0)])
+def test_dense_share_keeps_as_many_top_heads_as_its_share_of_the_budget_buys(ratio: float, count: int) -> None:
+    """Half the budget a segment on whole heads: 12 heads at 3x are 4 heads' bytes, so 2."""
+    policy = headwise(ratio=ratio, dense=0.5, heads=PROFILE, min_context=1024)
+    assert policy.strategy.whole_heads(ratio) == count
+    cache = Compressor(policy, D).compress(observations(3, hkv=4, t=1024), scope="segment")
+    top = torch.tensor(PROFILE).flatten().argsort(descending=True)[:count].tolist()
+    protected = {(i // 4, i % 4) for i in top}
+    planned = [seg for layer in cache.layers for seg in layer.blocks[policy.sink_segments:]]
+    spent = sum(block.nbytes() for seg in planned for block in seg)
+    assert spent <= len(planned) * len(planned[0]) * dense_block_bytes(S, D) / ratio
+    for layer, compressed in enumerate(cache.layers):
+        for segment in compressed.blocks[policy.sink_segments:]:
+            whole = {(layer, head) for head, block in enumerate(segment) if block.fmt == BlockFormat(S)}
+            assert whole & {(layer, h) for h in range(4)} == {p for p in protected if p[0] == layer}
+
+
+@pytest.mark.parametrize("dense", [12, 2.5, 1.5, -1, -0.1])
+def test_whole_heads_are_a_count_below_the_heads_or_a_share_below_one(dense: float) -> None:
+    with pytest.raises(PolicyError, match="strategy.dense.*a head count from 0 to 11, or a fraction below 1"):
+        headwise(heads=PROFILE, dense=dense)
 
 
 def test_ratio_the_dense_heads_alone_exceed_is_refused() -> None:

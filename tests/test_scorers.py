@@ -73,4 +73,3 @@ def test_segment_scope_refuses_a_query_reader_before_any_work(name):
     with pytest.raises(PolicyError, match=f"token_scorer.*{name}.*sealed one at a time"):
         compressor.compress(layers, scope="segment")
     assert compressor.compress(layers, scope="group").nbytes() > 0
-

@@ -108,6 +108,18 @@ def test_policy_file_is_validated_by_the_lead_loader(llama, tmp_path):
         make(llama, kv_compress="mosaickv", kv_compress_config=str(bad))
 
 
+@pytest.mark.parametrize("config, warned", [(None, True), ("snapkv", True), ("lossless", False)])
+def test_a_policy_without_a_heads_profile_warns_at_startup(llama, caplog, config, warned):
+    """Sealed alike in every head, needles asked for later are mostly lost: the log says
+    so and how to measure a profile; a dense policy loses nothing and says nothing."""
+    with caplog.at_level("WARNING", logger="mosaickv.sglang_patch.args"):
+        make(llama, kv_compress="mosaickv", kv_compress_config=config)
+    said = [r.getMessage() for r in caplog.records if "keeps no retrieval heads" in r.getMessage()]
+    assert bool(said) == warned
+    if warned:
+        assert "LlamaForCausalLM" in said[0] and "mosaickv heads --model PATH" in said[0]
+
+
 def test_a_token_scorer_that_reads_queries_is_refused_at_startup(llama, tmp_path):
     """A server seals segments from their queries' statistics only: expected_attention
     would score NaN at the first sealing, so the flag is refused before any worker starts."""

@@ -493,3 +493,40 @@ def test_run_comparison_records_resumes_and_returns_two_files(tmp_path):
     assert "none: kept from an earlier call" in second.stdout
     call = json.loads(next((tmp_path / "out2").glob("*.json")).read_text())
     assert call["methods"]["none"]["finished_at"] == none["finished_at"] and call["methods"]["fp8"]["status"] == "skipped"
+
+
+@pytest.mark.parametrize("variant", ["heads_uniform2d", "heads_snapkv", "heads_nodrop16"])
+def test_an_inner_strategy_variant_keeps_mosaic_heads_whole_heads_and_changes_only_the_rest(variant):
+    from mosaickv.config import load_policy
+
+    ours, theirs = load_policy(str(SUITE / f"{variant}.yaml")), load_policy("mosaic_heads")
+    assert (ours.strategy.heads, ours.strategy.dense) == (theirs.strategy.heads, theirs.strategy.dense)
+    assert ours.strategy.inner != theirs.strategy.inner
+    assert ours.token_scorer == theirs.token_scorer and ours.segment_size == theirs.segment_size
+
+
+@pytest.mark.parametrize("ratio", [3.0, 6.0])
+def test_heads_nodrop16_keeps_tokens_of_every_block_within_the_budget(ratio, tmp_path):
+    """At SmolLM2's shape (30 layers of 3 KV heads, d=64) on random observations."""
+    import torch
+
+    from mosaickv.compressor import Compressor
+    from mosaickv.config import load_policy
+    from mosaickv.formats import BlockFormat, dense_block_bytes
+    from mosaickv.parts import Observation
+
+    path = tmp_path / "p.yaml"
+    path.write_text(f"base: {SUITE / 'heads_nodrop16.yaml'}\nname: nodrop\nratio: {ratio}\n")
+    policy = load_policy(str(path))
+    g = torch.Generator().manual_seed(int(ratio))
+    t = policy.min_context
+    obs = [Observation(torch.randn(3, t, 64, generator=g), torch.randn(3, t, 64, generator=g),
+                       torch.randn(9, t, 64, generator=g)) for _ in range(30)]
+    cache = Compressor(policy, 64).compress(obs, scope="segment")
+    planned = [seg for layer in cache.layers for seg in layer.blocks[policy.sink_segments:]]
+    blocks = [block for seg in planned for block in seg]
+    size = policy.segment_size
+    assert len(blocks) >= 30 * 3 * 20
+    assert sum(b.nbytes() for b in blocks) <= len(blocks) * dense_block_bytes(size, 64) / ratio
+    assert all(b.fmt.tokens > 0 for b in blocks)
+    assert any(b.fmt != BlockFormat(size) for b in blocks)

@@ -201,6 +201,11 @@ class BlockStats:
     def drop_cost(self) -> torch.Tensor:
         return self.weight * self.spread
 
+    def scaled(self, factor: torch.Tensor) -> "BlockStats":
+        """Every cost of block b times ``factor[b]``: each is ``weight`` times something."""
+        return BlockStats(n=self.n, d=self.d, weight=self.weight * factor[:, None].to(self.weight.dtype),
+                          spread=self.spread, k_lost=self.k_lost, v_lost=self.v_lost)
+
     def rows(self, idx: torch.Tensor) -> "BlockStats":
         """The statistics of blocks ``idx`` alone."""
         return BlockStats(n=self.n, d=self.d, weight=self.weight[idx], spread=self.spread[idx],

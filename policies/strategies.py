@@ -315,6 +315,10 @@ class HeadWise(SegmentStrategy):
     heads: list[list[float]] = field(default_factory=list)
     dense: float = 0
     inner: dict = field(default_factory=lambda: {"name": "dynamic"})
+    # The other heads' errors cost 1 + graded * score / (their mean score): a dynamic inner
+    # strategy then spends more on heads the profile saw retrieve, less on the rest. 0: as
+    # the segment's own attention says, whatever the profile.
+    graded: float = 0.0
 
     def __post_init__(self) -> None:
         from mosaickv.config import build_part
@@ -327,8 +331,22 @@ class HeadWise(SegmentStrategy):
         count = float(self.dense).is_integer() and 0 <= self.dense < heads
         check(count or 0 < self.dense < 1, "dense", self.dense,
               f"a head count from 0 to {heads - 1}, or a fraction below 1: the share of each plan's budget")
+        check(self.graded >= 0, "graded", self.graded, "a number >= 0 (0: the profile does not weigh the other heads)")
         self._inner = build_part("strategy", self.inner)
         self._order = self._scores.flatten().argsort(descending=True)
+        self._weights: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+    def head_weights(self, count: int, device: torch.device) -> torch.Tensor:
+        """[heads] what an error costs in each head when ``count`` heads are whole (those: 1)."""
+        key = (count, torch.device(device))
+        if key not in self._weights:
+            scores = self._scores.flatten().clone()
+            scores[self._order[:count]] = 0
+            mean = scores.sum() / max(scores.numel() - count, 1)
+            w = 1 + self.graded * scores / mean if mean > 0 else torch.ones_like(scores)
+            w[self._order[:count]] = 1
+            self._weights[key] = upload(w.float(), device)
+        return self._weights[key]
 
     def whole_heads(self, ratio: float) -> int:
         """Heads kept whole where a plan's budget is ``ratio`` times below dense."""
@@ -378,6 +396,11 @@ class HeadWise(SegmentStrategy):
         left = budget - int(keep.sum()) // groups * whole.nbytes(stats.d)
         if left < 0:
             raise PolicyError("budget", budget, f"at least {budget - left} bytes: the {count} dense heads alone need that")
-        planned = self._inner.plan_groups(stats.rows(rest.to(stats.weight.device)), groups, left, channels) if len(rest) else []
+        on_device = rest.to(stats.weight.device)
+        rows = stats.rows(on_device)
+        if self.graded and len(rest):
+            head = torch.div(on_device, groups * per_head, rounding_mode="floor")
+            rows = rows.scaled(self.head_weights(count, stats.weight.device)[head])
+        planned = self._inner.plan_groups(rows, groups, left, channels) if len(rest) else []
         inner = iter(planned)
         return [whole if k else next(inner) for k in keep.tolist()]

@@ -129,3 +129,61 @@ def test_cli_measures_the_shipped_model_and_writes_a_policy_that_loads(tmp_path)
     assert policy.strategy.dense == 4 and profile.shape == (30, 3)  # SmolLM2-135M: 30 layers, 3 KV heads
     assert profile.max() > 0.3  # some head pays the needle a large share while the answer is produced
     assert out.read_text().startswith("# mosaic with the 4 KV heads")
+
+
+def graded_headwise(graded: float | None, ratio: float = 6.0):
+    strategy = {"name": "headwise", "heads": [list(r) for r in PROFILE], "dense": 1,
+                "inner": {"name": "dynamic", "token_fractions": [1.0, 0.5, 0.25], "widths": [0.25, 0.5], "ranks": []}}
+    if graded is not None:
+        strategy["graded"] = graded
+    return load_policy({"name": "hw_graded", "ratio": ratio, "min_context": 1024, "sinks": 1, "window": 32,
+                        "token_scorer": "key_norm", "strategy": strategy})
+
+
+def same_heads(layers: int, hkv: int, t: int) -> list[Observation]:
+    """Every KV head of a layer sees the same keys, values and queries: only the profile tells them apart."""
+    g = torch.Generator().manual_seed(7)
+    out = []
+    for _ in range(layers):
+        k, v, q = (torch.randn(1, t, D, generator=g) for _ in range(3))
+        out.append(Observation(k.expand(hkv, t, D).clone(), v.expand(hkv, t, D).clone(), q.expand(2 * hkv, t, D).clone()))
+    return out
+
+
+def bytes_per_head(policy, obs: list[Observation]) -> tuple[torch.Tensor, float]:
+    """[layers, KV heads] bytes of the planned segments, and their budget at the policy's ratio."""
+    cache = Compressor(policy, D).compress(obs, scope="segment")
+    spent = torch.zeros(len(cache.layers), len(cache.layers[0].blocks[0]))
+    blocks = 0
+    for layer, compressed in enumerate(cache.layers):
+        for segment in compressed.blocks[policy.sink_segments:]:
+            for head, block in enumerate(segment):
+                spent[layer, head] += block.nbytes()
+                blocks += 1
+    return spent, blocks * dense_block_bytes(S, D) / policy.ratio
+
+
+def test_graded_profile_spends_more_on_heads_it_saw_retrieve_within_the_budget() -> None:
+    obs = same_heads(3, 4, 1024)
+    (flat, budget), (graded, _) = bytes_per_head(graded_headwise(0.0), obs), bytes_per_head(graded_headwise(8.0), obs)
+    assert graded.sum() <= budget and flat.sum() <= budget
+    scores = torch.tensor(PROFILE)
+    whole = int(scores.flatten().argmax())
+    assert graded.flatten()[whole] == flat.flatten()[whole]  # the whole head is the same either way
+    rest = [i for i in range(scores.numel()) if i != whole]
+    order = sorted(rest, key=lambda i: -float(scores.flatten()[i]))
+    top, bottom = order[: len(order) // 2], order[len(order) // 2 :]
+    gain = graded.flatten() - flat.flatten()
+    assert gain[top].sum() > 0 > gain[bottom].sum()
+    # Within a layer the heads are identical but for the profile: more score, never fewer bytes.
+    for layer in range(3):
+        heads = sorted((h for h in range(4) if layer * 4 + h != whole), key=lambda h: float(scores[layer, h]))
+        spent = [float(graded[layer, h]) for h in heads]
+        assert spent == sorted(spent), (layer, heads, spent)
+
+
+def test_graded_zero_plans_as_without_it_and_negative_is_refused() -> None:
+    obs = observations(3, hkv=4, t=1024)
+    assert torch.equal(bytes_per_head(graded_headwise(None), obs)[0], bytes_per_head(graded_headwise(0.0), obs)[0])
+    with pytest.raises(PolicyError, match="strategy.graded.*>= 0"):
+        graded_headwise(-1.0)

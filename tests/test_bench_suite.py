@@ -505,24 +505,68 @@ def test_an_inner_strategy_variant_keeps_mosaic_heads_whole_heads_and_changes_on
     assert ours.token_scorer == theirs.token_scorer and ours.segment_size == theirs.segment_size
 
 
-@pytest.mark.parametrize("ratio", [3.0, 6.0])
-def test_heads_nodrop16_keeps_tokens_of_every_block_within_the_budget(ratio, tmp_path):
-    """At SmolLM2's shape (30 layers of 3 KV heads, d=64) on random observations."""
+def smollm2_shaped(policy, seed: int) -> list:
+    """Random observations of SmolLM2's shape (30 layers of 3 KV heads, 9 query heads, d=64)."""
+    import torch
+
+    from mosaickv.parts import Observation
+
+    g = torch.Generator().manual_seed(seed)
+    t = policy.min_context
+    return [Observation(torch.randn(3, t, 64, generator=g), torch.randn(3, t, 64, generator=g),
+                        torch.randn(9, t, 64, generator=g)) for _ in range(30)]
+
+
+def test_heads_graded_is_mosaic_heads_with_the_profile_weighing_the_other_heads():
+    from mosaickv.config import load_policy
+
+    ours, theirs = load_policy(str(SUITE / "heads_graded.yaml")), load_policy("mosaic_heads")
+    assert (ours.strategy.heads, ours.strategy.dense, ours.strategy.inner) == \
+        (theirs.strategy.heads, theirs.strategy.dense, theirs.strategy.inner)
+    assert ours.strategy.graded > 0 == theirs.strategy.graded
+
+
+def test_heads_graded_moves_bytes_to_the_heads_the_profile_ranks_next_within_the_budget(tmp_path):
+    """At 6x the 10 top heads stay whole; the next ten by score get more of the rest than ungraded."""
     import torch
 
     from mosaickv.compressor import Compressor
     from mosaickv.config import load_policy
+    from mosaickv.formats import dense_block_bytes
+
+    spent = {}
+    for name in ("mosaic_heads", str(SUITE / "heads_graded.yaml")):
+        path = tmp_path / "p.yaml"
+        path.write_text(f"base: {name}\nname: p\nratio: 6\n")
+        policy = load_policy(str(path))
+        cache = Compressor(policy, 64).compress(smollm2_shaped(policy, 6), scope="segment")
+        per_head = torch.zeros(30, 3)
+        blocks = 0
+        for layer, compressed in enumerate(cache.layers):
+            for segment in compressed.blocks[policy.sink_segments:]:
+                for head, block in enumerate(segment):
+                    per_head[layer, head] += block.nbytes()
+                    blocks += 1
+        assert per_head.sum() <= blocks * dense_block_bytes(policy.segment_size, 64) / 6
+        spent[name] = per_head.flatten()
+    order = torch.tensor(load_policy("mosaic_heads").strategy.heads).flatten().argsort(descending=True)
+    ungraded, graded = spent["mosaic_heads"], spent[str(SUITE / "heads_graded.yaml")]
+    assert torch.equal(graded[order[:10]], ungraded[order[:10]])  # the whole heads
+    assert graded[order[10:20]].sum() > 1.5 * ungraded[order[10:20]].sum()
+    assert graded[order[40:]].sum() < ungraded[order[40:]].sum()
+
+
+@pytest.mark.parametrize("ratio", [3.0, 6.0])
+def test_heads_nodrop16_keeps_tokens_of_every_block_within_the_budget(ratio, tmp_path):
+    """At SmolLM2's shape (30 layers of 3 KV heads, d=64) on random observations."""
+    from mosaickv.compressor import Compressor
+    from mosaickv.config import load_policy
     from mosaickv.formats import BlockFormat, dense_block_bytes
-    from mosaickv.parts import Observation
 
     path = tmp_path / "p.yaml"
     path.write_text(f"base: {SUITE / 'heads_nodrop16.yaml'}\nname: nodrop\nratio: {ratio}\n")
     policy = load_policy(str(path))
-    g = torch.Generator().manual_seed(int(ratio))
-    t = policy.min_context
-    obs = [Observation(torch.randn(3, t, 64, generator=g), torch.randn(3, t, 64, generator=g),
-                       torch.randn(9, t, 64, generator=g)) for _ in range(30)]
-    cache = Compressor(policy, 64).compress(obs, scope="segment")
+    cache = Compressor(policy, 64).compress(smollm2_shaped(policy, int(ratio)), scope="segment")
     planned = [seg for layer in cache.layers for seg in layer.blocks[policy.sink_segments:]]
     blocks = [block for seg in planned for block in seg]
     size = policy.segment_size

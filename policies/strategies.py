@@ -343,8 +343,7 @@ class HeadWise(SegmentStrategy):
             scores = self._scores.flatten().clone()
             scores[self._order[:count]] = 0
             mean = scores.sum() / max(scores.numel() - count, 1)
-            w = 1 + self.graded * scores / mean if mean > 0 else torch.ones_like(scores)
-            w[self._order[:count]] = 1
+            w = 1 + self.graded * scores / mean if mean > 0 else torch.ones_like(scores)  # whole heads: 0 scored, 1
             self._weights[key] = upload(w.float(), device)
         return self._weights[key]
 

@@ -530,24 +530,16 @@ def test_heads_graded_moves_bytes_to_the_heads_the_profile_ranks_next_within_the
     """At 6x the 10 top heads stay whole; the next ten by score get more of the rest than ungraded."""
     import torch
 
-    from mosaickv.compressor import Compressor
     from mosaickv.config import load_policy
-    from mosaickv.formats import dense_block_bytes
+    from plan_bytes import bytes_per_head
 
     spent = {}
     for name in ("mosaic_heads", str(SUITE / "heads_graded.yaml")):
         path = tmp_path / "p.yaml"
         path.write_text(f"base: {name}\nname: p\nratio: 6\n")
         policy = load_policy(str(path))
-        cache = Compressor(policy, 64).compress(smollm2_shaped(policy, 6), scope="segment")
-        per_head = torch.zeros(30, 3)
-        blocks = 0
-        for layer, compressed in enumerate(cache.layers):
-            for segment in compressed.blocks[policy.sink_segments:]:
-                for head, block in enumerate(segment):
-                    per_head[layer, head] += block.nbytes()
-                    blocks += 1
-        assert per_head.sum() <= blocks * dense_block_bytes(policy.segment_size, 64) / 6
+        per_head, budget = bytes_per_head(policy, smollm2_shaped(policy, 6), 64)
+        assert per_head.sum() <= budget
         spent[name] = per_head.flatten()
     order = torch.tensor(load_policy("mosaic_heads").strategy.heads).flatten().argsort(descending=True)
     ungraded, graded = spent["mosaic_heads"], spent[str(SUITE / "heads_graded.yaml")]

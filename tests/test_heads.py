@@ -14,6 +14,7 @@ from mosaickv.errors import PolicyError
 from mosaickv.formats import BlockFormat, dense_block_bytes
 from mosaickv.heads import needle_mass, needle_span
 from mosaickv.parts import Observation
+from plan_bytes import bytes_per_head
 
 D, S = 32, 32
 
@@ -150,22 +151,9 @@ def same_heads(layers: int, hkv: int, t: int) -> list[Observation]:
     return out
 
 
-def bytes_per_head(policy, obs: list[Observation]) -> tuple[torch.Tensor, float]:
-    """[layers, KV heads] bytes of the planned segments, and their budget at the policy's ratio."""
-    cache = Compressor(policy, D).compress(obs, scope="segment")
-    spent = torch.zeros(len(cache.layers), len(cache.layers[0].blocks[0]))
-    blocks = 0
-    for layer, compressed in enumerate(cache.layers):
-        for segment in compressed.blocks[policy.sink_segments:]:
-            for head, block in enumerate(segment):
-                spent[layer, head] += block.nbytes()
-                blocks += 1
-    return spent, blocks * dense_block_bytes(S, D) / policy.ratio
-
-
 def test_graded_profile_spends_more_on_heads_it_saw_retrieve_within_the_budget() -> None:
     obs = same_heads(3, 4, 1024)
-    (flat, budget), (graded, _) = bytes_per_head(graded_headwise(0.0), obs), bytes_per_head(graded_headwise(8.0), obs)
+    (flat, budget), (graded, _) = bytes_per_head(graded_headwise(0.0), obs, D), bytes_per_head(graded_headwise(8.0), obs, D)
     assert graded.sum() <= budget and flat.sum() <= budget
     scores = torch.tensor(PROFILE)
     whole = int(scores.flatten().argmax())
@@ -184,6 +172,6 @@ def test_graded_profile_spends_more_on_heads_it_saw_retrieve_within_the_budget()
 
 def test_graded_zero_plans_as_without_it_and_negative_is_refused() -> None:
     obs = observations(3, hkv=4, t=1024)
-    assert torch.equal(bytes_per_head(graded_headwise(None), obs)[0], bytes_per_head(graded_headwise(0.0), obs)[0])
+    assert torch.equal(bytes_per_head(graded_headwise(None), obs, D)[0], bytes_per_head(graded_headwise(0.0), obs, D)[0])
     with pytest.raises(PolicyError, match="strategy.graded.*>= 0"):
         graded_headwise(-1.0)

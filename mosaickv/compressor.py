@@ -16,7 +16,7 @@ import torch
 
 from mosaickv.config import Policy
 from mosaickv.errors import PolicyError
-from mosaickv.formats import BlockFormat, FormatChoice, PackedBlock, SideFormat, channel_weights, dense_block_bytes, format_arrays, pack_block, pack_blocks, smaller_gram
+from mosaickv.formats import BlockFormat, FormatChoice, PackedBlock, SideFormat, channel_weights, dense_block_bytes, format_arrays, fp8_lost, pack_block, pack_blocks, smaller_gram
 from mosaickv.parts import BlockStats, Observation, segment_observation
 from mosaickv.reference import CompressedLayer
 from mosaickv.uploads import upload
@@ -291,12 +291,14 @@ class Compressor:
             fits are measured for the widths and ranks it may be given)."""
             out = {}
             ranks = [side.width for side in sides if side.kind == "lowrank"]
-            widths = sorted({side.width for side in sides if side.kind not in ("dense", "lowrank")})
+            widths = sorted({side.width for side in sides if side.kind in ("sparse", "mask")})
             lowrank = _lowrank_lost(x, score, ranks) if ranks else {}
             channels = self.policy.channel_selector.lost_many(score, widths)
             for side in sides:
                 if side.kind == "dense":
                     r = torch.zeros(b, s, device=x.device)
+                elif side.kind == "fp8":
+                    r = fp8_lost(x, score)
                 elif side.kind == "lowrank":
                     r = lowrank[side.width]
                 else:

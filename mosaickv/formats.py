@@ -13,10 +13,14 @@ dense     values bf16 [m, d]                                2·m·d
 sparse    values bf16 [m, r], index uint8 [m, r] (per row)  3·m·r
 mask      values bf16 [m, r], index uint8 [r] (per block)   2·m·r + r
 lowrank   coef bf16 [m, r], basis bf16 [r, d]               2·(m·r + r·d)
+fp8       values e4m3 [m, d]                                m·d
 ========  ================================================  =====================
 
 ``sparse`` is MosaicKV's per-vector channel selection; ``mask`` is a ThinK-style channel
-mask shared by every vector of the block; ``lowrank`` is a per-segment basis. A header
+mask shared by every vector of the block; ``lowrank`` is a per-segment basis; ``fp8`` is
+the dense vectors in float8 e4m3 at scale 1, clamped to its range, as SGLang's
+``--kv-cache-dtype fp8_e4m3`` stores them (which ``--kv-compress mosaickv`` cannot be
+combined with: this kind is that composition, per block). A header
 of four int32 (kept tokens, key code, value code, reserved) rides with every block.
 """
 
@@ -28,10 +32,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-SIDE_KINDS = ("dense", "sparse", "mask", "lowrank")
+SIDE_KINDS = ("dense", "sparse", "mask", "lowrank", "fp8")
+WIDTHLESS = ("dense", "fp8")  # kinds that keep every channel (width 0)
 HEADER_BYTES = 16
 VALUE_DTYPE = torch.bfloat16
 INDEX_DTYPE = torch.uint8
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0  # e4m3's largest finite value: the GPU's conversion saturates there, so the reference does too
 MAX_HEAD_DIM = 256  # channel indices are uint8
 
 
@@ -45,11 +52,13 @@ class SideFormat:
     def __post_init__(self) -> None:
         if self.kind not in SIDE_KINDS:
             raise ValueError(f"side format kind {self.kind!r} is not one of {SIDE_KINDS}")
-        if self.kind != "dense" and self.width < 1:
+        if self.kind in WIDTHLESS and self.width != 0:
+            raise ValueError(f"side format {self.kind!r} keeps every channel: width must be 0, got {self.width}")
+        if self.kind not in WIDTHLESS and self.width < 1:
             raise ValueError(f"side format {self.kind!r} needs width >= 1, got {self.width}")
 
     def check(self, head_dim: int) -> None:
-        if self.kind != "dense" and self.width > head_dim:
+        if self.kind not in WIDTHLESS and self.width > head_dim:
             raise ValueError(f"{self.kind} width {self.width} exceeds head dim {head_dim}")
 
     def nbytes(self, m: int, d: int) -> int:
@@ -58,6 +67,8 @@ class SideFormat:
         r = self.width
         if self.kind == "dense":
             return 2 * m * d
+        if self.kind == "fp8":
+            return m * d
         if self.kind == "sparse":
             return 3 * m * r
         if self.kind == "mask":
@@ -73,10 +84,11 @@ class SideFormat:
         return SideFormat(SIDE_KINDS[code >> 16], code & 0xFFFF)
 
     def __str__(self) -> str:
-        return self.kind if self.kind == "dense" else f"{self.kind}:{self.width}"
+        return self.kind if self.kind in WIDTHLESS else f"{self.kind}:{self.width}"
 
 
 DENSE = SideFormat("dense")
+FP8 = SideFormat("fp8")
 
 
 @dataclass(frozen=True)
@@ -224,6 +236,21 @@ def smaller_gram(x: torch.Tensor) -> torch.Tensor:
     return xd @ xd.mT if x.shape[-2] <= x.shape[-1] else xd.mT @ xd
 
 
+def to_fp8(x: torch.Tensor) -> torch.Tensor:
+    """``x`` stored as the ``fp8`` kind: rounded to bf16 first (what the pool holds, and
+    what the packer kernel reads), then to e4m3, saturated."""
+    return x.to(VALUE_DTYPE).float().clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+
+def fp8_lost(x: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+    """Importance the ``fp8`` kind loses per vector of ``x`` [..., d]: each channel's score
+    times its squared relative rounding error. The scores weigh ``x_c^2`` (times a channel
+    weight), so this is the error measured as dropping a channel's is (its whole score)."""
+    xf = x.float()
+    rel = torch.where(xf != 0, (xf - to_fp8(xf).float()) / xf, 0.0)
+    return (score.float() * rel.pow(2)).sum(-1)
+
+
 def _pack_sides(x: torch.Tensor, fmt: SideFormat, score: torch.Tensor | None) -> list[PackedSide]:
     """Store each of ``x`` [G, m, d] (one block's kept vectors each, all in ``fmt``);
     ``score`` [G, m, d] ranks channels (default: energy ``x**2``). One batched op per
@@ -233,6 +260,9 @@ def _pack_sides(x: torch.Tensor, fmt: SideFormat, score: torch.Tensor | None) ->
         return [PackedSide(fmt) for _ in range(g)]
     if fmt.kind == "dense":
         values = x.to(VALUE_DTYPE)
+        return [PackedSide(fmt, values=values[i].contiguous()) for i in range(g)]
+    if fmt.kind == "fp8":
+        values = to_fp8(x)
         return [PackedSide(fmt, values=values[i].contiguous()) for i in range(g)]
     r = fmt.width
     s = x.float().pow(2) if score is None else score.float()
@@ -260,7 +290,7 @@ def _unpack_side(side: PackedSide, m: int, d: int, device: torch.device) -> torc
         return torch.zeros(0, d, device=device)
     kind = side.fmt.kind
     vals = side.values.float()
-    if kind == "dense":
+    if kind in WIDTHLESS:
         return vals
     if kind == "lowrank":
         return vals @ side.basis.float()

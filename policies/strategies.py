@@ -9,12 +9,12 @@ from dataclasses import dataclass, field
 import torch
 
 from mosaickv.errors import PolicyError, check
-from mosaickv.formats import DENSE, BlockFormat, FormatChoice, SideFormat, dense_block_bytes
+from mosaickv.formats import DENSE, FP8, WIDTHLESS, BlockFormat, FormatChoice, SideFormat, dense_block_bytes
 from mosaickv.parts import BlockStats, ChannelSelector, SegmentStrategy
 from mosaickv.registry import register_strategy
 from mosaickv.uploads import upload
 
-SIDE_SPEC_HELP = "'dense', 'channels:W' or 'lowrank:W' with W a channel count, a fraction of the head dim, or 'auto'"
+SIDE_SPEC_HELP = "'dense', 'fp8', 'channels:W' or 'lowrank:W' with W a channel count, a fraction of the head dim, or 'auto'"
 
 
 def resolve_width(field_name: str, width: float, head_dim: int) -> int:
@@ -38,7 +38,8 @@ def _side_value(value: float | str, field_name: str) -> float | str:
 
 def _parse_side(spec: str, field_name: str) -> tuple[str, float | str]:
     kind, _, width = str(spec).partition(":")
-    check(kind in ("dense", "channels", "lowrank") and (kind == "dense") == (width == ""), field_name, spec, SIDE_SPEC_HELP)
+    check(kind in ("dense", "fp8", "channels", "lowrank") and (kind in WIDTHLESS) == (width == ""), field_name, spec,
+          SIDE_SPEC_HELP)
     return kind, (_side_value(width, field_name) if width else 0)
 
 
@@ -81,7 +82,7 @@ class Fixed(SegmentStrategy):
     def bind(self, head_dim: int) -> None:
         self.head_dim = head_dim
         for side, (kind, width) in self._sides.items():
-            if kind != "dense" and width != "auto":
+            if kind not in WIDTHLESS and width != "auto":
                 resolve_width(side, width, head_dim)
 
     def _format(self, x: float, n: int, channels: ChannelSelector) -> BlockFormat:
@@ -89,8 +90,8 @@ class Fixed(SegmentStrategy):
 
         def side(name: str) -> SideFormat:
             kind, width = self._sides[name]
-            if kind == "dense":
-                return DENSE
+            if kind in WIDTHLESS:
+                return SideFormat(kind)
             r = max(1, round(x * d)) if width == "auto" else resolve_width(name, width, d)
             return channels.side_format(r) if kind == "channels" else SideFormat("lowrank", r)
 
@@ -146,6 +147,9 @@ class Dynamic(SegmentStrategy):
     value_widths: list[float] | None = None
     logit_cap: float = 1.0
     drop: bool = True
+    # Also offer every side in fp8 (e4m3, half the bytes of dense): FP8 composed with
+    # MosaicKV, chosen per block where its rounding costs less than what else it buys.
+    fp8: bool = False
     head_dim: int = field(default=0, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -163,7 +167,8 @@ class Dynamic(SegmentStrategy):
         self._value_widths = sorted({resolve_width("value_widths", w, head_dim) for w in value_widths} - {head_dim})
 
     def _sides(self, widths: list[int], channels: ChannelSelector) -> list[SideFormat]:
-        return [DENSE, *(channels.side_format(w) for w in widths), *(SideFormat("lowrank", r) for r in self._ranks)]
+        whole = [DENSE, FP8] if self.fp8 else [DENSE]
+        return [*whole, *(channels.side_format(w) for w in widths), *(SideFormat("lowrank", r) for r in self._ranks)]
 
     def candidates(self, d: int, channels: ChannelSelector) -> list[SideFormat]:
         keys, values = self.side_candidates(d, channels)
@@ -319,6 +324,9 @@ class HeadWise(SegmentStrategy):
     # strategy then spends more on heads the profile saw retrieve, less on the rest. 0: as
     # the segment's own attention says, whatever the profile.
     graded: float = 0.0
+    # How whole heads store every token: 'dense' (bf16) or 'fp8' (e4m3, half the bytes, so
+    # the same share of the budget keeps twice as many heads whole).
+    whole: str = "dense"
 
     def __post_init__(self) -> None:
         from mosaickv.config import build_part
@@ -332,6 +340,9 @@ class HeadWise(SegmentStrategy):
         check(count or 0 < self.dense < 1, "dense", self.dense,
               f"a head count from 0 to {heads - 1}, or a fraction below 1: the share of each plan's budget")
         check(self.graded >= 0, "graded", self.graded, "a number >= 0 (0: the profile does not weigh the other heads)")
+        check(self.whole in WIDTHLESS, "whole", self.whole, f"one of {', '.join(WIDTHLESS)}")
+        # Bytes of a whole head against dense (headers aside): what a share of the budget buys.
+        self._whole_cost = 0.5 if self.whole == "fp8" else 1.0
         self._inner = build_part("strategy", self.inner)
         self._order = self._scores.flatten().argsort(descending=True)
         self._weights: dict[tuple[int, torch.device], torch.Tensor] = {}
@@ -352,13 +363,14 @@ class HeadWise(SegmentStrategy):
         if self.dense >= 1 or self.dense == 0:
             return int(self.dense)
         # The budget is a whole number of bytes: a hair below the share's exact count.
-        return min(int(self.dense * self._scores.numel() / ratio + 1e-3), self._scores.numel() - 1)
+        return min(int(self.dense * self._scores.numel() / (ratio * self._whole_cost) + 1e-3), self._scores.numel() - 1)
 
     def check_ratio(self, ratio: float) -> None:
         whole = self.whole_heads(ratio)
-        share = whole / self._scores.numel()
+        share = whole * self._whole_cost / self._scores.numel()
         check(share < 1.0 / ratio, "ratio", ratio,
-              f"below {self._scores.numel() / max(whole, 1):g}: {whole} dense heads of {self._scores.numel()} alone take {share:.0%} of the dense bytes")
+              f"below {1 / share if share else math.inf:g}: {whole} whole heads of {self._scores.numel()} ({self.whole}) "
+              f"alone take {share:.0%} of the dense bytes")
         if hasattr(self._inner, "check_ratio"):
             self._inner.check_ratio((1 - share) / (1 / ratio - share))
 
@@ -390,7 +402,8 @@ class HeadWise(SegmentStrategy):
         per_head = blocks // heads
         count = self.whole_heads(blocks * dense_block_bytes(stats.n, stats.d) / budget if budget > 0 else math.inf)
         keep = torch.isin(torch.arange(blocks) // per_head, self._order[:count]).repeat_interleave(groups)
-        whole = BlockFormat(stats.n)
+        side = SideFormat(self.whole)
+        whole = BlockFormat(stats.n, side, side)
         rest = (~keep).nonzero()[:, 0]
         left = budget - int(keep.sum()) // groups * whole.nbytes(stats.d)
         if left < 0:

@@ -9,6 +9,7 @@ import torch
 from mosaickv.formats import SIDE_KINDS
 from mosaickv.kernels.block_runs import (
     KIND_PAIRS,
+    NUM_KINDS,
     RunCache,
     batch_runs,
     block_runs,
@@ -30,7 +31,7 @@ def loop_runs(table: np.ndarray, indptr: np.ndarray, indices: np.ndarray, chunks
         blocks = list(indices[indptr[pair] : indptr[pair + 1]])
         for kind in range(KIND_PAIRS):
             chunk = int(chunks if np.ndim(chunks) == 0 else chunks[kind])
-            group = [b for b in blocks if table[b, 1] * 4 + table[b, 5] == kind and table[b, 0] > 0]
+            group = [b for b in blocks if table[b, 1] * NUM_KINDS + table[b, 5] == kind and table[b, 0] > 0]
             # A block starts a new run where its first kept token enters another chunk.
             cuts, seen = [], 0
             for b in group:
@@ -71,7 +72,7 @@ def test_block_runs_match_a_loop_over_blocks(seed: int, device: str) -> None:
     assert got.block_indices.device.type == device
     assert np.array_equal(got.block_indices.cpu().numpy(), order)
     assert list(zip(got.pair, got.lo, got.hi, got.kind)) == runs
-    kinds = table[indices, 1] * 4 + table[indices, 5]
+    kinds = table[indices, 1] * NUM_KINDS + table[indices, 5]
     for kind in range(KIND_PAIRS):
         rows = indices[kinds == kind]
         assert got.k_width_max[kind] == (table[rows, 2].max() if len(rows) else 0)

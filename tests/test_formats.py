@@ -5,9 +5,22 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mosaickv.formats import DENSE, HEADER_BYTES, BlockFormat, SideFormat, pack_block, thin_svd, unpack_block
+from mosaickv.formats import (
+    DENSE,
+    FP8,
+    FP8_MAX,
+    HEADER_BYTES,
+    SIDE_KINDS,
+    WIDTHLESS,
+    BlockFormat,
+    SideFormat,
+    fp8_lost,
+    pack_block,
+    thin_svd,
+    unpack_block,
+)
 
-KINDS = ["dense", "sparse", "mask", "lowrank"]
+KINDS = list(SIDE_KINDS)
 
 
 def bf16(x: torch.Tensor) -> torch.Tensor:
@@ -27,7 +40,8 @@ def bf16(x: torch.Tensor) -> torch.Tensor:
 def test_bytes_accounted_equal_bytes_allocated(n, d, kind_k, kind_v, keep, width, seed):
     torch.manual_seed(seed)
     r = max(1, int(width * d))
-    fmt = BlockFormat(int(keep * n), SideFormat(kind_k, r if kind_k != "dense" else 0), SideFormat(kind_v, r if kind_v != "dense" else 0))
+    fmt = BlockFormat(int(keep * n), SideFormat(kind_k, 0 if kind_k in WIDTHLESS else r),
+                      SideFormat(kind_v, 0 if kind_v in WIDTHLESS else r))
     block = pack_block(torch.randn(n, d), torch.randn(n, d), fmt, token_score=torch.rand(n))
     assert block.nbytes() == fmt.nbytes(d)
     k, v = unpack_block(block)
@@ -46,6 +60,31 @@ def test_dense_is_exact_to_bf16(d):
     k, v = torch.randn(32, d), torch.randn(32, d)
     rk, rv = unpack_block(pack_block(k, v, BlockFormat(32)))
     assert torch.equal(rk, bf16(k)) and torch.equal(rv, bf16(v))
+
+
+@pytest.mark.parametrize("d", [64, 128])
+def test_fp8_is_half_the_bytes_within_e4m3_rounding_and_saturates(d):
+    k = torch.randn(32, d) * torch.logspace(-3, 2, d)
+    k[0, :3] = torch.tensor([1000.0, -600.0, 448.0])
+    block = pack_block(k, k, BlockFormat(32, FP8, FP8))
+    assert block.nbytes() - HEADER_BYTES == 2 * 32 * d == BlockFormat(32).nbytes(d) // 2 - HEADER_BYTES // 2
+    rk, rv = unpack_block(block)
+    assert torch.equal(rk, rv)
+    assert rk[0, :3].tolist() == [FP8_MAX, -FP8_MAX, FP8_MAX]
+    normal = (k.abs() >= 2**-6) & (k.abs() <= FP8_MAX)  # e4m3 keeps 3 mantissa bits there: half an ulp is 1/16
+    assert ((rk - bf16(k)).abs()[normal] <= bf16(k).abs()[normal] / 16).all()
+    assert ((rk - bf16(k)).abs()[k.abs() < 2**-6] <= 2**-10).all()  # subnormal steps of 2^-9
+    assert not ((rk - bf16(k))[normal] == 0).all()  # it does round
+
+
+def test_fp8_lost_is_the_score_weighted_relative_rounding_error():
+    x = torch.tensor([[1.0, 1.0625, 3.0, 0.0], [100.0, 0.01, 2.0, 1.03125]])
+    score = torch.tensor([[1.0, 2.0, 3.0, 4.0], [0.5, 1.0, 1.0, 8.0]])
+    # 1.0625 lies between e4m3's 1.0 and 1.125 (a tie: to even, 1.0); 100 -> 96; 0.01 -> 5 * 2^-9;
+    # 1.03125 -> 1.0 (a tie again); 1, 3, 2 and 0 are exact.
+    want = torch.tensor([2.0 * (0.0625 / 1.0625) ** 2, 0.5 * (4 / 100) ** 2 + (0.01 - 5 * 2**-9) ** 2 / 0.01**2
+                         + 8.0 * (0.03125 / 1.03125) ** 2])
+    torch.testing.assert_close(fp8_lost(x, score), want, rtol=1e-3, atol=0)
 
 
 @pytest.mark.parametrize("d,r", [(64, 8), (64, 32), (128, 16)])
@@ -104,6 +143,8 @@ def test_side_format_kinds_are_checked():
         SideFormat("zigzag", 4)
     with pytest.raises(ValueError, match="width"):
         SideFormat("sparse", 0)
+    with pytest.raises(ValueError, match="'fp8' keeps every channel: width must be 0, got 8"):
+        SideFormat("fp8", 8)
 
 
 @pytest.mark.parametrize("m, d", [(32, 128), (8, 64), (1, 64), (100, 64)])

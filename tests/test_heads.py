@@ -11,7 +11,7 @@ import torch
 from mosaickv.compressor import Compressor
 from mosaickv.config import load_policy
 from mosaickv.errors import PolicyError
-from mosaickv.formats import BlockFormat, dense_block_bytes
+from mosaickv.formats import FP8, BlockFormat, dense_block_bytes
 from mosaickv.heads import needle_mass, needle_span
 from mosaickv.parts import Observation
 from plan_bytes import bytes_per_head
@@ -93,6 +93,29 @@ def test_dense_share_keeps_as_many_top_heads_as_its_share_of_the_budget_buys(rat
         for segment in compressed.blocks[policy.sink_segments:]:
             whole = {(layer, head) for head, block in enumerate(segment) if block.fmt == BlockFormat(S)}
             assert whole & {(layer, h) for h in range(4)} == {p for p in protected if p[0] == layer}
+
+
+@pytest.mark.parametrize("ratio, count", [(3.0, 4), (6.0, 2)])
+def test_fp8_whole_heads_are_twice_as_many_for_the_same_share(ratio: float, count: int) -> None:
+    """``whole: fp8``: a whole head costs half, so half the budget keeps twice the heads of
+    the dense test above whole, every token in e4m3, within the budget."""
+    policy = load_policy({**headwise(ratio=ratio, dense=0.5, heads=PROFILE, min_context=1024).source,
+                          "strategy": {**headwise(heads=PROFILE).source["strategy"], "dense": 0.5, "whole": "fp8"}})
+    assert policy.strategy.whole_heads(ratio) == count == 2 * headwise(ratio=ratio, dense=0.5, heads=PROFILE,
+                                                                       min_context=1024).strategy.whole_heads(ratio)
+    spent, budget = bytes_per_head(policy, observations(3, hkv=4, t=1024), D)
+    assert spent.sum() <= budget
+    cache = Compressor(policy, D).compress(observations(3, hkv=4, t=1024), scope="segment")
+    top = torch.tensor(PROFILE).flatten().argsort(descending=True)[:count].tolist()
+    for layer, compressed in enumerate(cache.layers):
+        for segment in compressed.blocks[policy.sink_segments:]:
+            whole = {head for head, block in enumerate(segment) if block.fmt == BlockFormat(S, FP8, FP8)}
+            assert whole == {i % 4 for i in top if i // 4 == layer}
+
+
+def test_whole_heads_are_dense_or_fp8() -> None:
+    with pytest.raises(PolicyError, match="strategy.whole.*one of dense, fp8"):
+        load_policy({**headwise().source, "strategy": {**headwise().source["strategy"], "whole": "sparse"}})
 
 
 @pytest.mark.parametrize("dense", [12, 2.5, 1.5, -1, -0.1])

@@ -14,15 +14,15 @@ if not torch.cuda.is_available():  # must precede the first import of the kernel
 
 import pytest
 
-from mosaickv.formats import HEADER_BYTES, BlockFormat, SideFormat
+from mosaickv.formats import HEADER_BYTES, SIDE_KINDS, BlockFormat, SideFormat
 from mosaickv.kernels.decode import MixedAttention, MixedDecodeWrapper, run_plan
 from mosaickv.kernels.block_runs import KIND_PAIRS, TileShape, batch_runs, block_runs, run_tile_starts
-from mosaickv.kernels.layout import DENSE, SPARSE, pack_requests
+from mosaickv.kernels.layout import DENSE, FP8, SPARSE, pack_requests
 from mosaickv.kernels.synthetic import Recipe, random_layer, synthetic_arena
 from mosaickv.reference import CompressedLayer, attention
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-KINDS = ("dense", "sparse", "mask", "lowrank")
+KINDS = SIDE_KINDS
 
 
 def oracle(q: torch.Tensor, layer: CompressedLayer, tk: torch.Tensor, tv: torch.Tensor) -> torch.Tensor:
@@ -101,7 +101,7 @@ def run_decode(
 @pytest.mark.parametrize("v_kind", KINDS)
 def test_each_format_alone(k_kind: str, v_kind: str, d: int) -> None:
     gen = torch.Generator().manual_seed(zlib.crc32(f"{k_kind}-{v_kind}-{d}".encode()))
-    w = {"dense": 0, "sparse": 13, "mask": 24, "lowrank": 7}
+    w = {"dense": 0, "sparse": 13, "mask": 24, "lowrank": 7, "fp8": 0}
     fmt = BlockFormat(21, SideFormat(k_kind, w[k_kind]), SideFormat(v_kind, w[v_kind]))
     layers = [random_layer(gen, 2, 24, 1, d, fmt=fmt), random_layer(gen, 1, 24, 1, d, fmt=fmt)]
     run_decode(gen, layers, [3, 1], hkv=1, group=2, d=d)
@@ -147,6 +147,21 @@ def test_packed_tiles(group: int, d: int, keys_by_query: bool) -> None:
         run_decode(gen, layers, [3, 4, 0, 9, 2], hkv=hkv, group=group, d=d, pack_tokens=True, chunk_tokens=chunk,
                    wide_block_n=16, max_programs=3, tile_starts=True, pipeline_stages=stages,
                    keys_by_query=keys_by_query, tile_blocks=lanes)
+
+
+@pytest.mark.parametrize(("group", "d"), [(1, 64), (4, 128), (3, 64)])
+def test_packed_tiles_of_fp8_sides(group: int, d: int) -> None:
+    """Blocks whose keys and values are dense or fp8, in all four pairs, keeping every token
+    count from 0 to 16, packed into shared tiles: e4m3 rows read from the index arena
+    beside bf16 rows, tile starts planned or found, runs cut anywhere, few programs."""
+    gen = torch.Generator().manual_seed(500 + group * 10 + d)
+    hkv = 2
+    layers = [random_layer(gen, s, 16, hkv, d, kinds=("dense", "fp8")) for s in (7, 0, 5, 11)]
+    pairs = {(blk.fmt.k.kind, blk.fmt.v.kind) for layer in layers for seg in layer.blocks for blk in seg}
+    assert len(pairs) == 4, pairs
+    for starts, stages, chunk in ((False, 1, 40), (True, 3, 100), (True, 1, 24)):
+        run_decode(gen, layers, [3, 4, 0, 9], hkv=hkv, group=group, d=d, pack_tokens=True, chunk_tokens=chunk,
+                   wide_block_n=16, max_programs=3, tile_starts=starts, pipeline_stages=stages)
 
 
 @pytest.mark.parametrize("lanes", [0, 4])
@@ -367,12 +382,16 @@ def test_packed_tiles_aligned_widths() -> None:
     run_decode(gen, layers, [2, 3], hkv=2, group=4, d=64, pack_tokens=True, max_programs=2)
 
 
-def test_packing_is_for_dense_pairs() -> None:
+def test_packing_is_for_pairs_of_whole_rows() -> None:
+    """Dense and fp8 sides (every channel of every kept row) pack; sparse keys beside them
+    with ``pack_sparse_keys``; nothing else."""
+    kinds = range(len(SIDE_KINDS))
+    whole = {(k, v) for k in (DENSE, FP8) for v in (DENSE, FP8)}
     w = MixedDecodeWrapper(pack_tokens=True)
     assert w.packs(0, 0) and not MixedDecodeWrapper().packs(0, 0)
-    assert not any(w.packs(k, v) for k in range(4) for v in range(4) if (k, v) != (0, 0))
+    assert {(k, v) for k in kinds for v in kinds if w.packs(k, v)} == whole
     sparse = MixedDecodeWrapper(pack_tokens=True, pack_sparse_keys=True)
-    assert {(k, v) for k in range(4) for v in range(4) if sparse.packs(k, v)} == {(0, 0), (1, 0)}
+    assert {(k, v) for k in kinds for v in kinds if sparse.packs(k, v)} == whole | {(SPARSE, DENSE), (SPARSE, FP8)}
 
 
 def test_entries_are_prefetched_in_launches_of_a_block_per_tile_only() -> None:
@@ -393,14 +412,14 @@ def test_packing_sparse_keys_needs_packed_tiles_read_by_query() -> None:
 
 @pytest.mark.parametrize(("group", "d", "aligned"), [(1, 64, False), (3, 64, True), (4, 128, False), (8, 128, True)])
 def test_packed_sparse_key_tiles(group: int, d: int, aligned: bool) -> None:
-    """Blocks of sparse keys (several widths, in one launch) and dense values keeping
+    """Blocks of sparse keys (several widths, in one launch) and dense or fp8 values keeping
     every token count from 0 to 16 share 16- and 32-token tiles, beside dense pairs and
     blocks of every other format; runs cut anywhere (split-K), few programs. ``aligned``:
     widths and counts the vectorised-load specialisation takes (multiples of 8)."""
     gen = torch.Generator().manual_seed(group * 100 + d)
     hkv = 2
     widths = (8, 16, 24) if aligned else (3, 8, 13, 20)
-    fmts = [BlockFormat(t, SideFormat("sparse", widths[t % len(widths)]), SideFormat("dense"))
+    fmts = [BlockFormat(t, SideFormat("sparse", widths[t % len(widths)]), SideFormat("fp8" if t % 5 == 2 else "dense"))
             for t in range(17)] + [BlockFormat(t) for t in (0, 5, 16)]
     layers = [CompressedLayer() for _ in range(4)]
     for i, f in enumerate(fmts * 2):

@@ -14,13 +14,13 @@ if not torch.cuda.is_available():  # must precede the first import of the kernel
 import numpy as np
 import pytest
 
-from mosaickv.formats import SIDE_KINDS, BlockFormat, FormatChoice, PackedBlock, SideFormat, format_arrays, lowrank_fit, pack_block, unpack_block
+from mosaickv.formats import FP8, FP8_DTYPE, FP8_MAX, SIDE_KINDS, WIDTHLESS, BlockFormat, FormatChoice, PackedBlock, SideFormat, format_arrays, lowrank_fit, pack_block, to_fp8, unpack_block
 from mosaickv.kernels.layout import DENSE, LOWRANK, Arena, place_formats, place_regions
 from mosaickv.kernels.pack import PackWrapper, SideInputs
 from mosaickv.kernels.synthetic import random_format
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-KINDS = ("dense", "sparse", "mask", "lowrank")
+KINDS = SIDE_KINDS
 POISON_VALUE = torch.tensor(-12345, dtype=torch.int16).view(torch.bfloat16)  # a finite bf16 no test writes
 POISON_INDEX = 0xAB
 
@@ -161,7 +161,7 @@ def test_each_side_format_alone(kind: str, d: int) -> None:
     """Blocks keeping every token, some, one and none; widths narrow, wide and full; a
     lowrank width above the kept tokens (its extra coefficients and basis rows are zero)."""
     gen = torch.Generator().manual_seed(zlib.crc32(f"{kind}-{d}".encode()))
-    widths = [0] if kind == "dense" else [13, 24, d]
+    widths = [0] if kind in WIDTHLESS else [13, 24, d]
     n = 24
     fmts = []
     for j, m in enumerate([n, 17, 0, 5, 1]):
@@ -242,6 +242,25 @@ def test_ties_go_to_lower_channels() -> None:
         for got, want in ((mine.k, blk.k), (mine.v, blk.v)):
             if want.fmt.kind == "sparse":
                 assert torch.equal(got.values.float().abs().sort(-1).values, want.values.float().abs().sort(-1).values)
+
+
+def test_fp8_rounds_saturates_and_keeps_subnormals_as_torch_does() -> None:
+    """The packer's e4m3 bytes equal ``torch``'s conversion (``formats.to_fp8``) over
+    seven decades, exact halves between codes (ties to even), subnormals, signed zeros and
+    values past the format's largest (saturated)."""
+    d, n = 64, 32
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(2, n, 1, d, generator=gen) * torch.logspace(-4, 3, n * d).view(1, n, 1, d)
+    codes = torch.arange(0, 126, dtype=torch.uint8).view(FP8_DTYPE).float()  # every finite positive code
+    x[1, :4, 0] = torch.cat([(codes[1:] + codes[:-1]) / 2, codes, torch.tensor([0.0, -0.0, 500.0, -1e4, 449.0, -2**-10])])[: 4 * d].view(4, d)
+    src = x.bfloat16()
+    w = PackWrapper(block_t=16)
+    w.plan([BlockFormat(n, FP8, FP8)], [0], torch.arange(n), d, DEVICE)
+    arena = w.run(src[0].to(DEVICE), src[1].to(DEVICE))
+    got = arena.block(0)
+    for side, want in ((got.k, src[0, :, 0]), (got.v, src[1, :, 0])):
+        assert torch.equal(side.values.view(torch.uint8).cpu(), to_fp8(want).view(torch.uint8))
+    assert got.v.values.float().abs().max() == FP8_MAX
 
 
 def test_append_after_pool_contents() -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 
@@ -25,6 +26,7 @@ from mosaickv.parts import ElementScorer, TokenSelector  # noqa: E402
 from mosaickv.sealer import PolicyCompressor, SegmentInputs, seal_segment  # noqa: E402
 
 POLICIES = ["mosaic", "snapkv", "think", "uniform2d", "keynorm", "streaming", "lossless"]
+HEADS_FP8 = Path(__file__).parent.parent / "benchmarks" / "suite" / "heads_fp8.yaml"  # fp8 chosen among the rest
 BASE = 4096  # a slab's start in the arena (bytes, 16-aligned)
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
                                                                                    reason="needs CUDA")])]
@@ -89,13 +91,13 @@ def test_one_launch_seals_what_the_per_block_path_seals(name, layers, hkv, d, de
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("name", ["mosaic", "think", "uniform2d", "mosaic_heads"])
+@pytest.mark.parametrize("name", ["mosaic", "think", "uniform2d", "mosaic_heads", HEADS_FP8])
 def test_segments_sealed_together_are_each_what_the_per_block_path_seals(name, device):
     """seal_many folds the segments into one span per layer: each still gets its own plan
     within its own slab budget, its own region at its own slab's start."""
     policy = load_policy(name)
     d = 64
-    layers, hkv = (30, 3) if name == "mosaic_heads" else (2, 2)  # mosaic_heads: SmolLM2's heads
+    layers, hkv = (30, 3) if "heads" in str(name) else (2, 2)  # mosaic_heads: SmolLM2's heads
     batch = [replace(inputs(policy, layers, hkv, d, seed=seed, device=device), base_bytes=BASE * (seed + 1))
              for seed in range(3)]
     batch[1] = replace(batch[1], attention=None)  # a segment whose last queries' attention was not recorded
@@ -125,6 +127,7 @@ EVERY_KIND = [  # (policy, ratio): every stored kind, kept-token counts from non
     (fixed(0.5, "lowrank:0.25", "lowrank:0.125"), None),
     (fixed(0.75, "channels:0.25", "lowrank:0.5"), None),
     (fixed(0.0, "dense", "dense"), None),  # a segment with every token dropped
+    (fixed(0.75, "fp8", "fp8"), None),
 ]
 
 

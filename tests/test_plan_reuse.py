@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from mosaickv.formats import BlockFormat, SideFormat, pack_block
-from mosaickv.kernels.block_runs import RunCache, batch_runs, block_runs
+from mosaickv.kernels.block_runs import NUM_KINDS, RunCache, batch_runs, block_runs, pair_kinds
 from mosaickv.kernels.graph_plan import GraphCapacity
 from mosaickv.kernels.layout import TAIL, HostPlan, pack_region, plan_host
 
@@ -63,9 +63,9 @@ def test_plan_host_launches_equal_a_pass_per_layer(store):
     for layer in host.layers:
         kinds = np.full(len(layer.items), -2)
         for k, v, _, ids in layer.launches:
-            kinds[ids] = TAIL if k == TAIL else 4 * k + v
+            kinds[ids] = TAIL if k == TAIL else NUM_KINDS * k + v
         assert (kinds != -2).all()
-        want = [(TAIL, TAIL) if kind == TAIL else divmod(int(kind), 4) for kind in np.unique(kinds)]
+        want = [(TAIL, TAIL) if kind == TAIL else pair_kinds(kind) for kind in np.unique(kinds)]
         assert [(k, v) for k, v, _, _ in layer.launches] == want
         for (k, v, _, ids), kind in zip(layer.launches, np.unique(kinds)):
             assert np.array_equal(ids, np.flatnonzero(kinds == kind))

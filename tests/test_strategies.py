@@ -60,6 +60,40 @@ def test_value_widths_empty_keeps_values_dense_or_low_rank():
     assert {"dense", "sparse", "lowrank"} <= kinds
 
 
+def test_fp8_is_offered_to_both_sides_and_kept_where_it_costs_least():
+    """``fp8: true``: at 2x a block keeps all its tokens in fp8 for less error than any drop
+    or reduction, so nearly all do (the protected sinks and window, dense, leave the rest a
+    little under 2x), within the budget; without it, 2x costs every block tokens or channels.
+    The kernel menu lists fp8 only when offered."""
+    obs = observations(t=2560)
+    plain, with_fp8 = (load_policy({"base": "mosaic", "strategy": {"fp8": fp8}}, ratio=2, min_context=640)
+                       for fp8 in (False, True))
+    fmts = {}
+    for name, policy in (("plain", plain), ("fp8", with_fp8)):
+        cache = Compressor(policy, 64).compress(obs)
+        assert 2 <= cache.dense_nbytes() / cache.nbytes() <= 2 * 1.01
+        fmts[name] = [b.fmt for layer in cache.layers for seg in layer.blocks[policy.sink_segments:] for b in seg]
+    kept = [f for f in fmts["fp8"] if f.tokens]
+    assert {(f.k.kind, f.v.kind) for f in kept} == {("fp8", "fp8")}
+    assert sum(f.tokens == 32 for f in kept) >= 0.75 * len(fmts["fp8"])
+    assert not any("fp8" in str(f) for f in fmts["plain"])
+    assert all(f.tokens < 32 or f.k.kind != "dense" or f.v.kind != "dense" for f in fmts["plain"])
+    for policy, offered in ((plain, False), (with_fp8, True)):
+        keys, values = policy.strategy.side_candidates(64, policy.channel_selector)
+        assert (any(s.kind == "fp8" for s in keys), any(s.kind == "fp8" for s in values)) == (offered, offered)
+
+
+def test_fixed_sides_take_fp8_and_a_wrong_spec_names_what_is_allowed():
+    cache = Compressor(load_policy(FIXED_FP8, min_context=512), 64).compress(observations())
+    assert cache.dense_nbytes() / cache.nbytes() == pytest.approx(2.0, rel=0.02)
+    with pytest.raises(PolicyError, match=r"strategy.k.*'dense', 'fp8', 'channels:W' or 'lowrank:W'"):
+        load_policy({**FIXED_FP8, "strategy": {"name": "fixed", "k": "fp8:4"}})
+
+
+FIXED_FP8 = {"name": "fp8_only", "ratio": 1.0, "sinks": 0, "window": 0,
+             "strategy": {"name": "fixed", "tokens": 1.0, "k": "fp8", "v": "fp8"}}
+
+
 def test_value_widths_are_checked():
     from mosaickv.errors import PolicyError
 

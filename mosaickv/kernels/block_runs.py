@@ -19,9 +19,16 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from mosaickv.formats import SIDE_KINDS
 from mosaickv.uploads import upload
 
-KIND_PAIRS = 16  # 4 * k_kind + v_kind, both in SIDE_KINDS' four kinds
+NUM_KINDS = len(SIDE_KINDS)
+KIND_PAIRS = NUM_KINDS * NUM_KINDS  # format pair: NUM_KINDS * k_kind + v_kind
+
+
+def pair_kinds(pair: int) -> tuple[int, int]:
+    """A format pair's key and value kinds."""
+    return divmod(int(pair), NUM_KINDS)
 
 
 @dataclass
@@ -34,7 +41,7 @@ class BlockRuns:
     pair: np.ndarray  # [runs] the run's (request, kv_head) pair
     lo: np.ndarray  # [runs] first position in ``block_indices``
     hi: np.ndarray  # [runs] one past its last
-    kind: np.ndarray  # [runs] 4 * k_kind + v_kind
+    kind: np.ndarray  # [runs] format pair, NUM_KINDS * k_kind + v_kind
     k_width_max: np.ndarray  # [KIND_PAIRS] widest key side among every block of each pair (0: none)
     v_width_max: np.ndarray  # [KIND_PAIRS] the same for values
     # Packed runs' tile starts (:func:`run_tile_starts`): run i's are rows tile_lo[i] ..
@@ -65,7 +72,7 @@ def pack_entries(table: np.ndarray) -> np.ndarray:
     if len(table) and (fields.min() < 0 or fields.max() >= 1 << 16):
         raise ValueError(f"kept tokens and widths are packed in 16 bits each: got values from {fields.min()} to "
                          f"{fields.max()}")
-    return (table[:, 0] | (table[:, 1] * 4 + table[:, 5]) << 16 | table[:, 2] << 24 | table[:, 6] << 40)
+    return (table[:, 0] | (table[:, 1] * NUM_KINDS + table[:, 5]) << 16 | table[:, 2] << 24 | table[:, 6] << 40)
 
 
 def entries(table: torch.Tensor | np.ndarray, block_indices: torch.Tensor | np.ndarray

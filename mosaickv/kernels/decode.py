@@ -45,9 +45,10 @@ import triton
 import triton.language as tl
 
 from mosaickv.kernels._interpret import patch_interpreter
-from mosaickv.kernels.block_runs import KIND_PAIRS, TileShape
+from mosaickv.kernels.block_runs import KIND_PAIRS, NUM_KINDS, TileShape, pair_kinds
 from mosaickv.kernels.layout import (
     DENSE,
+    FP8,
     SPARSE,
     Arena,
     AttentionPlan,
@@ -83,9 +84,9 @@ def _basis(values_ptr, index_ptr, width, aux, jr, cols, KIND: tl.constexpr, HEAD
 def _tile(values_ptr, index_ptr, off, width, aux, tok, tok_ok, toks, cols, jr, scr,
           KIND: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, R_MAX: tl.constexpr,
           R_LOG2: tl.constexpr, SPARSE_MODE: tl.constexpr):
-    """One side's tile of ``BLOCK_N`` tokens: ``[BLOCK_N, HEAD_DIM]`` for dense and sparse
-    (its ``[BLOCK_N, R_MAX]`` values scattered through the zeroed scratch), ``[BLOCK_N,
-    R_MAX]`` r-space coefficients for mask and lowrank."""
+    """One side's tile of ``BLOCK_N`` tokens: ``[BLOCK_N, HEAD_DIM]`` for dense, fp8 (as
+    bf16) and sparse (its ``[BLOCK_N, R_MAX]`` values scattered through the zeroed
+    scratch), ``[BLOCK_N, R_MAX]`` r-space coefficients for mask and lowrank."""
     if KIND == 0:
         tile = tl.load(values_ptr + off + tok[:, None] * HEAD_DIM + cols[None, :], mask=tok_ok[:, None], other=0.0)
     elif KIND == 1:
@@ -121,6 +122,10 @@ def _tile(values_ptr, index_ptr, off, width, aux, tok, tok_ok, toks, cols, jr, s
             tl.debug_barrier()
             tl.store(scr + toks[:, None] * HEAD_DIM + ix, tl.zeros_like(raw), mask=mask)
             tl.debug_barrier()
+    elif KIND == 4:
+        # fp8: e4m3 bytes in the index arena, every channel kept.
+        raw8 = tl.load(index_ptr + aux + tok[:, None] * HEAD_DIM + cols[None, :], mask=tok_ok[:, None], other=0)
+        tile = raw8.to(tl.float8e4nv, bitcast=True).to(tl.bfloat16)
     else:
         tile = tl.load(values_ptr + off + tok[:, None] * width + jr[None, :], mask=tok_ok[:, None] & (jr[None, :] < width), other=0.0)
     return tile
@@ -210,7 +215,7 @@ def _tile_step(q, qk, qk_lo, q_ptr, q_rows, n_rows, values_ptr, index_ptr, k_off
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
     pv = tl.dot(p.to(tl.bfloat16), vt)
-    if V_KIND >= 2:
+    if (V_KIND == 2) or (V_KIND == 3):
         blk_acc = blk_acc * alpha[:, None] + pv
     else:
         acc += pv
@@ -218,15 +223,22 @@ def _tile_step(q, qk, qk_lo, q_ptr, q_rows, n_rows, values_ptr, index_ptr, k_off
 
 
 @triton.jit
-def _tile_entries(table_ptr, block_idx_ptr, j0, blk_hi, lanes, SPARSE_KEYS: tl.constexpr):
+def _tile_entries(table_ptr, block_idx_ptr, j0, blk_hi, lanes, SPARSE_KEYS: tl.constexpr, K_FP8: tl.constexpr,
+                  V_FP8: tl.constexpr):
     """What a packed tile reads of blocks ``j0 ..`` (one a lane, those past ``blk_hi``
-    keep nothing): kept tokens, key and value offsets, and for sparse keys their widths
-    and index offsets (else zeros)."""
+    keep nothing): kept tokens, key and value offsets (an fp8 side's in the index arena,
+    its ``aux``), and for sparse keys their widths and index offsets (else zeros)."""
     b_ok = j0 + lanes < blk_hi
     ent = table_ptr + tl.load(block_idx_ptr + j0 + lanes, mask=b_ok, other=0).to(tl.int64) * 9
     kept = tl.load(ent, mask=b_ok, other=0).to(tl.int32)
-    k_off = tl.load(ent + 3, mask=b_ok, other=0)
-    v_off = tl.load(ent + 7, mask=b_ok, other=0)
+    if K_FP8:
+        k_off = tl.load(ent + 4, mask=b_ok, other=0)
+    else:
+        k_off = tl.load(ent + 3, mask=b_ok, other=0)
+    if V_FP8:
+        v_off = tl.load(ent + 8, mask=b_ok, other=0)
+    else:
+        v_off = tl.load(ent + 7, mask=b_ok, other=0)
     if SPARSE_KEYS:
         k_w = tl.load(ent + 2, mask=b_ok, other=0).to(tl.int32)
         k_aux = tl.load(ent + 4, mask=b_ok, other=0)
@@ -238,8 +250,8 @@ def _tile_entries(table_ptr, block_idx_ptr, j0, blk_hi, lanes, SPARSE_KEYS: tl.c
 
 @triton.jit
 def _packed_tile(table_ptr, block_idx_ptr, values_ptr, index_ptr, j0, done, blk_hi, toks, cols, jr,
-                 K_KIND: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, ALIGNED: tl.constexpr,
-                 TILE_BLOCKS: tl.constexpr, VECTOR_KEYS: tl.constexpr):
+                 K_KIND: tl.constexpr, V_KIND: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                 ALIGNED: tl.constexpr, TILE_BLOCKS: tl.constexpr, VECTOR_KEYS: tl.constexpr):
     """The loads of the packed tile that starts ``done`` tokens into block ``j0``: kept
     tokens of the next ``TILE_BLOCKS`` blocks back to back, ``BLOCK_N`` at most (row r is
     in the block whose kept tokens end first past r). Returns which rows hold a token, the
@@ -252,7 +264,8 @@ def _packed_tile(table_ptr, block_idx_ptr, values_ptr, index_ptr, j0, done, blk_
     those tiles unswizzled in shared memory and the query gathers read them a token a lane,
     16- and 32-way bank conflicts (twenty-second run: the launch 204 µs against 115)."""
     lanes = tl.arange(0, TILE_BLOCKS)
-    kept, koff_b, voff_b, kw_b, kaux_b = _tile_entries(table_ptr, block_idx_ptr, j0, blk_hi, lanes, K_KIND == 1)
+    kept, koff_b, voff_b, kw_b, kaux_b = _tile_entries(table_ptr, block_idx_ptr, j0, blk_hi, lanes, K_KIND == 1,
+                                                       K_KIND == 4, V_KIND == 4)
     end = tl.cumsum(kept, 0) - done
     start = end - kept
     sel = tl.sum((end[None, :] <= toks[:, None]).to(tl.int32), 1)
@@ -265,8 +278,7 @@ def _packed_tile(table_ptr, block_idx_ptr, values_ptr, index_ptr, j0, done, blk_
     v_base = tl.gather(voff_b - start * HEAD_DIM, sel, 0)
     if ALIGNED:
         v_base = tl.multiple_of(v_base, 8)
-    vt = tl.load(values_ptr + v_base[:, None] + toks[:, None] * HEAD_DIM + cols[None, :], mask=tok_ok[:, None],
-                 other=0.0)
+    vt = _packed_rows(values_ptr, index_ptr, v_base, toks, cols, tok_ok, V_KIND, HEAD_DIM)
     if K_KIND == 1:
         # Sparse keys, each token at its own block's width.
         k_w = tl.gather(kw_b, sel, 0)
@@ -282,11 +294,19 @@ def _packed_tile(table_ptr, block_idx_ptr, values_ptr, index_ptr, j0, done, blk_
         k_base = tl.gather(koff_b - start * HEAD_DIM, sel, 0)
         if ALIGNED:
             k_base = tl.multiple_of(k_base, 8)
-        kt = tl.load(values_ptr + k_base[:, None] + toks[:, None] * HEAD_DIM + cols[None, :], mask=tok_ok[:, None],
-                     other=0.0)
+        kt = _packed_rows(values_ptr, index_ptr, k_base, toks, cols, tok_ok, K_KIND, HEAD_DIM)
         k_ix = tok_ok
         k_live = tok_ok
     return tok_ok, kt, k_ix, k_live, vt, j0 + n_full, next_done
+
+
+@triton.jit
+def _packed_rows(values_ptr, index_ptr, base, toks, cols, tok_ok, KIND: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """A packed tile's whole rows of one side: bf16 (dense) or e4m3 bytes (fp8, as bf16)."""
+    rows = base[:, None] + toks[:, None] * HEAD_DIM + cols[None, :]
+    if KIND == 4:
+        return tl.load(index_ptr + rows, mask=tok_ok[:, None], other=0).to(tl.float8e4nv, bitcast=True).to(tl.bfloat16)
+    return tl.load(values_ptr + rows, mask=tok_ok[:, None], other=0.0)
 
 
 @triton.jit
@@ -354,7 +374,7 @@ def _mixed_attn_kernel(
 ):
     """Partial attention of the first ``count`` items in ``item_list`` (the count is read
     here, so a captured launch serves every later plan); ``K_KIND``/``V_KIND`` are the
-    formats of all their blocks (0 dense, 1 sparse, 2 mask, 3 lowrank), -1 for tail items.
+    formats of all their blocks (0 dense, 1 sparse, 2 mask, 3 lowrank, 4 fp8), -1 for tail items.
     With ``TAIL_INDEXED`` a request's tail token ``i`` is row ``tail_rows[tail_start + i]``
     of the tail buffers (a paged pool's rows, read in place), else row ``tail_start + i``.
     ``PREFETCH`` loads the next block's table entry one block ahead (launches of a block
@@ -456,7 +476,7 @@ def _mixed_attn_kernel(
                     start = tl.load(tiles_ptr + t)
                     tok_ok, kt, k_ix, k_live, vt, _, _ = _packed_tile(
                         table_ptr, block_idx_ptr, values_ptr, index_ptr, j0 + (start >> 16),
-                        start & 0xFFFF, blk_hi, toks, cols, jr, K_KIND, HEAD_DIM, BLOCK_N, ALIGNED, TILE_BLOCKS,
+                        start & 0xFFFF, blk_hi, toks, cols, jr, K_KIND, V_KIND, HEAD_DIM, BLOCK_N, ALIGNED, TILE_BLOCKS,
                         STAGES == 1 or ROWS_PAST_UNROLL)
                     m_i, l_t, acc = _packed_step(q, q_ptr, q_rows, n_rows, rows, tok_ok, kt, k_ix, k_live, vt, qk_scale,
                                                  m_i, l_t, acc, K_KIND, BLOCK_M, BLOCK_N, UNROLL, ROWS_PAST_UNROLL,
@@ -466,7 +486,7 @@ def _mixed_attn_kernel(
                 while j0 < blk_hi:
                     tok_ok, kt, k_ix, k_live, vt, j0, done = _packed_tile(
                         table_ptr, block_idx_ptr, values_ptr, index_ptr, j0, done, blk_hi, toks, cols, jr, K_KIND,
-                        HEAD_DIM, BLOCK_N, ALIGNED, TILE_BLOCKS, True)
+                        V_KIND, HEAD_DIM, BLOCK_N, ALIGNED, TILE_BLOCKS, True)
                     m_i, l_t, acc = _packed_step(q, q_ptr, q_rows, n_rows, rows, tok_ok, kt, k_ix, k_live, vt, qk_scale,
                                                  m_i, l_t, acc, K_KIND, BLOCK_M, BLOCK_N, UNROLL, ROWS_PAST_UNROLL,
                                                  DEFER_ROW_SUMS)
@@ -489,9 +509,9 @@ def _mixed_attn_kernel(
                     v_off = tl.multiple_of(v_off, 8)
                     k_w = tl.multiple_of(k_w, 8)
                     v_w = tl.multiple_of(v_w, 8)
-                    if K_KIND == 1:
+                    if (K_KIND == 1) or (K_KIND == 4):
                         k_aux = tl.multiple_of(k_aux, 16)
-                    if V_KIND == 1:
+                    if (V_KIND == 1) or (V_KIND == 4):
                         v_aux = tl.multiple_of(v_aux, 16)
                 # Projected keys: logits = (q @ basisᵀ) @ coefᵀ; a mask's basis is one-hot,
                 # so q @ basisᵀ is q's kept channels, gathered.
@@ -517,7 +537,7 @@ def _mixed_attn_kernel(
                         q, qk, qk_lo, q_ptr, q_rows, n_rows, values_ptr, index_ptr, k_off, k_w, k_aux, v_off, v_w, v_aux,
                         tok, tok < m, toks, cols, jr, rows, scr_k, scr_v, qk_scale, m_i, l_i, acc, blk_acc, K_KIND, V_KIND,
                         HEAD_DIM, BLOCK_M, BLOCK_N, R_MAX, R_LOG2, SPARSE_MODE, KEYS_BY_QUERY)
-                if V_KIND >= 2:  # fold the block's r-space values back: acc += blk_acc @ basis
+                if (V_KIND == 2) or (V_KIND == 3):  # fold the block's r-space values back: acc += blk_acc @ basis
                     vb = _basis(values_ptr, index_ptr, v_w, v_aux, jr, cols, V_KIND, HEAD_DIM, ALIGNED)
                     acc_hi = blk_acc.to(tl.bfloat16)
                     acc += tl.dot(acc_hi, vb) + tl.dot((blk_acc - acc_hi.to(tl.float32)).to(tl.bfloat16), vb)
@@ -758,14 +778,14 @@ class MixedAttention:
 
     def tile_shape(self) -> TileShape | None:
         """Each format pair's packed tile length, 0 where not packed (``KIND_PAIRS``
-        entries, ``4 * k_kind + v_kind``), and ``tile_blocks``: what a plan finds tile
+        entries, ``NUM_KINDS * k_kind + v_kind``), and ``tile_blocks``: what a plan finds tile
         starts for; None without ``tile_starts``."""
         return self._tile_shape
 
     def _find_tile_shape(self) -> TileShape | None:
         if not self.tile_starts:
             return None
-        pairs = [divmod(kind, 4) for kind in range(KIND_PAIRS)]
+        pairs = [pair_kinds(kind) for kind in range(KIND_PAIRS)]
         widths = np.asarray([self.tile_n(k, v) if self.packs(k, v) else 0 for k, v in pairs], dtype=np.int64)
         return TileShape(widths, self.tile_blocks)
 
@@ -797,11 +817,12 @@ class MixedAttention:
 
     def packs(self, k_kind: int, v_kind: int) -> bool:
         """Whether a launch of this format pair packs tokens of several blocks per tile:
-        dense pairs, and with ``pack_sparse_keys`` sparse keys beside dense values (a
-        mask's or low-rank basis is per block, and a sparse tile's densify is per block)."""
-        if not self.pack_tokens or v_kind != DENSE or self.span(k_kind, v_kind):
+        pairs of whole rows (dense or fp8), and with ``pack_sparse_keys`` sparse keys beside
+        whole values (a mask's or low-rank basis is per block, and a sparse tile's densify
+        is per block)."""
+        if not self.pack_tokens or v_kind not in (DENSE, FP8) or self.span(k_kind, v_kind):
             return False
-        return k_kind == DENSE or (k_kind == SPARSE and self.pack_sparse_keys)
+        return k_kind in (DENSE, FP8) or (k_kind == SPARSE and self.pack_sparse_keys)
 
     def span(self, k_kind: int, v_kind: int) -> int:
         """Lanes a block takes in a launch of this format pair (0: not spanned)."""
@@ -817,17 +838,17 @@ class MixedAttention:
     def _check_block_tokens(self, arena: Arena, block_indices: np.ndarray) -> None:
         """Refuse blocks keeping more tokens than their launch reads of a block: a spanned
         launch ``block_span``, a launch of a block a tile with ``block_stages`` one tile."""
-        pairs = [divmod(kind, 4) for kind in range(KIND_PAIRS)]
+        pairs = [pair_kinds(kind) for kind in range(KIND_PAIRS)]
         limits = np.asarray([self.span(k, v) or (self.tile_n(k, v) if self.block_loop_stages(k, v) else 0)
                              for k, v in pairs], dtype=np.int64)
         if not limits.any():
             return
         entries = arena.table_host[np.asarray(block_indices, dtype=np.int64)]
-        kinds = 4 * entries[:, 1] + entries[:, 5]
+        kinds = NUM_KINDS * entries[:, 1] + entries[:, 5]
         over = entries[:, 0] > np.where(limits[kinds] > 0, limits[kinds], np.iinfo(np.int64).max)
         if not over.any():
             return
-        k_kind, v_kind = divmod(int(kinds[over][0]), 4)
+        k_kind, v_kind = pair_kinds(kinds[over][0])
         kept = int(entries[over & (kinds == kinds[over][0]), 0].max())
         if self.span(k_kind, v_kind):
             raise ValueError(f"block_span={self.block_span} but a dense block keeps {kept} tokens: "

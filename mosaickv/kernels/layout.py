@@ -5,13 +5,14 @@ Storage (:class:`Arena`) — every stored block of every request lives in three 
 * ``values``: bf16. Per block, in this order: key values (dense ``[m, d]``, sparse/mask
   ``[m, r]``, lowrank coefficients ``[m, r]``), the key lowrank basis ``[r, d]``, then the
   same for the values side.
-* ``index``: uint8. Per block: key channel indices (sparse ``[m, r]``, mask ``[r]``), then
-  the value side's.
+* ``index``: uint8. Per block: key channel indices (sparse ``[m, r]``, mask ``[r]``) or
+  fp8 key vectors (``[m, d]``, e4m3 bytes), then the value side's.
 * ``table``: int64 ``[num_blocks, 9]``, one row per block; columns are :data:`TABLE_FIELDS`.
   ``*_width`` is the row stride in ``values`` (``d`` for dense, ``r`` otherwise),
   ``*_values`` the element offset of the side's values in ``values``, ``*_aux`` the
   offset of its basis in ``values`` (lowrank) or of its indices in ``index`` (sparse and
-  mask), ``0`` for dense. A block that keeps no tokens stores nothing (offsets ``0``).
+  mask) or of its e4m3 vectors there (fp8, whose ``width`` is ``d`` and ``*_values`` 0),
+  ``0`` for dense. A block that keeps no tokens stores nothing (offsets ``0``).
 
 Exact byte accounting. Each tensor of a side starts at a multiple of ``align`` bytes
 (``align=1`` packs them back to back); the gap before it is padding. Then::
@@ -45,13 +46,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mosaickv.kernels.block_runs import KIND_PAIRS, BlockRuns, TileShape, as_table, block_runs, kind_tokens
-from mosaickv.formats import SIDE_KINDS, VALUE_DTYPE, BlockFormat, PackedBlock, PackedSide, SideFormat, format_arrays
+from mosaickv.kernels.block_runs import KIND_PAIRS, BlockRuns, pair_kinds, TileShape, as_table, block_runs, kind_tokens
+from mosaickv.formats import FP8_DTYPE, SIDE_KINDS, VALUE_DTYPE, BlockFormat, PackedBlock, PackedSide, SideFormat, format_arrays
 from mosaickv.reference import CompressedLayer
 from mosaickv.uploads import upload
 
 TABLE_FIELDS = ("tokens", "k_kind", "k_width", "k_values", "k_aux", "v_kind", "v_width", "v_values", "v_aux")
-DENSE, SPARSE, MASK, LOWRANK = (SIDE_KINDS.index(k) for k in ("dense", "sparse", "mask", "lowrank"))
+DENSE, SPARSE, MASK, LOWRANK, FP8 = (SIDE_KINDS.index(k) for k in ("dense", "sparse", "mask", "lowrank", "fp8"))
 # The last two: a tail item's tail positions, a packed run's rows of the plan's tile
 # starts (``AttentionPlan.tiles``; 0 and 0 without them).
 ITEM_FIELDS = ("request", "kv_head", "row0", "block_lo", "block_hi", "tail_lo", "tail_hi")
@@ -61,13 +62,23 @@ GROUP_FIELDS = ("request", "kv_head", "row0")
 
 def _side_sizes(kind: np.ndarray | int, m: np.ndarray | int, r: np.ndarray | int, d: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Elements in ``values`` for (values, basis) and bytes in ``index`` of one side,
-    elementwise over arrays of sides (``r`` is ignored for dense)."""
+    elementwise over arrays of sides (``r`` is ignored for dense and fp8)."""
     kind, m, r = np.asarray(kind, dtype=np.int64), np.asarray(m, dtype=np.int64), np.asarray(r, dtype=np.int64)
     on = m > 0
-    values = np.where(on, m * np.where(kind == DENSE, d, r), 0)
+    values = np.where(on & (kind != FP8), m * np.where(kind == DENSE, d, r), 0)
     basis = np.where(on & (kind == LOWRANK), r * d, 0)
-    index = np.where(on, np.select([kind == SPARSE, kind == MASK], [m * r, r], 0), 0)
+    index = np.where(on, np.select([kind == SPARSE, kind == MASK, kind == FP8], [m * r, r, m * d], 0), 0)
     return values, basis, index
+
+
+def widthless(kinds: np.ndarray) -> np.ndarray:
+    """Which side kinds keep every channel (the table's width is the head dim)."""
+    return (kinds == DENSE) | (kinds == FP8)
+
+
+def in_index(kinds: np.ndarray) -> np.ndarray:
+    """Which side kinds keep bytes in ``index`` (their ``aux`` points there)."""
+    return (kinds == SPARSE) | (kinds == MASK) | (kinds == FP8)
 
 
 def _place(sizes: np.ndarray, align: int, base: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -139,7 +150,7 @@ def _place_rows(tokens: np.ndarray, kinds: np.ndarray, widths: np.ndarray, d: in
     if (values_base % value_align).any() or (index_base is not None and (index_base % align).any()):
         raise ValueError(f"arena bases ({values_base.tolist()} elements, {None if index_base is None else index_base.tolist()} "
                          f"bytes) are not {align}-byte aligned")
-    widths = np.where(kinds == DENSE, d, widths)
+    widths = np.where(widthless(kinds), d, widths)
     kv, kb, ki = _side_sizes(kinds[..., 0], tokens, widths[..., 0], d)
     vv, vb, vi = _side_sizes(kinds[..., 1], tokens, widths[..., 1], d)
     vsz, isz = np.stack([kv, kb, vv, vb], -1), np.stack([ki, vi], -1)
@@ -154,8 +165,8 @@ def _place_rows(tokens: np.ndarray, kinds: np.ndarray, widths: np.ndarray, d: in
         kind = kinds[..., s]
         table[..., col] = kind
         table[..., col + 1] = widths[..., s]
-        table[..., col + 2] = np.where(on, vstart[..., 2 * s], 0)
-        aux = np.where(kind == LOWRANK, vstart[..., 2 * s + 1], np.where((kind == SPARSE) | (kind == MASK), istart[..., s], 0))
+        table[..., col + 2] = np.where(on & (kind != FP8), vstart[..., 2 * s], 0)
+        aux = np.where(kind == LOWRANK, vstart[..., 2 * s + 1], np.where(in_index(kind), istart[..., s], 0))
         table[..., col + 3] = np.where(on, aux, 0)
     pad = 2 * (vend - values_base - vsz.reshape(len(vsz), -1).sum(1)) + iend - index_base - isz.reshape(len(isz), -1).sum(1)
     return RegionPlacements(table, vend, iend, vstart, vgap, istart, igap, pad, index_base)
@@ -234,8 +245,12 @@ class Arena:
             if not blocks[i].fmt.tokens:
                 continue
             for s, side in enumerate((k, v)):
-                parts = [(values, place.value_starts[i, 2 * s], side.values), (values, place.value_starts[i, 2 * s + 1], side.basis)]
-                parts.append((index, place.index_starts[i, s], side.index))
+                if side.fmt.kind == "fp8":
+                    parts = [(index, place.index_starts[i, s], side.values.view(torch.uint8))]
+                else:
+                    parts = [(values, place.value_starts[i, 2 * s], side.values),
+                             (values, place.value_starts[i, 2 * s + 1], side.basis),
+                             (index, place.index_starts[i, s], side.index)]
                 for buf, start, t in parts:
                     if t is not None:
                         buf[int(start) : int(start) + t.numel()] = t.reshape(-1).to(buf.dtype)
@@ -252,7 +267,7 @@ def unaligned_blocks(table: np.ndarray) -> np.ndarray:
     multiple of 8, whose rows the kernels cannot load as vectors (``ALIGNED``)."""
     kinds, widths = table[:, [1, 5]], table[:, [2, 6]]
     used = (table[:, 0] > 0)[:, None]
-    return ((kinds != DENSE) & used & (widths % 8 != 0)).any(axis=1)
+    return (~widthless(kinds) & used & (widths % 8 != 0)).any(axis=1)
 
 
 def widths_aligned(table: np.ndarray) -> bool:
@@ -269,10 +284,12 @@ def read_block(values: torch.Tensor, index: torch.Tensor, row: Sequence[int], he
     sides = []
     for col in (1, 5):
         kind, width, voff, aux = row[col : col + 4]
-        fmt = SideFormat(SIDE_KINDS[kind], 0 if kind == DENSE else width)
+        fmt = SideFormat(SIDE_KINDS[kind], 0 if widthless(np.asarray(kind)) else width)
         nv, nb, ni = (int(x) for x in _side_sizes(kind, m, width, d))
         side = PackedSide(fmt)
-        if m:
+        if m and kind == FP8:
+            side.values = index[aux : aux + ni].view(FP8_DTYPE).reshape(m, d).to(device)
+        elif m:
             side.values = values[voff : voff + nv].reshape(m, -1).to(device)
             if kind == LOWRANK:
                 side.basis = values[aux : aux + nb].reshape(width, d).to(device)
@@ -331,12 +348,13 @@ def region_bytes(blocks: Sequence[PackedBlock], place: Placement, base_bytes: in
     for i, blk in enumerate(blocks):
         for s, side in enumerate((blk.k, blk.v)):
             for j, t in enumerate((side.values, side.basis)):
-                if blk.fmt.tokens and t is not None:
+                if blk.fmt.tokens and t is not None and side.fmt.kind != "fp8":
                     put(2 * int(place.value_starts[i, 2 * s + j]), t.to(VALUE_DTYPE))
     for i, blk in enumerate(blocks):
         for s, side in enumerate((blk.k, blk.v)):
-            if blk.fmt.tokens and side.index is not None:
-                put(int(place.index_starts[i, s]), side.index.to(torch.uint8))
+            stored = side.values.view(torch.uint8) if side.fmt.kind == "fp8" else side.index
+            if blk.fmt.tokens and stored is not None:
+                put(int(place.index_starts[i, s]), stored.to(torch.uint8))
     if not pieces:
         return zeros[:0]
     return torch.cat(pieces)
@@ -572,7 +590,7 @@ def plan_work(
     Softmax does not care about key order, so the blocks of each ``(request, kv_head)``
     are regrouped by (key kind, value kind) and every item's blocks share one pair: the
     kernel is then specialised per pair at compile time (no format branches, half the
-    registers). ``item_kind`` is ``4 * k_kind + v_kind``, or ``TAIL``. Blocks go into
+    registers). ``item_kind`` is the format pair (``NUM_KINDS * k_kind + v_kind``), or ``TAIL``. Blocks go into
     runs of about ``chunk_tokens`` kept tokens (whole blocks: a block's basis is folded in
     once, at its end), on the table's device (:func:`block_runs`); the tail into runs of
     ``chunk_tokens`` rounded up to ``block_n``, here; ``runs``: those block runs, already
@@ -762,7 +780,7 @@ def plan_host(
     # what the items read, so the launch's R_MAX covers them all).
     r_max_of = {TAIL: 16}
     for kind in np.flatnonzero(np.bincount(kinds + 1, minlength=KIND_PAIRS + 1)[1:]):
-        k_kind, v_kind = divmod(int(kind), 4)
+        k_kind, v_kind = pair_kinds(kind)
         r_max_of[int(kind)] = r_max_for(((k_kind, int(runs.k_width_max[kind])), (v_kind, int(runs.v_width_max[kind]))))
 
     requests = np.zeros((bsz, len(REQUEST_FIELDS)), dtype=np.int64)
@@ -782,7 +800,7 @@ def plan_host(
     launches: list[list[tuple[int, int, int, np.ndarray]]] = [[] for _ in range(num_layers)]
     for lo, hi, layer, kind in zip(starts.tolist(), ends.tolist(), item_layer[order[starts]].tolist(),
                                    kinds[order[starts]].tolist()):
-        k_kind, v_kind = (TAIL, TAIL) if kind == TAIL else divmod(kind, 4)
+        k_kind, v_kind = (TAIL, TAIL) if kind == TAIL else pair_kinds(kind)
         launches[layer].append((k_kind, v_kind, r_max_of[kind], ids[lo:hi]))
     for arr in (items, groups, merge_indptr, ids):
         arr.flags.writeable = False  # with_tails shares them between plans

@@ -7,7 +7,7 @@ the whole segment or an SVD: the block formats, which tokens stay (``kept_rows``
 channel weights or scores, the lowrank bases. The kernel does the per-token work, one
 program per (block, tile of ``block_t`` kept tokens), all blocks of the batch in one launch:
 
-* dense: copy the kept rows;
+* dense: copy the kept rows; fp8: the same rows as e4m3 bytes in the index arena;
 * sparse: per vector, the ``r`` channels of largest ``(w_c · x_c)²`` for the block's
   per-channel weight ``w``, computed in fp32 as the scorers compute their element scores
   (ones: energy, ``formats._pack_sides``'s default; the query rms: the ``QueryWeighted``
@@ -42,16 +42,18 @@ import torch
 import triton
 import triton.language as tl
 
-from mosaickv.formats import MAX_HEAD_DIM, SIDE_KINDS, BlockFormat
+from mosaickv.formats import FP8_MAX, MAX_HEAD_DIM, SIDE_KINDS, BlockFormat
 from mosaickv.kernels._interpret import patch_interpreter
 from mosaickv.formats import format_arrays
-from mosaickv.kernels.layout import DENSE, LOWRANK, MASK, SPARSE, Arena, Placement, place_blocks
+from mosaickv.kernels.layout import DENSE, FP8, LOWRANK, MASK, SPARSE, Arena, Placement, place_blocks
 from mosaickv.uploads import upload
 
 patch_interpreter()
 
 PACK_FIELDS = ("head", "tok_start", "k_mat", "k_vgap", "k_agap", "v_mat", "v_vgap", "v_agap")
-_SPARSE, _MASK, _LOWRANK = tl.constexpr(SPARSE), tl.constexpr(MASK), tl.constexpr(LOWRANK)  # jit code reads constexpr globals
+# jit code reads constexpr globals
+_SPARSE, _MASK, _LOWRANK, _FP8 = tl.constexpr(SPARSE), tl.constexpr(MASK), tl.constexpr(LOWRANK), tl.constexpr(FP8)
+_FP8_MAX = tl.constexpr(FP8_MAX)
 
 
 @triton.jit
@@ -68,6 +70,22 @@ def _top_r(key, r, ROWS: tl.constexpr):
     tie = bits == thr[:, None]
     need = r - tl.sum(above.to(tl.int32), 1)
     return above | (tie & (tl.cumsum(tie.to(tl.int32), 1) <= need[:, None]))
+
+
+@triton.jit
+def _e4m3_bytes(x):
+    """``x`` as float8 e4m3 bytes, saturated at ``FP8_MAX``, rounded to nearest even: the
+    bits worked out in integers, so that the interpreter (whose own conversion rounds
+    halves up) and the GPU store what ``torch``'s conversion does."""
+    x = tl.minimum(tl.maximum(x.to(tl.float32), -_FP8_MAX), _FP8_MAX)
+    bits = x.to(tl.int32, bitcast=True)
+    sign = (bits >> 24) & 0x80
+    a = bits & 0x7FFFFFFF
+    r = a + 0x7FFFF + ((a >> 20) & 1)  # round fp32's 23 mantissa bits to 3, ties to even
+    normal = (((r >> 23) - 120) << 3) | ((r >> 20) & 7)  # exponent bias 127 -> 7
+    y = tl.abs(x) * 512.0  # below 2^-6: subnormal, a count of 2^-9 (8 is the least normal)
+    sub = ((y + 8388608.0) - 8388608.0).to(tl.int32)  # 2^23: fp32 addition rounds y to an integer, ties to even
+    return (tl.where(tl.abs(x) < 0.015625, sub, normal) | sign).to(tl.uint8)
 
 
 @triton.jit
@@ -116,6 +134,10 @@ def _store_side(x, tok, tok_ok, first, m, ent, vgap, agap, mat, chan_ptr, values
             if kind == _MASK:
                 tl.store(index_ptr + aux + slot, ch, mask=sel & (tok == 0)[:, None])
             tl.store(index_ptr + idx_end + gj, tl.zeros([GAP], tl.uint8), mask=gj < agap)
+    elif kind == _FP8:
+        tl.store(index_ptr + aux + tok[:, None] * HEAD_DIM + cols[None, :], _e4m3_bytes(x), mask=tok_ok[:, None])
+        if first:
+            tl.store(index_ptr + aux + m * HEAD_DIM + gj, tl.zeros([GAP], tl.uint8), mask=gj < agap)
     else:
         tl.store(values_ptr + voff + tok[:, None] * HEAD_DIM + cols[None, :], x, mask=tok_ok[:, None])
     if first:

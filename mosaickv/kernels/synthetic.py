@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mosaickv.formats import SIDE_KINDS, BlockFormat, SideFormat, pack_block
-from mosaickv.kernels.layout import LOWRANK, MASK, SPARSE, Arena
+from mosaickv.formats import FP8_DTYPE, SIDE_KINDS, WIDTHLESS, BlockFormat, SideFormat, pack_block
+from mosaickv.kernels.layout import FP8, LOWRANK, MASK, SPARSE, Arena
 from mosaickv.reference import CompressedLayer
 
 
@@ -25,7 +25,7 @@ def random_format(gen: torch.Generator, n: int, d: int, kinds: Sequence[str] = S
 
     def side() -> SideFormat:
         kind = kinds[int(torch.randint(len(kinds), (1,), generator=gen))]
-        return SideFormat(kind, 0 if kind == "dense" else int(torch.randint(1, d + 1, (1,), generator=gen)))
+        return SideFormat(kind, 0 if kind in WIDTHLESS else int(torch.randint(1, d + 1, (1,), generator=gen)))
 
     tokens = int(torch.randint(0, n + 1, (1,), generator=gen)) if drop else n
     return BlockFormat(tokens, side(), side())
@@ -66,7 +66,8 @@ class Recipe:
         m = self.tokens
         if m == 0:
             return 0
-        return {"dense": 2 * m * d, "sparse": 3 * m * r, "mask": 2 * m * r + r, "lowrank": 2 * (m * r + r * d)}[kind]
+        return {"dense": 2 * m * d, "sparse": 3 * m * r, "mask": 2 * m * r + r, "lowrank": 2 * (m * r + r * d),
+                "fp8": m * d}[kind]
 
     def nbytes(self, d: int) -> int:
         """Payload bytes (what formats.py counts, without the 16-byte header)."""
@@ -87,8 +88,8 @@ def pattern_table(num_pairs: int, blocks_per_pair: int, pattern: Sequence[Recipe
     cols = np.zeros((len(pattern), 9), dtype=np.int64)
     for j, r in enumerate(pattern):
         cols[j, 0] = r.tokens
-        cols[j, 1], cols[j, 2] = SIDE_KINDS.index(r.k[0]), d if r.k[0] == "dense" else r.k[1]
-        cols[j, 5], cols[j, 6] = SIDE_KINDS.index(r.v[0]), d if r.v[0] == "dense" else r.v[1]
+        cols[j, 1], cols[j, 2] = SIDE_KINDS.index(r.k[0]), d if r.k[0] in WIDTHLESS else r.k[1]
+        cols[j, 5], cols[j, 6] = SIDE_KINDS.index(r.v[0]), d if r.v[0] in WIDTHLESS else r.v[1]
     return rec, cols[rec]
 
 
@@ -114,9 +115,9 @@ def synthetic_arena(
         row = []
         for kind, w in (r.k, r.v):
             width = d if kind == "dense" else w
-            nv = m * width if m else 0
+            nv = m * width if m and kind != "fp8" else 0
             nbas = w * d if (kind == "lowrank" and m) else 0
-            nidx = (m * w if kind == "sparse" else w if kind == "mask" else 0) if m else 0
+            nidx = (m * w if kind == "sparse" else w if kind == "mask" else m * d if kind == "fp8" else 0) if m else 0
             row += [nv, nbas, nidx]
         sizes.append(row)
     sz = np.asarray(sizes, dtype=np.int64)[rec]  # [nb, 6]
@@ -127,10 +128,10 @@ def synthetic_arena(
     istart = np.concatenate([[0], np.cumsum(isz.sum(1))])
     voffs = vstart[:-1, None] + np.concatenate([np.zeros((nb, 1), np.int64), np.cumsum(vsz, 1)[:, :-1]], 1)
     ioffs = istart[:-1, None] + np.concatenate([np.zeros((nb, 1), np.int64), isz[:, :1]], 1)
-    table[:, 3] = voffs[:, 0]
-    table[:, 7] = voffs[:, 2]
-    table[:, 4] = np.where(table[:, 1] == LOWRANK, voffs[:, 1], np.where(np.isin(table[:, 1], [SPARSE, MASK]), ioffs[:, 0], 0))
-    table[:, 8] = np.where(table[:, 5] == LOWRANK, voffs[:, 3], np.where(np.isin(table[:, 5], [SPARSE, MASK]), ioffs[:, 1], 0))
+    for col, s in ((1, 0), (5, 1)):
+        table[:, col + 2] = np.where(table[:, col] == FP8, 0, voffs[:, 2 * s])
+        table[:, col + 3] = np.where(table[:, col] == LOWRANK, voffs[:, 2 * s + 1],
+                                     np.where(np.isin(table[:, col], [SPARSE, MASK, FP8]), ioffs[:, s], 0))
     empty = table[:, 0] == 0
     table[empty, 3:5] = 0
     table[empty, 7:9] = 0
@@ -142,6 +143,9 @@ def synthetic_arena(
     # Valid indices: within each index tensor, entry e of a row of width w is channel
     # e * (d // w) + (row % (d // w)), sorted and distinct; fill per recipe slot.
     index.zero_()
+    fp8 = ((table[:, 1] == FP8) | (table[:, 5] == FP8)).any()
+    if fp8:  # fp8 sides' bytes: e4m3 of random normals (a random byte may be NaN)
+        index.copy_(torch.randn(index.numel(), generator=gen, device=device).to(FP8_DTYPE).view(torch.uint8))
     dev_table = torch.from_numpy(table).to(device)
     for j, r in enumerate(pattern):
         sel = torch.from_numpy(np.flatnonzero(rec == j)).to(device)

@@ -566,3 +566,34 @@ def test_heads_nodrop16_keeps_tokens_of_every_block_within_the_budget(ratio, tmp
     assert sum(b.nbytes() for b in blocks) <= len(blocks) * dense_block_bytes(size, 64) / ratio
     assert all(b.fmt.tokens > 0 for b in blocks)
     assert any(b.fmt != BlockFormat(size) for b in blocks)
+
+
+def test_heads_fp8_and_its_baselines_keep_twice_the_heads_whole_in_fp8_within_the_budget(tmp_path):
+    """At SmolLM2's shape: heads_fp8 and its FP8 baselines keep the same top heads whole,
+    every token in e4m3 (twice mosaic_heads' count: 40 at 3x, 20 at 6x), spend at most the
+    budget at 6x, and differ on the other heads only: heads_fp8 stores some of them in fp8,
+    the uniform 2-D baseline none."""
+    from mosaickv.compressor import Compressor
+    from mosaickv.config import load_policy
+    from mosaickv.formats import FP8, BlockFormat, dense_block_bytes
+
+    ratio, whole = 6.0, 20
+    top = set(load_policy("mosaic_heads").strategy._order[:whole].tolist())
+    kinds = {}
+    for name in ("heads_fp8", "heads_uniform2d_fp8", "heads_snapkv_fp8"):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(f"base: {SUITE / (name + '.yaml')}\nname: {name}\nratio: {ratio}\n")
+        policy = load_policy(str(path))
+        for r, count in ((3.0, 40), (6.0, whole)):
+            assert policy.strategy.whole_heads(r) == count == 2 * load_policy("mosaic_heads").strategy.whole_heads(r)
+        cache = Compressor(policy, 64).compress(smollm2_shaped(policy, int(ratio)), scope="segment")
+        blocks = [(layer * 3 + head, block) for layer, compressed in enumerate(cache.layers)
+                  for seg in compressed.blocks[policy.sink_segments:] for head, block in enumerate(seg)]
+        size = policy.segment_size
+        assert sum(b.nbytes() for _, b in blocks) <= len(blocks) * dense_block_bytes(size, 64) / ratio
+        assert {h for h, b in blocks if b.fmt == BlockFormat(size, FP8, FP8)} >= top
+        assert all(b.fmt == BlockFormat(size, FP8, FP8) for h, b in blocks if h in top)
+        kinds[name] = {(b.fmt.k.kind, b.fmt.v.kind) for h, b in blocks if h not in top and b.fmt.tokens}
+    assert any("fp8" in pair for pair in kinds["heads_fp8"])
+    assert not any("fp8" in pair for pair in kinds["heads_uniform2d_fp8"])
+    assert kinds["heads_snapkv_fp8"] == {("fp8", "fp8")}

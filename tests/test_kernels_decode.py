@@ -651,9 +651,11 @@ def test_cuda_graph_replay_matches_eager() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_packed_tiles() -> None:
     """The packed-tile path compiled (the CPU cases run it in the interpreter), also on
-    the benchmark's aligned arenas against the unpacked kernel."""
+    the benchmark's aligned arenas against the unpacked kernel, and with fp8 rows (the GPU's
+    own e4m3 conversion, which the interpreter stands in for)."""
     test_packed_tiles(4, 128, True)
     test_packed_tiles(3, 64, False)
+    test_packed_tiles_of_fp8_sides(4, 128)
 
 
 @pytest.mark.gpu

@@ -263,6 +263,13 @@ def test_fp8_rounds_saturates_and_keeps_subnormals_as_torch_does() -> None:
     assert got.v.values.float().abs().max() == FP8_MAX
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_fp8_rounding() -> None:
+    """The packer's integer e4m3 rounding compiled for the GPU equals torch's conversion."""
+    test_fp8_rounds_saturates_and_keeps_subnormals_as_torch_does()
+
+
 def test_append_after_pool_contents() -> None:
     """Bases place the batch after what a pool holds; nothing outside it is touched."""
     gen = torch.Generator().manual_seed(23)

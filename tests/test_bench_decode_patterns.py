@@ -24,6 +24,20 @@ def test_a_mix_fits_its_segments_and_meets_its_ratio(segment: int, target: float
     assert abs(ratio - target) / target < 0.1
 
 
+def test_an_eval_reports_formats_become_a_mix_in_their_proportions_fp8_included() -> None:
+    """``--policy-formats``: a report's format histogram, widths scaled to the shape's head
+    dim, whole kinds (dense, fp8) without one; the mix's ratio from the recipes' bytes."""
+    from bench_decode import policy_patterns
+
+    report = {"rows": [{"policy": "benchmarks/suite/heads_fp8.yaml", "target_ratio": 6.0,
+                        "formats": {"t32/k=fp8/v=fp8": 30, "t8/k=sparse:8/v=fp8": 60, "t0/k=dense/v=dense": 30}}]}
+    [(name, pattern, ratio)] = policy_patterns(report, 128, 64, entries=8)
+    assert name == "heads_fp8_6x"
+    assert [(r.tokens, r.k, r.v) for r in pattern] == [(8, ("sparse", 16), ("fp8", 0))] * 4 + \
+        [(32, ("fp8", 0), ("fp8", 0))] * 2 + [(0, ("dense", 0), ("dense", 0))] * 2
+    assert ratio == pytest.approx(4 * 32 * 128 * 8 / (2 * 32 * 2 * 128 + 4 * (3 * 8 * 16 + 8 * 128)))
+
+
 def test_the_first_diag_setting_is_the_servers_decode_tuning() -> None:
     """diag_formats compares every setting with its first, which must be what the server
     decodes 32-token segments with; its second, with what it decodes longer ones."""

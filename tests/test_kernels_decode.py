@@ -595,6 +595,8 @@ def test_synthetic_arena_is_valid() -> None:
         Recipe(8, ("lowrank", 8), ("dense", 0)),
         Recipe(0, ("sparse", 8), ("dense", 0)),
         Recipe(16, ("mask", 24), ("sparse", 8)),
+        Recipe(24, ("fp8", 0), ("fp8", 0)),
+        Recipe(8, ("sparse", 16), ("fp8", 0)),
     ]
     arena, indptr, _ = synthetic_arena(3, 5, pattern, d, "cpu")
     payload = 0
@@ -607,6 +609,9 @@ def test_synthetic_arena_is_valid() -> None:
                 assert (idx.diff(dim=1) > 0).all() and idx.max() < d
             if side.fmt.kind == "mask":
                 assert (side.index.long().diff() > 0).all()
+            if side.fmt.kind == "fp8":
+                assert torch.isfinite(side.values.float()).all() and side.values.float().abs().max() > 0
+    assert {SIDE_KINDS[k] for k in arena.table_host[:, [1, 5]].flatten()} == set(SIDE_KINDS)
     assert arena.nbytes() == payload + arena.pad_bytes
     assert arena.widths_aligned and list(indptr) == [0, 5, 10, 15]
 

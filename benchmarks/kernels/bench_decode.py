@@ -44,6 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mosaickv.formats import WIDTHLESS
 from mosaickv.kernels.decode import MixedDecodeWrapper
 from mosaickv.kernels.synthetic import Recipe, synthetic_arena
 from mosaickv.reference import CompressedLayer, attention
@@ -75,7 +76,7 @@ def policy_patterns(report: dict, d: int, eval_head_dim: int, entries: int = 64)
             if m is None:
                 raise ValueError(f"format {key!r} in {row['policy']} is not t<tokens>/k=<kind>[:w]/v=<kind>[:w]")
             t, kk, kw, vk, vw = m.groups()
-            side = lambda kind, w: (kind, 0 if kind == "dense" else int(w) * d // eval_head_dim)  # noqa: E731
+            side = lambda kind, w: (kind, 0 if kind in WIDTHLESS else int(w) * d // eval_head_dim)  # noqa: E731
             pattern += [Recipe(int(t), side(kk, kw), side(vk, vw))] * round(entries * count / total)
         name = f"{Path(row['policy']).stem}_{row['target_ratio']:g}x"
         dense = 4 * POLICY_SEGMENT * d * len(pattern)

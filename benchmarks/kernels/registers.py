@@ -37,7 +37,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from mosaickv.kernels.layout import DENSE, LOWRANK, SPARSE, TAIL
+from mosaickv.kernels.layout import DENSE, FP8, LOWRANK, SPARSE, TAIL
 
 sys.path.insert(0, str(Path(__file__).parent))
 from shared_reads import worst_read  # noqa: E402
@@ -57,6 +57,9 @@ LAUNCHES = {
     # tile loop pipelined.
     "dense_packed_tile_starts": (DENSE, DENSE, True, 16, 0, True),
     "sparse_keys_packed_tile_starts": (SPARSE, DENSE, True, 64, 0, True),
+    # The fp8 format's (heads_fp8): whole e4m3 rows packed as dense ones are, beside sparse keys.
+    "fp8_packed_tile_starts": (FP8, FP8, True, 16, 0, True),
+    "sparse_keys_fp8_values_packed_tile_starts": (SPARSE, FP8, True, 64, 0, True),
 }
 POINTERS = {"q_ptr": "*bf16", "values_ptr": "*bf16", "index_ptr": "*u8", "table_ptr": "*i64", "block_idx_ptr": "*i32",
             "tail_k_ptr": "*bf16", "tail_v_ptr": "*bf16", "tail_rows_ptr": "*i32", "req_ptr": "*i32",

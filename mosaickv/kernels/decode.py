@@ -302,11 +302,14 @@ def _packed_tile(table_ptr, block_idx_ptr, values_ptr, index_ptr, j0, done, blk_
 
 @triton.jit
 def _packed_rows(values_ptr, index_ptr, base, toks, cols, tok_ok, KIND: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """A packed tile's whole rows of one side: bf16 (dense) or e4m3 bytes (fp8, as bf16)."""
+    """A packed tile's whole rows of one side: bf16 (dense) or e4m3 bytes (fp8, widened to
+    fp16, which holds every e4m3 value exactly)."""
     rows = base[:, None] + toks[:, None] * HEAD_DIM + cols[None, :]
     if KIND == 4:
-        return tl.load(index_ptr + rows, mask=tok_ok[:, None], other=0).to(tl.float8e4nv, bitcast=True).to(tl.bfloat16)
-    return tl.load(values_ptr + rows, mask=tok_ok[:, None], other=0.0)
+        tile = tl.load(index_ptr + rows, mask=tok_ok[:, None], other=0).to(tl.float8e4nv, bitcast=True).to(tl.float16)
+    else:
+        tile = tl.load(values_ptr + rows, mask=tok_ok[:, None], other=0.0)
+    return tile
 
 
 @triton.jit
@@ -316,6 +319,11 @@ def _packed_step(q, q_ptr, q_rows, n_rows, rows, tok_ok, kt, k_ix, k_live, vt, q
     """One online-softmax step over a packed tile's loads (:func:`_packed_tile`)."""
     if K_KIND == 1:
         s = _sparse_logits(q_ptr, q_rows, n_rows, k_ix, kt, k_live, rows, BLOCK_M, BLOCK_N, UNROLL, ROWS_PAST_UNROLL)
+    elif K_KIND == 4:
+        # fp8 rows widen to fp16 exactly, in one conversion a pair (bf16 takes more: 512
+        # against 413 instructions a tile loop, sm_90, registers.py --loop); so the query
+        # is read in fp16, saturated to its range.
+        s = tl.dot(tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16), tl.trans(kt))
     else:
         s = tl.dot(q, tl.trans(kt.to(tl.bfloat16)))
     return _dense_values_step(s, vt, tok_ok[None, :], qk_scale, m_i, l_i, acc, DEFER_ROW_SUMS)
@@ -354,7 +362,10 @@ def _dense_values_step(s, vt, visible, qk_scale, m_i, l_i, acc, DEFER_ROW_SUMS: 
         l_i = l_i * alpha[:, None] + p
     else:
         l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(tl.bfloat16), vt.to(tl.bfloat16))
+    if vt.dtype == tl.float16:
+        acc = acc * alpha[:, None] + tl.dot(p.to(tl.float16), vt)
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(tl.bfloat16), vt.to(tl.bfloat16))
     return m_new, l_i, acc
 
 

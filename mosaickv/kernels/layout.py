@@ -46,7 +46,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mosaickv.kernels.block_runs import KIND_PAIRS, BlockRuns, pair_kinds, TileShape, as_table, block_runs, kind_tokens
+from mosaickv.kernels.block_runs import KIND_PAIRS, BlockRuns, TileShape, as_table, block_runs, kind_tokens, pair_kinds
 from mosaickv.formats import FP8_DTYPE, SIDE_KINDS, VALUE_DTYPE, BlockFormat, PackedBlock, PackedSide, SideFormat, format_arrays
 from mosaickv.reference import CompressedLayer
 from mosaickv.uploads import upload

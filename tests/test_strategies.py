@@ -83,15 +83,15 @@ def test_fp8_is_offered_to_both_sides_and_kept_where_it_costs_least():
         assert (any(s.kind == "fp8" for s in keys), any(s.kind == "fp8" for s in values)) == (offered, offered)
 
 
+FIXED_FP8 = {"name": "fp8_only", "ratio": 1.0, "sinks": 0, "window": 0,
+             "strategy": {"name": "fixed", "tokens": 1.0, "k": "fp8", "v": "fp8"}}
+
+
 def test_fixed_sides_take_fp8_and_a_wrong_spec_names_what_is_allowed():
     cache = Compressor(load_policy(FIXED_FP8, min_context=512), 64).compress(observations())
     assert cache.dense_nbytes() / cache.nbytes() == pytest.approx(2.0, rel=0.02)
     with pytest.raises(PolicyError, match=r"strategy.k.*'dense', 'fp8', 'channels:W' or 'lowrank:W'"):
         load_policy({**FIXED_FP8, "strategy": {"name": "fixed", "k": "fp8:4"}})
-
-
-FIXED_FP8 = {"name": "fp8_only", "ratio": 1.0, "sinks": 0, "window": 0,
-             "strategy": {"name": "fixed", "tokens": 1.0, "k": "fp8", "v": "fp8"}}
 
 
 def test_value_widths_are_checked():

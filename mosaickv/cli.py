@@ -9,6 +9,7 @@ from pathlib import Path
 
 from mosaickv.config import load_policy, preset_names
 from mosaickv.errors import PolicyError
+from mosaickv.formats import WIDTHLESS
 from mosaickv.tasks import KINDS
 
 
@@ -311,12 +312,14 @@ def _heads(args: argparse.Namespace) -> int:
     profile = retrieval_profile(Runner(net), tokenizer, tasks, progress=not args.quiet)
     policy = {**base, "name": f"{base.get('name', 'policy')}_heads",
               "strategy": {"name": "headwise", "heads": [[round(float(x), 4) for x in row] for row in profile],
-                           "dense": args.dense, "inner": base.get("strategy", {"name": "dynamic"})}}
+                           "dense": args.dense, "inner": base.get("strategy", {"name": "dynamic"}),
+                           **({"whole": args.whole} if args.whole != "dense" else {})}}
     loaded = load_policy(policy)  # what is written must load
     count = loaded.strategy.whole_heads(loaded.ratio)
     how_many = (f"the {count}" if args.dense >= 1
                 else f"as many as {args.dense:g} of each segment's budget buys ({count} at {loaded.ratio:g}x) of the")
-    header = (f"# {args.base} with {how_many} KV heads of {args.model or models.DEFAULT_MODEL} that retrieve most kept whole.\n"
+    whole = "kept whole" if args.whole == "dense" else f"kept whole in {args.whole}"
+    header = (f"# {args.base} with {how_many} KV heads of {args.model or models.DEFAULT_MODEL} that retrieve most {whole}.\n"
               f"# Measured by: mosaickv {' '.join(sys.argv[1:])}\n")
     Path(args.output).write_text(header + yaml.safe_dump(policy, sort_keys=False, default_flow_style=None, width=160))
     order = profile.flatten().argsort(descending=True)[:count].tolist()
@@ -383,6 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
     hd.add_argument("--dense", type=_count_or_share, default=DENSE_SHARE,
                     help="how many KV heads (over all layers) keep every token dense, or a fraction below 1: the share "
                          f"of each segment's budget they take, so more at lower ratios (default {DENSE_SHARE:g})")
+    hd.add_argument("--whole", choices=WIDTHLESS, default="dense",
+                    help="how the whole heads store their tokens: dense (bf16) or fp8 (e4m3, half the bytes, so the "
+                         "same share keeps twice as many heads whole; composes MosaicKV with FP8)")
     hd.add_argument("--samples", type=int, default=4, help="tasks per kind (single_number, multikey)")
     hd.add_argument("--tokens", type=int, default=2048, help="prompt length in model tokens")
     hd.add_argument("--seed", type=int, default=1000, help="task seed (keep it apart from the seeds you evaluate on)")

@@ -141,18 +141,21 @@ def test_malformed_profile_is_refused(bad) -> None:
         headwise(heads=bad)
 
 
-def test_cli_measures_the_shipped_model_and_writes_a_policy_that_loads(tmp_path) -> None:
+@pytest.mark.parametrize("whole", ["dense", "fp8"])
+def test_cli_measures_the_shipped_model_and_writes_a_policy_that_loads(whole: str, tmp_path) -> None:
     pytest.importorskip("transformers")
     out = tmp_path / "heads.yaml"
     proc = subprocess.run(
         [sys.executable, "-m", "mosaickv.cli", "heads", "--samples", "1", "--tokens", "512", "--dense", "4", "--quiet",
-         "--output", str(out)], capture_output=True, text=True)
+         "--output", str(out), *(["--whole", whole] if whole != "dense" else [])], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     policy = load_policy(out, min_context=256)
     profile = torch.tensor(policy.strategy.heads)
     assert policy.strategy.dense == 4 and profile.shape == (30, 3)  # SmolLM2-135M: 30 layers, 3 KV heads
     assert profile.max() > 0.3  # some head pays the needle a large share while the answer is produced
-    assert out.read_text().startswith("# mosaic with the 4 KV heads")
+    assert policy.strategy.whole == whole
+    kept = "kept whole.\n" if whole == "dense" else "kept whole in fp8.\n"
+    assert out.read_text().startswith("# mosaic with the 4 KV heads") and kept in out.read_text().splitlines(True)[0]
 
 
 def graded_headwise(graded: float | None, ratio: float = 6.0):

@@ -342,7 +342,7 @@ class HeadWise(SegmentStrategy):
         check(self.graded >= 0, "graded", self.graded, "a number >= 0 (0: the profile does not weigh the other heads)")
         check(self.whole in WIDTHLESS, "whole", self.whole, f"one of {', '.join(WIDTHLESS)}")
         # Bytes of a whole head against dense (headers aside): what a share of the budget buys.
-        self._whole_cost = 0.5 if self.whole == "fp8" else 1.0
+        self._whole_cost = SideFormat(self.whole).nbytes(1, 1) / DENSE.nbytes(1, 1)
         self._inner = build_part("strategy", self.inner)
         self._order = self._scores.flatten().argsort(descending=True)
         self._weights: dict[tuple[int, torch.device], torch.Tensor] = {}

@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from mosaickv.kernels.block_runs import KIND_PAIRS, BlockRuns, TileShape, as_table, block_runs, kind_tokens, pair_kinds
-from mosaickv.formats import FP8_DTYPE, SIDE_KINDS, VALUE_DTYPE, BlockFormat, PackedBlock, PackedSide, SideFormat, format_arrays
+from mosaickv.formats import FP8_DTYPE, SIDE_KINDS, VALUE_DTYPE, WIDTHLESS, BlockFormat, PackedBlock, PackedSide, SideFormat, format_arrays
 from mosaickv.reference import CompressedLayer
 from mosaickv.uploads import upload
 
@@ -79,6 +79,14 @@ def widthless(kinds: np.ndarray) -> np.ndarray:
 def in_index(kinds: np.ndarray) -> np.ndarray:
     """Which side kinds keep bytes in ``index`` (their ``aux`` points there)."""
     return (kinds == SPARSE) | (kinds == MASK) | (kinds == FP8)
+
+
+def stored_tensors(side: PackedSide) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """A side's tensors by where the arena keeps them: values and basis in ``values`` (bf16),
+    then the bytes in ``index`` (channel indices, or an fp8 side's e4m3 vectors)."""
+    if side.fmt.kind == "fp8":
+        return None, None, side.values.view(torch.uint8)
+    return side.values, side.basis, side.index
 
 
 def _place(sizes: np.ndarray, align: int, base: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -245,12 +253,9 @@ class Arena:
             if not blocks[i].fmt.tokens:
                 continue
             for s, side in enumerate((k, v)):
-                if side.fmt.kind == "fp8":
-                    parts = [(index, place.index_starts[i, s], side.values.view(torch.uint8))]
-                else:
-                    parts = [(values, place.value_starts[i, 2 * s], side.values),
-                             (values, place.value_starts[i, 2 * s + 1], side.basis),
-                             (index, place.index_starts[i, s], side.index)]
+                vals, basis, stored = stored_tensors(side)
+                parts = [(values, place.value_starts[i, 2 * s], vals), (values, place.value_starts[i, 2 * s + 1], basis),
+                         (index, place.index_starts[i, s], stored)]
                 for buf, start, t in parts:
                     if t is not None:
                         buf[int(start) : int(start) + t.numel()] = t.reshape(-1).to(buf.dtype)
@@ -284,7 +289,7 @@ def read_block(values: torch.Tensor, index: torch.Tensor, row: Sequence[int], he
     sides = []
     for col in (1, 5):
         kind, width, voff, aux = row[col : col + 4]
-        fmt = SideFormat(SIDE_KINDS[kind], 0 if widthless(np.asarray(kind)) else width)
+        fmt = SideFormat(SIDE_KINDS[kind], 0 if SIDE_KINDS[kind] in WIDTHLESS else width)
         nv, nb, ni = (int(x) for x in _side_sizes(kind, m, width, d))
         side = PackedSide(fmt)
         if m and kind == FP8:
@@ -347,12 +352,12 @@ def region_bytes(blocks: Sequence[PackedBlock], place: Placement, base_bytes: in
 
     for i, blk in enumerate(blocks):
         for s, side in enumerate((blk.k, blk.v)):
-            for j, t in enumerate((side.values, side.basis)):
-                if blk.fmt.tokens and t is not None and side.fmt.kind != "fp8":
+            for j, t in enumerate(stored_tensors(side)[:2]):
+                if blk.fmt.tokens and t is not None:
                     put(2 * int(place.value_starts[i, 2 * s + j]), t.to(VALUE_DTYPE))
     for i, blk in enumerate(blocks):
         for s, side in enumerate((blk.k, blk.v)):
-            stored = side.values.view(torch.uint8) if side.fmt.kind == "fp8" else side.index
+            stored = stored_tensors(side)[2]
             if blk.fmt.tokens and stored is not None:
                 put(int(place.index_starts[i, s]), stored.to(torch.uint8))
     if not pieces:

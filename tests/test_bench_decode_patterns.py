@@ -77,7 +77,7 @@ def test_a_decode_wrapper_built_from_a_tunings_settings_runs_as_that_tuning() ->
                             keys_by_query=True, wide_block_n=32, pack_tokens=True, prefetch_entries=True,
                             pack_sparse_keys=True, chunk_by_kind=True, unroll_group=True, block_span=16,
                             pipeline_stages=4, tile_starts=True, tile_blocks=8, dense_num_warps=1, sparse_key_stages=2,
-                            defer_row_sums=True, max_registers=128, block_stages=2)
+                            defer_row_sums=True, max_registers=128, block_stages=2, fp8_block_n=64)
     defaults = MixedAttention().settings()
     assert all(tuning.settings()[name] != value for name, value in defaults.items() if name != "keys_by_query")
     assert MixedDecodeWrapper(**tuning.settings()).settings() == tuning.settings()

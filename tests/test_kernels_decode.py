@@ -16,7 +16,7 @@ import pytest
 
 from mosaickv.formats import HEADER_BYTES, SIDE_KINDS, BlockFormat, SideFormat
 from mosaickv.kernels.decode import MixedAttention, MixedDecodeWrapper, run_plan
-from mosaickv.kernels.block_runs import KIND_PAIRS, TileShape, batch_runs, block_runs, run_tile_starts
+from mosaickv.kernels.block_runs import KIND_PAIRS, NUM_KINDS, TileShape, batch_runs, block_runs, run_tile_starts
 from mosaickv.kernels.layout import DENSE, FP8, SPARSE, pack_requests
 from mosaickv.kernels.synthetic import Recipe, random_layer, synthetic_arena
 from mosaickv.reference import CompressedLayer, attention
@@ -77,6 +77,7 @@ def run_decode(
     sparse_key_stages: int = 0,
     defer_row_sums: bool = False,
     block_stages: int = 0,
+    fp8_block_n: int = 0,
     **plan_kw: int,
 ) -> None:
     hq = hkv * group
@@ -88,7 +89,7 @@ def run_decode(
                            pack_sparse_keys=pack_sparse_keys, chunk_by_kind=chunk_by_kind, unroll_group=unroll_group,
                            block_span=block_span, pipeline_stages=pipeline_stages,
                            tile_starts=tile_starts, tile_blocks=tile_blocks, sparse_key_stages=sparse_key_stages,
-                           defer_row_sums=defer_row_sums, block_stages=block_stages)
+                           defer_row_sums=defer_row_sums, block_stages=block_stages, fp8_block_n=fp8_block_n)
     w.plan(layers, tk, tv, hq, hkv, d, device=DEVICE, **plan_kw)
     out = torch.full((len(layers), hq, d), float("nan"), dtype=torch.bfloat16, device=DEVICE)
     w.run(q.to(DEVICE), out=out)
@@ -159,9 +160,29 @@ def test_packed_tiles_of_fp8_sides(group: int, d: int) -> None:
     layers = [random_layer(gen, s, 16, hkv, d, kinds=("dense", "fp8")) for s in (7, 0, 5, 11)]
     pairs = {(blk.fmt.k.kind, blk.fmt.v.kind) for layer in layers for seg in layer.blocks for blk in seg}
     assert len(pairs) == 4, pairs
-    for starts, stages, chunk in ((False, 1, 40), (True, 3, 100), (True, 1, 24)):
+    # The last two: tiles with an fp8 side twice the dense ones' length (fp8_block_n), their
+    # blocks capped at 4 lanes or not, so dense and fp8 launches of one plan differ in length.
+    for starts, stages, chunk, fp8_n, lanes in ((False, 1, 40, 0, 0), (True, 3, 100, 0, 0), (True, 1, 24, 0, 0),
+                                                 (True, 3, 100, 32, 4), (True, 1, 24, 32, 0)):
         run_decode(gen, layers, [3, 4, 0, 9], hkv=hkv, group=group, d=d, pack_tokens=True, chunk_tokens=chunk,
-                   wide_block_n=16, max_programs=3, tile_starts=starts, pipeline_stages=stages)
+                   wide_block_n=16, max_programs=3, tile_starts=starts, pipeline_stages=stages, fp8_block_n=fp8_n,
+                   tile_blocks=lanes)
+
+
+def test_fp8_tiles_take_their_own_length() -> None:
+    """``fp8_block_n`` sets the length of packed tiles of whole rows with an fp8 side only:
+    dense pairs keep ``wide_block_n``, sparse keys beside fp8 values ``block_n``, unpacked
+    fp8 launches ``wide_block_n``; the plan's tile shape follows."""
+    w = MixedDecodeWrapper(block_n=16, wide_block_n=32, pack_tokens=True, pack_sparse_keys=True, tile_starts=True,
+                           fp8_block_n=64)
+    assert [w.tile_n(k, v) for k, v in ((FP8, FP8), (DENSE, FP8), (FP8, DENSE))] == [64, 64, 64]
+    assert (w.tile_n(DENSE, DENSE), w.tile_n(SPARSE, FP8), w.tile_n(SPARSE, DENSE)) == (32, 16, 16)
+    assert MixedDecodeWrapper(wide_block_n=32, fp8_block_n=64).tile_n(FP8, FP8) == 32
+    widths = w.tile_shape().widths
+    assert widths[NUM_KINDS * FP8 + FP8] == 64 and widths[NUM_KINDS * DENSE + DENSE] == 32
+    for bad in (48, 8, 256, -64):
+        with pytest.raises(ValueError, match=f"fp8_block_n={bad} must be 0 .wide_block_n. or a power of two from 16 to 128"):
+            MixedDecodeWrapper(fp8_block_n=bad)
 
 
 @pytest.mark.parametrize("lanes", [0, 4])

@@ -30,6 +30,8 @@ from bench_decode import POLICY_SEGMENT, pattern_for, policy_patterns  # noqa: E
 # The block formats the presets chose on SmolLM2 text (head dim 64, values dense or low
 # rank as the presets keep them), scaled to this shape: what a server decodes.
 POLICY_REPORT = Path(__file__).parents[1] / "results" / "eval_dense_values_2k_segment.json"
+# The formats heads_fp8 chose on the same text (nearly every kept block's rows in fp8).
+FP8_POLICY_REPORT = Path(__file__).parents[1] / "results" / "eval_heads_fp8_2k_segment.json"
 
 B, L, HQ, HKV, D = 32, 32768, 32, 8, 128
 # The server's DECODE_TUNING; settings from 35 on are it with a few changes.
@@ -222,6 +224,18 @@ SETTINGS = [
     # 2.74): the 3x mix 559 us against 568, 6x 363 against 369, dense 1,148 against 1,150
     # (h200_2026-12-02f/summary.json). The server's since (setting 0), not yet timed as such.
     ({**SERVER, "sparse_key_stages": 3}, 8),
+    # Settings 39 and 40: the server's with packed tiles of whole rows that have an fp8
+    # side 64 and 128 tokens long (fp8_block_n). Twenty-ninth run (h200_2026-12-03d/
+    # call8_decode_fp8, bench_decode): heads_fp8's mixes read 1.7-2.0 TB/s where
+    # mosaic_heads' (dense rows) read 2.9-3.5, about as many tokens a second either way.
+    # Offline (sm_90, Triton 3.9, registers.py --launches dense_packed_tile_starts
+    # fp8_packed_tile_starts --block-n 32 64 128 --warps 4 --tile-blocks 4 --stages 7
+    # --defer-row-sums --max-registers 128 --loop): a pass over 32 fp8 rows takes 471
+    # instructions (76 shared loads, 3 ldmatrix; dense rows: 337, 24 and 19), 14.7 a token
+    # against dense's 10.5; 64 rows 778 (12.2 a token, 128 B of stack), 128 rows 1,492
+    # (11.7, 408 B, 18.8% occupancy). Not yet run.
+    ({**SERVER, "fp8_block_n": 64}, 8),
+    ({**SERVER, "fp8_block_n": 128}, 8),
 ]
 
 
@@ -230,6 +244,8 @@ def formats(seg: int) -> dict[str, list[Recipe]]:
     if seg == POLICY_SEGMENT:
         report = json.loads(POLICY_REPORT.read_text())
         real = {name: pat for name, pat, _ in policy_patterns(report, D, 64) if name.startswith("mosaic_dense_values")}
+        fp8 = json.loads(FP8_POLICY_REPORT.read_text())
+        real.update((name, pat) for name, pat, _ in policy_patterns(fp8, D, 64) if name.startswith("heads_fp8"))
     return {
         **real,
         "dense_8and32": [Recipe(8, ("dense", 0), ("dense", 0)), Recipe(seg, ("dense", 0), ("dense", 0))],
@@ -237,6 +253,7 @@ def formats(seg: int) -> dict[str, list[Recipe]]:
         "sparse32": [Recipe(seg, ("sparse", 32), ("sparse", 32))],
         "sparseK_denseV": [Recipe(seg, ("sparse", 32), ("dense", 0))],
         "lowrank32": [Recipe(seg, ("lowrank", 32), ("lowrank", 32))],
+        "fp8": [Recipe(seg, ("fp8", 0), ("fp8", 0))],
         **{f"mix{t}x": pattern_for(float(t), D, seg)[0] for t in (2, 3, 6)},
     }
 

@@ -642,6 +642,7 @@ class MixedAttention:
         defer_row_sums: bool = False,
         max_registers: int = 0,
         block_stages: int = 0,
+        fp8_block_n: int = 0,
     ) -> None:
         """``block_n``: tokens per tile of launches with a sparse side (whose densify grows
         with the tile); ``wide_block_n``: of the others (dense, mask, low-rank, tails),
@@ -689,7 +690,11 @@ class MixedAttention:
         pipeline their block loop that many stages deep; a block's loop over its tiles had
         kept that loop from being innermost, which Triton's pipeliner needs. The plan then
         refuses blocks of those launches keeping more than a tile's tokens (the server's
-        32-token segments fit its 32-token tiles)."""
+        32-token segments fit its 32-token tiles). ``fp8_block_n`` > 0: tokens a packed tile
+        of whole rows holds where a side is fp8 (0: ``wide_block_n``): such a tile carries
+        half a dense tile's bytes for more instructions a token (its 8-bit operands reach the
+        products through shared loads, not ``ldmatrix``), so a longer one keeps as many bytes
+        in flight a pass (``benchmarks/kernels/diag_formats.py`` settings 39 and 40)."""
         if sparse_densify not in SPARSE_MODES:
             raise ValueError(f"sparse_densify={sparse_densify!r} is not one of {', '.join(SPARSE_MODES)}")
         if pack_sparse_keys and not (pack_tokens and keys_by_query):
@@ -710,10 +715,13 @@ class MixedAttention:
             raise ValueError(f"block_stages={block_stages} must be 0 (a block's tiles in a loop of their own) or more")
         if max_registers and not 24 <= max_registers <= 255:
             raise ValueError(f"max_registers={max_registers} must be 0 (the compiler's choice) or from 24 to 255")
+        if fp8_block_n and (fp8_block_n & (fp8_block_n - 1) or not 16 <= fp8_block_n <= 128):
+            raise ValueError(f"fp8_block_n={fp8_block_n} must be 0 (wide_block_n) or a power of two from 16 to 128")
         if dense_num_warps & (dense_num_warps - 1) or dense_num_warps > 8:
             raise ValueError(f"dense_num_warps={dense_num_warps} must be 0 (num_warps) or a power of two up to 8")
         self.tile_blocks, self.dense_num_warps, self.sparse_key_stages = tile_blocks, dense_num_warps, sparse_key_stages
         self.defer_row_sums, self.max_registers, self.block_stages = defer_row_sums, max_registers, block_stages
+        self.fp8_block_n = fp8_block_n
         self.block_span, self.pipeline_stages, self.tile_starts = block_span, pipeline_stages, tile_starts
         self.block_m, self.block_n, self.wide_block_n = block_m, block_n, wide_block_n
         self.pack_tokens, self.pack_sparse_keys = pack_tokens, pack_sparse_keys
@@ -824,7 +832,11 @@ class MixedAttention:
 
     def tile_n(self, k_kind: int, v_kind: int) -> int:
         """Tokens per tile of a launch of this format pair."""
-        return self.block_n if SPARSE in (k_kind, v_kind) else self.wide_block_n
+        if SPARSE in (k_kind, v_kind):
+            return self.block_n
+        if self.fp8_block_n and FP8 in (k_kind, v_kind) and self.packs(k_kind, v_kind):
+            return self.fp8_block_n
+        return self.wide_block_n
 
     def packs(self, k_kind: int, v_kind: int) -> bool:
         """Whether a launch of this format pair packs tokens of several blocks per tile:

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from mosaickv.config import load_policy, preset_names
 from mosaickv.errors import PolicyError
 
-PRESETS = ["keynorm", "lossless", "mosaic", "mosaic_heads", "snapkv", "streaming", "think", "uniform2d"]
+PRESETS = ["keynorm", "lossless", "mosaic", "mosaic_heads", "mosaic_heads_fp8", "snapkv", "streaming", "think", "uniform2d"]
 
 
 def test_every_preset_ships_and_loads():

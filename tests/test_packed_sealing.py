@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import torch
 
@@ -26,7 +25,6 @@ from mosaickv.parts import ElementScorer, TokenSelector  # noqa: E402
 from mosaickv.sealer import PolicyCompressor, SegmentInputs, seal_segment  # noqa: E402
 
 POLICIES = ["mosaic", "snapkv", "think", "uniform2d", "keynorm", "streaming", "lossless"]
-HEADS_FP8 = Path(__file__).parent.parent / "benchmarks" / "suite" / "heads_fp8.yaml"  # fp8 chosen among the rest
 BASE = 4096  # a slab's start in the arena (bytes, 16-aligned)
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
                                                                                    reason="needs CUDA")])]
@@ -91,7 +89,7 @@ def test_one_launch_seals_what_the_per_block_path_seals(name, layers, hkv, d, de
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("name", ["mosaic", "think", "uniform2d", "mosaic_heads", HEADS_FP8])
+@pytest.mark.parametrize("name", ["mosaic", "think", "uniform2d", "mosaic_heads", "mosaic_heads_fp8"])
 def test_segments_sealed_together_are_each_what_the_per_block_path_seals(name, device):
     """seal_many folds the segments into one span per layer: each still gets its own plan
     within its own slab budget, its own region at its own slab's start."""

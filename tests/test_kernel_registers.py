@@ -46,6 +46,22 @@ def test_the_tile_loops_pass_is_counted_from_its_sass(tmp_path):
     assert row["tile_blocks"] == 4 and row["loop_hmma"] == 16
     assert row["loop_instructions"] > row["loop_hmma"] + row["loop_bar"] > 16
     assert any(shape.endswith("32x128") for shape in row["shared_buffers"]), row["shared_buffers"]
+    assert row["loop_lds_bytes"] == 0
+
+
+@needs_tools
+def test_the_census_counts_the_byte_wide_shared_loads_of_fp8_values(tmp_path):
+    """fp8 values reach the probabilities' product through byte-wide shared loads (the
+    product reduces over tokens, and a tile's bytes run along channels): the census counts
+    them, the sign of what the twenty-ninth run's fp8 mixes paid; fp8 keys need none."""
+    out = tmp_path / "regs.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    subprocess.run([sys.executable, "benchmarks/kernels/registers.py", "--launches", "fp8_keys_packed_tile_starts",
+                    "fp8_values_packed_tile_starts", "--block-n", "32", "--warps", "4", "--tile-blocks", "4", "--loop",
+                    "--json", str(out)], cwd=ROOT, env=env, check=True, capture_output=True, timeout=600)
+    rows = {row["launch"]: row for row in json.loads(out.read_text())["rows"]}
+    assert rows["fp8_keys_packed_tile_starts"]["loop_lds_bytes"] == 0
+    assert rows["fp8_values_packed_tile_starts"]["loop_lds_bytes"] >= 16
 
 
 @needs_tools

@@ -59,6 +59,9 @@ LAUNCHES = {
     "sparse_keys_packed_tile_starts": (SPARSE, DENSE, True, 64, 0, True),
     # The fp8 format's (heads_fp8): whole e4m3 rows packed as dense ones are, beside sparse keys.
     "fp8_packed_tile_starts": (FP8, FP8, True, 16, 0, True),
+    # One side fp8, the other dense: which side's 8-bit rows cost the instructions.
+    "fp8_keys_packed_tile_starts": (FP8, DENSE, True, 16, 0, True),
+    "fp8_values_packed_tile_starts": (DENSE, FP8, True, 16, 0, True),
     "sparse_keys_fp8_values_packed_tile_starts": (SPARSE, FP8, True, 64, 0, True),
 }
 POINTERS = {"q_ptr": "*bf16", "values_ptr": "*bf16", "index_ptr": "*u8", "table_ptr": "*i64", "block_idx_ptr": "*i32",
@@ -169,8 +172,12 @@ def loop_census(cubin: bytes) -> dict[str, int]:
     if not around:
         return {"loop_instructions": 0}
     lo, hi = min(around, key=lambda r: r[1] - r[0])
-    body = [op.split(".")[0] for a, (op, _) in ops.items() if lo <= a <= hi]
-    return {"loop_instructions": len(body), **{f"loop_{op.lower()}": body.count(op) for op in LOOP_OPS}}
+    full = [op for a, (op, _) in ops.items() if lo <= a <= hi]
+    body = [op.split(".")[0] for op in full]
+    # Byte-wide shared loads: how 8-bit rows reach a product whose reduction runs across them.
+    byte_loads = sum(op.startswith(("LDS.U8", "LDS.S8")) for op in full)
+    return {"loop_instructions": len(body), **{f"loop_{op.lower()}": body.count(op) for op in LOOP_OPS},
+            "loop_lds_bytes": byte_loads}
 
 
 def shared_buffers(ttgir: str) -> list[str]:
@@ -276,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
                                **worst_read(asm["ttgir"]))
                 row["occupancy"] = occupancy(row["registers"], warps, row["shared_bytes"])
                 rows.append(row)
-                loop = (f", loop {row['loop_instructions']} instructions, {row.get('loop_bar', 0)} barriers, "
+                loop = (f", loop {row['loop_instructions']} instructions ({row.get('loop_lds_bytes', 0)} byte-wide shared loads), "
+                        f"{row.get('loop_bar', 0)} barriers, "
                         f"shared reads at worst {row['shared_read_ways']:g}-way" if args.loop else "")
                 print(f"{name:13s} block_n {block_n:3d} warps {warps} lanes {lanes or block_n:2d}: "
                       f"{row['registers']:3d} registers, stack {row['stack_bytes']:4d} B, "

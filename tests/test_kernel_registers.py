@@ -159,3 +159,17 @@ def test_reads_along_a_buffers_rows_or_through_its_swizzle_conflict_less():
     assert sr.read_ways((32, 128), "bf16", known["#shared1"], known["#blocked6"]) == 4.0
     one_d = sr.Blocked((1,), (32,), (0,))
     assert sr.read_ways((4,), "i64", sr.Swizzled(1, 1, 1, (0,)), one_d) == 1.0  # 4 entries broadcast to 32 lanes
+
+
+@needs_tools
+def test_fp8_values_interleaved_four_tokens_a_word_need_no_byte_wide_loads(tmp_path):
+    """benchmarks/kernels/fp8_value_layout.py: the values' product over the arena's rows of
+    bytes gathers its operand a byte at a time; stored four tokens of a channel a word and
+    read through those addresses, it needs none and fewer instructions a pass."""
+    out = tmp_path / "layouts.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    subprocess.run([sys.executable, "benchmarks/kernels/fp8_value_layout.py", "--tokens", "32", "--head-dim", "128",
+                    "--json", str(out)], cwd=ROOT, env=env, check=True, capture_output=True, timeout=600)
+    rows = {row["layout"]: row for row in json.loads(out.read_text())["rows"]}
+    assert rows["rows"]["loop_lds_bytes"] >= 16 and rows["interleaved"]["loop_lds_bytes"] == 0
+    assert rows["interleaved"]["loop_instructions"] < rows["rows"]["loop_instructions"]

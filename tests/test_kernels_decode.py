@@ -169,6 +169,75 @@ def test_packed_tiles_of_fp8_sides(group: int, d: int) -> None:
                    tile_blocks=lanes)
 
 
+def fp8_value_layer(gen: torch.Generator, d: int, hkv: int, kept: list[int]) -> CompressedLayer:
+    """Segments of 16 tokens whose blocks keep ``kept`` tokens in turn, fp8 values beside
+    dense and fp8 keys."""
+    layer = CompressedLayer()
+    for s in range(len(kept) // hkv):
+        seg = []
+        for h in range(hkv):
+            n = kept[s * hkv + h]
+            fmt = BlockFormat(n, SideFormat(("dense", "fp8")[(s + h) % 2], 0), SideFormat("fp8", 0))
+            seg.append(random_layer(gen, 1, 16, 1, d, fmt=fmt).blocks[0][0])
+        layer.append(seg)
+    return layer
+
+
+@pytest.mark.parametrize(("group", "d"), [(4, 128), (3, 64)])
+def test_packed_fp8_values_in_whole_groups(group: int, d: int) -> None:
+    """fp8 values keeping whole groups of four tokens (0 to 16, so every packed tile's rows
+    start at multiples of four): the arena is aligned, and packed tiles read them through
+    whole-group offsets, the form a GPU loads a thread's four tokens of a channel in one word;
+    tiles as long as dense ones or twice, capped at four blocks or two or not."""
+    gen = torch.Generator().manual_seed(900 + d)
+    hkv = 2
+    layers = [fp8_value_layer(gen, d, hkv, [4 * int(x) for x in torch.randint(0, 5, (12,), generator=gen)])
+              for _ in range(3)]
+    arena, _, _ = pack_requests(layers, hkv, d)
+    assert arena.widths_aligned
+    for fp8_n, lanes, chunk in ((0, 0, 40), (32, 4, 100), (0, 2, 24)):
+        run_decode(gen, layers, [3, 0, 5], hkv=hkv, group=group, d=d, pack_tokens=True, wide_block_n=16,
+                   chunk_tokens=chunk, max_programs=3, tile_starts=True, tile_blocks=lanes, fp8_block_n=fp8_n)
+
+
+def test_fp8_values_past_whole_groups_unalign_the_arena() -> None:
+    """A block whose fp8 values keep tokens past their last whole group of four (stored as
+    rows there) makes the arena unaligned, so the kernels read them by the general offsets,
+    packed and a block a tile; fp8 keys of any count leave it aligned (keys are rows)."""
+    gen = torch.Generator().manual_seed(7)
+    d, hkv = 64, 1
+    ragged = fp8_value_layer(gen, d, hkv, [8, 5, 12, 3])
+    assert not pack_requests([ragged], hkv, d)[0].widths_aligned
+    keys = CompressedLayer()
+    for n in (5, 7):
+        fmt = BlockFormat(n, SideFormat("fp8", 0), SideFormat("dense", 0))
+        keys.append([random_layer(gen, 1, 16, 1, d, fmt=fmt).blocks[0][0]])
+    assert pack_requests([keys], hkv, d)[0].widths_aligned
+    for pack in (True, False):
+        run_decode(gen, [ragged, keys], [2, 3], hkv=hkv, group=2, d=d, pack_tokens=pack, wide_block_n=16,
+                   tile_starts=pack)
+
+
+def test_fp8_values_are_grouped_by_four_tokens_in_the_arena() -> None:
+    """The arena holds an fp8 value side's whole groups of four tokens channel by channel
+    and the tokens past them as rows, exactly its bytes; read back, the block is the same."""
+    from mosaickv.kernels.layout import group_fp8_values, ungroup_fp8_values
+
+    rows = torch.arange(7 * 3, dtype=torch.uint8).reshape(7, 3)
+    flat = group_fp8_values(rows)
+    assert flat.tolist() == [0, 3, 6, 9, 1, 4, 7, 10, 2, 5, 8, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20]
+    for m in (0, 1, 4, 6, 7):
+        part = rows[:m].contiguous()
+        assert torch.equal(ungroup_fp8_values(group_fp8_values(part), m, 3), part)
+    gen = torch.Generator().manual_seed(3)
+    layer = fp8_value_layer(gen, 64, 1, [6])
+    arena, _, _ = pack_requests([layer], 1, 64)
+    block = layer.blocks[0][0]
+    back = arena.block(0)
+    assert torch.equal(back.v.values.view(torch.uint8), block.v.values.view(torch.uint8))
+    assert torch.equal(back.k.values, block.k.values)
+
+
 def test_fp8_tiles_take_their_own_length() -> None:
     """``fp8_block_n`` sets the length of packed tiles of whole rows with an fp8 side only:
     dense pairs keep ``wide_block_n``, sparse keys beside fp8 values ``block_n``, unpacked
@@ -436,11 +505,13 @@ def test_packed_sparse_key_tiles(group: int, d: int, aligned: bool) -> None:
     """Blocks of sparse keys (several widths, in one launch) and dense or fp8 values keeping
     every token count from 0 to 16 share 16- and 32-token tiles, beside dense pairs and
     blocks of every other format; runs cut anywhere (split-K), few programs. ``aligned``:
-    widths and counts the vectorised-load specialisation takes (multiples of 8)."""
+    widths and counts the vectorised-load specialisation takes (multiples of 8; fp8 values
+    in whole groups of four tokens, else some past them)."""
     gen = torch.Generator().manual_seed(group * 100 + d)
     hkv = 2
     widths = (8, 16, 24) if aligned else (3, 8, 13, 20)
-    fmts = [BlockFormat(t, SideFormat("sparse", widths[t % len(widths)]), SideFormat("fp8" if t % 5 == 2 else "dense"))
+    fp8_values = (lambda t: t % 8 == 4) if aligned else (lambda t: t % 5 == 2)
+    fmts = [BlockFormat(t, SideFormat("sparse", widths[t % len(widths)]), SideFormat("fp8" if fp8_values(t) else "dense"))
             for t in range(17)] + [BlockFormat(t) for t in (0, 5, 16)]
     layers = [CompressedLayer() for _ in range(4)]
     for i, f in enumerate(fmts * 2):

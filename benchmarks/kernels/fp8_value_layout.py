@@ -10,7 +10,8 @@ kernel's.
 - ``words``: four tokens of a channel in one 32-bit word, loaded as words and unpacked.
 - ``interleaved``: the same bytes loaded as a ``[tokens, channels]`` byte tile through
   their addresses (token ``t``, channel ``c`` at ``(t // 4) * 4d + 4c + t % 4``), so the
-  compiler sees runs of four tokens and loads each thread's operand as one word.
+  compiler sees runs of four tokens and loads each thread's operand as one word. The arena
+  stores fp8 values so since (:func:`mosaickv.kernels.layout.group_fp8_values`).
 
     python benchmarks/kernels/fp8_value_layout.py [--json out.json]
 """

@@ -46,6 +46,7 @@ import triton.language as tl
 
 from mosaickv.kernels._interpret import patch_interpreter
 from mosaickv.kernels.block_runs import KIND_PAIRS, NUM_KINDS, TileShape, pair_kinds
+from mosaickv.kernels.fp8_values import value_offsets, whole_group_offsets
 from mosaickv.kernels.layout import (
     DENSE,
     FP8,
@@ -81,12 +82,13 @@ def _basis(values_ptr, index_ptr, width, aux, jr, cols, KIND: tl.constexpr, HEAD
 
 
 @triton.jit
-def _tile(values_ptr, index_ptr, off, width, aux, tok, tok_ok, toks, cols, jr, scr,
+def _tile(values_ptr, index_ptr, off, width, aux, tok, tok_ok, kept, toks, cols, jr, scr,
           KIND: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, R_MAX: tl.constexpr,
-          R_LOG2: tl.constexpr, SPARSE_MODE: tl.constexpr):
+          R_LOG2: tl.constexpr, SPARSE_MODE: tl.constexpr, VALUE_SIDE: tl.constexpr):
     """One side's tile of ``BLOCK_N`` tokens: ``[BLOCK_N, HEAD_DIM]`` for dense, fp8 (as
     bf16) and sparse (its ``[BLOCK_N, R_MAX]`` values scattered through the zeroed
-    scratch), ``[BLOCK_N, R_MAX]`` r-space coefficients for mask and lowrank."""
+    scratch), ``[BLOCK_N, R_MAX]`` r-space coefficients for mask and lowrank. ``kept``: the
+    block's tokens (where an fp8 value side's groups of four end)."""
     if KIND == 0:
         tile = tl.load(values_ptr + off + tok[:, None] * HEAD_DIM + cols[None, :], mask=tok_ok[:, None], other=0.0)
     elif KIND == 1:
@@ -124,7 +126,11 @@ def _tile(values_ptr, index_ptr, off, width, aux, tok, tok_ok, toks, cols, jr, s
             tl.debug_barrier()
     elif KIND == 4:
         # fp8: e4m3 bytes in the index arena, every channel kept.
-        raw8 = tl.load(index_ptr + aux + tok[:, None] * HEAD_DIM + cols[None, :], mask=tok_ok[:, None], other=0)
+        if VALUE_SIDE:
+            at = value_offsets(tok, cols, kept, HEAD_DIM)
+        else:
+            at = tok[:, None] * HEAD_DIM + cols[None, :]
+        raw8 = tl.load(index_ptr + aux + at, mask=tok_ok[:, None], other=0)
         tile = raw8.to(tl.float8e4nv, bitcast=True).to(tl.bfloat16)
     else:
         tile = tl.load(values_ptr + off + tok[:, None] * width + jr[None, :], mask=tok_ok[:, None] & (jr[None, :] < width), other=0.0)
@@ -188,22 +194,23 @@ def _sparse_row(s, g, q_ptr, q_rows, rows, ix, raw, mask, MASKED: tl.constexpr):
 
 @triton.jit
 def _tile_step(q, qk, qk_lo, q_ptr, q_rows, n_rows, values_ptr, index_ptr, k_off, k_w, k_aux, v_off, v_w, v_aux,
-               tok, tok_ok, toks, cols, jr, rows, scr_k, scr_v, qk_scale, m_i, l_i, acc, blk_acc,
+               tok, kept, toks, cols, jr, rows, scr_k, scr_v, qk_scale, m_i, l_i, acc, blk_acc,
                K_KIND: tl.constexpr, V_KIND: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr, R_MAX: tl.constexpr, R_LOG2: tl.constexpr,
                SPARSE_MODE: tl.constexpr, KEYS_BY_QUERY: tl.constexpr):
-    """One online-softmax step over a tile of one block's compressed tokens ``tok``.
+    """One online-softmax step over a tile of one block's compressed tokens ``tok`` (of its ``kept``).
     ``qk``/``qk_lo``: the query as projected keys read it;
     r-space values (mask, lowrank) accumulate into ``blk_acc``, the rest into ``acc``.
     Returns (m_i, l_i, acc, blk_acc)."""
-    vt = _tile(values_ptr, index_ptr, v_off, v_w, v_aux, tok, tok_ok, toks, cols, jr, scr_v, V_KIND, HEAD_DIM,
-               BLOCK_N, R_MAX, R_LOG2, SPARSE_MODE)
+    tok_ok = tok < kept
+    vt = _tile(values_ptr, index_ptr, v_off, v_w, v_aux, tok, tok_ok, kept, toks, cols, jr, scr_v, V_KIND, HEAD_DIM,
+               BLOCK_N, R_MAX, R_LOG2, SPARSE_MODE, True)
     if K_KIND == 1 and KEYS_BY_QUERY:
         s = _sparse_scores(q_ptr, q_rows, n_rows, values_ptr, index_ptr, k_off + tok * k_w, k_aux + tok * k_w,
                            tok * 0 + k_w, tok_ok, rows, jr, BLOCK_M, BLOCK_N, 0)
     else:
-        kt = _tile(values_ptr, index_ptr, k_off, k_w, k_aux, tok, tok_ok, toks, cols, jr, scr_k, K_KIND,
-                   HEAD_DIM, BLOCK_N, R_MAX, R_LOG2, SPARSE_MODE)
+        kt = _tile(values_ptr, index_ptr, k_off, k_w, k_aux, tok, tok_ok, kept, toks, cols, jr, scr_k, K_KIND,
+                   HEAD_DIM, BLOCK_N, R_MAX, R_LOG2, SPARSE_MODE, False)
         s = tl.dot(qk, tl.trans(kt))
         if K_KIND == 3:
             s += tl.dot(qk_lo, tl.trans(kt))
@@ -276,9 +283,19 @@ def _packed_tile(table_ptr, block_idx_ptr, values_ptr, index_ptr, j0, done, blk_
     # Row r is token r - start of its block: each lane's offsets moved back by its start,
     # so a row's address is one gathered base plus r times its width (one gather fewer).
     v_base = tl.gather(voff_b - start * HEAD_DIM, sel, 0)
+    whole_groups: tl.constexpr = ALIGNED and (V_KIND == 4) and (BLOCK_N % 4 == 0)
     if ALIGNED:
         v_base = tl.multiple_of(v_base, 8)
-    vt = _packed_rows(values_ptr, index_ptr, v_base, toks, cols, tok_ok, V_KIND, HEAD_DIM)
+    if whole_groups:
+        # fp8 values keep whole groups of four (the arena's ALIGNED) and tiles start at
+        # multiples of four, so each run of four rows is one block's: one base, one mask.
+        # Hints take where a value is made (on a called function's argument they are lost).
+        v_base = tl.max_constancy(v_base, 4)
+        tok_ok = tl.max_constancy(tok_ok, 4)
+    if V_KIND == 4:
+        vt = _fp8_values(index_ptr, v_base, start, kept, sel, toks, cols, tok_ok, HEAD_DIM, whole_groups)
+    else:
+        vt = _packed_rows(values_ptr, index_ptr, v_base, toks, cols, tok_ok, V_KIND, HEAD_DIM)
     if K_KIND == 1:
         # Sparse keys, each token at its own block's width.
         k_w = tl.gather(kw_b, sel, 0)
@@ -298,6 +315,21 @@ def _packed_tile(table_ptr, block_idx_ptr, values_ptr, index_ptr, j0, done, blk_
         k_ix = tok_ok
         k_live = tok_ok
     return tok_ok, kt, k_ix, k_live, vt, j0 + n_full, next_done
+
+
+@triton.jit
+def _fp8_values(index_ptr, base, start, kept, sel, toks, cols, tok_ok, HEAD_DIM: tl.constexpr,
+                WHOLE_GROUPS: tl.constexpr):
+    """A packed tile's fp8 values widened to fp16, read in their groups of four tokens
+    (:mod:`.fp8_values`); ``base``: each row's block's offset less its ``start`` rows.
+    ``WHOLE_GROUPS``: every block keeps whole groups and every tile starts at a multiple of
+    four, so a thread's four tokens of a channel are one word (the caller's hints say so)."""
+    if WHOLE_GROUPS:
+        at = base[:, None] + whole_group_offsets(toks, cols, HEAD_DIM)
+    else:
+        first = tl.gather(start, sel, 0)
+        at = (base + first * HEAD_DIM)[:, None] + value_offsets(toks - first, cols, tl.gather(kept, sel, 0), HEAD_DIM)
+    return tl.load(index_ptr + at, mask=tok_ok[:, None], other=0).to(tl.float8e4nv, bitcast=True).to(tl.float16)
 
 
 @triton.jit
@@ -546,7 +578,7 @@ def _mixed_attn_kernel(
                     tok = t0 + toks
                     m_i, l_i, acc, blk_acc = _tile_step(
                         q, qk, qk_lo, q_ptr, q_rows, n_rows, values_ptr, index_ptr, k_off, k_w, k_aux, v_off, v_w, v_aux,
-                        tok, tok < m, toks, cols, jr, rows, scr_k, scr_v, qk_scale, m_i, l_i, acc, blk_acc, K_KIND, V_KIND,
+                        tok, m, toks, cols, jr, rows, scr_k, scr_v, qk_scale, m_i, l_i, acc, blk_acc, K_KIND, V_KIND,
                         HEAD_DIM, BLOCK_M, BLOCK_N, R_MAX, R_LOG2, SPARSE_MODE, KEYS_BY_QUERY)
                 if (V_KIND == 2) or (V_KIND == 3):  # fold the block's r-space values back: acc += blk_acc @ basis
                     vb = _basis(values_ptr, index_ptr, v_w, v_aux, jr, cols, V_KIND, HEAD_DIM, ALIGNED)

@@ -6,7 +6,8 @@ Storage (:class:`Arena`) — every stored block of every request lives in three 
   ``[m, r]``, lowrank coefficients ``[m, r]``), the key lowrank basis ``[r, d]``, then the
   same for the values side.
 * ``index``: uint8. Per block: key channel indices (sparse ``[m, r]``, mask ``[r]``) or
-  fp8 key vectors (``[m, d]``, e4m3 bytes), then the value side's.
+  fp8 key vectors (``[m, d]``, e4m3 bytes), then the value side's; fp8 values in groups of
+  four tokens (:func:`group_fp8_values`).
 * ``table``: int64 ``[num_blocks, 9]``, one row per block; columns are :data:`TABLE_FIELDS`.
   ``*_width`` is the row stride in ``values`` (``d`` for dense, ``r`` otherwise),
   ``*_values`` the element offset of the side's values in ``values``, ``*_aux`` the
@@ -81,11 +82,36 @@ def in_index(kinds: np.ndarray) -> np.ndarray:
     return (kinds == SPARSE) | (kinds == MASK) | (kinds == FP8)
 
 
-def stored_tensors(side: PackedSide) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+FP8_GROUP = 4  # tokens of an fp8 value side stored channel by channel, one 32-bit word each
+
+
+def group_fp8_values(rows: torch.Tensor) -> torch.Tensor:
+    """An fp8 value side's bytes ``[m, d]`` as the arena stores them, flat: each whole group
+    of four tokens channel by channel (token ``4g + i``, channel ``c`` at ``4d·g + 4c + i``),
+    the last ``m % 4`` tokens as rows at their row-major places. The values' product reduces
+    over tokens, so a thread's operand is four tokens of one channel: one word here, four
+    byte-wide loads from rows (``benchmarks/kernels/fp8_value_layout.py``). Keys reduce over
+    channels and stay rows."""
+    m, d = rows.shape
+    full = m - m % FP8_GROUP
+    head = rows[:full].reshape(full // FP8_GROUP, FP8_GROUP, d).transpose(1, 2).reshape(-1)
+    return torch.cat([head, rows[full:].reshape(-1)])
+
+
+def ungroup_fp8_values(flat: torch.Tensor, m: int, d: int) -> torch.Tensor:
+    """:func:`group_fp8_values` undone: the side's ``[m, d]`` rows."""
+    full = m - m % FP8_GROUP
+    head = flat[: full * d].reshape(full // FP8_GROUP, d, FP8_GROUP).transpose(1, 2).reshape(full, d)
+    return torch.cat([head, flat[full * d : m * d].reshape(m - full, d)])
+
+
+def stored_tensors(side: PackedSide, value_side: bool) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """A side's tensors by where the arena keeps them: values and basis in ``values`` (bf16),
-    then the bytes in ``index`` (channel indices, or an fp8 side's e4m3 vectors)."""
+    then the bytes in ``index`` (channel indices, or an fp8 side's e4m3 vectors, grouped by
+    four tokens on the value side)."""
     if side.fmt.kind == "fp8":
-        return None, None, side.values.view(torch.uint8)
+        raw = side.values.view(torch.uint8)
+        return None, None, group_fp8_values(raw) if value_side else raw
     return side.values, side.basis, side.index
 
 
@@ -201,7 +227,7 @@ class Arena:
     head_dim: int
     table_host: np.ndarray  # host copy of ``table``, for reading blocks back on the host
     has_sparse: bool  # some side is sparse: the kernel needs its scatter scratch
-    widths_aligned: bool  # every non-dense width is a multiple of 8 (vectorised loads)
+    widths_aligned: bool  # non-dense widths multiples of 8, fp8 values in whole groups of 4 (vector loads)
     align: int  # bytes every tensor start is a multiple of
     pad_bytes: int
 
@@ -253,7 +279,7 @@ class Arena:
             if not blocks[i].fmt.tokens:
                 continue
             for s, side in enumerate((k, v)):
-                vals, basis, stored = stored_tensors(side)
+                vals, basis, stored = stored_tensors(side, value_side=s == 1)
                 parts = [(values, place.value_starts[i, 2 * s], vals), (values, place.value_starts[i, 2 * s + 1], basis),
                          (index, place.index_starts[i, s], stored)]
                 for buf, start, t in parts:
@@ -269,14 +295,18 @@ class Arena:
 
 def unaligned_blocks(table: np.ndarray) -> np.ndarray:
     """Per row of ``table``: a block that keeps tokens with a non-dense width that is not a
-    multiple of 8, whose rows the kernels cannot load as vectors (``ALIGNED``)."""
+    multiple of 8, or fp8 values of a token count that is not a multiple of
+    :data:`FP8_GROUP` (rows past its last whole group), whose rows the kernels cannot load
+    as vectors (``ALIGNED``)."""
     kinds, widths = table[:, [1, 5]], table[:, [2, 6]]
     used = (table[:, 0] > 0)[:, None]
-    return (~widthless(kinds) & used & (widths % 8 != 0)).any(axis=1)
+    ragged_fp8 = (table[:, 5] == FP8) & (table[:, 0] % FP8_GROUP != 0)
+    return (~widthless(kinds) & used & (widths % 8 != 0)).any(axis=1) | ragged_fp8
 
 
 def widths_aligned(table: np.ndarray) -> bool:
-    """Every non-dense width of the blocks in ``table`` that keep tokens is a multiple of 8."""
+    """Every non-dense width of the blocks in ``table`` that keep tokens is a multiple of 8,
+    and every fp8 value side keeps whole groups of :data:`FP8_GROUP` tokens."""
     return not unaligned_blocks(table).any()
 
 
@@ -293,7 +323,9 @@ def read_block(values: torch.Tensor, index: torch.Tensor, row: Sequence[int], he
         nv, nb, ni = (int(x) for x in _side_sizes(kind, m, width, d))
         side = PackedSide(fmt)
         if m and kind == FP8:
-            side.values = index[aux : aux + ni].view(FP8_DTYPE).reshape(m, d).to(device)
+            raw = index[aux : aux + ni]
+            rows = ungroup_fp8_values(raw, m, d) if col == 5 else raw.reshape(m, d)
+            side.values = rows.view(FP8_DTYPE).to(device)
         elif m:
             side.values = values[voff : voff + nv].reshape(m, -1).to(device)
             if kind == LOWRANK:
@@ -352,12 +384,12 @@ def region_bytes(blocks: Sequence[PackedBlock], place: Placement, base_bytes: in
 
     for i, blk in enumerate(blocks):
         for s, side in enumerate((blk.k, blk.v)):
-            for j, t in enumerate(stored_tensors(side)[:2]):
+            for j, t in enumerate(stored_tensors(side, value_side=s == 1)[:2]):
                 if blk.fmt.tokens and t is not None:
                     put(2 * int(place.value_starts[i, 2 * s + j]), t.to(VALUE_DTYPE))
     for i, blk in enumerate(blocks):
         for s, side in enumerate((blk.k, blk.v)):
-            stored = stored_tensors(side)[2]
+            stored = stored_tensors(side, value_side=s == 1)[2]
             if blk.fmt.tokens and stored is not None:
                 put(int(place.index_starts[i, s]), stored.to(torch.uint8))
     if not pieces:

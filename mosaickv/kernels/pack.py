@@ -45,6 +45,7 @@ import triton.language as tl
 from mosaickv.formats import FP8_MAX, MAX_HEAD_DIM, SIDE_KINDS, BlockFormat
 from mosaickv.kernels._interpret import patch_interpreter
 from mosaickv.formats import format_arrays
+from mosaickv.kernels.fp8_values import value_offsets
 from mosaickv.kernels.layout import DENSE, FP8, LOWRANK, MASK, SPARSE, Arena, Placement, place_blocks
 from mosaickv.uploads import upload
 
@@ -90,10 +91,12 @@ def _e4m3_bytes(x):
 
 @triton.jit
 def _store_side(x, tok, tok_ok, first, m, ent, vgap, agap, mat, chan_ptr, values_ptr, index_ptr, proj_ptr, basis_ptr,
-                HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, R_MAX: tl.constexpr, GAP: tl.constexpr):
+                HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, R_MAX: tl.constexpr, GAP: tl.constexpr,
+                VALUE_SIDE: tl.constexpr):
     """Store one side's tile ``x`` [BLOCK_T, HEAD_DIM] of a block whose table row starts at
     ``ent`` (kind, width, values offset, aux offset); the ``first`` tile also stores the
-    block-wide parts (mask channels, lowrank basis) and zeroes the padding after them."""
+    block-wide parts (mask channels, lowrank basis) and zeroes the padding after them.
+    ``VALUE_SIDE``: fp8 bytes go in groups of four tokens (:mod:`.fp8_values`)."""
     cols = tl.arange(0, HEAD_DIM)
     jr = tl.arange(0, R_MAX)
     gj = tl.arange(0, GAP)
@@ -135,7 +138,11 @@ def _store_side(x, tok, tok_ok, first, m, ent, vgap, agap, mat, chan_ptr, values
                 tl.store(index_ptr + aux + slot, ch, mask=sel & (tok == 0)[:, None])
             tl.store(index_ptr + idx_end + gj, tl.zeros([GAP], tl.uint8), mask=gj < agap)
     elif kind == _FP8:
-        tl.store(index_ptr + aux + tok[:, None] * HEAD_DIM + cols[None, :], _e4m3_bytes(x), mask=tok_ok[:, None])
+        if VALUE_SIDE:
+            at = value_offsets(tok, cols, m, HEAD_DIM)
+        else:
+            at = tok[:, None] * HEAD_DIM + cols[None, :]
+        tl.store(index_ptr + aux + at, _e4m3_bytes(x), mask=tok_ok[:, None])
         if first:
             tl.store(index_ptr + aux + m * HEAD_DIM + gj, tl.zeros([GAP], tl.uint8), mask=gj < agap)
     else:
@@ -166,10 +173,11 @@ def _pack_kernel(
     first = t0 == 0
     xk = tl.load(src_k_ptr + (row * stride_kt + head * stride_kh)[:, None] + cols[None, :], mask=tok_ok[:, None], other=0.0)
     _store_side(xk, tok, tok_ok, first, m, ent + 1, tl.load(de + 3), tl.load(de + 4), tl.load(de + 2), chan_ptr + blk * HEAD_DIM,
-                values_ptr, index_ptr, proj_ptr, basis_ptr, HEAD_DIM, BLOCK_T, R_MAX, GAP)
+                values_ptr, index_ptr, proj_ptr, basis_ptr, HEAD_DIM, BLOCK_T, R_MAX, GAP, False)
     xv = tl.load(src_v_ptr + (row * stride_vt + head * stride_vh)[:, None] + cols[None, :], mask=tok_ok[:, None], other=0.0)
     _store_side(xv, tok, tok_ok, first, m, ent + 5, tl.load(de + 6), tl.load(de + 7), tl.load(de + 5),
-                chan_ptr + (num_blocks + blk) * HEAD_DIM, values_ptr, index_ptr, proj_ptr, basis_ptr, HEAD_DIM, BLOCK_T, R_MAX, GAP)
+                chan_ptr + (num_blocks + blk) * HEAD_DIM, values_ptr, index_ptr, proj_ptr, basis_ptr, HEAD_DIM, BLOCK_T, R_MAX, GAP,
+                True)
 
 
 @dataclass

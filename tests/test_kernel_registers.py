@@ -50,18 +50,19 @@ def test_the_tile_loops_pass_is_counted_from_its_sass(tmp_path):
 
 
 @needs_tools
-def test_the_census_counts_the_byte_wide_shared_loads_of_fp8_values(tmp_path):
-    """fp8 values reach the probabilities' product through byte-wide shared loads (the
-    product reduces over tokens, and a tile's bytes run along channels): the census counts
-    them, the sign of what the twenty-ninth run's fp8 mixes paid; fp8 keys need none."""
+def test_grouped_fp8_values_reach_their_product_without_byte_wide_loads(tmp_path):
+    """The arena's fp8 values, four tokens to a word per channel, reach the probabilities'
+    product in words, packed or a block a tile (in rows they took 32 byte-wide shared loads
+    a pass: fp8_value_layout.py's ``rows``); fp8 keys, rows, need none either."""
     out = tmp_path / "regs.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     subprocess.run([sys.executable, "benchmarks/kernels/registers.py", "--launches", "fp8_keys_packed_tile_starts",
-                    "fp8_values_packed_tile_starts", "--block-n", "32", "--warps", "4", "--tile-blocks", "4", "--loop",
-                    "--json", str(out)], cwd=ROOT, env=env, check=True, capture_output=True, timeout=600)
+                    "fp8_values_packed_tile_starts", "fp8", "--block-n", "32", "--warps", "4", "--tile-blocks", "4",
+                    "--block-stages", "7", "--loop", "--json", str(out)],
+                   cwd=ROOT, env=env, check=True, capture_output=True, timeout=600)
     rows = {row["launch"]: row for row in json.loads(out.read_text())["rows"]}
-    assert rows["fp8_keys_packed_tile_starts"]["loop_lds_bytes"] == 0
-    assert rows["fp8_values_packed_tile_starts"]["loop_lds_bytes"] >= 16
+    assert set(rows) == {"fp8_keys_packed_tile_starts", "fp8_values_packed_tile_starts", "fp8"}
+    assert all(row["loop_lds_bytes"] == 0 and row["loop_hmma"] > 0 for row in rows.values())
 
 
 @needs_tools

@@ -188,7 +188,8 @@ def test_packed_fp8_values_in_whole_groups(group: int, d: int) -> None:
     """fp8 values keeping whole groups of four tokens (0 to 16, so every packed tile's rows
     start at multiples of four): the arena is aligned, and packed tiles read them through
     whole-group offsets, the form a GPU loads a thread's four tokens of a channel in one word;
-    tiles as long as dense ones or twice, capped at four blocks or two or not."""
+    tiles as long as dense ones or twice, capped at four blocks or two or not; and a block a
+    tile, as segments longer than the packed tiles are read."""
     gen = torch.Generator().manual_seed(900 + d)
     hkv = 2
     layers = [fp8_value_layer(gen, d, hkv, [4 * int(x) for x in torch.randint(0, 5, (12,), generator=gen)])
@@ -198,6 +199,7 @@ def test_packed_fp8_values_in_whole_groups(group: int, d: int) -> None:
     for fp8_n, lanes, chunk in ((0, 0, 40), (32, 4, 100), (0, 2, 24)):
         run_decode(gen, layers, [3, 0, 5], hkv=hkv, group=group, d=d, pack_tokens=True, wide_block_n=16,
                    chunk_tokens=chunk, max_programs=3, tile_starts=True, tile_blocks=lanes, fp8_block_n=fp8_n)
+    run_decode(gen, layers, [3, 0, 5], hkv=hkv, group=group, d=d, block_n=16, wide_block_n=16, chunk_tokens=40)
 
 
 def test_fp8_values_past_whole_groups_unalign_the_arena() -> None:

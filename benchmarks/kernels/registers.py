@@ -59,6 +59,7 @@ LAUNCHES = {
     "sparse_keys_packed_tile_starts": (SPARSE, DENSE, True, 64, 0, True),
     # The fp8 format's (heads_fp8): whole e4m3 rows packed as dense ones are, beside sparse keys.
     "fp8_packed_tile_starts": (FP8, FP8, True, 16, 0, True),
+    "fp8": (FP8, FP8, False, 16, 0, False),  # a block a tile: segments over the packed tiles' 32 tokens
     # One side fp8, the other dense: which side's 8-bit rows cost the instructions.
     "fp8_keys_packed_tile_starts": (FP8, DENSE, True, 16, 0, True),
     "fp8_values_packed_tile_starts": (DENSE, FP8, True, 16, 0, True),

@@ -84,11 +84,12 @@ def _basis(values_ptr, index_ptr, width, aux, jr, cols, KIND: tl.constexpr, HEAD
 @triton.jit
 def _tile(values_ptr, index_ptr, off, width, aux, tok, tok_ok, kept, toks, cols, jr, scr,
           KIND: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, R_MAX: tl.constexpr,
-          R_LOG2: tl.constexpr, SPARSE_MODE: tl.constexpr, VALUE_SIDE: tl.constexpr):
+          R_LOG2: tl.constexpr, SPARSE_MODE: tl.constexpr, VALUE_SIDE: tl.constexpr, ALIGNED: tl.constexpr):
     """One side's tile of ``BLOCK_N`` tokens: ``[BLOCK_N, HEAD_DIM]`` for dense, fp8 (as
-    bf16) and sparse (its ``[BLOCK_N, R_MAX]`` values scattered through the zeroed
-    scratch), ``[BLOCK_N, R_MAX]`` r-space coefficients for mask and lowrank. ``kept``: the
-    block's tokens (where an fp8 value side's groups of four end)."""
+    fp16, which holds every e4m3 value) and sparse (its ``[BLOCK_N, R_MAX]`` values scattered
+    through the zeroed scratch), ``[BLOCK_N, R_MAX]`` r-space coefficients for mask and
+    lowrank. ``kept``: the block's tokens (where an fp8 value side's groups of four end;
+    ``ALIGNED``: they all are whole, and tiles start at multiples of ``BLOCK_N``)."""
     if KIND == 0:
         tile = tl.load(values_ptr + off + tok[:, None] * HEAD_DIM + cols[None, :], mask=tok_ok[:, None], other=0.0)
     elif KIND == 1:
@@ -126,12 +127,14 @@ def _tile(values_ptr, index_ptr, off, width, aux, tok, tok_ok, kept, toks, cols,
             tl.debug_barrier()
     elif KIND == 4:
         # fp8: e4m3 bytes in the index arena, every channel kept.
-        if VALUE_SIDE:
+        if VALUE_SIDE and ALIGNED and (BLOCK_N % 4 == 0):
+            at = whole_group_offsets(tok, cols, HEAD_DIM)
+        elif VALUE_SIDE:
             at = value_offsets(tok, cols, kept, HEAD_DIM)
         else:
             at = tok[:, None] * HEAD_DIM + cols[None, :]
         raw8 = tl.load(index_ptr + aux + at, mask=tok_ok[:, None], other=0)
-        tile = raw8.to(tl.float8e4nv, bitcast=True).to(tl.bfloat16)
+        tile = raw8.to(tl.float8e4nv, bitcast=True).to(tl.float16)
     else:
         tile = tl.load(values_ptr + off + tok[:, None] * width + jr[None, :], mask=tok_ok[:, None] & (jr[None, :] < width), other=0.0)
     return tile
@@ -197,20 +200,20 @@ def _tile_step(q, qk, qk_lo, q_ptr, q_rows, n_rows, values_ptr, index_ptr, k_off
                tok, kept, toks, cols, jr, rows, scr_k, scr_v, qk_scale, m_i, l_i, acc, blk_acc,
                K_KIND: tl.constexpr, V_KIND: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr, R_MAX: tl.constexpr, R_LOG2: tl.constexpr,
-               SPARSE_MODE: tl.constexpr, KEYS_BY_QUERY: tl.constexpr):
+               SPARSE_MODE: tl.constexpr, KEYS_BY_QUERY: tl.constexpr, ALIGNED: tl.constexpr):
     """One online-softmax step over a tile of one block's compressed tokens ``tok`` (of its ``kept``).
     ``qk``/``qk_lo``: the query as projected keys read it;
     r-space values (mask, lowrank) accumulate into ``blk_acc``, the rest into ``acc``.
     Returns (m_i, l_i, acc, blk_acc)."""
     tok_ok = tok < kept
     vt = _tile(values_ptr, index_ptr, v_off, v_w, v_aux, tok, tok_ok, kept, toks, cols, jr, scr_v, V_KIND, HEAD_DIM,
-               BLOCK_N, R_MAX, R_LOG2, SPARSE_MODE, True)
+               BLOCK_N, R_MAX, R_LOG2, SPARSE_MODE, True, ALIGNED)
     if K_KIND == 1 and KEYS_BY_QUERY:
         s = _sparse_scores(q_ptr, q_rows, n_rows, values_ptr, index_ptr, k_off + tok * k_w, k_aux + tok * k_w,
                            tok * 0 + k_w, tok_ok, rows, jr, BLOCK_M, BLOCK_N, 0)
     else:
         kt = _tile(values_ptr, index_ptr, k_off, k_w, k_aux, tok, tok_ok, kept, toks, cols, jr, scr_k, K_KIND,
-                   HEAD_DIM, BLOCK_N, R_MAX, R_LOG2, SPARSE_MODE, False)
+                   HEAD_DIM, BLOCK_N, R_MAX, R_LOG2, SPARSE_MODE, False, ALIGNED)
         s = tl.dot(qk, tl.trans(kt))
         if K_KIND == 3:
             s += tl.dot(qk_lo, tl.trans(kt))
@@ -221,7 +224,7 @@ def _tile_step(q, qk, qk_lo, q_ptr, q_rows, n_rows, values_ptr, index_ptr, k_off
     p = tl.exp2(s - m_ref[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
-    pv = tl.dot(p.to(tl.bfloat16), vt)
+    pv = tl.dot(p.to(vt.dtype), vt)
     if (V_KIND == 2) or (V_KIND == 3):
         blk_acc = blk_acc * alpha[:, None] + pv
     else:
@@ -345,6 +348,14 @@ def _packed_rows(values_ptr, index_ptr, base, toks, cols, tok_ok, KIND: tl.const
 
 
 @triton.jit
+def _fp16_query(q):
+    """The query as fp8 keys read it: fp8 rows widen to fp16 exactly, in one conversion a
+    pair (bf16 takes more: 512 against 413 instructions a tile loop, sm_90, registers.py
+    --loop), so the query is read in fp16, saturated to its range."""
+    return tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
+
+
+@triton.jit
 def _packed_step(q, q_ptr, q_rows, n_rows, rows, tok_ok, kt, k_ix, k_live, vt, qk_scale, m_i, l_i, acc,
                  K_KIND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr,
                  ROWS_PAST_UNROLL: tl.constexpr, DEFER_ROW_SUMS: tl.constexpr):
@@ -352,10 +363,7 @@ def _packed_step(q, q_ptr, q_rows, n_rows, rows, tok_ok, kt, k_ix, k_live, vt, q
     if K_KIND == 1:
         s = _sparse_logits(q_ptr, q_rows, n_rows, k_ix, kt, k_live, rows, BLOCK_M, BLOCK_N, UNROLL, ROWS_PAST_UNROLL)
     elif K_KIND == 4:
-        # fp8 rows widen to fp16 exactly, in one conversion a pair (bf16 takes more: 512
-        # against 413 instructions a tile loop, sm_90, registers.py --loop); so the query
-        # is read in fp16, saturated to its range.
-        s = tl.dot(tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16), tl.trans(kt))
+        s = tl.dot(_fp16_query(q), tl.trans(kt))
     else:
         s = tl.dot(q, tl.trans(kt.to(tl.bfloat16)))
     return _dense_values_step(s, vt, tok_ok[None, :], qk_scale, m_i, l_i, acc, DEFER_ROW_SUMS)
@@ -560,7 +568,9 @@ def _mixed_attn_kernel(
                 # so q @ basisᵀ is q's kept channels, gathered.
                 qk = q
                 qk_lo = q  # low half of a projected query (lowrank): bf16 hi + lo keeps fp32 accuracy
-                if K_KIND == 2:
+                if K_KIND == 4:
+                    qk = _fp16_query(q)
+                elif K_KIND == 2:
                     ch = tl.load(index_ptr + k_aux + jr, mask=jr < k_w, other=0).to(tl.int32)
                     qk = tl.load(q_ptr + q_rows[:, None] + ch[None, :], mask=row_ok[:, None] & (jr < k_w)[None, :], other=0.0)
                     qk = qk.to(tl.bfloat16)
@@ -579,7 +589,7 @@ def _mixed_attn_kernel(
                     m_i, l_i, acc, blk_acc = _tile_step(
                         q, qk, qk_lo, q_ptr, q_rows, n_rows, values_ptr, index_ptr, k_off, k_w, k_aux, v_off, v_w, v_aux,
                         tok, m, toks, cols, jr, rows, scr_k, scr_v, qk_scale, m_i, l_i, acc, blk_acc, K_KIND, V_KIND,
-                        HEAD_DIM, BLOCK_M, BLOCK_N, R_MAX, R_LOG2, SPARSE_MODE, KEYS_BY_QUERY)
+                        HEAD_DIM, BLOCK_M, BLOCK_N, R_MAX, R_LOG2, SPARSE_MODE, KEYS_BY_QUERY, ALIGNED)
                 if (V_KIND == 2) or (V_KIND == 3):  # fold the block's r-space values back: acc += blk_acc @ basis
                     vb = _basis(values_ptr, index_ptr, v_w, v_aux, jr, cols, V_KIND, HEAD_DIM, ALIGNED)
                     acc_hi = blk_acc.to(tl.bfloat16)

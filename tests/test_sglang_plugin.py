@@ -139,6 +139,7 @@ def test_a_token_scorer_that_reads_queries_is_refused_at_startup(llama, tmp_path
     (dict(enable_hierarchical_cache=True), "--enable-hierarchical-cache"),
     (dict(kv_compress_config="no-such-preset"), "--kv-compress-config"),
     (dict(kv_compress_config="mosaic_heads"), "30 layers x 3 KV heads"),  # SmolLM2's profile on a 2 x 2 model
+    (dict(kv_compress_config="mosaic_heads_fp8"), "30 layers x 3 KV heads"),  # and its FP8 composition's
     (dict(kv_compress_workers=0), "--kv-compress-workers 0"),
     (dict(kv_compress_attention="flash"), "--kv-compress-attention 'flash'"),
     (dict(kv_compress_attention="sdpa", kv_compress_cuda_graph=True), "--kv-compress-cuda-graph needs"),

@@ -310,9 +310,14 @@ def _heads(args: argparse.Namespace) -> int:
     net, tokenizer = models.load(args.model)
     tasks = suite(dict.fromkeys(("single_number", "multikey"), args.samples), [args.tokens], hf_counter(tokenizer), seed=args.seed)
     profile = retrieval_profile(Runner(net), tokenizer, tasks, progress=not args.quiet)
+    inner = dict(base.get("strategy", {"name": "dynamic"}))
+    if args.whole == "fp8" and inner.get("name", "dynamic") == "dynamic":
+        # As the preset mosaic_heads_fp8: the other heads may store a side in fp8 too,
+        # unless the base says otherwise (docs/accuracy.md, twenty-ninth run).
+        inner.setdefault("fp8", True)
     policy = {**base, "name": f"{base.get('name', 'policy')}_heads",
               "strategy": {"name": "headwise", "heads": [[round(float(x), 4) for x in row] for row in profile],
-                           "dense": args.dense, "inner": base.get("strategy", {"name": "dynamic"}),
+                           "dense": args.dense, "inner": inner,
                            **({"whole": args.whole} if args.whole != "dense" else {})}}
     loaded = load_policy(policy)  # what is written must load
     count = loaded.strategy.whole_heads(loaded.ratio)
@@ -388,7 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
                          f"of each segment's budget they take, so more at lower ratios (default {DENSE_SHARE:g})")
     hd.add_argument("--whole", choices=WIDTHLESS, default="dense",
                     help="how the whole heads store their tokens: dense (bf16) or fp8 (e4m3, half the bytes, so the "
-                         "same share keeps twice as many heads whole; composes MosaicKV with FP8)")
+                         "same share keeps twice as many heads whole; composes MosaicKV with FP8, and a dynamic base "
+                         "may then store the other heads' sides in fp8 too unless it sets fp8 itself)")
     hd.add_argument("--samples", type=int, default=4, help="tasks per kind (single_number, multikey)")
     hd.add_argument("--tokens", type=int, default=2048, help="prompt length in model tokens")
     hd.add_argument("--seed", type=int, default=1000, help="task seed (keep it apart from the seeds you evaluate on)")

@@ -154,6 +154,7 @@ def test_cli_measures_the_shipped_model_and_writes_a_policy_that_loads(whole: st
     assert policy.strategy.dense == 4 and profile.shape == (30, 3)  # SmolLM2-135M: 30 layers, 3 KV heads
     assert profile.max() > 0.3  # some head pays the needle a large share while the answer is produced
     assert policy.strategy.whole == whole
+    assert policy.strategy.inner.get("fp8", False) == (whole == "fp8")  # as mosaic_heads_fp8, or as mosaic_heads
     kept = "kept whole.\n" if whole == "dense" else "kept whole in fp8.\n"
     assert out.read_text().startswith("# mosaic with the 4 KV heads") and kept in out.read_text().splitlines(True)[0]
 

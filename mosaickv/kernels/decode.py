@@ -344,7 +344,7 @@ def _packed_rows(values_ptr, index_ptr, base, toks, cols, tok_ok, KIND: tl.const
         tile = tl.load(index_ptr + rows, mask=tok_ok[:, None], other=0).to(tl.float8e4nv, bitcast=True).to(tl.float16)
     else:
         tile = tl.load(values_ptr + rows, mask=tok_ok[:, None], other=0.0)
-    return tile
+    return tile  # one return: Triton refuses returns of different types (fp16 here, bf16 there)
 
 
 @triton.jit
@@ -734,9 +734,9 @@ class MixedAttention:
         refuses blocks of those launches keeping more than a tile's tokens (the server's
         32-token segments fit its 32-token tiles). ``fp8_block_n`` > 0: tokens a packed tile
         of whole rows holds where a side is fp8 (0: ``wide_block_n``): such a tile carries
-        half a dense tile's bytes for more instructions a token (its 8-bit operands reach the
-        products through shared loads, not ``ldmatrix``), so a longer one keeps as many bytes
-        in flight a pass (``benchmarks/kernels/diag_formats.py`` settings 39 and 40)."""
+        half a dense tile's bytes for more instructions a token (each is widened to fp16), so
+        a longer one moves as many bytes a pass (``benchmarks/kernels/diag_formats.py``
+        settings 39 and 40)."""
         if sparse_densify not in SPARSE_MODES:
             raise ValueError(f"sparse_densify={sparse_densify!r} is not one of {', '.join(SPARSE_MODES)}")
         if pack_sparse_keys and not (pack_tokens and keys_by_query):

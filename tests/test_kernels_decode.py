@@ -17,7 +17,7 @@ import pytest
 from mosaickv.formats import HEADER_BYTES, SIDE_KINDS, BlockFormat, SideFormat
 from mosaickv.kernels.decode import MixedAttention, MixedDecodeWrapper, run_plan
 from mosaickv.kernels.block_runs import KIND_PAIRS, NUM_KINDS, TileShape, batch_runs, block_runs, run_tile_starts
-from mosaickv.kernels.layout import DENSE, FP8, SPARSE, pack_requests
+from mosaickv.kernels.layout import DENSE, FP8, FP8_GROUP, SPARSE, pack_requests
 from mosaickv.kernels.synthetic import Recipe, random_layer, synthetic_arena
 from mosaickv.reference import CompressedLayer, attention
 
@@ -185,14 +185,14 @@ def fp8_value_layer(gen: torch.Generator, d: int, hkv: int, kept: list[int]) -> 
 
 @pytest.mark.parametrize(("group", "d"), [(4, 128), (3, 64)])
 def test_packed_fp8_values_in_whole_groups(group: int, d: int) -> None:
-    """fp8 values keeping whole groups of four tokens (0 to 16, so every packed tile's rows
-    start at multiples of four): the arena is aligned, and packed tiles read them through
-    whole-group offsets, the form a GPU loads a thread's four tokens of a channel in one word;
+    """fp8 values keeping whole groups of :data:`FP8_GROUP` tokens (0 to 16, so every packed
+    tile's rows start at multiples of the group): the arena is aligned, and packed tiles read
+    them through whole-group offsets, the form a GPU loads a thread's tokens of a channel in one word;
     tiles as long as dense ones or twice, capped at four blocks or two or not; and a block a
     tile, as segments longer than the packed tiles are read."""
     gen = torch.Generator().manual_seed(900 + d)
     hkv = 2
-    layers = [fp8_value_layer(gen, d, hkv, [4 * int(x) for x in torch.randint(0, 5, (12,), generator=gen)])
+    layers = [fp8_value_layer(gen, d, hkv, [FP8_GROUP * int(x) for x in torch.randint(0, 16 // FP8_GROUP + 1, (12,), generator=gen)])
               for _ in range(3)]
     arena, _, _ = pack_requests(layers, hkv, d)
     assert arena.widths_aligned
@@ -220,19 +220,21 @@ def test_fp8_values_past_whole_groups_unalign_the_arena() -> None:
                    tile_starts=pack)
 
 
-def test_fp8_values_are_grouped_by_four_tokens_in_the_arena() -> None:
-    """The arena holds an fp8 value side's whole groups of four tokens channel by channel
-    and the tokens past them as rows, exactly its bytes; read back, the block is the same."""
+def test_fp8_values_are_grouped_by_tokens_in_the_arena() -> None:
+    """The arena holds an fp8 value side's whole groups of :data:`FP8_GROUP` tokens channel
+    by channel and the tokens past them as rows, exactly its bytes; read back, the block is
+    the same."""
     from mosaickv.kernels.layout import group_fp8_values, ungroup_fp8_values
 
-    rows = torch.arange(7 * 3, dtype=torch.uint8).reshape(7, 3)
+    g, m, d = FP8_GROUP, 2 * FP8_GROUP - 1, 3
+    rows = torch.arange(m * d, dtype=torch.uint8).reshape(m, d)
     flat = group_fp8_values(rows)
-    assert flat.tolist() == [0, 3, 6, 9, 1, 4, 7, 10, 2, 5, 8, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20]
-    for m in (0, 1, 4, 6, 7):
+    assert flat.tolist() == [rows[i, c].item() for c in range(d) for i in range(g)] + rows[g:].flatten().tolist()
+    for m in (0, 1, g, g + 2, 2 * g - 1):
         part = rows[:m].contiguous()
-        assert torch.equal(ungroup_fp8_values(group_fp8_values(part), m, 3), part)
+        assert torch.equal(ungroup_fp8_values(group_fp8_values(part), m, d), part)
     gen = torch.Generator().manual_seed(3)
-    layer = fp8_value_layer(gen, 64, 1, [6])
+    layer = fp8_value_layer(gen, 64, 1, [g + 2])
     arena, _, _ = pack_requests([layer], 1, 64)
     block = layer.blocks[0][0]
     back = arena.block(0)
@@ -508,11 +510,11 @@ def test_packed_sparse_key_tiles(group: int, d: int, aligned: bool) -> None:
     every token count from 0 to 16 share 16- and 32-token tiles, beside dense pairs and
     blocks of every other format; runs cut anywhere (split-K), few programs. ``aligned``:
     widths and counts the vectorised-load specialisation takes (multiples of 8; fp8 values
-    in whole groups of four tokens, else some past them)."""
+    in whole groups of :data:`FP8_GROUP` tokens, else some past them)."""
     gen = torch.Generator().manual_seed(group * 100 + d)
     hkv = 2
     widths = (8, 16, 24) if aligned else (3, 8, 13, 20)
-    fp8_values = (lambda t: t % 8 == 4) if aligned else (lambda t: t % 5 == 2)
+    fp8_values = (lambda t: t % FP8_GROUP == 0) if aligned else (lambda t: t % 5 == 2)
     fmts = [BlockFormat(t, SideFormat("sparse", widths[t % len(widths)]), SideFormat("fp8" if fp8_values(t) else "dense"))
             for t in range(17)] + [BlockFormat(t) for t in (0, 5, 16)]
     layers = [CompressedLayer() for _ in range(4)]
@@ -751,10 +753,13 @@ def test_cuda_graph_replay_matches_eager() -> None:
 def test_gpu_packed_tiles() -> None:
     """The packed-tile path compiled (the CPU cases run it in the interpreter), also on
     the benchmark's aligned arenas against the unpacked kernel, and with fp8 rows (the GPU's
-    own e4m3 conversion, which the interpreter stands in for)."""
+    own e4m3 conversion, which the interpreter stands in for), and fp8 values in whole
+    groups, read under the compiler hints the interpreter ignores."""
     test_packed_tiles(4, 128, True)
     test_packed_tiles(3, 64, False)
     test_packed_tiles_of_fp8_sides(4, 128)
+    test_packed_fp8_values_in_whole_groups(4, 128)
+    test_packed_fp8_values_in_whole_groups(3, 64)
 
 
 @pytest.mark.gpu

@@ -177,8 +177,11 @@ def loop_census(cubin: bytes) -> dict[str, int]:
     body = [op.split(".")[0] for op in full]
     # Byte-wide shared loads: how 8-bit rows reach a product whose reduction runs across them.
     byte_loads = sum(op.startswith(("LDS.U8", "LDS.S8")) for op in full)
+    # Bytes the async copies of a pass move (LDGSTS.E moves 4, .64 8, .128 16): over their
+    # count, how wide the compiler found the tile's rows contiguous and aligned.
+    copied = sum(16 if ".128" in op else 8 if ".64" in op else 4 for op in full if op.startswith("LDGSTS"))
     return {"loop_instructions": len(body), **{f"loop_{op.lower()}": body.count(op) for op in LOOP_OPS},
-            "loop_lds_bytes": byte_loads}
+            "loop_lds_bytes": byte_loads, "loop_ldgsts_bytes": copied}
 
 
 def shared_buffers(ttgir: str) -> list[str]:

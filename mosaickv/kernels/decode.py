@@ -46,7 +46,7 @@ import triton.language as tl
 
 from mosaickv.kernels._interpret import patch_interpreter
 from mosaickv.kernels.block_runs import KIND_PAIRS, NUM_KINDS, TileShape, pair_kinds
-from mosaickv.kernels.fp8_values import value_offsets, whole_group_offsets
+from mosaickv.kernels.fp8_values import FP8_GROUP_TOKENS, value_offsets, whole_group_offsets
 from mosaickv.kernels.layout import (
     DENSE,
     FP8,
@@ -88,7 +88,7 @@ def _tile(values_ptr, index_ptr, off, width, aux, tok, tok_ok, kept, toks, cols,
     """One side's tile of ``BLOCK_N`` tokens: ``[BLOCK_N, HEAD_DIM]`` for dense, fp8 (as
     fp16, which holds every e4m3 value) and sparse (its ``[BLOCK_N, R_MAX]`` values scattered
     through the zeroed scratch), ``[BLOCK_N, R_MAX]`` r-space coefficients for mask and
-    lowrank. ``kept``: the block's tokens (where an fp8 value side's groups of four end;
+    lowrank. ``kept``: the block's tokens (where an fp8 value side's whole groups end;
     ``ALIGNED``: they all are whole, and tiles start at multiples of ``BLOCK_N``)."""
     if KIND == 0:
         tile = tl.load(values_ptr + off + tok[:, None] * HEAD_DIM + cols[None, :], mask=tok_ok[:, None], other=0.0)
@@ -127,7 +127,7 @@ def _tile(values_ptr, index_ptr, off, width, aux, tok, tok_ok, kept, toks, cols,
             tl.debug_barrier()
     elif KIND == 4:
         # fp8: e4m3 bytes in the index arena, every channel kept.
-        if VALUE_SIDE and ALIGNED and (BLOCK_N % 4 == 0):
+        if VALUE_SIDE and ALIGNED and (BLOCK_N // FP8_GROUP_TOKENS * FP8_GROUP_TOKENS == BLOCK_N):
             at = whole_group_offsets(tok, cols, HEAD_DIM)
         elif VALUE_SIDE:
             at = value_offsets(tok, cols, kept, HEAD_DIM)
@@ -286,15 +286,15 @@ def _packed_tile(table_ptr, block_idx_ptr, values_ptr, index_ptr, j0, done, blk_
     # Row r is token r - start of its block: each lane's offsets moved back by its start,
     # so a row's address is one gathered base plus r times its width (one gather fewer).
     v_base = tl.gather(voff_b - start * HEAD_DIM, sel, 0)
-    whole_groups: tl.constexpr = ALIGNED and (V_KIND == 4) and (BLOCK_N % 4 == 0)
+    whole_groups: tl.constexpr = ALIGNED and (V_KIND == 4) and (BLOCK_N // FP8_GROUP_TOKENS * FP8_GROUP_TOKENS == BLOCK_N)
     if ALIGNED:
         v_base = tl.multiple_of(v_base, 8)
     if whole_groups:
-        # fp8 values keep whole groups of four (the arena's ALIGNED) and tiles start at
-        # multiples of four, so each run of four rows is one block's: one base, one mask.
+        # fp8 values keep whole groups (the arena's ALIGNED) and tiles start at multiples
+        # of the group, so each run of a group's rows is one block's: one base, one mask.
         # Hints take where a value is made (on a called function's argument they are lost).
-        v_base = tl.max_constancy(v_base, 4)
-        tok_ok = tl.max_constancy(tok_ok, 4)
+        v_base = tl.max_constancy(v_base, FP8_GROUP_TOKENS)
+        tok_ok = tl.max_constancy(tok_ok, FP8_GROUP_TOKENS)
     if V_KIND == 4:
         vt = _fp8_values(index_ptr, v_base, start, kept, sel, toks, cols, tok_ok, HEAD_DIM, whole_groups)
     else:
@@ -323,10 +323,11 @@ def _packed_tile(table_ptr, block_idx_ptr, values_ptr, index_ptr, j0, done, blk_
 @triton.jit
 def _fp8_values(index_ptr, base, start, kept, sel, toks, cols, tok_ok, HEAD_DIM: tl.constexpr,
                 WHOLE_GROUPS: tl.constexpr):
-    """A packed tile's fp8 values widened to fp16, read in their groups of four tokens
+    """A packed tile's fp8 values widened to fp16, read in their groups of tokens
     (:mod:`.fp8_values`); ``base``: each row's block's offset less its ``start`` rows.
     ``WHOLE_GROUPS``: every block keeps whole groups and every tile starts at a multiple of
-    four, so a thread's four tokens of a channel are one word (the caller's hints say so)."""
+    the group, so a channel's tokens of a group are one contiguous run (the caller's hints
+    say so)."""
     if WHOLE_GROUPS:
         at = base[:, None] + whole_group_offsets(toks, cols, HEAD_DIM)
     else:

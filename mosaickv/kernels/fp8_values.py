@@ -8,21 +8,22 @@ import triton.language as tl
 
 from mosaickv.kernels.layout import FP8_GROUP
 
-_GROUP = tl.constexpr(FP8_GROUP)
+FP8_GROUP_TOKENS = tl.constexpr(FP8_GROUP)
 
 
 @triton.jit
 def whole_group_offsets(tok, cols, HEAD_DIM: tl.constexpr):
     """:func:`value_offsets` of a block with whole groups only (the arena's ``ALIGNED``), in
-    the form the compiler reads as runs of four contiguous bytes a channel."""
-    return (tok[:, None] // _GROUP) * (_GROUP * HEAD_DIM) + cols[None, :] * _GROUP + tok[:, None] % _GROUP
+    the form the compiler reads as runs of a group's contiguous bytes a channel."""
+    g = FP8_GROUP_TOKENS
+    return (tok[:, None] // g) * (g * HEAD_DIM) + cols[None, :] * g + tok[:, None] % g
 
 
 @triton.jit
 def value_offsets(tok, cols, kept, HEAD_DIM: tl.constexpr):
     """Byte offsets ``[len(tok), HEAD_DIM]`` of tokens ``tok`` of an fp8 value side keeping
-    ``kept`` (scalar, or one per token): in its whole groups token ``4g + i``, channel ``c``
-    at ``4d·g + 4c + i``; past them at their row-major places."""
-    full = kept - kept % _GROUP
+    ``kept`` (scalar, or one per token): in its whole groups of ``G`` tokens, token ``G·g + i``,
+    channel ``c`` at ``G·d·g + G·c + i``; past them at their row-major places."""
+    full = kept - kept % FP8_GROUP_TOKENS
     grouped = whole_group_offsets(tok, cols, HEAD_DIM)
     return tl.where((tok < full)[:, None], grouped, tok[:, None] * HEAD_DIM + cols[None, :])

@@ -7,7 +7,7 @@ Storage (:class:`Arena`) — every stored block of every request lives in three 
   same for the values side.
 * ``index``: uint8. Per block: key channel indices (sparse ``[m, r]``, mask ``[r]``) or
   fp8 key vectors (``[m, d]``, e4m3 bytes), then the value side's; fp8 values in groups of
-  four tokens (:func:`group_fp8_values`).
+  :data:`FP8_GROUP` tokens (:func:`group_fp8_values`).
 * ``table``: int64 ``[num_blocks, 9]``, one row per block; columns are :data:`TABLE_FIELDS`.
   ``*_width`` is the row stride in ``values`` (``d`` for dense, ``r`` otherwise),
   ``*_values`` the element offset of the side's values in ``values``, ``*_aux`` the
@@ -82,16 +82,19 @@ def in_index(kinds: np.ndarray) -> np.ndarray:
     return (kinds == SPARSE) | (kinds == MASK) | (kinds == FP8)
 
 
-FP8_GROUP = 4  # tokens of an fp8 value side stored channel by channel, one 32-bit word each
+# Tokens of an fp8 value side stored channel by channel: a channel's group is one 8-byte run,
+# the arena's alignment, so a tile's values travel in 8-byte copies (at 4 they took 4-byte
+# ones, 8-9% slower; thirtieth run, docs/gpu_runs.md); the presets keep multiples of 8.
+FP8_GROUP = 8
 
 
 def group_fp8_values(rows: torch.Tensor) -> torch.Tensor:
     """An fp8 value side's bytes ``[m, d]`` as the arena stores them, flat: each whole group
-    of four tokens channel by channel (token ``4g + i``, channel ``c`` at ``4d·g + 4c + i``),
-    the last ``m % 4`` tokens as rows at their row-major places. The values' product reduces
-    over tokens, so a thread's operand is four tokens of one channel: one word here, four
-    byte-wide loads from rows (``benchmarks/kernels/fp8_value_layout.py``). Keys reduce over
-    channels and stay rows."""
+    of ``G`` = :data:`FP8_GROUP` tokens channel by channel (token ``G·g + i``, channel ``c`` at
+    ``G·d·g + G·c + i``), the last ``m % G`` tokens as rows at their row-major places. The
+    values' product reduces over tokens, so a thread's operand is consecutive tokens of one
+    channel: contiguous here, byte-wide loads from rows
+    (``benchmarks/kernels/fp8_value_layout.py``). Keys reduce over channels and stay rows."""
     m, d = rows.shape
     full = m - m % FP8_GROUP
     head = rows[:full].reshape(full // FP8_GROUP, FP8_GROUP, d).transpose(1, 2).reshape(-1)
@@ -108,7 +111,7 @@ def ungroup_fp8_values(flat: torch.Tensor, m: int, d: int) -> torch.Tensor:
 def stored_tensors(side: PackedSide, value_side: bool) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """A side's tensors by where the arena keeps them: values and basis in ``values`` (bf16),
     then the bytes in ``index`` (channel indices, or an fp8 side's e4m3 vectors, grouped by
-    four tokens on the value side)."""
+    :data:`FP8_GROUP` tokens on the value side)."""
     if side.fmt.kind == "fp8":
         raw = side.values.view(torch.uint8)
         return None, None, group_fp8_values(raw) if value_side else raw

@@ -96,7 +96,7 @@ def _store_side(x, tok, tok_ok, first, m, ent, vgap, agap, mat, chan_ptr, values
     """Store one side's tile ``x`` [BLOCK_T, HEAD_DIM] of a block whose table row starts at
     ``ent`` (kind, width, values offset, aux offset); the ``first`` tile also stores the
     block-wide parts (mask channels, lowrank basis) and zeroes the padding after them.
-    ``VALUE_SIDE``: fp8 bytes go in groups of four tokens (:mod:`.fp8_values`)."""
+    ``VALUE_SIDE``: fp8 bytes go in groups of tokens (:mod:`.fp8_values`)."""
     cols = tl.arange(0, HEAD_DIM)
     jr = tl.arange(0, R_MAX)
     gj = tl.arange(0, GAP)

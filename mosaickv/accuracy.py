@@ -330,8 +330,10 @@ def _mean(values: list[float]) -> float | None:
 
 
 def task_key(rec: Mapping) -> tuple:
-    """A task's identity in any method's record: kind, target length, tokens, seed, depth, answers."""
-    return (rec["kind"], rec["length"], rec.get("tokens"), rec.get("seed"), rec.get("depth"), tuple(rec.get("answers") or ()))
+    """A task's identity in any method's record: kind, target length, tokens, seed, depth,
+    answers, and in a pooled report the run that asked it (:func:`pool_results`)."""
+    return (rec["kind"], rec["length"], rec.get("tokens"), rec.get("seed"), rec.get("depth"), tuple(rec.get("answers") or ()),
+            rec.get("run"))
 
 
 def common_records(records: list[dict]) -> list[dict] | None:
@@ -440,6 +442,31 @@ def merge_results(results: Sequence[Mapping], names: Sequence[str] = (), referen
     header["devices"] = [r.get("device") for r in results]
     header["methods"] = [m for r in results for m in r.get("methods", [])]
     return make_result(header, [rec for r in results for rec in r["records"]], reference)
+
+
+def pool_results(results: Sequence[Mapping], names: Sequence[str] = (), reference: str | None = None) -> dict:
+    """One report from runs that asked other tasks (other samples, lengths or seeds) of the
+    same methods: more tasks behind each difference, its interval narrower. A record gains
+    ``run``, its run's index, so a task pairs only within its run (two runs' tasks may look
+    alike: ``samples`` moves the depths, not the seeds). Refuses runs that asked the same
+    tasks of a method (a repeat: ``mosaickv accuracy-repeat``; other methods: merge them)."""
+    if len(results) < 2:
+        raise ValueError("pooling needs two runs or more")
+    names = list(names) or [f"run {i + 1}" for i in range(len(results))]
+    asked = [{key: r.get(key) for key in SAME_TASKS} for r in results]
+    methods = [set(rec["method"] for rec in r["records"]) for r in results]
+    for i in range(len(results)):
+        for j in range(i):
+            if asked[i] == asked[j] and methods[i] & methods[j]:
+                raise ValueError(f"{names[i]} asked {names[j]}'s tasks again of {', '.join(sorted(methods[i] & methods[j]))}: "
+                                 "a repeat, not more tasks (compare them with accuracy-repeat)")
+    first = results[0]
+    header = {key: first.get(key) for key in ("date_utc", "device", "model_path", "tokenizer", "max_tokens", "prime_context")}
+    header.update(command=[r.get("command") for r in results], pooled_from=names, asked=asked,
+                  devices=[r.get("device") for r in results],
+                  methods=[m for r in results for m in r.get("methods", [])])
+    records = [{**rec, "run": i} for i, r in enumerate(results) for rec in r["records"]]
+    return make_result(header, records, reference)
 
 
 def repeat_report(first: Mapping, second: Mapping, names: Sequence[str] = ("first", "second"),

@@ -264,10 +264,11 @@ def _add_reference_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def _accuracy_merge(args: argparse.Namespace) -> int:
-    from mosaickv.accuracy import format_table, merge_results, plot_accuracy, write_json
+    from mosaickv.accuracy import format_table, merge_results, plot_accuracy, pool_results, write_json
 
     try:
-        result = merge_results([json.loads(Path(f).read_text()) for f in args.inputs], args.inputs, args.reference)
+        combine = pool_results if args.pool else merge_results
+        result = combine([json.loads(Path(f).read_text()) for f in args.inputs], args.inputs, args.reference)
     except (OSError, ValueError, KeyError) as err:
         args.fail(f"cannot merge {' '.join(args.inputs)}: {err}")
     if args.plot:
@@ -429,10 +430,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_reference_arg(ac)
     ac.set_defaults(func=_accuracy, fail=ac.error)
 
-    am = sub.add_parser("accuracy-merge", help="one accuracy report from runs that asked the same tasks of different methods")
+    am = sub.add_parser("accuracy-merge", help="one accuracy report from runs that asked the same tasks of different methods (--pool: other tasks)")
     am.add_argument("inputs", nargs="+", help="accuracy JSONs written by `mosaickv accuracy --output`")
     am.add_argument("--output", required=True, help="the merged JSON")
     am.add_argument("--plot", default=None, help="write a PNG of the merged report")
+    am.add_argument("--pool", action="store_true",
+                    help="runs that asked other tasks (other --samples, --lengths or --seed) of the same methods: "
+                         "all their tasks in one report, each paired within its run")
     _add_reference_arg(am)
     am.set_defaults(func=_accuracy_merge, fail=am.error)
 

@@ -450,6 +450,33 @@ def test_merge_puts_runs_side_by_side_and_refuses_other_tasks_or_a_shared_method
         assert words in capsys.readouterr().err
 
 
+def test_pool_pairs_each_task_within_its_run_and_refuses_a_repeat(tasks, tmp_path, capsys):
+    """Two runs that asked other tasks: every task counts once, paired within its run (the
+    second run's tasks here look like the first's, as --samples leaves seeds alike), so a
+    method right in one run and wrong in the other is 50 points under the reference."""
+    answers = by_prompt(tasks)
+    right = lambda m, n: " ".join(answers[m[0]["content"]])  # noqa: E731
+    header = {"kinds": list(KINDS), "lengths": LENGTHS, "seed": 0, "prime_context": True}
+    first = evaluate(tasks, {"none": right, "m": right}, progress=False)
+    second = evaluate(tasks, {"none": right, "m": lambda m, n: ""}, progress=False)
+    files = []
+    for name, recs, samples in (("first", first, 1), ("second", second, 2), ("again", second, 1)):
+        files.append(tmp_path / f"{name}.json")
+        write_json(files[-1], make_result({**header, "samples": {"single_number": samples}, "command": name}, recs))
+    out = tmp_path / "pooled.json"
+    assert main(["accuracy-merge", "--pool", str(files[0]), str(files[1]), "--output", str(out)]) == 0
+    pooled = json.loads(out.read_text())
+    diff = pooled["differences"]["by_method"]["m"]
+    assert diff["tasks"] == 2 * len(tasks) and diff["average"] == pytest.approx(-50.0)
+    assert pooled["summary"]["m"]["requests"] == 2 * len(tasks) and pooled["summary"]["m"]["average"] == pytest.approx(50.0)
+    assert pooled["pooled_from"] == [str(files[0]), str(files[1])] and pooled["command"] == ["first", "second"]
+    assert {r["run"] for r in pooled["records"]} == {0, 1}
+    with pytest.raises(SystemExit):
+        main(["accuracy-merge", "--pool", str(files[0]), str(files[2]), "--output", str(tmp_path / "x.json")])
+    err = capsys.readouterr().err
+    assert f"{files[2]} asked {files[0]}'s tasks again of m, none: a repeat, not more tasks" in err
+
+
 def test_a_run_cut_short_is_also_compared_over_the_tasks_every_method_answered(tasks, tmp_path):
     answers = by_prompt(tasks)
     right = lambda m, n: " ".join(answers[m[0]["content"]])  # noqa: E731

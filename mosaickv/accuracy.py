@@ -178,18 +178,21 @@ def ask(method: str, client: Client | Complete, length: int, task: Task, max_tok
             settled = client.settle()
         output = client.complete(task.messages(), max_tokens or task.max_new_tokens)
     except Exception as err:  # the method failed, not the answer: recorded, counted, not scored
-        return record(method, length, task, None, f"{type(err).__name__}: {err}", time.perf_counter() - start, settled)
-    return record(method, length, task, output, None, time.perf_counter() - start, settled)
+        return record(method, length, task, None, f"{type(err).__name__}: {err}", time.perf_counter() - start, settled,
+                      max_tokens)
+    return record(method, length, task, output, None, time.perf_counter() - start, settled, max_tokens)
 
 
 def record(method: str, length: int, task: Task, output: str | None, error: str | None, seconds: float = 0.0,
-           settled: Settled | None = None) -> dict:
-    """What the report keeps of one request: the task's identity, the answer and its score
+           settled: Settled | None = None, max_tokens: int | None = None) -> dict:
+    """What the report keeps of one request: the task's identity (with the new tokens it
+    allowed: a shorter budget cuts answers, so it is another task), the answer and its score
     (None if it failed), and with priming the seconds the server took to settle and its
     ``arena_full`` count then (segments left dense so far for want of a slab)."""
     return {
         "method": method, "kind": task.kind, "length": length, "tokens": task.meta["tokens"], "seed": task.meta["seed"],
-        "depth": task.meta.get("depth"), "score": None if error is not None else task.score(output or ""), "output": output,
+        "depth": task.meta.get("depth"), "new_tokens": max_tokens or task.max_new_tokens,
+        "score": None if error is not None else task.score(output or ""), "output": output,
         "answers": list(task.answers), "seconds": round(seconds, 3), "error": error,
         "prime_s": None if settled is None else round(settled.seconds, 3),
         "arena_full": None if settled is None else settled.arena_full,
@@ -273,7 +276,7 @@ def evaluate(
         except ServerError as err:
             bar.write(f"mosaickv accuracy: method {name}: {err}")
             for length, task in tasks[len(per_method[name]) :]:
-                add(record(name, length, task, None, f"ServerError: {err}"))
+                add(record(name, length, task, None, f"ServerError: {err}", max_tokens=max_tokens))
         if save is not None:
             save(records())
 
@@ -316,10 +319,19 @@ def summarize(records: list[dict]) -> dict[str, dict]:
         deferred = [r["arena_full"] for r in recs if r.get("arena_full") is not None]
         out[method] = {
             "requests": len(recs), "failed": len(recs) - len(ok),
+            "cut": sum(ends_inside_an_answer(r.get("output") or "", r.get("answers") or ()) for r in ok),
             "average": _mean([v for v in by_kind.values() if v is not None]), "by_kind": by_kind, "by_length": by_length,
             "arena_full": max(deferred) if deferred else None,
         }  # fmt: skip
     return out
+
+
+def ends_inside_an_answer(output: str, answers: Sequence[str], least: int = 3) -> bool:
+    """Whether ``output`` stops partway through one of ``answers`` (ends with a proper prefix
+    of it, ``least`` characters or more): the mark of a budget of new tokens that cut the
+    answer, since a model that copies wrong goes on, it does not stop inside the value."""
+    out = output.rstrip()
+    return any(out.endswith(a[:i]) for a in answers for i in range(least, len(a)))
 
 
 def _mean(values: list[float]) -> float | None:
@@ -331,9 +343,10 @@ def _mean(values: list[float]) -> float | None:
 
 def task_key(rec: Mapping) -> tuple:
     """A task's identity in any method's record: kind, target length, tokens, seed, depth,
-    answers, and in a pooled report the run that asked it (:func:`pool_results`)."""
+    answers, the new tokens it allowed (absent before the thirtieth run's budgets), and in a
+    pooled report the run that asked it (:func:`pool_results`)."""
     return (rec["kind"], rec["length"], rec.get("tokens"), rec.get("seed"), rec.get("depth"), tuple(rec.get("answers") or ()),
-            rec.get("run"))
+            rec.get("new_tokens"), rec.get("run"))
 
 
 def common_records(records: list[dict]) -> list[dict] | None:
@@ -568,6 +581,10 @@ def format_table(result: dict) -> str:
         lines += ["", *(f"{name}: arena_full = {n}: its server left that many segments dense for want of a free slab by "
                         "the last task settled, so some prompts were read less compressed than the method's budget"
                         for name, n in short.items())]
+    cut = {name: s["cut"] for name, s in result["summary"].items() if s.get("cut")}
+    if cut:
+        lines += ["", "answers that stop inside an answer value (cut by the new-token budget, most likely): "
+                  + ", ".join(f"{name} {n}" for name, n in cut.items())]
     if "common" in result:
         lines += [
             "",

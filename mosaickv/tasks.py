@@ -32,6 +32,13 @@ TokenCounter = Callable[[str], int]
 
 KINDS = ("single_number", "single_word", "single_uuid", "multikey", "multivalue", "vartrack", "freqwords", "docqa")
 TOLERANCE = 0.02  # lengths land within 2% of the target (the fitting loop's stopping band)
+# Tokens for the sentence a model puts around its answers ("The special magic UUID for
+# young-puzzle mentioned in the provided text is: ..." is 19 before the UUID's up to 36). With
+# 8 (docqa: 0), the thirtieth run's `none` ended 22 of 96 UUID answers inside the UUID
+# and 13 of 96 multivalue ones inside a number, the compressed methods more (wordier): part of
+# their loss there was the budget's.
+ANSWER_SENTENCE_TOKENS = 32
+
 
 ADJECTIVES = (
     "amber", "ancient", "bitter", "brave", "bright", "calm", "clever", "crimson", "curious", "daring", "dusty", "eager",
@@ -227,6 +234,7 @@ def _place(rng: random.Random) -> str:
 # ---------------------------------------------------------------- task kinds
 
 
+
 def _niah(rng: random.Random, tokens: int, count: TokenCounter, uc: _Counter, kind: str, depth: float, keys: int, values: int) -> Task:
     """Needle(s) in a haystack: ``keys`` keyed needles (the first is asked), ``values`` per asked key."""
     plural = {"number": "numbers", "word": "words", "uuid": "UUIDs"}[kind]
@@ -255,7 +263,7 @@ def _niah(rng: random.Random, tokens: int, count: TokenCounter, uc: _Counter, ki
         context=render(filler),
         question=question,
         answers=tuple(answers),
-        max_new_tokens=per_value * values + 8,
+        max_new_tokens=per_value * values + ANSWER_SENTENCE_TOKENS,
         meta={"depth": depth, "tokens": total, "key": asked},
     )
 
@@ -280,7 +288,7 @@ def _vartrack(rng: random.Random, tokens: int, count: TokenCounter, uc: _Counter
         return intro + SEPARATOR + _with_needles(filler, placed)
 
     filler, total = _fit(render, question, _sentences_from(rng), tokens, count, uc)
-    return Task("", render(filler), question, tuple(names), 8 * len(names) + 8, {"depth": depth, "tokens": total, "value": value})
+    return Task("", render(filler), question, tuple(names), 8 * len(names) + ANSWER_SENTENCE_TOKENS, {"depth": depth, "tokens": total, "value": value})
 
 
 def _freqwords(rng: random.Random, tokens: int, count: TokenCounter, uc: _Counter, alpha: float = 1.3, top: int = 3) -> Task:
@@ -316,7 +324,7 @@ def _freqwords(rng: random.Random, tokens: int, count: TokenCounter, uc: _Counte
         freq[w] = freq.get(w, 0) + 1
     answers = tuple(sorted(freq, key=lambda w: -freq[w])[:top])
     context = render(words)
-    return Task("", context, question, answers, 8 * top + 8, {"tokens": count(context + SEPARATOR + question), "counts": [freq[a] for a in answers]})
+    return Task("", context, question, answers, 8 * top + ANSWER_SENTENCE_TOKENS, {"tokens": count(context + SEPARATOR + question), "counts": [freq[a] for a in answers]})
 
 
 def _docqa(rng: random.Random, tokens: int, count: TokenCounter, uc: _Counter, depth: float, others: int = 4) -> Task:
@@ -344,7 +352,7 @@ def _docqa(rng: random.Random, tokens: int, count: TokenCounter, uc: _Counter, d
         return intro + SEPARATOR + _with_needles(filler, facts)
 
     filler, total = _fit(render, question, _sentences_from(rng), tokens, count, uc)
-    return Task("", render(filler), question, (born,), 16, {"depth": depth, "tokens": total, "distractor": moved})
+    return Task("", render(filler), question, (born,), 16 + ANSWER_SENTENCE_TOKENS, {"depth": depth, "tokens": total, "distractor": moved})
 
 
 def generate(kind: str, tokens: int, count: TokenCounter, seed: int = 0, depth: float | None = None) -> Task:

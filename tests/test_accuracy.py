@@ -16,6 +16,7 @@ import pytest
 from mosaickv.accuracy import (
     RequestError,
     build_tasks,
+    ends_inside_an_answer,
     evaluate,
     format_table,
     make_result,
@@ -24,6 +25,7 @@ from mosaickv.accuracy import (
     plot_accuracy,
     repeat_report,
     summarize,
+    task_key,
     write_json,
 )
 from mosaickv.cli import build_parser, main
@@ -157,11 +159,30 @@ def test_right_answers_score_100_wrong_or_empty_0_and_partial_kinds_partial(task
     assert first["multivalue"] == pytest.approx(25) and first["freqwords"] == pytest.approx(100 / 3) and first["vartrack"] == pytest.approx(20)
     assert first["single_uuid"] == first["docqa"] == 100
     rec = records[0]
-    assert set(rec) == {"method", "kind", "length", "tokens", "seed", "depth", "score", "output", "answers", "seconds", "error",
-                        "prime_s", "arena_full"}
+    assert set(rec) == {"method", "kind", "length", "tokens", "seed", "depth", "new_tokens", "score", "output", "answers",
+                        "seconds", "error", "prime_s", "arena_full"}
     assert rec["score"] == 1.0 and rec["error"] is None and rec["answers"] == list(tasks[0][1].answers)
-    evaluate(tasks[:2], {"capped": right}, max_tokens=5, progress=False)
-    assert budgets[-2:] == [5, 5]
+    assert rec["new_tokens"] == tasks[0][1].max_new_tokens
+    capped = evaluate(tasks[:2], {"capped": right}, max_tokens=5, progress=False)
+    assert budgets[-2:] == [5, 5] and [r["new_tokens"] for r in capped] == [5, 5]
+    # Another budget is another task: a capped answer never pairs with an uncapped one.
+    assert task_key(capped[0]) != task_key({**capped[0], "new_tokens": tasks[0][1].max_new_tokens})
+
+
+def test_answers_cut_inside_a_value_are_counted_and_reported():
+    """An output that stops partway through an answer is the budget's cut, counted per
+    method and named under the table; a wrong copy that goes on, or a whole answer, is not."""
+    uuid = "8a4a9c67-0032-4f07-8f67-f92a313bbb7e"
+    assert ends_inside_an_answer("The special magic UUID is: 8a4a9c67-0032-4f07-8f67-f92a313bbb7", [uuid])
+    assert not ends_inside_an_answer(f"The special magic UUID is: {uuid}", [uuid])
+    assert not ends_inside_an_answer("The special magic UUID is: 8a4a9c67-0032-4f07-8f67-f92a313bbb7f.", [uuid])
+    assert not ends_inside_an_answer("It is 8a", [uuid])  # under three characters: too likely by chance
+    base = {"kind": "single_uuid", "length": 1024, "seed": 0, "depth": 0.5, "answers": [uuid], "error": None}
+    records = [{**base, "method": "none", "output": uuid, "score": 1.0},
+               {**base, "method": "m", "output": "is: " + uuid[:20], "score": 0.0}]
+    result = make_result({}, records)
+    assert result["summary"]["none"]["cut"] == 0 and result["summary"]["m"]["cut"] == 1
+    assert "answers that stop inside an answer value (cut by the new-token budget, most likely): m 1" in format_table(result)
 
 
 def test_a_failing_method_is_counted_as_failed_never_scored(tasks):

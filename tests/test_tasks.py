@@ -84,3 +84,16 @@ def test_the_haystack_does_not_depend_on_what_the_process_imported():
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert other == hashlib.sha256("\n".join(filler_sentences()).encode()).hexdigest()
     assert len(filler_sentences()) > 500
+
+
+@pytest.mark.parametrize("kind", ["single_number", "single_word", "single_uuid", "multikey", "multivalue"])
+def test_a_needle_answer_in_a_full_sentence_fits_the_budget(kind, count):
+    """The answer as a wordy model gives it (the question's words back, then the values)
+    fits the task's new tokens, so a right answer is never cut inside a value."""
+    for seed in range(20):
+        task = generate(kind, 1024, count, seed=seed)
+        key = task.meta["key"]
+        noun = {"single_number": "number", "single_word": "word", "single_uuid": "UUID", "multikey": "number",
+                "multivalue": "numbers"}[kind]
+        sentence = f"The special magic {noun} for {key} mentioned in the provided text is: {', '.join(task.answers)}."
+        assert count(sentence) <= task.max_new_tokens, (kind, seed, count(sentence), task.max_new_tokens)

@@ -4,7 +4,7 @@ A *method* is whatever answers chat requests: an SGLang server started with some
 (``--kv-compress mosaickv``, ``--kv-cache-dtype fp8_e4m3``, none) or any running
 OpenAI-compatible server. Every method reads the same generated tasks
 (:mod:`mosaickv.tasks`), greedily, so differences between methods are the methods' own.
-The driver only needs a ``complete(messages, max_tokens) -> str`` callable per method,
+The driver only needs a ``complete(messages, max_tokens) -> str | Completion`` callable per method,
 so it runs (and is tested) without a server; :func:`openai_complete` binds one to a URL
 and :func:`mosaickv.launch.launched` starts and stops a server for it.
 
@@ -40,7 +40,15 @@ from mosaickv.launch import NO_PROXY, ServerError, launched, server_command
 from mosaickv.server_info import Settled, wait_sealed
 from mosaickv.tasks import TOLERANCE, Task, TokenCounter, suite
 
-Complete = Callable[[list[dict], int], str]
+@dataclass(frozen=True)
+class Completion:
+    """A server's answer and why it stopped (``"length"``: the budget of new tokens ran out)."""
+
+    text: str
+    finish_reason: str | None = None
+
+
+Complete = Callable[[list[dict], int], "str | Completion"]
 DEFAULT_LENGTHS = (1024, 2048, 4096, 7168)  # SmolLM2's context is 8192: the longest leaves room for template and answer
 
 
@@ -114,10 +122,11 @@ def openai_complete(base_url: str, model: str = "default", timeout: float = 600.
     """
     url = _root(base_url) + "/v1/chat/completions"
 
-    def complete(messages: list[dict], max_tokens: int) -> str:
+    def complete(messages: list[dict], max_tokens: int) -> Completion:
         data = _post(url, {"model": model, "messages": messages, "temperature": 0, "max_tokens": max_tokens}, timeout)
         try:
-            return data["choices"][0]["message"]["content"] or ""
+            choice = data["choices"][0]
+            return Completion(choice["message"]["content"] or "", choice.get("finish_reason"))
         except (KeyError, IndexError, TypeError):
             raise RequestError(f"POST {url}: no choices[0].message.content in the response {json.dumps(data)[:300]}") from None
 
@@ -176,23 +185,27 @@ def ask(method: str, client: Client | Complete, length: int, task: Task, max_tok
         if prime:
             client.complete([{"role": "user", "content": task.context}], 1)
             settled = client.settle()
-        output = client.complete(task.messages(), max_tokens or task.max_new_tokens)
+        answer = client.complete(task.messages(), max_tokens or task.max_new_tokens)
     except Exception as err:  # the method failed, not the answer: recorded, counted, not scored
         return record(method, length, task, None, f"{type(err).__name__}: {err}", time.perf_counter() - start, settled,
                       max_tokens)
-    return record(method, length, task, output, None, time.perf_counter() - start, settled, max_tokens)
+    if not isinstance(answer, Completion):
+        answer = Completion(answer)
+    return record(method, length, task, answer.text, None, time.perf_counter() - start, settled, max_tokens,
+                  answer.finish_reason)
 
 
 def record(method: str, length: int, task: Task, output: str | None, error: str | None, seconds: float = 0.0,
-           settled: Settled | None = None, max_tokens: int | None = None) -> dict:
+           settled: Settled | None = None, max_tokens: int | None = None, finish_reason: str | None = None) -> dict:
     """What the report keeps of one request: the task's identity (with the new tokens it
-    allowed: a shorter budget cuts answers, so it is another task), the answer and its score
-    (None if it failed), and with priming the seconds the server took to settle and its
-    ``arena_full`` count then (segments left dense so far for want of a slab)."""
+    allowed: a shorter budget cuts answers, so it is another task), the answer, why the
+    server stopped it (None where unknown) and its score (None if it failed), and with
+    priming the seconds the server took to settle and its ``arena_full`` count then
+    (segments left dense so far for want of a slab)."""
     return {
         "method": method, "kind": task.kind, "length": length, "tokens": task.meta["tokens"], "seed": task.meta["seed"],
         "depth": task.meta.get("depth"), "new_tokens": max_tokens or task.max_new_tokens,
-        "score": None if error is not None else task.score(output or ""), "output": output,
+        "score": None if error is not None else task.score(output or ""), "output": output, "finish_reason": finish_reason,
         "answers": list(task.answers), "seconds": round(seconds, 3), "error": error,
         "prime_s": None if settled is None else round(settled.seconds, 3),
         "arena_full": None if settled is None else settled.arena_full,
@@ -320,6 +333,7 @@ def summarize(records: list[dict]) -> dict[str, dict]:
         out[method] = {
             "requests": len(recs), "failed": len(recs) - len(ok),
             "cut": sum(ends_inside_an_answer(r.get("output") or "", r.get("answers") or ()) for r in ok),
+            "stopped_by_length": sum(r.get("finish_reason") == "length" for r in ok),
             "average": _mean([v for v in by_kind.values() if v is not None]), "by_kind": by_kind, "by_length": by_length,
             "arena_full": max(deferred) if deferred else None,
         }  # fmt: skip
@@ -585,6 +599,10 @@ def format_table(result: dict) -> str:
     if cut:
         lines += ["", "answers that stop inside an answer value (cut by the new-token budget, most likely): "
                   + ", ".join(f"{name} {n}" for name, n in cut.items())]
+    stopped = {name: s["stopped_by_length"] for name, s in result["summary"].items() if s.get("stopped_by_length")}
+    if stopped:
+        lines += ["", "answers the server stopped at the new-token budget (finish_reason length): "
+                  + ", ".join(f"{name} {n}" for name, n in stopped.items())]
     if "common" in result:
         lines += [
             "",

@@ -15,6 +15,7 @@ import pytest
 
 from mosaickv.accuracy import (
     RequestError,
+    Completion,
     build_tasks,
     ends_inside_an_answer,
     evaluate,
@@ -69,7 +70,7 @@ STUB = textwrap.dedent(
                 PENDING[0], POSTS[0] = 2, POSTS[0] + 1
             greedy = body["temperature"] == 0 and isinstance(body["max_tokens"], int)
             content = body["messages"][-1]["content"] if greedy else "not a greedy request"
-            self.send(200, {"choices": [{"message": {"role": "assistant", "content": content}}]})
+            self.send(200, {"choices": [{"message": {"role": "assistant", "content": content}, "finish_reason": "stop"}]})
 
         def send(self, status, data):
             raw = json.dumps(data).encode()
@@ -159,8 +160,8 @@ def test_right_answers_score_100_wrong_or_empty_0_and_partial_kinds_partial(task
     assert first["multivalue"] == pytest.approx(25) and first["freqwords"] == pytest.approx(100 / 3) and first["vartrack"] == pytest.approx(20)
     assert first["single_uuid"] == first["docqa"] == 100
     rec = records[0]
-    assert set(rec) == {"method", "kind", "length", "tokens", "seed", "depth", "new_tokens", "score", "output", "answers",
-                        "seconds", "error", "prime_s", "arena_full"}
+    assert set(rec) == {"method", "kind", "length", "tokens", "seed", "depth", "new_tokens", "score", "output", "finish_reason",
+                        "answers", "seconds", "error", "prime_s", "arena_full"}
     assert rec["score"] == 1.0 and rec["error"] is None and rec["answers"] == list(tasks[0][1].answers)
     assert rec["new_tokens"] == tasks[0][1].max_new_tokens
     capped = evaluate(tasks[:2], {"capped": right}, max_tokens=5, progress=False)
@@ -183,6 +184,20 @@ def test_answers_cut_inside_a_value_are_counted_and_reported():
     result = make_result({}, records)
     assert result["summary"]["none"]["cut"] == 0 and result["summary"]["m"]["cut"] == 1
     assert "answers that stop inside an answer value (cut by the new-token budget, most likely): m 1" in format_table(result)
+
+
+def test_the_servers_finish_reason_is_kept_and_answers_stopped_by_the_budget_are_counted(tasks):
+    """A server says why it stopped; an answer that ran out of new tokens ("length") is
+    counted per method and named under the table; a plain text answer has no reason."""
+    answers = by_prompt(tasks)
+    whole = lambda m, n: Completion(" ".join(answers[m[0]["content"]]), "stop")  # noqa: E731
+    cut = lambda m, n: Completion(" ".join(answers[m[0]["content"]])[:3], "length")  # noqa: E731
+    records = evaluate(tasks, {"whole": whole, "cut": cut, "text": lambda m, n: "x"}, progress=False)
+    assert {r["method"]: r["finish_reason"] for r in records} == {"whole": "stop", "cut": "length", "text": None}
+    result = make_result({}, records)
+    assert result["summary"]["whole"]["average"] == 100 and result["summary"]["whole"]["stopped_by_length"] == 0
+    assert result["summary"]["cut"]["stopped_by_length"] == len(tasks) and result["summary"]["text"]["stopped_by_length"] == 0
+    assert f"answers the server stopped at the new-token budget (finish_reason length): cut {len(tasks)}" in format_table(result)
 
 
 def test_a_failing_method_is_counted_as_failed_never_scored(tasks):
@@ -337,7 +352,7 @@ def test_launcher_times_out_and_stops_the_whole_process_group(tmp_path):
 def test_launched_stub_server_through_the_cli_end_to_end(stub, tokenizer_dir, tmp_path, capsys):
     port = free_port()
     with launched([*stub, str(port)], port, tmp_path / "stub.log", startup_timeout=60) as root:
-        assert openai_complete(root + "/v1")([{"role": "user", "content": "hello"}], 4) == "hello"
+        assert openai_complete(root + "/v1")([{"role": "user", "content": "hello"}], 4) == Completion("hello", "stop")
         with pytest.raises(RequestError, match=rf"POST {root}/broken/v1/chat/completions returned HTTP 500: .*stub failure"):
             openai_complete(root + "/broken")([{"role": "user", "content": "x"}], 4)
         out = tmp_path / "acc.json"

@@ -233,9 +233,10 @@ SETTINGS = [
     # --defer-row-sums --max-registers 128 --loop): a pass over 32 fp8 rows takes 471
     # instructions (76 shared loads, 3 ldmatrix; dense rows: 337, 24 and 19), 14.7 a token
     # against dense's 10.5; 64 rows 778 (12.2 a token, 128 B of stack), 128 rows 1,492
-    # (11.7, 408 B, 18.8% occupancy). With fp8 values grouped by four tokens since (no
-    # byte-wide loads): 433 at 32 rows, 111 registers, and 640 at 64, 72 B spilled
-    # (results/registers_decode_sm90_triton39_fp8_grouped.json). Not yet run.
+    # (11.7, 408 B, 18.8% occupancy). With fp8 values grouped by four tokens (no byte-wide
+    # loads): 433 at 32 rows, 111 registers, and 640 at 64, 72 B spilled
+    # (results/registers_decode_sm90_triton39_fp8_grouped.json). Thirtieth run (B=32, L=32k):
+    # both slower than the server's 32 rows (heads_fp8 3x 1,022 and 2,204 against 925 us).
     ({**SERVER, "fp8_block_n": 64}, 8),
     ({**SERVER, "fp8_block_n": 128}, 8),
 ]

@@ -11,7 +11,7 @@ kernel's.
 - ``interleaved``: the same bytes loaded as a ``[tokens, channels]`` byte tile through
   their addresses (token ``t``, channel ``c`` at ``(t // 4) * 4d + 4c + t % 4``), so the
   compiler sees runs of four tokens and loads each thread's operand as one word. The arena
-  stores fp8 values so since (:func:`mosaickv.kernels.layout.group_fp8_values`).
+  stores fp8 values so since, in groups of 8 tokens (:func:`mosaickv.kernels.layout.group_fp8_values`).
 
     python benchmarks/kernels/fp8_value_layout.py [--json out.json]
 """

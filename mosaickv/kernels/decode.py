@@ -736,8 +736,8 @@ class MixedAttention:
         32-token segments fit its 32-token tiles). ``fp8_block_n`` > 0: tokens a packed tile
         of whole rows holds where a side is fp8 (0: ``wide_block_n``): such a tile carries
         half a dense tile's bytes for more instructions a token (each is widened to fp16), so
-        a longer one moves as many bytes a pass (``benchmarks/kernels/diag_formats.py``
-        settings 39 and 40)."""
+        a longer one moves as many bytes a pass; timed (``benchmarks/kernels/diag_formats.py``
+        settings 39 and 40, thirtieth run), 64 and 128 rows were slower than 32: off by default."""
         if sparse_densify not in SPARSE_MODES:
             raise ValueError(f"sparse_densify={sparse_densify!r} is not one of {', '.join(SPARSE_MODES)}")
         if pack_sparse_keys and not (pack_tokens and keys_by_query):

@@ -230,7 +230,7 @@ class Arena:
     head_dim: int
     table_host: np.ndarray  # host copy of ``table``, for reading blocks back on the host
     has_sparse: bool  # some side is sparse: the kernel needs its scatter scratch
-    widths_aligned: bool  # non-dense widths multiples of 8, fp8 values in whole groups of 4 (vector loads)
+    widths_aligned: bool  # non-dense widths multiples of 8, fp8 values in whole FP8_GROUPs (vector loads)
     align: int  # bytes every tensor start is a multiple of
     pad_bytes: int
 
